@@ -1,0 +1,351 @@
+//! Airlock's kernel programs.
+//!
+//! - `airlock_connect4` / `airlock_connect6` (cgroup `connect4`/`connect6`) run inside the
+//!   caller's `connect()`. For a TCP socket whose destination is a configured MCP backend they
+//!   record who is calling (pid, tgid, uid, gid, comm, cgroup) and where it meant to go under the
+//!   socket cookie in `AIRLOCK_PENDING`, then rewrite the destination to the agent's listener.
+//! - `airlock_sock_ops` runs at `BPF_SOCK_OPS_TCP_CONNECT_CB` (before the SYN, source port
+//!   chosen) and moves the pending record into `AIRLOCK_FLOWS`, keyed by the 4-tuple the agent
+//!   will see from `accept()`.
+//!
+//! Every path bumps one named counter (`airlock_common::Counter`). Entry points are thin shims
+//! around `try_*` functions that return a verdict.
+#![no_std]
+#![no_main]
+
+use airlock_common::{
+    CONFIG_ENABLED, Config, ConnMeta, Counter, FlowKey, TargetKey, capacity, family,
+};
+use aya_ebpf::{
+    EbpfContext as _,
+    bindings::BPF_SOCK_OPS_TCP_CONNECT_CB,
+    helpers::{
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
+        generated::{bpf_get_current_cgroup_id, bpf_get_socket_cookie, bpf_ktime_get_boot_ns},
+    },
+    macros::{cgroup_sock_addr, map, sock_ops},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    programs::{SockAddrContext, SockOpsContext},
+};
+
+const AF_INET: u32 = 2;
+const AF_INET6: u32 = 10;
+const SOCK_STREAM: u32 = 1;
+const IPPROTO_TCP: u32 = 6;
+
+/// `connect()` goes on (possibly to a rewritten address).
+const ALLOW: i32 = 1;
+/// `connect()` fails with EPERM.
+const REFUSE: i32 = 0;
+
+#[map(name = "AIRLOCK_CONFIG")]
+static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
+
+#[map(name = "AIRLOCK_TARGETS")]
+static TARGETS: HashMap<TargetKey, u32> = HashMap::with_max_entries(capacity::TARGETS, 0);
+
+#[map(name = "AIRLOCK_PENDING")]
+static PENDING: LruHashMap<u64, ConnMeta> = LruHashMap::with_max_entries(capacity::PENDING, 0);
+
+#[map(name = "AIRLOCK_FLOWS")]
+static FLOWS: LruHashMap<FlowKey, ConnMeta> = LruHashMap::with_max_entries(capacity::FLOWS, 0);
+
+#[map(name = "AIRLOCK_COUNTERS")]
+static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT, 0);
+
+#[cgroup_sock_addr(connect4)]
+pub fn airlock_connect4(ctx: SockAddrContext) -> i32 {
+    try_connect4(&ctx)
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn airlock_connect6(ctx: SockAddrContext) -> i32 {
+    try_connect6(&ctx)
+}
+
+#[sock_ops]
+pub fn airlock_sock_ops(ctx: SockOpsContext) -> u32 {
+    if ctx.op() == BPF_SOCK_OPS_TCP_CONNECT_CB {
+        record_flow(&ctx);
+    }
+    1
+}
+
+#[inline(always)]
+fn count(counter: Counter) {
+    if let Some(slot) = COUNTERS.get_ptr_mut(counter as u32) {
+        // SAFETY: per-CPU slot, no concurrent writer on this CPU while we run.
+        unsafe { *slot += 1 };
+    }
+}
+
+/// The configuration, or `None` (and a counted skip) until the agent has written it.
+#[inline(always)]
+fn config() -> Option<&'static Config> {
+    match CONFIG.get(0) {
+        Some(cfg) if cfg.enabled == CONFIG_ENABLED => Some(cfg),
+        _ => {
+            count(Counter::SkipUnconfigured);
+            None
+        }
+    }
+}
+
+/// Common checks of both hooks: a TCP socket (counted skip otherwise).
+#[inline(always)]
+fn is_tcp(ctx: &SockAddrContext) -> bool {
+    // SAFETY: the kernel hands us a valid bpf_sock_addr for the duration of the program.
+    let sa = unsafe { &*ctx.sock_addr };
+    if sa.type_ != SOCK_STREAM || sa.protocol != IPPROTO_TCP {
+        count(Counter::SkipNotTcp);
+        return false;
+    }
+    true
+}
+
+/// Whether the socket carries the agent's bypass mark (the agent's own upstream connections).
+#[inline(always)]
+fn is_marked(ctx: &SockAddrContext, cfg: &Config) -> bool {
+    // SAFETY: `sk` is a PTR_TO_SOCKET the verifier guarantees non-null in sock_addr programs.
+    let mark = unsafe { (*(*ctx.sock_addr).__bindgen_anon_1.sk).mark };
+    mark == cfg.bypass_mark
+}
+
+#[inline(never)]
+fn try_connect4(ctx: &SockAddrContext) -> i32 {
+    if !is_tcp(ctx) {
+        return ALLOW;
+    }
+    let Some(cfg) = config() else {
+        return ALLOW;
+    };
+    // SAFETY: valid context pointer; plain field reads.
+    let (ip, port) = unsafe { ((*ctx.sock_addr).user_ip4, (*ctx.sock_addr).user_port) };
+    let key = TargetKey {
+        addr: mapped(ip),
+        port: u16::from_be(port as u16),
+        _pad: 0,
+    };
+    let verdict = redirect_verdict(ctx, cfg, &key, family::IPV4);
+    if verdict == Redirect::Go {
+        // SAFETY: valid context pointer; the kernel allows writing user_ip4/user_port here.
+        unsafe {
+            (*ctx.sock_addr).user_ip4 = cfg.agent_ip4;
+            (*ctx.sock_addr).user_port = u32::from(cfg.agent_port.to_be());
+        }
+        count(Counter::RedirectIpv4);
+    }
+    verdict.into_return()
+}
+
+#[inline(never)]
+fn try_connect6(ctx: &SockAddrContext) -> i32 {
+    if !is_tcp(ctx) {
+        return ALLOW;
+    }
+    let Some(cfg) = config() else {
+        return ALLOW;
+    };
+    // Read the address word by word: the verifier rejects wider or derived context accesses.
+    // SAFETY: valid context pointer; plain field reads.
+    let (w0, w1, w2, w3, port) = unsafe {
+        let sa = ctx.sock_addr;
+        (
+            (*sa).user_ip6[0],
+            (*sa).user_ip6[1],
+            (*sa).user_ip6[2],
+            (*sa).user_ip6[3],
+            (*sa).user_port,
+        )
+    };
+    let is_mapped = w0 == 0 && w1 == 0 && w2 == 0xffff_u32.to_be();
+    let key = TargetKey {
+        addr: words_to_bytes([w0, w1, w2, w3]),
+        port: u16::from_be(port as u16),
+        _pad: 0,
+    };
+    let fam = if is_mapped {
+        family::IPV4_MAPPED
+    } else {
+        family::IPV6
+    };
+    let verdict = redirect_verdict(ctx, cfg, &key, fam);
+    if verdict == Redirect::Go {
+        // An IPv4-mapped destination goes to the agent's IPv4 listener through the same
+        // mapped form; a native IPv6 one to the IPv6 listener.
+        let target = if is_mapped {
+            [0, 0, 0xffff_u32.to_be(), cfg.agent_ip4]
+        } else {
+            cfg.agent_ip6
+        };
+        // SAFETY: valid context pointer; the kernel allows writing user_ip6/user_port here.
+        unsafe {
+            let sa = ctx.sock_addr;
+            (*sa).user_ip6[0] = target[0];
+            (*sa).user_ip6[1] = target[1];
+            (*sa).user_ip6[2] = target[2];
+            (*sa).user_ip6[3] = target[3];
+            (*sa).user_port = u32::from(cfg.agent_port.to_be());
+        }
+        count(if is_mapped {
+            Counter::RedirectIpv4Mapped
+        } else {
+            Counter::RedirectIpv6
+        });
+    }
+    verdict.into_return()
+}
+
+#[derive(PartialEq, Eq, Clone, Copy)]
+enum Redirect {
+    /// Leave the connection alone.
+    Pass,
+    /// Rewrite the destination to the agent.
+    Go,
+    /// Refuse the connection (we could not record who made it).
+    Refuse,
+}
+
+impl Redirect {
+    #[inline(always)]
+    fn into_return(self) -> i32 {
+        match self {
+            Redirect::Pass | Redirect::Go => ALLOW,
+            Redirect::Refuse => REFUSE,
+        }
+    }
+}
+
+/// Decide for one destination and, when it is a backend, record the caller under the socket
+/// cookie. Shared by both address families.
+#[inline(always)]
+fn redirect_verdict(ctx: &SockAddrContext, cfg: &Config, key: &TargetKey, fam: u16) -> Redirect {
+    // SAFETY: the map value is plain data; we copy it out immediately.
+    let backend_id = match unsafe { TARGETS.get(key) } {
+        Some(id) => *id,
+        None => {
+            count(Counter::MissNotBackend);
+            return Redirect::Pass;
+        }
+    };
+    if is_marked(ctx, cfg) {
+        count(Counter::SkipMarked);
+        return Redirect::Pass;
+    }
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let uid_gid = bpf_get_current_uid_gid();
+    let mut meta = ConnMeta::zeroed();
+    meta.orig_addr = key.addr;
+    meta.orig_port = key.port;
+    meta.orig_family = fam;
+    meta.backend_id = backend_id;
+    meta.pid = pid_tgid as u32;
+    meta.tgid = (pid_tgid >> 32) as u32;
+    meta.uid = uid_gid as u32;
+    meta.gid = (uid_gid >> 32) as u32;
+    meta.comm = bpf_get_current_comm().unwrap_or([0; 16]);
+    // SAFETY: helpers allowed in cgroup sock_addr programs; the context pointer is valid.
+    unsafe {
+        meta.cgroup_id = bpf_get_current_cgroup_id();
+        meta.cookie = bpf_get_socket_cookie(ctx.as_ptr());
+        meta.connect_ns = bpf_ktime_get_boot_ns();
+    }
+    if PENDING.insert(&meta.cookie, &meta, 0).is_err() {
+        // Without a record the agent would reject the connection anyway; refuse it here,
+        // loudly, rather than let it reach the backend unobserved.
+        count(Counter::RefusedPendingFull);
+        return Redirect::Refuse;
+    }
+    Redirect::Go
+}
+
+/// sock_ops at TCP_CONNECT_CB: move the pending record of a redirected socket into the flow
+/// table under the 4-tuple the agent will see. pid/uid are not read here: later callbacks can
+/// run in softirq context.
+#[inline(never)]
+fn record_flow(ctx: &SockOpsContext) {
+    // SAFETY: bpf_get_socket_cookie accepts a sock_ops context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // SAFETY: the value is plain data; copied out before the entry is removed.
+    let meta = match unsafe { PENDING.get(&cookie) } {
+        Some(meta) => *meta,
+        None => {
+            count(Counter::FlowNotRedirected);
+            return;
+        }
+    };
+    let _ = PENDING.remove(&cookie);
+
+    let Some(key) = flow_key(ctx) else {
+        count(Counter::FlowStoreFailed);
+        return;
+    };
+    if FLOWS.insert(&key, &meta, 0).is_err() {
+        count(Counter::FlowStoreFailed);
+        return;
+    }
+    count(Counter::FlowRecorded);
+}
+
+/// The connection's 4-tuple from a sock_ops context. Every context field is read once, up
+/// front and unconditionally: loads placed in branches get their addresses hoisted by LLVM,
+/// which the verifier rejects ("dereference of modified ctx ptr").
+#[inline(never)]
+fn flow_key(ctx: &SockOpsContext) -> Option<FlowKey> {
+    let fam = ctx.family();
+    let local4 = ctx.local_ip4();
+    let remote4 = ctx.remote_ip4();
+    let local6 = ctx.local_ip6();
+    let remote6 = ctx.remote_ip6();
+    let local_port = ctx.local_port();
+    let remote_port = ctx.remote_port();
+
+    let v4 = fam == AF_INET
+        || (remote6[0] == 0 && remote6[1] == 0 && remote6[2] == 0xffff_u32.to_be());
+    let (src_addr, dst_addr) = if v4 {
+        // An IPv4-mapped connection on an AF_INET6 socket runs through tcp_v4_connect: its
+        // IPv4 fields are set before this callback, its IPv6 source may not be yet.
+        (mapped(local4), mapped(remote4))
+    } else if fam == AF_INET6 {
+        (words_to_bytes(local6), words_to_bytes(remote6))
+    } else {
+        return None;
+    };
+    Some(FlowKey {
+        src_addr,
+        dst_addr,
+        src_port: local_port as u16,
+        // remote_port holds the network-order port in its upper half on little endian.
+        dst_port: u32::from_be(remote_port) as u16,
+    })
+}
+
+/// An IPv4 address as stored by the kernel (network order in a u32) to `::ffff:a.b.c.d`.
+#[inline(always)]
+fn mapped(ip4: u32) -> [u8; 16] {
+    let b = ip4.to_ne_bytes();
+    [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, b[0], b[1], b[2], b[3]]
+}
+
+/// Four network-order words (as the kernel stores an IPv6 address) to the address bytes.
+#[inline(always)]
+fn words_to_bytes(w: [u32; 4]) -> [u8; 16] {
+    let a = w[0].to_ne_bytes();
+    let b = w[1].to_ne_bytes();
+    let c = w[2].to_ne_bytes();
+    let d = w[3].to_ne_bytes();
+    [
+        a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3], c[0], c[1], c[2], c[3], d[0], d[1], d[2],
+        d[3],
+    ]
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -1,0 +1,253 @@
+//! `airlock run`: start-up order, the background tasks, graceful shutdown.
+//!
+//! Start-up order matters for fail-closed behaviour: listeners are bound *before* the programs
+//! are (re)attached, so from the moment a redirect exists there is an agent to receive it.
+
+use std::{
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant, SystemTime},
+};
+
+use tokio::{net::TcpListener, signal::unix::SignalKind, sync::mpsc};
+use tracing::{info, warn};
+
+use crate::{
+    admin::{self, AgentInfo, Request, Response, Status, TargetInfo},
+    cgroup,
+    config::{Config, ConfigError, OnAgentDown, ResolvedTarget},
+    kernel::{Kernel, KernelSetup},
+    proxy::{AgentCounters, Proxy},
+    registry::{Registry, rfc3339},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("airlock run needs root (it loads eBPF programs and marks sockets); you are uid {0}")]
+    NotRoot(u32),
+    #[error("cannot listen on {addr}: {source}; is another agent running? (`listen_port` in airlock.toml)")]
+    Listen {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("state directory {path}: {source}")]
+    StateDir {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Cgroup(#[from] cgroup::CgroupError),
+    #[error(transparent)]
+    Kernel(#[from] crate::kernel::KernelError),
+}
+
+pub async fn run(config: Config) -> Result<(), RunError> {
+    let uid = nix::unistd::geteuid().as_raw();
+    if uid != 0 {
+        return Err(RunError::NotRoot(uid));
+    }
+    create_private_dir(&config.state_dir)?;
+    let targets = config.resolve().await?;
+    let cgroup = cgroup::resolve(config.cgroup.as_deref())?;
+
+    let v4 = SocketAddr::from((Ipv4Addr::LOCALHOST, config.listen_port));
+    let v6 = SocketAddr::from((Ipv6Addr::LOCALHOST, config.listen_port));
+    let listeners = [bind(v4)?, bind(v6)?];
+
+    let kernel = Kernel::start(
+        &KernelSetup {
+            bpffs_dir: &config.bpffs_dir,
+            cgroup: &cgroup,
+            listen_port: config.listen_port,
+            bypass_mark: config.bypass_mark,
+            pin_links: config.on_agent_down == OnAgentDown::Block,
+        },
+        &targets,
+    )?;
+    info!(
+        cgroup = %cgroup.display(),
+        port = config.listen_port,
+        targets = targets.len(),
+        on_agent_down = ?config.on_agent_down,
+        "redirecting connections to backends"
+    );
+    if let Ok(start) = std::fs::read_to_string("/proc/sys/net/ipv4/ip_unprivileged_port_start")
+        && start.trim().parse::<u16>().is_ok_and(|s| config.listen_port >= s)
+    {
+        warn!(
+            port = config.listen_port,
+            "listen_port is unprivileged: while the agent is down another user could bind it and receive redirected connections"
+        );
+    }
+
+    let proxy = Arc::new(Proxy {
+        config: config.clone(),
+        kernel: Mutex::new(kernel),
+        registry: Arc::new(Registry::new(config.recent_connections)),
+        counters: AgentCounters::default(),
+    });
+    let targets = Arc::new(Mutex::new(targets));
+    let started_at = SystemTime::now();
+
+    let (shutdown_tx, mut shutdown_rx) = mpsc::channel::<&'static str>(4);
+    let admin_listener = admin::bind(&config.admin_socket()).map_err(|source| RunError::StateDir {
+        path: config.admin_socket(),
+        source,
+    })?;
+    let admin_task = tokio::spawn(admin::serve(admin_listener, {
+        let proxy = proxy.clone();
+        let targets = targets.clone();
+        let cgroup = cgroup.display().to_string();
+        let shutdown_tx = shutdown_tx.clone();
+        move |req| match req {
+            Request::Status => Response::Status(Box::new(status(&proxy, &targets, &cgroup, started_at))),
+            Request::Shutdown => {
+                let _ = shutdown_tx.try_send("admin request");
+                Response::Ok { message: "shutting down".into() }
+            }
+        }
+    }));
+    let resolver_task = tokio::spawn(refresh_targets(proxy.clone(), targets.clone()));
+    let accept_tasks: Vec<_> = listeners
+        .into_iter()
+        .map(|l| tokio::spawn(proxy.clone().accept_loop(l)))
+        .collect();
+
+    let mut term = tokio::signal::unix::signal(SignalKind::terminate()).map_err(|source| {
+        RunError::StateDir { path: "signal handler".into(), source }
+    })?;
+    let mut int = tokio::signal::unix::signal(SignalKind::interrupt()).map_err(|source| {
+        RunError::StateDir { path: "signal handler".into(), source }
+    })?;
+    let why = tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+        Some(why) = shutdown_rx.recv() => why,
+    };
+    info!(reason = why, "shutting down: no new connections, draining live ones");
+    for t in &accept_tasks {
+        t.abort();
+    }
+    resolver_task.abort();
+    let deadline = Instant::now() + config.drain_timeout;
+    while proxy.registry.live_count() > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let left = proxy.registry.live_count();
+    if left > 0 {
+        warn!(left, "drain timeout reached; closing the remaining connections");
+    }
+    admin_task.abort();
+    let _ = std::fs::remove_file(config.admin_socket());
+    if config.on_agent_down == OnAgentDown::Block {
+        info!("programs stay attached: connections to backends are refused until the agent is back (`airlock detach` to remove them)");
+    }
+    Ok(())
+}
+
+fn bind(addr: SocketAddr) -> Result<TcpListener, RunError> {
+    let err = |source| RunError::Listen { addr, source };
+    let socket = match addr {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4(),
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6(),
+    }
+    .map_err(err)?;
+    socket.set_reuseaddr(true).map_err(err)?;
+    if addr.is_ipv6() {
+        // The IPv4 listener takes IPv4 and IPv4-mapped connections.
+        socket2::SockRef::from(&socket).set_only_v6(true).map_err(err)?;
+    }
+    socket.bind(addr).map_err(err)?;
+    socket.listen(1024).map_err(err)
+}
+
+fn create_private_dir(path: &std::path::Path) -> Result<(), RunError> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let err = |source| RunError::StateDir { path: path.to_owned(), source };
+    std::fs::create_dir_all(path).map_err(err)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700)).map_err(err)
+}
+
+/// Re-resolve backend names periodically; a failed lookup keeps the previous addresses.
+async fn refresh_targets(proxy: Arc<Proxy>, current: Arc<Mutex<Vec<ResolvedTarget>>>) {
+    if proxy.config.backends.iter().all(|b| !b.addresses.is_empty()) {
+        return; // all static
+    }
+    let mut tick = tokio::time::interval(proxy.config.resolve_interval);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        match proxy.config.resolve().await {
+            Ok(fresh) => {
+                let changed = current.lock().map(|c| *c != fresh).unwrap_or(true);
+                if !changed {
+                    continue;
+                }
+                let applied = proxy.kernel.lock().map(|mut k| k.set_targets(&fresh));
+                match applied {
+                    Ok(Ok(())) => {
+                        info!(targets = fresh.len(), "backend addresses changed");
+                        if let Ok(mut c) = current.lock() {
+                            *c = fresh;
+                        }
+                    }
+                    Ok(Err(e)) => warn!(error = %e, "cannot update backend addresses"),
+                    Err(_) => warn!("kernel state lock poisoned"),
+                }
+            }
+            Err(e) => warn!(error = %e, "backend resolution failed; keeping the previous addresses"),
+        }
+    }
+}
+
+fn status(
+    proxy: &Proxy,
+    targets: &Mutex<Vec<ResolvedTarget>>,
+    cgroup: &str,
+    started_at: SystemTime,
+) -> Status {
+    let (live, recent) = proxy.registry.snapshot();
+    let live_connections = live.len();
+    let kernel_counters = proxy
+        .kernel
+        .lock()
+        .map(|k| k.counters().into_iter().map(|(n, v)| (n.to_owned(), v)).collect())
+        .unwrap_or_default();
+    let targets = targets
+        .lock()
+        .map(|ts| {
+            ts.iter()
+                .map(|t| TargetInfo {
+                    backend: proxy
+                        .config
+                        .backends
+                        .get(t.backend_id as usize)
+                        .map(|b| b.name.clone())
+                        .unwrap_or_default(),
+                    address: t.addr.to_string(),
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let port = proxy.config.listen_port;
+    Status {
+        agent: AgentInfo {
+            pid: std::process::id(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            started_at: rfc3339(started_at),
+            config: proxy.config.path.display().to_string(),
+            cgroup: cgroup.to_owned(),
+            on_agent_down: format!("{:?}", proxy.config.on_agent_down).to_lowercase(),
+            listen: vec![format!("127.0.0.1:{port}"), format!("[::1]:{port}")],
+            live_connections,
+        },
+        kernel_counters,
+        agent_counters: proxy.counters.snapshot(),
+        targets,
+        connections: live.into_iter().chain(recent).collect(),
+    }
+}

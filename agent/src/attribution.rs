@@ -1,0 +1,202 @@
+//! Who made a connection: the kernel's record (taken at `connect()`, so it cannot be spoofed by
+//! the client afterwards) enriched from `/proc` while the process still exists.
+
+use std::{
+    fs,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+};
+
+use airlock_common::{ConnMeta, family};
+use serde::Serialize;
+
+use crate::keys;
+
+/// The identity of the caller of one redirected connection.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Attribution {
+    /// Thread id that called `connect()`.
+    pub pid: u32,
+    /// Process id.
+    pub tgid: u32,
+    pub uid: u32,
+    pub gid: u32,
+    /// User name of `uid`, if it has one.
+    pub user: Option<String>,
+    /// Group name of `gid`, if it has one.
+    pub group: Option<String>,
+    /// Name of the calling thread (kernel).
+    pub comm: String,
+    /// Executable of the process (from `/proc`; `None` if it exited first).
+    pub exe: Option<String>,
+    pub cmdline: Option<Vec<String>>,
+    /// cgroup v2 id (kernel) and path (from `/proc`).
+    pub cgroup_id: u64,
+    pub cgroup: Option<String>,
+    /// Where the client meant to connect.
+    pub original_dst: SocketAddr,
+    /// `ipv4`, `ipv6` or `ipv4-mapped`: how the client addressed it.
+    pub family: &'static str,
+    /// Whether `/proc` still had the process when we looked.
+    pub process_seen: bool,
+}
+
+impl Attribution {
+    /// Build from the kernel record, reading `/proc` under `proc_root` (normally `/proc`).
+    pub fn from_kernel(meta: &ConnMeta, proc_root: &Path) -> Attribution {
+        let original_dst = SocketAddr::new(keys::ip_from_bytes(meta.orig_addr), meta.orig_port);
+        let family = match meta.orig_family {
+            family::IPV4 => "ipv4",
+            family::IPV6 => "ipv6",
+            family::IPV4_MAPPED => "ipv4-mapped",
+            _ => "unknown",
+        };
+        let proc = ProcInfo::read(proc_root, meta.tgid, meta.connect_ns);
+        Attribution {
+            pid: meta.pid,
+            tgid: meta.tgid,
+            uid: meta.uid,
+            gid: meta.gid,
+            user: user_name(meta.uid),
+            group: group_name(meta.gid),
+            comm: keys::comm_str(&meta.comm),
+            process_seen: proc.is_some(),
+            exe: proc.as_ref().and_then(|p| p.exe.clone()),
+            cmdline: proc.as_ref().and_then(|p| p.cmdline.clone()),
+            cgroup_id: meta.cgroup_id,
+            cgroup: proc.and_then(|p| p.cgroup),
+            original_dst,
+            family,
+        }
+    }
+}
+
+/// What `/proc/<tgid>` says about a process.
+#[derive(Debug, Default)]
+struct ProcInfo {
+    exe: Option<String>,
+    cmdline: Option<Vec<String>>,
+    cgroup: Option<String>,
+}
+
+impl ProcInfo {
+    /// `None` when the process is gone, or when the pid was reused by a process that started
+    /// after the connection was made (the kernel record stays the only truth then).
+    fn read(proc_root: &Path, tgid: u32, connect_ns: u64) -> Option<ProcInfo> {
+        let dir = proc_root.join(tgid.to_string());
+        let stat = fs::read_to_string(dir.join("stat")).ok()?;
+        if let Some(start_ns) = start_time_ns(&stat)
+            && connect_ns != 0
+            && start_ns > connect_ns
+        {
+            return None;
+        }
+        Some(ProcInfo {
+            exe: fs::read_link(dir.join("exe"))
+                .ok()
+                .map(|p: PathBuf| p.to_string_lossy().into_owned()),
+            cmdline: fs::read(dir.join("cmdline")).ok().map(|raw| parse_cmdline(&raw)),
+            cgroup: fs::read_to_string(dir.join("cgroup"))
+                .ok()
+                .and_then(|s| parse_cgroup_v2(&s)),
+        })
+    }
+}
+
+/// Process start time from `/proc/<pid>/stat` (field 22, clock ticks since boot) in
+/// nanoseconds, comparable with `bpf_ktime_get_boot_ns`.
+fn start_time_ns(stat: &str) -> Option<u64> {
+    // comm (field 2) may contain spaces and parentheses: fields restart after the last ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let ticks: u64 = rest.split_whitespace().nth(19)?.parse().ok()?;
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    let hz = u64::try_from(hz).ok().filter(|h| *h > 0)?;
+    Some(ticks.saturating_mul(1_000_000_000 / hz))
+}
+
+fn parse_cmdline(raw: &[u8]) -> Vec<String> {
+    raw.split(|&b| b == 0)
+        .filter(|a| !a.is_empty())
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect()
+}
+
+/// The cgroup v2 path from `/proc/<pid>/cgroup` (the `0::` line).
+fn parse_cgroup_v2(s: &str) -> Option<String> {
+    s.lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .map(str::to_owned)
+}
+
+fn user_name(uid: u32) -> Option<String> {
+    nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
+        .ok()
+        .flatten()
+        .map(|u| u.name)
+}
+
+fn group_name(gid: u32) -> Option<String> {
+    nix::unistd::Group::from_gid(nix::unistd::Gid::from_raw(gid))
+        .ok()
+        .flatten()
+        .map(|g| g.name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cmdline_splits_on_nul() {
+        assert_eq!(parse_cmdline(b"python3\0-c\0print(1)\0"), vec!["python3", "-c", "print(1)"]);
+        assert!(parse_cmdline(b"").is_empty());
+    }
+
+    #[test]
+    fn cgroup_v2_line_is_found_in_a_hybrid_hierarchy() {
+        let s = "12:pids:/user.slice\n1:name=systemd:/user.slice\n0::/airlock-test/a\n";
+        assert_eq!(parse_cgroup_v2(s).as_deref(), Some("/airlock-test/a"));
+        assert_eq!(parse_cgroup_v2("3:cpu:/\n"), None);
+    }
+
+    #[test]
+    fn start_time_survives_odd_comm() {
+        let stat = "42 (a) b (c)) S 1 42 42 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 777 1000 10";
+        let ns = start_time_ns(stat).unwrap();
+        // SAFETY: no preconditions.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
+        assert_eq!(ns, 777 * (1_000_000_000 / hz));
+    }
+
+    #[test]
+    fn exited_process_keeps_the_kernel_data() {
+        let mut meta = ConnMeta::zeroed();
+        meta.tgid = u32::MAX - 1; // no such process
+        meta.pid = meta.tgid;
+        meta.uid = 0;
+        meta.comm[..4].copy_from_slice(b"curl");
+        meta.orig_addr = keys::ip_bytes("10.1.2.3".parse().unwrap());
+        meta.orig_port = 443;
+        meta.orig_family = family::IPV4_MAPPED;
+        let a = Attribution::from_kernel(&meta, Path::new("/proc"));
+        assert!(!a.process_seen);
+        assert_eq!(a.exe, None);
+        assert_eq!(a.comm, "curl");
+        assert_eq!(a.user.as_deref(), Some("root"));
+        assert_eq!(a.original_dst, "10.1.2.3:443".parse().unwrap());
+        assert_eq!(a.family, "ipv4-mapped");
+    }
+
+    #[test]
+    fn live_process_is_enriched() {
+        let me = std::process::id();
+        let mut meta = ConnMeta::zeroed();
+        meta.tgid = me;
+        meta.pid = me;
+        let a = Attribution::from_kernel(&meta, Path::new("/proc"));
+        assert!(a.process_seen);
+        assert_eq!(a.exe, std::env::current_exe().ok().map(|p| p.to_string_lossy().into_owned()));
+        assert!(a.cmdline.is_some_and(|c| !c.is_empty()));
+    }
+}

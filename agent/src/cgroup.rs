@@ -1,0 +1,93 @@
+//! Finding the cgroup v2 hierarchy the programs attach to.
+//!
+//! Hosts differ: unified (`/sys/fs/cgroup`), hybrid (`/sys/fs/cgroup/unified`), or a container's
+//! view. The mount is read from `/proc/self/mounts`, never assumed.
+
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum CgroupError {
+    #[error("no cgroup2 filesystem is mounted (read /proc/self/mounts); mount one or set `cgroup` in airlock.toml")]
+    NotMounted,
+    #[error("cannot read /proc/self/mounts: {0}")]
+    Mounts(#[source] std::io::Error),
+    #[error("`cgroup` = {0}: not a cgroup v2 directory; set `cgroup` in airlock.toml to a directory of the cgroup2 mount")]
+    NotCgroup2(PathBuf),
+}
+
+/// The first cgroup2 mount point in a mounts table (`/proc/self/mounts` format).
+pub fn cgroup2_mount_in(mounts: &str) -> Option<PathBuf> {
+    mounts.lines().find_map(|line| {
+        let mut fields = line.split_whitespace();
+        let _source = fields.next()?;
+        let mount_point = fields.next()?;
+        let fstype = fields.next()?;
+        (fstype == "cgroup2").then(|| PathBuf::from(unescape_mount(mount_point)))
+    })
+}
+
+/// `/proc/mounts` escapes space, tab, newline and backslash as octal.
+fn unescape_mount(s: &str) -> String {
+    s.replace("\\040", " ")
+        .replace("\\011", "\t")
+        .replace("\\012", "\n")
+        .replace("\\134", "\\")
+}
+
+/// The cgroup to attach to: the configured one (checked to be cgroup v2) or the mount root.
+pub fn resolve(configured: Option<&Path>) -> Result<PathBuf, CgroupError> {
+    let path = match configured {
+        Some(p) => p.to_owned(),
+        None => {
+            let mounts = std::fs::read_to_string("/proc/self/mounts").map_err(CgroupError::Mounts)?;
+            cgroup2_mount_in(&mounts).ok_or(CgroupError::NotMounted)?
+        }
+    };
+    if !is_cgroup2(&path) {
+        return Err(CgroupError::NotCgroup2(path));
+    }
+    Ok(path)
+}
+
+/// Whether `path` is a directory on a cgroup2 filesystem.
+pub fn is_cgroup2(path: &Path) -> bool {
+    nix::sys::statfs::statfs(path)
+        .map(|s| s.filesystem_type() == nix::sys::statfs::CGROUP2_SUPER_MAGIC)
+        .unwrap_or(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hybrid_hierarchy_is_found() {
+        let mounts = "tmpfs /sys/fs/cgroup tmpfs rw,relatime 0 0\n\
+                      cgroup /sys/fs/cgroup/cpu cgroup rw,cpu 0 0\n\
+                      cgroup2 /sys/fs/cgroup/unified cgroup2 rw,relatime 0 0\n";
+        assert_eq!(cgroup2_mount_in(mounts), Some(PathBuf::from("/sys/fs/cgroup/unified")));
+    }
+
+    #[test]
+    fn unified_hierarchy_is_found() {
+        let mounts = "cgroup2 /sys/fs/cgroup cgroup2 rw,nosuid 0 0\n";
+        assert_eq!(cgroup2_mount_in(mounts), Some(PathBuf::from("/sys/fs/cgroup")));
+    }
+
+    #[test]
+    fn v1_only_has_none() {
+        assert_eq!(cgroup2_mount_in("cgroup /sys/fs/cgroup/cpu cgroup rw 0 0\n"), None);
+    }
+
+    #[test]
+    fn escaped_mount_points() {
+        let mounts = "none /mnt/my\\040cgroups cgroup2 rw 0 0\n";
+        assert_eq!(cgroup2_mount_in(mounts), Some(PathBuf::from("/mnt/my cgroups")));
+    }
+
+    #[test]
+    fn a_plain_directory_is_not_a_cgroup() {
+        assert!(!is_cgroup2(Path::new("/tmp")));
+        assert!(matches!(resolve(Some(Path::new("/tmp"))), Err(CgroupError::NotCgroup2(_))));
+    }
+}

@@ -1,0 +1,561 @@
+//! `airlock.toml`: parsing, defaults, validation, backend address resolution.
+//!
+//! Every error names the file and the key (`backend[1].addresses[0]`), so the operator can fix
+//! it without reading code; `main` maps [`ConfigError`] to exit code 2.
+
+use std::{
+    collections::BTreeSet,
+    fmt,
+    net::{IpAddr, SocketAddr},
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use serde::Deserialize;
+
+/// Where `airlock` looks when `--config` is not given.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/airlock/airlock.toml";
+
+/// An invalid configuration. Always names the file and, where one is at fault, the key.
+#[derive(Debug, thiserror::Error)]
+pub struct ConfigError {
+    pub path: PathBuf,
+    pub key: Option<String>,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.key {
+            Some(key) => write!(f, "{}: `{key}`: {}", self.path.display(), self.message),
+            None => write!(f, "{}: {}", self.path.display(), self.message),
+        }
+    }
+}
+
+/// What happens to connections to backends while the agent is not running.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnAgentDown {
+    /// Programs stay attached (pinned in bpffs): connections are refused. The default.
+    Block,
+    /// Programs detach with the agent: connections go directly to the backend, unobserved.
+    Bypass,
+}
+
+/// The validated configuration, paths made absolute.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub path: PathBuf,
+    pub state_dir: PathBuf,
+    pub archive_dir: PathBuf,
+    pub policies_dir: PathBuf,
+    /// The cgroup the programs attach to; `None` = the cgroup2 mount root.
+    pub cgroup: Option<PathBuf>,
+    pub on_agent_down: OnAgentDown,
+    /// Port of the agent's loopback listeners (127.0.0.1 and ::1).
+    pub listen_port: u16,
+    /// bpffs directory for the pinned links and maps.
+    pub bpffs_dir: PathBuf,
+    /// `SO_MARK` of the agent's upstream sockets.
+    pub bypass_mark: u32,
+    pub resolve_interval: Duration,
+    pub connect_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub drain_timeout: Duration,
+    pub max_connections: usize,
+    pub recent_connections: usize,
+    pub backends: Vec<Backend>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Backend {
+    pub name: String,
+    /// The name clients use.
+    pub host: String,
+    pub port: u16,
+    pub tls: bool,
+    /// Static addresses; when empty, `host` is resolved (A and AAAA) and refreshed.
+    pub addresses: Vec<IpAddr>,
+    pub ca_file: Option<PathBuf>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default = "defaults::state_dir")]
+    state_dir: PathBuf,
+    #[serde(default = "defaults::archive_dir")]
+    archive_dir: PathBuf,
+    #[serde(default = "defaults::policies_dir")]
+    policies_dir: PathBuf,
+    #[serde(default)]
+    cgroup: Option<PathBuf>,
+    #[serde(default = "defaults::on_agent_down")]
+    on_agent_down: OnAgentDown,
+    #[serde(default = "defaults::listen_port")]
+    listen_port: u16,
+    #[serde(default = "defaults::bpffs_dir")]
+    bpffs_dir: PathBuf,
+    #[serde(default = "defaults::bypass_mark")]
+    bypass_mark: u32,
+    #[serde(default = "defaults::resolve_interval_secs")]
+    resolve_interval_secs: u64,
+    #[serde(default = "defaults::connect_timeout_secs")]
+    connect_timeout_secs: u64,
+    #[serde(default = "defaults::idle_timeout_secs")]
+    idle_timeout_secs: u64,
+    #[serde(default = "defaults::drain_timeout_secs")]
+    drain_timeout_secs: u64,
+    #[serde(default = "defaults::max_connections")]
+    max_connections: usize,
+    #[serde(default = "defaults::recent_connections")]
+    recent_connections: usize,
+    #[serde(default, rename = "backend")]
+    backends: Vec<RawBackend>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBackend {
+    name: String,
+    host: String,
+    port: u16,
+    #[serde(default = "defaults::tls")]
+    tls: bool,
+    #[serde(default)]
+    addresses: Vec<String>,
+    #[serde(default)]
+    ca_file: Option<PathBuf>,
+}
+
+mod defaults {
+    use super::OnAgentDown;
+    use std::path::PathBuf;
+
+    pub fn state_dir() -> PathBuf {
+        "/var/lib/airlock".into()
+    }
+    pub fn archive_dir() -> PathBuf {
+        "/var/lib/airlock/archive".into()
+    }
+    pub fn policies_dir() -> PathBuf {
+        "/etc/airlock/policies".into()
+    }
+    pub fn on_agent_down() -> OnAgentDown {
+        OnAgentDown::Block
+    }
+    /// Below 1024 so that, while the agent is down, no unprivileged process can bind the port
+    /// that redirected connections are sent to.
+    pub fn listen_port() -> u16 {
+        1010
+    }
+    pub fn bpffs_dir() -> PathBuf {
+        "/sys/fs/bpf/airlock".into()
+    }
+    /// "ARLK".
+    pub fn bypass_mark() -> u32 {
+        0x4152_4c4b
+    }
+    pub fn resolve_interval_secs() -> u64 {
+        30
+    }
+    pub fn connect_timeout_secs() -> u64 {
+        10
+    }
+    pub fn idle_timeout_secs() -> u64 {
+        300
+    }
+    pub fn drain_timeout_secs() -> u64 {
+        10
+    }
+    pub fn max_connections() -> usize {
+        4096
+    }
+    pub fn recent_connections() -> usize {
+        1000
+    }
+    pub fn tls() -> bool {
+        true
+    }
+}
+
+impl Config {
+    /// Read and validate `path`. Does not resolve host names (see [`Config::resolve`]).
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            path: path.to_owned(),
+            key: None,
+            message: format!("cannot read the configuration: {e}"),
+        })?;
+        Self::parse(path, &text)
+    }
+
+    /// Parse and validate configuration text; `path` names it in errors and anchors relative
+    /// paths (they are relative to the file's directory).
+    pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        let deserializer = toml::Deserializer::parse(text).map_err(|e| ConfigError {
+            path: path.to_owned(),
+            key: None,
+            message: one_line(&e.to_string()),
+        })?;
+        let raw: RawConfig = serde_path_to_error::deserialize(deserializer).map_err(|e| {
+            let key = e.path().to_string();
+            let inner = e.into_inner();
+            ConfigError {
+                path: path.to_owned(),
+                key: (key != ".").then_some(key),
+                message: one_line(&inner.to_string()),
+            }
+        })?;
+        Validator { path }.validate(raw)
+    }
+
+    /// Addresses of every backend: static ones as given, host names resolved (A and AAAA).
+    /// An unresolvable host is an error naming `backend[i].host`.
+    pub async fn resolve(&self) -> Result<Vec<ResolvedTarget>, ConfigError> {
+        let mut targets = BTreeSet::new();
+        for (id, backend) in self.backends.iter().enumerate() {
+            let addrs = if backend.addresses.is_empty() {
+                resolve_host(&backend.host, backend.port).await.map_err(|message| {
+                    ConfigError {
+                        path: self.path.clone(),
+                        key: Some(format!("backend[{id}].host")),
+                        message,
+                    }
+                })?
+            } else {
+                backend.addresses.clone()
+            };
+            for ip in addrs {
+                targets.insert(ResolvedTarget {
+                    backend_id: id as u32,
+                    addr: SocketAddr::new(crate::keys::canonical_ip(ip), backend.port),
+                });
+            }
+        }
+        Ok(targets.into_iter().collect())
+    }
+
+    pub fn admin_socket(&self) -> PathBuf {
+        self.state_dir.join("admin.sock")
+    }
+}
+
+/// One address the kernel redirects, and the backend it belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ResolvedTarget {
+    pub backend_id: u32,
+    pub addr: SocketAddr,
+}
+
+async fn resolve_host(host: &str, port: u16) -> Result<Vec<IpAddr>, String> {
+    let addrs = tokio::net::lookup_host((host, port))
+        .await
+        .map_err(|e| format!("cannot resolve `{host}`: {e}; set `addresses` to pin it"))?;
+    let ips: BTreeSet<IpAddr> = addrs.map(|a| a.ip()).collect();
+    if ips.is_empty() {
+        return Err(format!("`{host}` resolved to no address"));
+    }
+    Ok(ips.into_iter().collect())
+}
+
+fn one_line(s: &str) -> String {
+    s.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+struct Validator<'a> {
+    path: &'a Path,
+}
+
+impl Validator<'_> {
+    fn err(&self, key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+        ConfigError {
+            path: self.path.to_owned(),
+            key: Some(key.into()),
+            message: message.into(),
+        }
+    }
+
+    fn absolute(&self, p: PathBuf) -> PathBuf {
+        if p.is_absolute() {
+            p
+        } else {
+            let base = self.path.parent().unwrap_or(Path::new("."));
+            let base = std::path::absolute(base).unwrap_or_else(|_| base.to_owned());
+            base.join(p)
+        }
+    }
+
+    fn validate(&self, raw: RawConfig) -> Result<Config, ConfigError> {
+        if raw.listen_port == 0 {
+            return Err(self.err("listen_port", "must be between 1 and 65535"));
+        }
+        if raw.bypass_mark == 0 {
+            return Err(self.err("bypass_mark", "must not be 0 (0 is every unmarked socket)"));
+        }
+        for (key, value) in [
+            ("resolve_interval_secs", raw.resolve_interval_secs),
+            ("connect_timeout_secs", raw.connect_timeout_secs),
+            ("idle_timeout_secs", raw.idle_timeout_secs),
+        ] {
+            if value == 0 {
+                return Err(self.err(key, "must be at least 1"));
+            }
+        }
+        if raw.max_connections == 0 {
+            return Err(self.err("max_connections", "must be at least 1"));
+        }
+        if raw.recent_connections < 1000 {
+            return Err(self.err(
+                "recent_connections",
+                format!("must be at least 1000, got {}", raw.recent_connections),
+            ));
+        }
+        let bpffs_dir = self.absolute(raw.bpffs_dir);
+        if !bpffs_dir.starts_with("/sys/fs/bpf") {
+            return Err(self.err("bpffs_dir", "must be under /sys/fs/bpf"));
+        }
+        if raw.backends.is_empty() {
+            return Err(self.err("backend", "at least one [[backend]] is required"));
+        }
+        let mut names = BTreeSet::new();
+        let mut endpoints = BTreeSet::new();
+        let mut backends = Vec::with_capacity(raw.backends.len());
+        for (i, b) in raw.backends.into_iter().enumerate() {
+            let key = |k: &str| format!("backend[{i}].{k}");
+            if b.name.trim().is_empty() {
+                return Err(self.err(key("name"), "must not be empty"));
+            }
+            if !names.insert(b.name.clone()) {
+                return Err(self.err(key("name"), format!("`{}` is used twice", b.name)));
+            }
+            if b.host.trim().is_empty() {
+                return Err(self.err(key("host"), "must not be empty"));
+            }
+            if b.port == 0 {
+                return Err(self.err(key("port"), "must be between 1 and 65535"));
+            }
+            let mut addresses = Vec::with_capacity(b.addresses.len());
+            for (j, a) in b.addresses.iter().enumerate() {
+                let ip: IpAddr = a.parse().map_err(|_| {
+                    self.err(
+                        format!("backend[{i}].addresses[{j}]"),
+                        format!("`{a}` is not an IPv4 or IPv6 address"),
+                    )
+                })?;
+                let ip = crate::keys::canonical_ip(ip);
+                if ip.is_unspecified() {
+                    return Err(self.err(
+                        format!("backend[{i}].addresses[{j}]"),
+                        "the unspecified address cannot be a backend",
+                    ));
+                }
+                if ip.is_loopback() && b.port == raw.listen_port {
+                    return Err(self.err(
+                        format!("backend[{i}].addresses[{j}]"),
+                        format!("{ip} port {} is the agent's own listener (`listen_port`)", b.port),
+                    ));
+                }
+                if !endpoints.insert((ip, b.port)) {
+                    return Err(self.err(
+                        format!("backend[{i}].addresses[{j}]"),
+                        format!("{ip} port {} belongs to two backends", b.port),
+                    ));
+                }
+                addresses.push(ip);
+            }
+            if addresses.is_empty() {
+                // A host given as an IP literal is its own static address.
+                if let Ok(ip) = b.host.parse::<IpAddr>() {
+                    addresses.push(crate::keys::canonical_ip(ip));
+                }
+            }
+            let ca_file = match b.ca_file {
+                Some(p) => {
+                    let p = self.absolute(p);
+                    std::fs::metadata(&p).map_err(|e| {
+                        self.err(key("ca_file"), format!("cannot read {}: {e}", p.display()))
+                    })?;
+                    Some(p)
+                }
+                None => None,
+            };
+            backends.push(Backend {
+                name: b.name,
+                host: b.host,
+                port: b.port,
+                tls: b.tls,
+                addresses,
+                ca_file,
+            });
+        }
+        let cgroup = raw.cgroup.map(|p| self.absolute(p));
+        Ok(Config {
+            path: self.absolute(self.path.to_owned()),
+            state_dir: self.absolute(raw.state_dir),
+            archive_dir: self.absolute(raw.archive_dir),
+            policies_dir: self.absolute(raw.policies_dir),
+            cgroup,
+            on_agent_down: raw.on_agent_down,
+            listen_port: raw.listen_port,
+            bpffs_dir,
+            bypass_mark: raw.bypass_mark,
+            resolve_interval: Duration::from_secs(raw.resolve_interval_secs),
+            connect_timeout: Duration::from_secs(raw.connect_timeout_secs),
+            idle_timeout: Duration::from_secs(raw.idle_timeout_secs),
+            drain_timeout: Duration::from_secs(raw.drain_timeout_secs),
+            max_connections: raw.max_connections,
+            recent_connections: raw.recent_connections,
+            backends,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EXAMPLE: &str = include_str!("../../airlock.example.toml");
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(Path::new("/etc/airlock/airlock.toml"), text)
+    }
+
+    fn minimal(extra_top: &str, extra_backend: &str) -> String {
+        format!(
+            "{extra_top}\n[[backend]]\nname = \"tools\"\nhost = \"mcp.internal.test\"\nport = 8443\naddresses = [\"127.0.0.2\"]\n{extra_backend}\n"
+        )
+    }
+
+    #[test]
+    fn shipped_example_parses() {
+        let cfg = Config::parse(Path::new("/repo/airlock.example.toml"), EXAMPLE).unwrap();
+        assert_eq!(cfg.backends[0].name, "tools");
+        assert_eq!(cfg.backends[0].host, "mcp.internal.test");
+        assert_eq!(cfg.on_agent_down, OnAgentDown::Block);
+        // Relative paths are anchored at the file's directory.
+        assert_eq!(cfg.policies_dir, PathBuf::from("/repo/policies"));
+    }
+
+    #[test]
+    fn defaults_apply() {
+        let cfg = parse(&minimal("", "")).unwrap();
+        assert_eq!(cfg.state_dir, PathBuf::from("/var/lib/airlock"));
+        assert_eq!(cfg.archive_dir, PathBuf::from("/var/lib/airlock/archive"));
+        assert_eq!(cfg.policies_dir, PathBuf::from("/etc/airlock/policies"));
+        assert_eq!(cfg.cgroup, None);
+        assert_eq!(cfg.on_agent_down, OnAgentDown::Block);
+        assert_eq!(cfg.listen_port, 1010);
+        assert!(cfg.listen_port < 1024, "the default port must be privileged");
+        assert!(cfg.backends[0].tls);
+        assert_eq!(cfg.recent_connections, 1000);
+    }
+
+    #[test]
+    fn unknown_top_level_key_is_named() {
+        let err = parse(&minimal("colour = \"blue\"", "")).unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("/etc/airlock/airlock.toml"), "{text}");
+        assert!(text.contains("colour"), "{text}");
+    }
+
+    #[test]
+    fn unknown_backend_key_is_named_with_its_index() {
+        let err = parse(&minimal("", "prot = 1")).unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("backend[0]"), "{text}");
+        assert!(text.contains("prot"), "{text}");
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        let cases = [
+            (minimal("on_agent_down = \"maybe\"", ""), "on_agent_down"),
+            (minimal("listen_port = 0", ""), "listen_port"),
+            (minimal("listen_port = 70000", ""), "listen_port"),
+            (minimal("bypass_mark = 0", ""), "bypass_mark"),
+            (minimal("idle_timeout_secs = 0", ""), "idle_timeout_secs"),
+            (minimal("recent_connections = 10", ""), "recent_connections"),
+            (minimal("bpffs_dir = \"/tmp/x\"", ""), "bpffs_dir"),
+            (minimal("", "tls = \"yes\""), "backend[0].tls"),
+            (
+                "[[backend]]\nname = \"a\"\nhost = \"h\"\nport = 0\n".to_string(),
+                "backend[0].port",
+            ),
+            (
+                "[[backend]]\nname = \"a\"\nhost = \"h\"\nport = 1\naddresses = [\"1.2.3.4\", \"nope\"]\n"
+                    .to_string(),
+                "backend[0].addresses[1]",
+            ),
+            (
+                "[[backend]]\nname = \"a\"\nhost = \"h\"\nport = 1010\naddresses = [\"127.0.0.1\"]\n"
+                    .to_string(),
+                "backend[0].addresses[0]",
+            ),
+            (
+                "[[backend]]\nname = \"a\"\nhost = \"h\"\nport = 1\n[[backend]]\nname = \"a\"\nhost = \"g\"\nport = 2\n"
+                    .to_string(),
+                "backend[1].name",
+            ),
+            (minimal("", "ca_file = \"/nonexistent/ca.pem\""), "backend[0].ca_file"),
+            ("state_dir = \"/x\"\n".to_string(), "backend"),
+        ];
+        for (text, key) in cases {
+            let err = parse(&text).expect_err(key);
+            let shown = err.to_string();
+            assert!(
+                shown.contains(&format!("`{key}`")) || err.key.as_deref() == Some(key),
+                "expected key {key} in: {shown}"
+            );
+            assert!(shown.contains("airlock.toml"), "{shown}");
+        }
+    }
+
+    #[test]
+    fn syntax_errors_name_the_file_and_line() {
+        let err = parse("state_dir = \n").unwrap_err();
+        let shown = err.to_string();
+        assert!(shown.contains("airlock.toml"), "{shown}");
+        assert!(shown.contains("line 1"), "{shown}");
+    }
+
+    #[test]
+    fn ip_literal_host_is_its_own_address_and_mapped_addresses_are_canonical() {
+        let cfg = parse(
+            "[[backend]]\nname = \"a\"\nhost = \"::ffff:10.1.2.3\"\nport = 443\n\
+             [[backend]]\nname = \"b\"\nhost = \"b.test\"\nport = 443\naddresses = [\"::1\", \"::ffff:127.0.0.9\"]\n",
+        )
+        .unwrap();
+        assert_eq!(cfg.backends[0].addresses, vec!["10.1.2.3".parse::<IpAddr>().unwrap()]);
+        assert_eq!(
+            cfg.backends[1].addresses,
+            vec!["::1".parse::<IpAddr>().unwrap(), "127.0.0.9".parse().unwrap()]
+        );
+    }
+
+    #[tokio::test]
+    async fn unresolvable_host_names_the_key() {
+        let cfg = parse(
+            "[[backend]]\nname = \"a\"\nhost = \"nonexistent.invalid\"\nport = 443\n",
+        )
+        .unwrap();
+        let err = cfg.resolve().await.unwrap_err();
+        assert_eq!(err.key.as_deref(), Some("backend[0].host"));
+        assert!(err.to_string().contains("nonexistent.invalid"));
+    }
+
+    #[tokio::test]
+    async fn static_addresses_resolve_without_dns() {
+        let cfg = parse(&minimal("", "")).unwrap();
+        let targets = cfg.resolve().await.unwrap();
+        assert_eq!(
+            targets,
+            vec![ResolvedTarget { backend_id: 0, addr: "127.0.0.2:8443".parse().unwrap() }]
+        );
+    }
+}

@@ -1,0 +1,141 @@
+//! Address normalisation between Rust socket addresses and the kernel maps' keys.
+//!
+//! The maps store every address as 16 bytes with IPv4 as `::ffff:a.b.c.d`, so an IPv4
+//! connection, an IPv6 one and an IPv4-mapped one on an `AF_INET6` socket all meet in one key
+//! space. Ports are host order. See `airlock_common`.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use airlock_common::{FlowKey, TargetKey};
+
+/// `::ffff:a.b.c.d` becomes `a.b.c.d`; everything else is unchanged.
+pub fn canonical_ip(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(v6),
+        },
+        v4 => v4,
+    }
+}
+
+/// The 16-byte map form of an address.
+pub fn ip_bytes(ip: IpAddr) -> [u8; 16] {
+    match canonical_ip(ip) {
+        IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+        IpAddr::V6(v6) => v6.octets(),
+    }
+}
+
+/// The address of a 16-byte map form, canonical (IPv4 for mapped).
+pub fn ip_from_bytes(bytes: [u8; 16]) -> IpAddr {
+    canonical_ip(IpAddr::V6(Ipv6Addr::from(bytes)))
+}
+
+pub fn target_key(addr: SocketAddr) -> TargetKey {
+    TargetKey {
+        addr: ip_bytes(addr.ip()),
+        port: addr.port(),
+        _pad: 0,
+    }
+}
+
+/// The key under which sock_ops recorded an accepted connection: `peer` is the client's socket
+/// as `accept()` reports it, `local` the agent's listening address it arrived on.
+pub fn flow_key(peer: SocketAddr, local: SocketAddr) -> FlowKey {
+    FlowKey {
+        src_addr: ip_bytes(peer.ip()),
+        dst_addr: ip_bytes(local.ip()),
+        src_port: peer.port(),
+        dst_port: local.port(),
+    }
+}
+
+/// The agent's listen addresses in the form `Config` stores them (network-order words).
+pub fn kernel_ip4(ip: Ipv4Addr) -> u32 {
+    u32::from_ne_bytes(ip.octets())
+}
+
+pub fn kernel_ip6(ip: Ipv6Addr) -> [u32; 4] {
+    let o = ip.octets();
+    [
+        u32::from_ne_bytes([o[0], o[1], o[2], o[3]]),
+        u32::from_ne_bytes([o[4], o[5], o[6], o[7]]),
+        u32::from_ne_bytes([o[8], o[9], o[10], o[11]]),
+        u32::from_ne_bytes([o[12], o[13], o[14], o[15]]),
+    ]
+}
+
+/// A NUL-padded kernel `comm` as text.
+pub fn comm_str(comm: &[u8; 16]) -> String {
+    let end = comm.iter().position(|&b| b == 0).unwrap_or(comm.len());
+    String::from_utf8_lossy(&comm[..end]).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sa(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn ipv4_is_stored_mapped() {
+        assert_eq!(
+            ip_bytes("127.0.0.2".parse().unwrap()),
+            [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 127, 0, 0, 2]
+        );
+    }
+
+    #[test]
+    fn mapped_and_plain_ipv4_share_a_key() {
+        assert_eq!(target_key(sa("127.0.0.2:8443")), target_key(sa("[::ffff:127.0.0.2]:8443")));
+        assert_eq!(
+            flow_key(sa("[::ffff:127.0.0.1]:40000"), sa("[::ffff:127.0.0.1]:1010")),
+            flow_key(sa("127.0.0.1:40000"), sa("127.0.0.1:1010"))
+        );
+    }
+
+    #[test]
+    fn ipv6_is_kept_as_is() {
+        let key = target_key(sa("[2001:db8::7]:443"));
+        assert_eq!(key.addr, "2001:db8::7".parse::<Ipv6Addr>().unwrap().octets());
+        assert_eq!(key.port, 443);
+        assert_ne!(target_key(sa("[::1]:443")), target_key(sa("127.0.0.1:443")));
+    }
+
+    #[test]
+    fn ports_are_host_order_and_direction_matters() {
+        let key = flow_key(sa("127.0.0.1:40000"), sa("127.0.0.1:1010"));
+        assert_eq!(key.src_port, 40000);
+        assert_eq!(key.dst_port, 1010);
+        assert_ne!(key, flow_key(sa("127.0.0.1:1010"), sa("127.0.0.1:40000")));
+    }
+
+    #[test]
+    fn round_trip_is_canonical() {
+        for s in ["10.0.0.1", "::1", "::ffff:10.0.0.1", "fe80::1"] {
+            let ip: IpAddr = s.parse().unwrap();
+            assert_eq!(ip_from_bytes(ip_bytes(ip)), canonical_ip(ip));
+        }
+        assert_eq!(canonical_ip("::ffff:10.0.0.1".parse().unwrap()), "10.0.0.1".parse::<IpAddr>().unwrap());
+    }
+
+    #[test]
+    fn kernel_words_match_memory_order() {
+        // The kernel stores 127.0.0.1 as the bytes 7f 00 00 01.
+        assert_eq!(kernel_ip4(Ipv4Addr::LOCALHOST).to_ne_bytes(), [127, 0, 0, 1]);
+        let w = kernel_ip6(Ipv6Addr::LOCALHOST);
+        assert_eq!(w[..3], [0, 0, 0]);
+        assert_eq!(w[3].to_ne_bytes(), [0, 0, 0, 1]);
+    }
+
+    #[test]
+    fn comm_stops_at_nul() {
+        let mut c = [0u8; 16];
+        c[..7].copy_from_slice(b"python3");
+        assert_eq!(comm_str(&c), "python3");
+        assert_eq!(comm_str(&[b'x'; 16]), "x".repeat(16));
+    }
+}

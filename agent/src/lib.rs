@@ -1,0 +1,27 @@
+//! Airlock's agent: a host-level transparent interceptor for MCP traffic.
+//!
+//! # Layout
+//! The data path, in the order a connection meets it (see ARCHITECTURE.md for the picture):
+//! - [`kernel`]: loads and pins the programs of `agent-ebpf` (cgroup `connect4`/`connect6`
+//!   redirect, `sock_ops` hand-off), keeps the backend address map in sync, takes flow records.
+//! - [`keys`]: normalises socket addresses (IPv4, IPv6, IPv4-mapped) into the maps' key form.
+//! - [`proxy`]: per accepted connection: look up the kernel record (reject without one),
+//!   attribute, dial the original destination with the bypass mark, relay.
+//! - [`attribution`]: the kernel record enriched from `/proc` (user, exe, cmdline, cgroup).
+//! - [`relay`]: bounded bidirectional copy with idle timeout and byte counters.
+//! - [`registry`]: live and recently closed connections, for `airlock status`.
+//! - [`admin`]: the root-only Unix socket `airlock status` and `airlock detach` talk to.
+//! - [`agent`]: `airlock run`: start-up order, refresh of backend addresses, shutdown.
+//! - [`config`]: `airlock.toml`; [`cgroup`]: finding the cgroup v2 mount.
+#![forbid(unsafe_op_in_unsafe_fn)]
+
+pub mod admin;
+pub mod agent;
+pub mod attribution;
+pub mod cgroup;
+pub mod config;
+pub mod kernel;
+pub mod keys;
+pub mod proxy;
+pub mod registry;
+pub mod relay;

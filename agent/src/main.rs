@@ -1,0 +1,184 @@
+//! The `airlock` command line. Exit codes: 0 success, 1 runtime failure, 2 bad configuration.
+
+use std::{path::PathBuf, process::ExitCode};
+
+use airlock::{
+    admin::{self, Request, Response, Status},
+    config::{self, Config, ConfigError},
+    kernel,
+};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "airlock", version, about = "Transparent interceptor for MCP traffic on this host")]
+struct Cli {
+    /// Configuration file.
+    #[arg(long, global = true, value_name = "PATH", default_value = config::DEFAULT_CONFIG_PATH)]
+    config: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Attach the redirect programs and serve redirected connections until SIGTERM.
+    Run,
+    /// Live and recently closed connections and the kernel counters.
+    Status {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop the agent and remove the programs: connections to backends go direct again.
+    Detach,
+    /// Validate the configuration and show the addresses that would be redirected.
+    CheckConfig,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let config = match Config::load(&cli.config) {
+        Ok(c) => c,
+        Err(e) => return config_error(&e),
+    };
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("airlock: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        match cli.command {
+            Command::Run => match airlock::agent::run(config).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(airlock::agent::RunError::Config(e)) => config_error(&e),
+                Err(e) => fail(e),
+            },
+            Command::Status { json } => status(&config, json).await,
+            Command::Detach => detach(&config).await,
+            Command::CheckConfig => match config.resolve().await {
+                Ok(targets) => {
+                    println!("{}: ok", config.path.display());
+                    for t in targets {
+                        let name = &config.backends[t.backend_id as usize].name;
+                        println!("  redirect {} -> agent (backend {name})", t.addr);
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => config_error(&e),
+            },
+        }
+    })
+}
+
+fn config_error(e: &ConfigError) -> ExitCode {
+    eprintln!("airlock: invalid configuration: {e}");
+    ExitCode::from(2)
+}
+
+fn fail(e: impl std::fmt::Display) -> ExitCode {
+    eprintln!("airlock: {e}");
+    ExitCode::FAILURE
+}
+
+async fn status(config: &Config, json: bool) -> ExitCode {
+    let status = match admin::request(&config.admin_socket(), &Request::Status).await {
+        Ok(Response::Status(s)) => s,
+        Ok(Response::Error { message }) => return fail(message),
+        Ok(other) => return fail(format!("unexpected answer {other:?}")),
+        Err(e @ admin::ClientError::NotRunning(_)) => {
+            let pinned = kernel::is_pinned(&config.bpffs_dir);
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({ "running": false, "programs_pinned": pinned, "error": e.to_string() })
+                );
+            } else {
+                eprintln!("airlock: {e}");
+                if pinned {
+                    eprintln!("programs are pinned in {}: connections to backends are refused (fail closed) until the agent runs again or `airlock detach`", config.bpffs_dir.display());
+                }
+            }
+            return ExitCode::from(3);
+        }
+        Err(e) => return fail(e),
+    };
+    if json {
+        match serde_json::to_string_pretty(&status) {
+            Ok(s) => println!("{s}"),
+            Err(e) => return fail(e),
+        }
+    } else {
+        print_table(&status);
+    }
+    ExitCode::SUCCESS
+}
+
+fn print_table(s: &Status) {
+    let a = &s.agent;
+    println!(
+        "agent pid {} since {}  cgroup {}  on_agent_down {}  listening {}",
+        a.pid, a.started_at, a.cgroup, a.on_agent_down, a.listen.join(" ")
+    );
+    println!("targets: {}", s.targets.iter().map(|t| format!("{}={}", t.backend, t.address)).collect::<Vec<_>>().join(", "));
+    println!();
+    println!(
+        "{:>6} {:<9} {:>7} {:>7} {:<10} {:<16} {:<10} {:<24} {:>9} {:>9} {:<27} EXE",
+        "ID", "STATE", "PID", "TGID", "USER", "COMM", "BACKEND", "ORIGINAL_DST", "UP", "DOWN", "OPENED"
+    );
+    for c in &s.connections {
+        let dash = || "-".to_owned();
+        println!(
+            "{:>6} {:<9} {:>7} {:>7} {:<10} {:<16} {:<10} {:<24} {:>9} {:>9} {:<27} {}",
+            c.id,
+            c.state,
+            c.pid.map(|p| p.to_string()).unwrap_or_else(dash),
+            c.tgid.map(|p| p.to_string()).unwrap_or_else(dash),
+            c.user.clone().or(c.uid.map(|u| u.to_string())).unwrap_or_else(dash),
+            c.comm.clone().unwrap_or_else(dash),
+            c.backend.clone().unwrap_or_else(dash),
+            c.original_dst.clone().unwrap_or_else(|| format!("(from {})", c.client)),
+            c.bytes_up,
+            c.bytes_down,
+            c.opened_at,
+            c.exe.clone().unwrap_or_else(dash),
+        );
+    }
+    println!();
+    println!("kernel counters:");
+    for (k, v) in &s.kernel_counters {
+        println!("  {k:<24} {v}");
+    }
+    println!("agent counters:");
+    for (k, v) in &s.agent_counters {
+        println!("  {k:<24} {v}");
+    }
+}
+
+async fn detach(config: &Config) -> ExitCode {
+    // Detach first, so no connection is refused while the agent drains and exits.
+    let removed = match kernel::detach(&config.bpffs_dir) {
+        Ok(r) => r,
+        Err(e) => return fail(format!("cannot remove pins under {}: {e}", config.bpffs_dir.display())),
+    };
+    for line in &removed {
+        println!("{line}");
+    }
+    match admin::request(&config.admin_socket(), &Request::Shutdown).await {
+        Ok(Response::Ok { message }) => println!("agent: {message}"),
+        Ok(Response::Error { message }) => return fail(message),
+        Ok(_) => {}
+        Err(admin::ClientError::NotRunning(_)) => println!("agent: not running"),
+        Err(e) => return fail(e),
+    }
+    println!("detached: connections to backends go direct");
+    ExitCode::SUCCESS
+}

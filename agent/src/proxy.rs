@@ -1,0 +1,217 @@
+//! One redirected connection: attribute it from the kernel's record (or reject it), dial the
+//! original destination with the bypass mark, relay.
+
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    path::Path,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tracing::{debug, info, warn};
+
+use crate::{
+    attribution::Attribution,
+    config::Config,
+    kernel::Kernel,
+    keys,
+    registry::{ConnState, Registry},
+    relay::{self, RelayEnd},
+};
+
+/// What the accept loops share.
+pub struct Proxy {
+    pub config: Config,
+    pub kernel: Mutex<Kernel>,
+    pub registry: Arc<Registry>,
+    pub counters: AgentCounters,
+}
+
+/// The agent's own counters, shown next to the kernel's.
+#[derive(Default)]
+pub struct AgentCounters {
+    pub accepted: AtomicU64,
+    pub rejected_unattributed: AtomicU64,
+    pub rejected_over_capacity: AtomicU64,
+    pub upstream_failed: AtomicU64,
+    pub relayed: AtomicU64,
+    pub idle_timeouts: AtomicU64,
+    pub relay_errors: AtomicU64,
+}
+
+impl AgentCounters {
+    pub fn snapshot(&self) -> BTreeMap<String, u64> {
+        [
+            ("accepted", &self.accepted),
+            ("rejected_unattributed", &self.rejected_unattributed),
+            ("rejected_over_capacity", &self.rejected_over_capacity),
+            ("upstream_failed", &self.upstream_failed),
+            ("relayed", &self.relayed),
+            ("idle_timeouts", &self.idle_timeouts),
+            ("relay_errors", &self.relay_errors),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.load(Ordering::Relaxed)))
+        .collect()
+    }
+}
+
+impl Proxy {
+    /// Accept until the task is dropped. Accept errors (e.g. out of fds) are logged and retried
+    /// after a pause rather than ending the agent.
+    pub async fn accept_loop(self: Arc<Self>, listener: TcpListener) {
+        loop {
+            match listener.accept().await {
+                Ok((stream, peer)) => {
+                    self.counters.accepted.fetch_add(1, Ordering::Relaxed);
+                    let proxy = self.clone();
+                    tokio::spawn(async move { proxy.handle(stream, peer).await });
+                }
+                Err(e) => {
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+
+    async fn handle(self: Arc<Self>, client: TcpStream, peer: SocketAddr) {
+        let local = match client.local_addr() {
+            Ok(l) => l,
+            Err(e) => {
+                warn!(%peer, error = %e, "accepted socket has no local address");
+                return;
+            }
+        };
+        let key = keys::flow_key(peer, local);
+        let meta = match self.kernel.lock() {
+            Ok(mut k) => k.take_flow(&key),
+            Err(_) => None,
+        };
+        let Some(meta) = meta else {
+            // Not redirected by our programs (or its record was lost): never an open proxy.
+            self.counters.rejected_unattributed.fetch_add(1, Ordering::Relaxed);
+            let guard = self.registry.open(peer, None, None);
+            guard.finish(
+                ConnState::Rejected,
+                "no kernel record for this connection: only connections redirected by Airlock are served",
+            );
+            warn!(%peer, "rejected a connection without a kernel record");
+            reset(client);
+            return;
+        };
+        let backend = self
+            .config
+            .backends
+            .get(meta.backend_id as usize)
+            .map(|b| b.name.clone());
+        // /proc and NSS (user names) can block: keep them off the reactor.
+        let attribution = match tokio::task::spawn_blocking(move || {
+            Attribution::from_kernel(&meta, Path::new("/proc"))
+        })
+        .await
+        {
+            Ok(a) => a,
+            Err(e) => {
+                warn!(%peer, error = %e, "attribution task failed");
+                reset(client);
+                return;
+            }
+        };
+        let original_dst = attribution.original_dst;
+        let guard = self.registry.open(peer, Some(attribution.clone()), backend.clone());
+        if self.registry.live_count() > self.config.max_connections {
+            self.counters.rejected_over_capacity.fetch_add(1, Ordering::Relaxed);
+            guard.finish(
+                ConnState::Rejected,
+                format!("over capacity: more than {} live connections (`max_connections`)", self.config.max_connections),
+            );
+            reset(client);
+            return;
+        }
+        info!(
+            id = guard.id(),
+            pid = attribution.pid,
+            tgid = attribution.tgid,
+            uid = attribution.uid,
+            user = attribution.user.as_deref().unwrap_or("?"),
+            comm = %attribution.comm,
+            exe = attribution.exe.as_deref().unwrap_or("?"),
+            backend = backend.as_deref().unwrap_or("?"),
+            %original_dst,
+            "connection"
+        );
+
+        let upstream = match self.dial(original_dst).await {
+            Ok(s) => s,
+            Err(reason) => {
+                self.counters.upstream_failed.fetch_add(1, Ordering::Relaxed);
+                warn!(id = guard.id(), %original_dst, %reason, "upstream connect failed");
+                guard.finish(ConnState::Failed, reason);
+                reset(client);
+                return;
+            }
+        };
+        let _ = client.set_nodelay(true);
+        guard.set_state(ConnState::Open);
+        let end = relay::relay(
+            client,
+            upstream,
+            self.config.idle_timeout,
+            guard.bytes_up(),
+            guard.bytes_down(),
+        )
+        .await;
+        match end {
+            Ok(RelayEnd::Closed) => {
+                self.counters.relayed.fetch_add(1, Ordering::Relaxed);
+                guard.finish(ConnState::Closed, "closed");
+            }
+            Ok(RelayEnd::IdleTimeout) => {
+                self.counters.idle_timeouts.fetch_add(1, Ordering::Relaxed);
+                guard.finish(
+                    ConnState::Failed,
+                    format!("idle for {} s (`idle_timeout_secs`)", self.config.idle_timeout.as_secs()),
+                );
+            }
+            Err(e) => {
+                self.counters.relay_errors.fetch_add(1, Ordering::Relaxed);
+                debug!(id = guard.id(), error = %e, "relay ended with an error");
+                guard.finish(ConnState::Failed, e.to_string());
+            }
+        }
+    }
+
+    /// Connect to the original destination with the bypass mark, so our own programs let this
+    /// socket through.
+    async fn dial(&self, addr: SocketAddr) -> Result<TcpStream, String> {
+        let socket = match addr {
+            SocketAddr::V4(_) => TcpSocket::new_v4(),
+            SocketAddr::V6(_) => TcpSocket::new_v6(),
+        }
+        .map_err(|e| format!("cannot create a socket: {e}"))?;
+        socket2::SockRef::from(&socket)
+            .set_mark(self.config.bypass_mark)
+            .map_err(|e| format!("cannot set SO_MARK (needs CAP_NET_ADMIN): {e}"))?;
+        let _ = socket.set_nodelay(true);
+        match tokio::time::timeout(self.config.connect_timeout, socket.connect(addr)).await {
+            Ok(Ok(stream)) => Ok(stream),
+            Ok(Err(e)) => Err(format!("connect to {addr}: {e}")),
+            Err(_) => Err(format!(
+                "connect to {addr}: no answer in {} s (`connect_timeout_secs`)",
+                self.config.connect_timeout.as_secs()
+            )),
+        }
+    }
+}
+
+/// Close with a RST so the client sees a failure at once rather than a clean empty response.
+fn reset(stream: TcpStream) {
+    let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+    drop(stream);
+}

@@ -1,0 +1,268 @@
+//! Types shared by Airlock's kernel programs (`agent-ebpf`) and its agent.
+//!
+//! Every type here is `#[repr(C)]`, has explicit padding and a size pinned by a test, because
+//! the kernel and userspace read the same bytes. Conventions:
+//! - addresses are 16 bytes, IPv4 written as IPv4-mapped IPv6 (`::ffff:a.b.c.d`), in network
+//!   byte order (the bytes of the address as written);
+//! - ports are in host byte order.
+//!
+//! Bump [`ABI_VERSION`] whenever a layout or a map definition changes: the agent keeps pinned
+//! maps in a directory named after it, so an upgraded agent never reuses maps of another shape.
+#![no_std]
+
+/// Version of the map layouts below; part of the bpffs pin path of the maps.
+pub const ABI_VERSION: u32 = 1;
+
+/// Names of the maps and programs in the eBPF object, shared so that neither side spells them.
+pub mod names {
+    pub const CONFIG: &str = "AIRLOCK_CONFIG";
+    pub const TARGETS: &str = "AIRLOCK_TARGETS";
+    pub const PENDING: &str = "AIRLOCK_PENDING";
+    pub const FLOWS: &str = "AIRLOCK_FLOWS";
+    pub const COUNTERS: &str = "AIRLOCK_COUNTERS";
+
+    pub const PROG_CONNECT4: &str = "airlock_connect4";
+    pub const PROG_CONNECT6: &str = "airlock_connect6";
+    pub const PROG_SOCK_OPS: &str = "airlock_sock_ops";
+
+    /// Every map, for pinning and for `airlock detach`.
+    pub const MAPS: [&str; 5] = [CONFIG, TARGETS, PENDING, FLOWS, COUNTERS];
+}
+
+/// Capacity of the maps. LRU maps may evict before they are full, so they are sized well above
+/// the expected number of in-flight connections.
+pub mod capacity {
+    pub const TARGETS: u32 = 4096;
+    /// Sockets between `connect()` and the SYN (microseconds each).
+    pub const PENDING: u32 = 16 * 1024;
+    /// Connections between the SYN and the agent's `accept()`.
+    pub const FLOWS: u32 = 64 * 1024;
+}
+
+/// `Config::enabled` value meaning the agent has written the configuration.
+pub const CONFIG_ENABLED: u32 = 1;
+
+/// The one entry of the `AIRLOCK_CONFIG` array, written by the agent before it attaches.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Config {
+    /// Agent IPv4 listen address as stored in `bpf_sock_addr.user_ip4` (network order).
+    pub agent_ip4: u32,
+    /// Agent IPv6 listen address as stored in `bpf_sock_addr.user_ip6` (network order words).
+    pub agent_ip6: [u32; 4],
+    /// Agent listen port, host order.
+    pub agent_port: u16,
+    pub _pad: u16,
+    /// `SO_MARK` of the agent's own upstream sockets; such sockets are never redirected.
+    pub bypass_mark: u32,
+    /// [`CONFIG_ENABLED`] once written; until then the programs let everything through.
+    pub enabled: u32,
+}
+
+/// Key of `AIRLOCK_TARGETS`: one backend address and port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct TargetKey {
+    pub addr: [u8; 16],
+    pub port: u16,
+    pub _pad: u16,
+}
+
+/// Key of `AIRLOCK_FLOWS`: the redirected connection as the agent sees it from `accept()`,
+/// `src` = the client's socket, `dst` = the agent's listening address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct FlowKey {
+    pub src_addr: [u8; 16],
+    pub dst_addr: [u8; 16],
+    pub src_port: u16,
+    pub dst_port: u16,
+}
+
+/// How the caller addressed the backend in `connect()`.
+pub mod family {
+    /// `AF_INET` socket.
+    pub const IPV4: u16 = 4;
+    /// `AF_INET6` socket, native IPv6 destination.
+    pub const IPV6: u16 = 6;
+    /// `AF_INET6` socket, IPv4-mapped destination (`::ffff:a.b.c.d`), taken through the IPv4 path.
+    pub const IPV4_MAPPED: u16 = 46;
+}
+
+/// What the kernel knows about a redirected connection: its original destination and caller.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConnMeta {
+    /// Original destination address (IPv4-mapped for IPv4).
+    pub orig_addr: [u8; 16],
+    /// Original destination port, host order.
+    pub orig_port: u16,
+    /// One of [`family`].
+    pub orig_family: u16,
+    /// Value of the `AIRLOCK_TARGETS` entry that matched: the backend's index in the config.
+    pub backend_id: u32,
+    /// Thread id of the caller (kernel `pid`).
+    pub pid: u32,
+    /// Process id of the caller (kernel `tgid`).
+    pub tgid: u32,
+    pub uid: u32,
+    pub gid: u32,
+    /// The calling thread's name, NUL-padded.
+    pub comm: [u8; 16],
+    /// Id of the caller's cgroup v2 (the inode of its directory).
+    pub cgroup_id: u64,
+    /// Socket cookie of the client socket.
+    pub cookie: u64,
+    /// `bpf_ktime_get_boot_ns()` at `connect()` (CLOCK_BOOTTIME, comparable with process start times).
+    pub connect_ns: u64,
+}
+
+impl ConnMeta {
+    pub const fn zeroed() -> Self {
+        Self {
+            orig_addr: [0; 16],
+            orig_port: 0,
+            orig_family: 0,
+            backend_id: 0,
+            pid: 0,
+            tgid: 0,
+            uid: 0,
+            gid: 0,
+            comm: [0; 16],
+            cgroup_id: 0,
+            cookie: 0,
+            connect_ns: 0,
+        }
+    }
+}
+
+/// Named counters of `AIRLOCK_COUNTERS` (a per-CPU array indexed by this enum). Every skip,
+/// redirect and miss path in the kernel programs bumps exactly one of them.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counter {
+    /// connect() on a socket that is not TCP (UDP, QUIC, raw...): not ours.
+    SkipNotTcp = 0,
+    /// The agent has not written its configuration yet.
+    SkipUnconfigured,
+    /// The destination is not a configured backend.
+    MissNotBackend,
+    /// A backend destination on a socket carrying the agent's bypass mark (the agent's upstream).
+    SkipMarked,
+    /// Redirected an `AF_INET` connect().
+    RedirectIpv4,
+    /// Redirected an `AF_INET6` connect() to a native IPv6 backend address.
+    RedirectIpv6,
+    /// Redirected an `AF_INET6` connect() to an IPv4-mapped backend address.
+    RedirectIpv4Mapped,
+    /// Could not record the caller: connect() refused with EPERM (fail closed).
+    RefusedPendingFull,
+    /// sock_ops moved a pending connection into the flow table.
+    FlowRecorded,
+    /// sock_ops saw a connection that was not redirected (the common case).
+    FlowNotRedirected,
+    /// sock_ops could not insert into the flow table: the agent will reject the connection.
+    FlowStoreFailed,
+}
+
+impl Counter {
+    pub const COUNT: u32 = 11;
+    pub const ALL: [Counter; Self::COUNT as usize] = [
+        Counter::SkipNotTcp,
+        Counter::SkipUnconfigured,
+        Counter::MissNotBackend,
+        Counter::SkipMarked,
+        Counter::RedirectIpv4,
+        Counter::RedirectIpv6,
+        Counter::RedirectIpv4Mapped,
+        Counter::RefusedPendingFull,
+        Counter::FlowRecorded,
+        Counter::FlowNotRedirected,
+        Counter::FlowStoreFailed,
+    ];
+
+    /// The name `airlock status` shows.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Counter::SkipNotTcp => "skip_not_tcp",
+            Counter::SkipUnconfigured => "skip_unconfigured",
+            Counter::MissNotBackend => "miss_not_backend",
+            Counter::SkipMarked => "skip_marked",
+            Counter::RedirectIpv4 => "redirect_ipv4",
+            Counter::RedirectIpv6 => "redirect_ipv6",
+            Counter::RedirectIpv4Mapped => "redirect_ipv4_mapped",
+            Counter::RefusedPendingFull => "refused_pending_full",
+            Counter::FlowRecorded => "flow_recorded",
+            Counter::FlowNotRedirected => "flow_not_redirected",
+            Counter::FlowStoreFailed => "flow_store_failed",
+        }
+    }
+}
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY: plain `#[repr(C)]` data with explicit padding fields and no pointers; every bit
+    // pattern is a valid value.
+    unsafe impl aya::Pod for super::Config {}
+    unsafe impl aya::Pod for super::TargetKey {}
+    unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::ConnMeta {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::mem::{align_of, offset_of, size_of};
+
+    #[test]
+    fn config_layout() {
+        assert_eq!(size_of::<Config>(), 32);
+        assert_eq!(offset_of!(Config, agent_ip4), 0);
+        assert_eq!(offset_of!(Config, agent_ip6), 4);
+        assert_eq!(offset_of!(Config, agent_port), 20);
+        assert_eq!(offset_of!(Config, bypass_mark), 24);
+        assert_eq!(offset_of!(Config, enabled), 28);
+    }
+
+    #[test]
+    fn target_key_layout() {
+        assert_eq!(size_of::<TargetKey>(), 20);
+        assert_eq!(offset_of!(TargetKey, port), 16);
+        assert_eq!(align_of::<TargetKey>(), 2);
+    }
+
+    #[test]
+    fn flow_key_layout() {
+        assert_eq!(size_of::<FlowKey>(), 36);
+        assert_eq!(offset_of!(FlowKey, dst_addr), 16);
+        assert_eq!(offset_of!(FlowKey, src_port), 32);
+        assert_eq!(offset_of!(FlowKey, dst_port), 34);
+    }
+
+    #[test]
+    fn conn_meta_layout() {
+        assert_eq!(size_of::<ConnMeta>(), 80);
+        assert_eq!(align_of::<ConnMeta>(), 8);
+        assert_eq!(offset_of!(ConnMeta, orig_port), 16);
+        assert_eq!(offset_of!(ConnMeta, orig_family), 18);
+        assert_eq!(offset_of!(ConnMeta, backend_id), 20);
+        assert_eq!(offset_of!(ConnMeta, pid), 24);
+        assert_eq!(offset_of!(ConnMeta, tgid), 28);
+        assert_eq!(offset_of!(ConnMeta, uid), 32);
+        assert_eq!(offset_of!(ConnMeta, gid), 36);
+        assert_eq!(offset_of!(ConnMeta, comm), 40);
+        assert_eq!(offset_of!(ConnMeta, cgroup_id), 56);
+        assert_eq!(offset_of!(ConnMeta, cookie), 64);
+        assert_eq!(offset_of!(ConnMeta, connect_ns), 72);
+    }
+
+    #[test]
+    fn counters_are_dense_and_named_uniquely() {
+        for (i, c) in Counter::ALL.iter().enumerate() {
+            assert_eq!(*c as u32, i as u32, "{} out of order", c.name());
+            for other in &Counter::ALL[..i] {
+                assert_ne!(c.name(), other.name());
+            }
+        }
+    }
+}
