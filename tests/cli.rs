@@ -1,1 +1,98 @@
+//! The `airlock` command line without privileges: configuration errors name the file and the
+//! key and exit with 2; talking to an agent that is not running says so and exits with 3.
 
+use std::{path::PathBuf, process::Command};
+
+const AIRLOCK: &str = env!("CARGO_BIN_EXE_airlock");
+
+fn write_config(name: &str, text: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("airlock-cli-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("airlock.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn airlock(args: &[&str], config: &PathBuf) -> (Option<i32>, String, String) {
+    let out = Command::new(AIRLOCK).args(args).arg("--config").arg(config).output().unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+const GOOD_BACKEND: &str =
+    "[[backend]]\nname = \"tools\"\nhost = \"mcp.internal.test\"\nport = 8443\naddresses = [\"127.0.0.2\", \"::1\"]\n";
+
+#[test]
+fn every_subcommand_rejects_an_unknown_key_naming_it_and_the_file() {
+    let cfg = write_config("unknown", &format!("state_dirr = \"/x\"\n{GOOD_BACKEND}"));
+    for sub in [&["run"][..], &["status"], &["status", "--json"], &["detach"], &["check-config"]] {
+        let (code, _, err) = airlock(sub, &cfg);
+        assert_eq!(code, Some(2), "{sub:?}: {err}");
+        assert!(err.contains("state_dirr"), "{sub:?}: {err}");
+        assert!(err.contains(cfg.to_str().unwrap()), "{sub:?}: {err}");
+    }
+}
+
+#[test]
+fn bad_value_names_the_nested_key() {
+    let cfg = write_config(
+        "badvalue",
+        "[[backend]]\nname = \"tools\"\nhost = \"h\"\nport = 8443\naddresses = [\"127.0.0.2\", \"300.1.1.1\"]\n",
+    );
+    let (code, _, err) = airlock(&["check-config"], &cfg);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("backend[0].addresses[1]"), "{err}");
+    assert!(err.contains("300.1.1.1"), "{err}");
+}
+
+#[test]
+fn unresolvable_host_exits_2_naming_the_key() {
+    let cfg = write_config(
+        "unresolvable",
+        "[[backend]]\nname = \"tools\"\nhost = \"no-such-host.invalid\"\nport = 443\n",
+    );
+    let (code, _, err) = airlock(&["check-config"], &cfg);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("backend[0].host"), "{err}");
+    assert!(err.contains("no-such-host.invalid"), "{err}");
+}
+
+#[test]
+fn missing_config_file_exits_2() {
+    let (code, _, err) = airlock(&["status"], &PathBuf::from("/nonexistent/airlock.toml"));
+    assert_eq!(code, Some(2));
+    assert!(err.contains("/nonexistent/airlock.toml"), "{err}");
+}
+
+#[test]
+fn check_config_lists_the_redirected_addresses() {
+    let cfg = write_config("good", GOOD_BACKEND);
+    let (code, out, err) = airlock(&["check-config"], &cfg);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("127.0.0.2:8443"), "{out}");
+    assert!(out.contains("[::1]:8443"), "{out}");
+}
+
+#[test]
+fn status_without_an_agent_says_it_is_not_running() {
+    let cfg = write_config(
+        "notrunning",
+        &format!("state_dir = \"/nonexistent-airlock-state\"\nbpffs_dir = \"/sys/fs/bpf/airlock-cli-none\"\n{GOOD_BACKEND}"),
+    );
+    let (code, out, _) = airlock(&["status", "--json"], &cfg);
+    assert_eq!(code, Some(3));
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["running"], false);
+    assert_eq!(v["programs_pinned"], false);
+}
+
+#[test]
+fn the_shipped_example_config_is_valid() {
+    let example = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../airlock.example.toml");
+    let (code, out, err) = airlock(&["check-config"], &example);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("127.0.0.2:8443"), "{out}");
+}

@@ -98,6 +98,7 @@ where
     let mut buf = vec![0u8; BUFFER_SIZE];
     loop {
         let n = rd.read(&mut buf).await.map_err(read_err)?;
+        last_activity.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
         if n == 0 {
             // Propagate the half-close; the other direction may still be sending.
             let _ = wr.shutdown().await;
@@ -126,10 +127,13 @@ mod tests {
             let mut got = Vec::new();
             u.read_to_end(&mut got).await.unwrap();
             assert_eq!(got, b"ping");
-            u.write_all(&vec![7u8; 100_000]).await.unwrap();
-            u.shutdown().await.unwrap();
+            let send = async {
+                u.write_all(&vec![7u8; 100_000]).await.unwrap();
+                u.shutdown().await.unwrap();
+            };
             let mut back = Vec::new();
-            c.read_to_end(&mut back).await.unwrap();
+            let ((), read) = tokio::join!(send, c.read_to_end(&mut back));
+            read.unwrap();
             assert_eq!(back.len(), 100_000);
         };
         let (end, ()) = tokio::join!(

@@ -1,1 +1,8 @@
+//! Privileged integration tests: real eBPF programs attached to a child cgroup per test, a real
+//! `airlock run`, real clients (Python sockets) started inside the cgroup, backends on loopback.
+//!
+//! They need root. Without it they skip locally and fail in CI (`CI=true`).
 
+mod harness;
+mod lifecycle;
+mod redirect;

@@ -1,0 +1,486 @@
+//! Helpers for the privileged tests: a child cgroup per test, an agent attached to it, backend
+//! servers on loopback, and a real socket client (Python, stdlib) started inside the cgroup.
+//!
+//! Nothing here talks to anything but loopback addresses.
+
+use std::{
+    io::{BufRead, BufReader, Read, Write},
+    net::{SocketAddr, TcpListener, TcpStream},
+    os::unix::process::CommandExt as _,
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU16, AtomicU32, Ordering},
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+
+pub const AIRLOCK: &str = env!("CARGO_BIN_EXE_airlock");
+pub const PYTHON: &str = "/usr/bin/python3";
+pub const CLIENT: &str = include_str!("../support/client.py");
+
+/// True when the test may run. Without root it skips locally, and fails in CI (`CI=true`):
+/// a privileged test that silently skips there would look like a pass.
+pub fn privileged() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        assert!(
+            Path::new(PYTHON).exists(),
+            "{PYTHON} is missing: `cargo xtask setup` installs it"
+        );
+        return true;
+    }
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("privileged tests need root and must not be skipped in CI (CI=true)");
+    }
+    eprintln!("skipping: this test needs root (cgroups, eBPF)");
+    false
+}
+
+fn cgroup2_root() -> PathBuf {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").expect("read /proc/self/mounts");
+    mounts
+        .lines()
+        .find_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.get(2) == Some(&"cgroup2")).then(|| PathBuf::from(f[1]))
+        })
+        .expect("no cgroup2 mount: the privileged tests need cgroup v2")
+}
+
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+/// A unique name for this test's cgroup, pins and state.
+pub fn unique(name: &str) -> String {
+    format!("airlock-test-{}-{}-{name}", std::process::id(), SEQ.fetch_add(1, Ordering::Relaxed))
+}
+
+/// A child cgroup of the cgroup2 root; processes started with [`TestCgroup::command`] run in it.
+pub struct TestCgroup {
+    pub path: PathBuf,
+}
+
+impl TestCgroup {
+    pub fn new(name: &str) -> TestCgroup {
+        let path = cgroup2_root().join(name);
+        std::fs::create_dir_all(&path).unwrap_or_else(|e| panic!("mkdir {}: {e}", path.display()));
+        TestCgroup { path }
+    }
+
+    /// A command whose process joins this cgroup before it execs.
+    pub fn command(&self, program: &str) -> Command {
+        let procs = self.path.join("cgroup.procs");
+        let mut cmd = Command::new(program);
+        // SAFETY: the closure only writes a file, which is async-signal-safe enough for a
+        // freshly forked child (no locks held by other threads are touched).
+        unsafe {
+            cmd.pre_exec(move || std::fs::write(&procs, b"0"));
+        }
+        cmd
+    }
+}
+
+impl Drop for TestCgroup {
+    fn drop(&mut self) {
+        if let Ok(procs) = std::fs::read_to_string(self.path.join("cgroup.procs")) {
+            for pid in procs.lines().filter_map(|p| p.parse::<i32>().ok()) {
+                // SAFETY: plain kill(2).
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while std::fs::remove_dir(&self.path).is_err() && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// What the Python client printed.
+#[derive(Debug)]
+pub struct ClientResult {
+    pub pid: u32,
+    pub local: Option<SocketAddr>,
+    pub peer: Option<SocketAddr>,
+    pub response: Option<String>,
+    /// Python exception name, for failure messages.
+    #[allow(dead_code)]
+    pub error: Option<String>,
+    pub errno: Option<i64>,
+}
+
+fn sockaddr(v: &Value) -> Option<SocketAddr> {
+    let ip: std::net::IpAddr = v.get(0)?.as_str()?.parse().ok()?;
+    let port = u16::try_from(v.get(1)?.as_u64()?).ok()?;
+    Some(SocketAddr::new(ip, port))
+}
+
+impl ClientResult {
+    fn parse(out: &Output) -> ClientResult {
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let v: Value = serde_json::from_str(stdout.trim()).unwrap_or_else(|e| {
+            panic!(
+                "client printed no JSON ({e}): stdout={stdout} stderr={}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+        ClientResult {
+            pid: v["pid"].as_u64().expect("pid") as u32,
+            local: sockaddr(&v["local"]),
+            peer: sockaddr(&v["peer"]),
+            response: v["response"].as_str().map(str::to_owned),
+            error: v["error"].as_str().map(str::to_owned),
+            errno: v["errno"].as_i64(),
+        }
+    }
+
+    /// The response, or a panic with what went wrong.
+    pub fn expect_response(&self) -> &str {
+        self.response
+            .as_deref()
+            .unwrap_or_else(|| panic!("client got no response: {self:?}"))
+    }
+}
+
+/// How to run the client.
+#[derive(Default, Clone)]
+pub struct ClientOpts {
+    /// Run as this uid/gid (via setpriv) instead of root.
+    pub as_user: Option<(u32, u32)>,
+    pub udp: bool,
+    /// TCP Fast Open: data in the SYN, via sendto(MSG_FASTOPEN) instead of connect().
+    pub fastopen: bool,
+    pub pause_secs: Option<f64>,
+}
+
+/// Run the client in `cg`, connecting to `host:port`; waits for it.
+pub fn run_client(cg: &TestCgroup, host: &str, port: u16, opts: &ClientOpts) -> ClientResult {
+    spawn_client(cg, host, port, opts).wait()
+}
+
+pub struct RunningClient(Child);
+
+impl RunningClient {
+    pub fn pid(&self) -> u32 {
+        self.0.id()
+    }
+
+    pub fn wait(self) -> ClientResult {
+        let out = self.0.wait_with_output().expect("wait for client");
+        ClientResult::parse(&out)
+    }
+}
+
+/// The client script, written once per test run where any user can read it.
+fn client_script() -> &'static Path {
+    static SCRIPT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    SCRIPT.get_or_init(|| {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = std::env::temp_dir().join(format!("airlock-test-client-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("client dir");
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        let path = dir.join("client.py");
+        std::fs::write(&path, CLIENT).expect("write client.py");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        path
+    })
+}
+
+pub fn spawn_client(cg: &TestCgroup, host: &str, port: u16, opts: &ClientOpts) -> RunningClient {
+    let mut cmd = match opts.as_user {
+        Some((uid, gid)) => {
+            let mut c = cg.command("setpriv");
+            c.args([
+                format!("--reuid={uid}"),
+                format!("--regid={gid}"),
+                "--clear-groups".into(),
+                PYTHON.into(),
+            ]);
+            c
+        }
+        None => cg.command(PYTHON),
+    };
+    cmd.arg(client_script()).arg(host).arg(port.to_string());
+    if opts.udp {
+        cmd.arg("--udp");
+    }
+    if opts.fastopen {
+        cmd.arg("--fastopen");
+    }
+    if let Some(p) = opts.pause_secs {
+        cmd.args(["--pause", &p.to_string()]);
+    }
+    cmd.current_dir("/").stdout(Stdio::piped()).stderr(Stdio::piped());
+    RunningClient(cmd.spawn().expect("spawn the python client"))
+}
+
+/// A loopback TCP server standing in for an MCP backend: answers each connection with
+/// `<name> saw <peer> <first line>` and remembers the peers it saw.
+pub struct Backend {
+    pub addr: SocketAddr,
+    pub seen: Arc<Mutex<Vec<SocketAddr>>>,
+}
+
+impl Backend {
+    pub fn start(name: &str, bind: &str) -> Backend {
+        let listener = TcpListener::bind(bind).unwrap_or_else(|e| panic!("bind {bind}: {e}"));
+        let addr = listener.local_addr().expect("local addr");
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let name = name.to_owned();
+        let seen2 = seen.clone();
+        thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { continue };
+                let Ok(peer) = stream.peer_addr() else { continue };
+                seen2.lock().unwrap().push(peer);
+                let name = name.clone();
+                thread::spawn(move || {
+                    let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
+                    let mut line = String::new();
+                    let _ = BufReader::new(&stream).read_line(&mut line);
+                    let _ = write!(stream, "{name} saw {peer} {line}");
+                });
+            }
+        });
+        Backend { addr, seen }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    pub fn seen(&self) -> Vec<SocketAddr> {
+        self.seen.lock().unwrap().clone()
+    }
+}
+
+static PORT: AtomicU16 = AtomicU16::new(0);
+
+/// A privileged port for an agent; distinct per test in this run.
+fn next_agent_port() -> u16 {
+    let base = 900 + (std::process::id() % 40) as u16;
+    base + PORT.fetch_add(1, Ordering::Relaxed)
+}
+
+/// An `airlock run` attached to a test cgroup (and running inside it, so that its own
+/// upstream connections meet the hook too).
+pub struct Agent {
+    pub dir: PathBuf,
+    pub config: PathBuf,
+    pub port: u16,
+    pub bpffs_dir: PathBuf,
+    cgroup_procs: PathBuf,
+    child: Option<Child>,
+}
+
+impl Agent {
+    /// Write a config (`backends` is the `[[backend]]` TOML, `extra` top-level keys) and start.
+    pub fn start(cg: &TestCgroup, name: &str, backends: &str, extra: &str) -> Agent {
+        let dir = std::env::temp_dir().join(name);
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("test dir");
+        let port = next_agent_port();
+        let bpffs_dir = PathBuf::from(format!("/sys/fs/bpf/{name}"));
+        let config = dir.join("airlock.toml");
+        let text = format!(
+            "state_dir = \"{dir}/state\"\narchive_dir = \"{dir}/archive\"\npolicies_dir = \"{dir}/policies\"\n\
+             cgroup = \"{cg}\"\nbpffs_dir = \"{bpffs}\"\nlisten_port = {port}\ndrain_timeout_secs = 5\n{extra}\n{backends}\n",
+            dir = dir.display(),
+            cg = cg.path.display(),
+            bpffs = bpffs_dir.display(),
+        );
+        std::fs::write(&config, text).expect("write config");
+        let mut agent = Agent {
+            dir,
+            config,
+            port,
+            bpffs_dir,
+            cgroup_procs: cg.path.join("cgroup.procs"),
+            child: None,
+        };
+        agent.spawn();
+        agent
+    }
+
+    /// Start the agent process and wait until its admin socket answers.
+    pub fn spawn(&mut self) {
+        assert!(self.child.is_none(), "agent already running");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("agent.log"))
+            .expect("agent log");
+        let procs = self.cgroup_procs.clone();
+        let mut cmd = Command::new(AIRLOCK);
+        cmd.args(["run", "--config"]).arg(&self.config);
+        cmd.env("RUST_LOG", "info,airlock=debug");
+        cmd.stdout(log.try_clone().expect("log")).stderr(log);
+        // SAFETY: only writes a file in the forked child.
+        unsafe {
+            cmd.pre_exec(move || std::fs::write(&procs, b"0"));
+        }
+        let mut child = cmd.spawn().expect("spawn airlock run");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                panic!("airlock run exited early with {status}:\n{}", self.log());
+            }
+            if self.try_status().is_some() {
+                break;
+            }
+            assert!(Instant::now() < deadline, "agent not ready after 20 s:\n{}", self.log());
+            thread::sleep(Duration::from_millis(50));
+        }
+        self.child = Some(child);
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("agent.log")).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("agent running").id()
+    }
+
+    fn try_status(&self) -> Option<Value> {
+        let out = self.airlock(&["status", "--json"]);
+        if !out.status.success() {
+            return None;
+        }
+        serde_json::from_slice(&out.stdout).ok()
+    }
+
+    /// `airlock status --json` of the running agent.
+    pub fn status(&self) -> Value {
+        let out = self.airlock(&["status", "--json"]);
+        assert!(
+            out.status.success(),
+            "airlock status failed: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            self.log()
+        );
+        serde_json::from_slice(&out.stdout).expect("status JSON")
+    }
+
+    /// Run an `airlock` subcommand with this agent's config.
+    pub fn airlock(&self, args: &[&str]) -> Output {
+        Command::new(AIRLOCK)
+            .args(args)
+            .arg("--config")
+            .arg(&self.config)
+            .output()
+            .expect("run airlock")
+    }
+
+    /// The status entry of the connection made by process `pid`, waiting briefly for it to be
+    /// closed (the relay finishes just after the client).
+    pub fn connection_of(&self, pid: u32) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let status = self.status();
+            let found = status["connections"]
+                .as_array()
+                .expect("connections")
+                .iter()
+                .find(|c| c["tgid"].as_u64() == Some(u64::from(pid)))
+                .cloned();
+            if let Some(c) = &found
+                && c["state"] != "open"
+                && c["state"] != "connecting"
+            {
+                return c.clone();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no finished connection of pid {pid} in status: {status:#}"
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn kernel_counter(&self, name: &str) -> u64 {
+        self.status()["kernel_counters"][name]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no kernel counter {name}"))
+    }
+
+    pub fn agent_counter(&self, name: &str) -> u64 {
+        self.status()["agent_counters"][name]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no agent counter {name}"))
+    }
+
+    pub fn sigkill(&mut self) {
+        let mut child = self.child.take().expect("agent running");
+        child.kill().expect("SIGKILL agent");
+        child.wait().expect("reap agent");
+    }
+
+    /// SIGTERM and wait; returns the exit status.
+    pub fn sigterm(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("agent running");
+        // SAFETY: plain kill(2) on our child.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "agent did not exit after SIGTERM:\n{}", self.log());
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// `airlock detach`; asserts success.
+    pub fn detach(&mut self) {
+        let out = self.airlock(&["detach"]);
+        assert!(
+            out.status.success(),
+            "airlock detach failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        if let Some(mut child) = self.child.take() {
+            let deadline = Instant::now() + Duration::from_secs(15);
+            while child.try_wait().expect("try_wait").is_none() {
+                assert!(Instant::now() < deadline, "agent still running after detach");
+                thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        // Leave no programs attached and no pins behind, whatever the test did.
+        let _ = self.airlock(&["detach"]);
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Connect straight to `addr` from this (test) process, outside any test cgroup; returns what
+/// the peer sent before closing, or the error.
+pub fn raw_exchange(addr: SocketAddr) -> Result<Vec<u8>, std::io::Error> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.write_all(b"hello\n")?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf)?;
+    Ok(buf)
+}
+
+/// `[[backend]]` TOML for one backend with static addresses.
+pub fn backend_toml(name: &str, port: u16, addresses: &[&str]) -> String {
+    let addrs: Vec<String> = addresses.iter().map(|a| format!("\"{a}\"")).collect();
+    format!(
+        "[[backend]]\nname = \"{name}\"\nhost = \"{name}.internal.test\"\nport = {port}\ntls = false\naddresses = [{}]\n",
+        addrs.join(", ")
+    )
+}

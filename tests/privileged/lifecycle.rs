@@ -1,0 +1,156 @@
+//! The agent's life and death: fail closed, restart without a gap, detach, bypass, SIGTERM.
+
+use std::{thread, time::Duration};
+
+use crate::harness::*;
+
+const ECONNREFUSED: i64 = 111;
+const EPERM: i64 = 1;
+
+fn refused(res: &ClientResult) -> bool {
+    matches!(res.errno, Some(ECONNREFUSED) | Some(EPERM))
+}
+
+#[test]
+fn killed_agent_fails_closed_restart_resumes_and_detach_restores_direct() {
+    if !privileged() {
+        return;
+    }
+    let name = unique("failclosed");
+    let cg = TestCgroup::new(&name);
+    let backend = Backend::start("tools", "127.0.0.2:0");
+    let port = backend.port();
+    let mut agent = Agent::start(&cg, &name, &backend_toml("tools", port, &["127.0.0.2"]), "");
+    assert!(run_client(&cg, "127.0.0.2", port, &ClientOpts::default()).response.is_some());
+    assert_eq!(backend.seen().len(), 1);
+
+    agent.sigkill();
+    let res = run_client(&cg, "127.0.0.2", port, &ClientOpts::default());
+    assert!(refused(&res), "with the agent dead the client must be refused: {res:?}");
+    assert_eq!(backend.seen().len(), 1, "the refused client reached the backend directly");
+    // Unrelated traffic still flows.
+    let other = Backend::start("other", "127.0.0.2:0");
+    assert!(run_client(&cg, "127.0.0.2", other.port(), &ClientOpts::default()).response.is_some());
+    // The CLI says so too.
+    let status = agent.airlock(&["status", "--json"]);
+    assert_eq!(status.status.code(), Some(3));
+    let v: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(v["running"], false);
+    assert_eq!(v["programs_pinned"], true);
+
+    // Restart: the new agent swaps its programs into the pinned links.
+    agent.spawn();
+    assert!(agent.log().contains("took over pinned link"), "{}", agent.log());
+    let res = run_client(&cg, "127.0.0.2", port, &ClientOpts::default());
+    assert!(res.expect_response().starts_with("tools saw "));
+    assert_eq!(res.peer.unwrap().port(), agent.port);
+    assert_eq!(backend.seen().len(), 2);
+
+    // Detach: everything removed, connections go straight to the backend.
+    agent.detach();
+    assert!(!agent.bpffs_dir.exists(), "pins left in {}", agent.bpffs_dir.display());
+    let res = run_client(&cg, "127.0.0.2", port, &ClientOpts::default());
+    assert!(res.expect_response().starts_with("tools saw "));
+    assert_eq!(res.peer, Some(backend.addr), "not direct after detach: {res:?}");
+    assert_eq!(backend.seen().last(), res.local.as_ref());
+}
+
+#[test]
+fn restart_leaves_no_window_of_unredirected_traffic() {
+    if !privileged() {
+        return;
+    }
+    let name = unique("nowindow");
+    let cg = std::sync::Arc::new(TestCgroup::new(&name));
+    let backend = Backend::start("tools", "127.0.0.2:0");
+    let port = backend.port();
+    let mut agent = Agent::start(&cg, &name, &backend_toml("tools", port, &["127.0.0.2"]), "");
+    // Clients connect in a loop while the agent is stopped and started again; every one is
+    // either relayed by the agent or refused, none reaches the backend directly.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let prober = {
+        let stop = stop.clone();
+        let cg = cg.clone();
+        thread::spawn(move || {
+            let mut results = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                results.push(run_client(&cg, "127.0.0.2", port, &ClientOpts::default()));
+            }
+            results
+        })
+    };
+    thread::sleep(Duration::from_millis(300));
+    agent.sigterm();
+    thread::sleep(Duration::from_millis(300));
+    agent.spawn();
+    thread::sleep(Duration::from_millis(300));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let results = prober.join().unwrap();
+    assert!(results.len() >= 3, "too few probes: {}", results.len());
+    for r in &results {
+        if let Some(peer) = r.peer {
+            assert_eq!(peer.port(), agent.port, "a connection went around the agent: {r:?}");
+        } else {
+            assert!(refused(r), "unexpected failure: {r:?}");
+        }
+    }
+    let direct: Vec<_> = backend
+        .seen()
+        .into_iter()
+        .filter(|s| results.iter().any(|r| r.local == Some(*s)))
+        .collect();
+    assert!(direct.is_empty(), "backend saw clients directly: {direct:?}");
+    assert!(results.iter().any(refused), "no probe ran while the agent was down");
+    assert!(results.iter().any(|r| r.response.is_some()), "no probe was relayed");
+}
+
+#[test]
+fn bypass_mode_lets_connections_through_when_the_agent_dies() {
+    if !privileged() {
+        return;
+    }
+    let name = unique("bypass");
+    let cg = TestCgroup::new(&name);
+    let backend = Backend::start("tools", "127.0.0.2:0");
+    let port = backend.port();
+    let mut agent = Agent::start(
+        &cg,
+        &name,
+        &backend_toml("tools", port, &["127.0.0.2"]),
+        "on_agent_down = \"bypass\"",
+    );
+    let res = run_client(&cg, "127.0.0.2", port, &ClientOpts::default());
+    assert_eq!(res.peer.unwrap().port(), agent.port, "redirected while the agent runs");
+    assert!(!agent.bpffs_dir.join("links").exists(), "bypass mode must not pin links");
+    agent.sigkill();
+    let res = run_client(&cg, "127.0.0.2", port, &ClientOpts::default());
+    assert_eq!(res.peer, Some(backend.addr), "bypass: direct once the agent is gone: {res:?}");
+    assert!(res.expect_response().starts_with("tools saw "));
+}
+
+#[test]
+fn sigterm_drains_live_connections_then_exits_cleanly() {
+    if !privileged() {
+        return;
+    }
+    let name = unique("drain");
+    let cg = TestCgroup::new(&name);
+    let backend = Backend::start("tools", "127.0.0.2:0");
+    let port = backend.port();
+    let mut agent = Agent::start(&cg, &name, &backend_toml("tools", port, &["127.0.0.2"]), "");
+    // The client connects, then waits 1.5 s before sending: the agent is told to stop meanwhile.
+    let opts = ClientOpts { pause_secs: Some(1.5), ..Default::default() };
+    let client = spawn_client(&cg, "127.0.0.2", port, &opts);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while agent.status()["agent"]["live_connections"] != 1 {
+        assert!(std::time::Instant::now() < deadline, "connection never went live");
+        thread::sleep(Duration::from_millis(20));
+    }
+    let status = agent.sigterm();
+    assert!(status.success(), "agent exit after SIGTERM: {status}\n{}", agent.log());
+    let res = client.wait();
+    assert!(res.expect_response().starts_with("tools saw "), "drained connection lost: {res:?}");
+    // After the drain, new connections are refused (block mode keeps the pins).
+    let res = run_client(&cg, "127.0.0.2", port, &ClientOpts::default());
+    assert!(refused(&res), "{res:?}");
+}

@@ -1,0 +1,59 @@
+"""A plain socket client for Airlock's privileged tests (stdlib only, run with /usr/bin/python3).
+
+usage: client.py HOST PORT [--udp | --fastopen] [--pause SECONDS] [--message TEXT]
+
+--fastopen sends the first bytes with the SYN (sendto with MSG_FASTOPEN, no connect()).
+
+Connects, sends one line, half-closes, reads to EOF and prints one JSON object:
+{"pid", "local", "peer", "response"} or {"pid", "error", "errno"}.
+"""
+import json
+import os
+import socket
+import sys
+import time
+
+
+def main():
+    args = sys.argv[1:]
+    host, port = args[0], int(args[1])
+    udp = "--udp" in args
+    fastopen = "--fastopen" in args
+    pause = float(args[args.index("--pause") + 1]) if "--pause" in args else 0.0
+    message = args[args.index("--message") + 1] if "--message" in args else "hello"
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    kind = socket.SOCK_DGRAM if udp else socket.SOCK_STREAM
+    out = {"pid": os.getpid()}
+    sock = socket.socket(family, kind)
+    sock.settimeout(10)
+    try:
+        if fastopen:
+            # A socket with a timeout is non-blocking underneath: sendto would say EINPROGRESS.
+            sock.settimeout(None)
+            sock.sendto((message + "\n").encode(), socket.MSG_FASTOPEN, (host, port))
+            sock.settimeout(10)
+        else:
+            sock.connect((host, port))
+        out["local"] = [sock.getsockname()[0], sock.getsockname()[1]]
+        out["peer"] = [sock.getpeername()[0], sock.getpeername()[1]]
+        if not udp:
+            if pause:
+                time.sleep(pause)
+            if not fastopen:
+                sock.sendall((message + "\n").encode())
+            sock.shutdown(socket.SHUT_WR)
+            data = b""
+            while True:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+            out["response"] = data.decode()
+    except OSError as e:
+        out["error"] = type(e).__name__
+        out["errno"] = e.errno
+    print(json.dumps(out), flush=True)
+
+
+if __name__ == "__main__":
+    main()
