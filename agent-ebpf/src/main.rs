@@ -1,10 +1,10 @@
 //! Airlock's kernel programs.
 //!
-//! - `airlock_connect4` / `airlock_connect6` (cgroup `connect4`/`connect6`) run inside the
+//! - `airlock_conn4` / `airlock_conn6` (cgroup `connect4`/`connect6`) run inside the
 //!   caller's `connect()`. For a TCP socket whose destination is a configured MCP backend they
 //!   record who is calling (pid, tgid, uid, gid, comm, cgroup) and where it meant to go under the
 //!   socket cookie in `AIRLOCK_PENDING`, then rewrite the destination to the agent's listener.
-//! - `airlock_sock_ops` runs at `BPF_SOCK_OPS_TCP_CONNECT_CB` (before the SYN, source port
+//! - `airlock_sockops` runs at `BPF_SOCK_OPS_TCP_CONNECT_CB` (before the SYN, source port
 //!   chosen) and moves the pending record into `AIRLOCK_FLOWS`, keyed by the 4-tuple the agent
 //!   will see from `accept()`.
 //!
@@ -50,21 +50,21 @@ static PENDING: LruHashMap<u64, ConnMeta> = LruHashMap::with_max_entries(capacit
 #[map(name = "AIRLOCK_FLOWS")]
 static FLOWS: LruHashMap<FlowKey, ConnMeta> = LruHashMap::with_max_entries(capacity::FLOWS, 0);
 
-#[map(name = "AIRLOCK_COUNTERS")]
+#[map(name = "AIRLOCK_COUNTER")]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT, 0);
 
 #[cgroup_sock_addr(connect4)]
-pub fn airlock_connect4(ctx: SockAddrContext) -> i32 {
+pub fn airlock_conn4(ctx: SockAddrContext) -> i32 {
     try_connect4(&ctx)
 }
 
 #[cgroup_sock_addr(connect6)]
-pub fn airlock_connect6(ctx: SockAddrContext) -> i32 {
+pub fn airlock_conn6(ctx: SockAddrContext) -> i32 {
     try_connect6(&ctx)
 }
 
 #[sock_ops]
-pub fn airlock_sock_ops(ctx: SockOpsContext) -> u32 {
+pub fn airlock_sockops(ctx: SockOpsContext) -> u32 {
     if ctx.op() == BPF_SOCK_OPS_TCP_CONNECT_CB {
         record_flow(&ctx);
     }

@@ -14,16 +14,17 @@
 pub const ABI_VERSION: u32 = 1;
 
 /// Names of the maps and programs in the eBPF object, shared so that neither side spells them.
+/// Kernel object names hold 15 characters: these fit, so bpftool and bpf_stats show them whole.
 pub mod names {
     pub const CONFIG: &str = "AIRLOCK_CONFIG";
     pub const TARGETS: &str = "AIRLOCK_TARGETS";
     pub const PENDING: &str = "AIRLOCK_PENDING";
     pub const FLOWS: &str = "AIRLOCK_FLOWS";
-    pub const COUNTERS: &str = "AIRLOCK_COUNTERS";
+    pub const COUNTERS: &str = "AIRLOCK_COUNTER";
 
-    pub const PROG_CONNECT4: &str = "airlock_connect4";
-    pub const PROG_CONNECT6: &str = "airlock_connect6";
-    pub const PROG_SOCK_OPS: &str = "airlock_sock_ops";
+    pub const PROG_CONNECT4: &str = "airlock_conn4";
+    pub const PROG_CONNECT6: &str = "airlock_conn6";
+    pub const PROG_SOCK_OPS: &str = "airlock_sockops";
 
     /// Every map, for pinning and for `airlock detach`.
     pub const MAPS: [&str; 5] = [CONFIG, TARGETS, PENDING, FLOWS, COUNTERS];
@@ -136,7 +137,7 @@ impl ConnMeta {
     }
 }
 
-/// Named counters of `AIRLOCK_COUNTERS` (a per-CPU array indexed by this enum). Every skip,
+/// Named counters of `AIRLOCK_COUNTER` (a per-CPU array indexed by this enum). Every skip,
 /// redirect and miss path in the kernel programs bumps exactly one of them.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -254,6 +255,14 @@ mod tests {
         assert_eq!(offset_of!(ConnMeta, cgroup_id), 56);
         assert_eq!(offset_of!(ConnMeta, cookie), 64);
         assert_eq!(offset_of!(ConnMeta, connect_ns), 72);
+    }
+
+    #[test]
+    fn program_names_fit_the_kernel_name_field() {
+        let progs = [names::PROG_CONNECT4, names::PROG_CONNECT6, names::PROG_SOCK_OPS];
+        for n in progs.iter().chain(names::MAPS.iter()) {
+            assert!(n.len() <= 15, "{n} would be truncated by BPF_OBJ_NAME_LEN");
+        }
     }
 
     #[test]

@@ -1,1 +1,231 @@
-fn main() {}
+//! Project tasks: `cargo xtask setup | build | run | test | bench`.
+//!
+//! Every task starts with `setup`, which installs, idempotently, whatever a fresh machine of
+//! this kind lacks. Nothing here relies on something installed by hand.
+
+use std::{
+    os::unix::process::CommandExt as _,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Parser, Subcommand};
+
+/// bpf-linker built against Debian's LLVM 22 (plain `cargo install bpf-linker` wants LLVM 23).
+const BPF_LINKER_VERSION: &str = "0.13.0";
+const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
+/// Debian packages: LLVM for bpf-linker; python3, setpriv and iproute2 for the tests.
+const APT_PACKAGES: &[&str] = &[
+    "llvm-22-dev",
+    "libpolly-22-dev",
+    "libzstd-dev",
+    "python3",
+    "util-linux",
+    "iproute2",
+];
+/// The packages whose tests run here (agent-ebpf only builds for the BPF target).
+const TEST_PACKAGES: &[&str] = &["airlock", "airlock-common", "xtask"];
+
+#[derive(Parser)]
+#[command(name = "xtask")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install the toolchain pieces and test peers this machine lacks.
+    Setup,
+    /// setup + release build of the agent (and, through its build script, the eBPF programs).
+    Build,
+    /// setup + build + run the agent with airlock.example.toml and policies/ (needs root).
+    Run {
+        /// Extra arguments for `airlock run`.
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+    /// setup + every test, the privileged ones included (run as root; CI=true makes them
+    /// fail rather than skip without it).
+    Test {
+        /// Extra arguments for `cargo test` (e.g. a test name filter after `--`).
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+    /// setup + benchmarks (needs root).
+    Bench,
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let root = workspace_root();
+    match cli.task {
+        Task::Setup => setup(),
+        Task::Build => {
+            setup()?;
+            build(&root)
+        }
+        Task::Run { args } => {
+            setup()?;
+            build(&root)?;
+            require_root("cargo xtask run")?;
+            let err = Command::new(root.join("target/release/airlock"))
+                .arg("run")
+                .arg("--config")
+                .arg(root.join("airlock.example.toml"))
+                .args(args)
+                .exec();
+            Err(err).context("exec target/release/airlock")
+        }
+        Task::Test { args } => {
+            setup()?;
+            if !is_root() {
+                if std::env::var("CI").is_ok_and(|v| v == "true") {
+                    bail!("cargo xtask test must run as root in CI: the privileged tests may not be skipped");
+                }
+                eprintln!("xtask: not root: the privileged tests will skip");
+            }
+            let mut cmd = cargo(&root);
+            cmd.arg("test");
+            for p in TEST_PACKAGES {
+                cmd.args(["-p", p]);
+            }
+            cmd.args(args);
+            run(&mut cmd)
+        }
+        Task::Bench => {
+            setup()?;
+            require_root("cargo xtask bench")?;
+            run(cargo(&root).args(["bench", "-p", "airlock", "--bench", "redirect"]))
+        }
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives one level below the workspace root")
+        .to_owned()
+}
+
+fn cargo(root: &Path) -> Command {
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.current_dir(root).env("PATH", path_with_cargo_bin());
+    cmd
+}
+
+fn build(root: &Path) -> Result<()> {
+    run(cargo(root).args(["build", "--release", "-p", "airlock"]))
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+}
+
+fn require_root(what: &str) -> Result<()> {
+    if !is_root() {
+        bail!("{what} needs root (it loads eBPF programs into the kernel)");
+    }
+    Ok(())
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    eprintln!("xtask: {cmd:?}");
+    let status = cmd.status().with_context(|| format!("cannot start {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+/// `~/.cargo/bin` first, where `cargo install` puts bpf-linker.
+fn path_with_cargo_bin() -> String {
+    let path = std::env::var("PATH").unwrap_or_default();
+    match cargo_bin() {
+        Some(bin) => format!("{}:{path}", bin.display()),
+        None => path,
+    }
+}
+
+fn cargo_bin() -> Option<PathBuf> {
+    std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
+        .map(|c| c.join("bin"))
+}
+
+fn setup() -> Result<()> {
+    apt_packages()?;
+    nightly_rust_src()?;
+    bpf_linker()?;
+    eprintln!("xtask: setup complete");
+    Ok(())
+}
+
+fn apt_packages() -> Result<()> {
+    let missing: Vec<&str> = APT_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| {
+            !Command::new("dpkg-query")
+                .args(["-W", "-f=${Status}", p])
+                .output()
+                .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+        })
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    require_root(&format!("installing {}", missing.join(" ")))?;
+    run(Command::new("apt-get").args(["update", "-qq"]))?;
+    run(Command::new("apt-get")
+        .args(["install", "-y", "-qq", "--no-install-recommends"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive"))
+}
+
+fn nightly_rust_src() -> Result<()> {
+    let installed = Command::new("rustup")
+        .args(["component", "list", "--toolchain", "nightly", "--installed"])
+        .output()
+        .context("rustup is required")?;
+    if !installed.status.success() {
+        bail!(
+            "the nightly toolchain is missing (`rustup toolchain list`); the eBPF programs build with nightly: {}",
+            String::from_utf8_lossy(&installed.stderr)
+        );
+    }
+    if String::from_utf8_lossy(&installed.stdout).lines().any(|l| l.starts_with("rust-src")) {
+        return Ok(());
+    }
+    run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))
+}
+
+fn bpf_linker() -> Result<()> {
+    let version = Command::new("bpf-linker")
+        .arg("--version")
+        .env("PATH", path_with_cargo_bin())
+        .output();
+    if let Ok(out) = &version
+        && String::from_utf8_lossy(&out.stdout).contains(BPF_LINKER_VERSION)
+    {
+        return Ok(());
+    }
+    eprintln!("xtask: installing bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (about 2 minutes)");
+    let path = format!("{LLVM_PREFIX}/bin:{}", path_with_cargo_bin());
+    run(Command::new("cargo")
+        .args([
+            "install",
+            &format!("bpf-linker@{BPF_LINKER_VERSION}"),
+            "--locked",
+            "--no-default-features",
+            "--features",
+            "llvm-22",
+        ])
+        .env("PATH", path)
+        .env("LLVM_PREFIX", LLVM_PREFIX))
+}
