@@ -77,6 +77,20 @@ fn main() {
     std::fs::write(cgroup.join("cgroup.procs"), std::process::id().to_string()).expect("join cgroup");
     let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).expect("enable bpf_stats");
     let bpffs = PathBuf::from(format!("/sys/fs/bpf/{name}"));
+    // An empty connect4 program on the same cgroup: it runs for every connect() too, and its
+    // cost is the kernel's floor for any program (dispatch plus bpf_stats accounting).
+    let mut baseline = aya::Ebpf::load(aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/airlock-ebpf-baseline")))
+        .expect("load baseline object");
+    let empty: &mut aya::programs::CgroupSockAddr = baseline
+        .program_mut("airlock_empty4")
+        .expect("baseline program")
+        .try_into()
+        .expect("cgroup_sock_addr");
+    empty.load().expect("load baseline");
+    empty
+        .attach(std::fs::File::open(&cgroup).expect("cgroup"), aya::programs::CgroupAttachMode::Single)
+        .expect("attach baseline");
+    let empty_info = || empty_info(&baseline);
 
     // Warm-up, and a check that the two paths are what we think.
     assert_eq!(exchange(backend).1.port(), port, "backend port not redirected");
@@ -86,17 +100,20 @@ fn main() {
     let mut airlock_lat = Vec::new();
     let mut miss = HookCost::default();
     let mut hit = HookCost::default();
+    let mut floor = HookCost::default();
     for _ in 0..ROUNDS {
-        let before = prog(&bpffs, "connect4");
+        let (before, empty_before) = (prog(&bpffs, "connect4"), empty_info());
         for _ in 0..PER_ROUND {
             direct_lat.push(exchange(direct).0);
         }
         miss.add(&before, &prog(&bpffs, "connect4"));
-        let before = prog(&bpffs, "connect4");
+        floor.add(&empty_before, &empty_info());
+        let (before, empty_before) = (prog(&bpffs, "connect4"), empty_info());
         for _ in 0..PER_ROUND {
             airlock_lat.push(exchange(backend).0);
         }
         hit.add(&before, &prog(&bpffs, "connect4"));
+        floor.add(&empty_before, &empty_info());
     }
     let sockops = prog(&bpffs, "sock_ops");
     let keepalive_direct = keepalive(direct);
@@ -110,8 +127,15 @@ fn main() {
     new_conn.print("connect + request/response + close, p99", |s| s.p99);
     reuse.print("keep-alive request/response, p50", |s| s.p50);
     reuse.print("keep-alive request/response, p99", |s| s.p99);
-    println!("{:<40} {:>10.0} ns/run over {} runs", "connect4, miss path (not a backend)", miss.ns(), miss.count);
-    println!("{:<40} {:>10.0} ns/run over {} runs", "connect4, redirect path", hit.ns(), hit.count);
+    println!("{:<40} {:>10.0} ns/run over {} runs", "empty connect4 program (kernel floor)", floor.ns(), floor.count);
+    println!(
+        "{:<40} {:>10.0} ns/run over {} runs ({:.0} ns above the floor)",
+        "connect4, miss path (not a backend)", miss.ns(), miss.count, miss.ns() - floor.ns()
+    );
+    println!(
+        "{:<40} {:>10.0} ns/run over {} runs ({:.0} ns above the floor)",
+        "connect4, redirect path", hit.ns(), hit.count, hit.ns() - floor.ns()
+    );
     println!(
         "{:<40} {:>10.0} ns/run over {} runs",
         "sock_ops, all callbacks",
@@ -122,6 +146,7 @@ fn main() {
         "connections_each": direct_lat.len(),
         "new_connection": new_conn.json(),
         "keepalive": reuse.json(),
+        "empty_program_ns": floor.ns(),
         "connect4_miss_ns": miss.ns(),
         "connect4_redirect_ns": hit.ns(),
         "sock_ops_ns": sockops.run_time().as_nanos() as f64 / sockops.run_count().max(1) as f64,
@@ -198,6 +223,15 @@ impl HookCost {
     fn ns(&self) -> f64 {
         self.ns as f64 / self.count.max(1) as f64
     }
+}
+
+fn empty_info(ebpf: &aya::Ebpf) -> ProgramInfo {
+    let p: &aya::programs::CgroupSockAddr = ebpf
+        .program("airlock_empty4")
+        .expect("baseline program")
+        .try_into()
+        .expect("cgroup_sock_addr");
+    p.info().expect("baseline info")
 }
 
 /// The program behind one of the agent's pinned links.

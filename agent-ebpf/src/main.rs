@@ -13,15 +13,21 @@
 #![no_std]
 #![no_main]
 
+use core::mem::MaybeUninit;
+
 use airlock_common::{
-    CONFIG_ENABLED, Config, ConnMeta, Counter, FlowKey, TargetKey, capacity, family,
+    CONFIG_ENABLED, Config, ConnMeta, Counter, FlowKey, PORT_WORDS, TargetKey, capacity, family,
+    port_bit,
 };
 use aya_ebpf::{
     EbpfContext as _,
     bindings::BPF_SOCK_OPS_TCP_CONNECT_CB,
     helpers::{
-        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
-        generated::{bpf_get_current_cgroup_id, bpf_get_socket_cookie, bpf_ktime_get_boot_ns},
+        bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
+        generated::{
+            bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_socket_cookie,
+            bpf_ktime_get_boot_ns,
+        },
     },
     macros::{cgroup_sock_addr, map, sock_ops},
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
@@ -44,8 +50,15 @@ static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
 #[map(name = "AIRLOCK_TARGETS")]
 static TARGETS: HashMap<TargetKey, u32> = HashMap::with_max_entries(capacity::TARGETS, 0);
 
+/// One bit per TCP port that some backend uses: most connect() calls are decided by this
+/// inlined array read, without hashing the destination.
+#[map(name = "AIRLOCK_PORTS")]
+static PORTS: Array<u64> = Array::with_max_entries(PORT_WORDS, 0);
+
+/// A preallocated hash (cheaper to insert into than an LRU): entries leave in sock_ops, and the
+/// agent sweeps the few whose socket never reached the SYN.
 #[map(name = "AIRLOCK_PENDING")]
-static PENDING: LruHashMap<u64, ConnMeta> = LruHashMap::with_max_entries(capacity::PENDING, 0);
+static PENDING: HashMap<u64, ConnMeta> = HashMap::with_max_entries(capacity::PENDING, 0);
 
 #[map(name = "AIRLOCK_FLOWS")]
 static FLOWS: LruHashMap<FlowKey, ConnMeta> = LruHashMap::with_max_entries(capacity::FLOWS, 0);
@@ -91,6 +104,21 @@ fn config() -> Option<&'static Config> {
     }
 }
 
+/// First check of both hooks, the only one most connect() calls meet: is the destination port
+/// used by any backend? One inlined array read, no hashing.
+#[inline(always)]
+fn port_in_use(ctx: &SockAddrContext) -> Option<u16> {
+    // SAFETY: valid context pointer; plain field read.
+    let port = u16::from_be(unsafe { (*ctx.sock_addr).user_port } as u16);
+    let (word, bit) = port_bit(port);
+    if PORTS.get(word).is_some_and(|w| w & bit != 0) {
+        Some(port)
+    } else {
+        count(Counter::MissNotBackend);
+        None
+    }
+}
+
 /// Common checks of both hooks: a TCP socket (counted skip otherwise).
 #[inline(always)]
 fn is_tcp(ctx: &SockAddrContext) -> bool {
@@ -113,17 +141,20 @@ fn is_marked(ctx: &SockAddrContext, cfg: &Config) -> bool {
 
 #[inline(never)]
 fn try_connect4(ctx: &SockAddrContext) -> i32 {
+    let Some(port) = port_in_use(ctx) else {
+        return ALLOW;
+    };
     if !is_tcp(ctx) {
         return ALLOW;
     }
     let Some(cfg) = config() else {
         return ALLOW;
     };
-    // SAFETY: valid context pointer; plain field reads.
-    let (ip, port) = unsafe { ((*ctx.sock_addr).user_ip4, (*ctx.sock_addr).user_port) };
+    // SAFETY: valid context pointer; plain field read.
+    let ip = unsafe { (*ctx.sock_addr).user_ip4 };
     let key = TargetKey {
         addr: mapped(ip),
-        port: u16::from_be(port as u16),
+        port,
         _pad: 0,
     };
     let verdict = redirect_verdict(ctx, cfg, &key, family::IPV4);
@@ -140,6 +171,9 @@ fn try_connect4(ctx: &SockAddrContext) -> i32 {
 
 #[inline(never)]
 fn try_connect6(ctx: &SockAddrContext) -> i32 {
+    let Some(port) = port_in_use(ctx) else {
+        return ALLOW;
+    };
     if !is_tcp(ctx) {
         return ALLOW;
     }
@@ -148,20 +182,14 @@ fn try_connect6(ctx: &SockAddrContext) -> i32 {
     };
     // Read the address word by word: the verifier rejects wider or derived context accesses.
     // SAFETY: valid context pointer; plain field reads.
-    let (w0, w1, w2, w3, port) = unsafe {
+    let (w0, w1, w2, w3) = unsafe {
         let sa = ctx.sock_addr;
-        (
-            (*sa).user_ip6[0],
-            (*sa).user_ip6[1],
-            (*sa).user_ip6[2],
-            (*sa).user_ip6[3],
-            (*sa).user_port,
-        )
+        ((*sa).user_ip6[0], (*sa).user_ip6[1], (*sa).user_ip6[2], (*sa).user_ip6[3])
     };
     let is_mapped = w0 == 0 && w1 == 0 && w2 == 0xffff_u32.to_be();
     let key = TargetKey {
-        addr: words_to_bytes([w0, w1, w2, w3]),
-        port: u16::from_be(port as u16),
+        addr: [w0, w1, w2, w3],
+        port,
         _pad: 0,
     };
     let fam = if is_mapped {
@@ -234,22 +262,42 @@ fn redirect_verdict(ctx: &SockAddrContext, cfg: &Config, key: &TargetKey, fam: u
     }
     let pid_tgid = bpf_get_current_pid_tgid();
     let uid_gid = bpf_get_current_uid_gid();
-    let mut meta = ConnMeta::zeroed();
-    meta.orig_addr = key.addr;
-    meta.orig_port = key.port;
-    meta.orig_family = fam;
-    meta.backend_id = backend_id;
-    meta.pid = pid_tgid as u32;
-    meta.tgid = (pid_tgid >> 32) as u32;
-    meta.uid = uid_gid as u32;
-    meta.gid = (uid_gid >> 32) as u32;
-    meta.comm = bpf_get_current_comm().unwrap_or([0; 16]);
     // SAFETY: helpers allowed in cgroup sock_addr programs; the context pointer is valid.
-    unsafe {
-        meta.cgroup_id = bpf_get_current_cgroup_id();
-        meta.cookie = bpf_get_socket_cookie(ctx.as_ptr());
-        meta.connect_ns = bpf_ktime_get_boot_ns();
-    }
+    let (cgroup_id, cookie, connect_ns) = unsafe {
+        (
+            bpf_get_current_cgroup_id(),
+            bpf_get_socket_cookie(ctx.as_ptr()),
+            bpf_ktime_get_boot_ns(),
+        )
+    };
+    // Every field written exactly once, `comm` straight by the helper: zero-initialising it
+    // first costs a byte-by-byte memset loop (the BPF backend does not inline it).
+    let mut slot = MaybeUninit::<ConnMeta>::uninit();
+    let p = slot.as_mut_ptr();
+    // SAFETY: `p` points to our stack slot; every field of ConnMeta (no implicit padding, see
+    // airlock_common's layout tests) is written before `assume_init`; the comm helper writes
+    // all 16 bytes (NUL-padded) or, on failure, we zero them.
+    let meta = unsafe {
+        (*p).orig_addr = key.addr;
+        (*p).orig_port = key.port;
+        (*p).orig_family = fam;
+        (*p).backend_id = backend_id;
+        (*p).pid = pid_tgid as u32;
+        (*p).tgid = (pid_tgid >> 32) as u32;
+        (*p).uid = uid_gid as u32;
+        (*p).gid = (uid_gid >> 32) as u32;
+        // `comm` sits at offset 40 of an 8-aligned struct: two aligned u64 stores, volatile so
+        // that LLVM does not merge them into a memset call.
+        let comm = (&raw mut (*p).comm).cast::<u64>();
+        if bpf_get_current_comm(comm.cast(), 16) != 0 {
+            comm.write_volatile(0);
+            comm.add(1).write_volatile(0);
+        }
+        (*p).cgroup_id = cgroup_id;
+        (*p).cookie = cookie;
+        (*p).connect_ns = connect_ns;
+        slot.assume_init()
+    };
     if PENDING.insert(&meta.cookie, &meta, 0).is_err() {
         // Without a record the agent would reject the connection anyway; refuse it here,
         // loudly, rather than let it reach the backend unobserved.
@@ -307,7 +355,7 @@ fn flow_key(ctx: &SockOpsContext) -> Option<FlowKey> {
         // IPv4 fields are set before this callback, its IPv6 source may not be yet.
         (mapped(local4), mapped(remote4))
     } else if fam == AF_INET6 {
-        (words_to_bytes(local6), words_to_bytes(remote6))
+        (local6, remote6)
     } else {
         return None;
     };
@@ -322,22 +370,8 @@ fn flow_key(ctx: &SockOpsContext) -> Option<FlowKey> {
 
 /// An IPv4 address as stored by the kernel (network order in a u32) to `::ffff:a.b.c.d`.
 #[inline(always)]
-fn mapped(ip4: u32) -> [u8; 16] {
-    let b = ip4.to_ne_bytes();
-    [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, b[0], b[1], b[2], b[3]]
-}
-
-/// Four network-order words (as the kernel stores an IPv6 address) to the address bytes.
-#[inline(always)]
-fn words_to_bytes(w: [u32; 4]) -> [u8; 16] {
-    let a = w[0].to_ne_bytes();
-    let b = w[1].to_ne_bytes();
-    let c = w[2].to_ne_bytes();
-    let d = w[3].to_ne_bytes();
-    [
-        a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3], c[0], c[1], c[2], c[3], d[0], d[1], d[2],
-        d[3],
-    ]
+fn mapped(ip4: u32) -> [u32; 4] {
+    [0, 0, 0xffff_u32.to_be(), ip4]
 }
 
 #[cfg(not(test))]

@@ -17,6 +17,7 @@ use crate::{
     cgroup,
     config::{Config, ConfigError, OnAgentDown, ResolvedTarget},
     kernel::{Kernel, KernelSetup},
+    attribution::NameCache,
     proxy::{AgentCounters, Proxy},
     registry::{Registry, rfc3339},
 };
@@ -89,6 +90,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         kernel: Mutex::new(kernel),
         registry: Arc::new(Registry::new(config.recent_connections)),
         counters: AgentCounters::default(),
+        names: Arc::new(NameCache::new(Duration::from_secs(60))),
     });
     let targets = Arc::new(Mutex::new(targets));
     let started_at = SystemTime::now();
@@ -112,6 +114,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         }
     }));
     let resolver_task = tokio::spawn(refresh_targets(proxy.clone(), targets.clone()));
+    let sweeper_task = tokio::spawn(sweep_pending(proxy.clone()));
     let accept_tasks: Vec<_> = listeners
         .into_iter()
         .map(|l| tokio::spawn(proxy.clone().accept_loop(l)))
@@ -133,6 +136,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         t.abort();
     }
     resolver_task.abort();
+    sweeper_task.abort();
     let deadline = Instant::now() + config.drain_timeout;
     while proxy.registry.live_count() > 0 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -200,6 +204,22 @@ async fn refresh_targets(proxy: Arc<Proxy>, current: Arc<Mutex<Vec<ResolvedTarge
                 }
             }
             Err(e) => warn!(error = %e, "backend resolution failed; keeping the previous addresses"),
+        }
+    }
+}
+
+/// Every 10 s, drop kernel records of sockets that never sent their SYN.
+async fn sweep_pending(proxy: Arc<Proxy>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(10));
+    loop {
+        tick.tick().await;
+        let Ok(now) = nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME) else {
+            continue;
+        };
+        let now_ns = now.tv_sec() as u64 * 1_000_000_000 + now.tv_nsec() as u64;
+        let swept = proxy.kernel.lock().map(|mut k| k.sweep_pending(now_ns)).unwrap_or(0);
+        if swept > 0 {
+            proxy.counters.pending_swept.fetch_add(swept as u64, std::sync::atomic::Ordering::Relaxed);
         }
     }
 }

@@ -2,9 +2,12 @@
 //! the client afterwards) enriched from `/proc` while the process still exists.
 
 use std::{
+    collections::HashMap,
     fs,
     net::SocketAddr,
     path::{Path, PathBuf},
+    sync::Mutex,
+    time::{Duration, Instant},
 };
 
 use airlock_common::{ConnMeta, family};
@@ -43,8 +46,8 @@ pub struct Attribution {
 
 impl Attribution {
     /// Build from the kernel record, reading `/proc` under `proc_root` (normally `/proc`).
-    pub fn from_kernel(meta: &ConnMeta, proc_root: &Path) -> Attribution {
-        let original_dst = SocketAddr::new(keys::ip_from_bytes(meta.orig_addr), meta.orig_port);
+    pub fn from_kernel(meta: &ConnMeta, proc_root: &Path, names: &NameCache) -> Attribution {
+        let original_dst = SocketAddr::new(keys::ip_from_words(meta.orig_addr), meta.orig_port);
         let family = match meta.orig_family {
             family::IPV4 => "ipv4",
             family::IPV6 => "ipv6",
@@ -57,8 +60,8 @@ impl Attribution {
             tgid: meta.tgid,
             uid: meta.uid,
             gid: meta.gid,
-            user: user_name(meta.uid),
-            group: group_name(meta.gid),
+            user: names.user(meta.uid),
+            group: names.group(meta.gid),
             comm: keys::comm_str(&meta.comm),
             process_seen: proc.is_some(),
             exe: proc.as_ref().and_then(|p| p.exe.clone()),
@@ -129,18 +132,65 @@ fn parse_cgroup_v2(s: &str) -> Option<String> {
         .map(str::to_owned)
 }
 
-fn user_name(uid: u32) -> Option<String> {
-    nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
-        .ok()
-        .flatten()
-        .map(|u| u.name)
+/// User and group names by id, each kept for a while: NSS lookups read files or ask a
+/// directory service, too slow for every connection.
+pub struct NameCache {
+    ttl: Duration,
+    users: Mutex<HashMap<u32, (Option<String>, Instant)>>,
+    groups: Mutex<HashMap<u32, (Option<String>, Instant)>>,
 }
 
-fn group_name(gid: u32) -> Option<String> {
-    nix::unistd::Group::from_gid(nix::unistd::Gid::from_raw(gid))
-        .ok()
-        .flatten()
-        .map(|g| g.name)
+/// Entries beyond this are dropped wholesale (bounded memory with many distinct ids).
+const NAME_CACHE_MAX: usize = 4096;
+
+impl NameCache {
+    pub fn new(ttl: Duration) -> NameCache {
+        NameCache {
+            ttl,
+            users: Mutex::new(HashMap::new()),
+            groups: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn user(&self, uid: u32) -> Option<String> {
+        self.cached(&self.users, uid, |id| {
+            nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(id))
+                .ok()
+                .flatten()
+                .map(|u| u.name)
+        })
+    }
+
+    pub fn group(&self, gid: u32) -> Option<String> {
+        self.cached(&self.groups, gid, |id| {
+            nix::unistd::Group::from_gid(nix::unistd::Gid::from_raw(id))
+                .ok()
+                .flatten()
+                .map(|g| g.name)
+        })
+    }
+
+    fn cached(
+        &self,
+        map: &Mutex<HashMap<u32, (Option<String>, Instant)>>,
+        id: u32,
+        lookup: impl Fn(u32) -> Option<String>,
+    ) -> Option<String> {
+        if let Ok(m) = map.lock()
+            && let Some((name, at)) = m.get(&id)
+            && at.elapsed() < self.ttl
+        {
+            return name.clone();
+        }
+        let name = lookup(id);
+        if let Ok(mut m) = map.lock() {
+            if m.len() >= NAME_CACHE_MAX {
+                m.clear();
+            }
+            m.insert(id, (name.clone(), Instant::now()));
+        }
+        name
+    }
 }
 
 #[cfg(test)]
@@ -176,10 +226,10 @@ mod tests {
         meta.pid = meta.tgid;
         meta.uid = 0;
         meta.comm[..4].copy_from_slice(b"curl");
-        meta.orig_addr = keys::ip_bytes("10.1.2.3".parse().unwrap());
+        meta.orig_addr = keys::ip_words("10.1.2.3".parse().unwrap());
         meta.orig_port = 443;
         meta.orig_family = family::IPV4_MAPPED;
-        let a = Attribution::from_kernel(&meta, Path::new("/proc"));
+        let a = Attribution::from_kernel(&meta, Path::new("/proc"), &NameCache::new(Duration::from_secs(1)));
         assert!(!a.process_seen);
         assert_eq!(a.exe, None);
         assert_eq!(a.comm, "curl");
@@ -189,12 +239,29 @@ mod tests {
     }
 
     #[test]
+    fn names_are_cached_and_expire() {
+        let cache = NameCache::new(Duration::from_millis(50));
+        let calls = std::sync::atomic::AtomicU32::new(0);
+        let lookup = |id: u32| {
+            calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            Some(format!("u{id}"))
+        };
+        assert_eq!(cache.cached(&cache.users, 7, lookup).as_deref(), Some("u7"));
+        assert_eq!(cache.cached(&cache.users, 7, lookup).as_deref(), Some("u7"));
+        assert_eq!(calls.load(std::sync::atomic::Ordering::Relaxed), 1);
+        std::thread::sleep(Duration::from_millis(60));
+        cache.cached(&cache.users, 7, lookup);
+        assert_eq!(calls.load(std::sync::atomic::Ordering::Relaxed), 2);
+        assert_eq!(cache.user(0).as_deref(), Some("root"));
+    }
+
+    #[test]
     fn live_process_is_enriched() {
         let me = std::process::id();
         let mut meta = ConnMeta::zeroed();
         meta.tgid = me;
         meta.pid = me;
-        let a = Attribution::from_kernel(&meta, Path::new("/proc"));
+        let a = Attribution::from_kernel(&meta, Path::new("/proc"), &NameCache::new(Duration::from_secs(1)));
         assert!(a.process_seen);
         assert_eq!(a.exe, std::env::current_exe().ok().map(|p| p.to_string_lossy().into_owned()));
         assert!(a.cmdline.is_some_and(|c| !c.is_empty()));

@@ -19,7 +19,10 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use airlock_common::{ABI_VERSION, CONFIG_ENABLED, ConnMeta, Counter, FlowKey, TargetKey, names};
+use airlock_common::{
+    ABI_VERSION, CONFIG_ENABLED, ConnMeta, Counter, FlowKey, PORT_WORDS, TargetKey, capacity, names,
+    port_bit,
+};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray},
@@ -84,6 +87,10 @@ pub struct Kernel {
     /// `bypass` mode they are not, so the programs detach when the agent exits.
     _links: Vec<FdLink>,
     targets: BpfHashMap<MapData, TargetKey, u32>,
+    ports: Array<MapData, u64>,
+    /// What `ports` holds, so a change writes only the words that differ.
+    ports_shadow: Vec<u64>,
+    pending: BpfHashMap<MapData, u64, ConnMeta>,
     /// An LRU hash in the kernel; aya reads it through its `HashMap`.
     flows: BpfHashMap<MapData, FlowKey, ConnMeta>,
     counters: PerCpuArray<MapData, u64>,
@@ -136,12 +143,19 @@ impl Kernel {
             .set(0, cfg, 0)
             .map_err(|source| KernelError::Map { map: names::CONFIG, source })?;
         let targets_map = take_map(&mut ebpf, names::TARGETS)?;
+        let ports: Array<MapData, u64> = take_map(&mut ebpf, names::PORTS)?;
+        // The map may be a pinned one from a previous agent: start from what it holds.
+        let ports_shadow = (0..PORT_WORDS).map(|i| ports.get(&i, 0).unwrap_or(0)).collect();
+        let pending = take_map(&mut ebpf, names::PENDING)?;
         let flows = take_map(&mut ebpf, names::FLOWS)?;
         let counters = take_map(&mut ebpf, names::COUNTERS)?;
         let mut kernel = Kernel {
             _ebpf: ebpf,
             _links: Vec::new(),
             targets: targets_map,
+            ports,
+            ports_shadow,
+            pending,
             flows,
             counters,
         };
@@ -262,15 +276,28 @@ impl Kernel {
         Ok(pinned.into())
     }
 
-    /// Make `AIRLOCK_TARGETS` equal to `targets`: insert the new ones first, then remove the
-    /// ones that went away, so an address present before and after is never missing.
+    /// Make `AIRLOCK_TARGETS` (and the port bitmap gating it) equal to `targets`. New entries
+    /// go in before stale ones come out, so an address present before and after is never
+    /// missing.
     pub fn set_targets(&mut self, targets: &[ResolvedTarget]) -> Result<(), KernelError> {
-        let map_err = |source| KernelError::Map { map: names::TARGETS, source };
         let wanted: HashSet<TargetKey> = targets.iter().map(|t| keys::target_key(t.addr)).collect();
+        let mut bitmap = vec![0u64; PORT_WORDS as usize];
+        for t in targets {
+            let (word, bit) = port_bit(t.addr.port());
+            bitmap[word as usize] |= bit;
+        }
+        let map_err = |map, source| KernelError::Map { map, source };
         for t in targets {
             self.targets
                 .insert(keys::target_key(t.addr), t.backend_id, 0)
-                .map_err(map_err)?;
+                .map_err(|e| map_err(names::TARGETS, e))?;
+        }
+        // Set bits first (union of old and new), clear the unused ones after the removals.
+        for (i, (old, new)) in self.ports_shadow.clone().iter().zip(&bitmap).enumerate() {
+            if old | new != *old {
+                self.ports.set(i as u32, old | new, 0).map_err(|e| map_err(names::PORTS, e))?;
+                self.ports_shadow[i] = old | new;
+            }
         }
         let stale: Vec<TargetKey> = self
             .targets
@@ -282,7 +309,26 @@ impl Kernel {
             // Gone already is fine: the goal is absence.
             let _ = self.targets.remove(&key);
         }
+        for (i, new) in bitmap.iter().enumerate() {
+            if self.ports_shadow[i] != *new {
+                self.ports.set(i as u32, *new, 0).map_err(|e| map_err(names::PORTS, e))?;
+                self.ports_shadow[i] = *new;
+            }
+        }
         Ok(())
+    }
+
+    /// Remove pending records whose socket never reached its SYN (connect() failed early):
+    /// the pending map is preallocated and would otherwise fill up. Returns how many.
+    pub fn sweep_pending(&mut self, now_boot_ns: u64) -> usize {
+        let stale: Vec<u64> = self
+            .pending
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, meta)| now_boot_ns.saturating_sub(meta.connect_ns) > capacity::PENDING_MAX_AGE_NS)
+            .map(|(cookie, _)| cookie)
+            .collect();
+        stale.iter().filter(|c| self.pending.remove(c).is_ok()).count()
     }
 
     /// Take the kernel's record of an accepted connection (it is removed: one accept, one use).

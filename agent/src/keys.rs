@@ -19,22 +19,28 @@ pub fn canonical_ip(ip: IpAddr) -> IpAddr {
     }
 }
 
-/// The 16-byte map form of an address.
-pub fn ip_bytes(ip: IpAddr) -> [u8; 16] {
-    match canonical_ip(ip) {
+/// The map form of an address: four network-order words, IPv4 as IPv4-mapped.
+pub fn ip_words(ip: IpAddr) -> [u32; 4] {
+    let octets = match canonical_ip(ip) {
         IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
         IpAddr::V6(v6) => v6.octets(),
-    }
+    };
+    let w = |i: usize| u32::from_ne_bytes([octets[i], octets[i + 1], octets[i + 2], octets[i + 3]]);
+    [w(0), w(4), w(8), w(12)]
 }
 
-/// The address of a 16-byte map form, canonical (IPv4 for mapped).
-pub fn ip_from_bytes(bytes: [u8; 16]) -> IpAddr {
-    canonical_ip(IpAddr::V6(Ipv6Addr::from(bytes)))
+/// The address of a map form, canonical (IPv4 for mapped).
+pub fn ip_from_words(words: [u32; 4]) -> IpAddr {
+    let mut octets = [0u8; 16];
+    for (chunk, w) in octets.chunks_exact_mut(4).zip(words) {
+        chunk.copy_from_slice(&w.to_ne_bytes());
+    }
+    canonical_ip(IpAddr::V6(Ipv6Addr::from(octets)))
 }
 
 pub fn target_key(addr: SocketAddr) -> TargetKey {
     TargetKey {
-        addr: ip_bytes(addr.ip()),
+        addr: ip_words(addr.ip()),
         port: addr.port(),
         _pad: 0,
     }
@@ -44,8 +50,8 @@ pub fn target_key(addr: SocketAddr) -> TargetKey {
 /// as `accept()` reports it, `local` the agent's listening address it arrived on.
 pub fn flow_key(peer: SocketAddr, local: SocketAddr) -> FlowKey {
     FlowKey {
-        src_addr: ip_bytes(peer.ip()),
-        dst_addr: ip_bytes(local.ip()),
+        src_addr: ip_words(peer.ip()),
+        dst_addr: ip_words(local.ip()),
         src_port: peer.port(),
         dst_port: local.port(),
     }
@@ -57,13 +63,7 @@ pub fn kernel_ip4(ip: Ipv4Addr) -> u32 {
 }
 
 pub fn kernel_ip6(ip: Ipv6Addr) -> [u32; 4] {
-    let o = ip.octets();
-    [
-        u32::from_ne_bytes([o[0], o[1], o[2], o[3]]),
-        u32::from_ne_bytes([o[4], o[5], o[6], o[7]]),
-        u32::from_ne_bytes([o[8], o[9], o[10], o[11]]),
-        u32::from_ne_bytes([o[12], o[13], o[14], o[15]]),
-    ]
+    ip_words(IpAddr::V6(ip))
 }
 
 /// A NUL-padded kernel `comm` as text.
@@ -82,10 +82,9 @@ mod tests {
 
     #[test]
     fn ipv4_is_stored_mapped() {
-        assert_eq!(
-            ip_bytes("127.0.0.2".parse().unwrap()),
-            [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 127, 0, 0, 2]
-        );
+        let w = ip_words("127.0.0.2".parse().unwrap());
+        let bytes: Vec<u8> = w.iter().flat_map(|w| w.to_ne_bytes()).collect();
+        assert_eq!(bytes, [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 127, 0, 0, 2]);
     }
 
     #[test]
@@ -100,7 +99,8 @@ mod tests {
     #[test]
     fn ipv6_is_kept_as_is() {
         let key = target_key(sa("[2001:db8::7]:443"));
-        assert_eq!(key.addr, "2001:db8::7".parse::<Ipv6Addr>().unwrap().octets());
+        assert_eq!(ip_from_words(key.addr), "2001:db8::7".parse::<IpAddr>().unwrap());
+        assert_eq!(key.addr[0].to_ne_bytes(), [0x20, 0x01, 0x0d, 0xb8]);
         assert_eq!(key.port, 443);
         assert_ne!(target_key(sa("[::1]:443")), target_key(sa("127.0.0.1:443")));
     }
@@ -117,7 +117,7 @@ mod tests {
     fn round_trip_is_canonical() {
         for s in ["10.0.0.1", "::1", "::ffff:10.0.0.1", "fe80::1"] {
             let ip: IpAddr = s.parse().unwrap();
-            assert_eq!(ip_from_bytes(ip_bytes(ip)), canonical_ip(ip));
+            assert_eq!(ip_from_words(ip_words(ip)), canonical_ip(ip));
         }
         assert_eq!(canonical_ip("::ffff:10.0.0.1".parse().unwrap()), "10.0.0.1".parse::<IpAddr>().unwrap());
     }

@@ -16,7 +16,7 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tracing::{debug, info, warn};
 
 use crate::{
-    attribution::Attribution,
+    attribution::{Attribution, NameCache},
     config::Config,
     kernel::Kernel,
     keys,
@@ -30,6 +30,8 @@ pub struct Proxy {
     pub kernel: Mutex<Kernel>,
     pub registry: Arc<Registry>,
     pub counters: AgentCounters,
+    /// uid/gid → name lookups, cached: NSS is slow and names rarely change.
+    pub names: Arc<NameCache>,
 }
 
 /// The agent's own counters, shown next to the kernel's.
@@ -42,6 +44,8 @@ pub struct AgentCounters {
     pub relayed: AtomicU64,
     pub idle_timeouts: AtomicU64,
     pub relay_errors: AtomicU64,
+    /// Kernel records of sockets that never reached their SYN, removed by the sweeper.
+    pub pending_swept: AtomicU64,
 }
 
 impl AgentCounters {
@@ -54,6 +58,7 @@ impl AgentCounters {
             ("relayed", &self.relayed),
             ("idle_timeouts", &self.idle_timeouts),
             ("relay_errors", &self.relay_errors),
+            ("pending_swept", &self.pending_swept),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v.load(Ordering::Relaxed)))
@@ -110,12 +115,19 @@ impl Proxy {
             .backends
             .get(meta.backend_id as usize)
             .map(|b| b.name.clone());
-        // /proc and NSS (user names) can block: keep them off the reactor.
-        let attribution = match tokio::task::spawn_blocking(move || {
-            Attribution::from_kernel(&meta, Path::new("/proc"))
-        })
-        .await
-        {
+        let original_dst = std::net::SocketAddr::new(keys::ip_from_words(meta.orig_addr), meta.orig_port);
+        // Dial the backend while /proc and NSS are read (off the reactor: they can block):
+        // the two waits overlap instead of adding up.
+        // Over capacity: still attributed (the record says who was refused), never dialled.
+        let over_capacity = self.registry.live_count() >= self.config.max_connections;
+        let names = self.names.clone();
+        let (attribution, upstream) = tokio::join!(
+            tokio::task::spawn_blocking(move || Attribution::from_kernel(&meta, Path::new("/proc"), &names)),
+            async {
+                if over_capacity { None } else { Some(self.dial(original_dst).await) }
+            },
+        );
+        let attribution = match attribution {
             Ok(a) => a,
             Err(e) => {
                 warn!(%peer, error = %e, "attribution task failed");
@@ -123,9 +135,8 @@ impl Proxy {
                 return;
             }
         };
-        let original_dst = attribution.original_dst;
         let guard = self.registry.open(peer, Some(attribution.clone()), backend.clone());
-        if self.registry.live_count() > self.config.max_connections {
+        if over_capacity {
             self.counters.rejected_over_capacity.fetch_add(1, Ordering::Relaxed);
             guard.finish(
                 ConnState::Rejected,
@@ -146,10 +157,11 @@ impl Proxy {
             %original_dst,
             "connection"
         );
-
-        let upstream = match self.dial(original_dst).await {
-            Ok(s) => s,
-            Err(reason) => {
+        let upstream = match upstream {
+            Some(Ok(s)) => s,
+            // `None` only when over capacity, handled above.
+            None => return,
+            Some(Err(reason)) => {
                 self.counters.upstream_failed.fetch_add(1, Ordering::Relaxed);
                 warn!(id = guard.id(), %original_dst, %reason, "upstream connect failed");
                 guard.finish(ConnState::Failed, reason);

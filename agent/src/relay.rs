@@ -30,23 +30,51 @@ pub enum RelayError {
     Upstream(#[source] std::io::Error),
 }
 
+/// A connection that can be read and written at the same time from one task.
+/// `TcpStream::split` borrows without a lock; other streams go through `tokio::io::split`.
+pub trait Splittable {
+    type Read<'a>: AsyncRead + Unpin
+    where
+        Self: 'a;
+    type Write<'a>: AsyncWrite + Unpin
+    where
+        Self: 'a;
+    fn halves(&mut self) -> (Self::Read<'_>, Self::Write<'_>);
+}
+
+impl Splittable for tokio::net::TcpStream {
+    type Read<'a> = tokio::net::tcp::ReadHalf<'a>;
+    type Write<'a> = tokio::net::tcp::WriteHalf<'a>;
+    fn halves(&mut self) -> (Self::Read<'_>, Self::Write<'_>) {
+        self.split()
+    }
+}
+
+impl Splittable for tokio::io::DuplexStream {
+    type Read<'a> = tokio::io::ReadHalf<&'a mut tokio::io::DuplexStream>;
+    type Write<'a> = tokio::io::WriteHalf<&'a mut tokio::io::DuplexStream>;
+    fn halves(&mut self) -> (Self::Read<'_>, Self::Write<'_>) {
+        tokio::io::split(self)
+    }
+}
+
 /// Copy both ways until both directions reach EOF, one side fails, or nothing moves for `idle`.
 pub async fn relay<C, U>(
-    client: C,
-    upstream: U,
+    mut client: C,
+    mut upstream: U,
     idle: Duration,
     bytes_up: &AtomicU64,
     bytes_down: &AtomicU64,
 ) -> Result<RelayEnd, RelayError>
 where
-    C: AsyncRead + AsyncWrite + Unpin,
-    U: AsyncRead + AsyncWrite + Unpin,
+    C: Splittable,
+    U: Splittable,
 {
     let start = Instant::now();
     // Milliseconds since `start` of the last byte moved, either way.
     let last_activity = AtomicU64::new(0);
-    let (mut client_rd, mut client_wr) = tokio::io::split(client);
-    let (mut upstream_rd, mut upstream_wr) = tokio::io::split(upstream);
+    let (mut client_rd, mut client_wr) = client.halves();
+    let (mut upstream_rd, mut upstream_wr) = upstream.halves();
 
     let up = copy_one_way(&mut client_rd, &mut upstream_wr, bytes_up, &last_activity, start, Side::Client);
     let down = copy_one_way(&mut upstream_rd, &mut client_wr, bytes_down, &last_activity, start, Side::Upstream);

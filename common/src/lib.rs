@@ -2,8 +2,9 @@
 //!
 //! Every type here is `#[repr(C)]`, has explicit padding and a size pinned by a test, because
 //! the kernel and userspace read the same bytes. Conventions:
-//! - addresses are 16 bytes, IPv4 written as IPv4-mapped IPv6 (`::ffff:a.b.c.d`), in network
-//!   byte order (the bytes of the address as written);
+//! - addresses are four 32-bit words holding the 16 address bytes in network order, exactly as
+//!   the kernel stores `user_ip6` (IPv4 is written IPv4-mapped, `::ffff:a.b.c.d`). Words, not
+//!   bytes: byte arrays make the BPF backend emit byte-at-a-time memset loops;
 //! - ports are in host byte order.
 //!
 //! Bump [`ABI_VERSION`] whenever a layout or a map definition changes: the agent keeps pinned
@@ -21,23 +22,36 @@ pub mod names {
     pub const PENDING: &str = "AIRLOCK_PENDING";
     pub const FLOWS: &str = "AIRLOCK_FLOWS";
     pub const COUNTERS: &str = "AIRLOCK_COUNTER";
+    pub const PORTS: &str = "AIRLOCK_PORTS";
 
     pub const PROG_CONNECT4: &str = "airlock_conn4";
     pub const PROG_CONNECT6: &str = "airlock_conn6";
     pub const PROG_SOCK_OPS: &str = "airlock_sockops";
 
     /// Every map, for pinning and for `airlock detach`.
-    pub const MAPS: [&str; 5] = [CONFIG, TARGETS, PENDING, FLOWS, COUNTERS];
+    pub const MAPS: [&str; 6] = [CONFIG, TARGETS, PORTS, PENDING, FLOWS, COUNTERS];
 }
 
 /// Capacity of the maps. LRU maps may evict before they are full, so they are sized well above
 /// the expected number of in-flight connections.
 pub mod capacity {
     pub const TARGETS: u32 = 4096;
-    /// Sockets between `connect()` and the SYN (microseconds each).
+    /// Sockets between `connect()` and the SYN (microseconds each). Preallocated; the agent
+    /// removes entries older than [`PENDING_MAX_AGE_NS`].
     pub const PENDING: u32 = 16 * 1024;
+    /// A pending entry older than this belongs to a socket that never sent its SYN.
+    pub const PENDING_MAX_AGE_NS: u64 = 30_000_000_000;
     /// Connections between the SYN and the agent's `accept()`.
     pub const FLOWS: u32 = 64 * 1024;
+}
+
+/// Words of the `AIRLOCK_PORTS` bitmap: one bit for each of the 65536 ports.
+pub const PORT_WORDS: u32 = 65536 / 64;
+
+/// The word index and bit mask of `port` in the `AIRLOCK_PORTS` bitmap.
+#[inline(always)]
+pub const fn port_bit(port: u16) -> (u32, u64) {
+    ((port >> 6) as u32, 1u64 << (port & 63))
 }
 
 /// `Config::enabled` value meaning the agent has written the configuration.
@@ -64,7 +78,7 @@ pub struct Config {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct TargetKey {
-    pub addr: [u8; 16],
+    pub addr: [u32; 4],
     pub port: u16,
     pub _pad: u16,
 }
@@ -74,8 +88,8 @@ pub struct TargetKey {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct FlowKey {
-    pub src_addr: [u8; 16],
-    pub dst_addr: [u8; 16],
+    pub src_addr: [u32; 4],
+    pub dst_addr: [u32; 4],
     pub src_port: u16,
     pub dst_port: u16,
 }
@@ -95,7 +109,7 @@ pub mod family {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ConnMeta {
     /// Original destination address (IPv4-mapped for IPv4).
-    pub orig_addr: [u8; 16],
+    pub orig_addr: [u32; 4],
     /// Original destination port, host order.
     pub orig_port: u16,
     /// One of [`family`].
@@ -121,7 +135,7 @@ pub struct ConnMeta {
 impl ConnMeta {
     pub const fn zeroed() -> Self {
         Self {
-            orig_addr: [0; 16],
+            orig_addr: [0; 4],
             orig_port: 0,
             orig_family: 0,
             backend_id: 0,
@@ -229,7 +243,7 @@ mod tests {
     fn target_key_layout() {
         assert_eq!(size_of::<TargetKey>(), 20);
         assert_eq!(offset_of!(TargetKey, port), 16);
-        assert_eq!(align_of::<TargetKey>(), 2);
+        assert_eq!(align_of::<TargetKey>(), 4);
     }
 
     #[test]
@@ -263,6 +277,18 @@ mod tests {
         for n in progs.iter().chain(names::MAPS.iter()) {
             assert!(n.len() <= 15, "{n} would be truncated by BPF_OBJ_NAME_LEN");
         }
+    }
+
+    #[test]
+    fn port_bitmap_covers_every_port_once() {
+        let mut seen = [0u64; PORT_WORDS as usize];
+        for port in 0..=u16::MAX {
+            let (word, bit) = port_bit(port);
+            assert!(word < PORT_WORDS);
+            assert_eq!(seen[word as usize] & bit, 0, "port {port} shares a bit");
+            seen[word as usize] |= bit;
+        }
+        assert!(seen.iter().all(|w| *w == u64::MAX));
     }
 
     #[test]
