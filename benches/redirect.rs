@@ -66,8 +66,10 @@ fn main() {
     let agent = Command::new(AIRLOCK)
         .args(["run", "--config"])
         .arg(&config)
-        .env("RUST_LOG", "warn")
+        .env("RUST_LOG", std::env::var("BENCH_AGENT_LOG").unwrap_or_else(|_| "warn".into()))
+        .envs(std::env::var("BENCH_AGENT_THREADS").ok().map(|n| ("TOKIO_WORKER_THREADS", n)))
         .stdout(Stdio::null())
+        .stderr(std::fs::File::create(std::env::temp_dir().join("airlock-bench-agent.log")).expect("agent log"))
         .spawn()
         .expect("start airlock");
     guard.agent = Some(agent);
@@ -335,5 +337,8 @@ impl Drop for Cleanup {
             let _ = std::fs::write(root.join("cgroup.procs"), std::process::id().to_string());
         }
         let _ = std::fs::remove_dir(&self.cgroup);
+        if let Some(dir) = self.config.as_ref().and_then(|c| c.parent()) {
+            let _ = std::fs::remove_dir_all(dir);
+        }
     }
 }

@@ -152,6 +152,16 @@ impl NameCache {
         }
     }
 
+    /// Whether both names are cached and fresh (so no NSS lookup is needed).
+    pub fn has(&self, uid: u32, gid: u32) -> bool {
+        let fresh = |map: &Mutex<HashMap<u32, (Option<String>, Instant)>>, id| {
+            map.lock()
+                .map(|m| m.get(&id).is_some_and(|(_, at)| at.elapsed() < self.ttl))
+                .unwrap_or(false)
+        };
+        fresh(&self.users, uid) && fresh(&self.groups, gid)
+    }
+
     pub fn user(&self, uid: u32) -> Option<String> {
         self.cached(&self.users, uid, |id| {
             nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(id))
@@ -252,7 +262,10 @@ mod tests {
         std::thread::sleep(Duration::from_millis(60));
         cache.cached(&cache.users, 7, lookup);
         assert_eq!(calls.load(std::sync::atomic::Ordering::Relaxed), 2);
+        assert!(!cache.has(0, 0));
         assert_eq!(cache.user(0).as_deref(), Some("root"));
+        assert_eq!(cache.group(0).as_deref(), Some("root"));
+        assert!(cache.has(0, 0));
     }
 
     #[test]

@@ -86,6 +86,7 @@ impl Proxy {
     }
 
     async fn handle(self: Arc<Self>, client: TcpStream, peer: SocketAddr) {
+        let accepted = std::time::Instant::now();
         let local = match client.local_addr() {
             Ok(l) => l,
             Err(e) => {
@@ -116,17 +117,24 @@ impl Proxy {
             .get(meta.backend_id as usize)
             .map(|b| b.name.clone());
         let original_dst = std::net::SocketAddr::new(keys::ip_from_words(meta.orig_addr), meta.orig_port);
-        // Dial the backend while /proc and NSS are read (off the reactor: they can block):
-        // the two waits overlap instead of adding up.
+        // Dial the backend while /proc is read: the two waits overlap.
         // Over capacity: still attributed (the record says who was refused), never dialled.
         let over_capacity = self.registry.live_count() >= self.config.max_connections;
-        let names = self.names.clone();
-        let (attribution, upstream) = tokio::join!(
-            tokio::task::spawn_blocking(move || Attribution::from_kernel(&meta, Path::new("/proc"), &names)),
-            async {
-                if over_capacity { None } else { Some(self.dial(original_dst).await) }
-            },
-        );
+        let dial = async {
+            if over_capacity { None } else { Some(self.dial(original_dst).await) }
+        };
+        // procfs reads do not wait on I/O: done inline. A user or group name not yet cached
+        // needs NSS, which can (LDAP, files on slow disks): that goes to the blocking pool.
+        let attribute = async {
+            if self.names.has(meta.uid, meta.gid) {
+                Ok(Attribution::from_kernel(&meta, Path::new("/proc"), &self.names))
+            } else {
+                let names = self.names.clone();
+                tokio::task::spawn_blocking(move || Attribution::from_kernel(&meta, Path::new("/proc"), &names)).await
+            }
+        };
+        // `biased`: the dial is polled first, so its connect() is under way while /proc is read.
+        let (upstream, attribution) = tokio::join!(biased; dial, attribute);
         let attribution = match attribution {
             Ok(a) => a,
             Err(e) => {
@@ -135,6 +143,7 @@ impl Proxy {
                 return;
             }
         };
+        let ready_us = accepted.elapsed().as_micros() as u64;
         let guard = self.registry.open(peer, Some(attribution.clone()), backend.clone());
         if over_capacity {
             self.counters.rejected_over_capacity.fetch_add(1, Ordering::Relaxed);
@@ -155,6 +164,7 @@ impl Proxy {
             exe = attribution.exe.as_deref().unwrap_or("?"),
             backend = backend.as_deref().unwrap_or("?"),
             %original_dst,
+            ready_us,
             "connection"
         );
         let upstream = match upstream {
