@@ -147,7 +147,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     }
     admin_task.abort();
     let _ = std::fs::remove_file(config.admin_socket());
-    if config.on_agent_down == OnAgentDown::Block {
+    if config.on_agent_down == OnAgentDown::Block && crate::kernel::is_pinned(&config.bpffs_dir) {
         info!("programs stay attached: connections to backends are refused until the agent is back (`airlock detach` to remove them)");
     }
     Ok(())
