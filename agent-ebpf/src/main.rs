@@ -319,6 +319,7 @@ fn record_flow(ctx: &SockOpsContext) {
         Some(meta) => *meta,
         None => {
             count(Counter::FlowNotRedirected);
+            forget_stale_flow(ctx);
             return;
         }
     };
@@ -333,6 +334,26 @@ fn record_flow(ctx: &SockOpsContext) {
         return;
     }
     count(Counter::FlowRecorded);
+}
+
+/// A connection that was not redirected but goes to the agent's port owns its 4-tuple now: a
+/// flow record left under that 4-tuple (by a redirected connection that was refused while the
+/// agent was down) must not be inherited by it, or it would be served under someone else's
+/// identity.
+#[inline(never)]
+fn forget_stale_flow(ctx: &SockOpsContext) {
+    let remote_port = u32::from_be(ctx.remote_port()) as u16;
+    let Some(cfg) = CONFIG.get(0) else {
+        return;
+    };
+    if remote_port != cfg.agent_port {
+        return;
+    }
+    if let Some(key) = flow_key(ctx)
+        && FLOWS.remove(&key).is_ok()
+    {
+        count(Counter::FlowStaleRemoved);
+    }
 }
 
 /// The connection's 4-tuple from a sock_ops context. Every context field is read once, up

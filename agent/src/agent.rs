@@ -44,6 +44,8 @@ pub enum RunError {
     Cgroup(#[from] cgroup::CgroupError),
     #[error(transparent)]
     Kernel(#[from] crate::kernel::KernelError),
+    #[error("cannot read CLOCK_BOOTTIME: {0}")]
+    Clock(#[source] nix::Error),
 }
 
 pub async fn run(config: Config) -> Result<(), RunError> {
@@ -57,6 +59,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
 
     let v4 = SocketAddr::from((Ipv4Addr::LOCALHOST, config.listen_port));
     let v6 = SocketAddr::from((Ipv6Addr::LOCALHOST, config.listen_port));
+    let listening_since_ns = boottime_ns().map_err(RunError::Clock)?;
     let listeners = [bind(v4)?, bind(v6)?];
 
     let kernel = Kernel::start(
@@ -91,6 +94,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         registry: Arc::new(Registry::new(config.recent_connections)),
         counters: AgentCounters::default(),
         names: Arc::new(NameCache::new(Duration::from_secs(60))),
+        listening_since_ns,
     });
     let targets = Arc::new(Mutex::new(targets));
     let started_at = SystemTime::now();
@@ -208,15 +212,20 @@ async fn refresh_targets(proxy: Arc<Proxy>, current: Arc<Mutex<Vec<ResolvedTarge
     }
 }
 
+/// CLOCK_BOOTTIME in nanoseconds: the clock of `ConnMeta::connect_ns`.
+fn boottime_ns() -> Result<u64, nix::Error> {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)
+        .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
+}
+
 /// Every 10 s, drop kernel records of sockets that never sent their SYN.
 async fn sweep_pending(proxy: Arc<Proxy>) {
     let mut tick = tokio::time::interval(Duration::from_secs(10));
     loop {
         tick.tick().await;
-        let Ok(now) = nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME) else {
+        let Ok(now_ns) = boottime_ns() else {
             continue;
         };
-        let now_ns = now.tv_sec() as u64 * 1_000_000_000 + now.tv_nsec() as u64;
         let swept = proxy.kernel.lock().map(|mut k| k.sweep_pending(now_ns)).unwrap_or(0);
         if swept > 0 {
             proxy.counters.pending_swept.fetch_add(swept as u64, std::sync::atomic::Ordering::Relaxed);

@@ -32,6 +32,10 @@ pub struct Proxy {
     pub counters: AgentCounters,
     /// uid/gid → name lookups, cached: NSS is slow and names rarely change.
     pub names: Arc<NameCache>,
+    /// CLOCK_BOOTTIME (ns) just before the listeners were bound. A kernel record older than
+    /// this belongs to a connection that was refused while no agent listened: it must not
+    /// attribute a later connection that happens to reuse the 4-tuple.
+    pub listening_since_ns: u64,
 }
 
 /// The agent's own counters, shown next to the kernel's.
@@ -39,6 +43,7 @@ pub struct Proxy {
 pub struct AgentCounters {
     pub accepted: AtomicU64,
     pub rejected_unattributed: AtomicU64,
+    pub rejected_stale: AtomicU64,
     pub rejected_over_capacity: AtomicU64,
     pub upstream_failed: AtomicU64,
     pub relayed: AtomicU64,
@@ -53,6 +58,7 @@ impl AgentCounters {
         [
             ("accepted", &self.accepted),
             ("rejected_unattributed", &self.rejected_unattributed),
+            ("rejected_stale", &self.rejected_stale),
             ("rejected_over_capacity", &self.rejected_over_capacity),
             ("upstream_failed", &self.upstream_failed),
             ("relayed", &self.relayed),
@@ -111,6 +117,17 @@ impl Proxy {
             reset(client);
             return;
         };
+        if meta.connect_ns < self.listening_since_ns {
+            self.counters.rejected_stale.fetch_add(1, Ordering::Relaxed);
+            let guard = self.registry.open(peer, None, None);
+            guard.finish(
+                ConnState::Rejected,
+                "stale kernel record: made before this agent listened (a refused connection's 4-tuple, reused)",
+            );
+            warn!(%peer, "rejected a connection matching a stale kernel record");
+            reset(client);
+            return;
+        }
         let backend = self
             .config
             .backends

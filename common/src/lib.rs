@@ -178,10 +178,13 @@ pub enum Counter {
     FlowNotRedirected,
     /// sock_ops could not insert into the flow table: the agent will reject the connection.
     FlowStoreFailed,
+    /// A connection to the agent's port that was not redirected removed a stale flow record
+    /// left under its 4-tuple.
+    FlowStaleRemoved,
 }
 
 impl Counter {
-    pub const COUNT: u32 = 11;
+    pub const COUNT: u32 = 12;
     pub const ALL: [Counter; Self::COUNT as usize] = [
         Counter::SkipNotTcp,
         Counter::SkipUnconfigured,
@@ -194,6 +197,7 @@ impl Counter {
         Counter::FlowRecorded,
         Counter::FlowNotRedirected,
         Counter::FlowStoreFailed,
+        Counter::FlowStaleRemoved,
     ];
 
     /// The name `airlock status` shows.
@@ -210,6 +214,7 @@ impl Counter {
             Counter::FlowRecorded => "flow_recorded",
             Counter::FlowNotRedirected => "flow_not_redirected",
             Counter::FlowStoreFailed => "flow_store_failed",
+            Counter::FlowStaleRemoved => "flow_stale_removed",
         }
     }
 }

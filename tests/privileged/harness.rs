@@ -154,6 +154,8 @@ pub struct ClientOpts {
     /// TCP Fast Open: data in the SYN, via sendto(MSG_FASTOPEN) instead of connect().
     pub fastopen: bool,
     pub pause_secs: Option<f64>,
+    /// Bind this local port before connecting.
+    pub source_port: Option<u16>,
 }
 
 /// Run the client in `cg`, connecting to `host:port`; waits for it.
@@ -212,6 +214,9 @@ pub fn spawn_client(cg: &TestCgroup, host: &str, port: u16, opts: &ClientOpts) -
     }
     if let Some(p) = opts.pause_secs {
         cmd.args(["--pause", &p.to_string()]);
+    }
+    if let Some(p) = opts.source_port {
+        cmd.args(["--source-port", &p.to_string()]);
     }
     cmd.current_dir("/").stdout(Stdio::piped()).stderr(Stdio::piped());
     RunningClient(cmd.spawn().expect("spawn the python client"))
@@ -483,4 +488,19 @@ pub fn backend_toml(name: &str, port: u16, addresses: &[&str]) -> String {
         "[[backend]]\nname = \"{name}\"\nhost = \"{name}.internal.test\"\nport = {port}\ntls = false\naddresses = [{}]\n",
         addrs.join(", ")
     )
+}
+
+/// Flow records currently in the agent's pinned `AIRLOCK_FLOWS` map whose client port is `port`.
+pub fn flow_records_from_port(agent: &Agent, port: u16) -> usize {
+    use airlock_common::{ABI_VERSION, ConnMeta, FlowKey};
+    let path = agent.bpffs_dir.join(format!("maps-v{ABI_VERSION}")).join("AIRLOCK_FLOWS");
+    let data = aya::maps::MapData::from_pin(&path).expect("open pinned AIRLOCK_FLOWS");
+    let map: aya::maps::HashMap<_, FlowKey, ConnMeta> =
+        aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(data)).expect("flows map");
+    map.keys().filter_map(Result::ok).filter(|k| k.src_port == port).count()
+}
+
+/// A free TCP port on 127.0.0.1 (bound and released).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }

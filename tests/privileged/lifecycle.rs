@@ -1,6 +1,6 @@
 //! The agent's life and death: fail closed, restart without a gap, detach, bypass, SIGTERM.
 
-use std::{thread, time::Duration};
+use std::{net::SocketAddr, thread, time::Duration};
 
 use crate::harness::*;
 
@@ -153,4 +153,62 @@ fn sigterm_drains_live_connections_then_exits_cleanly() {
     // After the drain, new connections are refused (block mode keeps the pins).
     let res = run_client(&cg, "127.0.0.2", port, &ClientOpts::default());
     assert!(refused(&res), "{res:?}");
+}
+
+/// While the agent is down, a redirected connection is refused but its flow record stays in
+/// the kernel. A later connection reusing that 4-tuple must not be served under the first
+/// caller's identity.
+fn leave_a_stale_record(cg: &TestCgroup, agent: &mut Agent, backend_port: u16) -> u16 {
+    let source_port = free_port();
+    agent.sigkill();
+    let opts = ClientOpts { source_port: Some(source_port), ..Default::default() };
+    let res = run_client(cg, "127.0.0.2", backend_port, &opts);
+    assert!(refused(&res), "{res:?}");
+    assert_eq!(flow_records_from_port(agent, source_port), 1, "the refused connection left a record");
+    source_port
+}
+
+#[test]
+fn stale_flow_record_is_not_inherited_after_restart() {
+    if !privileged() {
+        return;
+    }
+    let name = unique("stale");
+    let cg = TestCgroup::new(&name);
+    let backend = Backend::start("tools", "127.0.0.2:0");
+    let mut agent = Agent::start(&cg, &name, &backend_toml("tools", backend.port(), &["127.0.0.2"]), "");
+    let source_port = leave_a_stale_record(&cg, &mut agent, backend.port());
+    agent.spawn();
+    // This test process is outside the intercepted cgroup: no program sees its connect().
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    sock.set_reuse_address(true).unwrap();
+    let from: SocketAddr = format!("127.0.0.1:{source_port}").parse().unwrap();
+    let to: SocketAddr = format!("127.0.0.1:{}", agent.port).parse().unwrap();
+    sock.bind(&from.into()).unwrap();
+    sock.connect(&to.into()).unwrap();
+    let mut stream: std::net::TcpStream = sock.into();
+    stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let _ = std::io::Write::write_all(&mut stream, b"hello\n");
+    let mut got = Vec::new();
+    let _ = std::io::Read::read_to_end(&mut stream, &mut got);
+    assert!(got.is_empty(), "the agent served a stale record: {}", String::from_utf8_lossy(&got));
+    assert!(backend.seen().is_empty(), "the backend was reached");
+    assert_eq!(agent.agent_counter("rejected_stale"), 1);
+}
+
+#[test]
+fn connection_to_the_agent_port_erases_a_stale_record_in_the_kernel() {
+    if !privileged() {
+        return;
+    }
+    let name = unique("erase");
+    let cg = TestCgroup::new(&name);
+    let backend = Backend::start("tools", "127.0.0.2:0");
+    let mut agent = Agent::start(&cg, &name, &backend_toml("tools", backend.port(), &["127.0.0.2"]), "");
+    let source_port = leave_a_stale_record(&cg, &mut agent, backend.port());
+    // A process in the cgroup reuses the 4-tuple, straight to the agent's port (nobody listens).
+    let opts = ClientOpts { source_port: Some(source_port), ..Default::default() };
+    let res = run_client(&cg, "127.0.0.1", agent.port, &opts);
+    assert!(refused(&res), "{res:?}");
+    assert_eq!(flow_records_from_port(&agent, source_port), 0, "sock_ops left the stale record");
 }

@@ -1,6 +1,6 @@
 """A plain socket client for Airlock's privileged tests (stdlib only, run with /usr/bin/python3).
 
-usage: client.py HOST PORT [--udp | --fastopen] [--pause SECONDS] [--message TEXT]
+usage: client.py HOST PORT [--udp | --fastopen] [--pause SECONDS] [--message TEXT] [--source-port N]
 
 --fastopen sends the first bytes with the SYN (sendto with MSG_FASTOPEN, no connect()).
 
@@ -26,6 +26,9 @@ def main():
     out = {"pid": os.getpid()}
     sock = socket.socket(family, kind)
     sock.settimeout(10)
+    if "--source-port" in args:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", int(args[args.index("--source-port") + 1])))
     try:
         if fastopen:
             # A socket with a timeout is non-blocking underneath: sendto would say EINPROGRESS.

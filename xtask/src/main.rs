@@ -87,12 +87,14 @@ fn main() -> Result<()> {
                 eprintln!("xtask: not root: the privileged tests will skip");
             }
             let mut cmd = cargo(&root);
-            cmd.arg("test");
+            // Unit, CLI and privileged tests; not benches (they would run as tests) and not
+            // doc tests (there are none to run).
+            cmd.args(["test", "--lib", "--bins", "--tests"]);
             for p in TEST_PACKAGES {
                 cmd.args(["-p", p]);
             }
             cmd.args(args);
-            run(&mut cmd)
+            run_tests(&mut cmd)
         }
         Task::Bench => {
             setup()?;
@@ -138,6 +140,47 @@ fn run(cmd: &mut Command) -> Result<()> {
     let status = cmd.status().with_context(|| format!("cannot start {cmd:?}"))?;
     if !status.success() {
         bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+/// Run `cargo test`, passing its output through, and close with one total line
+/// (`N passed, M failed`) summed over every test binary.
+fn run_tests(cmd: &mut Command) -> Result<()> {
+    use std::io::{BufRead as _, BufReader};
+    eprintln!("xtask: {cmd:?}");
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .with_context(|| format!("cannot start {cmd:?}"))?;
+    let stdout = child.stdout.take().context("cargo test stdout")?;
+    let (mut passed, mut failed, mut ignored) = (0u64, 0u64, 0u64);
+    for line in BufReader::new(stdout).lines() {
+        let line = line.context("reading cargo test output")?;
+        println!("{line}");
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            for part in rest.split(';') {
+                let mut words = part.split_whitespace().rev();
+                let (Some(what), Some(n)) = (words.next(), words.next()) else {
+                    continue;
+                };
+                let n: u64 = n.parse().unwrap_or(0);
+                match what {
+                    "passed" => passed += n,
+                    "failed" => failed += n,
+                    "ignored" => ignored += n,
+                    _ => {}
+                }
+            }
+        }
+    }
+    let status = child.wait().context("waiting for cargo test")?;
+    println!("{passed} passed, {failed} failed, {ignored} skipped");
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    if passed == 0 {
+        bail!("no test ran");
     }
     Ok(())
 }
