@@ -25,7 +25,8 @@ const AIRLOCK: &str = env!("CARGO_BIN_EXE_airlock");
 const ROUNDS: usize = 3;
 const PER_ROUND: usize = 1000;
 const KEEPALIVE_EXCHANGES: usize = 5000;
-const REQUEST: &[u8] = b"{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"tools/call\",\"params\":{\"name\":\"echo\"}}\n";
+const REQUEST: &[u8] =
+    b"{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"tools/call\",\"params\":{\"name\":\"echo\"}}\n";
 const RESPONSE_LEN: usize = 1024;
 
 fn main() {
@@ -41,7 +42,11 @@ fn main() {
     let cgroup_root = cgroup2_root();
     let cgroup = cgroup_root.join(&name);
     std::fs::create_dir_all(&cgroup).expect("create bench cgroup");
-    let guard = Cleanup { cgroup: cgroup.clone(), agent: None, config: None };
+    let guard = Cleanup {
+        cgroup: cgroup.clone(),
+        agent: None,
+        config: None,
+    };
 
     // The server: one thread per connection; newline-terminated requests; a 1 KiB answer each.
     let backend = serve("127.0.0.2:0");
@@ -66,23 +71,37 @@ fn main() {
     let agent = Command::new(AIRLOCK)
         .args(["run", "--config"])
         .arg(&config)
-        .env("RUST_LOG", std::env::var("BENCH_AGENT_LOG").unwrap_or_else(|_| "warn".into()))
-        .envs(std::env::var("BENCH_AGENT_THREADS").ok().map(|n| ("TOKIO_WORKER_THREADS", n)))
+        .env(
+            "RUST_LOG",
+            std::env::var("BENCH_AGENT_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .envs(
+            std::env::var("BENCH_AGENT_THREADS")
+                .ok()
+                .map(|n| ("TOKIO_WORKER_THREADS", n)),
+        )
         .stdout(Stdio::null())
-        .stderr(std::fs::File::create(std::env::temp_dir().join("airlock-bench-agent.log")).expect("agent log"))
+        .stderr(
+            std::fs::File::create(std::env::temp_dir().join("airlock-bench-agent.log"))
+                .expect("agent log"),
+        )
         .spawn()
         .expect("start airlock");
     guard.agent = Some(agent);
     wait_ready(&config);
 
     // From here on, this process is inside the intercepted cgroup.
-    std::fs::write(cgroup.join("cgroup.procs"), std::process::id().to_string()).expect("join cgroup");
+    std::fs::write(cgroup.join("cgroup.procs"), std::process::id().to_string())
+        .expect("join cgroup");
     let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).expect("enable bpf_stats");
     let bpffs = PathBuf::from(format!("/sys/fs/bpf/{name}"));
     // An empty connect4 program on the same cgroup: it runs for every connect() too, and its
     // cost is the kernel's floor for any program (dispatch plus bpf_stats accounting).
-    let mut baseline = aya::Ebpf::load(aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/airlock-ebpf-baseline")))
-        .expect("load baseline object");
+    let mut baseline = aya::Ebpf::load(aya::include_bytes_aligned!(concat!(
+        env!("OUT_DIR"),
+        "/airlock-ebpf-baseline"
+    )))
+    .expect("load baseline object");
     let empty: &mut aya::programs::CgroupSockAddr = baseline
         .program_mut("airlock_empty4")
         .expect("baseline program")
@@ -90,12 +109,19 @@ fn main() {
         .expect("cgroup_sock_addr");
     empty.load().expect("load baseline");
     empty
-        .attach(std::fs::File::open(&cgroup).expect("cgroup"), aya::programs::CgroupAttachMode::Single)
+        .attach(
+            std::fs::File::open(&cgroup).expect("cgroup"),
+            aya::programs::CgroupAttachMode::Single,
+        )
         .expect("attach baseline");
     let empty_info = || empty_info(&baseline);
 
     // Warm-up, and a check that the two paths are what we think.
-    assert_eq!(exchange(backend).1.port(), port, "backend port not redirected");
+    assert_eq!(
+        exchange(backend).1.port(),
+        port,
+        "backend port not redirected"
+    );
     assert_eq!(exchange(direct).1, direct, "direct port redirected");
 
     let mut direct_lat = Vec::new();
@@ -123,20 +149,38 @@ fn main() {
 
     let new_conn = Comparison::new(&direct_lat, &airlock_lat);
     let reuse = Comparison::new(&keepalive_direct, &keepalive_airlock);
-    println!("redirect bench ({} connections each way, {} keep-alive exchanges)", direct_lat.len(), KEEPALIVE_EXCHANGES);
-    println!("{:<40} {:>10} {:>10} {:>8} {:>10}", "", "direct", "airlock", "ratio", "added");
+    println!(
+        "redirect bench ({} connections each way, {} keep-alive exchanges)",
+        direct_lat.len(),
+        KEEPALIVE_EXCHANGES
+    );
+    println!(
+        "{:<40} {:>10} {:>10} {:>8} {:>10}",
+        "", "direct", "airlock", "ratio", "added"
+    );
     new_conn.print("connect + request/response + close, p50", |s| s.p50);
     new_conn.print("connect + request/response + close, p99", |s| s.p99);
     reuse.print("keep-alive request/response, p50", |s| s.p50);
     reuse.print("keep-alive request/response, p99", |s| s.p99);
-    println!("{:<40} {:>10.0} ns/run over {} runs", "empty connect4 program (kernel floor)", floor.ns(), floor.count);
     println!(
-        "{:<40} {:>10.0} ns/run over {} runs ({:.0} ns above the floor)",
-        "connect4, miss path (not a backend)", miss.ns(), miss.count, miss.ns() - floor.ns()
+        "{:<40} {:>10.0} ns/run over {} runs",
+        "empty connect4 program (kernel floor)",
+        floor.ns(),
+        floor.count
     );
     println!(
         "{:<40} {:>10.0} ns/run over {} runs ({:.0} ns above the floor)",
-        "connect4, redirect path", hit.ns(), hit.count, hit.ns() - floor.ns()
+        "connect4, miss path (not a backend)",
+        miss.ns(),
+        miss.count,
+        miss.ns() - floor.ns()
+    );
+    println!(
+        "{:<40} {:>10.0} ns/run over {} runs ({:.0} ns above the floor)",
+        "connect4, redirect path",
+        hit.ns(),
+        hit.count,
+        hit.ns() - floor.ns()
     );
     println!(
         "{:<40} {:>10.0} ns/run over {} runs",
@@ -257,7 +301,10 @@ fn summary(samples: &[Duration]) -> Summary {
     let mut s = samples.to_vec();
     s.sort();
     let at = |q: f64| s[((s.len() as f64 - 1.0) * q).round() as usize];
-    Summary { p50: at(0.50), p99: at(0.99) }
+    Summary {
+        p50: at(0.50),
+        p99: at(0.99),
+    }
 }
 
 struct Comparison {
@@ -267,13 +314,20 @@ struct Comparison {
 
 impl Comparison {
     fn new(direct: &[Duration], airlock: &[Duration]) -> Comparison {
-        Comparison { direct: summary(direct), airlock: summary(airlock) }
+        Comparison {
+            direct: summary(direct),
+            airlock: summary(airlock),
+        }
     }
 
     fn print(&self, label: &str, pick: impl Fn(&Summary) -> Duration) {
         let d = pick(&self.direct).as_secs_f64() * 1e6;
         let a = pick(&self.airlock).as_secs_f64() * 1e6;
-        println!("{label:<40} {d:>8.1}µs {a:>8.1}µs {:>7.2}× {:>8.1}µs", a / d, a - d);
+        println!(
+            "{label:<40} {d:>8.1}µs {a:>8.1}µs {:>7.2}× {:>8.1}µs",
+            a / d,
+            a - d
+        );
     }
 
     fn json(&self) -> serde_json::Value {
@@ -288,14 +342,7 @@ impl Comparison {
 }
 
 fn cgroup2_root() -> PathBuf {
-    let mounts = std::fs::read_to_string("/proc/self/mounts").expect("mounts");
-    mounts
-        .lines()
-        .find_map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            (f.get(2) == Some(&"cgroup2")).then(|| PathBuf::from(f[1]))
-        })
-        .expect("cgroup2 mount")
+    airlock::cgroup::resolve(None).expect("cgroup2 mount")
 }
 
 fn wait_ready(config: &std::path::Path) {
@@ -327,7 +374,10 @@ struct Cleanup {
 impl Drop for Cleanup {
     fn drop(&mut self) {
         if let Some(config) = &self.config {
-            let _ = Command::new(AIRLOCK).args(["detach", "--config"]).arg(config).output();
+            let _ = Command::new(AIRLOCK)
+                .args(["detach", "--config"])
+                .arg(config)
+                .output();
         }
         if let Some(mut a) = self.agent.take() {
             let _ = a.kill();

@@ -14,7 +14,12 @@ fn write_config(name: &str, text: &str) -> PathBuf {
 }
 
 fn airlock(args: &[&str], config: &PathBuf) -> (Option<i32>, String, String) {
-    let out = Command::new(AIRLOCK).args(args).arg("--config").arg(config).output().unwrap();
+    let out = Command::new(AIRLOCK)
+        .args(args)
+        .arg("--config")
+        .arg(config)
+        .output()
+        .unwrap();
     (
         out.status.code(),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -22,13 +27,18 @@ fn airlock(args: &[&str], config: &PathBuf) -> (Option<i32>, String, String) {
     )
 }
 
-const GOOD_BACKEND: &str =
-    "[[backend]]\nname = \"tools\"\nhost = \"mcp.internal.test\"\nport = 8443\naddresses = [\"127.0.0.2\", \"::1\"]\n";
+const GOOD_BACKEND: &str = "[[backend]]\nname = \"tools\"\nhost = \"mcp.internal.test\"\nport = 8443\naddresses = [\"127.0.0.2\", \"::1\"]\n";
 
 #[test]
 fn every_subcommand_rejects_an_unknown_key_naming_it_and_the_file() {
     let cfg = write_config("unknown", &format!("state_dirr = \"/x\"\n{GOOD_BACKEND}"));
-    for sub in [&["run"][..], &["status"], &["status", "--json"], &["detach"], &["check-config"]] {
+    for sub in [
+        &["run"][..],
+        &["status"],
+        &["status", "--json"],
+        &["detach"],
+        &["check-config"],
+    ] {
         let (code, _, err) = airlock(sub, &cfg);
         assert_eq!(code, Some(2), "{sub:?}: {err}");
         assert!(err.contains("state_dirr"), "{sub:?}: {err}");
@@ -80,7 +90,9 @@ fn check_config_lists_the_redirected_addresses() {
 fn status_without_an_agent_says_it_is_not_running() {
     let cfg = write_config(
         "notrunning",
-        &format!("state_dir = \"/nonexistent-airlock-state\"\nbpffs_dir = \"/sys/fs/bpf/airlock-cli-none\"\n{GOOD_BACKEND}"),
+        &format!(
+            "state_dir = \"/nonexistent-airlock-state\"\nbpffs_dir = \"/sys/fs/bpf/airlock-cli-none\"\n{GOOD_BACKEND}"
+        ),
     );
     let (code, out, _) = airlock(&["status", "--json"], &cfg);
     assert_eq!(code, Some(3));

@@ -184,7 +184,12 @@ fn try_connect6(ctx: &SockAddrContext) -> i32 {
     // SAFETY: valid context pointer; plain field reads.
     let (w0, w1, w2, w3) = unsafe {
         let sa = ctx.sock_addr;
-        ((*sa).user_ip6[0], (*sa).user_ip6[1], (*sa).user_ip6[2], (*sa).user_ip6[3])
+        (
+            (*sa).user_ip6[0],
+            (*sa).user_ip6[1],
+            (*sa).user_ip6[2],
+            (*sa).user_ip6[3],
+        )
     };
     let is_mapped = w0 == 0 && w1 == 0 && w2 == 0xffff_u32.to_be();
     let key = TargetKey {
@@ -369,8 +374,8 @@ fn flow_key(ctx: &SockOpsContext) -> Option<FlowKey> {
     let local_port = ctx.local_port();
     let remote_port = ctx.remote_port();
 
-    let v4 = fam == AF_INET
-        || (remote6[0] == 0 && remote6[1] == 0 && remote6[2] == 0xffff_u32.to_be());
+    let v4 =
+        fam == AF_INET || (remote6[0] == 0 && remote6[1] == 0 && remote6[2] == 0xffff_u32.to_be());
     let (src_addr, dst_addr) = if v4 {
         // An IPv4-mapped connection on an AF_INET6 socket runs through tcp_v4_connect: its
         // IPv4 fields are set before this callback, its IPv6 source may not be yet.

@@ -129,7 +129,9 @@ where
             .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no request line"))??;
         match serde_json::from_str::<Request>(line.trim()) {
             Ok(req) => handle(req),
-            Err(e) => Response::Error { message: format!("bad request: {e}") },
+            Err(e) => Response::Error {
+                message: format!("bad request: {e}"),
+            },
         }
     };
     let mut out = serde_json::to_vec(&response).map_err(io::Error::other)?;
@@ -154,10 +156,18 @@ pub enum ClientError {
 
 /// Send one request to the running agent.
 pub async fn request(path: &Path, req: &Request) -> Result<Response, ClientError> {
-    let io_err = |source| ClientError::Io { path: path.to_owned(), source };
+    let io_err = |source| ClientError::Io {
+        path: path.to_owned(),
+        source,
+    };
     let stream = match UnixStream::connect(path).await {
         Ok(s) => s,
-        Err(e) if matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused) => {
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused
+            ) =>
+        {
             return Err(ClientError::NotRunning(path.to_owned()));
         }
         Err(e) => return Err(io_err(e)),
@@ -189,7 +199,10 @@ mod tests {
 
     #[test]
     fn request_wire_format() {
-        assert_eq!(serde_json::to_string(&Request::Status).unwrap(), r#"{"command":"status"}"#);
+        assert_eq!(
+            serde_json::to_string(&Request::Status).unwrap(),
+            r#"{"command":"status"}"#
+        );
         let r: Request = serde_json::from_str(r#"{"command":"shutdown"}"#).unwrap();
         assert!(matches!(r, Request::Shutdown));
         assert!(serde_json::from_str::<Request>(r#"{"command":"format_disk"}"#).is_err());
@@ -201,11 +214,21 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("airlock-admin-test-{}", std::process::id()));
         let path = dir.join("admin.sock");
         let listener = bind(&path).unwrap();
-        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
-        assert_eq!(std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777, 0o700);
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        assert_eq!(
+            std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777,
+            0o700
+        );
         let server = tokio::spawn(serve(listener, |req| match req {
-            Request::Status => Response::Error { message: "no status in this test".into() },
-            Request::Shutdown => Response::Ok { message: "bye".into() },
+            Request::Status => Response::Error {
+                message: "no status in this test".into(),
+            },
+            Request::Shutdown => Response::Ok {
+                message: "bye".into(),
+            },
         }));
         let resp = request(&path, &Request::Shutdown).await.unwrap();
         // Tests usually run as root; a non-root run gets the uid refusal instead.
@@ -220,7 +243,9 @@ mod tests {
 
     #[tokio::test]
     async fn missing_socket_means_not_running() {
-        let err = request(Path::new("/nonexistent/admin.sock"), &Request::Status).await.unwrap_err();
+        let err = request(Path::new("/nonexistent/admin.sock"), &Request::Status)
+            .await
+            .unwrap_err();
         assert!(matches!(err, ClientError::NotRunning(_)));
     }
 }

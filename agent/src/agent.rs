@@ -14,10 +14,10 @@ use tracing::{info, warn};
 
 use crate::{
     admin::{self, AgentInfo, Request, Response, Status, TargetInfo},
+    attribution::NameCache,
     cgroup,
     config::{Config, ConfigError, OnAgentDown, ResolvedTarget},
     kernel::{Kernel, KernelSetup},
-    attribution::NameCache,
     proxy::{AgentCounters, Proxy},
     registry::{Registry, rfc3339},
 };
@@ -28,7 +28,9 @@ pub enum RunError {
     Config(#[from] ConfigError),
     #[error("airlock run needs root (it loads eBPF programs and marks sockets); you are uid {0}")]
     NotRoot(u32),
-    #[error("cannot listen on {addr}: {source}; is another agent running? (`listen_port` in airlock.toml)")]
+    #[error(
+        "cannot listen on {addr}: {source}; is another agent running? (`listen_port` in airlock.toml)"
+    )]
     Listen {
         addr: SocketAddr,
         #[source]
@@ -80,7 +82,10 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         "redirecting connections to backends"
     );
     if let Ok(start) = std::fs::read_to_string("/proc/sys/net/ipv4/ip_unprivileged_port_start")
-        && start.trim().parse::<u16>().is_ok_and(|s| config.listen_port >= s)
+        && start
+            .trim()
+            .parse::<u16>()
+            .is_ok_and(|s| config.listen_port >= s)
     {
         warn!(
             port = config.listen_port,
@@ -100,20 +105,25 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     let started_at = SystemTime::now();
 
     let (shutdown_tx, mut shutdown_rx) = mpsc::channel::<&'static str>(4);
-    let admin_listener = admin::bind(&config.admin_socket()).map_err(|source| RunError::StateDir {
-        path: config.admin_socket(),
-        source,
-    })?;
+    let admin_listener =
+        admin::bind(&config.admin_socket()).map_err(|source| RunError::StateDir {
+            path: config.admin_socket(),
+            source,
+        })?;
     let admin_task = tokio::spawn(admin::serve(admin_listener, {
         let proxy = proxy.clone();
         let targets = targets.clone();
         let cgroup = cgroup.display().to_string();
         let shutdown_tx = shutdown_tx.clone();
         move |req| match req {
-            Request::Status => Response::Status(Box::new(status(&proxy, &targets, &cgroup, started_at))),
+            Request::Status => {
+                Response::Status(Box::new(status(&proxy, &targets, &cgroup, started_at)))
+            }
             Request::Shutdown => {
                 let _ = shutdown_tx.try_send("admin request");
-                Response::Ok { message: "shutting down".into() }
+                Response::Ok {
+                    message: "shutting down".into(),
+                }
             }
         }
     }));
@@ -125,17 +135,26 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         .collect();
 
     let mut term = tokio::signal::unix::signal(SignalKind::terminate()).map_err(|source| {
-        RunError::StateDir { path: "signal handler".into(), source }
+        RunError::StateDir {
+            path: "signal handler".into(),
+            source,
+        }
     })?;
     let mut int = tokio::signal::unix::signal(SignalKind::interrupt()).map_err(|source| {
-        RunError::StateDir { path: "signal handler".into(), source }
+        RunError::StateDir {
+            path: "signal handler".into(),
+            source,
+        }
     })?;
     let why = tokio::select! {
         _ = term.recv() => "SIGTERM",
         _ = int.recv() => "SIGINT",
         Some(why) = shutdown_rx.recv() => why,
     };
-    info!(reason = why, "shutting down: no new connections, draining live ones");
+    info!(
+        reason = why,
+        "shutting down: no new connections, draining live ones"
+    );
     for t in &accept_tasks {
         t.abort();
     }
@@ -147,12 +166,17 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     }
     let left = proxy.registry.live_count();
     if left > 0 {
-        warn!(left, "drain timeout reached; closing the remaining connections");
+        warn!(
+            left,
+            "drain timeout reached; closing the remaining connections"
+        );
     }
     admin_task.abort();
     let _ = std::fs::remove_file(config.admin_socket());
     if config.on_agent_down == OnAgentDown::Block && crate::kernel::is_pinned(&config.bpffs_dir) {
-        info!("programs stay attached: connections to backends are refused until the agent is back (`airlock detach` to remove them)");
+        info!(
+            "programs stay attached: connections to backends are refused until the agent is back (`airlock detach` to remove them)"
+        );
     }
     Ok(())
 }
@@ -167,7 +191,9 @@ fn bind(addr: SocketAddr) -> Result<TcpListener, RunError> {
     socket.set_reuseaddr(true).map_err(err)?;
     if addr.is_ipv6() {
         // The IPv4 listener takes IPv4 and IPv4-mapped connections.
-        socket2::SockRef::from(&socket).set_only_v6(true).map_err(err)?;
+        socket2::SockRef::from(&socket)
+            .set_only_v6(true)
+            .map_err(err)?;
     }
     socket.bind(addr).map_err(err)?;
     socket.listen(1024).map_err(err)
@@ -175,14 +201,22 @@ fn bind(addr: SocketAddr) -> Result<TcpListener, RunError> {
 
 fn create_private_dir(path: &std::path::Path) -> Result<(), RunError> {
     use std::os::unix::fs::PermissionsExt as _;
-    let err = |source| RunError::StateDir { path: path.to_owned(), source };
+    let err = |source| RunError::StateDir {
+        path: path.to_owned(),
+        source,
+    };
     std::fs::create_dir_all(path).map_err(err)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700)).map_err(err)
 }
 
 /// Re-resolve backend names periodically; a failed lookup keeps the previous addresses.
 async fn refresh_targets(proxy: Arc<Proxy>, current: Arc<Mutex<Vec<ResolvedTarget>>>) {
-    if proxy.config.backends.iter().all(|b| !b.addresses.is_empty()) {
+    if proxy
+        .config
+        .backends
+        .iter()
+        .all(|b| !b.addresses.is_empty())
+    {
         return; // all static
     }
     let mut tick = tokio::time::interval(proxy.config.resolve_interval);
@@ -207,7 +241,9 @@ async fn refresh_targets(proxy: Arc<Proxy>, current: Arc<Mutex<Vec<ResolvedTarge
                     Err(_) => warn!("kernel state lock poisoned"),
                 }
             }
-            Err(e) => warn!(error = %e, "backend resolution failed; keeping the previous addresses"),
+            Err(e) => {
+                warn!(error = %e, "backend resolution failed; keeping the previous addresses")
+            }
         }
     }
 }
@@ -226,9 +262,16 @@ async fn sweep_pending(proxy: Arc<Proxy>) {
         let Ok(now_ns) = boottime_ns() else {
             continue;
         };
-        let swept = proxy.kernel.lock().map(|mut k| k.sweep_pending(now_ns)).unwrap_or(0);
+        let swept = proxy
+            .kernel
+            .lock()
+            .map(|mut k| k.sweep_pending(now_ns))
+            .unwrap_or(0);
         if swept > 0 {
-            proxy.counters.pending_swept.fetch_add(swept as u64, std::sync::atomic::Ordering::Relaxed);
+            proxy
+                .counters
+                .pending_swept
+                .fetch_add(swept as u64, std::sync::atomic::Ordering::Relaxed);
         }
     }
 }
@@ -244,7 +287,12 @@ fn status(
     let kernel_counters = proxy
         .kernel
         .lock()
-        .map(|k| k.counters().into_iter().map(|(n, v)| (n.to_owned(), v)).collect())
+        .map(|k| {
+            k.counters()
+                .into_iter()
+                .map(|(n, v)| (n.to_owned(), v))
+                .collect()
+        })
         .unwrap_or_default();
     let targets = targets
         .lock()

@@ -98,7 +98,9 @@ impl ProcInfo {
             exe: fs::read_link(dir.join("exe"))
                 .ok()
                 .map(|p: PathBuf| p.to_string_lossy().into_owned()),
-            cmdline: fs::read(dir.join("cmdline")).ok().map(|raw| parse_cmdline(&raw)),
+            cmdline: fs::read(dir.join("cmdline"))
+                .ok()
+                .map(|raw| parse_cmdline(&raw)),
             cgroup: fs::read_to_string(dir.join("cgroup"))
                 .ok()
                 .and_then(|s| parse_cgroup_v2(&s)),
@@ -209,7 +211,10 @@ mod tests {
 
     #[test]
     fn cmdline_splits_on_nul() {
-        assert_eq!(parse_cmdline(b"python3\0-c\0print(1)\0"), vec!["python3", "-c", "print(1)"]);
+        assert_eq!(
+            parse_cmdline(b"python3\0-c\0print(1)\0"),
+            vec!["python3", "-c", "print(1)"]
+        );
         assert!(parse_cmdline(b"").is_empty());
     }
 
@@ -239,7 +244,11 @@ mod tests {
         meta.orig_addr = keys::ip_words("10.1.2.3".parse().unwrap());
         meta.orig_port = 443;
         meta.orig_family = family::IPV4_MAPPED;
-        let a = Attribution::from_kernel(&meta, Path::new("/proc"), &NameCache::new(Duration::from_secs(1)));
+        let a = Attribution::from_kernel(
+            &meta,
+            Path::new("/proc"),
+            &NameCache::new(Duration::from_secs(1)),
+        );
         assert!(!a.process_seen);
         assert_eq!(a.exe, None);
         assert_eq!(a.comm, "curl");
@@ -274,9 +283,18 @@ mod tests {
         let mut meta = ConnMeta::zeroed();
         meta.tgid = me;
         meta.pid = me;
-        let a = Attribution::from_kernel(&meta, Path::new("/proc"), &NameCache::new(Duration::from_secs(1)));
+        let a = Attribution::from_kernel(
+            &meta,
+            Path::new("/proc"),
+            &NameCache::new(Duration::from_secs(1)),
+        );
         assert!(a.process_seen);
-        assert_eq!(a.exe, std::env::current_exe().ok().map(|p| p.to_string_lossy().into_owned()));
+        assert_eq!(
+            a.exe,
+            std::env::current_exe()
+                .ok()
+                .map(|p| p.to_string_lossy().into_owned())
+        );
         assert!(a.cmdline.is_some_and(|c| !c.is_empty()));
     }
 }

@@ -7,11 +7,15 @@ use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CgroupError {
-    #[error("no cgroup2 filesystem is mounted (read /proc/self/mounts); mount one or set `cgroup` in airlock.toml")]
+    #[error(
+        "no cgroup2 filesystem is mounted (read /proc/self/mounts); mount one or set `cgroup` in airlock.toml"
+    )]
     NotMounted,
     #[error("cannot read /proc/self/mounts: {0}")]
     Mounts(#[source] std::io::Error),
-    #[error("`cgroup` = {0}: not a cgroup v2 directory; set `cgroup` in airlock.toml to a directory of the cgroup2 mount")]
+    #[error(
+        "`cgroup` = {0}: not a cgroup v2 directory; set `cgroup` in airlock.toml to a directory of the cgroup2 mount"
+    )]
     NotCgroup2(PathBuf),
 }
 
@@ -39,7 +43,8 @@ pub fn resolve(configured: Option<&Path>) -> Result<PathBuf, CgroupError> {
     let path = match configured {
         Some(p) => p.to_owned(),
         None => {
-            let mounts = std::fs::read_to_string("/proc/self/mounts").map_err(CgroupError::Mounts)?;
+            let mounts =
+                std::fs::read_to_string("/proc/self/mounts").map_err(CgroupError::Mounts)?;
             cgroup2_mount_in(&mounts).ok_or(CgroupError::NotMounted)?
         }
     };
@@ -65,29 +70,44 @@ mod tests {
         let mounts = "tmpfs /sys/fs/cgroup tmpfs rw,relatime 0 0\n\
                       cgroup /sys/fs/cgroup/cpu cgroup rw,cpu 0 0\n\
                       cgroup2 /sys/fs/cgroup/unified cgroup2 rw,relatime 0 0\n";
-        assert_eq!(cgroup2_mount_in(mounts), Some(PathBuf::from("/sys/fs/cgroup/unified")));
+        assert_eq!(
+            cgroup2_mount_in(mounts),
+            Some(PathBuf::from("/sys/fs/cgroup/unified"))
+        );
     }
 
     #[test]
     fn unified_hierarchy_is_found() {
         let mounts = "cgroup2 /sys/fs/cgroup cgroup2 rw,nosuid 0 0\n";
-        assert_eq!(cgroup2_mount_in(mounts), Some(PathBuf::from("/sys/fs/cgroup")));
+        assert_eq!(
+            cgroup2_mount_in(mounts),
+            Some(PathBuf::from("/sys/fs/cgroup"))
+        );
     }
 
     #[test]
     fn v1_only_has_none() {
-        assert_eq!(cgroup2_mount_in("cgroup /sys/fs/cgroup/cpu cgroup rw 0 0\n"), None);
+        assert_eq!(
+            cgroup2_mount_in("cgroup /sys/fs/cgroup/cpu cgroup rw 0 0\n"),
+            None
+        );
     }
 
     #[test]
     fn escaped_mount_points() {
         let mounts = "none /mnt/my\\040cgroups cgroup2 rw 0 0\n";
-        assert_eq!(cgroup2_mount_in(mounts), Some(PathBuf::from("/mnt/my cgroups")));
+        assert_eq!(
+            cgroup2_mount_in(mounts),
+            Some(PathBuf::from("/mnt/my cgroups"))
+        );
     }
 
     #[test]
     fn a_plain_directory_is_not_a_cgroup() {
         assert!(!is_cgroup2(Path::new("/tmp")));
-        assert!(matches!(resolve(Some(Path::new("/tmp"))), Err(CgroupError::NotCgroup2(_))));
+        assert!(matches!(
+            resolve(Some(Path::new("/tmp"))),
+            Err(CgroupError::NotCgroup2(_))
+        ));
     }
 }

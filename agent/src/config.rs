@@ -217,13 +217,13 @@ impl Config {
         let mut targets = BTreeSet::new();
         for (id, backend) in self.backends.iter().enumerate() {
             let addrs = if backend.addresses.is_empty() {
-                resolve_host(&backend.host, backend.port).await.map_err(|message| {
-                    ConfigError {
+                resolve_host(&backend.host, backend.port)
+                    .await
+                    .map_err(|message| ConfigError {
                         path: self.path.clone(),
                         key: Some(format!("backend[{id}].host")),
                         message,
-                    }
-                })?
+                    })?
             } else {
                 backend.addresses.clone()
             };
@@ -358,7 +358,10 @@ impl Validator<'_> {
                 if ip.is_loopback() && b.port == raw.listen_port {
                     return Err(self.err(
                         format!("backend[{i}].addresses[{j}]"),
-                        format!("{ip} port {} is the agent's own listener (`listen_port`)", b.port),
+                        format!(
+                            "{ip} port {} is the agent's own listener (`listen_port`)",
+                            b.port
+                        ),
                     ));
                 }
                 if !endpoints.insert((ip, b.port)) {
@@ -451,7 +454,10 @@ mod tests {
         assert_eq!(cfg.cgroup, None);
         assert_eq!(cfg.on_agent_down, OnAgentDown::Block);
         assert_eq!(cfg.listen_port, 1010);
-        assert!(cfg.listen_port < 1024, "the default port must be privileged");
+        assert!(
+            cfg.listen_port < 1024,
+            "the default port must be privileged"
+        );
         assert!(cfg.backends[0].tls);
         assert_eq!(cfg.recent_connections, 1000);
     }
@@ -531,19 +537,23 @@ mod tests {
              [[backend]]\nname = \"b\"\nhost = \"b.test\"\nport = 443\naddresses = [\"::1\", \"::ffff:127.0.0.9\"]\n",
         )
         .unwrap();
-        assert_eq!(cfg.backends[0].addresses, vec!["10.1.2.3".parse::<IpAddr>().unwrap()]);
+        assert_eq!(
+            cfg.backends[0].addresses,
+            vec!["10.1.2.3".parse::<IpAddr>().unwrap()]
+        );
         assert_eq!(
             cfg.backends[1].addresses,
-            vec!["::1".parse::<IpAddr>().unwrap(), "127.0.0.9".parse().unwrap()]
+            vec![
+                "::1".parse::<IpAddr>().unwrap(),
+                "127.0.0.9".parse().unwrap()
+            ]
         );
     }
 
     #[tokio::test]
     async fn unresolvable_host_names_the_key() {
-        let cfg = parse(
-            "[[backend]]\nname = \"a\"\nhost = \"nonexistent.invalid\"\nport = 443\n",
-        )
-        .unwrap();
+        let cfg = parse("[[backend]]\nname = \"a\"\nhost = \"nonexistent.invalid\"\nport = 443\n")
+            .unwrap();
         let err = cfg.resolve().await.unwrap_err();
         assert_eq!(err.key.as_deref(), Some("backend[0].host"));
         assert!(err.to_string().contains("nonexistent.invalid"));
@@ -555,7 +565,10 @@ mod tests {
         let targets = cfg.resolve().await.unwrap();
         assert_eq!(
             targets,
-            vec![ResolvedTarget { backend_id: 0, addr: "127.0.0.2:8443".parse().unwrap() }]
+            vec![ResolvedTarget {
+                backend_id: 0,
+                addr: "127.0.0.2:8443".parse().unwrap()
+            }]
         );
     }
 }

@@ -12,21 +12,23 @@
 
 use std::{
     collections::HashSet,
-    fs,
-    io,
+    fs, io,
     net::{Ipv4Addr, Ipv6Addr},
     os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd},
     path::{Path, PathBuf},
 };
 
 use airlock_common::{
-    ABI_VERSION, CONFIG_ENABLED, ConnMeta, Counter, FlowKey, PORT_WORDS, TargetKey, capacity, names,
-    port_bit,
+    ABI_VERSION, CONFIG_ENABLED, ConnMeta, Counter, FlowKey, PORT_WORDS, TargetKey, capacity,
+    names, port_bit,
 };
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray},
-    programs::{CgroupAttachMode, CgroupSockAddr, SockOps, links::{FdLink, PinnedLink}},
+    programs::{
+        CgroupAttachMode, CgroupSockAddr, SockOps,
+        links::{FdLink, PinnedLink},
+    },
 };
 use tracing::{info, warn};
 
@@ -110,7 +112,10 @@ impl Kernel {
     /// Load the programs against the pinned maps (creating them on first start), write the
     /// configuration, then attach: swap into pinned links if there are some, else attach anew.
     /// `targets` is written before the programs can see any traffic.
-    pub fn start(setup: &KernelSetup<'_>, targets: &[ResolvedTarget]) -> Result<Kernel, KernelError> {
+    pub fn start(
+        setup: &KernelSetup<'_>,
+        targets: &[ResolvedTarget],
+    ) -> Result<Kernel, KernelError> {
         ensure_bpffs(setup.bpffs_dir)?;
         let maps_dir = maps_dir(setup.bpffs_dir);
         let links_dir = setup.bpffs_dir.join("links");
@@ -124,13 +129,14 @@ impl Kernel {
         let pin_paths: Vec<(&'static str, PathBuf)> =
             names::MAPS.iter().map(|n| (*n, maps_dir.join(n))).collect();
         for (name, path) in &pin_paths {
-            loader.map_pin_path(*name, path.as_path());
+            loader.map_pin_path(name, path.as_path());
         }
         let mut ebpf = loader.load(EBPF_OBJECT).map_err(KernelError::Load)?;
 
         // Configuration first, then the targets: the programs pass everything through until
         // `enabled` is set, and are attached only after both are written.
-        let mut config: Array<MapData, airlock_common::Config> = take_map(&mut ebpf, names::CONFIG)?;
+        let mut config: Array<MapData, airlock_common::Config> =
+            take_map(&mut ebpf, names::CONFIG)?;
         let cfg = airlock_common::Config {
             agent_ip4: keys::kernel_ip4(Ipv4Addr::LOCALHOST),
             agent_ip6: keys::kernel_ip6(Ipv6Addr::LOCALHOST),
@@ -139,13 +145,16 @@ impl Kernel {
             bypass_mark: setup.bypass_mark,
             enabled: CONFIG_ENABLED,
         };
-        config
-            .set(0, cfg, 0)
-            .map_err(|source| KernelError::Map { map: names::CONFIG, source })?;
+        config.set(0, cfg, 0).map_err(|source| KernelError::Map {
+            map: names::CONFIG,
+            source,
+        })?;
         let targets_map = take_map(&mut ebpf, names::TARGETS)?;
         let ports: Array<MapData, u64> = take_map(&mut ebpf, names::PORTS)?;
         // The map may be a pinned one from a previous agent: start from what it holds.
-        let ports_shadow = (0..PORT_WORDS).map(|i| ports.get(&i, 0).unwrap_or(0)).collect();
+        let ports_shadow = (0..PORT_WORDS)
+            .map(|i| ports.get(&i, 0).unwrap_or(0))
+            .collect();
         let pending = take_map(&mut ebpf, names::PENDING)?;
         let flows = take_map(&mut ebpf, names::FLOWS)?;
         let counters = take_map(&mut ebpf, names::COUNTERS)?;
@@ -199,7 +208,10 @@ impl Kernel {
             ._ebpf
             .program_mut(prog_name)
             .ok_or(KernelError::Missing(prog_name))?;
-        let program_err = |source| KernelError::Program { name: prog_name, source };
+        let program_err = |source| KernelError::Program {
+            name: prog_name,
+            source,
+        };
         let dup_err = |e: io::Error| KernelError::Bpffs {
             path: PathBuf::from(prog_name),
             message: format!("cannot duplicate the program fd: {e}"),
@@ -207,11 +219,19 @@ impl Kernel {
         if prog_name == names::PROG_SOCK_OPS {
             let p: &mut SockOps = program.try_into().map_err(program_err)?;
             p.load().map_err(program_err)?;
-            p.fd().map_err(program_err)?.as_fd().try_clone_to_owned().map_err(dup_err)
+            p.fd()
+                .map_err(program_err)?
+                .as_fd()
+                .try_clone_to_owned()
+                .map_err(dup_err)
         } else {
             let p: &mut CgroupSockAddr = program.try_into().map_err(program_err)?;
             p.load().map_err(program_err)?;
-            p.fd().map_err(program_err)?.as_fd().try_clone_to_owned().map_err(dup_err)
+            p.fd()
+                .map_err(program_err)?
+                .as_fd()
+                .try_clone_to_owned()
+                .map_err(dup_err)
         }
     }
 
@@ -244,7 +264,10 @@ impl Kernel {
             ._ebpf
             .program_mut(prog_name)
             .ok_or(KernelError::Missing(prog_name))?;
-        let program_err = |source| KernelError::Program { name: prog_name, source };
+        let program_err = |source| KernelError::Program {
+            name: prog_name,
+            source,
+        };
         let attach_err = |source| KernelError::Attach {
             name: prog_name,
             cgroup: setup.cgroup.to_owned(),
@@ -258,12 +281,22 @@ impl Kernel {
         };
         let link: FdLink = if prog_name == names::PROG_SOCK_OPS {
             let p: &mut SockOps = program.try_into().map_err(program_err)?;
-            let id = p.attach(cgroup, CgroupAttachMode::Single).map_err(attach_err)?;
-            p.take_link(id).map_err(attach_err)?.try_into().map_err(not_a_link)?
+            let id = p
+                .attach(cgroup, CgroupAttachMode::Single)
+                .map_err(attach_err)?;
+            p.take_link(id)
+                .map_err(attach_err)?
+                .try_into()
+                .map_err(not_a_link)?
         } else {
             let p: &mut CgroupSockAddr = program.try_into().map_err(program_err)?;
-            let id = p.attach(cgroup, CgroupAttachMode::Single).map_err(attach_err)?;
-            p.take_link(id).map_err(attach_err)?.try_into().map_err(not_a_link)?
+            let id = p
+                .attach(cgroup, CgroupAttachMode::Single)
+                .map_err(attach_err)?;
+            p.take_link(id)
+                .map_err(attach_err)?
+                .try_into()
+                .map_err(not_a_link)?
         };
         info!(link = link_name, cgroup = %setup.cgroup.display(), "attached");
         if !setup.pin_links {
@@ -295,7 +328,9 @@ impl Kernel {
         // Set bits first (union of old and new), clear the unused ones after the removals.
         for (i, (old, new)) in self.ports_shadow.clone().iter().zip(&bitmap).enumerate() {
             if old | new != *old {
-                self.ports.set(i as u32, old | new, 0).map_err(|e| map_err(names::PORTS, e))?;
+                self.ports
+                    .set(i as u32, old | new, 0)
+                    .map_err(|e| map_err(names::PORTS, e))?;
                 self.ports_shadow[i] = old | new;
             }
         }
@@ -311,7 +346,9 @@ impl Kernel {
         }
         for (i, new) in bitmap.iter().enumerate() {
             if self.ports_shadow[i] != *new {
-                self.ports.set(i as u32, *new, 0).map_err(|e| map_err(names::PORTS, e))?;
+                self.ports
+                    .set(i as u32, *new, 0)
+                    .map_err(|e| map_err(names::PORTS, e))?;
                 self.ports_shadow[i] = *new;
             }
         }
@@ -325,10 +362,15 @@ impl Kernel {
             .pending
             .iter()
             .filter_map(Result::ok)
-            .filter(|(_, meta)| now_boot_ns.saturating_sub(meta.connect_ns) > capacity::PENDING_MAX_AGE_NS)
+            .filter(|(_, meta)| {
+                now_boot_ns.saturating_sub(meta.connect_ns) > capacity::PENDING_MAX_AGE_NS
+            })
             .map(|(cookie, _)| cookie)
             .collect();
-        stale.iter().filter(|c| self.pending.remove(c).is_ok()).count()
+        stale
+            .iter()
+            .filter(|c| self.pending.remove(c).is_ok())
+            .count()
     }
 
     /// Take the kernel's record of an accepted connection (it is removed: one accept, one use).
@@ -375,7 +417,9 @@ fn maps_dir(bpffs_dir: &Path) -> PathBuf {
 
 /// Whether pinned links exist, i.e. the programs are attached and fail closed.
 pub fn is_pinned(bpffs_dir: &Path) -> bool {
-    LINKS.iter().any(|(l, _)| bpffs_dir.join("links").join(l).exists())
+    LINKS
+        .iter()
+        .any(|(l, _)| bpffs_dir.join("links").join(l).exists())
 }
 
 /// Detach everything Airlock pinned under `bpffs_dir` and remove the pins: connections go
@@ -424,7 +468,8 @@ fn remove_pins(bpffs_dir: &Path) {
 
 /// Make sure a bpffs is mounted at or above `dir` (mount one on /sys/fs/bpf if not).
 fn ensure_bpffs(dir: &Path) -> Result<(), KernelError> {
-    let mounts = fs::read_to_string("/proc/self/mounts").map_err(bpffs_io(Path::new("/proc/self/mounts")))?;
+    let mounts = fs::read_to_string("/proc/self/mounts")
+        .map_err(bpffs_io(Path::new("/proc/self/mounts")))?;
     let mounted = mounts.lines().any(|line| {
         let mut f = line.split_whitespace();
         let (_, mount_point, fstype) = (f.next(), f.next(), f.next());
@@ -467,7 +512,11 @@ mod sys {
                 std::mem::size_of::<bpf_attr>(),
             )
         };
-        if ret < 0 { Err(io::Error::last_os_error()) } else { Ok(ret) }
+        if ret < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(ret)
+        }
     }
 
     /// Open a pinned object (`BPF_OBJ_GET`).
@@ -483,7 +532,10 @@ mod sys {
     }
 
     /// Atomically replace the program of a link (`BPF_LINK_UPDATE`).
-    pub fn link_update(link: std::os::fd::BorrowedFd<'_>, prog: std::os::fd::BorrowedFd<'_>) -> io::Result<()> {
+    pub fn link_update(
+        link: std::os::fd::BorrowedFd<'_>,
+        prog: std::os::fd::BorrowedFd<'_>,
+    ) -> io::Result<()> {
         // SAFETY: as above.
         let mut attr: bpf_attr = unsafe { std::mem::zeroed() };
         attr.link_update.link_fd = link.as_raw_fd() as u32;

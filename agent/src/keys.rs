@@ -84,14 +84,23 @@ mod tests {
     fn ipv4_is_stored_mapped() {
         let w = ip_words("127.0.0.2".parse().unwrap());
         let bytes: Vec<u8> = w.iter().flat_map(|w| w.to_ne_bytes()).collect();
-        assert_eq!(bytes, [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 127, 0, 0, 2]);
+        assert_eq!(
+            bytes,
+            [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 127, 0, 0, 2]
+        );
     }
 
     #[test]
     fn mapped_and_plain_ipv4_share_a_key() {
-        assert_eq!(target_key(sa("127.0.0.2:8443")), target_key(sa("[::ffff:127.0.0.2]:8443")));
         assert_eq!(
-            flow_key(sa("[::ffff:127.0.0.1]:40000"), sa("[::ffff:127.0.0.1]:1010")),
+            target_key(sa("127.0.0.2:8443")),
+            target_key(sa("[::ffff:127.0.0.2]:8443"))
+        );
+        assert_eq!(
+            flow_key(
+                sa("[::ffff:127.0.0.1]:40000"),
+                sa("[::ffff:127.0.0.1]:1010")
+            ),
             flow_key(sa("127.0.0.1:40000"), sa("127.0.0.1:1010"))
         );
     }
@@ -99,7 +108,10 @@ mod tests {
     #[test]
     fn ipv6_is_kept_as_is() {
         let key = target_key(sa("[2001:db8::7]:443"));
-        assert_eq!(ip_from_words(key.addr), "2001:db8::7".parse::<IpAddr>().unwrap());
+        assert_eq!(
+            ip_from_words(key.addr),
+            "2001:db8::7".parse::<IpAddr>().unwrap()
+        );
         assert_eq!(key.addr[0].to_ne_bytes(), [0x20, 0x01, 0x0d, 0xb8]);
         assert_eq!(key.port, 443);
         assert_ne!(target_key(sa("[::1]:443")), target_key(sa("127.0.0.1:443")));
@@ -119,13 +131,19 @@ mod tests {
             let ip: IpAddr = s.parse().unwrap();
             assert_eq!(ip_from_words(ip_words(ip)), canonical_ip(ip));
         }
-        assert_eq!(canonical_ip("::ffff:10.0.0.1".parse().unwrap()), "10.0.0.1".parse::<IpAddr>().unwrap());
+        assert_eq!(
+            canonical_ip("::ffff:10.0.0.1".parse().unwrap()),
+            "10.0.0.1".parse::<IpAddr>().unwrap()
+        );
     }
 
     #[test]
     fn kernel_words_match_memory_order() {
         // The kernel stores 127.0.0.1 as the bytes 7f 00 00 01.
-        assert_eq!(kernel_ip4(Ipv4Addr::LOCALHOST).to_ne_bytes(), [127, 0, 0, 1]);
+        assert_eq!(
+            kernel_ip4(Ipv4Addr::LOCALHOST).to_ne_bytes(),
+            [127, 0, 0, 1]
+        );
         let w = kernel_ip6(Ipv6Addr::LOCALHOST);
         assert_eq!(w[..3], [0, 0, 0]);
         assert_eq!(w[3].to_ne_bytes(), [0, 0, 0, 1]);

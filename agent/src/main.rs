@@ -10,7 +10,11 @@ use airlock::{
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "airlock", version, about = "Transparent interceptor for MCP traffic on this host")]
+#[command(
+    name = "airlock",
+    version,
+    about = "Transparent interceptor for MCP traffic on this host"
+)]
 struct Cli {
     /// Configuration file.
     #[arg(long, global = true, value_name = "PATH", default_value = config::DEFAULT_CONFIG_PATH)]
@@ -105,7 +109,10 @@ async fn status(config: &Config, json: bool) -> ExitCode {
             } else {
                 eprintln!("airlock: {e}");
                 if pinned {
-                    eprintln!("programs are pinned in {}: connections to backends are refused (fail closed) until the agent runs again or `airlock detach`", config.bpffs_dir.display());
+                    eprintln!(
+                        "programs are pinned in {}: connections to backends are refused (fail closed) until the agent runs again or `airlock detach`",
+                        config.bpffs_dir.display()
+                    );
                 }
             }
             return ExitCode::from(3);
@@ -127,13 +134,34 @@ fn print_table(s: &Status) {
     let a = &s.agent;
     println!(
         "agent pid {} since {}  cgroup {}  on_agent_down {}  listening {}",
-        a.pid, a.started_at, a.cgroup, a.on_agent_down, a.listen.join(" ")
+        a.pid,
+        a.started_at,
+        a.cgroup,
+        a.on_agent_down,
+        a.listen.join(" ")
     );
-    println!("targets: {}", s.targets.iter().map(|t| format!("{}={}", t.backend, t.address)).collect::<Vec<_>>().join(", "));
+    println!(
+        "targets: {}",
+        s.targets
+            .iter()
+            .map(|t| format!("{}={}", t.backend, t.address))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
     println!();
     println!(
         "{:>6} {:<9} {:>7} {:>7} {:<10} {:<16} {:<10} {:<24} {:>9} {:>9} {:<27} EXE",
-        "ID", "STATE", "PID", "TGID", "USER", "COMM", "BACKEND", "ORIGINAL_DST", "UP", "DOWN", "OPENED"
+        "ID",
+        "STATE",
+        "PID",
+        "TGID",
+        "USER",
+        "COMM",
+        "BACKEND",
+        "ORIGINAL_DST",
+        "UP",
+        "DOWN",
+        "OPENED"
     );
     for c in &s.connections {
         let dash = || "-".to_owned();
@@ -143,10 +171,15 @@ fn print_table(s: &Status) {
             c.state,
             c.pid.map(|p| p.to_string()).unwrap_or_else(dash),
             c.tgid.map(|p| p.to_string()).unwrap_or_else(dash),
-            c.user.clone().or(c.uid.map(|u| u.to_string())).unwrap_or_else(dash),
+            c.user
+                .clone()
+                .or(c.uid.map(|u| u.to_string()))
+                .unwrap_or_else(dash),
             c.comm.clone().unwrap_or_else(dash),
             c.backend.clone().unwrap_or_else(dash),
-            c.original_dst.clone().unwrap_or_else(|| format!("(from {})", c.client)),
+            c.original_dst
+                .clone()
+                .unwrap_or_else(|| format!("(from {})", c.client)),
             c.bytes_up,
             c.bytes_down,
             c.opened_at,
@@ -168,7 +201,12 @@ async fn detach(config: &Config) -> ExitCode {
     // Detach first, so no connection is refused while the agent drains and exits.
     let removed = match kernel::detach(&config.bpffs_dir) {
         Ok(r) => r,
-        Err(e) => return fail(format!("cannot remove pins under {}: {e}", config.bpffs_dir.display())),
+        Err(e) => {
+            return fail(format!(
+                "cannot remove pins under {}: {e}",
+                config.bpffs_dir.display()
+            ));
+        }
     };
     for line in &removed {
         println!("{line}");

@@ -107,47 +107,53 @@ impl Proxy {
         };
         let Some(meta) = meta else {
             // Not redirected by our programs (or its record was lost): never an open proxy.
-            self.counters.rejected_unattributed.fetch_add(1, Ordering::Relaxed);
-            let guard = self.registry.open(peer, None, None);
-            guard.finish(
-                ConnState::Rejected,
+            return self.reject_unknown(
+                client,
+                peer,
+                &self.counters.rejected_unattributed,
                 "no kernel record for this connection: only connections redirected by Airlock are served",
             );
-            warn!(%peer, "rejected a connection without a kernel record");
-            reset(client);
-            return;
         };
         if meta.connect_ns < self.listening_since_ns {
-            self.counters.rejected_stale.fetch_add(1, Ordering::Relaxed);
-            let guard = self.registry.open(peer, None, None);
-            guard.finish(
-                ConnState::Rejected,
+            return self.reject_unknown(
+                client,
+                peer,
+                &self.counters.rejected_stale,
                 "stale kernel record: made before this agent listened (a refused connection's 4-tuple, reused)",
             );
-            warn!(%peer, "rejected a connection matching a stale kernel record");
-            reset(client);
-            return;
         }
         let backend = self
             .config
             .backends
             .get(meta.backend_id as usize)
             .map(|b| b.name.clone());
-        let original_dst = std::net::SocketAddr::new(keys::ip_from_words(meta.orig_addr), meta.orig_port);
+        let original_dst =
+            std::net::SocketAddr::new(keys::ip_from_words(meta.orig_addr), meta.orig_port);
         // Dial the backend while /proc is read: the two waits overlap.
         // Over capacity: still attributed (the record says who was refused), never dialled.
         let over_capacity = self.registry.live_count() >= self.config.max_connections;
         let dial = async {
-            if over_capacity { None } else { Some(self.dial(original_dst).await) }
+            if over_capacity {
+                None
+            } else {
+                Some(self.dial(original_dst).await)
+            }
         };
         // procfs reads do not wait on I/O: done inline. A user or group name not yet cached
         // needs NSS, which can (LDAP, files on slow disks): that goes to the blocking pool.
         let attribute = async {
             if self.names.has(meta.uid, meta.gid) {
-                Ok(Attribution::from_kernel(&meta, Path::new("/proc"), &self.names))
+                Ok(Attribution::from_kernel(
+                    &meta,
+                    Path::new("/proc"),
+                    &self.names,
+                ))
             } else {
                 let names = self.names.clone();
-                tokio::task::spawn_blocking(move || Attribution::from_kernel(&meta, Path::new("/proc"), &names)).await
+                tokio::task::spawn_blocking(move || {
+                    Attribution::from_kernel(&meta, Path::new("/proc"), &names)
+                })
+                .await
             }
         };
         // `biased`: the dial is polled first, so its connect() is under way while /proc is read.
@@ -161,12 +167,19 @@ impl Proxy {
             }
         };
         let ready_us = accepted.elapsed().as_micros() as u64;
-        let guard = self.registry.open(peer, Some(attribution.clone()), backend.clone());
+        let guard = self
+            .registry
+            .open(peer, Some(attribution.clone()), backend.clone());
         if over_capacity {
-            self.counters.rejected_over_capacity.fetch_add(1, Ordering::Relaxed);
+            self.counters
+                .rejected_over_capacity
+                .fetch_add(1, Ordering::Relaxed);
             guard.finish(
                 ConnState::Rejected,
-                format!("over capacity: more than {} live connections (`max_connections`)", self.config.max_connections),
+                format!(
+                    "over capacity: more than {} live connections (`max_connections`)",
+                    self.config.max_connections
+                ),
             );
             reset(client);
             return;
@@ -189,7 +202,9 @@ impl Proxy {
             // `None` only when over capacity, handled above.
             None => return,
             Some(Err(reason)) => {
-                self.counters.upstream_failed.fetch_add(1, Ordering::Relaxed);
+                self.counters
+                    .upstream_failed
+                    .fetch_add(1, Ordering::Relaxed);
                 warn!(id = guard.id(), %original_dst, %reason, "upstream connect failed");
                 guard.finish(ConnState::Failed, reason);
                 reset(client);
@@ -215,7 +230,10 @@ impl Proxy {
                 self.counters.idle_timeouts.fetch_add(1, Ordering::Relaxed);
                 guard.finish(
                     ConnState::Failed,
-                    format!("idle for {} s (`idle_timeout_secs`)", self.config.idle_timeout.as_secs()),
+                    format!(
+                        "idle for {} s (`idle_timeout_secs`)",
+                        self.config.idle_timeout.as_secs()
+                    ),
                 );
             }
             Err(e) => {
@@ -224,6 +242,22 @@ impl Proxy {
                 guard.finish(ConnState::Failed, e.to_string());
             }
         }
+    }
+
+    /// Refuse a connection nobody can be held responsible for: counted, listed, reset.
+    fn reject_unknown(
+        &self,
+        client: TcpStream,
+        peer: SocketAddr,
+        counter: &AtomicU64,
+        reason: &str,
+    ) {
+        counter.fetch_add(1, Ordering::Relaxed);
+        self.registry
+            .open(peer, None, None)
+            .finish(ConnState::Rejected, reason);
+        warn!(%peer, reason, "rejected a connection");
+        reset(client);
     }
 
     /// Connect to the original destination with the bypass mark, so our own programs let this

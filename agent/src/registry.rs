@@ -237,7 +237,10 @@ impl Drop for ConnGuard {
         let state = ConnState::from_u8(self.entry.state.load(Ordering::Relaxed));
         if matches!(state, ConnState::Connecting | ConnState::Open) {
             // Ended without a recorded outcome (task cancelled at shutdown, or a panic).
-            self.finish(ConnState::Failed, "ended without an outcome (agent shutdown?)");
+            self.finish(
+                ConnState::Failed,
+                "ended without an outcome (agent shutdown?)",
+            );
         }
         self.registry.retire(&self.entry);
     }
@@ -263,8 +266,15 @@ mod tests {
         assert_eq!(live[0].state, "open");
         assert_eq!(live[0].closed_at, None);
         assert_eq!(recent.len(), 3);
-        assert_eq!(recent.iter().map(|r| r.bytes_up).collect::<Vec<_>>(), vec![2, 3, 4]);
-        assert!(recent.iter().all(|r| r.state == "closed" && r.closed_at.is_some()));
+        assert_eq!(
+            recent.iter().map(|r| r.bytes_up).collect::<Vec<_>>(),
+            vec![2, 3, 4]
+        );
+        assert!(
+            recent
+                .iter()
+                .all(|r| r.state == "closed" && r.closed_at.is_some())
+        );
     }
 
     #[test]

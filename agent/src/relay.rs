@@ -76,8 +76,22 @@ where
     let (mut client_rd, mut client_wr) = client.halves();
     let (mut upstream_rd, mut upstream_wr) = upstream.halves();
 
-    let up = copy_one_way(&mut client_rd, &mut upstream_wr, bytes_up, &last_activity, start, Side::Client);
-    let down = copy_one_way(&mut upstream_rd, &mut client_wr, bytes_down, &last_activity, start, Side::Upstream);
+    let up = copy_one_way(
+        &mut client_rd,
+        &mut upstream_wr,
+        bytes_up,
+        &last_activity,
+        start,
+        Side::Client,
+    );
+    let down = copy_one_way(
+        &mut upstream_rd,
+        &mut client_wr,
+        bytes_down,
+        &last_activity,
+        start,
+        Side::Upstream,
+    );
     let both = async {
         let (u, d) = tokio::join!(up, down);
         u.and(d)
@@ -118,11 +132,11 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let (read_err, write_err): (fn(std::io::Error) -> RelayError, fn(std::io::Error) -> RelayError) =
-        match side {
-            Side::Client => (RelayError::Client, RelayError::Upstream),
-            Side::Upstream => (RelayError::Upstream, RelayError::Client),
-        };
+    type Wrap = fn(std::io::Error) -> RelayError;
+    let (read_err, write_err): (Wrap, Wrap) = match side {
+        Side::Client => (RelayError::Client, RelayError::Upstream),
+        Side::Upstream => (RelayError::Upstream, RelayError::Client),
+    };
     let mut buf = vec![0u8; BUFFER_SIZE];
     loop {
         let n = rd.read(&mut buf).await.map_err(read_err)?;
@@ -165,7 +179,13 @@ mod tests {
             assert_eq!(back.len(), 100_000);
         };
         let (end, ()) = tokio::join!(
-            relay(client_side, upstream_side, Duration::from_secs(5), &up, &down),
+            relay(
+                client_side,
+                upstream_side,
+                Duration::from_secs(5),
+                &up,
+                &down
+            ),
             apps
         );
         assert_eq!(end.unwrap(), RelayEnd::Closed);
@@ -178,7 +198,14 @@ mod tests {
         let (_client_app, client_side) = tokio::io::duplex(64);
         let (upstream_side, _upstream_app) = tokio::io::duplex(64);
         let (up, down) = (AtomicU64::new(0), AtomicU64::new(0));
-        let end = relay(client_side, upstream_side, Duration::from_secs(30), &up, &down).await;
+        let end = relay(
+            client_side,
+            upstream_side,
+            Duration::from_secs(30),
+            &up,
+            &down,
+        )
+        .await;
         assert_eq!(end.unwrap(), RelayEnd::IdleTimeout);
     }
 
@@ -198,7 +225,13 @@ mod tests {
         };
         let started = Instant::now();
         let (end, _keep) = tokio::join!(
-            relay(client_side, upstream_side, Duration::from_secs(30), &up, &down),
+            relay(
+                client_side,
+                upstream_side,
+                Duration::from_secs(30),
+                &up,
+                &down
+            ),
             talker
         );
         assert_eq!(end.unwrap(), RelayEnd::IdleTimeout);

@@ -278,7 +278,11 @@ mod tests {
 
     #[test]
     fn program_names_fit_the_kernel_name_field() {
-        let progs = [names::PROG_CONNECT4, names::PROG_CONNECT6, names::PROG_SOCK_OPS];
+        let progs = [
+            names::PROG_CONNECT4,
+            names::PROG_CONNECT6,
+            names::PROG_SOCK_OPS,
+        ];
         for n in progs.iter().chain(names::MAPS.iter()) {
             assert!(n.len() <= 15, "{n} would be truncated by BPF_OBJ_NAME_LEN");
         }

@@ -42,21 +42,18 @@ pub fn privileged() -> bool {
 }
 
 fn cgroup2_root() -> PathBuf {
-    let mounts = std::fs::read_to_string("/proc/self/mounts").expect("read /proc/self/mounts");
-    mounts
-        .lines()
-        .find_map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            (f.get(2) == Some(&"cgroup2")).then(|| PathBuf::from(f[1]))
-        })
-        .expect("no cgroup2 mount: the privileged tests need cgroup v2")
+    airlock::cgroup::resolve(None).expect("the privileged tests need a cgroup v2 mount")
 }
 
 static SEQ: AtomicU32 = AtomicU32::new(0);
 
 /// A unique name for this test's cgroup, pins and state.
 pub fn unique(name: &str) -> String {
-    format!("airlock-test-{}-{}-{name}", std::process::id(), SEQ.fetch_add(1, Ordering::Relaxed))
+    format!(
+        "airlock-test-{}-{}-{name}",
+        std::process::id(),
+        SEQ.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 /// A child cgroup of the cgroup2 root; processes started with [`TestCgroup::command`] run in it.
@@ -218,7 +215,9 @@ pub fn spawn_client(cg: &TestCgroup, host: &str, port: u16, opts: &ClientOpts) -
     if let Some(p) = opts.source_port {
         cmd.args(["--source-port", &p.to_string()]);
     }
-    cmd.current_dir("/").stdout(Stdio::piped()).stderr(Stdio::piped());
+    cmd.current_dir("/")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
     RunningClient(cmd.spawn().expect("spawn the python client"))
 }
 
@@ -239,7 +238,9 @@ impl Backend {
         thread::spawn(move || {
             for stream in listener.incoming() {
                 let Ok(mut stream) = stream else { continue };
-                let Ok(peer) = stream.peer_addr() else { continue };
+                let Ok(peer) = stream.peer_addr() else {
+                    continue;
+                };
                 seen2.lock().unwrap().push(peer);
                 let name = name.clone();
                 thread::spawn(move || {
@@ -336,7 +337,11 @@ impl Agent {
             if self.try_status().is_some() {
                 break;
             }
-            assert!(Instant::now() < deadline, "agent not ready after 20 s:\n{}", self.log());
+            assert!(
+                Instant::now() < deadline,
+                "agent not ready after 20 s:\n{}",
+                self.log()
+            );
             thread::sleep(Duration::from_millis(50));
         }
         self.child = Some(child);
@@ -434,7 +439,11 @@ impl Agent {
             if let Some(status) = child.try_wait().expect("try_wait") {
                 return status;
             }
-            assert!(Instant::now() < deadline, "agent did not exit after SIGTERM:\n{}", self.log());
+            assert!(
+                Instant::now() < deadline,
+                "agent did not exit after SIGTERM:\n{}",
+                self.log()
+            );
             thread::sleep(Duration::from_millis(20));
         }
     }
@@ -451,7 +460,10 @@ impl Agent {
         if let Some(mut child) = self.child.take() {
             let deadline = Instant::now() + Duration::from_secs(15);
             while child.try_wait().expect("try_wait").is_none() {
-                assert!(Instant::now() < deadline, "agent still running after detach");
+                assert!(
+                    Instant::now() < deadline,
+                    "agent still running after detach"
+                );
                 thread::sleep(Duration::from_millis(20));
             }
         }
@@ -493,14 +505,24 @@ pub fn backend_toml(name: &str, port: u16, addresses: &[&str]) -> String {
 /// Flow records currently in the agent's pinned `AIRLOCK_FLOWS` map whose client port is `port`.
 pub fn flow_records_from_port(agent: &Agent, port: u16) -> usize {
     use airlock_common::{ABI_VERSION, ConnMeta, FlowKey};
-    let path = agent.bpffs_dir.join(format!("maps-v{ABI_VERSION}")).join("AIRLOCK_FLOWS");
+    let path = agent
+        .bpffs_dir
+        .join(format!("maps-v{ABI_VERSION}"))
+        .join("AIRLOCK_FLOWS");
     let data = aya::maps::MapData::from_pin(&path).expect("open pinned AIRLOCK_FLOWS");
     let map: aya::maps::HashMap<_, FlowKey, ConnMeta> =
         aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(data)).expect("flows map");
-    map.keys().filter_map(Result::ok).filter(|k| k.src_port == port).count()
+    map.keys()
+        .filter_map(Result::ok)
+        .filter(|k| k.src_port == port)
+        .count()
 }
 
 /// A free TCP port on 127.0.0.1 (bound and released).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }

@@ -21,16 +21,31 @@ fn killed_agent_fails_closed_restart_resumes_and_detach_restores_direct() {
     let backend = Backend::start("tools", "127.0.0.2:0");
     let port = backend.port();
     let mut agent = Agent::start(&cg, &name, &backend_toml("tools", port, &["127.0.0.2"]), "");
-    assert!(run_client(&cg, "127.0.0.2", port, &ClientOpts::default()).response.is_some());
+    assert!(
+        run_client(&cg, "127.0.0.2", port, &ClientOpts::default())
+            .response
+            .is_some()
+    );
     assert_eq!(backend.seen().len(), 1);
 
     agent.sigkill();
     let res = run_client(&cg, "127.0.0.2", port, &ClientOpts::default());
-    assert!(refused(&res), "with the agent dead the client must be refused: {res:?}");
-    assert_eq!(backend.seen().len(), 1, "the refused client reached the backend directly");
+    assert!(
+        refused(&res),
+        "with the agent dead the client must be refused: {res:?}"
+    );
+    assert_eq!(
+        backend.seen().len(),
+        1,
+        "the refused client reached the backend directly"
+    );
     // Unrelated traffic still flows.
     let other = Backend::start("other", "127.0.0.2:0");
-    assert!(run_client(&cg, "127.0.0.2", other.port(), &ClientOpts::default()).response.is_some());
+    assert!(
+        run_client(&cg, "127.0.0.2", other.port(), &ClientOpts::default())
+            .response
+            .is_some()
+    );
     // The CLI says so too.
     let status = agent.airlock(&["status", "--json"]);
     assert_eq!(status.status.code(), Some(3));
@@ -40,7 +55,11 @@ fn killed_agent_fails_closed_restart_resumes_and_detach_restores_direct() {
 
     // Restart: the new agent swaps its programs into the pinned links.
     agent.spawn();
-    assert!(agent.log().contains("took over pinned link"), "{}", agent.log());
+    assert!(
+        agent.log().contains("took over pinned link"),
+        "{}",
+        agent.log()
+    );
     let res = run_client(&cg, "127.0.0.2", port, &ClientOpts::default());
     assert!(res.expect_response().starts_with("tools saw "));
     assert_eq!(res.peer.unwrap().port(), agent.port);
@@ -48,10 +67,18 @@ fn killed_agent_fails_closed_restart_resumes_and_detach_restores_direct() {
 
     // Detach: everything removed, connections go straight to the backend.
     agent.detach();
-    assert!(!agent.bpffs_dir.exists(), "pins left in {}", agent.bpffs_dir.display());
+    assert!(
+        !agent.bpffs_dir.exists(),
+        "pins left in {}",
+        agent.bpffs_dir.display()
+    );
     let res = run_client(&cg, "127.0.0.2", port, &ClientOpts::default());
     assert!(res.expect_response().starts_with("tools saw "));
-    assert_eq!(res.peer, Some(backend.addr), "not direct after detach: {res:?}");
+    assert_eq!(
+        res.peer,
+        Some(backend.addr),
+        "not direct after detach: {res:?}"
+    );
     assert_eq!(backend.seen().last(), res.local.as_ref());
 }
 
@@ -89,7 +116,11 @@ fn restart_leaves_no_window_of_unredirected_traffic() {
     assert!(results.len() >= 3, "too few probes: {}", results.len());
     for r in &results {
         if let Some(peer) = r.peer {
-            assert_eq!(peer.port(), agent.port, "a connection went around the agent: {r:?}");
+            assert_eq!(
+                peer.port(),
+                agent.port,
+                "a connection went around the agent: {r:?}"
+            );
         } else {
             assert!(refused(r), "unexpected failure: {r:?}");
         }
@@ -99,9 +130,18 @@ fn restart_leaves_no_window_of_unredirected_traffic() {
         .into_iter()
         .filter(|s| results.iter().any(|r| r.local == Some(*s)))
         .collect();
-    assert!(direct.is_empty(), "backend saw clients directly: {direct:?}");
-    assert!(results.iter().any(refused), "no probe ran while the agent was down");
-    assert!(results.iter().any(|r| r.response.is_some()), "no probe was relayed");
+    assert!(
+        direct.is_empty(),
+        "backend saw clients directly: {direct:?}"
+    );
+    assert!(
+        results.iter().any(refused),
+        "no probe ran while the agent was down"
+    );
+    assert!(
+        results.iter().any(|r| r.response.is_some()),
+        "no probe was relayed"
+    );
 }
 
 #[test]
@@ -120,11 +160,22 @@ fn bypass_mode_lets_connections_through_when_the_agent_dies() {
         "on_agent_down = \"bypass\"",
     );
     let res = run_client(&cg, "127.0.0.2", port, &ClientOpts::default());
-    assert_eq!(res.peer.unwrap().port(), agent.port, "redirected while the agent runs");
-    assert!(!agent.bpffs_dir.join("links").exists(), "bypass mode must not pin links");
+    assert_eq!(
+        res.peer.unwrap().port(),
+        agent.port,
+        "redirected while the agent runs"
+    );
+    assert!(
+        !agent.bpffs_dir.join("links").exists(),
+        "bypass mode must not pin links"
+    );
     agent.sigkill();
     let res = run_client(&cg, "127.0.0.2", port, &ClientOpts::default());
-    assert_eq!(res.peer, Some(backend.addr), "bypass: direct once the agent is gone: {res:?}");
+    assert_eq!(
+        res.peer,
+        Some(backend.addr),
+        "bypass: direct once the agent is gone: {res:?}"
+    );
     assert!(res.expect_response().starts_with("tools saw "));
 }
 
@@ -139,17 +190,30 @@ fn sigterm_drains_live_connections_then_exits_cleanly() {
     let port = backend.port();
     let mut agent = Agent::start(&cg, &name, &backend_toml("tools", port, &["127.0.0.2"]), "");
     // The client connects, then waits 1.5 s before sending: the agent is told to stop meanwhile.
-    let opts = ClientOpts { pause_secs: Some(1.5), ..Default::default() };
+    let opts = ClientOpts {
+        pause_secs: Some(1.5),
+        ..Default::default()
+    };
     let client = spawn_client(&cg, "127.0.0.2", port, &opts);
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     while agent.status()["agent"]["live_connections"] != 1 {
-        assert!(std::time::Instant::now() < deadline, "connection never went live");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "connection never went live"
+        );
         thread::sleep(Duration::from_millis(20));
     }
     let status = agent.sigterm();
-    assert!(status.success(), "agent exit after SIGTERM: {status}\n{}", agent.log());
+    assert!(
+        status.success(),
+        "agent exit after SIGTERM: {status}\n{}",
+        agent.log()
+    );
     let res = client.wait();
-    assert!(res.expect_response().starts_with("tools saw "), "drained connection lost: {res:?}");
+    assert!(
+        res.expect_response().starts_with("tools saw "),
+        "drained connection lost: {res:?}"
+    );
     // After the drain, new connections are refused (block mode keeps the pins).
     let res = run_client(&cg, "127.0.0.2", port, &ClientOpts::default());
     assert!(refused(&res), "{res:?}");
@@ -161,10 +225,17 @@ fn sigterm_drains_live_connections_then_exits_cleanly() {
 fn leave_a_stale_record(cg: &TestCgroup, agent: &mut Agent, backend_port: u16) -> u16 {
     let source_port = free_port();
     agent.sigkill();
-    let opts = ClientOpts { source_port: Some(source_port), ..Default::default() };
+    let opts = ClientOpts {
+        source_port: Some(source_port),
+        ..Default::default()
+    };
     let res = run_client(cg, "127.0.0.2", backend_port, &opts);
     assert!(refused(&res), "{res:?}");
-    assert_eq!(flow_records_from_port(agent, source_port), 1, "the refused connection left a record");
+    assert_eq!(
+        flow_records_from_port(agent, source_port),
+        1,
+        "the refused connection left a record"
+    );
     source_port
 }
 
@@ -176,7 +247,12 @@ fn stale_flow_record_is_not_inherited_after_restart() {
     let name = unique("stale");
     let cg = TestCgroup::new(&name);
     let backend = Backend::start("tools", "127.0.0.2:0");
-    let mut agent = Agent::start(&cg, &name, &backend_toml("tools", backend.port(), &["127.0.0.2"]), "");
+    let mut agent = Agent::start(
+        &cg,
+        &name,
+        &backend_toml("tools", backend.port(), &["127.0.0.2"]),
+        "",
+    );
     let source_port = leave_a_stale_record(&cg, &mut agent, backend.port());
     agent.spawn();
     // This test process is outside the intercepted cgroup: no program sees its connect().
@@ -187,11 +263,17 @@ fn stale_flow_record_is_not_inherited_after_restart() {
     sock.bind(&from.into()).unwrap();
     sock.connect(&to.into()).unwrap();
     let mut stream: std::net::TcpStream = sock.into();
-    stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
     let _ = std::io::Write::write_all(&mut stream, b"hello\n");
     let mut got = Vec::new();
     let _ = std::io::Read::read_to_end(&mut stream, &mut got);
-    assert!(got.is_empty(), "the agent served a stale record: {}", String::from_utf8_lossy(&got));
+    assert!(
+        got.is_empty(),
+        "the agent served a stale record: {}",
+        String::from_utf8_lossy(&got)
+    );
     assert!(backend.seen().is_empty(), "the backend was reached");
     assert_eq!(agent.agent_counter("rejected_stale"), 1);
 }
@@ -204,11 +286,23 @@ fn connection_to_the_agent_port_erases_a_stale_record_in_the_kernel() {
     let name = unique("erase");
     let cg = TestCgroup::new(&name);
     let backend = Backend::start("tools", "127.0.0.2:0");
-    let mut agent = Agent::start(&cg, &name, &backend_toml("tools", backend.port(), &["127.0.0.2"]), "");
+    let mut agent = Agent::start(
+        &cg,
+        &name,
+        &backend_toml("tools", backend.port(), &["127.0.0.2"]),
+        "",
+    );
     let source_port = leave_a_stale_record(&cg, &mut agent, backend.port());
     // A process in the cgroup reuses the 4-tuple, straight to the agent's port (nobody listens).
-    let opts = ClientOpts { source_port: Some(source_port), ..Default::default() };
+    let opts = ClientOpts {
+        source_port: Some(source_port),
+        ..Default::default()
+    };
     let res = run_client(&cg, "127.0.0.1", agent.port, &opts);
     assert!(refused(&res), "{res:?}");
-    assert_eq!(flow_records_from_port(&agent, source_port), 0, "sock_ops left the stale record");
+    assert_eq!(
+        flow_records_from_port(&agent, source_port),
+        0,
+        "sock_ops left the stale record"
+    );
 }

@@ -9,14 +9,25 @@ fn assert_redirected(agent: &Agent, backend: &Backend, res: &ClientResult, origi
     let response = res.expect_response();
     // The client believes it talks to the backend but its socket's peer is the agent.
     let peer = res.peer.expect("peer");
-    assert!(peer.ip().is_loopback() || peer.ip().to_string() == "::ffff:127.0.0.1", "{peer}");
-    assert_eq!(peer.port(), agent.port, "client was not redirected to the agent: {res:?}");
+    assert!(
+        peer.ip().is_loopback() || peer.ip().to_string() == "::ffff:127.0.0.1",
+        "{peer}"
+    );
+    assert_eq!(
+        peer.port(),
+        agent.port,
+        "client was not redirected to the agent: {res:?}"
+    );
     // The backend answered, and saw the agent's upstream socket, not the client's.
     assert!(response.starts_with("tools saw "), "{response}");
     let client_local = res.local.expect("local");
     let seen = backend.seen();
     assert_eq!(seen.len(), 1, "backend connections: {seen:?}");
-    assert_ne!(seen[0].port(), client_local.port(), "backend saw the client directly");
+    assert_ne!(
+        seen[0].port(),
+        client_local.port(),
+        "backend saw the client directly"
+    );
 
     let conn = agent.connection_of(res.pid);
     assert_eq!(conn["state"], "closed", "{conn:#}");
@@ -43,9 +54,19 @@ fn ipv4_connection_to_a_backend_is_redirected_and_attributed() {
     let name = unique("v4");
     let cg = TestCgroup::new(&name);
     let backend = Backend::start("tools", "127.0.0.2:0");
-    let agent = Agent::start(&cg, &name, &backend_toml("tools", backend.port(), &["127.0.0.2"]), "");
+    let agent = Agent::start(
+        &cg,
+        &name,
+        &backend_toml("tools", backend.port(), &["127.0.0.2"]),
+        "",
+    );
     let res = run_client(&cg, "127.0.0.2", backend.port(), &ClientOpts::default());
-    assert_redirected(&agent, &backend, &res, &format!("127.0.0.2:{}", backend.port()));
+    assert_redirected(
+        &agent,
+        &backend,
+        &res,
+        &format!("127.0.0.2:{}", backend.port()),
+    );
     assert_eq!(agent.kernel_counter("redirect_ipv4"), 1);
     assert_eq!(agent.kernel_counter("flow_recorded"), 1);
 }
@@ -58,7 +79,12 @@ fn ipv6_connection_to_a_backend_is_redirected() {
     let name = unique("v6");
     let cg = TestCgroup::new(&name);
     let backend = Backend::start("tools", "[::1]:0");
-    let agent = Agent::start(&cg, &name, &backend_toml("tools", backend.port(), &["::1"]), "");
+    let agent = Agent::start(
+        &cg,
+        &name,
+        &backend_toml("tools", backend.port(), &["::1"]),
+        "",
+    );
     let res = run_client(&cg, "::1", backend.port(), &ClientOpts::default());
     assert_redirected(&agent, &backend, &res, &format!("[::1]:{}", backend.port()));
     assert_eq!(res.peer.unwrap().ip().to_string(), "::1");
@@ -74,10 +100,25 @@ fn ipv4_mapped_connection_takes_the_ipv4_path() {
     let name = unique("mapped");
     let cg = TestCgroup::new(&name);
     let backend = Backend::start("tools", "127.0.0.2:0");
-    let agent = Agent::start(&cg, &name, &backend_toml("tools", backend.port(), &["127.0.0.2"]), "");
+    let agent = Agent::start(
+        &cg,
+        &name,
+        &backend_toml("tools", backend.port(), &["127.0.0.2"]),
+        "",
+    );
     // An AF_INET6 socket addressing an IPv4 backend as ::ffff:127.0.0.2.
-    let res = run_client(&cg, "::ffff:127.0.0.2", backend.port(), &ClientOpts::default());
-    assert_redirected(&agent, &backend, &res, &format!("127.0.0.2:{}", backend.port()));
+    let res = run_client(
+        &cg,
+        "::ffff:127.0.0.2",
+        backend.port(),
+        &ClientOpts::default(),
+    );
+    assert_redirected(
+        &agent,
+        &backend,
+        &res,
+        &format!("127.0.0.2:{}", backend.port()),
+    );
     assert_eq!(res.peer.unwrap().ip().to_string(), "::ffff:127.0.0.1");
     assert_eq!(agent.kernel_counter("redirect_ipv4_mapped"), 1);
     let conn = agent.connection_of(res.pid);
@@ -92,11 +133,24 @@ fn tcp_fast_open_cannot_bypass_the_redirect() {
     let name = unique("tfo");
     let cg = TestCgroup::new(&name);
     let backend = Backend::start("tools", "127.0.0.2:0");
-    let agent = Agent::start(&cg, &name, &backend_toml("tools", backend.port(), &["127.0.0.2"]), "");
+    let agent = Agent::start(
+        &cg,
+        &name,
+        &backend_toml("tools", backend.port(), &["127.0.0.2"]),
+        "",
+    );
     // sendto(MSG_FASTOPEN) connects without connect(); the kernel still runs the connect4 hook.
-    let opts = ClientOpts { fastopen: true, ..Default::default() };
+    let opts = ClientOpts {
+        fastopen: true,
+        ..Default::default()
+    };
     let res = run_client(&cg, "127.0.0.2", backend.port(), &opts);
-    assert_redirected(&agent, &backend, &res, &format!("127.0.0.2:{}", backend.port()));
+    assert_redirected(
+        &agent,
+        &backend,
+        &res,
+        &format!("127.0.0.2:{}", backend.port()),
+    );
 }
 
 #[test]
@@ -110,7 +164,12 @@ fn other_destinations_ports_and_protocols_are_untouched() {
     // Same address, other port; same port, other address; both real servers.
     let other_port = Backend::start("other-port", "127.0.0.2:0");
     let other_addr = Backend::start("other-addr", &format!("127.0.0.3:{}", backend.port()));
-    let agent = Agent::start(&cg, &name, &backend_toml("tools", backend.port(), &["127.0.0.2"]), "");
+    let agent = Agent::start(
+        &cg,
+        &name,
+        &backend_toml("tools", backend.port(), &["127.0.0.2"]),
+        "",
+    );
 
     for (server, host) in [(&other_port, "127.0.0.2"), (&other_addr, "127.0.0.3")] {
         let res = run_client(&cg, host, server.port(), &ClientOpts::default());
@@ -120,7 +179,15 @@ fn other_destinations_ports_and_protocols_are_untouched() {
         assert_eq!(server.seen(), vec![res.local.unwrap()]);
     }
     // UDP to the backend's address and port is not TCP: not redirected.
-    let udp = run_client(&cg, "127.0.0.2", backend.port(), &ClientOpts { udp: true, ..Default::default() });
+    let udp = run_client(
+        &cg,
+        "127.0.0.2",
+        backend.port(),
+        &ClientOpts {
+            udp: true,
+            ..Default::default()
+        },
+    );
     let backend_addr: SocketAddr = format!("127.0.0.2:{}", backend.port()).parse().unwrap();
     assert_eq!(udp.peer, Some(backend_addr), "{udp:?}");
 
@@ -139,8 +206,16 @@ fn client_running_as_another_user_is_attributed_to_that_user() {
     let name = unique("nobody");
     let cg = TestCgroup::new(&name);
     let backend = Backend::start("tools", "127.0.0.2:0");
-    let agent = Agent::start(&cg, &name, &backend_toml("tools", backend.port(), &["127.0.0.2"]), "");
-    let opts = ClientOpts { as_user: Some((65534, 65534)), ..Default::default() };
+    let agent = Agent::start(
+        &cg,
+        &name,
+        &backend_toml("tools", backend.port(), &["127.0.0.2"]),
+        "",
+    );
+    let opts = ClientOpts {
+        as_user: Some((65534, 65534)),
+        ..Default::default()
+    };
     let client = spawn_client(&cg, "127.0.0.2", backend.port(), &opts);
     let pid = client.pid();
     let res = client.wait();
@@ -159,7 +234,9 @@ fn client_running_as_another_user_is_attributed_to_that_user() {
         "cgroup path from /proc: {conn:#}"
     );
     assert!(
-        conn["cmdline"].as_array().is_some_and(|a| a.iter().any(|x| x.as_str().is_some_and(|s| s.ends_with("/client.py")))),
+        conn["cmdline"].as_array().is_some_and(|a| a
+            .iter()
+            .any(|x| x.as_str().is_some_and(|s| s.ends_with("/client.py")))),
         "{conn:#}"
     );
 }
@@ -174,17 +251,33 @@ fn agents_own_upstream_is_not_redirected_again() {
     let backend = Backend::start("tools", "127.0.0.2:0");
     // The agent runs inside the intercepted cgroup: without the bypass mark its own upstream
     // connect() would be redirected back to itself.
-    let agent = Agent::start(&cg, &name, &backend_toml("tools", backend.port(), &["127.0.0.2"]), "");
+    let agent = Agent::start(
+        &cg,
+        &name,
+        &backend_toml("tools", backend.port(), &["127.0.0.2"]),
+        "",
+    );
     let agent_cgroup = std::fs::read_to_string(format!("/proc/{}/cgroup", agent.pid())).unwrap();
-    assert!(agent_cgroup.contains(&name), "agent is not in the test cgroup: {agent_cgroup}");
+    assert!(
+        agent_cgroup.contains(&name),
+        "agent is not in the test cgroup: {agent_cgroup}"
+    );
     for _ in 0..3 {
         let res = run_client(&cg, "127.0.0.2", backend.port(), &ClientOpts::default());
         assert!(res.expect_response().starts_with("tools saw "));
     }
-    assert_eq!(backend.seen().len(), 3, "one upstream connection per client connection");
+    assert_eq!(
+        backend.seen().len(),
+        3,
+        "one upstream connection per client connection"
+    );
     assert_eq!(agent.kernel_counter("skip_marked"), 3);
     assert_eq!(agent.kernel_counter("redirect_ipv4"), 3);
-    assert_eq!(agent.agent_counter("accepted"), 3, "no looped connection reached the agent");
+    assert_eq!(
+        agent.agent_counter("accepted"),
+        3,
+        "no looped connection reached the agent"
+    );
     assert_eq!(agent.agent_counter("rejected_unattributed"), 0);
 }
 
@@ -196,16 +289,27 @@ fn direct_connection_to_the_agent_is_rejected() {
     let name = unique("direct");
     let cg = TestCgroup::new(&name);
     let backend = Backend::start("tools", "127.0.0.2:0");
-    let agent = Agent::start(&cg, &name, &backend_toml("tools", backend.port(), &["127.0.0.2"]), "");
+    let agent = Agent::start(
+        &cg,
+        &name,
+        &backend_toml("tools", backend.port(), &["127.0.0.2"]),
+        "",
+    );
     // From the test process (no redirect, so no kernel record) straight to the listeners.
-    for addr in [format!("127.0.0.1:{}", agent.port), format!("[::1]:{}", agent.port)] {
+    for addr in [
+        format!("127.0.0.1:{}", agent.port),
+        format!("[::1]:{}", agent.port),
+    ] {
         let got = raw_exchange(addr.parse().unwrap());
         assert!(
             got.as_ref().map(|b| b.is_empty()).unwrap_or(true),
             "agent answered an unattributed connection: {got:?}"
         );
     }
-    assert!(backend.seen().is_empty(), "an unattributed connection reached the backend");
+    assert!(
+        backend.seen().is_empty(),
+        "an unattributed connection reached the backend"
+    );
     assert_eq!(agent.agent_counter("rejected_unattributed"), 2);
     let status = agent.status();
     let rejected: Vec<_> = status["connections"]
@@ -215,7 +319,11 @@ fn direct_connection_to_the_agent_is_rejected() {
         .filter(|c| c["state"] == "rejected")
         .collect();
     assert_eq!(rejected.len(), 2, "{status:#}");
-    assert!(rejected.iter().all(|c| c["reason"].as_str().unwrap().contains("no kernel record")));
+    assert!(
+        rejected
+            .iter()
+            .all(|c| c["reason"].as_str().unwrap().contains("no kernel record"))
+    );
 }
 
 #[test]
@@ -239,7 +347,10 @@ fn backend_host_names_are_resolved_to_a_and_aaaa() {
         .iter()
         .map(|t| t["address"].as_str().unwrap())
         .collect();
-    assert!(targets.contains(&format!("127.0.0.1:{}", backend.port()).as_str()), "{targets:?}");
+    assert!(
+        targets.contains(&format!("127.0.0.1:{}", backend.port()).as_str()),
+        "{targets:?}"
+    );
     let res = run_client(&cg, "127.0.0.1", backend.port(), &ClientOpts::default());
     assert!(res.expect_response().starts_with("tools saw "));
     assert_eq!(res.peer.unwrap().port(), agent.port);

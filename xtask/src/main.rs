@@ -82,7 +82,9 @@ fn main() -> Result<()> {
             setup()?;
             if !is_root() {
                 if std::env::var("CI").is_ok_and(|v| v == "true") {
-                    bail!("cargo xtask test must run as root in CI: the privileged tests may not be skipped");
+                    bail!(
+                        "cargo xtask test must run as root in CI: the privileged tests may not be skipped"
+                    );
                 }
                 eprintln!("xtask: not root: the privileged tests will skip");
             }
@@ -137,7 +139,9 @@ fn require_root(what: &str) -> Result<()> {
 
 fn run(cmd: &mut Command) -> Result<()> {
     eprintln!("xtask: {cmd:?}");
-    let status = cmd.status().with_context(|| format!("cannot start {cmd:?}"))?;
+    let status = cmd
+        .status()
+        .with_context(|| format!("cannot start {cmd:?}"))?;
     if !status.success() {
         bail!("{cmd:?} failed: {status}");
     }
@@ -242,7 +246,10 @@ fn nightly_rust_src() -> Result<()> {
             String::from_utf8_lossy(&installed.stderr)
         );
     }
-    if String::from_utf8_lossy(&installed.stdout).lines().any(|l| l.starts_with("rust-src")) {
+    if String::from_utf8_lossy(&installed.stdout)
+        .lines()
+        .any(|l| l.starts_with("rust-src"))
+    {
         return Ok(());
     }
     run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))
@@ -258,7 +265,9 @@ fn bpf_linker() -> Result<()> {
     {
         return Ok(());
     }
-    eprintln!("xtask: installing bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (about 2 minutes)");
+    eprintln!(
+        "xtask: installing bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (about 2 minutes)"
+    );
     let path = format!("{LLVM_PREFIX}/bin:{}", path_with_cargo_bin());
     run(Command::new("cargo")
         .args([
