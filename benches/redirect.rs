@@ -146,6 +146,17 @@ fn main() {
     let sockops = prog(&bpffs, "sock_ops");
     let keepalive_direct = keepalive(direct);
     let keepalive_airlock = keepalive(backend);
+    // The same hooks in a tight connect()/close() loop: caches stay warm, as in a burst of
+    // connections; the exchange loops above leave them colder between two connect() calls.
+    let mut miss_hot = HookCost::default();
+    let mut hit_hot = HookCost::default();
+    for (cost, addr) in [(&mut miss_hot, direct), (&mut hit_hot, backend)] {
+        let before = prog(&bpffs, "connect4");
+        for _ in 0..PER_ROUND {
+            drop(TcpStream::connect(addr).expect("connect"));
+        }
+        cost.add(&before, &prog(&bpffs, "connect4"));
+    }
 
     let new_conn = Comparison::new(&direct_lat, &airlock_lat);
     let reuse = Comparison::new(&keepalive_direct, &keepalive_airlock);
@@ -182,6 +193,8 @@ fn main() {
         hit.count,
         hit.ns() - floor.ns()
     );
+    println!("{:<40} {:>10.0} ns/run over {} runs", "connect4, miss path, connect loop", miss_hot.ns(), miss_hot.count);
+    println!("{:<40} {:>10.0} ns/run over {} runs", "connect4, redirect path, connect loop", hit_hot.ns(), hit_hot.count);
     println!(
         "{:<40} {:>10.0} ns/run over {} runs",
         "sock_ops, all callbacks",
@@ -195,6 +208,8 @@ fn main() {
         "empty_program_ns": floor.ns(),
         "connect4_miss_ns": miss.ns(),
         "connect4_redirect_ns": hit.ns(),
+        "connect4_miss_connect_loop_ns": miss_hot.ns(),
+        "connect4_redirect_connect_loop_ns": hit_hot.ns(),
         "sock_ops_ns": sockops.run_time().as_nanos() as f64 / sockops.run_count().max(1) as f64,
     });
     let out = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/bench-redirect.json");
