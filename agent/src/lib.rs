@@ -12,11 +12,14 @@
 //! - [`registry`]: live and recently closed connections, for `airlock status`.
 //! - [`admin`]: the root-only Unix socket `airlock status` and `airlock detach` talk to.
 //! - [`agent`]: `airlock run`: start-up order, refresh of backend addresses, shutdown.
+//! - [`policy`]: sans-IO rules and detectors: verdicts (allow, block, approve), masking of
+//!   JSON string leaves, recording levels; loaded from `policies_dir`.
 //! - [`config`]: `airlock.toml`; [`cgroup`]: finding the cgroup v2 mount.
 #![forbid(unsafe_op_in_unsafe_fn)]
 
 pub mod admin;
 pub mod agent;
+pub mod policy;
 pub mod attribution;
 pub mod cgroup;
 pub mod config;

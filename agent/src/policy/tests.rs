@@ -1,0 +1,288 @@
+use super::*;
+use serde_json::json;
+
+fn set(files: &[(&str, &str)]) -> Result<PolicySet, PolicyErrors> {
+    let files: Vec<(PathBuf, String)> =
+        files.iter().map(|(n, t)| (PathBuf::from(format!("/p/{n}")), t.to_string())).collect();
+    PolicySet::parse(&files, HashKey([1; 32]))
+}
+
+fn subject(user: &str, uid: u32) -> Subject {
+    Subject {
+        uid,
+        gid: uid,
+        user: Some(user.into()),
+        groups: vec![user.into(), "agents".into()],
+        exe: Some("/usr/bin/python3.11".into()),
+        comm: "python3".into(),
+        cgroup: Some("/ci/job-42".into()),
+    }
+}
+
+fn call<'a>(tool: &'a str, args: &'a Value) -> Message<'a> {
+    Message {
+        backend: "tools",
+        direction: Direction::ClientToServer,
+        method: Some("tools/call"),
+        tool: Some(tool),
+        arguments: Some(args),
+        is_request: true,
+    }
+}
+
+const EXAMPLE: &str = r#"
+[[rule]]
+id = "mask-secrets-and-pii"
+action = "mask"
+detectors = ["email", "credit_card", "us_ssn", "aws_access_key", "private_key", "jwt", "bearer_token"]
+direction = "both"
+style = "redact"
+
+[[rule]]
+id = "no-destructive-tools"
+action = "block"
+tools = ["drop_*", "delete_*"]
+
+[[rule]]
+id = "no-drop-table"
+action = "block"
+tools = ["query"]
+args = { "sql" = "(?i)\\bdrop\\s+table\\b" }
+
+[[rule]]
+id = "approve-deploys"
+action = "approve"
+tools = ["deploy*"]
+timeout_secs = 30
+"#;
+
+#[test]
+fn the_issue_example_loads() {
+    let s = set(&[("10-example.toml", EXAMPLE)]).unwrap();
+    assert_eq!(s.rule_count(), 4);
+    assert!(s.hash.starts_with("sha256:") && s.hash.len() == 7 + 64);
+}
+
+#[test]
+fn first_block_or_approve_decides_and_all_masks_apply() {
+    let s = set(&[("10-example.toml", EXAMPLE)]).unwrap();
+    let who = subject("alice", 1000);
+    let none = json!({});
+    let d = s.decide(&who, &call("delete_repo", &none));
+    assert_eq!(d.verdict, Verdict::Block { rule: "no-destructive-tools".into() });
+    assert_eq!(d.rules, vec!["mask-secrets-and-pii", "no-destructive-tools"]);
+    assert!(d.masks_anything());
+    let d = s.decide(&who, &call("deploy_prod", &none));
+    assert_eq!(d.verdict, Verdict::Approve { rule: "approve-deploys".into(), timeout: Duration::from_secs(30) });
+    let d = s.decide(&who, &call("search", &none));
+    assert_eq!(d.verdict, Verdict::Allow);
+    assert_eq!(d.record, RecordLevel::Full);
+}
+
+#[test]
+fn argument_matchers_by_name_and_pointer() {
+    let s = set(&[("a.toml", EXAMPLE)]).unwrap();
+    let who = subject("alice", 1000);
+    let bad = json!({"sql": "select 1; DROP   TABLE users"});
+    let fine = json!({"sql": "select * from users"});
+    assert_eq!(s.decide(&who, &call("query", &bad)).verdict, Verdict::Block { rule: "no-drop-table".into() });
+    assert_eq!(s.decide(&who, &call("query", &fine)).verdict, Verdict::Allow);
+    let ptr = set(&[(
+        "p.toml",
+        "[[rule]]\nid = \"deep\"\naction = \"block\"\nargs = { \"/target/env\" = \"^prod$\" }\n",
+    )])
+    .unwrap();
+    assert_eq!(
+        ptr.decide(&who, &call("x", &json!({"target": {"env": "prod"}}))).verdict,
+        Verdict::Block { rule: "deep".into() }
+    );
+    assert_eq!(ptr.decide(&who, &call("x", &json!({"target": {"env": "dev"}}))).verdict, Verdict::Allow);
+    assert_eq!(ptr.decide(&who, &call("x", &json!({}))).verdict, Verdict::Allow, "missing argument: no match");
+}
+
+#[test]
+fn identity_matchers() {
+    let s = set(&[(
+        "id.toml",
+        r#"
+[[rule]]
+id = "ops-may-deploy"
+action = "allow"
+tools = ["deploy*"]
+groups = ["ops"]
+
+[[rule]]
+id = "nobody-else"
+action = "block"
+tools = ["deploy*"]
+
+[[rule]]
+id = "ci-runner-no-shell"
+action = "block"
+tools = ["shell"]
+cgroup = ["/ci/**"]
+exe = ["/usr/bin/python3*"]
+uids = [1000]
+"#,
+    )])
+    .unwrap();
+    let none = json!({});
+    let mut ops = subject("bob", 1001);
+    ops.groups.push("ops".into());
+    assert_eq!(s.decide(&ops, &call("deploy", &none)).verdict, Verdict::Allow);
+    assert_eq!(
+        s.decide(&subject("alice", 1000), &call("deploy", &none)).verdict,
+        Verdict::Block { rule: "nobody-else".into() }
+    );
+    assert_eq!(
+        s.decide(&subject("alice", 1000), &call("shell", &none)).verdict,
+        Verdict::Block { rule: "ci-runner-no-shell".into() }
+    );
+    let mut elsewhere = subject("alice", 1000);
+    elsewhere.cgroup = Some("/user.slice".into());
+    assert_eq!(s.decide(&elsewhere, &call("shell", &none)).verdict, Verdict::Allow);
+    assert_eq!(s.decide(&subject("carol", 1002), &call("shell", &none)).verdict, Verdict::Allow);
+}
+
+#[test]
+fn blocks_never_apply_to_responses_or_notifications() {
+    let s = set(&[("a.toml", EXAMPLE)]).unwrap();
+    let who = subject("alice", 1000);
+    let mut m = call("delete_repo", &Value::Null);
+    m.direction = Direction::ServerToClient;
+    m.is_request = false;
+    assert_eq!(s.decide(&who, &m).verdict, Verdict::Allow);
+    let mut n = call("delete_repo", &Value::Null);
+    n.is_request = false;
+    assert_eq!(s.decide(&who, &n).verdict, Verdict::Allow);
+}
+
+#[test]
+fn masking_follows_direction_and_uses_custom_detectors() {
+    let s = set(&[
+        (
+            "a.toml",
+            r#"
+[[detector]]
+name = "employee_id"
+pattern = "EMP-[0-9]{6}"
+
+[[rule]]
+id = "mask-out"
+action = "mask"
+detectors = ["employee_id", "email"]
+direction = "responses"
+style = "redact"
+"#,
+        ),
+    ])
+    .unwrap();
+    let who = subject("alice", 1000);
+    let mut resp = call("lookup", &Value::Null);
+    resp.direction = Direction::ServerToClient;
+    resp.is_request = false;
+    let d = s.decide(&who, &resp);
+    let mut v = json!({"content": [{"type": "text", "text": "EMP-123456 is a@b.io"}]});
+    let counts = s.mask(&d, &mut v);
+    assert_eq!(v["content"][0]["text"], "[MASKED:employee_id] is [MASKED:email]");
+    assert_eq!(counts.get("employee_id"), Some(&1));
+    // Requests are left alone by a responses-only rule.
+    let args = json!({"q": "EMP-123456"});
+    let d = s.decide(&who, &call("lookup", &args));
+    assert!(!d.masks_anything());
+}
+
+#[test]
+fn listing_agrees_with_calling() {
+    let s = set(&[("a.toml", EXAMPLE)]).unwrap();
+    let who = subject("alice", 1000);
+    assert!(!s.tool_visible(&who, "tools", "delete_repo"));
+    assert!(!s.tool_visible(&who, "tools", "drop_table"));
+    assert!(s.tool_visible(&who, "tools", "query"), "blocked only for some arguments");
+    assert!(s.tool_visible(&who, "tools", "deploy_prod"), "approval can be granted");
+    assert!(s.tool_visible(&who, "tools", "search"));
+    // A conditional block followed by an unconditional one: every call is blocked.
+    let s = set(&[(
+        "b.toml",
+        "[[rule]]\nid = \"c\"\naction = \"block\"\ntools = [\"q\"]\nargs = { \"a\" = \"x\" }\n\
+         [[rule]]\nid = \"u\"\naction = \"block\"\ntools = [\"q\"]\n",
+    )])
+    .unwrap();
+    assert!(!s.tool_visible(&who, "tools", "q"));
+}
+
+#[test]
+fn record_levels() {
+    let s = set(&[(
+        "r.toml",
+        "[[rule]]\nid = \"quiet\"\naction = \"allow\"\ntools = [\"ping\"]\nrecord = \"off\"\n\
+         [[rule]]\nid = \"meta\"\naction = \"mask\"\ndetectors = [\"email\"]\nrecord = \"metadata\"\n",
+    )])
+    .unwrap();
+    let who = subject("alice", 1000);
+    let none = json!({});
+    assert_eq!(s.decide(&who, &call("ping", &none)).record, RecordLevel::Off);
+    assert_eq!(s.decide(&who, &call("other", &none)).record, RecordLevel::Metadata);
+}
+
+#[test]
+fn errors_name_file_and_line() {
+    let cases: &[(&str, &str, usize, &str)] = &[
+        ("[[rule]]\nid = \"a\"\naction = \"mask\"\ndetectors = [\"emial\"]\n", "x.toml", 1, "unknown detector `emial`"),
+        ("\n\n[[rule]]\nid = \"a\"\naction = \"explode\"\n", "x.toml", 5, "explode"),
+        ("[[rule]]\nid = \"a\"\naction = \"block\"\ncolour = 1\n", "x.toml", 4, "colour"),
+        ("[[rule]]\nid = \"a\"\naction = \"block\"\ntools = [\"[\"]\n", "x.toml", 1, "bad glob"),
+        ("[[rule]]\nid = \"a\"\naction = \"block\"\nargs = { q = \"(\" }\n", "x.toml", 1, "bad regex"),
+        ("[[rule]]\nid = \"a\"\naction = \"block\"\nrecord = \"off\"\n", "x.toml", 1, "always recorded"),
+        ("[[rule]]\nid = \"a\"\naction = \"block\"\ndirection = \"responses\"\n", "x.toml", 1, "requests only"),
+        ("[[rule]]\nid = \"a\"\naction = \"mask\"\n", "x.toml", 1, "needs `detectors`"),
+        ("[[rule]]\nid = \"a\"\naction = \"allow\"\ntimeout_secs = 5\n", "x.toml", 1, "approve rules"),
+        ("[[rule]]\nid = \"a\"\naction = \"allow\"\n\n[[rule]]\nid = \"a\"\naction = \"allow\"\n", "x.toml", 5, "used twice"),
+        ("[[detector]]\nname = \"email\"\npattern = \"x\"\n", "x.toml", 1, "built in"),
+        ("[[rule]\n", "x.toml", 1, ""),
+    ];
+    for (text, file, line, needle) in cases {
+        let err = set(&[(file, text)]).expect_err(text);
+        let first = &err.0[0];
+        assert_eq!(first.file, PathBuf::from(format!("/p/{file}")), "{text}");
+        assert_eq!(first.line, *line, "{text}: {first}");
+        assert!(first.message.contains(needle), "{text}: {first}");
+    }
+}
+
+#[test]
+fn every_error_is_reported_at_once() {
+    let err = set(&[
+        ("a.toml", "[[rule]]\nid = \"a\"\naction = \"mask\"\ndetectors = [\"nope\"]\n"),
+        ("b.toml", "[[rule]]\nid = \"b\"\naction = \"block\"\ntools = [\"[\"]\n"),
+    ])
+    .unwrap_err();
+    assert_eq!(err.0.len(), 2);
+    assert!(err.to_string().contains("/p/a.toml:1:") && err.to_string().contains("/p/b.toml:1:"));
+}
+
+#[test]
+fn hash_changes_with_content_and_name() {
+    let a = set(&[("a.toml", EXAMPLE)]).unwrap().hash;
+    let b = set(&[("a.toml", &format!("{EXAMPLE}\n# comment"))]).unwrap().hash;
+    let c = set(&[("b.toml", EXAMPLE)]).unwrap().hash;
+    assert_ne!(a, b);
+    assert_ne!(a, c);
+    assert_eq!(a, set(&[("a.toml", EXAMPLE)]).unwrap().hash);
+}
+
+#[test]
+fn shipped_defaults_load() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../policies");
+    let s = PolicySet::load_dir(&dir, HashKey([0; 32])).unwrap_or_else(|e| panic!("{e}"));
+    assert!(s.rule_count() >= 1);
+    // The defaults mask secrets both ways.
+    let who = subject("alice", 1000);
+    let mut resp = call("read", &Value::Null);
+    resp.direction = Direction::ServerToClient;
+    resp.is_request = false;
+    let d = s.decide(&who, &resp);
+    let mut v = json!({"text": "key AKIAIOSFODNN7EXAMPLE"});
+    s.mask(&d, &mut v);
+    assert!(!v.to_string().contains("AKIAIOSFODNN7EXAMPLE"));
+}
