@@ -37,7 +37,10 @@ fn main() {
     };
     let decision = set.decide(&subject, &response);
 
-    for (label, outputs) in [("clean tool outputs", corpus(false)), ("tool outputs with secrets", corpus(true))] {
+    for (label, outputs) in [
+        ("clean tool outputs", corpus(false)),
+        ("tool outputs with secrets", corpus(true)),
+    ] {
         let bytes: usize = outputs.iter().map(|v| v.to_string().len()).sum();
         let mut masked = 0u64;
         let start = Instant::now();
@@ -45,7 +48,11 @@ fn main() {
         while start.elapsed() < Duration::from_secs(2) {
             for v in &outputs {
                 let mut v = v.clone();
-                masked += set.mask(&decision, &mut v).values().map(|n| u64::from(*n)).sum::<u64>();
+                masked += set
+                    .mask(&decision, &mut v)
+                    .values()
+                    .map(|n| u64::from(*n))
+                    .sum::<u64>();
             }
             rounds += 1;
         }
@@ -71,9 +78,17 @@ fn main() {
     let n = 200_000u32;
     let start = Instant::now();
     for _ in 0..n {
-        std::hint::black_box(set.decide(std::hint::black_box(&subject), std::hint::black_box(&request)));
+        std::hint::black_box(set.decide(
+            std::hint::black_box(&subject),
+            std::hint::black_box(&request),
+        ));
     }
-    println!("{:<28} {:>8.0} ns per decision ({} rules)", "policy decision", start.elapsed().as_nanos() as f64 / f64::from(n), set.rule_count());
+    println!(
+        "{:<28} {:>8.0} ns per decision ({} rules)",
+        "policy decision",
+        start.elapsed().as_nanos() as f64 / f64::from(n),
+        set.rule_count()
+    );
 }
 
 /// 200 results of 0.5–8 KiB.
@@ -94,8 +109,12 @@ fn corpus(with_secrets: bool) -> Vec<Value> {
             let mut text = String::new();
             let target = 512 + (i * 7919) % 7680;
             while text.len() < target {
-                text.push_str(if text.len() % 3 == 0 { prose } else { code });
-                if with_secrets && text.len() % 5 == 0 {
+                text.push_str(if text.len().is_multiple_of(3) {
+                    prose
+                } else {
+                    code
+                });
+                if with_secrets && text.len().is_multiple_of(5) {
                     text.push_str(secrets[i % secrets.len()]);
                     text.push(' ');
                 }

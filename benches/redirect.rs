@@ -193,8 +193,18 @@ fn main() {
         hit.count,
         hit.ns() - floor.ns()
     );
-    println!("{:<40} {:>10.0} ns/run over {} runs", "connect4, miss path, connect loop", miss_hot.ns(), miss_hot.count);
-    println!("{:<40} {:>10.0} ns/run over {} runs", "connect4, redirect path, connect loop", hit_hot.ns(), hit_hot.count);
+    println!(
+        "{:<40} {:>10.0} ns/run over {} runs",
+        "connect4, miss path, connect loop",
+        miss_hot.ns(),
+        miss_hot.count
+    );
+    println!(
+        "{:<40} {:>10.0} ns/run over {} runs",
+        "connect4, redirect path, connect loop",
+        hit_hot.ns(),
+        hit_hot.count
+    );
     println!(
         "{:<40} {:>10.0} ns/run over {} runs",
         "sock_ops, all callbacks",

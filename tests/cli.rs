@@ -112,9 +112,18 @@ fn the_shipped_example_config_is_valid() {
 #[test]
 fn policy_check_accepts_the_shipped_defaults() {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../policies");
-    let out = Command::new(AIRLOCK).args(["policy", "check"]).arg(&dir).output().unwrap();
+    let out = Command::new(AIRLOCK)
+        .args(["policy", "check"])
+        .arg(&dir)
+        .output()
+        .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(out.status.code(), Some(0), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(stdout.contains("default.toml: ok"), "{stdout}");
     assert!(stdout.contains("policy set sha256:"), "{stdout}");
     // Without DIR it reads `policies_dir` from the configuration.
@@ -128,11 +137,32 @@ fn policy_check_accepts_the_shipped_defaults() {
 fn policy_check_reports_file_and_line() {
     let dir = std::env::temp_dir().join(format!("airlock-cli-{}-policy", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join("a.toml"), "[[rule]]\nid = \"m\"\naction = \"mask\"\ndetectors = [\"emial\"]\n").unwrap();
-    std::fs::write(dir.join("b.toml"), "\n[[rule]]\nid = \"b\"\naction = \"block\"\nrecord = \"off\"\n").unwrap();
-    let out = Command::new(AIRLOCK).args(["policy", "check"]).arg(&dir).output().unwrap();
+    std::fs::write(
+        dir.join("a.toml"),
+        "[[rule]]\nid = \"m\"\naction = \"mask\"\ndetectors = [\"emial\"]\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("b.toml"),
+        "\n[[rule]]\nid = \"b\"\naction = \"block\"\nrecord = \"off\"\n",
+    )
+    .unwrap();
+    let out = Command::new(AIRLOCK)
+        .args(["policy", "check"])
+        .arg(&dir)
+        .output()
+        .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
-    assert!(err.contains(&format!("{}:1: rule `m`: unknown detector `emial`", dir.join("a.toml").display())), "{err}");
-    assert!(err.contains(&format!("{}:2: rule `b`", dir.join("b.toml").display())), "{err}");
+    assert!(
+        err.contains(&format!(
+            "{}:1: rule `m`: unknown detector `emial`",
+            dir.join("a.toml").display()
+        )),
+        "{err}"
+    );
+    assert!(
+        err.contains(&format!("{}:2: rule `b`", dir.join("b.toml").display())),
+        "{err}"
+    );
 }

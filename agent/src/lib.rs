@@ -19,12 +19,13 @@
 
 pub mod admin;
 pub mod agent;
-pub mod policy;
+pub mod archive;
 pub mod attribution;
 pub mod cgroup;
 pub mod config;
 pub mod kernel;
 pub mod keys;
+pub mod policy;
 pub mod proxy;
 pub mod registry;
 pub mod relay;

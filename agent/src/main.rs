@@ -37,6 +37,13 @@ enum Command {
     Detach,
     /// Validate the configuration and show the addresses that would be redirected.
     CheckConfig,
+    /// Check the archive against its signed manifests: exit 0 when intact, 1 naming every
+    /// modified, truncated, deleted, inserted or reordered file or record.
+    Verify {
+        /// Archive directory (default: `archive_dir` of the configuration).
+        #[arg(long, value_name = "DIR")]
+        archive: Option<PathBuf>,
+    },
     /// Policy files.
     Policy {
         #[command(subcommand)]
@@ -48,9 +55,7 @@ enum Command {
 enum PolicyCommand {
     /// Validate every *.toml in DIR (default: `policies_dir` of the configuration); errors are
     /// reported as FILE:LINE: message, all at once, exit code 2.
-    Check {
-        dir: Option<PathBuf>,
-    },
+    Check { dir: Option<PathBuf> },
 }
 
 fn main() -> ExitCode {
@@ -63,8 +68,14 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    if let Command::Policy { command: PolicyCommand::Check { dir: Some(dir) } } = &cli.command {
+    if let Command::Policy {
+        command: PolicyCommand::Check { dir: Some(dir) },
+    } = &cli.command
+    {
         return policy_check(dir);
+    }
+    if let Command::Verify { archive: Some(dir) } = &cli.command {
+        return verify(dir);
     }
     let config = match Config::load(&cli.config) {
         Ok(c) => c,
@@ -86,7 +97,10 @@ fn main() -> ExitCode {
             },
             Command::Status { json } => status(&config, json).await,
             Command::Detach => detach(&config).await,
-            Command::Policy { command: PolicyCommand::Check { .. } } => policy_check(&config.policies_dir),
+            Command::Policy {
+                command: PolicyCommand::Check { .. },
+            } => policy_check(&config.policies_dir),
+            Command::Verify { .. } => verify(&config.archive_dir),
             Command::CheckConfig => match config.resolve().await {
                 Ok(targets) => {
                     println!("{}: ok", config.path.display());
@@ -100,6 +114,27 @@ fn main() -> ExitCode {
             },
         }
     })
+}
+
+fn verify(dir: &std::path::Path) -> ExitCode {
+    let report = airlock::archive::verify::verify(dir);
+    println!(
+        "{}: {} host(s), {} file(s), {} record(s) checked, {} file(s) removed by retention",
+        dir.display(),
+        report.hosts.len(),
+        report.files_checked,
+        report.records_checked,
+        report.retained_deletions
+    );
+    if report.intact() {
+        println!("intact");
+        return ExitCode::SUCCESS;
+    }
+    for p in &report.problems {
+        println!("TAMPERED {p}");
+    }
+    eprintln!("airlock: {} problem(s) found", report.problems.len());
+    ExitCode::FAILURE
 }
 
 fn policy_check(dir: &std::path::Path) -> ExitCode {

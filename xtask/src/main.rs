@@ -15,12 +15,14 @@ use clap::{Parser, Subcommand};
 /// bpf-linker built against Debian's LLVM 22 (plain `cargo install bpf-linker` wants LLVM 23).
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
-/// Debian packages: LLVM for bpf-linker; python3, setpriv and iproute2 for the tests.
+/// Debian packages: LLVM for bpf-linker; python3 (with venv), setpriv and iproute2 for the
+/// tests.
 const APT_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
     "libzstd-dev",
     "python3",
+    "python3-venv",
     "util-linux",
     "iproute2",
 ];
@@ -209,7 +211,32 @@ fn setup() -> Result<()> {
     apt_packages()?;
     nightly_rust_src()?;
     bpf_linker()?;
+    test_venv()?;
     eprintln!("xtask: setup complete");
+    Ok(())
+}
+
+/// Python packages of the test venv (`target/test-venv`, built from the system's
+/// /usr/bin/python3 so that other users can run it too).
+const PYTHON_TEST_PACKAGES: &[&str] = &["duckdb==2.0.0", "pytz==2025.2"];
+
+fn test_venv() -> Result<()> {
+    let venv = workspace_root().join("target/test-venv");
+    let python = venv.join("bin/python");
+    let stamp = venv.join(".airlock-packages");
+    let wanted = PYTHON_TEST_PACKAGES.join("\n");
+    if python.exists() && std::fs::read_to_string(&stamp).is_ok_and(|s| s == wanted) {
+        return Ok(());
+    }
+    if !python.exists() {
+        run(Command::new("/usr/bin/python3")
+            .args(["-m", "venv"])
+            .arg(&venv))?;
+    }
+    run(Command::new(venv.join("bin/pip"))
+        .args(["install", "--quiet", "--disable-pip-version-check"])
+        .args(PYTHON_TEST_PACKAGES))?;
+    std::fs::write(&stamp, wanted).context("writing the venv stamp")?;
     Ok(())
 }
 

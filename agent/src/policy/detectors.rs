@@ -15,7 +15,7 @@ use regex::Regex;
 pub struct Detector {
     pub name: String,
     pub regex: Regex,
-    pub validate: Option<fn(&str) -> bool>,
+    pub validate: Option<Validator>,
 }
 
 impl Detector {
@@ -51,9 +51,12 @@ pub const BUILTIN: &[&str] = &[
     "phone",
 ];
 
+/// An extra check on a regex match (a checksum, a structure).
+type Validator = fn(&str) -> bool;
+
 /// A built-in detector by name.
 pub fn builtin(name: &str) -> Option<Detector> {
-    let (pattern, validate): (&str, Option<fn(&str) -> bool>) = match name {
+    let (pattern, validate): (&str, Option<Validator>) = match name {
         "private_key" => (
             r"(?s)-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY-----.*?-----END (?:[A-Z0-9]+ )*PRIVATE KEY-----",
             None,
@@ -118,7 +121,7 @@ pub fn valid_card(s: &str) -> bool {
             }
         })
         .sum();
-    sum % 10 == 0
+    sum.is_multiple_of(10)
 }
 
 /// ISO 13616: length for the country where known, mod 97 == 1.
@@ -140,7 +143,11 @@ pub fn valid_iban(s: &str) -> bool {
             'A'..='Z' => c as u32 - 'A' as u32 + 10,
             _ => return false,
         };
-        rem = if v >= 10 { (rem * 100 + v) % 97 } else { (rem * 10 + v) % 97 };
+        rem = if v >= 10 {
+            (rem * 100 + v) % 97
+        } else {
+            (rem * 10 + v) % 97
+        };
     }
     rem == 1
 }
@@ -150,11 +157,38 @@ fn iban_length(country: &str) -> Option<usize> {
     TABLE
         .get_or_init(|| {
             [
-                ("AT", 20), ("BE", 16), ("BG", 22), ("CH", 21), ("CY", 28), ("CZ", 24), ("DE", 22),
-                ("DK", 18), ("EE", 20), ("ES", 24), ("FI", 18), ("FR", 27), ("GB", 22), ("GR", 27),
-                ("HR", 21), ("HU", 28), ("IE", 22), ("IS", 26), ("IT", 27), ("LI", 21), ("LT", 20),
-                ("LU", 20), ("LV", 21), ("MT", 31), ("NL", 18), ("NO", 15), ("PL", 28), ("PT", 25),
-                ("RO", 24), ("SE", 24), ("SI", 19), ("SK", 24),
+                ("AT", 20),
+                ("BE", 16),
+                ("BG", 22),
+                ("CH", 21),
+                ("CY", 28),
+                ("CZ", 24),
+                ("DE", 22),
+                ("DK", 18),
+                ("EE", 20),
+                ("ES", 24),
+                ("FI", 18),
+                ("FR", 27),
+                ("GB", 22),
+                ("GR", 27),
+                ("HR", 21),
+                ("HU", 28),
+                ("IE", 22),
+                ("IS", 26),
+                ("IT", 27),
+                ("LI", 21),
+                ("LT", 20),
+                ("LU", 20),
+                ("LV", 21),
+                ("MT", 31),
+                ("NL", 18),
+                ("NO", 15),
+                ("PL", 28),
+                ("PT", 25),
+                ("RO", 24),
+                ("SE", 24),
+                ("SI", 19),
+                ("SK", 24),
             ]
             .into_iter()
             .collect()
@@ -169,7 +203,11 @@ pub fn valid_ssn(s: &str) -> bool {
     let [area, group, serial] = parts.as_slice() else {
         return false;
     };
-    *area != "000" && *area != "666" && !area.starts_with('9') && *group != "00" && *serial != "0000"
+    *area != "000"
+        && *area != "666"
+        && !area.starts_with('9')
+        && *group != "00"
+        && *serial != "0000"
 }
 
 /// A phone number has 10 to 15 digits (E.164 allows 15; fewer is more often a date, a version
@@ -184,7 +222,9 @@ pub fn valid_jwt(s: &str) -> bool {
     let Some(header) = s.split('.').next() else {
         return false;
     };
-    let Ok(bytes) = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(header.trim_end_matches('=')) else {
+    let Ok(bytes) =
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(header.trim_end_matches('='))
+    else {
         return false;
     };
     serde_json::from_slice::<serde_json::Value>(&bytes).is_ok_and(|v| v.get("alg").is_some())
@@ -196,42 +236,87 @@ mod tests {
 
     fn hits(name: &str, text: &str) -> Vec<String> {
         let d = builtin(name).unwrap_or_else(|| panic!("no detector {name}"));
-        d.find(text).into_iter().map(|r| text[r].to_owned()).collect()
+        d.find(text)
+            .into_iter()
+            .map(|r| text[r].to_owned())
+            .collect()
     }
 
     /// (detector, text, the exact parts that must be found)
     const POSITIVE: &[(&str, &str, &[&str])] = &[
-        ("email", "write to alice.smith+mcp@example.co.uk today", &["alice.smith+mcp@example.co.uk"]),
+        (
+            "email",
+            "write to alice.smith+mcp@example.co.uk today",
+            &["alice.smith+mcp@example.co.uk"],
+        ),
         ("email", "BOB@EXAMPLE.COM", &["BOB@EXAMPLE.COM"]),
         ("phone", "call +1 415-555-2671 now", &["+1 415-555-2671"]),
         ("phone", "tel (020) 7946 0958", &["(020) 7946 0958"]),
         ("phone", "e164 +4915112345678", &["+4915112345678"]),
-        ("credit_card", "card 4111 1111 1111 1111 exp", &["4111 1111 1111 1111"]),
-        ("credit_card", "5500-0000-0000-0004", &["5500-0000-0000-0004"]),
+        (
+            "credit_card",
+            "card 4111 1111 1111 1111 exp",
+            &["4111 1111 1111 1111"],
+        ),
+        (
+            "credit_card",
+            "5500-0000-0000-0004",
+            &["5500-0000-0000-0004"],
+        ),
         ("credit_card", "amex 378282246310005", &["378282246310005"]),
-        ("iban", "IBAN DE89 3704 0044 0532 0130 00 please", &["DE89 3704 0044 0532 0130 00"]),
-        ("iban", "GB82WEST12345698765432", &["GB82WEST12345698765432"]),
+        (
+            "iban",
+            "IBAN DE89 3704 0044 0532 0130 00 please",
+            &["DE89 3704 0044 0532 0130 00"],
+        ),
+        (
+            "iban",
+            "GB82WEST12345698765432",
+            &["GB82WEST12345698765432"],
+        ),
         ("us_ssn", "ssn 123-45-6789.", &["123-45-6789"]),
-        ("aws_access_key", "key AKIAIOSFODNN7EXAMPLE", &["AKIAIOSFODNN7EXAMPLE"]),
+        (
+            "aws_access_key",
+            "key AKIAIOSFODNN7EXAMPLE",
+            &["AKIAIOSFODNN7EXAMPLE"],
+        ),
         (
             "aws_secret_key",
             "aws_secret_access_key = wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY\n",
             &["wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"],
         ),
-        ("github_token", "token ghp_abcdefghijklmnopqrstuvwxyzABCDEF0123", &["ghp_abcdefghijklmnopqrstuvwxyzABCDEF0123"]),
+        (
+            "github_token",
+            "token ghp_abcdefghijklmnopqrstuvwxyzABCDEF0123",
+            &["ghp_abcdefghijklmnopqrstuvwxyzABCDEF0123"],
+        ),
         (
             "github_token",
             "github_pat_11ABCDEFG0123456789_abcdefghijklmnopqrstuvwxyz",
             &["github_pat_11ABCDEFG0123456789_abcdefghijklmnopqrstuvwxyz"],
         ),
-        ("gitlab_token", "glpat-xxxxxxxxxxxxxxxxxxxx", &["glpat-xxxxxxxxxxxxxxxxxxxx"]),
-        ("slack_token", "xoxb-123456789012-abcdefghij", &["xoxb-123456789012-abcdefghij"]),
+        (
+            "gitlab_token",
+            "glpat-xxxxxxxxxxxxxxxxxxxx",
+            &["glpat-xxxxxxxxxxxxxxxxxxxx"],
+        ),
+        (
+            "slack_token",
+            "xoxb-123456789012-abcdefghij",
+            &["xoxb-123456789012-abcdefghij"],
+        ),
         (
             "jwt",
             "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0.dozjgNryP4J3jVmNHl0w5N_XgL0n3I9PlFUP0THsR8U",
-            &["eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0.dozjgNryP4J3jVmNHl0w5N_XgL0n3I9PlFUP0THsR8U"],
+            &[
+                "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0.dozjgNryP4J3jVmNHl0w5N_XgL0n3I9PlFUP0THsR8U",
+            ],
         ),
-        ("bearer_token", "Authorization: Bearer abcdef0123456789abcdef", &["abcdef0123456789abcdef"]),
+        (
+            "bearer_token",
+            "Authorization: Bearer abcdef0123456789abcdef",
+            &["abcdef0123456789abcdef"],
+        ),
         (
             "private_key",
             "x -----BEGIN RSA PRIVATE KEY-----\nMIIBOgIBAAJBAK\n-----END RSA PRIVATE KEY----- y",
@@ -266,7 +351,10 @@ mod tests {
         ("us_ssn", "phone 555-123-4567"),
         ("aws_access_key", "AKIAIOSFODNN7EXAMPL"),
         ("aws_access_key", "XKIAIOSFODNN7EXAMPLE"),
-        ("aws_secret_key", "a random 40-char string wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"),
+        (
+            "aws_secret_key",
+            "a random 40-char string wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY",
+        ),
         ("github_token", "ghp_short"),
         ("gitlab_token", "glpat-short"),
         ("slack_token", "xoxz-123456789012-abcdefghij"),
@@ -274,8 +362,14 @@ mod tests {
         ("jwt", "eyJhbGciOiJIUzI1NiJ9"),
         ("bearer_token", "Bearer short"),
         ("bearer_token", "the bearer of bad news"),
-        ("private_key", "-----BEGIN PUBLIC KEY-----\nabc\n-----END PUBLIC KEY-----"),
-        ("private_key", "-----BEGIN CERTIFICATE-----\nabc\n-----END CERTIFICATE-----"),
+        (
+            "private_key",
+            "-----BEGIN PUBLIC KEY-----\nabc\n-----END PUBLIC KEY-----",
+        ),
+        (
+            "private_key",
+            "-----BEGIN CERTIFICATE-----\nabc\n-----END CERTIFICATE-----",
+        ),
     ];
 
     #[test]
@@ -293,17 +387,27 @@ mod tests {
         }
         // Every built-in detector has positive cases.
         for name in BUILTIN {
-            assert!(POSITIVE.iter().any(|(n, _, _)| n == name), "no positive case for {name}");
+            assert!(
+                POSITIVE.iter().any(|(n, _, _)| n == name),
+                "no positive case for {name}"
+            );
         }
     }
 
     #[test]
     fn negative_corpus_is_not_found() {
         for (name, text) in NEGATIVE {
-            assert!(hits(name, text).is_empty(), "{name} wrongly found {:?} in {text:?}", hits(name, text));
+            assert!(
+                hits(name, text).is_empty(),
+                "{name} wrongly found {:?} in {text:?}",
+                hits(name, text)
+            );
         }
         for name in BUILTIN {
-            assert!(NEGATIVE.iter().any(|(n, _)| n == name), "no negative case for {name}");
+            assert!(
+                NEGATIVE.iter().any(|(n, _)| n == name),
+                "no negative case for {name}"
+            );
         }
     }
 

@@ -51,7 +51,11 @@ pub struct Masker {
 }
 
 impl Masker {
-    pub fn new(detectors: Vec<Detector>, style: Style, key: HashKey) -> Result<Masker, regex::Error> {
+    pub fn new(
+        detectors: Vec<Detector>,
+        style: Style,
+        key: HashKey,
+    ) -> Result<Masker, regex::Error> {
         let prefilter = RegexSet::new(detectors.iter().map(|d| d.regex.as_str()))?;
         Ok(Masker {
             detectors,
@@ -144,7 +148,10 @@ mod tests {
             [Style::Redact, Style::Partial, Style::Hash]
                 .into_iter()
                 .map(|style| {
-                    let ds = detectors::BUILTIN.iter().filter_map(|n| detectors::builtin(n)).collect();
+                    let ds = detectors::BUILTIN
+                        .iter()
+                        .filter_map(|n| detectors::builtin(n))
+                        .collect();
                     Masker::new(ds, style, HashKey([7; 32])).unwrap()
                 })
                 .collect()
@@ -194,14 +201,22 @@ mod tests {
         assert_eq!(a, b);
         assert_ne!(a, c);
         assert!(a.starts_with("[email:") && !a.contains("alice"));
-        let other = Masker::new(vec![detectors::builtin("email").unwrap()], Style::Hash, HashKey([8; 32])).unwrap();
+        let other = Masker::new(
+            vec![detectors::builtin("email").unwrap()],
+            Style::Hash,
+            HashKey([8; 32]),
+        )
+        .unwrap();
         assert_ne!(other.mask_str("alice@example.com", &mut counts).unwrap(), a);
     }
 
     #[test]
     fn nothing_found_means_no_allocation() {
         let m = masker(Style::Redact);
-        assert_eq!(m.mask_str("plain text, no secrets, 42", &mut MaskCounts::new()), None);
+        assert_eq!(
+            m.mask_str("plain text, no secrets, 42", &mut MaskCounts::new()),
+            None
+        );
     }
 
     /// Valid secrets, one per built-in detector, that the property test plants.
@@ -252,9 +267,13 @@ mod tests {
     fn same_shape(a: &Value, b: &Value) -> bool {
         match (a, b) {
             (Value::String(_), Value::String(_)) => true,
-            (Value::Array(x), Value::Array(y)) => x.len() == y.len() && x.iter().zip(y).all(|(p, q)| same_shape(p, q)),
+            (Value::Array(x), Value::Array(y)) => {
+                x.len() == y.len() && x.iter().zip(y).all(|(p, q)| same_shape(p, q))
+            }
             (Value::Object(x), Value::Object(y)) => {
-                x.len() == y.len() && x.iter().all(|(k, v)| y.get(k).is_some_and(|w| same_shape(v, w)))
+                x.len() == y.len()
+                    && x.iter()
+                        .all(|(k, v)| y.get(k).is_some_and(|w| same_shape(v, w)))
             }
             (p, q) => p == q,
         }

@@ -103,9 +103,14 @@ pub enum RecordLevel {
 pub enum Verdict {
     Allow,
     /// Refuse with JSON-RPC error -32010 naming the rule.
-    Block { rule: String },
+    Block {
+        rule: String,
+    },
     /// Hold until a human decides, at most `timeout`.
-    Approve { rule: String, timeout: Duration },
+    Approve {
+        rule: String,
+        timeout: Duration,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -196,8 +201,15 @@ pub const DEFAULT_APPROVAL_TIMEOUT: Duration = Duration::from_secs(120);
 impl PolicySet {
     /// Load every `*.toml` in `dir`, in name order. All problems are reported at once.
     pub fn load_dir(dir: &Path, key: HashKey) -> Result<PolicySet, PolicyErrors> {
-        let located = |message: String| PolicyErrors(vec![PolicyError { file: dir.to_owned(), line: 0, message }]);
-        let entries = std::fs::read_dir(dir).map_err(|e| located(format!("cannot read the policy directory: {e}")))?;
+        let located = |message: String| {
+            PolicyErrors(vec![PolicyError {
+                file: dir.to_owned(),
+                line: 0,
+                message,
+            }])
+        };
+        let entries = std::fs::read_dir(dir)
+            .map_err(|e| located(format!("cannot read the policy directory: {e}")))?;
         let mut paths: Vec<PathBuf> = entries
             .filter_map(Result::ok)
             .map(|e| e.path())
@@ -206,11 +218,13 @@ impl PolicySet {
         paths.sort();
         let mut files = Vec::with_capacity(paths.len());
         for p in paths {
-            let text = std::fs::read_to_string(&p).map_err(|e| PolicyErrors(vec![PolicyError {
-                file: p.clone(),
-                line: 0,
-                message: format!("cannot read: {e}"),
-            }]))?;
+            let text = std::fs::read_to_string(&p).map_err(|e| {
+                PolicyErrors(vec![PolicyError {
+                    file: p.clone(),
+                    line: 0,
+                    message: format!("cannot read: {e}"),
+                }])
+            })?;
             files.push((p, text));
         }
         Self::parse(&files, key)
@@ -223,12 +237,19 @@ impl PolicySet {
         let mut custom: BTreeMap<String, detectors::Detector> = BTreeMap::new();
         let mut hasher = sha2::Sha256::new();
         for (path, text) in files {
-            let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            let name = path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
             hasher.update(name.as_bytes());
             hasher.update([0]);
             hasher.update((text.len() as u64).to_le_bytes());
             hasher.update(text.as_bytes());
-            let err = |line: usize, message: String| PolicyError { file: path.clone(), line, message };
+            let err = |line: usize, message: String| PolicyError {
+                file: path.clone(),
+                line,
+                message,
+            };
             let file: RawFile = match toml::from_str(text) {
                 Ok(f) => f,
                 Err(e) => {
@@ -241,19 +262,33 @@ impl PolicySet {
                 let line = line_of(text, d.span().start);
                 let d = d.into_inner();
                 if detectors::builtin(&d.name).is_some() {
-                    errors.push(err(line, format!("detector `{}` is built in; choose another name", d.name)));
+                    errors.push(err(
+                        line,
+                        format!("detector `{}` is built in; choose another name", d.name),
+                    ));
                     continue;
                 }
                 match Regex::new(&d.pattern) {
                     Ok(regex) => {
                         if custom
-                            .insert(d.name.clone(), detectors::Detector { name: d.name.clone(), regex, validate: None })
+                            .insert(
+                                d.name.clone(),
+                                detectors::Detector {
+                                    name: d.name.clone(),
+                                    regex,
+                                    validate: None,
+                                },
+                            )
                             .is_some()
                         {
-                            errors.push(err(line, format!("detector `{}` is defined twice", d.name)));
+                            errors
+                                .push(err(line, format!("detector `{}` is defined twice", d.name)));
                         }
                     }
-                    Err(e) => errors.push(err(line, format!("detector `{}`: bad pattern: {e}", d.name))),
+                    Err(e) => errors.push(err(
+                        line,
+                        format!("detector `{}`: bad pattern: {e}", d.name),
+                    )),
                 }
             }
             for r in file.rule {
@@ -264,7 +299,13 @@ impl PolicySet {
         let mut ids = BTreeSet::new();
         let mut rules = Vec::new();
         for (path, line, raw) in raw_rules {
-            let mut fail = |message: String| errors.push(PolicyError { file: path.clone(), line, message });
+            let mut fail = |message: String| {
+                errors.push(PolicyError {
+                    file: path.clone(),
+                    line,
+                    message,
+                })
+            };
             if !ids.insert(raw.id.clone()) {
                 fail(format!("rule `{}`: the id is used twice", raw.id));
                 continue;
@@ -278,7 +319,13 @@ impl PolicySet {
             return Err(PolicyErrors(errors));
         }
         let digest = hasher.finalize();
-        let hash = format!("sha256:{}", digest.iter().map(|b| format!("{b:02x}")).collect::<String>());
+        let hash = format!(
+            "sha256:{}",
+            digest
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<String>()
+        );
         Ok(PolicySet {
             rules,
             hash,
@@ -307,9 +354,16 @@ impl PolicySet {
             match rule.action {
                 Action::Mask => mask_rules.push(i),
                 Action::Allow if verdict.is_none() => verdict = Some(Verdict::Allow),
-                Action::Block if verdict.is_none() => verdict = Some(Verdict::Block { rule: rule.id.clone() }),
+                Action::Block if verdict.is_none() => {
+                    verdict = Some(Verdict::Block {
+                        rule: rule.id.clone(),
+                    })
+                }
                 Action::Approve if verdict.is_none() => {
-                    verdict = Some(Verdict::Approve { rule: rule.id.clone(), timeout: rule.timeout })
+                    verdict = Some(Verdict::Approve {
+                        rule: rule.id.clone(),
+                        timeout: rule.timeout,
+                    })
                 }
                 _ => {}
             }
@@ -319,7 +373,12 @@ impl PolicySet {
         if verdict != Verdict::Allow && record == RecordLevel::Off {
             record = RecordLevel::Metadata;
         }
-        Decision { verdict, mask_rules, record, rules: matched }
+        Decision {
+            verdict,
+            mask_rules,
+            record,
+            rules: matched,
+        }
     }
 
     /// Mask `value` with every mask rule of `decision`; returns the counts by detector.
@@ -333,8 +392,26 @@ impl PolicySet {
         counts
     }
 
+    /// Mask a message body and hand it over in the only form the archive accepts.
+    pub fn mask_payload(
+        &self,
+        decision: &Decision,
+        mut value: Value,
+    ) -> (crate::archive::MaskedPayload, MaskCounts) {
+        let counts = self.mask(decision, &mut value);
+        (
+            crate::archive::MaskedPayload::from_masked(value.to_string()),
+            counts,
+        )
+    }
+
     /// Mask one string (e.g. an `Mcp-Param-*` header value) the same way.
-    pub fn mask_str(&self, decision: &Decision, text: &str, counts: &mut MaskCounts) -> Option<String> {
+    pub fn mask_str(
+        &self,
+        decision: &Decision,
+        text: &str,
+        counts: &mut MaskCounts,
+    ) -> Option<String> {
         let mut current: Option<String> = None;
         for &i in &decision.mask_rules {
             if let Some(m) = &self.rules[i].masker
@@ -380,12 +457,12 @@ impl Rule {
     }
 
     fn matches_ignoring_args(&self, subject: &Subject, msg: &Message<'_>) -> bool {
-        let direction_ok = match (self.directions, msg.direction) {
-            (Directions::Both, _) => true,
-            (Directions::Requests, Direction::ClientToServer) => true,
-            (Directions::Responses, Direction::ServerToClient) => true,
-            _ => false,
-        };
+        let direction_ok = matches!(
+            (self.directions, msg.direction),
+            (Directions::Both, _)
+                | (Directions::Requests, Direction::ClientToServer)
+                | (Directions::Responses, Direction::ServerToClient)
+        );
         if !direction_ok {
             return false;
         }
@@ -401,11 +478,15 @@ impl Rule {
             && glob(&m.methods, msg.method)
             && glob(&m.backends, Some(msg.backend))
             && glob(&m.users, subject.user.as_deref())
-            && m.groups.as_ref().is_none_or(|set| subject.groups.iter().any(|g| set.is_match(g)))
+            && m.groups
+                .as_ref()
+                .is_none_or(|set| subject.groups.iter().any(|g| set.is_match(g)))
             && glob(&m.exe, subject.exe.as_deref())
             && glob(&m.comm, Some(&subject.comm))
             && glob(&m.cgroup, subject.cgroup.as_deref())
-            && m.uids.as_ref().is_none_or(|uids| uids.contains(&subject.uid))
+            && m.uids
+                .as_ref()
+                .is_none_or(|uids| uids.contains(&subject.uid))
     }
 
     /// Every `args` matcher must find its argument and match it.
@@ -417,7 +498,11 @@ impl Rule {
             return false;
         };
         self.matchers.args.iter().all(|(path, regex)| {
-            let found = if path.starts_with('/') { arguments.pointer(path) } else { arguments.get(path) };
+            let found = if path.starts_with('/') {
+                arguments.pointer(path)
+            } else {
+                arguments.get(path)
+            };
             match found {
                 Some(Value::String(s)) => regex.is_match(s),
                 Some(other) => regex.is_match(&other.to_string()),
@@ -467,7 +552,11 @@ struct RawRule {
     args: BTreeMap<String, String>,
 }
 
-fn build_rule(raw: RawRule, custom: &BTreeMap<String, detectors::Detector>, key: &HashKey) -> Result<Rule, String> {
+fn build_rule(
+    raw: RawRule,
+    custom: &BTreeMap<String, detectors::Detector>,
+    key: &HashKey,
+) -> Result<Rule, String> {
     let id = raw.id;
     let ctx = |m: String| format!("rule `{id}`: {m}");
     if id.trim().is_empty() {
@@ -488,11 +577,18 @@ fn build_rule(raw: RawRule, custom: &BTreeMap<String, detectors::Detector>, key:
     }
     let enforcing = matches!(raw.action, Action::Block | Action::Approve);
     if enforcing && raw.record == Some(RecordLevel::Off) {
-        return Err(ctx("blocked and held messages are always recorded: `record = \"off\"` is not allowed here".into()));
+        return Err(ctx(
+            "blocked and held messages are always recorded: `record = \"off\"` is not allowed here"
+                .into(),
+        ));
     }
     let directions = match (raw.direction, enforcing) {
         (None, true) | (Some(Directions::Requests), true) => Directions::Requests,
-        (Some(_), true) => return Err(ctx("block and approve rules apply to requests only: drop `direction`".into())),
+        (Some(_), true) => {
+            return Err(ctx(
+                "block and approve rules apply to requests only: drop `direction`".into(),
+            ));
+        }
         (Some(d), false) => d,
         (None, false) => Directions::Both,
     };
@@ -530,17 +626,22 @@ fn build_rule(raw: RawRule, custom: &BTreeMap<String, detectors::Detector>, key:
     let globs = |field: &str, list: Option<Vec<String>>| -> Result<Option<GlobSet>, String> {
         let Some(list) = list else { return Ok(None) };
         if list.is_empty() {
-            return Err(ctx(format!("`{field}` is empty: remove it to match everything")));
+            return Err(ctx(format!(
+                "`{field}` is empty: remove it to match everything"
+            )));
         }
         let mut b = GlobSetBuilder::new();
         for g in &list {
             b.add(Glob::new(g).map_err(|e| ctx(format!("`{field}`: bad glob `{g}`: {e}")))?);
         }
-        b.build().map(Some).map_err(|e| ctx(format!("`{field}`: {e}")))
+        b.build()
+            .map(Some)
+            .map_err(|e| ctx(format!("`{field}`: {e}")))
     };
     let mut args = Vec::new();
     for (path, pattern) in raw.args {
-        let regex = Regex::new(&pattern).map_err(|e| ctx(format!("`args.{path}`: bad regex: {e}")))?;
+        let regex =
+            Regex::new(&pattern).map_err(|e| ctx(format!("`args.{path}`: bad regex: {e}")))?;
         args.push((path, regex));
     }
     if raw.uids.as_ref().is_some_and(Vec::is_empty) {
@@ -564,14 +665,21 @@ fn build_rule(raw: RawRule, custom: &BTreeMap<String, detectors::Detector>, key:
         directions,
         matchers,
         masker,
-        timeout: raw.timeout_secs.map(Duration::from_secs).unwrap_or(DEFAULT_APPROVAL_TIMEOUT),
+        timeout: raw
+            .timeout_secs
+            .map(Duration::from_secs)
+            .unwrap_or(DEFAULT_APPROVAL_TIMEOUT),
         record: raw.record,
     })
 }
 
 /// 1-based line of a byte offset.
 fn line_of(text: &str, offset: usize) -> usize {
-    text[..offset.min(text.len())].bytes().filter(|b| *b == b'\n').count() + 1
+    text[..offset.min(text.len())]
+        .bytes()
+        .filter(|b| *b == b'\n')
+        .count()
+        + 1
 }
 
 #[cfg(test)]

@@ -2,8 +2,10 @@ use super::*;
 use serde_json::json;
 
 fn set(files: &[(&str, &str)]) -> Result<PolicySet, PolicyErrors> {
-    let files: Vec<(PathBuf, String)> =
-        files.iter().map(|(n, t)| (PathBuf::from(format!("/p/{n}")), t.to_string())).collect();
+    let files: Vec<(PathBuf, String)> = files
+        .iter()
+        .map(|(n, t)| (PathBuf::from(format!("/p/{n}")), t.to_string()))
+        .collect();
     PolicySet::parse(&files, HashKey([1; 32]))
 }
 
@@ -69,11 +71,25 @@ fn first_block_or_approve_decides_and_all_masks_apply() {
     let who = subject("alice", 1000);
     let none = json!({});
     let d = s.decide(&who, &call("delete_repo", &none));
-    assert_eq!(d.verdict, Verdict::Block { rule: "no-destructive-tools".into() });
-    assert_eq!(d.rules, vec!["mask-secrets-and-pii", "no-destructive-tools"]);
+    assert_eq!(
+        d.verdict,
+        Verdict::Block {
+            rule: "no-destructive-tools".into()
+        }
+    );
+    assert_eq!(
+        d.rules,
+        vec!["mask-secrets-and-pii", "no-destructive-tools"]
+    );
     assert!(d.masks_anything());
     let d = s.decide(&who, &call("deploy_prod", &none));
-    assert_eq!(d.verdict, Verdict::Approve { rule: "approve-deploys".into(), timeout: Duration::from_secs(30) });
+    assert_eq!(
+        d.verdict,
+        Verdict::Approve {
+            rule: "approve-deploys".into(),
+            timeout: Duration::from_secs(30)
+        }
+    );
     let d = s.decide(&who, &call("search", &none));
     assert_eq!(d.verdict, Verdict::Allow);
     assert_eq!(d.record, RecordLevel::Full);
@@ -85,19 +101,38 @@ fn argument_matchers_by_name_and_pointer() {
     let who = subject("alice", 1000);
     let bad = json!({"sql": "select 1; DROP   TABLE users"});
     let fine = json!({"sql": "select * from users"});
-    assert_eq!(s.decide(&who, &call("query", &bad)).verdict, Verdict::Block { rule: "no-drop-table".into() });
-    assert_eq!(s.decide(&who, &call("query", &fine)).verdict, Verdict::Allow);
+    assert_eq!(
+        s.decide(&who, &call("query", &bad)).verdict,
+        Verdict::Block {
+            rule: "no-drop-table".into()
+        }
+    );
+    assert_eq!(
+        s.decide(&who, &call("query", &fine)).verdict,
+        Verdict::Allow
+    );
     let ptr = set(&[(
         "p.toml",
         "[[rule]]\nid = \"deep\"\naction = \"block\"\nargs = { \"/target/env\" = \"^prod$\" }\n",
     )])
     .unwrap();
     assert_eq!(
-        ptr.decide(&who, &call("x", &json!({"target": {"env": "prod"}}))).verdict,
-        Verdict::Block { rule: "deep".into() }
+        ptr.decide(&who, &call("x", &json!({"target": {"env": "prod"}})))
+            .verdict,
+        Verdict::Block {
+            rule: "deep".into()
+        }
     );
-    assert_eq!(ptr.decide(&who, &call("x", &json!({"target": {"env": "dev"}}))).verdict, Verdict::Allow);
-    assert_eq!(ptr.decide(&who, &call("x", &json!({}))).verdict, Verdict::Allow, "missing argument: no match");
+    assert_eq!(
+        ptr.decide(&who, &call("x", &json!({"target": {"env": "dev"}})))
+            .verdict,
+        Verdict::Allow
+    );
+    assert_eq!(
+        ptr.decide(&who, &call("x", &json!({}))).verdict,
+        Verdict::Allow,
+        "missing argument: no match"
+    );
 }
 
 #[test]
@@ -129,19 +164,35 @@ uids = [1000]
     let none = json!({});
     let mut ops = subject("bob", 1001);
     ops.groups.push("ops".into());
-    assert_eq!(s.decide(&ops, &call("deploy", &none)).verdict, Verdict::Allow);
     assert_eq!(
-        s.decide(&subject("alice", 1000), &call("deploy", &none)).verdict,
-        Verdict::Block { rule: "nobody-else".into() }
+        s.decide(&ops, &call("deploy", &none)).verdict,
+        Verdict::Allow
     );
     assert_eq!(
-        s.decide(&subject("alice", 1000), &call("shell", &none)).verdict,
-        Verdict::Block { rule: "ci-runner-no-shell".into() }
+        s.decide(&subject("alice", 1000), &call("deploy", &none))
+            .verdict,
+        Verdict::Block {
+            rule: "nobody-else".into()
+        }
+    );
+    assert_eq!(
+        s.decide(&subject("alice", 1000), &call("shell", &none))
+            .verdict,
+        Verdict::Block {
+            rule: "ci-runner-no-shell".into()
+        }
     );
     let mut elsewhere = subject("alice", 1000);
     elsewhere.cgroup = Some("/user.slice".into());
-    assert_eq!(s.decide(&elsewhere, &call("shell", &none)).verdict, Verdict::Allow);
-    assert_eq!(s.decide(&subject("carol", 1002), &call("shell", &none)).verdict, Verdict::Allow);
+    assert_eq!(
+        s.decide(&elsewhere, &call("shell", &none)).verdict,
+        Verdict::Allow
+    );
+    assert_eq!(
+        s.decide(&subject("carol", 1002), &call("shell", &none))
+            .verdict,
+        Verdict::Allow
+    );
 }
 
 #[test]
@@ -159,10 +210,9 @@ fn blocks_never_apply_to_responses_or_notifications() {
 
 #[test]
 fn masking_follows_direction_and_uses_custom_detectors() {
-    let s = set(&[
-        (
-            "a.toml",
-            r#"
+    let s = set(&[(
+        "a.toml",
+        r#"
 [[detector]]
 name = "employee_id"
 pattern = "EMP-[0-9]{6}"
@@ -174,8 +224,7 @@ detectors = ["employee_id", "email"]
 direction = "responses"
 style = "redact"
 "#,
-        ),
-    ])
+    )])
     .unwrap();
     let who = subject("alice", 1000);
     let mut resp = call("lookup", &Value::Null);
@@ -184,7 +233,10 @@ style = "redact"
     let d = s.decide(&who, &resp);
     let mut v = json!({"content": [{"type": "text", "text": "EMP-123456 is a@b.io"}]});
     let counts = s.mask(&d, &mut v);
-    assert_eq!(v["content"][0]["text"], "[MASKED:employee_id] is [MASKED:email]");
+    assert_eq!(
+        v["content"][0]["text"],
+        "[MASKED:employee_id] is [MASKED:email]"
+    );
     assert_eq!(counts.get("employee_id"), Some(&1));
     // Requests are left alone by a responses-only rule.
     let args = json!({"q": "EMP-123456"});
@@ -198,8 +250,14 @@ fn listing_agrees_with_calling() {
     let who = subject("alice", 1000);
     assert!(!s.tool_visible(&who, "tools", "delete_repo"));
     assert!(!s.tool_visible(&who, "tools", "drop_table"));
-    assert!(s.tool_visible(&who, "tools", "query"), "blocked only for some arguments");
-    assert!(s.tool_visible(&who, "tools", "deploy_prod"), "approval can be granted");
+    assert!(
+        s.tool_visible(&who, "tools", "query"),
+        "blocked only for some arguments"
+    );
+    assert!(
+        s.tool_visible(&who, "tools", "deploy_prod"),
+        "approval can be granted"
+    );
     assert!(s.tool_visible(&who, "tools", "search"));
     // A conditional block followed by an unconditional one: every call is blocked.
     let s = set(&[(
@@ -221,24 +279,85 @@ fn record_levels() {
     .unwrap();
     let who = subject("alice", 1000);
     let none = json!({});
-    assert_eq!(s.decide(&who, &call("ping", &none)).record, RecordLevel::Off);
-    assert_eq!(s.decide(&who, &call("other", &none)).record, RecordLevel::Metadata);
+    assert_eq!(
+        s.decide(&who, &call("ping", &none)).record,
+        RecordLevel::Off
+    );
+    assert_eq!(
+        s.decide(&who, &call("other", &none)).record,
+        RecordLevel::Metadata
+    );
 }
 
 #[test]
 fn errors_name_file_and_line() {
     let cases: &[(&str, &str, usize, &str)] = &[
-        ("[[rule]]\nid = \"a\"\naction = \"mask\"\ndetectors = [\"emial\"]\n", "x.toml", 1, "unknown detector `emial`"),
-        ("\n\n[[rule]]\nid = \"a\"\naction = \"explode\"\n", "x.toml", 5, "explode"),
-        ("[[rule]]\nid = \"a\"\naction = \"block\"\ncolour = 1\n", "x.toml", 4, "colour"),
-        ("[[rule]]\nid = \"a\"\naction = \"block\"\ntools = [\"[\"]\n", "x.toml", 1, "bad glob"),
-        ("[[rule]]\nid = \"a\"\naction = \"block\"\nargs = { q = \"(\" }\n", "x.toml", 1, "bad regex"),
-        ("[[rule]]\nid = \"a\"\naction = \"block\"\nrecord = \"off\"\n", "x.toml", 1, "always recorded"),
-        ("[[rule]]\nid = \"a\"\naction = \"block\"\ndirection = \"responses\"\n", "x.toml", 1, "requests only"),
-        ("[[rule]]\nid = \"a\"\naction = \"mask\"\n", "x.toml", 1, "needs `detectors`"),
-        ("[[rule]]\nid = \"a\"\naction = \"allow\"\ntimeout_secs = 5\n", "x.toml", 1, "approve rules"),
-        ("[[rule]]\nid = \"a\"\naction = \"allow\"\n\n[[rule]]\nid = \"a\"\naction = \"allow\"\n", "x.toml", 5, "used twice"),
-        ("[[detector]]\nname = \"email\"\npattern = \"x\"\n", "x.toml", 1, "built in"),
+        (
+            "[[rule]]\nid = \"a\"\naction = \"mask\"\ndetectors = [\"emial\"]\n",
+            "x.toml",
+            1,
+            "unknown detector `emial`",
+        ),
+        (
+            "\n\n[[rule]]\nid = \"a\"\naction = \"explode\"\n",
+            "x.toml",
+            5,
+            "explode",
+        ),
+        (
+            "[[rule]]\nid = \"a\"\naction = \"block\"\ncolour = 1\n",
+            "x.toml",
+            4,
+            "colour",
+        ),
+        (
+            "[[rule]]\nid = \"a\"\naction = \"block\"\ntools = [\"[\"]\n",
+            "x.toml",
+            1,
+            "bad glob",
+        ),
+        (
+            "[[rule]]\nid = \"a\"\naction = \"block\"\nargs = { q = \"(\" }\n",
+            "x.toml",
+            1,
+            "bad regex",
+        ),
+        (
+            "[[rule]]\nid = \"a\"\naction = \"block\"\nrecord = \"off\"\n",
+            "x.toml",
+            1,
+            "always recorded",
+        ),
+        (
+            "[[rule]]\nid = \"a\"\naction = \"block\"\ndirection = \"responses\"\n",
+            "x.toml",
+            1,
+            "requests only",
+        ),
+        (
+            "[[rule]]\nid = \"a\"\naction = \"mask\"\n",
+            "x.toml",
+            1,
+            "needs `detectors`",
+        ),
+        (
+            "[[rule]]\nid = \"a\"\naction = \"allow\"\ntimeout_secs = 5\n",
+            "x.toml",
+            1,
+            "approve rules",
+        ),
+        (
+            "[[rule]]\nid = \"a\"\naction = \"allow\"\n\n[[rule]]\nid = \"a\"\naction = \"allow\"\n",
+            "x.toml",
+            5,
+            "used twice",
+        ),
+        (
+            "[[detector]]\nname = \"email\"\npattern = \"x\"\n",
+            "x.toml",
+            1,
+            "built in",
+        ),
         ("[[rule]\n", "x.toml", 1, ""),
     ];
     for (text, file, line, needle) in cases {
@@ -253,8 +372,14 @@ fn errors_name_file_and_line() {
 #[test]
 fn every_error_is_reported_at_once() {
     let err = set(&[
-        ("a.toml", "[[rule]]\nid = \"a\"\naction = \"mask\"\ndetectors = [\"nope\"]\n"),
-        ("b.toml", "[[rule]]\nid = \"b\"\naction = \"block\"\ntools = [\"[\"]\n"),
+        (
+            "a.toml",
+            "[[rule]]\nid = \"a\"\naction = \"mask\"\ndetectors = [\"nope\"]\n",
+        ),
+        (
+            "b.toml",
+            "[[rule]]\nid = \"b\"\naction = \"block\"\ntools = [\"[\"]\n",
+        ),
     ])
     .unwrap_err();
     assert_eq!(err.0.len(), 2);
@@ -264,7 +389,9 @@ fn every_error_is_reported_at_once() {
 #[test]
 fn hash_changes_with_content_and_name() {
     let a = set(&[("a.toml", EXAMPLE)]).unwrap().hash;
-    let b = set(&[("a.toml", &format!("{EXAMPLE}\n# comment"))]).unwrap().hash;
+    let b = set(&[("a.toml", &format!("{EXAMPLE}\n# comment"))])
+        .unwrap()
+        .hash;
     let c = set(&[("b.toml", EXAMPLE)]).unwrap().hash;
     assert_ne!(a, b);
     assert_ne!(a, c);

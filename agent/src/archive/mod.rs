@@ -1,0 +1,25 @@
+//! Parquet session archives: durable, tamper-evident, queryable with DuckDB.
+//!
+//! - [`record`]: one row, the hash chain linking rows, and [`MaskedPayload`], the only payload
+//!   type the archive takes;
+//! - [`wal`]: checksummed write-ahead segments (a Parquet file is unreadable until closed);
+//! - [`columns`]: the Arrow schema and the Parquet encoding (zstd, rows sorted by session);
+//! - [`manifest`]: the Ed25519-signed chain of per-file digests;
+//! - [`writer`]: segment → Parquet → manifest, with crash recovery;
+//! - [`verify`]: what `airlock verify` checks.
+//!
+//! Layout: `archive_dir/date=YYYY-MM-DD/hour=HH/<host>-<segment>.parquet`,
+//! `archive_dir/_manifest/<host>.{jsonl,pub}`, `archive_dir/_wal/<segment>.wal`.
+
+pub mod columns;
+pub mod manifest;
+pub mod record;
+pub mod verify;
+pub mod wal;
+pub mod writer;
+
+pub use record::{MaskedPayload, Record, RecordInput};
+pub use writer::{ArchiveWriter, WriterConfig};
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,417 @@
+use std::{
+    fs,
+    path::{Path, PathBuf},
+};
+
+use super::{verify::verify, writer::*, *};
+
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(name: &str) -> TempDir {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let p =
+            std::env::temp_dir().join(format!("airlock-archive-{}-{n}-{name}", std::process::id()));
+        let _ = fs::remove_dir_all(&p);
+        fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+fn config(dir: &Path) -> WriterConfig {
+    WriterConfig {
+        archive_dir: dir.join("archive"),
+        signing_key: dir.join("archive-signing.key"),
+        host: "runner-1".into(),
+        group: None,
+        max_rows: 100,
+    }
+}
+
+fn input(session: &str, seq: u64) -> RecordInput {
+    RecordInput {
+        ts_us: 1_795_000_000_000_000 + seq as i64 * 1000,
+        host: "runner-1".into(),
+        session_id: session.into(),
+        seq,
+        direction: if seq.is_multiple_of(2) {
+            "server_to_client"
+        } else {
+            "client_to_server"
+        }
+        .into(),
+        kind: if seq.is_multiple_of(2) {
+            "response"
+        } else {
+            "request"
+        }
+        .into(),
+        method: Some("tools/call".into()),
+        tool: Some("search".into()),
+        jsonrpc_id: Some(seq.to_string()),
+        payload: Some(MaskedPayload::from_masked(format!(
+            "{{\"q\":\"item {seq}\",\"mail\":\"[MASKED:email]\"}}"
+        ))),
+        decision: "mask".into(),
+        rules: vec!["mask-secrets".into()],
+        masked_detectors: vec!["email".into()],
+        latency_us: Some(120 + seq),
+        pid: Some(4242),
+        tgid: Some(4242),
+        uid: Some(1000),
+        gid: Some(1000),
+        user: Some("ci".into()),
+        comm: Some("node".into()),
+        exe: Some("/usr/bin/node".into()),
+        cgroup: Some("/ci/job".into()),
+        backend: Some("tools".into()),
+        server_addr: Some("127.0.0.2:8443".into()),
+        sni: Some("mcp.internal.test".into()),
+        policy_hash: Some("sha256:abc".into()),
+        ..Default::default()
+    }
+}
+
+/// Write `files` Parquet files of `rows` records each, sessions interleaved.
+fn archive_with(dir: &Path, files: usize, rows: u64) -> Vec<PathBuf> {
+    let (mut w, _) = ArchiveWriter::open(config(dir)).unwrap();
+    let mut out = Vec::new();
+    for f in 0..files {
+        for i in 0..rows {
+            let seq = f as u64 * rows + i;
+            w.append(input(
+                if seq.is_multiple_of(3) { "s-b" } else { "s-a" },
+                seq,
+            ))
+            .unwrap();
+        }
+        w.sync().unwrap();
+        out.push(w.roll().unwrap().unwrap());
+    }
+    out
+}
+
+#[test]
+fn records_round_trip_through_parquet_sorted_by_session() {
+    let t = TempDir::new("roundtrip");
+    let files = archive_with(&t.0, 1, 10);
+    let rows = columns::read(&files[0]).unwrap();
+    assert_eq!(rows.len(), 10);
+    assert_eq!(
+        rows.iter().map(|r| r.archive_seq).collect::<Vec<_>>(),
+        (1..=10).collect::<Vec<_>>()
+    );
+    assert_eq!(rows[3].input, input("s-b", 3));
+    assert!(rows.iter().all(Record::hash_is_valid));
+    // Stored sorted by session for row-group pruning; `read` restores chain order.
+    let rel = files[0]
+        .strip_prefix(t.0.join("archive"))
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+    assert!(rel.starts_with("date=2026-11-18/hour="), "{rel}");
+    assert!(rel.ends_with("runner-1-000000000001.parquet"), "{rel}");
+    let report = verify(&t.0.join("archive"));
+    assert!(report.intact(), "{:?}", report.problems);
+    assert_eq!(report.records_checked, 10);
+}
+
+#[test]
+fn the_chain_continues_across_files_and_restarts() {
+    let t = TempDir::new("restart");
+    archive_with(&t.0, 2, 5);
+    let (mut w, rec) = ArchiveWriter::open(config(&t.0)).unwrap();
+    assert_eq!(rec, writer::Recovery::default());
+    w.append(input("s-c", 100)).unwrap();
+    w.sync().unwrap();
+    w.roll().unwrap();
+    let report = verify(&t.0.join("archive"));
+    assert!(report.intact(), "{:?}", report.problems);
+    assert_eq!(report.files_checked, 3);
+    assert_eq!(report.records_checked, 11);
+}
+
+#[test]
+fn a_crash_before_the_roll_loses_nothing_synced() {
+    let t = TempDir::new("crash-wal");
+    {
+        let (mut w, _) = ArchiveWriter::open(config(&t.0)).unwrap();
+        for i in 0..7 {
+            w.append(input("s", i)).unwrap();
+        }
+        w.sync().unwrap();
+        // Dropped without a roll: the process died.
+    }
+    let (_, rec) = ArchiveWriter::open(config(&t.0)).unwrap();
+    assert_eq!(rec.segments, 1);
+    assert_eq!(rec.records, 7);
+    let report = verify(&t.0.join("archive"));
+    assert!(report.intact(), "{:?}", report.problems);
+    assert_eq!(report.records_checked, 7);
+}
+
+#[test]
+fn a_torn_tail_is_dropped_and_the_rest_recovered() {
+    let t = TempDir::new("torn");
+    let seg;
+    {
+        let (mut w, _) = ArchiveWriter::open(config(&t.0)).unwrap();
+        for i in 0..5 {
+            w.append(input("s", i)).unwrap();
+        }
+        w.sync().unwrap();
+        seg = fs::read_dir(t.0.join("archive/_wal"))
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap()
+            .path();
+    }
+    let len = fs::metadata(&seg).unwrap().len();
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&seg)
+        .unwrap()
+        .set_len(len - 7)
+        .unwrap();
+    let (_, rec) = ArchiveWriter::open(config(&t.0)).unwrap();
+    assert_eq!(rec.records, 4);
+    assert!(rec.torn_bytes > 0);
+    assert!(verify(&t.0.join("archive")).intact());
+}
+
+#[test]
+fn a_crash_after_the_manifest_line_does_not_duplicate() {
+    let t = TempDir::new("crash-after");
+    let seg_copy = t.0.join("saved.wal");
+    {
+        let (mut w, _) = ArchiveWriter::open(config(&t.0)).unwrap();
+        for i in 0..4 {
+            w.append(input("s", i)).unwrap();
+        }
+        w.sync().unwrap();
+        let seg = fs::read_dir(t.0.join("archive/_wal"))
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap()
+            .path();
+        fs::copy(&seg, &seg_copy).unwrap();
+        w.roll().unwrap();
+        // Put the segment back, as if the process died before deleting it.
+        fs::copy(&seg_copy, &seg).unwrap();
+    }
+    let (_, rec) = ArchiveWriter::open(config(&t.0)).unwrap();
+    assert_eq!(rec.already_archived, 4);
+    assert_eq!(rec.records, 0);
+    let report = verify(&t.0.join("archive"));
+    assert!(report.intact(), "{:?}", report.problems);
+    assert_eq!(report.records_checked, 4);
+}
+
+#[test]
+fn a_crash_between_rename_and_manifest_rewrites_the_same_file() {
+    let t = TempDir::new("crash-rename");
+    let files = archive_with(&t.0, 1, 3);
+    // Simulate: the file was renamed into place but its manifest line never written, and the
+    // segment is still there.
+    let manifest = manifest::manifest_path(&t.0.join("archive"), "runner-1");
+    let (mut w, _) = ArchiveWriter::open(config(&t.0)).unwrap();
+    for i in 10..13 {
+        w.append(input("s", i)).unwrap();
+    }
+    w.sync().unwrap();
+    let before = fs::read_to_string(&manifest).unwrap();
+    let second = w.roll().unwrap().unwrap();
+    fs::write(&manifest, &before).unwrap(); // the line never made it
+    let seg = t.0.join("archive/_wal/000000000002.wal");
+    drop(w);
+    // Rebuild the segment the crash left behind from the published rows.
+    let mut sw = wal::SegmentWriter::create(&seg, 0o600).unwrap();
+    for r in columns::read(&second).unwrap() {
+        sw.append(&r).unwrap();
+    }
+    sw.sync().unwrap();
+    drop(sw);
+    let (_, rec) = ArchiveWriter::open(config(&t.0)).unwrap();
+    assert_eq!(rec.records, 3);
+    let report = verify(&t.0.join("archive"));
+    assert!(report.intact(), "{:?}", report.problems);
+    assert_eq!(report.files_checked, 2);
+    assert!(files[0].exists());
+}
+
+fn problems_after(name: &str, tamper: impl FnOnce(&Path, &[PathBuf])) -> Vec<String> {
+    let t = TempDir::new(name);
+    let files = archive_with(&t.0, 3, 6);
+    assert!(verify(&t.0.join("archive")).intact());
+    tamper(&t.0.join("archive"), &files);
+    let report = verify(&t.0.join("archive"));
+    assert!(!report.intact(), "{name}: tampering not detected");
+    report.problems
+}
+
+fn rel(file: &Path) -> String {
+    let s = file.to_string_lossy();
+    s[s.find("date=").unwrap()..].to_owned()
+}
+
+#[test]
+fn verify_names_a_modified_file() {
+    let p = problems_after("flip", |_, files| {
+        let mut b = fs::read(&files[1]).unwrap();
+        let mid = b.len() / 2;
+        b[mid] ^= 0x01;
+        fs::write(&files[1], b).unwrap();
+    });
+    assert!(p.iter().any(|m| m.contains("modified")), "{p:?}");
+}
+
+#[test]
+fn verify_names_a_truncated_file() {
+    let mut name = String::new();
+    let p = problems_after("trunc", |_, files| {
+        name = rel(&files[0]);
+        let len = fs::metadata(&files[0]).unwrap().len();
+        fs::OpenOptions::new()
+            .write(true)
+            .open(&files[0])
+            .unwrap()
+            .set_len(len / 2)
+            .unwrap();
+    });
+    assert!(p.iter().any(|m| m.starts_with(&name)), "{p:?}");
+}
+
+#[test]
+fn verify_names_a_deleted_file() {
+    let mut name = String::new();
+    let p = problems_after("delete", |_, files| {
+        name = rel(&files[2]);
+        fs::remove_file(&files[2]).unwrap();
+    });
+    assert!(
+        p.iter()
+            .any(|m| m.starts_with(&name) && m.contains("deleted")),
+        "{p:?}"
+    );
+}
+
+#[test]
+fn verify_names_an_inserted_file() {
+    let p = problems_after("insert", |archive, files| {
+        let fake = archive.join("date=2026-11-18/hour=00/runner-1-999.parquet");
+        fs::create_dir_all(fake.parent().unwrap()).unwrap();
+        fs::copy(&files[0], &fake).unwrap();
+    });
+    assert!(
+        p.iter()
+            .any(|m| m.contains("runner-1-999.parquet") && m.contains("inserted")),
+        "{p:?}"
+    );
+}
+
+#[test]
+fn verify_names_reordered_files() {
+    let p = problems_after("reorder", |_, files| {
+        let tmp = files[0].with_extension("swap");
+        fs::rename(&files[0], &tmp).unwrap();
+        fs::rename(&files[1], &files[0]).unwrap();
+        fs::rename(&tmp, &files[1]).unwrap();
+    });
+    assert!(
+        p.iter().filter(|m| m.contains("modified")).count() >= 2,
+        "{p:?}"
+    );
+}
+
+#[test]
+fn verify_names_a_record_rewritten_with_a_valid_file() {
+    // Rewrite a file with one record removed and the manifest left alone: the digest, the
+    // row count and the chain all disagree.
+    let p = problems_after("record", |_, files| {
+        let mut rows = columns::read(&files[1]).unwrap();
+        rows.remove(2);
+        let f = fs::File::create(&files[1]).unwrap();
+        columns::write(f, &rows).unwrap();
+    });
+    assert!(
+        p.iter()
+            .any(|m| m.contains("records where the manifest says")),
+        "{p:?}"
+    );
+    assert!(
+        p.iter()
+            .any(|m| m.contains("removed, inserted or reordered")),
+        "{p:?}"
+    );
+}
+
+#[test]
+fn verify_names_manifest_tampering() {
+    let p = problems_after("manifest-edit", |archive, _| {
+        let m = manifest::manifest_path(archive, "runner-1");
+        let text = fs::read_to_string(&m).unwrap();
+        fs::write(&m, text.replacen("\"rows\":6", "\"rows\":5", 1)).unwrap();
+    });
+    assert!(
+        p.iter().any(|m| m.contains("line 1: bad signature")),
+        "{p:?}"
+    );
+    let p = problems_after("manifest-drop", |archive, _| {
+        let m = manifest::manifest_path(archive, "runner-1");
+        let lines: Vec<String> = fs::read_to_string(&m)
+            .unwrap()
+            .lines()
+            .map(str::to_owned)
+            .collect();
+        fs::write(&m, format!("{}\n{}\n", lines[0], lines[2])).unwrap();
+    });
+    assert!(
+        p.iter()
+            .any(|m| m.contains("does not follow the line before it")),
+        "{p:?}"
+    );
+    assert!(
+        p.iter()
+            .any(|m| m.contains("inserted: not in any manifest")),
+        "{p:?}"
+    );
+}
+
+#[test]
+fn archive_files_are_not_world_readable() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let t = TempDir::new("modes");
+    let files = archive_with(&t.0, 1, 2);
+    assert_eq!(
+        fs::metadata(&files[0]).unwrap().permissions().mode() & 0o777,
+        FILE_MODE
+    );
+    assert_eq!(
+        fs::metadata(files[0].parent().unwrap())
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777,
+        DIR_MODE
+    );
+    let key = fs::metadata(t.0.join("archive-signing.key"))
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(key, 0o600);
+    let m = manifest::manifest_path(&t.0.join("archive"), "runner-1");
+    assert_eq!(
+        fs::metadata(m).unwrap().permissions().mode() & 0o777,
+        FILE_MODE
+    );
+}

@@ -1,0 +1,313 @@
+//! Archives written through the library API, read by the real DuckDB (PyPI `duckdb`, in the
+//! venv `cargo xtask setup` creates under target/): the schema DuckDB sees, and analyst
+//! queries over hive-partitioned files. Also `airlock verify` on the same archive.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use airlock::{
+    archive::{ArchiveWriter, RecordInput, WriterConfig},
+    policy::{Direction, HashKey, Message, PolicySet, Subject},
+};
+use serde_json::json;
+
+const AIRLOCK: &str = env!("CARGO_BIN_EXE_airlock");
+
+fn duckdb_python() -> Option<PathBuf> {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/test-venv/bin/python");
+    if p.exists() {
+        return Some(p);
+    }
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!(
+            "{} is missing: `cargo xtask setup` creates it (DuckDB for the archive tests)",
+            p.display()
+        );
+    }
+    eprintln!(
+        "skipping: no DuckDB venv at {} (run `cargo xtask setup`)",
+        p.display()
+    );
+    None
+}
+
+/// Run SQL in DuckDB, return rows as JSON arrays.
+fn duckdb(python: &Path, sql: &str) -> Vec<serde_json::Value> {
+    let script = "import duckdb, json, sys\nfor row in duckdb.sql(sys.argv[1]).fetchall():\n    print(json.dumps([str(c) if not isinstance(c, (int, float, str, list, type(None))) else c for c in row]))\n";
+    let out = Command::new(python)
+        .args(["-c", script, sql])
+        .output()
+        .expect("run python");
+    assert!(
+        out.status.success(),
+        "duckdb failed on {sql}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn write_archive(dir: &Path) {
+    let policies = PolicySet::load_dir(
+        &PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../policies"),
+        HashKey([3; 32]),
+    )
+    .expect("shipped policies");
+    let (mut w, _) = ArchiveWriter::open(WriterConfig {
+        archive_dir: dir.join("archive"),
+        signing_key: dir.join("signing.key"),
+        host: "runner-7".into(),
+        group: None,
+        max_rows: 1000,
+    })
+    .unwrap();
+    let users = [("alice", 1000u32), ("bob", 1001)];
+    for (n, (user, uid)) in users.iter().enumerate() {
+        let subject = Subject {
+            uid: *uid,
+            gid: *uid,
+            user: Some(user.to_string()),
+            comm: "python3".into(),
+            ..Default::default()
+        };
+        for i in 0..3u64 {
+            let tool = if i == 2 { "send_mail" } else { "search" };
+            let msg = Message {
+                backend: "tools",
+                direction: Direction::ServerToClient,
+                method: Some("tools/call"),
+                tool: Some(tool),
+                arguments: None,
+                is_request: false,
+            };
+            let decision = policies.decide(&subject, &msg);
+            let body = json!({"content": [{"type": "text", "text": format!("reply to {user}@example.com #{i}")}]});
+            let (payload, counts) = policies.mask_payload(&decision, body);
+            // Synthetic: bob's mail was refused by a rule.
+            let blocked = *user == "bob" && tool == "send_mail";
+            let mut rules = decision.rules.clone();
+            if blocked {
+                rules.push("no-mail".into());
+            }
+            w.append(RecordInput {
+                ts_us: 1_795_000_000_000_000 + (n as i64 * 10 + i as i64) * 1_000_000,
+                host: "runner-7".into(),
+                session_id: format!("session-{user}"),
+                seq: i,
+                direction: "server_to_client".into(),
+                kind: "response".into(),
+                method: Some("tools/call".into()),
+                tool: Some(tool.into()),
+                jsonrpc_id: Some(i.to_string()),
+                payload: Some(payload),
+                decision: if blocked {
+                    "block"
+                } else if counts.is_empty() {
+                    "allow"
+                } else {
+                    "mask"
+                }
+                .into(),
+                rules,
+                masked_detectors: counts
+                    .iter()
+                    .flat_map(|(d, n)| std::iter::repeat_n(d.clone(), *n as usize))
+                    .collect(),
+                latency_us: Some(100 * (i + 1)),
+                pid: Some(4000 + n as u32),
+                uid: Some(*uid),
+                user: Some(user.to_string()),
+                comm: Some("python3".into()),
+                backend: Some("tools".into()),
+                policy_hash: Some(policies.hash.clone()),
+                ..Default::default()
+            })
+            .unwrap();
+        }
+    }
+    w.sync().unwrap();
+    w.roll().unwrap();
+}
+
+#[test]
+fn duckdb_reads_the_archive_with_natural_types() {
+    let Some(python) = duckdb_python() else {
+        return;
+    };
+    let dir = std::env::temp_dir().join(format!("airlock-archive-duckdb-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    write_archive(&dir);
+    let glob = format!("{}/archive/**/*.parquet", dir.display());
+    let src = format!("read_parquet('{glob}', hive_partitioning=true)");
+
+    let types: Vec<(String, String)> = duckdb(
+        &python,
+        &format!("select column_name, column_type from (describe select * from {src})"),
+    )
+    .into_iter()
+    .map(|r| {
+        (
+            r[0].as_str().unwrap().to_owned(),
+            r[1].as_str().unwrap().to_owned(),
+        )
+    })
+    .collect();
+    let ty = |c: &str| {
+        types
+            .iter()
+            .find(|(n, _)| n == c)
+            .map(|(_, t)| t.clone())
+            .unwrap_or_default()
+    };
+    assert_eq!(ty("ts"), "TIMESTAMP WITH TIME ZONE");
+    assert_eq!(ty("rules"), "VARCHAR[]");
+    assert_eq!(ty("masked_detectors"), "VARCHAR[]");
+    assert_eq!(ty("uid"), "UINTEGER");
+    assert_eq!(ty("seq"), "UBIGINT");
+    assert_eq!(ty("date"), "DATE");
+    assert!(
+        !ty("hour").is_empty(),
+        "hive partition column `hour`: {types:?}"
+    );
+
+    let per_user = duckdb(
+        &python,
+        &format!("select user, tool, count(*) from {src} group by all order by all"),
+    );
+    assert_eq!(
+        per_user,
+        vec![
+            json!(["alice", "search", 2]),
+            json!(["alice", "send_mail", 1]),
+            json!(["bob", "search", 2]),
+            json!(["bob", "send_mail", 1])
+        ]
+    );
+    let masked = duckdb(
+        &python,
+        &format!(
+            "select d, count(*) from (select unnest(masked_detectors) d from {src}) group by d"
+        ),
+    );
+    assert_eq!(masked, vec![json!(["email", 6])]);
+    let leaked = duckdb(
+        &python,
+        &format!("select count(*) from {src} where payload like '%@example.com%'"),
+    );
+    assert_eq!(
+        leaked,
+        vec![json!([0])],
+        "an unmasked address reached the archive"
+    );
+    let transcript = duckdb(
+        &python,
+        &format!("select seq from {src} where session_id = 'session-bob' order by seq"),
+    );
+    assert_eq!(transcript, vec![json!([0]), json!([1]), json!([2])]);
+
+    let out = Command::new(AIRLOCK)
+        .args(["verify", "--archive"])
+        .arg(dir.join("archive"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(
+        stdout.contains("6 record(s) checked") && stdout.contains("intact"),
+        "{stdout}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The queries ARCHIVE.md gives, by name.
+fn documented_queries() -> Vec<(String, String)> {
+    let doc =
+        std::fs::read_to_string(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../ARCHIVE.md"))
+            .unwrap();
+    doc.split("```sql\n")
+        .skip(1)
+        .filter_map(|block| {
+            let sql = block.split("```").next()?;
+            let name = sql
+                .lines()
+                .next()?
+                .strip_prefix("-- query: ")?
+                .trim()
+                .to_owned();
+            Some((name, sql.to_owned()))
+        })
+        .collect()
+}
+
+#[test]
+fn the_queries_in_archive_md_give_the_right_answers() {
+    let Some(python) = duckdb_python() else {
+        return;
+    };
+    let dir = std::env::temp_dir().join(format!("airlock-archive-queries-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    write_archive(&dir);
+    let glob = format!("{}/archive/**/*.parquet", dir.display());
+    let queries = documented_queries();
+    let names: Vec<&str> = queries.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "calls-per-user-and-tool",
+            "blocked-calls",
+            "masked-per-detector",
+            "slowest-tools",
+            "sessions-of-one-process",
+            "one-session-transcript"
+        ]
+    );
+    for (name, sql) in &queries {
+        let rows = duckdb(
+            &python,
+            &sql.replace("/var/lib/airlock/archive/**/*.parquet", &glob),
+        );
+        match name.as_str() {
+            "calls-per-user-and-tool" => assert_eq!(
+                rows,
+                vec![
+                    json!(["alice", "search", 2]),
+                    json!(["alice", "send_mail", 1]),
+                    json!(["bob", "search", 2]),
+                    json!(["bob", "send_mail", 1])
+                ]
+            ),
+            "blocked-calls" => {
+                assert_eq!(rows.len(), 1, "{rows:?}");
+                assert_eq!(rows[0][1], "bob");
+                assert_eq!(rows[0][3], "send_mail");
+                assert!(rows[0][4].as_array().unwrap().contains(&json!("no-mail")));
+            }
+            "masked-per-detector" => assert_eq!(rows, vec![json!(["email", 6])]),
+            "slowest-tools" => assert_eq!(
+                rows,
+                vec![json!(["send_mail", 300, 300]), json!(["search", 200, 150])]
+            ),
+            "sessions-of-one-process" => {
+                assert_eq!(rows.len(), 1, "{rows:?}");
+                assert_eq!(rows[0][0], "session-bob");
+                assert_eq!(rows[0][2], 3);
+            }
+            "one-session-transcript" => {
+                assert_eq!(
+                    rows.iter().map(|r| r[0].clone()).collect::<Vec<_>>(),
+                    vec![json!(0), json!(1), json!(2)]
+                );
+                assert!(
+                    rows.iter()
+                        .all(|r| !r[5].as_str().unwrap().contains("bob@example.com"))
+                );
+            }
+            other => panic!("no expected answer for query {other}"),
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
