@@ -125,15 +125,10 @@ fn restart_leaves_no_window_of_unredirected_traffic() {
             assert!(refused(r), "unexpected failure: {r:?}");
         }
     }
-    let direct: Vec<_> = backend
-        .seen()
-        .into_iter()
-        .filter(|s| results.iter().any(|r| r.local == Some(*s)))
-        .collect();
-    assert!(
-        direct.is_empty(),
-        "backend saw clients directly: {direct:?}"
-    );
+    // (Every probe that connected had the agent as its peer, checked above: a client that went
+    // around the agent would have had the backend as its peer. Comparing the backend's peers
+    // with the clients' local ports would not do: the agent's upstream sockets may reuse those
+    // port numbers towards another destination.)
     assert!(
         results.iter().any(refused),
         "no probe ran while the agent was down"
