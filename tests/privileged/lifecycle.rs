@@ -6,6 +6,7 @@ use crate::harness::*;
 
 const ECONNREFUSED: i64 = 111;
 const EPERM: i64 = 1;
+const ECONNRESET: i64 = 104;
 
 fn refused(res: &ClientResult) -> bool {
     matches!(res.errno, Some(ECONNREFUSED) | Some(EPERM))
@@ -122,7 +123,12 @@ fn restart_leaves_no_window_of_unredirected_traffic() {
                 "a connection went around the agent: {r:?}"
             );
         } else {
-            assert!(refused(r), "unexpected failure: {r:?}");
+            // connect() failed: refused while nobody listened, or reset when the stopping
+            // agent closed its listener with the handshake in its backlog.
+            assert!(
+                refused(r) || r.errno == Some(ECONNRESET),
+                "unexpected failure: {r:?}"
+            );
         }
     }
     // (Every probe that connected had the agent as its peer, checked above: a client that went
