@@ -3,6 +3,7 @@
 //!
 //! They need root. Without it they skip locally and fail in CI (`CI=true`).
 
+mod archive;
 mod harness;
 mod lifecycle;
 mod redirect;

@@ -6,6 +6,7 @@
 //! - [`columns`]: the Arrow schema and the Parquet encoding (zstd, rows sorted by session);
 //! - [`manifest`]: the Ed25519-signed chain of per-file digests;
 //! - [`writer`]: segment → Parquet → manifest, with crash recovery;
+//! - [`service`]: the writer on its own thread: group commit, strict or buffered recording;
 //! - [`verify`]: what `airlock verify` checks.
 //!
 //! Layout: `archive_dir/date=YYYY-MM-DD/hour=HH/<host>-<segment>.parquet`,
@@ -14,6 +15,7 @@
 pub mod columns;
 pub mod manifest;
 pub mod record;
+pub mod service;
 pub mod verify;
 pub mod wal;
 pub mod writer;

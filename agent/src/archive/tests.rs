@@ -415,3 +415,106 @@ fn archive_files_are_not_world_readable() {
         FILE_MODE
     );
 }
+
+mod service {
+    use super::*;
+    use crate::archive::service::{Archive, Recording};
+    use std::time::Duration;
+
+    fn rows_in_archive(dir: &Path) -> u64 {
+        let report = verify(&dir.join("archive"));
+        assert!(report.intact(), "{:?}", report.problems);
+        report.records_checked
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn strict_acknowledges_only_durable_records() {
+        let t = TempDir::new("strict");
+        let (w, _) = ArchiveWriter::open(config(&t.0)).unwrap();
+        let archive = Archive::start(w, Recording::Strict, Duration::from_secs(3600));
+        let seq = archive.record(input("s", 1)).await.unwrap();
+        assert_eq!(seq, 1);
+        // Acknowledged means on disk: the segment holds it before any roll.
+        let seg = fs::read_dir(t.0.join("archive/_wal"))
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap()
+            .path();
+        let on_disk = wal::read_segment(&seg).unwrap();
+        assert_eq!(on_disk.records.len(), 1);
+        assert_eq!(on_disk.records[0].input, input("s", 1));
+        archive.close().await.unwrap();
+        assert_eq!(rows_in_archive(&t.0), 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_records_share_fsyncs() {
+        let t = TempDir::new("group");
+        let (w, _) = ArchiveWriter::open(WriterConfig {
+            max_rows: 10_000,
+            ..config(&t.0)
+        })
+        .unwrap();
+        let archive = Archive::start(w, Recording::Strict, Duration::from_secs(3600));
+        let tasks: Vec<_> = (0..1000)
+            .map(|i| {
+                let a = archive.clone();
+                tokio::spawn(async move { a.record(input(&format!("s{}", i % 10), i)).await })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap().unwrap();
+        }
+        let fsyncs = archive
+            .stats
+            .fsyncs
+            .load(std::sync::atomic::Ordering::Relaxed);
+        assert!(
+            fsyncs < 1000,
+            "no group commit: {fsyncs} fsyncs for 1000 records"
+        );
+        archive.close().await.unwrap();
+        assert_eq!(rows_in_archive(&t.0), 1000);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn buffered_records_and_timed_rolls() {
+        let t = TempDir::new("buffered");
+        let (w, _) = ArchiveWriter::open(config(&t.0)).unwrap();
+        let archive = Archive::start(w, Recording::Buffered, Duration::from_millis(200));
+        for i in 0..50 {
+            archive.record(input("s", i)).await.unwrap();
+        }
+        // No close: the flush interval alone publishes a Parquet file.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while verify(&t.0.join("archive")).records_checked < 50 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "nothing rolled after the flush interval"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        archive.close().await.unwrap();
+        assert_eq!(rows_in_archive(&t.0), 50);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn max_rows_rolls_a_file() {
+        let t = TempDir::new("maxrows");
+        let (w, _) = ArchiveWriter::open(WriterConfig {
+            max_rows: 10,
+            ..config(&t.0)
+        })
+        .unwrap();
+        let archive = Archive::start(w, Recording::Strict, Duration::from_secs(3600));
+        for i in 0..25 {
+            archive.record(input("s", i)).await.unwrap();
+        }
+        archive.close().await.unwrap();
+        let report = verify(&t.0.join("archive"));
+        assert!(report.intact(), "{:?}", report.problems);
+        assert_eq!(report.records_checked, 25);
+        assert!(report.files_checked >= 3, "{} files", report.files_checked);
+    }
+}

@@ -60,6 +60,11 @@ pub struct ArchiveWriter {
     wal_no: u64,
     /// Records of the open segment, kept to write its Parquet file without re-reading.
     pending: Vec<Record>,
+    /// How many of `pending` the last successful fsync covered.
+    synced: usize,
+    /// Durable prefixes of segments abandoned after a write failure, oldest first: published
+    /// before anything newer so that files follow the chain's order.
+    sealed: Vec<(u64, Vec<Record>)>,
     last_hash: String,
     next_archive_seq: u64,
 }
@@ -92,6 +97,8 @@ impl ArchiveWriter {
             wal: None,
             wal_no,
             pending: Vec::new(),
+            synced: 0,
+            sealed: Vec::new(),
             last_hash,
             next_archive_seq: tip + 1,
         };
@@ -168,34 +175,80 @@ impl ArchiveWriter {
 
     /// fsync the open segment: every appended record is durable when this returns.
     pub fn sync(&mut self) -> io::Result<()> {
-        match self.wal.as_mut() {
-            Some(w) => w.sync(),
-            None => Ok(()),
+        if let Some(w) = self.wal.as_mut() {
+            w.sync()?;
         }
+        self.synced = self.pending.len();
+        Ok(())
     }
 
+    /// After a failed append or fsync: forget the records that are not durable (their chain
+    /// state included; the caller still holds their inputs), keep the segment's durable prefix
+    /// for publishing, and go on in a fresh segment.
+    pub fn abandon_unsynced(&mut self) {
+        self.pending.truncate(self.synced);
+        self.wal = None;
+        if let Some(last) = self.pending.last() {
+            self.last_hash = last.hash.clone();
+            self.next_archive_seq = last.archive_seq + 1;
+            self.sealed
+                .push((self.wal_no, std::mem::take(&mut self.pending)));
+        } else if let Some((_, rows)) = self.sealed.last()
+            && let Some(last) = rows.last()
+        {
+            self.last_hash = last.hash.clone();
+            self.next_archive_seq = last.archive_seq + 1;
+        } else {
+            let (hash, tip) = self.manifest.chain_tip();
+            self.last_hash = hash;
+            self.next_archive_seq = tip + 1;
+        }
+        self.synced = 0;
+    }
+
+    /// Records not yet in a published file (sealed segments included).
     pub fn pending_rows(&self) -> usize {
-        self.pending.len()
+        self.pending.len() + self.sealed.iter().map(|(_, r)| r.len()).sum::<usize>()
     }
 
     pub fn wants_roll(&self) -> bool {
         self.pending.len() >= self.cfg.max_rows
     }
 
-    /// Turn the open segment into a published Parquet file. Returns its path, if any rows.
+    /// Turn the open segment into a published Parquet file (after any sealed ones). Returns
+    /// the path of the last file written, if any.
     pub fn roll(&mut self) -> io::Result<Option<PathBuf>> {
+        let mut last = None;
+        while !self.sealed.is_empty() {
+            let (n, rows) = self.sealed.remove(0);
+            match self.publish(n, &rows) {
+                Ok(path) => last = Some(path),
+                Err(e) => {
+                    // Still oldest: it goes back to the front for the next attempt.
+                    self.sealed.insert(0, (n, rows));
+                    return Err(e);
+                }
+            }
+            remove_if_present(&self.wal_dir().join(format!("{n:012}.wal")))?;
+        }
         let Some(mut wal) = self.wal.take() else {
-            return Ok(None);
+            return Ok(last);
         };
         wal.sync()?;
         let rows = std::mem::take(&mut self.pending);
-        let path = if rows.is_empty() {
-            None
-        } else {
-            Some(self.publish(self.wal_no, &rows)?)
-        };
+        self.synced = 0;
+        if !rows.is_empty() {
+            match self.publish(self.wal_no, &rows) {
+                Ok(path) => last = Some(path),
+                Err(e) => {
+                    // Durable in its segment: kept in order for the next attempt.
+                    self.sealed.push((self.wal_no, rows));
+                    return Err(e);
+                }
+            }
+        }
         fs::remove_file(wal.path())?;
-        Ok(path)
+        Ok(last)
     }
 
     /// Write rows as the Parquet file of segment `n`, then its manifest line.
@@ -246,6 +299,13 @@ impl ArchiveWriter {
             FILE_MODE,
         )?;
         Ok(final_path)
+    }
+}
+
+fn remove_if_present(path: &Path) -> io::Result<()> {
+    match fs::remove_file(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
     }
 }
 
