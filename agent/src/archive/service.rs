@@ -49,7 +49,7 @@ pub enum ArchiveError {
 }
 
 enum Job {
-    Record(RecordInput, Option<Ack>),
+    Record(Box<RecordInput>, Option<Ack>),
     Close(oneshot::Sender<io::Result<()>>),
 }
 
@@ -103,14 +103,14 @@ impl Archive {
             Recording::Strict => {
                 let (ack, done) = oneshot::channel();
                 self.tx
-                    .send(Job::Record(input, Some(ack)))
+                    .send(Job::Record(Box::new(input), Some(ack)))
                     .await
                     .map_err(|_| ArchiveError::Stopped)?;
                 done.await.map_err(|_| ArchiveError::Stopped)?
             }
             Recording::Buffered => {
                 self.tx
-                    .send(Job::Record(input, None))
+                    .send(Job::Record(Box::new(input), None))
                     .await
                     .map_err(|_| ArchiveError::Stopped)?;
                 Ok(0)
@@ -163,7 +163,7 @@ async fn serve(
     stats: Arc<ArchiveStats>,
 ) {
     let mut last_roll = Instant::now();
-    let mut retry: VecDeque<RecordInput> = VecDeque::new();
+    let mut retry: VecDeque<Box<RecordInput>> = VecDeque::new();
     loop {
         // Nothing pending: wait for work. Something pending: wait no longer than its roll.
         let first = if w.pending_rows() == 0 && retry.is_empty() {
@@ -203,8 +203,8 @@ async fn serve(
                 Err(_) => break,
             }
         }
-        let mut appended: Vec<(RecordInput, Option<Ack>, u64)> = Vec::new();
-        let mut unwritten: Vec<(RecordInput, Option<Ack>)> = Vec::new();
+        let mut appended: Vec<(Box<RecordInput>, Option<Ack>, u64)> = Vec::new();
+        let mut unwritten: Vec<(Box<RecordInput>, Option<Ack>)> = Vec::new();
         let mut close = None;
         let mut error: Option<String> = None;
         for job in batch {
@@ -219,7 +219,7 @@ async fn serve(
                 unwritten.push((input, ack));
                 continue;
             }
-            match w.append(input.clone()) {
+            match w.append((*input).clone()) {
                 Ok(seq) => appended.push((input, ack, seq)),
                 Err(e) => {
                     error = Some(e.to_string());

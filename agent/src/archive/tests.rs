@@ -416,6 +416,44 @@ fn archive_files_are_not_world_readable() {
     );
 }
 
+#[test]
+fn civil_days() {
+    assert_eq!(days_from_civil(1970, 1, 1), 0);
+    assert_eq!(days_from_civil(2000, 3, 1), 11_017);
+    assert_eq!(days_from_civil(2026, 11, 21), 20_778);
+}
+
+#[test]
+fn retention_deletes_old_partitions_and_verify_tells_it_from_tampering() {
+    let t = TempDir::new("retention");
+    let (mut w, _) = ArchiveWriter::open(config(&t.0)).unwrap();
+    // Three files on three days: 2026-11-18, -19 and -20.
+    for day in 0..3i64 {
+        for i in 0..4u64 {
+            let mut r = input("s", day as u64 * 10 + i);
+            r.ts_us = (days_from_civil(2026, 11, 18) + day) * 86_400_000_000 + i as i64;
+            w.append(r).unwrap();
+        }
+        w.sync().unwrap();
+        w.roll().unwrap();
+    }
+    let today = days_from_civil(2026, 11, 21);
+    let removed = w.apply_retention(2, today).unwrap();
+    assert_eq!(removed.len(), 1, "{removed:?}");
+    assert!(removed[0].starts_with("date=2026-11-18/"));
+    assert!(!t.0.join("archive/date=2026-11-18").exists(), "empty partition left behind");
+    assert!(w.apply_retention(2, today).unwrap().is_empty(), "retention is idempotent");
+    let report = verify(&t.0.join("archive"));
+    assert!(report.intact(), "{:?}", report.problems);
+    assert_eq!(report.retained_deletions, 1);
+    assert_eq!(report.records_checked, 8);
+    // Deleting a file retention did not remove is still tampering.
+    let victim = fs::read_dir(t.0.join("archive/date=2026-11-19/hour=00")).unwrap().next().unwrap().unwrap().path();
+    fs::remove_file(&victim).unwrap();
+    let report = verify(&t.0.join("archive"));
+    assert!(report.problems.iter().any(|p| p.contains("deleted (no retention line covers it)")), "{:?}", report.problems);
+}
+
 mod service {
     use super::*;
     use crate::archive::service::{Archive, Recording};

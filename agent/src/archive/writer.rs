@@ -251,6 +251,50 @@ impl ArchiveWriter {
         Ok(last)
     }
 
+    /// Delete the files of partitions older than `days` days before `today` (days since the
+    /// Unix epoch, UTC), recording the deletion in the manifest first so that `airlock verify`
+    /// tells retention from tampering. Finishes deletions a crash interrupted. Returns the
+    /// files removed.
+    pub fn apply_retention(&mut self, days: u32, today: i64) -> io::Result<Vec<String>> {
+        let cutoff = today - i64::from(days);
+        let removed: std::collections::BTreeSet<String> = self
+            .manifest
+            .entries
+            .iter()
+            .filter_map(|e| match &e.body {
+                EntryBody::Retention { removed, .. } => Some(removed.clone()),
+                EntryBody::File { .. } => None,
+            })
+            .flatten()
+            .collect();
+        let expired: Vec<String> = self
+            .manifest
+            .entries
+            .iter()
+            .filter_map(|e| match &e.body {
+                EntryBody::File { path, .. } if !removed.contains(path) => {
+                    partition_day(path).filter(|d| *d < cutoff).map(|_| path.clone())
+                }
+                _ => None,
+            })
+            .collect();
+        if !expired.is_empty() {
+            self.manifest
+                .append(EntryBody::Retention { removed: expired.clone(), retention_days: days }, FILE_MODE)?;
+        }
+        for path in removed.iter().chain(&expired) {
+            let full = self.cfg.archive_dir.join(path);
+            remove_if_present(&full)?;
+            // Drop the hour and date directories once empty.
+            for dir in full.ancestors().skip(1).take(2) {
+                if fs::remove_dir(dir).is_err() {
+                    break;
+                }
+            }
+        }
+        Ok(expired)
+    }
+
     /// Write rows as the Parquet file of segment `n`, then its manifest line.
     fn publish(&mut self, n: u64, rows: &[Record]) -> io::Result<PathBuf> {
         let first = &rows[0];
@@ -300,6 +344,26 @@ impl ArchiveWriter {
         )?;
         Ok(final_path)
     }
+}
+
+/// Days since the Unix epoch of a `date=YYYY-MM-DD/...` path.
+fn partition_day(path: &str) -> Option<i64> {
+    let date = path.strip_prefix("date=")?.get(..10)?;
+    let y: i64 = date.get(..4)?.parse().ok()?;
+    let m: i64 = date.get(5..7)?.parse().ok()?;
+    let d: i64 = date.get(8..10)?.parse().ok()?;
+    Some(days_from_civil(y, m, d))
+}
+
+/// Days since 1970-01-01 of a proleptic Gregorian date (H. Hinnant's algorithm).
+pub fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = if y >= 0 { y } else { y - 399 } / 400;
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
 }
 
 fn remove_if_present(path: &Path) -> io::Result<()> {
