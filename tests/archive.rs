@@ -311,3 +311,153 @@ fn the_queries_in_archive_md_give_the_right_answers() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+fn run(args: &[&str]) -> (Option<i32>, String, String) {
+    let out = Command::new(AIRLOCK).args(args).output().unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn responder_sessions_replay_and_evidence() {
+    let dir =
+        std::env::temp_dir().join(format!("airlock-archive-responder-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    write_archive(&dir);
+    let archive = dir.join("archive");
+    let a = archive.to_str().unwrap();
+
+    let (code, out, err) = run(&["sessions", "--archive", a, "--json"]);
+    assert_eq!(code, Some(0), "{err}");
+    let sessions: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(sessions.len(), 2, "{out}");
+    assert_eq!(sessions[0]["session_id"], "session-alice");
+    assert_eq!(sessions[0]["user"], "alice");
+    assert_eq!(sessions[0]["pid"], 4000);
+    assert_eq!(sessions[0]["messages"], 3);
+    assert_eq!(sessions[0]["masked"], 3);
+    assert_eq!(sessions[0]["blocked"], 0);
+    assert_eq!(sessions[0]["duration_ms"], 2000);
+    assert_eq!(sessions[1]["blocked"], 1);
+    let (_, out, _) = run(&["sessions", "--archive", a, "--json", "--user", "bob"]);
+    assert_eq!(out.lines().count(), 1, "{out}");
+    let (_, out, _) = run(&[
+        "sessions",
+        "--archive",
+        a,
+        "--json",
+        "--since",
+        "2030-01-01T00:00:00Z",
+    ]);
+    assert_eq!(out.lines().count(), 0, "{out}");
+    let (code, _, err) = run(&["sessions", "--archive", a, "--since", "yesterday"]);
+    assert_eq!(code, Some(2), "{err}");
+    let (code, out, _) = run(&["sessions", "--archive", a]);
+    assert_eq!(code, Some(0));
+    assert!(out.lines().next().unwrap().starts_with("SESSION"), "{out}");
+
+    let (code, out, err) = run(&["replay", "session-bob", "--archive", a]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        out.starts_with("session session-bob  user bob  pid 4001"),
+        "{out}"
+    );
+    let lines: Vec<&str> = out.lines().filter(|l| l.contains("  #")).collect();
+    assert_eq!(lines.len(), 3, "{out}");
+    assert!(lines[0].contains("#0") && lines[2].contains("#2"), "{out}");
+    assert!(
+        lines[2].contains("send_mail") && lines[2].contains("[block]"),
+        "{out}"
+    );
+    assert!(
+        !out.contains('\x1b'),
+        "colours when stdout is not a terminal"
+    );
+    assert!(!out.contains("bob@example.com"), "{out}");
+    let (code, out, _) = run(&["replay", "session-bob", "--archive", a, "--json"]);
+    assert_eq!(code, Some(0));
+    let seqs: Vec<u64> = out
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["seq"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(seqs, vec![0, 1, 2]);
+    let (code, _, err) = run(&["replay", "no-such-session", "--archive", a]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("no session `no-such-session`"), "{err}");
+
+    let bundle = dir.join("evidence.tar.gz");
+    let (code, out, err) = run(&[
+        "evidence",
+        "--archive",
+        a,
+        "--from",
+        "2026-11-18T00:00:00Z",
+        "--to",
+        "2026-11-19T00:00:00Z",
+        "--out",
+        bundle.to_str().unwrap(),
+    ]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    use std::os::unix::fs::PermissionsExt as _;
+    assert_eq!(
+        std::fs::metadata(&bundle).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let mut names = Vec::new();
+    let mut verification = String::new();
+    let mut tar = tar::Archive::new(flate2::read::GzDecoder::new(
+        std::fs::File::open(&bundle).unwrap(),
+    ));
+    for entry in tar.entries().unwrap() {
+        let mut entry = entry.unwrap();
+        let name = entry.path().unwrap().to_string_lossy().into_owned();
+        if name == "VERIFICATION.txt" {
+            std::io::Read::read_to_string(&mut entry, &mut verification).unwrap();
+        }
+        names.push(name);
+    }
+    assert!(
+        names
+            .iter()
+            .any(|n| n.starts_with("archive/date=2026-11-18/") && n.ends_with(".parquet")),
+        "{names:?}"
+    );
+    assert!(
+        names
+            .iter()
+            .any(|n| n == "archive/_manifest/runner-7.jsonl"),
+        "{names:?}"
+    );
+    assert!(
+        names.iter().any(|n| n == "archive/_manifest/runner-7.pub"),
+        "{names:?}"
+    );
+    assert!(
+        verification.contains("verification of the whole archive: intact"),
+        "{verification}"
+    );
+    // A second bundle to the same path is refused rather than overwritten.
+    let (code, _, _) = run(&[
+        "evidence",
+        "--archive",
+        a,
+        "--from",
+        "2026-11-18T00:00:00Z",
+        "--to",
+        "2026-11-19T00:00:00Z",
+        "--out",
+        bundle.to_str().unwrap(),
+    ]);
+    assert_eq!(code, Some(1));
+    let _ = std::fs::remove_dir_all(&dir);
+}

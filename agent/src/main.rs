@@ -44,6 +44,42 @@ enum Command {
         #[arg(long, value_name = "DIR")]
         archive: Option<PathBuf>,
     },
+    /// Sessions in the archive: who, which process, backend, start, duration, counts.
+    Sessions {
+        /// Only sessions with records at or after this time (RFC 3339, e.g. 2026-11-21T14:00:00Z).
+        #[arg(long)]
+        since: Option<String>,
+        #[arg(long)]
+        user: Option<String>,
+        #[arg(long)]
+        backend: Option<String>,
+        #[arg(long)]
+        json: bool,
+        /// Archive directory (default: `archive_dir` of the configuration).
+        #[arg(long, value_name = "DIR")]
+        archive: Option<PathBuf>,
+    },
+    /// One session as a chronological transcript.
+    Replay {
+        session_id: String,
+        /// One JSON record per line instead of the transcript.
+        #[arg(long)]
+        json: bool,
+        #[arg(long, value_name = "DIR")]
+        archive: Option<PathBuf>,
+    },
+    /// Bundle the archive files of a time window, the manifests, the policy files and a
+    /// verification report into a .tar.gz.
+    Evidence {
+        #[arg(long)]
+        from: String,
+        #[arg(long)]
+        to: String,
+        #[arg(long, value_name = "FILE.tar.gz")]
+        out: PathBuf,
+        #[arg(long, value_name = "DIR")]
+        archive: Option<PathBuf>,
+    },
     /// Policy files.
     Policy {
         #[command(subcommand)]
@@ -77,6 +113,36 @@ fn main() -> ExitCode {
     if let Command::Verify { archive: Some(dir) } = &cli.command {
         return verify(dir);
     }
+    // Responder commands given `--archive` work without a configuration file.
+    match &cli.command {
+        Command::Sessions {
+            archive: Some(dir),
+            since,
+            user,
+            backend,
+            json,
+        } => {
+            return sessions(
+                dir,
+                since.as_deref(),
+                user.as_deref(),
+                backend.as_deref(),
+                *json,
+            );
+        }
+        Command::Replay {
+            archive: Some(dir),
+            session_id,
+            json,
+        } => return replay(dir, session_id, *json),
+        Command::Evidence {
+            archive: Some(dir),
+            from,
+            to,
+            out,
+        } => return evidence(dir, None, from, to, out),
+        _ => {}
+    }
     let config = match Config::load(&cli.config) {
         Ok(c) => c,
         Err(e) => return config_error(&e),
@@ -101,6 +167,29 @@ fn main() -> ExitCode {
                 command: PolicyCommand::Check { .. },
             } => policy_check(&config.policies_dir),
             Command::Verify { .. } => verify(&config.archive_dir),
+            Command::Sessions {
+                since,
+                user,
+                backend,
+                json,
+                ..
+            } => sessions(
+                &config.archive_dir,
+                since.as_deref(),
+                user.as_deref(),
+                backend.as_deref(),
+                json,
+            ),
+            Command::Replay {
+                session_id, json, ..
+            } => replay(&config.archive_dir, &session_id, json),
+            Command::Evidence { from, to, out, .. } => evidence(
+                &config.archive_dir,
+                Some(&config.policies_dir),
+                &from,
+                &to,
+                &out,
+            ),
             Command::CheckConfig => match config.resolve().await {
                 Ok(targets) => {
                     println!("{}: ok", config.path.display());
@@ -114,6 +203,135 @@ fn main() -> ExitCode {
             },
         }
     })
+}
+
+/// An RFC 3339 time as microseconds since the epoch, or a usage error.
+fn parse_time(what: &str, s: &str) -> Result<i64, ExitCode> {
+    humantime::parse_rfc3339_weak(s)
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .and_then(|d| i64::try_from(d.as_micros()).ok())
+        .ok_or_else(|| {
+            eprintln!(
+                "airlock: `{what}`: `{s}` is not an RFC 3339 time (e.g. 2026-11-21T14:00:00Z)"
+            );
+            ExitCode::from(2)
+        })
+}
+
+fn sessions(
+    dir: &std::path::Path,
+    since: Option<&str>,
+    user: Option<&str>,
+    backend: Option<&str>,
+    json: bool,
+) -> ExitCode {
+    let since = match since.map(|s| parse_time("--since", s)).transpose() {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    let records = match airlock::archive::responder::load(dir, since, None) {
+        Ok(r) => r,
+        Err(e) => return fail(e),
+    };
+    let list = airlock::archive::responder::sessions(&records, user, backend);
+    if json {
+        for s in &list {
+            println!("{}", serde_json::to_string(s).unwrap_or_default());
+        }
+        return ExitCode::SUCCESS;
+    }
+    println!(
+        "{:<36} {:<10} {:>7} {:<12} {:<10} {:<28} {:>9} {:>6} {:>7} {:>6}",
+        "SESSION",
+        "USER",
+        "PID",
+        "COMM",
+        "BACKEND",
+        "STARTED",
+        "DURATION",
+        "MSGS",
+        "BLOCKED",
+        "MASKED"
+    );
+    for s in &list {
+        println!(
+            "{:<36} {:<10} {:>7} {:<12} {:<10} {:<28} {:>7}ms {:>6} {:>7} {:>6}",
+            s.session_id,
+            s.user.as_deref().unwrap_or("-"),
+            s.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
+            s.comm.as_deref().unwrap_or("-"),
+            s.backend.as_deref().unwrap_or("-"),
+            s.started,
+            s.duration_ms,
+            s.messages,
+            s.blocked,
+            s.masked
+        );
+    }
+    ExitCode::SUCCESS
+}
+
+fn replay(dir: &std::path::Path, session: &str, json: bool) -> ExitCode {
+    let records = match airlock::archive::responder::load(dir, None, None) {
+        Ok(r) => r,
+        Err(e) => return fail(e),
+    };
+    if json {
+        let mut rows: Vec<_> = records
+            .iter()
+            .filter(|r| r.input.session_id == session)
+            .collect();
+        if rows.is_empty() {
+            return fail(format!("no session `{session}` in {}", dir.display()));
+        }
+        rows.sort_by_key(|r| (r.input.seq, r.archive_seq));
+        for r in rows {
+            println!("{}", serde_json::to_string(r).unwrap_or_default());
+        }
+        return ExitCode::SUCCESS;
+    }
+    let colour = std::io::IsTerminal::is_terminal(&std::io::stdout());
+    match airlock::archive::responder::transcript(&records, session, colour) {
+        Some(t) => {
+            print!("{t}");
+            ExitCode::SUCCESS
+        }
+        None => fail(format!("no session `{session}` in {}", dir.display())),
+    }
+}
+
+fn evidence(
+    dir: &std::path::Path,
+    policies: Option<&std::path::Path>,
+    from: &str,
+    to: &str,
+    out: &std::path::Path,
+) -> ExitCode {
+    let (from, to) = match (parse_time("--from", from), parse_time("--to", to)) {
+        (Ok(f), Ok(t)) if f < t => (f, t),
+        (Ok(_), Ok(_)) => {
+            eprintln!("airlock: `--from` must be before `--to`");
+            return ExitCode::from(2);
+        }
+        (Err(code), _) | (_, Err(code)) => return code,
+    };
+    match airlock::archive::responder::evidence(dir, policies, from, to, out) {
+        Ok(report) => {
+            println!("wrote {}", out.display());
+            if report.intact() {
+                println!("archive verified intact");
+                ExitCode::SUCCESS
+            } else {
+                println!(
+                    "archive verification found {} problem(s): see VERIFICATION.txt in the bundle",
+                    report.problems.len()
+                );
+                ExitCode::FAILURE
+            }
+        }
+        Err(e) => fail(format!("cannot write {}: {e}", out.display())),
+    }
 }
 
 fn verify(dir: &std::path::Path) -> ExitCode {

@@ -7,7 +7,8 @@
 //! - [`manifest`]: the Ed25519-signed chain of per-file digests;
 //! - [`writer`]: segment → Parquet → manifest, with crash recovery;
 //! - [`service`]: the writer on its own thread: group commit, strict or buffered recording;
-//! - [`verify`]: what `airlock verify` checks.
+//! - [`verify`]: what `airlock verify` checks;
+//! - [`responder`]: `airlock sessions`, `replay` and `evidence`.
 //!
 //! Layout: `archive_dir/date=YYYY-MM-DD/hour=HH/<host>-<segment>.parquet`,
 //! `archive_dir/_manifest/<host>.{jsonl,pub}`, `archive_dir/_wal/<segment>.wal`.
@@ -15,6 +16,7 @@
 pub mod columns;
 pub mod manifest;
 pub mod record;
+pub mod responder;
 pub mod service;
 pub mod verify;
 pub mod wal;

@@ -441,17 +441,35 @@ fn retention_deletes_old_partitions_and_verify_tells_it_from_tampering() {
     let removed = w.apply_retention(2, today).unwrap();
     assert_eq!(removed.len(), 1, "{removed:?}");
     assert!(removed[0].starts_with("date=2026-11-18/"));
-    assert!(!t.0.join("archive/date=2026-11-18").exists(), "empty partition left behind");
-    assert!(w.apply_retention(2, today).unwrap().is_empty(), "retention is idempotent");
+    assert!(
+        !t.0.join("archive/date=2026-11-18").exists(),
+        "empty partition left behind"
+    );
+    assert!(
+        w.apply_retention(2, today).unwrap().is_empty(),
+        "retention is idempotent"
+    );
     let report = verify(&t.0.join("archive"));
     assert!(report.intact(), "{:?}", report.problems);
     assert_eq!(report.retained_deletions, 1);
     assert_eq!(report.records_checked, 8);
     // Deleting a file retention did not remove is still tampering.
-    let victim = fs::read_dir(t.0.join("archive/date=2026-11-19/hour=00")).unwrap().next().unwrap().unwrap().path();
+    let victim = fs::read_dir(t.0.join("archive/date=2026-11-19/hour=00"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
     fs::remove_file(&victim).unwrap();
     let report = verify(&t.0.join("archive"));
-    assert!(report.problems.iter().any(|p| p.contains("deleted (no retention line covers it)")), "{:?}", report.problems);
+    assert!(
+        report
+            .problems
+            .iter()
+            .any(|p| p.contains("deleted (no retention line covers it)")),
+        "{:?}",
+        report.problems
+    );
 }
 
 mod service {

@@ -272,15 +272,20 @@ impl ArchiveWriter {
             .entries
             .iter()
             .filter_map(|e| match &e.body {
-                EntryBody::File { path, .. } if !removed.contains(path) => {
-                    partition_day(path).filter(|d| *d < cutoff).map(|_| path.clone())
-                }
+                EntryBody::File { path, .. } if !removed.contains(path) => partition_day(path)
+                    .filter(|d| *d < cutoff)
+                    .map(|_| path.clone()),
                 _ => None,
             })
             .collect();
         if !expired.is_empty() {
-            self.manifest
-                .append(EntryBody::Retention { removed: expired.clone(), retention_days: days }, FILE_MODE)?;
+            self.manifest.append(
+                EntryBody::Retention {
+                    removed: expired.clone(),
+                    retention_days: days,
+                },
+                FILE_MODE,
+            )?;
         }
         for path in removed.iter().chain(&expired) {
             let full = self.cfg.archive_dir.join(path);
