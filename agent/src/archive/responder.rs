@@ -32,7 +32,7 @@ pub fn load(
             from.is_none_or(|f| r.input.ts_us >= f) && to.is_none_or(|t| r.input.ts_us < t)
         }));
     }
-    out.sort_by(|a, b| (a.input.ts_us, a.archive_seq).cmp(&(b.input.ts_us, b.archive_seq)));
+    out.sort_by_key(|r| (r.input.ts_us, r.archive_seq));
     Ok(out)
 }
 
