@@ -385,7 +385,7 @@ fn responder_sessions_replay_and_evidence() {
     let seqs: Vec<u64> = out
         .lines()
         .map(|l| {
-            serde_json::from_str::<serde_json::Value>(l).unwrap()["seq"]
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["input"]["seq"]
                 .as_u64()
                 .unwrap()
         })

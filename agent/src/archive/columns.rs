@@ -80,9 +80,9 @@ pub fn schema() -> SchemaRef {
 }
 
 /// Rows to one batch, in the order given.
-pub fn to_batch(rows: &[Record]) -> Result<RecordBatch, arrow_schema::ArrowError> {
+pub fn to_batch(rows: &[&Record]) -> Result<RecordBatch, arrow_schema::ArrowError> {
     let strings = |f: &dyn Fn(&Record) -> Option<&str>| -> ArrayRef {
-        Arc::new(rows.iter().map(f).collect::<StringArray>())
+        Arc::new(rows.iter().map(|r| f(r)).collect::<StringArray>())
     };
     let lists = |f: &dyn Fn(&Record) -> &Vec<String>| -> ArrayRef {
         let mut b = ListBuilder::new(StringBuilder::new());
@@ -158,10 +158,9 @@ pub fn write(file: File, rows: &[Record]) -> Result<File, parquet::errors::Parqu
             b.archive_seq,
         ))
     });
-    let sorted: Vec<Record> = sorted.into_iter().cloned().collect();
     let batch = to_batch(&sorted)?;
     let props = WriterProperties::builder()
-        .set_compression(Compression::ZSTD(ZstdLevel::try_new(3)?))
+        .set_compression(Compression::ZSTD(ZstdLevel::try_new(1)?))
         .set_max_row_group_row_count(Some(ROW_GROUP))
         .build();
     let mut writer = ArrowWriter::try_new(file, schema(), Some(props))?;

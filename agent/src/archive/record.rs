@@ -67,7 +67,6 @@ pub struct RecordInput {
 pub struct Record {
     /// Global append order on this host (the chain's order; files are sorted differently).
     pub archive_seq: u64,
-    #[serde(flatten)]
     pub input: RecordInput,
     pub prev_hash: String,
     pub hash: String,
@@ -79,13 +78,31 @@ pub const GENESIS: &str = "00000000000000000000000000000000000000000000000000000
 impl Record {
     /// Chain `input` after `prev_hash`.
     pub fn chain(archive_seq: u64, input: RecordInput, prev_hash: &str) -> Record {
-        let hash = chain_hash(archive_seq, &input, prev_hash);
-        Record {
+        Self::chain_encoded(archive_seq, input, prev_hash).0
+    }
+
+    /// Chain `input` after `prev_hash`, also returning the record's JSON encoding, built from
+    /// the one serialisation of the input that the hash needed (for the write-ahead segment).
+    pub fn chain_encoded(
+        archive_seq: u64,
+        input: RecordInput,
+        prev_hash: &str,
+    ) -> (Record, Vec<u8>) {
+        let input_json = serde_json::to_vec(&input).unwrap_or_default();
+        let hash = hash_of(archive_seq, &input_json, prev_hash);
+        let mut body = Vec::with_capacity(input_json.len() + 200);
+        body.extend_from_slice(format!("{{\"archive_seq\":{archive_seq},\"input\":").as_bytes());
+        body.extend_from_slice(&input_json);
+        body.extend_from_slice(
+            format!(",\"prev_hash\":\"{prev_hash}\",\"hash\":\"{hash}\"}}").as_bytes(),
+        );
+        let record = Record {
             archive_seq,
             input,
             prev_hash: prev_hash.to_owned(),
             hash,
-        }
+        };
+        (record, body)
     }
 
     /// Whether `hash` is what the content and `prev_hash` give.
@@ -97,12 +114,20 @@ impl Record {
 /// SHA-256 over the previous hash, the sequence number and the canonical JSON of the input
 /// (fields in declaration order), hex.
 fn chain_hash(archive_seq: u64, input: &RecordInput, prev_hash: &str) -> String {
+    // Serialising plain data to JSON cannot fail.
+    hash_of(
+        archive_seq,
+        &serde_json::to_vec(input).unwrap_or_default(),
+        prev_hash,
+    )
+}
+
+fn hash_of(archive_seq: u64, input_json: &[u8], prev_hash: &str) -> String {
     let mut h = sha2::Sha256::new();
     h.update(prev_hash.as_bytes());
     h.update(b"\n");
     h.update(archive_seq.to_le_bytes());
-    // Serialising plain data to JSON cannot fail.
-    h.update(serde_json::to_vec(input).unwrap_or_default());
+    h.update(input_json);
     hex(&h.finalize())
 }
 
@@ -127,6 +152,14 @@ mod tests {
             decision: "allow".into(),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn the_wal_encoding_is_the_record() {
+        let (r, body) = Record::chain_encoded(7, input(7), GENESIS);
+        let back: Record = serde_json::from_slice(&body).unwrap();
+        assert_eq!(back, r);
+        assert!(back.hash_is_valid());
     }
 
     #[test]

@@ -26,8 +26,11 @@ use tracing::{error, warn};
 
 use super::{RecordInput, writer::ArchiveWriter};
 
-/// Records fsynced together at most.
-pub const GROUP_COMMIT: usize = 64;
+/// Records taken from the queue per write batch.
+pub const GROUP_COMMIT: usize = 1024;
+/// Buffered mode: fsync once this many records are unsynced, or after `BUFFERED_SYNC_EVERY`.
+const BUFFERED_SYNC_RECORDS: usize = 1024;
+const BUFFERED_SYNC_EVERY: Duration = Duration::from_millis(50);
 /// Records kept in memory for retry after a write failure (buffered mode); beyond this the
 /// oldest are dropped and counted in `ArchiveStats::dropped`.
 pub const RETRY_MAX: usize = 100_000;
@@ -154,140 +157,201 @@ fn run(
     rt.block_on(serve(w, rx, mode, flush_interval, failed, stats));
 }
 
+/// The writer thread's state: what is appended but not yet durable, what failed and waits.
+struct State {
+    w: ArchiveWriter,
+    mode: Recording,
+    failed: Arc<AtomicBool>,
+    stats: Arc<ArchiveStats>,
+    /// Appended, not yet fsynced: acks held until the fsync (strict). Their inputs stay in the
+    /// writer, which hands them back if the fsync fails.
+    unsynced: Vec<(Option<Ack>, u64)>,
+    /// Buffered mode: records a failure left behind, retried first, in order.
+    retry: VecDeque<Box<RecordInput>>,
+    last_sync: Instant,
+    last_roll: Instant,
+    flush_interval: Duration,
+}
+
+impl State {
+    fn append(&mut self, input: Box<RecordInput>, ack: Option<Ack>) {
+        if self.mode == Recording::Strict && self.failed.load(Ordering::Relaxed) {
+            if let Some(ack) = ack {
+                let _ = ack.send(Err(ArchiveError::Failed("an earlier write failed".into())));
+            }
+            return;
+        }
+        match self.w.append(*input) {
+            Ok(seq) => self.unsynced.push((ack, seq)),
+            Err((e, input)) => self.fail(e.to_string(), Some((input, ack))),
+        }
+    }
+
+    /// fsync; then the held acks go out.
+    fn sync(&mut self) {
+        if self.unsynced.is_empty() {
+            return;
+        }
+        self.stats.fsyncs.fetch_add(1, Ordering::Relaxed);
+        match self.w.sync() {
+            Ok(()) => {
+                self.stats
+                    .records
+                    .fetch_add(self.unsynced.len() as u64, Ordering::Relaxed);
+                for (ack, seq) in self.unsynced.drain(..) {
+                    if let Some(ack) = ack {
+                        let _ = ack.send(Ok(seq));
+                    }
+                }
+                self.last_sync = Instant::now();
+            }
+            Err(e) => self.fail(e.to_string(), None),
+        }
+    }
+
+    /// A write or fsync failed: drop what is not durable from the segment, then refuse
+    /// (strict) or keep for retry (buffered) every record that was not durable, in order.
+    fn fail(&mut self, error: String, failing: Option<(RecordInput, Option<Ack>)>) {
+        self.stats.errors.fetch_add(1, Ordering::Relaxed);
+        error!(error = %error, "archive write failed");
+        let mut inputs = self.w.abandon_unsynced();
+        let mut acks: Vec<Option<Ack>> = self.unsynced.drain(..).map(|(a, _)| a).collect();
+        if let Some((input, ack)) = failing {
+            inputs.push(input);
+            acks.push(ack);
+        }
+        match self.mode {
+            Recording::Strict => {
+                self.failed.store(true, Ordering::Relaxed);
+                for ack in acks.into_iter().flatten() {
+                    let _ = ack.send(Err(ArchiveError::Failed(error.clone())));
+                }
+            }
+            Recording::Buffered => {
+                for input in inputs.into_iter().rev() {
+                    self.retry.push_front(Box::new(input));
+                }
+                while self.retry.len() > RETRY_MAX {
+                    self.retry.pop_back();
+                    self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+
+    fn roll(&mut self) {
+        self.sync();
+        roll(&mut self.w, &self.stats, self.mode, &self.failed);
+        self.last_roll = Instant::now();
+    }
+
+    fn retry_all(&mut self) {
+        let queued: Vec<_> = self.retry.drain(..).collect();
+        for input in queued {
+            self.append(input, None);
+        }
+    }
+
+    /// When the loop must wake up without new work: an fsync due (buffered), a roll due, or
+    /// a retry due.
+    fn next_deadline(&self) -> Option<Duration> {
+        let mut due: Option<Duration> = None;
+        let mut at = |d: Duration| due = Some(due.map_or(d, |x| x.min(d)));
+        if !self.unsynced.is_empty() {
+            at(BUFFERED_SYNC_EVERY.saturating_sub(self.last_sync.elapsed()));
+        }
+        if self.w.pending_rows() > 0 {
+            at(self.flush_due());
+        }
+        if !self.retry.is_empty() {
+            at(RETRY_EVERY);
+        }
+        due
+    }
+
+    /// Time left before the open segment must be rolled into Parquet.
+    fn flush_due(&self) -> Duration {
+        self.flush_interval.saturating_sub(self.last_roll.elapsed())
+    }
+}
+
+/// Pause between retries of records a failure left behind (buffered mode).
+const RETRY_EVERY: Duration = Duration::from_millis(100);
+
 async fn serve(
-    mut w: ArchiveWriter,
+    w: ArchiveWriter,
     mut rx: mpsc::Receiver<Job>,
     mode: Recording,
     flush_interval: Duration,
     failed: Arc<AtomicBool>,
     stats: Arc<ArchiveStats>,
 ) {
-    let mut last_roll = Instant::now();
-    let mut retry: VecDeque<Box<RecordInput>> = VecDeque::new();
+    let mut st = State {
+        w,
+        mode,
+        failed,
+        stats,
+        unsynced: Vec::new(),
+        retry: VecDeque::new(),
+        last_sync: Instant::now(),
+        last_roll: Instant::now(),
+        flush_interval,
+    };
     loop {
-        // Nothing pending: wait for work. Something pending: wait no longer than its roll.
-        let first = if w.pending_rows() == 0 && retry.is_empty() {
-            rx.recv().await
-        } else {
-            let due = flush_interval.saturating_sub(last_roll.elapsed());
-            match tokio::time::timeout(due, rx.recv()).await {
+        let first = match st.next_deadline() {
+            None => rx.recv().await,
+            Some(due) => match tokio::time::timeout(due, rx.recv()).await {
                 Ok(job) => job,
-                Err(_) if !retry.is_empty() => {
-                    // Time to retry the records a failure left behind.
-                    roll(&mut w, &stats, mode, &failed);
-                    last_roll = Instant::now();
-                    retry.pop_front().map(|input| Job::Record(input, None))
-                }
                 Err(_) => {
-                    roll(&mut w, &stats, mode, &failed);
-                    last_roll = Instant::now();
+                    // Woken by a deadline: retry, make buffered records durable, roll.
+                    st.retry_all();
+                    st.sync();
+                    if st.flush_due().is_zero() {
+                        st.roll();
+                    }
                     continue;
                 }
-            }
+            },
         };
         let Some(first) = first else {
             // Every handle is gone: finish what is pending.
-            let _ = w.sync();
-            roll(&mut w, &stats, mode, &failed);
+            st.retry_all();
+            st.roll();
             return;
         };
-        // Records that failed earlier (buffered mode) go first, in their original order.
-        let mut batch: Vec<Job> = retry
-            .drain(..)
-            .map(|input| Job::Record(input, None))
-            .collect();
-        batch.push(first);
-        while batch.len() < GROUP_COMMIT {
-            match rx.try_recv() {
-                Ok(job) => batch.push(job),
-                Err(_) => break,
-            }
-        }
-        let mut appended: Vec<(Box<RecordInput>, Option<Ack>, u64)> = Vec::new();
-        let mut unwritten: Vec<(Box<RecordInput>, Option<Ack>)> = Vec::new();
+        st.retry_all();
         let mut close = None;
-        let mut error: Option<String> = None;
-        for job in batch {
-            let (input, ack) = match job {
-                Job::Record(input, ack) => (input, ack),
-                Job::Close(ack) => {
-                    close = Some(ack);
-                    continue;
-                }
-            };
-            if error.is_some() || (mode == Recording::Strict && failed.load(Ordering::Relaxed)) {
-                unwritten.push((input, ack));
-                continue;
+        let mut next = Some(first);
+        let mut taken = 0;
+        while let Some(job) = next.take() {
+            match job {
+                Job::Record(input, ack) => st.append(input, ack),
+                Job::Close(ack) => close = Some(ack),
             }
-            match w.append((*input).clone()) {
-                Ok(seq) => appended.push((input, ack, seq)),
-                Err(e) => {
-                    error = Some(e.to_string());
-                    unwritten.push((input, ack));
-                }
+            taken += 1;
+            if taken < GROUP_COMMIT {
+                next = rx.try_recv().ok();
             }
         }
-        if error.is_none()
-            && !appended.is_empty()
-            && let Err(e) = w.sync()
-        {
-            error = Some(e.to_string());
-        }
-        stats.fsyncs.fetch_add(1, Ordering::Relaxed);
-        match error {
-            None => {
-                stats
-                    .records
-                    .fetch_add(appended.len() as u64, Ordering::Relaxed);
-                for (_, ack, seq) in appended {
-                    if let Some(ack) = ack {
-                        let _ = ack.send(Ok(seq));
-                    }
-                }
+        // Strict: every batch is fsynced before its callers hear back. Buffered: callers do
+        // not wait, so fsyncs are spaced out, by count and by time.
+        let sync_now = match st.mode {
+            Recording::Strict => true,
+            Recording::Buffered => {
+                st.unsynced.len() >= BUFFERED_SYNC_RECORDS
+                    || st.last_sync.elapsed() >= BUFFERED_SYNC_EVERY
             }
-            Some(e) => {
-                stats.errors.fetch_add(1, Ordering::Relaxed);
-                error!(error = %e, "archive write failed");
-                w.abandon_unsynced();
-                let lost = appended
-                    .into_iter()
-                    .map(|(input, ack, _)| (input, ack))
-                    .chain(unwritten);
-                match mode {
-                    Recording::Strict => {
-                        failed.store(true, Ordering::Relaxed);
-                        for (_, ack) in lost {
-                            if let Some(ack) = ack {
-                                let _ = ack.send(Err(ArchiveError::Failed(e.clone())));
-                            }
-                        }
-                    }
-                    Recording::Buffered => {
-                        for (input, _) in lost {
-                            if retry.len() == RETRY_MAX {
-                                retry.pop_front();
-                                stats.dropped.fetch_add(1, Ordering::Relaxed);
-                            }
-                            retry.push_back(input);
-                        }
-                        // Give the disk a moment before the next attempt.
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                    }
-                }
-                unwritten = Vec::new();
-            }
+        };
+        if sync_now {
+            st.sync();
         }
-        for (_, ack) in unwritten {
-            if let Some(ack) = ack {
-                let _ = ack.send(Err(ArchiveError::Failed("an earlier write failed".into())));
-            }
-        }
-        if w.wants_roll() || last_roll.elapsed() >= flush_interval {
-            roll(&mut w, &stats, mode, &failed);
-            last_roll = Instant::now();
+        if st.w.wants_roll() || st.flush_due().is_zero() {
+            st.roll();
         }
         if let Some(ack) = close {
-            let result = w.sync().and_then(|()| w.roll().map(drop));
+            st.retry_all();
+            st.sync();
+            let result = st.w.roll().map(drop);
             let _ = ack.send(result);
             return;
         }

@@ -53,6 +53,11 @@ impl SegmentWriter {
     /// Buffer one record (not durable until [`SegmentWriter::sync`]).
     pub fn append(&mut self, record: &Record) -> io::Result<()> {
         let body = serde_json::to_vec(record).map_err(io::Error::other)?;
+        self.append_encoded(&body)
+    }
+
+    /// Buffer one record already encoded as JSON (see `Record::chain_encoded`).
+    pub fn append_encoded(&mut self, body: &[u8]) -> io::Result<()> {
         let len = u32::try_from(body.len())
             .ok()
             .filter(|l| *l <= MAX_ENTRY)
@@ -63,8 +68,8 @@ impl SegmentWriter {
                 )
             })?;
         self.out.write_all(&len.to_le_bytes())?;
-        self.out.write_all(&crc32fast::hash(&body).to_le_bytes())?;
-        self.out.write_all(&body)?;
+        self.out.write_all(&crc32fast::hash(body).to_le_bytes())?;
+        self.out.write_all(body)?;
         self.entries += 1;
         Ok(())
     }

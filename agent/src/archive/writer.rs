@@ -154,17 +154,28 @@ impl ArchiveWriter {
     }
 
     /// Chain and append one record to the open segment (opening one if needed). Not durable
-    /// until [`ArchiveWriter::sync`].
-    pub fn append(&mut self, input: RecordInput) -> io::Result<u64> {
+    /// until [`ArchiveWriter::sync`]. On failure the input comes back with the error.
+    pub fn append(&mut self, input: RecordInput) -> Result<u64, (io::Error, RecordInput)> {
         if self.wal.is_none() {
-            self.wal_no += 1;
-            let path = self.wal_dir().join(format!("{:012}.wal", self.wal_no));
-            self.wal = Some(SegmentWriter::create(&path, 0o600)?);
-            File::open(self.wal_dir())?.sync_all()?;
+            let opened = (|| {
+                let path = self.wal_dir().join(format!("{:012}.wal", self.wal_no + 1));
+                let seg = SegmentWriter::create(&path, 0o600)?;
+                File::open(self.wal_dir())?.sync_all()?;
+                Ok::<_, io::Error>(seg)
+            })();
+            match opened {
+                Ok(seg) => {
+                    self.wal_no += 1;
+                    self.wal = Some(seg);
+                }
+                Err(e) => return Err((e, input)),
+            }
         }
-        let record = Record::chain(self.next_archive_seq, input, &self.last_hash);
-        if let Some(wal) = self.wal.as_mut() {
-            wal.append(&record)?;
+        let (record, body) = Record::chain_encoded(self.next_archive_seq, input, &self.last_hash);
+        if let Some(wal) = self.wal.as_mut()
+            && let Err(e) = wal.append_encoded(&body)
+        {
+            return Err((e, record.input));
         }
         self.next_archive_seq += 1;
         self.last_hash = record.hash.clone();
@@ -183,10 +194,11 @@ impl ArchiveWriter {
     }
 
     /// After a failed append or fsync: forget the records that are not durable (their chain
-    /// state included; the caller still holds their inputs), keep the segment's durable prefix
-    /// for publishing, and go on in a fresh segment.
-    pub fn abandon_unsynced(&mut self) {
-        self.pending.truncate(self.synced);
+    /// state included) and return their inputs, keep the segment's durable prefix for
+    /// publishing, and go on in a fresh segment.
+    pub fn abandon_unsynced(&mut self) -> Vec<RecordInput> {
+        let dropped: Vec<RecordInput> =
+            self.pending.drain(self.synced..).map(|r| r.input).collect();
         self.wal = None;
         if let Some(last) = self.pending.last() {
             self.last_hash = last.hash.clone();
@@ -204,6 +216,7 @@ impl ArchiveWriter {
             self.next_archive_seq = tip + 1;
         }
         self.synced = 0;
+        dropped
     }
 
     /// Records not yet in a published file (sealed segments included).
