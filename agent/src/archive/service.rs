@@ -183,7 +183,10 @@ impl State {
         }
         match self.w.append(*input) {
             Ok(seq) => self.unsynced.push((ack, seq)),
-            Err((e, input)) => self.fail(e.to_string(), Some((input, ack))),
+            Err(failure) => {
+                let (e, input) = *failure;
+                self.fail(e.to_string(), Some((input, ack)))
+            }
         }
     }
 

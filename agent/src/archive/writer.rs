@@ -155,7 +155,7 @@ impl ArchiveWriter {
 
     /// Chain and append one record to the open segment (opening one if needed). Not durable
     /// until [`ArchiveWriter::sync`]. On failure the input comes back with the error.
-    pub fn append(&mut self, input: RecordInput) -> Result<u64, (io::Error, RecordInput)> {
+    pub fn append(&mut self, input: RecordInput) -> Result<u64, Box<(io::Error, RecordInput)>> {
         if self.wal.is_none() {
             let opened = (|| {
                 let path = self.wal_dir().join(format!("{:012}.wal", self.wal_no + 1));
@@ -168,14 +168,14 @@ impl ArchiveWriter {
                     self.wal_no += 1;
                     self.wal = Some(seg);
                 }
-                Err(e) => return Err((e, input)),
+                Err(e) => return Err(Box::new((e, input))),
             }
         }
         let (record, body) = Record::chain_encoded(self.next_archive_seq, input, &self.last_hash);
         if let Some(wal) = self.wal.as_mut()
             && let Err(e) = wal.append_encoded(&body)
         {
-            return Err((e, record.input));
+            return Err(Box::new((e, record.input)));
         }
         self.next_archive_seq += 1;
         self.last_hash = record.hash.clone();
