@@ -15,9 +15,15 @@
 //! 4. The recording level comes from the first matching rule that sets `record`
 //!    (default `full`). A blocked or held message is always recorded: `record = "off"` is
 //!    rejected on `block` and `approve` rules.
+//!
+//! Beside the rules: [`approvals`] (held calls bound to a digest of the exact call),
+//! [`pins`] (first-seen tool definitions), [`credentials`] (brokered upstream credentials).
 
+pub mod approvals;
+pub mod credentials;
 pub mod detectors;
 pub mod mask;
+pub mod pins;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
