@@ -71,12 +71,17 @@ pub struct TargetInfo {
     pub address: String,
 }
 
-/// Bind the admin socket: removes a stale one, makes the directory `0700` and the socket `0600`.
+/// Bind the admin socket: removes a stale one; the socket is `0600` (its directory is created
+/// `0700` if missing; the agent's state directory is `0711`).
 pub fn bind(path: &Path) -> io::Result<UnixListener> {
-    use std::os::unix::fs::PermissionsExt as _;
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    use std::os::unix::fs::{DirBuilderExt as _, PermissionsExt as _};
+    if let Some(dir) = path.parent()
+        && !dir.exists()
+    {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)?;
     }
     match std::fs::remove_file(path) {
         Ok(()) => {}

@@ -14,6 +14,7 @@ use tracing::{info, warn};
 
 use crate::{
     admin::{self, AgentInfo, Request, Response, Status, TargetInfo},
+    archive::{ArchiveWriter, WriterConfig, service::Archive},
     attribution::NameCache,
     cgroup,
     config::{Config, ConfigError, OnAgentDown, ResolvedTarget},
@@ -48,6 +49,11 @@ pub enum RunError {
     Kernel(#[from] crate::kernel::KernelError),
     #[error("cannot read CLOCK_BOOTTIME: {0}")]
     Clock(#[source] nix::Error),
+    #[error("archive {path}: {message}")]
+    Archive {
+        path: std::path::PathBuf,
+        message: String,
+    },
 }
 
 pub async fn run(config: Config) -> Result<(), RunError> {
@@ -55,8 +61,9 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     if uid != 0 {
         return Err(RunError::NotRoot(uid));
     }
-    create_private_dir(&config.state_dir)?;
+    create_state_dir(&config.state_dir)?;
     let targets = config.resolve().await?;
+    let archive = start_archive(&config).await?;
     let cgroup = cgroup::resolve(config.cgroup.as_deref())?;
 
     let v4 = SocketAddr::from((Ipv4Addr::LOCALHOST, config.listen_port));
@@ -100,6 +107,8 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         counters: AgentCounters::default(),
         names: Arc::new(NameCache::new(Duration::from_secs(60))),
         listening_since_ns,
+        archive: archive.clone(),
+        session_prefix: session_prefix(),
     });
     let targets = Arc::new(Mutex::new(targets));
     let started_at = SystemTime::now();
@@ -129,6 +138,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     }));
     let resolver_task = tokio::spawn(refresh_targets(proxy.clone(), targets.clone()));
     let sweeper_task = tokio::spawn(sweep_pending(proxy.clone()));
+    let retention_task = tokio::spawn(retention(archive.clone(), config.retention_days));
     let accept_tasks: Vec<_> = listeners
         .into_iter()
         .map(|l| tokio::spawn(proxy.clone().accept_loop(l)))
@@ -160,6 +170,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     }
     resolver_task.abort();
     sweeper_task.abort();
+    retention_task.abort();
     let deadline = Instant::now() + config.drain_timeout;
     while proxy.registry.live_count() > 0 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -173,6 +184,13 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     }
     admin_task.abort();
     let _ = std::fs::remove_file(config.admin_socket());
+    // Everything recorded goes into Parquet before the agent exits.
+    match archive.close().await {
+        Ok(()) => info!("archive flushed"),
+        Err(e) => {
+            warn!(error = %e, "archive flush failed; the write-ahead segments are recovered at the next start")
+        }
+    }
     if config.on_agent_down == OnAgentDown::Block && crate::kernel::is_pinned(&config.bpffs_dir) {
         info!(
             "programs stay attached: connections to backends are refused until the agent is back (`airlock detach` to remove them)"
@@ -199,14 +217,116 @@ fn bind(addr: SocketAddr) -> Result<TcpListener, RunError> {
     socket.listen(1024).map_err(err)
 }
 
-fn create_private_dir(path: &std::path::Path) -> Result<(), RunError> {
+/// The state directory: root's, `0711` — others may reach the archive inside it (which has
+/// its own group permissions) but not list or read anything else (keys and the admin socket
+/// are `0600`).
+fn create_state_dir(path: &std::path::Path) -> Result<(), RunError> {
     use std::os::unix::fs::PermissionsExt as _;
     let err = |source| RunError::StateDir {
         path: path.to_owned(),
         source,
     };
     std::fs::create_dir_all(path).map_err(err)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700)).map_err(err)
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o711)).map_err(err)
+}
+
+/// The archive group's id, creating the group (`groupadd --system`) if it does not exist.
+fn archive_gid(name: &str) -> Result<u32, String> {
+    let lookup = || nix::unistd::Group::from_name(name).map_err(|e| e.to_string());
+    if let Some(g) = lookup()? {
+        return Ok(g.gid.as_raw());
+    }
+    let out = std::process::Command::new("groupadd")
+        .args(["--system", name])
+        .output()
+        .map_err(|e| format!("cannot run groupadd: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "groupadd --system {name}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    info!(group = name, "created the archive group");
+    lookup()?
+        .map(|g| g.gid.as_raw())
+        .ok_or_else(|| format!("group {name} still missing after groupadd"))
+}
+
+/// Open the archive (recovering leftover segments), apply retention once, start its thread.
+async fn start_archive(config: &Config) -> Result<Archive, RunError> {
+    let fail = |message: String| RunError::Archive {
+        path: config.archive_dir.clone(),
+        message,
+    };
+    let gid =
+        archive_gid(&config.archive_group).map_err(|e| fail(format!("`archive_group`: {e}")))?;
+    let (writer, recovery) = ArchiveWriter::open(WriterConfig {
+        archive_dir: config.archive_dir.clone(),
+        signing_key: config.state_dir.join("archive-signing.key"),
+        host: config.host.clone(),
+        group: Some(gid),
+        max_rows: 100_000,
+    })
+    .map_err(|e| fail(e.to_string()))?;
+    if recovery.segments > 0 {
+        info!(
+            segments = recovery.segments,
+            records = recovery.records,
+            torn_bytes = recovery.torn_bytes,
+            "recovered write-ahead segments into Parquet"
+        );
+    }
+    let archive = Archive::start(writer, config.recording, config.flush_interval);
+    if config.retention_days > 0 {
+        match archive.retention(config.retention_days, today()).await {
+            Ok(removed) if !removed.is_empty() => {
+                info!(files = removed.len(), "retention removed old archive files")
+            }
+            Ok(_) => {}
+            Err(e) => warn!(error = %e, "retention failed"),
+        }
+    }
+    Ok(archive)
+}
+
+/// Days since the epoch, UTC.
+fn today() -> i64 {
+    SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| (d.as_secs() / 86_400) as i64)
+        .unwrap_or(0)
+}
+
+/// Hourly retention pass.
+async fn retention(archive: Archive, days: u32) {
+    if days == 0 {
+        return;
+    }
+    let mut tick = tokio::time::interval(Duration::from_secs(3600));
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        match archive.retention(days, today()).await {
+            Ok(removed) if !removed.is_empty() => {
+                info!(files = removed.len(), "retention removed old archive files")
+            }
+            Ok(_) => {}
+            Err(e) => warn!(error = %e, "retention failed"),
+        }
+    }
+}
+
+/// A prefix that makes connection session ids unique across agent restarts.
+fn session_prefix() -> String {
+    let mut bytes = [0u8; 6];
+    if getrandom::fill(&mut bytes).is_err() {
+        let now = SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        bytes.copy_from_slice(&now.to_le_bytes()[..6]);
+    }
+    format!("c{}", crate::archive::record::hex(&bytes))
 }
 
 /// Re-resolve backend names periodically; a failed lookup keeps the previous addresses.
@@ -323,7 +443,20 @@ fn status(
             live_connections,
         },
         kernel_counters,
-        agent_counters: proxy.counters.snapshot(),
+        agent_counters: {
+            let mut c = proxy.counters.snapshot();
+            let a = &proxy.archive.stats;
+            for (k, v) in [
+                ("archive_records", &a.records),
+                ("archive_fsyncs", &a.fsyncs),
+                ("archive_files", &a.files),
+                ("archive_errors", &a.errors),
+                ("archive_dropped", &a.dropped),
+            ] {
+                c.insert(k.to_owned(), v.load(std::sync::atomic::Ordering::Relaxed));
+            }
+            c
+        },
         targets,
         connections: live.into_iter().chain(recent).collect(),
     }

@@ -65,6 +65,17 @@ pub struct Config {
     pub drain_timeout: Duration,
     pub max_connections: usize,
     pub recent_connections: usize,
+    /// `strict`: nothing is forwarded until its record is durable; `buffered`: records are
+    /// written behind the traffic.
+    pub recording: crate::archive::service::Recording,
+    /// Roll write-ahead segments into Parquet at least this often.
+    pub flush_interval: Duration,
+    /// Delete archive partitions older than this many days (0: keep forever).
+    pub retention_days: u32,
+    /// Group that may read the archive.
+    pub archive_group: String,
+    /// The `host` column of the archive (default: this machine's hostname).
+    pub host: String,
     pub backends: Vec<Backend>,
 }
 
@@ -111,6 +122,16 @@ struct RawConfig {
     max_connections: usize,
     #[serde(default = "defaults::recent_connections")]
     recent_connections: usize,
+    #[serde(default = "defaults::recording")]
+    recording: crate::archive::service::Recording,
+    #[serde(default = "defaults::flush_interval_secs")]
+    flush_interval_secs: u64,
+    #[serde(default = "defaults::retention_days")]
+    retention_days: u32,
+    #[serde(default = "defaults::archive_group")]
+    archive_group: String,
+    #[serde(default)]
+    host: Option<String>,
     #[serde(default, rename = "backend")]
     backends: Vec<RawBackend>,
 }
@@ -174,6 +195,18 @@ mod defaults {
     }
     pub fn recent_connections() -> usize {
         1000
+    }
+    pub fn recording() -> crate::archive::service::Recording {
+        crate::archive::service::Recording::Strict
+    }
+    pub fn flush_interval_secs() -> u64 {
+        60
+    }
+    pub fn retention_days() -> u32 {
+        90
+    }
+    pub fn archive_group() -> String {
+        "airlock".into()
     }
     pub fn tls() -> bool {
         true
@@ -307,6 +340,23 @@ impl Validator<'_> {
                 return Err(self.err(key, "must be at least 1"));
             }
         }
+        if raw.flush_interval_secs == 0 {
+            return Err(self.err("flush_interval_secs", "must be at least 1"));
+        }
+        if raw.archive_group.trim().is_empty() {
+            return Err(self.err("archive_group", "must not be empty"));
+        }
+        let host = match raw.host {
+            Some(h) if h.trim().is_empty() || h.contains('/') || h.contains('=') => {
+                return Err(self.err("host", "must be a non-empty name without `/` or `=`"));
+            }
+            Some(h) => h,
+            None => nix::unistd::gethostname()
+                .ok()
+                .and_then(|h| h.into_string().ok())
+                .filter(|h| !h.is_empty() && !h.contains('/'))
+                .unwrap_or_else(|| "localhost".into()),
+        };
         if raw.max_connections == 0 {
             return Err(self.err("max_connections", "must be at least 1"));
         }
@@ -414,6 +464,11 @@ impl Validator<'_> {
             drain_timeout: Duration::from_secs(raw.drain_timeout_secs),
             max_connections: raw.max_connections,
             recent_connections: raw.recent_connections,
+            recording: raw.recording,
+            flush_interval: Duration::from_secs(raw.flush_interval_secs),
+            retention_days: raw.retention_days,
+            archive_group: raw.archive_group,
+            host,
             backends,
         })
     }
@@ -460,6 +515,10 @@ mod tests {
         );
         assert!(cfg.backends[0].tls);
         assert_eq!(cfg.recent_connections, 1000);
+        assert_eq!(cfg.recording, crate::archive::service::Recording::Strict);
+        assert_eq!(cfg.flush_interval, Duration::from_secs(60));
+        assert_eq!(cfg.archive_group, "airlock");
+        assert!(!cfg.host.is_empty());
     }
 
     #[test]
@@ -487,6 +546,9 @@ mod tests {
             (minimal("bypass_mark = 0", ""), "bypass_mark"),
             (minimal("idle_timeout_secs = 0", ""), "idle_timeout_secs"),
             (minimal("recent_connections = 10", ""), "recent_connections"),
+            (minimal("recording = \"lazy\"", ""), "recording"),
+            (minimal("flush_interval_secs = 0", ""), "flush_interval_secs"),
+            (minimal("host = \"a/b\"", ""), "host"),
             (minimal("bpffs_dir = \"/tmp/x\"", ""), "bpffs_dir"),
             (minimal("", "tls = \"yes\""), "backend[0].tls"),
             (

@@ -16,6 +16,7 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tracing::{debug, info, warn};
 
 use crate::{
+    archive::{MaskedPayload, RecordInput, service::Archive},
     attribution::{Attribution, NameCache},
     config::Config,
     kernel::Kernel,
@@ -36,6 +37,10 @@ pub struct Proxy {
     /// this belongs to a connection that was refused while no agent listened: it must not
     /// attribute a later connection that happens to reuse the 4-tuple.
     pub listening_since_ns: u64,
+    /// The archive: a connection is relayed only once its opening record is durable (strict).
+    pub archive: Archive,
+    /// Makes session ids unique across agent restarts.
+    pub session_prefix: String,
 }
 
 /// The agent's own counters, shown next to the kernel's.
@@ -44,6 +49,8 @@ pub struct AgentCounters {
     pub accepted: AtomicU64,
     pub rejected_unattributed: AtomicU64,
     pub rejected_stale: AtomicU64,
+    /// Refused because the archive could not record the connection (strict recording).
+    pub rejected_archive: AtomicU64,
     pub rejected_over_capacity: AtomicU64,
     pub upstream_failed: AtomicU64,
     pub relayed: AtomicU64,
@@ -59,6 +66,7 @@ impl AgentCounters {
             ("accepted", &self.accepted),
             ("rejected_unattributed", &self.rejected_unattributed),
             ("rejected_stale", &self.rejected_stale),
+            ("rejected_archive", &self.rejected_archive),
             ("rejected_over_capacity", &self.rejected_over_capacity),
             ("upstream_failed", &self.upstream_failed),
             ("relayed", &self.relayed),
@@ -211,6 +219,26 @@ impl Proxy {
                 return;
             }
         };
+        // The opening record must be durable before a byte is relayed (strict recording).
+        let mut open =
+            self.connection_record(guard.id(), 0, Some(&attribution), backend.as_deref());
+        open.payload = Some(MaskedPayload::agent_event(&serde_json::json!({
+            "event": "open",
+            "client": peer.to_string(),
+            "family": attribution.family,
+            "cmdline": attribution.cmdline,
+            "cgroup_id": attribution.cgroup_id,
+        })));
+        if let Err(e) = self.archive.record(open).await {
+            self.counters
+                .rejected_archive
+                .fetch_add(1, Ordering::Relaxed);
+            warn!(id = guard.id(), error = %e, "refusing a connection the archive cannot record");
+            guard.finish(ConnState::Rejected, format!("archive unavailable: {e}"));
+            reset(client);
+            return;
+        }
+        let opened = std::time::Instant::now();
         let _ = client.set_nodelay(true);
         guard.set_state(ConnState::Open);
         let end = relay::relay(
@@ -221,6 +249,24 @@ impl Proxy {
             guard.bytes_down(),
         )
         .await;
+        let (state, reason) = match &end {
+            Ok(RelayEnd::Closed) => ("closed", "closed".to_owned()),
+            Ok(RelayEnd::IdleTimeout) => ("failed", "idle timeout".to_owned()),
+            Err(e) => ("failed", e.to_string()),
+        };
+        let mut close =
+            self.connection_record(guard.id(), 1, Some(&attribution), backend.as_deref());
+        close.latency_us = Some(opened.elapsed().as_micros() as u64);
+        close.payload = Some(MaskedPayload::agent_event(&serde_json::json!({
+            "event": "close",
+            "state": state,
+            "reason": reason,
+            "bytes_up": guard.bytes_up().load(Ordering::Relaxed),
+            "bytes_down": guard.bytes_down().load(Ordering::Relaxed),
+        })));
+        if let Err(e) = self.archive.record(close).await {
+            warn!(id = guard.id(), error = %e, "cannot archive the end of a connection");
+        }
         match end {
             Ok(RelayEnd::Closed) => {
                 self.counters.relayed.fetch_add(1, Ordering::Relaxed);
@@ -244,7 +290,8 @@ impl Proxy {
         }
     }
 
-    /// Refuse a connection nobody can be held responsible for: counted, listed, reset.
+    /// Refuse a connection nobody can be held responsible for: counted, listed, archived,
+    /// reset.
     fn reject_unknown(
         &self,
         client: TcpStream,
@@ -253,11 +300,52 @@ impl Proxy {
         reason: &str,
     ) {
         counter.fetch_add(1, Ordering::Relaxed);
-        self.registry
-            .open(peer, None, None)
-            .finish(ConnState::Rejected, reason);
+        let guard = self.registry.open(peer, None, None);
+        guard.finish(ConnState::Rejected, reason);
         warn!(%peer, reason, "rejected a connection");
         reset(client);
+        let mut record = self.connection_record(guard.id(), 0, None, None);
+        record.decision = "block".into();
+        record.rules = vec!["airlock:unattributed".into()];
+        record.payload = Some(MaskedPayload::agent_event(
+            &serde_json::json!({"event": "rejected", "client": peer.to_string(), "reason": reason}),
+        ));
+        let archive = self.archive.clone();
+        tokio::spawn(async move {
+            if let Err(e) = archive.record(record).await {
+                warn!(error = %e, "cannot archive a rejected connection");
+            }
+        });
+    }
+
+    /// The archive row of a connection event (`kind = "connection"`).
+    fn connection_record(
+        &self,
+        id: u64,
+        seq: u64,
+        a: Option<&Attribution>,
+        backend: Option<&str>,
+    ) -> RecordInput {
+        RecordInput {
+            ts_us: now_us(),
+            host: self.config.host.clone(),
+            session_id: format!("{}-{id}", self.session_prefix),
+            seq,
+            direction: "client_to_server".into(),
+            kind: "connection".into(),
+            decision: "allow".into(),
+            pid: a.map(|a| a.pid),
+            tgid: a.map(|a| a.tgid),
+            uid: a.map(|a| a.uid),
+            gid: a.map(|a| a.gid),
+            user: a.and_then(|a| a.user.clone()),
+            comm: a.map(|a| a.comm.clone()),
+            exe: a.and_then(|a| a.exe.clone()),
+            cgroup: a.and_then(|a| a.cgroup.clone()),
+            backend: backend.map(str::to_owned),
+            server_addr: a.map(|a| a.original_dst.to_string()),
+            ..Default::default()
+        }
     }
 
     /// Connect to the original destination with the bypass mark, so our own programs let this
@@ -281,6 +369,13 @@ impl Proxy {
             )),
         }
     }
+}
+
+fn now_us() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0)
 }
 
 /// Close with a RST so the client sees a failure at once rather than a clean empty response.

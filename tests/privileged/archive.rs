@@ -182,3 +182,233 @@ fn tempdir(name: &str) -> PathBuf {
     std::fs::create_dir_all(&dir).unwrap();
     dir
 }
+
+/// Run `airlock` with arguments; (exit code, stdout, stderr).
+fn airlock(args: &[&str]) -> (Option<i32>, String, String) {
+    let out = std::process::Command::new(AIRLOCK)
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn connections_are_archived_with_their_attribution() {
+    if !privileged() {
+        return;
+    }
+    let name = unique("archived");
+    let cg = TestCgroup::new(&name);
+    let backend = Backend::start("tools", "127.0.0.2:0");
+    let mut agent = Agent::start(
+        &cg,
+        &name,
+        &backend_toml("tools", backend.port(), &["127.0.0.2"]),
+        "",
+    );
+    let opts = ClientOpts {
+        as_user: Some((65534, 65534)),
+        ..Default::default()
+    };
+    let res = run_client(&cg, "127.0.0.2", backend.port(), &opts);
+    assert!(res.expect_response().starts_with("tools saw "));
+    // A direct, unattributed connection is archived as rejected.
+    let _ = raw_exchange(format!("127.0.0.1:{}", agent.port).parse().unwrap());
+    let conn = agent.connection_of(res.pid);
+    assert_eq!(conn["state"], "closed");
+    assert!(
+        agent.status()["agent_counters"]["archive_records"]
+            .as_u64()
+            .unwrap()
+            >= 2
+    );
+    // SIGTERM flushes everything into Parquet.
+    assert!(agent.sigterm().success(), "{}", agent.log());
+    let archive = agent.archive.to_str().unwrap().to_owned();
+
+    let (code, out, err) = airlock(&["verify", "--archive", &archive]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    let (code, out, err) = airlock(&[
+        "sessions",
+        "--archive",
+        &archive,
+        "--json",
+        "--user",
+        "nobody",
+    ]);
+    assert_eq!(code, Some(0), "{err}");
+    let sessions: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(sessions.len(), 1, "{out}");
+    assert_eq!(sessions[0]["pid"].as_u64(), Some(u64::from(res.pid)));
+    assert_eq!(sessions[0]["uid"], 65534);
+    assert_eq!(sessions[0]["backend"], "tools");
+    assert_eq!(sessions[0]["messages"], 2, "open and close");
+    let session = sessions[0]["session_id"].as_str().unwrap().to_owned();
+    let (code, out, _) = airlock(&["replay", &session, "--archive", &archive, "--json"]);
+    assert_eq!(code, Some(0));
+    let events: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["input"]["payload"]
+                .as_str()
+                .map(|p| serde_json::from_str(p).unwrap())
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(events[0]["event"], "open");
+    assert_eq!(events[1]["event"], "close");
+    assert_eq!(events[1]["bytes_up"], 6);
+    let (_, out, _) = airlock(&["sessions", "--archive", &archive, "--json"]);
+    assert!(
+        out.lines().any(|l| l.contains("\"blocked\":1")),
+        "the rejected connection: {out}"
+    );
+
+    // Archive files: 0640, root and the analysts' group; `nobody` cannot read them.
+    use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+    let file = std::fs::read_dir(
+        agent.archive.join(
+            std::fs::read_dir(&agent.archive)
+                .unwrap()
+                .filter_map(Result::ok)
+                .find(|e| e.file_name().to_string_lossy().starts_with("date="))
+                .unwrap()
+                .path(),
+        ),
+    )
+    .unwrap()
+    .filter_map(Result::ok)
+    .next()
+    .unwrap()
+    .path();
+    let file = std::fs::read_dir(&file)
+        .unwrap()
+        .filter_map(Result::ok)
+        .next()
+        .unwrap()
+        .path();
+    let meta = std::fs::metadata(&file).unwrap();
+    assert_eq!(meta.mode() & 0o777, 0o640, "{}", file.display());
+    assert_eq!(meta.uid(), 0);
+    let group = nix::unistd::Group::from_name("airlock")
+        .unwrap()
+        .expect("group airlock");
+    assert_eq!(meta.gid(), group.gid.as_raw());
+    let read = std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "cat"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(
+        !read.status.success(),
+        "nobody could read {}",
+        file.display()
+    );
+}
+
+#[test]
+fn strict_recording_refuses_connections_it_cannot_record() {
+    if !privileged() {
+        return;
+    }
+    let name = unique("strictfull");
+    let cg = TestCgroup::new(&name);
+    let disk = SmallDisk::new("strictfull-disk", "2m");
+    let backend = Backend::start("tools", "127.0.0.2:0");
+    let archive_dir = disk.0.join("archive");
+    let agent = Agent::start_with_archive(
+        &cg,
+        &name,
+        &backend_toml("tools", backend.port(), &["127.0.0.2"]),
+        "recording = \"strict\"",
+        Some(&archive_dir),
+    );
+    assert!(
+        run_client(&cg, "127.0.0.2", backend.port(), &ClientOpts::default())
+            .response
+            .is_some()
+    );
+    let _filler = fill(&disk.0);
+    // Records may still fit in the segment's last allocated page; the first one that does not
+    // turns the writer's failure into refusals, for good.
+    let mut relayed = 1;
+    let mut refused_at = None;
+    for i in 0..50 {
+        let res = run_client(&cg, "127.0.0.2", backend.port(), &ClientOpts::default());
+        if res.response.as_deref().is_some_and(|r| !r.is_empty()) {
+            relayed += 1;
+        } else {
+            refused_at = Some(i);
+            break;
+        }
+    }
+    assert!(
+        refused_at.is_some(),
+        "50 connections relayed on a full disk"
+    );
+    for _ in 0..3 {
+        let res = run_client(&cg, "127.0.0.2", backend.port(), &ClientOpts::default());
+        assert!(
+            res.response.as_deref().is_none_or(str::is_empty),
+            "relayed after the archive failed: {res:?}"
+        );
+    }
+    // (The backend may see bare connections: the agent dials while it attributes. No request
+    // reaches it unrecorded.)
+    assert_eq!(
+        backend.requests() as usize,
+        relayed,
+        "an unrecorded request reached the backend"
+    );
+    assert!(agent.agent_counter("rejected_archive") >= 4);
+    let status = agent.status();
+    assert!(
+        status["connections"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("archive unavailable"))),
+        "{status:#}"
+    );
+}
+
+#[test]
+fn buffered_recording_keeps_traffic_flowing_on_a_full_disk() {
+    if !privileged() {
+        return;
+    }
+    let name = unique("bufferedfull");
+    let cg = TestCgroup::new(&name);
+    let disk = SmallDisk::new("bufferedfull-disk", "2m");
+    let backend = Backend::start("tools", "127.0.0.2:0");
+    let archive_dir = disk.0.join("archive");
+    let agent = Agent::start_with_archive(
+        &cg,
+        &name,
+        &backend_toml("tools", backend.port(), &["127.0.0.2"]),
+        "recording = \"buffered\"",
+        Some(&archive_dir),
+    );
+    let filler = fill(&disk.0);
+    let res = run_client(&cg, "127.0.0.2", backend.port(), &ClientOpts::default());
+    assert!(res.expect_response().starts_with("tools saw "));
+    assert_eq!(agent.agent_counter("rejected_archive"), 0);
+    std::fs::remove_file(filler).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while agent.agent_counter("archive_records") < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "buffered records never reached the disk"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

@@ -226,6 +226,8 @@ pub fn spawn_client(cg: &TestCgroup, host: &str, port: u16, opts: &ClientOpts) -
 pub struct Backend {
     pub addr: SocketAddr,
     pub seen: Arc<Mutex<Vec<SocketAddr>>>,
+    /// Requests that arrived (a line of data), as opposed to bare connections.
+    pub requests: Arc<Mutex<u32>>,
 }
 
 impl Backend {
@@ -233,8 +235,10 @@ impl Backend {
         let listener = TcpListener::bind(bind).unwrap_or_else(|e| panic!("bind {bind}: {e}"));
         let addr = listener.local_addr().expect("local addr");
         let seen = Arc::new(Mutex::new(Vec::new()));
+        let requests = Arc::new(Mutex::new(0u32));
         let name = name.to_owned();
         let seen2 = seen.clone();
+        let requests2 = requests.clone();
         thread::spawn(move || {
             for stream in listener.incoming() {
                 let Ok(mut stream) = stream else { continue };
@@ -243,19 +247,32 @@ impl Backend {
                 };
                 seen2.lock().unwrap().push(peer);
                 let name = name.clone();
+                let requests = requests2.clone();
                 thread::spawn(move || {
                     let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
                     let mut line = String::new();
                     let _ = BufReader::new(&stream).read_line(&mut line);
+                    if !line.is_empty() {
+                        *requests.lock().unwrap() += 1;
+                    }
                     let _ = write!(stream, "{name} saw {peer} {line}");
                 });
             }
         });
-        Backend { addr, seen }
+        Backend {
+            addr,
+            seen,
+            requests,
+        }
     }
 
     pub fn port(&self) -> u16 {
         self.addr.port()
+    }
+
+    /// How many requests (not bare connections) arrived.
+    pub fn requests(&self) -> u32 {
+        *self.requests.lock().unwrap()
     }
 
     pub fn seen(&self) -> Vec<SocketAddr> {
@@ -275,6 +292,7 @@ fn next_agent_port() -> u16 {
 /// upstream connections meet the hook too).
 pub struct Agent {
     pub dir: PathBuf,
+    pub archive: PathBuf,
     pub config: PathBuf,
     pub port: u16,
     pub bpffs_dir: PathBuf,
@@ -285,22 +303,38 @@ pub struct Agent {
 impl Agent {
     /// Write a config (`backends` is the `[[backend]]` TOML, `extra` top-level keys) and start.
     pub fn start(cg: &TestCgroup, name: &str, backends: &str, extra: &str) -> Agent {
+        Self::start_with_archive(cg, name, backends, extra, None)
+    }
+
+    /// Like [`Agent::start`], with the archive in `archive` (default: inside the test dir).
+    pub fn start_with_archive(
+        cg: &TestCgroup,
+        name: &str,
+        backends: &str,
+        extra: &str,
+        archive: Option<&Path>,
+    ) -> Agent {
         let dir = std::env::temp_dir().join(name);
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("test dir");
+        let archive = archive
+            .map(Path::to_owned)
+            .unwrap_or_else(|| dir.join("archive"));
         let port = next_agent_port();
         let bpffs_dir = PathBuf::from(format!("/sys/fs/bpf/{name}"));
         let config = dir.join("airlock.toml");
         let text = format!(
-            "state_dir = \"{dir}/state\"\narchive_dir = \"{dir}/archive\"\npolicies_dir = \"{dir}/policies\"\n\
+            "state_dir = \"{dir}/state\"\narchive_dir = \"{archive}\"\npolicies_dir = \"{dir}/policies\"\n\
              cgroup = \"{cg}\"\nbpffs_dir = \"{bpffs}\"\nlisten_port = {port}\ndrain_timeout_secs = 5\n{extra}\n{backends}\n",
             dir = dir.display(),
+            archive = archive.display(),
             cg = cg.path.display(),
             bpffs = bpffs_dir.display(),
         );
         std::fs::write(&config, text).expect("write config");
         let mut agent = Agent {
             dir,
+            archive,
             config,
             port,
             bpffs_dir,

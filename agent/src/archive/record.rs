@@ -17,6 +17,12 @@ impl MaskedPayload {
         MaskedPayload(text)
     }
 
+    /// A payload the agent writes itself (connection events: addresses, byte counts,
+    /// reasons), which carries no message content to mask.
+    pub(crate) fn agent_event(event: &serde_json::Value) -> MaskedPayload {
+        MaskedPayload(event.to_string())
+    }
+
     pub fn as_str(&self) -> &str {
         &self.0
     }

@@ -53,6 +53,8 @@ pub enum ArchiveError {
 
 enum Job {
     Record(Box<RecordInput>, Option<Ack>),
+    /// Apply retention: (days, today as days since the epoch).
+    Retention(u32, i64, oneshot::Sender<io::Result<Vec<String>>>),
     Close(oneshot::Sender<io::Result<()>>),
 }
 
@@ -119,6 +121,17 @@ impl Archive {
                 Ok(0)
             }
         }
+    }
+
+    /// Delete partitions older than `days` days (manifest line first; see the writer).
+    pub async fn retention(&self, days: u32, today: i64) -> io::Result<Vec<String>> {
+        let (ack, done) = oneshot::channel();
+        self.tx
+            .send(Job::Retention(days, today, ack))
+            .await
+            .map_err(|_| io::Error::other("the archive writer has stopped"))?;
+        done.await
+            .map_err(|_| io::Error::other("the archive writer has stopped"))?
     }
 
     /// Flush everything pending into Parquet and stop the thread.
@@ -329,6 +342,9 @@ async fn serve(
         while let Some(job) = next.take() {
             match job {
                 Job::Record(input, ack) => st.append(input, ack),
+                Job::Retention(days, today, ack) => {
+                    let _ = ack.send(st.w.apply_retention(days, today));
+                }
                 Job::Close(ack) => close = Some(ack),
             }
             taken += 1;

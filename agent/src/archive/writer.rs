@@ -80,14 +80,14 @@ impl ArchiveWriter {
         }
         let key = super::manifest::signing_key(&cfg.signing_key)?;
         let manifest = Manifest::open(&cfg.archive_dir, &cfg.host, key, FILE_MODE)?;
-        set_owner(
-            &super::manifest::manifest_path(&cfg.archive_dir, &cfg.host),
-            cfg.group,
-        )?;
-        set_owner(
-            &super::manifest::public_key_path(&cfg.archive_dir, &cfg.host),
-            cfg.group,
-        )?;
+        for path in [
+            super::manifest::manifest_path(&cfg.archive_dir, &cfg.host),
+            super::manifest::public_key_path(&cfg.archive_dir, &cfg.host),
+        ] {
+            if path.exists() {
+                set_owner(&path, cfg.group)?;
+            }
+        }
         let (last_hash, tip) = manifest.chain_tip();
         // Segment numbers never repeat: file names derive from them.
         let wal_no = manifest.last_segment();
@@ -359,6 +359,11 @@ impl ArchiveWriter {
                 last_hash: last.hash.clone(),
             },
             FILE_MODE,
+        )?;
+        // The manifest is created by its first line: give it to the analysts' group too.
+        set_owner(
+            &super::manifest::manifest_path(&self.cfg.archive_dir, &self.cfg.host),
+            self.cfg.group,
         )?;
         Ok(final_path)
     }
