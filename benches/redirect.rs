@@ -55,12 +55,16 @@ fn main() {
     std::fs::create_dir_all(&dir).unwrap();
     let config = dir.join("airlock.toml");
     let port = 990;
+    // Buffered by default: this measures the redirect and the relay. With BENCH_RECORDING=strict
+    // every new connection also waits for its archive record's fsync.
+    let recording = std::env::var("BENCH_RECORDING").unwrap_or_else(|_| "buffered".into());
     std::fs::write(
         &config,
         format!(
-            "state_dir = \"{d}/state\"\ncgroup = \"{cg}\"\nbpffs_dir = \"/sys/fs/bpf/{name}\"\nlisten_port = {port}\n\
+            "state_dir = \"{d}/state\"\narchive_dir = \"{d}/archive\"\nrecording = \"{recording}\"\ncgroup = \"{cg}\"\nbpffs_dir = \"/sys/fs/bpf/{name}\"\nlisten_port = {port}\n\
              [[backend]]\nname = \"bench\"\nhost = \"bench.internal.test\"\nport = {bp}\ntls = false\naddresses = [\"127.0.0.2\"]\n",
             d = dir.display(),
+            recording = recording,
             cg = cgroup.display(),
             bp = backend.port(),
         ),
@@ -161,7 +165,7 @@ fn main() {
     let new_conn = Comparison::new(&direct_lat, &airlock_lat);
     let reuse = Comparison::new(&keepalive_direct, &keepalive_airlock);
     println!(
-        "redirect bench ({} connections each way, {} keep-alive exchanges)",
+        "redirect bench ({} connections each way, {} keep-alive exchanges, recording = {recording})",
         direct_lat.len(),
         KEEPALIVE_EXCHANGES
     );

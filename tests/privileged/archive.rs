@@ -272,7 +272,7 @@ fn connections_are_archived_with_their_attribution() {
     );
 
     // Archive files: 0640, root and the analysts' group; `nobody` cannot read them.
-    use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+    use std::os::unix::fs::MetadataExt as _;
     let file = std::fs::read_dir(
         agent.archive.join(
             std::fs::read_dir(&agent.archive)
