@@ -63,6 +63,10 @@ pub struct AgentInfo {
     pub on_agent_down: String,
     pub listen: Vec<String>,
     pub live_connections: usize,
+    /// `sha256:` of the policy set in force.
+    pub policy_hash: Option<String>,
+    /// Why the last reload was refused, if it was.
+    pub policy_error: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -54,6 +54,8 @@ pub enum RunError {
         path: std::path::PathBuf,
         message: String,
     },
+    #[error("invalid policies (fix them, or check with `airlock policy check`):\n{0}")]
+    Policy(#[from] crate::policy::PolicyErrors),
 }
 
 pub async fn run(config: Config) -> Result<(), RunError> {
@@ -64,6 +66,16 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     create_state_dir(&config.state_dir)?;
     let targets = config.resolve().await?;
     let archive = start_archive(&config).await?;
+    let key =
+        crate::policy::store::mask_key(&config.state_dir).map_err(|source| RunError::StateDir {
+            path: config.state_dir.join("mask.key"),
+            source,
+        })?;
+    let policies = Arc::new(crate::policy::store::PolicyStore::load(
+        &config.policies_dir,
+        key,
+    )?);
+    info!(policy = %policies.current().hash, rules = policies.current().rule_count(), "policies loaded");
     let cgroup = cgroup::resolve(config.cgroup.as_deref())?;
 
     let v4 = SocketAddr::from((Ipv4Addr::LOCALHOST, config.listen_port));
@@ -122,11 +134,15 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     let admin_task = tokio::spawn(admin::serve(admin_listener, {
         let proxy = proxy.clone();
         let targets = targets.clone();
+        let policies = policies.clone();
         let cgroup = cgroup.display().to_string();
         let shutdown_tx = shutdown_tx.clone();
         move |req| match req {
             Request::Status => {
-                Response::Status(Box::new(status(&proxy, &targets, &cgroup, started_at)))
+                let mut s = status(&proxy, &targets, &cgroup, started_at);
+                s.agent.policy_hash = Some(policies.current().hash.clone());
+                s.agent.policy_error = policies.last_error();
+                Response::Status(Box::new(s))
             }
             Request::Shutdown => {
                 let _ = shutdown_tx.try_send("admin request");
@@ -139,6 +155,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     let resolver_task = tokio::spawn(refresh_targets(proxy.clone(), targets.clone()));
     let sweeper_task = tokio::spawn(sweep_pending(proxy.clone()));
     let retention_task = tokio::spawn(retention(archive.clone(), config.retention_days));
+    let policy_task = tokio::spawn(watch_policies(policies.clone()));
     let accept_tasks: Vec<_> = listeners
         .into_iter()
         .map(|l| tokio::spawn(proxy.clone().accept_loop(l)))
@@ -171,6 +188,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     resolver_task.abort();
     sweeper_task.abort();
     retention_task.abort();
+    policy_task.abort();
     let deadline = Instant::now() + config.drain_timeout;
     while proxy.registry.live_count() > 0 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -295,6 +313,47 @@ fn today() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| (d.as_secs() / 86_400) as i64)
         .unwrap_or(0)
+}
+
+/// Reload the policies on SIGHUP and when their files change (checked every 2 s). A set that
+/// does not validate leaves the one in force.
+async fn watch_policies(store: Arc<crate::policy::store::PolicyStore>) {
+    let Ok(mut hup) = tokio::signal::unix::signal(SignalKind::hangup()) else {
+        warn!("cannot listen for SIGHUP; policy files are still watched");
+        return watch_files(store).await;
+    };
+    let mut tick = tokio::time::interval(Duration::from_secs(2));
+    loop {
+        let why = tokio::select! {
+            _ = hup.recv() => "SIGHUP",
+            _ = tick.tick() => {
+                if !store.changed_on_disk() {
+                    continue;
+                }
+                "files changed"
+            }
+        };
+        reload(&store, why);
+    }
+}
+
+async fn watch_files(store: Arc<crate::policy::store::PolicyStore>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(2));
+    loop {
+        tick.tick().await;
+        if store.changed_on_disk() {
+            reload(&store, "files changed");
+        }
+    }
+}
+
+fn reload(store: &crate::policy::store::PolicyStore, why: &str) {
+    match store.reload() {
+        Ok(hash) => info!(reason = why, policy = %hash, "policies reloaded"),
+        Err(e) => {
+            warn!(reason = why, errors = %e, "new policies are invalid; the previous ones stay in force")
+        }
+    }
 }
 
 /// Hourly retention pass.
@@ -441,6 +500,8 @@ fn status(
             on_agent_down: format!("{:?}", proxy.config.on_agent_down).to_lowercase(),
             listen: vec![format!("127.0.0.1:{port}"), format!("[::1]:{port}")],
             live_connections,
+            policy_hash: None,
+            policy_error: None,
         },
         kernel_counters,
         agent_counters: {

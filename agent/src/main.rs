@@ -159,6 +159,10 @@ fn main() -> ExitCode {
             Command::Run => match airlock::agent::run(config).await {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(airlock::agent::RunError::Config(e)) => config_error(&e),
+                Err(e @ airlock::agent::RunError::Policy(_)) => {
+                    eprintln!("airlock: {e}");
+                    ExitCode::from(2)
+                }
                 Err(e) => fail(e),
             },
             Command::Status { json } => status(&config, json).await,

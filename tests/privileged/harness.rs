@@ -320,6 +320,13 @@ impl Agent {
         let archive = archive
             .map(Path::to_owned)
             .unwrap_or_else(|| dir.join("archive"));
+        // The shipped default policies: the agent refuses to start without valid ones.
+        std::fs::create_dir_all(dir.join("policies")).expect("policies dir");
+        std::fs::copy(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies/default.toml"),
+            dir.join("policies/default.toml"),
+        )
+        .expect("copy the default policy");
         let port = next_agent_port();
         let bpffs_dir = PathBuf::from(format!("/sys/fs/bpf/{name}"));
         let config = dir.join("airlock.toml");

@@ -307,3 +307,103 @@ fn connection_to_the_agent_port_erases_a_stale_record_in_the_kernel() {
         "sock_ops left the stale record"
     );
 }
+
+#[test]
+fn policies_reload_on_sighup_and_on_change_and_invalid_sets_are_refused() {
+    if !privileged() {
+        return;
+    }
+    let name = unique("policy");
+    let cg = TestCgroup::new(&name);
+    let backend = Backend::start("tools", "127.0.0.2:0");
+    let agent = Agent::start(
+        &cg,
+        &name,
+        &backend_toml("tools", backend.port(), &["127.0.0.2"]),
+        "",
+    );
+    let hash = |a: &Agent| {
+        a.status()["agent"]["policy_hash"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    let first = hash(&agent);
+    assert!(first.starts_with("sha256:"));
+    let wait_for = |what: &str, f: &dyn Fn() -> bool| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !f() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "timed out waiting for {what}"
+            );
+            thread::sleep(Duration::from_millis(100));
+        }
+    };
+    // A valid new file is taken when the files change.
+    let extra = agent.dir.join("policies/20-extra.toml");
+    std::fs::write(
+        &extra,
+        "[[rule]]\nid = \"no-drop\"\naction = \"block\"\ntools = [\"drop_*\"]\n",
+    )
+    .unwrap();
+    wait_for("the reload", &|| hash(&agent) != first);
+    let second = hash(&agent);
+    // An invalid one is refused: the previous set stays, the error is shown.
+    std::fs::write(&extra, "[[rule]]\nid = \"no-drop\"\naction = \"explode\"\n").unwrap();
+    wait_for("the refusal", &|| {
+        agent.status()["agent"]["policy_error"].is_string()
+    });
+    assert_eq!(hash(&agent), second);
+    let err = agent.status()["agent"]["policy_error"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(err.contains("20-extra.toml:3"), "{err}");
+    // Fixed and signalled: taken, error cleared.
+    std::fs::remove_file(&extra).unwrap();
+    // SAFETY: plain kill(2) on our child.
+    unsafe { libc::kill(agent.pid() as i32, libc::SIGHUP) };
+    wait_for("the SIGHUP reload", &|| hash(&agent) == first);
+    assert!(agent.status()["agent"]["policy_error"].is_null());
+    assert!(agent.log().contains("policies reloaded"), "{}", agent.log());
+}
+
+#[test]
+fn invalid_policies_stop_the_agent_from_starting() {
+    if !privileged() {
+        return;
+    }
+    let name = unique("badpolicy");
+    let dir = std::env::temp_dir().join(&name);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("policies")).unwrap();
+    std::fs::write(
+        dir.join("policies/a.toml"),
+        "[[rule]]\nid = \"a\"\naction = \"mask\"\ndetectors = [\"emial\"]\n",
+    )
+    .unwrap();
+    let config = dir.join("airlock.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "state_dir = \"{d}/state\"\narchive_dir = \"{d}/archive\"\npolicies_dir = \"{d}/policies\"\nbpffs_dir = \"/sys/fs/bpf/{name}\"\n{}",
+            backend_toml("tools", 9, &["127.0.0.2"]),
+            d = dir.display()
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new(AIRLOCK)
+        .args(["run", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("a.toml:1") && err.contains("emial"), "{err}");
+    assert!(
+        !std::path::Path::new(&format!("/sys/fs/bpf/{name}")).exists(),
+        "attached despite invalid policies"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -24,6 +24,7 @@ pub mod credentials;
 pub mod detectors;
 pub mod mask;
 pub mod pins;
+pub mod store;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
