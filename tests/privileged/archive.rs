@@ -198,18 +198,15 @@ fn airlock(args: &[&str]) -> (Option<i32>, String, String) {
 
 #[test]
 fn connections_are_archived_with_their_attribution() {
-    if !privileged() {
+    let Some(Scenario {
+        mut agent,
+        backend,
+        cg,
+        ..
+    }) = Scenario::start("archived", "")
+    else {
         return;
-    }
-    let name = unique("archived");
-    let cg = TestCgroup::new(&name);
-    let backend = Backend::start("tools", "127.0.0.2:0");
-    let mut agent = Agent::start(
-        &cg,
-        &name,
-        &backend_toml("tools", backend.port(), &["127.0.0.2"]),
-        "",
-    );
+    };
     let opts = ClientOpts {
         as_user: Some((65534, 65534)),
         ..Default::default()

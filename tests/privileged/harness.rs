@@ -567,3 +567,36 @@ pub fn free_port() -> u16 {
         .unwrap()
         .port()
 }
+
+/// The set-up most tests share: a cgroup, a backend on 127.0.0.2, an agent redirecting it.
+/// `None` when the test may not run (see [`privileged`]). Bind every part you keep (`cg: _cg`
+/// rather than `..`): an unbound part is dropped at once, and the cgroup's drop kills the agent.
+pub struct Scenario {
+    pub agent: Agent,
+    pub backend: Backend,
+    pub cg: TestCgroup,
+    pub name: String,
+}
+
+impl Scenario {
+    pub fn start(name: &str, extra: &str) -> Option<Scenario> {
+        if !privileged() {
+            return None;
+        }
+        let name = unique(name);
+        let cg = TestCgroup::new(&name);
+        let backend = Backend::start("tools", "127.0.0.2:0");
+        let agent = Agent::start(
+            &cg,
+            &name,
+            &backend_toml("tools", backend.port(), &["127.0.0.2"]),
+            extra,
+        );
+        Some(Scenario {
+            agent,
+            backend,
+            cg,
+            name,
+        })
+    }
+}

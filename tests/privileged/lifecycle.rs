@@ -147,19 +147,16 @@ fn restart_leaves_no_window_of_unredirected_traffic() {
 
 #[test]
 fn bypass_mode_lets_connections_through_when_the_agent_dies() {
-    if !privileged() {
+    let Some(Scenario {
+        mut agent,
+        backend,
+        cg,
+        ..
+    }) = Scenario::start("bypass", "on_agent_down = \"bypass\"")
+    else {
         return;
-    }
-    let name = unique("bypass");
-    let cg = TestCgroup::new(&name);
-    let backend = Backend::start("tools", "127.0.0.2:0");
+    };
     let port = backend.port();
-    let mut agent = Agent::start(
-        &cg,
-        &name,
-        &backend_toml("tools", port, &["127.0.0.2"]),
-        "on_agent_down = \"bypass\"",
-    );
     let res = run_client(&cg, "127.0.0.2", port, &ClientOpts::default());
     assert_eq!(
         res.peer.unwrap().port(),
@@ -242,18 +239,15 @@ fn leave_a_stale_record(cg: &TestCgroup, agent: &mut Agent, backend_port: u16) -
 
 #[test]
 fn stale_flow_record_is_not_inherited_after_restart() {
-    if !privileged() {
+    let Some(Scenario {
+        mut agent,
+        backend,
+        cg,
+        ..
+    }) = Scenario::start("stale", "")
+    else {
         return;
-    }
-    let name = unique("stale");
-    let cg = TestCgroup::new(&name);
-    let backend = Backend::start("tools", "127.0.0.2:0");
-    let mut agent = Agent::start(
-        &cg,
-        &name,
-        &backend_toml("tools", backend.port(), &["127.0.0.2"]),
-        "",
-    );
+    };
     let source_port = leave_a_stale_record(&cg, &mut agent, backend.port());
     agent.spawn();
     // This test process is outside the intercepted cgroup: no program sees its connect().
@@ -281,18 +275,15 @@ fn stale_flow_record_is_not_inherited_after_restart() {
 
 #[test]
 fn connection_to_the_agent_port_erases_a_stale_record_in_the_kernel() {
-    if !privileged() {
+    let Some(Scenario {
+        mut agent,
+        backend,
+        cg,
+        ..
+    }) = Scenario::start("erase", "")
+    else {
         return;
-    }
-    let name = unique("erase");
-    let cg = TestCgroup::new(&name);
-    let backend = Backend::start("tools", "127.0.0.2:0");
-    let mut agent = Agent::start(
-        &cg,
-        &name,
-        &backend_toml("tools", backend.port(), &["127.0.0.2"]),
-        "",
-    );
+    };
     let source_port = leave_a_stale_record(&cg, &mut agent, backend.port());
     // A process in the cgroup reuses the 4-tuple, straight to the agent's port (nobody listens).
     let opts = ClientOpts {
@@ -310,18 +301,16 @@ fn connection_to_the_agent_port_erases_a_stale_record_in_the_kernel() {
 
 #[test]
 fn policies_reload_on_sighup_and_on_change_and_invalid_sets_are_refused() {
-    if !privileged() {
+    // Bound (not `..`): the cgroup and the backend must live as long as the test.
+    let Some(Scenario {
+        agent,
+        backend: _backend,
+        cg: _cg,
+        ..
+    }) = Scenario::start("policy", "")
+    else {
         return;
-    }
-    let name = unique("policy");
-    let cg = TestCgroup::new(&name);
-    let backend = Backend::start("tools", "127.0.0.2:0");
-    let agent = Agent::start(
-        &cg,
-        &name,
-        &backend_toml("tools", backend.port(), &["127.0.0.2"]),
-        "",
-    );
+    };
     let hash = |a: &Agent| {
         a.status()["agent"]["policy_hash"]
             .as_str()

@@ -48,18 +48,12 @@ fn assert_redirected(agent: &Agent, backend: &Backend, res: &ClientResult, origi
 
 #[test]
 fn ipv4_connection_to_a_backend_is_redirected_and_attributed() {
-    if !privileged() {
+    let Some(Scenario {
+        agent, backend, cg, ..
+    }) = Scenario::start("v4", "")
+    else {
         return;
-    }
-    let name = unique("v4");
-    let cg = TestCgroup::new(&name);
-    let backend = Backend::start("tools", "127.0.0.2:0");
-    let agent = Agent::start(
-        &cg,
-        &name,
-        &backend_toml("tools", backend.port(), &["127.0.0.2"]),
-        "",
-    );
+    };
     let res = run_client(&cg, "127.0.0.2", backend.port(), &ClientOpts::default());
     assert_redirected(
         &agent,
@@ -94,18 +88,12 @@ fn ipv6_connection_to_a_backend_is_redirected() {
 
 #[test]
 fn ipv4_mapped_connection_takes_the_ipv4_path() {
-    if !privileged() {
+    let Some(Scenario {
+        agent, backend, cg, ..
+    }) = Scenario::start("mapped", "")
+    else {
         return;
-    }
-    let name = unique("mapped");
-    let cg = TestCgroup::new(&name);
-    let backend = Backend::start("tools", "127.0.0.2:0");
-    let agent = Agent::start(
-        &cg,
-        &name,
-        &backend_toml("tools", backend.port(), &["127.0.0.2"]),
-        "",
-    );
+    };
     // An AF_INET6 socket addressing an IPv4 backend as ::ffff:127.0.0.2.
     let res = run_client(
         &cg,
@@ -127,18 +115,12 @@ fn ipv4_mapped_connection_takes_the_ipv4_path() {
 
 #[test]
 fn tcp_fast_open_cannot_bypass_the_redirect() {
-    if !privileged() {
+    let Some(Scenario {
+        agent, backend, cg, ..
+    }) = Scenario::start("tfo", "")
+    else {
         return;
-    }
-    let name = unique("tfo");
-    let cg = TestCgroup::new(&name);
-    let backend = Backend::start("tools", "127.0.0.2:0");
-    let agent = Agent::start(
-        &cg,
-        &name,
-        &backend_toml("tools", backend.port(), &["127.0.0.2"]),
-        "",
-    );
+    };
     // sendto(MSG_FASTOPEN) connects without connect(); the kernel still runs the connect4 hook.
     let opts = ClientOpts {
         fastopen: true,
@@ -200,18 +182,15 @@ fn other_destinations_ports_and_protocols_are_untouched() {
 
 #[test]
 fn client_running_as_another_user_is_attributed_to_that_user() {
-    if !privileged() {
+    let Some(Scenario {
+        agent,
+        backend,
+        cg,
+        name,
+    }) = Scenario::start("nobody", "")
+    else {
         return;
-    }
-    let name = unique("nobody");
-    let cg = TestCgroup::new(&name);
-    let backend = Backend::start("tools", "127.0.0.2:0");
-    let agent = Agent::start(
-        &cg,
-        &name,
-        &backend_toml("tools", backend.port(), &["127.0.0.2"]),
-        "",
-    );
+    };
     let opts = ClientOpts {
         as_user: Some((65534, 65534)),
         ..Default::default()
@@ -283,18 +262,15 @@ fn agents_own_upstream_is_not_redirected_again() {
 
 #[test]
 fn direct_connection_to_the_agent_is_rejected() {
-    if !privileged() {
+    let Some(Scenario {
+        agent,
+        backend,
+        cg: _cg,
+        ..
+    }) = Scenario::start("direct", "")
+    else {
         return;
-    }
-    let name = unique("direct");
-    let cg = TestCgroup::new(&name);
-    let backend = Backend::start("tools", "127.0.0.2:0");
-    let agent = Agent::start(
-        &cg,
-        &name,
-        &backend_toml("tools", backend.port(), &["127.0.0.2"]),
-        "",
-    );
+    };
     // From the test process (no redirect, so no kernel record) straight to the listeners.
     for addr in [
         format!("127.0.0.1:{}", agent.port),
