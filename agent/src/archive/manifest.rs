@@ -67,6 +67,18 @@ impl Entry {
     }
 }
 
+/// Paths that retention lines of `entries` record as deleted.
+pub fn retention_removals(entries: &[Entry]) -> std::collections::BTreeSet<String> {
+    entries
+        .iter()
+        .filter_map(|e| match &e.body {
+            EntryBody::Retention { removed, .. } => Some(removed.iter().cloned()),
+            EntryBody::File { .. } => None,
+        })
+        .flatten()
+        .collect()
+}
+
 /// Where a host's manifest and public key live.
 pub fn manifest_path(archive_dir: &Path, host: &str) -> PathBuf {
     archive_dir.join("_manifest").join(format!("{host}.jsonl"))

@@ -91,14 +91,7 @@ fn verify_host(
     report
         .problems
         .extend(problems.into_iter().map(|p| format!("host {host}: {p}")));
-    let removed: BTreeSet<String> = entries
-        .iter()
-        .filter_map(|e| match &e.body {
-            EntryBody::Retention { removed, .. } => Some(removed.clone()),
-            EntryBody::File { .. } => None,
-        })
-        .flatten()
-        .collect();
+    let removed = manifest::retention_removals(&entries);
     report.retained_deletions += removed.len();
     // The record chain runs across this host's files in manifest order.
     let mut expected_prev: Option<String> = None;

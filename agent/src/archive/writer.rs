@@ -270,16 +270,7 @@ impl ArchiveWriter {
     /// files removed.
     pub fn apply_retention(&mut self, days: u32, today: i64) -> io::Result<Vec<String>> {
         let cutoff = today - i64::from(days);
-        let removed: std::collections::BTreeSet<String> = self
-            .manifest
-            .entries
-            .iter()
-            .filter_map(|e| match &e.body {
-                EntryBody::Retention { removed, .. } => Some(removed.clone()),
-                EntryBody::File { .. } => None,
-            })
-            .flatten()
-            .collect();
+        let removed = super::manifest::retention_removals(&self.manifest.entries);
         let expired: Vec<String> = self
             .manifest
             .entries
