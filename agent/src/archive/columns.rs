@@ -17,7 +17,8 @@ use arrow_schema::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use parquet::{
     arrow::{ArrowWriter, arrow_reader::ParquetRecordBatchReaderBuilder},
     basic::{Compression, ZstdLevel},
-    file::properties::WriterProperties,
+    file::properties::{EnabledStatistics, WriterProperties},
+    schema::types::ColumnPath,
 };
 
 use super::record::{MaskedPayload, Record, RecordInput};
@@ -159,10 +160,29 @@ pub fn write(file: File, rows: &[Record]) -> Result<File, parquet::errors::Parqu
         ))
     });
     let batch = to_batch(&sorted)?;
-    let props = WriterProperties::builder()
+    let mut props = WriterProperties::builder()
         .set_compression(Compression::ZSTD(ZstdLevel::try_new(1)?))
-        .set_max_row_group_row_count(Some(ROW_GROUP))
-        .build();
+        .set_max_row_group_row_count(Some(ROW_GROUP));
+    // Columns whose values (almost) never repeat: a dictionary only costs time there.
+    for column in [
+        "payload",
+        "prev_hash",
+        "hash",
+        "jsonrpc_id",
+        "ts",
+        "archive_seq",
+        "latency_us",
+    ] {
+        props = props.set_column_dictionary_enabled(ColumnPath::from(column), false);
+    }
+    // Hashes are random: statistics on them prune nothing.
+    for column in ["payload", "prev_hash", "hash"] {
+        props =
+            props.set_column_statistics_enabled(ColumnPath::from(column), EnabledStatistics::None);
+    }
+    // One session's transcript: a bloom filter lets readers skip row groups without it.
+    props = props.set_column_bloom_filter_enabled(ColumnPath::from("session_id"), true);
+    let props = props.build();
     let mut writer = ArrowWriter::try_new(file, schema(), Some(props))?;
     writer.write(&batch)?;
     // `into_inner` finishes the file (footer included) and returns it for the fsync; an error
