@@ -298,6 +298,9 @@ pub struct Agent {
     pub bpffs_dir: PathBuf,
     cgroup_procs: PathBuf,
     child: Option<Child>,
+    /// Run the agent in its own mount namespace with this file bind-mounted on /etc/hosts
+    /// (so a test controls what its backend names resolve to, touching nothing else).
+    pub hosts_file: Option<PathBuf>,
 }
 
 impl Agent {
@@ -308,6 +311,33 @@ impl Agent {
 
     /// Like [`Agent::start`], with the archive in `archive` (default: inside the test dir).
     pub fn start_with_archive(
+        cg: &TestCgroup,
+        name: &str,
+        backends: &str,
+        extra: &str,
+        archive: Option<&Path>,
+    ) -> Agent {
+        let mut agent = Self::prepare(cg, name, backends, extra, archive);
+        agent.spawn();
+        agent
+    }
+
+    /// Like [`Agent::start`], resolving names through `hosts` instead of /etc/hosts.
+    pub fn start_with_hosts(
+        cg: &TestCgroup,
+        name: &str,
+        backends: &str,
+        extra: &str,
+        hosts: &Path,
+    ) -> Agent {
+        let mut agent = Self::prepare(cg, name, backends, extra, None);
+        agent.hosts_file = Some(hosts.to_owned());
+        agent.spawn();
+        agent
+    }
+
+    /// Write the test directory and configuration; does not start the agent.
+    fn prepare(
         cg: &TestCgroup,
         name: &str,
         backends: &str,
@@ -339,7 +369,7 @@ impl Agent {
             bpffs = bpffs_dir.display(),
         );
         std::fs::write(&config, text).expect("write config");
-        let mut agent = Agent {
+        let agent = Agent {
             dir,
             archive,
             config,
@@ -347,8 +377,8 @@ impl Agent {
             bpffs_dir,
             cgroup_procs: cg.path.join("cgroup.procs"),
             child: None,
+            hosts_file: None,
         };
-        agent.spawn();
         agent
     }
 
@@ -361,8 +391,24 @@ impl Agent {
             .open(self.dir.join("agent.log"))
             .expect("agent log");
         let procs = self.cgroup_procs.clone();
-        let mut cmd = Command::new(AIRLOCK);
-        cmd.args(["run", "--config"]).arg(&self.config);
+        let mut cmd = match &self.hosts_file {
+            None => {
+                let mut c = Command::new(AIRLOCK);
+                c.args(["run", "--config"]).arg(&self.config);
+                c
+            }
+            Some(hosts) => {
+                // unshare and sh exec in place: the child's pid is the agent's.
+                let mut c = Command::new("unshare");
+                c.args(["--mount", "--propagation", "private", "sh", "-c"])
+                    .arg(r#"mount --bind "$1" /etc/hosts && exec "$2" run --config "$3""#)
+                    .arg("sh")
+                    .arg(hosts)
+                    .arg(AIRLOCK)
+                    .arg(&self.config);
+                c
+            }
+        };
         cmd.env("RUST_LOG", "info,airlock=debug");
         cmd.stdout(log.try_clone().expect("log")).stderr(log);
         // SAFETY: only writes a file in the forked child.

@@ -331,3 +331,57 @@ fn backend_host_names_are_resolved_to_a_and_aaaa() {
     assert!(res.expect_response().starts_with("tools saw "));
     assert_eq!(res.peer.unwrap().port(), agent.port);
 }
+
+#[test]
+fn backend_addresses_follow_dns_changes() {
+    if !privileged() {
+        return;
+    }
+    let name = unique("dnsrefresh");
+    let cg = TestCgroup::new(&name);
+    let old = Backend::start("old", "127.0.0.2:0");
+    let port = old.port();
+    let new = Backend::start("new", &format!("127.0.0.3:{port}"));
+    // The agent resolves through its own /etc/hosts (a bind mount in its mount namespace).
+    let hosts = std::env::temp_dir().join(format!("{name}.hosts"));
+    std::fs::write(&hosts, "127.0.0.1 localhost\n127.0.0.2 mcp-refresh.test\n").unwrap();
+    let toml = format!(
+        "[[backend]]\nname = \"tools\"\nhost = \"mcp-refresh.test\"\nport = {port}\ntls = false\n"
+    );
+    let agent = Agent::start_with_hosts(&cg, &name, &toml, "resolve_interval_secs = 1", &hosts);
+    let redirected = |host: &str| {
+        run_client(&cg, host, port, &ClientOpts::default())
+            .peer
+            .map(|p| p.port())
+            == Some(agent.port)
+    };
+    assert!(redirected("127.0.0.2"));
+    assert!(!redirected("127.0.0.3"));
+    // The name moves to another address: written in place, the bind mount sees it.
+    std::fs::write(&hosts, "127.0.0.1 localhost\n127.0.0.3 mcp-refresh.test\n").unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !agent.status()["targets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|t| t["address"] == format!("127.0.0.3:{port}"))
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "targets not refreshed: {}",
+            agent.status()["targets"]
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(redirected("127.0.0.3"), "new address not redirected");
+    assert!(!redirected("127.0.0.2"), "old address still redirected");
+    assert!(
+        agent.log().contains("backend addresses changed"),
+        "{}",
+        agent.log()
+    );
+    // Each server: one connection relayed while its address was the backend's, one direct.
+    assert_eq!(new.seen().len(), 2);
+    assert_eq!(old.seen().len(), 2);
+    let _ = std::fs::remove_file(&hosts);
+}
