@@ -369,7 +369,7 @@ impl Agent {
             bpffs = bpffs_dir.display(),
         );
         std::fs::write(&config, text).expect("write config");
-        let agent = Agent {
+        Agent {
             dir,
             archive,
             config,
@@ -378,8 +378,7 @@ impl Agent {
             cgroup_procs: cg.path.join("cgroup.procs"),
             child: None,
             hosts_file: None,
-        };
-        agent
+        }
     }
 
     /// Start the agent process and wait until its admin socket answers.
