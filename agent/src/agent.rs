@@ -54,6 +54,13 @@ pub enum RunError {
         path: std::path::PathBuf,
         message: String,
     },
+    #[error(
+        "another agent is running with this state directory ({path} is locked: {reason}); stop it first, or use another `state_dir`"
+    )]
+    AlreadyRunning {
+        path: std::path::PathBuf,
+        reason: String,
+    },
     #[error("invalid policies (fix them, or check with `airlock policy check`):\n{0}")]
     Policy(#[from] crate::policy::PolicyErrors),
 }
@@ -64,6 +71,9 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         return Err(RunError::NotRoot(uid));
     }
     create_state_dir(&config.state_dir)?;
+    // One agent per state directory: a second one would recover (and delete) the write-ahead
+    // segments the first is writing. Held until the process exits.
+    let _lock = lock_state_dir(&config.state_dir)?;
     let targets = config.resolve().await?;
     let archive = start_archive(&config).await?;
     let key =
@@ -246,6 +256,28 @@ fn create_state_dir(path: &std::path::Path) -> Result<(), RunError> {
     };
     std::fs::create_dir_all(path).map_err(err)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o711)).map_err(err)
+}
+
+/// Take `state_dir/agent.lock` (flock, exclusive, non-blocking).
+fn lock_state_dir(dir: &std::path::Path) -> Result<nix::fcntl::Flock<std::fs::File>, RunError> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let path = dir.join("agent.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(&path)
+        .map_err(|source| RunError::StateDir {
+            path: path.clone(),
+            source,
+        })?;
+    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(
+        |(_, errno)| RunError::AlreadyRunning {
+            path,
+            reason: errno.desc().to_owned(),
+        },
+    )
 }
 
 /// The archive group's id, creating the group (`groupadd --system`) if it does not exist.

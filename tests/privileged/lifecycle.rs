@@ -396,3 +396,43 @@ fn invalid_policies_stop_the_agent_from_starting() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn a_second_agent_on_the_same_state_refuses_to_start() {
+    let Some(Scenario {
+        mut agent,
+        backend,
+        cg,
+        ..
+    }) = Scenario::start("twice", "")
+    else {
+        return;
+    };
+    assert!(
+        run_client(&cg, "127.0.0.2", backend.port(), &ClientOpts::default())
+            .response
+            .is_some()
+    );
+    let second = agent.airlock(&["run"]);
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert_eq!(second.status.code(), Some(1), "{err}");
+    assert!(err.contains("another agent is running"), "{err}");
+    // The first one is untouched: it still relays, and its archive is whole.
+    assert!(
+        run_client(&cg, "127.0.0.2", backend.port(), &ClientOpts::default())
+            .response
+            .is_some()
+    );
+    assert!(agent.sigterm().success());
+    let verify = std::process::Command::new(AIRLOCK)
+        .args(["verify", "--archive"])
+        .arg(&agent.archive)
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&verify.stdout);
+    assert!(verify.status.success(), "{out}");
+    assert!(
+        out.contains("4 record(s) checked"),
+        "two connections, open and close each: {out}"
+    );
+}
