@@ -327,15 +327,7 @@ async fn start_archive(config: &Config) -> Result<Archive, RunError> {
         );
     }
     let archive = Archive::start(writer, config.recording, config.flush_interval);
-    if config.retention_days > 0 {
-        match archive.retention(config.retention_days, today()).await {
-            Ok(removed) if !removed.is_empty() => {
-                info!(files = removed.len(), "retention removed old archive files")
-            }
-            Ok(_) => {}
-            Err(e) => warn!(error = %e, "retention failed"),
-        }
-    }
+    apply_retention(&archive, config.retention_days).await;
     Ok(archive)
 }
 
@@ -350,14 +342,21 @@ fn today() -> i64 {
 /// Reload the policies on SIGHUP and when their files change (checked every 2 s). A set that
 /// does not validate leaves the one in force.
 async fn watch_policies(store: Arc<crate::policy::store::PolicyStore>) {
-    let Ok(mut hup) = tokio::signal::unix::signal(SignalKind::hangup()) else {
-        warn!("cannot listen for SIGHUP; policy files are still watched");
-        return watch_files(store).await;
-    };
+    let mut hup = tokio::signal::unix::signal(SignalKind::hangup())
+        .inspect_err(
+            |e| warn!(error = %e, "cannot listen for SIGHUP; policy files are still watched"),
+        )
+        .ok();
     let mut tick = tokio::time::interval(Duration::from_secs(2));
     loop {
+        let sighup = async {
+            match hup.as_mut() {
+                Some(h) => h.recv().await,
+                None => std::future::pending().await,
+            }
+        };
         let why = tokio::select! {
-            _ = hup.recv() => "SIGHUP",
+            _ = sighup => "SIGHUP",
             _ = tick.tick() => {
                 if !store.changed_on_disk() {
                     continue;
@@ -366,16 +365,6 @@ async fn watch_policies(store: Arc<crate::policy::store::PolicyStore>) {
             }
         };
         reload(&store, why);
-    }
-}
-
-async fn watch_files(store: Arc<crate::policy::store::PolicyStore>) {
-    let mut tick = tokio::time::interval(Duration::from_secs(2));
-    loop {
-        tick.tick().await;
-        if store.changed_on_disk() {
-            reload(&store, "files changed");
-        }
     }
 }
 
@@ -388,22 +377,27 @@ fn reload(store: &crate::policy::store::PolicyStore, why: &str) {
     }
 }
 
-/// Hourly retention pass.
+/// Hourly retention pass (the first one ran at start).
 async fn retention(archive: Archive, days: u32) {
-    if days == 0 {
-        return;
-    }
     let mut tick = tokio::time::interval(Duration::from_secs(3600));
     tick.tick().await;
     loop {
         tick.tick().await;
-        match archive.retention(days, today()).await {
-            Ok(removed) if !removed.is_empty() => {
-                info!(files = removed.len(), "retention removed old archive files")
-            }
-            Ok(_) => {}
-            Err(e) => warn!(error = %e, "retention failed"),
+        apply_retention(&archive, days).await;
+    }
+}
+
+/// One retention pass; `days = 0` keeps everything.
+async fn apply_retention(archive: &Archive, days: u32) {
+    if days == 0 {
+        return;
+    }
+    match archive.retention(days, today()).await {
+        Ok(removed) if !removed.is_empty() => {
+            info!(files = removed.len(), "retention removed old archive files")
         }
+        Ok(_) => {}
+        Err(e) => warn!(error = %e, "retention failed"),
     }
 }
 
