@@ -39,7 +39,8 @@ impl SmallDisk {
 
 impl Drop for SmallDisk {
     fn drop(&mut self) {
-        let _ = nix::mount::umount(&self.0);
+        // Lazy: a writer thread of the test may still hold files open here.
+        let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
@@ -80,6 +81,17 @@ fn record(seq: u64, size: usize) -> RecordInput {
         decision: "allow".into(),
         ..Default::default()
     }
+}
+
+/// A scenario whose archive lives on a fresh 2 MiB tmpfs.
+/// The disk comes first: bindings drop in reverse order, so the agent stops before the unmount.
+fn on_small_disk(name: &str, extra: &str) -> Option<(SmallDisk, Scenario)> {
+    if !privileged() {
+        return None;
+    }
+    let disk = SmallDisk::new(&format!("{name}-disk"), "2m");
+    let scenario = Scenario::start_with_archive(name, extra, Some(&disk.0.join("archive")))?;
+    Some((disk, scenario))
 }
 
 /// Fill the rest of the disk with one file.
@@ -312,21 +324,16 @@ fn connections_are_archived_with_their_attribution() {
 
 #[test]
 fn strict_recording_refuses_connections_it_cannot_record() {
-    if !privileged() {
+    // The archive on a 2 MiB tmpfs.
+    let Some((
+        disk,
+        Scenario {
+            agent, backend, cg, ..
+        },
+    )) = on_small_disk("strictfull", "recording = \"strict\"")
+    else {
         return;
-    }
-    let name = unique("strictfull");
-    let cg = TestCgroup::new(&name);
-    let disk = SmallDisk::new("strictfull-disk", "2m");
-    let backend = Backend::start("tools", "127.0.0.2:0");
-    let archive_dir = disk.0.join("archive");
-    let agent = Agent::start_with_archive(
-        &cg,
-        &name,
-        &backend_toml("tools", backend.port(), &["127.0.0.2"]),
-        "recording = \"strict\"",
-        Some(&archive_dir),
-    );
+    };
     assert!(
         run_client(&cg, "127.0.0.2", backend.port(), &ClientOpts::default())
             .response
@@ -380,21 +387,16 @@ fn strict_recording_refuses_connections_it_cannot_record() {
 
 #[test]
 fn buffered_recording_keeps_traffic_flowing_on_a_full_disk() {
-    if !privileged() {
+    // The archive on a 2 MiB tmpfs.
+    let Some((
+        disk,
+        Scenario {
+            agent, backend, cg, ..
+        },
+    )) = on_small_disk("bufferedfull", "recording = \"buffered\"")
+    else {
         return;
-    }
-    let name = unique("bufferedfull");
-    let cg = TestCgroup::new(&name);
-    let disk = SmallDisk::new("bufferedfull-disk", "2m");
-    let backend = Backend::start("tools", "127.0.0.2:0");
-    let archive_dir = disk.0.join("archive");
-    let agent = Agent::start_with_archive(
-        &cg,
-        &name,
-        &backend_toml("tools", backend.port(), &["127.0.0.2"]),
-        "recording = \"buffered\"",
-        Some(&archive_dir),
-    );
+    };
     let filler = fill(&disk.0);
     let res = run_client(&cg, "127.0.0.2", backend.port(), &ClientOpts::default());
     assert!(res.expect_response().starts_with("tools saw "));

@@ -625,17 +625,23 @@ pub struct Scenario {
 
 impl Scenario {
     pub fn start(name: &str, extra: &str) -> Option<Scenario> {
+        Self::start_with_archive(name, extra, None)
+    }
+
+    /// Like [`Scenario::start`], with the archive in `archive`.
+    pub fn start_with_archive(name: &str, extra: &str, archive: Option<&Path>) -> Option<Scenario> {
         if !privileged() {
             return None;
         }
         let name = unique(name);
         let cg = TestCgroup::new(&name);
         let backend = Backend::start("tools", "127.0.0.2:0");
-        let agent = Agent::start(
+        let agent = Agent::start_with_archive(
             &cg,
             &name,
             &backend_toml("tools", backend.port(), &["127.0.0.2"]),
             extra,
+            archive,
         );
         Some(Scenario {
             agent,
