@@ -61,6 +61,8 @@ pub enum RunError {
         path: std::path::PathBuf,
         reason: String,
     },
+    #[error("TLS interception cannot start: {0}")]
+    Tls(String),
     #[error("invalid policies (fix them, or check with `airlock policy check`):\n{0}")]
     Policy(#[from] crate::policy::PolicyErrors),
 }
@@ -122,6 +124,28 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         );
     }
 
+    let tls = if config
+        .backends
+        .iter()
+        .any(|b| b.tls && b.mode == crate::config::BackendMode::Mcp)
+    {
+        let rt = crate::intercept::TlsRuntime::start(&config).map_err(RunError::Tls)?;
+        info!(
+            ca = %crate::tls::ca::Ca::dir_of(&config.state_dir).display(),
+            "TLS interception ready (clients must trust `airlock ca show --pem`)"
+        );
+        Some(rt)
+    } else {
+        None
+    };
+    let pipeline = Arc::new(crate::pipeline::Pipeline {
+        policies: policies.clone(),
+        archive: archive.clone(),
+        sessions: Arc::new(crate::mcp::session::Sessions::new()),
+        host: config.host.clone(),
+        counters: Default::default(),
+        legacy_streams: Default::default(),
+    });
     let proxy = Arc::new(Proxy {
         config: config.clone(),
         kernel: Mutex::new(kernel),
@@ -131,6 +155,8 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         listening_since_ns,
         archive: archive.clone(),
         session_prefix: session_prefix(),
+        pipeline,
+        tls,
     });
     let targets = Arc::new(Mutex::new(targets));
     let started_at = SystemTime::now();

@@ -76,6 +76,14 @@ pub struct Config {
     pub archive_group: String,
     /// The `host` column of the archive (default: this machine's hostname).
     pub host: String,
+    /// Largest HTTP body (request or JSON response) Airlock reads to inspect.
+    pub max_body_bytes: usize,
+    /// Largest single SSE event.
+    pub max_sse_event_bytes: usize,
+    /// Time a client has to send a request's headers (and its ClientHello).
+    pub header_read_timeout: Duration,
+    /// A streamed response (SSE) with no byte for this long is closed.
+    pub stream_idle_timeout: Duration,
     pub backends: Vec<Backend>,
 }
 
@@ -89,6 +97,28 @@ pub struct Backend {
     /// Static addresses; when empty, `host` is resolved (A and AAAA) and refreshed.
     pub addresses: Vec<IpAddr>,
     pub ca_file: Option<PathBuf>,
+    pub mode: BackendMode,
+    pub unknown_sni: UnknownSni,
+}
+
+/// How Airlock handles a backend's connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendMode {
+    /// Terminate TLS (when `tls`), parse HTTP and MCP, apply policies, record every message.
+    Mcp,
+    /// Relay bytes untouched; only the connection is attributed and recorded.
+    Opaque,
+}
+
+/// What happens to a TLS connection whose SNI names no configured backend (a shared address).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UnknownSni {
+    /// Refuse it (the default: fail closed).
+    Reject,
+    /// Pass it through untouched, recorded as an opaque connection.
+    Splice,
 }
 
 #[derive(Deserialize)]
@@ -132,6 +162,14 @@ struct RawConfig {
     archive_group: String,
     #[serde(default)]
     host: Option<String>,
+    #[serde(default = "defaults::max_body_bytes")]
+    max_body_bytes: usize,
+    #[serde(default = "defaults::max_sse_event_bytes")]
+    max_sse_event_bytes: usize,
+    #[serde(default = "defaults::header_read_timeout_secs")]
+    header_read_timeout_secs: u64,
+    #[serde(default = "defaults::stream_idle_timeout_secs")]
+    stream_idle_timeout_secs: u64,
     #[serde(default, rename = "backend")]
     backends: Vec<RawBackend>,
 }
@@ -148,6 +186,10 @@ struct RawBackend {
     addresses: Vec<String>,
     #[serde(default)]
     ca_file: Option<PathBuf>,
+    #[serde(default = "defaults::mode")]
+    mode: BackendMode,
+    #[serde(default = "defaults::unknown_sni")]
+    unknown_sni: UnknownSni,
 }
 
 mod defaults {
@@ -210,6 +252,24 @@ mod defaults {
     }
     pub fn tls() -> bool {
         true
+    }
+    pub fn mode() -> super::BackendMode {
+        super::BackendMode::Mcp
+    }
+    pub fn unknown_sni() -> super::UnknownSni {
+        super::UnknownSni::Reject
+    }
+    pub fn max_body_bytes() -> usize {
+        8 << 20
+    }
+    pub fn max_sse_event_bytes() -> usize {
+        8 << 20
+    }
+    pub fn header_read_timeout_secs() -> u64 {
+        10
+    }
+    pub fn stream_idle_timeout_secs() -> u64 {
+        3600
     }
 }
 
@@ -340,6 +400,25 @@ impl Validator<'_> {
                 return Err(self.err(key, "must be at least 1"));
             }
         }
+        for (key, value) in [
+            ("header_read_timeout_secs", raw.header_read_timeout_secs),
+            ("stream_idle_timeout_secs", raw.stream_idle_timeout_secs),
+        ] {
+            if value == 0 {
+                return Err(self.err(key, "must be at least 1"));
+            }
+        }
+        for (key, value) in [
+            ("max_body_bytes", raw.max_body_bytes),
+            ("max_sse_event_bytes", raw.max_sse_event_bytes),
+        ] {
+            if !(1024..=(1 << 30)).contains(&value) {
+                return Err(self.err(
+                    key,
+                    format!("must be between 1024 and 1073741824, got {value}"),
+                ));
+            }
+        }
         if raw.flush_interval_secs == 0 {
             return Err(self.err("flush_interval_secs", "must be at least 1"));
         }
@@ -445,6 +524,8 @@ impl Validator<'_> {
                 tls: b.tls,
                 addresses,
                 ca_file,
+                mode: b.mode,
+                unknown_sni: b.unknown_sni,
             });
         }
         let cgroup = raw.cgroup.map(|p| self.absolute(p));
@@ -469,6 +550,10 @@ impl Validator<'_> {
             retention_days: raw.retention_days,
             archive_group: raw.archive_group,
             host,
+            max_body_bytes: raw.max_body_bytes,
+            max_sse_event_bytes: raw.max_sse_event_bytes,
+            header_read_timeout: Duration::from_secs(raw.header_read_timeout_secs),
+            stream_idle_timeout: Duration::from_secs(raw.stream_idle_timeout_secs),
             backends,
         })
     }

@@ -85,6 +85,42 @@ enum Command {
         #[command(subcommand)]
         command: PolicyCommand,
     },
+    /// The managed certificate authority that intercepted TLS connections are signed by.
+    Ca {
+        #[command(subcommand)]
+        command: CaCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum CaCommand {
+    /// Create the CA under `state_dir/ca` if there is none (`airlock run` does it too).
+    Init,
+    /// The trusted roots: fingerprints and validity, or with --pem the trust bundle clients
+    /// need (SSL_CERT_FILE, NODE_EXTRA_CA_CERTS, REQUESTS_CA_BUNDLE).
+    Show {
+        #[arg(long)]
+        pem: bool,
+    },
+    /// Add the trusted roots to the system trust store and refresh it.
+    Install {
+        /// Where the system store takes extra roots.
+        #[arg(
+            long,
+            value_name = "DIR",
+            default_value = "/usr/local/share/ca-certificates"
+        )]
+        store_dir: PathBuf,
+        /// The command that rebuilds the system bundle ("" to skip).
+        #[arg(long, default_value = "update-ca-certificates")]
+        update_command: String,
+    },
+    /// Make a new root. It is trusted at once and signs after the overlap (hours; 0 = now,
+    /// e.g. after a key compromise). The old root stays trusted while its leaves live.
+    Rotate {
+        #[arg(long, default_value_t = 168)]
+        overlap_hours: u64,
+    },
 }
 
 #[derive(Subcommand)]
@@ -194,6 +230,7 @@ fn main() -> ExitCode {
                 &to,
                 &out,
             ),
+            Command::Ca { command } => ca(&config, command),
             Command::CheckConfig => match config.resolve().await {
                 Ok(targets) => {
                     println!("{}: ok", config.path.display());
@@ -513,4 +550,110 @@ async fn detach(config: &Config) -> ExitCode {
     }
     println!("detached: connections to backends go direct");
     ExitCode::SUCCESS
+}
+
+fn ca(config: &Config, command: CaCommand) -> ExitCode {
+    use airlock::tls::ca::Ca;
+    let dir = Ca::dir_of(&config.state_dir);
+    let result = (|| -> Result<(), String> {
+        match command {
+            CaCommand::Init => {
+                let created = Ca::init(&dir, &config.host).map_err(|e| e.to_string())?;
+                println!(
+                    "{} {}",
+                    if created {
+                        "created"
+                    } else {
+                        "already present:"
+                    },
+                    dir.display()
+                );
+                Ok(())
+            }
+            CaCommand::Show { pem } => {
+                let ca = Ca::load(&dir).map_err(|e| e.to_string())?;
+                if pem {
+                    print!("{}", ca.bundle_pem().map_err(|e| e.to_string())?);
+                    return Ok(());
+                }
+                for root in ca.trusted_roots().map_err(|e| e.to_string())? {
+                    println!("root #{}  {}", root.id, root.role);
+                    println!("  sha256 {}", root.fingerprint());
+                    println!(
+                        "  file   {}",
+                        dir.join(format!("root-{}.pem", root.id)).display()
+                    );
+                }
+                println!("intermediate: made by the agent at start, name-constrained to:");
+                for b in config.backends.iter().filter(|b| b.tls) {
+                    println!("  {} ({})", b.host, b.name);
+                }
+                Ok(())
+            }
+            CaCommand::Install {
+                store_dir,
+                update_command,
+            } => {
+                let ca = Ca::load(&dir).map_err(|e| e.to_string())?;
+                std::fs::create_dir_all(&store_dir)
+                    .map_err(|e| format!("{}: {e}", store_dir.display()))?;
+                // Remove roots this host no longer needs, then write the current ones.
+                if let Ok(entries) = std::fs::read_dir(&store_dir) {
+                    for e in entries.flatten() {
+                        let name = e.file_name().to_string_lossy().into_owned();
+                        if name.starts_with("airlock-root-") && name.ends_with(".crt") {
+                            let _ = std::fs::remove_file(e.path());
+                        }
+                    }
+                }
+                for root in ca.trusted_roots().map_err(|e| e.to_string())? {
+                    let path = store_dir.join(format!("airlock-root-{}.crt", root.id));
+                    std::fs::write(&path, &root.pem)
+                        .map_err(|e| format!("{}: {e}", path.display()))?;
+                    println!("installed {}", path.display());
+                }
+                if !update_command.trim().is_empty() {
+                    let status = std::process::Command::new("sh")
+                        .arg("-c")
+                        .arg(&update_command)
+                        .status()
+                        .map_err(|e| format!("`{update_command}`: {e}"))?;
+                    if !status.success() {
+                        return Err(format!("`{update_command}` failed: {status}"));
+                    }
+                }
+                Ok(())
+            }
+            CaCommand::Rotate { overlap_hours } => {
+                let mut ca = Ca::load(&dir).map_err(|e| e.to_string())?;
+                let id = ca
+                    .rotate(
+                        std::time::Duration::from_secs(overlap_hours * 3600),
+                        &config.host,
+                    )
+                    .map_err(|e| e.to_string())?;
+                println!(
+                    "root #{id} created; it signs {}. Run `airlock ca install` (and update bundles given to runtimes) now; restart the agent {}.",
+                    if overlap_hours == 0 {
+                        "now".to_owned()
+                    } else {
+                        format!("in {overlap_hours} h")
+                    },
+                    if overlap_hours == 0 {
+                        "now"
+                    } else {
+                        "after that (it also switches at its next start)"
+                    }
+                );
+                Ok(())
+            }
+        }
+    })();
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("airlock ca: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }

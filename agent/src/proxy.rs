@@ -41,6 +41,10 @@ pub struct Proxy {
     pub archive: Archive,
     /// Makes session ids unique across agent restarts.
     pub session_prefix: String,
+    /// Policy stage and record sink of every MCP message.
+    pub pipeline: Arc<crate::pipeline::Pipeline>,
+    /// The managed CA's leaves and the upstream TLS configurations (`None`: no TLS backend).
+    pub tls: Option<crate::intercept::TlsRuntime>,
 }
 
 /// The agent's own counters, shown next to the kernel's.
@@ -130,10 +134,11 @@ impl Proxy {
                 "stale kernel record: made before this agent listened (a refused connection's 4-tuple, reused)",
             );
         }
+        let meta_backend = meta.backend_id as usize;
         let backend = self
             .config
             .backends
-            .get(meta.backend_id as usize)
+            .get(meta_backend)
             .map(|b| b.name.clone());
         let original_dst =
             std::net::SocketAddr::new(keys::ip_from_words(meta.orig_addr), meta.orig_port);
@@ -240,19 +245,50 @@ impl Proxy {
         }
         let opened = std::time::Instant::now();
         let _ = client.set_nodelay(true);
-        guard.set_state(ConnState::Open);
-        let end = relay::relay(
-            client,
-            upstream,
-            self.config.idle_timeout,
-            guard.bytes_up(),
-            guard.bytes_down(),
-        )
-        .await;
+        let mode = self
+            .config
+            .backends
+            .get(meta_backend)
+            .map(|b| b.mode)
+            .unwrap_or(crate::config::BackendMode::Mcp);
+        let end = match mode {
+            crate::config::BackendMode::Opaque => {
+                guard.set_state(ConnState::Open);
+                relay::relay(
+                    client,
+                    upstream,
+                    self.config.idle_timeout,
+                    guard.bytes_up(),
+                    guard.bytes_down(),
+                )
+                .await
+                .map_err(|e| e.to_string())
+            }
+            crate::config::BackendMode::Mcp => {
+                let session_id = format!("{}-{}", self.session_prefix, guard.id());
+                match self
+                    .intercept(
+                        client,
+                        upstream,
+                        meta_backend,
+                        (guard.id(), session_id, attribution.clone()),
+                        &guard,
+                    )
+                    .await
+                {
+                    Ok(crate::intercept::End::Served) => Ok(RelayEnd::Closed),
+                    Ok(crate::intercept::End::Spliced(r)) => r.map_err(|e| e.to_string()),
+                    Err(reason) => {
+                        warn!(id = guard.id(), %reason, "intercepted connection refused");
+                        Err(reason)
+                    }
+                }
+            }
+        };
         let (state, reason) = match &end {
             Ok(RelayEnd::Closed) => ("closed", "closed".to_owned()),
             Ok(RelayEnd::IdleTimeout) => ("failed", "idle timeout".to_owned()),
-            Err(e) => ("failed", e.to_string()),
+            Err(e) => ("failed", e.clone()),
         };
         let mut close =
             self.connection_record(guard.id(), 1, Some(&attribution), backend.as_deref());
@@ -285,7 +321,7 @@ impl Proxy {
             Err(e) => {
                 self.counters.relay_errors.fetch_add(1, Ordering::Relaxed);
                 debug!(id = guard.id(), error = %e, "relay ended with an error");
-                guard.finish(ConnState::Failed, e.to_string());
+                guard.finish(ConnState::Failed, e);
             }
         }
     }
@@ -350,7 +386,7 @@ impl Proxy {
 
     /// Connect to the original destination with the bypass mark, so our own programs let this
     /// socket through.
-    async fn dial(&self, addr: SocketAddr) -> Result<TcpStream, String> {
+    pub(crate) async fn dial(&self, addr: SocketAddr) -> Result<TcpStream, String> {
         let socket = match addr {
             SocketAddr::V4(_) => TcpSocket::new_v4(),
             SocketAddr::V6(_) => TcpSocket::new_v6(),

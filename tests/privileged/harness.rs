@@ -337,7 +337,7 @@ impl Agent {
     }
 
     /// Write the test directory and configuration; does not start the agent.
-    fn prepare(
+    pub fn prepare(
         cg: &TestCgroup,
         name: &str,
         backends: &str,
@@ -583,7 +583,7 @@ pub fn raw_exchange(addr: SocketAddr) -> Result<Vec<u8>, std::io::Error> {
 pub fn backend_toml(name: &str, port: u16, addresses: &[&str]) -> String {
     let addrs: Vec<String> = addresses.iter().map(|a| format!("\"{a}\"")).collect();
     format!(
-        "[[backend]]\nname = \"{name}\"\nhost = \"{name}.internal.test\"\nport = {port}\ntls = false\naddresses = [{}]\n",
+        "[[backend]]\nname = \"{name}\"\nhost = \"{name}.internal.test\"\nport = {port}\ntls = false\nmode = \"opaque\"\naddresses = [{}]\n",
         addrs.join(", ")
     )
 }

@@ -6,4 +6,5 @@
 mod archive;
 mod harness;
 mod lifecycle;
+mod mcp;
 mod redirect;

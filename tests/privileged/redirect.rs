@@ -312,7 +312,7 @@ fn backend_host_names_are_resolved_to_a_and_aaaa() {
     let backend = Backend::start("tools", "127.0.0.1:0");
     // `localhost` resolves through /etc/hosts to 127.0.0.1 (and ::1 where listed).
     let toml = format!(
-        "[[backend]]\nname = \"tools\"\nhost = \"localhost\"\nport = {}\ntls = false\n",
+        "[[backend]]\nname = \"tools\"\nhost = \"localhost\"\nport = {}\ntls = false\nmode = \"opaque\"\n",
         backend.port()
     );
     let agent = Agent::start(&cg, &name, &toml, "resolve_interval_secs = 1");
@@ -346,7 +346,7 @@ fn backend_addresses_follow_dns_changes() {
     let hosts = std::env::temp_dir().join(format!("{name}.hosts"));
     std::fs::write(&hosts, "127.0.0.1 localhost\n127.0.0.2 mcp-refresh.test\n").unwrap();
     let toml = format!(
-        "[[backend]]\nname = \"tools\"\nhost = \"mcp-refresh.test\"\nport = {port}\ntls = false\n"
+        "[[backend]]\nname = \"tools\"\nhost = \"mcp-refresh.test\"\nport = {port}\ntls = false\nmode = \"opaque\"\n"
     );
     let agent = Agent::start_with_hosts(&cg, &name, &toml, "resolve_interval_secs = 1", &hosts);
     let redirected = |host: &str| {

@@ -218,7 +218,12 @@ fn setup() -> Result<()> {
 
 /// Python packages of the test venv (`target/test-venv`, built from the system's
 /// /usr/bin/python3 so that other users can run it too).
-const PYTHON_TEST_PACKAGES: &[&str] = &["duckdb==2.0.0", "pytz==2025.2"];
+const PYTHON_TEST_PACKAGES: &[&str] = &[
+    "duckdb==2.0.0",
+    "pytz==2025.2",
+    "mcp==2.3.0",
+    "uvicorn==0.54.0",
+];
 
 fn test_venv() -> Result<()> {
     let venv = workspace_root().join("target/test-venv");

@@ -73,6 +73,8 @@ pub fn schema() -> SchemaRef {
         utf8("backend", true),
         utf8("server_addr", true),
         utf8("sni", true),
+        utf8("principal_iss", true),
+        utf8("principal_sub", true),
         utf8("policy_hash", true),
         Field::new("archive_seq", DataType::UInt64, false),
         utf8("prev_hash", false),
@@ -141,6 +143,8 @@ pub fn to_batch(rows: &[&Record]) -> Result<RecordBatch, arrow_schema::ArrowErro
         strings(&|r| r.input.backend.as_deref()),
         strings(&|r| r.input.server_addr.as_deref()),
         strings(&|r| r.input.sni.as_deref()),
+        strings(&|r| r.input.principal_iss.as_deref()),
+        strings(&|r| r.input.principal_sub.as_deref()),
         strings(&|r| r.input.policy_hash.as_deref()),
         u64s(&|r| Some(r.archive_seq)),
         strings(&|r| Some(&r.prev_hash)),
@@ -238,6 +242,7 @@ fn from_batch(batch: &RecordBatch) -> Result<Vec<Record>, String> {
         s("policy_hash")?,
     );
     let (prev_hash, hash) = (s("prev_hash")?, s("hash")?);
+    let (principal_iss, principal_sub) = (s("principal_iss")?, s("principal_sub")?);
     let ts = column::<TimestampMicrosecondArray>(batch, "ts")?;
     let seq = column::<UInt64Array>(batch, "seq")?;
     let archive_seq = column::<UInt64Array>(batch, "archive_seq")?;
@@ -285,6 +290,8 @@ fn from_batch(batch: &RecordBatch) -> Result<Vec<Record>, String> {
                 backend: opt(backend, i),
                 server_addr: opt(server_addr, i),
                 sni: opt(sni, i),
+                principal_iss: opt(principal_iss, i),
+                principal_sub: opt(principal_sub, i),
                 policy_hash: opt(policy_hash, i),
             },
             prev_hash: prev_hash.value(i).to_owned(),

@@ -65,6 +65,11 @@ pub struct RecordInput {
     pub backend: Option<String>,
     pub server_addr: Option<String>,
     pub sni: Option<String>,
+    /// `iss` and `sub` of the bearer JWT the client presented (never the token).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub principal_iss: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub principal_sub: Option<String>,
     pub policy_hash: Option<String>,
 }
 

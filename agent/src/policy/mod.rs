@@ -48,6 +48,15 @@ pub enum Direction {
     ServerToClient,
 }
 
+impl Direction {
+    pub fn reverse(self) -> Direction {
+        match self {
+            Direction::ClientToServer => Direction::ServerToClient,
+            Direction::ServerToClient => Direction::ClientToServer,
+        }
+    }
+}
+
 /// Who sent or receives the message (from the connection's attribution).
 #[derive(Debug, Clone, Default)]
 pub struct Subject {

@@ -1,0 +1,303 @@
+//! An attributed connection to an `mode = "mcp"` backend, from its first byte to HTTP:
+//!
+//! 1. Peek (bounded by `header_read_timeout_secs`): a TLS record (0x16) or plain HTTP.
+//! 2. TLS: read the ClientHello; the SNI picks the backend (or, naming none, the connection is
+//!    spliced or refused per `unknown_sni`); without SNI the leaf is for the original address.
+//!    The server's TLS handshake starts on the socket dialled during attribution *while* the
+//!    client's handshake runs.
+//! 3. HTTP/1.1 on both sides (`http::serve`), every MCP message through the pipeline.
+
+use std::{net::IpAddr, sync::Arc};
+
+use rustls_pki_types::ServerName;
+use tokio::{io::AsyncWriteExt as _, net::TcpStream};
+
+use crate::{
+    config::{Backend, UnknownSni},
+    http::{self, Conn, Dial, UpstreamSender, UpstreamSlot},
+    pipeline::ConnCtx,
+    proxy::Proxy,
+    registry::ConnGuard,
+    relay::{self, RelayEnd},
+    tls,
+};
+
+/// Largest ClientHello accepted (post-quantum key shares make them ~1.8 KB today).
+const MAX_CLIENT_HELLO: usize = 16 * 1024;
+
+/// How an intercepted connection ended.
+pub enum End {
+    /// HTTP served until one side closed.
+    Served,
+    /// Unknown SNI, passed through untouched.
+    Spliced(Result<RelayEnd, relay::RelayError>),
+}
+
+/// Dials the backend again when the server closed the connection between requests.
+struct BackendDialer {
+    proxy: Arc<Proxy>,
+    addr: std::net::SocketAddr,
+    tls: Option<(Arc<rustls::ClientConfig>, ServerName<'static>)>,
+}
+
+impl Dial for BackendDialer {
+    fn dial(
+        &self,
+    ) -> std::pin::Pin<Box<dyn Future<Output = Result<UpstreamSender, String>> + Send + '_>> {
+        Box::pin(async move {
+            let tcp = self.proxy.dial(self.addr).await?;
+            open_upstream(tcp, self.tls.clone()).await
+        })
+    }
+}
+
+/// TLS (when configured) and the HTTP handshake on a dialled socket.
+async fn open_upstream(
+    tcp: TcpStream,
+    tls: Option<(Arc<rustls::ClientConfig>, ServerName<'static>)>,
+) -> Result<UpstreamSender, String> {
+    match tls {
+        Some((config, name)) => {
+            let shown = format!("{name:?}");
+            let stream = tokio_rustls::TlsConnector::from(config)
+                .connect(name, tcp)
+                .await
+                .map_err(|e| format!("TLS with the server ({shown}): {e}"))?;
+            http::client_handshake(stream).await
+        }
+        None => http::client_handshake(tcp).await,
+    }
+}
+
+fn server_name(host: &str) -> Result<ServerName<'static>, String> {
+    ServerName::try_from(host.to_owned())
+        .map_err(|e| format!("`{host}` is not a valid server name: {e}"))
+}
+
+impl Proxy {
+    /// Serve one attributed connection to an MCP backend. `Err` carries the reason the
+    /// connection was refused (recorded by the caller).
+    pub(crate) async fn intercept(
+        self: &Arc<Self>,
+        mut client: TcpStream,
+        upstream: TcpStream,
+        backend_id: usize,
+        ctx_parts: (u64, String, crate::attribution::Attribution),
+        guard: &ConnGuard,
+    ) -> Result<End, String> {
+        let (conn_id, session_id, attribution) = ctx_parts;
+        let original = attribution.original_dst;
+        let timeout = self.config.header_read_timeout;
+        let mut first = [0u8; 1];
+        let n = tokio::time::timeout(timeout, client.peek(&mut first))
+            .await
+            .map_err(|_| format!("the client sent nothing for {} s", timeout.as_secs()))?
+            .map_err(|e| format!("reading from the client: {e}"))?;
+        if n == 0 {
+            return Ok(End::Served);
+        }
+        let backend = self
+            .config
+            .backends
+            .get(backend_id)
+            .ok_or("the kernel named an unknown backend")?;
+        let is_tls = first[0] == 0x16;
+        if is_tls != backend.tls {
+            return Err(if is_tls {
+                format!(
+                    "the client started TLS but backend `{}` is `tls = false`",
+                    backend.name
+                )
+            } else {
+                format!(
+                    "the client sent plaintext but backend `{}` is `tls = true`",
+                    backend.name
+                )
+            });
+        }
+        let limits = self.limits();
+        if !is_tls {
+            if !first[0].is_ascii_uppercase() {
+                return Err("the client sent neither TLS nor an HTTP request".into());
+            }
+            let first_upstream = tokio::spawn(open_upstream(upstream, None));
+            let ctx = Arc::new(ConnCtx::new(
+                conn_id,
+                session_id,
+                attribution,
+                &self.names,
+                backend.name.clone(),
+                None,
+            ));
+            let dialer = BackendDialer {
+                proxy: self.clone(),
+                addr: original,
+                tls: None,
+            };
+            let conn = Arc::new(Conn {
+                ctx,
+                pipeline: self.pipeline.clone(),
+                limits,
+                upstream: tokio::sync::Mutex::new(UpstreamSlot::new(
+                    first_upstream,
+                    Box::new(dialer),
+                )),
+            });
+            guard.set_state(crate::registry::ConnState::Open);
+            return http::serve(client, conn)
+                .await
+                .map(|_| End::Served)
+                .map_err(|e| format!("HTTP with the client: {e}"));
+        }
+
+        let tls_rt = self
+            .tls
+            .as_ref()
+            .ok_or("TLS interception is not available (no CA loaded)")?;
+        let hello = tls::read_client_hello(&mut client, MAX_CLIENT_HELLO, timeout).await?;
+        let (backend_id, backend): (usize, &Backend) = match hello.sni.as_deref() {
+            None => (backend_id, backend),
+            Some(sni) => match self.backend_for_sni(sni, backend_id) {
+                Some(found) => found,
+                None => {
+                    return match backend.unknown_sni {
+                        UnknownSni::Splice => {
+                            let mut upstream = upstream;
+                            upstream
+                                .write_all(&hello.bytes)
+                                .await
+                                .map_err(|e| format!("splicing to the server: {e}"))?;
+                            guard.set_state(crate::registry::ConnState::Open);
+                            Ok(End::Spliced(
+                                relay::relay(
+                                    client,
+                                    upstream,
+                                    self.config.idle_timeout,
+                                    guard.bytes_up(),
+                                    guard.bytes_down(),
+                                )
+                                .await,
+                            ))
+                        }
+                        UnknownSni::Reject => Err(format!(
+                            "SNI `{sni}` is not a configured backend on {original} (`unknown_sni = \"reject\"`)"
+                        )),
+                    };
+                }
+            },
+        };
+        let server_config = tls_rt
+            .acceptors
+            .config_for(hello.sni.as_deref(), original.ip())
+            .map_err(|e| {
+                format!("no certificate for this connection: {e} (the client sent no SNI)")
+            })?;
+        let upstream_tls = tls_rt
+            .upstream
+            .config(backend_id)
+            .ok_or_else(|| format!("backend `{}` has no TLS client configuration", backend.name))?;
+        let name = match backend.host.parse::<IpAddr>() {
+            Ok(ip) => ServerName::IpAddress(ip.into()),
+            Err(_) => server_name(&backend.host)?,
+        };
+        let tls_pair = Some((upstream_tls, name));
+        // The server's handshake runs while the client's does.
+        let first_upstream = tokio::spawn(open_upstream(upstream, tls_pair.clone()));
+        let accept = tokio_rustls::StartHandshake::from_parts(hello.accepted, client)
+            .into_stream(server_config);
+        let stream = match tokio::time::timeout(timeout, accept).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                first_upstream.abort();
+                return Err(format!(
+                    "TLS handshake with the client failed: {e} (does the client trust Airlock's CA? `airlock ca show --pem`)"
+                ));
+            }
+            Err(_) => {
+                first_upstream.abort();
+                return Err(format!(
+                    "TLS handshake with the client took over {} s",
+                    timeout.as_secs()
+                ));
+            }
+        };
+        let ctx = Arc::new(ConnCtx::new(
+            conn_id,
+            session_id,
+            attribution,
+            &self.names,
+            backend.name.clone(),
+            hello.sni.clone(),
+        ));
+        let dialer = BackendDialer {
+            proxy: self.clone(),
+            addr: original,
+            tls: tls_pair,
+        };
+        let conn = Arc::new(Conn {
+            ctx,
+            pipeline: self.pipeline.clone(),
+            limits,
+            upstream: tokio::sync::Mutex::new(UpstreamSlot::new(first_upstream, Box::new(dialer))),
+        });
+        guard.set_state(crate::registry::ConnState::Open);
+        http::serve(stream, conn)
+            .await
+            .map(|_| End::Served)
+            .map_err(|e| format!("HTTP with the client: {e}"))
+    }
+
+    /// The backend a TLS client asked for by name: the one the kernel matched, or another on
+    /// the same port with that host name (shared addresses).
+    fn backend_for_sni(&self, sni: &str, kernel_choice: usize) -> Option<(usize, &Backend)> {
+        let backends = &self.config.backends;
+        let port = backends.get(kernel_choice)?.port;
+        let matches = |b: &Backend| {
+            b.tls && b.port == port && b.host.trim_end_matches('.').eq_ignore_ascii_case(sni)
+        };
+        if let Some(b) = backends.get(kernel_choice)
+            && matches(b)
+        {
+            return Some((kernel_choice, b));
+        }
+        backends.iter().enumerate().find(|(_, b)| matches(b))
+    }
+
+    pub fn limits(&self) -> http::Limits {
+        http::Limits {
+            max_body: self.config.max_body_bytes,
+            max_sse_event: self.config.max_sse_event_bytes,
+            header_read_timeout: self.config.header_read_timeout,
+            stream_idle_timeout: self.config.stream_idle_timeout,
+        }
+    }
+}
+
+/// The TLS state of a running agent.
+pub struct TlsRuntime {
+    pub acceptors: tls::Acceptors,
+    pub upstream: tls::Upstream,
+}
+
+impl TlsRuntime {
+    /// Load (or create) the CA, make the intermediate, build the upstream configurations.
+    pub fn start(config: &crate::config::Config) -> Result<TlsRuntime, String> {
+        let dir = tls::ca::Ca::dir_of(&config.state_dir);
+        tls::ca::Ca::init(&dir, &config.host).map_err(|e| e.to_string())?;
+        let ca = tls::ca::Ca::load(&dir).map_err(|e| e.to_string())?;
+        let own: Vec<Vec<u8>> = ca
+            .trusted_roots()
+            .map_err(|e| e.to_string())?
+            .into_iter()
+            .map(|r| r.der)
+            .collect();
+        let minter = Arc::new(
+            tls::Minter::new(&ca, &config.backends, &config.host).map_err(|e| e.to_string())?,
+        );
+        let upstream = tls::Upstream::new(&config.backends, &own)?;
+        Ok(TlsRuntime {
+            acceptors: tls::Acceptors::new(minter),
+            upstream,
+        })
+    }
+}

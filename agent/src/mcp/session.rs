@@ -1,0 +1,205 @@
+//! What Airlock remembers about MCP sessions: the requests still waiting for an answer (to
+//! give each response its method, tool and latency, even when the answer arrives on another
+//! connection — a GET stream, a resumed stream, the legacy `/sse` stream), the protocol
+//! version and `clientInfo`. Bounded: a session keeps at most `MAX_PENDING` unanswered
+//! requests, the table at most `MAX_SESSIONS` sessions (least recently used go first).
+
+use std::{
+    collections::HashMap,
+    sync::Mutex,
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+
+const MAX_PENDING: usize = 4096;
+const MAX_SESSIONS: usize = 65_536;
+
+/// A session as the peers name it: per backend, by `Mcp-Session-Id`, by the legacy
+/// transport's `session_id`, or (stateless, or before `initialize` is answered) by the
+/// connection.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct SessionKey {
+    pub backend: String,
+    pub id: String,
+}
+
+/// A request waiting for its response.
+#[derive(Debug, Clone)]
+pub struct Pending {
+    pub method: String,
+    pub tool: Option<String>,
+    pub started: Instant,
+}
+
+#[derive(Debug, Default, Clone)]
+pub struct SessionInfo {
+    pub protocol_version: Option<String>,
+    pub client_info: Option<Value>,
+}
+
+#[derive(Debug)]
+struct State {
+    info: SessionInfo,
+    /// Keyed by (request travels client→server?, JSON-RPC id text).
+    pending: HashMap<(bool, String), Pending>,
+    last_used: Instant,
+}
+
+#[derive(Debug, Default)]
+pub struct Sessions {
+    inner: Mutex<HashMap<SessionKey, State>>,
+}
+
+impl Sessions {
+    pub fn new() -> Sessions {
+        Sessions::default()
+    }
+
+    fn with<R>(&self, key: &SessionKey, f: impl FnOnce(&mut State) -> R) -> R {
+        let mut map = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        if !map.contains_key(key) && map.len() >= MAX_SESSIONS {
+            if let Some(oldest) = map
+                .iter()
+                .min_by_key(|(_, s)| s.last_used)
+                .map(|(k, _)| k.clone())
+            {
+                map.remove(&oldest);
+            }
+        }
+        let state = map.entry(key.clone()).or_insert_with(|| State {
+            info: SessionInfo::default(),
+            pending: HashMap::new(),
+            last_used: now,
+        });
+        state.last_used = now;
+        f(state)
+    }
+
+    /// Remember a request (`client_to_server` says which way it went).
+    pub fn expect(&self, key: &SessionKey, client_to_server: bool, id: String, pending: Pending) {
+        self.with(key, |s| {
+            if s.pending.len() < MAX_PENDING {
+                s.pending.insert((client_to_server, id), pending);
+            }
+        });
+    }
+
+    /// The request a response answers (`request_client_to_server`: the request's direction),
+    /// removed from the table, with the time it took.
+    pub fn answer(
+        &self,
+        key: &SessionKey,
+        request_client_to_server: bool,
+        id: &str,
+    ) -> Option<(Pending, Duration)> {
+        self.with(key, |s| {
+            s.pending
+                .remove(&(request_client_to_server, id.to_owned()))
+                .map(|p| {
+                    let took = p.started.elapsed();
+                    (p, took)
+                })
+        })
+    }
+
+    /// Move what a connection-keyed session learnt (the `initialize` exchange) to the
+    /// session id the server assigned.
+    pub fn rename(&self, from: &SessionKey, to: &SessionKey) {
+        let mut map = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(state) = map.remove(from) {
+            map.entry(to.clone()).or_insert(state);
+        }
+    }
+
+    pub fn set_info(&self, key: &SessionKey, update: impl FnOnce(&mut SessionInfo)) {
+        self.with(key, |s| update(&mut s.info));
+    }
+
+    pub fn info(&self, key: &SessionKey) -> SessionInfo {
+        self.with(key, |s| s.info.clone())
+    }
+
+    /// The session ended (DELETE, or the connection that keyed it closed).
+    pub fn end(&self, key: &SessionKey) {
+        let mut map = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        map.remove(key);
+    }
+
+    pub fn len(&self) -> usize {
+        self.inner.lock().map(|m| m.len()).unwrap_or(0)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(id: &str) -> SessionKey {
+        SessionKey {
+            backend: "b".into(),
+            id: id.into(),
+        }
+    }
+
+    #[test]
+    fn responses_find_their_request_once() {
+        let s = Sessions::new();
+        s.expect(
+            &key("s1"),
+            true,
+            "1".into(),
+            Pending {
+                method: "tools/call".into(),
+                tool: Some("add".into()),
+                started: Instant::now(),
+            },
+        );
+        // A server→client request with the same id is another entry.
+        assert!(s.answer(&key("s1"), false, "1").is_none());
+        let (p, _) = s.answer(&key("s1"), true, "1").unwrap();
+        assert_eq!(p.tool.as_deref(), Some("add"));
+        assert!(s.answer(&key("s1"), true, "1").is_none());
+        assert!(s.answer(&key("s2"), true, "1").is_none());
+    }
+
+    #[test]
+    fn pending_requests_are_bounded() {
+        let s = Sessions::new();
+        for i in 0..(MAX_PENDING + 10) {
+            s.expect(
+                &key("s"),
+                true,
+                i.to_string(),
+                Pending {
+                    method: "ping".into(),
+                    tool: None,
+                    started: Instant::now(),
+                },
+            );
+        }
+        assert!(
+            s.answer(&key("s"), true, &(MAX_PENDING + 5).to_string())
+                .is_none()
+        );
+        assert!(s.answer(&key("s"), true, "0").is_some());
+    }
+
+    #[test]
+    fn rename_keeps_what_initialize_taught() {
+        let s = Sessions::new();
+        s.set_info(&key("conn-1"), |i| {
+            i.protocol_version = Some("2025-11-25".into())
+        });
+        s.rename(&key("conn-1"), &key("abc"));
+        assert_eq!(
+            s.info(&key("abc")).protocol_version.as_deref(),
+            Some("2025-11-25")
+        );
+    }
+}

@@ -1,0 +1,433 @@
+//! The message pipeline: every MCP message, whichever transport carried it, becomes a
+//! [`Msg`] that goes through one policy stage (pass, rewrite, or answer instead of
+//! forwarding) and then one record sink (the archive), before anything is forwarded.
+//!
+//! ```text
+//!   http.rs (POST body, JSON response, SSE event)
+//!       └─▶ Pipeline::process(ctx, msg)
+//!             1. correlate   responses get their request's method, tool and latency
+//!             2. policy      PolicySet::decide + mask (inline, both directions)
+//!             3. record      archive row (strict: durable before we return)
+//!       ◀── Outcome::Forward(value) | Outcome::Answer(error)
+//! ```
+//!
+//! Fail closed: when the record cannot be written in strict mode the caller gets an error and
+//! refuses the message rather than forwarding it unrecorded.
+
+use std::{
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Instant,
+};
+
+use serde_json::Value;
+
+use crate::{
+    archive::{MaskedPayload, RecordInput, service::Archive},
+    attribution::{Attribution, NameCache},
+    mcp::{
+        jsonrpc::{self, Kind, code},
+        session::{Pending, SessionKey, Sessions},
+    },
+    policy::{self, Direction, MaskCounts, RecordLevel, Subject, Verdict, store::PolicyStore},
+};
+
+/// What every message of one intercepted connection shares.
+#[derive(Debug)]
+pub struct ConnCtx {
+    pub conn_id: u64,
+    /// The archive's `session_id`: one per intercepted connection.
+    pub session_id: String,
+    pub attribution: Attribution,
+    pub subject: Subject,
+    pub backend: String,
+    pub sni: Option<String>,
+    /// Next `seq` (0 is the connection's opening record).
+    pub seq: AtomicU64,
+    /// `iss` and `sub` of the bearer JWT the client presented, if any.
+    pub identity: Mutex<Option<(Option<String>, Option<String>)>>,
+}
+
+impl ConnCtx {
+    pub fn new(
+        conn_id: u64,
+        session_id: String,
+        attribution: Attribution,
+        names: &NameCache,
+        backend: String,
+        sni: Option<String>,
+    ) -> ConnCtx {
+        let subject = subject_of(&attribution, names);
+        ConnCtx {
+            conn_id,
+            session_id,
+            attribution,
+            subject,
+            backend,
+            sni,
+            seq: AtomicU64::new(1),
+            identity: Mutex::new(None),
+        }
+    }
+
+    pub fn next_seq(&self) -> u64 {
+        self.seq.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// A record with this connection's who/where filled in.
+    pub fn record(&self, host: &str, direction: Direction, kind: &str) -> RecordInput {
+        let a = &self.attribution;
+        let mut r = RecordInput {
+            ts_us: now_us(),
+            host: host.to_owned(),
+            session_id: self.session_id.clone(),
+            seq: self.next_seq(),
+            direction: direction_str(direction).into(),
+            kind: kind.into(),
+            decision: "allow".into(),
+            pid: Some(a.pid),
+            tgid: Some(a.tgid),
+            uid: Some(a.uid),
+            gid: Some(a.gid),
+            user: a.user.clone(),
+            comm: Some(a.comm.clone()),
+            exe: a.exe.clone(),
+            cgroup: a.cgroup.clone(),
+            backend: Some(self.backend.clone()),
+            server_addr: Some(a.original_dst.to_string()),
+            sni: self.sni.clone(),
+            ..Default::default()
+        };
+        if let Ok(id) = self.identity.lock()
+            && let Some((iss, sub)) = id.as_ref()
+        {
+            r.principal_iss = iss.clone();
+            r.principal_sub = sub.clone();
+        }
+        r
+    }
+}
+
+/// The policy subject of a connection: uid/gid and names, supplementary groups from /proc.
+fn subject_of(a: &Attribution, names: &NameCache) -> Subject {
+    let mut groups: Vec<String> = a.group.iter().cloned().collect();
+    if let Ok(status) = std::fs::read_to_string(format!("/proc/{}/status", a.tgid)) {
+        for gid in status
+            .lines()
+            .find_map(|l| l.strip_prefix("Groups:"))
+            .unwrap_or("")
+            .split_whitespace()
+            .filter_map(|g| g.parse::<u32>().ok())
+        {
+            if let Some(name) = names.group(gid)
+                && !groups.contains(&name)
+            {
+                groups.push(name);
+            }
+        }
+    }
+    Subject {
+        uid: a.uid,
+        gid: a.gid,
+        user: a.user.clone(),
+        groups,
+        exe: a.exe.clone(),
+        comm: a.comm.clone(),
+        cgroup: a.cgroup.clone(),
+    }
+}
+
+pub fn direction_str(d: Direction) -> &'static str {
+    match d {
+        Direction::ClientToServer => "client_to_server",
+        Direction::ServerToClient => "server_to_client",
+    }
+}
+
+pub fn now_us() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0)
+}
+
+/// One MCP message on its way through.
+#[derive(Debug)]
+pub struct Msg {
+    pub direction: Direction,
+    pub value: Value,
+    pub session: SessionKey,
+    pub mcp_session_id: Option<String>,
+}
+
+/// What to do with a message.
+#[derive(Debug)]
+pub enum Outcome {
+    /// Forward `value` (rewritten when `changed`). `original_args` are the `tools/call`
+    /// arguments before masking (to keep mirrored headers in step).
+    Forward {
+        value: Value,
+        changed: bool,
+        original_args: Option<Value>,
+    },
+    /// Do not forward; answer the sender with this (a JSON-RPC error response).
+    Answer(Value),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    #[error("the archive cannot record this message: {0}")]
+    Archive(String),
+}
+
+/// The stages, shared by every connection.
+pub struct Pipeline {
+    pub policies: Arc<PolicyStore>,
+    pub archive: Archive,
+    pub sessions: Arc<Sessions>,
+    pub host: String,
+    pub counters: PipelineCounters,
+    /// Open legacy (2024-11-05) `/sse` streams by session: where Airlock puts its own answers
+    /// to POSTs it refused, since that transport answers every POST on the stream.
+    pub legacy_streams:
+        Mutex<std::collections::HashMap<SessionKey, tokio::sync::mpsc::Sender<Value>>>,
+}
+
+#[derive(Debug, Default)]
+pub struct PipelineCounters {
+    pub messages: AtomicU64,
+    pub blocked: AtomicU64,
+    pub masked_values: AtomicU64,
+    pub malformed: AtomicU64,
+}
+
+impl Pipeline {
+    /// Run one message through policy and record.
+    pub async fn process(&self, ctx: &ConnCtx, msg: Msg) -> Result<Outcome, PipelineError> {
+        self.counters.messages.fetch_add(1, Ordering::Relaxed);
+        let Msg {
+            direction,
+            mut value,
+            session,
+            mcp_session_id,
+        } = msg;
+        let kind = jsonrpc::classify(&value).unwrap_or(Kind::Notification);
+        let id_text = jsonrpc::id_text(&value);
+        // Correlate: a request is remembered, a response finds its request.
+        let (method, tool, latency_us) = match kind {
+            Kind::Request | Kind::Notification => (
+                jsonrpc::method(&value).map(str::to_owned),
+                jsonrpc::tool(&value).map(str::to_owned),
+                None,
+            ),
+            Kind::Response | Kind::Error => {
+                let request_c2s = direction == Direction::ServerToClient;
+                match id_text
+                    .as_deref()
+                    .and_then(|id| self.sessions.answer(&session, request_c2s, id))
+                {
+                    Some((p, took)) => (Some(p.method), p.tool, Some(took.as_micros() as u64)),
+                    None => (None, None, None),
+                }
+            }
+        };
+        if method.as_deref() == Some("initialize") && kind == Kind::Request {
+            let params = value.get("params");
+            let version = params
+                .and_then(|p| p.get("protocolVersion"))
+                .and_then(Value::as_str)
+                .map(str::to_owned);
+            let client_info = params.and_then(|p| p.get("clientInfo")).cloned();
+            self.sessions.set_info(&session, |i| {
+                i.protocol_version = version;
+                i.client_info = client_info;
+            });
+        }
+        let set = self.policies.current();
+        let arguments = value
+            .get("params")
+            .and_then(|p| p.get("arguments"))
+            .filter(|_| kind == Kind::Request);
+        let decision = set.decide(
+            &ctx.subject,
+            &policy::Message {
+                backend: &ctx.backend,
+                direction,
+                method: method.as_deref(),
+                tool: tool.as_deref(),
+                arguments,
+                is_request: kind == Kind::Request,
+            },
+        );
+        let original_args = if decision.masks_anything() {
+            arguments.cloned()
+        } else {
+            None
+        };
+        let counts: MaskCounts = if decision.masks_anything() {
+            set.mask(&decision, &mut value)
+        } else {
+            MaskCounts::new()
+        };
+        let masked: u32 = counts.values().sum();
+        if masked > 0 {
+            self.counters
+                .masked_values
+                .fetch_add(masked as u64, Ordering::Relaxed);
+        }
+        let refusal = match &decision.verdict {
+            Verdict::Allow => None,
+            Verdict::Block { rule } => Some((
+                code::BLOCKED,
+                format!(
+                    "{} blocked by Airlock policy rule `{rule}`",
+                    describe(method.as_deref(), tool.as_deref())
+                ),
+                "block",
+            )),
+            // Approvals are decided over the admin socket (policy issue); until then a call
+            // that needs one is refused, never forwarded unchecked.
+            Verdict::Approve { rule, .. } => Some((
+                code::DENIED,
+                format!(
+                    "{} requires approval (Airlock policy rule `{rule}`) and no approval was given",
+                    describe(method.as_deref(), tool.as_deref())
+                ),
+                "denied",
+            )),
+        };
+        let mut record = ctx.record(&self.host, direction, kind.as_str());
+        record.mcp_session_id = mcp_session_id.clone();
+        record.method = method.clone();
+        record.tool = tool.clone();
+        record.jsonrpc_id = id_text.clone();
+        record.latency_us = latency_us;
+        record.rules = decision.rules.clone();
+        record.policy_hash = Some(set.hash.clone());
+        record.masked_detectors = counts
+            .iter()
+            .flat_map(|(d, n)| std::iter::repeat_n(d.clone(), *n as usize))
+            .collect();
+        record.decision = match refusal {
+            Some((_, _, d)) => d.into(),
+            None if masked > 0 => "mask".into(),
+            None => "allow".into(),
+        };
+        let level = decision.record;
+        if level == RecordLevel::Full {
+            record.payload = Some(MaskedPayload::from_masked(value.to_string()));
+        }
+        if level != RecordLevel::Off {
+            self.archive
+                .record(record)
+                .await
+                .map_err(|e| PipelineError::Archive(e.to_string()))?;
+        }
+        if let Some((code, message, decision_name)) = refusal {
+            self.counters.blocked.fetch_add(1, Ordering::Relaxed);
+            let answer = jsonrpc::error_response(jsonrpc::id(&value), code, &message, None);
+            let mut rec = ctx.record(&self.host, direction.reverse(), "error");
+            rec.mcp_session_id = mcp_session_id;
+            rec.method = method;
+            rec.tool = tool;
+            rec.jsonrpc_id = id_text;
+            rec.decision = decision_name.into();
+            rec.rules = decision.rules;
+            rec.policy_hash = Some(set.hash.clone());
+            rec.payload = Some(MaskedPayload::agent_event(&answer));
+            self.archive
+                .record(rec)
+                .await
+                .map_err(|e| PipelineError::Archive(e.to_string()))?;
+            return Ok(Outcome::Answer(answer));
+        }
+        if kind == Kind::Request
+            && let (Some(id), Some(m)) = (id_text, method)
+        {
+            self.sessions.expect(
+                &session,
+                direction == Direction::ClientToServer,
+                id,
+                Pending {
+                    method: m,
+                    tool,
+                    started: Instant::now(),
+                },
+            );
+        }
+        Ok(Outcome::Forward {
+            value,
+            changed: masked > 0,
+            original_args,
+        })
+    }
+
+    /// Mask one string with the rules that apply to `ctx` (a mirrored header, a query string).
+    pub fn mask_str(&self, ctx: &ConnCtx, direction: Direction, text: &str) -> Option<String> {
+        let set = self.policies.current();
+        let decision = set.decide(
+            &ctx.subject,
+            &policy::Message {
+                backend: &ctx.backend,
+                direction,
+                method: None,
+                tool: None,
+                arguments: None,
+                is_request: false,
+            },
+        );
+        set.mask_str(&decision, text, &mut MaskCounts::new())
+    }
+
+    /// Record something that is not an MCP message (an HTTP exchange, a malformed body, an
+    /// upstream failure); `details` is masked like a message before it is written.
+    pub async fn record_event(
+        &self,
+        ctx: &ConnCtx,
+        direction: Direction,
+        kind: &str,
+        decision: &str,
+        mut details: Value,
+        latency_us: Option<u64>,
+        mcp_session_id: Option<String>,
+    ) -> Result<(), PipelineError> {
+        let set = self.policies.current();
+        let d = set.decide(
+            &ctx.subject,
+            &policy::Message {
+                backend: &ctx.backend,
+                direction,
+                method: None,
+                tool: None,
+                arguments: None,
+                is_request: false,
+            },
+        );
+        let counts = set.mask(&d, &mut details);
+        let mut rec = ctx.record(&self.host, direction, kind);
+        rec.decision = decision.into();
+        rec.latency_us = latency_us;
+        rec.mcp_session_id = mcp_session_id;
+        rec.policy_hash = Some(set.hash.clone());
+        rec.masked_detectors = counts
+            .iter()
+            .flat_map(|(d, n)| std::iter::repeat_n(d.clone(), *n as usize))
+            .collect();
+        rec.payload = Some(MaskedPayload::from_masked(details.to_string()));
+        self.archive
+            .record(rec)
+            .await
+            .map(|_| ())
+            .map_err(|e| PipelineError::Archive(e.to_string()))
+    }
+}
+
+fn describe(method: Option<&str>, tool: Option<&str>) -> String {
+    match (method, tool) {
+        (_, Some(t)) => format!("tools/call `{t}`"),
+        (Some(m), None) => format!("`{m}`"),
+        (None, None) => "this message".into(),
+    }
+}

@@ -1,0 +1,449 @@
+//! TLS on both sides of Airlock.
+//!
+//! - [`ca`]: the managed CA on disk (roots, staged rotation).
+//! - [`Minter`]: a name-constrained intermediate made at start, and leaf certificates minted on
+//!   demand for the names clients ask for (SNI, or the original IP without SNI), cached until
+//!   shortly before they expire. Only configured backends get a leaf.
+//! - [`Upstream`]: rustls client configurations per backend: system roots plus the backend's
+//!   `ca_file`, never Airlock's own roots.
+//! - [`read_client_hello`]: reads the ClientHello into a small fixed buffer so Airlock can
+//!   decide (intercept, splice, refuse) before answering it.
+//!
+//! Both sides prefer AES-128-GCM (ChaCha20 is several times slower on the CPUs we run on) and
+//! offer only ALPN `http/1.1`.
+
+pub mod ca;
+
+use std::{
+    collections::{BTreeSet, HashMap},
+    net::IpAddr,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, CidrSubnet, DistinguishedName, DnType,
+    ExtendedKeyUsagePurpose, GeneralSubtree, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+    NameConstraints, SanType,
+};
+use rustls::{
+    RootCertStore, ServerConfig,
+    crypto::CryptoProvider,
+    server::{Acceptor, ClientHello, ResolvesServerCert},
+    sign::CertifiedKey,
+};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, pem::PemObject as _};
+use tokio::io::AsyncReadExt as _;
+
+use crate::config::Backend;
+
+/// Leaves live a day; re-minted when less than an hour is left.
+const LEAF_VALIDITY: Duration = Duration::from_secs(24 * 3600);
+const LEAF_REFRESH_MARGIN: Duration = Duration::from_secs(3600);
+/// The intermediate lives a week; the agent makes a new one every day.
+const INTERMEDIATE_VALIDITY_DAYS: i64 = 7;
+/// At most this many leaves are cached (one per backend name in practice).
+const LEAF_CACHE_MAX: usize = 1024;
+
+/// The ring provider with AES-128-GCM preferred.
+pub fn provider() -> Arc<CryptoProvider> {
+    use rustls::crypto::ring::cipher_suite as cs;
+    let mut p = rustls::crypto::ring::default_provider();
+    p.cipher_suites = vec![
+        cs::TLS13_AES_128_GCM_SHA256,
+        cs::TLS13_AES_256_GCM_SHA384,
+        cs::TLS13_CHACHA20_POLY1305_SHA256,
+        cs::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+        cs::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256,
+        cs::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
+        cs::TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384,
+        cs::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
+        cs::TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256,
+    ];
+    Arc::new(p)
+}
+
+/// The name a leaf is minted for.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum LeafName {
+    Dns(String),
+    Ip(IpAddr),
+}
+
+impl std::fmt::Display for LeafName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LeafName::Dns(d) => f.write_str(d),
+            LeafName::Ip(i) => write!(f, "{i}"),
+        }
+    }
+}
+
+struct Intermediate {
+    issuer: Issuer<'static, KeyPair>,
+    der: CertificateDer<'static>,
+}
+
+/// Mints and caches leaves under a name-constrained intermediate.
+pub struct Minter {
+    intermediate: Intermediate,
+    /// Names and addresses the intermediate may sign for (lower-case names).
+    dns: BTreeSet<String>,
+    ips: BTreeSet<IpAddr>,
+    cache: Mutex<HashMap<LeafName, (Arc<CertifiedKey>, Instant)>>,
+    provider: Arc<CryptoProvider>,
+    pub minted: std::sync::atomic::AtomicU64,
+}
+
+impl std::fmt::Debug for Minter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Minter")
+            .field("dns", &self.dns)
+            .field("ips", &self.ips)
+            .finish()
+    }
+}
+
+impl Minter {
+    /// The intermediate for `backends`, signed by the CA's active root.
+    pub fn new(ca: &ca::Ca, backends: &[Backend], host: &str) -> Result<Minter, ca::CaError> {
+        let (root, _) = ca.active_issuer()?;
+        let mut dns = BTreeSet::new();
+        let mut ips = BTreeSet::new();
+        for b in backends.iter().filter(|b| b.tls) {
+            match b.host.parse::<IpAddr>() {
+                Ok(ip) => {
+                    ips.insert(crate::keys::canonical_ip(ip));
+                }
+                Err(_) => {
+                    dns.insert(b.host.trim_end_matches('.').to_ascii_lowercase());
+                }
+            }
+            ips.extend(b.addresses.iter().copied());
+        }
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::OrganizationName, "Airlock");
+        dn.push(DnType::CommonName, format!("Airlock intermediate {host}"));
+        params.distinguished_name = dn;
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        params.use_authority_key_identifier_extension = true;
+        let mut permitted: Vec<GeneralSubtree> = dns
+            .iter()
+            .map(|d| GeneralSubtree::DnsName(d.clone()))
+            .collect();
+        permitted.extend(ips.iter().map(|ip| {
+            GeneralSubtree::IpAddress(CidrSubnet::from_addr_prefix(
+                *ip,
+                if ip.is_ipv4() { 32 } else { 128 },
+            ))
+        }));
+        // With nothing permitted (no TLS backend), exclude everything rather than allow all.
+        params.name_constraints = Some(if permitted.is_empty() {
+            NameConstraints {
+                permitted_subtrees: vec![],
+                excluded_subtrees: vec![
+                    GeneralSubtree::DnsName(String::new()),
+                    GeneralSubtree::IpAddress(CidrSubnet::from_v4_prefix([0; 4], 0)),
+                    GeneralSubtree::IpAddress(CidrSubnet::from_v6_prefix([0; 16], 0)),
+                ],
+            }
+        } else {
+            NameConstraints {
+                permitted_subtrees: permitted,
+                excluded_subtrees: vec![],
+            }
+        });
+        let now = time::OffsetDateTime::now_utc();
+        params.not_before = now - time::Duration::hours(1);
+        params.not_after = now + time::Duration::days(INTERMEDIATE_VALIDITY_DAYS);
+        params.serial_number = Some(ca::random_serial());
+        let cert = params.signed_by(&key, &root)?;
+        let der = cert.der().clone();
+        Ok(Minter {
+            intermediate: Intermediate {
+                issuer: Issuer::new(params, key),
+                der,
+            },
+            dns,
+            ips,
+            cache: Mutex::new(HashMap::new()),
+            provider: provider(),
+            minted: Default::default(),
+        })
+    }
+
+    /// Whether a leaf may be minted for `name` (a configured TLS backend's host or address).
+    pub fn permits(&self, name: &LeafName) -> bool {
+        match name {
+            LeafName::Dns(d) => self.dns.contains(&d.to_ascii_lowercase()),
+            LeafName::Ip(ip) => self.ips.contains(&crate::keys::canonical_ip(*ip)),
+        }
+    }
+
+    /// The cached leaf for `name`, minted when missing or close to expiry.
+    pub fn leaf(&self, name: &LeafName) -> Result<Arc<CertifiedKey>, String> {
+        if !self.permits(name) {
+            return Err(format!("{name} is not a configured backend"));
+        }
+        let now = Instant::now();
+        if let Ok(cache) = self.cache.lock()
+            && let Some((key, expires)) = cache.get(name)
+            && *expires > now + LEAF_REFRESH_MARGIN
+        {
+            return Ok(key.clone());
+        }
+        let key = self
+            .mint(name)
+            .map_err(|e| format!("minting a leaf for {name}: {e}"))?;
+        self.minted
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if let Ok(mut cache) = self.cache.lock() {
+            if cache.len() >= LEAF_CACHE_MAX {
+                cache.retain(|_, (_, exp)| *exp > now + LEAF_REFRESH_MARGIN);
+            }
+            if cache.len() < LEAF_CACHE_MAX {
+                cache.insert(name.clone(), (key.clone(), now + LEAF_VALIDITY));
+            }
+        }
+        Ok(key)
+    }
+
+    /// Mint a leaf now (no cache): public for the benchmark of a cache miss.
+    pub fn mint(&self, name: &LeafName) -> Result<Arc<CertifiedKey>, rcgen::Error> {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, name.to_string());
+        params.distinguished_name = dn;
+        params.subject_alt_names = vec![match name {
+            LeafName::Dns(d) => SanType::DnsName(d.clone().try_into()?),
+            LeafName::Ip(ip) => SanType::IpAddress(*ip),
+        }];
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.use_authority_key_identifier_extension = true;
+        let now = time::OffsetDateTime::now_utc();
+        params.not_before = now - time::Duration::minutes(5);
+        params.not_after = now + time::Duration::seconds(LEAF_VALIDITY.as_secs() as i64);
+        params.serial_number = Some(ca::random_serial());
+        let cert = params.signed_by(&key, &self.intermediate.issuer)?;
+        let der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+        let signing = self
+            .provider
+            .key_provider
+            .load_private_key(der)
+            .map_err(|_| rcgen::Error::CouldNotParseKeyPair)?;
+        Ok(Arc::new(CertifiedKey::new(
+            vec![cert.der().clone(), self.intermediate.der.clone()],
+            signing,
+        )))
+    }
+}
+
+/// Picks the leaf by SNI (the shared server configuration); without SNI, the leaf chosen for
+/// the connection beforehand.
+#[derive(Debug)]
+struct Resolver {
+    minter: Arc<Minter>,
+    fallback: Option<Arc<CertifiedKey>>,
+}
+
+impl ResolvesServerCert for Resolver {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        match hello.server_name() {
+            Some(sni) => self.minter.leaf(&LeafName::Dns(sni.to_owned())).ok(),
+            None => self.fallback.clone(),
+        }
+    }
+}
+
+/// Server configurations for the client side of intercepted connections.
+#[derive(Debug)]
+pub struct Acceptors {
+    pub minter: Arc<Minter>,
+    shared: Arc<ServerConfig>,
+}
+
+impl Acceptors {
+    pub fn new(minter: Arc<Minter>) -> Acceptors {
+        let shared = server_config(minter.clone(), None);
+        Acceptors { minter, shared }
+    }
+
+    /// The configuration for a connection whose ClientHello named `sni`; without SNI, one
+    /// that serves the leaf for the original address.
+    pub fn config_for(
+        &self,
+        sni: Option<&str>,
+        original_ip: IpAddr,
+    ) -> Result<Arc<ServerConfig>, String> {
+        match sni {
+            Some(_) => Ok(self.shared.clone()),
+            None => {
+                let leaf = self.minter.leaf(&LeafName::Ip(original_ip))?;
+                Ok(server_config(self.minter.clone(), Some(leaf)))
+            }
+        }
+    }
+}
+
+fn server_config(minter: Arc<Minter>, fallback: Option<Arc<CertifiedKey>>) -> Arc<ServerConfig> {
+    let provider = minter.provider.clone();
+    let mut cfg = ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("the ring provider supports the default protocol versions")
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(Resolver { minter, fallback }));
+    // Only HTTP/1.1: a client offering h2 and http/1.1 gets http/1.1; one offering only h2
+    // gets a `no_application_protocol` alert (RFC 7301) instead of a protocol it cannot parse.
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    cfg.ignore_client_order = true;
+    Arc::new(cfg)
+}
+
+/// What the ClientHello said, and the bytes it came in (to splice them on untouched).
+pub struct Hello {
+    pub accepted: rustls::server::Accepted,
+    pub sni: Option<String>,
+    pub alpn: Vec<Vec<u8>>,
+    pub bytes: Vec<u8>,
+}
+
+/// Read a ClientHello into a buffer of at most `max` bytes, within `timeout`.
+pub async fn read_client_hello(
+    stream: &mut tokio::net::TcpStream,
+    max: usize,
+    timeout: Duration,
+) -> Result<Hello, String> {
+    let read = async {
+        let mut acceptor = Acceptor::default();
+        let mut bytes = Vec::with_capacity(2048);
+        let mut buf = [0u8; 4096];
+        loop {
+            let n = stream
+                .read(&mut buf)
+                .await
+                .map_err(|e| format!("reading the ClientHello: {e}"))?;
+            if n == 0 {
+                return Err("the client closed before finishing its ClientHello".to_owned());
+            }
+            bytes.extend_from_slice(&buf[..n]);
+            if bytes.len() > max {
+                return Err(format!("ClientHello larger than {max} bytes"));
+            }
+            let mut chunk = &buf[..n];
+            while !chunk.is_empty() {
+                acceptor
+                    .read_tls(&mut chunk)
+                    .map_err(|e| format!("reading the ClientHello: {e}"))?;
+            }
+            match acceptor.accept() {
+                Ok(Some(accepted)) => {
+                    let hello = accepted.client_hello();
+                    let sni = hello.server_name().map(str::to_owned);
+                    let alpn = hello
+                        .alpn()
+                        .map(|a| a.map(<[u8]>::to_vec).collect())
+                        .unwrap_or_default();
+                    return Ok(Hello {
+                        accepted,
+                        sni,
+                        alpn,
+                        bytes,
+                    });
+                }
+                Ok(None) => continue,
+                Err((e, _alert)) => return Err(format!("not a valid ClientHello: {e}")),
+            }
+        }
+    };
+    tokio::time::timeout(timeout, read)
+        .await
+        .map_err(|_| format!("no complete ClientHello within {} ms", timeout.as_millis()))?
+}
+
+/// Client configurations for the upstream side, one per backend.
+#[derive(Debug, Clone)]
+pub struct Upstream {
+    configs: Vec<Option<Arc<rustls::ClientConfig>>>,
+}
+
+impl Upstream {
+    /// System roots plus each backend's `ca_file`, minus every root of Airlock's own CA.
+    pub fn new(backends: &[Backend], own_roots: &[Vec<u8>]) -> Result<Upstream, String> {
+        let native = rustls_native_certs::load_native_certs();
+        for e in &native.errors {
+            tracing::warn!(error = %e, "a system trust store entry could not be read");
+        }
+        let system: Vec<CertificateDer<'static>> = native
+            .certs
+            .into_iter()
+            .filter(|c| !own_roots.iter().any(|o| o.as_slice() == c.as_ref()))
+            .collect();
+        let provider = provider();
+        let mut configs = Vec::with_capacity(backends.len());
+        for b in backends {
+            if !b.tls {
+                configs.push(None);
+                continue;
+            }
+            let mut roots = RootCertStore::empty();
+            roots.add_parsable_certificates(system.iter().cloned());
+            if let Some(path) = &b.ca_file {
+                let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
+                    .map_err(|e| format!("backend `{}`: ca_file {}: {e}", b.name, path.display()))?
+                    .collect::<Result<_, _>>()
+                    .map_err(|e| {
+                        format!("backend `{}`: ca_file {}: {e}", b.name, path.display())
+                    })?;
+                let certs: Vec<_> = certs
+                    .into_iter()
+                    .filter(|c| !own_roots.iter().any(|o| o.as_slice() == c.as_ref()))
+                    .collect();
+                if certs.is_empty() {
+                    return Err(format!(
+                        "backend `{}`: ca_file {} holds no certificate (Airlock's own roots are never trusted upstream)",
+                        b.name,
+                        path.display()
+                    ));
+                }
+                let (added, _) = roots.add_parsable_certificates(certs);
+                if added == 0 {
+                    return Err(format!(
+                        "backend `{}`: ca_file {}: no usable certificate",
+                        b.name,
+                        path.display()
+                    ));
+                }
+            }
+            if roots.is_empty() {
+                return Err(format!(
+                    "backend `{}`: no trusted roots (the system store is empty and no `ca_file` is set)",
+                    b.name
+                ));
+            }
+            let mut cfg = rustls::ClientConfig::builder_with_provider(provider.clone())
+                .with_safe_default_protocol_versions()
+                .map_err(|e| e.to_string())?
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+            cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+            configs.push(Some(Arc::new(cfg)));
+        }
+        Ok(Upstream { configs })
+    }
+
+    pub fn config(&self, backend_id: usize) -> Option<Arc<rustls::ClientConfig>> {
+        self.configs.get(backend_id).cloned().flatten()
+    }
+}
+
+#[cfg(test)]
+mod tests;

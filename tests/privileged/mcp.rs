@@ -1,0 +1,348 @@
+//! End to end with real, unmodified MCP peers (the Python SDK's server over HTTPS and its
+//! client) through the eBPF redirect and Airlock's TLS interception: same results as a direct
+//! run, every message in the archive, masking and blocking applied inline.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+
+use crate::harness::*;
+
+const PEER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/support/mcp_peer.py");
+const HOST: &str = "mcp.internal.test";
+
+/// The test venv's Python (it has the `mcp` SDK); `cargo xtask setup` builds it.
+pub fn venv_python() -> PathBuf {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/test-venv/bin/python");
+    assert!(
+        p.exists(),
+        "{} is missing: run `cargo xtask setup` (it installs the MCP SDK for the tests)",
+        p.display()
+    );
+    p
+}
+
+/// A test CA and a server certificate for `HOST` signed by it (what a real backend has).
+pub fn server_pki(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(rcgen::DnType::CommonName, "backend test CA");
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca, ca_key);
+    let key = KeyPair::generate().unwrap();
+    let leaf = CertificateParams::new(vec![HOST.to_owned()])
+        .unwrap()
+        .signed_by(&key, &issuer)
+        .unwrap();
+    let (ca_path, cert_path, key_path) = (
+        dir.join("backend-ca.pem"),
+        dir.join("server.pem"),
+        dir.join("server.key"),
+    );
+    std::fs::write(&ca_path, ca_cert.pem()).unwrap();
+    std::fs::write(&cert_path, leaf.pem()).unwrap();
+    std::fs::write(&key_path, key.serialize_pem()).unwrap();
+    (ca_path, cert_path, key_path)
+}
+
+/// The Python SDK server, killed on drop.
+pub struct PeerServer(Child);
+
+impl PeerServer {
+    pub fn start(dir: &Path, port: u16, transport: &str) -> PeerServer {
+        let (_, cert, key) = server_pki(dir);
+        let log = std::fs::File::create(dir.join("server.log")).unwrap();
+        let child = Command::new(venv_python())
+            .arg(PEER)
+            .args([
+                "server",
+                "--port",
+                &port.to_string(),
+                "--transport",
+                transport,
+            ])
+            .arg("--cert")
+            .arg(&cert)
+            .arg("--key")
+            .arg(&key)
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "the MCP server did not start: {}",
+                std::fs::read_to_string(dir.join("server.log")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        PeerServer(child)
+    }
+}
+
+impl Drop for PeerServer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Run the SDK client (in `cg` when given: redirected), resolving `HOST` to 127.0.0.1 through
+/// a private /etc/hosts, trusting only `ca_file`. Returns what it printed.
+pub fn run_peer_client(
+    cg: Option<&TestCgroup>,
+    dir: &Path,
+    ca_file: &Path,
+    url: &str,
+    transport: &str,
+) -> Result<Value, String> {
+    let hosts = dir.join("hosts");
+    std::fs::write(
+        &hosts,
+        format!("127.0.0.1 localhost {HOST}\n::1 localhost\n"),
+    )
+    .unwrap();
+    let mut cmd = match cg {
+        Some(cg) => cg.command("unshare"),
+        None => Command::new("unshare"),
+    };
+    cmd.args(["--mount", "--propagation", "private", "sh", "-c"])
+        .arg(r#"mount --bind "$1" /etc/hosts && shift && exec "$@""#)
+        .arg("sh")
+        .arg(&hosts)
+        .arg(venv_python())
+        .arg(PEER)
+        .args(["client", "--url", url, "--transport", transport])
+        .env("SSL_CERT_FILE", ca_file)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let out = cmd.output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        return Err(format!(
+            "client failed ({}): {stdout}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    serde_json::from_str(stdout.trim()).map_err(|e| format!("{e}: {stdout}"))
+}
+
+fn airlock_out(args: &[&str]) -> String {
+    let out = Command::new(AIRLOCK).args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "airlock {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Every archived record (`input` objects), all sessions.
+pub fn archived_records(archive: &Path) -> Vec<Value> {
+    let archive = archive.to_str().unwrap();
+    let mut out = Vec::new();
+    for line in airlock_out(&["sessions", "--archive", archive, "--json"]).lines() {
+        let s: Value = serde_json::from_str(line).unwrap();
+        let id = s["session_id"].as_str().unwrap();
+        for rec in airlock_out(&["replay", id, "--archive", archive, "--json"]).lines() {
+            let v: Value = serde_json::from_str(rec).unwrap();
+            out.push(v["input"].clone());
+        }
+    }
+    out
+}
+
+const BLOCK_POLICY: &str = r#"
+[[rule]]
+id = "no-destructive-tools"
+action = "block"
+tools = ["delete_*"]
+"#;
+
+/// The whole exchange for one transport: direct run, run through Airlock, comparison,
+/// archive checks.
+fn same_results_through_airlock(transport: &str) {
+    if !privileged() {
+        return;
+    }
+    let name = unique(&format!("mcp-{transport}"));
+    let cg = TestCgroup::new(&name);
+    let port = free_port();
+    let mut agent = Agent::prepare(
+        &cg,
+        &name,
+        &format!(
+            "[[backend]]\nname = \"tools\"\nhost = \"{HOST}\"\nport = {port}\naddresses = [\"127.0.0.1\"]\nca_file = \"BACKEND_CA\"\n"
+        ),
+        "",
+        None,
+    );
+    let dir = agent.dir.clone();
+    let server = PeerServer::start(
+        &dir,
+        port,
+        if transport == "legacy" {
+            "legacy"
+        } else {
+            transport
+        },
+    );
+    let config = std::fs::read_to_string(&agent.config)
+        .unwrap()
+        .replace("BACKEND_CA", dir.join("backend-ca.pem").to_str().unwrap());
+    std::fs::write(&agent.config, config).unwrap();
+    std::fs::write(dir.join("policies/block.toml"), BLOCK_POLICY).unwrap();
+    agent.spawn();
+    let config = agent.config.to_str().unwrap().to_owned();
+    let bundle = dir.join("airlock-ca.pem");
+    std::fs::write(
+        &bundle,
+        airlock_out(&["ca", "show", "--pem", "--config", &config]),
+    )
+    .unwrap();
+
+    let (url, client_transport) = match transport {
+        "legacy" => (format!("https://{HOST}:{port}/sse"), "legacy"),
+        _ => (format!("https://{HOST}:{port}/mcp"), "streamable"),
+    };
+    let direct = run_peer_client(
+        None,
+        &dir,
+        &dir.join("backend-ca.pem"),
+        &url,
+        client_transport,
+    )
+    .expect("direct run");
+    // Through Airlock the client trusts only Airlock's CA: had the redirect not happened, the
+    // server's own certificate would fail verification.
+    let through = run_peer_client(Some(&cg), &dir, &bundle, &url, client_transport)
+        .unwrap_or_else(|e| panic!("through Airlock: {e}\nagent log:\n{}", agent.log()));
+
+    assert_eq!(through["tools"], direct["tools"]);
+    for tool in ["add", "echo", "countdown", "add_after"] {
+        assert_eq!(through["calls"][tool], direct["calls"][tool], "{tool}");
+    }
+    assert_eq!(
+        through["progress"], direct["progress"],
+        "progress notifications"
+    );
+    // JSON responses carry no notifications; streams carry all three.
+    let expected_progress = if transport == "json" { 0 } else { 3 };
+    assert_eq!(
+        direct["progress"].as_array().unwrap().len(),
+        expected_progress
+    );
+    // Masked inline: the client sees the email replaced, the direct run the real one.
+    let contact = through["calls"]["contact"][0].as_str().unwrap();
+    assert!(
+        direct["calls"]["contact"][0]
+            .as_str()
+            .unwrap()
+            .contains("alice@example.com")
+    );
+    assert!(!contact.contains("alice@example.com"), "{contact}");
+    assert!(contact.starts_with("write to "), "{contact}");
+    // Blocked: a JSON-RPC error naming the rule, the session goes on (add_after above).
+    assert_eq!(
+        direct["calls"]["delete_everything"][0],
+        "everything deleted"
+    );
+    let refused = &through["errors"]["delete_everything"];
+    assert_eq!(refused["code"], -32010, "{through}");
+    assert!(
+        refused["message"]
+            .as_str()
+            .unwrap()
+            .contains("no-destructive-tools")
+    );
+
+    assert!(agent.sigterm().success(), "{}", agent.log());
+    drop(server);
+    let records = archived_records(&agent.archive);
+    let find = |kind: &str, tool: &str| {
+        records
+            .iter()
+            .filter(|r| r["kind"] == kind && r["tool"] == tool)
+            .collect::<Vec<_>>()
+    };
+    let requests = find("request", "add");
+    assert_eq!(requests.len(), 2, "two calls of add: {records:#?}");
+    let r = requests[0];
+    assert_eq!(r["method"], "tools/call");
+    assert_eq!(r["direction"], "client_to_server");
+    assert_eq!(r["backend"], "tools");
+    assert_eq!(r["sni"], HOST);
+    assert!(r["pid"].as_u64().unwrap() > 0 && r["uid"] == 0);
+    assert!(r["payload"].as_str().unwrap().contains("\"a\":2"));
+    let responses = find("response", "add");
+    assert_eq!(
+        responses.len(),
+        2,
+        "responses correlated with their request"
+    );
+    assert!(responses.iter().all(|r| r["latency_us"].as_u64().is_some()));
+    assert!(responses[0]["payload"].as_str().unwrap().contains("42"));
+    let progress: Vec<_> = records
+        .iter()
+        .filter(|r| r["method"] == "notifications/progress")
+        .collect();
+    assert_eq!(
+        progress.len(),
+        expected_progress,
+        "each progress notification recorded"
+    );
+    let blocked = find("request", "delete_everything");
+    assert_eq!(blocked.len(), 1);
+    assert_eq!(blocked[0]["decision"], "block");
+    assert_eq!(blocked[0]["rules"][0], "no-destructive-tools");
+    let masked = find("response", "contact");
+    assert_eq!(masked[0]["decision"], "mask");
+    assert_eq!(masked[0]["masked_detectors"][0], "email");
+    assert!(
+        records.iter().all(|r| !r["payload"]
+            .as_str()
+            .unwrap_or("")
+            .contains("alice@example.com")),
+        "an unmasked value reached the archive"
+    );
+    assert!(
+        records
+            .iter()
+            .any(|r| r["method"] == "initialize" && r["kind"] == "request"),
+        "initialize recorded"
+    );
+    let out = Command::new(AIRLOCK)
+        .args(["verify", "--archive", agent.archive.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+#[test]
+fn python_sdk_over_https_json_responses() {
+    same_results_through_airlock("json");
+}
+
+#[test]
+fn python_sdk_over_https_sse_responses() {
+    same_results_through_airlock("sse");
+}
+
+#[test]
+fn python_sdk_legacy_sse_transport() {
+    same_results_through_airlock("legacy");
+}

@@ -1,0 +1,137 @@
+"""Real MCP peers for Airlock's end-to-end tests, built on the unmodified Python SDK (PyPI `mcp`).
+
+  mcp_peer.py server --port P --cert C --key K --transport json|sse|legacy
+  mcp_peer.py client --url URL --transport streamable|legacy [--mode legacy|auto]
+
+The client prints one JSON object: what it saw (tool list, results, progress notifications,
+errors), so a test can compare a run through Airlock with a direct one.
+"""
+
+import argparse
+import asyncio
+import json
+import sys
+
+
+def serve(args):
+    import uvicorn
+    from mcp.server.mcpserver import Context, MCPServer
+    from mcp.server.transport_security import TransportSecuritySettings
+
+    mcp = MCPServer("airlock-test-server")
+
+    @mcp.tool()
+    def add(a: int, b: int) -> int:
+        """Add two integers."""
+        return a + b
+
+    @mcp.tool()
+    def echo(text: str) -> str:
+        """Return the text unchanged."""
+        return text
+
+    @mcp.tool()
+    def contact() -> str:
+        """Who to write to (a value the default policy masks)."""
+        return "write to alice@example.com"
+
+    @mcp.tool()
+    def delete_everything() -> str:
+        """A destructive tool (tests block it)."""
+        return "everything deleted"
+
+    @mcp.tool()
+    async def countdown(steps: int, ctx: Context) -> str:
+        """Report progress `steps` times, then finish."""
+        for i in range(steps):
+            await ctx.report_progress(i + 1, steps, f"step {i + 1}")
+            await asyncio.sleep(0.01)
+        return f"counted {steps}"
+
+    security = TransportSecuritySettings(
+        enable_dns_rebinding_protection=True,
+        allowed_hosts=[f"{args.hostname}:{args.port}", f"{args.hostname}:*"],
+        allowed_origins=[f"https://{args.hostname}:{args.port}"],
+    )
+    if args.transport == "legacy":
+        app = mcp.sse_app(transport_security=security, host=args.hostname)
+    else:
+        app = mcp.streamable_http_app(
+            json_response=args.transport == "json",
+            transport_security=security,
+            host=args.hostname,
+        )
+    uvicorn.run(
+        app,
+        host=args.bind,
+        port=args.port,
+        ssl_certfile=args.cert,
+        ssl_keyfile=args.key,
+        log_level="warning",
+    )
+
+
+async def run_client(args):
+    from mcp import Client
+
+    if args.transport == "legacy":
+        from mcp.client.sse import sse_client
+
+        server = sse_client(args.url)
+    else:
+        server = args.url
+    seen = {"progress": [], "calls": {}, "errors": {}}
+
+    async def on_progress(progress, total, message):
+        seen["progress"].append([progress, total, message])
+
+    async with Client(server, mode=args.mode) as client:
+        tools = await client.list_tools()
+        seen["tools"] = sorted(t.name for t in tools.tools)
+        for name, arguments in [
+            ("add", {"a": 2, "b": 40}),
+            ("echo", {"text": "héllo wörld " * 3}),
+            ("contact", {}),
+        ]:
+            result = await client.call_tool(name, arguments)
+            seen["calls"][name] = [c.text for c in result.content if hasattr(c, "text")]
+        result = await client.call_tool("countdown", {"steps": 3}, progress_callback=on_progress)
+        seen["calls"]["countdown"] = [c.text for c in result.content if hasattr(c, "text")]
+        try:
+            result = await client.call_tool("delete_everything", {})
+            if getattr(result, "is_error", False):
+                seen["errors"]["delete_everything"] = [c.text for c in result.content]
+            else:
+                seen["calls"]["delete_everything"] = [c.text for c in result.content]
+        except Exception as e:  # MCPError for a JSON-RPC error answer
+            code = getattr(getattr(e, "error", None), "code", None)
+            seen["errors"]["delete_everything"] = {"code": code, "message": str(e)}
+        # The session still works after a refused call.
+        result = await client.call_tool("add", {"a": 1, "b": 1})
+        seen["calls"]["add_after"] = [c.text for c in result.content if hasattr(c, "text")]
+    print(json.dumps(seen, sort_keys=True))
+
+
+def main():
+    p = argparse.ArgumentParser()
+    sub = p.add_subparsers(dest="role", required=True)
+    s = sub.add_parser("server")
+    s.add_argument("--bind", default="127.0.0.1")
+    s.add_argument("--port", type=int, required=True)
+    s.add_argument("--hostname", default="mcp.internal.test")
+    s.add_argument("--cert", required=True)
+    s.add_argument("--key", required=True)
+    s.add_argument("--transport", choices=["json", "sse", "legacy"], default="sse")
+    c = sub.add_parser("client")
+    c.add_argument("--url", required=True)
+    c.add_argument("--transport", choices=["streamable", "legacy"], default="streamable")
+    c.add_argument("--mode", default="legacy")
+    args = p.parse_args()
+    if args.role == "server":
+        serve(args)
+    else:
+        asyncio.run(run_client(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
