@@ -309,6 +309,8 @@ fn make_inputs(n: usize) -> Vec<RecordInput> {
                 backend: Some("tools".into()),
                 server_addr: Some("127.0.0.2:8443".into()),
                 sni: Some("mcp.internal.test".into()),
+                principal_iss: None,
+                principal_sub: None,
                 policy_hash: Some(policies.hash.clone()),
             }
         })

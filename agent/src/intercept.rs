@@ -296,7 +296,14 @@ impl TlsRuntime {
         );
         let upstream = tls::Upstream::new(&config.backends, &own)?;
         Ok(TlsRuntime {
-            acceptors: tls::Acceptors::new(minter),
+            acceptors: tls::Acceptors::with_refresh(
+                minter,
+                tls::MinterSource {
+                    ca_dir: dir,
+                    backends: config.backends.clone(),
+                    host: config.host.clone(),
+                },
+            ),
             upstream,
         })
     }

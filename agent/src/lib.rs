@@ -8,7 +8,12 @@
 //! - [`proxy`]: per accepted connection: look up the kernel record (reject without one),
 //!   attribute, dial the original destination with the bypass mark, relay.
 //! - [`attribution`]: the kernel record enriched from `/proc` (user, exe, cmdline, cgroup).
-//! - [`relay`]: bounded bidirectional copy with idle timeout and byte counters.
+//! - [`relay`]: bounded bidirectional copy with idle timeout and byte counters (opaque backends).
+//! - [`intercept`]: TLS or plain HTTP on an attributed connection: ClientHello, SNI, leaves,
+//!   upstream TLS dialled concurrently; [`tls`]: the managed CA, leaf minting, rustls configs.
+//! - [`http`]: hyper HTTP/1.1 both sides; JSON-RPC bodies, JSON and SSE responses.
+//! - [`pipeline`]: every MCP message: correlate, policy (mask, block), record.
+//! - [`mcp`]: sans-IO JSON-RPC, SSE parser, 2026-07-28 headers, session correlation.
 //! - [`registry`]: live and recently closed connections, for `airlock status`.
 //! - [`admin`]: the root-only Unix socket `airlock status` and `airlock detach` talk to.
 //! - [`agent`]: `airlock run`: start-up order, refresh of backend addresses, shutdown.

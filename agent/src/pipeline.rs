@@ -383,6 +383,7 @@ impl Pipeline {
 
     /// Record something that is not an MCP message (an HTTP exchange, a malformed body, an
     /// upstream failure); `details` is masked like a message before it is written.
+    #[allow(clippy::too_many_arguments)]
     pub async fn record_event(
         &self,
         ctx: &ConnCtx,

@@ -103,7 +103,10 @@ fn main() -> Result<()> {
         Task::Bench => {
             setup()?;
             require_root("cargo xtask bench")?;
-            run(cargo(&root).args(["bench", "-p", "airlock", "--bench", "redirect"]))
+            for bench in ["redirect", "tls", "policy", "archive"] {
+                run(cargo(&root).args(["bench", "-p", "airlock", "--bench", bench]))?;
+            }
+            Ok(())
         }
     }
 }

@@ -59,14 +59,14 @@ impl Sessions {
     fn with<R>(&self, key: &SessionKey, f: impl FnOnce(&mut State) -> R) -> R {
         let mut map = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         let now = Instant::now();
-        if !map.contains_key(key) && map.len() >= MAX_SESSIONS {
-            if let Some(oldest) = map
+        if !map.contains_key(key)
+            && map.len() >= MAX_SESSIONS
+            && let Some(oldest) = map
                 .iter()
                 .min_by_key(|(_, s)| s.last_used)
                 .map(|(k, _)| k.clone())
-            {
-                map.remove(&oldest);
-            }
+        {
+            map.remove(&oldest);
         }
         let state = map.entry(key.clone()).or_insert_with(|| State {
             info: SessionInfo::default(),

@@ -264,17 +264,73 @@ impl ResolvesServerCert for Resolver {
     }
 }
 
+/// Where a new intermediate comes from when the current one gets old (and where a staged
+/// root rotation is picked up).
+#[derive(Debug, Clone)]
+pub struct MinterSource {
+    pub ca_dir: std::path::PathBuf,
+    pub backends: Vec<Backend>,
+    pub host: String,
+}
+
+/// The intermediate is replaced after a day (it is valid for a week).
+const INTERMEDIATE_REFRESH: Duration = Duration::from_secs(24 * 3600);
+
 /// Server configurations for the client side of intercepted connections.
 #[derive(Debug)]
 pub struct Acceptors {
-    pub minter: Arc<Minter>,
-    shared: Arc<ServerConfig>,
+    current: std::sync::RwLock<(Arc<Minter>, Arc<ServerConfig>, Instant)>,
+    source: Option<MinterSource>,
 }
 
 impl Acceptors {
     pub fn new(minter: Arc<Minter>) -> Acceptors {
         let shared = server_config(minter.clone(), None);
-        Acceptors { minter, shared }
+        Acceptors {
+            current: std::sync::RwLock::new((minter, shared, Instant::now())),
+            source: None,
+        }
+    }
+
+    /// Like [`Acceptors::new`], making a new intermediate from `source` every day.
+    pub fn with_refresh(minter: Arc<Minter>, source: MinterSource) -> Acceptors {
+        let mut a = Acceptors::new(minter);
+        a.source = Some(source);
+        a
+    }
+
+    pub fn minter(&self) -> Arc<Minter> {
+        self.current
+            .read()
+            .map(|c| c.0.clone())
+            .unwrap_or_else(|p| p.into_inner().0.clone())
+    }
+
+    fn refresh_if_due(&self) {
+        let due = self
+            .current
+            .read()
+            .map(|c| c.2.elapsed() >= INTERMEDIATE_REFRESH)
+            .unwrap_or(false);
+        let Some(src) = self.source.as_ref().filter(|_| due) else {
+            return;
+        };
+        let made =
+            ca::Ca::load(&src.ca_dir).and_then(|ca| Minter::new(&ca, &src.backends, &src.host));
+        if let Ok(mut cur) = self.current.write() {
+            match made {
+                Ok(m) => {
+                    let m = Arc::new(m);
+                    *cur = (m.clone(), server_config(m, None), Instant::now());
+                    tracing::info!("made a new intermediate certificate");
+                }
+                Err(e) => {
+                    // The old one is valid for days yet: retry in an hour.
+                    tracing::warn!(error = %e, "cannot make a new intermediate certificate");
+                    cur.2 += Duration::from_secs(3600);
+                }
+            }
+        }
     }
 
     /// The configuration for a connection whose ClientHello named `sni`; without SNI, one
@@ -284,11 +340,19 @@ impl Acceptors {
         sni: Option<&str>,
         original_ip: IpAddr,
     ) -> Result<Arc<ServerConfig>, String> {
+        self.refresh_if_due();
+        let (minter, shared) = match self.current.read() {
+            Ok(c) => (c.0.clone(), c.1.clone()),
+            Err(p) => {
+                let c = p.into_inner();
+                (c.0.clone(), c.1.clone())
+            }
+        };
         match sni {
-            Some(_) => Ok(self.shared.clone()),
+            Some(_) => Ok(shared),
             None => {
-                let leaf = self.minter.leaf(&LeafName::Ip(original_ip))?;
-                Ok(server_config(self.minter.clone(), Some(leaf)))
+                let leaf = minter.leaf(&LeafName::Ip(original_ip))?;
+                Ok(server_config(minter, Some(leaf)))
             }
         }
     }
