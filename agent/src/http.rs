@@ -683,7 +683,8 @@ impl Conn {
                     }
                     Bytes::from(parsed.to_bytes())
                 }
-                Ok(None) | Err(_) if info.mcp && parts.status.is_success() => {
+                // (An empty body, e.g. a 202 that still names a JSON type, is not MCP.)
+                Ok(None) | Err(_) if info.mcp && parts.status.is_success() && !bytes.is_empty() => {
                     return self
                         .upstream_failed(&info, "the server answered an MCP request with a JSON body that is not JSON-RPC".into())
                         .await;

