@@ -423,3 +423,170 @@ fn node_sdk_over_https_json_responses() {
 fn node_sdk_legacy_sse_transport() {
     same_results_through_airlock("legacy", Sdk::Node);
 }
+
+const CONFORMANCE_FIXTURE: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../tests/support/conformance_server.py"
+);
+const CONFORMANCE_BASELINE: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../tests/conformance-baseline.yml"
+);
+
+/// Run the conformance suite's server scenarios against `url`; (success, output).
+fn conformance(
+    cg: Option<&TestCgroup>,
+    dir: &Path,
+    ca_file: &Path,
+    url: &str,
+    out: &str,
+) -> (bool, String) {
+    let hosts = dir.join("hosts");
+    std::fs::write(
+        &hosts,
+        format!("127.0.0.1 localhost {HOST}\n::1 localhost\n"),
+    )
+    .unwrap();
+    let mut cmd = match cg {
+        Some(cg) => cg.command("unshare"),
+        None => Command::new("unshare"),
+    };
+    let output = cmd
+        .args(["--mount", "--propagation", "private", "sh", "-c"])
+        .arg(r#"mount --bind "$1" /etc/hosts && shift && exec "$@""#)
+        .arg("sh")
+        .arg(&hosts)
+        .arg(node())
+        .arg(node_modules().join("@modelcontextprotocol/conformance/dist/index.js"))
+        .args([
+            "server",
+            "--url",
+            url,
+            "--suite",
+            "all",
+            "--expected-failures",
+            CONFORMANCE_BASELINE,
+            "-o",
+        ])
+        .arg(dir.join(out))
+        .env("NODE_EXTRA_CA_CERTS", ca_file)
+        .output()
+        .unwrap();
+    let mut text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    // The failed checks, for the failure message.
+    for entry in std::fs::read_dir(dir.join(out))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let checks = std::fs::read_to_string(entry.path().join("checks.json")).unwrap_or_default();
+        let checks: Vec<Value> = serde_json::from_str(&checks).unwrap_or_default();
+        for c in checks.iter().filter(|c| c["status"] == "FAILURE") {
+            text.push_str(&format!(
+                "\nFAILED {}: {} {}",
+                entry.file_name().to_string_lossy(),
+                c["name"],
+                c["errorMessage"]
+            ));
+        }
+    }
+    (output.status.success(), text)
+}
+
+/// The official conformance suite, server mode: every scenario that passes against the server
+/// directly passes through Airlock (TLS interception, default masking policies, strict
+/// recording), and the baseline of direct failures is exact.
+#[test]
+fn conformance_suite_passes_through_airlock_as_it_does_direct() {
+    if !privileged() {
+        return;
+    }
+    let name = unique("conformance");
+    let cg = TestCgroup::new(&name);
+    let port = free_port();
+    let mut agent = Agent::prepare(
+        &cg,
+        &name,
+        &format!(
+            "[[backend]]\nname = \"conformance\"\nhost = \"{HOST}\"\nport = {port}\naddresses = [\"127.0.0.1\"]\nca_file = \"BACKEND_CA\"\n"
+        ),
+        "",
+        None,
+    );
+    let dir = agent.dir.clone();
+    let (ca, cert, key) = server_pki(&dir);
+    let log = std::fs::File::create(dir.join("server.log")).unwrap();
+    let mut server = Command::new(venv_python())
+        .arg(CONFORMANCE_FIXTURE)
+        .args(["--port", &port.to_string()])
+        .arg("--cert")
+        .arg(&cert)
+        .arg("--key")
+        .arg(&key)
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "fixture server did not start");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let config = std::fs::read_to_string(&agent.config)
+        .unwrap()
+        .replace("BACKEND_CA", ca.to_str().unwrap());
+    std::fs::write(&agent.config, config).unwrap();
+    agent.spawn();
+    let bundle = dir.join("airlock-ca.pem");
+    std::fs::write(
+        &bundle,
+        airlock_out(&[
+            "ca",
+            "show",
+            "--pem",
+            "--config",
+            agent.config.to_str().unwrap(),
+        ]),
+    )
+    .unwrap();
+    let url = format!("https://{HOST}:{port}/mcp");
+
+    let (ok, out) = conformance(None, &dir, &ca, &url, "direct");
+    assert!(ok, "direct run does not match the baseline:\n{out}");
+    let (ok, out) = conformance(Some(&cg), &dir, &bundle, &url, "through");
+    assert!(ok, "through Airlock:\n{out}\nagent log:\n{}", agent.log());
+    assert!(out.contains("Baseline check passed"), "{out}");
+
+    assert!(agent.sigterm().success(), "{}", agent.log());
+    let _ = server.kill();
+    let _ = server.wait();
+    let records = archived_records(&agent.archive);
+    // Server-to-client requests (sampling, elicitation) and the client's answers, POSTed on
+    // their own, are recorded and correlated.
+    for method in ["sampling/createMessage", "elicitation/create"] {
+        assert!(
+            records.iter().any(|r| r["method"] == method
+                && r["kind"] == "request"
+                && r["direction"] == "server_to_client"),
+            "{method} request recorded"
+        );
+        assert!(
+            records.iter().any(|r| r["method"] == method
+                && r["kind"] == "response"
+                && r["direction"] == "client_to_server"
+                && r["latency_us"].as_u64().is_some()),
+            "{method} answer correlated"
+        );
+    }
+    // The call whose stream the server closed (SEP-1699) is answered on the resumed stream.
+    assert!(
+        records
+            .iter()
+            .any(|r| r["tool"] == "test_reconnection" && r["kind"] == "response"),
+        "test_reconnection answered through the resumed stream"
+    );
+}
