@@ -107,6 +107,11 @@ fn main() {
         .args(["run", "--config"])
         .arg(&config)
         .env("RUST_LOG", "warn")
+        .envs(
+            std::env::var("BENCH_AGENT_THREADS")
+                .ok()
+                .map(|n| ("TOKIO_WORKER_THREADS", n)),
+        )
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(dir.join("agent.log")).unwrap())
         .spawn()
@@ -154,6 +159,22 @@ fn main() {
                 s.call().await;
             }
         }
+        // Memory per idle connection first, before other phases grow the allocators' caches.
+        let mut mem = Vec::new();
+        for (addr, pid) in [(direct, server_pid), (backend, agent_pid)] {
+            let before = rss_kib(pid);
+            let mut held = Vec::new();
+            for _ in 0..IDLE_CONNECTIONS {
+                let mut s = Session::open(&client, addr).await;
+                s.call().await;
+                held.push(s);
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let after = rss_kib(pid);
+            mem.push((after.saturating_sub(before)) as f64 / IDLE_CONNECTIONS as f64);
+            drop(held);
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
         let mut ka = [Vec::new(), Vec::new()];
         let mut nc = [Vec::new(), Vec::new()];
         for round in 0..2 {
@@ -182,22 +203,6 @@ fn main() {
             let cpu = cpu_secs(pid) - cpu0;
             let server_cpu = cpu_secs(server_pid) - server0;
             tput.push((n, cpu, server_cpu));
-        }
-        // Memory per idle connection: open many, measure resident memory.
-        let mut mem = Vec::new();
-        for (addr, pid) in [(direct, server_pid), (backend, agent_pid)] {
-            let before = rss_kib(pid);
-            let mut held = Vec::new();
-            for _ in 0..IDLE_CONNECTIONS {
-                let mut s = Session::open(&client, addr).await;
-                s.call().await;
-                held.push(s);
-            }
-            tokio::time::sleep(Duration::from_millis(300)).await;
-            let after = rss_kib(pid);
-            mem.push((after.saturating_sub(before)) as f64 / IDLE_CONNECTIONS as f64);
-            drop(held);
-            tokio::time::sleep(Duration::from_millis(300)).await;
         }
         (ka, nc, tput, mem)
     });

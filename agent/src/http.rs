@@ -363,11 +363,13 @@ impl Conn {
                 Ok(Some(mut parsed)) => {
                     info.mcp = true;
                     match self
-                        .requests_through_pipeline(&info, &mut parts.headers, &mut parsed)
+                        .requests_through_pipeline(&info, &mut parts.headers, &mut parsed, &body)
                         .await
                     {
-                        Ok(None) => forward_body = Bytes::from(parsed.to_bytes()),
-                        Ok(Some(answer)) => return answer,
+                        // Unchanged messages go on as the client wrote them.
+                        Ok(Ok(false)) => {}
+                        Ok(Ok(true)) => forward_body = Bytes::from(parsed.to_bytes()),
+                        Ok(Err(answer)) => return answer,
                         Err(resp) => return resp,
                     }
                 }
@@ -433,15 +435,18 @@ impl Conn {
         self.response(info, response).await
     }
 
-    /// Each client→server message through the pipeline. `Ok(None)`: forward `parsed` (now
-    /// possibly rewritten, headers in step); `Ok(Some(r))`: Airlock answers with `r`.
+    /// Each client→server message through the pipeline. `Ok(Ok(changed))`: forward `parsed`
+    /// (rewritten when `changed`, headers in step); `Ok(Err(r))`: Airlock answers with `r`.
     async fn requests_through_pipeline(
         &self,
         info: &RequestInfo,
         headers: &mut HeaderMap,
         parsed: &mut Body,
-    ) -> Result<Option<Response<ProxyBody>>, Response<ProxyBody>> {
+        body: &Bytes,
+    ) -> Result<Result<bool, Response<ProxyBody>>, Response<ProxyBody>> {
+        let mut any_changed = false;
         let batch = matches!(parsed, Body::Batch(_));
+        let raw = (!batch).then(|| body.clone());
         let mut answers = Vec::new();
         let mut forwarded_ids = Vec::new();
         for m in parsed.messages_mut() {
@@ -456,6 +461,7 @@ impl Conn {
                         value,
                         session: info.key.clone(),
                         mcp_session_id: info.mcp_session_id.clone(),
+                        raw: raw.clone(),
                     },
                 )
                 .await;
@@ -476,6 +482,7 @@ impl Conn {
                             },
                         );
                     }
+                    any_changed |= changed;
                     forwarded_ids.push(id);
                     *m = value;
                 }
@@ -497,7 +504,7 @@ impl Conn {
             }
         }
         if answers.is_empty() {
-            return Ok(None);
+            return Ok(Ok(any_changed));
         }
         if !batch {
             // The legacy transport answers on its `/sse` stream and expects 202 here.
@@ -512,9 +519,9 @@ impl Conn {
             {
                 let mut r = Response::new(full(Bytes::new()));
                 *r.status_mut() = StatusCode::ACCEPTED;
-                return Ok(Some(r));
+                return Ok(Err(r));
             }
-            return Ok(Some(json_response(StatusCode::OK, &answers[0], None)));
+            return Ok(Err(json_response(StatusCode::OK, &answers[0], None)));
         }
         // A batch is forwarded whole or not at all: the others are answered too.
         for id in forwarded_ids.into_iter().flatten() {
@@ -525,7 +532,7 @@ impl Conn {
                 None,
             ));
         }
-        Ok(Some(json_response(
+        Ok(Err(json_response(
             StatusCode::OK,
             &Value::Array(answers),
             None,
@@ -659,6 +666,8 @@ impl Conn {
             };
             let out = match Body::parse(&bytes) {
                 Ok(Some(mut parsed)) => {
+                    let mut any_changed = false;
+                    let raw = matches!(parsed, Body::Single(_)).then(|| bytes.clone());
                     for m in parsed.messages_mut() {
                         let value = std::mem::take(m);
                         match self
@@ -670,18 +679,29 @@ impl Conn {
                                     value,
                                     session: info.key.clone(),
                                     mcp_session_id: info.mcp_session_id.clone(),
+                                    raw: raw.clone(),
                                 },
                             )
                             .await
                         {
-                            Ok(Outcome::Forward { value, .. }) => *m = value,
-                            Ok(Outcome::Answer(a)) => *m = a,
+                            Ok(Outcome::Forward { value, changed, .. }) => {
+                                any_changed |= changed;
+                                *m = value;
+                            }
+                            Ok(Outcome::Answer(a)) => {
+                                any_changed = true;
+                                *m = a;
+                            }
                             Err(e) => {
                                 return self.upstream_failed(&info, format!("Airlock: {e}")).await;
                             }
                         }
                     }
-                    Bytes::from(parsed.to_bytes())
+                    if any_changed {
+                        Bytes::from(parsed.to_bytes())
+                    } else {
+                        bytes
+                    }
                 }
                 // (An empty body, e.g. a 202 that still names a JSON type, is not MCP.)
                 Ok(None) | Err(_) if info.mcp && parts.status.is_success() && !bytes.is_empty() => {
@@ -820,6 +840,7 @@ async fn stream_events(
                         value,
                         session: key.clone(),
                         mcp_session_id: info.mcp_session_id.clone(),
+                        raw: data.map(Bytes::from),
                     },
                 )
                 .await

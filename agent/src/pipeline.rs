@@ -22,6 +22,7 @@ use std::{
     time::Instant,
 };
 
+use bytes::Bytes;
 use serde_json::Value;
 
 use crate::{
@@ -160,6 +161,9 @@ pub struct Msg {
     pub value: Value,
     pub session: SessionKey,
     pub mcp_session_id: Option<String>,
+    /// The message's text as received, when it came alone (one message per body or event):
+    /// recorded as is when nothing was masked, saving a serialisation.
+    pub raw: Option<Bytes>,
 }
 
 /// What to do with a message.
@@ -212,6 +216,7 @@ impl Pipeline {
             mut value,
             session,
             mcp_session_id,
+            raw,
         } = msg;
         let kind = jsonrpc::classify(&value).unwrap_or(Kind::Notification);
         let id_text = jsonrpc::id_text(&value);
@@ -317,7 +322,11 @@ impl Pipeline {
         };
         let level = decision.record;
         if level == RecordLevel::Full {
-            record.payload = Some(MaskedPayload::from_masked(value.to_string()));
+            let text = match raw.as_deref().map(std::str::from_utf8) {
+                Some(Ok(t)) if masked == 0 => t.trim().to_owned(),
+                _ => value.to_string(),
+            };
+            record.payload = Some(MaskedPayload::from_masked(text));
         }
         if level != RecordLevel::Off {
             self.archive
