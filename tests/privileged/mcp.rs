@@ -590,3 +590,157 @@ fn conformance_suite_passes_through_airlock_as_it_does_direct() {
         "test_reconnection answered through the resumed stream"
     );
 }
+
+/// A stdlib HTTPS probe run like the SDK clients (cgroup, private /etc/hosts): POSTs a ping,
+/// or (`sni` given) only shakes hands with that SNI and reports the server's certificate.
+const PROBE: &str = r#"
+import json, socket, ssl, sys, urllib.request, urllib.error
+url, ca, sni = sys.argv[1], sys.argv[2], sys.argv[3]
+if sni:
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    host, port = url.split("//")[1].split("/")[0].split(":")
+    try:
+        s = ctx.wrap_socket(socket.create_connection((host, int(port)), timeout=10), server_hostname=sni)
+        der = s.getpeercert(binary_form=True)
+        print(json.dumps({"handshake": True, "cert_len": len(der), "cert": der.hex()}))
+    except Exception as e:
+        print(json.dumps({"handshake": False, "error": str(e)}))
+    sys.exit(0)
+ctx = ssl.create_default_context(cafile=ca)
+req = urllib.request.Request(url, data=b'{"jsonrpc":"2.0","id":1,"method":"ping"}',
+    headers={"Content-Type": "application/json", "Accept": "application/json, text/event-stream"})
+try:
+    r = urllib.request.urlopen(req, context=ctx, timeout=20)
+    print(json.dumps({"status": r.status, "body": r.read().decode()}))
+except urllib.error.HTTPError as e:
+    print(json.dumps({"status": e.code, "body": e.read().decode()}))
+except Exception as e:
+    print(json.dumps({"error": str(e)}))
+"#;
+
+fn probe(cg: &TestCgroup, dir: &Path, ca: &Path, url: &str, sni: &str) -> Value {
+    let hosts = dir.join("hosts");
+    std::fs::write(&hosts, format!("127.0.0.1 localhost {HOST}\n::1 localhost\n")).unwrap();
+    let out = cg
+        .command("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c"])
+        .arg(r#"mount --bind "$1" /etc/hosts && shift && exec "$@""#)
+        .arg("sh")
+        .arg(&hosts)
+        .arg(PYTHON)
+        .args(["-c", PROBE, url])
+        .arg(ca)
+        .arg(sni)
+        .output()
+        .unwrap();
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "{e}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+/// An agent for one Python SDK server; `backend_extra` is appended to its `[[backend]]`.
+fn tls_setup(name: &str, backend_extra: &str) -> Option<(TestCgroup, Agent, PeerServer, u16, PathBuf)> {
+    if !privileged() {
+        return None;
+    }
+    let name = unique(name);
+    let cg = TestCgroup::new(&name);
+    let port = free_port();
+    let mut agent = Agent::prepare(
+        &cg,
+        &name,
+        &format!(
+            "[[backend]]\nname = \"tools\"\nhost = \"{HOST}\"\nport = {port}\naddresses = [\"127.0.0.1\"]\n{backend_extra}\n"
+        ),
+        "",
+        None,
+    );
+    let dir = agent.dir.clone();
+    let server = PeerServer::start(&dir, port, "json");
+    let config = std::fs::read_to_string(&agent.config)
+        .unwrap()
+        .replace("BACKEND_CA", dir.join("backend-ca.pem").to_str().unwrap());
+    std::fs::write(&agent.config, config).unwrap();
+    agent.spawn();
+    let bundle = dir.join("airlock-ca.pem");
+    std::fs::write(
+        &bundle,
+        airlock_out(&["ca", "show", "--pem", "--config", agent.config.to_str().unwrap()]),
+    )
+    .unwrap();
+    Some((cg, agent, server, port, bundle))
+}
+
+/// The server's certificate is not trusted upstream (no `ca_file`, not in the system store):
+/// the client gets a 502 naming the reason, at once, and the failure is recorded.
+#[test]
+fn untrusted_server_certificate_gives_a_readable_502_and_a_record() {
+    let Some((cg, mut agent, _server, port, bundle)) = tls_setup("badcert", "") else {
+        return;
+    };
+    let started = Instant::now();
+    let res = probe(&cg, &agent.dir, &bundle, &format!("https://{HOST}:{port}/mcp"), "");
+    assert!(started.elapsed() < Duration::from_secs(10), "not a hang");
+    assert_eq!(res["status"], 502, "{res}");
+    let body = res["body"].as_str().unwrap();
+    assert!(body.contains("cannot reach backend `tools`"), "{body}");
+    assert!(body.to_lowercase().contains("certificate"), "{body}");
+    assert!(agent.sigterm().success());
+    let records = archived_records(&agent.archive);
+    assert!(
+        records.iter().any(|r| r["kind"] == "error"
+            && r["payload"].as_str().unwrap_or("").contains("\"status\":502")),
+        "{records:#?}"
+    );
+}
+
+/// A ClientHello naming no configured backend is refused by default (fail closed), and with
+/// `unknown_sni = "splice"` passed to the server untouched (the client sees the server's own
+/// certificate, not one of Airlock's).
+#[test]
+fn unknown_sni_is_refused_or_spliced_per_config() {
+    let Some((cg, mut agent, server, port, _bundle)) =
+        tls_setup("sni-reject", "ca_file = \"BACKEND_CA\"")
+    else {
+        return;
+    };
+    let url = format!("https://{HOST}:{port}/mcp");
+    let refused = probe(&cg, &agent.dir, Path::new("/dev/null"), &url, "other.test");
+    assert_eq!(refused["handshake"], false, "{refused}");
+    // The refusal and its reason are in `airlock status` (it may take a moment to close).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let conns = agent.status()["connections"].to_string();
+        if conns.contains("SNI `other.test` is not a configured backend") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{conns}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(agent.sigterm().success());
+    drop((cg, agent, server));
+
+    let Some((cg, agent, _server, port, _bundle)) = tls_setup(
+        "sni-splice",
+        "ca_file = \"BACKEND_CA\"\nunknown_sni = \"splice\"",
+    ) else {
+        return;
+    };
+    let url = format!("https://{HOST}:{port}/mcp");
+    let spliced = probe(&cg, &agent.dir, Path::new("/dev/null"), &url, "other.test");
+    assert_eq!(spliced["handshake"], true, "{spliced}");
+    // The certificate is the server's own (its PEM, in DER, is what the client saw).
+    let server_pem = std::fs::read_to_string(agent.dir.join("server.pem")).unwrap();
+    let server_der = airlock::tls::ca::pem_to_der(&server_pem).unwrap();
+    let seen: Vec<u8> = (0..spliced["cert"].as_str().unwrap().len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&spliced["cert"].as_str().unwrap()[i..i + 2], 16).unwrap())
+        .collect();
+    assert_eq!(seen, server_der);
+}
