@@ -132,7 +132,7 @@ pub fn run_peer_client(
     url: &str,
     transport: &str,
 ) -> Result<Value, String> {
-    run_sdk_client(Sdk::Python, cg, dir, ca_file, url, transport)
+    run_sdk_client(Sdk::Python, cg, dir, ca_file, url, transport, &[])
 }
 
 pub fn run_sdk_client(
@@ -142,6 +142,7 @@ pub fn run_sdk_client(
     ca_file: &Path,
     url: &str,
     transport: &str,
+    extra: &[&str],
 ) -> Result<Value, String> {
     let hosts = dir.join("hosts");
     std::fs::write(
@@ -162,6 +163,7 @@ pub fn run_sdk_client(
             .arg(venv_python())
             .arg(PEER)
             .args(["client", "--url", url, "--transport", transport])
+            .args(extra)
             .env("SSL_CERT_FILE", ca_file),
         Sdk::Node => cmd
             .arg(node())
@@ -218,6 +220,10 @@ tools = ["delete_*"]
 /// The whole exchange for one transport: direct run, run through Airlock, comparison,
 /// archive checks.
 fn same_results_through_airlock(transport: &str, sdk: Sdk) {
+    same_results_through_airlock_with(transport, sdk, &[]);
+}
+
+fn same_results_through_airlock_with(transport: &str, sdk: Sdk, extra: &[&str]) {
     if !privileged() {
         return;
     }
@@ -268,11 +274,12 @@ fn same_results_through_airlock(transport: &str, sdk: Sdk) {
         &dir.join("backend-ca.pem"),
         &url,
         client_transport,
+        extra,
     )
     .expect("direct run");
     // Through Airlock the client trusts only Airlock's CA: had the redirect not happened, the
     // server's own certificate would fail verification.
-    let through = run_sdk_client(sdk, Some(&cg), &dir, &bundle, &url, client_transport)
+    let through = run_sdk_client(sdk, Some(&cg), &dir, &bundle, &url, client_transport, extra)
         .unwrap_or_else(|e| panic!("through Airlock: {e}\nagent log:\n{}", agent.log()));
 
     assert_eq!(through["tools"], direct["tools"]);
@@ -362,13 +369,16 @@ fn same_results_through_airlock(transport: &str, sdk: Sdk) {
             .contains("alice@example.com")),
         "an unmasked value reached the archive"
     );
+    // The stateless revision has no initialize, no session id and no DELETE.
+    let stateless = extra.contains(&"2026-07-28");
     assert!(
-        records
-            .iter()
-            .any(|r| r["method"] == "initialize" && r["kind"] == "request"),
+        stateless
+            || records
+                .iter()
+                .any(|r| r["method"] == "initialize" && r["kind"] == "request"),
         "initialize recorded"
     );
-    if transport != "legacy" {
+    if transport != "legacy" && !stateless {
         // The session id the server assigned is on every later message; DELETE ends it.
         assert!(
             r["mcp_session_id"].as_str().is_some_and(|s| !s.is_empty()),
@@ -382,6 +392,18 @@ fn same_results_through_airlock(transport: &str, sdk: Sdk) {
                     .contains("\"http_method\":\"DELETE\"")),
             "DELETE recorded: {records:#?}"
         );
+    }
+    if extra.contains(&"--notify") {
+        // 2026-07-28: the masked argument is mirrored in `Mcp-Param-Email`; Airlock rewrote
+        // the header too, or the server would have refused the call (-32020).
+        assert_eq!(direct["calls"]["notify"][0], "notified bob@example.com");
+        let notified = through["calls"]["notify"][0].as_str().unwrap();
+        assert!(
+            notified.starts_with("notified ") && !notified.contains("bob@example.com"),
+            "{through}"
+        );
+        let call = find("request", "notify");
+        assert_eq!(call[0]["decision"], "mask");
     }
     let out = Command::new(AIRLOCK)
         .args(["verify", "--archive", agent.archive.to_str().unwrap()])
@@ -407,6 +429,13 @@ fn python_sdk_over_https_sse_responses() {
 #[test]
 fn python_sdk_legacy_sse_transport() {
     same_results_through_airlock("legacy", Sdk::Python);
+}
+
+/// The stateless 2026-07-28 revision (no initialize, no session; `Mcp-Method`, `Mcp-Name` and
+/// `Mcp-Param-*` headers mirroring the body), with a masked argument mirrored in a header.
+#[test]
+fn python_sdk_stateless_2026_07_28_with_mirrored_headers() {
+    same_results_through_airlock_with("sse", Sdk::Python, &["--mode", "2026-07-28", "--notify"]);
 }
 
 #[test]
@@ -622,7 +651,11 @@ except Exception as e:
 
 fn probe(cg: &TestCgroup, dir: &Path, ca: &Path, url: &str, sni: &str) -> Value {
     let hosts = dir.join("hosts");
-    std::fs::write(&hosts, format!("127.0.0.1 localhost {HOST}\n::1 localhost\n")).unwrap();
+    std::fs::write(
+        &hosts,
+        format!("127.0.0.1 localhost {HOST}\n::1 localhost\n"),
+    )
+    .unwrap();
     let out = cg
         .command("unshare")
         .args(["--mount", "--propagation", "private", "sh", "-c"])
@@ -645,7 +678,10 @@ fn probe(cg: &TestCgroup, dir: &Path, ca: &Path, url: &str, sni: &str) -> Value 
 }
 
 /// An agent for one Python SDK server; `backend_extra` is appended to its `[[backend]]`.
-fn tls_setup(name: &str, backend_extra: &str) -> Option<(TestCgroup, Agent, PeerServer, u16, PathBuf)> {
+fn tls_setup(
+    name: &str,
+    backend_extra: &str,
+) -> Option<(TestCgroup, Agent, PeerServer, u16, PathBuf)> {
     if !privileged() {
         return None;
     }
@@ -671,7 +707,13 @@ fn tls_setup(name: &str, backend_extra: &str) -> Option<(TestCgroup, Agent, Peer
     let bundle = dir.join("airlock-ca.pem");
     std::fs::write(
         &bundle,
-        airlock_out(&["ca", "show", "--pem", "--config", agent.config.to_str().unwrap()]),
+        airlock_out(&[
+            "ca",
+            "show",
+            "--pem",
+            "--config",
+            agent.config.to_str().unwrap(),
+        ]),
     )
     .unwrap();
     Some((cg, agent, server, port, bundle))
@@ -685,7 +727,13 @@ fn untrusted_server_certificate_gives_a_readable_502_and_a_record() {
         return;
     };
     let started = Instant::now();
-    let res = probe(&cg, &agent.dir, &bundle, &format!("https://{HOST}:{port}/mcp"), "");
+    let res = probe(
+        &cg,
+        &agent.dir,
+        &bundle,
+        &format!("https://{HOST}:{port}/mcp"),
+        "",
+    );
     assert!(started.elapsed() < Duration::from_secs(10), "not a hang");
     assert_eq!(res["status"], 502, "{res}");
     let body = res["body"].as_str().unwrap();
@@ -695,7 +743,10 @@ fn untrusted_server_certificate_gives_a_readable_502_and_a_record() {
     let records = archived_records(&agent.archive);
     assert!(
         records.iter().any(|r| r["kind"] == "error"
-            && r["payload"].as_str().unwrap_or("").contains("\"status\":502")),
+            && r["payload"]
+                .as_str()
+                .unwrap_or("")
+                .contains("\"status\":502")),
         "{records:#?}"
     );
 }

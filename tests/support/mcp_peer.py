@@ -35,6 +35,15 @@ def serve(args):
         """Who to write to (a value the default policy masks)."""
         return "write to alice@example.com"
 
+    from typing import Annotated
+
+    from pydantic import Field
+
+    @mcp.tool()
+    def notify(email: Annotated[str, Field(json_schema_extra={"x-mcp-header": "Email"})]) -> str:
+        """Mirrors its argument into a request header on 2026-07-28 (x-mcp-header)."""
+        return f"notified {email}"
+
     @mcp.tool()
     def delete_everything() -> str:
         """A destructive tool (tests block it)."""
@@ -106,6 +115,9 @@ async def run_client(args):
         except Exception as e:  # MCPError for a JSON-RPC error answer
             code = getattr(getattr(e, "error", None), "code", None)
             seen["errors"]["delete_everything"] = {"code": code, "message": str(e)}
+        if args.notify:
+            result = await client.call_tool("notify", {"email": "bob@example.com"})
+            seen["calls"]["notify"] = [c.text for c in result.content if hasattr(c, "text")]
         # The session still works after a refused call.
         result = await client.call_tool("add", {"a": 1, "b": 1})
         seen["calls"]["add_after"] = [c.text for c in result.content if hasattr(c, "text")]
@@ -126,6 +138,7 @@ def main():
     c.add_argument("--url", required=True)
     c.add_argument("--transport", choices=["streamable", "legacy"], default="streamable")
     c.add_argument("--mode", default="legacy")
+    c.add_argument("--notify", action="store_true")
     args = p.parse_args()
     if args.role == "server":
         serve(args)
