@@ -58,11 +58,14 @@ fn main() {
     let name = format!("airlock-bench-tls-{}", std::process::id());
     let dir = std::env::temp_dir().join(&name);
     std::fs::create_dir_all(dir.join("policies")).unwrap();
-    std::fs::copy(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies/default.toml"),
-        dir.join("policies/default.toml"),
-    )
-    .unwrap();
+    // BENCH_POLICIES=none measures without any rule (no masking).
+    if std::env::var("BENCH_POLICIES").as_deref() != Ok("none") {
+        std::fs::copy(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies/default.toml"),
+            dir.join("policies/default.toml"),
+        )
+        .unwrap();
+    }
     let cgroup = airlock::cgroup::resolve(None).unwrap().join(&name);
     std::fs::create_dir_all(&cgroup).unwrap();
     let mut guard = Cleanup {
@@ -277,7 +280,7 @@ fn main() {
     let mem_row = row("resident memory per idle connection", mem[0], mem[1], "KiB");
     println!(
         "{:<44} {mint_us:>8.1}µs",
-        "leaf-cache miss (P-256 keygen + sign)"
+        "leaf-cache miss (mint + sign a leaf)"
     );
     let json = serde_json::json!({
         "recording": recording,

@@ -45,6 +45,8 @@ pub struct ConnCtx {
     pub subject: Subject,
     pub backend: String,
     pub sni: Option<String>,
+    /// `attribution.original_dst`, formatted once.
+    server_addr: String,
     /// Next `seq` (0 is the connection's opening record).
     pub seq: AtomicU64,
     /// `iss` and `sub` of the bearer JWT the client presented, if any.
@@ -61,7 +63,9 @@ impl ConnCtx {
         sni: Option<String>,
     ) -> ConnCtx {
         let subject = subject_of(&attribution, names);
+        let server_addr = attribution.original_dst.to_string();
         ConnCtx {
+            server_addr,
             conn_id,
             session_id,
             attribution,
@@ -97,7 +101,7 @@ impl ConnCtx {
             exe: a.exe.clone(),
             cgroup: a.cgroup.clone(),
             backend: Some(self.backend.clone()),
-            server_addr: Some(a.original_dst.to_string()),
+            server_addr: Some(self.server_addr.clone()),
             sni: self.sni.clone(),
             ..Default::default()
         };

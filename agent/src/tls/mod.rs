@@ -92,6 +92,10 @@ pub struct Minter {
     ips: BTreeSet<IpAddr>,
     cache: Mutex<HashMap<LeafName, (Arc<CertifiedKey>, Instant)>>,
     provider: Arc<CryptoProvider>,
+    /// One key for the leaves of this intermediate (made with it, replaced with it daily):
+    /// a cache miss then costs one signature, not a key generation as well.
+    leaf_key: KeyPair,
+    leaf_signer: Arc<dyn rustls::sign::SigningKey>,
     pub minted: std::sync::atomic::AtomicU64,
 }
 
@@ -165,6 +169,14 @@ impl Minter {
         params.serial_number = Some(ca::random_serial());
         let cert = params.signed_by(&key, &root)?;
         let der = cert.der().clone();
+        let provider = provider();
+        let leaf_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+        let leaf_signer = provider
+            .key_provider
+            .load_private_key(PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(
+                leaf_key.serialize_der(),
+            )))
+            .map_err(|_| rcgen::Error::CouldNotParseKeyPair)?;
         Ok(Minter {
             intermediate: Intermediate {
                 issuer: Issuer::new(params, key),
@@ -173,7 +185,9 @@ impl Minter {
             dns,
             ips,
             cache: Mutex::new(HashMap::new()),
-            provider: provider(),
+            provider,
+            leaf_key,
+            leaf_signer,
             minted: Default::default(),
         })
     }
@@ -216,7 +230,6 @@ impl Minter {
 
     /// Mint a leaf now (no cache): public for the benchmark of a cache miss.
     pub fn mint(&self, name: &LeafName) -> Result<Arc<CertifiedKey>, rcgen::Error> {
-        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
         dn.push(DnType::CommonName, name.to_string());
@@ -233,16 +246,10 @@ impl Minter {
         params.not_before = now - time::Duration::minutes(5);
         params.not_after = now + time::Duration::seconds(LEAF_VALIDITY.as_secs() as i64);
         params.serial_number = Some(ca::random_serial());
-        let cert = params.signed_by(&key, &self.intermediate.issuer)?;
-        let der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
-        let signing = self
-            .provider
-            .key_provider
-            .load_private_key(der)
-            .map_err(|_| rcgen::Error::CouldNotParseKeyPair)?;
+        let cert = params.signed_by(&self.leaf_key, &self.intermediate.issuer)?;
         Ok(Arc::new(CertifiedKey::new(
             vec![cert.der().clone(), self.intermediate.der.clone()],
-            signing,
+            self.leaf_signer.clone(),
         )))
     }
 }
