@@ -107,27 +107,48 @@ pub struct Conn {
     pub upstream: tokio::sync::Mutex<UpstreamSlot>,
 }
 
-/// Serve HTTP/1.1 on an intercepted (decrypted) client stream until it closes.
-pub async fn serve<S>(io: S, conn: Arc<Conn>) -> Result<(), hyper::Error>
+/// An upstream HTTP connection's driver: polled by the task that serves its client
+/// connection, so a request and its response cross no task (and no thread) boundary.
+pub type ConnDriver = std::pin::Pin<Box<dyn Future<Output = ()> + Send>>;
+pub type Drivers = tokio::sync::mpsc::UnboundedSender<ConnDriver>;
+
+/// Serve HTTP/1.1 on an intercepted (decrypted) client stream until it closes, driving the
+/// upstream connections handed over on `drivers` in the same task.
+pub async fn serve<S>(
+    io: S,
+    conn: Arc<Conn>,
+    mut drivers: tokio::sync::mpsc::UnboundedReceiver<ConnDriver>,
+) -> Result<(), hyper::Error>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    use futures_util::StreamExt as _;
     let limits = conn.limits;
     let svc = hyper::service::service_fn(move |req| {
         let conn = conn.clone();
         async move { Ok::<_, Infallible>(conn.handle(req).await) }
     });
-    hyper::server::conn::http1::Builder::new()
+    let serve = hyper::server::conn::http1::Builder::new()
         .timer(hyper_util::rt::TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout)
         .max_buf_size(64 * 1024)
         .keep_alive(true)
-        .serve_connection(hyper_util::rt::TokioIo::new(io), svc)
-        .await
+        .serve_connection(hyper_util::rt::TokioIo::new(io), svc);
+    tokio::pin!(serve);
+    let mut upstreams = futures_util::stream::FuturesUnordered::new();
+    loop {
+        tokio::select! {
+            biased;
+            Some(driver) = drivers.recv() => upstreams.push(driver),
+            Some(()) = upstreams.next(), if !upstreams.is_empty() => {}
+            r = &mut serve => return r,
+        }
+    }
 }
 
-/// Open an HTTP/1.1 client connection over `io` (the driver runs on its own task).
-pub async fn client_handshake<S>(io: S) -> Result<UpstreamSender, String>
+/// Open an HTTP/1.1 client connection over `io`; its driver goes to `drivers` (or, if that
+/// task is gone, onto a task of its own).
+pub async fn client_handshake<S>(io: S, drivers: &Drivers) -> Result<UpstreamSender, String>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -136,11 +157,14 @@ where
         .handshake(hyper_util::rt::TokioIo::new(io))
         .await
         .map_err(|e| format!("HTTP handshake with the server: {e}"))?;
-    tokio::spawn(async move {
+    let driver: ConnDriver = Box::pin(async move {
         if let Err(e) = connection.await {
             debug!(error = %e, "upstream HTTP connection ended with an error");
         }
     });
+    if let Err(tokio::sync::mpsc::error::SendError(driver)) = drivers.send(driver) {
+        tokio::spawn(driver);
+    }
     Ok(sender)
 }
 

@@ -38,6 +38,7 @@ struct BackendDialer {
     proxy: Arc<Proxy>,
     addr: std::net::SocketAddr,
     tls: Option<(Arc<rustls::ClientConfig>, ServerName<'static>)>,
+    drivers: http::Drivers,
 }
 
 impl Dial for BackendDialer {
@@ -46,7 +47,7 @@ impl Dial for BackendDialer {
     ) -> std::pin::Pin<Box<dyn Future<Output = Result<UpstreamSender, String>> + Send + '_>> {
         Box::pin(async move {
             let tcp = self.proxy.dial(self.addr).await?;
-            open_upstream(tcp, self.tls.clone()).await
+            open_upstream(tcp, self.tls.clone(), self.drivers.clone()).await
         })
     }
 }
@@ -55,6 +56,7 @@ impl Dial for BackendDialer {
 async fn open_upstream(
     tcp: TcpStream,
     tls: Option<(Arc<rustls::ClientConfig>, ServerName<'static>)>,
+    drivers: http::Drivers,
 ) -> Result<UpstreamSender, String> {
     match tls {
         Some((config, name)) => {
@@ -63,9 +65,9 @@ async fn open_upstream(
                 .connect(name, tcp)
                 .await
                 .map_err(|e| format!("TLS with the server ({shown}): {e}"))?;
-            http::client_handshake(stream).await
+            http::client_handshake(stream, &drivers).await
         }
-        None => http::client_handshake(tcp).await,
+        None => http::client_handshake(tcp, &drivers).await,
     }
 }
 
@@ -120,7 +122,8 @@ impl Proxy {
             if !first[0].is_ascii_uppercase() {
                 return Err("the client sent neither TLS nor an HTTP request".into());
             }
-            let first_upstream = tokio::spawn(open_upstream(upstream, None));
+            let (drivers, drivers_rx) = tokio::sync::mpsc::unbounded_channel();
+            let first_upstream = tokio::spawn(open_upstream(upstream, None, drivers.clone()));
             let ctx = Arc::new(ConnCtx::new(
                 conn_id,
                 session_id,
@@ -133,6 +136,7 @@ impl Proxy {
                 proxy: self.clone(),
                 addr: original,
                 tls: None,
+                drivers,
             };
             let conn = Arc::new(Conn {
                 ctx,
@@ -144,7 +148,7 @@ impl Proxy {
                 )),
             });
             guard.set_state(crate::registry::ConnState::Open);
-            return http::serve(client, conn)
+            return http::serve(client, conn, drivers_rx)
                 .await
                 .map(|_| End::Served)
                 .map_err(|e| format!("HTTP with the client: {e}"));
@@ -202,7 +206,9 @@ impl Proxy {
         };
         let tls_pair = Some((upstream_tls, name));
         // The server's handshake runs while the client's does.
-        let first_upstream = tokio::spawn(open_upstream(upstream, tls_pair.clone()));
+        let (drivers, drivers_rx) = tokio::sync::mpsc::unbounded_channel();
+        let first_upstream =
+            tokio::spawn(open_upstream(upstream, tls_pair.clone(), drivers.clone()));
         let accept = tokio_rustls::StartHandshake::from_parts(hello.accepted, client)
             .into_stream(server_config);
         let stream = match tokio::time::timeout(timeout, accept).await {
@@ -233,6 +239,7 @@ impl Proxy {
             proxy: self.clone(),
             addr: original,
             tls: tls_pair,
+            drivers,
         };
         let conn = Arc::new(Conn {
             ctx,
@@ -241,7 +248,7 @@ impl Proxy {
             upstream: tokio::sync::Mutex::new(UpstreamSlot::new(first_upstream, Box::new(dialer))),
         });
         guard.set_state(crate::registry::ConnState::Open);
-        http::serve(stream, conn)
+        http::serve(stream, conn, drivers_rx)
             .await
             .map(|_| End::Served)
             .map_err(|e| format!("HTTP with the client: {e}"))
