@@ -84,10 +84,15 @@ impl Proxy {
         mut client: TcpStream,
         upstream: TcpStream,
         backend_id: usize,
-        ctx_parts: (u64, String, crate::attribution::Attribution),
+        ctx_parts: (
+            u64,
+            String,
+            crate::attribution::Attribution,
+            crate::policy::Subject,
+        ),
         guard: &ConnGuard,
     ) -> Result<End, String> {
-        let (conn_id, session_id, attribution) = ctx_parts;
+        let (conn_id, session_id, attribution, subject) = ctx_parts;
         let original = attribution.original_dst;
         let timeout = self.config.header_read_timeout;
         let mut first = [0u8; 1];
@@ -128,7 +133,7 @@ impl Proxy {
                 conn_id,
                 session_id,
                 attribution,
-                &self.names,
+                subject,
                 backend.name.clone(),
                 None,
             ));
@@ -231,7 +236,7 @@ impl Proxy {
             conn_id,
             session_id,
             attribution,
-            &self.names,
+            subject,
             backend.name.clone(),
             hello.sni.clone(),
         ));

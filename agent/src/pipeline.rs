@@ -58,11 +58,10 @@ impl ConnCtx {
         conn_id: u64,
         session_id: String,
         attribution: Attribution,
-        names: &NameCache,
+        subject: Subject,
         backend: String,
         sni: Option<String>,
     ) -> ConnCtx {
-        let subject = subject_of(&attribution, names);
         let server_addr = attribution.original_dst.to_string();
         ConnCtx {
             server_addr,
@@ -116,7 +115,7 @@ impl ConnCtx {
 }
 
 /// The policy subject of a connection: uid/gid and names, supplementary groups from /proc.
-fn subject_of(a: &Attribution, names: &NameCache) -> Subject {
+pub(crate) fn subject_of(a: &Attribution, names: &NameCache) -> Subject {
     let mut groups: Vec<String> = a.group.iter().cloned().collect();
     if let Ok(status) = std::fs::read_to_string(format!("/proc/{}/status", a.tgid)) {
         for gid in status
@@ -392,6 +391,25 @@ impl Pipeline {
             },
         );
         set.mask_str(&decision, text, &mut MaskCounts::new())
+    }
+
+    /// Mask an event the agent writes about a connection (its command line can hold secrets:
+    /// `--token=…`), with the mask rules that apply to this caller and backend.
+    pub fn mask_event(&self, subject: &Subject, backend: &str, mut event: Value) -> MaskedPayload {
+        let set = self.policies.current();
+        let d = set.decide(
+            subject,
+            &policy::Message {
+                backend,
+                direction: Direction::ClientToServer,
+                method: None,
+                tool: None,
+                arguments: None,
+                is_request: false,
+            },
+        );
+        set.mask(&d, &mut event);
+        MaskedPayload::from_masked(event.to_string())
     }
 
     /// Record something that is not an MCP message (an HTTP exchange, a malformed body, an

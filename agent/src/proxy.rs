@@ -227,13 +227,19 @@ impl Proxy {
         // The opening record must be durable before a byte is relayed (strict recording).
         let mut open =
             self.connection_record(guard.id(), 0, Some(&attribution), backend.as_deref());
-        open.payload = Some(MaskedPayload::agent_event(&serde_json::json!({
-            "event": "open",
-            "client": peer.to_string(),
-            "family": attribution.family,
-            "cmdline": attribution.cmdline,
-            "cgroup_id": attribution.cgroup_id,
-        })));
+        // The command line may carry secrets: masked like a message.
+        let subject = crate::pipeline::subject_of(&attribution, &self.names);
+        open.payload = Some(self.pipeline.mask_event(
+            &subject,
+            backend.as_deref().unwrap_or(""),
+            serde_json::json!({
+                "event": "open",
+                "client": peer.to_string(),
+                "family": attribution.family,
+                "cmdline": attribution.cmdline,
+                "cgroup_id": attribution.cgroup_id,
+            }),
+        ));
         if let Err(e) = self.archive.record(open).await {
             self.counters
                 .rejected_archive
@@ -271,7 +277,7 @@ impl Proxy {
                         client,
                         upstream,
                         meta_backend,
-                        (guard.id(), session_id, attribution.clone()),
+                        (guard.id(), session_id, attribution.clone(), subject),
                         &guard,
                     )
                     .await

@@ -125,16 +125,6 @@ pub fn node() -> PathBuf {
 
 /// Run an SDK client (in `cg` when given: redirected), resolving `HOST` to 127.0.0.1 through
 /// a private /etc/hosts, trusting only `ca_file`. Returns what it printed.
-pub fn run_peer_client(
-    cg: Option<&TestCgroup>,
-    dir: &Path,
-    ca_file: &Path,
-    url: &str,
-    transport: &str,
-) -> Result<Value, String> {
-    run_sdk_client(Sdk::Python, cg, dir, ca_file, url, transport, &[])
-}
-
 pub fn run_sdk_client(
     sdk: Sdk,
     cg: Option<&TestCgroup>,
@@ -794,4 +784,148 @@ fn unknown_sni_is_refused_or_spliced_per_config() {
         .map(|i| u8::from_str_radix(&spliced["cert"].as_str().unwrap()[i..i + 2], 16).unwrap())
         .collect();
     assert_eq!(seen, server_der);
+}
+
+/// Sends the requests of a JSON list (`method`, `path`, `headers`, `body`) over HTTPS and
+/// prints one JSON line per response (`status`, `body`).
+const REQUESTS: &str = r#"
+import json, ssl, sys, urllib.request, urllib.error
+base, ca, spec = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+ctx = ssl.create_default_context(cafile=ca)
+for r in spec:
+    body = r.get("body")
+    req = urllib.request.Request(base + r["path"], method=r["method"],
+        data=None if body is None else json.dumps(body).encode(), headers=r.get("headers", {}))
+    try:
+        resp = urllib.request.urlopen(req, context=ctx, timeout=20)
+        print(json.dumps({"status": resp.status, "body": resp.read().decode()}))
+    except urllib.error.HTTPError as e:
+        print(json.dumps({"status": e.code, "body": e.read().decode()}))
+"#;
+
+fn requests(cg: &TestCgroup, dir: &Path, ca: &Path, base: &str, spec: &Value) -> Vec<Value> {
+    let hosts = dir.join("hosts");
+    std::fs::write(
+        &hosts,
+        format!("127.0.0.1 localhost {HOST}\n::1 localhost\n"),
+    )
+    .unwrap();
+    let out = cg
+        .command("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c"])
+        .arg(r#"mount --bind "$1" /etc/hosts && shift && exec "$@""#)
+        .arg("sh")
+        .arg(&hosts)
+        .arg(PYTHON)
+        .args(["-c", REQUESTS, base])
+        .arg(ca)
+        .arg(spec.to_string())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// A bearer JWT's `iss`/`sub` become the session's principal, the token is never recorded;
+/// non-MCP requests pass through and are recorded at HTTP level; a batch with a refused
+/// message is answered whole by Airlock and never reaches the server; malformed JSON is
+/// answered with a parse error.
+#[test]
+fn principal_passthrough_batches_and_malformed_bodies() {
+    let Some((cg, mut agent, _server, port, bundle)) =
+        tls_setup("principal", "ca_file = \"BACKEND_CA\"")
+    else {
+        return;
+    };
+    std::fs::write(agent.dir.join("policies/block.toml"), BLOCK_POLICY).unwrap();
+    // The policy watcher reloads within 2 s.
+    std::thread::sleep(Duration::from_secs(3));
+    use base64::Engine as _;
+    let enc = |v: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v);
+    let token = format!(
+        "{}.{}.{}",
+        enc(r#"{"alg":"none"}"#),
+        enc(r#"{"iss":"https://idp.internal.test","sub":"alice","secret_claim":"s3cr3t"}"#),
+        enc("signature-bytes")
+    );
+    let mcp_headers = serde_json::json!({
+        "Content-Type": "application/json",
+        "Accept": "application/json, text/event-stream",
+        "Authorization": format!("Bearer {token}"),
+    });
+    let spec = serde_json::json!([
+        {"method": "POST", "path": "/mcp", "headers": mcp_headers, "body":
+            {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {"protocolVersion": "2025-11-25",
+             "capabilities": {}, "clientInfo": {"name": "probe", "version": "1"}}}},
+        {"method": "GET", "path": "/.well-known/oauth-protected-resource", "headers": {}},
+        {"method": "POST", "path": "/mcp", "headers": mcp_headers, "body": [
+            {"jsonrpc": "2.0", "id": 7, "method": "tools/call", "params": {"name": "delete_everything", "arguments": {}}},
+            {"jsonrpc": "2.0", "id": 8, "method": "ping"}]},
+        {"method": "POST", "path": "/mcp", "headers": {"Content-Type": "application/json"}, "body": null},
+    ]);
+    let mut spec = spec;
+    // The last one: a body that is declared JSON and is not.
+    spec[3]["body"] = Value::Null;
+    let res = requests(
+        &cg,
+        &agent.dir,
+        &bundle,
+        &format!("https://{HOST}:{port}"),
+        &spec,
+    );
+    assert_eq!(res[0]["status"], 200, "{res:?}");
+    assert!(res[0]["body"].as_str().unwrap().contains("serverInfo"));
+    assert_eq!(res[1]["status"], 404, "passed through: {res:?}");
+    let batch: Value = serde_json::from_str(res[2]["body"].as_str().unwrap()).unwrap();
+    assert_eq!(batch[0]["error"]["code"], -32010, "{batch}");
+    assert_eq!(batch[1]["id"], 8);
+    assert_eq!(batch[1]["error"]["code"], -32011, "{batch}");
+    assert_eq!(res[3]["status"], 400, "{res:?}");
+
+    assert!(agent.sigterm().success(), "{}", agent.log());
+    let records = archived_records(&agent.archive);
+    let init = records
+        .iter()
+        .find(|r| r["method"] == "initialize" && r["kind"] == "request")
+        .unwrap();
+    assert_eq!(init["principal_iss"], "https://idp.internal.test");
+    assert_eq!(init["principal_sub"], "alice");
+    let everything = serde_json::to_string(&records).unwrap();
+    let leaked: Vec<_> = records
+        .iter()
+        .filter(|r| r.to_string().contains(&token))
+        .collect();
+    assert!(
+        leaked.is_empty(),
+        "the token reached the archive: {leaked:#?}"
+    );
+    assert!(!everything.contains("s3cr3t"));
+    assert!(
+        records.iter().any(|r| r["kind"] == "http"
+            && r["payload"]
+                .as_str()
+                .unwrap_or("")
+                .contains("oauth-protected-resource")),
+        "non-MCP request recorded at HTTP level"
+    );
+    assert!(
+        records
+            .iter()
+            .any(|r| r["tool"] == "delete_everything" && r["decision"] == "block"),
+        "blocked batch member recorded"
+    );
+    assert!(
+        records
+            .iter()
+            .any(|r| r["kind"] == "error"
+                && r["payload"].as_str().unwrap_or("").contains("not JSON")),
+        "malformed body recorded"
+    );
 }
