@@ -166,3 +166,78 @@ fn policy_check_reports_file_and_line() {
         "{err}"
     );
 }
+
+/// `airlock ca`: init is idempotent, show lists roots and the bundle, install writes every
+/// trusted root into the store directory and runs the update command, rotate stages a root
+/// that is trusted at once and signs later.
+#[test]
+fn ca_init_show_install_and_rotate() {
+    let dir = std::env::temp_dir().join(format!("airlock-cli-{}-ca", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let cfg = write_config(
+        "ca",
+        &format!("state_dir = \"{}/state\"\n{GOOD_BACKEND}", dir.display()),
+    );
+    let (code, out, err) = airlock(&["ca", "show"], &cfg);
+    assert_eq!(code, Some(1), "no CA yet: {out}{err}");
+    assert!(err.contains("airlock ca init"), "{err}");
+    let (code, out, _) = airlock(&["ca", "init"], &cfg);
+    assert_eq!(code, Some(0));
+    assert!(out.starts_with("created"), "{out}");
+    let (code, out, _) = airlock(&["ca", "init"], &cfg);
+    assert_eq!(code, Some(0));
+    assert!(out.starts_with("already present"), "{out}");
+    use std::os::unix::fs::PermissionsExt as _;
+    let key = dir.join("state/ca/root-1.key");
+    assert_eq!(
+        std::fs::metadata(&key).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let (_, out, _) = airlock(&["ca", "show"], &cfg);
+    assert!(out.contains("root #1  active"), "{out}");
+    assert!(out.contains("mcp.internal.test (tools)"), "{out}");
+    let (_, pem, _) = airlock(&["ca", "show", "--pem"], &cfg);
+    assert_eq!(pem.matches("BEGIN CERTIFICATE").count(), 1);
+
+    let (code, out, err) = airlock(&["ca", "rotate", "--overlap-hours", "24"], &cfg);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("root #2 created; it signs in 24 h"), "{out}");
+    let (_, out, _) = airlock(&["ca", "show"], &cfg);
+    assert!(out.contains("root #1  active"), "{out}");
+    assert!(out.contains("root #2  pending (signs from"), "{out}");
+    let (_, pem, _) = airlock(&["ca", "show", "--pem"], &cfg);
+    assert_eq!(pem.matches("BEGIN CERTIFICATE").count(), 2, "both trusted");
+
+    let store = dir.join("store");
+    let marker = dir.join("updated");
+    let (code, out, err) = airlock(
+        &[
+            "ca",
+            "install",
+            "--store-dir",
+            store.to_str().unwrap(),
+            "--update-command",
+            &format!("touch {}", marker.display()),
+        ],
+        &cfg,
+    );
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("airlock-root-2.crt"), "{out}");
+    assert!(store.join("airlock-root-1.crt").exists());
+    assert!(marker.exists(), "update command ran");
+    // A failing update command is an error.
+    let (code, _, err) = airlock(
+        &[
+            "ca",
+            "install",
+            "--store-dir",
+            store.to_str().unwrap(),
+            "--update-command",
+            "false",
+        ],
+        &cfg,
+    );
+    assert_eq!(code, Some(1));
+    assert!(err.contains("failed"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

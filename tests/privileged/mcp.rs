@@ -61,21 +61,25 @@ pub struct PeerServer(Child);
 
 impl PeerServer {
     pub fn start(dir: &Path, port: u16, transport: &str) -> PeerServer {
+        Self::start_with(dir, port, transport, true)
+    }
+
+    /// `tls = false`: plain HTTP.
+    pub fn start_with(dir: &Path, port: u16, transport: &str, tls: bool) -> PeerServer {
         let (_, cert, key) = server_pki(dir);
         let log = std::fs::File::create(dir.join("server.log")).unwrap();
-        let child = Command::new(venv_python())
-            .arg(PEER)
-            .args([
-                "server",
-                "--port",
-                &port.to_string(),
-                "--transport",
-                transport,
-            ])
-            .arg("--cert")
-            .arg(&cert)
-            .arg("--key")
-            .arg(&key)
+        let mut cmd = Command::new(venv_python());
+        cmd.arg(PEER).args([
+            "server",
+            "--port",
+            &port.to_string(),
+            "--transport",
+            transport,
+        ]);
+        if tls {
+            cmd.arg("--cert").arg(&cert).arg("--key").arg(&key);
+        }
+        let child = cmd
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()
@@ -927,5 +931,69 @@ fn principal_passthrough_batches_and_malformed_bodies() {
             .any(|r| r["kind"] == "error"
                 && r["payload"].as_str().unwrap_or("").contains("not JSON")),
         "malformed body recorded"
+    );
+}
+
+/// A plain-HTTP MCP backend (`tls = false`): the same interception without TLS; and the body
+/// cap: a request larger than `max_body_bytes` is refused with 413 and recorded, never
+/// forwarded.
+#[test]
+fn plaintext_backend_and_body_cap() {
+    if !privileged() {
+        return;
+    }
+    let name = unique("plain");
+    let cg = TestCgroup::new(&name);
+    let port = free_port();
+    let mut agent = Agent::prepare(
+        &cg,
+        &name,
+        &format!(
+            "[[backend]]\nname = \"tools\"\nhost = \"{HOST}\"\nport = {port}\ntls = false\naddresses = [\"127.0.0.1\"]\n"
+        ),
+        "max_body_bytes = 4096",
+        None,
+    );
+    let dir = agent.dir.clone();
+    let _server = PeerServer::start_with(&dir, port, "sse", false);
+    agent.spawn();
+    let url = format!("http://{HOST}:{port}/mcp");
+    // (Unused over plain HTTP, but the clients load it.)
+    let no_ca = &dir.join("backend-ca.pem");
+    let direct = run_sdk_client(Sdk::Python, None, &dir, no_ca, &url, "streamable", &[]).unwrap();
+    let through = run_sdk_client(Sdk::Python, Some(&cg), &dir, no_ca, &url, "streamable", &[])
+        .unwrap_or_else(|e| panic!("{e}\n{}", agent.log()));
+    assert_eq!(through["calls"]["add"], direct["calls"]["add"]);
+    assert_eq!(through["progress"], direct["progress"]);
+    assert!(
+        !through["calls"]["contact"][0]
+            .as_str()
+            .unwrap()
+            .contains("alice@example.com")
+    );
+
+    let big = serde_json::json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+        "params": {"name": "echo", "arguments": {"text": "x".repeat(10_000)}}});
+    let spec = serde_json::json!([{"method": "POST", "path": "/mcp",
+        "headers": {"Content-Type": "application/json", "Accept": "application/json, text/event-stream"},
+        "body": big}]);
+    let res = requests(&cg, &dir, no_ca, &format!("http://{HOST}:{port}"), &spec);
+    assert_eq!(res[0]["status"], 413, "{res:?}");
+    assert!(res[0]["body"].as_str().unwrap().contains("max_body_bytes"));
+
+    assert!(agent.sigterm().success(), "{}", agent.log());
+    let records = archived_records(&agent.archive);
+    assert!(
+        records
+            .iter()
+            .any(|r| r["tool"] == "add" && r["kind"] == "response" && r["sni"].is_null())
+    );
+    assert!(
+        records.iter().any(|r| r["kind"] == "error"
+            && r["payload"]
+                .as_str()
+                .unwrap_or("")
+                .contains("max_body_bytes")),
+        "the refused body is recorded"
     );
 }

@@ -70,14 +70,8 @@ def serve(args):
             transport_security=security,
             host=args.hostname,
         )
-    uvicorn.run(
-        app,
-        host=args.bind,
-        port=args.port,
-        ssl_certfile=args.cert,
-        ssl_keyfile=args.key,
-        log_level="warning",
-    )
+    tls = {"ssl_certfile": args.cert, "ssl_keyfile": args.key} if args.cert else {}
+    uvicorn.run(app, host=args.bind, port=args.port, log_level="warning", **tls)
 
 
 async def run_client(args):
@@ -131,8 +125,8 @@ def main():
     s.add_argument("--bind", default="127.0.0.1")
     s.add_argument("--port", type=int, required=True)
     s.add_argument("--hostname", default="mcp.internal.test")
-    s.add_argument("--cert", required=True)
-    s.add_argument("--key", required=True)
+    s.add_argument("--cert", help="PEM certificate; without it the server speaks plain HTTP")
+    s.add_argument("--key")
     s.add_argument("--transport", choices=["json", "sse", "legacy"], default="sse")
     c = sub.add_parser("client")
     c.add_argument("--url", required=True)
