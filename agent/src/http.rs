@@ -280,6 +280,12 @@ struct RequestInfo {
 }
 
 impl Conn {
+    /// The connection closed: what was keyed by it (stateless requests, an `initialize`
+    /// whose answer never came) is forgotten.
+    pub fn end_connection_session(&self) {
+        self.pipeline.sessions.end(&self.session_key(None, None));
+    }
+
     fn session_key(&self, mcp_session_id: Option<&str>, legacy: Option<&str>) -> SessionKey {
         SessionKey {
             backend: self.ctx.backend.clone(),
@@ -884,10 +890,12 @@ async fn stream_events(
             break Ok(());
         }
     };
-    if let Some(k) = registered
-        && let Ok(mut m) = pipeline.legacy_streams.lock()
-    {
-        m.remove(&k);
+    if let Some(k) = registered {
+        // The legacy session lives as long as its `/sse` stream.
+        if let Ok(mut m) = pipeline.legacy_streams.lock() {
+            m.remove(&k);
+        }
+        pipeline.sessions.end(&k);
     }
     if let Err(reason) = &end {
         tx.abort(reason.clone().into());

@@ -153,8 +153,9 @@ impl Proxy {
                 )),
             });
             guard.set_state(crate::registry::ConnState::Open);
-            return http::serve(client, conn, drivers_rx)
-                .await
+            let served = http::serve(client, conn.clone(), drivers_rx).await;
+            conn.end_connection_session();
+            return served
                 .map(|_| End::Served)
                 .map_err(|e| format!("HTTP with the client: {e}"));
         }
@@ -253,8 +254,9 @@ impl Proxy {
             upstream: tokio::sync::Mutex::new(UpstreamSlot::new(first_upstream, Box::new(dialer))),
         });
         guard.set_state(crate::registry::ConnState::Open);
-        http::serve(stream, conn, drivers_rx)
-            .await
+        let served = http::serve(stream, conn.clone(), drivers_rx).await;
+        conn.end_connection_session();
+        served
             .map(|_| End::Served)
             .map_err(|e| format!("HTTP with the client: {e}"))
     }

@@ -59,14 +59,15 @@ impl Sessions {
     fn with<R>(&self, key: &SessionKey, f: impl FnOnce(&mut State) -> R) -> R {
         let mut map = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         let now = Instant::now();
-        if !map.contains_key(key)
-            && map.len() >= MAX_SESSIONS
-            && let Some(oldest) = map
-                .iter()
-                .min_by_key(|(_, s)| s.last_used)
-                .map(|(k, _)| k.clone())
-        {
-            map.remove(&oldest);
+        if !map.contains_key(key) && map.len() >= MAX_SESSIONS {
+            // Full: drop the least recently used eighth at once, so that a full table costs
+            // one sort per MAX_SESSIONS / 8 new sessions, not a scan per session.
+            let mut by_age: Vec<(Instant, SessionKey)> =
+                map.iter().map(|(k, s)| (s.last_used, k.clone())).collect();
+            by_age.sort_unstable_by_key(|(t, _)| *t);
+            for (_, k) in by_age.into_iter().take(MAX_SESSIONS / 8) {
+                map.remove(&k);
+            }
         }
         let state = map.entry(key.clone()).or_insert_with(|| State {
             info: SessionInfo::default(),
@@ -94,14 +95,17 @@ impl Sessions {
         request_client_to_server: bool,
         id: &str,
     ) -> Option<(Pending, Duration)> {
-        self.with(key, |s| {
-            s.pending
-                .remove(&(request_client_to_server, id.to_owned()))
-                .map(|p| {
-                    let took = p.started.elapsed();
-                    (p, took)
-                })
-        })
+        // A lookup does not create a session.
+        let mut map = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let state = map.get_mut(key)?;
+        state.last_used = Instant::now();
+        state
+            .pending
+            .remove(&(request_client_to_server, id.to_owned()))
+            .map(|p| {
+                let took = p.started.elapsed();
+                (p, took)
+            })
     }
 
     /// Move what a connection-keyed session learnt (the `initialize` exchange) to the
@@ -118,7 +122,8 @@ impl Sessions {
     }
 
     pub fn info(&self, key: &SessionKey) -> SessionInfo {
-        self.with(key, |s| s.info.clone())
+        let map = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        map.get(key).map(|s| s.info.clone()).unwrap_or_default()
     }
 
     /// The session ended (DELETE, or the connection that keyed it closed).
@@ -188,6 +193,24 @@ mod tests {
                 .is_none()
         );
         assert!(s.answer(&key("s"), true, "0").is_some());
+    }
+
+    #[test]
+    fn lookups_do_not_create_sessions_and_a_full_table_evicts_the_oldest() {
+        let s = Sessions::new();
+        assert!(s.answer(&key("nobody"), true, "1").is_none());
+        assert_eq!(s.info(&key("nobody")).protocol_version, None);
+        assert!(s.is_empty());
+        for i in 0..MAX_SESSIONS {
+            s.set_info(&key(&i.to_string()), |_| {});
+        }
+        s.set_info(&key("first"), |_| {});
+        s.set_info(&key("new"), |_| {});
+        assert!(s.len() <= MAX_SESSIONS);
+        // The oldest went, the newest stayed.
+        let map = s.inner.lock().unwrap();
+        assert!(!map.contains_key(&key("0")));
+        assert!(map.contains_key(&key("new")));
     }
 
     #[test]
