@@ -31,14 +31,32 @@ pub enum Request {
     Status,
     /// Stop accepting, drain, exit. Pins (block mode) stay.
     Shutdown,
+    /// Calls held for approval.
+    Approvals,
+    /// Let held call `id` through; with `digest`, only if it is that exact call.
+    Approve {
+        id: u64,
+        digest: Option<String>,
+    },
+    /// Refuse held call `id`.
+    Deny {
+        id: u64,
+    },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "result", rename_all = "snake_case")]
 pub enum Response {
     Status(Box<Status>),
-    Ok { message: String },
-    Error { message: String },
+    Approvals {
+        pending: Vec<crate::policy::approvals::PendingApproval>,
+    },
+    Ok {
+        message: String,
+    },
+    Error {
+        message: String,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -97,10 +115,11 @@ pub fn bind(path: &Path) -> io::Result<UnixListener> {
     Ok(listener)
 }
 
-/// Serve requests until the listener fails; `handle` answers one request.
+/// Serve requests until the listener fails; `handle` answers one request (given the peer's
+/// uid, for the record of who decided).
 pub async fn serve<F>(listener: UnixListener, handle: F)
 where
-    F: Fn(Request) -> Response + Clone + Send + 'static,
+    F: Fn(Request, u32) -> Response + Clone + Send + 'static,
 {
     loop {
         let (stream, _) = match listener.accept().await {
@@ -122,7 +141,7 @@ where
 
 async fn serve_one<F>(stream: UnixStream, handle: F) -> io::Result<()>
 where
-    F: Fn(Request) -> Response,
+    F: Fn(Request, u32) -> Response,
 {
     let peer_uid = stream.peer_cred()?.uid();
     let (rd, mut wr) = stream.into_split();
@@ -137,7 +156,7 @@ where
             .await
             .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no request line"))??;
         match serde_json::from_str::<Request>(line.trim()) {
-            Ok(req) => handle(req),
+            Ok(req) => handle(req, peer_uid),
             Err(e) => Response::Error {
                 message: format!("bad request: {e}"),
             },
@@ -231,12 +250,12 @@ mod tests {
             std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777,
             0o700
         );
-        let server = tokio::spawn(serve(listener, |req| match req {
-            Request::Status => Response::Error {
-                message: "no status in this test".into(),
-            },
+        let server = tokio::spawn(serve(listener, |req, _uid| match req {
             Request::Shutdown => Response::Ok {
                 message: "bye".into(),
+            },
+            _ => Response::Error {
+                message: "not in this test".into(),
             },
         }));
         let resp = request(&path, &Request::Shutdown).await.unwrap();

@@ -145,6 +145,8 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         host: config.host.clone(),
         counters: Default::default(),
         legacy_streams: Default::default(),
+        approvals: Default::default(),
+        approval_decided: tokio::sync::Notify::new(),
     });
     let proxy = Arc::new(Proxy {
         config: config.clone(),
@@ -173,7 +175,50 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         let policies = policies.clone();
         let cgroup = cgroup.display().to_string();
         let shutdown_tx = shutdown_tx.clone();
-        move |req| match req {
+        move |req, peer_uid| match req {
+            Request::Approvals => {
+                let pending = proxy
+                    .pipeline
+                    .approvals
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .list(Instant::now());
+                Response::Approvals { pending }
+            }
+            Request::Approve { id, digest } => {
+                let r = proxy
+                    .pipeline
+                    .approvals
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .approve(id, digest.as_deref(), peer_uid, Instant::now());
+                proxy.pipeline.approval_decided.notify_waiters();
+                match r {
+                    Ok(_) => Response::Ok {
+                        message: format!("approved {id}"),
+                    },
+                    Err(e) => Response::Error {
+                        message: e.to_string(),
+                    },
+                }
+            }
+            Request::Deny { id } => {
+                let r = proxy
+                    .pipeline
+                    .approvals
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .deny(id, peer_uid, Instant::now());
+                proxy.pipeline.approval_decided.notify_waiters();
+                match r {
+                    Ok(_) => Response::Ok {
+                        message: format!("denied {id}"),
+                    },
+                    Err(e) => Response::Error {
+                        message: e.to_string(),
+                    },
+                }
+            }
             Request::Status => {
                 let mut s = status(&proxy, &targets, &cgroup, started_at);
                 s.agent.policy_hash = Some(policies.current().hash.clone());

@@ -90,11 +90,33 @@ enum Command {
         #[command(subcommand)]
         command: PolicyCommand,
     },
+    /// Calls held by `action = "approve"` rules: list them, let one through, refuse one.
+    Approvals {
+        #[command(subcommand)]
+        command: ApprovalsCommand,
+    },
     /// The managed certificate authority that intercepted TLS connections are signed by.
     Ca {
         #[command(subcommand)]
         command: CaCommand,
     },
+}
+
+#[derive(Subcommand)]
+enum ApprovalsCommand {
+    /// Held calls, oldest first: id, rule, who, what (arguments masked), time left.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Let held call ID through. With --digest, only if it is still that exact call.
+    Approve {
+        id: u64,
+        #[arg(long)]
+        digest: Option<String>,
+    },
+    /// Refuse held call ID (the client gets JSON-RPC error -32013).
+    Deny { id: u64 },
 }
 
 #[derive(Subcommand)]
@@ -236,6 +258,7 @@ fn main() -> ExitCode {
                 &out,
             ),
             Command::Ca { command } => ca(&config, command),
+            Command::Approvals { command } => approvals(&config, command).await,
             Command::CheckConfig => match config.resolve().await {
                 Ok(targets) => {
                     println!("{}: ok", config.path.display());
@@ -660,5 +683,56 @@ fn ca(config: &Config, command: CaCommand) -> ExitCode {
             eprintln!("airlock ca: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+async fn approvals(config: &Config, command: ApprovalsCommand) -> ExitCode {
+    let (req, json) = match command {
+        ApprovalsCommand::List { json } => (Request::Approvals, json),
+        ApprovalsCommand::Approve { id, digest } => (Request::Approve { id, digest }, false),
+        ApprovalsCommand::Deny { id } => (Request::Deny { id }, false),
+    };
+    match admin::request(&config.admin_socket(), &req).await {
+        Ok(Response::Approvals { pending }) => {
+            if json {
+                for p in &pending {
+                    println!("{}", serde_json::to_string(p).unwrap_or_default());
+                }
+            } else if pending.is_empty() {
+                println!("no call is waiting for approval");
+            } else {
+                for p in &pending {
+                    println!(
+                        "#{}  rule {}  {} {}  by {} (uid {}, pid {}, {})  backend {}  {} s left",
+                        p.id,
+                        p.rule,
+                        p.method,
+                        p.tool.as_deref().unwrap_or(""),
+                        p.user.as_deref().unwrap_or("?"),
+                        p.uid,
+                        p.pid,
+                        p.exe.as_deref().unwrap_or("?"),
+                        p.backend,
+                        p.expires_in_secs
+                    );
+                    if let Some(args) = &p.arguments {
+                        println!("    arguments {args}");
+                    }
+                    println!("    digest {}", p.digest);
+                }
+            }
+            ExitCode::SUCCESS
+        }
+        Ok(Response::Ok { message }) => {
+            println!("{message}");
+            ExitCode::SUCCESS
+        }
+        Ok(Response::Error { message }) => fail(message),
+        Ok(_) => fail("unexpected answer from the agent"),
+        Err(e @ admin::ClientError::NotRunning(_)) => {
+            eprintln!("airlock: {e}");
+            ExitCode::from(3)
+        }
+        Err(e) => fail(e),
     }
 }

@@ -196,6 +196,10 @@ pub struct Pipeline {
     pub sessions: Arc<Sessions>,
     pub host: String,
     pub counters: PipelineCounters,
+    /// Calls held for a human decision (`airlock approvals`), and the signal that one was
+    /// decided.
+    pub approvals: Mutex<crate::policy::approvals::Approvals>,
+    pub approval_decided: tokio::sync::Notify,
     /// Open legacy (2024-11-05) `/sse` streams by session: where Airlock puts its own answers
     /// to POSTs it refused, since that transport answers every POST on the stream.
     pub legacy_streams:
@@ -269,6 +273,14 @@ impl Pipeline {
                 is_request: kind == Kind::Request,
             },
         );
+        // An approval is bound to the exact call, as the client sent it.
+        let approval_digest = matches!(decision.verdict, Verdict::Approve { .. }).then(|| {
+            crate::policy::approvals::call_digest(
+                method.as_deref().unwrap_or(""),
+                tool.as_deref(),
+                arguments,
+            )
+        });
         let original_args = if decision.masks_anything() {
             arguments.cloned()
         } else {
@@ -280,11 +292,32 @@ impl Pipeline {
             MaskCounts::new()
         };
         let masked: u32 = counts.values().sum();
+        // Consistent listing: a tool every call of which this caller would be refused is not
+        // listed to it either.
+        let mut hidden = Vec::new();
+        if kind == Kind::Response
+            && direction == Direction::ServerToClient
+            && method.as_deref() == Some("tools/list")
+            && let Some(tools) = value
+                .get_mut("result")
+                .and_then(|r| r.get_mut("tools"))
+                .and_then(Value::as_array_mut)
+        {
+            tools.retain(|t| {
+                let name = t.get("name").and_then(Value::as_str).unwrap_or("");
+                let visible = set.tool_visible(&ctx.subject, &ctx.backend, name);
+                if !visible {
+                    hidden.push(name.to_owned());
+                }
+                visible
+            });
+        }
         if masked > 0 {
             self.counters
                 .masked_values
                 .fetch_add(masked as u64, Ordering::Relaxed);
         }
+        let mut approved = false;
         let refusal = match &decision.verdict {
             Verdict::Allow => None,
             Verdict::Block { rule } => Some((
@@ -295,16 +328,47 @@ impl Pipeline {
                 ),
                 "block",
             )),
-            // Approvals are decided over the admin socket (policy issue); until then a call
-            // that needs one is refused, never forwarded unchecked.
-            Verdict::Approve { rule, .. } => Some((
-                code::DENIED,
-                format!(
-                    "{} requires approval (Airlock policy rule `{rule}`) and no approval was given",
-                    describe(method.as_deref(), tool.as_deref())
-                ),
-                "denied",
-            )),
+            Verdict::Approve { rule, timeout } => {
+                let args = value
+                    .get("params")
+                    .and_then(|p| p.get("arguments"))
+                    .cloned();
+                let (id, outcome) = self
+                    .hold(
+                        ctx,
+                        rule,
+                        *timeout,
+                        approval_digest.clone().unwrap_or_default(),
+                        method.clone().unwrap_or_default(),
+                        tool.clone(),
+                        args,
+                    )
+                    .await;
+                self.record_approval(
+                    ctx,
+                    id,
+                    rule,
+                    approval_digest.as_deref().unwrap_or(""),
+                    &outcome,
+                    (method.as_deref(), tool.as_deref(), id_text.as_deref()),
+                    mcp_session_id.clone(),
+                )
+                .await?;
+                match outcome {
+                    crate::policy::approvals::Outcome::Approved { .. } => {
+                        approved = true;
+                        None
+                    }
+                    crate::policy::approvals::Outcome::Denied { reason, .. } => Some((
+                        code::DENIED,
+                        format!(
+                            "{} was not approved (Airlock policy rule `{rule}`): {reason}",
+                            describe(method.as_deref(), tool.as_deref())
+                        ),
+                        "denied",
+                    )),
+                }
+            }
         };
         let mut record = ctx.record(&self.host, direction, kind.as_str());
         record.mcp_session_id = mcp_session_id.clone();
@@ -320,13 +384,16 @@ impl Pipeline {
             .collect();
         record.decision = match refusal {
             Some((_, _, d)) => d.into(),
+            None if approved => "approved".into(),
             None if masked > 0 => "mask".into(),
+            // A listing with tools hidden by a block rule.
+            None if !hidden.is_empty() => "block".into(),
             None => "allow".into(),
         };
         let level = decision.record;
         if level == RecordLevel::Full {
             let text = match raw.as_deref().map(std::str::from_utf8) {
-                Some(Ok(t)) if masked == 0 => t.trim().to_owned(),
+                Some(Ok(t)) if masked == 0 && hidden.is_empty() => t.trim().to_owned(),
                 _ => value.to_string(),
             };
             record.payload = Some(MaskedPayload::from_masked(text));
@@ -371,9 +438,123 @@ impl Pipeline {
         }
         Ok(Outcome::Forward {
             value,
-            changed: masked > 0,
+            changed: masked > 0 || !hidden.is_empty(),
             original_args,
         })
+    }
+
+    /// Hold a call until an approver decides (or its time runs out). If the client goes away
+    /// meanwhile, the call is withdrawn from the list.
+    #[allow(clippy::too_many_arguments)]
+    async fn hold(
+        &self,
+        ctx: &ConnCtx,
+        rule: &str,
+        timeout: std::time::Duration,
+        digest: String,
+        method: String,
+        tool: Option<String>,
+        arguments: Option<Value>,
+    ) -> (u64, crate::policy::approvals::Outcome) {
+        use crate::policy::approvals::PendingApproval;
+        let a = &ctx.attribution;
+        let info = PendingApproval {
+            id: 0,
+            rule: rule.to_owned(),
+            digest,
+            method,
+            tool,
+            arguments,
+            user: a.user.clone(),
+            uid: a.uid,
+            pid: a.tgid,
+            exe: a.exe.clone(),
+            backend: ctx.backend.clone(),
+            requested_at: String::new(),
+            expires_in_secs: 0,
+        };
+        let id = self
+            .approvals
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .request(info, timeout, Instant::now());
+        tracing::info!(id, rule, backend = %ctx.backend, "call held for approval (airlock approvals list)");
+        struct Withdraw<'a>(&'a Pipeline, u64, bool);
+        impl Drop for Withdraw<'_> {
+            fn drop(&mut self) {
+                if !self.2 {
+                    self.0
+                        .approvals
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .cancel(self.1);
+                }
+            }
+        }
+        let mut guard = Withdraw(self, id, false);
+        loop {
+            let notified = self.approval_decided.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let outcome = self
+                .approvals
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take_outcome(id, Instant::now());
+            if let Some(o) = outcome {
+                guard.2 = true;
+                return (id, o);
+            }
+            tokio::select! {
+                _ = notified => {}
+                // Expiry is decided by the clock, not by an event.
+                _ = tokio::time::sleep(std::time::Duration::from_millis(250)) => {}
+            }
+        }
+    }
+
+    /// The `approval` record: who decided what about which call, and how long it waited.
+    #[allow(clippy::too_many_arguments)]
+    async fn record_approval(
+        &self,
+        ctx: &ConnCtx,
+        id: u64,
+        rule: &str,
+        digest: &str,
+        outcome: &crate::policy::approvals::Outcome,
+        call: (Option<&str>, Option<&str>, Option<&str>),
+        mcp_session_id: Option<String>,
+    ) -> Result<(), PipelineError> {
+        use crate::policy::approvals::Outcome;
+        let (decision, by_uid, waited, reason) = match outcome {
+            Outcome::Approved { by_uid, waited } => ("approved", Some(*by_uid), *waited, None),
+            Outcome::Denied {
+                by_uid,
+                waited,
+                reason,
+            } => ("denied", *by_uid, *waited, Some(reason.clone())),
+        };
+        let mut rec = ctx.record(&self.host, Direction::ClientToServer, "approval");
+        rec.mcp_session_id = mcp_session_id;
+        rec.method = call.0.map(str::to_owned);
+        rec.tool = call.1.map(str::to_owned);
+        rec.jsonrpc_id = call.2.map(str::to_owned);
+        rec.decision = decision.into();
+        rec.rules = vec![rule.to_owned()];
+        rec.latency_us = Some(waited.as_micros() as u64);
+        rec.payload = Some(MaskedPayload::agent_event(&serde_json::json!({
+            "approval_id": id,
+            "digest": digest,
+            "decision": decision,
+            "by_uid": by_uid,
+            "waited_ms": waited.as_millis() as u64,
+            "reason": reason,
+        })));
+        self.archive
+            .record(rec)
+            .await
+            .map(|_| ())
+            .map_err(|e| PipelineError::Archive(e.to_string()))
     }
 
     /// Mask one string with the rules that apply to `ctx` (a mirrored header, a query string).

@@ -276,7 +276,10 @@ fn same_results_through_airlock_with(transport: &str, sdk: Sdk, extra: &[&str]) 
     let through = run_sdk_client(sdk, Some(&cg), &dir, &bundle, &url, client_transport, extra)
         .unwrap_or_else(|e| panic!("through Airlock: {e}\nagent log:\n{}", agent.log()));
 
-    assert_eq!(through["tools"], direct["tools"]);
+    // Consistent listing: the tool this caller may not call is not listed to it.
+    let mut expected_tools = direct["tools"].as_array().unwrap().clone();
+    expected_tools.retain(|t| t != "delete_everything");
+    assert_eq!(through["tools"], Value::Array(expected_tools));
     for tool in ["add", "echo", "countdown", "add_after"] {
         assert_eq!(through["calls"][tool], direct["calls"][tool], "{tool}");
     }
@@ -995,5 +998,196 @@ fn plaintext_backend_and_body_cap() {
                 .unwrap_or("")
                 .contains("max_body_bytes")),
         "the refused body is recorded"
+    );
+}
+
+const APPROVE_POLICY: &str = r#"
+[[rule]]
+id = "approve-add"
+action = "approve"
+tools = ["add"]
+timeout_secs = 60
+
+[[rule]]
+id = "approve-echo-quickly"
+action = "approve"
+tools = ["echo"]
+timeout_secs = 1
+"#;
+
+/// Start the SDK client calling one tool, in the cgroup, in the background.
+fn spawn_call(cg: &TestCgroup, dir: &Path, ca: &Path, url: &str, tool: &str, args: &str) -> Child {
+    let hosts = dir.join("hosts");
+    std::fs::write(
+        &hosts,
+        format!("127.0.0.1 localhost {HOST}\n::1 localhost\n"),
+    )
+    .unwrap();
+    cg.command("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c"])
+        .arg(r#"mount --bind "$1" /etc/hosts && shift && exec "$@""#)
+        .arg("sh")
+        .arg(&hosts)
+        .arg(venv_python())
+        .arg(PEER)
+        .args(["client", "--url", url, "--call", tool, "--args", args])
+        .env("SSL_CERT_FILE", ca)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+fn finish(child: Child) -> Value {
+    let out = child.wait_with_output().unwrap();
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "{e}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+/// The held call, once `airlock approvals list` shows it.
+fn wait_pending(config: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let out = airlock_out(&["approvals", "list", "--json", "--config", config]);
+        if let Some(line) = out.lines().next() {
+            return serde_json::from_str(line).unwrap();
+        }
+        assert!(Instant::now() < deadline, "no call was held");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// `action = "approve"`: the call waits; `airlock approvals approve` lets it through (the
+/// client gets the server's answer), `deny` refuses it (-32013), silence past `timeout_secs`
+/// refuses it too; an approval naming another call's digest is refused. Each decision is in
+/// the archive with the approver's uid and the wait.
+#[test]
+fn approvals_hold_calls_until_a_human_decides() {
+    let Some((cg, mut agent, _server, port, bundle)) =
+        tls_setup("approvals", "ca_file = \"BACKEND_CA\"")
+    else {
+        return;
+    };
+    std::fs::write(agent.dir.join("policies/approve.toml"), APPROVE_POLICY).unwrap();
+    std::thread::sleep(Duration::from_secs(3)); // the policy watcher's period is 2 s
+    let config = agent.config.to_str().unwrap().to_owned();
+    let url = format!("https://{HOST}:{port}/mcp");
+
+    // Approved.
+    let client = spawn_call(
+        &cg,
+        &agent.dir,
+        &bundle,
+        &url,
+        "add",
+        r#"{"a": 2, "b": 40}"#,
+    );
+    let held = wait_pending(&config);
+    assert_eq!(held["tool"], "add");
+    assert_eq!(held["rule"], "approve-add");
+    assert_eq!(held["uid"], 0);
+    assert_eq!(held["arguments"]["a"], 2);
+    let id = held["id"].as_u64().unwrap().to_string();
+    let wrong = Command::new(AIRLOCK)
+        .args([
+            "approvals",
+            "approve",
+            &id,
+            "--digest",
+            "0000",
+            "--config",
+            &config,
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        !wrong.status.success(),
+        "a digest of another call must not approve"
+    );
+    assert!(String::from_utf8_lossy(&wrong.stderr).contains("another call"));
+    let digest = held["digest"].as_str().unwrap();
+    airlock_out(&[
+        "approvals",
+        "approve",
+        &id,
+        "--digest",
+        digest,
+        "--config",
+        &config,
+    ]);
+    let res = finish(client);
+    assert_eq!(res["result"][0], "42", "{res}");
+
+    // Denied.
+    let client = spawn_call(&cg, &agent.dir, &bundle, &url, "add", r#"{"a": 1, "b": 1}"#);
+    let held = wait_pending(&config);
+    airlock_out(&[
+        "approvals",
+        "deny",
+        &held["id"].as_u64().unwrap().to_string(),
+        "--config",
+        &config,
+    ]);
+    let res = finish(client);
+    assert_eq!(res["error"]["code"], -32013, "{res}");
+    assert!(
+        res["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("denied by uid 0"),
+        "{res}"
+    );
+
+    // Nobody answers within the rule's timeout.
+    let started = Instant::now();
+    let res = finish(spawn_call(
+        &cg,
+        &agent.dir,
+        &bundle,
+        &url,
+        "echo",
+        r#"{"text": "hi"}"#,
+    ));
+    assert_eq!(res["error"]["code"], -32013, "{res}");
+    assert!(
+        res["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("no decision within 1 s")
+    );
+    assert!(started.elapsed() < Duration::from_secs(15));
+    let out = airlock_out(&["approvals", "list", "--config", &config]);
+    assert!(out.contains("no call is waiting"), "{out}");
+
+    assert!(agent.sigterm().success(), "{}", agent.log());
+    let records = archived_records(&agent.archive);
+    let approvals: Vec<_> = records.iter().filter(|r| r["kind"] == "approval").collect();
+    assert_eq!(approvals.len(), 3, "{approvals:#?}");
+    let decisions: Vec<_> = approvals
+        .iter()
+        .map(|r| r["decision"].as_str().unwrap())
+        .collect();
+    assert_eq!(decisions, ["approved", "denied", "denied"]);
+    let first: Value = serde_json::from_str(approvals[0]["payload"].as_str().unwrap()).unwrap();
+    assert_eq!(first["by_uid"], 0);
+    assert!(first["waited_ms"].as_u64().is_some());
+    assert!(approvals[0]["latency_us"].as_u64().is_some());
+    let timed_out: Value = serde_json::from_str(approvals[2]["payload"].as_str().unwrap()).unwrap();
+    assert!(timed_out["by_uid"].is_null());
+    // The approved call's request is recorded as approved, then forwarded (its response is there).
+    assert!(
+        records
+            .iter()
+            .any(|r| r["tool"] == "add" && r["kind"] == "request" && r["decision"] == "approved")
+    );
+    assert!(
+        records
+            .iter()
+            .any(|r| r["tool"] == "add" && r["kind"] == "response")
     );
 }

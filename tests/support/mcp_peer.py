@@ -88,6 +88,15 @@ async def run_client(args):
     async def on_progress(progress, total, message):
         seen["progress"].append([progress, total, message])
 
+    if args.call:
+        async with Client(server, mode=args.mode) as client:
+            try:
+                result = await client.call_tool(args.call, json.loads(args.args))
+                print(json.dumps({"result": [c.text for c in result.content if hasattr(c, "text")]}))
+            except Exception as e:
+                code = getattr(getattr(e, "error", None), "code", None)
+                print(json.dumps({"error": {"code": code, "message": str(e)}}))
+        return
     async with Client(server, mode=args.mode) as client:
         tools = await client.list_tools()
         seen["tools"] = sorted(t.name for t in tools.tools)
@@ -133,6 +142,8 @@ def main():
     c.add_argument("--transport", choices=["streamable", "legacy"], default="streamable")
     c.add_argument("--mode", default="legacy")
     c.add_argument("--notify", action="store_true")
+    c.add_argument("--call", help="only call this tool and print its result or error")
+    c.add_argument("--args", default="{}", help="JSON arguments for --call")
     args = p.parse_args()
     if args.role == "server":
         serve(args)

@@ -59,7 +59,7 @@ pub fn canonical(v: &Value, out: &mut String) {
 }
 
 /// What an approver sees (`airlock approvals list`).
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq, Eq)]
 pub struct PendingApproval {
     pub id: u64,
     pub rule: String,
@@ -191,6 +191,12 @@ impl Approvals {
         };
         self.decided.insert(id, outcome.clone());
         Ok(outcome)
+    }
+
+    /// Forget a held call nobody waits for any more (its client went away).
+    pub fn cancel(&mut self, id: u64) {
+        self.pending.remove(&id);
+        self.decided.remove(&id);
     }
 
     /// The decision for `id`, once there is one (taken: each decision is read once).
