@@ -61,6 +61,8 @@ pub enum RunError {
         path: std::path::PathBuf,
         reason: String,
     },
+    #[error("brokered credentials: {0}")]
+    Credentials(String),
     #[error("TLS interception cannot start: {0}")]
     Tls(String),
     #[error("invalid policies (fix them, or check with `airlock policy check`):\n{0}")]
@@ -138,7 +140,17 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     } else {
         None
     };
+    // Brokered credentials: refused at start when the file is not root-only.
+    let mut credentials = std::collections::HashMap::new();
+    for b in &config.backends {
+        if let Some(path) = &b.credentials_file {
+            let c = crate::policy::credentials::Credentials::load(path)
+                .map_err(|e| RunError::Credentials(e.to_string()))?;
+            credentials.insert(b.name.clone(), c);
+        }
+    }
     let pipeline = Arc::new(crate::pipeline::Pipeline {
+        credentials,
         policies: policies.clone(),
         archive: archive.clone(),
         sessions: Arc::new(crate::mcp::session::Sessions::new()),

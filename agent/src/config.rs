@@ -99,6 +99,8 @@ pub struct Backend {
     pub ca_file: Option<PathBuf>,
     pub mode: BackendMode,
     pub unknown_sni: UnknownSni,
+    /// Root-only secrets file: Airlock adds the upstream credential and strips the client's.
+    pub credentials_file: Option<PathBuf>,
 }
 
 /// How Airlock handles a backend's connections.
@@ -190,6 +192,8 @@ struct RawBackend {
     mode: BackendMode,
     #[serde(default = "defaults::unknown_sni")]
     unknown_sni: UnknownSni,
+    #[serde(default)]
+    credentials_file: Option<PathBuf>,
 }
 
 mod defaults {
@@ -526,6 +530,7 @@ impl Validator<'_> {
                 ca_file,
                 mode: b.mode,
                 unknown_sni: b.unknown_sni,
+                credentials_file: b.credentials_file.map(|p| self.absolute(p)),
             });
         }
         let cgroup = raw.cgroup.map(|p| self.absolute(p));

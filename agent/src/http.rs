@@ -431,6 +431,19 @@ impl Conn {
 
         // Forward.
         strip_hop_by_hop(&mut parts.headers);
+        if let Some(creds) = self.pipeline.credentials.get(&self.ctx.backend) {
+            // Brokering: the client's credentials never reach the server; Airlock's do.
+            for h in crate::policy::credentials::CLIENT_CREDENTIAL_HEADERS {
+                parts.headers.remove(*h);
+            }
+            let a = &self.ctx.attribution;
+            if let Some(secret) = creds.for_caller(a.uid, a.user.as_deref())
+                && let Ok(mut v) = HeaderValue::from_str(secret.expose())
+            {
+                v.set_sensitive(true);
+                parts.headers.insert(header::AUTHORIZATION, v);
+            }
+        }
         parts.headers.insert(
             header::ACCEPT_ENCODING,
             HeaderValue::from_static("identity"),

@@ -222,7 +222,10 @@ fn main() -> ExitCode {
             Command::Run => match airlock::agent::run(config).await {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(airlock::agent::RunError::Config(e)) => config_error(&e),
-                Err(e @ airlock::agent::RunError::Policy(_)) => {
+                Err(
+                    e @ (airlock::agent::RunError::Policy(_)
+                    | airlock::agent::RunError::Credentials(_)),
+                ) => {
                     eprintln!("airlock: {e}");
                     ExitCode::from(2)
                 }

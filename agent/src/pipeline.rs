@@ -196,6 +196,8 @@ pub struct Pipeline {
     pub sessions: Arc<Sessions>,
     pub host: String,
     pub counters: PipelineCounters,
+    /// Brokered upstream credentials by backend name (`credentials_file`).
+    pub credentials: std::collections::HashMap<String, crate::policy::credentials::Credentials>,
     /// Calls held for a human decision (`airlock approvals`), and the signal that one was
     /// decided.
     pub approvals: Mutex<crate::policy::approvals::Approvals>,

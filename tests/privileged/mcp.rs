@@ -1017,6 +1017,18 @@ timeout_secs = 1
 
 /// Start the SDK client calling one tool, in the cgroup, in the background.
 fn spawn_call(cg: &TestCgroup, dir: &Path, ca: &Path, url: &str, tool: &str, args: &str) -> Child {
+    spawn_call_with(cg, dir, ca, url, tool, args, &[])
+}
+
+fn spawn_call_with(
+    cg: &TestCgroup,
+    dir: &Path,
+    ca: &Path,
+    url: &str,
+    tool: &str,
+    args: &str,
+    env: &[(&str, &str)],
+) -> Child {
     let hosts = dir.join("hosts");
     std::fs::write(
         &hosts,
@@ -1031,6 +1043,7 @@ fn spawn_call(cg: &TestCgroup, dir: &Path, ca: &Path, url: &str, tool: &str, arg
         .arg(venv_python())
         .arg(PEER)
         .args(["client", "--url", url, "--call", tool, "--args", args])
+        .envs(env.iter().copied())
         .env("SSL_CERT_FILE", ca)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -1190,4 +1203,88 @@ fn approvals_hold_calls_until_a_human_decides() {
             .iter()
             .any(|r| r["tool"] == "add" && r["kind"] == "response")
     );
+}
+
+/// Credential brokering: the backend's root-only secrets file supplies the upstream
+/// `Authorization` (per uid here), the client's own credential is stripped, and neither
+/// reaches the archive. A secrets file others can read stops the agent from starting.
+#[test]
+fn brokered_credentials_replace_the_clients() {
+    if !privileged() {
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt as _;
+    let name = unique("broker");
+    let cg = TestCgroup::new(&name);
+    let port = free_port();
+    let mut agent = Agent::prepare(
+        &cg,
+        &name,
+        &format!(
+            "[[backend]]\nname = \"tools\"\nhost = \"{HOST}\"\nport = {port}\naddresses = [\"127.0.0.1\"]\nca_file = \"BACKEND_CA\"\ncredentials_file = \"secrets.toml\"\n"
+        ),
+        "",
+        None,
+    );
+    let dir = agent.dir.clone();
+    let _server = PeerServer::start(&dir, port, "json");
+    let config = std::fs::read_to_string(&agent.config)
+        .unwrap()
+        .replace("BACKEND_CA", dir.join("backend-ca.pem").to_str().unwrap());
+    std::fs::write(&agent.config, config).unwrap();
+    let secrets = dir.join("secrets.toml");
+    std::fs::write(
+        &secrets,
+        "default = \"Bearer for-everyone-else\"\n[uids]\n0 = \"Bearer brokered-for-root\"\n",
+    )
+    .unwrap();
+    // Readable by others: refused, exit 2, the message names the file and never the secret.
+    std::fs::set_permissions(&secrets, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = Command::new(AIRLOCK)
+        .args(["run", "--config"])
+        .arg(&agent.config)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("secrets.toml") && err.contains("chmod 600"),
+        "{err}"
+    );
+    assert!(!err.contains("brokered-for-root"));
+    std::fs::set_permissions(&secrets, std::fs::Permissions::from_mode(0o600)).unwrap();
+    agent.spawn();
+    let bundle = dir.join("airlock-ca.pem");
+    std::fs::write(
+        &bundle,
+        airlock_out(&[
+            "ca",
+            "show",
+            "--pem",
+            "--config",
+            agent.config.to_str().unwrap(),
+        ]),
+    )
+    .unwrap();
+    let url = format!("https://{HOST}:{port}/mcp");
+    // The client presents its own token: stripped, replaced.
+    let child = spawn_call_with(
+        &cg,
+        &dir,
+        &bundle,
+        &url,
+        "auth_digest",
+        "{}",
+        &[("MCP_PEER_BEARER", "client-own-token")],
+    );
+    let res = finish(child);
+    use sha2::Digest as _;
+    let expected =
+        airlock::archive::record::hex(&sha2::Sha256::digest(b"Bearer brokered-for-root"));
+    assert_eq!(res["result"][0], expected.as_str(), "{res}");
+    assert!(agent.sigterm().success(), "{}", agent.log());
+    let everything = serde_json::to_string(&archived_records(&agent.archive)).unwrap();
+    assert!(!everything.contains("brokered-for-root"));
+    assert!(!everything.contains("client-own-token"));
+    assert!(!agent.log().contains("brokered-for-root"));
 }

@@ -10,6 +10,7 @@ errors), so a test can compare a run through Airlock with a direct one.
 import argparse
 import asyncio
 import json
+import os
 import sys
 
 
@@ -43,6 +44,14 @@ def serve(args):
     def notify(email: Annotated[str, Field(json_schema_extra={"x-mcp-header": "Email"})]) -> str:
         """Mirrors its argument into a request header on 2026-07-28 (x-mcp-header)."""
         return f"notified {email}"
+
+    @mcp.tool()
+    def auth_digest(ctx: Context) -> str:
+        """SHA-256 of the Authorization header this server received ("none" without one)."""
+        import hashlib
+
+        value = (ctx.headers or {}).get("authorization")
+        return "none" if value is None else hashlib.sha256(value.encode()).hexdigest()
 
     @mcp.tool()
     def delete_everything() -> str:
@@ -89,6 +98,16 @@ async def run_client(args):
         seen["progress"].append([progress, total, message])
 
     if args.call:
+        bearer = os.environ.get("MCP_PEER_BEARER")
+        if bearer:
+            # The client's own credential (a broker must strip it).
+            from mcp.client.streamable_http import streamable_http_client
+            from mcp.shared._httpx_utils import create_mcp_http_client
+
+            server = streamable_http_client(
+                args.url,
+                http_client=create_mcp_http_client(headers={"Authorization": f"Bearer {bearer}"}),
+            )
         async with Client(server, mode=args.mode) as client:
             try:
                 result = await client.call_tool(args.call, json.loads(args.args))
@@ -99,7 +118,7 @@ async def run_client(args):
         return
     async with Client(server, mode=args.mode) as client:
         tools = await client.list_tools()
-        seen["tools"] = sorted(t.name for t in tools.tools)
+        seen["tools"] = sorted(t.name for t in tools.tools if t.name != "auth_digest")
         for name, arguments in [
             ("add", {"a": 2, "b": 40}),
             ("echo", {"text": "héllo wörld " * 3}),

@@ -16,6 +16,7 @@ fn backend(host: &str, addresses: &[&str]) -> Backend {
         ca_file: None,
         mode: BackendMode::Mcp,
         unknown_sni: UnknownSni::Reject,
+        credentials_file: None,
     }
 }
 
