@@ -38,6 +38,11 @@ pub enum Request {
         id: u64,
         digest: Option<String>,
     },
+    /// Make a tool's changed definition its pin again.
+    AcceptTool {
+        backend: String,
+        tool: String,
+    },
     /// Refuse held call `id`.
     Deny {
         id: u64,

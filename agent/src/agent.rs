@@ -149,7 +149,15 @@ pub async fn run(config: Config) -> Result<(), RunError> {
             credentials.insert(b.name.clone(), c);
         }
     }
+    let pins = crate::policy::pins::ToolPins::open(&config.state_dir).map_err(|source| {
+        RunError::StateDir {
+            path: config.state_dir.join("tool-pins.json"),
+            source,
+        }
+    })?;
     let pipeline = Arc::new(crate::pipeline::Pipeline {
+        pins: Mutex::new(pins),
+        tool_changes: config.tool_changes,
         credentials,
         policies: policies.clone(),
         archive: archive.clone(),
@@ -188,6 +196,27 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         let cgroup = cgroup.display().to_string();
         let shutdown_tx = shutdown_tx.clone();
         move |req, peer_uid| match req {
+            Request::AcceptTool { backend, tool } => {
+                let r = proxy
+                    .pipeline
+                    .pins
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .accept(&backend, &tool);
+                match r {
+                    Ok(true) => Response::Ok {
+                        message: format!("accepted the new definition of `{tool}` ({backend})"),
+                    },
+                    Ok(false) => Response::Error {
+                        message: format!(
+                            "`{tool}` of backend `{backend}` has no changed definition to accept"
+                        ),
+                    },
+                    Err(e) => Response::Error {
+                        message: format!("cannot save the tool pins: {e}"),
+                    },
+                }
+            }
             Request::Approvals => {
                 let pending = proxy
                     .pipeline

@@ -84,6 +84,7 @@ pub struct Config {
     pub header_read_timeout: Duration,
     /// A streamed response (SSE) with no byte for this long is closed.
     pub stream_idle_timeout: Duration,
+    pub tool_changes: ToolChanges,
     pub backends: Vec<Backend>,
 }
 
@@ -111,6 +112,16 @@ pub enum BackendMode {
     Mcp,
     /// Relay bytes untouched; only the connection is attributed and recorded.
     Opaque,
+}
+
+/// What happens when a backend changes a tool's definition after it was first seen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ToolChanges {
+    /// Record an alert; the tool stays usable.
+    Alert,
+    /// Record an alert and refuse (and hide) the tool until `airlock tools accept`.
+    Block,
 }
 
 /// What happens to a TLS connection whose SNI names no configured backend (a shared address).
@@ -172,6 +183,8 @@ struct RawConfig {
     header_read_timeout_secs: u64,
     #[serde(default = "defaults::stream_idle_timeout_secs")]
     stream_idle_timeout_secs: u64,
+    #[serde(default = "defaults::tool_changes")]
+    tool_changes: ToolChanges,
     #[serde(default, rename = "backend")]
     backends: Vec<RawBackend>,
 }
@@ -274,6 +287,9 @@ mod defaults {
     }
     pub fn stream_idle_timeout_secs() -> u64 {
         3600
+    }
+    pub fn tool_changes() -> super::ToolChanges {
+        super::ToolChanges::Alert
     }
 }
 
@@ -559,6 +575,7 @@ impl Validator<'_> {
             max_sse_event_bytes: raw.max_sse_event_bytes,
             header_read_timeout: Duration::from_secs(raw.header_read_timeout_secs),
             stream_idle_timeout: Duration::from_secs(raw.stream_idle_timeout_secs),
+            tool_changes: raw.tool_changes,
             backends,
         })
     }

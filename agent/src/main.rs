@@ -95,6 +95,11 @@ enum Command {
         #[command(subcommand)]
         command: ApprovalsCommand,
     },
+    /// Tool definitions pinned when first seen.
+    Tools {
+        #[command(subcommand)]
+        command: ToolsCommand,
+    },
     /// The managed certificate authority that intercepted TLS connections are signed by.
     Ca {
         #[command(subcommand)]
@@ -117,6 +122,13 @@ enum ApprovalsCommand {
     },
     /// Refuse held call ID (the client gets JSON-RPC error -32013).
     Deny { id: u64 },
+}
+
+#[derive(Subcommand)]
+enum ToolsCommand {
+    /// Accept the changed definition of TOOL on BACKEND (with `tool_changes = "block"`, it
+    /// is refused until then).
+    Accept { backend: String, tool: String },
 }
 
 #[derive(Subcommand)]
@@ -262,6 +274,26 @@ fn main() -> ExitCode {
             ),
             Command::Ca { command } => ca(&config, command),
             Command::Approvals { command } => approvals(&config, command).await,
+            Command::Tools {
+                command: ToolsCommand::Accept { backend, tool },
+            } => match admin::request(
+                &config.admin_socket(),
+                &Request::AcceptTool { backend, tool },
+            )
+            .await
+            {
+                Ok(Response::Ok { message }) => {
+                    println!("{message}");
+                    ExitCode::SUCCESS
+                }
+                Ok(Response::Error { message }) => fail(message),
+                Ok(_) => fail("unexpected answer from the agent"),
+                Err(e @ admin::ClientError::NotRunning(_)) => {
+                    eprintln!("airlock: {e}");
+                    ExitCode::from(3)
+                }
+                Err(e) => fail(e),
+            },
             Command::CheckConfig => match config.resolve().await {
                 Ok(targets) => {
                     println!("{}: ok", config.path.display());

@@ -196,6 +196,9 @@ pub struct Pipeline {
     pub sessions: Arc<Sessions>,
     pub host: String,
     pub counters: PipelineCounters,
+    /// First-seen tool definitions (`state_dir/tool-pins.json`) and what a change does.
+    pub pins: Mutex<crate::policy::pins::ToolPins>,
+    pub tool_changes: crate::config::ToolChanges,
     /// Brokered upstream credentials by backend name (`credentials_file`).
     pub credentials: std::collections::HashMap<String, crate::policy::credentials::Credentials>,
     /// Calls held for a human decision (`airlock approvals`), and the signal that one was
@@ -297,6 +300,7 @@ impl Pipeline {
         // Consistent listing: a tool every call of which this caller would be refused is not
         // listed to it either.
         let mut hidden = Vec::new();
+        let mut pin_alerts: Vec<(String, String, String)> = Vec::new();
         if kind == Kind::Response
             && direction == Direction::ServerToClient
             && method.as_deref() == Some("tools/list")
@@ -305,14 +309,48 @@ impl Pipeline {
                 .and_then(|r| r.get_mut("tools"))
                 .and_then(Value::as_array_mut)
         {
+            let mut pins = self.pins.lock().unwrap_or_else(|p| p.into_inner());
+            let block_changed = self.tool_changes == crate::config::ToolChanges::Block;
             tools.retain(|t| {
                 let name = t.get("name").and_then(Value::as_str).unwrap_or("");
-                let visible = set.tool_visible(&ctx.subject, &ctx.backend, name);
+                match pins.check(&ctx.backend, t) {
+                    Ok(crate::policy::pins::PinCheck::Changed { pinned, seen }) => {
+                        pin_alerts.push((name.to_owned(), pinned, seen));
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "cannot save tool pins"),
+                }
+                let visible = set.tool_visible(&ctx.subject, &ctx.backend, name)
+                    && !(block_changed && pins.is_changed(&ctx.backend, name));
                 if !visible {
                     hidden.push(name.to_owned());
                 }
                 visible
             });
+        }
+        for (name, pinned, seen) in pin_alerts {
+            tracing::warn!(backend = %ctx.backend, tool = %name, "a tool's definition changed since it was pinned");
+            let mut rec = ctx.record(&self.host, direction, "error");
+            rec.mcp_session_id = mcp_session_id.clone();
+            rec.method = Some("tools/list".into());
+            rec.tool = Some(name.clone());
+            rec.decision = match self.tool_changes {
+                crate::config::ToolChanges::Block => "block".into(),
+                crate::config::ToolChanges::Alert => "allow".into(),
+            };
+            rec.policy_hash = Some(set.hash.clone());
+            rec.payload = Some(MaskedPayload::agent_event(&serde_json::json!({
+                "alert": "tool_definition_changed",
+                "backend": ctx.backend,
+                "tool": name,
+                "pinned": pinned,
+                "seen": seen,
+                "accept_with": format!("airlock tools accept {} {}", ctx.backend, name),
+            })));
+            self.archive
+                .record(rec)
+                .await
+                .map_err(|e| PipelineError::Archive(e.to_string()))?;
         }
         if masked > 0 {
             self.counters
@@ -320,55 +358,83 @@ impl Pipeline {
                 .fetch_add(masked as u64, Ordering::Relaxed);
         }
         let mut approved = false;
-        let refusal = match &decision.verdict {
-            Verdict::Allow => None,
-            Verdict::Block { rule } => Some((
+        // A tool whose definition changed since it was pinned is refused until accepted.
+        let changed_tool = kind == Kind::Request
+            && self.tool_changes == crate::config::ToolChanges::Block
+            && tool.as_deref().is_some_and(|t| {
+                self.pins
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .is_changed(&ctx.backend, t)
+            });
+        let refusal = if changed_tool {
+            Some((
                 code::BLOCKED,
                 format!(
-                    "{} blocked by Airlock policy rule `{rule}`",
-                    describe(method.as_deref(), tool.as_deref())
+                    "tool `{}` of backend `{}` changed its definition since it was first seen; an operator must accept it (airlock tools accept {} {})",
+                    tool.as_deref().unwrap_or(""),
+                    ctx.backend,
+                    ctx.backend,
+                    tool.as_deref().unwrap_or("")
                 ),
                 "block",
-            )),
-            Verdict::Approve { rule, timeout } => {
-                let args = value
-                    .get("params")
-                    .and_then(|p| p.get("arguments"))
-                    .cloned();
-                let (id, outcome) = self
-                    .hold(
+            ))
+        } else {
+            None
+        };
+        let refusal = if refusal.is_some() {
+            refusal
+        } else {
+            match &decision.verdict {
+                Verdict::Allow => None,
+                Verdict::Block { rule } => Some((
+                    code::BLOCKED,
+                    format!(
+                        "{} blocked by Airlock policy rule `{rule}`",
+                        describe(method.as_deref(), tool.as_deref())
+                    ),
+                    "block",
+                )),
+                Verdict::Approve { rule, timeout } => {
+                    let args = value
+                        .get("params")
+                        .and_then(|p| p.get("arguments"))
+                        .cloned();
+                    let (id, outcome) = self
+                        .hold(
+                            ctx,
+                            rule,
+                            *timeout,
+                            approval_digest.clone().unwrap_or_default(),
+                            method.clone().unwrap_or_default(),
+                            tool.clone(),
+                            args,
+                        )
+                        .await;
+                    self.record_approval(
                         ctx,
+                        id,
                         rule,
-                        *timeout,
-                        approval_digest.clone().unwrap_or_default(),
-                        method.clone().unwrap_or_default(),
-                        tool.clone(),
-                        args,
+                        approval_digest.as_deref().unwrap_or(""),
+                        &outcome,
+                        (method.as_deref(), tool.as_deref(), id_text.as_deref()),
+                        mcp_session_id.clone(),
                     )
-                    .await;
-                self.record_approval(
-                    ctx,
-                    id,
-                    rule,
-                    approval_digest.as_deref().unwrap_or(""),
-                    &outcome,
-                    (method.as_deref(), tool.as_deref(), id_text.as_deref()),
-                    mcp_session_id.clone(),
-                )
-                .await?;
-                match outcome {
-                    crate::policy::approvals::Outcome::Approved { .. } => {
-                        approved = true;
-                        None
+                    .await?;
+                    match outcome {
+                        crate::policy::approvals::Outcome::Approved { .. } => {
+                            approved = true;
+                            None
+                        }
+                        crate::policy::approvals::Outcome::Denied { reason, .. } => Some((
+                            code::DENIED,
+                            format!(
+                                "{} was not approved (Airlock policy rule `{rule}`): {reason}",
+                                describe(method.as_deref(), tool.as_deref())
+                            ),
+                            "denied",
+                        )),
                     }
-                    crate::policy::approvals::Outcome::Denied { reason, .. } => Some((
-                        code::DENIED,
-                        format!(
-                            "{} was not approved (Airlock policy rule `{rule}`): {reason}",
-                            describe(method.as_deref(), tool.as_deref())
-                        ),
-                        "denied",
-                    )),
                 }
             }
         };

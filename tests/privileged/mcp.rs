@@ -66,7 +66,22 @@ impl PeerServer {
 
     /// `tls = false`: plain HTTP.
     pub fn start_with(dir: &Path, port: u16, transport: &str, tls: bool) -> PeerServer {
-        let (_, cert, key) = server_pki(dir);
+        Self::start_variant(dir, port, transport, tls, 1)
+    }
+
+    /// `variant` 2 changes a tool's description.
+    pub fn start_variant(
+        dir: &Path,
+        port: u16,
+        transport: &str,
+        tls: bool,
+        variant: u32,
+    ) -> PeerServer {
+        // A restarted server keeps its certificate (the agent trusts its CA already).
+        let (cert, key) = (dir.join("server.pem"), dir.join("server.key"));
+        if !cert.exists() {
+            server_pki(dir);
+        }
         let log = std::fs::File::create(dir.join("server.log")).unwrap();
         let mut cmd = Command::new(venv_python());
         cmd.arg(PEER).args([
@@ -79,6 +94,7 @@ impl PeerServer {
         if tls {
             cmd.arg("--cert").arg(&cert).arg("--key").arg(&key);
         }
+        cmd.args(["--variant", &variant.to_string()]);
         let child = cmd
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -1287,4 +1303,111 @@ fn brokered_credentials_replace_the_clients() {
     assert!(!everything.contains("brokered-for-root"));
     assert!(!everything.contains("client-own-token"));
     assert!(!agent.log().contains("brokered-for-root"));
+}
+
+/// Tool-definition pinning: the first `tools/list` pins each tool; when the server later
+/// changes a tool's description, an alert is recorded and (`tool_changes = "block"`) the tool
+/// is hidden and refused until `airlock tools accept BACKEND TOOL`.
+#[test]
+fn changed_tool_definitions_are_caught_and_held_until_accepted() {
+    if !privileged() {
+        return;
+    }
+    let name = unique("pins");
+    let cg = TestCgroup::new(&name);
+    let port = free_port();
+    let mut agent = Agent::prepare(
+        &cg,
+        &name,
+        &format!(
+            "[[backend]]\nname = \"tools\"\nhost = \"{HOST}\"\nport = {port}\naddresses = [\"127.0.0.1\"]\nca_file = \"BACKEND_CA\"\n"
+        ),
+        "tool_changes = \"block\"",
+        None,
+    );
+    let dir = agent.dir.clone();
+    let server = PeerServer::start_variant(&dir, port, "json", true, 1);
+    let config = std::fs::read_to_string(&agent.config)
+        .unwrap()
+        .replace("BACKEND_CA", dir.join("backend-ca.pem").to_str().unwrap());
+    std::fs::write(&agent.config, config).unwrap();
+    agent.spawn();
+    let cfg = agent.config.to_str().unwrap().to_owned();
+    let bundle = dir.join("airlock-ca.pem");
+    std::fs::write(
+        &bundle,
+        airlock_out(&["ca", "show", "--pem", "--config", &cfg]),
+    )
+    .unwrap();
+    let url = format!("https://{HOST}:{port}/mcp");
+    let call = || {
+        let out = spawn_call(&cg, &dir, &bundle, &url, "echo", r#"{"text": "hi"}"#)
+            .wait_with_output()
+            .unwrap();
+        serde_json::from_slice::<Value>(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "{e}: {}\nagent log:\n{}",
+                String::from_utf8_lossy(&out.stderr),
+                std::fs::read_to_string(dir.join("agent.log")).unwrap_or_default()
+            )
+        })
+    };
+
+    let first = call();
+    assert_eq!(first["result"][0], "hi", "{first}");
+    assert!(
+        first["tools"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|t| t == "echo")
+    );
+    let pins = std::fs::read_to_string(dir.join("state/tool-pins.json")).unwrap();
+    assert!(pins.contains("echo"));
+
+    // The server changes the tool behind the user's back.
+    drop(server);
+    let _server = PeerServer::start_variant(&dir, port, "json", true, 2);
+    let changed = call();
+    assert_eq!(changed["error"]["code"], -32010, "{changed}");
+    assert!(
+        changed["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("airlock tools accept tools echo")
+    );
+    assert!(
+        !changed["tools"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|t| t == "echo"),
+        "hidden: {changed}"
+    );
+    let wrong = Command::new(AIRLOCK)
+        .args(["tools", "accept", "tools", "add", "--config", &cfg])
+        .output()
+        .unwrap();
+    assert!(
+        !wrong.status.success(),
+        "nothing to accept for an unchanged tool"
+    );
+    airlock_out(&["tools", "accept", "tools", "echo", "--config", &cfg]);
+    let accepted = call();
+    assert_eq!(accepted["result"][0], "hi", "{accepted}");
+
+    assert!(agent.sigterm().success(), "{}", agent.log());
+    let records = archived_records(&agent.archive);
+    let alerts: Vec<_> = records
+        .iter()
+        .filter(|r| {
+            r["payload"]
+                .as_str()
+                .unwrap_or("")
+                .contains("tool_definition_changed")
+        })
+        .collect();
+    assert_eq!(alerts.len(), 1, "{alerts:#?}");
+    assert_eq!(alerts[0]["tool"], "echo");
+    assert_eq!(alerts[0]["decision"], "block");
 }
