@@ -350,7 +350,12 @@ fn same_results_through_airlock_with(transport: &str, sdk: Sdk, extra: &[&str]) 
     assert_eq!(r["backend"], "tools");
     assert_eq!(r["sni"], HOST);
     assert!(r["pid"].as_u64().unwrap() > 0 && r["uid"] == 0);
-    assert!(r["payload"].as_str().unwrap().contains("\"a\":2"));
+    // (The two calls may be on different connections: any order.)
+    assert!(
+        requests
+            .iter()
+            .any(|r| r["payload"].as_str().unwrap().contains("\"a\":2"))
+    );
     let responses = find("response", "add");
     assert_eq!(
         responses.len(),
@@ -358,7 +363,11 @@ fn same_results_through_airlock_with(transport: &str, sdk: Sdk, extra: &[&str]) 
         "responses correlated with their request"
     );
     assert!(responses.iter().all(|r| r["latency_us"].as_u64().is_some()));
-    assert!(responses[0]["payload"].as_str().unwrap().contains("42"));
+    assert!(
+        responses
+            .iter()
+            .any(|r| r["payload"].as_str().unwrap().contains("42"))
+    );
     let progress: Vec<_> = records
         .iter()
         .filter(|r| r["method"] == "notifications/progress")
