@@ -38,6 +38,12 @@ pub enum Request {
         id: u64,
         digest: Option<String>,
     },
+    /// End live connections (containment): every filter given must match.
+    Kill {
+        user: Option<String>,
+        pid: Option<u32>,
+        session: Option<String>,
+    },
     /// Make a tool's changed definition its pin again.
     AcceptTool {
         backend: String,

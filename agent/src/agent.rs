@@ -196,6 +196,59 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         let cgroup = cgroup.display().to_string();
         let shutdown_tx = shutdown_tx.clone();
         move |req, peer_uid| match req {
+            Request::Kill { user, pid, session } => {
+                if user.is_none() && pid.is_none() && session.is_none() {
+                    return Response::Error {
+                        message: "name what to kill: --user, --pid or --session".into(),
+                    };
+                }
+                // A session id is `<agent prefix>-<connection id>`.
+                let session_conn = session.as_deref().map(|s| {
+                    s.rsplit('-')
+                        .next()
+                        .and_then(|n| n.parse::<u64>().ok())
+                        .filter(|_| s.starts_with(&proxy.session_prefix) || !s.contains('-'))
+                });
+                if let Some(None) = session_conn {
+                    return Response::Error {
+                        message: format!(
+                            "`{}` is not a session of this agent",
+                            session.unwrap_or_default()
+                        ),
+                    };
+                }
+                let ids = proxy.registry.kill(|id, a| {
+                    user.as_ref()
+                        .is_none_or(|u| a.and_then(|a| a.user.as_ref()) == Some(u))
+                        && pid.is_none_or(|p| a.is_some_and(|a| a.tgid == p || a.pid == p))
+                        && session_conn.is_none_or(|c| c == Some(id))
+                });
+                info!(
+                    ?ids,
+                    ?user,
+                    ?pid,
+                    ?session,
+                    by_uid = peer_uid,
+                    "sessions killed by an operator"
+                );
+                Response::Ok {
+                    message: format!(
+                        "killed {} connection(s){}",
+                        ids.len(),
+                        if ids.is_empty() {
+                            String::new()
+                        } else {
+                            format!(
+                                ": {}",
+                                ids.iter()
+                                    .map(u64::to_string)
+                                    .collect::<Vec<_>>()
+                                    .join(", ")
+                            )
+                        }
+                    ),
+                }
+            }
             Request::AcceptTool { backend, tool } => {
                 let r = proxy
                     .pipeline

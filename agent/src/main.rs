@@ -51,6 +51,8 @@ enum Command {
     },
     /// Sessions in the archive: who, which process, backend, start, duration, counts.
     Sessions {
+        #[command(subcommand)]
+        command: Option<SessionsCommand>,
         /// Only sessions with records at or after this time (RFC 3339, e.g. 2026-11-21T14:00:00Z).
         #[arg(long)]
         since: Option<String>,
@@ -125,6 +127,22 @@ enum ApprovalsCommand {
 }
 
 #[derive(Subcommand)]
+enum SessionsCommand {
+    /// End live intercepted connections now (containment). Every filter given must match.
+    Kill {
+        /// User name of the calling process.
+        #[arg(long)]
+        user: Option<String>,
+        /// Process (or thread) id of the caller.
+        #[arg(long)]
+        pid: Option<u32>,
+        /// A `session_id` as shown by `airlock sessions` / `airlock status`.
+        #[arg(long)]
+        session: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
 enum ToolsCommand {
     /// Accept the changed definition of TOOL on BACKEND (with `tool_changes = "block"`, it
     /// is refused until then).
@@ -191,6 +209,7 @@ fn main() -> ExitCode {
     // Responder commands given `--archive` work without a configuration file.
     match &cli.command {
         Command::Sessions {
+            command: None,
             archive: Some(dir),
             since,
             user,
@@ -249,6 +268,27 @@ fn main() -> ExitCode {
                 command: PolicyCommand::Check { .. },
             } => policy_check(&config.policies_dir),
             Command::Verify { .. } => verify(&config.archive_dir),
+            Command::Sessions {
+                command: Some(SessionsCommand::Kill { user, pid, session }),
+                ..
+            } => match admin::request(
+                &config.admin_socket(),
+                &Request::Kill { user, pid, session },
+            )
+            .await
+            {
+                Ok(Response::Ok { message }) => {
+                    println!("{message}");
+                    ExitCode::SUCCESS
+                }
+                Ok(Response::Error { message }) => fail(message),
+                Ok(_) => fail("unexpected answer from the agent"),
+                Err(e @ admin::ClientError::NotRunning(_)) => {
+                    eprintln!("airlock: {e}");
+                    ExitCode::from(3)
+                }
+                Err(e) => fail(e),
+            },
             Command::Sessions {
                 since,
                 user,

@@ -257,39 +257,46 @@ impl Proxy {
             .get(meta_backend)
             .map(|b| b.mode)
             .unwrap_or(crate::config::BackendMode::Mcp);
-        let end = match mode {
-            crate::config::BackendMode::Opaque => {
-                guard.set_state(ConnState::Open);
-                relay::relay(
-                    client,
-                    upstream,
-                    self.config.idle_timeout,
-                    guard.bytes_up(),
-                    guard.bytes_down(),
-                )
-                .await
-                .map_err(|e| e.to_string())
-            }
-            crate::config::BackendMode::Mcp => {
-                let session_id = format!("{}-{}", self.session_prefix, guard.id());
-                match self
-                    .intercept(
+        let work = async {
+            match mode {
+                crate::config::BackendMode::Opaque => {
+                    guard.set_state(ConnState::Open);
+                    relay::relay(
                         client,
                         upstream,
-                        meta_backend,
-                        (guard.id(), session_id, attribution.clone(), subject),
-                        &guard,
+                        self.config.idle_timeout,
+                        guard.bytes_up(),
+                        guard.bytes_down(),
                     )
                     .await
-                {
-                    Ok(crate::intercept::End::Served) => Ok(RelayEnd::Closed),
-                    Ok(crate::intercept::End::Spliced(r)) => r.map_err(|e| e.to_string()),
-                    Err(reason) => {
-                        warn!(id = guard.id(), %reason, "intercepted connection refused");
-                        Err(reason)
+                    .map_err(|e| e.to_string())
+                }
+                crate::config::BackendMode::Mcp => {
+                    let session_id = format!("{}-{}", self.session_prefix, guard.id());
+                    match self
+                        .intercept(
+                            client,
+                            upstream,
+                            meta_backend,
+                            (guard.id(), session_id, attribution.clone(), subject),
+                            &guard,
+                        )
+                        .await
+                    {
+                        Ok(crate::intercept::End::Served) => Ok(RelayEnd::Closed),
+                        Ok(crate::intercept::End::Spliced(r)) => r.map_err(|e| e.to_string()),
+                        Err(reason) => {
+                            warn!(id = guard.id(), %reason, "intercepted connection refused");
+                            Err(reason)
+                        }
                     }
                 }
             }
+        };
+        // Containment (`airlock sessions kill`): dropping the work closes both sockets.
+        let end = tokio::select! {
+            end = work => end,
+            () = guard.killed() => Err("killed by an operator (airlock sessions kill)".to_owned()),
         };
         let (state, reason) = match &end {
             Ok(RelayEnd::Closed) => ("closed", "closed".to_owned()),

@@ -82,6 +82,8 @@ struct Entry {
     reason: Mutex<Option<String>>,
     bytes_up: AtomicU64,
     bytes_down: AtomicU64,
+    /// `airlock sessions kill`: the connection's task ends when this fires.
+    kill: tokio::sync::Notify,
 }
 
 impl Entry {
@@ -164,6 +166,7 @@ impl Registry {
             reason: Mutex::new(None),
             bytes_up: AtomicU64::new(0),
             bytes_down: AtomicU64::new(0),
+            kill: tokio::sync::Notify::new(),
         });
         if let Ok(mut inner) = self.inner.lock() {
             inner.live.insert(entry.id, entry.clone());
@@ -186,6 +189,22 @@ impl Registry {
         let live = inner.live.values().map(|e| e.snapshot(None)).collect();
         let recent = inner.recent.iter().cloned().collect();
         (live, recent)
+    }
+
+    /// End every live connection `matches` selects (containment); returns their ids.
+    pub fn kill(&self, matches: impl Fn(u64, Option<&Attribution>) -> bool) -> Vec<u64> {
+        let Ok(inner) = self.inner.lock() else {
+            return Vec::new();
+        };
+        let mut ids = Vec::new();
+        for e in inner.live.values() {
+            if matches(e.id, e.attribution.as_ref()) {
+                // A stored permit: the task ends even if it is not waiting right now.
+                e.kill.notify_one();
+                ids.push(e.id);
+            }
+        }
+        ids
     }
 
     fn retire(&self, entry: &Entry) {
@@ -225,6 +244,11 @@ impl ConnGuard {
 
     pub fn bytes_up(&self) -> &AtomicU64 {
         &self.entry.bytes_up
+    }
+
+    /// Resolves when an operator kills this connection.
+    pub async fn killed(&self) {
+        self.entry.kill.notified().await
     }
 
     pub fn bytes_down(&self) -> &AtomicU64 {

@@ -1420,3 +1420,61 @@ fn changed_tool_definitions_are_caught_and_held_until_accepted() {
     assert_eq!(alerts[0]["tool"], "echo");
     assert_eq!(alerts[0]["decision"], "block");
 }
+
+/// Containment: `airlock sessions kill --pid N` ends that process's live intercepted
+/// connections at once (the client's call fails instead of completing); the reason is in
+/// `airlock status`; a kill naming nothing is refused.
+#[test]
+fn sessions_kill_ends_a_callers_live_connections() {
+    let Some((cg, agent, _server, port, bundle)) = tls_setup("kill", "ca_file = \"BACKEND_CA\"")
+    else {
+        return;
+    };
+    let config = agent.config.to_str().unwrap().to_owned();
+    let url = format!("https://{HOST}:{port}/mcp");
+    let started = Instant::now();
+    let client = spawn_call(&cg, &agent.dir, &bundle, &url, "wait", r#"{"seconds": 60}"#);
+    let pid = client.id();
+    // Wait until the call is in flight (a live connection of that process).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let live = agent.status()["connections"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["tgid"] == pid && c["state"] == "open");
+        if live {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no live connection of {pid}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_millis(500)); // the tools/call is sent
+    let refused = Command::new(AIRLOCK)
+        .args(["sessions", "kill", "--config", &config])
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    let out = airlock_out(&[
+        "sessions",
+        "kill",
+        "--pid",
+        &pid.to_string(),
+        "--config",
+        &config,
+    ]);
+    assert!(
+        out.starts_with("killed ") && !out.starts_with("killed 0"),
+        "{out}"
+    );
+    let out = client.wait_with_output().unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "the call should end at the kill, not after 60 s"
+    );
+    let printed = String::from_utf8_lossy(&out.stdout);
+    assert!(!printed.contains("waited"), "{printed}");
+    let status = agent.status()["connections"].to_string();
+    assert!(status.contains("killed by an operator"), "{status}");
+    drop(cg);
+}

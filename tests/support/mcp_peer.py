@@ -51,6 +51,12 @@ def serve(args):
         return f"notified {email}"
 
     @mcp.tool()
+    async def wait(seconds: float) -> str:
+        """Take a while (containment tests kill it)."""
+        await asyncio.sleep(seconds)
+        return "waited"
+
+    @mcp.tool()
     def auth_digest(ctx: Context) -> str:
         """SHA-256 of the Authorization header this server received ("none" without one)."""
         import hashlib
@@ -125,7 +131,7 @@ async def run_client(args):
         return
     async with Client(server, mode=args.mode) as client:
         tools = await client.list_tools()
-        seen["tools"] = sorted(t.name for t in tools.tools if t.name != "auth_digest")
+        seen["tools"] = sorted(t.name for t in tools.tools if t.name not in ("auth_digest", "wait"))
         for name, arguments in [
             ("add", {"a": 2, "b": 40}),
             ("echo", {"text": "héllo wörld " * 3}),
