@@ -157,6 +157,10 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     })?;
     let pipeline = Arc::new(crate::pipeline::Pipeline {
         pins: Mutex::new(pins),
+        webhook: config
+            .approval_webhook
+            .clone()
+            .map(|u| (u, config.bypass_mark)),
         tool_changes: config.tool_changes,
         credentials,
         policies: policies.clone(),

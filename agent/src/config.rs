@@ -85,6 +85,8 @@ pub struct Config {
     /// A streamed response (SSE) with no byte for this long is closed.
     pub stream_idle_timeout: Duration,
     pub tool_changes: ToolChanges,
+    /// POSTed a JSON description of every call held for approval.
+    pub approval_webhook: Option<http::Uri>,
     pub backends: Vec<Backend>,
 }
 
@@ -185,6 +187,8 @@ struct RawConfig {
     stream_idle_timeout_secs: u64,
     #[serde(default = "defaults::tool_changes")]
     tool_changes: ToolChanges,
+    #[serde(default)]
+    approval_webhook: Option<String>,
     #[serde(default, rename = "backend")]
     backends: Vec<RawBackend>,
 }
@@ -439,6 +443,21 @@ impl Validator<'_> {
                 ));
             }
         }
+        let approval_webhook = match raw.approval_webhook {
+            None => None,
+            Some(u) => {
+                let uri: http::Uri = u.parse().map_err(|e| {
+                    self.err("approval_webhook", format!("`{u}` is not a URL: {e}"))
+                })?;
+                if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.host().is_none() {
+                    return Err(self.err(
+                        "approval_webhook",
+                        format!("`{u}` must be an http:// or https:// URL with a host"),
+                    ));
+                }
+                Some(uri)
+            }
+        };
         if raw.flush_interval_secs == 0 {
             return Err(self.err("flush_interval_secs", "must be at least 1"));
         }
@@ -576,6 +595,7 @@ impl Validator<'_> {
             header_read_timeout: Duration::from_secs(raw.header_read_timeout_secs),
             stream_idle_timeout: Duration::from_secs(raw.stream_idle_timeout_secs),
             tool_changes: raw.tool_changes,
+            approval_webhook,
             backends,
         })
     }

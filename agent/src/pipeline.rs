@@ -196,6 +196,8 @@ pub struct Pipeline {
     pub sessions: Arc<Sessions>,
     pub host: String,
     pub counters: PipelineCounters,
+    /// Where pending approvals are announced (`approval_webhook`), with the bypass mark.
+    pub webhook: Option<(http::Uri, u32)>,
     /// First-seen tool definitions (`state_dir/tool-pins.json`) and what a change does.
     pub pins: Mutex<crate::policy::pins::ToolPins>,
     pub tool_changes: crate::config::ToolChanges,
@@ -541,11 +543,28 @@ impl Pipeline {
             requested_at: String::new(),
             expires_in_secs: 0,
         };
+        let mut announced = info.clone();
         let id = self
             .approvals
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .request(info, timeout, Instant::now());
+        if let Some((uri, mark)) = self.webhook.clone() {
+            announced.id = id;
+            announced.expires_in_secs = timeout.as_secs();
+            let mut body = serde_json::to_value(&announced).unwrap_or_default();
+            body["event"] = "approval_pending".into();
+            body["approve_with"] = format!(
+                "airlock approvals approve {id} --digest {}",
+                announced.digest
+            )
+            .into();
+            tokio::spawn(async move {
+                if let Err(e) = post_webhook(&uri, mark, &body).await {
+                    tracing::warn!(error = %e, %uri, "approval webhook failed");
+                }
+            });
+        }
         tracing::info!(id, rule, backend = %ctx.backend, "call held for approval (airlock approvals list)");
         struct Withdraw<'a>(&'a Pipeline, u64, bool);
         impl Drop for Withdraw<'_> {
@@ -711,4 +730,64 @@ fn describe(method: Option<&str>, tool: Option<&str>) -> String {
         (Some(m), None) => format!("`{m}`"),
         (None, None) => "this message".into(),
     }
+}
+
+/// POST `body` as JSON to `uri` (http or https, system roots), from a socket carrying the
+/// bypass mark, within 5 s.
+async fn post_webhook(uri: &http::Uri, mark: u32, body: &Value) -> Result<(), String> {
+    use http_body_util::{BodyExt as _, Full};
+    let host = uri.host().ok_or("no host")?.to_owned();
+    let tls = uri.scheme_str() == Some("https");
+    let port = uri.port_u16().unwrap_or(if tls { 443 } else { 80 });
+    let work = async {
+        let addr = tokio::net::lookup_host((host.as_str(), port))
+            .await
+            .map_err(|e| format!("resolving {host}: {e}"))?
+            .next()
+            .ok_or_else(|| format!("{host} has no address"))?;
+        let socket = match addr {
+            std::net::SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4(),
+            std::net::SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6(),
+        }
+        .map_err(|e| e.to_string())?;
+        socket2::SockRef::from(&socket)
+            .set_mark(mark)
+            .map_err(|e| e.to_string())?;
+        let tcp = socket.connect(addr).await.map_err(|e| e.to_string())?;
+        let (drivers, _) = tokio::sync::mpsc::unbounded_channel();
+        let mut sender = if tls {
+            let mut roots = rustls::RootCertStore::empty();
+            roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
+            let cfg = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
+                .with_safe_default_protocol_versions()
+                .map_err(|e| e.to_string())?
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+            let name =
+                rustls_pki_types::ServerName::try_from(host.clone()).map_err(|e| e.to_string())?;
+            let stream = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+                .connect(name, tcp)
+                .await
+                .map_err(|e| e.to_string())?;
+            crate::http::client_handshake(stream, &drivers).await?
+        } else {
+            crate::http::client_handshake(tcp, &drivers).await?
+        };
+        let req = http::Request::post(uri.path_and_query().map(|p| p.as_str()).unwrap_or("/"))
+            .header(http::header::HOST, host.as_str())
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .body(Full::new(Bytes::from(body.to_string())))
+            .map_err(|e| e.to_string())?;
+        let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
+        let status = resp.status();
+        let _ = resp.into_body().collect().await;
+        if status.is_success() {
+            Ok(())
+        } else {
+            Err(format!("answered {status}"))
+        }
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(5), work)
+        .await
+        .map_err(|_| "no answer within 5 s".to_owned())?
 }

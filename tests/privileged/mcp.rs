@@ -704,6 +704,15 @@ fn tls_setup(
     name: &str,
     backend_extra: &str,
 ) -> Option<(TestCgroup, Agent, PeerServer, u16, PathBuf)> {
+    tls_setup_with(name, backend_extra, "")
+}
+
+/// Like [`tls_setup`], with top-level configuration keys `top`.
+fn tls_setup_with(
+    name: &str,
+    backend_extra: &str,
+    top: &str,
+) -> Option<(TestCgroup, Agent, PeerServer, u16, PathBuf)> {
     if !privileged() {
         return None;
     }
@@ -716,7 +725,7 @@ fn tls_setup(
         &format!(
             "[[backend]]\nname = \"tools\"\nhost = \"{HOST}\"\nport = {port}\naddresses = [\"127.0.0.1\"]\n{backend_extra}\n"
         ),
-        "",
+        top,
         None,
     );
     let dir = agent.dir.clone();
@@ -1106,9 +1115,43 @@ fn wait_pending(config: &str) -> Value {
 /// the archive with the approver's uid and the wait.
 #[test]
 fn approvals_hold_calls_until_a_human_decides() {
-    let Some((cg, mut agent, _server, port, bundle)) =
-        tls_setup("approvals", "ca_file = \"BACKEND_CA\"")
-    else {
+    // A webhook receiver: one thread, keeps the bodies it is POSTed.
+    let hook = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let hook_port = hook.local_addr().unwrap().port();
+    let hooked = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    {
+        let hooked = hooked.clone();
+        std::thread::spawn(move || {
+            use std::io::{BufRead as _, Read as _, Write as _};
+            for stream in hook.incoming().flatten() {
+                let mut r = std::io::BufReader::new(stream);
+                let mut len = 0usize;
+                loop {
+                    let mut line = String::new();
+                    if r.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                        break;
+                    }
+                    if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                        len = v.trim().parse().unwrap_or(0);
+                    }
+                }
+                let mut body = vec![0; len];
+                let _ = r.read_exact(&mut body);
+                hooked
+                    .lock()
+                    .unwrap()
+                    .push(String::from_utf8_lossy(&body).into_owned());
+                let _ = r
+                    .get_mut()
+                    .write_all(b"HTTP/1.1 204 No Content\r\nconnection: close\r\n\r\n");
+            }
+        });
+    }
+    let Some((cg, mut agent, _server, port, bundle)) = tls_setup_with(
+        "approvals",
+        "ca_file = \"BACKEND_CA\"",
+        &format!("approval_webhook = \"http://127.0.0.1:{hook_port}/hook\""),
+    ) else {
         return;
     };
     std::fs::write(agent.dir.join("policies/approve.toml"), APPROVE_POLICY).unwrap();
@@ -1149,6 +1192,17 @@ fn approvals_hold_calls_until_a_human_decides() {
     );
     assert!(String::from_utf8_lossy(&wrong.stderr).contains("another call"));
     let digest = held["digest"].as_str().unwrap();
+    // The webhook was told, with the command that approves this exact call.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while hooked.lock().unwrap().is_empty() {
+        assert!(Instant::now() < deadline, "no webhook call");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let announced: Value = serde_json::from_str(&hooked.lock().unwrap()[0]).unwrap();
+    assert_eq!(announced["event"], "approval_pending");
+    assert_eq!(announced["tool"], "add");
+    assert_eq!(announced["id"], held["id"]);
+    assert!(announced["approve_with"].as_str().unwrap().contains(digest));
     airlock_out(&[
         "approvals",
         "approve",
@@ -1306,6 +1360,9 @@ fn brokered_credentials_replace_the_clients() {
     use sha2::Digest as _;
     let expected =
         airlock::archive::record::hex(&sha2::Sha256::digest(b"Bearer brokered-for-root"));
+    assert_eq!(res["result"][0], expected.as_str(), "{res}");
+    // A client that sends no credential at all: the server still gets the brokered one.
+    let res = finish(spawn_call(&cg, &dir, &bundle, &url, "auth_digest", "{}"));
     assert_eq!(res["result"][0], expected.as_str(), "{res}");
     assert!(agent.sigterm().success(), "{}", agent.log());
     let everything = serde_json::to_string(&archived_records(&agent.archive)).unwrap();
