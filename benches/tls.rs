@@ -29,9 +29,30 @@ const CONCURRENCY: usize = 16;
 const IDLE_CONNECTIONS: usize = 500;
 
 fn request_body() -> Bytes {
+    request_for("echo")
+}
+
+fn request_for(tool: &str) -> Bytes {
     let text = "x".repeat(200);
     Bytes::from(format!(
-        r#"{{"jsonrpc":"2.0","id":7,"method":"tools/call","params":{{"name":"echo","arguments":{{"text":"{text}"}}}}}}"#
+        r#"{{"jsonrpc":"2.0","id":7,"method":"tools/call","params":{{"name":"{tool}","arguments":{{"text":"{text}"}}}}}}"#
+    ))
+}
+
+/// A 1 KiB result with values the shipped policies mask (emails, a card, an AWS key id).
+fn secret_response_body() -> Bytes {
+    let mut text = String::new();
+    for i in 0..6 {
+        text.push_str(&format!(
+            "contact user{i}@example.com about card 4111 1111 1111 1111; "
+        ));
+    }
+    text.push_str("key AKIAIOSFODNN7EXAMPLE ");
+    while text.len() < 900 {
+        text.push('z');
+    }
+    Bytes::from(format!(
+        r#"{{"jsonrpc":"2.0","id":7,"result":{{"content":[{{"type":"text","text":"{text}"}}],"isError":false}}}}"#
     ))
 }
 
@@ -197,6 +218,19 @@ fn main() {
             }
             let _ = round;
         }
+        // The cost of masking: the same call through Airlock, answered with a clean result or
+        // with one holding values the shipped policies mask.
+        let mut masking = [Vec::new(), Vec::new()];
+        {
+            let mut s = Session::open(&client, backend).await;
+            for _ in 0..2000 {
+                for (i, tool) in ["echo", "contact"].into_iter().enumerate() {
+                    let t = Instant::now();
+                    s.call_tool(tool).await;
+                    masking[i].push(t.elapsed());
+                }
+            }
+        }
         // Throughput at saturation, and the CPU it cost the server (direct) or the agent.
         let mut tput = Vec::new();
         for (addr, pid) in [(direct, server_pid), (backend, agent_pid)] {
@@ -207,9 +241,9 @@ fn main() {
             let server_cpu = cpu_secs(server_pid) - server0;
             tput.push((n, cpu, server_cpu));
         }
-        (ka, nc, tput, mem)
+        (ka, nc, tput, mem, masking)
     });
-    let (ka, nc, tput, mem) = results;
+    let (ka, nc, tput, mem, masking) = results;
 
     // A leaf-cache miss: mint a leaf (keygen + sign) with the agent's own code.
     let ca = airlock::tls::ca::Ca::load(&dir.join("state/ca")).unwrap();
@@ -279,6 +313,13 @@ fn main() {
     );
     let mem_row = row("resident memory per idle connection", mem[0], mem[1], "KiB");
     println!(
+        "{:<44} {:>8.1}µs {:>8.1}µs {:>+7.1}µs",
+        "through Airlock: clean vs masked result, p50",
+        p(&masking[0], 0.5),
+        p(&masking[1], 0.5),
+        p(&masking[1], 0.5) - p(&masking[0], 0.5)
+    );
+    println!(
         "{:<44} {mint_us:>8.1}µs",
         "leaf-cache miss (mint + sign a leaf)"
     );
@@ -294,6 +335,7 @@ fn main() {
         },
         "idle_connection_kib": mem_row,
         "leaf_mint_us": mint_us,
+        "masking_p50_us": {"clean": p(&masking[0], 0.5), "masked": p(&masking[1], 0.5)},
     });
     let out = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/bench-tls.json");
     let _ = std::fs::write(&out, serde_json::to_string_pretty(&json).unwrap());
@@ -325,11 +367,15 @@ impl Session {
     }
 
     async fn call(&mut self) {
+        self.call_tool("echo").await
+    }
+
+    async fn call_tool(&mut self, tool: &str) {
         let req = http::Request::post("/mcp")
             .header("host", HOST)
             .header("content-type", "application/json")
             .header("accept", "application/json, text/event-stream")
-            .body(Full::new(request_body()))
+            .body(Full::new(request_for(tool)))
             .unwrap();
         let resp = self.sender.send_request(req).await.unwrap();
         assert_eq!(resp.status(), 200);
@@ -409,7 +455,15 @@ fn serve(cert: &str, key: &str, ports: &[String]) {
                             move |req: http::Request<hyper::body::Incoming>| {
                                 let body = body.clone();
                                 async move {
-                                    let _ = req.into_body().collect().await;
+                                    let req = req
+                                        .into_body()
+                                        .collect()
+                                        .await
+                                        .map(|c| c.to_bytes())
+                                        .unwrap_or_default();
+                                    let secret =
+                                        req.windows(16).any(|w| w == b"\"name\":\"contact\"");
+                                    let body = if secret { secret_response_body() } else { body };
                                     let mut r = http::Response::new(Full::new(body));
                                     r.headers_mut().insert(
                                         "content-type",
