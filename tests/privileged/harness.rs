@@ -564,7 +564,10 @@ impl Drop for Agent {
         }
         // Leave no programs attached and no pins behind, whatever the test did.
         let _ = self.airlock(&["detach"]);
-        let _ = std::fs::remove_dir_all(&self.dir);
+        // AIRLOCK_TEST_KEEP=1 keeps the test directory (logs, archive) for a post-mortem.
+        if std::env::var_os("AIRLOCK_TEST_KEEP").is_none() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
     }
 }
 

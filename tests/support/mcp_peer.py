@@ -87,6 +87,7 @@ def serve(args):
     else:
         app = mcp.streamable_http_app(
             json_response=args.transport == "json",
+            stateless_http=args.stateless,
             transport_security=security,
             host=args.hostname,
         )
@@ -170,6 +171,7 @@ def main():
     s.add_argument("--key")
     s.add_argument("--transport", choices=["json", "sse", "legacy"], default="sse")
     s.add_argument("--variant", type=int, default=1)
+    s.add_argument("--stateless", action="store_true", help="no sessions: any POST stands alone")
     c = sub.add_parser("client")
     c.add_argument("--url", required=True)
     c.add_argument("--transport", choices=["streamable", "legacy"], default="streamable")

@@ -158,6 +158,27 @@ fn a_crash_before_the_roll_loses_nothing_synced() {
 }
 
 #[test]
+fn records_appended_after_a_recovery_continue_the_chain() {
+    // Found by the SIGKILL loop: a restart recovered a segment but went on chaining from the
+    // tip before it, so the next crash's recovery found a segment that did not continue.
+    let t = TempDir::new("crash-twice");
+    for round in 0..3u64 {
+        let (mut w, rec) = ArchiveWriter::open(config(&t.0)).unwrap();
+        assert_eq!(rec.records, if round == 0 { 0 } else { 3 }, "round {round}");
+        for i in 0..3 {
+            w.append(input("s", round * 10 + i)).unwrap();
+        }
+        w.sync().unwrap();
+        // Dropped without a roll: killed again.
+    }
+    let (_, rec) = ArchiveWriter::open(config(&t.0)).unwrap();
+    assert_eq!(rec.records, 3);
+    let report = verify(&t.0.join("archive"));
+    assert!(report.intact(), "{:?}", report.problems);
+    assert_eq!(report.records_checked, 9);
+}
+
+#[test]
 fn a_torn_tail_is_dropped_and_the_rest_recovered() {
     let t = TempDir::new("torn");
     let seg;

@@ -144,8 +144,11 @@ impl ArchiveWriter {
                     ),
                 ));
             }
-            if !todo.is_empty() {
+            if let Some(last) = todo.last() {
                 self.publish(n, &todo)?;
+                // What follows continues the chain after the recovered records.
+                self.last_hash = last.hash.clone();
+                self.next_archive_seq = last.archive_seq + 1;
             }
             fs::remove_file(&path)?;
         }
