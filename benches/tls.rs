@@ -28,10 +28,6 @@ const THROUGHPUT_SECS: u64 = 3;
 const CONCURRENCY: usize = 16;
 const IDLE_CONNECTIONS: usize = 500;
 
-fn request_body() -> Bytes {
-    request_for("echo")
-}
-
 fn request_for(tool: &str) -> Bytes {
     let text = "x".repeat(200);
     Bytes::from(format!(
