@@ -89,10 +89,11 @@ impl Proxy {
             String,
             crate::attribution::Attribution,
             crate::policy::Subject,
+            Arc<std::sync::atomic::AtomicU64>,
         ),
         guard: &ConnGuard,
     ) -> Result<End, String> {
-        let (conn_id, session_id, attribution, subject) = ctx_parts;
+        let (conn_id, session_id, attribution, subject, seq) = ctx_parts;
         let original = attribution.original_dst;
         let timeout = self.config.header_read_timeout;
         let mut first = [0u8; 1];
@@ -136,6 +137,7 @@ impl Proxy {
                 subject,
                 backend.name.clone(),
                 None,
+                seq,
             ));
             let dialer = BackendDialer {
                 proxy: self.clone(),
@@ -240,6 +242,7 @@ impl Proxy {
             subject,
             backend.name.clone(),
             hello.sni.clone(),
+            seq,
         ));
         let dialer = BackendDialer {
             proxy: self.clone(),

@@ -47,8 +47,9 @@ pub struct ConnCtx {
     pub sni: Option<String>,
     /// `attribution.original_dst`, formatted once.
     server_addr: String,
-    /// Next `seq` (0 is the connection's opening record).
-    pub seq: AtomicU64,
+    /// Next `seq` (0 is the connection's opening record; the closing record takes the last),
+    /// shared with the connection's handler.
+    pub seq: Arc<AtomicU64>,
     /// `iss` and `sub` of the bearer JWT the client presented, if any.
     pub identity: Mutex<Option<(Option<String>, Option<String>)>>,
 }
@@ -61,6 +62,7 @@ impl ConnCtx {
         subject: Subject,
         backend: String,
         sni: Option<String>,
+        seq: Arc<AtomicU64>,
     ) -> ConnCtx {
         let server_addr = attribution.original_dst.to_string();
         ConnCtx {
@@ -71,7 +73,7 @@ impl ConnCtx {
             subject,
             backend,
             sni,
-            seq: AtomicU64::new(1),
+            seq,
             identity: Mutex::new(None),
         }
     }

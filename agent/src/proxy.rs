@@ -257,6 +257,8 @@ impl Proxy {
             .get(meta_backend)
             .map(|b| b.mode)
             .unwrap_or(crate::config::BackendMode::Mcp);
+        // Message records take 1, 2, …; the closing record the next one after them.
+        let msg_seq = Arc::new(AtomicU64::new(1));
         let work = async {
             match mode {
                 crate::config::BackendMode::Opaque => {
@@ -278,7 +280,13 @@ impl Proxy {
                             client,
                             upstream,
                             meta_backend,
-                            (guard.id(), session_id, attribution.clone(), subject),
+                            (
+                                guard.id(),
+                                session_id,
+                                attribution.clone(),
+                                subject,
+                                msg_seq.clone(),
+                            ),
                             &guard,
                         )
                         .await
@@ -303,8 +311,12 @@ impl Proxy {
             Ok(RelayEnd::IdleTimeout) => ("failed", "idle timeout".to_owned()),
             Err(e) => ("failed", e.clone()),
         };
-        let mut close =
-            self.connection_record(guard.id(), 1, Some(&attribution), backend.as_deref());
+        let mut close = self.connection_record(
+            guard.id(),
+            msg_seq.fetch_add(1, Ordering::Relaxed),
+            Some(&attribution),
+            backend.as_deref(),
+        );
         close.latency_us = Some(opened.elapsed().as_micros() as u64);
         close.payload = Some(MaskedPayload::agent_event(&serde_json::json!({
             "event": "close",

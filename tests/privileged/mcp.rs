@@ -439,6 +439,106 @@ fn same_results_through_airlock_with(transport: &str, sdk: Sdk, extra: &[&str]) 
         "{}",
         String::from_utf8_lossy(&out.stdout)
     );
+    if sdk == Sdk::Python && transport == "sse" && extra.is_empty() {
+        analyst_queries_answer_on_a_real_archive(&agent.archive, &records);
+    }
+}
+
+/// The queries ARCHIVE.md gives (`-- query: NAME` blocks), by name.
+fn documented_queries() -> Vec<(String, String)> {
+    let doc =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../ARCHIVE.md")).unwrap();
+    doc.split("```sql\n")
+        .skip(1)
+        .filter_map(|block| {
+            let sql = block.split("```").next()?;
+            let name = sql
+                .lines()
+                .next()?
+                .strip_prefix("-- query: ")?
+                .trim()
+                .to_owned();
+            Some((name, sql.to_owned()))
+        })
+        .collect()
+}
+
+/// Every analyst query of ARCHIVE.md, run with the real DuckDB on the archive an end-to-end
+/// run produced, gives the answers that run implies.
+fn analyst_queries_answer_on_a_real_archive(archive: &Path, records: &[Value]) {
+    let glob = format!("{}/**/*.parquet", archive.display());
+    let pid = records.iter().find_map(|r| r["pid"].as_u64()).unwrap();
+    let session = records
+        .iter()
+        .find(|r| r["tool"] == "add")
+        .and_then(|r| r["session_id"].as_str())
+        .unwrap()
+        .to_owned();
+    for (name, sql) in documented_queries() {
+        let sql = sql
+            .replace("/var/lib/airlock/archive/**/*.parquet", &glob)
+            .replace("pid = 4001", &format!("pid = {pid}"))
+            .replace("'session-bob'", &format!("'{session}'"));
+        let script = format!(
+            "import duckdb, json\nrows = duckdb.sql({sql:?}).fetchall()\nprint(json.dumps([[str(c) if not isinstance(c, (int, float, str, list, type(None))) else c for c in r] for r in rows]))"
+        );
+        let out = Command::new(venv_python())
+            .args(["-c", &script])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let rows: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
+        match name.as_str() {
+            "calls-per-user-and-tool" => {
+                for (tool, n) in [("add", 2), ("contact", 1), ("countdown", 1), ("echo", 1)] {
+                    assert!(
+                        rows.contains(&serde_json::json!(["root", tool, n])),
+                        "{tool}: {rows:?}"
+                    );
+                }
+                assert!(
+                    !rows.iter().any(|r| r[1] == "delete_everything"),
+                    "refused: no answer"
+                );
+            }
+            "blocked-calls" => {
+                assert_eq!(rows.len(), 1, "{rows:?}");
+                assert_eq!(rows[0][3], "delete_everything");
+                assert!(
+                    rows[0][4]
+                        .as_array()
+                        .unwrap()
+                        .contains(&serde_json::json!("no-destructive-tools"))
+                );
+            }
+            "masked-per-detector" => {
+                assert!(
+                    rows.iter()
+                        .any(|r| r[0] == "email" && r[1].as_u64() >= Some(1)),
+                    "{rows:?}"
+                )
+            }
+            "slowest-tools" => {
+                // countdown sleeps 3 × 10 ms: the slowest of these tools.
+                assert_eq!(rows[0][0], "countdown", "{rows:?}");
+                assert!(rows[0][1].as_u64().unwrap() >= 30_000);
+            }
+            "sessions-of-one-process" => assert!(!rows.is_empty(), "{rows:?}"),
+            "one-session-transcript" => {
+                let seqs: Vec<u64> = rows.iter().map(|r| r[0].as_u64().unwrap()).collect();
+                assert!(
+                    seqs.windows(2).all(|w| w[0] < w[1]) && seqs.len() >= 3,
+                    "{seqs:?}"
+                );
+                assert!(rows.iter().any(|r| r[3] == "add"));
+            }
+            other => panic!("no expected answer for query {other}"),
+        }
+    }
 }
 
 #[test]
