@@ -123,6 +123,27 @@ impl Drop for PeerServer {
     }
 }
 
+/// A command that runs `program` (in `cg` when given: redirected) with `HOST` resolving to
+/// 127.0.0.1 through a private /etc/hosts (its own mount namespace); add its arguments.
+pub fn with_test_hosts(cg: Option<&TestCgroup>, dir: &Path, program: &Path) -> Command {
+    let hosts = dir.join("hosts");
+    std::fs::write(
+        &hosts,
+        format!("127.0.0.1 localhost {HOST}\n::1 localhost\n"),
+    )
+    .unwrap();
+    let mut cmd = match cg {
+        Some(cg) => cg.command("unshare"),
+        None => Command::new("unshare"),
+    };
+    cmd.args(["--mount", "--propagation", "private", "sh", "-c"])
+        .arg(r#"mount --bind "$1" /etc/hosts && shift && exec "$@""#)
+        .arg("sh")
+        .arg(&hosts)
+        .arg(program);
+    cmd
+}
+
 /// Which SDK's client runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Sdk {
@@ -157,29 +178,21 @@ pub fn run_sdk_client(
     transport: &str,
     extra: &[&str],
 ) -> Result<Value, String> {
-    let hosts = dir.join("hosts");
-    std::fs::write(
-        &hosts,
-        format!("127.0.0.1 localhost {HOST}\n::1 localhost\n"),
-    )
-    .unwrap();
-    let mut cmd = match cg {
-        Some(cg) => cg.command("unshare"),
-        None => Command::new("unshare"),
-    };
-    cmd.args(["--mount", "--propagation", "private", "sh", "-c"])
-        .arg(r#"mount --bind "$1" /etc/hosts && shift && exec "$@""#)
-        .arg("sh")
-        .arg(&hosts);
+    let mut cmd = with_test_hosts(
+        cg,
+        dir,
+        &match sdk {
+            Sdk::Python => venv_python(),
+            Sdk::Node => node(),
+        },
+    );
     match sdk {
         Sdk::Python => cmd
-            .arg(venv_python())
             .arg(PEER)
             .args(["client", "--url", url, "--transport", transport])
             .args(extra)
             .env("SSL_CERT_FILE", ca_file),
         Sdk::Node => cmd
-            .arg(node())
             .arg(NODE_CLIENT)
             .args([url, transport])
             .env("NODE_PATH", node_modules())
@@ -237,44 +250,16 @@ fn same_results_through_airlock(transport: &str, sdk: Sdk) {
 }
 
 fn same_results_through_airlock_with(transport: &str, sdk: Sdk, extra: &[&str]) {
-    if !privileged() {
-        return;
-    }
-    let name = unique(&format!("mcp-{transport}"));
-    let cg = TestCgroup::new(&name);
-    let port = free_port();
-    let mut agent = Agent::prepare(
-        &cg,
-        &name,
-        &format!(
-            "[[backend]]\nname = \"tools\"\nhost = \"{HOST}\"\nport = {port}\naddresses = [\"127.0.0.1\"]\nca_file = \"BACKEND_CA\"\n"
-        ),
+    let Some((cg, mut agent, server, port, bundle)) = tls_setup_full(
+        &format!("mcp-{transport}"),
+        "ca_file = \"BACKEND_CA\"",
         "",
-        None,
-    );
+        (transport, 1),
+        |agent| std::fs::write(agent.dir.join("policies/block.toml"), BLOCK_POLICY).unwrap(),
+    ) else {
+        return;
+    };
     let dir = agent.dir.clone();
-    let server = PeerServer::start(
-        &dir,
-        port,
-        if transport == "legacy" {
-            "legacy"
-        } else {
-            transport
-        },
-    );
-    let config = std::fs::read_to_string(&agent.config)
-        .unwrap()
-        .replace("BACKEND_CA", dir.join("backend-ca.pem").to_str().unwrap());
-    std::fs::write(&agent.config, config).unwrap();
-    std::fs::write(dir.join("policies/block.toml"), BLOCK_POLICY).unwrap();
-    agent.spawn();
-    let config = agent.config.to_str().unwrap().to_owned();
-    let bundle = dir.join("airlock-ca.pem");
-    std::fs::write(
-        &bundle,
-        airlock_out(&["ca", "show", "--pem", "--config", &config]),
-    )
-    .unwrap();
 
     let (url, client_transport) = match transport {
         "legacy" => (format!("https://{HOST}:{port}/sse"), "legacy"),
@@ -595,22 +580,7 @@ fn conformance(
     url: &str,
     out: &str,
 ) -> (bool, String) {
-    let hosts = dir.join("hosts");
-    std::fs::write(
-        &hosts,
-        format!("127.0.0.1 localhost {HOST}\n::1 localhost\n"),
-    )
-    .unwrap();
-    let mut cmd = match cg {
-        Some(cg) => cg.command("unshare"),
-        None => Command::new("unshare"),
-    };
-    let output = cmd
-        .args(["--mount", "--propagation", "private", "sh", "-c"])
-        .arg(r#"mount --bind "$1" /etc/hosts && shift && exec "$@""#)
-        .arg("sh")
-        .arg(&hosts)
-        .arg(node())
+    let output = with_test_hosts(cg, dir, &node())
         .arg(node_modules().join("@modelcontextprotocol/conformance/dist/index.js"))
         .args([
             "server",
@@ -775,19 +745,7 @@ except Exception as e:
 "#;
 
 fn probe(cg: &TestCgroup, dir: &Path, ca: &Path, url: &str, sni: &str) -> Value {
-    let hosts = dir.join("hosts");
-    std::fs::write(
-        &hosts,
-        format!("127.0.0.1 localhost {HOST}\n::1 localhost\n"),
-    )
-    .unwrap();
-    let out = cg
-        .command("unshare")
-        .args(["--mount", "--propagation", "private", "sh", "-c"])
-        .arg(r#"mount --bind "$1" /etc/hosts && shift && exec "$@""#)
-        .arg("sh")
-        .arg(&hosts)
-        .arg(PYTHON)
+    let out = with_test_hosts(Some(cg), dir, Path::new(PYTHON))
         .args(["-c", PROBE, url])
         .arg(ca)
         .arg(sni)
@@ -816,6 +774,19 @@ fn tls_setup_with(
     backend_extra: &str,
     top: &str,
 ) -> Option<(TestCgroup, Agent, PeerServer, u16, PathBuf)> {
+    tls_setup_full(name, backend_extra, top, ("json", 1), |_| {})
+}
+
+/// The common set-up: a cgroup, the SDK server (`server` = transport, variant) with its own
+/// CA, an agent for backend `tools` (`BACKEND_CA` in `backend_extra` becomes that CA's file)
+/// started after `before_spawn` had its say, and Airlock's CA bundle for the clients.
+fn tls_setup_full(
+    name: &str,
+    backend_extra: &str,
+    top: &str,
+    server: (&str, u32),
+    before_spawn: impl FnOnce(&Agent),
+) -> Option<(TestCgroup, Agent, PeerServer, u16, PathBuf)> {
     if !privileged() {
         return None;
     }
@@ -832,11 +803,12 @@ fn tls_setup_with(
         None,
     );
     let dir = agent.dir.clone();
-    let server = PeerServer::start(&dir, port, "json");
+    let server = PeerServer::start_variant(&dir, port, server.0, true, server.1);
     let config = std::fs::read_to_string(&agent.config)
         .unwrap()
         .replace("BACKEND_CA", dir.join("backend-ca.pem").to_str().unwrap());
     std::fs::write(&agent.config, config).unwrap();
+    before_spawn(&agent);
     agent.spawn();
     let bundle = dir.join("airlock-ca.pem");
     std::fs::write(
@@ -948,19 +920,7 @@ for r in spec:
 "#;
 
 fn requests(cg: &TestCgroup, dir: &Path, ca: &Path, base: &str, spec: &Value) -> Vec<Value> {
-    let hosts = dir.join("hosts");
-    std::fs::write(
-        &hosts,
-        format!("127.0.0.1 localhost {HOST}\n::1 localhost\n"),
-    )
-    .unwrap();
-    let out = cg
-        .command("unshare")
-        .args(["--mount", "--propagation", "private", "sh", "-c"])
-        .arg(r#"mount --bind "$1" /etc/hosts && shift && exec "$@""#)
-        .arg("sh")
-        .arg(&hosts)
-        .arg(PYTHON)
+    let out = with_test_hosts(Some(cg), dir, Path::new(PYTHON))
         .args(["-c", REQUESTS, base])
         .arg(ca)
         .arg(spec.to_string())
@@ -1168,53 +1128,17 @@ print(json.dumps(answered))
 /// opens in DuckDB (strict recording: nothing is forwarded before its record is durable).
 #[test]
 fn sigkill_loop_under_load_loses_no_answered_message() {
-    if !privileged() {
-        return;
-    }
-    let name = unique("crashloop");
-    let cg = TestCgroup::new(&name);
-    let port = free_port();
-    let mut agent = Agent::prepare(
-        &cg,
-        &name,
-        &format!(
-            "[[backend]]\nname = \"tools\"\nhost = \"{HOST}\"\nport = {port}\naddresses = [\"127.0.0.1\"]\nca_file = \"BACKEND_CA\"\n"
-        ),
+    let Some((cg, mut agent, _server, port, bundle)) = tls_setup_full(
+        "crashloop",
+        "ca_file = \"BACKEND_CA\"",
         "flush_interval_secs = 1",
-        None,
-    );
+        ("json", STATELESS),
+        |_| {},
+    ) else {
+        return;
+    };
     let dir = agent.dir.clone();
-    let _server = PeerServer::start_variant(&dir, port, "json", true, STATELESS);
-    let config = std::fs::read_to_string(&agent.config)
-        .unwrap()
-        .replace("BACKEND_CA", dir.join("backend-ca.pem").to_str().unwrap());
-    std::fs::write(&agent.config, config).unwrap();
-    agent.spawn();
-    let bundle = dir.join("airlock-ca.pem");
-    std::fs::write(
-        &bundle,
-        airlock_out(&[
-            "ca",
-            "show",
-            "--pem",
-            "--config",
-            agent.config.to_str().unwrap(),
-        ]),
-    )
-    .unwrap();
-    let hosts = dir.join("hosts");
-    std::fs::write(
-        &hosts,
-        format!("127.0.0.1 localhost {HOST}\n::1 localhost\n"),
-    )
-    .unwrap();
-    let client = cg
-        .command("unshare")
-        .args(["--mount", "--propagation", "private", "sh", "-c"])
-        .arg(r#"mount --bind "$1" /etc/hosts && shift && exec "$@""#)
-        .arg("sh")
-        .arg(&hosts)
-        .arg(PYTHON)
+    let client = with_test_hosts(Some(&cg), &dir, Path::new(PYTHON))
         .args(["-c", LOAD, &format!("https://{HOST}:{port}/mcp")])
         .arg(&bundle)
         .arg("250")
@@ -1325,18 +1249,7 @@ fn spawn_call_with(
     args: &str,
     env: &[(&str, &str)],
 ) -> Child {
-    let hosts = dir.join("hosts");
-    std::fs::write(
-        &hosts,
-        format!("127.0.0.1 localhost {HOST}\n::1 localhost\n"),
-    )
-    .unwrap();
-    cg.command("unshare")
-        .args(["--mount", "--propagation", "private", "sh", "-c"])
-        .arg(r#"mount --bind "$1" /etc/hosts && shift && exec "$@""#)
-        .arg("sh")
-        .arg(&hosts)
-        .arg(venv_python())
+    with_test_hosts(Some(cg), dir, &venv_python())
         .arg(PEER)
         .args(["client", "--url", url, "--call", tool, "--args", args])
         .envs(env.iter().copied())
@@ -1638,35 +1551,17 @@ fn brokered_credentials_replace_the_clients() {
 /// is hidden and refused until `airlock tools accept BACKEND TOOL`.
 #[test]
 fn changed_tool_definitions_are_caught_and_held_until_accepted() {
-    if !privileged() {
-        return;
-    }
-    let name = unique("pins");
-    let cg = TestCgroup::new(&name);
-    let port = free_port();
-    let mut agent = Agent::prepare(
-        &cg,
-        &name,
-        &format!(
-            "[[backend]]\nname = \"tools\"\nhost = \"{HOST}\"\nport = {port}\naddresses = [\"127.0.0.1\"]\nca_file = \"BACKEND_CA\"\n"
-        ),
+    let Some((cg, mut agent, server, port, bundle)) = tls_setup_full(
+        "pins",
+        "ca_file = \"BACKEND_CA\"",
         "tool_changes = \"block\"",
-        None,
-    );
+        ("json", 1),
+        |_| {},
+    ) else {
+        return;
+    };
     let dir = agent.dir.clone();
-    let server = PeerServer::start_variant(&dir, port, "json", true, 1);
-    let config = std::fs::read_to_string(&agent.config)
-        .unwrap()
-        .replace("BACKEND_CA", dir.join("backend-ca.pem").to_str().unwrap());
-    std::fs::write(&agent.config, config).unwrap();
-    agent.spawn();
     let cfg = agent.config.to_str().unwrap().to_owned();
-    let bundle = dir.join("airlock-ca.pem");
-    std::fs::write(
-        &bundle,
-        airlock_out(&["ca", "show", "--pem", "--config", &cfg]),
-    )
-    .unwrap();
     let url = format!("https://{HOST}:{port}/mcp");
     let call = || {
         let out = spawn_call(&cg, &dir, &bundle, &url, "echo", r#"{"text": "hi"}"#)
