@@ -49,7 +49,8 @@ enum Command {
         #[arg(long, value_name = "DIR")]
         archive: Option<PathBuf>,
     },
-    /// Sessions in the archive: who, which process, backend, start, duration, counts.
+    /// Sessions in the archive: who, which process, backend, start, duration, counts
+    /// (`airlock sessions kill` ends live ones).
     Sessions {
         #[command(subcommand)]
         command: Option<SessionsCommand>,
@@ -271,24 +272,7 @@ fn main() -> ExitCode {
             Command::Sessions {
                 command: Some(SessionsCommand::Kill { user, pid, session }),
                 ..
-            } => match admin::request(
-                &config.admin_socket(),
-                &Request::Kill { user, pid, session },
-            )
-            .await
-            {
-                Ok(Response::Ok { message }) => {
-                    println!("{message}");
-                    ExitCode::SUCCESS
-                }
-                Ok(Response::Error { message }) => fail(message),
-                Ok(_) => fail("unexpected answer from the agent"),
-                Err(e @ admin::ClientError::NotRunning(_)) => {
-                    eprintln!("airlock: {e}");
-                    ExitCode::from(3)
-                }
-                Err(e) => fail(e),
-            },
+            } => admin_command(&config, Request::Kill { user, pid, session }).await,
             Command::Sessions {
                 since,
                 user,
@@ -316,24 +300,7 @@ fn main() -> ExitCode {
             Command::Approvals { command } => approvals(&config, command).await,
             Command::Tools {
                 command: ToolsCommand::Accept { backend, tool },
-            } => match admin::request(
-                &config.admin_socket(),
-                &Request::AcceptTool { backend, tool },
-            )
-            .await
-            {
-                Ok(Response::Ok { message }) => {
-                    println!("{message}");
-                    ExitCode::SUCCESS
-                }
-                Ok(Response::Error { message }) => fail(message),
-                Ok(_) => fail("unexpected answer from the agent"),
-                Err(e @ admin::ClientError::NotRunning(_)) => {
-                    eprintln!("airlock: {e}");
-                    ExitCode::from(3)
-                }
-                Err(e) => fail(e),
-            },
+            } => admin_command(&config, Request::AcceptTool { backend, tool }).await,
             Command::CheckConfig => match config.resolve().await {
                 Ok(targets) => {
                     println!("{}: ok", config.path.display());
@@ -798,6 +765,18 @@ async fn approvals(config: &Config, command: ApprovalsCommand) -> ExitCode {
             }
             ExitCode::SUCCESS
         }
+        other => report(other),
+    }
+}
+
+/// Send a request whose answer is a one-line message (`kill`, `accept_tool`).
+async fn admin_command(config: &Config, req: Request) -> ExitCode {
+    report(admin::request(&config.admin_socket(), &req).await)
+}
+
+/// Print an admin answer: the message (exit 0), the agent's error (1), or that no agent runs (3).
+fn report(answer: Result<Response, admin::ClientError>) -> ExitCode {
+    match answer {
         Ok(Response::Ok { message }) => {
             println!("{message}");
             ExitCode::SUCCESS

@@ -646,13 +646,19 @@ impl Pipeline {
             .map_err(|e| PipelineError::Archive(e.to_string()))
     }
 
-    /// Mask one string with the rules that apply to `ctx` (a mirrored header, a query string).
-    pub fn mask_str(&self, ctx: &ConnCtx, direction: Direction, text: &str) -> Option<String> {
+    /// The policy set in force and its decision for something that is not an MCP message
+    /// (no method or tool): which mask rules apply to this caller and backend.
+    fn unaddressed(
+        &self,
+        subject: &Subject,
+        backend: &str,
+        direction: Direction,
+    ) -> (Arc<crate::policy::PolicySet>, crate::policy::Decision) {
         let set = self.policies.current();
         let decision = set.decide(
-            &ctx.subject,
+            subject,
             &policy::Message {
-                backend: &ctx.backend,
+                backend,
                 direction,
                 method: None,
                 tool: None,
@@ -660,24 +666,19 @@ impl Pipeline {
                 is_request: false,
             },
         );
+        (set, decision)
+    }
+
+    /// Mask one string with the rules that apply to `ctx` (a mirrored header, a query string).
+    pub fn mask_str(&self, ctx: &ConnCtx, direction: Direction, text: &str) -> Option<String> {
+        let (set, decision) = self.unaddressed(&ctx.subject, &ctx.backend, direction);
         set.mask_str(&decision, text, &mut MaskCounts::new())
     }
 
     /// Mask an event the agent writes about a connection (its command line can hold secrets:
     /// `--token=…`), with the mask rules that apply to this caller and backend.
     pub fn mask_event(&self, subject: &Subject, backend: &str, mut event: Value) -> MaskedPayload {
-        let set = self.policies.current();
-        let d = set.decide(
-            subject,
-            &policy::Message {
-                backend,
-                direction: Direction::ClientToServer,
-                method: None,
-                tool: None,
-                arguments: None,
-                is_request: false,
-            },
-        );
+        let (set, d) = self.unaddressed(subject, backend, Direction::ClientToServer);
         set.mask(&d, &mut event);
         MaskedPayload::from_masked(event.to_string())
     }
@@ -695,18 +696,7 @@ impl Pipeline {
         latency_us: Option<u64>,
         mcp_session_id: Option<String>,
     ) -> Result<(), PipelineError> {
-        let set = self.policies.current();
-        let d = set.decide(
-            &ctx.subject,
-            &policy::Message {
-                backend: &ctx.backend,
-                direction,
-                method: None,
-                tool: None,
-                arguments: None,
-                is_request: false,
-            },
-        );
+        let (set, d) = self.unaddressed(&ctx.subject, &ctx.backend, direction);
         let counts = set.mask(&d, &mut details);
         let mut rec = ctx.record(&self.host, direction, kind);
         rec.decision = decision.into();
