@@ -2,6 +2,10 @@
 //! venv `cargo xtask setup` creates under target/): the schema DuckDB sees, and analyst
 //! queries over hive-partitioned files. Also `airlock verify` on the same archive.
 
+#[path = "support/queries.rs"]
+mod queries;
+use queries::documented_queries;
+
 use std::{
     path::{Path, PathBuf},
     process::Command,
@@ -227,26 +231,6 @@ fn duckdb_reads_the_archive_with_natural_types() {
         "{stdout}"
     );
     let _ = std::fs::remove_dir_all(&dir);
-}
-
-/// The queries ARCHIVE.md gives, by name.
-fn documented_queries() -> Vec<(String, String)> {
-    let doc =
-        std::fs::read_to_string(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../ARCHIVE.md"))
-            .unwrap();
-    doc.split("```sql\n")
-        .skip(1)
-        .filter_map(|block| {
-            let sql = block.split("```").next()?;
-            let name = sql
-                .lines()
-                .next()?
-                .strip_prefix("-- query: ")?
-                .trim()
-                .to_owned();
-            Some((name, sql.to_owned()))
-        })
-        .collect()
 }
 
 #[test]

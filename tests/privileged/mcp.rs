@@ -12,6 +12,10 @@ use serde_json::Value;
 
 use crate::harness::*;
 
+#[path = "../support/queries.rs"]
+mod queries;
+use queries::documented_queries;
+
 const PEER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/support/mcp_peer.py");
 const NODE_CLIENT: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
@@ -427,25 +431,6 @@ fn same_results_through_airlock_with(transport: &str, sdk: Sdk, extra: &[&str]) 
     if sdk == Sdk::Python && transport == "sse" && extra.is_empty() {
         analyst_queries_answer_on_a_real_archive(&agent.archive, &records);
     }
-}
-
-/// The queries ARCHIVE.md gives (`-- query: NAME` blocks), by name.
-fn documented_queries() -> Vec<(String, String)> {
-    let doc =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../ARCHIVE.md")).unwrap();
-    doc.split("```sql\n")
-        .skip(1)
-        .filter_map(|block| {
-            let sql = block.split("```").next()?;
-            let name = sql
-                .lines()
-                .next()?
-                .strip_prefix("-- query: ")?
-                .trim()
-                .to_owned();
-            Some((name, sql.to_owned()))
-        })
-        .collect()
 }
 
 /// Every analyst query of ARCHIVE.md, run with the real DuckDB on the archive an end-to-end
