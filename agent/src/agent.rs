@@ -183,6 +183,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         session_prefix: session_prefix(),
         pipeline,
         tls,
+        upstream_pool: Default::default(),
     });
     let targets = Arc::new(Mutex::new(targets));
     let started_at = SystemTime::now();

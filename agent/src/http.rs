@@ -97,6 +97,11 @@ impl UpstreamSlot {
             .as_mut()
             .ok_or_else(|| "no upstream connection".to_owned())
     }
+
+    /// The connection, for the pool, once the client connection is done with it.
+    pub fn release(&mut self) -> Option<UpstreamSender> {
+        self.sender.take()
+    }
 }
 
 /// Everything one client connection's requests share.
@@ -107,48 +112,28 @@ pub struct Conn {
     pub upstream: tokio::sync::Mutex<UpstreamSlot>,
 }
 
-/// An upstream HTTP connection's driver: polled by the task that serves its client
-/// connection, so a request and its response cross no task (and no thread) boundary.
-pub type ConnDriver = std::pin::Pin<Box<dyn Future<Output = ()> + Send>>;
-pub type Drivers = tokio::sync::mpsc::UnboundedSender<ConnDriver>;
-
-/// Serve HTTP/1.1 on an intercepted (decrypted) client stream until it closes, driving the
-/// upstream connections handed over on `drivers` in the same task.
-pub async fn serve<S>(
-    io: S,
-    conn: Arc<Conn>,
-    mut drivers: tokio::sync::mpsc::UnboundedReceiver<ConnDriver>,
-) -> Result<(), hyper::Error>
+/// Serve HTTP/1.1 on an intercepted (decrypted) client stream until it closes.
+pub async fn serve<S>(io: S, conn: Arc<Conn>) -> Result<(), hyper::Error>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    use futures_util::StreamExt as _;
     let limits = conn.limits;
     let svc = hyper::service::service_fn(move |req| {
         let conn = conn.clone();
         async move { Ok::<_, Infallible>(conn.handle(req).await) }
     });
-    let serve = hyper::server::conn::http1::Builder::new()
+    hyper::server::conn::http1::Builder::new()
         .timer(hyper_util::rt::TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout)
         .max_buf_size(64 * 1024)
         .keep_alive(true)
-        .serve_connection(hyper_util::rt::TokioIo::new(io), svc);
-    tokio::pin!(serve);
-    let mut upstreams = futures_util::stream::FuturesUnordered::new();
-    loop {
-        tokio::select! {
-            biased;
-            Some(driver) = drivers.recv() => upstreams.push(driver),
-            Some(()) = upstreams.next(), if !upstreams.is_empty() => {}
-            r = &mut serve => return r,
-        }
-    }
+        .serve_connection(hyper_util::rt::TokioIo::new(io), svc)
+        .await
 }
 
-/// Open an HTTP/1.1 client connection over `io`; its driver goes to `drivers` (or, if that
-/// task is gone, onto a task of its own).
-pub async fn client_handshake<S>(io: S, drivers: &Drivers) -> Result<UpstreamSender, String>
+/// Open an HTTP/1.1 client connection over `io`. Its driver runs on a task of its own, so
+/// the connection can outlive the client connection that opened it (the upstream pool).
+pub async fn client_handshake<S>(io: S) -> Result<UpstreamSender, String>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -157,15 +142,63 @@ where
         .handshake(hyper_util::rt::TokioIo::new(io))
         .await
         .map_err(|e| format!("HTTP handshake with the server: {e}"))?;
-    let driver: ConnDriver = Box::pin(async move {
+    tokio::spawn(async move {
         if let Err(e) = connection.await {
             debug!(error = %e, "upstream HTTP connection ended with an error");
         }
     });
-    if let Err(tokio::sync::mpsc::error::SendError(driver)) = drivers.send(driver) {
-        tokio::spawn(driver);
-    }
     Ok(sender)
+}
+
+/// Idle upstream connections, by backend and address, for the next client connection to the
+/// same place: a new client connection then costs one TLS handshake, not two. Only a
+/// connection with no request in flight is kept, at most `MAX_IDLE` per place, for
+/// `IDLE_TTL`. HTTP/1.1 requests stand alone (MCP sessions ride in headers; brokered
+/// credentials are added per request), so reuse across callers leaks nothing.
+#[derive(Default)]
+pub struct UpstreamPool {
+    idle: std::sync::Mutex<std::collections::HashMap<PoolKey, Vec<(UpstreamSender, Instant)>>>,
+}
+
+/// Backend index and server address.
+pub type PoolKey = (usize, std::net::SocketAddr);
+
+const MAX_IDLE: usize = 16;
+const IDLE_TTL: Duration = Duration::from_secs(30);
+
+impl UpstreamPool {
+    /// An idle connection to `key`, if one is still open.
+    pub fn take(&self, key: PoolKey) -> Option<UpstreamSender> {
+        let mut idle = self.idle.lock().ok()?;
+        let list = idle.get_mut(&key)?;
+        while let Some((sender, since)) = list.pop() {
+            if !sender.is_closed() && sender.is_ready() && since.elapsed() < IDLE_TTL {
+                return Some(sender);
+            }
+        }
+        None
+    }
+
+    pub fn has(&self, key: PoolKey) -> bool {
+        self.idle
+            .lock()
+            .map(|i| i.get(&key).is_some_and(|l| !l.is_empty()))
+            .unwrap_or(false)
+    }
+
+    /// Keep `sender` for reuse if it is idle and open.
+    pub fn put(&self, key: PoolKey, sender: UpstreamSender) {
+        if sender.is_closed() || !sender.is_ready() {
+            return;
+        }
+        if let Ok(mut idle) = self.idle.lock() {
+            let list = idle.entry(key).or_default();
+            list.retain(|(s, since)| !s.is_closed() && since.elapsed() < IDLE_TTL);
+            if list.len() < MAX_IDLE {
+                list.push((sender, Instant::now()));
+            }
+        }
+    }
 }
 
 const HOP_BY_HOP: &[&str] = &[

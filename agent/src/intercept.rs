@@ -38,7 +38,6 @@ struct BackendDialer {
     proxy: Arc<Proxy>,
     addr: std::net::SocketAddr,
     tls: Option<(Arc<rustls::ClientConfig>, ServerName<'static>)>,
-    drivers: http::Drivers,
 }
 
 impl Dial for BackendDialer {
@@ -47,7 +46,7 @@ impl Dial for BackendDialer {
     ) -> std::pin::Pin<Box<dyn Future<Output = Result<UpstreamSender, String>> + Send + '_>> {
         Box::pin(async move {
             let tcp = self.proxy.dial(self.addr).await?;
-            open_upstream(tcp, self.tls.clone(), self.drivers.clone()).await
+            open_upstream(tcp, self.tls.clone()).await
         })
     }
 }
@@ -56,7 +55,6 @@ impl Dial for BackendDialer {
 async fn open_upstream(
     tcp: TcpStream,
     tls: Option<(Arc<rustls::ClientConfig>, ServerName<'static>)>,
-    drivers: http::Drivers,
 ) -> Result<UpstreamSender, String> {
     match tls {
         Some((config, name)) => {
@@ -65,9 +63,9 @@ async fn open_upstream(
                 .connect(name, tcp)
                 .await
                 .map_err(|e| format!("TLS with the server ({shown}): {e}"))?;
-            http::client_handshake(stream, &drivers).await
+            http::client_handshake(stream).await
         }
-        None => http::client_handshake(tcp, &drivers).await,
+        None => http::client_handshake(tcp).await,
     }
 }
 
@@ -82,7 +80,7 @@ impl Proxy {
     pub(crate) async fn intercept(
         self: &Arc<Self>,
         mut client: TcpStream,
-        upstream: TcpStream,
+        upstream: Option<TcpStream>,
         backend_id: usize,
         ctx_parts: (
             u64,
@@ -128,8 +126,8 @@ impl Proxy {
             if !first[0].is_ascii_uppercase() {
                 return Err("the client sent neither TLS nor an HTTP request".into());
             }
-            let (drivers, drivers_rx) = tokio::sync::mpsc::unbounded_channel();
-            let first_upstream = tokio::spawn(open_upstream(upstream, None, drivers.clone()));
+            let pool_key = (backend_id, original);
+            let first_upstream = self.first_upstream(pool_key, upstream, None);
             let ctx = Arc::new(ConnCtx::new(
                 conn_id,
                 session_id,
@@ -143,7 +141,6 @@ impl Proxy {
                 proxy: self.clone(),
                 addr: original,
                 tls: None,
-                drivers,
             };
             let conn = Arc::new(Conn {
                 ctx,
@@ -155,8 +152,9 @@ impl Proxy {
                 )),
             });
             guard.set_state(crate::registry::ConnState::Open);
-            let served = http::serve(client, conn.clone(), drivers_rx).await;
+            let served = http::serve(client, conn.clone()).await;
             conn.end_connection_session();
+            self.release_upstream(pool_key, &conn).await;
             return served
                 .map(|_| End::Served)
                 .map_err(|e| format!("HTTP with the client: {e}"));
@@ -174,7 +172,10 @@ impl Proxy {
                 None => {
                     return match backend.unknown_sni {
                         UnknownSni::Splice => {
-                            let mut upstream = upstream;
+                            let mut upstream = match upstream {
+                                Some(u) => u,
+                                None => self.dial(original).await?,
+                            };
                             upstream
                                 .write_all(&hello.bytes)
                                 .await
@@ -214,9 +215,8 @@ impl Proxy {
         };
         let tls_pair = Some((upstream_tls, name));
         // The server's handshake runs while the client's does.
-        let (drivers, drivers_rx) = tokio::sync::mpsc::unbounded_channel();
-        let first_upstream =
-            tokio::spawn(open_upstream(upstream, tls_pair.clone(), drivers.clone()));
+        let pool_key = (backend_id, original);
+        let first_upstream = self.first_upstream(pool_key, upstream, tls_pair.clone());
         let accept = tokio_rustls::StartHandshake::from_parts(hello.accepted, client)
             .into_stream(server_config);
         let stream = match tokio::time::timeout(timeout, accept).await {
@@ -248,7 +248,6 @@ impl Proxy {
             proxy: self.clone(),
             addr: original,
             tls: tls_pair,
-            drivers,
         };
         let conn = Arc::new(Conn {
             ctx,
@@ -257,11 +256,42 @@ impl Proxy {
             upstream: tokio::sync::Mutex::new(UpstreamSlot::new(first_upstream, Box::new(dialer))),
         });
         guard.set_state(crate::registry::ConnState::Open);
-        let served = http::serve(stream, conn.clone(), drivers_rx).await;
+        let served = http::serve(stream, conn.clone()).await;
         conn.end_connection_session();
+        self.release_upstream(pool_key, &conn).await;
         served
             .map(|_| End::Served)
             .map_err(|e| format!("HTTP with the client: {e}"))
+    }
+
+    /// The upstream connection a new client connection starts with: an idle pooled one, or
+    /// the socket dialled during attribution (TLS and HTTP handshakes run on their own task,
+    /// alongside the client's handshake), or a fresh dial.
+    fn first_upstream(
+        self: &Arc<Self>,
+        key: (usize, std::net::SocketAddr),
+        dialled: Option<TcpStream>,
+        tls: Option<(Arc<rustls::ClientConfig>, ServerName<'static>)>,
+    ) -> tokio::task::JoinHandle<Result<UpstreamSender, String>> {
+        if let Some(pooled) = self.upstream_pool.take(key) {
+            // The dialled socket (if any) closes unused.
+            return tokio::spawn(async move { Ok(pooled) });
+        }
+        let proxy = self.clone();
+        tokio::spawn(async move {
+            let tcp = match dialled {
+                Some(tcp) => tcp,
+                None => proxy.dial(key.1).await?,
+            };
+            open_upstream(tcp, tls).await
+        })
+    }
+
+    /// Give the client connection's upstream connection to the pool, if it is idle.
+    async fn release_upstream(&self, key: (usize, std::net::SocketAddr), conn: &Conn) {
+        if let Some(sender) = conn.upstream.lock().await.release() {
+            self.upstream_pool.put(key, sender);
+        }
     }
 
     /// The backend a TLS client asked for by name: the one the kernel matched, or another on

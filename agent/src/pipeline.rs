@@ -746,7 +746,6 @@ async fn post_webhook(uri: &http::Uri, mark: u32, body: &Value) -> Result<(), St
             .set_mark(mark)
             .map_err(|e| e.to_string())?;
         let tcp = socket.connect(addr).await.map_err(|e| e.to_string())?;
-        let (drivers, _) = tokio::sync::mpsc::unbounded_channel();
         let mut sender = if tls {
             let mut roots = rustls::RootCertStore::empty();
             roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
@@ -761,9 +760,9 @@ async fn post_webhook(uri: &http::Uri, mark: u32, body: &Value) -> Result<(), St
                 .connect(name, tcp)
                 .await
                 .map_err(|e| e.to_string())?;
-            crate::http::client_handshake(stream, &drivers).await?
+            crate::http::client_handshake(stream).await?
         } else {
-            crate::http::client_handshake(tcp, &drivers).await?
+            crate::http::client_handshake(tcp).await?
         };
         let req = http::Request::post(uri.path_and_query().map(|p| p.as_str()).unwrap_or("/"))
             .header(http::header::HOST, host.as_str())

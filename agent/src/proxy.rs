@@ -43,6 +43,8 @@ pub struct Proxy {
     pub session_prefix: String,
     /// Policy stage and record sink of every MCP message.
     pub pipeline: Arc<crate::pipeline::Pipeline>,
+    /// Idle upstream connections of MCP backends, for the next client connection.
+    pub upstream_pool: crate::http::UpstreamPool,
     /// The managed CA's leaves and the upstream TLS configurations (`None`: no TLS backend).
     pub tls: Option<crate::intercept::TlsRuntime>,
 }
@@ -145,11 +147,20 @@ impl Proxy {
         // Dial the backend while /proc is read: the two waits overlap.
         // Over capacity: still attributed (the record says who was refused), never dialled.
         let over_capacity = self.registry.live_count() >= self.config.max_connections;
+        // An MCP backend with an idle pooled connection needs no new one.
+        let pooled = self
+            .config
+            .backends
+            .get(meta_backend)
+            .is_some_and(|b| b.mode == crate::config::BackendMode::Mcp)
+            && self.upstream_pool.has((meta_backend, original_dst));
         let dial = async {
             if over_capacity {
                 None
+            } else if pooled {
+                Some(Ok(None))
             } else {
-                Some(self.dial(original_dst).await)
+                Some(self.dial(original_dst).await.map(Some))
             }
         };
         // procfs reads do not wait on I/O: done inline. A user or group name not yet cached
@@ -263,6 +274,9 @@ impl Proxy {
             match mode {
                 crate::config::BackendMode::Opaque => {
                     guard.set_state(ConnState::Open);
+                    let Some(upstream) = upstream else {
+                        return Err("no upstream connection".to_owned());
+                    };
                     relay::relay(
                         client,
                         upstream,
