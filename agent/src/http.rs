@@ -98,6 +98,11 @@ impl UpstreamSlot {
             .ok_or_else(|| "no upstream connection".to_owned())
     }
 
+    /// Forget the current connection: the next request dials a new one.
+    fn discard(&mut self) {
+        self.sender = None;
+    }
+
     /// The connection, for the pool, once the client connection is done with it.
     pub fn release(&mut self) -> Option<UpstreamSender> {
         self.sender.take()
@@ -494,11 +499,28 @@ impl Conn {
         *up.headers_mut() = parts.headers;
         let response = {
             let mut slot = self.upstream.lock().await;
-            let sender = match slot.ready().await {
-                Ok(s) => s,
-                Err(reason) => return self.upstream_failed(&info, reason).await,
-            };
-            sender.send_request(up).await
+            let mut up = up;
+            let mut retried = false;
+            loop {
+                let sender = match slot.ready().await {
+                    Ok(s) => s,
+                    Err(reason) => return self.upstream_failed(&info, reason).await,
+                };
+                match sender.try_send_request(up).await {
+                    Ok(r) => break Ok(r),
+                    // The connection closed before the request was written (a pooled or
+                    // kept-alive connection the server had just closed): it was never
+                    // sent, so sending it once more on a new connection is safe.
+                    Err(mut e) => match e.take_message() {
+                        Some(unsent) if !retried => {
+                            retried = true;
+                            slot.discard();
+                            up = unsent;
+                        }
+                        _ => break Err(e.into_error()),
+                    },
+                }
+            }
         };
         let response = match response {
             Ok(r) => r,
