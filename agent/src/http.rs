@@ -408,25 +408,13 @@ impl Conn {
                         .counters
                         .malformed
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    let answer = jsonrpc::error_response(
-                        None,
-                        code::PARSE_ERROR,
-                        &format!("Airlock: the request body is not valid JSON: {e}"),
-                        None,
-                    );
-                    let _ = self
-                        .pipeline
-                        .record_event(
-                            &self.ctx,
-                            Direction::ClientToServer,
-                            "error",
-                            "block",
-                            json!({"http_method": info.method.as_str(), "path": info.path, "error": format!("invalid JSON: {e}")}),
-                            None,
-                            info.mcp_session_id.clone(),
+                    return self
+                        .refuse_malformed(
+                            &info,
+                            &format!("Airlock: the request body is not valid JSON: {e}"),
+                            &format!("invalid JSON: {e}"),
                         )
                         .await;
-                    return json_response(StatusCode::BAD_REQUEST, &answer, None);
                 }
                 Ok(Some(mut parsed)) => {
                     info.mcp = true;
@@ -446,25 +434,13 @@ impl Conn {
         } else if parts.method == Method::POST && content_type(&parts.headers) == "application/json"
         {
             // Declared JSON that does not even start like JSON: refused, not forwarded unread.
-            let answer = jsonrpc::error_response(
-                None,
-                code::PARSE_ERROR,
-                "Airlock: the request body is not valid JSON",
-                None,
-            );
-            let _ = self
-                .pipeline
-                .record_event(
-                    &self.ctx,
-                    Direction::ClientToServer,
-                    "error",
-                    "block",
-                    json!({"http_method": info.method.as_str(), "path": info.path, "error": "body declared JSON is not JSON"}),
-                    None,
-                    info.mcp_session_id.clone(),
+            return self
+                .refuse_malformed(
+                    &info,
+                    "Airlock: the request body is not valid JSON",
+                    "body declared JSON is not JSON",
                 )
                 .await;
-            return json_response(StatusCode::BAD_REQUEST, &answer, None);
         }
 
         // Forward.
@@ -635,6 +611,30 @@ impl Conn {
             &Value::Array(answers),
             None,
         )))
+    }
+
+    /// A body that should be JSON and is not: answered with a JSON-RPC parse error (400),
+    /// recorded, never forwarded.
+    async fn refuse_malformed(
+        &self,
+        info: &RequestInfo,
+        message: &str,
+        recorded: &str,
+    ) -> Response<ProxyBody> {
+        let answer = jsonrpc::error_response(None, code::PARSE_ERROR, message, None);
+        let _ = self
+            .pipeline
+            .record_event(
+                &self.ctx,
+                Direction::ClientToServer,
+                "error",
+                "block",
+                json!({"http_method": info.method.as_str(), "path": info.path, "error": recorded}),
+                None,
+                info.mcp_session_id.clone(),
+            )
+            .await;
+        json_response(StatusCode::BAD_REQUEST, &answer, None)
     }
 
     async fn refuse_http(

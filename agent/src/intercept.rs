@@ -121,14 +121,13 @@ impl Proxy {
                 )
             });
         }
-        let limits = self.limits();
         if !is_tls {
             if !first[0].is_ascii_uppercase() {
                 return Err("the client sent neither TLS nor an HTTP request".into());
             }
             let pool_key = (backend_id, original);
             let first_upstream = self.first_upstream(pool_key, upstream, None);
-            let ctx = Arc::new(ConnCtx::new(
+            let ctx = ConnCtx::new(
                 conn_id,
                 session_id,
                 attribution,
@@ -136,28 +135,10 @@ impl Proxy {
                 backend.name.clone(),
                 None,
                 seq,
-            ));
-            let dialer = BackendDialer {
-                proxy: self.clone(),
-                addr: original,
-                tls: None,
-            };
-            let conn = Arc::new(Conn {
-                ctx,
-                pipeline: self.pipeline.clone(),
-                limits,
-                upstream: tokio::sync::Mutex::new(UpstreamSlot::new(
-                    first_upstream,
-                    Box::new(dialer),
-                )),
-            });
-            guard.set_state(crate::registry::ConnState::Open);
-            let served = http::serve(client, conn.clone()).await;
-            conn.end_connection_session();
-            self.release_upstream(pool_key, &conn).await;
-            return served
-                .map(|_| End::Served)
-                .map_err(|e| format!("HTTP with the client: {e}"));
+            );
+            return self
+                .serve_http(client, ctx, pool_key, first_upstream, None, guard)
+                .await;
         }
 
         let tls_rt = self
@@ -235,7 +216,7 @@ impl Proxy {
                 ));
             }
         };
-        let ctx = Arc::new(ConnCtx::new(
+        let ctx = ConnCtx::new(
             conn_id,
             session_id,
             attribution,
@@ -243,20 +224,38 @@ impl Proxy {
             backend.name.clone(),
             hello.sni.clone(),
             seq,
-        ));
+        );
+        self.serve_http(stream, ctx, pool_key, first_upstream, tls_pair, guard)
+            .await
+    }
+
+    /// HTTP on the (decrypted) client stream until it closes; then the connection's session
+    /// ends and its idle upstream connection goes to the pool.
+    async fn serve_http<S>(
+        self: &Arc<Self>,
+        io: S,
+        ctx: ConnCtx,
+        pool_key: http::PoolKey,
+        first_upstream: tokio::task::JoinHandle<Result<UpstreamSender, String>>,
+        tls: Option<(Arc<rustls::ClientConfig>, ServerName<'static>)>,
+        guard: &ConnGuard,
+    ) -> Result<End, String>
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
         let dialer = BackendDialer {
             proxy: self.clone(),
-            addr: original,
-            tls: tls_pair,
+            addr: pool_key.1,
+            tls,
         };
         let conn = Arc::new(Conn {
-            ctx,
+            ctx: Arc::new(ctx),
             pipeline: self.pipeline.clone(),
-            limits,
+            limits: self.limits(),
             upstream: tokio::sync::Mutex::new(UpstreamSlot::new(first_upstream, Box::new(dialer))),
         });
         guard.set_state(crate::registry::ConnState::Open);
-        let served = http::serve(stream, conn.clone()).await;
+        let served = http::serve(io, conn.clone()).await;
         conn.end_connection_session();
         self.release_upstream(pool_key, &conn).await;
         served
@@ -269,7 +268,7 @@ impl Proxy {
     /// alongside the client's handshake), or a fresh dial.
     fn first_upstream(
         self: &Arc<Self>,
-        key: (usize, std::net::SocketAddr),
+        key: http::PoolKey,
         dialled: Option<TcpStream>,
         tls: Option<(Arc<rustls::ClientConfig>, ServerName<'static>)>,
     ) -> tokio::task::JoinHandle<Result<UpstreamSender, String>> {
@@ -288,7 +287,7 @@ impl Proxy {
     }
 
     /// Give the client connection's upstream connection to the pool, if it is idle.
-    async fn release_upstream(&self, key: (usize, std::net::SocketAddr), conn: &Conn) {
+    async fn release_upstream(&self, key: http::PoolKey, conn: &Conn) {
         if let Some(sender) = conn.upstream.lock().await.release() {
             self.upstream_pool.put(key, sender);
         }

@@ -306,13 +306,6 @@ impl Acceptors {
         a
     }
 
-    pub fn minter(&self) -> Arc<Minter> {
-        self.current
-            .read()
-            .map(|c| c.0.clone())
-            .unwrap_or_else(|p| p.into_inner().0.clone())
-    }
-
     fn refresh_if_due(&self) {
         let due = self
             .current
