@@ -3,6 +3,8 @@
 //! million archived messages: one session's transcript against a full scan.
 //!
 //! `cargo bench --bench archive` (DuckDB from `cargo xtask setup`'s venv; skipped if absent).
+//! `AIRLOCK_BENCH_ONLY=throughput` or `=duckdb` runs one half; `AIRLOCK_BENCH_KEEP=1` keeps
+//! the archives made.
 
 use std::{
     path::{Path, PathBuf},
@@ -21,6 +23,12 @@ use airlock::{
 use serde_json::json;
 
 const SESSIONS: u64 = 2000;
+/// The agent's `max_rows` (agent.rs).
+const ROWS_PER_FILE: usize = 100_000;
+
+/// The agent's allocator (see agent/src/main.rs), so the bench measures what the agent runs.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() {
     if std::env::args().any(|a| a == "--list") {
@@ -39,103 +47,133 @@ fn main() {
         .map(|r| serde_json::to_vec(r).unwrap().len())
         .sum();
 
+    // AIRLOCK_BENCH_ONLY=throughput or =duckdb runs one half.
+    let only = std::env::var("AIRLOCK_BENCH_ONLY").unwrap_or_default();
     // Buffered: one producer, as fast as the writer takes them.
-    let dir = base.join("buffered");
-    let owned: Vec<RecordInput> = inputs.iter().cloned().collect();
-    let start = Instant::now();
-    rt.block_on(async {
-        let archive = Archive::start(
-            writer(&dir, 100_000),
-            Recording::Buffered,
-            Duration::from_secs(3600),
-        );
-        for r in owned {
-            archive.record(r).await.unwrap();
-        }
-        archive.close().await.unwrap();
-    });
-    let buffered = inputs.len() as f64 / start.elapsed().as_secs_f64();
-    let parquet_bytes = dir_size(&dir.join("archive"));
+    if only != "duckdb" {
+        let dir = base.join("buffered");
+        let owned: Vec<RecordInput> = inputs.iter().cloned().collect();
+        let start = Instant::now();
+        let cpu_start = process_cpu();
+        rt.block_on(async {
+            let archive = Archive::start(
+                writer(&dir, ROWS_PER_FILE),
+                Recording::Buffered,
+                Duration::from_secs(3600),
+            );
+            for r in owned {
+                archive.record(r).await.unwrap();
+            }
+            archive.close().await.unwrap();
+        });
+        let buffered = inputs.len() as f64 / start.elapsed().as_secs_f64();
+        let buffered_per_cpu = inputs.len() as f64 / (process_cpu() - cpu_start).as_secs_f64();
+        let parquet_bytes = dir_size(&dir.join("archive"));
 
-    // Strict: 64 concurrent callers, each waiting for its fsync (group commit shares them).
-    let dir = base.join("strict");
-    let n = 50_000usize;
-    let mut per_task: Vec<Vec<RecordInput>> = (0..64).map(|_| Vec::new()).collect();
-    for (i, r) in inputs.iter().take(n).enumerate() {
-        per_task[i % 64].push(r.clone());
-    }
-    let start = Instant::now();
-    let fsyncs = rt.block_on(async {
-        let archive = Archive::start(
-            writer(&dir, 100_000),
-            Recording::Strict,
-            Duration::from_secs(3600),
-        );
-        let tasks: Vec<_> = per_task
-            .into_iter()
-            .map(|records| {
-                let archive = archive.clone();
-                tokio::spawn(async move {
-                    for r in records {
-                        archive.record(r).await.unwrap();
-                    }
+        // Strict: 64 concurrent callers, each waiting for its fsync (group commit shares them).
+        let dir = base.join("strict");
+        let n = 50_000usize;
+        let mut per_task: Vec<Vec<RecordInput>> = (0..64).map(|_| Vec::new()).collect();
+        for (i, r) in inputs.iter().take(n).enumerate() {
+            per_task[i % 64].push(r.clone());
+        }
+        let start = Instant::now();
+        let fsyncs = rt.block_on(async {
+            let archive = Archive::start(
+                writer(&dir, ROWS_PER_FILE),
+                Recording::Strict,
+                Duration::from_secs(3600),
+            );
+            let tasks: Vec<_> = per_task
+                .into_iter()
+                .map(|records| {
+                    let archive = archive.clone();
+                    tokio::spawn(async move {
+                        for r in records {
+                            archive.record(r).await.unwrap();
+                        }
+                    })
                 })
-            })
-            .collect();
-        for t in tasks {
-            t.await.unwrap();
+                .collect();
+            for t in tasks {
+                t.await.unwrap();
+            }
+            // Every record acknowledged durable; publishing the file at close is not counted.
+            let acked = start.elapsed();
+            let fsyncs = archive
+                .stats
+                .fsyncs
+                .load(std::sync::atomic::Ordering::Relaxed);
+            archive.close().await.unwrap();
+            (fsyncs, acked)
+        });
+        let (fsyncs, acked) = fsyncs;
+        let strict = n as f64 / acked.as_secs_f64();
+
+        // The two threads' work, each alone on one core, without channels: the log thread
+        // (chain, WAL append, an fsync every 1024 records as buffered recording does), then the
+        // publish thread (Parquet encode, fsync, rename, manifest line).
+        let dir = base.join("parts");
+        let (mut log, mut publisher) = writer(&dir, usize::MAX).into_parts();
+        let owned: Vec<RecordInput> = inputs.iter().cloned().collect();
+        let start = Instant::now();
+        let mut sealed = Vec::new();
+        for (i, r) in owned.into_iter().enumerate() {
+            log.append(r).unwrap();
+            if i % 1024 == 1023 {
+                log.sync().unwrap();
+            }
+            // Files of 100,000 rows, as the agent writes them.
+            if i % ROWS_PER_FILE == ROWS_PER_FILE - 1 {
+                sealed.extend(log.seal().unwrap());
+            }
         }
-        let fsyncs = archive
-            .stats
-            .fsyncs
-            .load(std::sync::atomic::Ordering::Relaxed);
-        archive.close().await.unwrap();
-        fsyncs
-    });
-    let strict = n as f64 / start.elapsed().as_secs_f64();
+        sealed.extend(log.seal().unwrap());
+        let append_rate = inputs.len() as f64 / start.elapsed().as_secs_f64();
+        let start = Instant::now();
+        for s in sealed {
+            publisher.submit(s);
+        }
+        publisher.publish_queued().unwrap();
+        let publish_rate = inputs.len() as f64 / start.elapsed().as_secs_f64();
 
-    // The parts, without the thread and channel: chaining + WAL append, then Parquet.
-    let dir = base.join("parts");
-    let mut w = writer(&dir, usize::MAX);
-    let owned: Vec<RecordInput> = inputs.iter().cloned().collect();
-    let start = Instant::now();
-    for r in owned {
-        w.append(r).unwrap();
+        println!(
+            "archive bench ({} records of {} B JSON on average)",
+            inputs.len(),
+            json_bytes / inputs.len()
+        );
+        println!(
+            "{:<44} {:>10.0} records/s (one core)",
+            "log thread: chain + WAL append + fsync", append_rate
+        );
+        println!(
+            "{:<44} {:>10.0} records/s (one core)",
+            "publish thread: Parquet encode + publish", publish_rate
+        );
+        println!(
+            "{:<44} {:>10.0} records/s per CPU-second of both",
+            "  both together",
+            1.0 / (1.0 / append_rate + 1.0 / publish_rate)
+        );
+        println!(
+            "{:<44} {:>10.0} records/s ({:.0} per CPU-second of the process)",
+            "buffered, through the service", buffered, buffered_per_cpu
+        );
+        println!(
+            "{:<44} {:>10.0} records/s ({} fsyncs for {n} records)",
+            "strict, 64 callers awaiting durability", strict, fsyncs
+        );
+        println!(
+            "{:<44} {:>10.0} B/message on disk, {:.1}x smaller than the JSON",
+            "zstd Parquet size",
+            parquet_bytes as f64 / inputs.len() as f64,
+            json_bytes as f64 / parquet_bytes as f64
+        );
     }
-    w.sync().unwrap();
-    let append_rate = inputs.len() as f64 / start.elapsed().as_secs_f64();
-    let start = Instant::now();
-    w.roll().unwrap();
-    let roll_rate = inputs.len() as f64 / start.elapsed().as_secs_f64();
-
-    println!(
-        "archive bench ({} records of {} B JSON on average)",
-        inputs.len(),
-        json_bytes / inputs.len()
-    );
-    println!(
-        "{:<44} {:>10.0} records/s",
-        "  part: chain + WAL append", append_rate
-    );
-    println!(
-        "{:<44} {:>10.0} records/s",
-        "  part: Parquet encode + publish", roll_rate
-    );
-    println!(
-        "{:<44} {:>10.0} records/s (one core writing)",
-        "buffered append + Parquet roll", buffered
-    );
-    println!(
-        "{:<44} {:>10.0} records/s ({} fsyncs for {n} records)",
-        "strict, 64 callers awaiting durability", strict, fsyncs
-    );
-    println!(
-        "{:<44} {:>10.0} B/message on disk, {:.1}x smaller than the JSON",
-        "zstd Parquet size",
-        parquet_bytes as f64 / inputs.len() as f64,
-        json_bytes as f64 / parquet_bytes as f64
-    );
-
+    if only == "throughput" {
+        let _ = std::fs::remove_dir_all(&base);
+        return;
+    }
     let python = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/test-venv/bin/python");
     if !python.exists() {
         println!(
@@ -145,23 +183,71 @@ fn main() {
         let _ = std::fs::remove_dir_all(&base);
         return;
     }
-    // One million messages for DuckDB.
-    let dir = base.join("million");
-    rt.block_on(async {
-        let archive = Archive::start(
-            writer(&dir, 100_000),
-            Recording::Buffered,
-            Duration::from_secs(3600),
-        );
-        for round in 0..5u64 {
-            for r in inputs.iter() {
-                let mut r = r.clone();
-                r.seq += round * 1_000_000;
-                archive.record(r).await.unwrap();
+    // One million messages for DuckDB, twice: sessions as they come and go on a runner
+    // (ACTIVE at a time, PER_SESSION messages each, interleaved), and the worst case where
+    // every session is spread over every file.
+    for (layout, session_of) in [
+        ("sessions come and go", session_in_time as fn(u64) -> u64),
+        ("every session in every file", session_scattered),
+    ] {
+        let dir = base.join(format!("million-{}", session_of(1)));
+        rt.block_on(async {
+            let archive = Archive::start(
+                writer(&dir, ROWS_PER_FILE),
+                Recording::Buffered,
+                Duration::from_secs(3600),
+            );
+            for round in 0..5u64 {
+                for (i, r) in inputs.iter().enumerate() {
+                    let n = round * inputs.len() as u64 + i as u64;
+                    let mut r = r.clone();
+                    r.session_id = format!("session-{:04}", session_of(n));
+                    r.seq = n;
+                    r.ts_us = 1_795_000_000_000_000 + n as i64 * 1000;
+                    archive.record(r).await.unwrap();
+                }
             }
-        }
-        archive.close().await.unwrap();
-    });
+            archive.close().await.unwrap();
+        });
+        let (total, full, one, rows) = duckdb_transcript(&python, &dir);
+        println!("DuckDB over {total} messages, {layout}:");
+        println!(
+            "{:<44} {:>10.1} ms",
+            "  full scan (LIKE on payload)",
+            full * 1e3
+        );
+        println!(
+            "{:<44} {:>10.1} ms ({rows} messages), {:.3}x the full scan",
+            "  one session's transcript",
+            one * 1e3,
+            one / full
+        );
+    }
+    if std::env::var_os("AIRLOCK_BENCH_KEEP").is_some() {
+        println!("kept {}", base.display());
+    } else {
+        let _ = std::fs::remove_dir_all(&base);
+    }
+}
+
+/// Sessions active at once, and messages per session, for [`session_in_time`].
+const ACTIVE: u64 = 100;
+const PER_SESSION: u64 = 500;
+
+/// Message `n`'s session when sessions begin and end over time: `ACTIVE` of them at once,
+/// their messages interleaved, each done after `PER_SESSION` messages.
+fn session_in_time(n: u64) -> u64 {
+    n / (ACTIVE * PER_SESSION) * ACTIVE + n % ACTIVE
+}
+
+/// Message `n`'s session when every session lasts the whole archive (the worst case for
+/// pruning: every file holds some of every session).
+fn session_scattered(n: u64) -> u64 {
+    (n * 7919) % SESSIONS
+}
+
+/// Best-of-five DuckDB timings over an archive: (messages, full scan s, transcript s, rows).
+fn duckdb_transcript(python: &Path, dir: &Path) -> (u64, f64, f64, u64) {
     let glob = format!("{}/archive/**/*.parquet", dir.display());
     let script = r#"
 import duckdb, sys, time
@@ -179,7 +265,7 @@ one, tr = timed(f"select seq, direction, method, tool, payload from {src} where 
 total = con.sql(f"select count(*) from {src}").fetchall()[0][0]
 print(f"{total} {full:.6f} {one:.6f} {len(tr)}")
 "#;
-    let out = Command::new(&python)
+    let out = Command::new(python)
         .args(["-c", script, &glob])
         .output()
         .expect("run duckdb");
@@ -190,24 +276,12 @@ print(f"{total} {full:.6f} {one:.6f} {len(tr)}")
     );
     let text = String::from_utf8_lossy(&out.stdout);
     let f: Vec<&str> = text.split_whitespace().collect();
-    let (total, full, one, rows): (u64, f64, f64, u64) = (
+    (
         f[0].parse().unwrap(),
         f[1].parse().unwrap(),
         f[2].parse().unwrap(),
         f[3].parse().unwrap(),
-    );
-    println!(
-        "{:<44} {:>10.1} ms over {total} messages",
-        "DuckDB full scan (LIKE on payload)",
-        full * 1e3
-    );
-    println!(
-        "{:<44} {:>10.1} ms ({rows} messages), {:.3}x the full scan",
-        "DuckDB one session's transcript",
-        one * 1e3,
-        one / full
-    );
-    let _ = std::fs::remove_dir_all(&base);
+    )
 }
 
 fn writer(dir: &Path, max_rows: usize) -> ArchiveWriter {
@@ -217,9 +291,16 @@ fn writer(dir: &Path, max_rows: usize) -> ArchiveWriter {
         host: "bench".into(),
         group: None,
         max_rows,
+        max_segment_bytes: airlock::archive::writer::MAX_SEGMENT_BYTES,
     })
     .unwrap()
     .0
+}
+
+/// CPU time of the whole process so far (every thread, the producer included).
+fn process_cpu() -> Duration {
+    let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_PROCESS_CPUTIME_ID).unwrap();
+    Duration::new(t.tv_sec() as u64, t.tv_nsec() as u32)
 }
 
 fn dir_size(dir: &Path) -> u64 {
@@ -241,7 +322,8 @@ fn dir_size(dir: &Path) -> u64 {
         .unwrap_or(0)
 }
 
-/// Realistic messages: tools/call requests and responses over many sessions, masked.
+/// Realistic messages: tools/call requests (~300 B) and responses (~1 KB), the reference
+/// call of PERFORMANCE-FLOORS.md, over sessions that come and go, masked.
 fn make_inputs(n: usize) -> Vec<RecordInput> {
     let policies = PolicySet::load_dir(
         &PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../policies"),
@@ -264,7 +346,7 @@ fn make_inputs(n: usize) -> Vec<RecordInput> {
     ];
     (0..n)
         .map(|i| {
-            let session = (i as u64 * 7919) % SESSIONS;
+            let session = session_in_time(i as u64);
             let tool = tools[i % tools.len()];
             let request = i % 2 == 0;
             let msg = Message {
@@ -277,9 +359,17 @@ fn make_inputs(n: usize) -> Vec<RecordInput> {
             };
             let decision = policies.decide(&subject, &msg);
             let body = if request {
-                json!({"jsonrpc": "2.0", "id": i, "method": "tools/call", "params": {"name": tool, "arguments": {"query": format!("status of build {i} on branch main"), "limit": 20}}})
+                json!({"jsonrpc": "2.0", "id": i, "method": "tools/call", "params": {"name": tool, "arguments": {"query": format!("status of build {i} on branch main, failed jobs first"), "repository": "platform/runner-images", "since": "2026-11-01T00:00:00Z", "limit": 20}, "_meta": {"progressToken": i}}})
             } else {
-                json!({"jsonrpc": "2.0", "id": i - 1, "result": {"content": [{"type": "text", "text": format!("Build {i} passed: 1284 tests in 312 s; coverage 81.4%; artifacts at /builds/{i}/out.tar.gz; reviewer bob@example.com approved.")}], "isError": false}})
+                json!({"jsonrpc": "2.0", "id": i - 1, "result": {"content": [{"type": "text", "text": format!(
+                    "Build {i} passed: 1284 tests in 312 s; coverage 81.4%; artifacts at /builds/{i}/out.tar.gz; reviewer bob@example.com approved.\n\
+                     jobs: lint ok ({a} s), unit ok ({b} s), integration ok ({c} s), e2e ok ({d} s), package ok ({e} s)\n\
+                     slowest tests: tests/privileged/mcp.rs::conformance ({b}.{c} s), tests/archive.rs::crash_loop ({c}.{d} s), \
+                     benches/tls.rs::keep_alive ({d}.{e} s)\n\
+                     warnings: 3 deprecated APIs in agent/src/http.rs lines {a}, {b}, {c}; flaky: none in the last {e} runs\n\
+                     cache: restored 1.{a} GiB in {b} s, saved in {c} s; runner ci-{d}.internal, image 2026.11.{e}",
+                    a = i % 97, b = i % 89, c = i % 83, d = i % 79, e = i % 73
+                )}], "isError": false}})
             };
             let (payload, counts) = policies.mask_payload(&decision, body);
             RecordInput {

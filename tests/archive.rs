@@ -67,6 +67,7 @@ fn write_archive(dir: &Path) {
         host: "runner-7".into(),
         group: None,
         max_rows: 1000,
+        max_segment_bytes: airlock::archive::writer::MAX_SEGMENT_BYTES,
     })
     .unwrap();
     let users = [("alice", 1000u32), ("bob", 1001)];
@@ -229,6 +230,72 @@ fn duckdb_reads_the_archive_with_natural_types() {
     assert!(
         stdout.contains("6 record(s) checked") && stdout.contains("intact"),
         "{stdout}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Recomputes every row's `hash` from the Parquet file alone, in Python, following the
+/// encoding ARCHIVE.md documents ("The record hash"): what an auditor without Airlock does.
+const RECOMPUTE_HASHES: &str = r#"
+import duckdb, hashlib, struct, sys
+cols = ["ts", "host", "session_id", "mcp_session_id", "seq", "direction", "kind", "method",
+        "tool", "jsonrpc_id", "payload", "decision", "rules", "masked_detectors", "latency_us",
+        "pid", "tgid", "uid", "gid", "user", "comm", "exe", "cgroup", "backend", "server_addr",
+        "sni", "principal_iss", "principal_sub", "policy_hash"]
+ints = {"ts": "<q", "seq": "<Q", "latency_us": "<Q", "pid": "<I", "tgid": "<I", "uid": "<I", "gid": "<I"}
+required = {"ts", "host", "session_id", "seq", "direction", "kind", "decision", "rules", "masked_detectors"}
+def string(v):
+    b = v.encode()
+    return struct.pack("<I", len(b)) + b
+def value(name, v):
+    if name in ints:
+        return struct.pack(ints[name], v)
+    if name in ("rules", "masked_detectors"):
+        return struct.pack("<I", len(v)) + b"".join(string(x) for x in v)
+    return string(v)
+select = ", ".join(["epoch_us(ts)" if c == "ts" else c for c in cols] + ["archive_seq", "prev_hash", "hash"])
+rows = bad = 0
+for row in duckdb.sql(f"select {select} from read_parquet('{sys.argv[1]}')").fetchall():
+    *vals, archive_seq, prev_hash, stored = row
+    content = b""
+    for name, v in zip(cols, vals):
+        if name in required:
+            content += value(name, v)
+        else:
+            content += b"\0" if v is None else b"\1" + value(name, v)
+    digest = hashlib.sha256(prev_hash.encode() + b"\n" + struct.pack("<Q", archive_seq) + content)
+    rows += 1
+    bad += digest.hexdigest() != stored
+print(rows, bad)
+"#;
+
+#[test]
+fn the_record_hash_is_recomputable_as_archive_md_says() {
+    let Some(python) = duckdb_python() else {
+        return;
+    };
+    let dir = std::env::temp_dir().join(format!("airlock-archive-rehash-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    write_archive(&dir);
+    let glob = format!("{}/archive/**/*.parquet", dir.display());
+    let out = Command::new(&python)
+        .args(["-c", RECOMPUTE_HASHES, &glob])
+        .output()
+        .expect("run python");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let counts: Vec<u64> = text
+        .split_whitespace()
+        .map(|n| n.parse().unwrap())
+        .collect();
+    assert!(counts[0] >= 6, "rows checked: {text}");
+    assert_eq!(
+        counts[1], 0,
+        "rows whose hash does not follow ARCHIVE.md: {text}"
     );
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -486,6 +486,7 @@ async fn start_archive(config: &Config) -> Result<Archive, RunError> {
         host: config.host.clone(),
         group: Some(gid),
         max_rows: 100_000,
+        max_segment_bytes: crate::archive::writer::MAX_SEGMENT_BYTES,
     })
     .map_err(|e| fail(e.to_string()))?;
     if recovery.segments > 0 {

@@ -384,7 +384,7 @@ fn sessions(
 }
 
 fn replay(dir: &std::path::Path, session: &str, json: bool) -> ExitCode {
-    let records = match airlock::archive::responder::load(dir, None, None) {
+    let records = match airlock::archive::responder::load_session(dir, session) {
         Ok(r) => r,
         Err(e) => return fail(e),
     };

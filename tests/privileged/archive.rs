@@ -52,6 +52,7 @@ fn writer(disk: &Path, key_dir: &Path) -> ArchiveWriter {
         host: "runner-1".into(),
         group: None,
         max_rows: 1000,
+        max_segment_bytes: airlock::archive::writer::MAX_SEGMENT_BYTES,
     })
     .expect("open the archive")
     .0

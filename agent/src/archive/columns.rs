@@ -1,5 +1,6 @@
-//! The Parquet side: the Arrow schema (documented column by column in ARCHIVE.md), rows to
-//! one RecordBatch per file, zstd Parquet, and reading rows back for `airlock verify`.
+//! The Parquet side: the Arrow schema (documented column by column in ARCHIVE.md), rows
+//! gathered column by column ([`Rows`]), one RecordBatch per file, zstd Parquet, and reading
+//! rows back for `airlock verify`.
 //!
 //! Types are chosen for DuckDB: `ts` is a UTC timestamp in microseconds, `rules` and
 //! `masked_detectors` are lists of strings, ids are unsigned integers.
@@ -21,7 +22,7 @@ use parquet::{
     schema::types::ColumnPath,
 };
 
-use super::record::{MaskedPayload, Record, RecordInput};
+use super::record::{MaskedPayload, Record, RecordInput, RecordRef};
 
 /// Rows per Parquet row group: small enough that DuckDB's statistics can skip most of a file
 /// when one session is asked for (rows are sorted by session).
@@ -82,88 +83,209 @@ pub fn schema() -> SchemaRef {
     ]))
 }
 
-/// Rows to one batch, in the order given.
-pub fn to_batch(rows: &[&Record]) -> Result<RecordBatch, arrow_schema::ArrowError> {
-    let strings = |f: &dyn Fn(&Record) -> Option<&str>| -> ArrayRef {
-        Arc::new(rows.iter().map(|r| f(r)).collect::<StringArray>())
-    };
-    let lists = |f: &dyn Fn(&Record) -> &Vec<String>| -> ArrayRef {
-        let mut b = ListBuilder::new(StringBuilder::new());
-        for r in rows {
-            for s in f(r) {
+type Text = for<'a, 'b> fn(&'a RecordRef<'b>) -> Option<&'b str>;
+type Int32 = fn(&RecordRef<'_>) -> Option<u32>;
+type Int64 = fn(&RecordRef<'_>) -> Option<u64>;
+type Strings = for<'a, 'b> fn(&'a RecordRef<'b>) -> &'a [&'b str];
+
+/// The Utf8 columns and where each comes from.
+const TEXT: [(&str, Text); 22] = [
+    ("host", |r| Some(r.host)),
+    ("session_id", |r| Some(r.session_id)),
+    ("mcp_session_id", |r| r.mcp_session_id),
+    ("direction", |r| Some(r.direction)),
+    ("kind", |r| Some(r.kind)),
+    ("method", |r| r.method),
+    ("tool", |r| r.tool),
+    ("jsonrpc_id", |r| r.jsonrpc_id),
+    ("payload", |r| r.payload),
+    ("decision", |r| Some(r.decision)),
+    ("user", |r| r.user),
+    ("comm", |r| r.comm),
+    ("exe", |r| r.exe),
+    ("cgroup", |r| r.cgroup),
+    ("backend", |r| r.backend),
+    ("server_addr", |r| r.server_addr),
+    ("sni", |r| r.sni),
+    ("principal_iss", |r| r.principal_iss),
+    ("principal_sub", |r| r.principal_sub),
+    ("policy_hash", |r| r.policy_hash),
+    ("prev_hash", |r| Some(r.prev_hash)),
+    ("hash", |r| Some(r.hash)),
+];
+
+const UINT32: [(&str, Int32); 5] = [
+    ("masked_count", |r| {
+        Some(u32::try_from(r.masked_detectors.len()).unwrap_or(u32::MAX))
+    }),
+    ("pid", |r| r.pid),
+    ("tgid", |r| r.tgid),
+    ("uid", |r| r.uid),
+    ("gid", |r| r.gid),
+];
+
+const UINT64: [(&str, Int64); 3] = [
+    ("seq", |r| Some(r.seq)),
+    ("latency_us", |r| r.latency_us),
+    ("archive_seq", |r| Some(r.archive_seq)),
+];
+
+const LISTS: [(&str, Strings); 2] = [
+    ("rules", |r| &r.rules),
+    ("masked_detectors", |r| &r.masked_detectors),
+];
+
+/// Where a run of rows sits in the host's chain: what a manifest line names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Span {
+    pub rows: u64,
+    pub first_archive_seq: u64,
+    pub last_archive_seq: u64,
+    /// `prev_hash` of the first row: the hash this run continues from.
+    pub first_prev_hash: String,
+    pub last_hash: String,
+    /// `ts` of the first row (in chain order): the file's partition.
+    pub first_ts_us: i64,
+}
+
+/// Rows gathered column by column as they arrive, for one Parquet file: appending copies a
+/// record's values into the column buffers while it is still in cache, and the record itself
+/// can be dropped.
+pub struct Rows {
+    ts: TimestampMicrosecondBuilder,
+    text: Vec<StringBuilder>,
+    uint32: Vec<UInt32Builder>,
+    uint64: Vec<UInt64Builder>,
+    lists: Vec<ListBuilder<StringBuilder>>,
+    span: Option<Span>,
+}
+
+impl Default for Rows {
+    fn default() -> Rows {
+        Rows {
+            ts: TimestampMicrosecondBuilder::new().with_timezone("UTC"),
+            text: TEXT.iter().map(|_| StringBuilder::new()).collect(),
+            uint32: UINT32.iter().map(|_| UInt32Builder::new()).collect(),
+            uint64: UINT64.iter().map(|_| UInt64Builder::new()).collect(),
+            lists: LISTS
+                .iter()
+                .map(|_| ListBuilder::new(StringBuilder::new()))
+                .collect(),
+            span: None,
+        }
+    }
+}
+
+/// Finished columns of a run of rows, in chain order, with their span.
+pub struct Batch {
+    columns: Vec<ArrayRef>,
+    pub span: Span,
+}
+
+impl Rows {
+    /// Append one record (records come in chain order).
+    pub fn push(&mut self, r: &RecordRef<'_>) {
+        self.ts.append_value(r.ts_us);
+        for ((_, get), b) in TEXT.iter().zip(&mut self.text) {
+            b.append_option(get(r));
+        }
+        for ((_, get), b) in UINT32.iter().zip(&mut self.uint32) {
+            b.append_option(get(r));
+        }
+        for ((_, get), b) in UINT64.iter().zip(&mut self.uint64) {
+            b.append_option(get(r));
+        }
+        for ((_, get), b) in LISTS.iter().zip(&mut self.lists) {
+            for s in get(r) {
                 b.values().append_value(s);
             }
             b.append(true);
         }
-        Arc::new(b.finish())
-    };
-    let u32s = |f: &dyn Fn(&Record) -> Option<u32>| -> ArrayRef {
-        let mut b = UInt32Builder::with_capacity(rows.len());
-        for r in rows {
-            b.append_option(f(r));
+        match &mut self.span {
+            None => {
+                self.span = Some(Span {
+                    rows: 1,
+                    first_archive_seq: r.archive_seq,
+                    last_archive_seq: r.archive_seq,
+                    first_prev_hash: r.prev_hash.to_owned(),
+                    last_hash: r.hash.to_owned(),
+                    first_ts_us: r.ts_us,
+                })
+            }
+            Some(span) => {
+                span.rows += 1;
+                span.last_archive_seq = r.archive_seq;
+                span.last_hash.clear();
+                span.last_hash.push_str(r.hash);
+            }
         }
-        Arc::new(b.finish())
-    };
-    let u64s = |f: &dyn Fn(&Record) -> Option<u64>| -> ArrayRef {
-        let mut b = UInt64Builder::with_capacity(rows.len());
-        for r in rows {
-            b.append_option(f(r));
-        }
-        Arc::new(b.finish())
-    };
-    let mut ts = TimestampMicrosecondBuilder::with_capacity(rows.len()).with_timezone("UTC");
-    for r in rows {
-        ts.append_value(r.input.ts_us);
     }
-    let columns: Vec<ArrayRef> = vec![
-        Arc::new(ts.finish()),
-        strings(&|r| Some(&r.input.host)),
-        strings(&|r| Some(&r.input.session_id)),
-        strings(&|r| r.input.mcp_session_id.as_deref()),
-        u64s(&|r| Some(r.input.seq)),
-        strings(&|r| Some(&r.input.direction)),
-        strings(&|r| Some(&r.input.kind)),
-        strings(&|r| r.input.method.as_deref()),
-        strings(&|r| r.input.tool.as_deref()),
-        strings(&|r| r.input.jsonrpc_id.as_deref()),
-        strings(&|r| r.input.payload.as_ref().map(MaskedPayload::as_str)),
-        strings(&|r| Some(&r.input.decision)),
-        lists(&|r| &r.input.rules),
-        u32s(&|r| Some(r.input.masked_detectors.len() as u32)),
-        lists(&|r| &r.input.masked_detectors),
-        u64s(&|r| r.input.latency_us),
-        u32s(&|r| r.input.pid),
-        u32s(&|r| r.input.tgid),
-        u32s(&|r| r.input.uid),
-        u32s(&|r| r.input.gid),
-        strings(&|r| r.input.user.as_deref()),
-        strings(&|r| r.input.comm.as_deref()),
-        strings(&|r| r.input.exe.as_deref()),
-        strings(&|r| r.input.cgroup.as_deref()),
-        strings(&|r| r.input.backend.as_deref()),
-        strings(&|r| r.input.server_addr.as_deref()),
-        strings(&|r| r.input.sni.as_deref()),
-        strings(&|r| r.input.principal_iss.as_deref()),
-        strings(&|r| r.input.principal_sub.as_deref()),
-        strings(&|r| r.input.policy_hash.as_deref()),
-        u64s(&|r| Some(r.archive_seq)),
-        strings(&|r| Some(&r.prev_hash)),
-        strings(&|r| Some(&r.hash)),
-    ];
-    RecordBatch::try_new(schema(), columns)
+
+    pub fn len(&self) -> usize {
+        self.span.as_ref().map_or(0, |s| s.rows as usize)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.span.is_none()
+    }
+
+    /// The last row's hash, if any.
+    pub fn last_hash(&self) -> Option<(&str, u64)> {
+        self.span
+            .as_ref()
+            .map(|s| (s.last_hash.as_str(), s.last_archive_seq))
+    }
+
+    /// Finish the columns (in schema order) and start over; `None` when there are no rows.
+    pub fn finish(&mut self) -> Option<Batch> {
+        let span = self.span.take()?;
+        let mut named: Vec<(&str, ArrayRef)> = vec![("ts", Arc::new(self.ts.finish()))];
+        for ((name, _), b) in TEXT.iter().zip(&mut self.text) {
+            named.push((name, Arc::new(b.finish())));
+        }
+        for ((name, _), b) in UINT32.iter().zip(&mut self.uint32) {
+            named.push((name, Arc::new(b.finish())));
+        }
+        for ((name, _), b) in UINT64.iter().zip(&mut self.uint64) {
+            named.push((name, Arc::new(b.finish())));
+        }
+        for ((name, _), b) in LISTS.iter().zip(&mut self.lists) {
+            named.push((name, Arc::new(b.finish())));
+        }
+        let columns = schema()
+            .fields()
+            .iter()
+            .filter_map(|f| {
+                named
+                    .iter()
+                    .find(|(n, _)| *n == f.name())
+                    .map(|(_, a)| a.clone())
+            })
+            .collect();
+        Some(Batch { columns, span })
+    }
 }
 
-/// Write rows (sorted by session, then sequence, for pruning) as zstd Parquet to `file`.
+/// Write rows (in any order) as one Parquet file; see [`write_batch`].
 pub fn write(file: File, rows: &[Record]) -> Result<File, parquet::errors::ParquetError> {
     let mut sorted: Vec<&Record> = rows.iter().collect();
-    sorted.sort_by(|a, b| {
-        (&a.input.session_id, a.input.seq, a.archive_seq).cmp(&(
-            &b.input.session_id,
-            b.input.seq,
-            b.archive_seq,
-        ))
-    });
-    let batch = to_batch(&sorted)?;
+    sorted.sort_by_key(|r| r.archive_seq);
+    let mut b = Rows::default();
+    for r in sorted {
+        b.push(&r.as_ref());
+    }
+    match b.finish() {
+        Some(batch) => write_batch(file, &batch),
+        None => {
+            let writer = ArrowWriter::try_new(file, schema(), Some(properties()?))?;
+            writer.into_inner()
+        }
+    }
+}
+
+/// The writer settings: zstd, row groups small enough to prune, no dictionary or statistics
+/// where they cannot pay, a bloom filter on `session_id`.
+fn properties() -> Result<WriterProperties, parquet::errors::ParquetError> {
     let mut props = WriterProperties::builder()
         .set_compression(Compression::ZSTD(ZstdLevel::try_new(1)?))
         .set_max_row_group_row_count(Some(ROW_GROUP));
@@ -186,9 +308,49 @@ pub fn write(file: File, rows: &[Record]) -> Result<File, parquet::errors::Parqu
     }
     // One session's transcript: a bloom filter lets readers skip row groups without it.
     props = props.set_column_bloom_filter_enabled(ColumnPath::from("session_id"), true);
-    let props = props.build();
-    let mut writer = ArrowWriter::try_new(file, schema(), Some(props))?;
-    writer.write(&batch)?;
+    Ok(props.build())
+}
+
+/// Write a batch as zstd Parquet to `file`, rows sorted by session, then sequence (then chain
+/// order), so that row-group statistics let a reader skip what one session does not touch.
+pub fn write_batch(file: File, batch: &Batch) -> Result<File, parquet::errors::ParquetError> {
+    let batch = RecordBatch::try_new(schema(), batch.columns.clone())?;
+    let session = column::<StringArray>(&batch, "session_id");
+    let seq = column::<UInt64Array>(&batch, "seq");
+    let archive_seq = column::<UInt64Array>(&batch, "archive_seq");
+    let (Ok(session), Ok(seq), Ok(archive_seq)) = (session, seq, archive_seq) else {
+        return Err(parquet::errors::ParquetError::General(
+            "archive batch without its sort columns".into(),
+        ));
+    };
+    // Sessions are few against rows: rank their ids once, then sort rows on integers.
+    let mut ids: Vec<&str> = session
+        .iter()
+        .flatten()
+        .collect::<std::collections::HashSet<_>>()
+        .into_iter()
+        .collect();
+    ids.sort_unstable();
+    let rank: std::collections::HashMap<&str, u32> =
+        ids.iter().zip(0u32..).map(|(id, r)| (*id, r)).collect();
+    let mut keys: Vec<(u32, u64, u64, u32)> = (0..batch.num_rows())
+        .map(|i| {
+            (
+                rank.get(session.value(i)).copied().unwrap_or(u32::MAX),
+                seq.value(i),
+                archive_seq.value(i),
+                u32::try_from(i).unwrap_or(u32::MAX),
+            )
+        })
+        .collect();
+    keys.sort_unstable();
+    let order: Vec<u32> = keys.into_iter().map(|k| k.3).collect();
+    // One row group at a time: the sorted copy never holds more than a row group.
+    let mut writer = ArrowWriter::try_new(file, schema(), Some(properties()?))?;
+    for chunk in order.chunks(ROW_GROUP) {
+        let indices = UInt32Array::from(chunk.to_vec());
+        writer.write(&arrow_select::take::take_record_batch(&batch, &indices)?)?;
+    }
     // `into_inner` finishes the file (footer included) and returns it for the fsync; an error
     // here is a failed archive file, never silently a short one.
     writer.into_inner()
@@ -196,15 +358,69 @@ pub fn write(file: File, rows: &[Record]) -> Result<File, parquet::errors::Parqu
 
 /// Read every row of an archive file back, in archive (chain) order.
 pub fn read(path: &Path) -> Result<Vec<Record>, String> {
+    read_rows(path, None)
+}
+
+/// The rows of one session in an archive file, in archive order, reading only the row groups
+/// whose `session_id` statistics can hold it (files are sorted by session).
+pub fn read_session(path: &Path, session: &str) -> Result<Vec<Record>, String> {
+    read_rows(path, Some(session))
+}
+
+fn open_reader(path: &Path) -> Result<ParquetRecordBatchReaderBuilder<File>, String> {
     let file = File::open(path).map_err(|e| e.to_string())?;
-    let reader = ParquetRecordBatchReaderBuilder::try_new(file)
-        .map_err(|e| format!("not a readable Parquet file: {e}"))?
-        .build()
-        .map_err(|e| e.to_string())?;
+    ParquetRecordBatchReaderBuilder::try_new(file)
+        .map_err(|e| format!("not a readable Parquet file: {e}"))
+}
+
+/// The row groups of a file that may hold `session`, and how many it has.
+pub fn session_row_groups(path: &Path, session: &str) -> Result<(Vec<usize>, usize), String> {
+    Ok(select_row_groups(&open_reader(path)?, session))
+}
+
+fn select_row_groups(
+    builder: &ParquetRecordBatchReaderBuilder<File>,
+    session: &str,
+) -> (Vec<usize>, usize) {
+    let key = session.as_bytes();
+    let column = builder
+        .parquet_schema()
+        .columns()
+        .iter()
+        .position(|c| c.name() == "session_id");
+    let groups = builder.metadata().row_groups();
+    let selected = groups
+        .iter()
+        .enumerate()
+        .filter(|(_, rg)| {
+            // Without statistics a row group may hold anything. Truncated statistics stay
+            // bounds (a shorter min, a larger max), so the comparison stays safe.
+            let Some(stats) = column.and_then(|c| rg.column(c).statistics()) else {
+                return true;
+            };
+            stats.min_bytes_opt().is_none_or(|min| min <= key)
+                && stats.max_bytes_opt().is_none_or(|max| key <= max)
+        })
+        .map(|(i, _)| i)
+        .collect();
+    (selected, groups.len())
+}
+
+fn read_rows(path: &Path, session: Option<&str>) -> Result<Vec<Record>, String> {
+    let mut builder = open_reader(path)?;
+    if let Some(session) = session {
+        let (groups, _) = select_row_groups(&builder, session);
+        builder = builder.with_row_groups(groups);
+    }
+    let reader = builder.build().map_err(|e| e.to_string())?;
     let mut rows = Vec::new();
     for batch in reader {
         let batch = batch.map_err(|e| e.to_string())?;
-        rows.extend(from_batch(&batch)?);
+        rows.extend(
+            from_batch(&batch)?
+                .into_iter()
+                .filter(|r| session.is_none_or(|s| r.input.session_id == s)),
+        );
     }
     rows.sort_by_key(|r| r.archive_seq);
     Ok(rows)

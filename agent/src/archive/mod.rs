@@ -5,8 +5,9 @@
 //! - [`wal`]: checksummed write-ahead segments (a Parquet file is unreadable until closed);
 //! - [`columns`]: the Arrow schema and the Parquet encoding (zstd, rows sorted by session);
 //! - [`manifest`]: the Ed25519-signed chain of per-file digests;
-//! - [`writer`]: segment → Parquet → manifest, with crash recovery;
-//! - [`service`]: the writer on its own thread: group commit, strict or buffered recording;
+//! - [`writer`]: the [`writer::SegmentLog`] (chain, segments) and the [`writer::Publisher`]
+//!   (segment on disk → Parquet → manifest), with crash recovery;
+//! - [`service`]: the two on their own threads: group commit, strict or buffered recording;
 //! - [`verify`]: what `airlock verify` checks;
 //! - [`responder`]: `airlock sessions`, `replay` and `evidence`.
 //!

@@ -36,6 +36,20 @@ pub fn load(
     Ok(out)
 }
 
+/// Every record of one session, oldest first: only the row groups whose statistics can hold
+/// the session are read (files are sorted by session).
+pub fn load_session(archive_dir: &Path, session: &str) -> Result<Vec<Record>, String> {
+    let mut out = Vec::new();
+    for file in files_in_window(archive_dir, None, None) {
+        out.extend(
+            columns::read_session(&file, session)
+                .map_err(|e| format!("{}: {e}", file.display()))?,
+        );
+    }
+    out.sort_by_key(|r| (r.input.ts_us, r.archive_seq));
+    Ok(out)
+}
+
 /// Parquet files whose `date=`/`hour=` partition can hold records of the window.
 fn files_in_window(archive_dir: &Path, from: Option<Micros>, to: Option<Micros>) -> Vec<PathBuf> {
     const HOUR: i64 = 3_600_000_000;

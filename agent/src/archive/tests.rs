@@ -32,6 +32,7 @@ fn config(dir: &Path) -> WriterConfig {
         host: "runner-1".into(),
         group: None,
         max_rows: 100,
+        max_segment_bytes: writer::MAX_SEGMENT_BYTES,
     }
 }
 
@@ -155,6 +156,88 @@ fn a_crash_before_the_roll_loses_nothing_synced() {
     let report = verify(&t.0.join("archive"));
     assert!(report.intact(), "{:?}", report.problems);
     assert_eq!(report.records_checked, 7);
+}
+
+#[test]
+fn one_session_is_read_from_its_row_groups_only() {
+    // `airlock replay` reads one session without reading the archive: files are sorted by
+    // session, and row groups whose statistics cannot hold it are skipped.
+    let t = TempDir::new("session-groups");
+    let (mut w, _) = ArchiveWriter::open(WriterConfig {
+        max_rows: 1_000_000,
+        ..config(&t.0)
+    })
+    .unwrap();
+    // 30 sessions of 1,000 records, interleaved: about four row groups of 8,192 rows.
+    for seq in 0..30_000u64 {
+        w.append(input(&format!("s{:02}", seq % 30), seq)).unwrap();
+    }
+    w.sync().unwrap();
+    let file = w.roll().unwrap().unwrap();
+    let (groups, total) = columns::session_row_groups(&file, "s17").unwrap();
+    assert!(total >= 3, "{total} row groups");
+    assert!(groups.len() <= 2, "{groups:?} of {total} row groups read");
+    let rows = columns::read_session(&file, "s17").unwrap();
+    assert_eq!(rows.len(), 1000);
+    assert!(rows.iter().all(|r| r.input.session_id == "s17"));
+    assert!(rows.windows(2).all(|p| p[0].archive_seq < p[1].archive_seq));
+    assert_eq!(rows[0].input, input("s17", 17));
+    assert!(columns::read_session(&file, "s99").unwrap().is_empty());
+    assert_eq!(
+        responder::load_session(&t.0.join("archive"), "s03")
+            .unwrap()
+            .len(),
+        1000
+    );
+}
+
+#[test]
+fn records_written_but_never_synced_never_reach_a_file() {
+    // Parquet files are made from the segment on disk: entries that reached the file but
+    // whose fsync failed (so were refused or retried) must stay out.
+    let t = TempDir::new("unsynced-tail");
+    let (mut w, _) = ArchiveWriter::open(config(&t.0)).unwrap();
+    for i in 0..3 {
+        w.append(input("s", i)).unwrap();
+    }
+    w.sync().unwrap();
+    // Big enough to leave the write buffer for the file; then the fsync "fails".
+    let big = |seq| RecordInput {
+        payload: Some(MaskedPayload::from_masked(format!(
+            "\"{}\"",
+            "x".repeat(300_000)
+        ))),
+        ..input("s", seq)
+    };
+    w.append(big(3)).unwrap();
+    w.append(big(4)).unwrap();
+    let seg = t.0.join("archive/_wal/000000000001.wal");
+    assert!(
+        wal::read_segment(&seg).unwrap().records.len() >= 4,
+        "the test needs an unsynced entry in the segment file"
+    );
+    let back = w.abandon_unsynced();
+    assert_eq!(back, vec![big(3), big(4)]);
+    // Cut off the file too: a crash now would not recover them.
+    let left = wal::read_segment(&seg).unwrap();
+    assert_eq!((left.records.len(), left.dropped_bytes), (3, 0));
+    // What follows continues the chain from the last durable record.
+    w.append(input("s", 5)).unwrap();
+    w.sync().unwrap();
+    w.roll().unwrap();
+    let report = verify(&t.0.join("archive"));
+    assert!(report.intact(), "{:?}", report.problems);
+    assert_eq!(report.records_checked, 4);
+    let seqs: Vec<u64> = fs::read_dir(t.0.join("archive/date=2026-11-18"))
+        .unwrap()
+        .flat_map(|hour| fs::read_dir(hour.unwrap().path()).unwrap())
+        .flat_map(|f| columns::read(&f.unwrap().path()).unwrap())
+        .map(|r| r.input.seq)
+        .collect();
+    let mut seqs = seqs;
+    seqs.sort();
+    assert_eq!(seqs, vec![0, 1, 2, 5]);
+    assert!(!seg.exists(), "a published segment is deleted");
 }
 
 #[test]
@@ -574,6 +657,36 @@ mod service {
         }
         archive.close().await.unwrap();
         assert_eq!(rows_in_archive(&t.0), 50);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_segment_rolls_at_its_byte_cap() {
+        // Memory stays bounded however large the records: a segment is published once it
+        // holds `max_segment_bytes`, whatever `max_rows` says.
+        let t = TempDir::new("bytecap");
+        let (w, _) = ArchiveWriter::open(WriterConfig {
+            max_rows: 1_000_000,
+            max_segment_bytes: 8 * 1024,
+            ..config(&t.0)
+        })
+        .unwrap();
+        let archive = Archive::start(w, Recording::Strict, Duration::from_secs(3600));
+        let big = |seq| RecordInput {
+            payload: Some(MaskedPayload::from_masked(format!(
+                "\"{}\"",
+                "y".repeat(3000)
+            ))),
+            ..input("s", seq)
+        };
+        for i in 0..20 {
+            archive.record(big(i)).await.unwrap();
+        }
+        archive.close().await.unwrap();
+        let report = verify(&t.0.join("archive"));
+        assert!(report.intact(), "{:?}", report.problems);
+        assert_eq!(report.records_checked, 20);
+        // About 3 KiB a record, 8 KiB a segment: at most 3 records per file.
+        assert!(report.files_checked >= 7, "{} files", report.files_checked);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,20 +1,21 @@
 //! Write-ahead segments: the durable home of a record until it is in a finished Parquet file.
 //!
-//! Format: the 8-byte magic `AIRWAL1\n`, then entries `[len: u32 LE][crc32: u32 LE][len bytes
-//! of JSON]`. A crash can leave a torn last entry; reading stops at the first entry that is
+//! Format: the 8-byte magic `AIRWAL2\n`, then entries `[len: u32 LE][crc32: u32 LE][len bytes
+//! of body]`, the body being [`Record::encode`]'s binary layout (the canonical encoding the
+//! record hash covers, so a record is encoded once for both). A crash can leave a torn last entry; reading stops at the first entry that is
 //! short or fails its checksum and reports how many bytes were dropped, which can only be
 //! records that were never acknowledged (acknowledgement follows the fsync).
 
 use std::{
     fs::{File, OpenOptions},
-    io::{self, BufWriter, Read, Write},
+    io::{self, BufWriter, Read as _, Write},
     os::unix::fs::OpenOptionsExt as _,
     path::{Path, PathBuf},
 };
 
-use super::record::Record;
+use super::record::{Record, RecordRef};
 
-const MAGIC: &[u8; 8] = b"AIRWAL1\n";
+const MAGIC: &[u8; 8] = b"AIRWAL2\n";
 /// Largest entry accepted when reading (a record is a few KiB; a payload is capped upstream).
 pub const MAX_ENTRY: u32 = 64 * 1024 * 1024;
 
@@ -23,6 +24,9 @@ pub struct SegmentWriter {
     path: PathBuf,
     out: BufWriter<File>,
     entries: u64,
+    /// Bytes appended (magic included), and how many of them the last fsync covered.
+    written: u64,
+    synced: u64,
 }
 
 impl SegmentWriter {
@@ -39,6 +43,8 @@ impl SegmentWriter {
             path: path.to_owned(),
             out,
             entries: 0,
+            written: MAGIC.len() as u64,
+            synced: 0,
         })
     }
 
@@ -52,11 +58,12 @@ impl SegmentWriter {
 
     /// Buffer one record (not durable until [`SegmentWriter::sync`]).
     pub fn append(&mut self, record: &Record) -> io::Result<()> {
-        let body = serde_json::to_vec(record).map_err(io::Error::other)?;
+        let mut body = Vec::new();
+        record.encode(&mut body);
         self.append_encoded(&body)
     }
 
-    /// Buffer one record already encoded as JSON (see `Record::chain_encoded`).
+    /// Buffer one record already encoded (see `record::chain_into`).
     pub fn append_encoded(&mut self, body: &[u8]) -> io::Result<()> {
         let len = u32::try_from(body.len())
             .ok()
@@ -71,13 +78,25 @@ impl SegmentWriter {
         self.out.write_all(&crc32fast::hash(body).to_le_bytes())?;
         self.out.write_all(body)?;
         self.entries += 1;
+        self.written += 8 + u64::from(len);
         Ok(())
     }
 
     /// Write out and fsync: everything appended so far is durable when this returns.
     pub fn sync(&mut self) -> io::Result<()> {
         self.out.flush()?;
-        self.out.get_ref().sync_data()
+        self.out.get_ref().sync_data()?;
+        self.synced = self.written;
+        Ok(())
+    }
+
+    /// After a failed append or fsync: drop what the last fsync did not cover, from the
+    /// buffer and from the file, so that nothing unacknowledged is ever read back.
+    pub fn truncate_to_synced(self) -> io::Result<()> {
+        // `into_parts` hands the buffer back instead of writing it out.
+        let (file, _unwritten) = self.out.into_parts();
+        file.set_len(self.synced)?;
+        file.sync_all()
     }
 }
 
@@ -91,47 +110,68 @@ pub struct SegmentContents {
 
 /// Read every intact entry of a segment.
 pub fn read_segment(path: &Path) -> io::Result<SegmentContents> {
-    let mut data = Vec::new();
-    File::open(path)?.read_to_end(&mut data)?;
-    if data.len() < MAGIC.len() {
-        // Created but the magic never reached the disk: nothing was acknowledged from it.
-        return Ok(SegmentContents {
-            records: Vec::new(),
-            dropped_bytes: data.len() as u64,
-        });
-    }
-    if &data[..MAGIC.len()] != MAGIC {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("{}: not a WAL segment", path.display()),
-        ));
-    }
-    let mut pos = MAGIC.len();
     let mut records = Vec::new();
-    while pos + 8 <= data.len() {
-        let len = u32::from_le_bytes([data[pos], data[pos + 1], data[pos + 2], data[pos + 3]]);
-        let crc = u32::from_le_bytes([data[pos + 4], data[pos + 5], data[pos + 6], data[pos + 7]]);
-        let start = pos + 8;
-        let Some(end) = start
-            .checked_add(len as usize)
-            .filter(|e| *e <= data.len() && len <= MAX_ENTRY)
-        else {
-            break;
-        };
-        let body = &data[start..end];
-        if crc32fast::hash(body) != crc {
-            break;
-        }
-        match serde_json::from_slice::<Record>(body) {
-            Ok(r) => records.push(r),
-            Err(_) => break,
-        }
-        pos = end;
-    }
+    let dropped_bytes = scan_segment(path, |r| records.push(r.to_owned()))?;
     Ok(SegmentContents {
         records,
-        dropped_bytes: (data.len() - pos) as u64,
+        dropped_bytes,
     })
+}
+
+/// Call `each` with every intact entry of a segment, borrowed, in order. Returns the bytes
+/// after the last good entry (a torn write), 0 when the segment ended cleanly. Reads through
+/// a 1 MiB buffer: memory does not grow with the segment.
+pub fn scan_segment(path: &Path, mut each: impl FnMut(RecordRef<'_>)) -> io::Result<u64> {
+    let file = File::open(path)?;
+    let size = file.metadata()?.len();
+    let mut input = io::BufReader::with_capacity(1 << 20, file);
+    let mut magic = [0u8; MAGIC.len()];
+    match input.read_exact(&mut magic) {
+        // Created but the magic never reached the disk: nothing was acknowledged from it.
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(size),
+        Err(e) => return Err(e),
+        Ok(()) if &magic != MAGIC => {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "{}: not a write-ahead segment of this Airlock version (expected {:?})",
+                    path.display(),
+                    String::from_utf8_lossy(MAGIC).trim_end()
+                ),
+            ));
+        }
+        Ok(()) => {}
+    }
+    let mut pos = MAGIC.len() as u64;
+    let mut body = Vec::new();
+    loop {
+        let mut header = [0u8; 8];
+        match input.read_exact(&mut header) {
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => break,
+            Err(e) => return Err(e),
+            Ok(()) => {}
+        }
+        let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
+        let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
+        if len > MAX_ENTRY || pos + 8 + u64::from(len) > size {
+            break;
+        }
+        body.resize(len as usize, 0);
+        match input.read_exact(&mut body) {
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => break,
+            Err(e) => return Err(e),
+            Ok(()) => {}
+        }
+        if crc32fast::hash(&body) != crc {
+            break;
+        }
+        match RecordRef::decode(&body) {
+            Some(r) => each(r),
+            None => break,
+        }
+        pos += 8 + u64::from(len);
+    }
+    Ok(size - pos)
 }
 
 #[cfg(test)]

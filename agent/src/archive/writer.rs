@@ -21,10 +21,11 @@ use std::{
 use super::{
     columns,
     manifest::{EntryBody, Manifest},
-    record::{Record, RecordInput, hex},
+    record::{self, RecordInput, hex},
     wal::{self, SegmentWriter},
 };
 use sha2::Digest as _;
+use tracing::warn;
 
 /// Mode of archive files (root and the analysts group may read).
 pub const FILE_MODE: u32 = 0o640;
@@ -39,9 +40,15 @@ pub struct WriterConfig {
     pub host: String,
     /// Group that may read the archive (files are root:group 0640).
     pub group: Option<u32>,
-    /// Roll the current segment into Parquet once it holds this many records.
+    /// Roll the current segment into Parquet once it holds this many records...
     pub max_rows: usize,
+    /// ...or this many bytes. Publishing a segment holds its rows in memory as columns, so
+    /// this bounds the archive's memory (about once this, while a file is written).
+    pub max_segment_bytes: u64,
 }
+
+/// Default `max_segment_bytes`.
+pub const MAX_SEGMENT_BYTES: u64 = 128 * 1024 * 1024;
 
 /// What opening found and did.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -53,18 +60,53 @@ pub struct Recovery {
     pub torn_bytes: u64,
 }
 
+/// The archive written from one thread: a [`SegmentLog`] (chain and write-ahead segments)
+/// and a [`Publisher`] (segments into Parquet files and manifest lines). The agent runs the
+/// two on their own threads ([`ArchiveWriter::into_parts`]), so that encoding a Parquet file
+/// never holds up the records waiting for their fsync. Files are always made from the
+/// durable segments on disk (checksummed entries), by the same code after a crash as in
+/// normal operation.
 pub struct ArchiveWriter {
-    cfg: WriterConfig,
-    manifest: Manifest,
+    log: SegmentLog,
+    publisher: Publisher,
+}
+
+/// The write-ahead side: chains records and appends them to the open segment.
+pub struct SegmentLog {
+    wal_dir: PathBuf,
+    max_rows: usize,
     wal: Option<SegmentWriter>,
     wal_no: u64,
-    /// Records of the open segment, kept to write its Parquet file without re-reading.
-    pending: Vec<Record>,
-    /// How many of `pending` the last successful fsync covered.
-    synced: usize,
-    /// Durable prefixes of segments abandoned after a write failure, oldest first: published
-    /// before anything newer so that files follow the chain's order.
-    sealed: Vec<(u64, Vec<Record>)>,
+    max_bytes: u64,
+    /// Appended to the open segment, not yet fsynced: handed back if the fsync fails.
+    unsynced: Vec<RecordInput>,
+    /// Records and bytes in the open segment.
+    rows: usize,
+    bytes: u64,
+    last_hash: String,
+    next_archive_seq: u64,
+    /// The chain after the last durable record: where to go on after a failure.
+    durable_tip: (String, u64),
+    /// Encoding buffer for one write-ahead entry.
+    body: Vec<u8>,
+}
+
+/// A closed segment on its way into a Parquet file.
+pub struct Sealed {
+    segment: u64,
+    path: PathBuf,
+    /// The last durable record: anything after it in the segment file was never
+    /// acknowledged and is left out.
+    last_archive_seq: u64,
+}
+
+/// The publishing side: sealed segments, oldest first, into Parquet files (temp file, fsync,
+/// rename, directory fsync) and signed manifest lines; then the segment is deleted.
+pub struct Publisher {
+    cfg: WriterConfig,
+    manifest: Manifest,
+    queue: std::collections::VecDeque<Sealed>,
+    /// The chain as published so far: every file must continue it.
     last_hash: String,
     next_archive_seq: u64,
 }
@@ -91,27 +133,175 @@ impl ArchiveWriter {
         let (last_hash, tip) = manifest.chain_tip();
         // Segment numbers never repeat: file names derive from them.
         let wal_no = manifest.last_segment();
-        let mut w = ArchiveWriter {
-            cfg,
+        let mut publisher = Publisher {
+            cfg: cfg.clone(),
             manifest,
-            wal: None,
-            wal_no,
-            pending: Vec::new(),
-            synced: 0,
-            sealed: Vec::new(),
+            queue: Default::default(),
             last_hash,
             next_archive_seq: tip + 1,
         };
-        let recovery = w.recover()?;
-        Ok((w, recovery))
+        let (recovery, wal_no) = publisher.recover(wal_no)?;
+        let log = SegmentLog {
+            wal_dir: cfg.archive_dir.join("_wal"),
+            max_rows: cfg.max_rows,
+            max_bytes: cfg.max_segment_bytes,
+            wal: None,
+            wal_no,
+            unsynced: Vec::new(),
+            rows: 0,
+            bytes: 0,
+            last_hash: publisher.last_hash.clone(),
+            next_archive_seq: publisher.next_archive_seq,
+            durable_tip: (publisher.last_hash.clone(), publisher.next_archive_seq),
+            body: Vec::new(),
+        };
+        Ok((ArchiveWriter { log, publisher }, recovery))
     }
 
-    fn wal_dir(&self) -> PathBuf {
-        self.cfg.archive_dir.join("_wal")
+    /// The two halves, for running on separate threads.
+    pub fn into_parts(self) -> (SegmentLog, Publisher) {
+        (self.log, self.publisher)
     }
 
-    /// Roll every leftover segment, oldest first; remove unpublished temp files.
-    fn recover(&mut self) -> io::Result<Recovery> {
+    /// See [`SegmentLog::append`].
+    pub fn append(&mut self, input: RecordInput) -> Result<u64, Box<(io::Error, RecordInput)>> {
+        self.log.append(input)
+    }
+
+    /// See [`SegmentLog::sync`].
+    pub fn sync(&mut self) -> io::Result<()> {
+        self.log.sync()
+    }
+
+    /// See [`SegmentLog::abandon_unsynced`]; the durable prefix goes to the publisher.
+    pub fn abandon_unsynced(&mut self) -> Vec<RecordInput> {
+        let (dropped, sealed) = self.log.abandon_unsynced();
+        if let Some(s) = sealed {
+            self.publisher.submit(s);
+        }
+        dropped
+    }
+
+    /// Records of the open segment.
+    pub fn pending_rows(&self) -> usize {
+        self.log.pending_rows()
+    }
+
+    pub fn wants_roll(&self) -> bool {
+        self.log.wants_roll()
+    }
+
+    /// Turn the open segment into a published Parquet file (after any waiting ones). Returns
+    /// the path of the last file written, if any.
+    pub fn roll(&mut self) -> io::Result<Option<PathBuf>> {
+        if let Some(sealed) = self.log.seal()? {
+            self.publisher.submit(sealed);
+        }
+        self.publisher.publish_queued()
+    }
+
+    /// See [`Publisher::apply_retention`].
+    pub fn apply_retention(&mut self, days: u32, today: i64) -> io::Result<Vec<String>> {
+        self.publisher.apply_retention(days, today)
+    }
+}
+
+impl SegmentLog {
+    /// Chain and append one record to the open segment (opening one if needed). Not durable
+    /// until [`SegmentLog::sync`]. On failure the input comes back with the error.
+    pub fn append(&mut self, input: RecordInput) -> Result<u64, Box<(io::Error, RecordInput)>> {
+        if self.wal.is_none() {
+            let opened = (|| {
+                let path = self.wal_dir.join(format!("{:012}.wal", self.wal_no + 1));
+                let seg = SegmentWriter::create(&path, 0o600)?;
+                File::open(&self.wal_dir)?.sync_all()?;
+                Ok::<_, io::Error>(seg)
+            })();
+            match opened {
+                Ok(seg) => {
+                    self.wal_no += 1;
+                    self.wal = Some(seg);
+                }
+                Err(e) => return Err(Box::new((e, input))),
+            }
+        }
+        let archive_seq = self.next_archive_seq;
+        let hash = record::chain_into(archive_seq, &input, &self.last_hash, &mut self.body);
+        if let Some(wal) = self.wal.as_mut()
+            && let Err(e) = wal.append_encoded(&self.body)
+        {
+            return Err(Box::new((e, input)));
+        }
+        self.next_archive_seq += 1;
+        self.last_hash.clear();
+        self.last_hash.push_str(&hex(&hash));
+        self.rows += 1;
+        self.bytes += self.body.len() as u64 + 8;
+        self.unsynced.push(input);
+        Ok(archive_seq)
+    }
+
+    /// fsync the open segment: every appended record is durable when this returns.
+    pub fn sync(&mut self) -> io::Result<()> {
+        if let Some(w) = self.wal.as_mut() {
+            w.sync()?;
+        }
+        if !self.unsynced.is_empty() {
+            self.durable_tip = (self.last_hash.clone(), self.next_archive_seq);
+            self.unsynced.clear();
+        }
+        Ok(())
+    }
+
+    /// After a failed append or fsync: forget the records that are not durable (their chain
+    /// state included) and return their inputs, close the segment (its durable prefix is
+    /// returned sealed, for publishing), and go on in a fresh segment.
+    pub fn abandon_unsynced(&mut self) -> (Vec<RecordInput>, Option<Sealed>) {
+        let dropped = std::mem::take(&mut self.unsynced);
+        let sealed = self.wal.take().map(|w| {
+            let sealed = self.sealed(&w);
+            if let Err(e) = w.truncate_to_synced() {
+                // The publisher still leaves out everything after the durable prefix.
+                warn!(error = %e, segment = %sealed.path.display(), "cannot cut the unsynced tail off a write-ahead segment");
+            }
+            sealed
+        });
+        (self.last_hash, self.next_archive_seq) = self.durable_tip.clone();
+        (dropped, sealed)
+    }
+
+    fn sealed(&mut self, wal: &SegmentWriter) -> Sealed {
+        (self.rows, self.bytes) = (0, 0);
+        Sealed {
+            segment: self.wal_no,
+            path: wal.path().to_owned(),
+            last_archive_seq: self.durable_tip.1.saturating_sub(1),
+        }
+    }
+
+    /// fsync and close the open segment, for publishing; `None` if no segment is open.
+    pub fn seal(&mut self) -> io::Result<Option<Sealed>> {
+        if self.wal.is_none() {
+            return Ok(None);
+        }
+        self.sync()?;
+        Ok(self.wal.take().map(|w| self.sealed(&w)))
+    }
+
+    /// Records of the open segment.
+    pub fn pending_rows(&self) -> usize {
+        self.rows
+    }
+
+    pub fn wants_roll(&self) -> bool {
+        self.rows >= self.max_rows || self.bytes >= self.max_bytes
+    }
+}
+
+impl Publisher {
+    /// Roll every leftover segment, oldest first; remove unpublished temp files. Returns
+    /// what it found and the highest segment number seen.
+    fn recover(&mut self, mut wal_no: u64) -> io::Result<(Recovery, u64)> {
         let mut report = Recovery::default();
         let mut segments: Vec<(u64, PathBuf)> = fs::read_dir(self.wal_dir())?
             .filter_map(Result::ok)
@@ -123,148 +313,99 @@ impl ArchiveWriter {
             .collect();
         segments.sort();
         for (n, path) in segments {
-            self.wal_no = self.wal_no.max(n);
-            let contents = wal::read_segment(&path)?;
+            wal_no = wal_no.max(n);
             report.segments += 1;
-            report.torn_bytes += contents.dropped_bytes;
-            let (done, todo): (Vec<Record>, Vec<Record>) = contents
-                .records
-                .into_iter()
-                .partition(|r| r.archive_seq < self.next_archive_seq);
-            report.already_archived += done.len();
-            report.records += todo.len();
-            if let Some(first) = todo.first()
-                && first.prev_hash != self.last_hash
-            {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    format!(
-                        "{}: its first record does not continue the archive's hash chain; move the segment aside and run `airlock verify`",
-                        path.display()
-                    ),
-                ));
-            }
-            if let Some(last) = todo.last() {
-                self.publish(n, &todo)?;
-                // What follows continues the chain after the recovered records.
-                self.last_hash = last.hash.clone();
-                self.next_archive_seq = last.archive_seq + 1;
-            }
-            fs::remove_file(&path)?;
+            let mut last_archive_seq = 0;
+            report.torn_bytes += wal::scan_segment(&path, |r| {
+                if r.archive_seq < self.next_archive_seq {
+                    report.already_archived += 1;
+                } else {
+                    report.records += 1;
+                }
+                last_archive_seq = r.archive_seq;
+            })?;
+            self.submit(Sealed {
+                segment: n,
+                path,
+                last_archive_seq,
+            });
+            self.publish_queued()?;
         }
         remove_temp_files(&self.cfg.archive_dir)?;
-        Ok(report)
+        Ok((report, wal_no))
     }
 
-    /// Chain and append one record to the open segment (opening one if needed). Not durable
-    /// until [`ArchiveWriter::sync`]. On failure the input comes back with the error.
-    pub fn append(&mut self, input: RecordInput) -> Result<u64, Box<(io::Error, RecordInput)>> {
-        if self.wal.is_none() {
-            let opened = (|| {
-                let path = self.wal_dir().join(format!("{:012}.wal", self.wal_no + 1));
-                let seg = SegmentWriter::create(&path, 0o600)?;
-                File::open(self.wal_dir())?.sync_all()?;
-                Ok::<_, io::Error>(seg)
-            })();
-            match opened {
-                Ok(seg) => {
-                    self.wal_no += 1;
-                    self.wal = Some(seg);
-                }
-                Err(e) => return Err(Box::new((e, input))),
-            }
-        }
-        let (record, body) = Record::chain_encoded(self.next_archive_seq, input, &self.last_hash);
-        if let Some(wal) = self.wal.as_mut()
-            && let Err(e) = wal.append_encoded(&body)
-        {
-            return Err(Box::new((e, record.input)));
-        }
-        self.next_archive_seq += 1;
-        self.last_hash = record.hash.clone();
-        let seq = record.archive_seq;
-        self.pending.push(record);
-        Ok(seq)
+    fn wal_dir(&self) -> PathBuf {
+        self.cfg.archive_dir.join("_wal")
     }
 
-    /// fsync the open segment: every appended record is durable when this returns.
-    pub fn sync(&mut self) -> io::Result<()> {
-        if let Some(w) = self.wal.as_mut() {
-            w.sync()?;
-        }
-        self.synced = self.pending.len();
-        Ok(())
+    /// Queue a sealed segment (published in order by [`Publisher::publish_queued`]).
+    pub fn submit(&mut self, sealed: Sealed) {
+        self.queue.push_back(sealed);
     }
 
-    /// After a failed append or fsync: forget the records that are not durable (their chain
-    /// state included) and return their inputs, keep the segment's durable prefix for
-    /// publishing, and go on in a fresh segment.
-    pub fn abandon_unsynced(&mut self) -> Vec<RecordInput> {
-        let dropped: Vec<RecordInput> =
-            self.pending.drain(self.synced..).map(|r| r.input).collect();
-        self.wal = None;
-        if let Some(last) = self.pending.last() {
-            self.last_hash = last.hash.clone();
-            self.next_archive_seq = last.archive_seq + 1;
-            self.sealed
-                .push((self.wal_no, std::mem::take(&mut self.pending)));
-        } else if let Some((_, rows)) = self.sealed.last()
-            && let Some(last) = rows.last()
-        {
-            self.last_hash = last.hash.clone();
-            self.next_archive_seq = last.archive_seq + 1;
-        } else {
-            let (hash, tip) = self.manifest.chain_tip();
-            self.last_hash = hash;
-            self.next_archive_seq = tip + 1;
-        }
-        self.synced = 0;
-        dropped
+    pub fn is_idle(&self) -> bool {
+        self.queue.is_empty()
     }
 
-    /// Records not yet in a published file (sealed segments included).
-    pub fn pending_rows(&self) -> usize {
-        self.pending.len() + self.sealed.iter().map(|(_, r)| r.len()).sum::<usize>()
+    /// Sealed segments waiting to be published.
+    pub fn queued(&self) -> usize {
+        self.queue.len()
     }
 
-    pub fn wants_roll(&self) -> bool {
-        self.pending.len() >= self.cfg.max_rows
-    }
-
-    /// Turn the open segment into a published Parquet file (after any sealed ones). Returns
-    /// the path of the last file written, if any.
-    pub fn roll(&mut self) -> io::Result<Option<PathBuf>> {
+    /// Publish every queued segment, oldest first, then delete it. On failure it and the
+    /// rest stay queued for a retry. Returns the path of the last file written, if any.
+    pub fn publish_queued(&mut self) -> io::Result<Option<PathBuf>> {
         let mut last = None;
-        while !self.sealed.is_empty() {
-            let (n, rows) = self.sealed.remove(0);
-            match self.publish(n, &rows) {
-                Ok(path) => last = Some(path),
-                Err(e) => {
-                    // Still oldest: it goes back to the front for the next attempt.
-                    self.sealed.insert(0, (n, rows));
-                    return Err(e);
-                }
+        while let Some(sealed) = self.queue.front() {
+            let (segment, path, upto) =
+                (sealed.segment, sealed.path.clone(), sealed.last_archive_seq);
+            if let Some(file) = self.publish_segment(segment, &path, upto)? {
+                last = Some(file);
             }
-            remove_if_present(&self.wal_dir().join(format!("{n:012}.wal")))?;
+            self.queue.pop_front();
         }
-        let Some(mut wal) = self.wal.take() else {
-            return Ok(last);
-        };
-        wal.sync()?;
-        let rows = std::mem::take(&mut self.pending);
-        self.synced = 0;
-        if !rows.is_empty() {
-            match self.publish(self.wal_no, &rows) {
-                Ok(path) => last = Some(path),
-                Err(e) => {
-                    // Durable in its segment: kept in order for the next attempt.
-                    self.sealed.push((self.wal_no, rows));
-                    return Err(e);
-                }
-            }
-        }
-        fs::remove_file(wal.path())?;
         Ok(last)
+    }
+
+    /// One segment's durable records not yet archived (up to `last_archive_seq`) into its
+    /// Parquet file, after checking that they continue the published chain; then delete the
+    /// segment.
+    fn publish_segment(
+        &mut self,
+        segment: u64,
+        wal_path: &Path,
+        last_archive_seq: u64,
+    ) -> io::Result<Option<PathBuf>> {
+        let mut rows = columns::Rows::default();
+        let mut broken = false;
+        let mut expected = self.next_archive_seq;
+        wal::scan_segment(wal_path, |r| {
+            if !(self.next_archive_seq..=last_archive_seq).contains(&r.archive_seq) {
+                return;
+            }
+            let prev = rows.last_hash().map_or(self.last_hash.as_str(), |(h, _)| h);
+            broken |= r.archive_seq != expected || r.prev_hash != prev;
+            expected = r.archive_seq + 1;
+            rows.push(&r);
+        })?;
+        if broken {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "{}: its records do not continue the archive's hash chain; move the segment aside and run `airlock verify`",
+                    wal_path.display()
+                ),
+            ));
+        }
+        let mut file = None;
+        if let Some(batch) = rows.finish() {
+            file = Some(self.publish(segment, &batch)?);
+            self.last_hash.clone_from(&batch.span.last_hash);
+            self.next_archive_seq = batch.span.last_archive_seq + 1;
+        }
+        remove_if_present(wal_path)?;
+        Ok(file)
     }
 
     /// Delete the files of partitions older than `days` days before `today` (days since the
@@ -307,13 +448,12 @@ impl ArchiveWriter {
         Ok(expired)
     }
 
-    /// Write rows as the Parquet file of segment `n`, then its manifest line.
-    fn publish(&mut self, n: u64, rows: &[Record]) -> io::Result<PathBuf> {
-        let first = &rows[0];
-        let last = &rows[rows.len() - 1];
+    /// Write a batch as the Parquet file of segment `n`, then its manifest line.
+    fn publish(&mut self, n: u64, batch: &columns::Batch) -> io::Result<PathBuf> {
+        let span = &batch.span;
         let when = humantime::format_rfc3339_seconds(
             std::time::UNIX_EPOCH
-                + std::time::Duration::from_micros(u64::try_from(first.input.ts_us).unwrap_or(0)),
+                + std::time::Duration::from_micros(u64::try_from(span.first_ts_us).unwrap_or(0)),
         )
         .to_string();
         // `2026-11-21T21:05:07Z` → date=2026-11-21/hour=21
@@ -334,7 +474,7 @@ impl ArchiveWriter {
             .mode(FILE_MODE)
             .open(&tmp)?;
         set_owner(&tmp, self.cfg.group)?;
-        let file = columns::write(file, rows).map_err(columns::io_error)?;
+        let file = columns::write_batch(file, batch).map_err(columns::io_error)?;
         file.sync_all()?;
         drop(file);
         let final_path = dir.join(&name);
@@ -346,11 +486,11 @@ impl ArchiveWriter {
                 path: rel_dir.join(&name).to_string_lossy().into_owned(),
                 segment: n,
                 sha256,
-                rows: rows.len() as u64,
-                first_archive_seq: first.archive_seq,
-                last_archive_seq: last.archive_seq,
-                first_prev_hash: first.prev_hash.clone(),
-                last_hash: last.hash.clone(),
+                rows: span.rows,
+                first_archive_seq: span.first_archive_seq,
+                last_archive_seq: span.last_archive_seq,
+                first_prev_hash: span.first_prev_hash.clone(),
+                last_hash: span.last_hash.clone(),
             },
             FILE_MODE,
         )?;
