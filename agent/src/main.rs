@@ -341,11 +341,10 @@ fn sessions(
         Ok(s) => s,
         Err(code) => return code,
     };
-    let records = match airlock::archive::responder::load(dir, since, None) {
-        Ok(r) => r,
+    let list = match airlock::archive::responder::sessions(dir, since, user, backend) {
+        Ok(list) => list,
         Err(e) => return fail(e),
     };
-    let list = airlock::archive::responder::sessions(&records, user, backend);
     if json {
         for s in &list {
             println!("{}", serde_json::to_string(s).unwrap_or_default());

@@ -367,7 +367,7 @@ pub fn read_session(path: &Path, session: &str) -> Result<Vec<Record>, String> {
     read_rows(path, Some(session))
 }
 
-fn open_reader(path: &Path) -> Result<ParquetRecordBatchReaderBuilder<File>, String> {
+pub(crate) fn open_reader(path: &Path) -> Result<ParquetRecordBatchReaderBuilder<File>, String> {
     let file = File::open(path).map_err(|e| e.to_string())?;
     ParquetRecordBatchReaderBuilder::try_new(file)
         .map_err(|e| format!("not a readable Parquet file: {e}"))
@@ -426,7 +426,7 @@ fn read_rows(path: &Path, session: Option<&str>) -> Result<Vec<Record>, String> 
     Ok(rows)
 }
 
-fn column<'a, T: 'static>(batch: &'a RecordBatch, name: &str) -> Result<&'a T, String> {
+pub(crate) fn column<'a, T: 'static>(batch: &'a RecordBatch, name: &str) -> Result<&'a T, String> {
     batch
         .column_by_name(name)
         .and_then(|c| c.as_any().downcast_ref::<T>())

@@ -1,8 +1,8 @@
 //! Responder tools over an archive directory: session listing, transcripts, evidence bundles.
 //!
-//! They read the Parquet files directly (every file under the archive, pruned by the
-//! `date=` partition when a time window is given); analysts with larger questions use DuckDB
-//! (ARCHIVE.md).
+//! They read the Parquet files directly, pruned by the `date=`/`hour=` partition when a time
+//! window is given: `sessions` reads only the columns it summarises, `replay` only the row
+//! groups that can hold its session. Analysts with larger questions use DuckDB (ARCHIVE.md).
 
 use std::{
     collections::BTreeMap,
@@ -18,23 +18,6 @@ use super::{columns, record::Record, verify};
 
 /// Microseconds since the epoch.
 pub type Micros = i64;
-
-/// Every record under `archive_dir` whose timestamp is in `[from, to)` (either bound open).
-pub fn load(
-    archive_dir: &Path,
-    from: Option<Micros>,
-    to: Option<Micros>,
-) -> Result<Vec<Record>, String> {
-    let mut out = Vec::new();
-    for file in files_in_window(archive_dir, from, to) {
-        let rows = columns::read(&file).map_err(|e| format!("{}: {e}", file.display()))?;
-        out.extend(rows.into_iter().filter(|r| {
-            from.is_none_or(|f| r.input.ts_us >= f) && to.is_none_or(|t| r.input.ts_us < t)
-        }));
-    }
-    out.sort_by_key(|r| (r.input.ts_us, r.archive_seq));
-    Ok(out)
-}
 
 /// Every record of one session, oldest first: only the row groups whose statistics can hold
 /// the session are read (files are sorted by session).
@@ -116,56 +99,147 @@ pub struct SessionSummary {
     pub masked: u64,
 }
 
-/// Sessions of `records` matching the filters, oldest first.
+/// What `airlock sessions` keeps per session while it reads.
+struct Tally {
+    start: Micros,
+    end: Micros,
+    /// The earliest row naming a user or a process (else the earliest row): who it was.
+    who: (bool, Micros),
+    user: Option<String>,
+    uid: Option<u32>,
+    pid: Option<u32>,
+    comm: Option<String>,
+    exe: Option<String>,
+    /// The earliest row naming a backend.
+    backend: Option<(Micros, String)>,
+    messages: u64,
+    blocked: u64,
+    masked: u64,
+}
+
+/// The columns `airlock sessions` reads: payloads and hashes stay on disk.
+const SESSION_COLUMNS: [&str; 10] = [
+    "session_id",
+    "ts",
+    "user",
+    "uid",
+    "pid",
+    "comm",
+    "exe",
+    "backend",
+    "decision",
+    "masked_count",
+];
+
+/// Sessions with records since `since` (all when `None`) that match the filters, oldest
+/// first. Reads only the columns it needs, file by file: memory grows with the number of
+/// sessions, not of records.
 pub fn sessions(
-    records: &[Record],
+    archive_dir: &Path,
+    since: Option<Micros>,
     user: Option<&str>,
     backend: Option<&str>,
-) -> Vec<SessionSummary> {
-    let mut by_session: BTreeMap<&str, Vec<&Record>> = BTreeMap::new();
-    for r in records {
-        by_session
-            .entry(r.input.session_id.as_str())
-            .or_default()
-            .push(r);
+) -> Result<Vec<SessionSummary>, String> {
+    use arrow_array::{Array as _, StringArray, TimestampMicrosecondArray, UInt32Array};
+    let mut tallies: BTreeMap<String, Tally> = BTreeMap::new();
+    for file in files_in_window(archive_dir, since, None) {
+        let named = |e: String| format!("{}: {e}", file.display());
+        let builder = columns::open_reader(&file).map_err(named)?;
+        let mask = parquet::arrow::ProjectionMask::columns(
+            builder.parquet_schema(),
+            SESSION_COLUMNS.iter().copied(),
+        );
+        let reader = builder
+            .with_projection(mask)
+            .build()
+            .map_err(|e| named(e.to_string()))?;
+        for batch in reader {
+            let batch = batch.map_err(|e| named(e.to_string()))?;
+            let text = |name| columns::column::<StringArray>(&batch, name).map_err(named);
+            let ids = |name| columns::column::<UInt32Array>(&batch, name).map_err(named);
+            let (session, users, comms, exes, backends, decisions) = (
+                text("session_id")?,
+                text("user")?,
+                text("comm")?,
+                text("exe")?,
+                text("backend")?,
+                text("decision")?,
+            );
+            let (uids, pids, masked) = (ids("uid")?, ids("pid")?, ids("masked_count")?);
+            let ts = columns::column::<TimestampMicrosecondArray>(&batch, "ts").map_err(named)?;
+            let opt = |a: &StringArray, i| (!a.is_null(i)).then(|| a.value(i).to_owned());
+            let opt32 = |a: &UInt32Array, i| (!a.is_null(i)).then(|| a.value(i));
+            for i in 0..batch.num_rows() {
+                let at = ts.value(i);
+                if since.is_some_and(|s| at < s) {
+                    continue;
+                }
+                let id = session.value(i);
+                if !tallies.contains_key(id) {
+                    tallies.insert(
+                        id.to_owned(),
+                        Tally {
+                            start: at,
+                            end: at,
+                            who: (false, Micros::MAX),
+                            user: None,
+                            uid: None,
+                            pid: None,
+                            comm: None,
+                            exe: None,
+                            backend: None,
+                            messages: 0,
+                            blocked: 0,
+                            masked: 0,
+                        },
+                    );
+                }
+                let Some(t) = tallies.get_mut(id) else {
+                    continue;
+                };
+                t.start = t.start.min(at);
+                t.end = t.end.max(at);
+                t.messages += 1;
+                t.blocked += u64::from(matches!(decisions.value(i), "block" | "denied"));
+                t.masked += u64::from(masked.value(i));
+                let names = !users.is_null(i) || !pids.is_null(i);
+                if (names && !t.who.0) || (names == t.who.0 && at < t.who.1) {
+                    t.who = (names, at);
+                    t.user = opt(users, i);
+                    t.uid = opt32(uids, i);
+                    t.pid = opt32(pids, i);
+                    t.comm = opt(comms, i);
+                    t.exe = opt(exes, i);
+                }
+                if !backends.is_null(i) && t.backend.as_ref().is_none_or(|(b, _)| at < *b) {
+                    t.backend = Some((at, backends.value(i).to_owned()));
+                }
+            }
+        }
     }
-    let mut out: Vec<SessionSummary> = by_session
+    let mut out: Vec<SessionSummary> = tallies
         .into_iter()
-        .filter_map(|(id, rows)| {
-            let first = rows.first()?;
-            let who = rows
-                .iter()
-                .find(|r| r.input.user.is_some() || r.input.pid.is_some())
-                .unwrap_or(first);
-            let start = rows.iter().map(|r| r.input.ts_us).min()?;
-            let end = rows.iter().map(|r| r.input.ts_us).max()?;
-            let summary = SessionSummary {
-                session_id: id.to_owned(),
-                user: who.input.user.clone(),
-                uid: who.input.uid,
-                pid: who.input.pid,
-                comm: who.input.comm.clone(),
-                exe: who.input.exe.clone(),
-                backend: rows.iter().find_map(|r| r.input.backend.clone()),
-                started: rfc3339_micros(start),
-                duration_ms: u64::try_from((end - start) / 1000).unwrap_or(0),
-                messages: rows.len() as u64,
-                blocked: rows
-                    .iter()
-                    .filter(|r| matches!(r.input.decision.as_str(), "block" | "denied"))
-                    .count() as u64,
-                masked: rows
-                    .iter()
-                    .map(|r| r.input.masked_detectors.len() as u64)
-                    .sum(),
-            };
-            let keep = user.is_none_or(|u| summary.user.as_deref() == Some(u))
-                && backend.is_none_or(|b| summary.backend.as_deref() == Some(b));
-            keep.then_some(summary)
+        .map(|(id, t)| SessionSummary {
+            session_id: id,
+            user: t.user,
+            uid: t.uid,
+            pid: t.pid,
+            comm: t.comm,
+            exe: t.exe,
+            backend: t.backend.map(|(_, b)| b),
+            started: rfc3339_micros(t.start),
+            duration_ms: u64::try_from((t.end - t.start) / 1000).unwrap_or(0),
+            messages: t.messages,
+            blocked: t.blocked,
+            masked: t.masked,
+        })
+        .filter(|s| {
+            user.is_none_or(|u| s.user.as_deref() == Some(u))
+                && backend.is_none_or(|b| s.backend.as_deref() == Some(b))
         })
         .collect();
     out.sort_by(|a, b| a.started.cmp(&b.started));
-    out
+    Ok(out)
 }
 
 pub fn rfc3339_micros(ts: Micros) -> String {
