@@ -9,7 +9,11 @@
 //! - after the rename, before the manifest line: the segment is still there; rolling it again
 //!   writes the same file name (derived from the segment number) over the orphan;
 //! - after the manifest line, before the segment is deleted: its records are at or below the
-//!   manifest's chain tip and are skipped.
+//!   manifest's chain tip and are skipped;
+//! - with several sealed segments waiting for the publish thread: they are published oldest
+//!   first on the next open, each continuing the chain of the one before;
+//! - after a failed fsync: the unsynced tail was cut off the segment (and, should that fail
+//!   too, the publisher reads only up to the last durable record it was told of).
 
 use std::{
     fs::{self, File, OpenOptions},
