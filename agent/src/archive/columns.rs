@@ -407,23 +407,37 @@ fn select_row_groups(
 }
 
 fn read_rows(path: &Path, session: Option<&str>) -> Result<Vec<Record>, String> {
+    let mut rows = Vec::new();
+    scan_rows(path, session, |r| rows.push(r))?;
+    rows.sort_by_key(|r| r.archive_seq);
+    Ok(rows)
+}
+
+/// Every row of an archive file, in file order (sorted by session), one batch in memory at a
+/// time.
+pub fn for_each_row(path: &Path, each: impl FnMut(Record)) -> Result<(), String> {
+    scan_rows(path, None, each)
+}
+
+fn scan_rows(
+    path: &Path,
+    session: Option<&str>,
+    mut each: impl FnMut(Record),
+) -> Result<(), String> {
     let mut builder = open_reader(path)?;
     if let Some(session) = session {
         let (groups, _) = select_row_groups(&builder, session);
         builder = builder.with_row_groups(groups);
     }
     let reader = builder.build().map_err(|e| e.to_string())?;
-    let mut rows = Vec::new();
     for batch in reader {
         let batch = batch.map_err(|e| e.to_string())?;
-        rows.extend(
-            from_batch(&batch)?
-                .into_iter()
-                .filter(|r| session.is_none_or(|s| r.input.session_id == s)),
-        );
+        from_batch(&batch)?
+            .into_iter()
+            .filter(|r| session.is_none_or(|s| r.input.session_id == s))
+            .for_each(&mut each);
     }
-    rows.sort_by_key(|r| r.archive_seq);
-    Ok(rows)
+    Ok(())
 }
 
 pub(crate) fn column<'a, T: 'static>(batch: &'a RecordBatch, name: &str) -> Result<&'a T, String> {

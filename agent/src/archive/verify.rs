@@ -154,42 +154,45 @@ fn verify_host(
                 "{path}: modified or truncated: its SHA-256 differs from the manifest"
             ));
         }
-        let records = match columns::read(&full) {
-            Ok(r) => r,
-            Err(e) => {
-                report.problems.push(format!("{path}: unreadable: {e}"));
-                continue;
-            }
-        };
-        report.records_checked += records.len() as u64;
-        if records.len() as u64 != *rows {
+        // Rows are stored by session: keep each one's place in the chain (not its content),
+        // then walk the chain in order.
+        let mut links: Vec<(u64, String, String, bool)> = Vec::new();
+        let read = columns::for_each_row(&full, |r| {
+            let valid = r.hash_is_valid();
+            links.push((r.archive_seq, r.prev_hash, r.hash, valid));
+        });
+        if let Err(e) = read {
+            report.problems.push(format!("{path}: unreadable: {e}"));
+            continue;
+        }
+        links.sort_by_key(|l| l.0);
+        report.records_checked += links.len() as u64;
+        if links.len() as u64 != *rows {
             report.problems.push(format!(
                 "{path}: {} records where the manifest says {rows}: records removed or inserted",
-                records.len()
+                links.len()
             ));
         }
         let mut prev = first_prev_hash.clone();
         let mut seq = *first_archive_seq;
-        for r in &records {
-            if r.archive_seq != seq {
+        for (archive_seq, prev_hash, hash, valid) in &links {
+            if *archive_seq != seq {
                 report.problems.push(format!(
-                    "{path}: record {}: {seq} expected: records removed, inserted or reordered",
-                    r.archive_seq
+                    "{path}: record {archive_seq}: {seq} expected: records removed, inserted or reordered"
                 ));
             }
-            if !r.hash_is_valid() {
+            if !valid {
                 report.problems.push(format!(
-                    "{path}: record {}: content does not match its hash: modified",
-                    r.archive_seq
+                    "{path}: record {archive_seq}: content does not match its hash: modified"
                 ));
             }
-            if r.prev_hash != prev {
-                report.problems.push(format!("{path}: record {}: does not follow the record before it: removed, inserted or reordered", r.archive_seq));
+            if *prev_hash != prev {
+                report.problems.push(format!("{path}: record {archive_seq}: does not follow the record before it: removed, inserted or reordered"));
             }
-            prev = r.hash.clone();
-            seq = r.archive_seq + 1;
+            prev.clone_from(hash);
+            seq = archive_seq + 1;
         }
-        if records.last().is_some_and(|r| r.hash != *last_hash) {
+        if links.last().is_some_and(|l| l.2 != *last_hash) {
             report.problems.push(format!(
                 "{path}: last record is not the one the manifest names: truncated"
             ));
