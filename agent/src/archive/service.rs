@@ -80,7 +80,7 @@ pub struct ArchiveStats {
 
 type Ack = oneshot::Sender<Result<u64, ArchiveError>>;
 
-/// Handle to the archive thread.
+/// Handle to the archive (its log thread; the publish thread is behind it).
 #[derive(Clone)]
 pub struct Archive {
     tx: mpsc::Sender<Job>,
@@ -106,7 +106,7 @@ impl Archive {
                 .name("airlock-archive".into())
                 .spawn(move || run(log, rx, publish_tx, mode, flush_interval, f, s))
                 .map(drop)
-                .unwrap_or_else(|e| error!(error = %e, "cannot start the archive thread")),
+                .unwrap_or_else(|e| error!(error = %e, "cannot start the archive log thread")),
             Err(e) => error!(error = %e, "cannot start the archive publish thread"),
         }
         Archive {
@@ -181,7 +181,7 @@ fn run(
     {
         Ok(rt) => rt,
         Err(e) => {
-            error!(error = %e, "cannot start the archive thread's runtime");
+            error!(error = %e, "cannot start the archive log thread's runtime");
             failed.store(true, Ordering::Relaxed);
             return;
         }
@@ -189,7 +189,7 @@ fn run(
     rt.block_on(serve(w, rx, publish, mode, flush_interval, failed, stats));
 }
 
-/// The writer thread's state: what is appended but not yet durable, what failed and waits.
+/// The log thread's state: what is appended but not yet durable, what failed and waits.
 struct State {
     w: SegmentLog,
     publish: std::sync::mpsc::SyncSender<PublishJob>,
