@@ -230,10 +230,8 @@ impl Rows {
     }
 
     /// The last row's hash, if any.
-    pub fn last_hash(&self) -> Option<(&str, u64)> {
-        self.span
-            .as_ref()
-            .map(|s| (s.last_hash.as_str(), s.last_archive_seq))
+    pub fn last_hash(&self) -> Option<&str> {
+        self.span.as_ref().map(|s| s.last_hash.as_str())
     }
 
     /// Finish the columns (in schema order) and start over; `None` when there are no rows.

@@ -286,13 +286,13 @@ impl<'a> RecordRef<'a> {
 
 /// Chain `input` after `prev_hash` straight into a write-ahead entry body (the layout of
 /// [`Record::encode`]), with one encoding of the input serving both the hash and the entry.
-/// `body` is cleared first; returns the record's hash.
+/// `body` is cleared first; returns the record's hash as it was written there (hex digits).
 pub fn chain_into(
     archive_seq: u64,
     input: &RecordInput,
     prev_hash: &str,
     body: &mut Vec<u8>,
-) -> [u8; 32] {
+) -> [u8; 64] {
     body.clear();
     body.extend_from_slice(&archive_seq.to_le_bytes());
     body.extend_from_slice(prev_hash.as_bytes());
@@ -300,9 +300,13 @@ pub fn chain_into(
     body.extend_from_slice(&[b'0'; 64]);
     let input_at = body.len();
     encode_input(input, body);
-    let hash = hash_of(archive_seq, &body[input_at..], prev_hash);
-    hex_into(&hash, &mut body[hash_at..input_at]);
-    hash
+    let mut digits = [0u8; 64];
+    hex_into(
+        &hash_of(archive_seq, &body[input_at..], prev_hash),
+        &mut digits,
+    );
+    body[hash_at..input_at].copy_from_slice(&digits);
+    digits
 }
 
 /// SHA-256 over the previous hash (64 hex digits), a newline, `archive_seq` (u64 LE) and the
@@ -503,7 +507,7 @@ mod tests {
         let hash = chain_into(7, &full, GENESIS, &mut body);
         let back = Record::decode(&body).unwrap();
         assert_eq!(back, Record::chain(7, full, GENESIS));
-        assert_eq!(back.hash, hex(&hash));
+        assert_eq!(back.hash.as_bytes(), hash);
         assert!(back.hash_is_valid());
         let mut again = Vec::new();
         back.encode(&mut again);

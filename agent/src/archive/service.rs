@@ -439,7 +439,7 @@ fn publish_loop(
 ) {
     use std::sync::mpsc::RecvTimeoutError;
     loop {
-        let job = if p.is_idle() {
+        let job = if p.queued() == 0 {
             rx.recv().map_err(|_| RecvTimeoutError::Disconnected)
         } else {
             rx.recv_timeout(PUBLISH_RETRY)

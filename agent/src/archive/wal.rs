@@ -23,7 +23,6 @@ pub const MAX_ENTRY: u32 = 64 * 1024 * 1024;
 pub struct SegmentWriter {
     path: PathBuf,
     out: BufWriter<File>,
-    entries: u64,
     /// Bytes appended (magic included), and how many of them the last fsync covered.
     written: u64,
     synced: u64,
@@ -42,7 +41,6 @@ impl SegmentWriter {
         Ok(SegmentWriter {
             path: path.to_owned(),
             out,
-            entries: 0,
             written: MAGIC.len() as u64,
             synced: 0,
         })
@@ -50,10 +48,6 @@ impl SegmentWriter {
 
     pub fn path(&self) -> &Path {
         &self.path
-    }
-
-    pub fn entries(&self) -> u64 {
-        self.entries
     }
 
     /// Buffer one record (not durable until [`SegmentWriter::sync`]).
@@ -77,7 +71,6 @@ impl SegmentWriter {
         self.out.write_all(&len.to_le_bytes())?;
         self.out.write_all(&crc32fast::hash(body).to_le_bytes())?;
         self.out.write_all(body)?;
-        self.entries += 1;
         self.written += 8 + u64::from(len);
         Ok(())
     }

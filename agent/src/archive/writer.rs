@@ -238,7 +238,9 @@ impl SegmentLog {
         }
         self.next_archive_seq += 1;
         self.last_hash.clear();
-        self.last_hash.push_str(&hex(&hash));
+        // Hex digits are ASCII.
+        self.last_hash
+            .push_str(std::str::from_utf8(&hash).unwrap_or_default());
         self.rows += 1;
         self.bytes += self.body.len() as u64 + 8;
         self.unsynced.push(input);
@@ -348,10 +350,6 @@ impl Publisher {
         self.queue.push_back(sealed);
     }
 
-    pub fn is_idle(&self) -> bool {
-        self.queue.is_empty()
-    }
-
     /// Sealed segments waiting to be published.
     pub fn queued(&self) -> usize {
         self.queue.len()
@@ -388,7 +386,7 @@ impl Publisher {
             if !(self.next_archive_seq..=last_archive_seq).contains(&r.archive_seq) {
                 return;
             }
-            let prev = rows.last_hash().map_or(self.last_hash.as_str(), |(h, _)| h);
+            let prev = rows.last_hash().unwrap_or(self.last_hash.as_str());
             broken |= r.archive_seq != expected || r.prev_hash != prev;
             expected = r.archive_seq + 1;
             rows.push(&r);
