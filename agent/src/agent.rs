@@ -284,40 +284,12 @@ pub async fn run(config: Config) -> Result<(), RunError> {
                     .list(Instant::now());
                 Response::Approvals { pending }
             }
-            Request::Approve { id, digest } => {
-                let r = proxy
-                    .pipeline
-                    .approvals
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .approve(id, digest.as_deref(), peer_uid, Instant::now());
-                proxy.pipeline.approval_decided.notify_waiters();
-                match r {
-                    Ok(_) => Response::Ok {
-                        message: format!("approved {id}"),
-                    },
-                    Err(e) => Response::Error {
-                        message: e.to_string(),
-                    },
-                }
-            }
-            Request::Deny { id } => {
-                let r = proxy
-                    .pipeline
-                    .approvals
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .deny(id, peer_uid, Instant::now());
-                proxy.pipeline.approval_decided.notify_waiters();
-                match r {
-                    Ok(_) => Response::Ok {
-                        message: format!("denied {id}"),
-                    },
-                    Err(e) => Response::Error {
-                        message: e.to_string(),
-                    },
-                }
-            }
+            Request::Approve { id, digest } => decide(&proxy, id, "approved", |a| {
+                a.approve(id, digest.as_deref(), peer_uid, Instant::now())
+            }),
+            Request::Deny { id } => decide(&proxy, id, "denied", |a| {
+                a.deny(id, peer_uid, Instant::now())
+            }),
             Request::Status => {
                 let mut s = status(&proxy, &targets, &cgroup, started_at);
                 s.agent.policy_hash = Some(policies.current().hash.clone());
@@ -559,6 +531,37 @@ async fn retention(archive: Archive, days: u32) {
 }
 
 /// One retention pass; `days = 0` keeps everything.
+/// An operator's decision on a held call (`airlock approvals approve|deny`): applied, the
+/// waiting call woken, answered in one line.
+fn decide(
+    proxy: &Proxy,
+    id: u64,
+    done: &str,
+    apply: impl FnOnce(
+        &mut crate::policy::approvals::Approvals,
+    ) -> Result<
+        crate::policy::approvals::Outcome,
+        crate::policy::approvals::ApprovalError,
+    >,
+) -> Response {
+    let r = apply(
+        &mut proxy
+            .pipeline
+            .approvals
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()),
+    );
+    proxy.pipeline.approval_decided.notify_waiters();
+    match r {
+        Ok(_) => Response::Ok {
+            message: format!("{done} {id}"),
+        },
+        Err(e) => Response::Error {
+            message: e.to_string(),
+        },
+    }
+}
+
 async fn apply_retention(archive: &Archive, days: u32) {
     if days == 0 {
         return;

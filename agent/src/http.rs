@@ -622,19 +622,43 @@ impl Conn {
         recorded: &str,
     ) -> Response<ProxyBody> {
         let answer = jsonrpc::error_response(None, code::PARSE_ERROR, message, None);
+        self.record_request_error(
+            info,
+            Direction::ClientToServer,
+            "block",
+            json!({"error": recorded}),
+            None,
+        )
+        .await;
+        json_response(StatusCode::BAD_REQUEST, &answer, None)
+    }
+
+    /// Record a request that ended in an error of Airlock's own (`kind = "error"`): its method
+    /// and path, and `detail`.
+    async fn record_request_error(
+        &self,
+        info: &RequestInfo,
+        direction: Direction,
+        decision: &str,
+        detail: Value,
+        latency_us: Option<u64>,
+    ) {
+        let mut event = json!({"http_method": info.method.as_str(), "path": info.path});
+        if let (Some(event), Value::Object(detail)) = (event.as_object_mut(), detail) {
+            event.extend(detail);
+        }
         let _ = self
             .pipeline
             .record_event(
                 &self.ctx,
-                Direction::ClientToServer,
+                direction,
                 "error",
-                "block",
-                json!({"http_method": info.method.as_str(), "path": info.path, "error": recorded}),
-                None,
+                decision,
+                event,
+                latency_us,
                 info.mcp_session_id.clone(),
             )
             .await;
-        json_response(StatusCode::BAD_REQUEST, &answer, None)
     }
 
     async fn refuse_http(
@@ -643,35 +667,27 @@ impl Conn {
         status: StatusCode,
         reason: String,
     ) -> Response<ProxyBody> {
-        let _ = self
-            .pipeline
-            .record_event(
-                &self.ctx,
-                Direction::ClientToServer,
-                "error",
-                "block",
-                json!({"http_method": info.method.as_str(), "path": info.path, "status": status.as_u16(), "error": reason}),
-                None,
-                info.mcp_session_id.clone(),
-            )
-            .await;
+        self.record_request_error(
+            info,
+            Direction::ClientToServer,
+            "block",
+            json!({"status": status.as_u16(), "error": reason}),
+            None,
+        )
+        .await;
         text_response(status, reason)
     }
 
     async fn upstream_failed(&self, info: &RequestInfo, reason: String) -> Response<ProxyBody> {
         warn!(id = self.ctx.conn_id, backend = %self.ctx.backend, %reason, "upstream failed");
-        let _ = self
-            .pipeline
-            .record_event(
-                &self.ctx,
-                Direction::ServerToClient,
-                "error",
-                "allow",
-                json!({"http_method": info.method.as_str(), "path": info.path, "status": 502, "error": reason}),
-                Some(info.started.elapsed().as_micros() as u64),
-                info.mcp_session_id.clone(),
-            )
-            .await;
+        self.record_request_error(
+            info,
+            Direction::ServerToClient,
+            "allow",
+            json!({"status": 502, "error": reason}),
+            Some(info.started.elapsed().as_micros() as u64),
+        )
+        .await;
         text_response(
             StatusCode::BAD_GATEWAY,
             format!(

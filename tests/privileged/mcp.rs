@@ -614,18 +614,8 @@ fn conformance_suite_passes_through_airlock_as_it_does_direct() {
     if !privileged() {
         return;
     }
-    let name = unique("conformance");
-    let cg = TestCgroup::new(&name);
-    let port = free_port();
-    let mut agent = Agent::prepare(
-        &cg,
-        &name,
-        &format!(
-            "[[backend]]\nname = \"conformance\"\nhost = \"{HOST}\"\nport = {port}\naddresses = [\"127.0.0.1\"]\nca_file = \"BACKEND_CA\"\n"
-        ),
-        "",
-        None,
-    );
+    let (cg, mut agent, port) =
+        local_backend_agent("conformance", "conformance", "ca_file = \"BACKEND_CA\"", "");
     let dir = agent.dir.clone();
     let (ca, cert, key) = server_pki(&dir);
     let log = std::fs::File::create(dir.join("server.log")).unwrap();
@@ -650,18 +640,7 @@ fn conformance_suite_passes_through_airlock_as_it_does_direct() {
         .replace("BACKEND_CA", ca.to_str().unwrap());
     std::fs::write(&agent.config, config).unwrap();
     agent.spawn();
-    let bundle = dir.join("airlock-ca.pem");
-    std::fs::write(
-        &bundle,
-        airlock_out(&[
-            "ca",
-            "show",
-            "--pem",
-            "--config",
-            agent.config.to_str().unwrap(),
-        ]),
-    )
-    .unwrap();
+    let bundle = airlock_ca_bundle(&agent);
     let url = format!("https://{HOST}:{port}/mcp");
 
     let (ok, out) = conformance(None, &dir, &ca, &url, "direct");
@@ -745,6 +724,48 @@ fn probe(cg: &TestCgroup, dir: &Path, ca: &Path, url: &str, sni: &str) -> Value 
     })
 }
 
+/// A cgroup and a prepared (not yet started) agent with one backend `backend` on a free
+/// port of `HOST`, served on 127.0.0.1; `backend_extra` lines go into its `[[backend]]`,
+/// `top` at the top level. Returns the port too.
+fn local_backend_agent(
+    name: &str,
+    backend: &str,
+    backend_extra: &str,
+    top: &str,
+) -> (TestCgroup, Agent, u16) {
+    let name = unique(name);
+    let cg = TestCgroup::new(&name);
+    let port = free_port();
+    let agent = Agent::prepare(
+        &cg,
+        &name,
+        &format!(
+            "[[backend]]\nname = \"{backend}\"\nhost = \"{HOST}\"\nport = {port}\naddresses = [\"127.0.0.1\"]\n{backend_extra}\n"
+        ),
+        top,
+        None,
+    );
+    (cg, agent, port)
+}
+
+/// Airlock's CA bundle for the clients (`airlock ca show --pem`), written in the agent's
+/// directory.
+fn airlock_ca_bundle(agent: &Agent) -> PathBuf {
+    let bundle = agent.dir.join("airlock-ca.pem");
+    std::fs::write(
+        &bundle,
+        airlock_out(&[
+            "ca",
+            "show",
+            "--pem",
+            "--config",
+            agent.config.to_str().unwrap(),
+        ]),
+    )
+    .unwrap();
+    bundle
+}
+
 /// An agent for one Python SDK server; `backend_extra` is appended to its `[[backend]]`.
 fn tls_setup(
     name: &str,
@@ -775,18 +796,7 @@ fn tls_setup_full(
     if !privileged() {
         return None;
     }
-    let name = unique(name);
-    let cg = TestCgroup::new(&name);
-    let port = free_port();
-    let mut agent = Agent::prepare(
-        &cg,
-        &name,
-        &format!(
-            "[[backend]]\nname = \"tools\"\nhost = \"{HOST}\"\nport = {port}\naddresses = [\"127.0.0.1\"]\n{backend_extra}\n"
-        ),
-        top,
-        None,
-    );
+    let (cg, mut agent, port) = local_backend_agent(name, "tools", backend_extra, top);
     let dir = agent.dir.clone();
     let server = PeerServer::start_variant(&dir, port, server.0, true, server.1);
     let config = std::fs::read_to_string(&agent.config)
@@ -795,18 +805,7 @@ fn tls_setup_full(
     std::fs::write(&agent.config, config).unwrap();
     before_spawn(&agent);
     agent.spawn();
-    let bundle = dir.join("airlock-ca.pem");
-    std::fs::write(
-        &bundle,
-        airlock_out(&[
-            "ca",
-            "show",
-            "--pem",
-            "--config",
-            agent.config.to_str().unwrap(),
-        ]),
-    )
-    .unwrap();
+    let bundle = airlock_ca_bundle(&agent);
     Some((cg, agent, server, port, bundle))
 }
 
@@ -1027,18 +1026,8 @@ fn plaintext_backend_and_body_cap() {
     if !privileged() {
         return;
     }
-    let name = unique("plain");
-    let cg = TestCgroup::new(&name);
-    let port = free_port();
-    let mut agent = Agent::prepare(
-        &cg,
-        &name,
-        &format!(
-            "[[backend]]\nname = \"tools\"\nhost = \"{HOST}\"\nport = {port}\ntls = false\naddresses = [\"127.0.0.1\"]\n"
-        ),
-        "max_body_bytes = 4096",
-        None,
-    );
+    let (cg, mut agent, port) =
+        local_backend_agent("plain", "tools", "tls = false", "max_body_bytes = 4096");
     let dir = agent.dir.clone();
     let _server = PeerServer::start_with(&dir, port, "sse", false);
     agent.spawn();
@@ -1453,17 +1442,11 @@ fn brokered_credentials_replace_the_clients() {
         return;
     }
     use std::os::unix::fs::PermissionsExt as _;
-    let name = unique("broker");
-    let cg = TestCgroup::new(&name);
-    let port = free_port();
-    let mut agent = Agent::prepare(
-        &cg,
-        &name,
-        &format!(
-            "[[backend]]\nname = \"tools\"\nhost = \"{HOST}\"\nport = {port}\naddresses = [\"127.0.0.1\"]\nca_file = \"BACKEND_CA\"\ncredentials_file = \"secrets.toml\"\n"
-        ),
+    let (cg, mut agent, port) = local_backend_agent(
+        "broker",
+        "tools",
+        "ca_file = \"BACKEND_CA\"\ncredentials_file = \"secrets.toml\"",
         "",
-        None,
     );
     let dir = agent.dir.clone();
     let _server = PeerServer::start(&dir, port, "json");
@@ -1493,18 +1476,7 @@ fn brokered_credentials_replace_the_clients() {
     assert!(!err.contains("brokered-for-root"));
     std::fs::set_permissions(&secrets, std::fs::Permissions::from_mode(0o600)).unwrap();
     agent.spawn();
-    let bundle = dir.join("airlock-ca.pem");
-    std::fs::write(
-        &bundle,
-        airlock_out(&[
-            "ca",
-            "show",
-            "--pem",
-            "--config",
-            agent.config.to_str().unwrap(),
-        ]),
-    )
-    .unwrap();
+    let bundle = airlock_ca_bundle(&agent);
     let url = format!("https://{HOST}:{port}/mcp");
     // The client presents its own token: stripped, replaced.
     let child = spawn_call_with(
