@@ -355,7 +355,8 @@ fn make_inputs(n: usize) -> Vec<RecordInput> {
                 method: Some("tools/call"),
                 tool: Some(tool),
                 arguments: None,
-                is_request: request,
+                is_call: request,
+                scope_unknown: false,
             };
             let decision = policies.decide(&subject, &msg);
             let body = if request {

@@ -33,7 +33,8 @@ fn main() {
         method: Some("tools/call"),
         tool: Some("read_file"),
         arguments: None,
-        is_request: false,
+        is_call: false,
+        scope_unknown: false,
     };
     let decision = set.decide(&subject, &response);
 
@@ -73,7 +74,8 @@ fn main() {
         method: Some("tools/call"),
         tool: Some("read_file"),
         arguments: Some(&args),
-        is_request: true,
+        is_call: true,
+        scope_unknown: false,
     };
     let n = 200_000u32;
     let start = Instant::now();

@@ -87,7 +87,8 @@ fn write_archive(dir: &Path) {
                 method: Some("tools/call"),
                 tool: Some(tool),
                 arguments: None,
-                is_request: false,
+                is_call: false,
+                scope_unknown: false,
             };
             let decision = policies.decide(&subject, &msg);
             let body = json!({"content": [{"type": "text", "text": format!("reply to {user}@example.com #{i}")}]});
@@ -220,8 +221,13 @@ fn duckdb_reads_the_archive_with_natural_types() {
     );
     assert_eq!(transcript, vec![json!([0]), json!([1]), json!([2])]);
 
+    // The verifier brings the key it trusts (here: the one the test signed with).
+    let pubkey = format!(
+        "runner-7={}",
+        dir.join("archive/_manifest/runner-7.pub").display()
+    );
     let out = Command::new(AIRLOCK)
-        .args(["verify", "--archive"])
+        .args(["verify", "--pubkey", &pubkey, "--archive"])
         .arg(dir.join("archive"))
         .output()
         .unwrap();
@@ -452,8 +458,11 @@ fn responder_sessions_replay_and_evidence() {
     assert!(err.contains("no session `no-such-session`"), "{err}");
 
     let bundle = dir.join("evidence.tar.gz");
+    let pubkey = format!("{a}/_manifest/runner-7.pub");
     let (code, out, err) = run(&[
         "evidence",
+        "--pubkey",
+        &pubkey,
         "--archive",
         a,
         "--from",
@@ -502,9 +511,12 @@ fn responder_sessions_replay_and_evidence() {
         verification.contains("verification of the whole archive: intact"),
         "{verification}"
     );
+    assert!(verification.contains("HEAD host=runner-7 "), "{verification}");
     // A second bundle to the same path is refused rather than overwritten.
     let (code, _, _) = run(&[
         "evidence",
+        "--pubkey",
+        &pubkey,
         "--archive",
         a,
         "--from",

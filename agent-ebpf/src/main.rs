@@ -2,8 +2,13 @@
 //!
 //! - `airlock_conn4` / `airlock_conn6` (cgroup `connect4`/`connect6`) run inside the
 //!   caller's `connect()`. For a TCP socket whose destination is a configured MCP backend they
-//!   record who is calling (pid, tgid, uid, gid, comm, cgroup) and where it meant to go under the
-//!   socket cookie in `AIRLOCK_PENDING`, then rewrite the destination to the agent's listener.
+//!   record who is calling (pid, tgid, uid, gid, comm, cgroup) and where it meant to go in the
+//!   socket's own storage (`AIRLOCK_PENDING`, an SK_STORAGE map: the record dies with the
+//!   socket, so a `connect()` that fails after the hook leaves nothing behind), then rewrite
+//!   the destination to the agent's listener.
+//! - The agent's own upstream sockets are let through: the agent tags each one in
+//!   `AIRLOCK_OWN` (socket storage written from userspace with the socket's fd) before it
+//!   connects. Nothing a client can set on its own socket (a mark, an option) does that.
 //! - `airlock_sockops` runs at `BPF_SOCK_OPS_TCP_CONNECT_CB` (before the SYN, source port
 //!   chosen) and moves the pending record into `AIRLOCK_FLOWS`, keyed by the 4-tuple the agent
 //!   will see from `accept()`.
@@ -13,8 +18,6 @@
 #![no_std]
 #![no_main]
 
-use core::mem::MaybeUninit;
-
 use airlock_common::{
     CONFIG_ENABLED, Config, ConnMeta, Counter, FlowKey, PORT_WORDS, TargetKey, capacity, family,
     port_bit,
@@ -22,14 +25,15 @@ use airlock_common::{
 use aya_ebpf::{
     EbpfContext as _,
     bindings::BPF_SOCK_OPS_TCP_CONNECT_CB,
+    btf_maps::SkStorage,
     helpers::{
         bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
         generated::{
             bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_socket_cookie,
-            bpf_ktime_get_boot_ns,
+            bpf_ktime_get_boot_ns, bpf_sk_storage_delete, bpf_sk_storage_get,
         },
     },
-    macros::{cgroup_sock_addr, map, sock_ops},
+    macros::{btf_map, cgroup_sock_addr, map, sock_ops},
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
     programs::{SockAddrContext, SockOpsContext},
 };
@@ -55,10 +59,15 @@ static TARGETS: HashMap<TargetKey, u32> = HashMap::with_max_entries(capacity::TA
 #[map(name = "AIRLOCK_PORTS")]
 static PORTS: Array<u64> = Array::with_max_entries(PORT_WORDS, 0);
 
-/// A preallocated hash (cheaper to insert into than an LRU): entries leave in sock_ops, and the
-/// agent sweeps the few whose socket never reached the SYN.
-#[map(name = "AIRLOCK_PENDING")]
-static PENDING: HashMap<u64, ConnMeta> = HashMap::with_max_entries(capacity::PENDING, 0);
+/// The caller's record, in the socket's own storage: sock_ops takes it out at the SYN, and a
+/// socket that never gets there frees it when it closes. A local user cannot fill it up.
+#[btf_map(name = "AIRLOCK_PENDING")]
+static PENDING: SkStorage<ConnMeta> = SkStorage::new();
+
+/// Tags of the agent's own upstream sockets (written by the agent, from userspace, keyed by the
+/// socket's fd, before it connects).
+#[btf_map(name = "AIRLOCK_OWN")]
+static OWN: SkStorage<u32> = SkStorage::new();
 
 #[map(name = "AIRLOCK_FLOWS")]
 static FLOWS: LruHashMap<FlowKey, ConnMeta> = LruHashMap::with_max_entries(capacity::FLOWS, 0);
@@ -131,12 +140,12 @@ fn is_tcp(ctx: &SockAddrContext) -> bool {
     true
 }
 
-/// Whether the socket carries the agent's bypass mark (the agent's own upstream connections).
+/// Whether the agent tagged this socket as one of its own upstream connections.
 #[inline(always)]
-fn is_marked(ctx: &SockAddrContext, cfg: &Config) -> bool {
-    // SAFETY: `sk` is a PTR_TO_SOCKET the verifier guarantees non-null in sock_addr programs.
-    let mark = unsafe { (*(*ctx.sock_addr).__bindgen_anon_1.sk).mark };
-    mark == cfg.bypass_mark
+fn is_own(ctx: &SockAddrContext) -> bool {
+    // SAFETY: `sk` of a sock_addr context is never null; a lookup without the create flag only
+    // reads.
+    !unsafe { OWN.get_ptr_mut(ctx) }.is_null()
 }
 
 #[inline(never)]
@@ -157,7 +166,7 @@ fn try_connect4(ctx: &SockAddrContext) -> i32 {
         port,
         _pad: 0,
     };
-    let verdict = redirect_verdict(ctx, cfg, &key, family::IPV4);
+    let verdict = redirect_verdict(ctx, &key, family::IPV4);
     if verdict == Redirect::Go {
         // SAFETY: valid context pointer; the kernel allows writing user_ip4/user_port here.
         unsafe {
@@ -202,7 +211,7 @@ fn try_connect6(ctx: &SockAddrContext) -> i32 {
     } else {
         family::IPV6
     };
-    let verdict = redirect_verdict(ctx, cfg, &key, fam);
+    let verdict = redirect_verdict(ctx, &key, fam);
     if verdict == Redirect::Go {
         // An IPv4-mapped destination goes to the agent's IPv4 listener through the same
         // mapped form; a native IPv6 one to the IPv6 listener.
@@ -249,10 +258,10 @@ impl Redirect {
     }
 }
 
-/// Decide for one destination and, when it is a backend, record the caller under the socket
-/// cookie. Shared by both address families.
+/// Decide for one destination and, when it is a backend, record the caller in the socket's
+/// storage. Shared by both address families.
 #[inline(always)]
-fn redirect_verdict(ctx: &SockAddrContext, cfg: &Config, key: &TargetKey, fam: u16) -> Redirect {
+fn redirect_verdict(ctx: &SockAddrContext, key: &TargetKey, fam: u16) -> Redirect {
     // SAFETY: the map value is plain data; we copy it out immediately.
     let backend_id = match unsafe { TARGETS.get(key) } {
         Some(id) => *id,
@@ -261,8 +270,8 @@ fn redirect_verdict(ctx: &SockAddrContext, cfg: &Config, key: &TargetKey, fam: u
             return Redirect::Pass;
         }
     };
-    if is_marked(ctx, cfg) {
-        count(Counter::SkipMarked);
+    if is_own(ctx) {
+        count(Counter::SkipOwn);
         return Redirect::Pass;
     }
     let pid_tgid = bpf_get_current_pid_tgid();
@@ -275,14 +284,18 @@ fn redirect_verdict(ctx: &SockAddrContext, cfg: &Config, key: &TargetKey, fam: u
             bpf_ktime_get_boot_ns(),
         )
     };
-    // Every field written exactly once, `comm` straight by the helper: zero-initialising it
-    // first costs a byte-by-byte memset loop (the BPF backend does not inline it).
-    let mut slot = MaybeUninit::<ConnMeta>::uninit();
-    let p = slot.as_mut_ptr();
-    // SAFETY: `p` points to our stack slot; every field of ConnMeta (no implicit padding, see
-    // airlock_common's layout tests) is written before `assume_init`; the comm helper writes
-    // all 16 bytes (NUL-padded) or, on failure, we zero them.
-    let meta = unsafe {
+    // SAFETY: `sk` of a sock_addr context is never null; with the create flag the helper
+    // returns the socket's (zeroed, new or reused) record or null when it cannot allocate.
+    let p = unsafe { PENDING.get_or_insert_ptr_mut(ctx, None) };
+    if p.is_null() {
+        // Without a record the agent would reject the connection anyway; refuse it here,
+        // loudly, rather than let it reach the backend unobserved.
+        count(Counter::RefusedNoStorage);
+        return Redirect::Refuse;
+    }
+    // SAFETY: `p` points to this socket's record (map memory the verifier knows the size of);
+    // every field is written.
+    unsafe {
         (*p).orig_addr = key.addr;
         (*p).orig_port = key.port;
         (*p).orig_family = fam;
@@ -301,13 +314,6 @@ fn redirect_verdict(ctx: &SockAddrContext, cfg: &Config, key: &TargetKey, fam: u
         (*p).cgroup_id = cgroup_id;
         (*p).cookie = cookie;
         (*p).connect_ns = connect_ns;
-        slot.assume_init()
-    };
-    if PENDING.insert(&meta.cookie, &meta, 0).is_err() {
-        // Without a record the agent would reject the connection anyway; refuse it here,
-        // loudly, rather than let it reach the backend unobserved.
-        count(Counter::RefusedPendingFull);
-        return Redirect::Refuse;
     }
     Redirect::Go
 }
@@ -317,23 +323,39 @@ fn redirect_verdict(ctx: &SockAddrContext, cfg: &Config, key: &TargetKey, fam: u
 /// run in softirq context.
 #[inline(never)]
 fn record_flow(ctx: &SockOpsContext) {
-    // SAFETY: bpf_get_socket_cookie accepts a sock_ops context.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    // SAFETY: the value is plain data; copied out before the entry is removed.
-    let meta = match unsafe { PENDING.get(&cookie) } {
-        Some(meta) => *meta,
-        None => {
-            count(Counter::FlowNotRedirected);
-            forget_stale_flow(ctx);
-            return;
-        }
-    };
-    let _ = PENDING.remove(&cookie);
-
+    // Read once, plain load (see `flow_key` on the verifier and context pointers).
+    // SAFETY: valid context pointer; `sk` may be null and is checked before use.
+    let sk = unsafe { (*ctx.ops).__bindgen_anon_2.sk };
+    if sk.is_null() {
+        count(Counter::FlowStoreFailed);
+        return;
+    }
+    let map = core::ptr::from_ref(&PENDING).cast_mut().cast();
+    // SAFETY: `sk` is a non-null socket pointer; a lookup without the create flag.
+    let p = unsafe { bpf_sk_storage_get(map, sk.cast(), core::ptr::null_mut(), 0) }
+        .cast::<ConnMeta>();
+    if p.is_null() {
+        count(Counter::FlowNotRedirected);
+        forget_stale_flow(ctx);
+        return;
+    }
+    // SAFETY: `p` is this socket's record; copied out before it is deleted.
+    let meta = unsafe { *p };
+    // SAFETY: as above; the record is consumed exactly once.
+    unsafe { bpf_sk_storage_delete(map, sk.cast()) };
     let Some(key) = flow_key(ctx) else {
         count(Counter::FlowStoreFailed);
         return;
     };
+    // A record left on a socket whose redirected connect() failed, now connecting elsewhere:
+    // not ours to hand over.
+    let Some(cfg) = CONFIG.get(0) else {
+        return;
+    };
+    if key.dst_port != cfg.agent_port {
+        count(Counter::FlowNotRedirected);
+        return;
+    }
     if FLOWS.insert(&key, &meta, 0).is_err() {
         count(Counter::FlowStoreFailed);
         return;

@@ -17,7 +17,7 @@ use crate::{
     archive::{ArchiveWriter, WriterConfig, service::Archive},
     attribution::NameCache,
     cgroup,
-    config::{Config, ConfigError, OnAgentDown, ResolvedTarget},
+    config::{Config, ConfigError, OnAgentDown},
     kernel::{Kernel, KernelSetup},
     proxy::{AgentCounters, Proxy},
     registry::{Registry, rfc3339},
@@ -88,7 +88,11 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     let policies = Arc::new(crate::policy::store::PolicyStore::load(
         &config.policies_dir,
         key,
+        crate::config::shared_backends(&config.backends, &targets),
     )?);
+    for key in &config.deprecated {
+        warn!(key, "this configuration key no longer has any effect; remove it");
+    }
     info!(policy = %policies.current().hash, rules = policies.current().rule_count(), "policies loaded");
     let cgroup = cgroup::resolve(config.cgroup.as_deref())?;
 
@@ -97,16 +101,16 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     let listening_since_ns = boottime_ns().map_err(RunError::Clock)?;
     let listeners = [bind(v4)?, bind(v6)?];
 
-    let kernel = Kernel::start(
+    let (kernel, own) = Kernel::start(
         &KernelSetup {
             bpffs_dir: &config.bpffs_dir,
             cgroup: &cgroup,
             listen_port: config.listen_port,
-            bypass_mark: config.bypass_mark,
             pin_links: config.on_agent_down == OnAgentDown::Block,
         },
         &targets,
     )?;
+    let own = Arc::new(own);
     info!(
         cgroup = %cgroup.display(),
         port = config.listen_port,
@@ -155,12 +159,17 @@ pub async fn run(config: Config) -> Result<(), RunError> {
             source,
         }
     })?;
+    let pins = Arc::new(Mutex::new(pins));
+    let pins_dirty = Arc::new(tokio::sync::Notify::new());
+    let pins_task = tokio::spawn(crate::policy::pins::saver(
+        pins.clone(),
+        pins_dirty.clone(),
+        Duration::from_millis(200),
+    ));
     let pipeline = Arc::new(crate::pipeline::Pipeline {
-        pins: Mutex::new(pins),
-        webhook: config
-            .approval_webhook
-            .clone()
-            .map(|u| (u, config.bypass_mark)),
+        pins: pins.clone(),
+        pins_dirty,
+        webhook: config.approval_webhook.clone().map(|u| (u, own.clone())),
         tool_changes: config.tool_changes,
         credentials,
         policies: policies.clone(),
@@ -184,8 +193,14 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         pipeline,
         tls,
         upstream_pool: Default::default(),
+        own,
+        targets: std::sync::RwLock::new(targets),
+        resources: Arc::new(crate::limits::Limits::new(
+            config.max_connections_per_uid,
+            config.max_inflight_bytes_per_uid,
+            config.max_parsed_bytes,
+        )),
     });
-    let targets = Arc::new(Mutex::new(targets));
     let started_at = SystemTime::now();
 
     let (shutdown_tx, mut shutdown_rx) = mpsc::channel::<&'static str>(4);
@@ -196,7 +211,6 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         })?;
     let admin_task = tokio::spawn(admin::serve(admin_listener, {
         let proxy = proxy.clone();
-        let targets = targets.clone();
         let policies = policies.clone();
         let cgroup = cgroup.display().to_string();
         let shutdown_tx = shutdown_tx.clone();
@@ -291,7 +305,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
                 a.deny(id, peer_uid, Instant::now())
             }),
             Request::Status => {
-                let mut s = status(&proxy, &targets, &cgroup, started_at);
+                let mut s = status(&proxy, &cgroup, started_at);
                 s.agent.policy_hash = Some(policies.current().hash.clone());
                 s.agent.policy_error = policies.last_error();
                 Response::Status(Box::new(s))
@@ -304,8 +318,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
             }
         }
     }));
-    let resolver_task = tokio::spawn(refresh_targets(proxy.clone(), targets.clone()));
-    let sweeper_task = tokio::spawn(sweep_pending(proxy.clone()));
+    let resolver_task = tokio::spawn(refresh_targets(proxy.clone(), policies.clone()));
     let retention_task = tokio::spawn(retention(archive.clone(), config.retention_days));
     let policy_task = tokio::spawn(watch_policies(policies.clone()));
     let accept_tasks: Vec<_> = listeners
@@ -338,7 +351,6 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         t.abort();
     }
     resolver_task.abort();
-    sweeper_task.abort();
     retention_task.abort();
     policy_task.abort();
     let deadline = Instant::now() + config.drain_timeout;
@@ -354,6 +366,17 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     }
     admin_task.abort();
     let _ = std::fs::remove_file(config.admin_socket());
+    // Tool pins changed since the last save go to disk before the agent exits.
+    pins_task.abort();
+    let (path, snapshot) = {
+        let mut p = pins.lock().unwrap_or_else(|p| p.into_inner());
+        (p.path().to_owned(), p.take_snapshot())
+    };
+    if let Some(bytes) = snapshot
+        && let Err(e) = crate::policy::pins::write_atomically(&path, &bytes)
+    {
+        warn!(error = %e, "cannot save the tool pins");
+    }
     // Everything recorded goes into Parquet before the agent exits.
     match archive.close().await {
         Ok(()) => info!("archive flushed"),
@@ -588,8 +611,13 @@ fn session_prefix() -> String {
     format!("c{}", crate::archive::record::hex(&bytes))
 }
 
-/// Re-resolve backend names periodically; a failed lookup keeps the previous addresses.
-async fn refresh_targets(proxy: Arc<Proxy>, current: Arc<Mutex<Vec<ResolvedTarget>>>) {
+/// Re-resolve backend names periodically; a failed lookup keeps the previous addresses, and
+/// so does a change that would make backends share an address in a way the configuration or
+/// the policies do not allow.
+async fn refresh_targets(
+    proxy: Arc<Proxy>,
+    policies: Arc<crate::policy::store::PolicyStore>,
+) {
     if proxy
         .config
         .backends
@@ -604,15 +632,20 @@ async fn refresh_targets(proxy: Arc<Proxy>, current: Arc<Mutex<Vec<ResolvedTarge
         tick.tick().await;
         match proxy.config.resolve().await {
             Ok(fresh) => {
-                let changed = current.lock().map(|c| *c != fresh).unwrap_or(true);
+                let changed = proxy.targets.read().map(|c| *c != fresh).unwrap_or(true);
                 if !changed {
+                    continue;
+                }
+                let shared = crate::config::shared_backends(&proxy.config.backends, &fresh);
+                if let Err(e) = policies.set_shared(shared) {
+                    warn!(error = %e, "new backend addresses refused; keeping the previous ones");
                     continue;
                 }
                 let applied = proxy.kernel.lock().map(|mut k| k.set_targets(&fresh));
                 match applied {
                     Ok(Ok(())) => {
                         info!(targets = fresh.len(), "backend addresses changed");
-                        if let Ok(mut c) = current.lock() {
+                        if let Ok(mut c) = proxy.targets.write() {
                             *c = fresh;
                         }
                     }
@@ -621,7 +654,7 @@ async fn refresh_targets(proxy: Arc<Proxy>, current: Arc<Mutex<Vec<ResolvedTarge
                 }
             }
             Err(e) => {
-                warn!(error = %e, "backend resolution failed; keeping the previous addresses")
+                warn!(error = %e, "backend resolution failed or refused; keeping the previous addresses")
             }
         }
     }
@@ -633,34 +666,7 @@ fn boottime_ns() -> Result<u64, nix::Error> {
         .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
 }
 
-/// Every 10 s, drop kernel records of sockets that never sent their SYN.
-async fn sweep_pending(proxy: Arc<Proxy>) {
-    let mut tick = tokio::time::interval(Duration::from_secs(10));
-    loop {
-        tick.tick().await;
-        let Ok(now_ns) = boottime_ns() else {
-            continue;
-        };
-        let swept = proxy
-            .kernel
-            .lock()
-            .map(|mut k| k.sweep_pending(now_ns))
-            .unwrap_or(0);
-        if swept > 0 {
-            proxy
-                .counters
-                .pending_swept
-                .fetch_add(swept as u64, std::sync::atomic::Ordering::Relaxed);
-        }
-    }
-}
-
-fn status(
-    proxy: &Proxy,
-    targets: &Mutex<Vec<ResolvedTarget>>,
-    cgroup: &str,
-    started_at: SystemTime,
-) -> Status {
+fn status(proxy: &Proxy, cgroup: &str, started_at: SystemTime) -> Status {
     let (live, recent) = proxy.registry.snapshot();
     let live_connections = live.len();
     let kernel_counters = proxy
@@ -673,8 +679,9 @@ fn status(
                 .collect()
         })
         .unwrap_or_default();
-    let targets = targets
-        .lock()
+    let targets = proxy
+        .targets
+        .read()
         .map(|ts| {
             ts.iter()
                 .map(|t| TargetInfo {
@@ -716,6 +723,20 @@ fn status(
             ] {
                 c.insert(k.to_owned(), v.load(std::sync::atomic::Ordering::Relaxed));
             }
+            let p = &proxy.pipeline.counters;
+            for (k, v) in [
+                ("mcp_messages", &p.messages),
+                ("mcp_blocked", &p.blocked),
+                ("mcp_masked_values", &p.masked_values),
+                ("mcp_malformed", &p.malformed),
+                ("mcp_protocol_refused", &p.protocol_refused),
+                ("http_refused", &p.refused_requests),
+                ("answers_refused", &p.refused_answers),
+            ] {
+                c.insert(k.to_owned(), v.load(std::sync::atomic::Ordering::Relaxed));
+            }
+            c.extend(proxy.resources.counters.snapshot());
+            c.extend(proxy.resources.in_use());
             c
         },
         targets,

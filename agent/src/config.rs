@@ -57,8 +57,8 @@ pub struct Config {
     pub listen_port: u16,
     /// bpffs directory for the pinned links and maps.
     pub bpffs_dir: PathBuf,
-    /// `SO_MARK` of the agent's upstream sockets.
-    pub bypass_mark: u32,
+    /// Keys that are accepted but no longer do anything (warned about at start).
+    pub deprecated: Vec<&'static str>,
     pub resolve_interval: Duration,
     pub connect_timeout: Duration,
     pub idle_timeout: Duration,
@@ -84,9 +84,22 @@ pub struct Config {
     pub header_read_timeout: Duration,
     /// A streamed response (SSE) with no byte for this long is closed.
     pub stream_idle_timeout: Duration,
+    /// Deadline for reading a whole request body or JSON response, and for completing one SSE
+    /// event once it has started (slow senders cannot hold memory and tasks for long).
+    pub body_read_timeout: Duration,
+    /// Most intercepted connections one uid may have open at once.
+    pub max_connections_per_uid: usize,
+    /// Most request-body bytes one uid may have in flight (being read or inspected) at once.
+    pub max_inflight_bytes_per_uid: usize,
+    /// Memory budget, all connections together, for parsed JSON (an estimate charged before
+    /// parsing; see `mcp::strict::parsed_size_estimate`).
+    pub max_parsed_bytes: usize,
     pub tool_changes: ToolChanges,
     /// POSTed a JSON description of every call held for approval.
     pub approval_webhook: Option<http::Uri>,
+    /// `sha256:` fingerprints of archive signing keys, by host: what `airlock verify` trusts
+    /// (the keys stored in an archive prove nothing on their own).
+    pub archive_key_fingerprints: std::collections::BTreeMap<String, String>,
     pub backends: Vec<Backend>,
 }
 
@@ -104,6 +117,77 @@ pub struct Backend {
     pub unknown_sni: UnknownSni,
     /// Root-only secrets file: Airlock adds the upstream credential and strips the client's.
     pub credentials_file: Option<PathBuf>,
+    /// Requests that are not MCP and may pass (forwarded and recorded at HTTP level): OAuth
+    /// discovery and the like. Everything else must be JSON-RPC Airlock parsed.
+    pub allow_http: Vec<HttpAllow>,
+}
+
+/// One `allow_http` entry: `"METHOD /path-glob"` (`*` for any method).
+#[derive(Debug, Clone)]
+pub struct HttpAllow {
+    pub text: String,
+    method: Option<http::Method>,
+    path: globset::GlobMatcher,
+}
+
+impl PartialEq for HttpAllow {
+    fn eq(&self, other: &Self) -> bool {
+        self.text == other.text
+    }
+}
+
+impl Eq for HttpAllow {}
+
+impl HttpAllow {
+    pub fn parse(text: &str) -> Result<HttpAllow, String> {
+        let (method, path) = text
+            .trim()
+            .split_once(' ')
+            .ok_or_else(|| format!("`{text}` must be \"METHOD /path\" (e.g. \"GET /.well-known/*\")"))?;
+        let path = path.trim();
+        if !path.starts_with('/') {
+            return Err(format!("`{text}`: the path must start with `/`"));
+        }
+        let method = match method {
+            "*" => None,
+            m => Some(
+                http::Method::from_bytes(m.as_bytes())
+                    .map_err(|_| format!("`{text}`: `{m}` is not an HTTP method"))?,
+            ),
+        };
+        let path = globset::Glob::new(path)
+            .map_err(|e| format!("`{text}`: bad path glob: {e}"))?
+            .compile_matcher();
+        Ok(HttpAllow {
+            text: text.trim().to_owned(),
+            method,
+            path,
+        })
+    }
+
+    /// Whether a request may pass as non-MCP traffic. A path a server could read as another
+    /// (dot segments, encoded separators, backslashes) never matches.
+    pub fn allows(&self, method: &http::Method, path: &str) -> bool {
+        if self.method.as_ref().is_some_and(|m| m != method) {
+            return false;
+        }
+        if !plain_path(path) {
+            return false;
+        }
+        self.path.is_match(path)
+    }
+}
+
+/// A path every server reads the same way: no `.`/`..` segments, no empty segments, no
+/// percent-encoded `/`, `\\` or `.`, no backslash.
+fn plain_path(path: &str) -> bool {
+    let lower = path.to_ascii_lowercase();
+    !(lower.contains("%2f")
+        || lower.contains("%5c")
+        || lower.contains("%2e")
+        || lower.contains('\\')
+        || lower.contains("//")
+        || lower.split('/').any(|seg| seg == "." || seg == ".."))
 }
 
 /// How Airlock handles a backend's connections.
@@ -153,8 +237,9 @@ struct RawConfig {
     listen_port: u16,
     #[serde(default = "defaults::bpffs_dir")]
     bpffs_dir: PathBuf,
-    #[serde(default = "defaults::bypass_mark")]
-    bypass_mark: u32,
+    /// No longer used: the agent's sockets are recognised by socket storage, not a mark.
+    #[serde(default)]
+    bypass_mark: Option<u32>,
     #[serde(default = "defaults::resolve_interval_secs")]
     resolve_interval_secs: u64,
     #[serde(default = "defaults::connect_timeout_secs")]
@@ -185,10 +270,20 @@ struct RawConfig {
     header_read_timeout_secs: u64,
     #[serde(default = "defaults::stream_idle_timeout_secs")]
     stream_idle_timeout_secs: u64,
+    #[serde(default = "defaults::body_read_timeout_secs")]
+    body_read_timeout_secs: u64,
+    #[serde(default = "defaults::max_connections_per_uid")]
+    max_connections_per_uid: usize,
+    #[serde(default = "defaults::max_inflight_bytes_per_uid")]
+    max_inflight_bytes_per_uid: usize,
+    #[serde(default = "defaults::max_parsed_bytes")]
+    max_parsed_bytes: usize,
     #[serde(default = "defaults::tool_changes")]
     tool_changes: ToolChanges,
     #[serde(default)]
     approval_webhook: Option<String>,
+    #[serde(default)]
+    archive_key_fingerprints: std::collections::BTreeMap<String, String>,
     #[serde(default, rename = "backend")]
     backends: Vec<RawBackend>,
 }
@@ -211,6 +306,8 @@ struct RawBackend {
     unknown_sni: UnknownSni,
     #[serde(default)]
     credentials_file: Option<PathBuf>,
+    #[serde(default = "defaults::allow_http")]
+    allow_http: Vec<String>,
 }
 
 mod defaults {
@@ -236,10 +333,6 @@ mod defaults {
     }
     pub fn bpffs_dir() -> PathBuf {
         "/sys/fs/bpf/airlock".into()
-    }
-    /// "ARLK".
-    pub fn bypass_mark() -> u32 {
-        0x4152_4c4b
     }
     pub fn resolve_interval_secs() -> u64 {
         30
@@ -291,6 +384,23 @@ mod defaults {
     }
     pub fn stream_idle_timeout_secs() -> u64 {
         3600
+    }
+    pub fn body_read_timeout_secs() -> u64 {
+        30
+    }
+    pub fn max_connections_per_uid() -> usize {
+        256
+    }
+    pub fn max_inflight_bytes_per_uid() -> usize {
+        64 << 20
+    }
+    pub fn max_parsed_bytes() -> usize {
+        512 << 20
+    }
+    /// OAuth discovery documents (RFC 8414, RFC 9728): the only non-MCP requests that pass by
+    /// default.
+    pub fn allow_http() -> Vec<String> {
+        vec!["GET /.well-known/*".into(), "HEAD /.well-known/*".into()]
     }
     pub fn tool_changes() -> super::ToolChanges {
         super::ToolChanges::Alert
@@ -351,7 +461,23 @@ impl Config {
                 });
             }
         }
-        Ok(targets.into_iter().collect())
+        let targets: Vec<ResolvedTarget> = targets.into_iter().collect();
+        check_shared_addresses(&self.backends, &targets).map_err(|(key, message)| ConfigError {
+            path: self.path.clone(),
+            key: Some(key),
+            message,
+        })?;
+        Ok(targets)
+    }
+
+    /// The backends a connection to `addr` may be for: every backend that has `addr` among its
+    /// (current) addresses.
+    pub fn owners(targets: &[ResolvedTarget], addr: SocketAddr) -> impl Iterator<Item = usize> + '_ {
+        let addr = SocketAddr::new(crate::keys::canonical_ip(addr.ip()), addr.port());
+        targets
+            .iter()
+            .filter(move |t| t.addr == addr)
+            .map(|t| t.backend_id as usize)
     }
 
     pub fn admin_socket(&self) -> PathBuf {
@@ -375,6 +501,72 @@ async fn resolve_host(host: &str, port: u16) -> Result<Vec<IpAddr>, String> {
         return Err(format!("`{host}` resolved to no address"));
     }
     Ok(ips.into_iter().collect())
+}
+
+/// Backends may share an address and port only when nothing but their name and host tells
+/// them apart: the same mode, TLS, SNI handling, brokered credentials and allowed HTTP (the
+/// policy set is checked against shared addresses too, see `policy::PolicySet`). Otherwise
+/// which one a connection meets would decide how it is judged. Plaintext backends can never
+/// share (nothing but the client's `Host` claim would tell them apart).
+fn check_shared_addresses(
+    backends: &[Backend],
+    targets: &[ResolvedTarget],
+) -> Result<(), (String, String)> {
+    let mut by_addr: std::collections::BTreeMap<SocketAddr, Vec<usize>> = Default::default();
+    for t in targets {
+        by_addr.entry(t.addr).or_default().push(t.backend_id as usize);
+    }
+    for (addr, ids) in by_addr {
+        let mut ids = ids;
+        ids.sort_unstable();
+        ids.dedup();
+        let Some((&first, rest)) = ids.split_first() else {
+            continue;
+        };
+        let a = &backends[first];
+        for &other in rest {
+            let b = &backends[other];
+            let differs = if !(a.tls && b.tls) {
+                Some("they are not both `tls = true` (only a TLS server name can tell them apart)")
+            } else if a.mode != b.mode {
+                Some("their `mode` differs")
+            } else if a.unknown_sni != b.unknown_sni {
+                Some("their `unknown_sni` differs")
+            } else if a.credentials_file != b.credentials_file {
+                Some("their `credentials_file` differs")
+            } else if a.allow_http != b.allow_http {
+                Some("their `allow_http` differs")
+            } else {
+                None
+            };
+            if let Some(why) = differs {
+                return Err((
+                    format!("backend[{other}]"),
+                    format!(
+                        "`{}` and `{}` share {addr} but {why}; give them separate addresses or make them alike",
+                        a.name, b.name
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Pairs of backends (by name) that share an address: a policy set must not tell them apart.
+pub fn shared_backends(backends: &[Backend], targets: &[ResolvedTarget]) -> Vec<(String, String)> {
+    let mut pairs = std::collections::BTreeSet::new();
+    for t in targets {
+        for u in targets {
+            if t.addr == u.addr && t.backend_id < u.backend_id {
+                pairs.insert((
+                    backends[t.backend_id as usize].name.clone(),
+                    backends[u.backend_id as usize].name.clone(),
+                ));
+            }
+        }
+    }
+    pairs.into_iter().collect()
 }
 
 fn one_line(s: &str) -> String {
@@ -412,8 +604,9 @@ impl Validator<'_> {
         if raw.listen_port == 0 {
             return Err(self.err("listen_port", "must be between 1 and 65535"));
         }
-        if raw.bypass_mark == 0 {
-            return Err(self.err("bypass_mark", "must not be 0 (0 is every unmarked socket)"));
+        let mut deprecated = Vec::new();
+        if raw.bypass_mark.is_some() {
+            deprecated.push("bypass_mark");
         }
         for (key, value) in [
             ("resolve_interval_secs", raw.resolve_interval_secs),
@@ -427,6 +620,7 @@ impl Validator<'_> {
         for (key, value) in [
             ("header_read_timeout_secs", raw.header_read_timeout_secs),
             ("stream_idle_timeout_secs", raw.stream_idle_timeout_secs),
+            ("body_read_timeout_secs", raw.body_read_timeout_secs),
         ] {
             if value == 0 {
                 return Err(self.err(key, "must be at least 1"));
@@ -458,6 +652,17 @@ impl Validator<'_> {
                 Some(uri)
             }
         };
+        for (host, fp) in &raw.archive_key_fingerprints {
+            let ok = fp
+                .strip_prefix("sha256:")
+                .is_some_and(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()));
+            if !ok {
+                return Err(self.err(
+                    format!("archive_key_fingerprints.{host}"),
+                    "must be `sha256:` and 64 hex digits (as `airlock verify` prints it)",
+                ));
+            }
+        }
         if raw.flush_interval_secs == 0 {
             return Err(self.err("flush_interval_secs", "must be at least 1"));
         }
@@ -477,6 +682,28 @@ impl Validator<'_> {
         };
         if raw.max_connections == 0 {
             return Err(self.err("max_connections", "must be at least 1"));
+        }
+        if raw.max_connections_per_uid == 0 {
+            return Err(self.err("max_connections_per_uid", "must be at least 1"));
+        }
+        if raw.max_inflight_bytes_per_uid < raw.max_body_bytes {
+            return Err(self.err(
+                "max_inflight_bytes_per_uid",
+                format!(
+                    "must be at least `max_body_bytes` ({}), or no request of the largest size could be read",
+                    raw.max_body_bytes
+                ),
+            ));
+        }
+        let largest = raw.max_body_bytes.max(raw.max_sse_event_bytes);
+        if raw.max_parsed_bytes < crate::mcp::strict::parsed_size_estimate_bound(largest) {
+            return Err(self.err(
+                "max_parsed_bytes",
+                format!(
+                    "must be at least {} for bodies of `max_body_bytes`/`max_sse_event_bytes` ({largest}) to be parsed",
+                    crate::mcp::strict::parsed_size_estimate_bound(largest)
+                ),
+            ));
         }
         if raw.recent_connections < 1000 {
             return Err(self.err(
@@ -532,10 +759,10 @@ impl Validator<'_> {
                         ),
                     ));
                 }
-                if !endpoints.insert((ip, b.port)) {
+                if !endpoints.insert((i, ip, b.port)) {
                     return Err(self.err(
                         format!("backend[{i}].addresses[{j}]"),
-                        format!("{ip} port {} belongs to two backends", b.port),
+                        format!("{ip} is listed twice"),
                     ));
                 }
                 addresses.push(ip);
@@ -556,7 +783,15 @@ impl Validator<'_> {
                 }
                 None => None,
             };
+            let mut allow_http = Vec::with_capacity(b.allow_http.len());
+            for (j, text) in b.allow_http.iter().enumerate() {
+                allow_http.push(
+                    HttpAllow::parse(text)
+                        .map_err(|m| self.err(format!("backend[{i}].allow_http[{j}]"), m))?,
+                );
+            }
             backends.push(Backend {
+                allow_http,
                 name: b.name,
                 host: b.host,
                 port: b.port,
@@ -569,6 +804,17 @@ impl Validator<'_> {
             });
         }
         let cgroup = raw.cgroup.map(|p| self.absolute(p));
+        let static_targets: Vec<ResolvedTarget> = backends
+            .iter()
+            .enumerate()
+            .flat_map(|(id, b)| {
+                b.addresses.iter().map(move |ip| ResolvedTarget {
+                    backend_id: id as u32,
+                    addr: SocketAddr::new(*ip, b.port),
+                })
+            })
+            .collect();
+        check_shared_addresses(&backends, &static_targets).map_err(|(key, m)| self.err(key, m))?;
         Ok(Config {
             path: self.absolute(self.path.to_owned()),
             state_dir: self.absolute(raw.state_dir),
@@ -578,7 +824,7 @@ impl Validator<'_> {
             on_agent_down: raw.on_agent_down,
             listen_port: raw.listen_port,
             bpffs_dir,
-            bypass_mark: raw.bypass_mark,
+            deprecated,
             resolve_interval: Duration::from_secs(raw.resolve_interval_secs),
             connect_timeout: Duration::from_secs(raw.connect_timeout_secs),
             idle_timeout: Duration::from_secs(raw.idle_timeout_secs),
@@ -594,8 +840,17 @@ impl Validator<'_> {
             max_sse_event_bytes: raw.max_sse_event_bytes,
             header_read_timeout: Duration::from_secs(raw.header_read_timeout_secs),
             stream_idle_timeout: Duration::from_secs(raw.stream_idle_timeout_secs),
+            body_read_timeout: Duration::from_secs(raw.body_read_timeout_secs),
+            max_connections_per_uid: raw.max_connections_per_uid,
+            max_inflight_bytes_per_uid: raw.max_inflight_bytes_per_uid,
+            max_parsed_bytes: raw.max_parsed_bytes,
             tool_changes: raw.tool_changes,
             approval_webhook,
+            archive_key_fingerprints: raw
+                .archive_key_fingerprints
+                .into_iter()
+                .map(|(h, f)| (h, f.to_ascii_lowercase()))
+                .collect(),
             backends,
         })
     }
@@ -670,7 +925,12 @@ mod tests {
             (minimal("on_agent_down = \"maybe\"", ""), "on_agent_down"),
             (minimal("listen_port = 0", ""), "listen_port"),
             (minimal("listen_port = 70000", ""), "listen_port"),
-            (minimal("bypass_mark = 0", ""), "bypass_mark"),
+            (minimal("body_read_timeout_secs = 0", ""), "body_read_timeout_secs"),
+            (minimal("max_connections_per_uid = 0", ""), "max_connections_per_uid"),
+            (minimal("max_inflight_bytes_per_uid = 2048", ""), "max_inflight_bytes_per_uid"),
+            (minimal("max_parsed_bytes = 4096", ""), "max_parsed_bytes"),
+            (minimal("", "allow_http = [\"GET\"]"), "backend[0].allow_http[0]"),
+            (minimal("", "allow_http = [\"G@T /x\"]"), "backend[0].allow_http[0]"),
             (minimal("idle_timeout_secs = 0", ""), "idle_timeout_secs"),
             (minimal("recent_connections = 10", ""), "recent_connections"),
             (minimal("recording = \"lazy\"", ""), "recording"),

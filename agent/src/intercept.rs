@@ -137,7 +137,7 @@ impl Proxy {
                 seq,
             );
             return self
-                .serve_http(client, ctx, pool_key, first_upstream, None, guard)
+                .serve_http(client, ctx, backend, pool_key, first_upstream, None, guard)
                 .await;
         }
 
@@ -148,7 +148,7 @@ impl Proxy {
         let hello = tls::read_client_hello(&mut client, MAX_CLIENT_HELLO, timeout).await?;
         let (backend_id, backend): (usize, &Backend) = match hello.sni.as_deref() {
             None => (backend_id, backend),
-            Some(sni) => match self.backend_for_sni(sni, backend_id) {
+            Some(sni) => match self.backend_for_sni(sni, backend_id, original) {
                 Some(found) => found,
                 None => {
                     return match backend.unknown_sni {
@@ -174,7 +174,7 @@ impl Proxy {
                             ))
                         }
                         UnknownSni::Reject => Err(format!(
-                            "SNI `{sni}` is not a configured backend on {original} (`unknown_sni = \"reject\"`)"
+                            "SNI `{sni}` names no backend at {original}, the address the client connected to (`unknown_sni = \"reject\"`)"
                         )),
                     };
                 }
@@ -225,16 +225,18 @@ impl Proxy {
             hello.sni.clone(),
             seq,
         );
-        self.serve_http(stream, ctx, pool_key, first_upstream, tls_pair, guard)
+        self.serve_http(stream, ctx, backend, pool_key, first_upstream, tls_pair, guard)
             .await
     }
 
     /// HTTP on the (decrypted) client stream until it closes; then the connection's session
     /// ends and its idle upstream connection goes to the pool.
+    #[allow(clippy::too_many_arguments)]
     async fn serve_http<S>(
         self: &Arc<Self>,
         io: S,
         ctx: ConnCtx,
+        backend: &Backend,
         pool_key: http::PoolKey,
         first_upstream: tokio::task::JoinHandle<Result<UpstreamSender, String>>,
         tls: Option<(Arc<rustls::ClientConfig>, ServerName<'static>)>,
@@ -253,6 +255,8 @@ impl Proxy {
             pipeline: self.pipeline.clone(),
             limits: self.limits(),
             upstream: tokio::sync::Mutex::new(UpstreamSlot::new(first_upstream, Box::new(dialer))),
+            backend: Arc::new(backend.clone()),
+            resources: self.resources.clone(),
         });
         guard.set_state(crate::registry::ConnState::Open);
         let served = http::serve(io, conn.clone()).await;
@@ -293,20 +297,30 @@ impl Proxy {
         }
     }
 
-    /// The backend a TLS client asked for by name: the one the kernel matched, or another on
-    /// the same port with that host name (shared addresses).
-    fn backend_for_sni(&self, sni: &str, kernel_choice: usize) -> Option<(usize, &Backend)> {
+    /// The backend a TLS client asked for by name: the one the kernel matched, or another
+    /// that has the original destination among its addresses (backends sharing an address).
+    /// A name is honoured only for the backends of the address the client connected to: a SNI
+    /// naming a backend elsewhere (a wildcard certificate would let the handshake succeed) is
+    /// not a way to be judged, and brokered, as that backend. Case and a trailing dot do not
+    /// count.
+    fn backend_for_sni(
+        &self,
+        sni: &str,
+        kernel_choice: usize,
+        original: std::net::SocketAddr,
+    ) -> Option<(usize, &Backend)> {
         let backends = &self.config.backends;
-        let port = backends.get(kernel_choice)?.port;
-        let matches = |b: &Backend| {
-            b.tls && b.port == port && b.host.trim_end_matches('.').eq_ignore_ascii_case(sni)
-        };
+        let wanted = sni.trim_end_matches('.');
+        let matches = |b: &Backend| b.tls && b.host.trim_end_matches('.').eq_ignore_ascii_case(wanted);
         if let Some(b) = backends.get(kernel_choice)
             && matches(b)
         {
             return Some((kernel_choice, b));
         }
-        backends.iter().enumerate().find(|(_, b)| matches(b))
+        let targets = self.targets.read().ok()?;
+        crate::config::Config::owners(&targets, original)
+            .filter_map(|id| Some((id, backends.get(id)?)))
+            .find(|(_, b)| matches(b))
     }
 
     pub fn limits(&self) -> http::Limits {
@@ -315,6 +329,7 @@ impl Proxy {
             max_sse_event: self.config.max_sse_event_bytes,
             header_read_timeout: self.config.header_read_timeout,
             stream_idle_timeout: self.config.stream_idle_timeout,
+            body_read_timeout: self.config.body_read_timeout,
         }
     }
 }

@@ -19,8 +19,8 @@ use std::{
 };
 
 use airlock_common::{
-    ABI_VERSION, CONFIG_ENABLED, ConnMeta, Counter, FlowKey, PORT_WORDS, TargetKey, capacity,
-    names, port_bit,
+    ABI_VERSION, CONFIG_ENABLED, ConnMeta, Counter, FlowKey, PORT_WORDS, TargetKey, names,
+    port_bit,
 };
 use aya::{
     Ebpf, EbpfLoader,
@@ -92,7 +92,6 @@ pub struct Kernel {
     ports: Array<MapData, u64>,
     /// What `ports` holds, so a change writes only the words that differ.
     ports_shadow: Vec<u64>,
-    pending: BpfHashMap<MapData, u64, ConnMeta>,
     /// An LRU hash in the kernel; aya reads it through its `HashMap`.
     flows: BpfHashMap<MapData, FlowKey, ConnMeta>,
     counters: PerCpuArray<MapData, u64>,
@@ -103,7 +102,6 @@ pub struct KernelSetup<'a> {
     pub bpffs_dir: &'a Path,
     pub cgroup: &'a Path,
     pub listen_port: u16,
-    pub bypass_mark: u32,
     /// Pin the links (fail closed when the agent is down) or not (bypass).
     pub pin_links: bool,
 }
@@ -115,7 +113,7 @@ impl Kernel {
     pub fn start(
         setup: &KernelSetup<'_>,
         targets: &[ResolvedTarget],
-    ) -> Result<Kernel, KernelError> {
+    ) -> Result<(Kernel, OwnSockets), KernelError> {
         ensure_bpffs(setup.bpffs_dir)?;
         let maps_dir = maps_dir(setup.bpffs_dir);
         let links_dir = setup.bpffs_dir.join("links");
@@ -142,7 +140,6 @@ impl Kernel {
             agent_ip6: keys::kernel_ip6(Ipv6Addr::LOCALHOST),
             agent_port: setup.listen_port,
             _pad: 0,
-            bypass_mark: setup.bypass_mark,
             enabled: CONFIG_ENABLED,
         };
         config.set(0, cfg, 0).map_err(|source| KernelError::Map {
@@ -155,7 +152,17 @@ impl Kernel {
         let ports_shadow = (0..PORT_WORDS)
             .map(|i| ports.get(&i, 0).unwrap_or(0))
             .collect();
-        let pending = take_map(&mut ebpf, names::PENDING)?;
+        // The map object stays with the programs (its fd must outlive their loading); the
+        // agent tags sockets through a duplicate of the fd.
+        let own = match ebpf.map(names::OWN) {
+            Some(aya::maps::Map::SkStorage(data)) => OwnSockets {
+                map: data.fd().as_fd().try_clone_to_owned().map_err(|e| KernelError::Bpffs {
+                    path: maps_dir.join(names::OWN),
+                    message: format!("cannot duplicate the map fd: {e}"),
+                })?,
+            },
+            _ => return Err(KernelError::Missing(names::OWN)),
+        };
         let flows = take_map(&mut ebpf, names::FLOWS)?;
         let counters = take_map(&mut ebpf, names::COUNTERS)?;
         let mut kernel = Kernel {
@@ -164,7 +171,6 @@ impl Kernel {
             targets: targets_map,
             ports,
             ports_shadow,
-            pending,
             flows,
             counters,
         };
@@ -198,7 +204,8 @@ impl Kernel {
             // Bypass mode keeps nothing in bpffs: when the agent goes, everything goes.
             remove_pins(setup.bpffs_dir);
         }
-        Ok(kernel)
+        remove_old_maps(setup.bpffs_dir);
+        Ok((kernel, own))
     }
 
     /// Load one program into the kernel (the verifier runs here) and return a duplicate of its
@@ -355,24 +362,6 @@ impl Kernel {
         Ok(())
     }
 
-    /// Remove pending records whose socket never reached its SYN (connect() failed early):
-    /// the pending map is preallocated and would otherwise fill up. Returns how many.
-    pub fn sweep_pending(&mut self, now_boot_ns: u64) -> usize {
-        let stale: Vec<u64> = self
-            .pending
-            .iter()
-            .filter_map(Result::ok)
-            .filter(|(_, meta)| {
-                now_boot_ns.saturating_sub(meta.connect_ns) > capacity::PENDING_MAX_AGE_NS
-            })
-            .map(|(cookie, _)| cookie)
-            .collect();
-        stale
-            .iter()
-            .filter(|c| self.pending.remove(c).is_ok())
-            .count()
-    }
-
     /// Take the kernel's record of an accepted connection (it is removed: one accept, one use).
     pub fn take_flow(&mut self, key: &FlowKey) -> Option<ConnMeta> {
         let meta = self.flows.get(key, 0).ok()?;
@@ -413,6 +402,36 @@ fn bpffs_io(path: &Path) -> impl Fn(io::Error) -> KernelError + '_ {
 
 fn maps_dir(bpffs_dir: &Path) -> PathBuf {
     bpffs_dir.join(format!("maps-v{ABI_VERSION}"))
+}
+
+/// Maps pinned by an agent of an older map layout: no program uses them once the links run
+/// this agent's programs.
+fn remove_old_maps(bpffs_dir: &Path) {
+    for old in 1..ABI_VERSION {
+        let dir = bpffs_dir.join(format!("maps-v{old}"));
+        if let Ok(entries) = fs::read_dir(&dir) {
+            for pin in entries.flatten() {
+                let _ = fs::remove_file(pin.path());
+            }
+            if fs::remove_dir(&dir).is_ok() {
+                info!(dir = %dir.display(), "removed the maps of an older agent");
+            }
+        }
+    }
+}
+
+/// The agent's handle on `AIRLOCK_OWN`: it tags each of its own upstream sockets before
+/// connecting, and the connect programs let tagged sockets through. The tag lives in the
+/// socket (socket storage) and goes with it; only holders of the map (root) can write it.
+pub struct OwnSockets {
+    map: OwnedFd,
+}
+
+impl OwnSockets {
+    /// Tag `socket` as the agent's own (before its `connect()`).
+    pub fn tag(&self, socket: std::os::fd::BorrowedFd<'_>) -> io::Result<()> {
+        sys::sk_storage_set(self.map.as_fd(), socket, 1)
+    }
 }
 
 /// Whether pinned links exist, i.e. the programs are attached and fail closed.
@@ -495,7 +514,8 @@ fn ensure_bpffs(dir: &Path) -> Result<(), KernelError> {
     Ok(())
 }
 
-/// The three `bpf()` commands aya 0.14 does not expose for cgroup links.
+/// The `bpf()` commands aya 0.14 does not expose (cgroup links; a socket storage write that
+/// needs no lock on the map object).
 mod sys {
     use super::*;
     use aya_obj::generated::{bpf_attr, bpf_cmd};
@@ -541,6 +561,23 @@ mod sys {
         attr.link_update.link_fd = link.as_raw_fd() as u32;
         attr.link_update.__bindgen_anon_1.new_prog_fd = prog.as_raw_fd() as u32;
         bpf(bpf_cmd::BPF_LINK_UPDATE, &mut attr).map(drop)
+    }
+
+    /// Set a socket storage value from userspace (`BPF_MAP_UPDATE_ELEM`, the socket's fd as
+    /// the key).
+    pub fn sk_storage_set(
+        map: std::os::fd::BorrowedFd<'_>,
+        socket: std::os::fd::BorrowedFd<'_>,
+        value: u32,
+    ) -> io::Result<()> {
+        let key: i32 = socket.as_raw_fd();
+        // SAFETY: as above; `key` and `value` outlive the call.
+        let mut attr: bpf_attr = unsafe { std::mem::zeroed() };
+        attr.__bindgen_anon_2.map_fd = map.as_raw_fd() as u32;
+        attr.__bindgen_anon_2.key = (&raw const key) as u64;
+        attr.__bindgen_anon_2.__bindgen_anon_1.value = (&raw const value) as u64;
+        attr.__bindgen_anon_2.flags = 0;
+        bpf(bpf_cmd::BPF_MAP_UPDATE_ELEM, &mut attr).map(drop)
     }
 
     /// Detach a link from its hook whoever else holds it (`BPF_LINK_DETACH`).

@@ -31,6 +31,7 @@ pub mod config;
 pub mod http;
 pub mod intercept;
 pub mod kernel;
+pub mod limits;
 pub mod keys;
 pub mod mcp;
 pub mod pipeline;

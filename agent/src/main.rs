@@ -2,6 +2,7 @@
 
 use std::{path::PathBuf, process::ExitCode};
 
+use airlock::archive::verify::Trust;
 use airlock::{
     admin::{self, Request, Response, Status},
     config::{self, Config, ConfigError},
@@ -43,11 +44,17 @@ enum Command {
     /// Validate the configuration and show the addresses that would be redirected.
     CheckConfig,
     /// Check the archive against its signed manifests: exit 0 when intact, 1 naming every
-    /// modified, truncated, deleted, inserted or reordered file or record.
+    /// modified, truncated, deleted, inserted or reordered file or record, and every host
+    /// whose signing key the verifier does not trust.
     Verify {
         /// Archive directory (default: `archive_dir` of the configuration).
         #[arg(long, value_name = "DIR")]
         archive: Option<PathBuf>,
+        #[command(flatten)]
+        trust: TrustArgs,
+        /// Machine-readable report (heads, problems).
+        #[arg(long)]
+        json: bool,
     },
     /// Sessions in the archive: who, which process, backend, start, duration, counts
     /// (`airlock sessions kill` ends live ones).
@@ -87,6 +94,8 @@ enum Command {
         out: PathBuf,
         #[arg(long, value_name = "DIR")]
         archive: Option<PathBuf>,
+        #[command(flatten)]
+        trust: TrustArgs,
     },
     /// Policy files.
     Policy {
@@ -181,6 +190,20 @@ enum CaCommand {
     },
 }
 
+/// What the verifier trusts (never the key stored in the archive).
+#[derive(clap::Args, Clone, Default)]
+struct TrustArgs {
+    /// A trusted archive public key: `[HOST=]HEX` or `[HOST=]FILE` (repeatable; without
+    /// `HOST=` it applies to every host). Fingerprints pinned in the configuration
+    /// (`archive_key_fingerprints`) and this host's own signing key are trusted too.
+    #[arg(long, value_name = "[HOST=]KEY")]
+    pubkey: Vec<String>,
+    /// The least manifest line a host's chain must reach (from a head kept off-host):
+    /// `HOST=LINE` (repeatable).
+    #[arg(long, value_name = "HOST=LINE")]
+    expect_head: Vec<String>,
+}
+
 #[derive(Subcommand)]
 enum PolicyCommand {
     /// Validate every *.toml in DIR (default: `policies_dir` of the configuration); errors are
@@ -204,8 +227,15 @@ fn main() -> ExitCode {
     {
         return policy_check(dir);
     }
-    if let Command::Verify { archive: Some(dir) } = &cli.command {
-        return verify(dir);
+    if let Command::Verify {
+        archive: Some(dir),
+        trust,
+        json,
+    } = &cli.command
+    {
+        // A configuration, when there is one, adds pinned fingerprints and this host's key.
+        let config = Config::load(&cli.config).ok();
+        return verify(dir, trust, config.as_ref(), *json);
     }
     // Responder commands given `--archive` work without a configuration file.
     match &cli.command {
@@ -235,7 +265,11 @@ fn main() -> ExitCode {
             from,
             to,
             out,
-        } => return evidence(dir, None, from, to, out),
+            trust,
+        } => {
+            let config = Config::load(&cli.config).ok();
+            return evidence(dir, None, (from, to), (trust, config.as_ref()), out);
+        }
         _ => {}
     }
     let config = match Config::load(&cli.config) {
@@ -268,7 +302,9 @@ fn main() -> ExitCode {
             Command::Policy {
                 command: PolicyCommand::Check { .. },
             } => policy_check(&config.policies_dir),
-            Command::Verify { .. } => verify(&config.archive_dir),
+            Command::Verify { trust, json, .. } => {
+                verify(&config.archive_dir, &trust, Some(&config), json)
+            }
             Command::Sessions {
                 command: Some(SessionsCommand::Kill { user, pid, session }),
                 ..
@@ -289,11 +325,17 @@ fn main() -> ExitCode {
             Command::Replay {
                 session_id, json, ..
             } => replay(&config.archive_dir, &session_id, json),
-            Command::Evidence { from, to, out, .. } => evidence(
+            Command::Evidence {
+                from,
+                to,
+                out,
+                trust,
+                ..
+            } => evidence(
                 &config.archive_dir,
                 Some(&config.policies_dir),
-                &from,
-                &to,
+                (&from, &to),
+                (&trust, Some(&config)),
                 &out,
             ),
             Command::Ca { command } => ca(&config, command),
@@ -414,8 +456,8 @@ fn replay(dir: &std::path::Path, session: &str, json: bool) -> ExitCode {
 fn evidence(
     dir: &std::path::Path,
     policies: Option<&std::path::Path>,
-    from: &str,
-    to: &str,
+    (from, to): (&str, &str),
+    (trust, config): (&TrustArgs, Option<&Config>),
     out: &std::path::Path,
 ) -> ExitCode {
     let (from, to) = match (parse_time("--from", from), parse_time("--to", to)) {
@@ -426,7 +468,14 @@ fn evidence(
         }
         (Err(code), _) | (_, Err(code)) => return code,
     };
-    match airlock::archive::responder::evidence(dir, policies, from, to, out) {
+    let trust = match Trust::build(&trust.pubkey, &trust.expect_head, config) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("airlock: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match airlock::archive::responder::evidence(dir, policies, (from, to), &trust, out) {
         Ok(report) => {
             println!("wrote {}", out.display());
             if report.intact() {
@@ -444,8 +493,39 @@ fn evidence(
     }
 }
 
-fn verify(dir: &std::path::Path) -> ExitCode {
-    let report = airlock::archive::verify::verify(dir);
+fn verify(
+    dir: &std::path::Path,
+    trust: &TrustArgs,
+    config: Option<&Config>,
+    json: bool,
+) -> ExitCode {
+    let trust = match Trust::build(&trust.pubkey, &trust.expect_head, config) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("airlock: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let report = airlock::archive::verify::verify(dir, &trust);
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "archive": dir.display().to_string(),
+                "intact": report.intact(),
+                "files_checked": report.files_checked,
+                "records_checked": report.records_checked,
+                "retained_deletions": report.retained_deletions,
+                "heads": report.heads,
+                "problems": report.problems,
+            })
+        );
+        return if report.intact() {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        };
+    }
     println!(
         "{}: {} host(s), {} file(s), {} record(s) checked, {} file(s) removed by retention",
         dir.display(),
@@ -454,6 +534,9 @@ fn verify(dir: &std::path::Path) -> ExitCode {
         report.records_checked,
         report.retained_deletions
     );
+    for h in &report.heads {
+        println!("{}", airlock::archive::verify::head_line(h));
+    }
     if report.intact() {
         println!("intact");
         return ExitCode::SUCCESS;

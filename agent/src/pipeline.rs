@@ -30,7 +30,7 @@ use crate::{
     attribution::{Attribution, NameCache},
     mcp::{
         jsonrpc::{self, Kind, code},
-        session::{Pending, SessionKey, Sessions},
+        session::{ExpectError, Pending, SessionKey, Sessions},
     },
     policy::{self, Direction, MaskCounts, RecordLevel, Subject, Verdict, store::PolicyStore},
 };
@@ -169,6 +169,36 @@ pub struct Msg {
     /// The message's text as received, when it came alone (one message per body or event):
     /// recorded as is when nothing was masked, saving a serialisation.
     pub raw: Option<Bytes>,
+    /// The client request whose response stream carries this (server→client) message.
+    pub origin: Option<Origin>,
+}
+
+/// The request a response stream answers: what the messages on it belong to.
+#[derive(Debug, Clone)]
+pub struct Origin {
+    pub method: String,
+    pub tool: Option<String>,
+}
+
+/// What a message belongs to (see [`Pipeline::correlate`]).
+struct Scope {
+    method: Option<String>,
+    tool: Option<String>,
+    latency_us: Option<u64>,
+    known: bool,
+}
+
+/// The task id of a `tools/call` result that started a task: `result.task.taskId`
+/// (2025-11-25), or a flat `result.taskId` with `resultType = "task"` (the 2026-07-28 tasks
+/// extension).
+fn started_task(value: &Value) -> Option<&str> {
+    let result = value.get("result")?;
+    if let Some(id) = result.get("task").and_then(|t| t.get("taskId")) {
+        return id.as_str();
+    }
+    (result.get("resultType")?.as_str()? == "task")
+        .then(|| result.get("taskId")?.as_str())
+        .flatten()
 }
 
 /// What to do with a message.
@@ -189,6 +219,8 @@ pub enum Outcome {
 pub enum PipelineError {
     #[error("the archive cannot record this message: {0}")]
     Archive(String),
+    #[error("not a valid JSON-RPC message: {0}")]
+    Invalid(String),
 }
 
 /// The stages, shared by every connection.
@@ -198,10 +230,13 @@ pub struct Pipeline {
     pub sessions: Arc<Sessions>,
     pub host: String,
     pub counters: PipelineCounters,
-    /// Where pending approvals are announced (`approval_webhook`), with the bypass mark.
-    pub webhook: Option<(http::Uri, u32)>,
+    /// Where pending approvals are announced (`approval_webhook`), from the agent's own
+    /// (tagged) sockets.
+    pub webhook: Option<(http::Uri, Arc<crate::kernel::OwnSockets>)>,
     /// First-seen tool definitions (`state_dir/tool-pins.json`) and what a change does.
-    pub pins: Mutex<crate::policy::pins::ToolPins>,
+    pub pins: Arc<Mutex<crate::policy::pins::ToolPins>>,
+    /// Wakes the task that saves the pins (off the request path, batched).
+    pub pins_dirty: Arc<tokio::sync::Notify>,
     pub tool_changes: crate::config::ToolChanges,
     /// Brokered upstream credentials by backend name (`credentials_file`).
     pub credentials: std::collections::HashMap<String, crate::policy::credentials::Credentials>,
@@ -221,6 +256,12 @@ pub struct PipelineCounters {
     pub blocked: AtomicU64,
     pub masked_values: AtomicU64,
     pub malformed: AtomicU64,
+    /// Requests refused for their id: already waiting in the session, or the session full.
+    pub protocol_refused: AtomicU64,
+    /// HTTP requests refused before any message was read (Host, size, encoding, limits).
+    pub refused_requests: AtomicU64,
+    /// Server answers not passed on (content type, encoding, not JSON-RPC, bad events).
+    pub refused_answers: AtomicU64,
 }
 
 impl Pipeline {
@@ -233,27 +274,19 @@ impl Pipeline {
             session,
             mcp_session_id,
             raw,
+            origin,
         } = msg;
-        let kind = jsonrpc::classify(&value).unwrap_or(Kind::Notification);
+        // Callers hand over validated messages only; a message that is not is refused here too.
+        let kind = jsonrpc::validate(&value).map_err(|e| PipelineError::Invalid(e.0))?;
         let id_text = jsonrpc::id_text(&value);
-        // Correlate: a request is remembered, a response finds its request.
-        let (method, tool, latency_us) = match kind {
-            Kind::Request | Kind::Notification => (
-                jsonrpc::method(&value).map(str::to_owned),
-                jsonrpc::tool(&value).map(str::to_owned),
-                None,
-            ),
-            Kind::Response | Kind::Error => {
-                let request_c2s = direction == Direction::ServerToClient;
-                match id_text
-                    .as_deref()
-                    .and_then(|id| self.sessions.answer(&session, request_c2s, id))
-                {
-                    Some((p, took)) => (Some(p.method), p.tool, Some(took.as_micros() as u64)),
-                    None => (None, None, None),
-                }
-            }
-        };
+        let c2s = direction == Direction::ClientToServer;
+        let scope = self.correlate(kind, direction, &value, &session, id_text.as_deref(), origin);
+        let Scope {
+            method,
+            tool,
+            latency_us,
+            known,
+        } = scope;
         if method.as_deref() == Some("initialize") && kind == Kind::Request {
             let params = value.get("params");
             let version = params
@@ -266,11 +299,45 @@ impl Pipeline {
                 i.client_info = client_info;
             });
         }
+        // A request's id must be free in its session: it is taken now, before anything can
+        // wait (an approval), and given back if the request is not forwarded.
+        let mut protocol_refusal: Option<(i64, String, &'static str)> = None;
+        let mut reserved: Option<String> = None;
+        if kind == Kind::Request
+            && let (Some(id), Some(m)) = (&id_text, &method)
+        {
+            let pending = Pending {
+                method: m.clone(),
+                tool: tool.clone(),
+                started: Instant::now(),
+            };
+            match self.sessions.expect(&session, c2s, id.clone(), pending) {
+                Ok(()) => reserved = Some(id.clone()),
+                Err(e) if c2s => {
+                    self.counters.protocol_refused.fetch_add(1, Ordering::Relaxed);
+                    let (code, rule) = match e {
+                        ExpectError::Duplicate => (code::INVALID_REQUEST, "airlock:duplicate_id"),
+                        ExpectError::Full => (code::UNAVAILABLE, "airlock:pending_full"),
+                    };
+                    protocol_refusal = Some((code, format!("Airlock: {e}"), rule));
+                }
+                // A server reusing an id: the request that had it keeps its entry.
+                Err(_) => {}
+            }
+        }
+        if c2s
+            && kind == Kind::Notification
+            && method.as_deref() == Some("notifications/cancelled")
+            && let Some(request) = value.get("params").and_then(|p| p.get("requestId"))
+        {
+            self.sessions
+                .cancel(&session, true, &jsonrpc::canonical_id(request));
+        }
         let set = self.policies.current();
         let arguments = value
             .get("params")
             .and_then(|p| p.get("arguments"))
-            .filter(|_| kind == Kind::Request);
+            .filter(|_| kind == Kind::Request || kind == Kind::Notification);
         let decision = set.decide(
             &ctx.subject,
             &policy::Message {
@@ -279,7 +346,8 @@ impl Pipeline {
                 method: method.as_deref(),
                 tool: tool.as_deref(),
                 arguments,
-                is_request: kind == Kind::Request,
+                is_call: c2s && matches!(kind, Kind::Request | Kind::Notification),
+                scope_unknown: !known,
             },
         );
         // An approval is bound to the exact call, as the client sent it.
@@ -302,12 +370,13 @@ impl Pipeline {
         };
         let masked: u32 = counts.values().sum();
         // Consistent listing: a tool every call of which this caller would be refused is not
-        // listed to it either.
+        // listed to it either. A listing is recognised by its shape, whatever request it
+        // claims to answer.
         let mut hidden = Vec::new();
         let mut pin_alerts: Vec<(String, String, String)> = Vec::new();
+        let mut pins_touched = false;
         if kind == Kind::Response
             && direction == Direction::ServerToClient
-            && method.as_deref() == Some("tools/list")
             && let Some(tools) = value
                 .get_mut("result")
                 .and_then(|r| r.get_mut("tools"))
@@ -318,11 +387,12 @@ impl Pipeline {
             tools.retain(|t| {
                 let name = t.get("name").and_then(Value::as_str).unwrap_or("");
                 match pins.check(&ctx.backend, t) {
-                    Ok(crate::policy::pins::PinCheck::Changed { pinned, seen }) => {
+                    crate::policy::pins::PinCheck::Changed { pinned, seen } => {
                         pin_alerts.push((name.to_owned(), pinned, seen));
+                        pins_touched = true;
                     }
-                    Ok(_) => {}
-                    Err(e) => tracing::warn!(error = %e, "cannot save tool pins"),
+                    crate::policy::pins::PinCheck::New => pins_touched = true,
+                    crate::policy::pins::PinCheck::Unchanged => {}
                 }
                 let visible = set.tool_visible(&ctx.subject, &ctx.backend, name)
                     && !(block_changed && pins.is_changed(&ctx.backend, name));
@@ -331,6 +401,9 @@ impl Pipeline {
                 }
                 visible
             });
+        }
+        if pins_touched {
+            self.pins_dirty.notify_one();
         }
         for (name, pinned, seen) in pin_alerts {
             tracing::warn!(backend = %ctx.backend, tool = %name, "a tool's definition changed since it was pinned");
@@ -356,6 +429,14 @@ impl Pipeline {
                 .await
                 .map_err(|e| PipelineError::Archive(e.to_string()))?;
         }
+        // A `tools/call` answered with a task: its later results keep the call's tool.
+        if kind == Kind::Response
+            && direction == Direction::ServerToClient
+            && method.as_deref() == Some("tools/call")
+            && let Some(task_id) = started_task(&value)
+        {
+            self.sessions.task_started(&session, task_id, tool.clone());
+        }
         if masked > 0 {
             self.counters
                 .masked_values
@@ -364,6 +445,7 @@ impl Pipeline {
         let mut approved = false;
         // A tool whose definition changed since it was pinned is refused until accepted.
         let changed_tool = kind == Kind::Request
+            && c2s
             && self.tool_changes == crate::config::ToolChanges::Block
             && tool.as_deref().is_some_and(|t| {
                 self.pins
@@ -371,7 +453,11 @@ impl Pipeline {
                     .unwrap_or_else(|p| p.into_inner())
                     .is_changed(&ctx.backend, t)
             });
-        let refusal = if changed_tool {
+        let mut rules = decision.rules.clone();
+        let refusal = if let Some((code, message, rule)) = protocol_refusal {
+            rules.push(rule.to_owned());
+            Some((code, message, "block"))
+        } else if changed_tool {
             Some((
                 code::BLOCKED,
                 format!(
@@ -384,17 +470,21 @@ impl Pipeline {
                 "block",
             ))
         } else {
-            None
-        };
-        let refusal = if refusal.is_some() {
-            refusal
-        } else {
             match &decision.verdict {
                 Verdict::Allow => None,
                 Verdict::Block { rule } => Some((
                     code::BLOCKED,
                     format!(
                         "{} blocked by Airlock policy rule `{rule}`",
+                        describe(method.as_deref(), tool.as_deref())
+                    ),
+                    "block",
+                )),
+                // A notification cannot wait for a decision (nothing answers it): refused.
+                Verdict::Approve { rule, .. } if kind != Kind::Request => Some((
+                    code::BLOCKED,
+                    format!(
+                        "{} needs approval (Airlock policy rule `{rule}`) and was sent as a notification",
                         describe(method.as_deref(), tool.as_deref())
                     ),
                     "block",
@@ -442,13 +532,19 @@ impl Pipeline {
                 }
             }
         };
+        // Refused: the id it took is free again (unless it was a duplicate of a waiting one).
+        if refusal.is_some()
+            && let Some(id) = &reserved
+        {
+            self.sessions.cancel(&session, c2s, id);
+        }
         let mut record = ctx.record(&self.host, direction, kind.as_str());
         record.mcp_session_id = mcp_session_id.clone();
         record.method = method.clone();
         record.tool = tool.clone();
         record.jsonrpc_id = id_text.clone();
         record.latency_us = latency_us;
-        record.rules = decision.rules.clone();
+        record.rules = rules.clone();
         record.policy_hash = Some(set.hash.clone());
         record.masked_detectors = counts
             .iter()
@@ -471,10 +567,12 @@ impl Pipeline {
             record.payload = Some(MaskedPayload::from_masked(text));
         }
         if level != RecordLevel::Off {
-            self.archive
-                .record(record)
-                .await
-                .map_err(|e| PipelineError::Archive(e.to_string()))?;
+            if let Err(e) = self.archive.record(record).await {
+                if let Some(id) = &reserved {
+                    self.sessions.cancel(&session, c2s, id);
+                }
+                return Err(PipelineError::Archive(e.to_string()));
+            }
         }
         if let Some((code, message, decision_name)) = refusal {
             self.counters.blocked.fetch_add(1, Ordering::Relaxed);
@@ -485,7 +583,7 @@ impl Pipeline {
             rec.tool = tool;
             rec.jsonrpc_id = id_text;
             rec.decision = decision_name.into();
-            rec.rules = decision.rules;
+            rec.rules = rules;
             rec.policy_hash = Some(set.hash.clone());
             rec.payload = Some(MaskedPayload::agent_event(&answer));
             self.archive
@@ -494,25 +592,73 @@ impl Pipeline {
                 .map_err(|e| PipelineError::Archive(e.to_string()))?;
             return Ok(Outcome::Answer(answer));
         }
-        if kind == Kind::Request
-            && let (Some(id), Some(m)) = (id_text, method)
-        {
-            self.sessions.expect(
-                &session,
-                direction == Direction::ClientToServer,
-                id,
-                Pending {
-                    method: m,
-                    tool,
-                    started: Instant::now(),
-                },
-            );
-        }
         Ok(Outcome::Forward {
             value,
             changed: masked > 0 || !hidden.is_empty(),
             original_args,
         })
+    }
+
+    /// What a message belongs to: its own method and tool (a request or notification; a
+    /// `tasks/*` request takes the tool of the call that started the task), or those of the
+    /// request it answers. `known` is false when a server→client message cannot be tied to a
+    /// request: then every mask rule applies to it, whatever tools or methods it names.
+    fn correlate(
+        &self,
+        kind: Kind,
+        direction: Direction,
+        value: &Value,
+        session: &SessionKey,
+        id: Option<&str>,
+        origin: Option<Origin>,
+    ) -> Scope {
+        match kind {
+            Kind::Request | Kind::Notification => {
+                let method = jsonrpc::method(value).map(str::to_owned);
+                let own_tool = jsonrpc::tool(value).map(str::to_owned);
+                let task_tool = match method.as_deref() {
+                    Some("tasks/get" | "tasks/result" | "tasks/cancel" | "tasks/update") => value
+                        .get("params")
+                        .and_then(|p| p.get("taskId"))
+                        .and_then(Value::as_str)
+                        .and_then(|t| self.sessions.task_tool(session, t)),
+                    _ => None,
+                };
+                let (tool, known) = match (own_tool, task_tool, origin) {
+                    (Some(t), _, _) => (Some(t), true),
+                    (None, Some(t), _) => (t, true),
+                    // A server's request or notification on the stream of a client's call
+                    // belongs to that call.
+                    (None, None, Some(o)) if direction == Direction::ServerToClient => {
+                        (o.tool, true)
+                    }
+                    (None, None, _) => (None, direction == Direction::ClientToServer),
+                };
+                Scope {
+                    method,
+                    tool,
+                    latency_us: None,
+                    known,
+                }
+            }
+            Kind::Response | Kind::Error => {
+                let request_c2s = direction == Direction::ServerToClient;
+                match id.and_then(|id| self.sessions.answer(session, request_c2s, id)) {
+                    Some((p, took)) => Scope {
+                        method: Some(p.method),
+                        tool: p.tool,
+                        latency_us: Some(took.as_micros() as u64),
+                        known: true,
+                    },
+                    None => Scope {
+                        method: None,
+                        tool: None,
+                        latency_us: None,
+                        known: false,
+                    },
+                }
+            }
+        }
     }
 
     /// Hold a call until an approver decides (or its time runs out). If the client goes away
@@ -551,7 +697,7 @@ impl Pipeline {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .request(info, timeout, Instant::now());
-        if let Some((uri, mark)) = self.webhook.clone() {
+        if let Some((uri, own)) = self.webhook.clone() {
             announced.id = id;
             announced.expires_in_secs = timeout.as_secs();
             let mut body = serde_json::to_value(&announced).unwrap_or_default();
@@ -562,7 +708,7 @@ impl Pipeline {
             )
             .into();
             tokio::spawn(async move {
-                if let Err(e) = post_webhook(&uri, mark, &body).await {
+                if let Err(e) = post_webhook(&uri, &own, &body).await {
                     tracing::warn!(error = %e, %uri, "approval webhook failed");
                 }
             });
@@ -663,7 +809,9 @@ impl Pipeline {
                 method: None,
                 tool: None,
                 arguments: None,
-                is_request: false,
+                is_call: false,
+                // Nothing ties it to a request: every mask rule applies.
+                scope_unknown: true,
             },
         );
         (set, decision)
@@ -673,6 +821,19 @@ impl Pipeline {
     pub fn mask_str(&self, ctx: &ConnCtx, direction: Direction, text: &str) -> Option<String> {
         let (set, decision) = self.unaddressed(&ctx.subject, &ctx.backend, direction);
         set.mask_str(&decision, text, &mut MaskCounts::new())
+    }
+
+    /// Mask a JSON document that is not an MCP message (an error body) with every mask rule
+    /// that applies to this caller and backend; how many values were masked.
+    pub fn mask_value(&self, ctx: &ConnCtx, direction: Direction, value: &mut Value) -> u32 {
+        let (set, decision) = self.unaddressed(&ctx.subject, &ctx.backend, direction);
+        let n: u32 = set.mask(&decision, value).values().sum();
+        if n > 0 {
+            self.counters
+                .masked_values
+                .fetch_add(u64::from(n), Ordering::Relaxed);
+        }
+        n
     }
 
     /// Mask an event the agent writes about a connection (its command line can hold secrets:
@@ -724,9 +885,13 @@ fn describe(method: Option<&str>, tool: Option<&str>) -> String {
     }
 }
 
-/// POST `body` as JSON to `uri` (http or https, system roots), from a socket carrying the
-/// bypass mark, within 5 s.
-async fn post_webhook(uri: &http::Uri, mark: u32, body: &Value) -> Result<(), String> {
+/// POST `body` as JSON to `uri` (http or https, system roots), from a socket tagged as the
+/// agent's own, within 5 s.
+async fn post_webhook(
+    uri: &http::Uri,
+    own: &crate::kernel::OwnSockets,
+    body: &Value,
+) -> Result<(), String> {
     use http_body_util::{BodyExt as _, Full};
     let host = uri.host().ok_or("no host")?.to_owned();
     let tls = uri.scheme_str() == Some("https");
@@ -737,14 +902,7 @@ async fn post_webhook(uri: &http::Uri, mark: u32, body: &Value) -> Result<(), St
             .map_err(|e| format!("resolving {host}: {e}"))?
             .next()
             .ok_or_else(|| format!("{host} has no address"))?;
-        let socket = match addr {
-            std::net::SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4(),
-            std::net::SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6(),
-        }
-        .map_err(|e| e.to_string())?;
-        socket2::SockRef::from(&socket)
-            .set_mark(mark)
-            .map_err(|e| e.to_string())?;
+        let socket = crate::proxy::own_socket(own, addr)?;
         let tcp = socket.connect(addr).await.map_err(|e| e.to_string())?;
         let mut sender = if tls {
             let mut roots = rustls::RootCertStore::empty();

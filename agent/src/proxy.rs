@@ -47,6 +47,13 @@ pub struct Proxy {
     pub upstream_pool: crate::http::UpstreamPool,
     /// The managed CA's leaves and the upstream TLS configurations (`None`: no TLS backend).
     pub tls: Option<crate::intercept::TlsRuntime>,
+    /// Tags the agent's own upstream sockets so the connect programs let them through.
+    pub own: Arc<crate::kernel::OwnSockets>,
+    /// Every backend address the kernel redirects now (static, or resolved and refreshed):
+    /// which backends a connection to an address may be for.
+    pub targets: std::sync::RwLock<Vec<crate::config::ResolvedTarget>>,
+    /// Per-uid and parsing budgets.
+    pub resources: Arc<crate::limits::Limits>,
 }
 
 /// The agent's own counters, shown next to the kernel's.
@@ -62,8 +69,6 @@ pub struct AgentCounters {
     pub relayed: AtomicU64,
     pub idle_timeouts: AtomicU64,
     pub relay_errors: AtomicU64,
-    /// Kernel records of sockets that never reached their SYN, removed by the sweeper.
-    pub pending_swept: AtomicU64,
 }
 
 impl AgentCounters {
@@ -78,7 +83,6 @@ impl AgentCounters {
             ("relayed", &self.relayed),
             ("idle_timeouts", &self.idle_timeouts),
             ("relay_errors", &self.relay_errors),
-            ("pending_swept", &self.pending_swept),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v.load(Ordering::Relaxed)))
@@ -145,8 +149,17 @@ impl Proxy {
         let original_dst =
             std::net::SocketAddr::new(keys::ip_from_words(meta.orig_addr), meta.orig_port);
         // Dial the backend while /proc is read: the two waits overlap.
-        // Over capacity: still attributed (the record says who was refused), never dialled.
-        let over_capacity = self.registry.live_count() >= self.config.max_connections;
+        // Over capacity (all users, or this uid): still attributed (the record says who was
+        // refused), never dialled.
+        let uid_permit = self.resources.connection(meta.uid);
+        let over_capacity = if self.registry.live_count() >= self.config.max_connections {
+            Some(format!(
+                "over capacity: more than {} live connections (`max_connections`)",
+                self.config.max_connections
+            ))
+        } else {
+            uid_permit.as_ref().err().map(|e| format!("over capacity: {e}"))
+        };
         // An MCP backend with an idle pooled connection needs no new one.
         let pooled = self
             .config
@@ -155,7 +168,7 @@ impl Proxy {
             .is_some_and(|b| b.mode == crate::config::BackendMode::Mcp)
             && self.upstream_pool.has((meta_backend, original_dst));
         let dial = async {
-            if over_capacity {
+            if over_capacity.is_some() {
                 None
             } else if pooled {
                 Some(Ok(None))
@@ -194,20 +207,27 @@ impl Proxy {
         let guard = self
             .registry
             .open(peer, Some(attribution.clone()), backend.clone());
-        if over_capacity {
+        if let Some(reason) = over_capacity {
             self.counters
                 .rejected_over_capacity
                 .fetch_add(1, Ordering::Relaxed);
-            guard.finish(
-                ConnState::Rejected,
-                format!(
-                    "over capacity: more than {} live connections (`max_connections`)",
-                    self.config.max_connections
-                ),
-            );
+            warn!(id = guard.id(), uid = attribution.uid, %reason, "refused a connection");
+            let mut record =
+                self.connection_record(guard.id(), 0, Some(&attribution), backend.as_deref());
+            record.decision = "block".into();
+            record.rules = vec!["airlock:over_capacity".into()];
+            record.payload = Some(MaskedPayload::agent_event(
+                &serde_json::json!({"event": "rejected", "client": peer.to_string(), "reason": reason}),
+            ));
+            guard.finish(ConnState::Rejected, reason);
             reset(client);
+            if let Err(e) = self.archive.record(record).await {
+                warn!(error = %e, "cannot archive a refused connection");
+            }
             return;
         }
+        // Held for the connection's life.
+        let _uid_permit = uid_permit;
         info!(
             id = guard.id(),
             pid = attribution.pid,
@@ -423,17 +443,10 @@ impl Proxy {
         }
     }
 
-    /// Connect to the original destination with the bypass mark, so our own programs let this
-    /// socket through.
+    /// Connect to the original destination from a socket tagged as the agent's own, so our
+    /// programs let it through.
     pub(crate) async fn dial(&self, addr: SocketAddr) -> Result<TcpStream, String> {
-        let socket = match addr {
-            SocketAddr::V4(_) => TcpSocket::new_v4(),
-            SocketAddr::V6(_) => TcpSocket::new_v6(),
-        }
-        .map_err(|e| format!("cannot create a socket: {e}"))?;
-        socket2::SockRef::from(&socket)
-            .set_mark(self.config.bypass_mark)
-            .map_err(|e| format!("cannot set SO_MARK (needs CAP_NET_ADMIN): {e}"))?;
+        let socket = own_socket(&self.own, addr)?;
         let _ = socket.set_nodelay(true);
         match tokio::time::timeout(self.config.connect_timeout, socket.connect(addr)).await {
             Ok(Ok(stream)) => Ok(stream),
@@ -444,6 +457,22 @@ impl Proxy {
             )),
         }
     }
+}
+
+/// A TCP socket for `addr`'s family, tagged as the agent's own before it connects.
+pub(crate) fn own_socket(
+    own: &crate::kernel::OwnSockets,
+    addr: SocketAddr,
+) -> Result<TcpSocket, String> {
+    use std::os::fd::AsFd as _;
+    let socket = match addr {
+        SocketAddr::V4(_) => TcpSocket::new_v4(),
+        SocketAddr::V6(_) => TcpSocket::new_v6(),
+    }
+    .map_err(|e| format!("cannot create a socket: {e}"))?;
+    own.tag(socket.as_fd())
+        .map_err(|e| format!("cannot tag the agent's socket (AIRLOCK_OWN): {e}"))?;
+    Ok(socket)
 }
 
 fn now_us() -> i64 {

@@ -12,7 +12,7 @@
 #![no_std]
 
 /// Version of the map layouts below; part of the bpffs pin path of the maps.
-pub const ABI_VERSION: u32 = 1;
+pub const ABI_VERSION: u32 = 2;
 
 /// Names of the maps and programs in the eBPF object, shared so that neither side spells them.
 /// Kernel object names hold 15 characters: these fit, so bpftool and bpf_stats show them whole.
@@ -20,6 +20,7 @@ pub mod names {
     pub const CONFIG: &str = "AIRLOCK_CONFIG";
     pub const TARGETS: &str = "AIRLOCK_TARGETS";
     pub const PENDING: &str = "AIRLOCK_PENDING";
+    pub const OWN: &str = "AIRLOCK_OWN";
     pub const FLOWS: &str = "AIRLOCK_FLOWS";
     pub const COUNTERS: &str = "AIRLOCK_COUNTER";
     pub const PORTS: &str = "AIRLOCK_PORTS";
@@ -29,18 +30,13 @@ pub mod names {
     pub const PROG_SOCK_OPS: &str = "airlock_sockops";
 
     /// Every map, for pinning and for `airlock detach`.
-    pub const MAPS: [&str; 6] = [CONFIG, TARGETS, PORTS, PENDING, FLOWS, COUNTERS];
+    pub const MAPS: [&str; 7] = [CONFIG, TARGETS, PORTS, PENDING, OWN, FLOWS, COUNTERS];
 }
 
 /// Capacity of the maps. LRU maps may evict before they are full, so they are sized well above
 /// the expected number of in-flight connections.
 pub mod capacity {
     pub const TARGETS: u32 = 4096;
-    /// Sockets between `connect()` and the SYN (microseconds each). Preallocated; the agent
-    /// removes entries older than [`PENDING_MAX_AGE_NS`].
-    pub const PENDING: u32 = 16 * 1024;
-    /// A pending entry older than this belongs to a socket that never sent its SYN.
-    pub const PENDING_MAX_AGE_NS: u64 = 30_000_000_000;
     /// Connections between the SYN and the agent's `accept()`.
     pub const FLOWS: u32 = 64 * 1024;
 }
@@ -68,8 +64,6 @@ pub struct Config {
     /// Agent listen port, host order.
     pub agent_port: u16,
     pub _pad: u16,
-    /// `SO_MARK` of the agent's own upstream sockets; such sockets are never redirected.
-    pub bypass_mark: u32,
     /// [`CONFIG_ENABLED`] once written; until then the programs let everything through.
     pub enabled: u32,
 }
@@ -162,16 +156,16 @@ pub enum Counter {
     SkipUnconfigured,
     /// The destination is not a configured backend.
     MissNotBackend,
-    /// A backend destination on a socket carrying the agent's bypass mark (the agent's upstream).
-    SkipMarked,
+    /// A backend destination on a socket the agent tagged as its own upstream connection.
+    SkipOwn,
     /// Redirected an `AF_INET` connect().
     RedirectIpv4,
     /// Redirected an `AF_INET6` connect() to a native IPv6 backend address.
     RedirectIpv6,
     /// Redirected an `AF_INET6` connect() to an IPv4-mapped backend address.
     RedirectIpv4Mapped,
-    /// Could not record the caller: connect() refused with EPERM (fail closed).
-    RefusedPendingFull,
+    /// Could not allocate the caller's record: connect() refused with EPERM (fail closed).
+    RefusedNoStorage,
     /// sock_ops moved a pending connection into the flow table.
     FlowRecorded,
     /// sock_ops saw a connection that was not redirected (the common case).
@@ -189,11 +183,11 @@ impl Counter {
         Counter::SkipNotTcp,
         Counter::SkipUnconfigured,
         Counter::MissNotBackend,
-        Counter::SkipMarked,
+        Counter::SkipOwn,
         Counter::RedirectIpv4,
         Counter::RedirectIpv6,
         Counter::RedirectIpv4Mapped,
-        Counter::RefusedPendingFull,
+        Counter::RefusedNoStorage,
         Counter::FlowRecorded,
         Counter::FlowNotRedirected,
         Counter::FlowStoreFailed,
@@ -206,11 +200,11 @@ impl Counter {
             Counter::SkipNotTcp => "skip_not_tcp",
             Counter::SkipUnconfigured => "skip_unconfigured",
             Counter::MissNotBackend => "miss_not_backend",
-            Counter::SkipMarked => "skip_marked",
+            Counter::SkipOwn => "skip_own",
             Counter::RedirectIpv4 => "redirect_ipv4",
             Counter::RedirectIpv6 => "redirect_ipv6",
             Counter::RedirectIpv4Mapped => "redirect_ipv4_mapped",
-            Counter::RefusedPendingFull => "refused_pending_full",
+            Counter::RefusedNoStorage => "refused_no_storage",
             Counter::FlowRecorded => "flow_recorded",
             Counter::FlowNotRedirected => "flow_not_redirected",
             Counter::FlowStoreFailed => "flow_store_failed",
@@ -236,12 +230,11 @@ mod tests {
 
     #[test]
     fn config_layout() {
-        assert_eq!(size_of::<Config>(), 32);
+        assert_eq!(size_of::<Config>(), 28);
         assert_eq!(offset_of!(Config, agent_ip4), 0);
         assert_eq!(offset_of!(Config, agent_ip6), 4);
         assert_eq!(offset_of!(Config, agent_port), 20);
-        assert_eq!(offset_of!(Config, bypass_mark), 24);
-        assert_eq!(offset_of!(Config, enabled), 28);
+        assert_eq!(offset_of!(Config, enabled), 24);
     }
 
     #[test]

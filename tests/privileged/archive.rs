@@ -10,7 +10,8 @@ use airlock::{
     archive::{
         ArchiveWriter, RecordInput, WriterConfig,
         service::{Archive, Recording},
-        verify::verify,
+        manifest::public_key_of,
+        verify::{Trust, verify},
     },
     policy::{Direction, HashKey, Message, PolicySet, Subject},
 };
@@ -67,7 +68,8 @@ fn record(seq: u64, size: usize) -> RecordInput {
         method: Some("tools/call"),
         tool: Some("read"),
         arguments: None,
-        is_request: false,
+        is_call: false,
+        scope_unknown: false,
     };
     let decision = policies.decide(&Subject::default(), &msg);
     let (payload, _) = policies.mask_payload(&decision, json!({ "blob": "x".repeat(size) }));
@@ -178,7 +180,15 @@ async fn buffered_recording_keeps_records_until_the_disk_has_room() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     archive.close().await.unwrap();
-    let report = verify(&disk.0.join("archive"));
+    let trust = Trust {
+        keys: vec![(
+            None,
+            public_key_of(&keys.join("signing.key")).unwrap(),
+            "test".into(),
+        )],
+        ..Default::default()
+    };
+    let report = verify(&disk.0.join("archive"), &trust);
     assert!(report.intact(), "{:?}", report.problems);
     assert_eq!(report.records_checked, 20);
     assert_eq!(
@@ -240,7 +250,8 @@ fn connections_are_archived_with_their_attribution() {
     assert!(agent.sigterm().success(), "{}", agent.log());
     let archive = agent.archive.to_str().unwrap().to_owned();
 
-    let (code, out, err) = airlock(&["verify", "--archive", &archive]);
+    let config = agent.config.to_str().unwrap().to_owned();
+    let (code, out, err) = airlock(&["verify", "--archive", &archive, "--config", &config]);
     assert_eq!(code, Some(0), "{out}{err}");
     let (code, out, err) = airlock(&[
         "sessions",

@@ -424,11 +424,7 @@ fn a_second_agent_on_the_same_state_refuses_to_start() {
             .is_some()
     );
     assert!(agent.sigterm().success());
-    let verify = std::process::Command::new(AIRLOCK)
-        .args(["verify", "--archive"])
-        .arg(&agent.archive)
-        .output()
-        .unwrap();
+    let verify = agent.airlock(&["verify", "--archive", agent.archive.to_str().unwrap()]);
     let out = String::from_utf8_lossy(&verify.stdout);
     assert!(verify.status.success(), "{out}");
     assert!(

@@ -228,7 +228,7 @@ fn agents_own_upstream_is_not_redirected_again() {
     let name = unique("noloop");
     let cg = TestCgroup::new(&name);
     let backend = Backend::start("tools", "127.0.0.2:0");
-    // The agent runs inside the intercepted cgroup: without the bypass mark its own upstream
+    // The agent runs inside the intercepted cgroup: without its socket tag its own upstream
     // connect() would be redirected back to itself.
     let agent = Agent::start(
         &cg,
@@ -250,7 +250,7 @@ fn agents_own_upstream_is_not_redirected_again() {
         3,
         "one upstream connection per client connection"
     );
-    assert_eq!(agent.kernel_counter("skip_marked"), 3);
+    assert_eq!(agent.kernel_counter("skip_own"), 3);
     assert_eq!(agent.kernel_counter("redirect_ipv4"), 3);
     assert_eq!(
         agent.agent_counter("accepted"),

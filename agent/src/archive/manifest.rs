@@ -14,7 +14,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use ed25519_dalek::{Signature, Signer as _, SigningKey, Verifier as _, VerifyingKey};
+use ed25519_dalek::{Signature, Signer as _, SigningKey, VerifyingKey};
 use serde::{Deserialize, Serialize};
 use sha2::Digest as _;
 
@@ -281,8 +281,9 @@ pub fn verify(path: &Path, public_key_hex: &str) -> (Vec<Entry>, Vec<String>) {
                 continue;
             }
         };
-        let sig_ok =
-            decode_sig(&entry.sig).is_ok_and(|s| key.verify(&entry.signed_bytes(), &s).is_ok());
+        // Strict verification: no malleable signatures, no small-order keys.
+        let sig_ok = decode_sig(&entry.sig)
+            .is_ok_and(|s| key.verify_strict(&entry.signed_bytes(), &s).is_ok());
         if !sig_ok {
             problems.push(format!(
                 "manifest line {n}: bad signature: the line was modified"
@@ -307,7 +308,33 @@ pub fn verify(path: &Path, public_key_hex: &str) -> (Vec<Entry>, Vec<String>) {
 fn decode_key(hex_key: &str) -> Result<VerifyingKey, String> {
     let bytes = unhex(hex_key.trim()).ok_or("not hex")?;
     let arr: [u8; 32] = bytes.as_slice().try_into().map_err(|_| "not 32 bytes")?;
-    VerifyingKey::from_bytes(&arr).map_err(|e| e.to_string())
+    let key = VerifyingKey::from_bytes(&arr).map_err(|e| e.to_string())?;
+    if key.is_weak() {
+        return Err("a weak (small-order) key".into());
+    }
+    Ok(key)
+}
+
+/// `sha256:<hex>` of a public key's 32 bytes: what a verifier pins. `Err` when `hex_key` is
+/// not a valid Ed25519 public key.
+pub fn fingerprint(hex_key: &str) -> Result<String, String> {
+    let key = decode_key(hex_key)?;
+    Ok(format!(
+        "sha256:{}",
+        hex(&sha2::Sha256::digest(key.as_bytes()))
+    ))
+}
+
+/// The public key (hex) of a signing key file, for a verifier on the host that signs.
+pub fn public_key_of(signing_key_path: &Path) -> io::Result<String> {
+    let bytes = std::fs::read(signing_key_path)?;
+    let secret: [u8; 32] = bytes.as_slice().try_into().map_err(|_| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{}: not a 32-byte key", signing_key_path.display()),
+        )
+    })?;
+    Ok(hex(SigningKey::from_bytes(&secret).verifying_key().as_bytes()))
 }
 
 fn decode_sig(hex_sig: &str) -> Result<Signature, String> {

@@ -320,11 +320,11 @@ pub fn transcript(records: &[Record], session: &str, colour: bool) -> Option<Str
 pub fn evidence(
     archive_dir: &Path,
     policies_dir: Option<&Path>,
-    from: Micros,
-    to: Micros,
+    (from, to): (Micros, Micros),
+    trust: &verify::Trust,
     out: &Path,
 ) -> io::Result<verify::Report> {
-    let report = verify::verify(archive_dir);
+    let report = verify::verify(archive_dir, trust);
     let file = fs::OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -365,6 +365,9 @@ pub fn evidence(
         "{} file(s), {} record(s) checked, {} file(s) removed by retention\n",
         report.files_checked, report.records_checked, report.retained_deletions
     ));
+    for h in &report.heads {
+        text.push_str(&format!("{}\n", verify::head_line(h)));
+    }
     for p in &report.problems {
         text.push_str(&format!("TAMPERED {p}\n"));
     }

@@ -3,7 +3,18 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use super::{verify::verify, writer::*, *};
+use super::{writer::*, *};
+
+/// Verify an archive written by these tests, trusting the key they signed with.
+fn verify(archive_dir: &Path) -> verify::Report {
+    let key_file = archive_dir.parent().unwrap().join("archive-signing.key");
+    let key = manifest::public_key_of(&key_file).unwrap();
+    let trust = verify::Trust {
+        keys: vec![(None, key, "test".into())],
+        ..Default::default()
+    };
+    verify::verify(archive_dir, &trust)
+}
 
 struct TempDir(PathBuf);
 

@@ -3,6 +3,14 @@
 //! Reports, each naming the file (and record where it applies): a modified, truncated,
 //! deleted, inserted or reordered file; a modified, removed, inserted or reordered record;
 //! an altered, removed or reordered manifest line. Files removed by retention are expected.
+//!
+//! Trust does not come from the archive: the public key stored next to a manifest proves
+//! nothing to someone who could rewrite both. Each host's key must come from the verifier
+//! ([`Trust`]: a key passed with `--pubkey`, a fingerprint pinned in the configuration, or the
+//! signing key of the host the verifier runs on); a host without one is reported as
+//! untrusted. Signatures are checked strictly (no malleable signatures, no weak keys). The
+//! chain head of each host (last manifest line, its time, last record) is reported, so a cut
+//! tail shows against the head a verifier kept elsewhere (`--expect-head`).
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -25,6 +33,98 @@ pub struct Report {
     pub records_checked: u64,
     pub retained_deletions: usize,
     pub problems: Vec<String>,
+    /// Each host's chain head, with the key it was verified with.
+    pub heads: Vec<Head>,
+}
+
+/// Where a host's chain ends, as verified.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Head {
+    pub host: String,
+    /// The last manifest line (its sequence number) and its time.
+    pub manifest_seq: u64,
+    pub manifest_ts: String,
+    /// The archive sequence number of the last record a manifest line lists.
+    pub last_record_seq: Option<u64>,
+    pub key_fingerprint: String,
+    /// Where trust in the key came from (`None`: nowhere, the host is untrusted).
+    pub trusted_by: Option<String>,
+}
+
+/// What the verifier trusts: keys and fingerprints it brings, heads it expects.
+#[derive(Debug, Default, Clone)]
+pub struct Trust {
+    /// Public keys (hex) by host; `None` applies to every host.
+    pub keys: Vec<(Option<String>, String, String)>,
+    /// Pinned `sha256:` fingerprints of public keys, by host, and where each was pinned.
+    pub fingerprints: BTreeMap<String, (String, String)>,
+    /// The least manifest line each host's chain must reach.
+    pub expected_heads: BTreeMap<String, u64>,
+}
+
+impl Trust {
+    /// From the command line — `--pubkey [HOST=]KEY` (hex, or a file holding it) and
+    /// `--expect-head HOST=LINE` — and, when there is one, the configuration: its pinned
+    /// `archive_key_fingerprints`, and the public half of this host's own signing key.
+    pub fn build(
+        pubkeys: &[String],
+        heads: &[String],
+        config: Option<&crate::config::Config>,
+    ) -> Result<Trust, String> {
+        let mut trust = Trust::default();
+        for arg in pubkeys {
+            let (host, key) = match arg.split_once('=') {
+                Some((h, k)) if !h.is_empty() && !h.contains('/') => (Some(h.to_owned()), k),
+                _ => (None, arg.as_str()),
+            };
+            let hex_key = if Path::new(key).is_file() {
+                fs::read_to_string(key)
+                    .map_err(|e| format!("--pubkey {key}: {e}"))?
+                    .trim()
+                    .to_owned()
+            } else {
+                key.trim().to_owned()
+            };
+            manifest::fingerprint(&hex_key)
+                .map_err(|e| format!("--pubkey {arg}: not an Ed25519 public key ({e})"))?;
+            trust.keys.push((host, hex_key, "--pubkey".into()));
+        }
+        for arg in heads {
+            let (host, line) = arg
+                .split_once('=')
+                .ok_or_else(|| format!("--expect-head {arg}: HOST=LINE expected"))?;
+            let line: u64 = line
+                .parse()
+                .map_err(|_| format!("--expect-head {arg}: LINE must be a number"))?;
+            trust.expected_heads.insert(host.to_owned(), line);
+        }
+        if let Some(config) = config {
+            for (host, fp) in &config.archive_key_fingerprints {
+                trust.fingerprints.insert(
+                    host.clone(),
+                    (fp.clone(), format!("pinned in {}", config.path.display())),
+                );
+            }
+            let own = config.state_dir.join("archive-signing.key");
+            if !trust.keys.iter().any(|(h, _, _)| h.as_deref() == Some(&config.host))
+                && let Ok(key) = manifest::public_key_of(&own)
+            {
+                trust
+                    .keys
+                    .push((Some(config.host.clone()), key, format!("signing key {}", own.display())));
+            }
+        }
+        Ok(trust)
+    }
+
+    /// A key for `host` (hex) and where it came from.
+    fn key_for(&self, host: &str) -> Option<(&str, &str)> {
+        self.keys
+            .iter()
+            .find(|(h, _, _)| h.as_deref() == Some(host))
+            .or_else(|| self.keys.iter().find(|(h, _, _)| h.is_none()))
+            .map(|(_, k, via)| (k.as_str(), via.as_str()))
+    }
 }
 
 impl Report {
@@ -33,7 +133,7 @@ impl Report {
     }
 }
 
-pub fn verify(archive_dir: &Path) -> Report {
+pub fn verify(archive_dir: &Path, trust: &Trust) -> Report {
     let mut report = Report::default();
     let manifest_dir = archive_dir.join("_manifest");
     let mut hosts: Vec<String> = fs::read_dir(&manifest_dir)
@@ -56,7 +156,15 @@ pub fn verify(archive_dir: &Path) -> Report {
     }
     let mut listed: BTreeSet<PathBuf> = BTreeSet::new();
     for host in &hosts {
-        verify_host(archive_dir, host, &mut report, &mut listed);
+        verify_host(archive_dir, host, trust, &mut report, &mut listed);
+    }
+    // A host the verifier expects and the archive lacks: its files are gone whole.
+    for host in trust.expected_heads.keys() {
+        if !hosts.contains(host) {
+            report.problems.push(format!(
+                "host {host}: no manifest, a head was expected: the host's archive is missing"
+            ));
+        }
     }
     // Files on disk that no manifest lists were put there by someone else.
     for path in parquet_files(archive_dir) {
@@ -74,23 +182,81 @@ pub fn verify(archive_dir: &Path) -> Report {
 fn verify_host(
     archive_dir: &Path,
     host: &str,
+    trust: &Trust,
     report: &mut Report,
     listed: &mut BTreeSet<PathBuf>,
 ) {
-    let public = match fs::read_to_string(manifest::public_key_path(archive_dir, host)) {
-        Ok(k) => k,
-        Err(e) => {
-            report
-                .problems
-                .push(format!("host {host}: public key unreadable: {e}"));
-            return;
+    let stored = fs::read_to_string(manifest::public_key_path(archive_dir, host))
+        .map(|k| k.trim().to_owned());
+    let (public, trusted_by) = match (trust.key_for(host), trust.fingerprints.get(host)) {
+        (Some((key, via)), _) => {
+            if stored.as_deref().is_ok_and(|s| !s.eq_ignore_ascii_case(key.trim())) {
+                report.problems.push(format!(
+                    "host {host}: the public key stored in the archive is not the trusted one: replaced"
+                ));
+            }
+            (key.trim().to_owned(), Some(via.to_owned()))
         }
+        (None, Some((pinned, via))) => match &stored {
+            Ok(k) if manifest::fingerprint(k).as_ref() == Ok(pinned) => {
+                (k.clone(), Some(via.clone()))
+            }
+            Ok(k) => {
+                report.problems.push(format!(
+                    "host {host}: the archive's public key ({}) is not the pinned {pinned}: replaced",
+                    manifest::fingerprint(k).unwrap_or_else(|e| e)
+                ));
+                return;
+            }
+            Err(e) => {
+                report
+                    .problems
+                    .push(format!("host {host}: public key unreadable: {e}"));
+                return;
+            }
+        },
+        (None, None) => match &stored {
+            Ok(k) => {
+                report.problems.push(format!(
+                    "host {host}: UNTRUSTED: no key from the verifier (pass --pubkey {host}=KEY or pin its fingerprint in `archive_key_fingerprints`); the key stored in the archive proves nothing"
+                ));
+                (k.clone(), None)
+            }
+            Err(e) => {
+                report
+                    .problems
+                    .push(format!("host {host}: public key unreadable: {e}"));
+                return;
+            }
+        },
     };
     let (entries, problems) =
         manifest::verify(&manifest::manifest_path(archive_dir, host), &public);
     report
         .problems
         .extend(problems.into_iter().map(|p| format!("host {host}: {p}")));
+    let head = Head {
+        host: host.to_owned(),
+        manifest_seq: entries.last().map_or(0, |e| e.seq),
+        manifest_ts: entries.last().map(|e| e.ts.clone()).unwrap_or_default(),
+        last_record_seq: entries.iter().rev().find_map(|e| match &e.body {
+            EntryBody::File {
+                last_archive_seq, ..
+            } => Some(*last_archive_seq),
+            EntryBody::Retention { .. } => None,
+        }),
+        key_fingerprint: manifest::fingerprint(&public).unwrap_or_else(|e| format!("invalid: {e}")),
+        trusted_by,
+    };
+    if let Some(expected) = trust.expected_heads.get(host)
+        && head.manifest_seq < *expected
+    {
+        report.problems.push(format!(
+            "host {host}: the manifest ends at line {}, line {expected} was expected: its tail was cut",
+            head.manifest_seq
+        ));
+    }
+    report.heads.push(head);
     let removed = manifest::retention_removals(&entries);
     report.retained_deletions += removed.len();
     // The record chain runs across this host's files in manifest order.
@@ -198,6 +364,19 @@ fn verify_host(
             ));
         }
     }
+}
+
+/// One line on a host's head: what a verifier keeps off-host to detect a cut tail later.
+pub fn head_line(h: &Head) -> String {
+    format!(
+        "HEAD host={} manifest_line={} at={} last_record={} key={} trusted={}",
+        h.host,
+        h.manifest_seq,
+        if h.manifest_ts.is_empty() { "-" } else { &h.manifest_ts },
+        h.last_record_seq.map_or("-".into(), |s| s.to_string()),
+        h.key_fingerprint,
+        h.trusted_by.as_deref().unwrap_or("NO (untrusted)"),
+    )
 }
 
 /// Every `*.parquet` under the archive (not the manifest or WAL directories).

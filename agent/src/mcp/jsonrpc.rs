@@ -24,19 +24,213 @@ impl Kind {
     }
 }
 
-/// Classify one value; `None` when it is not a JSON-RPC 2.0 message.
-pub fn classify(v: &Value) -> Option<Kind> {
-    let obj = v.as_object()?;
+/// Keys of a JSON-RPC message. A key that equals one of these only under case folding
+/// (`"Method"`, `"params"` with a long s) is refused: Go's `encoding/json` would read it as the
+/// protocol key, Airlock's policy would not.
+const MESSAGE_KEYS: &[&str] = &["jsonrpc", "id", "method", "params", "result", "error"];
+/// Keys of `params` that policies and correlation read.
+const PARAMS_KEYS: &[&str] = &[
+    "name",
+    "arguments",
+    "uri",
+    "taskId",
+    "task",
+    "inputResponses",
+    "requestState",
+    "_meta",
+    "cursor",
+    "progressToken",
+];
+
+/// Methods that are requests: sent without an id (as a notification) they are refused, never
+/// forwarded around the rules that judge requests.
+pub const REQUEST_METHODS: &[&str] = &[
+    "initialize",
+    "ping",
+    "tools/call",
+    "tools/list",
+    "resources/list",
+    "resources/templates/list",
+    "resources/read",
+    "resources/subscribe",
+    "resources/unsubscribe",
+    "prompts/list",
+    "prompts/get",
+    "completion/complete",
+    "logging/setLevel",
+    "sampling/createMessage",
+    "elicitation/create",
+    "roots/list",
+    "server/discover",
+    "subscriptions/listen",
+    "tasks/get",
+    "tasks/result",
+    "tasks/list",
+    "tasks/cancel",
+    "tasks/update",
+];
+
+/// Why a JSON value that claims to be JSON-RPC (or must be) is not a valid message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Invalid(pub String);
+
+impl std::fmt::Display for Invalid {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+fn invalid<T>(msg: impl Into<String>) -> Result<T, Invalid> {
+    Err(Invalid(msg.into()))
+}
+
+/// Refuse keys of `obj` that equal a name of `known` only under case folding.
+fn check_folded_keys(obj: &serde_json::Map<String, Value>, known: &[&str], what: &str) -> Result<(), Invalid> {
+    for key in obj.keys() {
+        if known.contains(&key.as_str()) {
+            continue;
+        }
+        let folded = super::strict::fold(key);
+        if let Some(k) = known.iter().find(|k| super::strict::fold(k) == folded) {
+            return invalid(format!(
+                "{what} key {key:?} differs from `{k}` only by case: refused (some servers read it as `{k}`)"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Whether the value presents itself as JSON-RPC: an object with a `jsonrpc` or `method` key,
+/// or an `id` with a `result` or `error` (keys compared under case folding), or an array
+/// holding one.
+pub fn looks_like_jsonrpc(v: &Value) -> bool {
+    match v {
+        Value::Array(items) => items.iter().any(looks_like_jsonrpc),
+        Value::Object(obj) => {
+            let has = |k: &str| obj.keys().any(|key| super::strict::fold(key) == k);
+            has("jsonrpc") || has("method") || (has("id") && (has("result") || has("error")))
+        }
+        _ => false,
+    }
+}
+
+/// A JSON-RPC id as MCP allows it: a string, or an integer all parsers read alike. `null` only
+/// where `null_ok` (an error answering a request whose id could not be read); an integral
+/// float (`1.0`) only where `float_ok` (a server echoing an id).
+fn check_id(id: &Value, null_ok: bool, float_ok: bool) -> Result<(), Invalid> {
+    match id {
+        Value::String(_) => Ok(()),
+        Value::Number(n) if n.is_i64() || n.is_u64() => Ok(()),
+        Value::Number(n) if float_ok && n.as_f64().is_some_and(|f| f.fract() == 0.0) => Ok(()),
+        Value::Null if null_ok => Ok(()),
+        other => invalid(format!(
+            "the id {other} is not a string or an integer"
+        )),
+    }
+}
+
+/// Validate one message and say what it is. `Err`: not a valid JSON-RPC 2.0 message as MCP
+/// uses it (the caller refuses it; a batch holding it is refused whole).
+pub fn validate(v: &Value) -> Result<Kind, Invalid> {
+    let Some(obj) = v.as_object() else {
+        return invalid("a JSON-RPC message must be an object");
+    };
+    check_folded_keys(obj, MESSAGE_KEYS, "message")?;
     if obj.get("jsonrpc").and_then(Value::as_str) != Some("2.0") {
-        return None;
+        return invalid("`jsonrpc` must be \"2.0\"");
     }
-    match (obj.get("method"), obj.get("id")) {
-        (Some(Value::String(_)), Some(_)) => Some(Kind::Request),
-        (Some(Value::String(_)), None) => Some(Kind::Notification),
-        (None, Some(_)) if obj.contains_key("error") => Some(Kind::Error),
-        (None, Some(_)) if obj.contains_key("result") => Some(Kind::Response),
-        _ => None,
+    let id = obj.get("id");
+    match obj.get("method") {
+        Some(method) => {
+            let Some(method) = method.as_str() else {
+                return invalid("`method` must be a string");
+            };
+            if method.is_empty() || method.len() > 256 {
+                return invalid("`method` must be 1 to 256 bytes long");
+            }
+            if obj.contains_key("result") || obj.contains_key("error") {
+                return invalid("a message with a `method` cannot also carry `result` or `error`");
+            }
+            let params = match obj.get("params") {
+                None => None,
+                Some(Value::Object(p)) => Some(p),
+                Some(_) => return invalid("`params` must be an object"),
+            };
+            let kind = match id {
+                Some(id) => {
+                    check_id(id, false, false)?;
+                    Kind::Request
+                }
+                None if REQUEST_METHODS.contains(&method) => {
+                    return invalid(format!(
+                        "`{method}` is a request and needs an id: sent as a notification it is refused"
+                    ));
+                }
+                None => Kind::Notification,
+            };
+            if let Some(p) = params {
+                check_folded_keys(p, PARAMS_KEYS, "params")?;
+            }
+            check_params(method, params)?;
+            Ok(kind)
+        }
+        None => {
+            let Some(id) = id else {
+                return invalid("a message needs a `method` or an `id`");
+            };
+            match (obj.get("result"), obj.get("error")) {
+                (Some(_), Some(_)) => invalid("a response cannot carry both `result` and `error`"),
+                (Some(result), None) => {
+                    check_id(id, false, true)?;
+                    if !result.is_object() {
+                        return invalid("`result` must be an object");
+                    }
+                    Ok(Kind::Response)
+                }
+                (None, Some(error)) => {
+                    check_id(id, true, true)?;
+                    let code_ok = error.get("code").is_some_and(|c| c.is_i64());
+                    let message_ok = error.get("message").is_some_and(Value::is_string);
+                    if !(error.is_object() && code_ok && message_ok) {
+                        return invalid("`error` must be an object with an integer `code` and a string `message`");
+                    }
+                    Ok(Kind::Error)
+                }
+                (None, None) => invalid("a response needs a `result` or an `error`"),
+            }
+        }
     }
+}
+
+/// The parameters of the methods policies judge by name or URI must have the shape servers
+/// execute: a `tools/call` whose `name` is not a string is refused, not passed on unjudged.
+fn check_params(method: &str, params: Option<&serde_json::Map<String, Value>>) -> Result<(), Invalid> {
+    let need = |key: &str| -> Result<(), Invalid> {
+        match params.and_then(|p| p.get(key)) {
+            Some(Value::String(_)) => Ok(()),
+            _ => invalid(format!("`{method}` needs a string `params.{key}`")),
+        }
+    };
+    let object_or_absent = |key: &str| -> Result<(), Invalid> {
+        match params.and_then(|p| p.get(key)) {
+            None | Some(Value::Object(_)) => Ok(()),
+            Some(_) => invalid(format!("`params.{key}` of `{method}` must be an object")),
+        }
+    };
+    match method {
+        "tools/call" | "prompts/get" => {
+            need("name")?;
+            object_or_absent("arguments")
+        }
+        "resources/read" | "resources/subscribe" | "resources/unsubscribe" => need("uri"),
+        "tasks/get" | "tasks/result" | "tasks/cancel" | "tasks/update" => need("taskId"),
+        _ => Ok(()),
+    }
+}
+
+/// Classify one value; `None` when it is not a valid JSON-RPC 2.0 message.
+pub fn classify(v: &Value) -> Option<Kind> {
+    validate(v).ok()
 }
 
 /// A body's JSON-RPC content: one message or a batch (2025-03-26).
@@ -46,19 +240,60 @@ pub enum Body {
     Batch(Vec<Value>),
 }
 
+/// What a JSON text turned out to be.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Parsed {
+    /// Valid JSON-RPC: one message or a batch whose every member is valid.
+    Messages(Body),
+    /// Strict JSON that does not present itself as JSON-RPC at all.
+    Other(Value),
+}
+
+/// Why a body was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BodyError {
+    /// Not strict JSON (see [`super::strict`]).
+    Json(super::strict::StrictError),
+    /// JSON that presents itself as JSON-RPC but is not a valid message (or a batch with an
+    /// invalid member).
+    Invalid(Invalid),
+}
+
+impl std::fmt::Display for BodyError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BodyError::Json(e) => write!(f, "not valid JSON: {e}"),
+            BodyError::Invalid(e) => write!(f, "not a valid JSON-RPC message: {e}"),
+        }
+    }
+}
+
 impl Body {
-    /// Parse a body. `Ok(None)`: valid JSON that is not JSON-RPC; `Err`: not JSON.
-    pub fn parse(bytes: &[u8]) -> Result<Option<Body>, serde_json::Error> {
-        let v: Value = serde_json::from_slice(bytes)?;
-        Ok(match v {
-            Value::Array(items)
-                if !items.is_empty() && items.iter().all(|m| classify(m).is_some()) =>
-            {
-                Some(Body::Batch(items))
+    /// Parse a body strictly and validate every message.
+    pub fn parse(bytes: &[u8]) -> Result<Parsed, BodyError> {
+        let v = super::strict::parse(bytes).map_err(BodyError::Json)?;
+        Self::from_value(v)
+    }
+
+    /// Validate a parsed value: one message, or a non-empty batch of valid messages.
+    pub fn from_value(v: Value) -> Result<Parsed, BodyError> {
+        if !looks_like_jsonrpc(&v) {
+            return Ok(Parsed::Other(v));
+        }
+        match v {
+            Value::Array(items) => {
+                for (i, m) in items.iter().enumerate() {
+                    validate(m).map_err(|e| {
+                        BodyError::Invalid(Invalid(format!("batch member {i}: {e}")))
+                    })?;
+                }
+                Ok(Parsed::Messages(Body::Batch(items)))
             }
-            v if classify(&v).is_some() => Some(Body::Single(v)),
-            _ => None,
-        })
+            v => {
+                validate(&v).map_err(BodyError::Invalid)?;
+                Ok(Parsed::Messages(Body::Single(v)))
+            }
+        }
     }
 
     pub fn messages(&self) -> &[Value] {
@@ -84,15 +319,6 @@ impl Body {
     }
 }
 
-/// Whether the bytes start like a JSON object or array (after whitespace): such a body is
-/// inspected whatever its `Content-Type` says, so a mislabelled body cannot skip the policies.
-pub fn looks_like_json(bytes: &[u8]) -> bool {
-    bytes
-        .iter()
-        .find(|b| !b.is_ascii_whitespace())
-        .is_some_and(|b| *b == b'{' || *b == b'[')
-}
-
 pub fn method(v: &Value) -> Option<&str> {
     v.get("method")?.as_str()
 }
@@ -102,18 +328,36 @@ pub fn id(v: &Value) -> Option<&Value> {
 }
 
 /// The id as compact JSON text (`1`, `"a"`): the correlation key and the archive column.
+/// Ids compare as JSON-RPC ids: a number is written as the integer it is, so a server that
+/// echoes `1.0` for `1` answers the same request.
 pub fn id_text(v: &Value) -> Option<String> {
-    id(v).map(Value::to_string)
+    id(v).map(canonical_id)
+}
+
+/// See [`id_text`].
+pub fn canonical_id(id: &Value) -> String {
+    match id {
+        Value::Number(n) if !(n.is_i64() || n.is_u64()) => match n.as_f64() {
+            Some(f) if f.fract() == 0.0 && f.abs() <= super::strict::MAX_SAFE_INTEGER as f64 => {
+                format!("{}", f as i64)
+            }
+            _ => n.to_string(),
+        },
+        other => other.to_string(),
+    }
 }
 
 /// The name a request addresses: the tool of `tools/call`, the prompt of `prompts/get`, the
-/// URI of `resources/read` (what 2026-07-28 mirrors into `Mcp-Name`).
+/// URI of `resources/read`, the task of `tasks/*` (what 2026-07-28 mirrors into `Mcp-Name`).
 pub fn target_name(v: &Value) -> Option<&str> {
     let params = v.get("params")?;
     match method(v)? {
         "tools/call" | "prompts/get" => params.get("name")?.as_str(),
         "resources/read" | "resources/subscribe" | "resources/unsubscribe" => {
             params.get("uri")?.as_str()
+        }
+        "tasks/get" | "tasks/result" | "tasks/cancel" | "tasks/update" => {
+            params.get("taskId")?.as_str()
         }
         _ => None,
     }
@@ -202,16 +446,71 @@ mod tests {
     #[test]
     fn parses_single_and_batch_bodies() {
         let single = Body::parse(br#"{"jsonrpc":"2.0","id":1,"method":"ping"}"#).unwrap();
-        assert!(matches!(single, Some(Body::Single(_))));
-        let batch = Body::parse(
+        assert!(matches!(single, Parsed::Messages(Body::Single(_))));
+        let Parsed::Messages(batch) = Body::parse(
             br#"[{"jsonrpc":"2.0","id":1,"method":"ping"},{"jsonrpc":"2.0","method":"n"}]"#,
         )
-        .unwrap()
-        .unwrap();
+        .unwrap() else {
+            panic!("a batch")
+        };
         assert_eq!(batch.messages().len(), 2);
-        assert_eq!(Body::parse(br#"{"hello":1}"#).unwrap(), None);
-        assert_eq!(Body::parse(b"[]").unwrap(), None);
-        assert!(Body::parse(b"{not json").is_err());
+        assert!(matches!(Body::parse(br#"{"hello":1}"#).unwrap(), Parsed::Other(_)));
+        assert!(matches!(Body::parse(b"[]").unwrap(), Parsed::Other(_)));
+        assert!(matches!(Body::parse(b"{not json"), Err(BodyError::Json(_))));
+    }
+
+    #[test]
+    fn a_batch_with_one_invalid_member_is_refused_whole() {
+        let e = Body::parse(
+            br#"[{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"x"}},{"jsonrpc":"1.0","id":2,"method":"ping"}]"#,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("batch member 1"), "{e}");
+        assert!(Body::parse(br#"[{"jsonrpc":"2.0","method":"n"},3]"#).is_err());
+    }
+
+    #[test]
+    fn shapes_servers_would_read_differently_are_refused() {
+        let refused = [
+            // Keys equal to protocol keys under case folding.
+            json!({"jsonrpc":"2.0","id":1,"Method":"tools/call","params":{"name":"x"}}),
+            json!({"jsonrpc":"2.0","id":1,"method":"tools/call","Params":{"name":"x"}}),
+            json!({"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"Name":"x"}}),
+            json!({"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"x","argument\u{17F}":{}}}),
+            // Ids MCP does not allow.
+            json!({"jsonrpc":"2.0","id":1.5,"method":"ping"}),
+            json!({"jsonrpc":"2.0","id":true,"method":"ping"}),
+            json!({"jsonrpc":"2.0","id":{},"method":"ping"}),
+            json!({"jsonrpc":"2.0","id":null,"method":"ping"}),
+            // A request sent without an id.
+            json!({"jsonrpc":"2.0","method":"tools/call","params":{"name":"x"}}),
+            // Ambiguous or malformed shapes.
+            json!({"jsonrpc":"2.0","id":1,"method":"tools/call","result":{}}),
+            json!({"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":["x"]}}),
+            json!({"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"x","arguments":[1]}}),
+            json!({"jsonrpc":"2.0","id":1,"method":"tools/call"}),
+            json!({"jsonrpc":"2.0","id":1,"method":"tools/call","params":[]}),
+            json!({"jsonrpc":"2.0","id":1,"result":{},"error":{"code":1,"message":"x"}}),
+            json!({"jsonrpc":"2.0","id":1,"result":[]}),
+            json!({"jsonrpc":"2.0","id":1,"error":{"code":"x","message":"x"}}),
+            json!({"jsonrpc":2.0,"id":1,"method":"ping"}),
+        ];
+        for v in refused {
+            assert!(validate(&v).is_err(), "accepted {v}");
+            assert!(looks_like_jsonrpc(&v), "{v}");
+        }
+        // A server echoing 1.0 for 1 is still a response; an error may answer id null.
+        assert_eq!(
+            validate(&json!({"jsonrpc":"2.0","id":1.0,"result":{}})),
+            Ok(Kind::Response)
+        );
+        assert_eq!(
+            validate(&json!({"jsonrpc":"2.0","id":null,"error":{"code":-32700,"message":"x"}})),
+            Ok(Kind::Error)
+        );
+        assert_eq!(id_text(&json!({"id":1.0})).as_deref(), Some("1"));
+        assert_eq!(id_text(&json!({"id":1})).as_deref(), Some("1"));
+        assert_eq!(id_text(&json!({"id":"1"})).as_deref(), Some("\"1\""));
     }
 
     #[test]
@@ -241,13 +540,5 @@ mod tests {
         );
         assert_eq!(jwt_identity("Bearer opaque-token"), None);
         assert_eq!(jwt_identity("Basic dXNlcjpwYXNz"), None);
-    }
-
-    #[test]
-    fn json_sniffing() {
-        assert!(looks_like_json(b"  \n{\"a\":1}"));
-        assert!(looks_like_json(b"[1]"));
-        assert!(!looks_like_json(b"grant_type=x"));
-        assert!(!looks_like_json(b""));
     }
 }

@@ -3,5 +3,7 @@
 
 pub mod headers;
 pub mod jsonrpc;
+pub mod media;
+pub mod strict;
 pub mod session;
 pub mod sse;

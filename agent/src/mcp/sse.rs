@@ -66,10 +66,16 @@ impl Event {
     /// The event with its data replaced by `data` (one line per `\n`-separated part; callers
     /// pass compact JSON, one line), other lines kept in place, LF line ends.
     pub fn encode_with_data(&self, data: &str) -> Vec<u8> {
-        let mut out = Vec::with_capacity(data.len() + 64);
-        let mut data_written = false;
+        self.encode(Some(data))
+    }
+
+    /// The event's lines re-encoded with LF line ends; its data replaced by `data`, or, when
+    /// `None`, left out (an event without data).
+    pub fn encode(&self, data: Option<&str>) -> Vec<u8> {
+        let mut out = Vec::with_capacity(data.map_or(0, str::len) + 64);
+        let mut data_written = data.is_none();
         let write_data = |out: &mut Vec<u8>| {
-            for part in data.split('\n') {
+            for part in data.unwrap_or("").split('\n') {
                 out.extend_from_slice(b"data: ");
                 out.extend_from_slice(part.as_bytes());
                 out.push(b'\n');

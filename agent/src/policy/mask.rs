@@ -1,10 +1,12 @@
 //! Masking: detectors applied to every string leaf of a JSON value (or to one string, such as
 //! an `Mcp-Param-*` header), in a fixed order, each match replaced in the chosen style.
 //!
-//! Types are kept: only string leaves change, and they stay strings, so the masked value is
-//! valid JSON of the same shape (a client validating `structuredContent` against an output
-//! schema still accepts it). Object keys are not masked (renaming keys would change the
-//! shape).
+//! Types are kept where the secret is in a string: only string leaves change, and they stay
+//! strings, so the masked value is valid JSON of the same shape (a client validating
+//! `structuredContent` against an output schema still accepts it). A secret in a number (a card
+//! number sent as a JSON number) or an object key cannot be masked in place: the number becomes
+//! the masked string, the key is renamed to it. The secret never passes; the shape changes only
+//! where it was.
 
 use std::collections::BTreeMap;
 
@@ -94,6 +96,10 @@ impl Masker {
     }
 
     /// Mask every string leaf of `value` in place; returns how many values were masked.
+    ///
+    /// Numbers are read as text too (a card number sent as a JSON number): a number with a
+    /// detected value becomes the masked string, so the secret is gone at the price of the
+    /// type. Object keys with a detected value are renamed the same way.
     pub fn mask_json(&self, value: &mut Value, counts: &mut MaskCounts) -> u32 {
         match value {
             Value::String(s) => match self.mask_str(s, counts) {
@@ -103,9 +109,29 @@ impl Masker {
                 }
                 None => 0,
             },
+            Value::Number(n) => match self.mask_str(&n.to_string(), counts) {
+                Some(masked) => {
+                    *value = Value::String(masked);
+                    1
+                }
+                None => 0,
+            },
             Value::Array(items) => items.iter_mut().map(|v| self.mask_json(v, counts)).sum(),
-            Value::Object(map) => map.values_mut().map(|v| self.mask_json(v, counts)).sum(),
-            Value::Null | Value::Bool(_) | Value::Number(_) => 0,
+            Value::Object(map) => {
+                let mut n = 0;
+                let renamed: Vec<(String, String)> = map
+                    .keys()
+                    .filter_map(|k| self.mask_str(k, counts).map(|m| (k.clone(), m)))
+                    .collect();
+                for (old, new) in renamed {
+                    if let Some(v) = map.remove(&old) {
+                        map.insert(new, v);
+                        n += 1;
+                    }
+                }
+                n + map.values_mut().map(|v| self.mask_json(v, counts)).sum::<u32>()
+            }
+            Value::Null | Value::Bool(_) => 0,
         }
     }
 
@@ -263,10 +289,15 @@ mod tests {
         })
     }
 
-    /// Same shape: same types everywhere, same keys, same lengths, equal non-string leaves.
+    /// Same shape: same types everywhere, same keys, same lengths, equal non-string leaves;
+    /// except that a number holding a detected value (a Luhn-valid card number) becomes its
+    /// masked string.
     fn same_shape(a: &Value, b: &Value) -> bool {
         match (a, b) {
             (Value::String(_), Value::String(_)) => true,
+            (Value::Number(n), Value::String(s)) => {
+                detectors::valid_card(&n.to_string()) && !s.contains(&n.to_string())
+            }
             (Value::Array(x), Value::Array(y)) => {
                 x.len() == y.len() && x.iter().zip(y).all(|(p, q)| same_shape(p, q))
             }
@@ -277,6 +308,25 @@ mod tests {
             }
             (p, q) => p == q,
         }
+    }
+
+    fn numbers(v: &Value) -> Vec<String> {
+        match v {
+            Value::Number(n) => vec![n.to_string()],
+            Value::Array(items) => items.iter().flat_map(numbers).collect(),
+            Value::Object(m) => m.values().flat_map(numbers).collect(),
+            _ => Vec::new(),
+        }
+    }
+
+    #[test]
+    fn card_numbers_sent_as_json_numbers_and_secrets_in_keys_are_masked() {
+        let m = masker(Style::Redact);
+        let mut v = json!({"card": 4111111111111111u64, "count": 42, "alice.smith@example.com": 1});
+        m.mask_json(&mut v, &mut MaskCounts::new());
+        assert_eq!(v["card"], "[MASKED:credit_card]");
+        assert_eq!(v["count"], 42);
+        assert_eq!(v["[MASKED:email]"], 1);
     }
 
     proptest! {
@@ -292,6 +342,12 @@ mod tests {
             let reparsed: Value = serde_json::from_str(&text).unwrap();
             prop_assert_eq!(&reparsed, &masked);
             prop_assert!(same_shape(&v, &masked));
+            // Numbers that are card numbers do not pass either.
+            for n in numbers(&v) {
+                if detectors::valid_card(&n) {
+                    prop_assert!(!text.contains(&n), "{} survived in {}", n, text);
+                }
+            }
             for secret in SECRETS {
                 let escaped = serde_json::to_string(secret).unwrap();
                 let inner = &escaped[1..escaped.len() - 1];

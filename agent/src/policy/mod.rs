@@ -81,8 +81,12 @@ pub struct Message<'a> {
     pub tool: Option<&'a str>,
     /// `params.arguments` of a `tools/call` request.
     pub arguments: Option<&'a Value>,
-    /// Whether this is a request (has a method and an id): only requests can be blocked.
-    pub is_request: bool,
+    /// Whether this is a client's call: a client-to-server message with a method of its own
+    /// (a request, or a notification). Only calls can be blocked or held.
+    pub is_call: bool,
+    /// The request this message belongs to is unknown (a server-to-client message that
+    /// answers nothing Airlock saw): mask rules apply whatever `tools` and `methods` they name.
+    pub scope_unknown: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -353,6 +357,35 @@ impl PolicySet {
         self.rules.len()
     }
 
+    /// Backends that share an address must be judged alike: which of them a connection meets
+    /// must not decide what is allowed or masked. Refuses a set whose `backends` matchers
+    /// tell a pair apart.
+    pub fn check_alike(&self, shared: &[(String, String)], dir: &Path) -> Result<(), PolicyErrors> {
+        let mut errors = Vec::new();
+        for rule in &self.rules {
+            let Some(set) = &rule.matchers.backends else {
+                continue;
+            };
+            for (a, b) in shared {
+                if set.is_match(a) != set.is_match(b) {
+                    errors.push(PolicyError {
+                        file: dir.to_owned(),
+                        line: 0,
+                        message: format!(
+                            "rule `{}` treats backends `{a}` and `{b}` differently, but they share an address: which one a connection meets would decide how it is judged",
+                            rule.id
+                        ),
+                    });
+                }
+            }
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(PolicyErrors(errors))
+        }
+    }
+
     /// Decide for one message, seen for one subject.
     pub fn decide(&self, subject: &Subject, msg: &Message<'_>) -> Decision {
         let mut verdict = None;
@@ -448,7 +481,8 @@ impl PolicySet {
             method: Some("tools/call"),
             tool: Some(tool),
             arguments: None,
-            is_request: true,
+            is_call: true,
+            scope_unknown: false,
         };
         for rule in &self.rules {
             if !rule.matches_ignoring_args(subject, &probe) {
@@ -482,7 +516,7 @@ impl Rule {
         if !direction_ok {
             return false;
         }
-        if matches!(self.action, Action::Block | Action::Approve) && !msg.is_request {
+        if matches!(self.action, Action::Block | Action::Approve) && !msg.is_call {
             return false;
         }
         let m = &self.matchers;
@@ -490,8 +524,10 @@ impl Rule {
             None => true,
             Some(set) => value.is_some_and(|v| set.is_match(v)),
         };
-        glob(&m.tools, msg.tool)
-            && glob(&m.methods, msg.method)
+        // Fail closed: a message whose request is unknown gets every mask rule.
+        let any_scope = self.action == Action::Mask && msg.scope_unknown;
+        (any_scope || glob(&m.tools, msg.tool))
+            && (any_scope || glob(&m.methods, msg.method))
             && glob(&m.backends, Some(msg.backend))
             && glob(&m.users, subject.user.as_deref())
             && m.groups
@@ -505,7 +541,9 @@ impl Rule {
                 .is_none_or(|uids| uids.contains(&subject.uid))
     }
 
-    /// Every `args` matcher must find its argument and match it.
+    /// Every `args` matcher must find its argument and match it. Argument names compare under
+    /// case folding (as Go's `encoding/json` reads them; strict parsing already refused an
+    /// object holding two names that fold alike), and a JSON pointer's segments likewise.
     fn args_match(&self, arguments: Option<&Value>) -> bool {
         if self.matchers.args.is_empty() {
             return true;
@@ -515,9 +553,9 @@ impl Rule {
         };
         self.matchers.args.iter().all(|(path, regex)| {
             let found = if path.starts_with('/') {
-                arguments.pointer(path)
+                pointer_folded(arguments, path)
             } else {
-                arguments.get(path)
+                get_folded(arguments, path)
             };
             match found {
                 Some(Value::String(s)) => regex.is_match(s),
@@ -526,6 +564,33 @@ impl Rule {
             }
         })
     }
+}
+
+/// `value[key]`, the key compared under case folding.
+fn get_folded<'a>(value: &'a Value, key: &str) -> Option<&'a Value> {
+    if let Some(v) = value.get(key) {
+        return Some(v);
+    }
+    let folded = crate::mcp::strict::fold(key);
+    value
+        .as_object()?
+        .iter()
+        .find(|(k, _)| crate::mcp::strict::fold(k) == folded)
+        .map(|(_, v)| v)
+}
+
+/// A JSON pointer (RFC 6901) whose object keys compare under case folding.
+fn pointer_folded<'a>(value: &'a Value, pointer: &str) -> Option<&'a Value> {
+    let mut current = value;
+    for raw in pointer.split('/').skip(1) {
+        let token = raw.replace("~1", "/").replace("~0", "~");
+        current = match current {
+            Value::Array(items) => items.get(token.parse::<usize>().ok()?)?,
+            Value::Object(_) => get_folded(current, &token)?,
+            _ => return None,
+        };
+    }
+    Some(current)
 }
 
 #[derive(Deserialize)]

@@ -22,20 +22,40 @@ pub struct PolicyStore {
     current: RwLock<Arc<PolicySet>>,
     seen: Mutex<Fingerprint>,
     last_error: Mutex<Option<String>>,
+    /// Backends that share an address: no set may tell them apart (see
+    /// [`PolicySet::check_alike`]).
+    shared: Mutex<Vec<(String, String)>>,
 }
 
 impl PolicyStore {
-    /// Load the initial set; it must be valid.
-    pub fn load(dir: &Path, key: HashKey) -> Result<PolicyStore, PolicyErrors> {
+    /// Load the initial set; it must be valid, and treat the backends of each `shared` pair
+    /// alike.
+    pub fn load(
+        dir: &Path,
+        key: HashKey,
+        shared: Vec<(String, String)>,
+    ) -> Result<PolicyStore, PolicyErrors> {
         let seen = fingerprint(dir);
         let set = PolicySet::load_dir(dir, key.clone())?;
+        set.check_alike(&shared, dir)?;
         Ok(PolicyStore {
             dir: dir.to_owned(),
             key,
             current: RwLock::new(Arc::new(set)),
             seen: Mutex::new(seen),
             last_error: Mutex::new(None),
+            shared: Mutex::new(shared),
         })
+    }
+
+    /// Backends that now share an address (DNS changed): refused when the set in force tells
+    /// them apart, else remembered for later reloads.
+    pub fn set_shared(&self, shared: Vec<(String, String)>) -> Result<(), PolicyErrors> {
+        self.current().check_alike(&shared, &self.dir)?;
+        if let Ok(mut s) = self.shared.lock() {
+            *s = shared;
+        }
+        Ok(())
     }
 
     /// The set in force.
@@ -62,7 +82,10 @@ impl PolicyStore {
         if let Ok(mut s) = self.seen.lock() {
             *s = fingerprint(&self.dir);
         }
-        match PolicySet::load_dir(&self.dir, self.key.clone()) {
+        let shared = self.shared.lock().map(|s| s.clone()).unwrap_or_default();
+        let loaded = PolicySet::load_dir(&self.dir, self.key.clone())
+            .and_then(|set| set.check_alike(&shared, &self.dir).map(|()| set));
+        match loaded {
             Ok(set) => {
                 let hash = set.hash.clone();
                 if let Ok(mut c) = self.current.write() {
@@ -142,7 +165,7 @@ mod tests {
         let rule =
             |id: &str| format!("[[rule]]\nid = \"{id}\"\naction = \"block\"\ntools = [\"x\"]\n");
         fs::write(dir.join("a.toml"), rule("one")).unwrap();
-        let store = PolicyStore::load(&dir, HashKey([0; 32])).unwrap();
+        let store = PolicyStore::load(&dir, HashKey([0; 32]), Vec::new()).unwrap();
         let first = store.current().hash.clone();
         assert!(!store.changed_on_disk());
         fs::write(dir.join("a.toml"), rule("two-longer")).unwrap();

@@ -28,7 +28,8 @@ fn call<'a>(tool: &'a str, args: &'a Value) -> Message<'a> {
         method: Some("tools/call"),
         tool: Some(tool),
         arguments: Some(args),
-        is_request: true,
+        is_call: true,
+        scope_unknown: false,
     }
 }
 
@@ -196,16 +197,61 @@ uids = [1000]
 }
 
 #[test]
-fn blocks_never_apply_to_responses_or_notifications() {
+fn blocks_apply_to_client_calls_only_notifications_included() {
     let s = set(&[("a.toml", EXAMPLE)]).unwrap();
     let who = subject("alice", 1000);
     let mut m = call("delete_repo", &Value::Null);
     m.direction = Direction::ServerToClient;
-    m.is_request = false;
+    m.is_call = false;
     assert_eq!(s.decide(&who, &m).verdict, Verdict::Allow);
-    let mut n = call("delete_repo", &Value::Null);
-    n.is_request = false;
-    assert_eq!(s.decide(&who, &n).verdict, Verdict::Allow);
+    // A client notification naming the method is judged like the request it imitates.
+    let n = call("delete_repo", &Value::Null);
+    assert!(matches!(s.decide(&who, &n).verdict, Verdict::Block { .. }));
+}
+
+#[test]
+fn mask_rules_scoped_to_a_tool_apply_to_messages_tied_to_no_request() {
+    let s = set(&[(
+        "a.toml",
+        r#"
+[[rule]]
+id = "mask-lookup"
+action = "mask"
+detectors = ["email"]
+tools = ["lookup"]
+methods = ["tools/call"]
+"#,
+    )])
+    .unwrap();
+    let who = subject("alice", 1000);
+    let mut other = call("other", &Value::Null);
+    other.direction = Direction::ServerToClient;
+    other.is_call = false;
+    assert!(!s.decide(&who, &other).masks_anything());
+    let mut unknown = other;
+    unknown.tool = None;
+    unknown.method = None;
+    unknown.scope_unknown = true;
+    assert!(s.decide(&who, &unknown).masks_anything());
+}
+
+#[test]
+fn argument_names_match_under_case_folding() {
+    let s = set(&[(
+        "a.toml",
+        r#"
+[[rule]]
+id = "no-drop"
+action = "block"
+tools = ["query"]
+args = { "sql" = "(?i)drop", "/opts/mode" = "^force$" }
+"#,
+    )])
+    .unwrap();
+    let who = subject("alice", 1000);
+    let args = json!({"SQL": "DROP TABLE x", "Opts": {"\u{17F}" : 1, "MODE": "force"}});
+    let m = call("query", &args);
+    assert!(matches!(s.decide(&who, &m).verdict, Verdict::Block { .. }));
 }
 
 #[test]
@@ -229,7 +275,7 @@ style = "redact"
     let who = subject("alice", 1000);
     let mut resp = call("lookup", &Value::Null);
     resp.direction = Direction::ServerToClient;
-    resp.is_request = false;
+    resp.is_call = false;
     let d = s.decide(&who, &resp);
     let mut v = json!({"content": [{"type": "text", "text": "EMP-123456 is a@b.io"}]});
     let counts = s.mask(&d, &mut v);
@@ -407,7 +453,7 @@ fn shipped_defaults_load() {
     let who = subject("alice", 1000);
     let mut resp = call("read", &Value::Null);
     resp.direction = Direction::ServerToClient;
-    resp.is_request = false;
+    resp.is_call = false;
     let d = s.decide(&who, &resp);
     let mut v = json!({"text": "key AKIAIOSFODNN7EXAMPLE"});
     s.mask(&d, &mut v);

@@ -17,6 +17,7 @@ fn backend(host: &str, addresses: &[&str]) -> Backend {
         mode: BackendMode::Mcp,
         unknown_sni: UnknownSni::Reject,
         credentials_file: None,
+        allow_http: Vec::new(),
     }
 }
 

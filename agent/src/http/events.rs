@@ -1,0 +1,364 @@
+//! A server's event stream (a POST's answer, a GET stream, the legacy `/sse` stream), event by
+//! event: each event is parsed, judged and re-emitted as soon as it is through the pipeline.
+//!
+//! What passes: events without data (priming, keep-alive), `message` events (or events
+//! without a type) whose data Airlock parsed as JSON-RPC — one message or a batch — and the
+//! legacy transport's `endpoint` event naming a path on the same server. Lines a client does
+//! not read as fields are dropped; comments and event ids that carry a detected secret are
+//! emptied or dropped (an id cannot be rewritten: clients send it back). Anything else ends
+//! the stream: the requests the stream still owes an answer get a JSON-RPC error event, then
+//! the stream is cut, and the archive has a record of why.
+//!
+//! Slow senders are bounded: no byte for `stream_idle_timeout_secs` ends the stream, and an
+//! event must be complete within `body_read_timeout_secs` of its first byte.
+
+use std::sync::{Arc, atomic::Ordering};
+
+use bytes::Bytes;
+use http::{HeaderValue, Response, header};
+use http_body_util::BodyExt as _;
+use hyper::body::Incoming;
+use serde_json::{Value, json};
+use tracing::debug;
+
+use super::{BoxError, Conn, Limits, ProxyBody, RequestInfo};
+use crate::{
+    mcp::{
+        jsonrpc::{self, Body, Parsed, code},
+        session::SessionKey,
+        sse::{self, Event, Line},
+        strict,
+    },
+    pipeline::{ConnCtx, Msg, Outcome, Pipeline},
+    policy::Direction,
+};
+
+impl Conn {
+    pub(super) async fn stream(
+        &self,
+        info: RequestInfo,
+        mut parts: http::response::Parts,
+        body: Incoming,
+    ) -> Response<ProxyBody> {
+        let ct = parts
+            .headers
+            .get(header::CONTENT_TYPE)
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+            .unwrap_or_default();
+        if let Err(e) = self.http_record(&info, parts.status.as_u16(), &ct).await {
+            return self.unrecorded(&info, e).await;
+        }
+        parts.headers.remove(header::CONTENT_LENGTH);
+        let (tx, rx) = http_body_util::channel::Channel::<Bytes, BoxError>::new(4);
+        let job = Stream {
+            pipeline: self.pipeline.clone(),
+            ctx: self.ctx.clone(),
+            limits: self.limits,
+            resources: self.resources.clone(),
+            backend_host: self.backend.host.clone(),
+            key: info.key.clone(),
+            info,
+            injected: None,
+            registered: None,
+        };
+        tokio::spawn(job.run(body, tx));
+        let mut r = Response::from_parts(parts, rx.boxed_unsync());
+        r.headers_mut()
+            .insert("x-accel-buffering", HeaderValue::from_static("no"));
+        r
+    }
+}
+
+struct Stream {
+    pipeline: Arc<Pipeline>,
+    ctx: Arc<ConnCtx>,
+    limits: Limits,
+    resources: Arc<crate::limits::Limits>,
+    backend_host: String,
+    info: RequestInfo,
+    /// The session the stream's messages belong to (the legacy `endpoint` event names it).
+    key: SessionKey,
+    /// Airlock's own answers to refused legacy POSTs, emitted on this stream.
+    injected: Option<tokio::sync::mpsc::Receiver<Value>>,
+    registered: Option<SessionKey>,
+}
+
+impl Stream {
+    async fn run(mut self, mut body: Incoming, mut tx: http_body_util::channel::Sender<Bytes, BoxError>) {
+        let mut parser = sse::Parser::new(self.limits.max_sse_event);
+        let mut events = Vec::new();
+        // Set while the parser holds part of an event: it must be complete by then.
+        let mut event_deadline: Option<tokio::time::Instant> = None;
+        let end: Result<(), String> = loop {
+            let idle_until = tokio::time::Instant::now() + self.limits.stream_idle_timeout;
+            let until = event_deadline.map_or(idle_until, |d| d.min(idle_until));
+            let next = async {
+                match self.injected.as_mut() {
+                    Some(rx) => tokio::select! {
+                        biased;
+                        f = body.frame() => Ok(f),
+                        Some(v) = rx.recv() => Err(v),
+                    },
+                    None => Ok(body.frame().await),
+                }
+            };
+            let frame = match tokio::time::timeout_at(until, next).await {
+                Ok(Err(answer)) => {
+                    let bytes = sse::encode_event(Some("message"), &answer.to_string());
+                    if tx.send_data(Bytes::from(bytes)).await.is_err() {
+                        break Ok(());
+                    }
+                    continue;
+                }
+                Ok(Ok(f)) => f,
+                Err(_) if event_deadline.is_some_and(|d| d <= tokio::time::Instant::now()) => {
+                    self.resources
+                        .counters
+                        .sse_event_timeouts
+                        .fetch_add(1, Ordering::Relaxed);
+                    break Err(format!(
+                        "an event took longer than {} s to arrive (`body_read_timeout_secs`)",
+                        self.limits.body_read_timeout.as_secs()
+                    ));
+                }
+                Err(_) => {
+                    break Err(format!(
+                        "no event for {} s (`stream_idle_timeout_secs`)",
+                        self.limits.stream_idle_timeout.as_secs()
+                    ));
+                }
+            };
+            let frame = match frame {
+                None => break Ok(()),
+                Some(Err(e)) => break Err(format!("the server's stream: {e}")),
+                Some(Ok(f)) => f,
+            };
+            // Trailers are dropped: nothing uninspected reaches the client.
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
+            if let Err(e) = parser.feed(&data, &mut events) {
+                break Err(e.to_string());
+            }
+            event_deadline = match (parser.pending_bytes(), event_deadline) {
+                (0, _) => None,
+                (_, Some(d)) if events.is_empty() => Some(d),
+                _ => Some(tokio::time::Instant::now() + self.limits.body_read_timeout),
+            };
+            let mut out = Vec::new();
+            let mut refused = None;
+            for event in events.drain(..) {
+                match self.event(event).await {
+                    Ok(bytes) => out.extend_from_slice(&bytes),
+                    Err(reason) => {
+                        refused = Some(reason);
+                        break;
+                    }
+                }
+            }
+            if !out.is_empty() && tx.send_data(Bytes::from(out)).await.is_err() {
+                // The client went away: dropping the upstream body closes the server's stream.
+                break Ok(());
+            }
+            if let Some(reason) = refused {
+                break Err(reason);
+            }
+        };
+        if let Some(k) = self.registered.take() {
+            // The legacy session lives as long as its `/sse` stream.
+            if let Ok(mut m) = self.pipeline.legacy_streams.lock() {
+                m.remove(&k);
+            }
+            self.pipeline.sessions.end(&k);
+        }
+        if let Err(reason) = &end {
+            // The requests this stream still owes get an error the client can read, then the
+            // stream is cut.
+            let mut errors = Vec::new();
+            for id in self.info.owed.drain(..) {
+                let answer = jsonrpc::error_response(
+                    Some(&id),
+                    code::UNAVAILABLE,
+                    &format!("Airlock: the server's event stream was refused: {reason}"),
+                    None,
+                );
+                errors.extend_from_slice(&sse::encode_event(Some("message"), &answer.to_string()));
+            }
+            if !errors.is_empty() {
+                let _ = tx.send_data(Bytes::from(errors)).await;
+            }
+            tx.abort(reason.clone().into());
+        }
+        if parser.pending_bytes() > 0 {
+            debug!(
+                id = self.ctx.conn_id,
+                bytes = parser.pending_bytes(),
+                "stream ended inside an event"
+            );
+        }
+        if let Err(reason) = end {
+            let _ = self
+                .pipeline
+                .record_event(
+                    &self.ctx,
+                    Direction::ServerToClient,
+                    "error",
+                    "block",
+                    json!({"http_method": self.info.method.as_str(), "path": self.info.path, "error": format!("event stream ended: {reason}")}),
+                    Some(self.info.started.elapsed().as_micros() as u64),
+                    self.info.mcp_session_id.clone(),
+                )
+                .await;
+        }
+    }
+
+    /// Judge one event: the bytes to send on, or why the stream must end.
+    async fn event(&mut self, event: Event) -> Result<Vec<u8>, String> {
+        let mut lines = Vec::with_capacity(event.lines.len());
+        let mut as_received = true;
+        for line in &event.lines {
+            match line {
+                Line::Comment(c) if !c.is_empty() && self.masks(c) => {
+                    lines.push(Line::Comment(String::new()));
+                    as_received = false;
+                }
+                Line::Comment(_) => lines.push(line.clone()),
+                Line::Field { name, value } => match name.as_str() {
+                    "data" | "event" => lines.push(line.clone()),
+                    "id" if !self.masks(value) => lines.push(line.clone()),
+                    "retry" if !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()) => {
+                        lines.push(line.clone())
+                    }
+                    // A detected secret in an id, a malformed retry, a field clients ignore.
+                    _ => as_received = false,
+                },
+            }
+        }
+        let data = event.data();
+        let kind = event.event_type().unwrap_or("message");
+        let new_data = match data.as_deref() {
+            None | Some("") => None,
+            Some(d) if kind == "message" => self.messages(d).await?,
+            Some(d) if kind == "endpoint" => {
+                self.endpoint(d)?;
+                None
+            }
+            Some(_) => {
+                return Err(format!(
+                    "an event of type `{kind}` carries data: only JSON-RPC `message` events are passed on"
+                ));
+            }
+        };
+        if as_received && new_data.is_none() {
+            return Ok(event.raw);
+        }
+        let rebuilt = Event {
+            lines,
+            raw: Vec::new(),
+        };
+        Ok(rebuilt.encode(new_data.as_deref().or(data.as_deref())))
+    }
+
+    /// Whether masking would change `text` (a comment or an event id).
+    fn masks(&self, text: &str) -> bool {
+        self.pipeline
+            .mask_str(&self.ctx, Direction::ServerToClient, text)
+            .is_some()
+    }
+
+    /// The data of a `message` event: JSON-RPC, every message through the pipeline. The new
+    /// data when a message changed.
+    async fn messages(&mut self, data: &str) -> Result<Option<String>, String> {
+        let _permit = self
+            .resources
+            .parse(strict::parsed_size_estimate(data.as_bytes()))
+            .map_err(|e| e.to_string())?;
+        let mut parsed = match Body::parse(data.as_bytes()) {
+            Ok(Parsed::Messages(b)) => b,
+            Ok(Parsed::Other(_)) => {
+                return Err("an event's data is JSON but not a JSON-RPC message".into());
+            }
+            Err(e) => return Err(format!("an event's data is {e}")),
+        };
+        let single = matches!(parsed, Body::Single(_));
+        let mut changed_any = false;
+        for m in parsed.messages_mut() {
+            let value = std::mem::take(m);
+            let answered = matches!(
+                jsonrpc::classify(&value),
+                Some(jsonrpc::Kind::Response | jsonrpc::Kind::Error)
+            )
+            .then(|| jsonrpc::id_text(&value))
+            .flatten();
+            let outcome = self
+                .pipeline
+                .process(
+                    &self.ctx,
+                    Msg {
+                        direction: Direction::ServerToClient,
+                        value,
+                        session: self.key.clone(),
+                        mcp_session_id: self.info.mcp_session_id.clone(),
+                        raw: single.then(|| Bytes::copy_from_slice(data.as_bytes())),
+                        origin: self.info.origin.clone(),
+                    },
+                )
+                .await
+                .map_err(|e| e.to_string())?;
+            if let Some(id) = answered {
+                self.info
+                    .owed
+                    .retain(|owed| jsonrpc::canonical_id(owed) != id);
+            }
+            match outcome {
+                Outcome::Forward { value, changed, .. } => {
+                    changed_any |= changed;
+                    *m = value;
+                }
+                Outcome::Answer(a) => {
+                    changed_any = true;
+                    *m = a;
+                }
+            }
+        }
+        Ok(changed_any.then(|| String::from_utf8_lossy(&parsed.to_bytes()).into_owned()))
+    }
+
+    /// The legacy transport's `endpoint` event: where the client is to POST. It must name a
+    /// path on this server (the clients' POSTs would otherwise go where Airlock does not look),
+    /// and it names the session.
+    fn endpoint(&mut self, data: &str) -> Result<(), String> {
+        let path = if data.starts_with('/') && !data.starts_with("//") {
+            data.to_owned()
+        } else {
+            let uri: http::Uri = data
+                .parse()
+                .map_err(|_| format!("the `endpoint` event names {data:?}, not a path"))?;
+            let same = uri.host().is_some_and(|h| {
+                h.trim_end_matches('.')
+                    .eq_ignore_ascii_case(self.backend_host.trim_end_matches('.'))
+            });
+            if !same {
+                return Err(format!(
+                    "the `endpoint` event sends the client to {data:?}, not to this server"
+                ));
+            }
+            uri.path_and_query()
+                .map_or_else(|| "/".to_owned(), |p| p.as_str().to_owned())
+        };
+        if let Some(sid) = super::legacy_session(path.split_once('?').map(|(_, q)| q)) {
+            let key = SessionKey {
+                backend: self.ctx.backend.clone(),
+                id: format!("legacy:{sid}"),
+            };
+            let (stx, srx) = tokio::sync::mpsc::channel(16);
+            if let Ok(mut m) = self.pipeline.legacy_streams.lock() {
+                m.insert(key.clone(), stx);
+                self.registered = Some(key.clone());
+            }
+            self.injected = Some(srx);
+            self.key = key;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,414 @@
+//! HTTP/1.1 on both sides of an intercepted MCP connection (hyper), and what Airlock lets
+//! through it. For a `mode = "mcp"` backend every request and every response is in exactly one
+//! of three classes, decided from the bytes Airlock parsed, never from what a peer declares:
+//!
+//! 1. **MCP**: JSON-RPC that Airlock parsed strictly (one message or a batch, every member
+//!    valid) — each message goes through the [`Pipeline`] (policy, masking, record) and is
+//!    forwarded or answered by Airlock;
+//! 2. **allowed non-MCP**: a request matching the backend's `allow_http` (OAuth discovery by
+//!    default) whose body no lenient server would read as JSON-RPC — forwarded as it streams,
+//!    recorded at HTTP level;
+//! 3. **anything else**: refused with an error the peer can read (a JSON-RPC error, a 4xx, a
+//!    502 to the client, an SSE stream ended with an error), counted and recorded with the
+//!    reason.
+//!
+//! Jobs, one file each: [`request`] (Host, body, classification, the request's messages),
+//! [`response`] (what a server may answer an MCP exchange with), [`events`] (SSE streams,
+//! event by event), [`upstream`] (the server connection and the pool).
+//!
+//! Upstream requests never ask for compression (`Accept-Encoding: identity`), so what Airlock
+//! inspects is what the client gets. Hop-by-hop headers are dropped both ways.
+
+mod events;
+mod request;
+mod response;
+mod upstream;
+
+use std::{
+    convert::Infallible,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Method, Response, StatusCode, header};
+use http_body_util::{BodyExt as _, Full, combinators::UnsyncBoxBody};
+use serde_json::{Value, json};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tracing::warn;
+
+pub use upstream::{Dial, PoolKey, UpstreamPool, UpstreamSender, UpstreamSlot, client_handshake};
+
+use crate::{
+    mcp::session::SessionKey,
+    pipeline::{ConnCtx, Origin, Pipeline},
+    policy::Direction,
+};
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub type ProxyBody = UnsyncBoxBody<Bytes, BoxError>;
+
+/// Limits and timeouts of the HTTP layer (from `airlock.toml`).
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_body: usize,
+    pub max_sse_event: usize,
+    pub header_read_timeout: Duration,
+    pub stream_idle_timeout: Duration,
+    /// A whole request body, a whole JSON response, one SSE event once started.
+    pub body_read_timeout: Duration,
+}
+
+/// Everything one client connection's requests share.
+pub struct Conn {
+    pub ctx: Arc<ConnCtx>,
+    pub pipeline: Arc<Pipeline>,
+    pub limits: Limits,
+    pub upstream: tokio::sync::Mutex<UpstreamSlot>,
+    /// The backend this connection is for (chosen by the original destination and SNI).
+    pub backend: Arc<crate::config::Backend>,
+    /// Per-uid and parsing budgets, shared by every connection.
+    pub resources: Arc<crate::limits::Limits>,
+}
+
+/// Serve HTTP/1.1 on an intercepted (decrypted) client stream until it closes.
+pub async fn serve<S>(io: S, conn: Arc<Conn>) -> Result<(), hyper::Error>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let limits = conn.limits;
+    let svc = hyper::service::service_fn(move |req| {
+        let conn = conn.clone();
+        async move { Ok::<_, Infallible>(conn.handle(req).await) }
+    });
+    hyper::server::conn::http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(64 * 1024)
+        .keep_alive(true)
+        .serve_connection(hyper_util::rt::TokioIo::new(io), svc)
+        .await
+}
+
+const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "expect",
+];
+
+fn strip_hop_by_hop(h: &mut HeaderMap) {
+    // Headers named by `Connection` are hop-by-hop too.
+    let named: Vec<String> = h
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(',').map(|s| s.trim().to_ascii_lowercase()))
+        .collect();
+    for n in HOP_BY_HOP
+        .iter()
+        .copied()
+        .chain(named.iter().map(String::as_str))
+    {
+        h.remove(n);
+    }
+}
+
+fn full(bytes: impl Into<Bytes>) -> ProxyBody {
+    Full::new(bytes.into())
+        .map_err(|never: Infallible| match never {})
+        .boxed_unsync()
+}
+
+fn text_response(status: StatusCode, text: String) -> Response<ProxyBody> {
+    let mut r = Response::new(full(text + "\n"));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+fn json_response(status: StatusCode, body: &Value) -> Response<ProxyBody> {
+    let bytes = serde_json::to_vec(body).unwrap_or_default();
+    let mut r = Response::new(full(bytes));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+fn is_identity_encoding(h: &HeaderMap) -> bool {
+    h.get_all(header::CONTENT_ENCODING).iter().all(|v| {
+        v.to_str()
+            .map(|s| s.trim().eq_ignore_ascii_case("identity"))
+            .unwrap_or(false)
+    })
+}
+
+/// The legacy transport names its session in the query (`session_id` in Python,
+/// `sessionId` in TypeScript).
+fn legacy_session(query: Option<&str>) -> Option<String> {
+    query?.split('&').find_map(|kv| {
+        let (k, v) = kv.split_once('=')?;
+        (k == "session_id" || k == "sessionId").then(|| v.to_owned())
+    })
+}
+
+/// What a request was, for its response and its records.
+struct RequestInfo {
+    method: Method,
+    path: String,
+    key: SessionKey,
+    mcp_session_id: Option<String>,
+    started: Instant,
+    /// The request carried MCP messages (its response must be MCP too).
+    mcp: bool,
+    /// Allowed non-MCP traffic (`allow_http`): the response passes as it streams.
+    passthrough: bool,
+    /// The one request of the body, for what its response stream carries.
+    origin: Option<Origin>,
+    /// Ids of the forwarded requests: answered with an error if their stream is refused.
+    owed: Vec<Value>,
+}
+
+impl Conn {
+    /// The connection closed: what was keyed by it (stateless requests, an `initialize`
+    /// whose answer never came) is forgotten.
+    pub fn end_connection_session(&self) {
+        self.pipeline.sessions.end(&self.session_key(None, None));
+    }
+
+    fn session_key(&self, mcp_session_id: Option<&str>, legacy: Option<&str>) -> SessionKey {
+        SessionKey {
+            backend: self.ctx.backend.clone(),
+            id: match (mcp_session_id, legacy) {
+                (Some(s), _) => format!("mcp:{s}"),
+                (None, Some(l)) => format!("legacy:{l}"),
+                (None, None) => format!("conn:{}", self.ctx.conn_id),
+            },
+        }
+    }
+
+    /// Record an error of Airlock's own about a request (`kind = "error"`): its method and
+    /// path, and `detail`.
+    async fn record_request_error(
+        &self,
+        info: &RequestInfo,
+        direction: Direction,
+        decision: &str,
+        detail: Value,
+        latency_us: Option<u64>,
+    ) {
+        let mut event = json!({"http_method": info.method.as_str(), "path": info.path});
+        if let (Some(event), Value::Object(detail)) = (event.as_object_mut(), detail) {
+            event.extend(detail);
+        }
+        if let Err(e) = self
+            .pipeline
+            .record_event(
+                &self.ctx,
+                direction,
+                "error",
+                decision,
+                event,
+                latency_us,
+                info.mcp_session_id.clone(),
+            )
+            .await
+        {
+            warn!(id = self.ctx.conn_id, error = %e, "cannot record a refusal");
+        }
+    }
+
+    /// Refuse a request with a plain-text HTTP error: recorded, counted, never forwarded.
+    async fn refuse_http(
+        &self,
+        info: &RequestInfo,
+        status: StatusCode,
+        reason: String,
+    ) -> Response<ProxyBody> {
+        self.pipeline
+            .counters
+            .refused_requests
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.record_request_error(
+            info,
+            Direction::ClientToServer,
+            "block",
+            json!({"status": status.as_u16(), "error": reason}),
+            None,
+        )
+        .await;
+        text_response(status, reason)
+    }
+
+    /// The server could not be reached (connect, TLS, HTTP): the client gets a 502 naming the
+    /// reason, and the archive a record.
+    async fn upstream_failed(&self, info: &RequestInfo, reason: String) -> Response<ProxyBody> {
+        warn!(id = self.ctx.conn_id, backend = %self.ctx.backend, %reason, "upstream failed");
+        self.record_request_error(
+            info,
+            Direction::ServerToClient,
+            "allow",
+            json!({"status": 502, "error": reason}),
+            Some(info.started.elapsed().as_micros() as u64),
+        )
+        .await;
+        text_response(
+            StatusCode::BAD_GATEWAY,
+            format!(
+                "Airlock: cannot reach backend `{}`: {reason}",
+                self.ctx.backend
+            ),
+        )
+    }
+
+    /// What the server answered cannot be passed on: the client gets a 502 naming the reason,
+    /// the archive a record, the counter a tick.
+    async fn refuse_answer(&self, info: &RequestInfo, reason: String) -> Response<ProxyBody> {
+        warn!(id = self.ctx.conn_id, backend = %self.ctx.backend, %reason, "refused a server's answer");
+        self.pipeline
+            .counters
+            .refused_answers
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.record_request_error(
+            info,
+            Direction::ServerToClient,
+            "block",
+            json!({"status": 502, "error": reason}),
+            Some(info.started.elapsed().as_micros() as u64),
+        )
+        .await;
+        text_response(
+            StatusCode::BAD_GATEWAY,
+            format!(
+                "Airlock: refused the answer of backend `{}`: {reason}",
+                self.ctx.backend
+            ),
+        )
+    }
+
+    /// An HTTP-level record: method, path, status, content type (never headers: they carry
+    /// credentials). `Err` when it could not be written in strict recording: the caller must
+    /// not forward.
+    async fn http_record(
+        &self,
+        info: &RequestInfo,
+        status: u16,
+        ct: &str,
+    ) -> Result<(), crate::pipeline::PipelineError> {
+        self.pipeline
+            .record_event(
+                &self.ctx,
+                Direction::ServerToClient,
+                "http",
+                "allow",
+                json!({"http_method": info.method.as_str(), "path": info.path, "status": status, "content_type": ct}),
+                Some(info.started.elapsed().as_micros() as u64),
+                info.mcp_session_id.clone(),
+            )
+            .await
+    }
+}
+
+/// A pass-through body that ends with an error when no frame arrives for `idle`.
+struct IdleBody {
+    inner: hyper::body::Incoming,
+    idle: Duration,
+    sleep: std::pin::Pin<Box<tokio::time::Sleep>>,
+}
+
+impl IdleBody {
+    fn new(inner: hyper::body::Incoming, idle: Duration) -> IdleBody {
+        IdleBody {
+            inner,
+            idle,
+            sleep: Box::pin(tokio::time::sleep(idle)),
+        }
+    }
+}
+
+impl hyper::body::Body for IdleBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, BoxError>>> {
+        use std::task::Poll;
+        let this = &mut *self;
+        match std::pin::Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(r) => {
+                let idle = this.idle;
+                this.sleep
+                    .as_mut()
+                    .reset(tokio::time::Instant::now() + idle);
+                Poll::Ready(r.map(|f| f.map_err(|e| Box::new(e) as BoxError)))
+            }
+            Poll::Pending => match this.sleep.as_mut().poll(cx) {
+                Poll::Ready(()) => Poll::Ready(Some(Err("response body idle too long".into()))),
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Read a whole body, at most `max` bytes, within `deadline`; every frame is charged to
+/// `permit` first when one is given (a client's in-flight bytes).
+async fn read_capped(
+    mut body: hyper::body::Incoming,
+    max: usize,
+    deadline: tokio::time::Instant,
+    mut permit: Option<&mut crate::limits::BodyPermit>,
+) -> Result<Bytes, ReadError> {
+    if hyper::body::Body::size_hint(&body).lower() > max as u64 {
+        return Err(ReadError::TooLarge);
+    }
+    let mut buf = bytes::BytesMut::new();
+    loop {
+        let frame = match tokio::time::timeout_at(deadline, body.frame()).await {
+            Err(_) => return Err(ReadError::Timeout),
+            Ok(None) => return Ok(buf.freeze()),
+            Ok(Some(Err(e))) => return Err(ReadError::Io(e.to_string())),
+            Ok(Some(Ok(f))) => f,
+        };
+        // Trailers are dropped: nothing uninspected travels with a body.
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        if buf.len() + data.len() > max {
+            return Err(ReadError::TooLarge);
+        }
+        if let Some(p) = permit.as_deref_mut() {
+            p.grow(data.len()).map_err(ReadError::Limit)?;
+        }
+        buf.extend_from_slice(&data);
+    }
+}
+
+#[derive(Debug)]
+enum ReadError {
+    TooLarge,
+    Timeout,
+    Io(String),
+    Limit(crate::limits::LimitError),
+}

@@ -1,0 +1,599 @@
+//! One client request: the `Host` it names, its body (capped, within a deadline, charged to
+//! its uid), the class Airlock gives it from the bytes, and, for MCP, each message through the
+//! pipeline before anything is forwarded.
+
+use std::{sync::atomic::Ordering, time::Instant};
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use serde_json::{Value, json};
+use tracing::warn;
+
+use super::{
+    Conn, ProxyBody, ReadError, RequestInfo, full, is_identity_encoding, json_response,
+    legacy_session, read_capped, strip_hop_by_hop,
+};
+use crate::{
+    limits::ParsePermit,
+    mcp::{
+        headers,
+        jsonrpc::{self, Body, BodyError, Parsed, code},
+        strict,
+    },
+    pipeline::{Msg, Origin, Outcome},
+    policy::Direction,
+};
+
+/// What a request body is, decided from its bytes.
+enum Class {
+    /// No body: nothing to judge on the way in (a GET stream, a DELETE); the response must be
+    /// MCP.
+    Empty,
+    /// Allowed non-MCP traffic (`allow_http`).
+    Passthrough,
+    /// JSON-RPC Airlock parsed; the permit holds its parsing cost while it is alive.
+    Mcp(Body, ParsePermit),
+    /// Refused: the HTTP status, a JSON-RPC error code and id, the reason.
+    Refused {
+        status: StatusCode,
+        code: i64,
+        id: Option<Value>,
+        reason: String,
+    },
+}
+
+impl Conn {
+    pub(super) async fn handle(&self, req: Request<Incoming>) -> Response<ProxyBody> {
+        let started = Instant::now();
+        let (mut parts, body) = req.into_parts();
+        let path = parts
+            .uri
+            .path_and_query()
+            .map(|p| p.as_str().to_owned())
+            .unwrap_or_else(|| "/".into());
+        let mcp_session_id = parts
+            .headers
+            .get("mcp-session-id")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let legacy = legacy_session(parts.uri.query());
+        if let Some(auth) = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            && let Some(identity) = jsonrpc::jwt_identity(auth)
+            && let Ok(mut slot) = self.ctx.identity.lock()
+        {
+            *slot = Some(identity);
+        }
+        let mut info = RequestInfo {
+            method: parts.method.clone(),
+            path: path.clone(),
+            key: self.session_key(mcp_session_id.as_deref(), legacy.as_deref()),
+            mcp_session_id,
+            started,
+            mcp: false,
+            passthrough: false,
+            origin: None,
+            owed: Vec::new(),
+        };
+
+        // One connection, one backend: the request must name the backend its connection was
+        // judged for.
+        if let Err(reason) = self.check_authority(&parts) {
+            return self
+                .refuse_http(&info, StatusCode::MISDIRECTED_REQUEST, format!("Airlock: {reason}"))
+                .await;
+        }
+
+        // The body, read whole (capped, within the deadline, charged to the caller's uid).
+        let mut permit = self.resources.body(self.ctx.attribution.uid);
+        let deadline = tokio::time::Instant::now() + self.limits.body_read_timeout;
+        let body = match read_capped(body, self.limits.max_body, deadline, Some(&mut permit)).await
+        {
+            Ok(b) => b,
+            Err(e) => {
+                let (status, reason) = match e {
+                    ReadError::TooLarge => (
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        format!(
+                            "Airlock: request body larger than {} bytes (`max_body_bytes`)",
+                            self.limits.max_body
+                        ),
+                    ),
+                    ReadError::Timeout => {
+                        self.resources
+                            .counters
+                            .body_read_timeouts
+                            .fetch_add(1, Ordering::Relaxed);
+                        (
+                            StatusCode::REQUEST_TIMEOUT,
+                            format!(
+                                "Airlock: the request body did not arrive within {} s (`body_read_timeout_secs`)",
+                                self.limits.body_read_timeout.as_secs()
+                            ),
+                        )
+                    }
+                    ReadError::Limit(e) => (StatusCode::TOO_MANY_REQUESTS, format!("Airlock: {e}")),
+                    ReadError::Io(e) => (
+                        StatusCode::BAD_REQUEST,
+                        format!("Airlock: reading the request body: {e}"),
+                    ),
+                };
+                return self.refuse_http(&info, status, reason).await;
+            }
+        };
+        if !body.is_empty() && !is_identity_encoding(&parts.headers) {
+            return self
+                .refuse_http(
+                    &info,
+                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                    "Airlock: compressed request bodies cannot be inspected; send them uncompressed"
+                        .into(),
+                )
+                .await;
+        }
+        // A declared charset other than UTF-8 would make some servers decode bytes Airlock
+        // read as UTF-8 into other text.
+        if !body.is_empty()
+            && let Err(reason) = utf8_declared(&parts.headers)
+        {
+            return self
+                .refuse_http(&info, StatusCode::UNSUPPORTED_MEDIA_TYPE, format!("Airlock: {reason}"))
+                .await;
+        }
+
+        let mut forward_body = body.clone();
+        let mut _parsed_permit = None;
+        match self.classify(&parts.method, &path, &body) {
+            Class::Empty => {}
+            Class::Passthrough => info.passthrough = true,
+            Class::Refused {
+                status,
+                code,
+                id,
+                reason,
+            } => return self.refuse_malformed(&info, status, code, id.as_ref(), &reason).await,
+            Class::Mcp(mut parsed, parse_permit) => {
+                _parsed_permit = Some(parse_permit);
+                info.mcp = true;
+                if let Err(reason) = mirrored_headers_agree(&parts.headers, &parsed) {
+                    return self
+                        .refuse_malformed(&info, StatusCode::BAD_REQUEST, code::INVALID_REQUEST, None, &reason)
+                        .await;
+                }
+                info.origin = match &parsed {
+                    Body::Single(m) if jsonrpc::classify(m) == Some(jsonrpc::Kind::Request) => {
+                        jsonrpc::method(m).map(|method| Origin {
+                            method: method.to_owned(),
+                            tool: jsonrpc::tool(m).map(str::to_owned),
+                        })
+                    }
+                    _ => None,
+                };
+                match self
+                    .requests_through_pipeline(&mut info, &mut parts.headers, &mut parsed, &body)
+                    .await
+                {
+                    // Unchanged messages go on as the client wrote them.
+                    Ok(false) => {}
+                    Ok(true) => forward_body = Bytes::from(parsed.to_bytes()),
+                    Err(answer) => return answer,
+                }
+            }
+        }
+        drop(permit);
+        self.forward(info, parts, forward_body).await
+    }
+
+    /// The class of a request body (see the module documentation of `http`).
+    fn classify(&self, method: &Method, path: &str, body: &[u8]) -> Class {
+        let allowed = self
+            .backend
+            .allow_http
+            .iter()
+            .any(|a| a.allows(method, path));
+        if body.is_empty() {
+            return if allowed {
+                Class::Passthrough
+            } else if matches!(*method, Method::POST | Method::PUT | Method::PATCH) {
+                // A POST to an MCP backend carries JSON-RPC; an empty one is not MCP.
+                Class::Refused {
+                    status: StatusCode::BAD_REQUEST,
+                    code: code::INVALID_REQUEST,
+                    id: None,
+                    reason: format!(
+                        "Airlock: a {method} to backend `{}` must carry a JSON-RPC body",
+                        self.backend.name
+                    ),
+                }
+            } else {
+                Class::Empty
+            };
+        }
+        if !strict::looks_like_json(body) {
+            return if allowed {
+                Class::Passthrough
+            } else {
+                Class::Refused {
+                    status: StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                    code: code::PARSE_ERROR,
+                    id: None,
+                    reason: format!(
+                        "Airlock: backend `{}` takes JSON-RPC request bodies only; `{method} {}` is not in its `allow_http`",
+                        self.backend.name,
+                        path.split('?').next().unwrap_or(path)
+                    ),
+                }
+            };
+        }
+        let permit = match self.resources.parse(strict::parsed_size_estimate(body)) {
+            Ok(p) => p,
+            Err(e) => {
+                return Class::Refused {
+                    status: StatusCode::SERVICE_UNAVAILABLE,
+                    code: code::UNAVAILABLE,
+                    id: None,
+                    reason: format!("Airlock: {e}"),
+                };
+            }
+        };
+        match Body::parse(body) {
+            Ok(Parsed::Messages(b)) => Class::Mcp(b, permit),
+            Ok(Parsed::Other(_)) if allowed => Class::Passthrough,
+            Ok(Parsed::Other(_)) => Class::Refused {
+                status: StatusCode::BAD_REQUEST,
+                code: code::INVALID_REQUEST,
+                id: None,
+                reason: "Airlock: the request body is JSON but not a JSON-RPC message".into(),
+            },
+            Err(BodyError::Json(e)) => Class::Refused {
+                status: StatusCode::BAD_REQUEST,
+                code: code::PARSE_ERROR,
+                id: None,
+                reason: format!("Airlock: the request body is not valid JSON: {e}"),
+            },
+            Err(BodyError::Invalid(e)) => Class::Refused {
+                status: StatusCode::BAD_REQUEST,
+                code: code::INVALID_REQUEST,
+                // Answer the request's id when it has a usable one.
+                id: strict::parse(body)
+                    .ok()
+                    .and_then(|v| v.get("id").cloned())
+                    .filter(|id| id.is_string() || id.is_i64() || id.is_u64()),
+                reason: format!("Airlock: {e}"),
+            },
+        }
+    }
+
+    /// The request's authority (`Host`, or an absolute-form target) must name the backend
+    /// this connection was judged for: its host name, or the address the client connected to;
+    /// and its port. Trailing dots and case do not count.
+    fn check_authority(&self, parts: &http::request::Parts) -> Result<(), String> {
+        let mut hosts = parts.headers.get_all(header::HOST).iter();
+        let host_header = match (hosts.next(), hosts.next()) {
+            (Some(h), None) => Some(
+                h.to_str()
+                    .map_err(|_| "the Host header is not visible ASCII".to_owned())?,
+            ),
+            (None, _) => None,
+            (Some(_), Some(_)) => return Err("more than one Host header".into()),
+        };
+        let from_uri = parts.uri.authority().map(|a| a.as_str());
+        let authority = match (from_uri, host_header) {
+            (Some(u), Some(h)) if !u.eq_ignore_ascii_case(h) => {
+                return Err(format!(
+                    "the request target names `{u}` and the Host header `{h}`"
+                ));
+            }
+            (Some(a), _) | (None, Some(a)) => a,
+            (None, None) => return Err("the request names no host (no Host header)".into()),
+        };
+        let b = &self.backend;
+        let (host, port) = split_authority(authority)
+            .ok_or_else(|| format!("`{authority}` is not a host and port"))?;
+        let wanted_port = port.unwrap_or(if b.tls { 443 } else { 80 });
+        let host = host.trim_end_matches('.').to_ascii_lowercase();
+        let original = self.ctx.attribution.original_dst;
+        let names_backend = host == b.host.trim_end_matches('.').to_ascii_lowercase()
+            || host
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| crate::keys::canonical_ip(ip) == crate::keys::canonical_ip(original.ip()));
+        if !names_backend || wanted_port != b.port {
+            return Err(format!(
+                "this connection is for backend `{}` ({}:{}); the request names `{authority}`",
+                b.name, b.host, b.port
+            ));
+        }
+        Ok(())
+    }
+
+    /// Each client→server message through the pipeline. `Ok(changed)`: forward `parsed`
+    /// (rewritten when `changed`, headers in step); `Err(r)`: Airlock answers with `r`.
+    async fn requests_through_pipeline(
+        &self,
+        info: &mut RequestInfo,
+        headers: &mut HeaderMap,
+        parsed: &mut Body,
+        body: &Bytes,
+    ) -> Result<bool, Response<ProxyBody>> {
+        let mut any_changed = false;
+        let batch = matches!(parsed, Body::Batch(_));
+        let raw = (!batch).then(|| body.clone());
+        let mut answers = Vec::new();
+        let mut forwarded_ids = Vec::new();
+        for m in parsed.messages_mut() {
+            let value = std::mem::take(m);
+            let id = jsonrpc::id(&value).cloned();
+            let is_request = jsonrpc::classify(&value) == Some(jsonrpc::Kind::Request);
+            let outcome = self
+                .pipeline
+                .process(
+                    &self.ctx,
+                    Msg {
+                        direction: Direction::ClientToServer,
+                        value,
+                        session: info.key.clone(),
+                        mcp_session_id: info.mcp_session_id.clone(),
+                        raw: raw.clone(),
+                        origin: None,
+                    },
+                )
+                .await;
+            match outcome {
+                Ok(Outcome::Forward {
+                    value,
+                    changed,
+                    original_args,
+                }) => {
+                    if changed && !batch {
+                        headers::sync_request_headers(
+                            headers,
+                            &value,
+                            original_args.as_ref(),
+                            |s| {
+                                self.pipeline
+                                    .mask_str(&self.ctx, Direction::ClientToServer, s)
+                            },
+                        );
+                    }
+                    any_changed |= changed;
+                    if is_request && let Some(id) = &id {
+                        info.owed.push(id.clone());
+                    }
+                    forwarded_ids.push(id);
+                    *m = value;
+                }
+                Ok(Outcome::Answer(a)) => answers.push(a),
+                Err(e) => {
+                    warn!(id = self.ctx.conn_id, error = %e, "refusing a message the pipeline could not take");
+                    let answer = jsonrpc::error_response(
+                        id.as_ref(),
+                        code::UNAVAILABLE,
+                        &format!("Airlock: {e}"),
+                        None,
+                    );
+                    return Err(json_response(StatusCode::SERVICE_UNAVAILABLE, &answer));
+                }
+            }
+        }
+        if answers.is_empty() {
+            return Ok(any_changed);
+        }
+        if !batch {
+            // The legacy transport answers on its `/sse` stream and expects 202 here.
+            let stream = self
+                .pipeline
+                .legacy_streams
+                .lock()
+                .ok()
+                .and_then(|m| m.get(&info.key).cloned());
+            if let Some(stream) = stream
+                && stream.send(answers[0].clone()).await.is_ok()
+            {
+                let mut r = Response::new(full(Bytes::new()));
+                *r.status_mut() = StatusCode::ACCEPTED;
+                return Err(r);
+            }
+            return Err(json_response(StatusCode::OK, &answers[0]));
+        }
+        // A batch is forwarded whole or not at all: the others are answered too.
+        for id in forwarded_ids.into_iter().flatten() {
+            answers.push(jsonrpc::error_response(
+                Some(&id),
+                code::BATCH_REFUSED,
+                "Airlock: not forwarded because another message of its batch was refused",
+                None,
+            ));
+        }
+        Err(json_response(StatusCode::OK, &Value::Array(answers)))
+    }
+
+    /// A body Airlock refuses: answered with a JSON-RPC error (`status`), counted, recorded,
+    /// never forwarded.
+    async fn refuse_malformed(
+        &self,
+        info: &RequestInfo,
+        status: StatusCode,
+        code: i64,
+        id: Option<&Value>,
+        reason: &str,
+    ) -> Response<ProxyBody> {
+        self.pipeline
+            .counters
+            .malformed
+            .fetch_add(1, Ordering::Relaxed);
+        let answer = jsonrpc::error_response(id, code, reason, None);
+        self.record_request_error(
+            info,
+            Direction::ClientToServer,
+            "block",
+            json!({"status": status.as_u16(), "error": reason}),
+            None,
+        )
+        .await;
+        json_response(status, &answer)
+    }
+
+    /// Send the request on (brokered credentials, no compression) and handle the answer.
+    async fn forward(
+        &self,
+        info: RequestInfo,
+        mut parts: http::request::Parts,
+        forward_body: Bytes,
+    ) -> Response<ProxyBody> {
+        strip_hop_by_hop(&mut parts.headers);
+        if let Some(creds) = self.pipeline.credentials.get(&self.ctx.backend) {
+            // Brokering: the client's credentials never reach the server; Airlock's do.
+            for h in crate::policy::credentials::CLIENT_CREDENTIAL_HEADERS {
+                parts.headers.remove(*h);
+            }
+            let a = &self.ctx.attribution;
+            if let Some(secret) = creds.for_caller(a.uid, a.user.as_deref())
+                && let Ok(mut v) = HeaderValue::from_str(secret.expose())
+            {
+                v.set_sensitive(true);
+                parts.headers.insert(header::AUTHORIZATION, v);
+            }
+        }
+        parts.headers.insert(
+            header::ACCEPT_ENCODING,
+            HeaderValue::from_static("identity"),
+        );
+        parts.headers.remove(header::CONTENT_LENGTH);
+        if !forward_body.is_empty() || parts.method == Method::POST {
+            parts.headers.insert(
+                header::CONTENT_LENGTH,
+                HeaderValue::from(forward_body.len()),
+            );
+        }
+        let mut up = Request::new(Full::new(forward_body));
+        *up.method_mut() = parts.method.clone();
+        *up.uri_mut() = info
+            .path
+            .parse()
+            .unwrap_or_else(|_| http::Uri::from_static("/"));
+        *up.headers_mut() = parts.headers;
+        let response = self.upstream.lock().await.send(up).await;
+        match response {
+            Ok(r) => self.response(info, r).await,
+            Err(reason) => self.upstream_failed(&info, reason).await,
+        }
+    }
+}
+
+/// `host[:port]` (IPv6 in brackets).
+fn split_authority(authority: &str) -> Option<(&str, Option<u16>)> {
+    let authority = authority.rsplit('@').next()?;
+    if let Some(rest) = authority.strip_prefix('[') {
+        let (host, after) = rest.split_once(']')?;
+        let port = match after.strip_prefix(':') {
+            Some(p) => Some(p.parse().ok()?),
+            None if after.is_empty() => None,
+            None => return None,
+        };
+        return Some((host, port));
+    }
+    match authority.rsplit_once(':') {
+        Some((host, port)) if !host.contains(':') => Some((host, Some(port.parse().ok()?))),
+        Some(_) => None,
+        None => Some((authority, None)),
+    }
+}
+
+/// Every declared charset must be UTF-8 (a request Airlock parses as UTF-8 must not be read
+/// as another encoding by the server). A missing or odd `Content-Type` is fine: the bytes
+/// decide what a body is.
+fn utf8_declared(headers: &HeaderMap) -> Result<(), String> {
+    for v in headers.get_all(header::CONTENT_TYPE) {
+        let text = String::from_utf8_lossy(v.as_bytes()).to_ascii_lowercase();
+        for part in text.split([',', ';']) {
+            if let Some((name, value)) = part.split_once('=')
+                && name.trim() == "charset"
+            {
+                let value = value.trim().trim_matches('"');
+                if value != "utf-8" && value != "utf8" {
+                    return Err(format!(
+                        "the request declares charset `{value}`: only UTF-8 JSON is accepted"
+                    ));
+                }
+            }
+        }
+    }
+    // Parsed or not, a second Content-Type is a claim two servers could read differently.
+    if headers.get_all(header::CONTENT_TYPE).iter().count() > 1 {
+        return Err("more than one Content-Type header".into());
+    }
+    Ok(())
+}
+
+/// The 2026-07-28 mirrored headers (`Mcp-Method`, `Mcp-Name`) must say what the body says: a
+/// server routing on the header must not run what Airlock did not judge.
+fn mirrored_headers_agree(headers: &HeaderMap, parsed: &Body) -> Result<(), String> {
+    let Body::Single(m) = parsed else {
+        return Ok(());
+    };
+    if let Some(h) = headers.get(headers::MCP_METHOD) {
+        let claimed = headers::decode_value(h).unwrap_or_default();
+        if Some(claimed.as_str()) != jsonrpc::method(m) {
+            return Err(format!(
+                "Airlock: the Mcp-Method header says `{claimed}`, the body `{}`",
+                jsonrpc::method(m).unwrap_or("(no method)")
+            ));
+        }
+    }
+    if let Some(h) = headers.get(headers::MCP_NAME) {
+        let claimed = headers::decode_value(h).unwrap_or_default();
+        if Some(claimed.as_str()) != jsonrpc::target_name(m) {
+            return Err(format!(
+                "Airlock: the Mcp-Name header says `{claimed}`, the body `{}`",
+                jsonrpc::target_name(m).unwrap_or("(no name)")
+            ));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn authorities() {
+        assert_eq!(split_authority("a.test:8443"), Some(("a.test", Some(8443))));
+        assert_eq!(split_authority("a.test"), Some(("a.test", None)));
+        assert_eq!(split_authority("[::1]:443"), Some(("::1", Some(443))));
+        assert_eq!(split_authority("[::1]"), Some(("::1", None)));
+        assert_eq!(split_authority("a.test:x"), None);
+        assert_eq!(split_authority("::1"), None);
+    }
+
+    #[test]
+    fn declared_charsets() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONTENT_TYPE, "application/json; charset=UTF-8".parse().unwrap());
+        assert!(utf8_declared(&h).is_ok());
+        h.insert(header::CONTENT_TYPE, "application/json, text/plain; charset=utf-16".parse().unwrap());
+        assert!(utf8_declared(&h).is_err());
+        h.insert(header::CONTENT_TYPE, "text/plain".parse().unwrap());
+        assert!(utf8_declared(&h).is_ok());
+        h.append(header::CONTENT_TYPE, "application/json".parse().unwrap());
+        assert!(utf8_declared(&h).is_err());
+    }
+
+    #[test]
+    fn mirrored_headers_must_match_the_body() {
+        let call = Body::Single(serde_json::json!({"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"safe"}}));
+        let mut h = HeaderMap::new();
+        h.insert(headers::MCP_METHOD, "tools/call".parse().unwrap());
+        h.insert(headers::MCP_NAME, "safe".parse().unwrap());
+        assert!(mirrored_headers_agree(&h, &call).is_ok());
+        h.insert(headers::MCP_NAME, "dangerous".parse().unwrap());
+        assert!(mirrored_headers_agree(&h, &call).is_err());
+        h.insert(headers::MCP_NAME, "safe".parse().unwrap());
+        h.insert(headers::MCP_METHOD, "tools/list".parse().unwrap());
+        assert!(mirrored_headers_agree(&h, &call).is_err());
+    }
+}

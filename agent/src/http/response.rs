@@ -1,0 +1,336 @@
+//! What a server may answer an MCP exchange with, decided from what Airlock parsed:
+//!
+//! - a status below 400 (the Python SDK parses 201, 299 and redirects alike) with no body, or
+//!   `application/json` (by parsed media type, UTF-8) whose body is JSON-RPC — every message
+//!   through the pipeline — or `text/event-stream` (UTF-8), event by event, see
+//!   [`super::events`]; a redirect only to this same server (clients follow redirects, and a
+//!   request sent elsewhere would leave unmasked);
+//! - a 4xx/5xx with an error body: JSON-RPC through the pipeline, other JSON or text masked
+//!   with every mask rule, then passed on (OAuth's 401 and its `WWW-Authenticate` still work).
+//!
+//! Anything else — another content type, a compressed body, JSON that is not JSON-RPC, a body
+//! a lenient client would read as JSON that Airlock cannot parse — is not passed on: the
+//! client gets a 502 naming the reason, and the archive a record.
+
+use std::sync::atomic::Ordering;
+
+use bytes::Bytes;
+use http::{HeaderValue, Method, Response, StatusCode, header};
+use hyper::body::Incoming;
+use serde_json::json;
+
+use super::{
+    Conn, IdleBody, ProxyBody, ReadError, RequestInfo, full, is_identity_encoding, read_capped,
+    strip_hop_by_hop, text_response,
+};
+use crate::{
+    mcp::{
+        jsonrpc::{Body, BodyError, Parsed},
+        media, strict,
+    },
+    pipeline::{Msg, Outcome, PipelineError},
+    policy::Direction,
+};
+
+impl Conn {
+    pub(super) async fn response(
+        &self,
+        mut info: RequestInfo,
+        response: Response<Incoming>,
+    ) -> Response<ProxyBody> {
+        let (mut parts, body) = response.into_parts();
+        strip_hop_by_hop(&mut parts.headers);
+        // The server assigned a session: what the connection-keyed exchange learnt moves to it.
+        if let Some(sid) = parts
+            .headers
+            .get("mcp-session-id")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+            && info.mcp_session_id.as_deref() != Some(sid.as_str())
+        {
+            let new_key = self.session_key(Some(&sid), None);
+            self.pipeline.sessions.rename(&info.key, &new_key);
+            info.key = new_key;
+            info.mcp_session_id = Some(sid);
+        }
+        if info.method == Method::DELETE && parts.status.is_success() {
+            self.pipeline.sessions.end(&info.key);
+        }
+        let ct_text = parts
+            .headers
+            .get(header::CONTENT_TYPE)
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+            .unwrap_or_default();
+        if info.passthrough {
+            // Allowed non-MCP traffic: passed on as it streams, recorded at HTTP level.
+            if let Err(e) = self.http_record(&info, parts.status.as_u16(), &ct_text).await {
+                return self.unrecorded(&info, e).await;
+            }
+            let body = IdleBody::new(body, self.limits.stream_idle_timeout);
+            return Response::from_parts(parts, http_body_util::BodyExt::boxed_unsync(body));
+        }
+        let no_body = matches!(
+            parts.status,
+            StatusCode::NO_CONTENT | StatusCode::NOT_MODIFIED
+        ) || info.method == Method::HEAD;
+        if parts.status == StatusCode::ACCEPTED && !no_body {
+            // No client reads the body of a 202 ("Accepted"): it is read (bounded) and dropped,
+            // never passed on uninspected.
+            let deadline = tokio::time::Instant::now() + self.limits.body_read_timeout;
+            if let Err(e) = read_capped(body, self.limits.max_body, deadline, None).await {
+                tracing::debug!(id = self.ctx.conn_id, error = ?e, "the body of a 202 was not read whole");
+            }
+            if let Err(e) = self.http_record(&info, parts.status.as_u16(), &ct_text).await {
+                return self.unrecorded(&info, e).await;
+            }
+            parts.headers.remove(header::CONTENT_TYPE);
+            parts.headers.insert(header::CONTENT_LENGTH, HeaderValue::from(0));
+            return Response::from_parts(parts, full(Bytes::new()));
+        }
+        if no_body {
+            if let Err(e) = self.http_record(&info, parts.status.as_u16(), &ct_text).await {
+                return self.unrecorded(&info, e).await;
+            }
+            return Response::from_parts(parts, full(Bytes::new()));
+        }
+        if !is_identity_encoding(&parts.headers) {
+            return self
+                .refuse_answer(
+                    &info,
+                    "the server compressed its answer although Airlock asked for none".into(),
+                )
+                .await;
+        }
+        if parts.status.is_redirection()
+            && let Some(location) = parts.headers.get(header::LOCATION)
+            && !self.same_server(location)
+        {
+            return self
+                .refuse_answer(
+                    &info,
+                    format!(
+                        "it redirects the client to {:?}, another server (the request would leave uninspected)",
+                        String::from_utf8_lossy(location.as_bytes())
+                    ),
+                )
+                .await;
+        }
+        let ct = media::content_type(&parts.headers);
+        // Below 400, clients parse the body as MCP; from 400 on, as an error to show.
+        let success = parts.status.as_u16() < 400;
+        let kind = match &ct {
+            Ok(Some(m)) if m.utf8() && m.essence == "text/event-stream" => Some(true),
+            Ok(Some(m)) if m.utf8() && m.essence == "application/json" => Some(false),
+            _ => None,
+        };
+        if success && kind == Some(true) {
+            return self.stream(info, parts, body).await;
+        }
+        let deadline = tokio::time::Instant::now() + self.limits.body_read_timeout;
+        let bytes = match read_capped(body, self.limits.max_body, deadline, None).await {
+            Ok(b) => b,
+            Err(e) => {
+                let reason = match e {
+                    ReadError::TooLarge => format!(
+                        "its answer is larger than {} bytes (`max_body_bytes`)",
+                        self.limits.max_body
+                    ),
+                    ReadError::Timeout => {
+                        self.resources
+                            .counters
+                            .body_read_timeouts
+                            .fetch_add(1, Ordering::Relaxed);
+                        format!(
+                            "its answer did not arrive within {} s (`body_read_timeout_secs`)",
+                            self.limits.body_read_timeout.as_secs()
+                        )
+                    }
+                    ReadError::Io(e) => format!("reading its answer: {e}"),
+                    ReadError::Limit(e) => e.to_string(),
+                };
+                return self.refuse_answer(&info, reason).await;
+            }
+        };
+        if bytes.is_empty() {
+            if let Err(e) = self.http_record(&info, parts.status.as_u16(), &ct_text).await {
+                return self.unrecorded(&info, e).await;
+            }
+            parts.headers.insert(header::CONTENT_LENGTH, HeaderValue::from(0));
+            return Response::from_parts(parts, full(bytes));
+        }
+        if success && kind != Some(false) {
+            return self
+                .refuse_answer(
+                    &info,
+                    format!(
+                        "it answered an MCP request with content type {:?}: only application/json and text/event-stream (UTF-8) are passed on",
+                        ct_text
+                    ),
+                )
+                .await;
+        }
+        let _permit = match self.resources.parse(strict::parsed_size_estimate(&bytes)) {
+            Ok(p) => p,
+            Err(e) => return self.refuse_answer(&info, e.to_string()).await,
+        };
+        let out = match Body::parse(&bytes) {
+            Ok(Parsed::Messages(parsed)) => match self.answer_messages(&info, parsed, &bytes).await
+            {
+                Ok(out) => out,
+                Err(e) => return self.refuse_answer(&info, e.to_string()).await,
+            },
+            Ok(Parsed::Other(mut value)) if !success => {
+                // An error document (OAuth's `{"error": "invalid_token"}`): masked whole.
+                let masked = self
+                    .pipeline
+                    .mask_value(&self.ctx, Direction::ServerToClient, &mut value);
+                if let Err(e) = self.error_record(&info, parts.status.as_u16(), &ct_text, masked).await {
+                    return self.unrecorded(&info, e).await;
+                }
+                if masked > 0 {
+                    Bytes::from(value.to_string())
+                } else {
+                    bytes
+                }
+            }
+            Ok(Parsed::Other(_)) => {
+                return self
+                    .refuse_answer(
+                        &info,
+                        "it answered an MCP request with JSON that is not JSON-RPC".into(),
+                    )
+                    .await;
+            }
+            Err(BodyError::Json(_))
+                if !success
+                    && !strict::looks_like_json(&bytes)
+                    && kind.is_none()
+                    && !matches!(&ct, Ok(Some(m)) if m.essence.contains("json") || m.essence.contains("event-stream")) =>
+            {
+                // An error text ("Not Found"): masked, passed on.
+                let Ok(text) = std::str::from_utf8(&bytes) else {
+                    return self
+                        .refuse_answer(&info, "its error answer is not UTF-8 text".into())
+                        .await;
+                };
+                let masked = self
+                    .pipeline
+                    .mask_str(&self.ctx, Direction::ServerToClient, text);
+                if let Err(e) = self
+                    .error_record(&info, parts.status.as_u16(), &ct_text, u32::from(masked.is_some()))
+                    .await
+                {
+                    return self.unrecorded(&info, e).await;
+                }
+                masked.map(Bytes::from).unwrap_or(bytes)
+            }
+            Err(e) => {
+                return self
+                    .refuse_answer(&info, format!("its answer is {e}"))
+                    .await;
+            }
+        };
+        parts
+            .headers
+            .insert(header::CONTENT_LENGTH, HeaderValue::from(out.len()));
+        Response::from_parts(parts, full(out))
+    }
+
+    /// Each message of a JSON answer through the pipeline; the body to send (the original
+    /// bytes when nothing changed).
+    async fn answer_messages(
+        &self,
+        info: &RequestInfo,
+        mut parsed: Body,
+        bytes: &Bytes,
+    ) -> Result<Bytes, PipelineError> {
+        let mut any_changed = false;
+        let raw = matches!(parsed, Body::Single(_)).then(|| bytes.clone());
+        for m in parsed.messages_mut() {
+            let value = std::mem::take(m);
+            match self
+                .pipeline
+                .process(
+                    &self.ctx,
+                    Msg {
+                        direction: Direction::ServerToClient,
+                        value,
+                        session: info.key.clone(),
+                        mcp_session_id: info.mcp_session_id.clone(),
+                        raw: raw.clone(),
+                        origin: info.origin.clone(),
+                    },
+                )
+                .await?
+            {
+                Outcome::Forward { value, changed, .. } => {
+                    any_changed |= changed;
+                    *m = value;
+                }
+                Outcome::Answer(a) => {
+                    any_changed = true;
+                    *m = a;
+                }
+            }
+        }
+        Ok(if any_changed {
+            Bytes::from(parsed.to_bytes())
+        } else {
+            bytes.clone()
+        })
+    }
+
+    /// The record of a non-MCP error answer: status, content type, how many values were
+    /// masked.
+    async fn error_record(
+        &self,
+        info: &RequestInfo,
+        status: u16,
+        ct: &str,
+        masked: u32,
+    ) -> Result<(), PipelineError> {
+        self.pipeline
+            .record_event(
+                &self.ctx,
+                Direction::ServerToClient,
+                "http",
+                if masked > 0 { "mask" } else { "allow" },
+                json!({"http_method": info.method.as_str(), "path": info.path, "status": status, "content_type": ct, "masked_values": masked}),
+                Some(info.started.elapsed().as_micros() as u64),
+                info.mcp_session_id.clone(),
+            )
+            .await
+    }
+
+    /// Whether a `Location` stays on this server: a path, or a URL naming the backend's host
+    /// and port.
+    fn same_server(&self, location: &HeaderValue) -> bool {
+        let Ok(text) = location.to_str() else {
+            return false;
+        };
+        if text.starts_with('/') && !text.starts_with("//") {
+            return true;
+        }
+        let Ok(uri) = text.parse::<http::Uri>() else {
+            return false;
+        };
+        let b = &self.backend;
+        let scheme_ok = uri.scheme_str() == Some(if b.tls { "https" } else { "http" });
+        let port = uri.port_u16().unwrap_or(if b.tls { 443 } else { 80 });
+        scheme_ok
+            && port == b.port
+            && uri.host().is_some_and(|h| {
+                h.trim_end_matches('.')
+                    .eq_ignore_ascii_case(b.host.trim_end_matches('.'))
+            })
+    }
+
+    /// An exchange whose record could not be written (strict recording): not passed on.
+    pub(super) async fn unrecorded(&self, info: &RequestInfo, e: PipelineError) -> Response<ProxyBody> {
+        tracing::warn!(id = self.ctx.conn_id, error = %e, path = %info.path, "refusing an exchange the archive cannot record");
+        text_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("Airlock: {e}; nothing was passed on"),
+        )
+    }
+}

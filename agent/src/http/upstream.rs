@@ -1,0 +1,158 @@
+//! The upstream side of an intercepted connection: the hyper client connection to the server,
+//! re-dialled when the server closes it, and the pool of idle ones a new client connection
+//! starts from.
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tracing::debug;
+
+pub type UpstreamSender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
+
+/// How to open (again) a connection to the server this client connection goes to.
+pub trait Dial: Send + Sync + 'static {
+    fn dial(
+        &self,
+    ) -> std::pin::Pin<Box<dyn Future<Output = Result<UpstreamSender, String>> + Send + '_>>;
+}
+
+/// The upstream side of one client connection: the connection dialled while the client's
+/// handshake ran, then new ones when the server closes it.
+pub struct UpstreamSlot {
+    first: Option<tokio::task::JoinHandle<Result<UpstreamSender, String>>>,
+    sender: Option<UpstreamSender>,
+    dialer: Box<dyn Dial>,
+}
+
+impl UpstreamSlot {
+    pub fn new(
+        first: tokio::task::JoinHandle<Result<UpstreamSender, String>>,
+        dialer: Box<dyn Dial>,
+    ) -> UpstreamSlot {
+        UpstreamSlot {
+            first: Some(first),
+            sender: None,
+            dialer,
+        }
+    }
+
+    async fn ready(&mut self) -> Result<&mut UpstreamSender, String> {
+        if let Some(first) = self.first.take() {
+            let s = first
+                .await
+                .map_err(|e| format!("upstream connection task failed: {e}"))??;
+            self.sender = Some(s);
+        }
+        let usable = match self.sender.as_mut() {
+            Some(s) => !s.is_closed() && s.ready().await.is_ok(),
+            None => false,
+        };
+        if !usable {
+            self.sender = Some(self.dialer.dial().await?);
+        }
+        self.sender
+            .as_mut()
+            .ok_or_else(|| "no upstream connection".to_owned())
+    }
+
+    /// Send `req`; a request that a closing connection never wrote goes out once more on a
+    /// new connection (hyper hands it back unsent, so this cannot send it twice).
+    pub async fn send(
+        &mut self,
+        mut req: http::Request<Full<Bytes>>,
+    ) -> Result<http::Response<Incoming>, String> {
+        let mut retried = false;
+        loop {
+            let sender = self.ready().await?;
+            match sender.try_send_request(req).await {
+                Ok(r) => return Ok(r),
+                Err(mut e) => match e.take_message() {
+                    Some(unsent) if !retried => {
+                        retried = true;
+                        self.sender = None;
+                        req = unsent;
+                    }
+                    _ => return Err(format!("the server's response: {}", e.into_error())),
+                },
+            }
+        }
+    }
+
+    /// The connection, for the pool, once the client connection is done with it.
+    pub fn release(&mut self) -> Option<UpstreamSender> {
+        self.sender.take()
+    }
+}
+
+/// Open an HTTP/1.1 client connection over `io`. Its driver runs on a task of its own, so
+/// the connection can outlive the client connection that opened it (the upstream pool).
+pub async fn client_handshake<S>(io: S) -> Result<UpstreamSender, String>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, connection) = hyper::client::conn::http1::Builder::new()
+        .max_buf_size(64 * 1024)
+        .handshake(hyper_util::rt::TokioIo::new(io))
+        .await
+        .map_err(|e| format!("HTTP handshake with the server: {e}"))?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            debug!(error = %e, "upstream HTTP connection ended with an error");
+        }
+    });
+    Ok(sender)
+}
+
+/// Idle upstream connections, by backend and address, for the next client connection to the
+/// same place: a new client connection then costs one TLS handshake, not two. Only a
+/// connection with no request in flight is kept, at most `MAX_IDLE` per place, for
+/// `IDLE_TTL`. HTTP/1.1 requests stand alone (MCP sessions ride in headers; brokered
+/// credentials are added per request), so reuse across callers leaks nothing.
+#[derive(Default)]
+pub struct UpstreamPool {
+    idle: std::sync::Mutex<std::collections::HashMap<PoolKey, Vec<(UpstreamSender, Instant)>>>,
+}
+
+/// Backend index and server address.
+pub type PoolKey = (usize, std::net::SocketAddr);
+
+const MAX_IDLE: usize = 16;
+const IDLE_TTL: Duration = Duration::from_secs(30);
+
+impl UpstreamPool {
+    /// An idle connection to `key`, if one is still open.
+    pub fn take(&self, key: PoolKey) -> Option<UpstreamSender> {
+        let mut idle = self.idle.lock().ok()?;
+        let list = idle.get_mut(&key)?;
+        while let Some((sender, since)) = list.pop() {
+            if !sender.is_closed() && sender.is_ready() && since.elapsed() < IDLE_TTL {
+                return Some(sender);
+            }
+        }
+        None
+    }
+
+    pub fn has(&self, key: PoolKey) -> bool {
+        self.idle
+            .lock()
+            .map(|i| i.get(&key).is_some_and(|l| !l.is_empty()))
+            .unwrap_or(false)
+    }
+
+    /// Keep `sender` for reuse if it is idle and open.
+    pub fn put(&self, key: PoolKey, sender: UpstreamSender) {
+        if sender.is_closed() || !sender.is_ready() {
+            return;
+        }
+        if let Ok(mut idle) = self.idle.lock() {
+            let list = idle.entry(key).or_default();
+            list.retain(|(s, since)| !s.is_closed() && since.elapsed() < IDLE_TTL);
+            if list.len() < MAX_IDLE {
+                list.push((sender, Instant::now()));
+            }
+        }
+    }
+}
