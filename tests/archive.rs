@@ -529,3 +529,87 @@ fn responder_sessions_replay_and_evidence() {
     assert_eq!(code, Some(1));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Trust does not come from the archive: without a key from the verifier every host is
+/// untrusted; a replaced key, a key that signed nothing here, or a head the verifier kept
+/// elsewhere that the archive no longer reaches, are each reported.
+#[test]
+fn verify_trusts_only_the_keys_a_verifier_brings() {
+    let dir = std::env::temp_dir().join(format!("airlock-verify-trust-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    write_archive(&dir);
+    let a = dir.join("archive");
+    let a = a.to_str().unwrap();
+    let stored = format!("{a}/_manifest/runner-7.pub");
+    let key = std::fs::read_to_string(&stored).unwrap().trim().to_owned();
+
+    // No key brought: untrusted, whatever the archive holds.
+    let (code, out, _) = run(&["verify", "--archive", a]);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("UNTRUSTED"), "{out}");
+    assert!(out.contains("trusted=NO"), "{out}");
+
+    // The right key: intact, and the head is reported.
+    let (code, out, _) = run(&["verify", "--archive", a, "--pubkey", &format!("runner-7={key}")]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("HEAD host=runner-7 manifest_line="), "{out}");
+    let (code, json, _) = run(&["verify", "--archive", a, "--pubkey", &key, "--json"]);
+    assert_eq!(code, Some(0), "{json}");
+    let report: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let head = report["heads"][0]["manifest_seq"].as_u64().unwrap();
+    assert!(head >= 1, "{report}");
+    let fingerprint = report["heads"][0]["key_fingerprint"].as_str().unwrap().to_owned();
+    assert!(fingerprint.starts_with("sha256:"), "{report}");
+
+    // A head kept off-host that the archive no longer reaches: a cut tail.
+    let (code, out, _) = run(&[
+        "verify",
+        "--archive",
+        a,
+        "--pubkey",
+        &key,
+        "--expect-head",
+        &format!("runner-7={}", head + 1),
+    ]);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("its tail was cut"), "{out}");
+    let (code, out, _) = run(&["verify", "--archive", a, "--pubkey", &key, "--expect-head", "runner-9=1"]);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("host runner-9: no manifest"), "{out}");
+
+    // Someone with write access re-signs the manifest with their own key and replaces the
+    // stored public key: the verifier's key exposes it.
+    let other = airlock::archive::manifest::public_key_of(&{
+        let k = dir.join("other.key");
+        std::fs::write(&k, [7u8; 32]).unwrap();
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(&k, std::fs::Permissions::from_mode(0o600)).unwrap();
+        k
+    })
+    .unwrap();
+    std::fs::write(&stored, &other).unwrap();
+    let (code, out, _) = run(&["verify", "--archive", a, "--pubkey", &key]);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("not the trusted one: replaced"), "{out}");
+    // Trusting the stored (replaced) key through a fingerprint pinned for the real one fails.
+    let config = dir.join("airlock.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "state_dir = \"{}/state\"\narchive_key_fingerprints = {{ runner-7 = \"{fingerprint}\" }}\n[[backend]]\nname = \"t\"\nhost = \"t.test\"\nport = 1\naddresses = [\"127.0.0.9\"]\n",
+            dir.display()
+        ),
+    )
+    .unwrap();
+    let (code, out, _) = run(&["verify", "--archive", a, "--config", config.to_str().unwrap()]);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("is not the pinned"), "{out}");
+    std::fs::write(&stored, &key).unwrap();
+    let (code, out, _) = run(&["verify", "--archive", a, "--config", config.to_str().unwrap()]);
+    assert_eq!(code, Some(0), "pinned fingerprint, real key: {out}");
+    // A key that is not a key is a usage error.
+    let (code, _, err) = run(&["verify", "--archive", a, "--pubkey", "00ff"]);
+    assert_eq!(code, Some(2), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

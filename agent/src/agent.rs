@@ -420,6 +420,8 @@ fn create_state_dir(path: &std::path::Path) -> Result<(), RunError> {
         source,
     };
     std::fs::create_dir_all(path).map_err(err)?;
+    // One that existed before must be root's and not writable by others.
+    crate::fsperm::check_private_dir(path).map_err(err)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o711)).map_err(err)
 }
 

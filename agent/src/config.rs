@@ -999,6 +999,74 @@ mod tests {
         );
     }
 
+    #[test]
+    fn backends_sharing_an_address_must_be_alike() {
+        let two = |a: &str, b: &str| {
+            format!(
+                "[[backend]]\nname = \"a\"\nhost = \"a.test\"\nport = 443\naddresses = [\"10.0.0.1\"]\n{a}\n\
+                 [[backend]]\nname = \"b\"\nhost = \"b.test\"\nport = 443\naddresses = [\"10.0.0.1\"]\n{b}\n"
+            )
+        };
+        // Alike TLS backends may share (the server name tells them apart).
+        let cfg = parse(&two("", "")).unwrap();
+        let targets: Vec<ResolvedTarget> = [0u32, 1]
+            .into_iter()
+            .map(|id| ResolvedTarget {
+                backend_id: id,
+                addr: "10.0.0.1:443".parse().unwrap(),
+            })
+            .collect();
+        assert_eq!(
+            shared_backends(&cfg.backends, &targets),
+            vec![("a".to_owned(), "b".to_owned())]
+        );
+        for (a, b, why) in [
+            ("mode = \"opaque\"", "", "mode"),
+            ("tls = false", "tls = false", "tls"),
+            ("unknown_sni = \"splice\"", "", "unknown_sni"),
+            ("", "allow_http = [\"POST /token\"]", "allow_http"),
+            ("credentials_file = \"/x\"", "", "credentials_file"),
+        ] {
+            let err = parse(&two(a, b)).expect_err(why);
+            assert_eq!(err.key.as_deref(), Some("backend[1]"), "{err}");
+            assert!(err.to_string().contains(why), "{err}");
+            assert!(err.to_string().contains("10.0.0.1:443"), "{err}");
+        }
+        // A different port is not shared.
+        parse(&two("", "").replacen("port = 443", "port = 8443", 1)).unwrap();
+    }
+
+    #[test]
+    fn allow_http_matches_methods_and_plain_paths_only() {
+        let a = HttpAllow::parse("GET /.well-known/*").unwrap();
+        let get = http::Method::GET;
+        assert!(a.allows(&get, "/.well-known/oauth-protected-resource"));
+        assert!(a.allows(&get, "/.well-known/oauth-protected-resource/mcp"));
+        assert!(!a.allows(&http::Method::POST, "/.well-known/x"));
+        assert!(!a.allows(&get, "/mcp"));
+        for sneaky in [
+            "/.well-known/../mcp",
+            "/.well-known/%2e%2e/mcp",
+            "/.well-known/%2Fmcp",
+            "/.well-known//mcp",
+            "/.well-known/x\\..\\mcp",
+        ] {
+            assert!(!a.allows(&get, sneaky), "{sneaky}");
+        }
+        let any = HttpAllow::parse("* /oauth/*").unwrap();
+        assert!(any.allows(&http::Method::POST, "/oauth/token"));
+        assert!(HttpAllow::parse("GET well-known").is_err());
+    }
+
+    #[test]
+    fn archive_key_fingerprints_are_checked() {
+        let ok = format!("sha256:{}", "ab".repeat(32));
+        let cfg = parse(&minimal(&format!("archive_key_fingerprints = {{ runner-1 = \"{ok}\" }}"), "")).unwrap();
+        assert_eq!(cfg.archive_key_fingerprints["runner-1"], ok);
+        let err = parse(&minimal("archive_key_fingerprints = { runner-1 = \"abc\" }", "")).unwrap_err();
+        assert_eq!(err.key.as_deref(), Some("archive_key_fingerprints.runner-1"));
+    }
+
     #[tokio::test]
     async fn unresolvable_host_names_the_key() {
         let cfg = parse("[[backend]]\nname = \"a\"\nhost = \"nonexistent.invalid\"\nport = 443\n")

@@ -28,6 +28,7 @@ pub mod archive;
 pub mod attribution;
 pub mod cgroup;
 pub mod config;
+pub mod fsperm;
 pub mod http;
 pub mod intercept;
 pub mod kernel;

@@ -107,6 +107,8 @@ pub struct ClientResult {
     #[allow(dead_code)]
     pub error: Option<String>,
     pub errno: Option<i64>,
+    /// The `SO_MARK` the client set and read back (`--mark`).
+    pub mark: Option<u64>,
 }
 
 fn sockaddr(v: &Value) -> Option<SocketAddr> {
@@ -131,6 +133,7 @@ impl ClientResult {
             response: v["response"].as_str().map(str::to_owned),
             error: v["error"].as_str().map(str::to_owned),
             errno: v["errno"].as_i64(),
+            mark: v["mark"].as_u64(),
         }
     }
 
@@ -153,6 +156,8 @@ pub struct ClientOpts {
     pub pause_secs: Option<f64>,
     /// Bind this local port before connecting.
     pub source_port: Option<u16>,
+    /// Set this `SO_MARK` before connecting (the test gives the client CAP_NET_RAW).
+    pub mark: Option<u32>,
 }
 
 /// Run the client in `cg`, connecting to `host:port`; waits for it.
@@ -196,8 +201,13 @@ pub fn spawn_client(cg: &TestCgroup, host: &str, port: u16, opts: &ClientOpts) -
                 format!("--reuid={uid}"),
                 format!("--regid={gid}"),
                 "--clear-groups".into(),
-                PYTHON.into(),
             ]);
+            if opts.mark.is_some() {
+                // CAP_NET_RAW alone lets a process set SO_MARK (Linux >= 5.17): what a
+                // container's default capabilities give.
+                c.args(["--inh-caps=+net_raw", "--ambient-caps=+net_raw"]);
+            }
+            c.arg(PYTHON);
             c
         }
         None => cg.command(PYTHON),
@@ -214,6 +224,9 @@ pub fn spawn_client(cg: &TestCgroup, host: &str, port: u16, opts: &ClientOpts) -
     }
     if let Some(p) = opts.source_port {
         cmd.args(["--source-port", &p.to_string()]);
+    }
+    if let Some(m) = opts.mark {
+        cmd.args(["--mark", &m.to_string()]);
     }
     cmd.current_dir("/")
         .stdout(Stdio::piped())

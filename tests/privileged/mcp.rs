@@ -21,7 +21,7 @@ const NODE_CLIENT: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
     "/../tests/support/mcp_client.mjs"
 );
-const HOST: &str = "mcp.internal.test";
+pub(crate) const HOST: &str = "mcp.internal.test";
 
 /// The test venv's Python (it has the `mcp` SDK); `cargo xtask setup` builds it.
 pub fn venv_python() -> PathBuf {
@@ -215,7 +215,7 @@ pub fn run_sdk_client(
     serde_json::from_str(stdout.trim()).map_err(|e| format!("{e}: {stdout}"))
 }
 
-fn airlock_out(args: &[&str]) -> String {
+pub(crate) fn airlock_out(args: &[&str]) -> String {
     let out = Command::new(AIRLOCK).args(args).output().unwrap();
     assert!(
         out.status.success(),
@@ -240,7 +240,7 @@ pub fn archived_records(archive: &Path) -> Vec<Value> {
     out
 }
 
-const BLOCK_POLICY: &str = r#"
+pub(crate) const BLOCK_POLICY: &str = r#"
 [[rule]]
 id = "no-destructive-tools"
 action = "block"
@@ -678,7 +678,7 @@ fn conformance_suite_passes_through_airlock_as_it_does_direct() {
 
 /// A stdlib HTTPS probe run like the SDK clients (cgroup, private /etc/hosts): POSTs a ping,
 /// or (`sni` given) only shakes hands with that SNI and reports the server's certificate.
-const PROBE: &str = r#"
+pub(crate) const PROBE: &str = r#"
 import json, socket, ssl, sys, urllib.request, urllib.error
 url, ca, sni = sys.argv[1], sys.argv[2], sys.argv[3]
 if sni:
@@ -705,7 +705,7 @@ except Exception as e:
     print(json.dumps({"error": str(e)}))
 "#;
 
-fn probe(cg: &TestCgroup, dir: &Path, ca: &Path, url: &str, sni: &str) -> Value {
+pub(crate) fn probe(cg: &TestCgroup, dir: &Path, ca: &Path, url: &str, sni: &str) -> Value {
     let out = with_test_hosts(Some(cg), dir, Path::new(PYTHON))
         .args(["-c", PROBE, url])
         .arg(ca)
@@ -724,7 +724,7 @@ fn probe(cg: &TestCgroup, dir: &Path, ca: &Path, url: &str, sni: &str) -> Value 
 /// A cgroup and a prepared (not yet started) agent with one backend `backend` on a free
 /// port of `HOST`, served on 127.0.0.1; `backend_extra` lines go into its `[[backend]]`,
 /// `top` at the top level. Returns the port too.
-fn local_backend_agent(
+pub(crate) fn local_backend_agent(
     name: &str,
     backend: &str,
     backend_extra: &str,
@@ -747,7 +747,7 @@ fn local_backend_agent(
 
 /// Airlock's CA bundle for the clients (`airlock ca show --pem`), written in the agent's
 /// directory.
-fn airlock_ca_bundle(agent: &Agent) -> PathBuf {
+pub(crate) fn airlock_ca_bundle(agent: &Agent) -> PathBuf {
     let bundle = agent.dir.join("airlock-ca.pem");
     std::fs::write(
         &bundle,
@@ -764,7 +764,7 @@ fn airlock_ca_bundle(agent: &Agent) -> PathBuf {
 }
 
 /// An agent for one Python SDK server; `backend_extra` is appended to its `[[backend]]`.
-fn tls_setup(
+pub(crate) fn tls_setup(
     name: &str,
     backend_extra: &str,
 ) -> Option<(TestCgroup, Agent, PeerServer, u16, PathBuf)> {
@@ -772,7 +772,7 @@ fn tls_setup(
 }
 
 /// Like [`tls_setup`], with top-level configuration keys `top`.
-fn tls_setup_with(
+pub(crate) fn tls_setup_with(
     name: &str,
     backend_extra: &str,
     top: &str,
@@ -783,7 +783,7 @@ fn tls_setup_with(
 /// The common set-up: a cgroup, the SDK server (`server` = transport, variant) with its own
 /// CA, an agent for backend `tools` (`BACKEND_CA` in `backend_extra` becomes that CA's file)
 /// started after `before_spawn` had its say, and Airlock's CA bundle for the clients.
-fn tls_setup_full(
+pub(crate) fn tls_setup_full(
     name: &str,
     backend_extra: &str,
     top: &str,
@@ -885,7 +885,7 @@ fn unknown_sni_is_refused_or_spliced_per_config() {
 
 /// Sends the requests of a JSON list (`method`, `path`, `headers`, `body`) over HTTPS and
 /// prints one JSON line per response (`status`, `body`).
-const REQUESTS: &str = r#"
+pub(crate) const REQUESTS: &str = r#"
 import json, ssl, sys, urllib.request, urllib.error
 base, ca, spec = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
 ctx = ssl.create_default_context(cafile=ca)
@@ -900,7 +900,7 @@ for r in spec:
         print(json.dumps({"status": e.code, "body": e.read().decode()}))
 "#;
 
-fn requests(cg: &TestCgroup, dir: &Path, ca: &Path, base: &str, spec: &Value) -> Vec<Value> {
+pub(crate) fn requests(cg: &TestCgroup, dir: &Path, ca: &Path, base: &str, spec: &Value) -> Vec<Value> {
     let out = with_test_hosts(Some(cg), dir, Path::new(PYTHON))
         .args(["-c", REQUESTS, base])
         .arg(ca)
@@ -1204,11 +1204,11 @@ timeout_secs = 1
 "#;
 
 /// Start the SDK client calling one tool, in the cgroup, in the background.
-fn spawn_call(cg: &TestCgroup, dir: &Path, ca: &Path, url: &str, tool: &str, args: &str) -> Child {
+pub(crate) fn spawn_call(cg: &TestCgroup, dir: &Path, ca: &Path, url: &str, tool: &str, args: &str) -> Child {
     spawn_call_with(cg, dir, ca, url, tool, args, &[])
 }
 
-fn spawn_call_with(
+pub(crate) fn spawn_call_with(
     cg: &TestCgroup,
     dir: &Path,
     ca: &Path,
@@ -1228,7 +1228,7 @@ fn spawn_call_with(
         .unwrap()
 }
 
-fn finish(child: Child) -> Value {
+pub(crate) fn finish(child: Child) -> Value {
     let out = child.wait_with_output().unwrap();
     serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
         panic!(

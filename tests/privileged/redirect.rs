@@ -385,3 +385,94 @@ fn backend_addresses_follow_dns_changes() {
     assert_eq!(old.seen().len(), 2);
     let _ = std::fs::remove_file(&hosts);
 }
+
+/// The bypass of the agent's own sockets cannot be forged: a local user with only
+/// CAP_NET_RAW (a container's default) may set any `SO_MARK` since Linux 5.17, and the old
+/// public mark used to let such a socket past the redirect. The agent's sockets are now
+/// recognised by a tag in socket storage that only the agent writes.
+#[test]
+fn a_client_setting_the_old_bypass_mark_is_still_redirected() {
+    let Some(Scenario {
+        agent,
+        backend,
+        cg,
+        name: _name,
+    }) = Scenario::start("mark", "")
+    else {
+        return;
+    };
+    for mark in [0x4152_4c4b_u32, 1, 0xffff_ffff] {
+        let opts = ClientOpts {
+            as_user: Some((65534, 65534)),
+            mark: Some(mark),
+            ..Default::default()
+        };
+        let res = run_client(&cg, "127.0.0.2", backend.port(), &opts);
+        assert_eq!(res.mark, Some(u64::from(mark)), "the mark was not set: {res:?}");
+        let peer = res.peer.expect("connected");
+        assert_eq!(
+            peer.port(),
+            agent.port,
+            "a marked socket went straight to the backend: {res:?}"
+        );
+        assert!(res.expect_response().starts_with("tools saw "));
+        let conn = agent.connection_of(res.pid);
+        assert_eq!(conn["uid"], 65534, "{conn:#}");
+        assert_eq!(conn["state"], "closed", "{conn:#}");
+    }
+    assert_eq!(agent.kernel_counter("redirect_ipv4"), 3);
+    // Only the agent's own three upstream sockets (the agent runs in the same cgroup)
+    // skipped the redirect.
+    assert_eq!(agent.kernel_counter("skip_own"), 3);
+    assert_eq!(backend.seen().len(), 3);
+}
+
+/// A `connect()` that fails after the hook ran (here: an IPv6-only socket connecting to an
+/// IPv4-mapped address, refused with ENETUNREACH after the redirect was decided) leaves no
+/// record behind: the caller's record lives in the socket's storage and dies with it. Before,
+/// 16,384 such calls filled the pending map for 30 s and every user's connections to every
+/// backend were refused.
+#[test]
+fn failed_connects_leave_nothing_behind_in_the_kernel() {
+    let Some(Scenario {
+        agent,
+        backend,
+        cg,
+        name: _name,
+    }) = Scenario::start("pending", "")
+    else {
+        return;
+    };
+    const FLOOD: &str = r#"
+import errno, json, socket, sys
+port, n = int(sys.argv[1]), int(sys.argv[2])
+failed = {}
+for _ in range(n):
+    s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+    try:
+        s.connect(("::ffff:127.0.0.2", port))
+        failed["connected"] = failed.get("connected", 0) + 1
+    except OSError as e:
+        failed[errno.errorcode.get(e.errno, str(e.errno))] = failed.get(errno.errorcode.get(e.errno, str(e.errno)), 0) + 1
+    s.close()
+print(json.dumps(failed))
+"#;
+    let out = cg
+        .command("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", PYTHON, "-c", FLOOD])
+        .arg(backend.port().to_string())
+        .arg("20000")
+        .output()
+        .unwrap();
+    let outcome: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!("{e}: {}", String::from_utf8_lossy(&out.stderr))
+    });
+    assert_eq!(outcome["ENETUNREACH"], 20000, "{outcome}");
+    // Another user's connection right after the flood is redirected and served.
+    let res = run_client(&cg, "127.0.0.2", backend.port(), &ClientOpts::default());
+    assert!(res.expect_response().starts_with("tools saw "), "{res:?}");
+    assert_eq!(agent.connection_of(res.pid)["uid"], 0);
+    assert_eq!(agent.kernel_counter("refused_no_storage"), 0);
+    assert_eq!(agent.kernel_counter("redirect_ipv4_mapped"), 20000);
+}

@@ -1,8 +1,11 @@
 """A plain socket client for Airlock's privileged tests (stdlib only, run with /usr/bin/python3).
 
 usage: client.py HOST PORT [--udp | --fastopen] [--pause SECONDS] [--message TEXT] [--source-port N]
+                 [--mark N]
 
 --fastopen sends the first bytes with the SYN (sendto with MSG_FASTOPEN, no connect()).
+--mark sets SO_MARK on the socket before connecting (needs CAP_NET_RAW or CAP_NET_ADMIN); the
+mark read back is printed as "mark".
 
 Connects, sends one line, half-closes, reads to EOF and prints one JSON object:
 {"pid", "local", "peer", "response"} or {"pid", "error", "errno"}.
@@ -10,6 +13,7 @@ Connects, sends one line, half-closes, reads to EOF and prints one JSON object:
 import json
 import os
 import socket
+import struct
 import sys
 import time
 
@@ -26,6 +30,11 @@ def main():
     out = {"pid": os.getpid()}
     sock = socket.socket(family, kind)
     sock.settimeout(10)
+    if "--mark" in args:
+        so_mark = 36
+        mark = int(args[args.index("--mark") + 1], 0)
+        sock.setsockopt(socket.SOL_SOCKET, so_mark, struct.pack("I", mark))
+        out["mark"] = struct.unpack("I", sock.getsockopt(socket.SOL_SOCKET, so_mark, 4))[0]
     if "--source-port" in args:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", int(args[args.index("--source-port") + 1])))

@@ -92,6 +92,8 @@ pub fn public_key_path(archive_dir: &Path, host: &str) -> PathBuf {
 pub fn signing_key(path: &Path) -> io::Result<SigningKey> {
     match std::fs::read(path) {
         Ok(bytes) => {
+            // A key another user planted or can read signs nothing.
+            crate::fsperm::check_secret_file(path)?;
             let secret: [u8; 32] = bytes.as_slice().try_into().map_err(|_| {
                 io::Error::new(
                     io::ErrorKind::InvalidData,

@@ -538,7 +538,9 @@ fn create_dir(dir: &Path, group: Option<u32>) -> io::Result<()> {
             fs::set_permissions(dir, fs::Permissions::from_mode(DIR_MODE))?;
             set_owner(dir, group)
         }
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
+        // One that existed before must be ours and not writable by others: the archive is
+        // evidence.
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => crate::fsperm::check_private_dir(dir),
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
             if let Some(parent) = dir.parent() {
                 create_dir(parent, group)?;

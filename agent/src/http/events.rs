@@ -6,8 +6,8 @@
 //! legacy transport's `endpoint` event naming a path on the same server. Lines a client does
 //! not read as fields are dropped; comments and event ids that carry a detected secret are
 //! emptied or dropped (an id cannot be rewritten: clients send it back). Anything else ends
-//! the stream: the requests the stream still owes an answer get a JSON-RPC error event, then
-//! the stream is cut, and the archive has a record of why.
+//! the stream: the requests the stream still owes an answer get a JSON-RPC error event and the
+//! stream ends (or, owing nothing, is cut), and the archive has a record of why.
 //!
 //! Slow senders are bounded: no byte for `stream_idle_timeout_secs` ends the stream, and an
 //! event must be complete within `body_read_timeout_secs` of its first byte.
@@ -184,10 +184,13 @@ impl Stream {
                 );
                 errors.extend_from_slice(&sse::encode_event(Some("message"), &answer.to_string()));
             }
-            if !errors.is_empty() {
+            if errors.is_empty() {
+                // Nothing owed: the client learns of the refusal from a cut stream.
+                tx.abort(reason.clone().into());
+            } else {
+                // The owed answers are the stream's last events; it then ends.
                 let _ = tx.send_data(Bytes::from(errors)).await;
             }
-            tx.abort(reason.clone().into());
         }
         if parser.pending_bytes() > 0 {
             debug!(

@@ -81,11 +81,19 @@ impl Conn {
         };
 
         // One connection, one backend: the request must name the backend its connection was
-        // judged for.
-        if let Err(reason) = self.check_authority(&parts) {
-            return self
-                .refuse_http(&info, StatusCode::MISDIRECTED_REQUEST, format!("Airlock: {reason}"))
-                .await;
+        // judged for; the server gets that name as Airlock read it (case and a trailing dot
+        // normalised).
+        match self.check_authority(&parts) {
+            Ok(host) => {
+                if let Ok(v) = HeaderValue::from_str(&host) {
+                    parts.headers.insert(header::HOST, v);
+                }
+            }
+            Err(reason) => {
+                return self
+                    .refuse_http(&info, StatusCode::MISDIRECTED_REQUEST, format!("Airlock: {reason}"))
+                    .await;
+            }
         }
 
         // The body, read whole (capped, within the deadline, charged to the caller's uid).
@@ -270,8 +278,8 @@ impl Conn {
 
     /// The request's authority (`Host`, or an absolute-form target) must name the backend
     /// this connection was judged for: its host name, or the address the client connected to;
-    /// and its port. Trailing dots and case do not count.
-    fn check_authority(&self, parts: &http::request::Parts) -> Result<(), String> {
+    /// and its port. Trailing dots and case do not count. Returns the authority normalised.
+    fn check_authority(&self, parts: &http::request::Parts) -> Result<String, String> {
         let mut hosts = parts.headers.get_all(header::HOST).iter();
         let host_header = match (hosts.next(), hosts.next()) {
             (Some(h), None) => Some(
@@ -307,7 +315,11 @@ impl Conn {
                 b.name, b.host, b.port
             ));
         }
-        Ok(())
+        let host = if host.contains(':') { format!("[{host}]") } else { host };
+        Ok(match port {
+            Some(p) => format!("{host}:{p}"),
+            None => host,
+        })
     }
 
     /// Each client→server message through the pipeline. `Ok(changed)`: forward `parsed`

@@ -131,11 +131,13 @@ fn fingerprint(dir: &Path) -> Fingerprint {
 pub fn mask_key(state_dir: &Path) -> io::Result<HashKey> {
     let path = state_dir.join("mask.key");
     match fs::read(&path) {
-        Ok(bytes) => bytes.as_slice().try_into().map(HashKey).map_err(|_| {
+        Ok(bytes) => crate::fsperm::check_secret_file(&path).and_then(|()| {
+            bytes.as_slice().try_into().map(HashKey).map_err(|_| {
             io::Error::new(
                 io::ErrorKind::InvalidData,
                 format!("{}: not a 32-byte key", path.display()),
             )
+            })
         }),
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
             let mut key = [0u8; 32];

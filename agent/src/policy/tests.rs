@@ -459,3 +459,25 @@ fn shipped_defaults_load() {
     s.mask(&d, &mut v);
     assert!(!v.to_string().contains("AKIAIOSFODNN7EXAMPLE"));
 }
+
+#[test]
+fn a_set_that_tells_apart_backends_sharing_an_address_is_refused() {
+    let s = set(&[(
+        "a.toml",
+        r#"
+[[rule]]
+id = "only-a"
+action = "block"
+tools = ["x"]
+backends = ["a"]
+"#,
+    )])
+    .unwrap();
+    let dir = std::path::Path::new("/etc/airlock/policies");
+    let err = s
+        .check_alike(&[("a".into(), "b".into())], dir)
+        .unwrap_err();
+    assert!(err.to_string().contains("only-a"), "{err}");
+    assert!(s.check_alike(&[("c".into(), "d".into())], dir).is_ok());
+    assert!(s.check_alike(&[], dir).is_ok());
+}

@@ -276,6 +276,15 @@ impl Ca {
 /// Refuse a key file that others can read: it would let anyone on the host mint trusted
 /// certificates.
 fn check_key_mode(path: &Path) -> Result<(), CaError> {
+    // Owner first (a key planted by another user), then the mode.
+    if let Err(e) = crate::fsperm::check_secret_file(path)
+        && e.to_string().contains("owned by")
+    {
+        return Err(CaError::Invalid {
+            path: path.to_owned(),
+            message: e.to_string(),
+        });
+    }
     let meta = fs::metadata(path).map_err(io_err(path))?;
     if meta.permissions().mode() & 0o077 != 0 {
         return Err(CaError::Invalid {
