@@ -29,6 +29,7 @@ pub mod attribution;
 pub mod cgroup;
 pub mod config;
 pub mod fsperm;
+pub mod fuzzing;
 pub mod http;
 pub mod intercept;
 pub mod kernel;

@@ -9,3 +9,4 @@ mod harness;
 mod lifecycle;
 mod mcp;
 mod redirect;
+mod redteam;

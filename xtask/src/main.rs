@@ -57,7 +57,26 @@ enum Task {
     },
     /// setup + benchmarks (needs root).
     Bench,
+    /// Run one cargo-fuzz target (nightly, libFuzzer) for a while, growing its corpus in
+    /// `fuzz/corpus/TARGET` (installs cargo-fuzz if missing).
+    Fuzz {
+        /// request_classification | jsonrpc_batch | sse_parser | masker | policy_parser
+        target: String,
+        /// How long to run, in seconds.
+        #[arg(long, default_value_t = 60)]
+        secs: u64,
+    },
 }
+
+/// The fuzz targets (`fuzz/fuzz_targets/`), their bodies in `airlock::fuzzing`.
+const FUZZ_TARGETS: &[&str] = &[
+    "request_classification",
+    "jsonrpc_batch",
+    "sse_parser",
+    "masker",
+    "policy_parser",
+];
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
@@ -99,6 +118,19 @@ fn main() -> Result<()> {
             }
             cmd.args(args);
             run_tests(&mut cmd)
+        }
+        Task::Fuzz { target, secs } => {
+            if !FUZZ_TARGETS.contains(&target.as_str()) {
+                bail!("unknown fuzz target `{target}`; one of {}", FUZZ_TARGETS.join(", "));
+            }
+            setup()?;
+            cargo_fuzz()?;
+            let corpus = root.join("fuzz/corpus").join(&target);
+            run(cargo(&root).args(["+nightly", "fuzz", "run", &target]).arg(&corpus).args([
+                "--",
+                &format!("-max_total_time={secs}"),
+                "-rss_limit_mb=4096",
+            ]))
         }
         Task::Bench => {
             setup()?;
@@ -210,23 +242,41 @@ fn cargo_bin() -> Option<PathBuf> {
         .map(|c| c.join("bin"))
 }
 
+/// cargo-fuzz, for `cargo xtask fuzz` only (the corpora replay without it).
+fn cargo_fuzz() -> Result<()> {
+    let installed = Command::new("cargo")
+        .args(["fuzz", "--version"])
+        .env("PATH", path_with_cargo_bin())
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(CARGO_FUZZ_VERSION));
+    if installed {
+        return Ok(());
+    }
+    run(Command::new("cargo")
+        .args(["install", &format!("cargo-fuzz@{CARGO_FUZZ_VERSION}"), "--locked"])
+        .env("PATH", path_with_cargo_bin()))
+}
+
 fn setup() -> Result<()> {
     apt_packages()?;
     nightly_rust_src()?;
     bpf_linker()?;
-    test_venv()?;
+    test_venvs()?;
     test_node()?;
     eprintln!("xtask: setup complete");
     Ok(())
 }
 
-/// Python packages of the test venv (`target/test-venv`, built from the system's
-/// /usr/bin/python3 so that other users can run it too).
-const PYTHON_TEST_PACKAGES: &[&str] = &[
-    "duckdb==2.0.0",
-    "pytz==2025.2",
-    "mcp==2.3.0",
-    "uvicorn==0.54.0",
+/// Python packages of the test venvs (under `target/`, built from the system's
+/// /usr/bin/python3 so that other users can run them too): the main one (the MCP SDK 2.x,
+/// DuckDB), and for the red-team suite the SDK's 1.x line (most deployed servers) and FastMCP.
+const PYTHON_TEST_VENVS: &[(&str, &[&str])] = &[
+    (
+        "test-venv",
+        &["duckdb==2.0.0", "pytz==2025.2", "mcp==2.3.0", "uvicorn==0.54.0"],
+    ),
+    ("test-venv-mcp1", &["mcp==1.30.0", "uvicorn==0.54.0"]),
+    ("test-venv-fastmcp", &["fastmcp==4.2.3", "uvicorn==0.54.0"]),
 ];
 
 /// npm packages of the end-to-end tests (`target/test-node`): the TypeScript SDK's client, the
@@ -271,11 +321,18 @@ fn test_node() -> Result<()> {
     Ok(())
 }
 
-fn test_venv() -> Result<()> {
-    let venv = workspace_root().join("target/test-venv");
+fn test_venvs() -> Result<()> {
+    for (dir, packages) in PYTHON_TEST_VENVS {
+        test_venv(dir, packages)?;
+    }
+    Ok(())
+}
+
+fn test_venv(dir: &str, packages: &[&str]) -> Result<()> {
+    let venv = workspace_root().join("target").join(dir);
     let python = venv.join("bin/python");
     let stamp = venv.join(".airlock-packages");
-    let wanted = PYTHON_TEST_PACKAGES.join("\n");
+    let wanted = packages.join("\n");
     if python.exists() && std::fs::read_to_string(&stamp).is_ok_and(|s| s == wanted) {
         return Ok(());
     }
@@ -286,7 +343,7 @@ fn test_venv() -> Result<()> {
     }
     run(Command::new(venv.join("bin/pip"))
         .args(["install", "--quiet", "--disable-pip-version-check"])
-        .args(PYTHON_TEST_PACKAGES))?;
+        .args(packages))?;
     std::fs::write(&stamp, wanted).context("writing the venv stamp")?;
     Ok(())
 }

@@ -37,6 +37,7 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::warn;
 
+pub use request::{Class, classify};
 pub use upstream::{Dial, PoolKey, UpstreamPool, UpstreamSender, UpstreamSlot, client_handshake};
 
 use crate::{

@@ -16,7 +16,7 @@ use super::{
     legacy_session, read_capped, strip_hop_by_hop,
 };
 use crate::{
-    limits::ParsePermit,
+    config::Backend,
     mcp::{
         headers,
         jsonrpc::{self, Body, BodyError, Parsed, code},
@@ -27,14 +27,15 @@ use crate::{
 };
 
 /// What a request body is, decided from its bytes.
-enum Class {
+#[derive(Debug)]
+pub enum Class {
     /// No body: nothing to judge on the way in (a GET stream, a DELETE); the response must be
     /// MCP.
     Empty,
     /// Allowed non-MCP traffic (`allow_http`).
     Passthrough,
-    /// JSON-RPC Airlock parsed; the permit holds its parsing cost while it is alive.
-    Mcp(Body, ParsePermit),
+    /// JSON-RPC Airlock parsed.
+    Mcp(Body),
     /// Refused: the HTTP status, a JSON-RPC error code and id, the reason.
     Refused {
         status: StatusCode,
@@ -154,8 +155,27 @@ impl Conn {
         }
 
         let mut forward_body = body.clone();
-        let mut _parsed_permit = None;
-        match self.classify(&parts.method, &path, &body) {
+        // The parsing cost is charged before a byte is parsed, and held while the parsed body
+        // lives.
+        let _parse_permit = if strict::looks_like_json(&body) {
+            match self.resources.parse(strict::parsed_size_estimate(&body)) {
+                Ok(p) => Some(p),
+                Err(e) => {
+                    return self
+                        .refuse_malformed(
+                            &info,
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            code::UNAVAILABLE,
+                            None,
+                            &format!("Airlock: {e}"),
+                        )
+                        .await;
+                }
+            }
+        } else {
+            None
+        };
+        match classify(&parts.method, &path, &body, &self.backend) {
             Class::Empty => {}
             Class::Passthrough => info.passthrough = true,
             Class::Refused {
@@ -164,8 +184,7 @@ impl Conn {
                 id,
                 reason,
             } => return self.refuse_malformed(&info, status, code, id.as_ref(), &reason).await,
-            Class::Mcp(mut parsed, parse_permit) => {
-                _parsed_permit = Some(parse_permit);
+            Class::Mcp(mut parsed) => {
                 info.mcp = true;
                 if let Err(reason) = mirrored_headers_agree(&parts.headers, &parsed) {
                     return self
@@ -194,86 +213,6 @@ impl Conn {
         }
         drop(permit);
         self.forward(info, parts, forward_body).await
-    }
-
-    /// The class of a request body (see the module documentation of `http`).
-    fn classify(&self, method: &Method, path: &str, body: &[u8]) -> Class {
-        let allowed = self
-            .backend
-            .allow_http
-            .iter()
-            .any(|a| a.allows(method, path));
-        if body.is_empty() {
-            return if allowed {
-                Class::Passthrough
-            } else if matches!(*method, Method::POST | Method::PUT | Method::PATCH) {
-                // A POST to an MCP backend carries JSON-RPC; an empty one is not MCP.
-                Class::Refused {
-                    status: StatusCode::BAD_REQUEST,
-                    code: code::INVALID_REQUEST,
-                    id: None,
-                    reason: format!(
-                        "Airlock: a {method} to backend `{}` must carry a JSON-RPC body",
-                        self.backend.name
-                    ),
-                }
-            } else {
-                Class::Empty
-            };
-        }
-        if !strict::looks_like_json(body) {
-            return if allowed {
-                Class::Passthrough
-            } else {
-                Class::Refused {
-                    status: StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                    code: code::PARSE_ERROR,
-                    id: None,
-                    reason: format!(
-                        "Airlock: backend `{}` takes JSON-RPC request bodies only; `{method} {}` is not in its `allow_http`",
-                        self.backend.name,
-                        path.split('?').next().unwrap_or(path)
-                    ),
-                }
-            };
-        }
-        let permit = match self.resources.parse(strict::parsed_size_estimate(body)) {
-            Ok(p) => p,
-            Err(e) => {
-                return Class::Refused {
-                    status: StatusCode::SERVICE_UNAVAILABLE,
-                    code: code::UNAVAILABLE,
-                    id: None,
-                    reason: format!("Airlock: {e}"),
-                };
-            }
-        };
-        match Body::parse(body) {
-            Ok(Parsed::Messages(b)) => Class::Mcp(b, permit),
-            Ok(Parsed::Other(_)) if allowed => Class::Passthrough,
-            Ok(Parsed::Other(_)) => Class::Refused {
-                status: StatusCode::BAD_REQUEST,
-                code: code::INVALID_REQUEST,
-                id: None,
-                reason: "Airlock: the request body is JSON but not a JSON-RPC message".into(),
-            },
-            Err(BodyError::Json(e)) => Class::Refused {
-                status: StatusCode::BAD_REQUEST,
-                code: code::PARSE_ERROR,
-                id: None,
-                reason: format!("Airlock: the request body is not valid JSON: {e}"),
-            },
-            Err(BodyError::Invalid(e)) => Class::Refused {
-                status: StatusCode::BAD_REQUEST,
-                code: code::INVALID_REQUEST,
-                // Answer the request's id when it has a usable one.
-                id: strict::parse(body)
-                    .ok()
-                    .and_then(|v| v.get("id").cloned())
-                    .filter(|id| id.is_string() || id.is_i64() || id.is_u64()),
-                reason: format!("Airlock: {e}"),
-            },
-        }
     }
 
     /// The request's authority (`Host`, or an absolute-form target) must name the backend
@@ -493,6 +432,72 @@ impl Conn {
             Ok(r) => self.response(info, r).await,
             Err(reason) => self.upstream_failed(&info, reason).await,
         }
+    }
+}
+
+/// The class of a request body, from its bytes (see the module documentation of `http`).
+/// Sans-IO: the caller has charged the parsing cost already.
+pub fn classify(method: &Method, path: &str, body: &[u8], backend: &Backend) -> Class {
+    let allowed = backend.allow_http.iter().any(|a| a.allows(method, path));
+    if body.is_empty() {
+        return if allowed {
+            Class::Passthrough
+        } else if matches!(*method, Method::POST | Method::PUT | Method::PATCH) {
+            // A POST to an MCP backend carries JSON-RPC; an empty one is not MCP.
+            Class::Refused {
+                status: StatusCode::BAD_REQUEST,
+                code: code::INVALID_REQUEST,
+                id: None,
+                reason: format!(
+                    "Airlock: a {method} to backend `{}` must carry a JSON-RPC body",
+                    backend.name
+                ),
+            }
+        } else {
+            Class::Empty
+        };
+    }
+    if !strict::looks_like_json(body) {
+        return if allowed {
+            Class::Passthrough
+        } else {
+            Class::Refused {
+                status: StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                code: code::PARSE_ERROR,
+                id: None,
+                reason: format!(
+                    "Airlock: backend `{}` takes JSON-RPC request bodies only; `{method} {}` is not in its `allow_http`",
+                    backend.name,
+                    path.split('?').next().unwrap_or(path)
+                ),
+            }
+        };
+    }
+    match Body::parse(body) {
+        Ok(Parsed::Messages(b)) => Class::Mcp(b),
+        Ok(Parsed::Other(_)) if allowed => Class::Passthrough,
+        Ok(Parsed::Other(_)) => Class::Refused {
+            status: StatusCode::BAD_REQUEST,
+            code: code::INVALID_REQUEST,
+            id: None,
+            reason: "Airlock: the request body is JSON but not a JSON-RPC message".into(),
+        },
+        Err(BodyError::Json(e)) => Class::Refused {
+            status: StatusCode::BAD_REQUEST,
+            code: code::PARSE_ERROR,
+            id: None,
+            reason: format!("Airlock: the request body is not valid JSON: {e}"),
+        },
+        Err(BodyError::Invalid(e)) => Class::Refused {
+            status: StatusCode::BAD_REQUEST,
+            code: code::INVALID_REQUEST,
+            // Answer the request's id when it has a usable one.
+            id: strict::parse(body)
+                .ok()
+                .and_then(|v| v.get("id").cloned())
+                .filter(|id| id.is_string() || id.is_i64() || id.is_u64()),
+            reason: format!("Airlock: {e}"),
+        },
     }
 }
 

