@@ -6,20 +6,25 @@
 //!   redirect, `sock_ops` hand-off), keeps the backend address map in sync, takes flow records.
 //! - [`keys`]: normalises socket addresses (IPv4, IPv6, IPv4-mapped) into the maps' key form.
 //! - [`proxy`]: per accepted connection: look up the kernel record (reject without one),
-//!   attribute, dial the original destination with the bypass mark, relay.
+//!   attribute, dial the original destination from a socket tagged as the agent's own, relay.
 //! - [`attribution`]: the kernel record enriched from `/proc` (user, exe, cmdline, cgroup).
 //! - [`relay`]: bounded bidirectional copy with idle timeout and byte counters (opaque backends).
 //! - [`intercept`]: TLS or plain HTTP on an attributed connection: ClientHello, SNI, leaves,
 //!   upstream TLS dialled concurrently; [`tls`]: the managed CA, leaf minting, rustls configs.
-//! - [`http`]: hyper HTTP/1.1 both sides; JSON-RPC bodies, JSON and SSE responses.
+//! - [`http`]: hyper HTTP/1.1 both sides; what passes (MCP Airlock parsed, allowed non-MCP)
+//!   and what is refused, requests, answers and event streams alike.
+//! - [`limits`]: per-uid connection and body-byte caps, the parsing budget.
 //! - [`pipeline`]: every MCP message: correlate, policy (mask, block), record.
-//! - [`mcp`]: sans-IO JSON-RPC, SSE parser, 2026-07-28 headers, session correlation.
+//! - [`mcp`]: sans-IO strict JSON, JSON-RPC validation, media types, SSE parser, 2026-07-28
+//!   headers, session correlation.
 //! - [`registry`]: live and recently closed connections, for `airlock status`.
 //! - [`admin`]: the root-only Unix socket `airlock status` and `airlock detach` talk to.
 //! - [`agent`]: `airlock run`: start-up order, refresh of backend addresses, shutdown.
 //! - [`policy`]: sans-IO rules and detectors: verdicts (allow, block, approve), masking of
 //!   JSON string leaves, recording levels; loaded from `policies_dir`.
-//! - [`config`]: `airlock.toml`; [`cgroup`]: finding the cgroup v2 mount.
+//! - [`config`]: `airlock.toml`; [`cgroup`]: finding the cgroup v2 mount; [`fsperm`]: owner
+//!   and mode checks of state, archive and keys.
+//! - [`fuzzing`]: the fuzz targets' bodies (`fuzz/`), replayed on their corpora by the tests.
 #![forbid(unsafe_op_in_unsafe_fn)]
 
 pub mod admin;

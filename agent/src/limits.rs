@@ -29,6 +29,7 @@ pub struct Limits {
 struct Use {
     connections: usize,
     bytes: usize,
+    parsing: usize,
 }
 
 /// Refusals and timeouts, by reason.
@@ -73,6 +74,15 @@ pub enum LimitError {
         free: usize,
         limit: usize,
     },
+    #[error(
+        "parsing this body would take about {needed} bytes and uid {uid} already uses {used} of the {share} one user may (half of `max_parsed_bytes`)"
+    )]
+    ParseShare {
+        uid: u32,
+        needed: usize,
+        used: usize,
+        share: usize,
+    },
 }
 
 impl Limits {
@@ -91,7 +101,7 @@ impl Limits {
         let mut map = self.by_uid.lock().unwrap_or_else(|p| p.into_inner());
         let u = map.entry(uid).or_default();
         let r = f(u);
-        if u.connections == 0 && u.bytes == 0 {
+        if u.connections == 0 && u.bytes == 0 && u.parsing == 0 {
             map.remove(&uid);
         }
         r
@@ -127,37 +137,43 @@ impl Limits {
         }
     }
 
-    /// `estimate` bytes of the parsing budget (see `mcp::strict::parsed_size_estimate`).
-    pub fn parse(self: &Arc<Self>, estimate: usize) -> Result<ParsePermit, LimitError> {
+    /// `estimate` bytes of the parsing budget (see `mcp::strict::parsed_size_estimate`), for
+    /// a body sent by or to `uid`: one user may hold at most half of the budget.
+    pub fn parse(self: &Arc<Self>, uid: u32, estimate: usize) -> Result<ParsePermit, LimitError> {
         let limit = self.parse_budget;
-        let mut current = self.parsing.load(Ordering::Relaxed);
-        loop {
-            let free = limit.saturating_sub(current);
-            if estimate > free {
-                self.counters
-                    .refused_parse_budget
-                    .fetch_add(1, Ordering::Relaxed);
-                return Err(LimitError::Parse {
-                    needed: estimate,
-                    free,
-                    limit,
-                });
-            }
-            match self.parsing.compare_exchange_weak(
-                current,
-                current + estimate,
-                Ordering::AcqRel,
-                Ordering::Relaxed,
-            ) {
-                Ok(_) => {
-                    return Ok(ParsePermit {
-                        limits: self.clone(),
-                        held: estimate,
-                    });
-                }
-                Err(now) => current = now,
-            }
+        let share = limit / 2;
+        let refused = |e: LimitError| {
+            self.counters
+                .refused_parse_budget
+                .fetch_add(1, Ordering::Relaxed);
+            Err(e)
+        };
+        let mut map = self.by_uid.lock().unwrap_or_else(|p| p.into_inner());
+        let used = map.get(&uid).map_or(0, |u| u.parsing);
+        if used.saturating_add(estimate) > share {
+            return refused(LimitError::ParseShare {
+                uid,
+                needed: estimate,
+                used,
+                share,
+            });
         }
+        let current = self.parsing.load(Ordering::Relaxed);
+        let free = limit.saturating_sub(current);
+        if estimate > free {
+            return refused(LimitError::Parse {
+                needed: estimate,
+                free,
+                limit,
+            });
+        }
+        self.parsing.fetch_add(estimate, Ordering::AcqRel);
+        map.entry(uid).or_default().parsing += estimate;
+        Ok(ParsePermit {
+            limits: self.clone(),
+            uid,
+            held: estimate,
+        })
     }
 
     /// What is in use now, for `airlock status`.
@@ -198,6 +214,18 @@ pub struct BodyPermit {
 }
 
 impl BodyPermit {
+    /// Hold exactly `n` bytes (more or fewer than now): what a stream holds in one event.
+    pub fn set(&mut self, n: usize) -> Result<(), LimitError> {
+        if n >= self.held {
+            return self.grow(n - self.held);
+        }
+        let released = self.held - n;
+        self.limits
+            .with_use(self.uid, |u| u.bytes = u.bytes.saturating_sub(released));
+        self.held = n;
+        Ok(())
+    }
+
     /// Claim `n` more bytes.
     pub fn grow(&mut self, n: usize) -> Result<(), LimitError> {
         let (uid, limit) = (self.uid, self.limits.per_uid_bytes);
@@ -234,12 +262,16 @@ impl Drop for BodyPermit {
 #[derive(Debug)]
 pub struct ParsePermit {
     limits: Arc<Limits>,
+    uid: u32,
     held: usize,
 }
 
 impl Drop for ParsePermit {
     fn drop(&mut self) {
-        self.limits.parsing.fetch_sub(self.held, Ordering::AcqRel);
+        let held = self.held;
+        self.limits.parsing.fetch_sub(held, Ordering::AcqRel);
+        self.limits
+            .with_use(self.uid, |u| u.parsing = u.parsing.saturating_sub(held));
     }
 }
 
@@ -280,14 +312,30 @@ mod tests {
     }
 
     #[test]
-    fn the_parse_budget_is_shared_and_refuses_when_spent() {
+    fn the_parse_budget_is_shared_and_no_user_takes_more_than_half() {
         let l = Arc::new(Limits::new(10, 100, 1000));
-        let a = l.parse(700).unwrap();
-        let err = l.parse(400).unwrap_err();
+        let a = l.parse(1, 400).unwrap();
+        let err = l.parse(1, 200).unwrap_err();
+        assert!(matches!(err, LimitError::ParseShare { uid: 1, .. }), "{err}");
         assert!(err.to_string().contains("max_parsed_bytes"), "{err}");
+        let b = l.parse(2, 500).unwrap();
+        assert!(matches!(l.parse(3, 200), Err(LimitError::Parse { .. })));
         drop(a);
-        let _b = l.parse(1000).unwrap();
-        assert!(l.parse(1).is_err());
+        drop(b);
+        let _c = l.parse(1, 500).unwrap();
         assert_eq!(l.counters.refused_parse_budget.load(Ordering::Relaxed), 2);
+        assert_eq!(l.in_use()["parsing_bytes"], 500);
+    }
+
+    #[test]
+    fn a_body_permit_can_shrink() {
+        let l = Arc::new(Limits::new(10, 100, 1000));
+        let mut p = l.body(5);
+        p.set(80).unwrap();
+        assert!(p.set(101).is_err());
+        p.set(10).unwrap();
+        assert_eq!(l.in_use()["inflight_body_bytes"], 10);
+        drop(p);
+        assert_eq!(l.in_use()["inflight_body_bytes"], 0);
     }
 }

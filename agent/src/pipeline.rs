@@ -280,7 +280,14 @@ impl Pipeline {
         let kind = jsonrpc::validate(&value).map_err(|e| PipelineError::Invalid(e.0))?;
         let id_text = jsonrpc::id_text(&value);
         let c2s = direction == Direction::ClientToServer;
-        let scope = self.correlate(kind, direction, &value, &session, id_text.as_deref(), origin);
+        let scope = self.correlate(
+            kind,
+            direction,
+            &value,
+            (&session, &ctx.backend),
+            id_text.as_deref(),
+            origin,
+        );
         let Scope {
             method,
             tool,
@@ -310,6 +317,7 @@ impl Pipeline {
                 method: m.clone(),
                 tool: tool.clone(),
                 started: Instant::now(),
+                uid: ctx.attribution.uid,
             };
             match self.sessions.expect(&session, c2s, id.clone(), pending) {
                 Ok(()) => reserved = Some(id.clone()),
@@ -317,7 +325,9 @@ impl Pipeline {
                     self.counters.protocol_refused.fetch_add(1, Ordering::Relaxed);
                     let (code, rule) = match e {
                         ExpectError::Duplicate => (code::INVALID_REQUEST, "airlock:duplicate_id"),
-                        ExpectError::Full => (code::UNAVAILABLE, "airlock:pending_full"),
+                        ExpectError::Full | ExpectError::UidFull | ExpectError::TableFull => {
+                            (code::UNAVAILABLE, "airlock:pending_full")
+                        }
                     };
                     protocol_refusal = Some((code, format!("Airlock: {e}"), rule));
                 }
@@ -435,7 +445,7 @@ impl Pipeline {
             && method.as_deref() == Some("tools/call")
             && let Some(task_id) = started_task(&value)
         {
-            self.sessions.task_started(&session, task_id, tool.clone());
+            self.sessions.task_started(&ctx.backend, task_id, tool.clone());
         }
         if masked > 0 {
             self.counters
@@ -608,7 +618,7 @@ impl Pipeline {
         kind: Kind,
         direction: Direction,
         value: &Value,
-        session: &SessionKey,
+        (session, backend): (&SessionKey, &str),
         id: Option<&str>,
         origin: Option<Origin>,
     ) -> Scope {
@@ -616,17 +626,24 @@ impl Pipeline {
             Kind::Request | Kind::Notification => {
                 let method = jsonrpc::method(value).map(str::to_owned);
                 let own_tool = jsonrpc::tool(value).map(str::to_owned);
-                let task_tool = match method.as_deref() {
-                    Some("tasks/get" | "tasks/result" | "tasks/cancel" | "tasks/update") => value
-                        .get("params")
-                        .and_then(|p| p.get("taskId"))
-                        .and_then(Value::as_str)
-                        .and_then(|t| self.sessions.task_tool(session, t)),
-                    _ => None,
-                };
+                let is_task = matches!(
+                    method.as_deref(),
+                    Some("tasks/get" | "tasks/result" | "tasks/cancel" | "tasks/update")
+                );
+                let task_tool = is_task
+                    .then(|| {
+                        value
+                            .get("params")
+                            .and_then(|p| p.get("taskId"))
+                            .and_then(Value::as_str)
+                            .and_then(|t| self.sessions.task_tool(backend, t))
+                    })
+                    .flatten();
                 let (tool, known) = match (own_tool, task_tool, origin) {
                     (Some(t), _, _) => (Some(t), true),
                     (None, Some(t), _) => (t, true),
+                    // A task Airlock did not see start: its answer gets every mask rule.
+                    (None, None, _) if is_task => (None, false),
                     // A server's request or notification on the stream of a client's call
                     // belongs to that call.
                     (None, None, Some(o)) if direction == Direction::ServerToClient => {

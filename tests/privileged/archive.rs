@@ -423,3 +423,77 @@ fn buffered_recording_keeps_traffic_flowing_on_a_full_disk() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// Strict recording covers HTTP-level exchanges too: once the archive cannot write, a request
+/// that carries no MCP message (here an allowed OAuth discovery GET on a connection opened
+/// while the disk had room) is refused, not passed on unrecorded.
+#[test]
+fn strict_recording_refuses_http_exchanges_it_cannot_record() {
+    if !privileged() {
+        return;
+    }
+    use crate::mcp::{HOST, PeerServer, with_test_hosts};
+    let disk = SmallDisk::new("http-strict", "3m");
+    let name = unique("http-strict");
+    let cg = TestCgroup::new(&name);
+    let port = free_port();
+    let mut agent = Agent::prepare(
+        &cg,
+        &name,
+        &format!(
+            "[[backend]]\nname = \"tools\"\nhost = \"{HOST}\"\nport = {port}\naddresses = [\"127.0.0.1\"]\ntls = false\n"
+        ),
+        "",
+        Some(&disk.0.join("archive")),
+    );
+    let _server = PeerServer::start_with(&agent.dir, port, "json", false);
+    agent.spawn();
+    const KEEP_ALIVE: &str = r#"
+import json, os, socket, sys, time
+port, flag = int(sys.argv[1]), sys.argv[2]
+s = socket.create_connection(("mcp.internal.test", port), timeout=20)
+def exchange(req):
+    s.sendall(req)
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += s.recv(65536)
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next((int(l.split(b":")[1]) for l in head.split(b"\r\n") if l.lower().startswith(b"content-length:")), 0)
+    while len(body) < length:
+        body += s.recv(65536)
+    return int(head.split(b" ")[1]), body.decode(errors="replace")
+host = "mcp.internal.test:%d" % port
+first = exchange(("GET /.well-known/oauth-protected-resource HTTP/1.1\r\nHost: %s\r\n\r\n" % host).encode())
+print(json.dumps({"first": first[0]}), flush=True)
+while not os.path.exists(flag):
+    time.sleep(0.05)
+# The segment's last page may still take a few records: ask until the archive says no.
+statuses = []
+for _ in range(200):
+    status, body = exchange(("GET /.well-known/oauth-protected-resource HTTP/1.1\r\nHost: %s\r\n\r\n" % host).encode())
+    statuses.append(status)
+    if status != 404:
+        break
+print(json.dumps({"statuses": statuses, "body": body}), flush=True)
+"#;
+    let flag = agent.dir.join("disk-is-full");
+    let mut client = with_test_hosts(Some(&cg), &agent.dir, Path::new(PYTHON))
+        .args(["-c", KEEP_ALIVE, &port.to_string()])
+        .arg(&flag)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(client.stdout.take().unwrap()));
+    let first: serde_json::Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+    assert_eq!(first["first"], 404, "passed through while the archive could write: {first}");
+    let _filler = fill(&disk.0);
+    std::fs::write(&flag, b"").unwrap();
+    let second: serde_json::Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+    let _ = client.wait();
+    let statuses = second["statuses"].as_array().unwrap();
+    assert_eq!(statuses.last().unwrap(), 503, "never refused: {second}");
+    assert!(
+        second["body"].as_str().unwrap().contains("nothing was passed on"),
+        "{second}"
+    );
+}

@@ -126,11 +126,20 @@ fn main() -> Result<()> {
             setup()?;
             cargo_fuzz()?;
             let corpus = root.join("fuzz/corpus").join(&target);
-            run(cargo(&root).args(["+nightly", "fuzz", "run", &target]).arg(&corpus).args([
-                "--",
-                &format!("-max_total_time={secs}"),
-                "-rss_limit_mb=4096",
-            ]))
+            // Through rustup's `cargo` (it reads `+nightly`), not the toolchain's own binary.
+            run(Command::new("cargo")
+                .current_dir(&root)
+                .env("PATH", path_with_cargo_bin())
+                .env_remove("CARGO")
+                .env_remove("RUSTC")
+                .env_remove("RUSTUP_TOOLCHAIN")
+                .args(["+nightly", "fuzz", "run", &target])
+                .arg(&corpus)
+                .args([
+                    "--",
+                    &format!("-max_total_time={secs}"),
+                    "-rss_limit_mb=4096",
+                ]))
         }
         Task::Bench => {
             setup()?;

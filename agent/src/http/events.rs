@@ -87,6 +87,8 @@ impl Stream {
     async fn run(mut self, mut body: Incoming, mut tx: http_body_util::channel::Sender<Bytes, BoxError>) {
         let mut parser = sse::Parser::new(self.limits.max_sse_event);
         let mut events = Vec::new();
+        // The event being read counts against the caller's in-flight bytes.
+        let mut permit = self.resources.body(self.ctx.attribution.uid);
         // Set while the parser holds part of an event: it must be complete by then.
         let mut event_deadline: Option<tokio::time::Instant> = None;
         let end: Result<(), String> = loop {
@@ -138,6 +140,9 @@ impl Stream {
                 continue;
             };
             if let Err(e) = parser.feed(&data, &mut events) {
+                break Err(e.to_string());
+            }
+            if let Err(e) = permit.set(parser.pending_bytes()) {
                 break Err(e.to_string());
             }
             event_deadline = match (parser.pending_bytes(), event_deadline) {
@@ -218,9 +223,17 @@ impl Stream {
     /// Judge one event: the bytes to send on, or why the stream must end.
     async fn event(&mut self, event: Event) -> Result<Vec<u8>, String> {
         let mut lines = Vec::with_capacity(event.lines.len());
-        let mut as_received = true;
+        // Characters some SSE parsers take for line ends (httpx-sse 0.4.0 splits like
+        // `str.splitlines`): an event holding one is re-encoded without them.
+        let mut as_received = !has_line_breaker(&event.raw);
         for line in &event.lines {
             match line {
+                Line::Comment(c) | Line::Field { value: c, .. }
+                    if !matches!(line, Line::Field { name, .. } if name == "data")
+                        && has_line_breaker(c.as_bytes()) =>
+                {
+                    as_received = false;
+                }
                 Line::Comment(c) if !c.is_empty() && self.masks(c) => {
                     lines.push(Line::Comment(String::new()));
                     as_received = false;
@@ -242,7 +255,7 @@ impl Stream {
         let new_data = match data.as_deref() {
             None | Some("") => None,
             Some(d) if kind == "message" => self.messages(d).await?,
-            Some(d) if kind == "endpoint" => {
+            Some(d) if kind == "endpoint" && !has_line_breaker(d.as_bytes()) => {
                 self.endpoint(d)?;
                 None
             }
@@ -274,7 +287,10 @@ impl Stream {
     async fn messages(&mut self, data: &str) -> Result<Option<String>, String> {
         let _permit = self
             .resources
-            .parse(strict::parsed_size_estimate(data.as_bytes()))
+            .parse(
+                self.ctx.attribution.uid,
+                strict::parsed_size_estimate(data.as_bytes()),
+            )
             .map_err(|e| e.to_string())?;
         let mut parsed = match Body::parse(data.as_bytes()) {
             Ok(Parsed::Messages(b)) => b,
@@ -284,7 +300,8 @@ impl Stream {
             Err(e) => return Err(format!("an event's data is {e}")),
         };
         let single = matches!(parsed, Body::Single(_));
-        let mut changed_any = false;
+        // Data holding characters some parsers split lines at is always re-encoded.
+        let mut changed_any = has_line_breaker(data.as_bytes());
         for m in parsed.messages_mut() {
             let value = std::mem::take(m);
             let answered = matches!(
@@ -324,7 +341,7 @@ impl Stream {
                 }
             }
         }
-        Ok(changed_any.then(|| String::from_utf8_lossy(&parsed.to_bytes()).into_owned()))
+        Ok(changed_any.then(|| escape_line_breakers(&String::from_utf8_lossy(&parsed.to_bytes()))))
     }
 
     /// The legacy transport's `endpoint` event: where the client is to POST. It must name a
@@ -356,6 +373,10 @@ impl Stream {
             };
             let (stx, srx) = tokio::sync::mpsc::channel(16);
             if let Ok(mut m) = self.pipeline.legacy_streams.lock() {
+                // One session per stream: an earlier `endpoint` of this stream is replaced.
+                if let Some(old) = self.registered.take() {
+                    m.remove(&old);
+                }
                 m.insert(key.clone(), stx);
                 self.registered = Some(key.clone());
             }
@@ -363,5 +384,41 @@ impl Stream {
             self.key = key;
         }
         Ok(())
+    }
+}
+
+/// Whether `bytes` hold a character that `str.splitlines`-style SSE parsers take for a line
+/// end though the SSE standard does not: VT, FF, FS, GS, RS, NEL, LINE and PARAGRAPH
+/// SEPARATOR.
+fn has_line_breaker(bytes: &[u8]) -> bool {
+    bytes.iter().any(|b| matches!(b, 0x0b | 0x0c | 0x1c..=0x1e))
+        || bytes.windows(2).any(|w| w == [0xC2, 0x85])
+        || bytes
+            .windows(3)
+            .any(|w| w == [0xE2, 0x80, 0xA8] || w == [0xE2, 0x80, 0xA9])
+}
+
+/// Compact JSON with NEL, LINE and PARAGRAPH SEPARATOR written as escapes (they can only be
+/// inside strings there; control characters are escaped by serde_json already).
+fn escape_line_breakers(json: &str) -> String {
+    json.replace('\u{85}', "\\u0085")
+        .replace('\u{2028}', "\\u2028")
+        .replace('\u{2029}', "\\u2029")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn line_breakers_are_found_and_escaped() {
+        assert!(has_line_breaker(":x\u{2028}data: {}".as_bytes()));
+        assert!(has_line_breaker(b"a\x0cb"));
+        assert!(has_line_breaker("\u{85}".as_bytes()));
+        assert!(!has_line_breaker("plain é text".as_bytes()));
+        let v = serde_json::json!({"t": "a\u{2028}b\u{85}c\u{2029}\u{c}"});
+        let escaped = escape_line_breakers(&v.to_string());
+        assert!(!has_line_breaker(escaped.as_bytes()), "{escaped}");
+        assert_eq!(serde_json::from_str::<Value>(&escaped).unwrap(), v);
     }
 }

@@ -166,6 +166,7 @@ fn legacy_session(query: Option<&str>) -> Option<String> {
 }
 
 /// What a request was, for its response and its records.
+#[derive(Clone)]
 struct RequestInfo {
     method: Method,
     path: String,

@@ -60,6 +60,7 @@ impl Conn {
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned);
         let legacy = legacy_session(parts.uri.query());
+        let both_sessions = mcp_session_id.is_some() && legacy.is_some();
         if let Some(auth) = parts
             .headers
             .get(header::AUTHORIZATION)
@@ -81,6 +82,26 @@ impl Conn {
             owed: Vec::new(),
         };
 
+        // Two session names: the server goes by one, correlation would go by the other.
+        if both_sessions {
+            return self
+                .refuse_http(
+                    &info,
+                    StatusCode::BAD_REQUEST,
+                    "Airlock: a request names its session twice (an Mcp-Session-Id header and a legacy session query parameter)".into(),
+                )
+                .await;
+        }
+        // A tunnel or a trace is never MCP, and Airlock does not relay what it cannot read.
+        if matches!(parts.method, Method::CONNECT | Method::TRACE) {
+            return self
+                .refuse_http(
+                    &info,
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    format!("Airlock: {} is not passed on", parts.method),
+                )
+                .await;
+        }
         // One connection, one backend: the request must name the backend its connection was
         // judged for; the server gets that name as Airlock read it (case and a trailing dot
         // normalised).
@@ -157,8 +178,9 @@ impl Conn {
         let mut forward_body = body.clone();
         // The parsing cost is charged before a byte is parsed, and held while the parsed body
         // lives.
-        let _parse_permit = if strict::looks_like_json(&body) {
-            match self.resources.parse(strict::parsed_size_estimate(&body)) {
+        let parse_permit = if strict::looks_like_json(&body) {
+            let estimate = strict::parsed_size_estimate(&body);
+            match self.resources.parse(self.ctx.attribution.uid, estimate) {
                 Ok(p) => Some(p),
                 Err(e) => {
                     return self
@@ -211,8 +233,33 @@ impl Conn {
                 }
             }
         }
+        // The parsed body is gone (forwarded as bytes): so is its share of the budget.
+        drop(parse_permit);
         drop(permit);
+        // A request without messages (allowed non-MCP traffic, a GET stream, a DELETE) is
+        // recorded at HTTP level before it goes on: in strict recording, nothing reaches the
+        // server unrecorded.
+        if !info.mcp
+            && let Err(e) = self.request_record(&info).await
+        {
+            return self.unrecorded(&info, e).await;
+        }
         self.forward(info, parts, forward_body).await
+    }
+
+    /// The HTTP-level record of a request that carries no MCP message: method and path.
+    async fn request_record(&self, info: &RequestInfo) -> Result<(), crate::pipeline::PipelineError> {
+        self.pipeline
+            .record_event(
+                &self.ctx,
+                Direction::ClientToServer,
+                "http",
+                "allow",
+                json!({"http_method": info.method.as_str(), "path": info.path}),
+                None,
+                info.mcp_session_id.clone(),
+            )
+            .await
     }
 
     /// The request's authority (`Host`, or an absolute-form target) must name the backend
@@ -350,14 +397,28 @@ impl Conn {
             }
             return Err(json_response(StatusCode::OK, &answers[0]));
         }
-        // A batch is forwarded whole or not at all: the others are answered too.
+        // A batch is forwarded whole or not at all: the others are answered too, on the
+        // record, and the ids they took are free again.
+        info.owed.clear();
         for id in forwarded_ids.into_iter().flatten() {
-            answers.push(jsonrpc::error_response(
+            self.pipeline
+                .sessions
+                .cancel(&info.key, true, &jsonrpc::canonical_id(&id));
+            let answer = jsonrpc::error_response(
                 Some(&id),
                 code::BATCH_REFUSED,
                 "Airlock: not forwarded because another message of its batch was refused",
                 None,
-            ));
+            );
+            self.record_request_error(
+                info,
+                Direction::ServerToClient,
+                "block",
+                json!({"rules": ["airlock:batch_refused"], "answer": answer}),
+                None,
+            )
+            .await;
+            answers.push(answer);
         }
         Err(json_response(StatusCode::OK, &Value::Array(answers)))
     }
@@ -549,6 +610,11 @@ fn utf8_declared(headers: &HeaderMap) -> Result<(), String> {
 /// The 2026-07-28 mirrored headers (`Mcp-Method`, `Mcp-Name`) must say what the body says: a
 /// server routing on the header must not run what Airlock did not judge.
 fn mirrored_headers_agree(headers: &HeaderMap, parsed: &Body) -> Result<(), String> {
+    for name in [headers::MCP_METHOD, headers::MCP_NAME] {
+        if headers.get_all(name).iter().count() > 1 {
+            return Err(format!("Airlock: more than one {name} header"));
+        }
+    }
     let Body::Single(m) = parsed else {
         return Ok(());
     };

@@ -33,9 +33,27 @@ use crate::{
 };
 
 impl Conn {
+    /// The answer to `info`'s request, judged. Requests of the body that the answer did not
+    /// answer (an error with id null, a refusal) are forgotten: they will not be answered,
+    /// and must not hold their id or their place in the bounds. A stream, or a 202 (the
+    /// legacy transport answers on its `/sse` stream), answers later: those stay.
     pub(super) async fn response(
         &self,
         mut info: RequestInfo,
+        response: Response<Incoming>,
+    ) -> Response<ProxyBody> {
+        let answer = self.answer(&mut info, response).await;
+        for id in &info.owed {
+            self.pipeline
+                .sessions
+                .cancel(&info.key, true, &crate::mcp::jsonrpc::canonical_id(id));
+        }
+        answer
+    }
+
+    async fn answer(
+        &self,
+        info: &mut RequestInfo,
         response: Response<Incoming>,
     ) -> Response<ProxyBody> {
         let (mut parts, body) = response.into_parts();
@@ -73,6 +91,10 @@ impl Conn {
             parts.status,
             StatusCode::NO_CONTENT | StatusCode::NOT_MODIFIED
         ) || info.method == Method::HEAD;
+        if parts.status == StatusCode::ACCEPTED {
+            // Accepted: the answers come later, on another stream (the legacy transport).
+            info.owed.clear();
+        }
         if parts.status == StatusCode::ACCEPTED && !no_body {
             // No client reads the body of a 202 ("Accepted"): it is read (bounded) and dropped,
             // never passed on uninspected.
@@ -101,6 +123,16 @@ impl Conn {
                 )
                 .await;
         }
+        if parts.status.is_informational() {
+            // An unasked-for protocol switch (101) would hand the connection to bytes Airlock
+            // does not read.
+            return self
+                .refuse_answer(
+                    &info,
+                    format!("it answered {} (a protocol switch nobody asked for)", parts.status),
+                )
+                .await;
+        }
         if parts.status.is_redirection()
             && let Some(location) = parts.headers.get(header::LOCATION)
             && !self.same_server(location)
@@ -124,10 +156,15 @@ impl Conn {
             _ => None,
         };
         if success && kind == Some(true) {
-            return self.stream(info, parts, body).await;
+            let streamed = self.stream(info.clone(), parts, body).await;
+            info.owed.clear();
+            return streamed;
         }
         let deadline = tokio::time::Instant::now() + self.limits.body_read_timeout;
-        let bytes = match read_capped(body, self.limits.max_body, deadline, None).await {
+        // The answer's bytes count against the caller's in-flight bytes while they are read.
+        let mut permit = self.resources.body(self.ctx.attribution.uid);
+        let bytes = match read_capped(body, self.limits.max_body, deadline, Some(&mut permit)).await
+        {
             Ok(b) => b,
             Err(e) => {
                 let reason = match e {
@@ -169,12 +206,13 @@ impl Conn {
                 )
                 .await;
         }
-        let _permit = match self.resources.parse(strict::parsed_size_estimate(&bytes)) {
+        let estimate = strict::parsed_size_estimate(&bytes);
+        let _parse_permit = match self.resources.parse(self.ctx.attribution.uid, estimate) {
             Ok(p) => p,
             Err(e) => return self.refuse_answer(&info, e.to_string()).await,
         };
         let out = match Body::parse(&bytes) {
-            Ok(Parsed::Messages(parsed)) => match self.answer_messages(&info, parsed, &bytes).await
+            Ok(Parsed::Messages(parsed)) => match self.answer_messages(info, parsed, &bytes).await
             {
                 Ok(out) => out,
                 Err(e) => return self.refuse_answer(&info, e.to_string()).await,
@@ -240,7 +278,7 @@ impl Conn {
     /// bytes when nothing changed).
     async fn answer_messages(
         &self,
-        info: &RequestInfo,
+        info: &mut RequestInfo,
         mut parsed: Body,
         bytes: &Bytes,
     ) -> Result<Bytes, PipelineError> {
@@ -248,6 +286,10 @@ impl Conn {
         let raw = matches!(parsed, Body::Single(_)).then(|| bytes.clone());
         for m in parsed.messages_mut() {
             let value = std::mem::take(m);
+            if let Some(id) = crate::mcp::jsonrpc::id_text(&value) {
+                info.owed
+                    .retain(|owed| crate::mcp::jsonrpc::canonical_id(owed) != id);
+            }
             match self
                 .pipeline
                 .process(
@@ -308,6 +350,11 @@ impl Conn {
         let Ok(text) = location.to_str() else {
             return false;
         };
+        // URL parsers read a backslash as a slash (`/\\evil.example` is another host) and
+        // strip spaces and controls: such a location is never taken for a path.
+        if text.contains('\\') || text.bytes().any(|b| b <= b' ' || b == 0x7f) {
+            return false;
+        }
         if text.starts_with('/') && !text.starts_with("//") {
             return true;
         }

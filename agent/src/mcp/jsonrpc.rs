@@ -70,6 +70,11 @@ pub const REQUEST_METHODS: &[&str] = &[
     "tasks/update",
 ];
 
+/// Longest string id accepted (ids are remembered until answered: their size is bounded).
+pub const MAX_ID_BYTES: usize = 128;
+/// Longest tool, prompt or task name accepted (MCP names are at most 128 characters).
+pub const MAX_NAME_BYTES: usize = 512;
+
 /// Why a JSON value that claims to be JSON-RPC (or must be) is not a valid message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Invalid(pub String);
@@ -119,6 +124,10 @@ pub fn looks_like_jsonrpc(v: &Value) -> bool {
 /// float (`1.0`) only where `float_ok` (a server echoing an id).
 fn check_id(id: &Value, null_ok: bool, float_ok: bool) -> Result<(), Invalid> {
     match id {
+        Value::String(s) if s.len() > MAX_ID_BYTES => invalid(format!(
+            "an id of {} bytes: at most {MAX_ID_BYTES} are accepted",
+            s.len()
+        )),
         Value::String(_) => Ok(()),
         Value::Number(n) if n.is_i64() || n.is_u64() => Ok(()),
         Value::Number(n) if float_ok && n.as_f64().is_some_and(|f| f.fract() == 0.0) => Ok(()),
@@ -207,6 +216,9 @@ pub fn validate(v: &Value) -> Result<Kind, Invalid> {
 fn check_params(method: &str, params: Option<&serde_json::Map<String, Value>>) -> Result<(), Invalid> {
     let need = |key: &str| -> Result<(), Invalid> {
         match params.and_then(|p| p.get(key)) {
+            Some(Value::String(s)) if key != "uri" && s.len() > MAX_NAME_BYTES => invalid(
+                format!("`params.{key}` of `{method}` is longer than {MAX_NAME_BYTES} bytes"),
+            ),
             Some(Value::String(_)) => Ok(()),
             _ => invalid(format!("`{method}` needs a string `params.{key}`")),
         }
@@ -494,6 +506,9 @@ mod tests {
             json!({"jsonrpc":"2.0","id":1,"result":[]}),
             json!({"jsonrpc":"2.0","id":1,"error":{"code":"x","message":"x"}}),
             json!({"jsonrpc":2.0,"id":1,"method":"ping"}),
+            // Sizes that are remembered until answered are bounded.
+            json!({"jsonrpc":"2.0","id":"x".repeat(MAX_ID_BYTES + 1),"method":"ping"}),
+            json!({"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"t".repeat(MAX_NAME_BYTES + 1)}}),
         ];
         for v in refused {
             assert!(validate(&v).is_err(), "accepted {v}");

@@ -1,14 +1,19 @@
 //! What Airlock remembers about MCP sessions: the requests still waiting for an answer (to
 //! give each response its method, tool and latency, even when the answer arrives on another
 //! connection — a GET stream, a resumed stream, the legacy `/sse` stream), the protocol
-//! version and `clientInfo`. Bounded: a session keeps at most `MAX_PENDING` unanswered
-//! requests (a request past that is refused, not forgotten), at most `MAX_TASKS` tasks (the
-//! 2026-07-28 tasks extension: a task's later `tasks/get` and `tasks/result` keep the tool of
-//! the call that started it), and the table at most `MAX_SESSIONS` sessions (least recently
-//! used go first). An id still waiting for its answer cannot be used again in the session.
+//! version and `clientInfo`, and which tool started each task (the tasks extension: a task's
+//! later `tasks/get` and `tasks/result` keep the tool of the call that started it, whatever
+//! connection or session asks).
+//!
+//! Bounded, and refusing rather than forgetting: a request past `MAX_PENDING` unanswered ones
+//! in its session, `MAX_PENDING_PER_UID` for its caller or `MAX_PENDING_TOTAL` in all is
+//! refused (ids and names are bounded in size by validation, so the table's memory is too);
+//! an id still waiting for its answer cannot be used again in the session. At most
+//! `MAX_SESSIONS` sessions (least recently used go first, their pending requests with them)
+//! and `MAX_TASKS` tasks per backend.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, VecDeque},
     sync::Mutex,
     time::{Duration, Instant},
 };
@@ -16,6 +21,8 @@ use std::{
 use serde_json::Value;
 
 pub const MAX_PENDING: usize = 4096;
+pub const MAX_PENDING_PER_UID: usize = 4096;
+pub const MAX_PENDING_TOTAL: usize = 65_536;
 const MAX_SESSIONS: usize = 65_536;
 const MAX_TASKS: usize = 4096;
 
@@ -26,6 +33,10 @@ pub enum ExpectError {
     Duplicate,
     /// The session has `MAX_PENDING` unanswered requests.
     Full,
+    /// The caller has `MAX_PENDING_PER_UID` unanswered requests, all sessions together.
+    UidFull,
+    /// `MAX_PENDING_TOTAL` requests are waiting, all callers together.
+    TableFull,
 }
 
 impl std::fmt::Display for ExpectError {
@@ -37,6 +48,14 @@ impl std::fmt::Display for ExpectError {
             ExpectError::Full => write!(
                 f,
                 "this session already has {MAX_PENDING} requests waiting for an answer"
+            ),
+            ExpectError::UidFull => write!(
+                f,
+                "this user already has {MAX_PENDING_PER_UID} requests waiting for an answer"
+            ),
+            ExpectError::TableFull => write!(
+                f,
+                "{MAX_PENDING_TOTAL} requests are waiting for an answer on this host"
             ),
         }
     }
@@ -57,6 +76,8 @@ pub struct Pending {
     pub method: String,
     pub tool: Option<String>,
     pub started: Instant,
+    /// Who sent it (requests are counted per caller).
+    pub uid: u32,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -70,14 +91,48 @@ struct State {
     info: SessionInfo,
     /// Keyed by (request travels client→server?, JSON-RPC id text).
     pending: HashMap<(bool, String), Pending>,
-    /// Task id → the tool of the `tools/call` that started it, oldest first.
-    tasks: std::collections::VecDeque<(String, Option<String>)>,
     last_used: Instant,
 }
 
 #[derive(Debug, Default)]
+struct Inner {
+    sessions: HashMap<SessionKey, State>,
+    /// Unanswered requests by caller, and in all.
+    by_uid: HashMap<u32, usize>,
+    total: usize,
+    /// By backend: task id → the tool of the call that started it, oldest first.
+    tasks: HashMap<String, VecDeque<(String, Option<String>)>>,
+}
+
+impl Inner {
+    fn forget(&mut self, p: &Pending) {
+        self.total = self.total.saturating_sub(1);
+        if let Some(n) = self.by_uid.get_mut(&p.uid) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.by_uid.remove(&p.uid);
+            }
+        }
+    }
+
+    fn drop_session(&mut self, key: &SessionKey) {
+        if let Some(state) = self.sessions.remove(key) {
+            for p in state.pending.values() {
+                self.forget(p);
+            }
+        }
+    }
+
+    fn take(&mut self, key: &SessionKey, slot: &(bool, String)) -> Option<Pending> {
+        let p = self.sessions.get_mut(key)?.pending.remove(slot)?;
+        self.forget(&p);
+        Some(p)
+    }
+}
+
+#[derive(Debug, Default)]
 pub struct Sessions {
-    inner: Mutex<HashMap<SessionKey, State>>,
+    inner: Mutex<Inner>,
 }
 
 impl Sessions {
@@ -85,31 +140,37 @@ impl Sessions {
         Sessions::default()
     }
 
-    fn with<R>(&self, key: &SessionKey, f: impl FnOnce(&mut State) -> R) -> R {
-        let mut map = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn with<R>(&self, key: &SessionKey, f: impl FnOnce(&mut Inner, &SessionKey) -> R) -> R {
+        let mut inner = self.lock();
         let now = Instant::now();
-        if !map.contains_key(key) && map.len() >= MAX_SESSIONS {
+        if !inner.sessions.contains_key(key) && inner.sessions.len() >= MAX_SESSIONS {
             // Full: drop the least recently used eighth at once, so that a full table costs
             // one sort per MAX_SESSIONS / 8 new sessions, not a scan per session.
-            let mut by_age: Vec<(Instant, SessionKey)> =
-                map.iter().map(|(k, s)| (s.last_used, k.clone())).collect();
+            let mut by_age: Vec<(Instant, SessionKey)> = inner
+                .sessions
+                .iter()
+                .map(|(k, s)| (s.last_used, k.clone()))
+                .collect();
             by_age.sort_unstable_by_key(|(t, _)| *t);
             for (_, k) in by_age.into_iter().take(MAX_SESSIONS / 8) {
-                map.remove(&k);
+                inner.drop_session(&k);
             }
         }
-        let state = map.entry(key.clone()).or_insert_with(|| State {
+        let state = inner.sessions.entry(key.clone()).or_insert_with(|| State {
             info: SessionInfo::default(),
             pending: HashMap::new(),
-            tasks: std::collections::VecDeque::new(),
             last_used: now,
         });
         state.last_used = now;
-        f(state)
+        f(&mut inner, key)
     }
 
     /// Remember a request (`client_to_server` says which way it went). Refused when its id
-    /// is already waiting in this session, or the session is full.
+    /// is already waiting in this session, or a bound is reached.
     pub fn expect(
         &self,
         key: &SessionKey,
@@ -117,58 +178,63 @@ impl Sessions {
         id: String,
         pending: Pending,
     ) -> Result<(), ExpectError> {
-        self.with(key, |s| {
+        self.with(key, |inner, key| {
             let slot = (client_to_server, id);
-            if s.pending.contains_key(&slot) {
+            let uid_count = inner.by_uid.get(&pending.uid).copied().unwrap_or(0);
+            let total = inner.total;
+            let Some(state) = inner.sessions.get_mut(key) else {
+                return Err(ExpectError::TableFull);
+            };
+            if state.pending.contains_key(&slot) {
                 return Err(ExpectError::Duplicate);
             }
-            if s.pending.len() >= MAX_PENDING {
+            if state.pending.len() >= MAX_PENDING {
                 return Err(ExpectError::Full);
             }
-            s.pending.insert(slot, pending);
+            if uid_count >= MAX_PENDING_PER_UID {
+                return Err(ExpectError::UidFull);
+            }
+            if total >= MAX_PENDING_TOTAL {
+                return Err(ExpectError::TableFull);
+            }
+            let uid = pending.uid;
+            state.pending.insert(slot, pending);
+            *inner.by_uid.entry(uid).or_default() += 1;
+            inner.total += 1;
             Ok(())
         })
     }
 
-    /// Whether a request with this id is waiting (checked before a message is judged, so a
-    /// duplicate is refused before anything else happens to it).
-    pub fn is_pending(&self, key: &SessionKey, client_to_server: bool, id: &str) -> bool {
-        let map = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        map.get(key)
-            .is_some_and(|s| s.pending.contains_key(&(client_to_server, id.to_owned())))
-    }
-
-    /// Forget a request that will not be answered (the client cancelled it).
+    /// Forget a request that will not be answered (the client cancelled it, the server
+    /// answered its POST without it, or it was refused).
     pub fn cancel(&self, key: &SessionKey, client_to_server: bool, id: &str) {
-        let mut map = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(s) = map.get_mut(key) {
-            s.pending.remove(&(client_to_server, id.to_owned()));
+        self.lock().take(key, &(client_to_server, id.to_owned()));
+    }
+
+    /// A `tools/call` was answered with a task: remember which tool it runs, per backend.
+    pub fn task_started(&self, backend: &str, task_id: &str, tool: Option<String>) {
+        let mut inner = self.lock();
+        let tasks = inner.tasks.entry(backend.to_owned()).or_default();
+        tasks.retain(|(t, _)| t != task_id);
+        if tasks.len() >= MAX_TASKS {
+            tasks.pop_front();
         }
+        tasks.push_back((task_id.to_owned(), tool));
     }
 
-    /// A `tools/call` was answered with a task: remember which tool it runs.
-    pub fn task_started(&self, key: &SessionKey, task_id: &str, tool: Option<String>) {
-        self.with(key, |s| {
-            s.tasks.retain(|(t, _)| t != task_id);
-            if s.tasks.len() >= MAX_TASKS {
-                s.tasks.pop_front();
-            }
-            s.tasks.push_back((task_id.to_owned(), tool));
-        })
-    }
-
-    /// The tool of the call that started `task_id`, if this session started it.
-    pub fn task_tool(&self, key: &SessionKey, task_id: &str) -> Option<Option<String>> {
-        let map = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        map.get(key)?
+    /// The tool of the call that started `task_id` on `backend`, if Airlock saw it start.
+    pub fn task_tool(&self, backend: &str, task_id: &str) -> Option<Option<String>> {
+        self.lock()
             .tasks
+            .get(backend)?
             .iter()
             .find(|(t, _)| t == task_id)
             .map(|(_, tool)| tool.clone())
     }
 
     /// The request a response answers (`request_client_to_server`: the request's direction),
-    /// removed from the table, with the time it took.
+    /// removed from the table, with the time it took. An id echoed as a string for a number
+    /// (or the other way round) still finds its request, as the SDK clients match them.
     pub fn answer(
         &self,
         key: &SessionKey,
@@ -176,48 +242,69 @@ impl Sessions {
         id: &str,
     ) -> Option<(Pending, Duration)> {
         // A lookup does not create a session.
-        let mut map = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        let state = map.get_mut(key)?;
-        state.last_used = Instant::now();
-        state
-            .pending
-            .remove(&(request_client_to_server, id.to_owned()))
-            .map(|p| {
-                let took = p.started.elapsed();
-                (p, took)
-            })
+        let mut inner = self.lock();
+        inner.sessions.get_mut(key)?.last_used = Instant::now();
+        let alternate = match id.strip_prefix('"').and_then(|s| s.strip_suffix('"')) {
+            Some(inner_text) if inner_text.parse::<i64>().is_ok() => Some(inner_text.to_owned()),
+            Some(_) => None,
+            None if id.parse::<i64>().is_ok() => Some(format!("\"{id}\"")),
+            None => None,
+        };
+        let p = inner
+            .take(key, &(request_client_to_server, id.to_owned()))
+            .or_else(|| inner.take(key, &(request_client_to_server, alternate?)))?;
+        let took = p.started.elapsed();
+        Some((p, took))
     }
 
     /// Move what a connection-keyed session learnt (the `initialize` exchange) to the
     /// session id the server assigned.
     pub fn rename(&self, from: &SessionKey, to: &SessionKey) {
-        let mut map = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(state) = map.remove(from) {
-            map.entry(to.clone()).or_insert(state);
+        let mut inner = self.lock();
+        if let Some(state) = inner.sessions.remove(from) {
+            if inner.sessions.contains_key(to) {
+                // The target exists already: what `from` waited for is forgotten.
+                for p in state.pending.values() {
+                    inner.forget(p);
+                }
+            } else {
+                inner.sessions.insert(to.clone(), state);
+            }
         }
     }
 
     pub fn set_info(&self, key: &SessionKey, update: impl FnOnce(&mut SessionInfo)) {
-        self.with(key, |s| update(&mut s.info));
+        self.with(key, |inner, key| {
+            if let Some(s) = inner.sessions.get_mut(key) {
+                update(&mut s.info);
+            }
+        });
     }
 
     pub fn info(&self, key: &SessionKey) -> SessionInfo {
-        let map = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        map.get(key).map(|s| s.info.clone()).unwrap_or_default()
+        self.lock()
+            .sessions
+            .get(key)
+            .map(|s| s.info.clone())
+            .unwrap_or_default()
     }
 
     /// The session ended (DELETE, or the connection that keyed it closed).
     pub fn end(&self, key: &SessionKey) {
-        let mut map = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        map.remove(key);
+        self.lock().drop_session(key);
     }
 
     pub fn len(&self) -> usize {
-        self.inner.lock().map(|m| m.len()).unwrap_or(0)
+        self.lock().sessions.len()
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Unanswered requests in all.
+    pub fn pending_total(&self) -> usize {
+        self.lock().total
     }
 }
 
@@ -243,6 +330,7 @@ mod tests {
                 method: "tools/call".into(),
                 tool: Some("add".into()),
                 started: Instant::now(),
+                uid: 0,
             },
         )
         .unwrap();
@@ -264,6 +352,7 @@ mod tests {
             method: method.into(),
             tool: None,
             started: Instant::now(),
+            uid: 0,
         }
     }
 
@@ -286,17 +375,56 @@ mod tests {
     }
 
     #[test]
-    fn tasks_keep_the_tool_of_their_call() {
+    fn tasks_keep_the_tool_of_their_call_per_backend() {
         let s = Sessions::new();
-        s.task_started(&key("s"), "t-1", Some("deploy".into()));
-        assert_eq!(s.task_tool(&key("s"), "t-1"), Some(Some("deploy".into())));
-        assert_eq!(s.task_tool(&key("s"), "t-2"), None);
-        assert_eq!(s.task_tool(&key("other"), "t-1"), None);
+        s.task_started("b", "t-1", Some("deploy".into()));
+        assert_eq!(s.task_tool("b", "t-1"), Some(Some("deploy".into())));
+        assert_eq!(s.task_tool("b", "t-2"), None);
+        assert_eq!(s.task_tool("other", "t-1"), None);
         for i in 0..MAX_TASKS {
-            s.task_started(&key("s"), &i.to_string(), None);
+            s.task_started("b", &i.to_string(), None);
         }
         // The oldest went first.
-        assert_eq!(s.task_tool(&key("s"), "t-1"), None);
+        assert_eq!(s.task_tool("b", "t-1"), None);
+    }
+
+    #[test]
+    fn pending_requests_are_bounded_per_user_and_in_all_and_counted_back() {
+        let s = Sessions::new();
+        let by = |uid| Pending {
+            uid,
+            ..pending("ping")
+        };
+        for i in 0..MAX_PENDING_PER_UID {
+            s.expect(&key(&format!("s{}", i % 7)), true, i.to_string(), by(7))
+                .unwrap();
+        }
+        assert_eq!(
+            s.expect(&key("fresh"), true, "x".into(), by(7)),
+            Err(ExpectError::UidFull)
+        );
+        // Another user is not affected.
+        s.expect(&key("fresh"), true, "x".into(), by(8)).unwrap();
+        assert_eq!(s.pending_total(), MAX_PENDING_PER_UID + 1);
+        // Ended sessions and answers give their counts back.
+        for i in 0..7 {
+            s.end(&key(&format!("s{i}")));
+        }
+        assert_eq!(s.pending_total(), 1);
+        s.expect(&key("again"), true, "y".into(), by(7)).unwrap();
+        assert!(s.answer(&key("fresh"), true, "x").is_some());
+        assert_eq!(s.pending_total(), 1);
+    }
+
+    #[test]
+    fn ids_echoed_as_strings_or_numbers_find_their_request() {
+        let s = Sessions::new();
+        s.expect(&key("s"), true, "1".into(), pending("tools/call")).unwrap();
+        assert!(s.answer(&key("s"), true, "\"1\"").is_some());
+        s.expect(&key("s"), true, "\"7\"".into(), pending("ping")).unwrap();
+        assert!(s.answer(&key("s"), true, "7").is_some());
+        s.expect(&key("s"), true, "\"a\"".into(), pending("ping")).unwrap();
+        assert!(s.answer(&key("s"), true, "a").is_none());
     }
 
     #[test]
@@ -312,9 +440,9 @@ mod tests {
         s.set_info(&key("new"), |_| {});
         assert!(s.len() <= MAX_SESSIONS);
         // The oldest went, the newest stayed.
-        let map = s.inner.lock().unwrap();
-        assert!(!map.contains_key(&key("0")));
-        assert!(map.contains_key(&key("new")));
+        let inner = s.inner.lock().unwrap();
+        assert!(!inner.sessions.contains_key(&key("0")));
+        assert!(inner.sessions.contains_key(&key("new")));
     }
 
     #[test]

@@ -118,39 +118,89 @@ fn foreign_encoding(bytes: &[u8]) -> Option<&'static str> {
     None
 }
 
-/// Whether `bytes` would be taken for JSON by a lenient reader: after an optional byte-order
-/// mark, UTF-16/32 NUL bytes and whitespace (any Unicode space as well as ASCII), the first
+/// Whether `bytes` would be taken for JSON by a lenient reader: decoded as Python's
+/// `json.loads(bytes)` decodes (a byte-order mark, or the NUL pattern of UTF-16/32, else
+/// UTF-8), after any amount of whitespace (Unicode spaces and controls too), the first
 /// character opens an object or an array. Such a body is never passed on as "not JSON".
 pub fn looks_like_json(bytes: &[u8]) -> bool {
-    let mut rest = bytes;
-    for bom in [
-        &b"\xEF\xBB\xBF"[..],
-        b"\x00\x00\xFE\xFF",
-        b"\xFF\xFE\x00\x00",
-        b"\xFE\xFF",
-        b"\xFF\xFE",
-    ] {
-        if let Some(r) = rest.strip_prefix(bom) {
-            rest = r;
-            break;
+    let b = |i: usize| bytes.get(i).copied().unwrap_or(1);
+    let opens = |c: char| c == '{' || c == '[';
+    let skippable = |c: char| c.is_whitespace() || c.is_control() || c == '\u{feff}';
+    let first = |chars: &mut dyn Iterator<Item = char>| {
+        for c in chars {
+            if !skippable(c) {
+                return opens(c);
+            }
         }
+        false
+    };
+    let units16 = |rest: &[u8], le: bool| -> Vec<u16> {
+        rest.chunks_exact(2)
+            .map(|c| if le { u16::from_le_bytes([c[0], c[1]]) } else { u16::from_be_bytes([c[0], c[1]]) })
+            .collect()
+    };
+    let utf16 = |rest: &[u8], le: bool| {
+        let units = units16(rest, le);
+        first(&mut char::decode_utf16(units).map(|r| r.unwrap_or('\u{fffd}')))
+    };
+    let utf32 = |rest: &[u8], le: bool| {
+        first(&mut rest.chunks_exact(4).map(|c| {
+            let n = if le {
+                u32::from_le_bytes([c[0], c[1], c[2], c[3]])
+            } else {
+                u32::from_be_bytes([c[0], c[1], c[2], c[3]])
+            };
+            char::from_u32(n).unwrap_or('\u{fffd}')
+        }))
+    };
+    if let Some(rest) = bytes.strip_prefix(b"\xEF\xBB\xBF") {
+        return first(&mut String::from_utf8_lossy(rest).chars());
     }
-    // Drop NULs (UTF-16/32 of ASCII text), then skip whitespace, ASCII or Unicode.
-    let text: Vec<u8> = rest.iter().copied().filter(|b| *b != 0).take(4096).collect();
-    let text = String::from_utf8_lossy(&text);
-    text.chars()
-        .find(|c| !c.is_whitespace() && *c != '\u{feff}' && !c.is_control())
-        .is_some_and(|c| c == '{' || c == '[')
+    if let Some(rest) = bytes.strip_prefix(b"\xFF\xFE\x00\x00") {
+        return utf32(rest, true);
+    }
+    if let Some(rest) = bytes.strip_prefix(b"\x00\x00\xFE\xFF") {
+        return utf32(rest, false);
+    }
+    if let Some(rest) = bytes.strip_prefix(b"\xFF\xFE") {
+        return utf16(rest, true);
+    }
+    if let Some(rest) = bytes.strip_prefix(b"\xFE\xFF") {
+        return utf16(rest, false);
+    }
+    if b(0) == 0 {
+        return if b(1) == 0 { utf32(bytes, false) } else { utf16(bytes, false) };
+    }
+    if b(1) == 0 {
+        return if b(2) == 0 && b(3) == 0 { utf32(bytes, true) } else { utf16(bytes, true) };
+    }
+    // UTF-8 (JavaScript's TextDecoder, and Python without a BOM), lossily, without a horizon.
+    first(&mut String::from_utf8_lossy(bytes).chars())
 }
 
 /// An upper bound of the memory `parse` can allocate for `bytes`: the text itself twice
 /// (strings, and the vectors growing), plus a value slot and its share of a map node per
-/// structural character. Cheap (one pass, no allocation).
+/// structural character outside strings. Cheap (one pass, no allocation).
 pub fn parsed_size_estimate(bytes: &[u8]) -> usize {
-    let structural = bytes
-        .iter()
-        .filter(|b| matches!(b, b'[' | b'{' | b',' | b':'))
-        .count();
+    let mut structural = 0usize;
+    let mut in_string = false;
+    let mut escaped = false;
+    for &b in bytes {
+        if in_string {
+            match (escaped, b) {
+                (true, _) => escaped = false,
+                (false, b'\\') => escaped = true,
+                (false, b'"') => in_string = false,
+                _ => {}
+            }
+        } else {
+            match b {
+                b'"' => in_string = true,
+                b'[' | b'{' | b',' | b':' => structural += 1,
+                _ => {}
+            }
+        }
+    }
     bytes
         .len()
         .saturating_mul(2)
@@ -387,6 +437,29 @@ mod tests {
         assert_eq!(fold("\u{212A}ey"), "key");
         assert_eq!(fold("\u{17F}ql"), "sql");
         assert_eq!(fold("plain"), "plain");
+    }
+
+    #[test]
+    fn lenient_detection_has_no_horizon() {
+        let mut far = vec![b' '; 100_000];
+        far.extend_from_slice(b"{\"jsonrpc\":\"2.0\"}");
+        assert!(looks_like_json(&far));
+        let mut wide = vec![0xFF, 0xFE];
+        for c in "\u{2028}  [1]".encode_utf16() {
+            wide.extend_from_slice(&c.to_le_bytes());
+        }
+        assert!(looks_like_json(&wide));
+        let mut wide32 = Vec::new();
+        for c in " {}".chars() {
+            wide32.extend_from_slice(&(c as u32).to_le_bytes());
+        }
+        assert!(looks_like_json(&wide32));
+    }
+
+    #[test]
+    fn structure_inside_strings_costs_nothing_extra() {
+        let commas = format!("[\"{}\"]", ",".repeat(100_000));
+        assert!(parsed_size_estimate(commas.as_bytes()) < 300_000);
     }
 
     #[test]

@@ -559,10 +559,22 @@ impl Rule {
             };
             match found {
                 Some(Value::String(s)) => regex.is_match(s),
+                Some(Value::Number(n)) => regex.is_match(&number_text(n)),
                 Some(other) => regex.is_match(&other.to_string()),
                 None => false,
             }
         })
+    }
+}
+
+/// A number as `args` patterns see it: a whole number as an integer whatever the client wrote
+/// (`1e5`, `100000.0` and `100000` alike, as servers that take it for an integer read it).
+fn number_text(n: &serde_json::Number) -> String {
+    match n.as_f64() {
+        Some(f) if !(n.is_i64() || n.is_u64()) && f.fract() == 0.0 && f.abs() < 9.2e18 => {
+            format!("{}", f as i64)
+        }
+        _ => n.to_string(),
     }
 }
 

@@ -481,3 +481,29 @@ backends = ["a"]
     assert!(s.check_alike(&[("c".into(), "d".into())], dir).is_ok());
     assert!(s.check_alike(&[], dir).is_ok());
 }
+
+#[test]
+fn whole_numbers_match_as_integers_however_written() {
+    let s = set(&[(
+        "a.toml",
+        r#"
+[[rule]]
+id = "big-transfers"
+action = "block"
+tools = ["transfer"]
+args = { "amount" = "^[0-9]{5,}$" }
+"#,
+    )])
+    .unwrap();
+    let who = subject("alice", 1000);
+    for amount in [json!(100000), json!(1e5), json!(100000.0)] {
+        let args = json!({ "amount": amount });
+        let m = call("transfer", &args);
+        assert!(
+            matches!(s.decide(&who, &m).verdict, Verdict::Block { .. }),
+            "{amount}"
+        );
+    }
+    let args = json!({"amount": 99.5});
+    assert_eq!(s.decide(&who, &call("transfer", &args)).verdict, Verdict::Allow);
+}

@@ -173,6 +173,8 @@ FRAMINGS = [
     ("sse_split_writes", "one SSE event in three writes cut inside the e-mail address", lambda rid: Reply(200, "text/event-stream", split(sse_event(leak(rid)), b"planted"), chunked=True)),
     ("uncorrelated_id", "an answer with the secret to an id never sent, then the clean real one", uncorrelated),
     ("notification_before", "notifications/message with the secret before a clean answer", notification_before),
+    ("sse_line_separator", "a comment ending in U+2028 with the answer after it on the same line (a line end to str.splitlines parsers)", sse_reply(lambda rid: f": x\u2028data: {leak(rid)}\n\n".encode())),
+    ("redirect_backslash", "307 to /\\evil.example/mcp (another host to WHATWG URL parsers)", lambda rid: Reply(307, "text/plain", [SECRET.encode()], headers=[("Location", "/\\evil.example/mcp")])),
 ]
 
 
