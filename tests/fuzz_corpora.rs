@@ -23,7 +23,10 @@ fn replay(target: &str, check: fn(&[u8])) {
 
 #[test]
 fn request_classification() {
-    replay("request_classification", airlock::fuzzing::request_classification);
+    replay(
+        "request_classification",
+        airlock::fuzzing::request_classification,
+    );
 }
 
 #[test]

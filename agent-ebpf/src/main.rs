@@ -332,8 +332,8 @@ fn record_flow(ctx: &SockOpsContext) {
     }
     let map = core::ptr::from_ref(&PENDING).cast_mut().cast();
     // SAFETY: `sk` is a non-null socket pointer; a lookup without the create flag.
-    let p = unsafe { bpf_sk_storage_get(map, sk.cast(), core::ptr::null_mut(), 0) }
-        .cast::<ConnMeta>();
+    let p =
+        unsafe { bpf_sk_storage_get(map, sk.cast(), core::ptr::null_mut(), 0) }.cast::<ConnMeta>();
     if p.is_null() {
         count(Counter::FlowNotRedirected);
         forget_stale_flow(ctx);

@@ -91,7 +91,10 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         crate::config::shared_backends(&config.backends, &targets),
     )?);
     for key in &config.deprecated {
-        warn!(key, "this configuration key no longer has any effect; remove it");
+        warn!(
+            key,
+            "this configuration key no longer has any effect; remove it"
+        );
     }
     info!(policy = %policies.current().hash, rules = policies.current().rule_count(), "policies loaded");
     let cgroup = cgroup::resolve(config.cgroup.as_deref())?;
@@ -616,10 +619,7 @@ fn session_prefix() -> String {
 /// Re-resolve backend names periodically; a failed lookup keeps the previous addresses, and
 /// so does a change that would make backends share an address in a way the configuration or
 /// the policies do not allow.
-async fn refresh_targets(
-    proxy: Arc<Proxy>,
-    policies: Arc<crate::policy::store::PolicyStore>,
-) {
+async fn refresh_targets(proxy: Arc<Proxy>, policies: Arc<crate::policy::store::PolicyStore>) {
     if proxy
         .config
         .backends

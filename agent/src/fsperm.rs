@@ -24,7 +24,10 @@ fn refused(path: &Path, why: String) -> io::Error {
 pub fn check_private_dir(path: &Path) -> io::Result<()> {
     let meta = fs::symlink_metadata(path)?;
     if !meta.is_dir() {
-        return Err(refused(path, "not a directory (a symlink is not accepted)".into()));
+        return Err(refused(
+            path,
+            "not a directory (a symlink is not accepted)".into(),
+        ));
     }
     check_owner(path, &meta)?;
     let mode = meta.permissions().mode() & 0o777;
@@ -41,7 +44,10 @@ pub fn check_private_dir(path: &Path) -> io::Result<()> {
 pub fn check_secret_file(path: &Path) -> io::Result<()> {
     let meta = fs::symlink_metadata(path)?;
     if !meta.is_file() {
-        return Err(refused(path, "not a regular file (a symlink is not accepted)".into()));
+        return Err(refused(
+            path,
+            "not a regular file (a symlink is not accepted)".into(),
+        ));
     }
     check_owner(path, &meta)?;
     let mode = meta.permissions().mode() & 0o777;
@@ -80,7 +86,12 @@ mod tests {
         fs::set_permissions(&dir, fs::Permissions::from_mode(0o711)).unwrap();
         check_private_dir(&dir).unwrap();
         fs::set_permissions(&dir, fs::Permissions::from_mode(0o777)).unwrap();
-        assert!(check_private_dir(&dir).unwrap_err().to_string().contains("may write"));
+        assert!(
+            check_private_dir(&dir)
+                .unwrap_err()
+                .to_string()
+                .contains("may write")
+        );
         fs::set_permissions(&dir, fs::Permissions::from_mode(0o700)).unwrap();
         let key = dir.join("k");
         fs::write(&key, b"x").unwrap();
@@ -90,7 +101,12 @@ mod tests {
         check_secret_file(&key).unwrap();
         let link = dir.join("l");
         std::os::unix::fs::symlink(&key, &link).unwrap();
-        assert!(check_secret_file(&link).unwrap_err().to_string().contains("symlink"));
+        assert!(
+            check_secret_file(&link)
+                .unwrap_err()
+                .to_string()
+                .contains("symlink")
+        );
         fs::remove_dir_all(&dir).unwrap();
     }
 
@@ -104,7 +120,12 @@ mod tests {
         fs::create_dir_all(&dir).unwrap();
         fs::set_permissions(&dir, fs::Permissions::from_mode(0o700)).unwrap();
         std::os::unix::fs::chown(&dir, Some(65534), None).unwrap();
-        assert!(check_private_dir(&dir).unwrap_err().to_string().contains("uid 65534"));
+        assert!(
+            check_private_dir(&dir)
+                .unwrap_err()
+                .to_string()
+                .contains("uid 65534")
+        );
         fs::remove_dir_all(&dir).unwrap();
     }
 }

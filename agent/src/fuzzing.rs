@@ -66,9 +66,15 @@ pub fn request_classification(data: &[u8]) {
 
 fn backend() -> &'static Backend {
     static B: OnceLock<Backend> = OnceLock::new();
-    B.get_or_init(|| Backend {
-        name: "fuzz".into(),
-        host: "mcp.fuzz.test".into(),
+    B.get_or_init(|| mcp_backend(&["GET /.well-known/*", "POST /oauth/*"]))
+}
+
+/// A TLS `mode = "mcp"` backend allowing `allow_http`, for classifying bodies outside an
+/// agent (here and in the differential tests).
+pub fn mcp_backend(allow_http: &[&str]) -> Backend {
+    Backend {
+        name: "test".into(),
+        host: "mcp.test.invalid".into(),
         port: 443,
         tls: true,
         addresses: Vec::new(),
@@ -76,11 +82,11 @@ fn backend() -> &'static Backend {
         mode: BackendMode::Mcp,
         unknown_sni: UnknownSni::Reject,
         credentials_file: None,
-        allow_http: ["GET /.well-known/*", "POST /oauth/*"]
+        allow_http: allow_http
             .iter()
             .filter_map(|t| HttpAllow::parse(t).ok())
             .collect(),
-    })
+    }
 }
 
 /// JSON-RPC bodies (one message or a batch): a parsed body is all valid messages, its ids
@@ -133,7 +139,11 @@ pub fn sse_parser(data: &[u8]) {
             }
         }
         (Err(_), Err(_)) => {}
-        (a, b) => panic!("chunking changed the outcome: {:?} vs {:?}", a.is_ok(), b.is_ok()),
+        (a, b) => panic!(
+            "chunking changed the outcome: {:?} vs {:?}",
+            a.is_ok(),
+            b.is_ok()
+        ),
     }
 }
 
@@ -179,7 +189,10 @@ pub fn masker(data: &[u8]) {
     assert!(!text.contains(&planted), "{secret} survived: {text}");
     let back: Value = serde_json::from_str(&text).expect("valid JSON");
     assert_eq!(back, value);
-    assert!(same_shape(&before, &value), "shape changed: {before} -> {value}");
+    assert!(
+        same_shape(&before, &value),
+        "shape changed: {before} -> {value}"
+    );
 }
 
 /// Put `text` into the first string leaf (a space either side); false when there is none.

@@ -225,8 +225,16 @@ impl Proxy {
             hello.sni.clone(),
             seq,
         );
-        self.serve_http(stream, ctx, backend, pool_key, first_upstream, tls_pair, guard)
-            .await
+        self.serve_http(
+            stream,
+            ctx,
+            backend,
+            pool_key,
+            first_upstream,
+            tls_pair,
+            guard,
+        )
+        .await
     }
 
     /// HTTP on the (decrypted) client stream until it closes; then the connection's session
@@ -311,7 +319,8 @@ impl Proxy {
     ) -> Option<(usize, &Backend)> {
         let backends = &self.config.backends;
         let wanted = sni.trim_end_matches('.');
-        let matches = |b: &Backend| b.tls && b.host.trim_end_matches('.').eq_ignore_ascii_case(wanted);
+        let matches =
+            |b: &Backend| b.tls && b.host.trim_end_matches('.').eq_ignore_ascii_case(wanted);
         if let Some(b) = backends.get(kernel_choice)
             && matches(b)
         {

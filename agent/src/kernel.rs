@@ -19,8 +19,7 @@ use std::{
 };
 
 use airlock_common::{
-    ABI_VERSION, CONFIG_ENABLED, ConnMeta, Counter, FlowKey, PORT_WORDS, TargetKey, names,
-    port_bit,
+    ABI_VERSION, CONFIG_ENABLED, ConnMeta, Counter, FlowKey, PORT_WORDS, TargetKey, names, port_bit,
 };
 use aya::{
     Ebpf, EbpfLoader,
@@ -154,15 +153,18 @@ impl Kernel {
             .collect();
         // The map object stays with the programs (its fd must outlive their loading); the
         // agent tags sockets through a duplicate of the fd.
-        let own = match ebpf.map(names::OWN) {
-            Some(aya::maps::Map::SkStorage(data)) => OwnSockets {
-                map: data.fd().as_fd().try_clone_to_owned().map_err(|e| KernelError::Bpffs {
-                    path: maps_dir.join(names::OWN),
-                    message: format!("cannot duplicate the map fd: {e}"),
-                })?,
-            },
-            _ => return Err(KernelError::Missing(names::OWN)),
-        };
+        let own =
+            match ebpf.map(names::OWN) {
+                Some(aya::maps::Map::SkStorage(data)) => OwnSockets {
+                    map: data.fd().as_fd().try_clone_to_owned().map_err(|e| {
+                        KernelError::Bpffs {
+                            path: maps_dir.join(names::OWN),
+                            message: format!("cannot duplicate the map fd: {e}"),
+                        }
+                    })?,
+                },
+                _ => return Err(KernelError::Missing(names::OWN)),
+            };
         let flows = take_map(&mut ebpf, names::FLOWS)?;
         let counters = take_map(&mut ebpf, names::COUNTERS)?;
         let mut kernel = Kernel {

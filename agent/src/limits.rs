@@ -60,7 +60,9 @@ impl LimitCounters {
 /// Why a permit was refused (the message names the configuration key).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum LimitError {
-    #[error("uid {uid} already has {limit} intercepted connections open (`max_connections_per_uid`)")]
+    #[error(
+        "uid {uid} already has {limit} intercepted connections open (`max_connections_per_uid`)"
+    )]
     Connections { uid: u32, limit: usize },
     #[error(
         "uid {uid} already has {limit} bytes of request bodies in flight (`max_inflight_bytes_per_uid`)"
@@ -200,8 +202,9 @@ pub struct ConnectionPermit {
 
 impl Drop for ConnectionPermit {
     fn drop(&mut self) {
-        self.limits
-            .with_use(self.uid, |u| u.connections = u.connections.saturating_sub(1));
+        self.limits.with_use(self.uid, |u| {
+            u.connections = u.connections.saturating_sub(1)
+        });
     }
 }
 
@@ -284,7 +287,10 @@ mod tests {
         let l = Arc::new(Limits::new(2, 100, 1000));
         let a = l.connection(7).unwrap();
         let _b = l.connection(7).unwrap();
-        assert!(matches!(l.connection(7), Err(LimitError::Connections { uid: 7, limit: 2 })));
+        assert!(matches!(
+            l.connection(7),
+            Err(LimitError::Connections { uid: 7, limit: 2 })
+        ));
         // Another user is not affected.
         let _c = l.connection(8).unwrap();
         drop(a);
@@ -316,7 +322,10 @@ mod tests {
         let l = Arc::new(Limits::new(10, 100, 1000));
         let a = l.parse(1, 400).unwrap();
         let err = l.parse(1, 200).unwrap_err();
-        assert!(matches!(err, LimitError::ParseShare { uid: 1, .. }), "{err}");
+        assert!(
+            matches!(err, LimitError::ParseShare { uid: 1, .. }),
+            "{err}"
+        );
         assert!(err.to_string().contains("max_parsed_bytes"), "{err}");
         let b = l.parse(2, 500).unwrap();
         assert!(matches!(l.parse(3, 200), Err(LimitError::Parse { .. })));

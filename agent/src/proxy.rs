@@ -158,7 +158,10 @@ impl Proxy {
                 self.config.max_connections
             ))
         } else {
-            uid_permit.as_ref().err().map(|e| format!("over capacity: {e}"))
+            uid_permit
+                .as_ref()
+                .err()
+                .map(|e| format!("over capacity: {e}"))
         };
         // An MCP backend with an idle pooled connection needs no new one.
         let pooled = self

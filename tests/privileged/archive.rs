@@ -9,8 +9,8 @@ use std::{
 use airlock::{
     archive::{
         ArchiveWriter, RecordInput, WriterConfig,
-        service::{Archive, Recording},
         manifest::public_key_of,
+        service::{Archive, Recording},
         verify::{Trust, verify},
     },
     policy::{Direction, HashKey, Message, PolicySet, Subject},
@@ -485,7 +485,10 @@ print(json.dumps({"statuses": statuses, "body": body}), flush=True)
         .unwrap();
     let mut lines = std::io::BufRead::lines(std::io::BufReader::new(client.stdout.take().unwrap()));
     let first: serde_json::Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
-    assert_eq!(first["first"], 404, "passed through while the archive could write: {first}");
+    assert_eq!(
+        first["first"], 404,
+        "passed through while the archive could write: {first}"
+    );
     let _filler = fill(&disk.0);
     std::fs::write(&flag, b"").unwrap();
     let second: serde_json::Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
@@ -493,7 +496,10 @@ print(json.dumps({"statuses": statuses, "body": body}), flush=True)
     let statuses = second["statuses"].as_array().unwrap();
     assert_eq!(statuses.last().unwrap(), 503, "never refused: {second}");
     assert!(
-        second["body"].as_str().unwrap().contains("nothing was passed on"),
+        second["body"]
+            .as_str()
+            .unwrap()
+            .contains("nothing was passed on"),
         "{second}"
     );
 }

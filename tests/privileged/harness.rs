@@ -510,6 +510,20 @@ impl Agent {
         }
     }
 
+    /// Wait (up to 5 s) until a connection in `airlock status` mentions `text` (a reason:
+    /// a refused connection takes a moment to close).
+    pub fn wait_for_connection_text(&self, text: &str) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let conns = self.status()["connections"].to_string();
+            if conns.contains(text) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "no `{text}` in {conns}");
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     pub fn kernel_counter(&self, name: &str) -> u64 {
         self.status()["kernel_counters"][name]
             .as_u64()

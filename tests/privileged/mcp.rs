@@ -851,16 +851,8 @@ fn unknown_sni_is_refused_or_spliced_per_config() {
     let url = format!("https://{HOST}:{port}/mcp");
     let refused = probe(&cg, &agent.dir, Path::new("/dev/null"), &url, "other.test");
     assert_eq!(refused["handshake"], false, "{refused}");
-    // The refusal and its reason are in `airlock status` (it may take a moment to close).
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let conns = agent.status()["connections"].to_string();
-        if conns.contains("SNI `other.test` names no backend") {
-            break;
-        }
-        assert!(Instant::now() < deadline, "{conns}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    // The refusal and its reason are in `airlock status`.
+    agent.wait_for_connection_text("SNI `other.test` names no backend");
     assert!(agent.sigterm().success());
     drop((cg, agent, server));
 
@@ -900,7 +892,13 @@ for r in spec:
         print(json.dumps({"status": e.code, "body": e.read().decode()}))
 "#;
 
-pub(crate) fn requests(cg: &TestCgroup, dir: &Path, ca: &Path, base: &str, spec: &Value) -> Vec<Value> {
+pub(crate) fn requests(
+    cg: &TestCgroup,
+    dir: &Path,
+    ca: &Path,
+    base: &str,
+    spec: &Value,
+) -> Vec<Value> {
     let out = with_test_hosts(Some(cg), dir, Path::new(PYTHON))
         .args(["-c", REQUESTS, base])
         .arg(ca)
@@ -1007,10 +1005,11 @@ fn principal_passthrough_batches_and_malformed_bodies() {
         "blocked batch member recorded"
     );
     assert!(
-        records
-            .iter()
-            .any(|r| r["kind"] == "error"
-                && r["payload"].as_str().unwrap_or("").contains("must carry a JSON-RPC body")),
+        records.iter().any(|r| r["kind"] == "error"
+            && r["payload"]
+                .as_str()
+                .unwrap_or("")
+                .contains("must carry a JSON-RPC body")),
         "malformed body recorded"
     );
 }
@@ -1204,7 +1203,14 @@ timeout_secs = 1
 "#;
 
 /// Start the SDK client calling one tool, in the cgroup, in the background.
-pub(crate) fn spawn_call(cg: &TestCgroup, dir: &Path, ca: &Path, url: &str, tool: &str, args: &str) -> Child {
+pub(crate) fn spawn_call(
+    cg: &TestCgroup,
+    dir: &Path,
+    ca: &Path,
+    url: &str,
+    tool: &str,
+    args: &str,
+) -> Child {
     spawn_call_with(cg, dir, ca, url, tool, args, &[])
 }
 

@@ -408,7 +408,11 @@ fn a_client_setting_the_old_bypass_mark_is_still_redirected() {
             ..Default::default()
         };
         let res = run_client(&cg, "127.0.0.2", backend.port(), &opts);
-        assert_eq!(res.mark, Some(u64::from(mark)), "the mark was not set: {res:?}");
+        assert_eq!(
+            res.mark,
+            Some(u64::from(mark)),
+            "the mark was not set: {res:?}"
+        );
         let peer = res.peer.expect("connected");
         assert_eq!(
             peer.port(),
@@ -460,14 +464,20 @@ print(json.dumps(failed))
 "#;
     let out = cg
         .command("setpriv")
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups", PYTHON, "-c", FLOOD])
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            PYTHON,
+            "-c",
+            FLOOD,
+        ])
         .arg(backend.port().to_string())
         .arg("20000")
         .output()
         .unwrap();
-    let outcome: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!("{e}: {}", String::from_utf8_lossy(&out.stderr))
-    });
+    let outcome: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
     assert_eq!(outcome["ENETUNREACH"], 20000, "{outcome}");
     // Another user's connection right after the flood is redirected and served.
     let res = run_client(&cg, "127.0.0.2", backend.port(), &ClientOpts::default());

@@ -42,8 +42,15 @@ fn servers() -> Vec<(&'static str, PathBuf, Vec<String>)> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target");
     let py = |venv: &str, sdk: &str| {
         let python = root.join(venv).join("bin/python");
-        assert!(python.exists(), "{} is missing: run `cargo xtask setup`", python.display());
-        (python, vec![format!("{SUPPORT}/servers.py"), "--sdk".into(), sdk.into()])
+        assert!(
+            python.exists(),
+            "{} is missing: run `cargo xtask setup`",
+            python.display()
+        );
+        (
+            python,
+            vec![format!("{SUPPORT}/servers.py"), "--sdk".into(), sdk.into()],
+        )
     };
     let (mcp2, a2) = py("test-venv", "mcp2");
     let (mcp1, a1) = py("test-venv-mcp1", "mcp1");
@@ -140,7 +147,11 @@ fn crafted_requests_never_run_a_blocked_tool_on_real_servers() {
     }
     let servers = servers();
     let ports: Vec<u16> = servers.iter().map(|_| free_port()).collect();
-    let backends: Vec<(&str, u16)> = servers.iter().map(|s| s.0).zip(ports.iter().copied()).collect();
+    let backends: Vec<(&str, u16)> = servers
+        .iter()
+        .map(|s| s.0)
+        .zip(ports.iter().copied())
+        .collect();
     let (cg, mut agent) = agent_for("redteam-req", &backends);
     let dir = agent.dir.clone();
     let bundle = airlock_ca_bundle(&agent);
@@ -262,8 +273,16 @@ fn hostile_answers_never_hand_a_planted_secret_to_real_clients() {
     .join(",");
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target");
     let clients: [(&str, PathBuf, &str); 3] = [
-        ("python mcp 2.x", root.join("test-venv/bin/python"), "sdk_client.py"),
-        ("python mcp 1.x", root.join("test-venv-mcp1/bin/python"), "sdk_client.py"),
+        (
+            "python mcp 2.x",
+            root.join("test-venv/bin/python"),
+            "sdk_client.py",
+        ),
+        (
+            "python mcp 1.x",
+            root.join("test-venv-mcp1/bin/python"),
+            "sdk_client.py",
+        ),
         ("typescript sdk", node(), "sdk_client.mjs"),
     ];
     for (client, program, script) in &clients {
@@ -314,7 +333,10 @@ fn hostile_answers_never_hand_a_planted_secret_to_real_clients() {
         for control in ["json", "sse"] {
             let line = through.iter().find(|l| l["framing"] == control).unwrap();
             assert_eq!(line["ok"], true, "{client} {control}: {line}");
-            assert!(line.to_string().contains("[MASKED:aws_access_key]"), "{client} {control}: {line}");
+            assert!(
+                line.to_string().contains("[MASKED:aws_access_key]"),
+                "{client} {control}: {line}"
+            );
         }
         eprintln!(
             "{client}: leaked directly in {} of {} framings ({}), through Airlock in none",

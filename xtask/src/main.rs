@@ -121,7 +121,10 @@ fn main() -> Result<()> {
         }
         Task::Fuzz { target, secs } => {
             if !FUZZ_TARGETS.contains(&target.as_str()) {
-                bail!("unknown fuzz target `{target}`; one of {}", FUZZ_TARGETS.join(", "));
+                bail!(
+                    "unknown fuzz target `{target}`; one of {}",
+                    FUZZ_TARGETS.join(", ")
+                );
             }
             setup()?;
             cargo_fuzz()?;
@@ -262,7 +265,11 @@ fn cargo_fuzz() -> Result<()> {
         return Ok(());
     }
     run(Command::new("cargo")
-        .args(["install", &format!("cargo-fuzz@{CARGO_FUZZ_VERSION}"), "--locked"])
+        .args([
+            "install",
+            &format!("cargo-fuzz@{CARGO_FUZZ_VERSION}"),
+            "--locked",
+        ])
         .env("PATH", path_with_cargo_bin()))
 }
 
@@ -282,7 +289,12 @@ fn setup() -> Result<()> {
 const PYTHON_TEST_VENVS: &[(&str, &[&str])] = &[
     (
         "test-venv",
-        &["duckdb==2.0.0", "pytz==2025.2", "mcp==2.3.0", "uvicorn==0.54.0"],
+        &[
+            "duckdb==2.0.0",
+            "pytz==2025.2",
+            "mcp==2.3.0",
+            "uvicorn==0.54.0",
+        ],
     ),
     ("test-venv-mcp1", &["mcp==1.30.0", "uvicorn==0.54.0"]),
     ("test-venv-fastmcp", &["fastmcp==4.2.3", "uvicorn==0.54.0"]),

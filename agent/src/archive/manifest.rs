@@ -336,7 +336,9 @@ pub fn public_key_of(signing_key_path: &Path) -> io::Result<String> {
             format!("{}: not a 32-byte key", signing_key_path.display()),
         )
     })?;
-    Ok(hex(SigningKey::from_bytes(&secret).verifying_key().as_bytes()))
+    Ok(hex(SigningKey::from_bytes(&secret)
+        .verifying_key()
+        .as_bytes()))
 }
 
 fn decode_sig(hex_sig: &str) -> Result<Signature, String> {

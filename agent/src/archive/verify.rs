@@ -106,12 +106,17 @@ impl Trust {
                 );
             }
             let own = config.state_dir.join("archive-signing.key");
-            if !trust.keys.iter().any(|(h, _, _)| h.as_deref() == Some(&config.host))
+            if !trust
+                .keys
+                .iter()
+                .any(|(h, _, _)| h.as_deref() == Some(&config.host))
                 && let Ok(key) = manifest::public_key_of(&own)
             {
-                trust
-                    .keys
-                    .push((Some(config.host.clone()), key, format!("signing key {}", own.display())));
+                trust.keys.push((
+                    Some(config.host.clone()),
+                    key,
+                    format!("signing key {}", own.display()),
+                ));
             }
         }
         Ok(trust)
@@ -190,7 +195,10 @@ fn verify_host(
         .map(|k| k.trim().to_owned());
     let (public, trusted_by) = match (trust.key_for(host), trust.fingerprints.get(host)) {
         (Some((key, via)), _) => {
-            if stored.as_deref().is_ok_and(|s| !s.eq_ignore_ascii_case(key.trim())) {
+            if stored
+                .as_deref()
+                .is_ok_and(|s| !s.eq_ignore_ascii_case(key.trim()))
+            {
                 report.problems.push(format!(
                     "host {host}: the public key stored in the archive is not the trusted one: replaced"
                 ));
@@ -372,7 +380,11 @@ pub fn head_line(h: &Head) -> String {
         "HEAD host={} manifest_line={} at={} last_record={} key={} trusted={}",
         h.host,
         h.manifest_seq,
-        if h.manifest_ts.is_empty() { "-" } else { &h.manifest_ts },
+        if h.manifest_ts.is_empty() {
+            "-"
+        } else {
+            &h.manifest_ts
+        },
         h.last_record_seq.map_or("-".into(), |s| s.to_string()),
         h.key_fingerprint,
         h.trusted_by.as_deref().unwrap_or("NO (untrusted)"),

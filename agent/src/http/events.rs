@@ -84,7 +84,11 @@ struct Stream {
 }
 
 impl Stream {
-    async fn run(mut self, mut body: Incoming, mut tx: http_body_util::channel::Sender<Bytes, BoxError>) {
+    async fn run(
+        mut self,
+        mut body: Incoming,
+        mut tx: http_body_util::channel::Sender<Bytes, BoxError>,
+    ) {
         let mut parser = sse::Parser::new(self.limits.max_sse_event);
         let mut events = Vec::new();
         // The event being read counts against the caller's in-flight bytes.

@@ -243,6 +243,12 @@ impl Conn {
             .counters
             .refused_requests
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.record_refusal(info, status, &reason).await;
+        text_response(status, reason)
+    }
+
+    /// The record of a refused request: its status and the reason.
+    async fn record_refusal(&self, info: &RequestInfo, status: StatusCode, reason: &str) {
         self.record_request_error(
             info,
             Direction::ClientToServer,
@@ -251,28 +257,17 @@ impl Conn {
             None,
         )
         .await;
-        text_response(status, reason)
     }
 
     /// The server could not be reached (connect, TLS, HTTP): the client gets a 502 naming the
     /// reason, and the archive a record.
     async fn upstream_failed(&self, info: &RequestInfo, reason: String) -> Response<ProxyBody> {
         warn!(id = self.ctx.conn_id, backend = %self.ctx.backend, %reason, "upstream failed");
-        self.record_request_error(
-            info,
-            Direction::ServerToClient,
-            "allow",
-            json!({"status": 502, "error": reason}),
-            Some(info.started.elapsed().as_micros() as u64),
-        )
-        .await;
-        text_response(
-            StatusCode::BAD_GATEWAY,
-            format!(
-                "Airlock: cannot reach backend `{}`: {reason}",
-                self.ctx.backend
-            ),
-        )
+        let text = format!(
+            "Airlock: cannot reach backend `{}`: {reason}",
+            self.ctx.backend
+        );
+        self.bad_gateway(info, "allow", reason, text).await
     }
 
     /// What the server answered cannot be passed on: the client gets a 502 naming the reason,
@@ -283,21 +278,51 @@ impl Conn {
             .counters
             .refused_answers
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let text = format!(
+            "Airlock: refused the answer of backend `{}`: {reason}",
+            self.ctx.backend
+        );
+        self.bad_gateway(info, "block", reason, text).await
+    }
+
+    async fn bad_gateway(
+        &self,
+        info: &RequestInfo,
+        decision: &str,
+        reason: String,
+        text: String,
+    ) -> Response<ProxyBody> {
         self.record_request_error(
             info,
             Direction::ServerToClient,
-            "block",
+            decision,
             json!({"status": 502, "error": reason}),
             Some(info.started.elapsed().as_micros() as u64),
         )
         .await;
-        text_response(
-            StatusCode::BAD_GATEWAY,
-            format!(
-                "Airlock: refused the answer of backend `{}`: {reason}",
-                self.ctx.backend
+        text_response(StatusCode::BAD_GATEWAY, text)
+    }
+
+    /// Why reading `what` failed, in words naming the setting; deadlines are counted.
+    fn read_failed(&self, e: &ReadError, what: &str) -> String {
+        match e {
+            ReadError::TooLarge => format!(
+                "{what} is larger than {} bytes (`max_body_bytes`)",
+                self.limits.max_body
             ),
-        )
+            ReadError::Timeout => {
+                self.resources
+                    .counters
+                    .body_read_timeouts
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                format!(
+                    "{what} did not arrive within {} s (`body_read_timeout_secs`)",
+                    self.limits.body_read_timeout.as_secs()
+                )
+            }
+            ReadError::Limit(e) => e.to_string(),
+            ReadError::Io(e) => format!("reading {what}: {e}"),
+        }
     }
 
     /// An HTTP-level record: method, path, status, content type (never headers: they carry

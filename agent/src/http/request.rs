@@ -113,7 +113,11 @@ impl Conn {
             }
             Err(reason) => {
                 return self
-                    .refuse_http(&info, StatusCode::MISDIRECTED_REQUEST, format!("Airlock: {reason}"))
+                    .refuse_http(
+                        &info,
+                        StatusCode::MISDIRECTED_REQUEST,
+                        format!("Airlock: {reason}"),
+                    )
                     .await;
             }
         }
@@ -125,33 +129,13 @@ impl Conn {
         {
             Ok(b) => b,
             Err(e) => {
-                let (status, reason) = match e {
-                    ReadError::TooLarge => (
-                        StatusCode::PAYLOAD_TOO_LARGE,
-                        format!(
-                            "Airlock: request body larger than {} bytes (`max_body_bytes`)",
-                            self.limits.max_body
-                        ),
-                    ),
-                    ReadError::Timeout => {
-                        self.resources
-                            .counters
-                            .body_read_timeouts
-                            .fetch_add(1, Ordering::Relaxed);
-                        (
-                            StatusCode::REQUEST_TIMEOUT,
-                            format!(
-                                "Airlock: the request body did not arrive within {} s (`body_read_timeout_secs`)",
-                                self.limits.body_read_timeout.as_secs()
-                            ),
-                        )
-                    }
-                    ReadError::Limit(e) => (StatusCode::TOO_MANY_REQUESTS, format!("Airlock: {e}")),
-                    ReadError::Io(e) => (
-                        StatusCode::BAD_REQUEST,
-                        format!("Airlock: reading the request body: {e}"),
-                    ),
+                let status = match e {
+                    ReadError::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+                    ReadError::Timeout => StatusCode::REQUEST_TIMEOUT,
+                    ReadError::Limit(_) => StatusCode::TOO_MANY_REQUESTS,
+                    ReadError::Io(_) => StatusCode::BAD_REQUEST,
                 };
+                let reason = format!("Airlock: {}", self.read_failed(&e, "the request body"));
                 return self.refuse_http(&info, status, reason).await;
             }
         };
@@ -171,7 +155,11 @@ impl Conn {
             && let Err(reason) = utf8_declared(&parts.headers)
         {
             return self
-                .refuse_http(&info, StatusCode::UNSUPPORTED_MEDIA_TYPE, format!("Airlock: {reason}"))
+                .refuse_http(
+                    &info,
+                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                    format!("Airlock: {reason}"),
+                )
                 .await;
         }
 
@@ -205,12 +193,22 @@ impl Conn {
                 code,
                 id,
                 reason,
-            } => return self.refuse_malformed(&info, status, code, id.as_ref(), &reason).await,
+            } => {
+                return self
+                    .refuse_malformed(&info, status, code, id.as_ref(), &reason)
+                    .await;
+            }
             Class::Mcp(mut parsed) => {
                 info.mcp = true;
                 if let Err(reason) = mirrored_headers_agree(&parts.headers, &parsed) {
                     return self
-                        .refuse_malformed(&info, StatusCode::BAD_REQUEST, code::INVALID_REQUEST, None, &reason)
+                        .refuse_malformed(
+                            &info,
+                            StatusCode::BAD_REQUEST,
+                            code::INVALID_REQUEST,
+                            None,
+                            &reason,
+                        )
                         .await;
                 }
                 info.origin = match &parsed {
@@ -248,7 +246,10 @@ impl Conn {
     }
 
     /// The HTTP-level record of a request that carries no MCP message: method and path.
-    async fn request_record(&self, info: &RequestInfo) -> Result<(), crate::pipeline::PipelineError> {
+    async fn request_record(
+        &self,
+        info: &RequestInfo,
+    ) -> Result<(), crate::pipeline::PipelineError> {
         self.pipeline
             .record_event(
                 &self.ctx,
@@ -292,16 +293,20 @@ impl Conn {
         let host = host.trim_end_matches('.').to_ascii_lowercase();
         let original = self.ctx.attribution.original_dst;
         let names_backend = host == b.host.trim_end_matches('.').to_ascii_lowercase()
-            || host
-                .parse::<std::net::IpAddr>()
-                .is_ok_and(|ip| crate::keys::canonical_ip(ip) == crate::keys::canonical_ip(original.ip()));
+            || host.parse::<std::net::IpAddr>().is_ok_and(|ip| {
+                crate::keys::canonical_ip(ip) == crate::keys::canonical_ip(original.ip())
+            });
         if !names_backend || wanted_port != b.port {
             return Err(format!(
                 "this connection is for backend `{}` ({}:{}); the request names `{authority}`",
                 b.name, b.host, b.port
             ));
         }
-        let host = if host.contains(':') { format!("[{host}]") } else { host };
+        let host = if host.contains(':') {
+            format!("[{host}]")
+        } else {
+            host
+        };
         Ok(match port {
             Some(p) => format!("{host}:{p}"),
             None => host,
@@ -437,16 +442,8 @@ impl Conn {
             .counters
             .malformed
             .fetch_add(1, Ordering::Relaxed);
-        let answer = jsonrpc::error_response(id, code, reason, None);
-        self.record_request_error(
-            info,
-            Direction::ClientToServer,
-            "block",
-            json!({"status": status.as_u16(), "error": reason}),
-            None,
-        )
-        .await;
-        json_response(status, &answer)
+        self.record_refusal(info, status, reason).await;
+        json_response(status, &jsonrpc::error_response(id, code, reason, None))
     }
 
     /// Send the request on (brokered credentials, no compression) and handle the answer.
@@ -656,9 +653,17 @@ mod tests {
     #[test]
     fn declared_charsets() {
         let mut h = HeaderMap::new();
-        h.insert(header::CONTENT_TYPE, "application/json; charset=UTF-8".parse().unwrap());
+        h.insert(
+            header::CONTENT_TYPE,
+            "application/json; charset=UTF-8".parse().unwrap(),
+        );
         assert!(utf8_declared(&h).is_ok());
-        h.insert(header::CONTENT_TYPE, "application/json, text/plain; charset=utf-16".parse().unwrap());
+        h.insert(
+            header::CONTENT_TYPE,
+            "application/json, text/plain; charset=utf-16"
+                .parse()
+                .unwrap(),
+        );
         assert!(utf8_declared(&h).is_err());
         h.insert(header::CONTENT_TYPE, "text/plain".parse().unwrap());
         assert!(utf8_declared(&h).is_ok());
@@ -668,7 +673,9 @@ mod tests {
 
     #[test]
     fn mirrored_headers_must_match_the_body() {
-        let call = Body::Single(serde_json::json!({"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"safe"}}));
+        let call = Body::Single(
+            serde_json::json!({"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"safe"}}),
+        );
         let mut h = HeaderMap::new();
         h.insert(headers::MCP_METHOD, "tools/call".parse().unwrap());
         h.insert(headers::MCP_NAME, "safe".parse().unwrap());

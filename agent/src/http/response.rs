@@ -12,15 +12,13 @@
 //! a lenient client would read as JSON that Airlock cannot parse — is not passed on: the
 //! client gets a 502 naming the reason, and the archive a record.
 
-use std::sync::atomic::Ordering;
-
 use bytes::Bytes;
 use http::{HeaderValue, Method, Response, StatusCode, header};
 use hyper::body::Incoming;
 use serde_json::json;
 
 use super::{
-    Conn, IdleBody, ProxyBody, ReadError, RequestInfo, full, is_identity_encoding, read_capped,
+    Conn, IdleBody, ProxyBody, RequestInfo, full, is_identity_encoding, read_capped,
     strip_hop_by_hop, text_response,
 };
 use crate::{
@@ -81,7 +79,10 @@ impl Conn {
             .unwrap_or_default();
         if info.passthrough {
             // Allowed non-MCP traffic: passed on as it streams, recorded at HTTP level.
-            if let Err(e) = self.http_record(&info, parts.status.as_u16(), &ct_text).await {
+            if let Err(e) = self
+                .http_record(&info, parts.status.as_u16(), &ct_text)
+                .await
+            {
                 return self.unrecorded(&info, e).await;
             }
             let body = IdleBody::new(body, self.limits.stream_idle_timeout);
@@ -102,15 +103,23 @@ impl Conn {
             if let Err(e) = read_capped(body, self.limits.max_body, deadline, None).await {
                 tracing::debug!(id = self.ctx.conn_id, error = ?e, "the body of a 202 was not read whole");
             }
-            if let Err(e) = self.http_record(&info, parts.status.as_u16(), &ct_text).await {
+            if let Err(e) = self
+                .http_record(&info, parts.status.as_u16(), &ct_text)
+                .await
+            {
                 return self.unrecorded(&info, e).await;
             }
             parts.headers.remove(header::CONTENT_TYPE);
-            parts.headers.insert(header::CONTENT_LENGTH, HeaderValue::from(0));
+            parts
+                .headers
+                .insert(header::CONTENT_LENGTH, HeaderValue::from(0));
             return Response::from_parts(parts, full(Bytes::new()));
         }
         if no_body {
-            if let Err(e) = self.http_record(&info, parts.status.as_u16(), &ct_text).await {
+            if let Err(e) = self
+                .http_record(&info, parts.status.as_u16(), &ct_text)
+                .await
+            {
                 return self.unrecorded(&info, e).await;
             }
             return Response::from_parts(parts, full(Bytes::new()));
@@ -129,7 +138,10 @@ impl Conn {
             return self
                 .refuse_answer(
                     &info,
-                    format!("it answered {} (a protocol switch nobody asked for)", parts.status),
+                    format!(
+                        "it answered {} (a protocol switch nobody asked for)",
+                        parts.status
+                    ),
                 )
                 .await;
         }
@@ -167,32 +179,20 @@ impl Conn {
         {
             Ok(b) => b,
             Err(e) => {
-                let reason = match e {
-                    ReadError::TooLarge => format!(
-                        "its answer is larger than {} bytes (`max_body_bytes`)",
-                        self.limits.max_body
-                    ),
-                    ReadError::Timeout => {
-                        self.resources
-                            .counters
-                            .body_read_timeouts
-                            .fetch_add(1, Ordering::Relaxed);
-                        format!(
-                            "its answer did not arrive within {} s (`body_read_timeout_secs`)",
-                            self.limits.body_read_timeout.as_secs()
-                        )
-                    }
-                    ReadError::Io(e) => format!("reading its answer: {e}"),
-                    ReadError::Limit(e) => e.to_string(),
-                };
+                let reason = self.read_failed(&e, "its answer");
                 return self.refuse_answer(&info, reason).await;
             }
         };
         if bytes.is_empty() {
-            if let Err(e) = self.http_record(&info, parts.status.as_u16(), &ct_text).await {
+            if let Err(e) = self
+                .http_record(&info, parts.status.as_u16(), &ct_text)
+                .await
+            {
                 return self.unrecorded(&info, e).await;
             }
-            parts.headers.insert(header::CONTENT_LENGTH, HeaderValue::from(0));
+            parts
+                .headers
+                .insert(header::CONTENT_LENGTH, HeaderValue::from(0));
             return Response::from_parts(parts, full(bytes));
         }
         if success && kind != Some(false) {
@@ -212,17 +212,21 @@ impl Conn {
             Err(e) => return self.refuse_answer(&info, e.to_string()).await,
         };
         let out = match Body::parse(&bytes) {
-            Ok(Parsed::Messages(parsed)) => match self.answer_messages(info, parsed, &bytes).await
-            {
-                Ok(out) => out,
-                Err(e) => return self.refuse_answer(&info, e.to_string()).await,
-            },
+            Ok(Parsed::Messages(parsed)) => {
+                match self.answer_messages(info, parsed, &bytes).await {
+                    Ok(out) => out,
+                    Err(e) => return self.refuse_answer(&info, e.to_string()).await,
+                }
+            }
             Ok(Parsed::Other(mut value)) if !success => {
                 // An error document (OAuth's `{"error": "invalid_token"}`): masked whole.
-                let masked = self
-                    .pipeline
-                    .mask_value(&self.ctx, Direction::ServerToClient, &mut value);
-                if let Err(e) = self.error_record(&info, parts.status.as_u16(), &ct_text, masked).await {
+                let masked =
+                    self.pipeline
+                        .mask_value(&self.ctx, Direction::ServerToClient, &mut value);
+                if let Err(e) = self
+                    .error_record(&info, parts.status.as_u16(), &ct_text, masked)
+                    .await
+                {
                     return self.unrecorded(&info, e).await;
                 }
                 if masked > 0 {
@@ -255,7 +259,12 @@ impl Conn {
                     .pipeline
                     .mask_str(&self.ctx, Direction::ServerToClient, text);
                 if let Err(e) = self
-                    .error_record(&info, parts.status.as_u16(), &ct_text, u32::from(masked.is_some()))
+                    .error_record(
+                        &info,
+                        parts.status.as_u16(),
+                        &ct_text,
+                        u32::from(masked.is_some()),
+                    )
                     .await
                 {
                     return self.unrecorded(&info, e).await;
@@ -373,7 +382,11 @@ impl Conn {
     }
 
     /// An exchange whose record could not be written (strict recording): not passed on.
-    pub(super) async fn unrecorded(&self, info: &RequestInfo, e: PipelineError) -> Response<ProxyBody> {
+    pub(super) async fn unrecorded(
+        &self,
+        info: &RequestInfo,
+        e: PipelineError,
+    ) -> Response<ProxyBody> {
         tracing::warn!(id = self.ctx.conn_id, error = %e, path = %info.path, "refusing an exchange the archive cannot record");
         text_response(
             StatusCode::SERVICE_UNAVAILABLE,

@@ -90,7 +90,11 @@ fn invalid<T>(msg: impl Into<String>) -> Result<T, Invalid> {
 }
 
 /// Refuse keys of `obj` that equal a name of `known` only under case folding.
-fn check_folded_keys(obj: &serde_json::Map<String, Value>, known: &[&str], what: &str) -> Result<(), Invalid> {
+fn check_folded_keys(
+    obj: &serde_json::Map<String, Value>,
+    known: &[&str],
+    what: &str,
+) -> Result<(), Invalid> {
     for key in obj.keys() {
         if known.contains(&key.as_str()) {
             continue;
@@ -132,9 +136,7 @@ fn check_id(id: &Value, null_ok: bool, float_ok: bool) -> Result<(), Invalid> {
         Value::Number(n) if n.is_i64() || n.is_u64() => Ok(()),
         Value::Number(n) if float_ok && n.as_f64().is_some_and(|f| f.fract() == 0.0) => Ok(()),
         Value::Null if null_ok => Ok(()),
-        other => invalid(format!(
-            "the id {other} is not a string or an integer"
-        )),
+        other => invalid(format!("the id {other} is not a string or an integer")),
     }
 }
 
@@ -201,7 +203,9 @@ pub fn validate(v: &Value) -> Result<Kind, Invalid> {
                     let code_ok = error.get("code").is_some_and(|c| c.is_i64());
                     let message_ok = error.get("message").is_some_and(Value::is_string);
                     if !(error.is_object() && code_ok && message_ok) {
-                        return invalid("`error` must be an object with an integer `code` and a string `message`");
+                        return invalid(
+                            "`error` must be an object with an integer `code` and a string `message`",
+                        );
                     }
                     Ok(Kind::Error)
                 }
@@ -213,12 +217,15 @@ pub fn validate(v: &Value) -> Result<Kind, Invalid> {
 
 /// The parameters of the methods policies judge by name or URI must have the shape servers
 /// execute: a `tools/call` whose `name` is not a string is refused, not passed on unjudged.
-fn check_params(method: &str, params: Option<&serde_json::Map<String, Value>>) -> Result<(), Invalid> {
+fn check_params(
+    method: &str,
+    params: Option<&serde_json::Map<String, Value>>,
+) -> Result<(), Invalid> {
     let need = |key: &str| -> Result<(), Invalid> {
         match params.and_then(|p| p.get(key)) {
-            Some(Value::String(s)) if key != "uri" && s.len() > MAX_NAME_BYTES => invalid(
-                format!("`params.{key}` of `{method}` is longer than {MAX_NAME_BYTES} bytes"),
-            ),
+            Some(Value::String(s)) if key != "uri" && s.len() > MAX_NAME_BYTES => invalid(format!(
+                "`params.{key}` of `{method}` is longer than {MAX_NAME_BYTES} bytes"
+            )),
             Some(Value::String(_)) => Ok(()),
             _ => invalid(format!("`{method}` needs a string `params.{key}`")),
         }
@@ -466,7 +473,10 @@ mod tests {
             panic!("a batch")
         };
         assert_eq!(batch.messages().len(), 2);
-        assert!(matches!(Body::parse(br#"{"hello":1}"#).unwrap(), Parsed::Other(_)));
+        assert!(matches!(
+            Body::parse(br#"{"hello":1}"#).unwrap(),
+            Parsed::Other(_)
+        ));
         assert!(matches!(Body::parse(b"[]").unwrap(), Parsed::Other(_)));
         assert!(matches!(Body::parse(b"{not json"), Err(BodyError::Json(_))));
     }

@@ -15,9 +15,8 @@ pub struct MediaType {
 
 fn is_token(s: &str) -> bool {
     !s.is_empty()
-        && s.bytes().all(|b| {
-            b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
-        })
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
 }
 
 impl MediaType {
@@ -149,7 +148,9 @@ mod tests {
         assert_eq!(m.essence, "text/event-stream");
         assert!(m.utf8());
         assert_eq!(
-            MediaType::parse("text/plain; x=\"a;b,c\"").unwrap().param("x"),
+            MediaType::parse("text/plain; x=\"a;b,c\"")
+                .unwrap()
+                .param("x"),
             Some("a;b,c")
         );
     }
@@ -179,7 +180,11 @@ mod tests {
             let m = MediaType::parse(other).unwrap();
             assert_ne!(m.essence, "application/json", "{other}");
         }
-        assert!(!MediaType::parse("application/json; charset=utf-16").unwrap().utf8());
+        assert!(
+            !MediaType::parse("application/json; charset=utf-16")
+                .unwrap()
+                .utf8()
+        );
         assert!(
             !MediaType::parse("application/json; charset=utf-8; charset=latin1")
                 .unwrap()
@@ -191,7 +196,10 @@ mod tests {
     fn header_maps_with_several_types_are_refused() {
         let mut h = http::HeaderMap::new();
         assert_eq!(content_type(&h), Ok(None));
-        h.append(http::header::CONTENT_TYPE, "application/json".parse().unwrap());
+        h.append(
+            http::header::CONTENT_TYPE,
+            "application/json".parse().unwrap(),
+        );
         assert!(content_type(&h).unwrap().is_some());
         h.append(http::header::CONTENT_TYPE, "text/plain".parse().unwrap());
         assert!(content_type(&h).is_err());

@@ -4,6 +4,6 @@
 pub mod headers;
 pub mod jsonrpc;
 pub mod media;
-pub mod strict;
 pub mod session;
 pub mod sse;
+pub mod strict;

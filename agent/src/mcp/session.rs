@@ -369,7 +369,10 @@ mod tests {
         );
         // Nothing was forgotten to make room.
         assert!(s.answer(&key("s"), true, "0").is_some());
-        assert!(s.answer(&key("s"), true, &(MAX_PENDING - 1).to_string()).is_some());
+        assert!(
+            s.answer(&key("s"), true, &(MAX_PENDING - 1).to_string())
+                .is_some()
+        );
         s.expect(&key("s"), true, "one more".into(), pending("ping"))
             .unwrap();
     }
@@ -419,11 +422,14 @@ mod tests {
     #[test]
     fn ids_echoed_as_strings_or_numbers_find_their_request() {
         let s = Sessions::new();
-        s.expect(&key("s"), true, "1".into(), pending("tools/call")).unwrap();
+        s.expect(&key("s"), true, "1".into(), pending("tools/call"))
+            .unwrap();
         assert!(s.answer(&key("s"), true, "\"1\"").is_some());
-        s.expect(&key("s"), true, "\"7\"".into(), pending("ping")).unwrap();
+        s.expect(&key("s"), true, "\"7\"".into(), pending("ping"))
+            .unwrap();
         assert!(s.answer(&key("s"), true, "7").is_some());
-        s.expect(&key("s"), true, "\"a\"".into(), pending("ping")).unwrap();
+        s.expect(&key("s"), true, "\"a\"".into(), pending("ping"))
+            .unwrap();
         assert!(s.answer(&key("s"), true, "a").is_none());
     }
 

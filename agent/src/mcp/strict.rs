@@ -136,7 +136,13 @@ pub fn looks_like_json(bytes: &[u8]) -> bool {
     };
     let units16 = |rest: &[u8], le: bool| -> Vec<u16> {
         rest.chunks_exact(2)
-            .map(|c| if le { u16::from_le_bytes([c[0], c[1]]) } else { u16::from_be_bytes([c[0], c[1]]) })
+            .map(|c| {
+                if le {
+                    u16::from_le_bytes([c[0], c[1]])
+                } else {
+                    u16::from_be_bytes([c[0], c[1]])
+                }
+            })
             .collect()
     };
     let utf16 = |rest: &[u8], le: bool| {
@@ -169,10 +175,18 @@ pub fn looks_like_json(bytes: &[u8]) -> bool {
         return utf16(rest, false);
     }
     if b(0) == 0 {
-        return if b(1) == 0 { utf32(bytes, false) } else { utf16(bytes, false) };
+        return if b(1) == 0 {
+            utf32(bytes, false)
+        } else {
+            utf16(bytes, false)
+        };
     }
     if b(1) == 0 {
-        return if b(2) == 0 && b(3) == 0 { utf32(bytes, true) } else { utf16(bytes, true) };
+        return if b(2) == 0 && b(3) == 0 {
+            utf32(bytes, true)
+        } else {
+            utf16(bytes, true)
+        };
     }
     // UTF-8 (JavaScript's TextDecoder, and Python without a BOM), lossily, without a horizon.
     first(&mut String::from_utf8_lossy(bytes).chars())

@@ -129,7 +129,10 @@ impl Masker {
                         n += 1;
                     }
                 }
-                n + map.values_mut().map(|v| self.mask_json(v, counts)).sum::<u32>()
+                n + map
+                    .values_mut()
+                    .map(|v| self.mask_json(v, counts))
+                    .sum::<u32>()
             }
             Value::Null | Value::Bool(_) => 0,
         }

@@ -133,10 +133,10 @@ pub fn mask_key(state_dir: &Path) -> io::Result<HashKey> {
     match fs::read(&path) {
         Ok(bytes) => crate::fsperm::check_secret_file(&path).and_then(|()| {
             bytes.as_slice().try_into().map(HashKey).map_err(|_| {
-            io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("{}: not a 32-byte key", path.display()),
-            )
+                io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("{}: not a 32-byte key", path.display()),
+                )
             })
         }),
         Err(e) if e.kind() == io::ErrorKind::NotFound => {

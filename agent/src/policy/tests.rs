@@ -474,9 +474,7 @@ backends = ["a"]
     )])
     .unwrap();
     let dir = std::path::Path::new("/etc/airlock/policies");
-    let err = s
-        .check_alike(&[("a".into(), "b".into())], dir)
-        .unwrap_err();
+    let err = s.check_alike(&[("a".into(), "b".into())], dir).unwrap_err();
     assert!(err.to_string().contains("only-a"), "{err}");
     assert!(s.check_alike(&[("c".into(), "d".into())], dir).is_ok());
     assert!(s.check_alike(&[], dir).is_ok());
@@ -505,5 +503,8 @@ args = { "amount" = "^[0-9]{5,}$" }
         );
     }
     let args = json!({"amount": 99.5});
-    assert_eq!(s.decide(&who, &call("transfer", &args)).verdict, Verdict::Allow);
+    assert_eq!(
+        s.decide(&who, &call("transfer", &args)).verdict,
+        Verdict::Allow
+    );
 }

@@ -1,0 +1,199 @@
+//! Calls held for a human decision (`airlock approvals`), their record, and the webhook that
+//! announces them.
+
+use std::{sync::Arc, time::Instant};
+
+use bytes::Bytes;
+use serde_json::Value;
+
+use super::{ConnCtx, Pipeline, PipelineError};
+use crate::{archive::MaskedPayload, policy::Direction};
+
+impl Pipeline {
+    /// Hold a call until an approver decides (or its time runs out). If the client goes away
+    /// meanwhile, the call is withdrawn from the list.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) async fn hold(
+        &self,
+        ctx: &ConnCtx,
+        rule: &str,
+        timeout: std::time::Duration,
+        digest: String,
+        method: String,
+        tool: Option<String>,
+        arguments: Option<Value>,
+    ) -> (u64, crate::policy::approvals::Outcome) {
+        use crate::policy::approvals::PendingApproval;
+        let a = &ctx.attribution;
+        let info = PendingApproval {
+            id: 0,
+            rule: rule.to_owned(),
+            digest,
+            method,
+            tool,
+            arguments,
+            user: a.user.clone(),
+            uid: a.uid,
+            pid: a.tgid,
+            exe: a.exe.clone(),
+            backend: ctx.backend.clone(),
+            requested_at: String::new(),
+            expires_in_secs: 0,
+        };
+        let mut announced = info.clone();
+        let id = self
+            .approvals
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .request(info, timeout, Instant::now());
+        if let Some((uri, own)) = self.webhook.clone() {
+            announced.id = id;
+            announced.expires_in_secs = timeout.as_secs();
+            let mut body = serde_json::to_value(&announced).unwrap_or_default();
+            body["event"] = "approval_pending".into();
+            body["approve_with"] = format!(
+                "airlock approvals approve {id} --digest {}",
+                announced.digest
+            )
+            .into();
+            tokio::spawn(async move {
+                if let Err(e) = post_webhook(&uri, &own, &body).await {
+                    tracing::warn!(error = %e, %uri, "approval webhook failed");
+                }
+            });
+        }
+        tracing::info!(id, rule, backend = %ctx.backend, "call held for approval (airlock approvals list)");
+        struct Withdraw<'a>(&'a Pipeline, u64, bool);
+        impl Drop for Withdraw<'_> {
+            fn drop(&mut self) {
+                if !self.2 {
+                    self.0
+                        .approvals
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .cancel(self.1);
+                }
+            }
+        }
+        let mut guard = Withdraw(self, id, false);
+        loop {
+            let notified = self.approval_decided.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let outcome = self
+                .approvals
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take_outcome(id, Instant::now());
+            if let Some(o) = outcome {
+                guard.2 = true;
+                return (id, o);
+            }
+            tokio::select! {
+                _ = notified => {}
+                // Expiry is decided by the clock, not by an event.
+                _ = tokio::time::sleep(std::time::Duration::from_millis(250)) => {}
+            }
+        }
+    }
+
+    /// The `approval` record: who decided what about which call, and how long it waited.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) async fn record_approval(
+        &self,
+        ctx: &ConnCtx,
+        id: u64,
+        rule: &str,
+        digest: &str,
+        outcome: &crate::policy::approvals::Outcome,
+        call: (Option<&str>, Option<&str>, Option<&str>),
+        mcp_session_id: Option<String>,
+    ) -> Result<(), PipelineError> {
+        use crate::policy::approvals::Outcome;
+        let (decision, by_uid, waited, reason) = match outcome {
+            Outcome::Approved { by_uid, waited } => ("approved", Some(*by_uid), *waited, None),
+            Outcome::Denied {
+                by_uid,
+                waited,
+                reason,
+            } => ("denied", *by_uid, *waited, Some(reason.clone())),
+        };
+        let mut rec = ctx.record(&self.host, Direction::ClientToServer, "approval");
+        rec.mcp_session_id = mcp_session_id;
+        rec.method = call.0.map(str::to_owned);
+        rec.tool = call.1.map(str::to_owned);
+        rec.jsonrpc_id = call.2.map(str::to_owned);
+        rec.decision = decision.into();
+        rec.rules = vec![rule.to_owned()];
+        rec.latency_us = Some(waited.as_micros() as u64);
+        rec.payload = Some(MaskedPayload::agent_event(&serde_json::json!({
+            "approval_id": id,
+            "digest": digest,
+            "decision": decision,
+            "by_uid": by_uid,
+            "waited_ms": waited.as_millis() as u64,
+            "reason": reason,
+        })));
+        self.archive
+            .record(rec)
+            .await
+            .map(|_| ())
+            .map_err(|e| PipelineError::Archive(e.to_string()))
+    }
+}
+
+/// POST `body` as JSON to `uri` (http or https, system roots), from a socket tagged as the
+/// agent's own, within 5 s.
+async fn post_webhook(
+    uri: &http::Uri,
+    own: &crate::kernel::OwnSockets,
+    body: &Value,
+) -> Result<(), String> {
+    use http_body_util::{BodyExt as _, Full};
+    let host = uri.host().ok_or("no host")?.to_owned();
+    let tls = uri.scheme_str() == Some("https");
+    let port = uri.port_u16().unwrap_or(if tls { 443 } else { 80 });
+    let work = async {
+        let addr = tokio::net::lookup_host((host.as_str(), port))
+            .await
+            .map_err(|e| format!("resolving {host}: {e}"))?
+            .next()
+            .ok_or_else(|| format!("{host} has no address"))?;
+        let socket = crate::proxy::own_socket(own, addr)?;
+        let tcp = socket.connect(addr).await.map_err(|e| e.to_string())?;
+        let mut sender = if tls {
+            let mut roots = rustls::RootCertStore::empty();
+            roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
+            let cfg = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
+                .with_safe_default_protocol_versions()
+                .map_err(|e| e.to_string())?
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+            let name =
+                rustls_pki_types::ServerName::try_from(host.clone()).map_err(|e| e.to_string())?;
+            let stream = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+                .connect(name, tcp)
+                .await
+                .map_err(|e| e.to_string())?;
+            crate::http::client_handshake(stream).await?
+        } else {
+            crate::http::client_handshake(tcp).await?
+        };
+        let req = http::Request::post(uri.path_and_query().map(|p| p.as_str()).unwrap_or("/"))
+            .header(http::header::HOST, host.as_str())
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .body(Full::new(Bytes::from(body.to_string())))
+            .map_err(|e| e.to_string())?;
+        let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
+        let status = resp.status();
+        let _ = resp.into_body().collect().await;
+        if status.is_success() {
+            Ok(())
+        } else {
+            Err(format!("answered {status}"))
+        }
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(5), work)
+        .await
+        .map_err(|_| "no answer within 5 s".to_owned())?
+}
