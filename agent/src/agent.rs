@@ -164,14 +164,17 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     })?;
     let pins = Arc::new(Mutex::new(pins));
     let pins_dirty = Arc::new(tokio::sync::Notify::new());
+    let pin_saves = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let pins_task = tokio::spawn(crate::policy::pins::saver(
         pins.clone(),
         pins_dirty.clone(),
         Duration::from_millis(200),
+        pin_saves.clone(),
     ));
     let pipeline = Arc::new(crate::pipeline::Pipeline {
         pins: pins.clone(),
         pins_dirty,
+        pin_saves,
         webhook: config.approval_webhook.clone().map(|u| (u, own.clone())),
         tool_changes: config.tool_changes,
         credentials,
@@ -734,6 +737,7 @@ fn status(proxy: &Proxy, cgroup: &str, started_at: SystemTime) -> Status {
                 ("mcp_protocol_refused", &p.protocol_refused),
                 ("http_refused", &p.refused_requests),
                 ("answers_refused", &p.refused_answers),
+                ("tool_pin_saves", proxy.pipeline.pin_saves.as_ref()),
             ] {
                 c.insert(k.to_owned(), v.load(std::sync::atomic::Ordering::Relaxed));
             }

@@ -12,9 +12,9 @@
 //! Answers: `hostile.py` answers a tool call with a planted secret (an email address and an
 //! AWS key id, both masked by the shipped policy) in 36 framings (content types, encodings,
 //! byte-order marks, batches, SSE event types and line ends (U+2028 too), ids, status codes,
-//! trailers, notifications, a backslashed redirect). Real clients (Python SDK 2.x and 1.x, TypeScript SDK) print everything
-//! they handed to the application; through Airlock the secret reaches none of them, while
-//! directly it reaches each of them in several framings.
+//! trailers, notifications, a backslashed redirect). Real clients (Python SDK 2.x and 1.x,
+//! TypeScript SDK) print everything they handed to the application; through Airlock the
+//! secret reaches none of them, while directly it reaches each of them in several framings.
 
 use std::{
     collections::BTreeSet,

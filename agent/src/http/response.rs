@@ -80,10 +80,10 @@ impl Conn {
         if info.passthrough {
             // Allowed non-MCP traffic: passed on as it streams, recorded at HTTP level.
             if let Err(e) = self
-                .http_record(&info, parts.status.as_u16(), &ct_text)
+                .http_record(info, parts.status.as_u16(), &ct_text)
                 .await
             {
-                return self.unrecorded(&info, e).await;
+                return self.unrecorded(info, e).await;
             }
             let body = IdleBody::new(body, self.limits.stream_idle_timeout);
             return Response::from_parts(parts, http_body_util::BodyExt::boxed_unsync(body));
@@ -104,10 +104,10 @@ impl Conn {
                 tracing::debug!(id = self.ctx.conn_id, error = ?e, "the body of a 202 was not read whole");
             }
             if let Err(e) = self
-                .http_record(&info, parts.status.as_u16(), &ct_text)
+                .http_record(info, parts.status.as_u16(), &ct_text)
                 .await
             {
-                return self.unrecorded(&info, e).await;
+                return self.unrecorded(info, e).await;
             }
             parts.headers.remove(header::CONTENT_TYPE);
             parts
@@ -117,17 +117,17 @@ impl Conn {
         }
         if no_body {
             if let Err(e) = self
-                .http_record(&info, parts.status.as_u16(), &ct_text)
+                .http_record(info, parts.status.as_u16(), &ct_text)
                 .await
             {
-                return self.unrecorded(&info, e).await;
+                return self.unrecorded(info, e).await;
             }
             return Response::from_parts(parts, full(Bytes::new()));
         }
         if !is_identity_encoding(&parts.headers) {
             return self
                 .refuse_answer(
-                    &info,
+                    info,
                     "the server compressed its answer although Airlock asked for none".into(),
                 )
                 .await;
@@ -137,7 +137,7 @@ impl Conn {
             // does not read.
             return self
                 .refuse_answer(
-                    &info,
+                    info,
                     format!(
                         "it answered {} (a protocol switch nobody asked for)",
                         parts.status
@@ -151,7 +151,7 @@ impl Conn {
         {
             return self
                 .refuse_answer(
-                    &info,
+                    info,
                     format!(
                         "it redirects the client to {:?}, another server (the request would leave uninspected)",
                         String::from_utf8_lossy(location.as_bytes())
@@ -180,15 +180,15 @@ impl Conn {
             Ok(b) => b,
             Err(e) => {
                 let reason = self.read_failed(&e, "its answer");
-                return self.refuse_answer(&info, reason).await;
+                return self.refuse_answer(info, reason).await;
             }
         };
         if bytes.is_empty() {
             if let Err(e) = self
-                .http_record(&info, parts.status.as_u16(), &ct_text)
+                .http_record(info, parts.status.as_u16(), &ct_text)
                 .await
             {
-                return self.unrecorded(&info, e).await;
+                return self.unrecorded(info, e).await;
             }
             parts
                 .headers
@@ -198,7 +198,7 @@ impl Conn {
         if success && kind != Some(false) {
             return self
                 .refuse_answer(
-                    &info,
+                    info,
                     format!(
                         "it answered an MCP request with content type {:?}: only application/json and text/event-stream (UTF-8) are passed on",
                         ct_text
@@ -209,13 +209,13 @@ impl Conn {
         let estimate = strict::parsed_size_estimate(&bytes);
         let _parse_permit = match self.resources.parse(self.ctx.attribution.uid, estimate) {
             Ok(p) => p,
-            Err(e) => return self.refuse_answer(&info, e.to_string()).await,
+            Err(e) => return self.refuse_answer(info, e.to_string()).await,
         };
         let out = match Body::parse(&bytes) {
             Ok(Parsed::Messages(parsed)) => {
                 match self.answer_messages(info, parsed, &bytes).await {
                     Ok(out) => out,
-                    Err(e) => return self.refuse_answer(&info, e.to_string()).await,
+                    Err(e) => return self.refuse_answer(info, e.to_string()).await,
                 }
             }
             Ok(Parsed::Other(mut value)) if !success => {
@@ -224,10 +224,10 @@ impl Conn {
                     self.pipeline
                         .mask_value(&self.ctx, Direction::ServerToClient, &mut value);
                 if let Err(e) = self
-                    .error_record(&info, parts.status.as_u16(), &ct_text, masked)
+                    .error_record(info, parts.status.as_u16(), &ct_text, masked)
                     .await
                 {
-                    return self.unrecorded(&info, e).await;
+                    return self.unrecorded(info, e).await;
                 }
                 if masked > 0 {
                     Bytes::from(value.to_string())
@@ -238,7 +238,7 @@ impl Conn {
             Ok(Parsed::Other(_)) => {
                 return self
                     .refuse_answer(
-                        &info,
+                        info,
                         "it answered an MCP request with JSON that is not JSON-RPC".into(),
                     )
                     .await;
@@ -252,7 +252,7 @@ impl Conn {
                 // An error text ("Not Found"): masked, passed on.
                 let Ok(text) = std::str::from_utf8(&bytes) else {
                     return self
-                        .refuse_answer(&info, "its error answer is not UTF-8 text".into())
+                        .refuse_answer(info, "its error answer is not UTF-8 text".into())
                         .await;
                 };
                 let masked = self
@@ -260,21 +260,19 @@ impl Conn {
                     .mask_str(&self.ctx, Direction::ServerToClient, text);
                 if let Err(e) = self
                     .error_record(
-                        &info,
+                        info,
                         parts.status.as_u16(),
                         &ct_text,
                         u32::from(masked.is_some()),
                     )
                     .await
                 {
-                    return self.unrecorded(&info, e).await;
+                    return self.unrecorded(info, e).await;
                 }
                 masked.map(Bytes::from).unwrap_or(bytes)
             }
             Err(e) => {
-                return self
-                    .refuse_answer(&info, format!("its answer is {e}"))
-                    .await;
+                return self.refuse_answer(info, format!("its answer is {e}")).await;
             }
         };
         parts

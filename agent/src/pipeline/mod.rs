@@ -123,6 +123,8 @@ pub struct Pipeline {
     pub pins: Arc<Mutex<crate::policy::pins::ToolPins>>,
     /// Wakes the task that saves the pins (off the request path, batched).
     pub pins_dirty: Arc<tokio::sync::Notify>,
+    /// How many times that task wrote the pins file.
+    pub pin_saves: Arc<AtomicU64>,
     pub tool_changes: crate::config::ToolChanges,
     /// Brokered upstream credentials by backend name (`credentials_file`).
     pub credentials: std::collections::HashMap<String, crate::policy::credentials::Credentials>,
@@ -465,13 +467,13 @@ impl Pipeline {
             };
             record.payload = Some(MaskedPayload::from_masked(text));
         }
-        if level != RecordLevel::Off {
-            if let Err(e) = self.archive.record(record).await {
-                if let Some(id) = &reserved {
-                    self.sessions.cancel(&session, c2s, id);
-                }
-                return Err(PipelineError::Archive(e.to_string()));
+        if level != RecordLevel::Off
+            && let Err(e) = self.archive.record(record).await
+        {
+            if let Some(id) = &reserved {
+                self.sessions.cancel(&session, c2s, id);
             }
+            return Err(PipelineError::Archive(e.to_string()));
         }
         if let Some((code, message, decision_name)) = refusal {
             self.counters.blocked.fetch_add(1, Ordering::Relaxed);

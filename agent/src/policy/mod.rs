@@ -526,8 +526,7 @@ impl Rule {
         };
         // Fail closed: a message whose request is unknown gets every mask rule.
         let any_scope = self.action == Action::Mask && msg.scope_unknown;
-        (any_scope || glob(&m.tools, msg.tool))
-            && (any_scope || glob(&m.methods, msg.method))
+        (any_scope || (glob(&m.tools, msg.tool) && glob(&m.methods, msg.method)))
             && glob(&m.backends, Some(msg.backend))
             && glob(&m.users, subject.user.as_deref())
             && m.groups

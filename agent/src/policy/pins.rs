@@ -236,6 +236,7 @@ pub async fn saver(
     pins: std::sync::Arc<std::sync::Mutex<ToolPins>>,
     dirty: std::sync::Arc<tokio::sync::Notify>,
     batch: std::time::Duration,
+    saves: std::sync::Arc<std::sync::atomic::AtomicU64>,
 ) {
     loop {
         dirty.notified().await;
@@ -247,7 +248,9 @@ pub async fn saver(
         let Some(bytes) = snapshot else { continue };
         let saved = tokio::task::spawn_blocking(move || write_atomically(&path, &bytes)).await;
         match saved {
-            Ok(Ok(())) => {}
+            Ok(Ok(())) => {
+                saves.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
             Ok(Err(e)) => tracing::warn!(error = %e, "cannot save the tool pins"),
             Err(e) => tracing::warn!(error = %e, "the task saving the tool pins failed"),
         }
@@ -355,6 +358,41 @@ mod tests {
         save(&mut pins);
         let text = fs::read_to_string(dir.join("tool-pins.json")).unwrap();
         assert!(text.contains("\"version\": 2"), "{text}");
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn changes_are_saved_off_the_request_path_many_in_one_write() {
+        use std::sync::{Arc, Mutex, atomic::AtomicU64};
+        let dir = temp_dir("saver");
+        let pins = Arc::new(Mutex::new(ToolPins::open(&dir).unwrap()));
+        let dirty = Arc::new(tokio::sync::Notify::new());
+        let saves = Arc::new(AtomicU64::new(0));
+        let task = tokio::spawn(saver(
+            pins.clone(),
+            dirty.clone(),
+            std::time::Duration::from_millis(200),
+            saves.clone(),
+        ));
+        for i in 0..50 {
+            pins.lock()
+                .unwrap()
+                .check("b", &json!({"name": format!("t{i}")}));
+            // What the request path does: no disk, a signal.
+            dirty.notify_one();
+        }
+        assert!(
+            !dir.join("tool-pins.json").exists(),
+            "written on the request path"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(600)).await;
+        assert_eq!(saves.load(std::sync::atomic::Ordering::Relaxed), 1);
+        let text = fs::read_to_string(dir.join("tool-pins.json")).unwrap();
+        assert!(
+            text.contains("\"t0\"") && text.contains("\"t49\""),
+            "{text}"
+        );
+        task.abort();
         fs::remove_dir_all(&dir).unwrap();
     }
 
