@@ -134,7 +134,11 @@ pub fn sse_parser(data: &[u8]) {
             };
             assert_eq!(summary(&a), summary(&b), "chunking changed the events");
             for e in &a {
-                let again = events(&[&e.encode(e.data().as_deref())]).expect("re-encoded parses");
+                // Re-encoded events go out after the stream's start (where a byte-order mark
+                // would be stripped): parse them there.
+                let encoded = e.encode(e.data().as_deref());
+                let mut again = events(&[b":\n\n", &encoded]).expect("re-encoded parses");
+                let again = again.split_off(1);
                 assert_eq!(summary(std::slice::from_ref(e)), summary(&again));
             }
         }

@@ -1,7 +1,7 @@
 //! The red team (issue 10): crafted requests against real MCP servers, hostile answers against
 //! real MCP clients, through Airlock's redirect and TLS interception.
 //!
-//! Requests: `tests/support/redteam/attack.py` sends 73 crafted requests (body encodings,
+//! Requests: `tests/support/redteam/attack.py` sends 77 crafted requests (body encodings,
 //! media types, duplicate and case-folded keys, escapes, batches, notifications, odd ids,
 //! paths, chunking, the stateless 2026-07-28 route...) that each try to run the tool
 //! `dangerous`, which a policy blocks, on four real servers: the Python SDK 2.x and 1.x, FastMCP

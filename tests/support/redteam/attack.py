@@ -485,6 +485,12 @@ CASES = [
     ("modern_utf16", "2026-07-28 request, UTF-16LE body with BOM", modern(utf16_bom)),
     ("modern_lone_surrogate", "2026-07-28 request, argument text ends in a lone \\ud800 escape", modern(lambda o: compact(o).replace(b'"},"_meta"', b'\\ud800"},"_meta"'))),
     ("modern_name_b64", "2026-07-28 request, Mcp-Name header base64-encoded", modern(compact, name_header="=?base64?" + base64.b64encode(b"dangerous").decode() + "?=")),
+    # Two tricks at once: a body a naive proxy does not take for JSON, under a media type it
+    # does not take for JSON either, that the server still reads as JSON.
+    ("bom_ct_list", "UTF-8 BOM body under Content-Type: application/json, text/plain", lambda s, c: simple(s, b"\xef\xbb\xbf" + compact(call(c)), content_type="application/json, text/plain")),
+    ("utf16_bom_ct_list", "UTF-16LE body (BOM) under Content-Type: application/json, text/plain", lambda s, c: simple(s, utf16_bom(call(c)), content_type="application/json, text/plain")),
+    ("modern_bom_jsonx", "2026-07-28 request, UTF-8 BOM body under application/jsonx", modern(lambda o: b"\xef\xbb\xbf" + compact(o), ct="application/jsonx")),
+    ("modern_utf16_jsonx", "2026-07-28 request, UTF-16LE body (BOM) under application/jsonx", modern(utf16_bom, ct="application/jsonx")),
 ]
 
 
