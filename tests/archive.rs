@@ -640,6 +640,18 @@ fn verify_trusts_only_the_keys_a_verifier_brings() {
         config.to_str().unwrap(),
     ]);
     assert_eq!(code, Some(0), "pinned fingerprint, real key: {out}");
+    // A key brought on the command line must agree with the pin.
+    let (code, out, _) = run(&[
+        "verify",
+        "--archive",
+        a,
+        "--config",
+        config.to_str().unwrap(),
+        "--pubkey",
+        &other,
+    ]);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("is not the one pinned"), "{out}");
     // A key that is not a key is a usage error.
     let (code, _, err) = run(&["verify", "--archive", a, "--pubkey", "00ff"]);
     assert_eq!(code, Some(2), "{err}");

@@ -396,11 +396,11 @@ print(json.dumps({"second": answer.split("\r\n")[0], "body": answer.split("\r\n\
 fn bodies_too_costly_to_parse_are_refused() {
     let Some((cg, mut agent, _server, port)) = plain_setup(
         "parse",
-        "max_body_bytes = 65536\nmax_sse_event_bytes = 65536\nmax_parsed_bytes = 1048576",
+        "max_body_bytes = 65536\nmax_sse_event_bytes = 65536\nmax_parsed_bytes = 2097152",
     ) else {
         return;
     };
-    let numbers = vec!["1"; 29_000].join(",");
+    let numbers = vec!["1"; 30_000].join(",");
     let costly = format!(
         r#"{{"jsonrpc":"2.0","id":2,"method":"tools/call","params":{{"name":"add","arguments":{{"n":[{numbers}]}}}}}}"#
     );

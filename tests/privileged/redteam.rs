@@ -180,6 +180,9 @@ fn crafted_requests_never_run_a_blocked_tool_on_real_servers() {
             &[
                 format!("{SUPPORT}/attack.py"),
                 "--all".into(),
+                // Generous: the machine is shared with the other tests.
+                "--case-timeout".into(),
+                "6".into(),
                 "--url".into(),
                 format!("https://{HOST}:{port}/mcp"),
                 "--ca".into(),
@@ -297,6 +300,9 @@ fn hostile_answers_never_hand_a_planted_secret_to_real_clients() {
                     format!("https://{HOST}:{port}/f/{{framing}}/mcp"),
                     "--framings".into(),
                     framings.clone(),
+                    // Generous: the machine is shared with the other tests.
+                    "--timeout".into(),
+                    "8".into(),
                 ],
                 &[("SSL_CERT_FILE", ca), ("NODE_EXTRA_CA_CERTS", ca)],
             )

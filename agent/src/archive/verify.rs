@@ -194,13 +194,22 @@ fn verify_host(
     let stored = fs::read_to_string(manifest::public_key_path(archive_dir, host))
         .map(|k| k.trim().to_owned());
     let (public, trusted_by) = match (trust.key_for(host), trust.fingerprints.get(host)) {
-        (Some((key, via)), _) => {
+        (Some((key, via)), pinned) => {
             if stored
                 .as_deref()
                 .is_ok_and(|s| !s.eq_ignore_ascii_case(key.trim()))
             {
                 report.problems.push(format!(
                     "host {host}: the public key stored in the archive is not the trusted one: replaced"
+                ));
+            }
+            // Every source of trust must agree: a key brought for the host (or for all hosts)
+            // that is not the one pinned for it is a mistake or a substitution.
+            if let Some((fp, pinned_where)) = pinned
+                && manifest::fingerprint(key).as_ref() != Ok(fp)
+            {
+                report.problems.push(format!(
+                    "host {host}: the key from {via} is not the one pinned ({fp}, {pinned_where})"
                 ));
             }
             (key.trim().to_owned(), Some(via.to_owned()))

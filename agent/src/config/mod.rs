@@ -530,13 +530,14 @@ impl Validator<'_> {
                 ),
             ));
         }
+        // One user may hold half the budget: that half must hold a body of the largest size.
         let largest = raw.max_body_bytes.max(raw.max_sse_event_bytes);
-        if raw.max_parsed_bytes < crate::mcp::strict::parsed_size_estimate_bound(largest) {
+        if raw.max_parsed_bytes / 2 < crate::mcp::strict::parsed_size_estimate_bound(largest) {
             return Err(self.err(
                 "max_parsed_bytes",
                 format!(
-                    "must be at least {} for bodies of `max_body_bytes`/`max_sse_event_bytes` ({largest}) to be parsed",
-                    crate::mcp::strict::parsed_size_estimate_bound(largest)
+                    "must be at least {} for bodies of `max_body_bytes`/`max_sse_event_bytes` ({largest}) to be parsed (one user may use half)",
+                    2 * crate::mcp::strict::parsed_size_estimate_bound(largest)
                 ),
             ));
         }

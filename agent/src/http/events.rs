@@ -55,7 +55,7 @@ impl Conn {
             ctx: self.ctx.clone(),
             limits: self.limits,
             resources: self.resources.clone(),
-            backend_host: self.backend.host.clone(),
+            backend: self.backend.clone(),
             key: info.key.clone(),
             info,
             injected: None,
@@ -74,7 +74,7 @@ struct Stream {
     ctx: Arc<ConnCtx>,
     limits: Limits,
     resources: Arc<crate::limits::Limits>,
-    backend_host: String,
+    backend: Arc<crate::config::Backend>,
     info: RequestInfo,
     /// The session the stream's messages belong to (the legacy `endpoint` event names it).
     key: SessionKey,
@@ -185,6 +185,10 @@ impl Stream {
             // stream is cut.
             let mut errors = Vec::new();
             for id in self.info.owed.drain(..) {
+                // Airlock answers it: its id is free.
+                self.pipeline
+                    .sessions
+                    .cancel(&self.key, true, &jsonrpc::canonical_id(&id));
                 let answer = jsonrpc::error_response(
                     Some(&id),
                     code::UNAVAILABLE,
@@ -352,25 +356,19 @@ impl Stream {
     /// path on this server (the clients' POSTs would otherwise go where Airlock does not look),
     /// and it names the session.
     fn endpoint(&mut self, data: &str) -> Result<(), String> {
-        let path = if data.starts_with('/') && !data.starts_with("//") {
-            data.to_owned()
-        } else {
-            let uri: http::Uri = data
-                .parse()
-                .map_err(|_| format!("the `endpoint` event names {data:?}, not a path"))?;
-            let same = uri.host().is_some_and(|h| {
-                h.trim_end_matches('.')
-                    .eq_ignore_ascii_case(self.backend_host.trim_end_matches('.'))
-            });
-            if !same {
-                return Err(format!(
-                    "the `endpoint` event sends the client to {data:?}, not to this server"
-                ));
-            }
-            uri.path_and_query()
-                .map_or_else(|| "/".to_owned(), |p| p.as_str().to_owned())
+        if !super::response::same_server(data, &self.backend) {
+            return Err(format!(
+                "the `endpoint` event sends the client to {data:?}, not to this server"
+            ));
+        }
+        let path = match data.parse::<http::Uri>() {
+            Ok(uri) if uri.host().is_some() => uri
+                .path_and_query()
+                .map_or_else(|| "/".to_owned(), |p| p.as_str().to_owned()),
+            _ => data.to_owned(),
         };
-        if let Some(sid) = super::legacy_session(path.split_once('?').map(|(_, q)| q)) {
+        let sid = super::legacy_session(path.split_once('?').map(|(_, q)| q))?;
+        if let Some(sid) = sid {
             let key = SessionKey {
                 backend: self.ctx.backend.clone(),
                 id: format!("legacy:{sid}"),

@@ -157,12 +157,64 @@ fn is_identity_encoding(h: &HeaderMap) -> bool {
 }
 
 /// The legacy transport names its session in the query (`session_id` in Python,
-/// `sessionId` in TypeScript).
-fn legacy_session(query: Option<&str>) -> Option<String> {
-    query?.split('&').find_map(|kv| {
-        let (k, v) = kv.split_once('=')?;
-        (k == "session_id" || k == "sessionId").then(|| v.to_owned())
-    })
+/// `sessionId` in TypeScript), read as the servers read it: percent-decoded (`session%5Fid`
+/// too), and a UUID in any spelling Python's `UUID(hex=…)` takes (case, hyphens, braces,
+/// `urn:uuid:`) as its 32 lowercase hex digits. Named more than once: `Err` (servers differ on
+/// which one counts).
+fn legacy_session(query: Option<&str>) -> Result<Option<String>, String> {
+    let Some(query) = query else {
+        return Ok(None);
+    };
+    let mut found: Option<String> = None;
+    for kv in query.split('&') {
+        let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+        let key = form_decode(k);
+        if key != "session_id" && key != "sessionId" {
+            continue;
+        }
+        if found.is_some() {
+            return Err("the request names its legacy session more than once".into());
+        }
+        found = Some(canonical_session(&form_decode(v)));
+    }
+    Ok(found)
+}
+
+/// `application/x-www-form-urlencoded` decoding (`+` is a space), lossy on bad UTF-8.
+fn form_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < bytes.len() => {
+                let hex = |b: u8| (b as char).to_digit(16);
+                match (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                    (Some(h), Some(l)) => {
+                        out.push((h * 16 + l) as u8);
+                        i += 2;
+                    }
+                    _ => out.push(b'%'),
+                }
+            }
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// A session id as the servers compare it: a UUID (as Python's `UUID(hex=…)` reads one) as
+/// 32 lowercase hex digits, anything else as written.
+fn canonical_session(id: &str) -> String {
+    let hex = id.replace("urn:", "").replace("uuid:", "");
+    let hex = hex.trim_matches(|c| c == '{' || c == '}').replace('-', "");
+    if hex.len() == 32 && hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        hex.to_ascii_lowercase()
+    } else {
+        id.to_owned()
+    }
 }
 
 /// What a request was, for its response and its records.
@@ -429,6 +481,39 @@ async fn read_capped(
             p.grow(data.len()).map_err(ReadError::Limit)?;
         }
         buf.extend_from_slice(&data);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn legacy_sessions_are_read_as_servers_read_them() {
+        let uuid = "0123456789abcdef0123456789abcdef";
+        assert_eq!(
+            legacy_session(Some(&format!("session_id={uuid}"))),
+            Ok(Some(uuid.into()))
+        );
+        for spelling in [
+            "session_id=0123456789ABCDEF0123456789ABCDEF",
+            "session%5Fid=0123456789abcdef0123456789abcdef",
+            "session_id=%7B01234567-89ab-cdef-0123-456789abcdef%7D",
+            "x=1&session_id=urn:uuid:01234567-89ab-cdef-0123-456789abcdef",
+        ] {
+            assert_eq!(
+                legacy_session(Some(spelling)),
+                Ok(Some(uuid.into())),
+                "{spelling}"
+            );
+        }
+        assert_eq!(
+            legacy_session(Some("sessionId=abc+d")),
+            Ok(Some("abc d".into()))
+        );
+        assert_eq!(legacy_session(Some("x=1")), Ok(None));
+        assert!(legacy_session(Some("session_id=a&session%5Fid=b")).is_err());
+        assert!(legacy_session(Some("session_id=a&sessionId=a")).is_err());
     }
 }
 

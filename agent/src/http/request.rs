@@ -59,7 +59,10 @@ impl Conn {
             .get("mcp-session-id")
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned);
-        let legacy = legacy_session(parts.uri.query());
+        let (legacy, legacy_refused) = match legacy_session(parts.uri.query()) {
+            Ok(l) => (l, None),
+            Err(e) => (None, Some(e)),
+        };
         let both_sessions = mcp_session_id.is_some() && legacy.is_some();
         if let Some(auth) = parts
             .headers
@@ -83,6 +86,11 @@ impl Conn {
         };
 
         // Two session names: the server goes by one, correlation would go by the other.
+        if let Some(reason) = legacy_refused {
+            return self
+                .refuse_http(&info, StatusCode::BAD_REQUEST, format!("Airlock: {reason}"))
+                .await;
+        }
         if both_sessions {
             return self
                 .refuse_http(
@@ -372,6 +380,12 @@ impl Conn {
                 Ok(Outcome::Answer(a)) => answers.push(a),
                 Err(e) => {
                     warn!(id = self.ctx.conn_id, error = %e, "refusing a message the pipeline could not take");
+                    // Nothing of the body goes on: the ids its earlier members took are free.
+                    for id in forwarded_ids.iter().flatten() {
+                        self.pipeline
+                            .sessions
+                            .cancel(&info.key, true, &jsonrpc::canonical_id(id));
+                    }
                     let answer = jsonrpc::error_response(
                         id.as_ref(),
                         code::UNAVAILABLE,
@@ -488,7 +502,15 @@ impl Conn {
         let response = self.upstream.lock().await.send(up).await;
         match response {
             Ok(r) => self.response(info, r).await,
-            Err(reason) => self.upstream_failed(&info, reason).await,
+            Err(reason) => {
+                // The requests never reached the server: their ids are free.
+                for id in &info.owed {
+                    self.pipeline
+                        .sessions
+                        .cancel(&info.key, true, &jsonrpc::canonical_id(id));
+                }
+                self.upstream_failed(&info, reason).await
+            }
         }
     }
 }

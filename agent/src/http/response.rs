@@ -147,7 +147,9 @@ impl Conn {
         }
         if parts.status.is_redirection()
             && let Some(location) = parts.headers.get(header::LOCATION)
-            && !self.same_server(location)
+            && !location
+                .to_str()
+                .is_ok_and(|l| same_server(l, &self.backend))
         {
             return self
                 .refuse_answer(
@@ -351,34 +353,6 @@ impl Conn {
             .await
     }
 
-    /// Whether a `Location` stays on this server: a path, or a URL naming the backend's host
-    /// and port.
-    fn same_server(&self, location: &HeaderValue) -> bool {
-        let Ok(text) = location.to_str() else {
-            return false;
-        };
-        // URL parsers read a backslash as a slash (`/\\evil.example` is another host) and
-        // strip spaces and controls: such a location is never taken for a path.
-        if text.contains('\\') || text.bytes().any(|b| b <= b' ' || b == 0x7f) {
-            return false;
-        }
-        if text.starts_with('/') && !text.starts_with("//") {
-            return true;
-        }
-        let Ok(uri) = text.parse::<http::Uri>() else {
-            return false;
-        };
-        let b = &self.backend;
-        let scheme_ok = uri.scheme_str() == Some(if b.tls { "https" } else { "http" });
-        let port = uri.port_u16().unwrap_or(if b.tls { 443 } else { 80 });
-        scheme_ok
-            && port == b.port
-            && uri.host().is_some_and(|h| {
-                h.trim_end_matches('.')
-                    .eq_ignore_ascii_case(b.host.trim_end_matches('.'))
-            })
-    }
-
     /// An exchange whose record could not be written (strict recording): not passed on.
     pub(super) async fn unrecorded(
         &self,
@@ -390,5 +364,55 @@ impl Conn {
             StatusCode::SERVICE_UNAVAILABLE,
             format!("Airlock: {e}; nothing was passed on"),
         )
+    }
+}
+
+/// Whether a URL a server gives the client (a redirect's `Location`, the legacy `endpoint`)
+/// stays on this server: a path, or a URL with the backend's scheme, host and port. URL
+/// parsers read a backslash as a slash (`/\\evil.example` is another host) and strip spaces
+/// and controls: such a URL never counts as a path.
+pub(super) fn same_server(url: &str, backend: &crate::config::Backend) -> bool {
+    if url.contains('\\') || url.bytes().any(|b| b <= b' ' || b == 0x7f) {
+        return false;
+    }
+    if url.starts_with('/') && !url.starts_with("//") {
+        return true;
+    }
+    let Ok(uri) = url.parse::<http::Uri>() else {
+        return false;
+    };
+    let scheme_ok = uri.scheme_str() == Some(if backend.tls { "https" } else { "http" });
+    let port = uri.port_u16().unwrap_or(if backend.tls { 443 } else { 80 });
+    scheme_ok
+        && port == backend.port
+        && uri.host().is_some_and(|h| {
+            h.trim_end_matches('.')
+                .eq_ignore_ascii_case(backend.host.trim_end_matches('.'))
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_stay_on_the_same_server_only_when_every_parser_agrees() {
+        let mut b = crate::fuzzing::mcp_backend(&[]);
+        b.host = "mcp.test".into();
+        b.port = 8443;
+        assert!(same_server("/mcp/", &b));
+        assert!(same_server("https://MCP.test.:8443/x", &b));
+        for other in [
+            "//evil.example/x",
+            "/\\evil.example/x",
+            "\\\\evil.example",
+            " /x",
+            "https://mcp.test/x",
+            "http://mcp.test:8443/x",
+            "https://evil.example:8443/x",
+            "/x\t",
+        ] {
+            assert!(!same_server(other, &b), "{other}");
+        }
     }
 }

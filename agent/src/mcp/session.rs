@@ -6,8 +6,9 @@
 //! connection or session asks).
 //!
 //! Bounded, and refusing rather than forgetting: a request past `MAX_PENDING` unanswered ones
-//! in its session, `MAX_PENDING_PER_UID` for its caller or `MAX_PENDING_TOTAL` in all is
-//! refused (ids and names are bounded in size by validation, so the table's memory is too);
+//! in its session, `MAX_PENDING_PER_UID` for its caller (requests unanswered for
+//! `STALE_PENDING` make room first) or `MAX_PENDING_TOTAL` in all is refused (ids and names
+//! are bounded in size by validation, so the table's memory is too);
 //! an id still waiting for its answer cannot be used again in the session. At most
 //! `MAX_SESSIONS` sessions (least recently used go first, their pending requests with them)
 //! and `MAX_TASKS` tasks per backend.
@@ -25,6 +26,10 @@ pub const MAX_PENDING_PER_UID: usize = 4096;
 pub const MAX_PENDING_TOTAL: usize = 65_536;
 const MAX_SESSIONS: usize = 65_536;
 const MAX_TASKS: usize = 4096;
+/// A request unanswered for this long no longer counts against its caller's bound when that
+/// bound is reached (a server that never answers cannot lock a user out for a session's life);
+/// an answer that comes later finds no request and gets every mask rule.
+pub const STALE_PENDING: Duration = Duration::from_secs(15 * 60);
 
 /// Why a request cannot be remembered (and is refused).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -123,6 +128,21 @@ impl Inner {
         }
     }
 
+    /// Forget `uid`'s requests older than `STALE_PENDING`.
+    fn sweep_stale(&mut self, uid: u32) {
+        let mut stale = Vec::new();
+        for (key, state) in &self.sessions {
+            for (slot, p) in &state.pending {
+                if p.uid == uid && p.started.elapsed() > STALE_PENDING {
+                    stale.push((key.clone(), slot.clone()));
+                }
+            }
+        }
+        for (key, slot) in stale {
+            self.take(&key, &slot);
+        }
+    }
+
     fn take(&mut self, key: &SessionKey, slot: &(bool, String)) -> Option<Pending> {
         let p = self.sessions.get_mut(key)?.pending.remove(slot)?;
         self.forget(&p);
@@ -180,6 +200,9 @@ impl Sessions {
     ) -> Result<(), ExpectError> {
         self.with(key, |inner, key| {
             let slot = (client_to_server, id);
+            if inner.by_uid.get(&pending.uid).copied().unwrap_or(0) >= MAX_PENDING_PER_UID {
+                inner.sweep_stale(pending.uid);
+            }
             let uid_count = inner.by_uid.get(&pending.uid).copied().unwrap_or(0);
             let total = inner.total;
             let Some(state) = inner.sessions.get_mut(key) else {

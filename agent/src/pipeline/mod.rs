@@ -225,14 +225,9 @@ impl Pipeline {
                 Err(_) => {}
             }
         }
-        if c2s
-            && kind == Kind::Notification
-            && method.as_deref() == Some("notifications/cancelled")
-            && let Some(request) = value.get("params").and_then(|p| p.get("requestId"))
-        {
-            self.sessions
-                .cancel(&session, true, &jsonrpc::canonical_id(request));
-        }
+        // A cancellation does not free its request's id: the server may read the id otherwise
+        // (1.0 for 1) and go on with the request; the id stays taken until its answer comes or
+        // the session ends.
         let set = self.policies.current();
         let arguments = value
             .get("params")
