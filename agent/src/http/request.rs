@@ -63,7 +63,8 @@ impl Conn {
             Ok(l) => (l, None),
             Err(e) => (None, Some(e)),
         };
-        let both_sessions = mcp_session_id.is_some() && legacy.is_some();
+        let both_sessions = (mcp_session_id.is_some() && legacy.is_some())
+            || parts.headers.get_all("mcp-session-id").iter().count() > 1;
         if let Some(auth) = parts
             .headers
             .get(header::AUTHORIZATION)
@@ -96,7 +97,7 @@ impl Conn {
                 .refuse_http(
                     &info,
                     StatusCode::BAD_REQUEST,
-                    "Airlock: a request names its session twice (an Mcp-Session-Id header and a legacy session query parameter)".into(),
+                    "Airlock: a request names its session twice (two Mcp-Session-Id headers, or one and a legacy session query parameter)".into(),
                 )
                 .await;
         }
