@@ -57,6 +57,15 @@ try:
         data += chunk
         if b"\r\n\r\n" in data and (b"408" in data.split(b"\r\n")[0] or b"event: message" in data and data.rstrip().endswith(b"}")):
             break
+        # The answer is complete (the connection itself stays open for the next request): the
+        # last chunk of a chunked body (it may come in the same read as the last event), or
+        # as many bytes as Content-Length gives.
+        if data.endswith(b"\r\n0\r\n\r\n"):
+            break
+        head, sep, body = data.partition(b"\r\n\r\n")
+        length = [l.split(b":", 1)[1] for l in head.lower().split(b"\r\n") if l.startswith(b"content-length:")]
+        if sep and length and len(body) >= int(length[0]):
+            break
 except OSError as e:
     pass
 took = time.monotonic() - start
