@@ -29,7 +29,7 @@ use crate::{
         sse::{self, Event, Line},
         strict,
     },
-    pipeline::{ConnCtx, Msg, Outcome, Pipeline},
+    pipeline::{ConnCtx, Pipeline},
     policy::Direction,
 };
 
@@ -308,47 +308,19 @@ impl Stream {
             Err(e) => return Err(format!("an event's data is {e}")),
         };
         let single = matches!(parsed, Body::Single(_));
+        let raw = single.then(|| Bytes::copy_from_slice(data.as_bytes()));
+        let judged = super::judge_server_messages(
+            &self.pipeline,
+            &self.ctx,
+            &self.key,
+            &mut self.info,
+            &mut parsed,
+            raw,
+        )
+        .await
+        .map_err(|e| e.to_string())?;
         // Data holding characters some parsers split lines at is always re-encoded.
-        let mut changed_any = has_line_breaker(data.as_bytes());
-        for m in parsed.messages_mut() {
-            let value = std::mem::take(m);
-            let answered = matches!(
-                jsonrpc::classify(&value),
-                Some(jsonrpc::Kind::Response | jsonrpc::Kind::Error)
-            )
-            .then(|| jsonrpc::id_text(&value))
-            .flatten();
-            let outcome = self
-                .pipeline
-                .process(
-                    &self.ctx,
-                    Msg {
-                        direction: Direction::ServerToClient,
-                        value,
-                        session: self.key.clone(),
-                        mcp_session_id: self.info.mcp_session_id.clone(),
-                        raw: single.then(|| Bytes::copy_from_slice(data.as_bytes())),
-                        origin: self.info.origin.clone(),
-                    },
-                )
-                .await
-                .map_err(|e| e.to_string())?;
-            if let Some(id) = answered {
-                self.info
-                    .owed
-                    .retain(|owed| jsonrpc::canonical_id(owed) != id);
-            }
-            match outcome {
-                Outcome::Forward { value, changed, .. } => {
-                    changed_any |= changed;
-                    *m = value;
-                }
-                Outcome::Answer(a) => {
-                    changed_any = true;
-                    *m = a;
-                }
-            }
-        }
+        let changed_any = judged || has_line_breaker(data.as_bytes());
         Ok(changed_any.then(|| escape_line_breakers(&String::from_utf8_lossy(&parsed.to_bytes()))))
     }
 

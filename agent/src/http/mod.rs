@@ -253,6 +253,32 @@ impl Conn {
         }
     }
 
+    /// Record something about an HTTP exchange that is not an MCP message (`kind` "http" or
+    /// "error"): its method and path, and `detail`.
+    async fn exchange_record(
+        &self,
+        info: &RequestInfo,
+        (direction, kind, decision): (Direction, &str, &str),
+        detail: Value,
+        latency_us: Option<u64>,
+    ) -> Result<(), crate::pipeline::PipelineError> {
+        let mut event = json!({"http_method": info.method.as_str(), "path": info.path});
+        if let (Some(event), Value::Object(detail)) = (event.as_object_mut(), detail) {
+            event.extend(detail);
+        }
+        self.pipeline
+            .record_event(
+                &self.ctx,
+                direction,
+                kind,
+                decision,
+                event,
+                latency_us,
+                info.mcp_session_id.clone(),
+            )
+            .await
+    }
+
     /// Record an error of Airlock's own about a request (`kind = "error"`): its method and
     /// path, and `detail`.
     async fn record_request_error(
@@ -263,23 +289,8 @@ impl Conn {
         detail: Value,
         latency_us: Option<u64>,
     ) {
-        let mut event = json!({"http_method": info.method.as_str(), "path": info.path});
-        if let (Some(event), Value::Object(detail)) = (event.as_object_mut(), detail) {
-            event.extend(detail);
-        }
-        if let Err(e) = self
-            .pipeline
-            .record_event(
-                &self.ctx,
-                direction,
-                "error",
-                decision,
-                event,
-                latency_us,
-                info.mcp_session_id.clone(),
-            )
-            .await
-        {
+        let kind = (direction, "error", decision);
+        if let Err(e) = self.exchange_record(info, kind, detail, latency_us).await {
             warn!(id = self.ctx.conn_id, error = %e, "cannot record a refusal");
         }
     }
@@ -386,18 +397,66 @@ impl Conn {
         status: u16,
         ct: &str,
     ) -> Result<(), crate::pipeline::PipelineError> {
-        self.pipeline
-            .record_event(
-                &self.ctx,
-                Direction::ServerToClient,
-                "http",
-                "allow",
-                json!({"http_method": info.method.as_str(), "path": info.path, "status": status, "content_type": ct}),
-                Some(info.started.elapsed().as_micros() as u64),
-                info.mcp_session_id.clone(),
-            )
-            .await
+        self.exchange_record(
+            info,
+            (Direction::ServerToClient, "http", "allow"),
+            json!({"status": status, "content_type": ct}),
+            Some(info.started.elapsed().as_micros() as u64),
+        )
+        .await
     }
+}
+
+/// Each message a server sent (a JSON answer, one event's data) through the pipeline, in
+/// `session`; the requests it answers leave `info.owed`. Whether any message changed.
+async fn judge_server_messages(
+    pipeline: &Pipeline,
+    ctx: &ConnCtx,
+    session: &SessionKey,
+    info: &mut RequestInfo,
+    parsed: &mut crate::mcp::jsonrpc::Body,
+    raw: Option<Bytes>,
+) -> Result<bool, crate::pipeline::PipelineError> {
+    use crate::{mcp::jsonrpc, pipeline::Outcome};
+    let mut changed_any = false;
+    for m in parsed.messages_mut() {
+        let value = std::mem::take(m);
+        let id = jsonrpc::id_text(&value);
+        let outcome = pipeline
+            .process(
+                ctx,
+                crate::pipeline::Msg {
+                    direction: Direction::ServerToClient,
+                    value,
+                    session: session.clone(),
+                    mcp_session_id: info.mcp_session_id.clone(),
+                    raw: raw.clone(),
+                    origin: info.origin.clone(),
+                },
+            )
+            .await?;
+        match outcome {
+            Outcome::Forward {
+                value,
+                changed,
+                kind,
+                ..
+            } => {
+                if matches!(kind, jsonrpc::Kind::Response | jsonrpc::Kind::Error)
+                    && let Some(id) = &id
+                {
+                    info.owed.retain(|owed| jsonrpc::canonical_id(owed) != *id);
+                }
+                changed_any |= changed;
+                *m = value;
+            }
+            Outcome::Answer(a) => {
+                changed_any = true;
+                *m = a;
+            }
+        }
+    }
+    Ok(changed_any)
 }
 
 /// A pass-through body that ends with an error when no frame arrives for `idle`.

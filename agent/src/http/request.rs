@@ -220,15 +220,6 @@ impl Conn {
                         )
                         .await;
                 }
-                info.origin = match &parsed {
-                    Body::Single(m) if jsonrpc::classify(m) == Some(jsonrpc::Kind::Request) => {
-                        jsonrpc::method(m).map(|method| Origin {
-                            method: method.to_owned(),
-                            tool: jsonrpc::tool(m).map(str::to_owned),
-                        })
-                    }
-                    _ => None,
-                };
                 match self
                     .requests_through_pipeline(&mut info, &mut parts.headers, &mut parsed, &body)
                     .await
@@ -259,17 +250,8 @@ impl Conn {
         &self,
         info: &RequestInfo,
     ) -> Result<(), crate::pipeline::PipelineError> {
-        self.pipeline
-            .record_event(
-                &self.ctx,
-                Direction::ClientToServer,
-                "http",
-                "allow",
-                json!({"http_method": info.method.as_str(), "path": info.path}),
-                None,
-                info.mcp_session_id.clone(),
-            )
-            .await
+        let kind = (Direction::ClientToServer, "http", "allow");
+        self.exchange_record(info, kind, json!({}), None).await
     }
 
     /// The request's authority (`Host`, or an absolute-form target) must name the backend
@@ -339,7 +321,15 @@ impl Conn {
         for m in parsed.messages_mut() {
             let value = std::mem::take(m);
             let id = jsonrpc::id(&value).cloned();
-            let is_request = jsonrpc::classify(&value) == Some(jsonrpc::Kind::Request);
+            // What a lone request's answer stream will belong to (read before masking).
+            let origin = (!batch)
+                .then(|| {
+                    jsonrpc::method(&value).map(|method| Origin {
+                        method: method.to_owned(),
+                        tool: jsonrpc::tool(&value).map(str::to_owned),
+                    })
+                })
+                .flatten();
             let outcome = self
                 .pipeline
                 .process(
@@ -359,6 +349,7 @@ impl Conn {
                     value,
                     changed,
                     original_args,
+                    kind,
                 }) => {
                     if changed && !batch {
                         headers::sync_request_headers(
@@ -372,8 +363,11 @@ impl Conn {
                         );
                     }
                     any_changed |= changed;
-                    if is_request && let Some(id) = &id {
-                        info.owed.push(id.clone());
+                    if kind == jsonrpc::Kind::Request {
+                        if let Some(id) = &id {
+                            info.owed.push(id.clone());
+                        }
+                        info.origin = origin;
                     }
                     forwarded_ids.push(id);
                     *m = value;

@@ -18,15 +18,15 @@ use hyper::body::Incoming;
 use serde_json::json;
 
 use super::{
-    Conn, IdleBody, ProxyBody, RequestInfo, full, is_identity_encoding, read_capped,
-    strip_hop_by_hop, text_response,
+    Conn, IdleBody, ProxyBody, RequestInfo, full, is_identity_encoding, judge_server_messages,
+    read_capped, strip_hop_by_hop, text_response,
 };
 use crate::{
     mcp::{
         jsonrpc::{Body, BodyError, Parsed},
         media, strict,
     },
-    pipeline::{Msg, Outcome, PipelineError},
+    pipeline::PipelineError,
     policy::Direction,
 };
 
@@ -291,40 +291,11 @@ impl Conn {
         mut parsed: Body,
         bytes: &Bytes,
     ) -> Result<Bytes, PipelineError> {
-        let mut any_changed = false;
         let raw = matches!(parsed, Body::Single(_)).then(|| bytes.clone());
-        for m in parsed.messages_mut() {
-            let value = std::mem::take(m);
-            if let Some(id) = crate::mcp::jsonrpc::id_text(&value) {
-                info.owed
-                    .retain(|owed| crate::mcp::jsonrpc::canonical_id(owed) != id);
-            }
-            match self
-                .pipeline
-                .process(
-                    &self.ctx,
-                    Msg {
-                        direction: Direction::ServerToClient,
-                        value,
-                        session: info.key.clone(),
-                        mcp_session_id: info.mcp_session_id.clone(),
-                        raw: raw.clone(),
-                        origin: info.origin.clone(),
-                    },
-                )
-                .await?
-            {
-                Outcome::Forward { value, changed, .. } => {
-                    any_changed |= changed;
-                    *m = value;
-                }
-                Outcome::Answer(a) => {
-                    any_changed = true;
-                    *m = a;
-                }
-            }
-        }
-        Ok(if any_changed {
+        let key = info.key.clone();
+        let changed =
+            judge_server_messages(&self.pipeline, &self.ctx, &key, info, &mut parsed, raw).await?;
+        Ok(if changed {
             Bytes::from(parsed.to_bytes())
         } else {
             bytes.clone()
@@ -340,17 +311,14 @@ impl Conn {
         ct: &str,
         masked: u32,
     ) -> Result<(), PipelineError> {
-        self.pipeline
-            .record_event(
-                &self.ctx,
-                Direction::ServerToClient,
-                "http",
-                if masked > 0 { "mask" } else { "allow" },
-                json!({"http_method": info.method.as_str(), "path": info.path, "status": status, "content_type": ct, "masked_values": masked}),
-                Some(info.started.elapsed().as_micros() as u64),
-                info.mcp_session_id.clone(),
-            )
-            .await
+        let decision = if masked > 0 { "mask" } else { "allow" };
+        self.exchange_record(
+            info,
+            (Direction::ServerToClient, "http", decision),
+            json!({"status": status, "content_type": ct, "masked_values": masked}),
+            Some(info.started.elapsed().as_micros() as u64),
+        )
+        .await
     }
 
     /// An exchange whose record could not be written (strict recording): not passed on.

@@ -247,11 +247,6 @@ fn check_params(
     }
 }
 
-/// Classify one value; `None` when it is not a valid JSON-RPC 2.0 message.
-pub fn classify(v: &Value) -> Option<Kind> {
-    validate(v).ok()
-}
-
 /// A body's JSON-RPC content: one message or a batch (2025-03-26).
 #[derive(Debug, Clone, PartialEq)]
 pub enum Body {
@@ -441,6 +436,7 @@ mod tests {
 
     #[test]
     fn classifies_the_four_kinds_and_rejects_others() {
+        let classify = |v: &Value| validate(v).ok();
         assert_eq!(
             classify(&json!({"jsonrpc":"2.0","id":1,"method":"tools/list"})),
             Some(Kind::Request)

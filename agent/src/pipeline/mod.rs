@@ -91,11 +91,13 @@ fn started_task(value: &Value) -> Option<&str> {
 #[derive(Debug)]
 pub enum Outcome {
     /// Forward `value` (rewritten when `changed`). `original_args` are the `tools/call`
-    /// arguments before masking (to keep mirrored headers in step).
+    /// arguments before masking (to keep mirrored headers in step); `kind` is what the
+    /// message is.
     Forward {
         value: Value,
         changed: bool,
         original_args: Option<Value>,
+        kind: Kind,
     },
     /// Do not forward; answer the sender with this (a JSON-RPC error response).
     Answer(Value),
@@ -492,6 +494,7 @@ impl Pipeline {
             value,
             changed: masked > 0 || !hidden.is_empty(),
             original_args,
+            kind,
         })
     }
 
