@@ -331,6 +331,10 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         .into_iter()
         .map(|l| tokio::spawn(proxy.clone().accept_loop(l)))
         .collect();
+    // Programs attached, listeners accepting: interception is live.
+    crate::observe::event(crate::observe::AgentEvent::Started {
+        version: env!("CARGO_PKG_VERSION").into(),
+    });
 
     let mut term = tokio::signal::unix::signal(SignalKind::terminate()).map_err(|source| {
         RunError::StateDir {
@@ -353,6 +357,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         reason = why,
         "shutting down: no new connections, draining live ones"
     );
+    crate::observe::event(crate::observe::AgentEvent::Stopped { reason: why.into() });
     for t in &accept_tasks {
         t.abort();
     }
@@ -544,9 +549,19 @@ async fn watch_policies(store: Arc<crate::policy::store::PolicyStore>) {
 
 fn reload(store: &crate::policy::store::PolicyStore, why: &str) {
     match store.reload() {
-        Ok(hash) => info!(reason = why, policy = %hash, "policies reloaded"),
+        Ok(hash) => {
+            info!(reason = why, policy = %hash, "policies reloaded");
+            crate::observe::event(crate::observe::AgentEvent::PolicyReloaded {
+                hash: hash.to_string(),
+                reason: why.into(),
+            });
+        }
         Err(e) => {
-            warn!(reason = why, errors = %e, "new policies are invalid; the previous ones stay in force")
+            warn!(reason = why, errors = %e, "new policies are invalid; the previous ones stay in force");
+            crate::observe::event(crate::observe::AgentEvent::PolicyRefused {
+                error: e.to_string(),
+                reason: why.into(),
+            });
         }
     }
 }

@@ -215,6 +215,10 @@ impl Proxy {
                 .rejected_over_capacity
                 .fetch_add(1, Ordering::Relaxed);
             warn!(id = guard.id(), uid = attribution.uid, %reason, "refused a connection");
+            crate::observe::event(crate::observe::AgentEvent::ConnectionRejected {
+                reason: reason.to_string(),
+                client: peer.to_string(),
+            });
             let mut record =
                 self.connection_record(guard.id(), 0, Some(&attribution), backend.as_deref());
             record.decision = "block".into();
@@ -401,6 +405,10 @@ impl Proxy {
         let guard = self.registry.open(peer, None, None);
         guard.finish(ConnState::Rejected, reason);
         warn!(%peer, reason, "rejected a connection");
+        crate::observe::event(crate::observe::AgentEvent::ConnectionRejected {
+            reason: reason.into(),
+            client: peer.to_string(),
+        });
         reset(client);
         let mut record = self.connection_record(guard.id(), 0, None, None);
         record.decision = "block".into();

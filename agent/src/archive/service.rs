@@ -119,6 +119,7 @@ impl Archive {
 
     /// Archive one record: in strict mode, returns once it is durable.
     pub async fn record(&self, input: RecordInput) -> Result<u64, ArchiveError> {
+        crate::observe::record(&input);
         if self.mode == Recording::Strict && self.failed.load(Ordering::Relaxed) {
             return Err(ArchiveError::Failed("an earlier write failed".into()));
         }

@@ -304,6 +304,12 @@ impl Pipeline {
         }
         for (name, pinned, seen) in pin_alerts {
             tracing::warn!(backend = %ctx.backend, tool = %name, "a tool's definition changed since it was pinned");
+            crate::observe::event(crate::observe::AgentEvent::ToolDefinitionChanged {
+                backend: ctx.backend.clone(),
+                tool: name.clone(),
+                pinned: pinned.clone(),
+                seen: seen.clone(),
+            });
             let mut rec = ctx.record(&self.host, direction, "error");
             rec.mcp_session_id = mcp_session_id.clone();
             rec.method = Some("tools/list".into());
@@ -464,9 +470,9 @@ impl Pipeline {
             };
             record.payload = Some(MaskedPayload::from_masked(text));
         }
-        if level != RecordLevel::Off
-            && let Err(e) = self.archive.record(record).await
-        {
+        if level == RecordLevel::Off {
+            crate::observe::record(&record);
+        } else if let Err(e) = self.archive.record(record).await {
             if let Some(id) = &reserved {
                 self.sessions.cancel(&session, c2s, id);
             }
