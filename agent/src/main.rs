@@ -10,6 +10,8 @@ use airlock::{
 };
 use clap::{Parser, Subcommand};
 
+mod responder_cli;
+
 /// mimalloc: the data path allocates per message on several threads; glibc's malloc showed up
 /// at ~9% of the agent's CPU under load.
 #[global_allocator]
@@ -70,16 +72,26 @@ enum Command {
         backend: Option<String>,
         #[arg(long)]
         json: bool,
+        /// One session per intercepted connection instead of per MCP session.
+        #[arg(long)]
+        by_connection: bool,
         /// Archive directory (default: `archive_dir` of the configuration).
         #[arg(long, value_name = "DIR")]
         archive: Option<PathBuf>,
     },
-    /// One session as a chronological transcript.
+    /// One session (an MCP session across its connections, or a connection) as a
+    /// chronological transcript.
     Replay {
         session_id: String,
         /// One JSON record per line instead of the transcript.
         #[arg(long)]
         json: bool,
+        /// SESSION_ID names a connection (`airlock sessions --by-connection`).
+        #[arg(long)]
+        connection: bool,
+        /// The backend of the MCP session, when several have one of that name.
+        #[arg(long)]
+        backend: Option<String>,
         #[arg(long, value_name = "DIR")]
         archive: Option<PathBuf>,
     },
@@ -246,12 +258,13 @@ fn main() -> ExitCode {
             user,
             backend,
             json,
+            by_connection,
         } => {
-            return sessions(
+            return responder_cli::sessions(
                 dir,
                 since.as_deref(),
-                user.as_deref(),
-                backend.as_deref(),
+                (user.as_deref(), backend.as_deref()),
+                *by_connection,
                 *json,
             );
         }
@@ -259,7 +272,9 @@ fn main() -> ExitCode {
             archive: Some(dir),
             session_id,
             json,
-        } => return replay(dir, session_id, *json),
+            connection,
+            backend,
+        } => return responder_cli::replay(dir, session_id, *connection, backend.as_deref(), *json),
         Command::Evidence {
             archive: Some(dir),
             from,
@@ -314,17 +329,28 @@ fn main() -> ExitCode {
                 user,
                 backend,
                 json,
+                by_connection,
                 ..
-            } => sessions(
+            } => responder_cli::sessions(
                 &config.archive_dir,
                 since.as_deref(),
-                user.as_deref(),
-                backend.as_deref(),
+                (user.as_deref(), backend.as_deref()),
+                by_connection,
                 json,
             ),
             Command::Replay {
-                session_id, json, ..
-            } => replay(&config.archive_dir, &session_id, json),
+                session_id,
+                json,
+                connection,
+                backend,
+                ..
+            } => responder_cli::replay(
+                &config.archive_dir,
+                &session_id,
+                connection,
+                backend.as_deref(),
+                json,
+            ),
             Command::Evidence {
                 from,
                 to,
@@ -359,7 +385,7 @@ fn main() -> ExitCode {
 }
 
 /// An RFC 3339 time as microseconds since the epoch, or a usage error.
-fn parse_time(what: &str, s: &str) -> Result<i64, ExitCode> {
+pub(crate) fn parse_time(what: &str, s: &str) -> Result<i64, ExitCode> {
     humantime::parse_rfc3339_weak(s)
         .ok()
         .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
@@ -370,87 +396,6 @@ fn parse_time(what: &str, s: &str) -> Result<i64, ExitCode> {
             );
             ExitCode::from(2)
         })
-}
-
-fn sessions(
-    dir: &std::path::Path,
-    since: Option<&str>,
-    user: Option<&str>,
-    backend: Option<&str>,
-    json: bool,
-) -> ExitCode {
-    let since = match since.map(|s| parse_time("--since", s)).transpose() {
-        Ok(s) => s,
-        Err(code) => return code,
-    };
-    let list = match airlock::archive::responder::sessions(dir, since, user, backend) {
-        Ok(list) => list,
-        Err(e) => return fail(e),
-    };
-    if json {
-        for s in &list {
-            println!("{}", serde_json::to_string(s).unwrap_or_default());
-        }
-        return ExitCode::SUCCESS;
-    }
-    println!(
-        "{:<36} {:<10} {:>7} {:<12} {:<10} {:<28} {:>9} {:>6} {:>7} {:>6}",
-        "SESSION",
-        "USER",
-        "PID",
-        "COMM",
-        "BACKEND",
-        "STARTED",
-        "DURATION",
-        "MSGS",
-        "BLOCKED",
-        "MASKED"
-    );
-    for s in &list {
-        println!(
-            "{:<36} {:<10} {:>7} {:<12} {:<10} {:<28} {:>7}ms {:>6} {:>7} {:>6}",
-            s.session_id,
-            s.user.as_deref().unwrap_or("-"),
-            s.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
-            s.comm.as_deref().unwrap_or("-"),
-            s.backend.as_deref().unwrap_or("-"),
-            s.started,
-            s.duration_ms,
-            s.messages,
-            s.blocked,
-            s.masked
-        );
-    }
-    ExitCode::SUCCESS
-}
-
-fn replay(dir: &std::path::Path, session: &str, json: bool) -> ExitCode {
-    let records = match airlock::archive::responder::load_session(dir, session) {
-        Ok(r) => r,
-        Err(e) => return fail(e),
-    };
-    if json {
-        let mut rows: Vec<_> = records
-            .iter()
-            .filter(|r| r.input.session_id == session)
-            .collect();
-        if rows.is_empty() {
-            return fail(format!("no session `{session}` in {}", dir.display()));
-        }
-        rows.sort_by_key(|r| (r.input.seq, r.archive_seq));
-        for r in rows {
-            println!("{}", serde_json::to_string(r).unwrap_or_default());
-        }
-        return ExitCode::SUCCESS;
-    }
-    let colour = std::io::IsTerminal::is_terminal(&std::io::stdout());
-    match airlock::archive::responder::transcript(&records, session, colour) {
-        Some(t) => {
-            print!("{t}");
-            ExitCode::SUCCESS
-        }
-        None => fail(format!("no session `{session}` in {}", dir.display())),
-    }
 }
 
 fn evidence(
@@ -571,7 +516,7 @@ fn config_error(e: &ConfigError) -> ExitCode {
     ExitCode::from(2)
 }
 
-fn fail(e: impl std::fmt::Display) -> ExitCode {
+pub(crate) fn fail(e: impl std::fmt::Display) -> ExitCode {
     eprintln!("airlock: {e}");
     ExitCode::FAILURE
 }

@@ -419,6 +419,7 @@ fn same_results_through_airlock_with(transport: &str, sdk: Sdk, extra: &[&str]) 
         let call = find("request", "notify");
         assert_eq!(call[0]["decision"], "mask");
     }
+    sessions_are_mcp_sessions(&agent.archive, &records, &blocked[0], stateless);
     let out = agent.airlock(&["verify", "--archive", agent.archive.to_str().unwrap()]);
     assert!(
         out.status.success(),
@@ -428,6 +429,58 @@ fn same_results_through_airlock_with(transport: &str, sdk: Sdk, extra: &[&str]) 
     if sdk == Sdk::Python && transport == "sse" && extra.is_empty() {
         analyst_queries_answer_on_a_real_archive(&agent.archive, &records);
     }
+}
+
+/// `airlock sessions` on a real client's archive: the client's MCP session is one session,
+/// with every connection it used (the legacy transport's too), every record counted once, and
+/// the blocked call counted once (not again for the error Airlock answered it with).
+fn sessions_are_mcp_sessions(archive: &Path, records: &[Value], blocked: &Value, stateless: bool) {
+    let archive = archive.to_str().unwrap();
+    let list: Vec<Value> = airlock_out(&["sessions", "--archive", archive, "--json"])
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let total: u64 = list.iter().map(|s| s["messages"].as_u64().unwrap()).sum();
+    assert_eq!(
+        total,
+        records.len() as u64,
+        "every record in one session: {list:#?}"
+    );
+    let conn = blocked["session_id"].as_str().unwrap();
+    let session = list
+        .iter()
+        .find(|s| {
+            s["connections"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|c| c == conn)
+        })
+        .unwrap();
+    assert_eq!(session["blocked"], 1, "{session}");
+    if stateless {
+        assert_eq!(session["grouped_by"], "connection", "{session}");
+        return;
+    }
+    let sid = blocked["mcp_session_id"].as_str().unwrap();
+    assert_eq!(session["grouped_by"], "mcp_session", "{session}");
+    assert_eq!(session["session_id"], sid, "{session}");
+    let mut carried: Vec<&str> = records
+        .iter()
+        .filter(|r| r["mcp_session_id"] == sid)
+        .map(|r| r["session_id"].as_str().unwrap())
+        .collect();
+    carried.sort_unstable();
+    carried.dedup();
+    let mut grouped: Vec<&str> = session["connections"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c.as_str().unwrap())
+        .collect();
+    grouped.sort_unstable();
+    assert_eq!(grouped, carried, "the session's connections: {session}");
+    eprintln!("one MCP session over {} connection(s)", carried.len());
 }
 
 /// Every analyst query of ARCHIVE.md, run with the real DuckDB on the archive an end-to-end

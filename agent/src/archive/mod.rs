@@ -9,7 +9,8 @@
 //!   (segment on disk → Parquet → manifest), with crash recovery;
 //! - [`service`]: the two on their own threads: group commit, strict or buffered recording;
 //! - [`verify`]: what `airlock verify` checks;
-//! - [`responder`]: `airlock sessions`, `replay` and `evidence`.
+//! - [`responder`]: `airlock replay` transcripts and `evidence` bundles;
+//! - [`sessions`]: sessions as responders mean them (by MCP session across connections).
 //!
 //! Layout: `archive_dir/date=YYYY-MM-DD/hour=HH/<host>-<segment>.parquet`,
 //! `archive_dir/_manifest/<host>.{jsonl,pub}`, `archive_dir/_wal/<segment>.wal`.
@@ -19,6 +20,7 @@ pub mod manifest;
 pub mod record;
 pub mod responder;
 pub mod service;
+pub mod sessions;
 pub mod verify;
 pub mod wal;
 pub mod writer;

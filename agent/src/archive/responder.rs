@@ -5,14 +5,11 @@
 //! groups that can hold its session. Analysts with larger questions use DuckDB (ARCHIVE.md).
 
 use std::{
-    collections::BTreeMap,
     fs,
     io::{self, Write},
     os::unix::fs::OpenOptionsExt as _,
     path::{Path, PathBuf},
 };
-
-use serde::Serialize;
 
 use super::{columns, record::Record, verify};
 
@@ -34,7 +31,11 @@ pub fn load_session(archive_dir: &Path, session: &str) -> Result<Vec<Record>, St
 }
 
 /// Parquet files whose `date=`/`hour=` partition can hold records of the window.
-fn files_in_window(archive_dir: &Path, from: Option<Micros>, to: Option<Micros>) -> Vec<PathBuf> {
+pub(super) fn files_in_window(
+    archive_dir: &Path,
+    from: Option<Micros>,
+    to: Option<Micros>,
+) -> Vec<PathBuf> {
     const HOUR: i64 = 3_600_000_000;
     let mut out = Vec::new();
     let Ok(dates) = fs::read_dir(archive_dir) else {
@@ -82,182 +83,22 @@ fn parse_day(s: &str) -> Option<i64> {
     Some(super::writer::days_from_civil(y, m, d))
 }
 
-/// One line of `airlock sessions`.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
-pub struct SessionSummary {
-    pub session_id: String,
-    pub user: Option<String>,
-    pub uid: Option<u32>,
-    pub pid: Option<u32>,
-    pub comm: Option<String>,
-    pub exe: Option<String>,
-    pub backend: Option<String>,
-    pub started: String,
-    pub duration_ms: u64,
-    pub messages: u64,
-    pub blocked: u64,
-    pub masked: u64,
-}
-
-/// What `airlock sessions` keeps per session while it reads.
-struct Tally {
-    start: Micros,
-    end: Micros,
-    /// The earliest row naming a user or a process (else the earliest row): who it was.
-    who: (bool, Micros),
-    user: Option<String>,
-    uid: Option<u32>,
-    pid: Option<u32>,
-    comm: Option<String>,
-    exe: Option<String>,
-    /// The earliest row naming a backend.
-    backend: Option<(Micros, String)>,
-    messages: u64,
-    blocked: u64,
-    masked: u64,
-}
-
-/// The columns `airlock sessions` reads: payloads and hashes stay on disk.
-const SESSION_COLUMNS: [&str; 10] = [
-    "session_id",
-    "ts",
-    "user",
-    "uid",
-    "pid",
-    "comm",
-    "exe",
-    "backend",
-    "decision",
-    "masked_count",
-];
-
-/// Sessions with records since `since` (all when `None`) that match the filters, oldest
-/// first. Reads only the columns it needs, file by file: memory grows with the number of
-/// sessions, not of records.
-pub fn sessions(
-    archive_dir: &Path,
-    since: Option<Micros>,
-    user: Option<&str>,
-    backend: Option<&str>,
-) -> Result<Vec<SessionSummary>, String> {
-    use arrow_array::{Array as _, StringArray, TimestampMicrosecondArray, UInt32Array};
-    let mut tallies: BTreeMap<String, Tally> = BTreeMap::new();
-    for file in files_in_window(archive_dir, since, None) {
-        let named = |e: String| format!("{}: {e}", file.display());
-        let builder = columns::open_reader(&file).map_err(named)?;
-        let mask = parquet::arrow::ProjectionMask::columns(
-            builder.parquet_schema(),
-            SESSION_COLUMNS.iter().copied(),
-        );
-        let reader = builder
-            .with_projection(mask)
-            .build()
-            .map_err(|e| named(e.to_string()))?;
-        for batch in reader {
-            let batch = batch.map_err(|e| named(e.to_string()))?;
-            let text = |name| columns::column::<StringArray>(&batch, name).map_err(named);
-            let ids = |name| columns::column::<UInt32Array>(&batch, name).map_err(named);
-            let (session, users, comms, exes, backends, decisions) = (
-                text("session_id")?,
-                text("user")?,
-                text("comm")?,
-                text("exe")?,
-                text("backend")?,
-                text("decision")?,
-            );
-            let (uids, pids, masked) = (ids("uid")?, ids("pid")?, ids("masked_count")?);
-            let ts = columns::column::<TimestampMicrosecondArray>(&batch, "ts").map_err(named)?;
-            let opt = |a: &StringArray, i| (!a.is_null(i)).then(|| a.value(i).to_owned());
-            let opt32 = |a: &UInt32Array, i| (!a.is_null(i)).then(|| a.value(i));
-            for i in 0..batch.num_rows() {
-                let at = ts.value(i);
-                if since.is_some_and(|s| at < s) {
-                    continue;
-                }
-                let id = session.value(i);
-                if !tallies.contains_key(id) {
-                    tallies.insert(
-                        id.to_owned(),
-                        Tally {
-                            start: at,
-                            end: at,
-                            who: (false, Micros::MAX),
-                            user: None,
-                            uid: None,
-                            pid: None,
-                            comm: None,
-                            exe: None,
-                            backend: None,
-                            messages: 0,
-                            blocked: 0,
-                            masked: 0,
-                        },
-                    );
-                }
-                let Some(t) = tallies.get_mut(id) else {
-                    continue;
-                };
-                t.start = t.start.min(at);
-                t.end = t.end.max(at);
-                t.messages += 1;
-                t.blocked += u64::from(matches!(decisions.value(i), "block" | "denied"));
-                t.masked += u64::from(masked.value(i));
-                let names = !users.is_null(i) || !pids.is_null(i);
-                if (names && !t.who.0) || (names == t.who.0 && at < t.who.1) {
-                    t.who = (names, at);
-                    t.user = opt(users, i);
-                    t.uid = opt32(uids, i);
-                    t.pid = opt32(pids, i);
-                    t.comm = opt(comms, i);
-                    t.exe = opt(exes, i);
-                }
-                if !backends.is_null(i) && t.backend.as_ref().is_none_or(|(b, _)| at < *b) {
-                    t.backend = Some((at, backends.value(i).to_owned()));
-                }
-            }
-        }
-    }
-    let mut out: Vec<SessionSummary> = tallies
-        .into_iter()
-        .map(|(id, t)| SessionSummary {
-            session_id: id,
-            user: t.user,
-            uid: t.uid,
-            pid: t.pid,
-            comm: t.comm,
-            exe: t.exe,
-            backend: t.backend.map(|(_, b)| b),
-            started: rfc3339_micros(t.start),
-            duration_ms: u64::try_from((t.end - t.start) / 1000).unwrap_or(0),
-            messages: t.messages,
-            blocked: t.blocked,
-            masked: t.masked,
-        })
-        .filter(|s| {
-            user.is_none_or(|u| s.user.as_deref() == Some(u))
-                && backend.is_none_or(|b| s.backend.as_deref() == Some(b))
-        })
-        .collect();
-    out.sort_by(|a, b| a.started.cmp(&b.started));
-    Ok(out)
-}
-
 pub fn rfc3339_micros(ts: Micros) -> String {
     let t =
         std::time::UNIX_EPOCH + std::time::Duration::from_micros(u64::try_from(ts).unwrap_or(0));
     humantime::format_rfc3339_micros(t).to_string()
 }
 
-/// The session's messages in order, as a readable transcript (ANSI colours when `colour`).
-pub fn transcript(records: &[Record], session: &str, colour: bool) -> Option<String> {
-    let mut rows: Vec<&Record> = records
-        .iter()
-        .filter(|r| r.input.session_id == session)
-        .collect();
-    if rows.is_empty() {
-        return None;
+/// A session's messages, in the order given, as a readable transcript (ANSI colours when
+/// `colour`). Rows of several connections are marked with their connection.
+pub fn transcript(rows: &[Record], session: &str, colour: bool) -> Option<String> {
+    let first = rows.first()?;
+    let mut connections: Vec<&str> = Vec::new();
+    for r in rows {
+        if !connections.contains(&r.input.session_id.as_str()) {
+            connections.push(&r.input.session_id);
+        }
     }
-    rows.sort_by_key(|r| (r.input.seq, r.archive_seq));
     let paint = |code: &str, s: &str| {
         if colour {
             format!("\x1b[{code}m{s}\x1b[0m")
@@ -265,7 +106,6 @@ pub fn transcript(records: &[Record], session: &str, colour: bool) -> Option<Str
             s.to_owned()
         }
     };
-    let first = rows[0];
     let mut out = format!(
         "session {session}  user {}  pid {}  exe {}  backend {}\n",
         first.input.user.as_deref().unwrap_or("?"),
@@ -277,7 +117,28 @@ pub fn transcript(records: &[Record], session: &str, colour: bool) -> Option<Str
         first.input.exe.as_deref().unwrap_or("?"),
         first.input.backend.as_deref().unwrap_or("?"),
     );
+    if connections.len() > 1 {
+        out.push_str(&format!(
+            "{} connections: {}\n",
+            connections.len(),
+            connections
+                .iter()
+                .enumerate()
+                .map(|(i, c)| format!("c{i}={c}"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        ));
+    }
     for r in rows {
+        let conn = if connections.len() > 1 {
+            let i = connections
+                .iter()
+                .position(|c| *c == r.input.session_id)
+                .unwrap_or(0);
+            format!("c{i:<3}")
+        } else {
+            String::new()
+        };
         let arrow = if r.input.direction == "client_to_server" {
             paint("36", "client → server")
         } else {
@@ -304,7 +165,7 @@ pub fn transcript(records: &[Record], session: &str, colour: bool) -> Option<Str
             .map(|l| format!("  {l} µs"))
             .unwrap_or_default();
         out.push_str(&format!(
-            "{}  #{:<4} {arrow}  {what}  [{decision}]{latency}\n",
+            "{}  {conn}#{:<4} {arrow}  {what}  [{decision}]{latency}\n",
             rfc3339_micros(r.input.ts_us),
             r.input.seq
         ));

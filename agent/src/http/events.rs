@@ -356,6 +356,8 @@ impl Stream {
             }
             self.injected = Some(srx);
             self.key = key;
+            // The stream's records name the legacy session, as its POSTs' records do.
+            self.info.mcp_session_id = Some(sid);
         }
         Ok(())
     }

@@ -78,7 +78,8 @@ impl Conn {
             method: parts.method.clone(),
             path: path.clone(),
             key: self.session_key(mcp_session_id.as_deref(), legacy.as_deref()),
-            mcp_session_id,
+            // Records name the MCP session: the header's, else the legacy transport's.
+            mcp_session_id: mcp_session_id.or_else(|| legacy.clone()),
             started,
             mcp: false,
             passthrough: false,

@@ -1,0 +1,105 @@
+//! `airlock sessions` and `airlock replay`: printing what `archive::sessions` finds.
+
+use std::{path::Path, process::ExitCode};
+
+use airlock::archive::{responder, sessions::View};
+
+use crate::{fail, parse_time};
+
+fn view(by_connection: bool) -> View {
+    if by_connection {
+        View::Connection
+    } else {
+        View::Mcp
+    }
+}
+
+pub fn sessions(
+    dir: &Path,
+    since: Option<&str>,
+    (user, backend): (Option<&str>, Option<&str>),
+    by_connection: bool,
+    json: bool,
+) -> ExitCode {
+    let since = match since.map(|s| parse_time("--since", s)).transpose() {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    let list = match airlock::archive::sessions::sessions(
+        dir,
+        since,
+        user,
+        backend,
+        view(by_connection),
+    ) {
+        Ok(list) => list,
+        Err(e) => return fail(e),
+    };
+    if json {
+        for s in &list {
+            println!("{}", serde_json::to_string(s).unwrap_or_default());
+        }
+        return ExitCode::SUCCESS;
+    }
+    println!(
+        "{:<36} {:>5} {:<10} {:>7} {:<12} {:<10} {:<28} {:>9} {:>6} {:>6} {:>7} {:>6}",
+        "SESSION",
+        "CONNS",
+        "USER",
+        "PID",
+        "COMM",
+        "BACKEND",
+        "STARTED",
+        "DURATION",
+        "MSGS",
+        "CALLS",
+        "BLOCKED",
+        "MASKED"
+    );
+    for s in &list {
+        println!(
+            "{:<36} {:>5} {:<10} {:>7} {:<12} {:<10} {:<28} {:>7}ms {:>6} {:>6} {:>7} {:>6}",
+            s.session_id,
+            s.connections.len(),
+            s.user.as_deref().unwrap_or("-"),
+            s.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
+            s.comm.as_deref().unwrap_or("-"),
+            s.backend.as_deref().unwrap_or("-"),
+            s.started,
+            s.duration_ms,
+            s.messages,
+            s.calls,
+            s.blocked,
+            s.masked
+        );
+    }
+    ExitCode::SUCCESS
+}
+
+pub fn replay(
+    dir: &Path,
+    session: &str,
+    by_connection: bool,
+    backend: Option<&str>,
+    json: bool,
+) -> ExitCode {
+    let records = match airlock::archive::sessions::load(dir, session, view(by_connection), backend)
+    {
+        Ok(r) => r,
+        Err(e) => return fail(e),
+    };
+    if json {
+        for r in &records {
+            println!("{}", serde_json::to_string(r).unwrap_or_default());
+        }
+        return ExitCode::SUCCESS;
+    }
+    let colour = std::io::IsTerminal::is_terminal(&std::io::stdout());
+    match responder::transcript(&records, session, colour) {
+        Some(t) => {
+            print!("{t}");
+            ExitCode::SUCCESS
+        }
+        None => fail(format!("no session `{session}` in {}", dir.display())),
+    }
+}

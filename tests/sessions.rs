@@ -1,0 +1,410 @@
+//! `airlock sessions` and `airlock replay` group by MCP session across connections (the
+//! per-connection view is an option), and count calls, not messages.
+
+use std::{path::Path, process::Command};
+
+use airlock::archive::{ArchiveWriter, RecordInput, WriterConfig};
+use serde_json::Value;
+
+const AIRLOCK: &str = env!("CARGO_BIN_EXE_airlock");
+const T0: i64 = 1_795_000_000_000_000;
+
+/// One row: (connection, backend, MCP session, direction, kind, method, id, decision, masked).
+type Row<'a> = (
+    &'a str,
+    &'a str,
+    Option<&'a str>,
+    &'a str,
+    &'a str,
+    Option<&'a str>,
+    Option<&'a str>,
+    &'a str,
+    usize,
+);
+
+const C2S: &str = "client_to_server";
+const S2C: &str = "server_to_client";
+
+/// A client that spread MCP session `S1` of backend `tools` over three connections (its
+/// `initialize` sent before the server named the session), a server of another backend that
+/// named its session `S1` too, an opaque connection and a refused one.
+const ROWS: &[Row] = &[
+    (
+        "h-1",
+        "tools",
+        None,
+        C2S,
+        "connection",
+        None,
+        None,
+        "allow",
+        0,
+    ),
+    (
+        "h-1",
+        "tools",
+        None,
+        C2S,
+        "request",
+        Some("initialize"),
+        Some("0"),
+        "allow",
+        0,
+    ),
+    (
+        "h-1",
+        "tools",
+        Some("S1"),
+        S2C,
+        "response",
+        Some("initialize"),
+        Some("0"),
+        "allow",
+        0,
+    ),
+    (
+        "h-2",
+        "tools",
+        None,
+        C2S,
+        "connection",
+        None,
+        None,
+        "allow",
+        0,
+    ),
+    // A call masked both ways: one call.
+    (
+        "h-2",
+        "tools",
+        Some("S1"),
+        C2S,
+        "request",
+        Some("tools/call"),
+        Some("1"),
+        "mask",
+        2,
+    ),
+    (
+        "h-1",
+        "tools",
+        None,
+        C2S,
+        "connection",
+        None,
+        None,
+        "allow",
+        0,
+    ),
+    (
+        "h-2",
+        "tools",
+        Some("S1"),
+        S2C,
+        "response",
+        Some("tools/call"),
+        Some("1"),
+        "mask",
+        1,
+    ),
+    (
+        "h-3",
+        "tools",
+        None,
+        C2S,
+        "connection",
+        None,
+        None,
+        "allow",
+        0,
+    ),
+    // A blocked call: its request and Airlock's error answer.
+    (
+        "h-3",
+        "tools",
+        Some("S1"),
+        C2S,
+        "request",
+        Some("tools/call"),
+        Some("2"),
+        "block",
+        0,
+    ),
+    (
+        "h-3",
+        "tools",
+        Some("S1"),
+        S2C,
+        "error",
+        Some("tools/call"),
+        Some("2"),
+        "block",
+        0,
+    ),
+    // A held call denied: its approval record, the request, the error answer.
+    (
+        "h-3",
+        "tools",
+        Some("S1"),
+        C2S,
+        "approval",
+        Some("tools/call"),
+        Some("3"),
+        "denied",
+        0,
+    ),
+    (
+        "h-3",
+        "tools",
+        Some("S1"),
+        C2S,
+        "request",
+        Some("tools/call"),
+        Some("3"),
+        "denied",
+        0,
+    ),
+    (
+        "h-3",
+        "tools",
+        Some("S1"),
+        S2C,
+        "error",
+        Some("tools/call"),
+        Some("3"),
+        "denied",
+        0,
+    ),
+    // A listing with a tool hidden by a block rule: no call was refused.
+    (
+        "h-3",
+        "tools",
+        Some("S1"),
+        S2C,
+        "response",
+        Some("tools/list"),
+        Some("4"),
+        "block",
+        0,
+    ),
+    // A notification with a masked value (no id): counted on its own.
+    (
+        "h-2",
+        "tools",
+        Some("S1"),
+        S2C,
+        "notification",
+        Some("notifications/message"),
+        None,
+        "mask",
+        1,
+    ),
+    (
+        "h-4",
+        "other",
+        None,
+        C2S,
+        "connection",
+        None,
+        None,
+        "allow",
+        0,
+    ),
+    (
+        "h-4",
+        "other",
+        Some("S1"),
+        C2S,
+        "request",
+        Some("tools/list"),
+        Some("0"),
+        "allow",
+        0,
+    ),
+    (
+        "h-5",
+        "opaque",
+        None,
+        C2S,
+        "connection",
+        None,
+        None,
+        "allow",
+        0,
+    ),
+    (
+        "h-6",
+        "tools",
+        None,
+        C2S,
+        "connection",
+        None,
+        None,
+        "block",
+        0,
+    ),
+];
+
+fn write(dir: &Path) {
+    let (mut w, _) = ArchiveWriter::open(WriterConfig {
+        archive_dir: dir.join("archive"),
+        signing_key: dir.join("signing.key"),
+        host: "runner-7".into(),
+        group: None,
+        max_rows: 1000,
+        max_segment_bytes: airlock::archive::writer::MAX_SEGMENT_BYTES,
+    })
+    .unwrap();
+    let mut seqs = std::collections::HashMap::new();
+    for (n, (conn, backend, mcp, direction, kind, method, id, decision, masked)) in
+        ROWS.iter().enumerate()
+    {
+        let seq = seqs.entry(*conn).or_insert(0u64);
+        w.append(RecordInput {
+            ts_us: T0 + n as i64 * 1_000_000,
+            host: "runner-7".into(),
+            session_id: (*conn).into(),
+            mcp_session_id: mcp.map(str::to_owned),
+            seq: *seq,
+            direction: (*direction).into(),
+            kind: (*kind).into(),
+            method: method.map(str::to_owned),
+            jsonrpc_id: id.map(str::to_owned),
+            decision: (*decision).into(),
+            masked_detectors: vec!["email".into(); *masked],
+            pid: Some(4000),
+            uid: Some(1000),
+            user: Some("alice".into()),
+            comm: Some("python3".into()),
+            backend: Some((*backend).into()),
+            ..Default::default()
+        })
+        .unwrap();
+        *seq += 1;
+    }
+    w.sync().unwrap();
+    w.roll().unwrap();
+}
+
+fn run(args: &[&str]) -> (Option<i32>, String, String) {
+    let out = Command::new(AIRLOCK).args(args).output().unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn json_lines(out: &str) -> Vec<Value> {
+    out.lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[test]
+fn sessions_group_an_mcp_session_across_connections_and_count_calls() {
+    let dir = std::env::temp_dir().join(format!("airlock-sessions-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    write(&dir);
+    let archive = dir.join("archive");
+    let a = archive.to_str().unwrap();
+
+    let (code, out, err) = run(&["sessions", "--archive", a, "--json"]);
+    assert_eq!(code, Some(0), "{err}");
+    let list = json_lines(&out);
+    let names: Vec<(&str, &str, &str)> = list
+        .iter()
+        .map(|s| {
+            (
+                s["session_id"].as_str().unwrap(),
+                s["grouped_by"].as_str().unwrap(),
+                s["backend"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        names,
+        [
+            ("S1", "mcp_session", "tools"),
+            ("S1", "mcp_session", "other"),
+            ("h-5", "connection", "opaque"),
+            ("h-6", "connection", "tools"),
+        ],
+        "{out}"
+    );
+    let s1 = &list[0];
+    assert_eq!(s1["connections"], serde_json::json!(["h-1", "h-2", "h-3"]));
+    // Every row of h-1, h-2 and h-3: the connections' own rows and `initialize` included.
+    assert_eq!(s1["messages"], 15, "{s1}");
+    assert_eq!(s1["calls"], 4, "initialize and three tools/call: {s1}");
+    assert_eq!(s1["blocked"], 2, "one blocked, one denied call: {s1}");
+    assert_eq!(
+        s1["masked"], 2,
+        "one call masked both ways, one notification: {s1}"
+    );
+    assert_eq!(s1["masked_values"], 4, "{s1}");
+    assert_eq!(list[3]["blocked"], 1, "a refused connection: {out}");
+
+    // The per-connection view: one session per connection, the counts split with them.
+    let (code, out, err) = run(&["sessions", "--archive", a, "--json", "--by-connection"]);
+    assert_eq!(code, Some(0), "{err}");
+    let list = json_lines(&out);
+    let ids: Vec<&str> = list
+        .iter()
+        .map(|s| s["session_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["h-1", "h-2", "h-3", "h-4", "h-5", "h-6"], "{out}");
+    assert!(list.iter().all(|s| s["grouped_by"] == "connection"));
+    assert_eq!(list[1]["masked"], 2);
+    assert_eq!(list[2]["blocked"], 2);
+
+    // Two backends named a session `S1`: the responder chooses.
+    let (code, _, err) = run(&["replay", "S1", "--archive", a]);
+    assert_eq!(code, Some(1));
+    assert!(
+        err.contains("names 2 sessions") && err.contains("--backend"),
+        "{err}"
+    );
+    let (code, out, err) = run(&[
+        "replay",
+        "S1",
+        "--backend",
+        "tools",
+        "--archive",
+        a,
+        "--json",
+    ]);
+    assert_eq!(code, Some(0), "{err}");
+    let rows = json_lines(&out);
+    assert_eq!(rows.len(), 15, "{out}");
+    let ts: Vec<i64> = rows
+        .iter()
+        .map(|r| r["input"]["ts_us"].as_i64().unwrap())
+        .collect();
+    assert!(ts.windows(2).all(|w| w[0] < w[1]), "in time order: {ts:?}");
+    assert!(rows.iter().all(|r| r["input"]["backend"] == "tools"));
+    let (code, out, err) = run(&["replay", "S1", "--backend", "tools", "--archive", a]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("3 connections: c0=h-1 c1=h-2 c2=h-3"), "{out}");
+    assert!(
+        out.contains("c2  #"),
+        "rows marked with their connection: {out}"
+    );
+
+    // A connection: as a session of its own, or named with `--connection`.
+    let (code, out, _) = run(&["replay", "h-5", "--archive", a, "--json"]);
+    assert_eq!(code, Some(0));
+    assert_eq!(json_lines(&out).len(), 1);
+    let (code, out, err) = run(&["replay", "h-2", "--connection", "--archive", a, "--json"]);
+    assert_eq!(code, Some(0), "{err}");
+    let seqs: Vec<u64> = json_lines(&out)
+        .iter()
+        .map(|r| r["input"]["seq"].as_u64().unwrap())
+        .collect();
+    assert_eq!(seqs, [0, 1, 2, 3]);
+    // Without `--connection`, h-2 is part of S1, not a session.
+    let (code, _, err) = run(&["replay", "h-2", "--archive", a]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("no session `h-2`"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
