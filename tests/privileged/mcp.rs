@@ -419,7 +419,7 @@ fn same_results_through_airlock_with(transport: &str, sdk: Sdk, extra: &[&str]) 
         let call = find("request", "notify");
         assert_eq!(call[0]["decision"], "mask");
     }
-    sessions_are_mcp_sessions(&agent.archive, &records, &blocked[0], stateless);
+    sessions_are_mcp_sessions(&agent.archive, &records, blocked[0], stateless);
     let out = agent.airlock(&["verify", "--archive", agent.archive.to_str().unwrap()]);
     assert!(
         out.status.success(),
