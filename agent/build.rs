@@ -3,6 +3,12 @@
 use anyhow::{Context as _, anyhow};
 
 fn main() -> anyhow::Result<()> {
+    // aya-build reruns us when agent-ebpf changes; the kernel programs also use `common`.
+    println!("cargo:rerun-if-changed=../common");
+    // The nested cargo's progress lines would reach the user as `warning:` lines (aya-build
+    // forwards its stderr as cargo warnings); errors and real compiler warnings still do.
+    // SAFETY: a build script is single-threaded here; nothing reads the environment meanwhile.
+    unsafe { std::env::set_var("CARGO_TERM_QUIET", "true") };
     let metadata = cargo_metadata::MetadataCommand::new()
         .no_deps()
         .exec()

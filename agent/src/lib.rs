@@ -24,6 +24,7 @@
 //!   JSON string leaves, recording levels; loaded from `policies_dir`.
 //! - [`config`]: `airlock.toml`; [`cgroup`]: finding the cgroup v2 mount; [`fsperm`]: owner
 //!   and mode checks of state, archive and keys.
+//! - [`logging`]: the agent's own log (text or JSON), what it never contains.
 //! - [`observe`]: the tap metrics and audit events read: every record, every agent event.
 //! - [`fuzzing`]: the fuzz targets' bodies (`fuzz/`), replayed on their corpora by the tests.
 #![forbid(unsafe_op_in_unsafe_fn)]
@@ -41,6 +42,7 @@ pub mod intercept;
 pub mod kernel;
 pub mod keys;
 pub mod limits;
+pub mod logging;
 pub mod mcp;
 pub mod observe;
 pub mod pipeline;

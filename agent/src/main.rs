@@ -27,6 +27,9 @@ struct Cli {
     /// Configuration file.
     #[arg(long, global = true, value_name = "PATH", default_value = config::DEFAULT_CONFIG_PATH)]
     config: PathBuf,
+    /// Log format (default: `log_format` of the configuration, else text).
+    #[arg(long, global = true, value_enum)]
+    log_format: Option<airlock::logging::LogFormat>,
     #[command(subcommand)]
     command: Command,
 }
@@ -225,14 +228,10 @@ enum PolicyCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    airlock::logging::init(
+        &airlock::logging::LogSettings::read(&cli.config),
+        cli.log_format,
+    );
     if let Command::Policy {
         command: PolicyCommand::Check { dir: Some(dir) },
     } = &cli.command

@@ -421,7 +421,13 @@ impl Agent {
                 c
             }
         };
-        cmd.env("RUST_LOG", "info,airlock=debug");
+        // A test that sets `log_level` in the configuration gets that level.
+        let config = std::fs::read_to_string(&self.config).unwrap_or_default();
+        if config.contains("log_level") {
+            cmd.env_remove("RUST_LOG").env_remove("AIRLOCK_LOG");
+        } else {
+            cmd.env("RUST_LOG", "info,airlock=debug");
+        }
         cmd.stdout(log.try_clone().expect("log")).stderr(log);
         // SAFETY: only writes a file in the forked child.
         unsafe {

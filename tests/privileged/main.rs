@@ -7,6 +7,7 @@ mod archive;
 mod failclosed;
 mod harness;
 mod lifecycle;
+mod logs;
 mod mcp;
 mod redirect;
 mod redteam;

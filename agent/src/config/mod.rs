@@ -180,6 +180,11 @@ struct RawConfig {
     tool_changes: ToolChanges,
     #[serde(default)]
     approval_webhook: Option<String>,
+    /// Read by `logging` before the configuration (see `logging::LogSettings`); checked here.
+    #[serde(default)]
+    log_level: Option<String>,
+    #[serde(default)]
+    log_format: Option<crate::logging::LogFormat>,
     #[serde(default)]
     archive_key_fingerprints: std::collections::BTreeMap<String, String>,
     #[serde(default, rename = "backend")]
@@ -472,6 +477,12 @@ impl Validator<'_> {
                 ));
             }
         }
+        if let Some(level) = &raw.log_level
+            && let Err(e) = crate::logging::valid_filter(level)
+        {
+            return Err(self.err("log_level", format!("`{level}` is not a log filter: {e}")));
+        }
+        let _ = raw.log_format;
         let approval_webhook = match raw.approval_webhook {
             None => None,
             Some(u) => {
