@@ -24,6 +24,8 @@
 //!   JSON string leaves, recording levels; loaded from `policies_dir`.
 //! - [`config`]: `airlock.toml`; [`cgroup`]: finding the cgroup v2 mount; [`fsperm`]: owner
 //!   and mode checks of state, archive and keys.
+//! - [`ship`]: the archive shipped to an S3-compatible bucket (`[ship]`), and `airlock verify`
+//!   of a fleet copy.
 //! - [`observe`]: the tap metrics and audit events read: every record, every agent event.
 //! - [`fuzzing`]: the fuzz targets' bodies (`fuzz/`), replayed on their corpora by the tests.
 #![forbid(unsafe_op_in_unsafe_fn)]
@@ -48,4 +50,5 @@ pub mod policy;
 pub mod proxy;
 pub mod registry;
 pub mod relay;
+pub mod ship;
 pub mod tls;
