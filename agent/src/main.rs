@@ -323,7 +323,8 @@ fn main() -> ExitCode {
                 Err(airlock::agent::RunError::Config(e)) => config_error(&e),
                 Err(
                     e @ (airlock::agent::RunError::Policy(_)
-                    | airlock::agent::RunError::Credentials(_)),
+                    | airlock::agent::RunError::Credentials(_)
+                    | airlock::agent::RunError::Ship(_)),
                 ) => {
                     eprintln!("airlock: {e}");
                     ExitCode::from(2)

@@ -1,5 +1,6 @@
 //! Shipping the archive to an S3-compatible bucket (`[ship]`), where a fleet's archives meet.
 //!
+//! - [`stats`]: [`ShipStats`] (atomics, read by `airlock status` and the metrics);
 //! - [`store`]: the bucket (`object_store`'s S3 client), its credentials, the fleet layout;
 //! - [`transport`]: the HTTP client `object_store` uses (hyper, rustls with ring, timeouts);
 //! - [`fleet`]: `airlock verify` of a fleet copy (the bucket, or a directory synced from it).
@@ -18,6 +19,7 @@
 //! [`ShipStats::lines_shipped`].
 
 pub mod fleet;
+mod stats;
 pub mod store;
 pub mod transport;
 
@@ -44,6 +46,8 @@ use crate::{
     },
     config::{Config, ShipConfig},
 };
+use stats::now_unix;
+pub use stats::{ShipStats, ShipStatus};
 pub use store::{Credentials, FleetLayout};
 
 /// Why shipping cannot start or a pass stopped.
@@ -65,102 +69,6 @@ pub enum ShipError {
         #[source]
         source: io::Error,
     },
-}
-
-/// What the shipper has done and what waits; read by `airlock status` and the metrics.
-#[derive(Debug, Default)]
-pub struct ShipStats {
-    /// Manifest lines shipped (with their files), in order: retention keeps the files of later
-    /// lines when `keep_unshipped` is on.
-    pub lines_shipped: Arc<AtomicU64>,
-    /// Manifest lines (and files among them, and those files' bytes) not shipped yet.
-    pub lines_pending: AtomicU64,
-    pub files_pending: AtomicU64,
-    pub bytes_pending: AtomicU64,
-    /// Seconds since the epoch of the oldest line not shipped (0: none).
-    pub oldest_pending_unix: AtomicU64,
-    pub files_shipped: AtomicU64,
-    pub bytes_shipped: AtomicU64,
-    /// Objects written, and writes that failed (network, credentials, server errors).
-    pub uploads_ok: AtomicU64,
-    pub uploads_failed: AtomicU64,
-    /// Create-only writes that found an identical object (counted as shipped).
-    pub already_present: AtomicU64,
-    /// Create-only writes that found a different object (alarm; never overwritten).
-    pub conflicts: AtomicU64,
-    /// Files named by a manifest line but gone locally before they were shipped.
-    pub files_missing: AtomicU64,
-    pub last_success_unix: AtomicU64,
-    pub last_error_unix: AtomicU64,
-    pub last_error: Mutex<Option<String>>,
-}
-
-/// [`ShipStats`] as `airlock status` shows it.
-#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
-pub struct ShipStatus {
-    pub url: String,
-    pub lines_shipped: u64,
-    pub lines_pending: u64,
-    pub files_pending: u64,
-    pub bytes_pending: u64,
-    pub oldest_pending_age_secs: Option<u64>,
-    pub files_shipped: u64,
-    pub bytes_shipped: u64,
-    pub uploads_ok: u64,
-    pub uploads_failed: u64,
-    pub already_present: u64,
-    pub conflicts: u64,
-    pub files_missing: u64,
-    pub last_success: Option<String>,
-    pub last_error_at: Option<String>,
-    pub last_error: Option<String>,
-}
-
-fn now_unix() -> u64 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
-
-fn rfc3339(unix: u64) -> Option<String> {
-    (unix > 0).then(|| {
-        humantime::format_rfc3339_seconds(SystemTime::UNIX_EPOCH + Duration::from_secs(unix))
-            .to_string()
-    })
-}
-
-impl ShipStats {
-    pub fn snapshot(&self, url: &str) -> ShipStatus {
-        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        let oldest = get(&self.oldest_pending_unix);
-        ShipStatus {
-            url: url.to_owned(),
-            lines_shipped: get(&self.lines_shipped),
-            lines_pending: get(&self.lines_pending),
-            files_pending: get(&self.files_pending),
-            bytes_pending: get(&self.bytes_pending),
-            oldest_pending_age_secs: (oldest > 0).then(|| now_unix().saturating_sub(oldest)),
-            files_shipped: get(&self.files_shipped),
-            bytes_shipped: get(&self.bytes_shipped),
-            uploads_ok: get(&self.uploads_ok),
-            uploads_failed: get(&self.uploads_failed),
-            already_present: get(&self.already_present),
-            conflicts: get(&self.conflicts),
-            files_missing: get(&self.files_missing),
-            last_success: rfc3339(get(&self.last_success_unix)),
-            last_error_at: rfc3339(get(&self.last_error_unix)),
-            last_error: self
-                .last_error
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .clone(),
-        }
-    }
-
-    fn error(&self, e: &ShipError) {
-        *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
-        self.last_error_unix.store(now_unix(), Ordering::Relaxed);
-    }
 }
 
 /// The persisted cursor: how many of the host's manifest lines are in the bucket.
@@ -215,11 +123,11 @@ impl Prepared {
         let stats = self.stats.clone();
         let url = self.cfg.url.clone();
         let worker = Worker {
-            host,
+            host: host.clone(),
             cfg: self.cfg,
             layout: self.layout,
             store: self.store,
-            manifest: manifest::manifest_path(&self.archive_dir, ""),
+            manifest: manifest::manifest_path(&self.archive_dir, &host),
             archive_dir: self.archive_dir,
             state_path: self.state_path,
             stats: self.stats,
@@ -282,7 +190,7 @@ struct Worker {
     cfg: ShipConfig,
     layout: FleetLayout,
     store: Arc<dyn object_store::ObjectStore>,
-    /// Set from `host` in [`Worker::run`].
+    /// The host's local manifest, followed line by line.
     manifest: PathBuf,
     archive_dir: PathBuf,
     state_path: PathBuf,
@@ -300,7 +208,6 @@ struct PendingLine {
 
 impl Worker {
     async fn run(mut self, published: Arc<Notify>, stop: Arc<Notify>) {
-        self.manifest = manifest::manifest_path(&self.archive_dir, &self.host);
         info!(url = %self.cfg.url, host = %self.host, "shipping the archive");
         let mut backoff = Duration::from_secs(1);
         loop {
