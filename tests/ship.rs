@@ -420,6 +420,32 @@ for row in con.execute(sys.argv[2]).fetchall():
         .collect()
 }
 
+/// The `select` statements of ARCHIVE.md's "Fleet queries" block (set-up statements left out:
+/// the test makes its own secret).
+fn documented_fleet_queries() -> Vec<String> {
+    let doc =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../ARCHIVE.md")).unwrap();
+    let section = doc
+        .split("### Fleet queries")
+        .nth(1)
+        .expect("ARCHIVE.md has a Fleet queries section");
+    let block = section
+        .split("```sql\n")
+        .nth(1)
+        .and_then(|b| b.split("```").next())
+        .expect("an SQL block");
+    block
+        .split(';')
+        .map(|stmt| {
+            stmt.lines()
+                .filter(|l| !l.trim_start().starts_with("--"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        })
+        .filter(|s| s.trim_start().starts_with("select"))
+        .collect()
+}
+
 fn verify(args: &[&str]) -> (i32, String) {
     let out = Command::new(AIRLOCK)
         .args(["--config", "/nonexistent/airlock.toml", "verify"])
@@ -475,6 +501,33 @@ fn two_hosts_in_one_bucket_one_duckdb_glob_and_verify_names_what_is_missing() {
         ),
     );
     assert_eq!(one, vec![json!([11])]);
+    // The fleet queries ARCHIVE.md gives, on this bucket.
+    let today = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()[..10]
+        .to_owned();
+    let answers: Vec<Vec<serde_json::Value>> = documented_fleet_queries()
+        .iter()
+        .map(|sql| {
+            let sql = sql
+                .replace("s3://airlock-archive/prod", &format!("s3://{BUCKET}"))
+                .replace("host=runner-7", "host=runner-a")
+                .replace("'2026-11-21'", &format!("'{today}'"));
+            duckdb_s3(server.port, &sql)
+        })
+        .collect();
+    assert_eq!(answers.len(), 3, "three fleet queries documented");
+    assert_eq!(
+        answers[0],
+        vec![
+            json!(["runner-a", today, 7]),
+            json!(["runner-b", today, 11])
+        ]
+    );
+    assert_eq!(
+        answers[1],
+        Vec::<serde_json::Value>::new(),
+        "nothing was blocked"
+    );
+    assert_eq!(answers[2], vec![json!(["read", 7])]);
 
     let endpoint = server.endpoint();
     let cred = a.dir.join("ship.cred");

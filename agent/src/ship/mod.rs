@@ -19,7 +19,7 @@
 //! [`ShipStats::lines_shipped`].
 
 pub mod fleet;
-mod stats;
+pub mod stats;
 pub mod store;
 pub mod transport;
 
