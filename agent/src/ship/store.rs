@@ -170,3 +170,63 @@ pub fn open(cfg: &ShipConfig) -> Result<(Arc<AmazonS3>, FleetLayout), ShipError>
 pub fn synced_path(dir: &std::path::Path, key: &ObjectPath) -> PathBuf {
     dir.join(key.as_ref())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt as _;
+
+    #[test]
+    fn layout_keys() {
+        let l = FleetLayout {
+            prefix: "prod/eu".into(),
+        };
+        assert_eq!(
+            l.file(
+                "runner-7",
+                "date=2026-11-21/hour=14/runner-7-000000000003.parquet"
+            )
+            .as_ref(),
+            "prod/eu/host=runner-7/date=2026-11-21/hour=14/runner-7-000000000003.parquet"
+        );
+        assert_eq!(
+            l.manifest_line("runner-7", 12).as_ref(),
+            "prod/eu/host=runner-7/_manifest/000000000012.json"
+        );
+        assert_eq!(
+            FleetLayout::default().public_key("runner-7").as_ref(),
+            "host=runner-7/_manifest/runner-7.pub"
+        );
+    }
+
+    #[test]
+    fn credentials_file_must_be_private_and_errors_never_quote_it() {
+        let dir = std::env::temp_dir().join(format!("airlock-ship-cred-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("ship.toml");
+        std::fs::write(
+            &path,
+            "access_key_id = \"AKIA1\"\nsecret_access_key = \"s3cr3t-value\"\n",
+        )
+        .unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let e = Credentials::from_file(&path).unwrap_err().to_string();
+        assert!(e.contains("chmod 600"), "{e}");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let c = Credentials::from_file(&path).unwrap();
+        assert_eq!(c.access_key_id, "AKIA1");
+        assert!(
+            !format!("{c:?}").contains("s3cr3t"),
+            "Debug hides the secret"
+        );
+        std::fs::write(
+            &path,
+            "access_key_id = \"AKIA1\"\nsecret = \"s3cr3t-value\"\n",
+        )
+        .unwrap();
+        let e = Credentials::from_file(&path).unwrap_err().to_string();
+        assert!(!e.contains("s3cr3t"), "{e}");
+        assert!(e.contains("secret_access_key"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
