@@ -187,3 +187,125 @@ fn refused_credentials_show_in_status_and_the_backlog_ships_once_fixed() {
     }
     assert!(agent.sigterm().success(), "{}", agent.log());
 }
+
+/// Records dated `days_ago`, as one published file of `host` in the agent's archive (written
+/// before the agent starts, with the agent's signing key).
+fn old_file(agent: &Agent, host: &str, days_ago: u64) -> String {
+    use airlock::{
+        archive::{ArchiveWriter, RecordInput, WriterConfig},
+        policy::{Direction, HashKey, Message, PolicySet, Subject},
+    };
+    std::fs::create_dir_all(agent.dir.join("state")).unwrap();
+    let mut writer = ArchiveWriter::open(WriterConfig {
+        archive_dir: agent.archive.clone(),
+        signing_key: agent.dir.join("state/archive-signing.key"),
+        host: host.into(),
+        group: None,
+        max_rows: 1000,
+        max_segment_bytes: airlock::archive::writer::MAX_SEGMENT_BYTES,
+    })
+    .unwrap()
+    .0;
+    let policies = PolicySet::parse(&[], HashKey([0; 32])).unwrap();
+    let msg = Message {
+        backend: "tools",
+        direction: Direction::ServerToClient,
+        method: Some("tools/call"),
+        tool: Some("read"),
+        arguments: None,
+        is_call: false,
+        scope_unknown: false,
+    };
+    let decision = policies.decide(&Subject::default(), &msg);
+    let then = std::time::SystemTime::now() - Duration::from_secs(days_ago * 86_400);
+    let ts_us = then
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_micros() as i64;
+    for seq in 1..=3 {
+        let (payload, _) = policies.mask_payload(&decision, serde_json::json!({ "n": seq }));
+        writer
+            .append(RecordInput {
+                ts_us,
+                host: host.into(),
+                session_id: "old".into(),
+                seq,
+                direction: "server_to_client".into(),
+                kind: "response".into(),
+                payload: Some(payload),
+                decision: "allow".into(),
+                ..Default::default()
+            })
+            .unwrap();
+    }
+    writer.sync().unwrap();
+    let path = writer.roll().unwrap().expect("a file");
+    path.strip_prefix(&agent.archive)
+        .unwrap()
+        .to_string_lossy()
+        .into_owned()
+}
+
+#[test]
+fn retention_keeps_what_is_not_shipped() {
+    if !privileged() {
+        return;
+    }
+    let dir = scratch("ship-retention");
+    let server = S3Server::nanio(&dir.join("s3"), free_port(), BUCKET, "airlock", "right");
+    let cred = credentials(&dir, "wrong");
+    let name = unique("ship-retention");
+    let cg = TestCgroup::new(&name);
+    let backend = Backend::start("tools", "127.0.0.2:0");
+    let mut agent = Agent::prepare(
+        &cg,
+        &name,
+        &backend_toml("tools", backend.port(), &["127.0.0.2"]),
+        &format!(
+            "retention_days = 30\n{}",
+            ship_toml("fleet-host-3", &server, &cred)
+        ),
+        None,
+    );
+    let old = old_file(&agent, "fleet-host-3", 400);
+    assert!(old.starts_with("date="), "{old}");
+
+    // Past retention but not shipped (the bucket refuses the credentials): kept.
+    agent.spawn();
+    wait_for_ship(&agent, "a refused upload", |s| {
+        s["uploads_failed"].as_u64() >= Some(1) && s["files_pending"].as_u64() == Some(1)
+    });
+    assert!(
+        agent.archive.join(&old).exists(),
+        "retention deleted an unshipped file\n{}",
+        agent.log()
+    );
+    assert!(agent.sigterm().success(), "{}", agent.log());
+
+    // Shipped: the next retention pass may delete it locally; the bucket keeps it.
+    credentials(&dir, "right");
+    agent.spawn();
+    wait_for_ship(&agent, "the old file shipped", |s| {
+        s["files_shipped"].as_u64() == Some(1) && s["lines_pending"].as_u64() == Some(0)
+    });
+    assert!(agent.archive.join(&old).exists());
+    assert!(agent.sigterm().success(), "{}", agent.log());
+    let shipped = server
+        .data
+        .join(BUCKET)
+        .join("host=fleet-host-3")
+        .join(&old);
+    let bytes = std::fs::read(agent.archive.join(&old)).unwrap();
+    agent.spawn();
+    assert!(
+        !agent.archive.join(&old).exists(),
+        "a shipped file past retention stays\n{}",
+        agent.log()
+    );
+    assert_eq!(std::fs::read(&shipped).unwrap(), bytes);
+    // The retention line goes to the bucket too.
+    wait_for_ship(&agent, "the retention line shipped", |s| {
+        s["lines_pending"].as_u64() == Some(0) && s["lines_shipped"].as_u64() >= Some(2)
+    });
+    assert!(agent.sigterm().success(), "{}", agent.log());
+}
