@@ -80,6 +80,9 @@ pub struct Status {
     pub targets: Vec<TargetInfo>,
     /// Live connections, then the most recently closed ones (oldest first).
     pub connections: Vec<ConnSnapshot>,
+    /// Shipping to the bucket (`[ship]`): backlog, uploads, last error.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ship: Option<crate::ship::ShipStatus>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -61,6 +61,8 @@ pub enum RunError {
         path: std::path::PathBuf,
         reason: String,
     },
+    #[error("shipping the archive: {0}")]
+    Ship(#[from] crate::ship::ShipError),
     #[error("brokered credentials: {0}")]
     Credentials(String),
     #[error("TLS interception cannot start: {0}")]
@@ -79,7 +81,21 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     // segments the first is writing. Held until the process exits.
     let _lock = lock_state_dir(&config.state_dir)?;
     let targets = config.resolve().await?;
-    let archive = start_archive(&config).await?;
+    // Shipping: credentials and state checked before anything starts.
+    let ship = match &config.ship {
+        Some(cfg) => Some((
+            crate::ship::Prepared::new(&config, cfg)?,
+            cfg.keep_unshipped,
+        )),
+        None => None,
+    };
+    let hold = ship
+        .as_ref()
+        .filter(|(_, keep)| *keep)
+        .map(|(p, _)| p.stats.lines_shipped.clone());
+    let archive = start_archive(&config, hold).await?;
+    let shipper =
+        ship.map(|(p, _)| Arc::new(p.start(config.host.clone(), archive.stats.published.clone())));
     let key =
         crate::policy::store::mask_key(&config.state_dir).map_err(|source| RunError::StateDir {
             path: config.state_dir.join("mask.key"),
@@ -220,6 +236,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         let policies = policies.clone();
         let cgroup = cgroup.display().to_string();
         let shutdown_tx = shutdown_tx.clone();
+        let shipper = shipper.clone();
         move |req, peer_uid| match req {
             Request::Kill { user, pid, session } => {
                 if user.is_none() && pid.is_none() && session.is_none() {
@@ -314,6 +331,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
                 let mut s = status(&proxy, &cgroup, started_at);
                 s.agent.policy_hash = Some(policies.current().hash.clone());
                 s.agent.policy_error = policies.last_error();
+                s.ship = shipper.as_ref().map(|s| s.status());
                 Response::Status(Box::new(s))
             }
             Request::Shutdown => {
@@ -394,6 +412,10 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         Err(e) => {
             warn!(error = %e, "archive flush failed; the write-ahead segments are recovered at the next start")
         }
+    }
+    // What the flush published goes to the bucket too, if it can in a few seconds.
+    if let Some(s) = &shipper {
+        s.finish(Duration::from_secs(10)).await;
     }
     if config.on_agent_down == OnAgentDown::Block && crate::kernel::is_pinned(&config.bpffs_dir) {
         info!(
@@ -481,14 +503,17 @@ fn archive_gid(name: &str) -> Result<u32, String> {
 }
 
 /// Open the archive (recovering leftover segments), apply retention once, start its thread.
-async fn start_archive(config: &Config) -> Result<Archive, RunError> {
+async fn start_archive(
+    config: &Config,
+    retention_hold: Option<Arc<std::sync::atomic::AtomicU64>>,
+) -> Result<Archive, RunError> {
     let fail = |message: String| RunError::Archive {
         path: config.archive_dir.clone(),
         message,
     };
     let gid =
         archive_gid(&config.archive_group).map_err(|e| fail(format!("`archive_group`: {e}")))?;
-    let (writer, recovery) = ArchiveWriter::open(WriterConfig {
+    let (mut writer, recovery) = ArchiveWriter::open(WriterConfig {
         archive_dir: config.archive_dir.clone(),
         signing_key: config.state_dir.join("archive-signing.key"),
         host: config.host.clone(),
@@ -504,6 +529,9 @@ async fn start_archive(config: &Config) -> Result<Archive, RunError> {
             torn_bytes = recovery.torn_bytes,
             "recovered write-ahead segments into Parquet"
         );
+    }
+    if let Some(hold) = retention_hold {
+        writer.hold_retention(hold);
     }
     let archive = Archive::start(writer, config.recording, config.flush_interval);
     apply_retention(&archive, config.retention_days).await;
@@ -762,5 +790,6 @@ fn status(proxy: &Proxy, cgroup: &str, started_at: SystemTime) -> Status {
         },
         targets,
         connections: live.into_iter().chain(recent).collect(),
+        ship: None,
     }
 }

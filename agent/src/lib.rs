@@ -25,6 +25,8 @@
 //! - [`config`]: `airlock.toml`; [`cgroup`]: finding the cgroup v2 mount; [`fsperm`]: owner
 //!   and mode checks of state, archive and keys.
 //! - [`logging`]: the agent's own log (text or JSON), what it never contains.
+//! - [`ship`]: the archive shipped to an S3-compatible bucket (`[ship]`), and `airlock verify`
+//!   of a fleet copy.
 //! - [`observe`]: the tap metrics and audit events read: every record, every agent event.
 //! - [`fuzzing`]: the fuzz targets' bodies (`fuzz/`), replayed on their corpora by the tests.
 #![forbid(unsafe_op_in_unsafe_fn)]
@@ -50,4 +52,5 @@ pub mod policy;
 pub mod proxy;
 pub mod registry;
 pub mod relay;
+pub mod ship;
 pub mod tls;

@@ -57,6 +57,8 @@ enum Command {
         archive: Option<PathBuf>,
         #[command(flatten)]
         trust: TrustArgs,
+        #[command(flatten)]
+        fleet: FleetArgs,
         /// Machine-readable report (heads, problems).
         #[arg(long)]
         json: bool,
@@ -205,6 +207,26 @@ enum CaCommand {
     },
 }
 
+/// A fleet copy to verify instead of a local archive: the bucket the hosts ship to, or a
+/// directory synced from it. Bucket options default to `[ship]` of the configuration.
+#[derive(clap::Args, Clone, Default)]
+struct FleetArgs {
+    /// `s3://bucket/prefix`, or a directory holding the bucket's `host=…/` layout.
+    #[arg(long, value_name = "S3_URL|DIR")]
+    fleet: Option<String>,
+    /// S3 endpoint (`https://host[:port]`).
+    #[arg(long, value_name = "URL", requires = "fleet")]
+    endpoint: Option<String>,
+    #[arg(long, requires = "fleet")]
+    region: Option<String>,
+    /// Allow a plain-http endpoint.
+    #[arg(long, requires = "fleet")]
+    allow_http: bool,
+    /// Root-only file with `access_key_id` and `secret_access_key` (else `AWS_*` variables).
+    #[arg(long, value_name = "FILE", requires = "fleet")]
+    credentials_file: Option<PathBuf>,
+}
+
 /// What the verifier trusts (never the key stored in the archive).
 #[derive(clap::Args, Clone, Default)]
 struct TrustArgs {
@@ -239,9 +261,20 @@ fn main() -> ExitCode {
         return policy_check(dir);
     }
     if let Command::Verify {
+        fleet: fleet @ FleetArgs { fleet: Some(_), .. },
+        trust,
+        json,
+        ..
+    } = &cli.command
+    {
+        let config = Config::load(&cli.config).ok();
+        return verify_fleet(fleet, trust, config.as_ref(), *json);
+    }
+    if let Command::Verify {
         archive: Some(dir),
         trust,
         json,
+        ..
     } = &cli.command
     {
         // A configuration, when there is one, adds pinned fingerprints and this host's key.
@@ -304,7 +337,8 @@ fn main() -> ExitCode {
                 Err(airlock::agent::RunError::Config(e)) => config_error(&e),
                 Err(
                     e @ (airlock::agent::RunError::Policy(_)
-                    | airlock::agent::RunError::Credentials(_)),
+                    | airlock::agent::RunError::Credentials(_)
+                    | airlock::agent::RunError::Ship(_)),
                 ) => {
                     eprintln!("airlock: {e}");
                     ExitCode::from(2)
@@ -451,11 +485,84 @@ fn verify(
         }
     };
     let report = airlock::archive::verify::verify(dir, &trust);
+    print_report(&dir.display().to_string(), &report, json)
+}
+
+fn verify_fleet(
+    args: &FleetArgs,
+    trust: &TrustArgs,
+    config: Option<&Config>,
+    json: bool,
+) -> ExitCode {
+    use airlock::ship::{fleet::Source, store};
+    let trust = match Trust::build(&trust.pubkey, &trust.expect_head, config) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("airlock: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let Some(target) = args.fleet.as_deref() else {
+        return ExitCode::from(2);
+    };
+    let source = if target.starts_with("s3://") {
+        // The configuration's [ship], when there is one, fills in what the flags leave out.
+        let base = config.and_then(|c| c.ship.clone());
+        let (bucket, prefix) = match config::parse_ship_url(target) {
+            Ok(bp) => bp,
+            Err(e) => {
+                eprintln!("airlock: --fleet: {e}");
+                return ExitCode::from(2);
+            }
+        };
+        let cfg = config::ShipConfig {
+            url: target.trim_end_matches('/').to_owned(),
+            bucket,
+            prefix,
+            endpoint: args
+                .endpoint
+                .clone()
+                .or_else(|| base.as_ref().and_then(|b| b.endpoint.clone())),
+            region: args
+                .region
+                .clone()
+                .or_else(|| base.as_ref().map(|b| b.region.clone()))
+                .unwrap_or_else(|| "us-east-1".into()),
+            allow_http: args.allow_http || base.as_ref().is_some_and(|b| b.allow_http),
+            virtual_hosted_style: base.as_ref().is_some_and(|b| b.virtual_hosted_style),
+            credentials_file: args
+                .credentials_file
+                .clone()
+                .or_else(|| base.as_ref().and_then(|b| b.credentials_file.clone())),
+            retry: std::time::Duration::from_secs(60),
+            timeout: base
+                .as_ref()
+                .map_or(std::time::Duration::from_secs(30), |b| b.timeout),
+            keep_unshipped: true,
+        };
+        match store::open(&cfg) {
+            Ok((store, layout)) => Source::Bucket {
+                store,
+                layout,
+                url: cfg.url,
+            },
+            Err(e) => return fail(e),
+        }
+    } else {
+        Source::Directory(PathBuf::from(target))
+    };
+    match airlock::ship::fleet::verify(&source, &trust) {
+        Ok(report) => print_report(target, &report, json),
+        Err(e) => fail(e),
+    }
+}
+
+fn print_report(name: &str, report: &airlock::archive::verify::Report, json: bool) -> ExitCode {
     if json {
         println!(
             "{}",
             serde_json::json!({
-                "archive": dir.display().to_string(),
+                "archive": name,
                 "intact": report.intact(),
                 "files_checked": report.files_checked,
                 "records_checked": report.records_checked,
@@ -472,7 +579,7 @@ fn verify(
     }
     println!(
         "{}: {} host(s), {} file(s), {} record(s) checked, {} file(s) removed by retention",
-        dir.display(),
+        name,
         report.hosts.len(),
         report.files_checked,
         report.records_checked,
@@ -620,6 +727,40 @@ fn print_table(s: &Status) {
     println!("agent counters:");
     for (k, v) in &s.agent_counters {
         println!("  {k:<24} {v}");
+    }
+    if let Some(ship) = &s.ship {
+        println!("shipping to {}:", ship.url);
+        println!(
+            "  pending                  {} line(s), {} file(s), {} byte(s){}",
+            ship.lines_pending,
+            ship.files_pending,
+            ship.bytes_pending,
+            ship.oldest_pending_age_secs
+                .map(|a| format!(", oldest {a} s old"))
+                .unwrap_or_default()
+        );
+        println!(
+            "  shipped                  {} line(s), {} file(s), {} byte(s); last success {}",
+            ship.lines_shipped,
+            ship.files_shipped,
+            ship.bytes_shipped,
+            ship.last_success.as_deref().unwrap_or("never")
+        );
+        println!(
+            "  uploads                  {} ok, {} failed, {} already present, {} conflicting (ALARM if > 0), {} file(s) gone before shipping",
+            ship.uploads_ok,
+            ship.uploads_failed,
+            ship.already_present,
+            ship.conflicts,
+            ship.files_missing
+        );
+        if let Some(e) = &ship.last_error {
+            println!(
+                "  last error               {} at {}",
+                e,
+                ship.last_error_at.as_deref().unwrap_or("?")
+            );
+        }
     }
 }
 

@@ -11,3 +11,4 @@ mod logs;
 mod mcp;
 mod redirect;
 mod redteam;
+mod ship;

@@ -298,6 +298,18 @@ const PYTHON_TEST_VENVS: &[(&str, &[&str])] = &[
     ),
     ("test-venv-mcp1", &["mcp==1.30.0", "uvicorn==0.54.0"]),
     ("test-venv-fastmcp", &["fastmcp==4.2.3", "uvicorn==0.54.0"]),
+    // Shipping archives (tests/ship.rs, tests/privileged/ship.rs): two real S3-compatible
+    // servers (localbucket enforces create-only writes, nanio checks SigV4 signatures) and
+    // DuckDB 1.5.5 with the httpfs wheel (the newer DuckDB cannot download httpfs here).
+    (
+        "test-venv-s3",
+        &[
+            "duckdb==1.5.5",
+            "duckdb-extension-httpfs==1.5.5",
+            "localbucket==1.2.1",
+            "nanio==0.1.7",
+        ],
+    ),
 ];
 
 /// npm packages of the end-to-end tests (`target/test-node`): the TypeScript SDK's client, the

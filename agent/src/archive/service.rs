@@ -76,6 +76,9 @@ pub struct ArchiveStats {
     pub errors: AtomicU64,
     /// Buffered records given up after the retry queue filled (never in strict mode).
     pub dropped: AtomicU64,
+    /// Notified when a manifest line was appended (a file published, retention): wakes the
+    /// shipper.
+    pub published: Arc<tokio::sync::Notify>,
 }
 
 type Ack = oneshot::Sender<Result<u64, ArchiveError>>;
@@ -451,7 +454,11 @@ fn publish_loop(
                 let _ = publish(&mut p, mode, failed, stats);
             }
             Ok(PublishJob::Retention(days, today, ack)) => {
-                let _ = ack.send(p.apply_retention(days, today));
+                let result = p.apply_retention(days, today);
+                if result.as_ref().is_ok_and(|r| !r.is_empty()) {
+                    stats.published.notify_one();
+                }
+                let _ = ack.send(result);
             }
             Ok(PublishJob::Close(ack)) => {
                 let _ = ack.send(publish(&mut p, mode, failed, stats));
@@ -476,9 +483,11 @@ fn publish(
 ) -> io::Result<()> {
     let queued = p.queued();
     let result = p.publish_queued().map(drop);
-    stats
-        .files
-        .fetch_add((queued - p.queued()) as u64, Ordering::Relaxed);
+    let published = (queued - p.queued()) as u64;
+    stats.files.fetch_add(published, Ordering::Relaxed);
+    if published > 0 {
+        stats.published.notify_one();
+    }
     if let Err(e) = &result {
         // The records stay in their segments: retried here, and recovered on the next start.
         stats.errors.fetch_add(1, Ordering::Relaxed);

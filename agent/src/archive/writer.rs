@@ -113,6 +113,9 @@ pub struct Publisher {
     /// The chain as published so far: every file must continue it.
     last_hash: String,
     next_archive_seq: u64,
+    /// Manifest lines shipped off the host (`[ship]` with `keep_unshipped`): retention keeps
+    /// the files of later lines.
+    retention_hold: Option<std::sync::Arc<std::sync::atomic::AtomicU64>>,
 }
 
 impl ArchiveWriter {
@@ -143,6 +146,7 @@ impl ArchiveWriter {
             queue: Default::default(),
             last_hash,
             next_archive_seq: tip + 1,
+            retention_hold: None,
         };
         let (recovery, wal_no) = publisher.recover(wal_no)?;
         let log = SegmentLog {
@@ -202,6 +206,12 @@ impl ArchiveWriter {
             self.publisher.submit(sealed);
         }
         self.publisher.publish_queued()
+    }
+
+    /// Retention keeps every file whose manifest line is past `shipped` (the count of lines
+    /// shipped, read at each pass).
+    pub fn hold_retention(&mut self, shipped: std::sync::Arc<std::sync::atomic::AtomicU64>) {
+        self.publisher.retention_hold = Some(shipped);
     }
 
     /// See [`Publisher::apply_retention`].
@@ -417,10 +427,16 @@ impl Publisher {
     pub fn apply_retention(&mut self, days: u32, today: i64) -> io::Result<Vec<String>> {
         let cutoff = today - i64::from(days);
         let removed = super::manifest::retention_removals(&self.manifest.entries);
+        let shipped = self
+            .retention_hold
+            .as_ref()
+            .map(|h| h.load(std::sync::atomic::Ordering::Relaxed));
         let expired: Vec<String> = self
             .manifest
             .entries
             .iter()
+            // Not shipped yet: kept, whatever its age.
+            .filter(|e| shipped.is_none_or(|s| e.seq <= s))
             .filter_map(|e| match &e.body {
                 EntryBody::File { path, .. } if !removed.contains(path) => partition_day(path)
                     .filter(|d| *d < cutoff)

@@ -14,9 +14,11 @@ use std::{
 use serde::Deserialize;
 
 mod backend;
+mod ship;
 
 use backend::check_shared_addresses;
 pub use backend::{Backend, BackendMode, HttpAllow, UnknownSni, shared_backends};
+pub use ship::{ShipConfig, parse_url as parse_ship_url};
 
 /// Where `airlock` looks when `--config` is not given.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/airlock/airlock.toml";
@@ -105,6 +107,8 @@ pub struct Config {
     /// `sha256:` fingerprints of archive signing keys, by host: what `airlock verify` trusts
     /// (the keys stored in an archive prove nothing on their own).
     pub archive_key_fingerprints: std::collections::BTreeMap<String, String>,
+    /// `[ship]`: upload the archive to an S3-compatible bucket.
+    pub ship: Option<ShipConfig>,
     pub backends: Vec<Backend>,
 }
 
@@ -187,6 +191,8 @@ struct RawConfig {
     log_format: Option<crate::logging::LogFormat>,
     #[serde(default)]
     archive_key_fingerprints: std::collections::BTreeMap<String, String>,
+    #[serde(default)]
+    ship: Option<ship::RawShip>,
     #[serde(default, rename = "backend")]
     backends: Vec<RawBackend>,
 }
@@ -662,7 +668,9 @@ impl Validator<'_> {
             })
             .collect();
         check_shared_addresses(&backends, &static_targets).map_err(|(key, m)| self.err(key, m))?;
+        let ship = raw.ship.map(|s| self.ship(s)).transpose()?;
         Ok(Config {
+            ship,
             path: self.absolute(self.path.to_owned()),
             state_dir: self.absolute(raw.state_dir),
             archive_dir: self.absolute(raw.archive_dir),
