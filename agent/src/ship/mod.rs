@@ -247,10 +247,7 @@ impl Worker {
         }
         for line in pending {
             self.ship_line(&line).await?;
-            let shipped = self.stats.lines_shipped.fetch_add(1, Ordering::Relaxed) + 1;
-            if let Some(o) = self.offset.as_mut() {
-                *o += line.bytes.len() as u64;
-            }
+            let shipped = self.stats.lines_shipped.load(Ordering::Relaxed) + 1;
             save_state(
                 &self.state_path,
                 &State {
@@ -259,7 +256,13 @@ impl Worker {
                     lines_shipped: shipped,
                 },
             )?;
+            if let Some(o) = self.offset.as_mut() {
+                *o += line.bytes.len() as u64;
+            }
+            // The backlog shrinks before the count grows: a reader never sees a line both
+            // shipped and pending.
             self.unaccount(&line);
+            self.stats.lines_shipped.store(shipped, Ordering::Relaxed);
             self.stats
                 .last_success_unix
                 .store(now_unix(), Ordering::Relaxed);
