@@ -149,6 +149,7 @@ impl Transport {
                 inner: body,
                 idle: self.timeout,
                 timer: Box::pin(tokio::time::sleep(self.timeout)),
+                left: MAX_BODY_BYTES,
             }),
         ))
     }
@@ -172,11 +173,18 @@ where
         .map_err(|e| HttpError::new(HttpErrorKind::Request, e))
 }
 
-/// An answer's body that fails when no frame arrives for `idle`.
+/// The largest answer body read from a bucket: above any sealed file (segments seal at
+/// 128 MiB of records, smaller once compressed), so a hostile or broken store cannot make the
+/// agent or `verify --fleet` read without end.
+const MAX_BODY_BYTES: u64 = 1 << 30;
+
+/// An answer's body that fails when no frame arrives for `idle`, or past `MAX_BODY_BYTES`.
 struct IdleTimeoutBody {
     inner: Incoming,
     idle: Duration,
     timer: Pin<Box<tokio::time::Sleep>>,
+    /// Bytes the body may still carry.
+    left: u64,
 }
 
 impl Body for IdleTimeoutBody {
@@ -192,6 +200,18 @@ impl Body for IdleTimeoutBody {
             Poll::Ready(frame) => {
                 let next = tokio::time::Instant::now() + this.idle;
                 this.timer.as_mut().reset(next);
+                if let Some(Ok(f)) = &frame
+                    && let Some(data) = f.data_ref()
+                {
+                    let n = data.len() as u64;
+                    if n > this.left {
+                        return Poll::Ready(Some(Err(err(
+                            HttpErrorKind::Request,
+                            format!("the answer is larger than {MAX_BODY_BYTES} bytes"),
+                        ))));
+                    }
+                    this.left -= n;
+                }
                 Poll::Ready(frame.map(|f| f.map_err(|e| HttpError::new(HttpErrorKind::Request, e))))
             }
             Poll::Pending => match this.timer.as_mut().poll(cx) {
