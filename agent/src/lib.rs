@@ -25,6 +25,7 @@
 //! - [`config`]: `airlock.toml`; [`cgroup`]: finding the cgroup v2 mount; [`fsperm`]: owner
 //!   and mode checks of state, archive and keys.
 //! - [`observe`]: the tap metrics and audit events read: every record, every agent event.
+//! - [`metrics`]: Prometheus/OpenMetrics `GET /metrics` on `metrics_listen`.
 //! - [`fuzzing`]: the fuzz targets' bodies (`fuzz/`), replayed on their corpora by the tests.
 #![forbid(unsafe_op_in_unsafe_fn)]
 
@@ -42,6 +43,7 @@ pub mod kernel;
 pub mod keys;
 pub mod limits;
 pub mod mcp;
+pub mod metrics;
 pub mod observe;
 pub mod pipeline;
 pub mod policy;

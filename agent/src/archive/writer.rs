@@ -113,6 +113,8 @@ pub struct Publisher {
     /// The chain as published so far: every file must continue it.
     last_hash: String,
     next_archive_seq: u64,
+    /// Bytes of the Parquet files this publisher wrote (metrics).
+    published_bytes: u64,
 }
 
 impl ArchiveWriter {
@@ -143,6 +145,7 @@ impl ArchiveWriter {
             queue: Default::default(),
             last_hash,
             next_archive_seq: tip + 1,
+            published_bytes: 0,
         };
         let (recovery, wal_no) = publisher.recover(wal_no)?;
         let log = SegmentLog {
@@ -299,6 +302,12 @@ impl SegmentLog {
         self.rows
     }
 
+    /// The `archive_seq` the next record takes once every appended one is durable: records
+    /// before it are in the write-ahead log (or published).
+    pub fn durable_next_seq(&self) -> u64 {
+        self.durable_tip.1
+    }
+
     pub fn wants_roll(&self) -> bool {
         self.rows >= self.max_rows || self.bytes >= self.max_bytes
     }
@@ -353,6 +362,16 @@ impl Publisher {
     /// Sealed segments waiting to be published.
     pub fn queued(&self) -> usize {
         self.queue.len()
+    }
+
+    /// The first `archive_seq` not yet in a published Parquet file.
+    pub fn next_archive_seq(&self) -> u64 {
+        self.next_archive_seq
+    }
+
+    /// Bytes of the Parquet files written since this publisher started.
+    pub fn published_bytes(&self) -> u64 {
+        self.published_bytes
     }
 
     /// Publish every queued segment, oldest first, then delete it. On failure it and the
@@ -482,7 +501,9 @@ impl Publisher {
         let final_path = dir.join(&name);
         fs::rename(&tmp, &final_path)?;
         File::open(&dir)?.sync_all()?;
-        let sha256 = hex(&sha2::Sha256::digest(fs::read(&final_path)?));
+        let written = fs::read(&final_path)?;
+        self.published_bytes += written.len() as u64;
+        let sha256 = hex(&sha2::Sha256::digest(written));
         self.manifest.append(
             EntryBody::File {
                 path: rel_dir.join(&name).to_string_lossy().into_owned(),

@@ -105,6 +105,8 @@ pub struct Config {
     /// `sha256:` fingerprints of archive signing keys, by host: what `airlock verify` trusts
     /// (the keys stored in an archive prove nothing on their own).
     pub archive_key_fingerprints: std::collections::BTreeMap<String, String>,
+    /// Where `GET /metrics` is served (Prometheus/OpenMetrics); `None`: no endpoint.
+    pub metrics_listen: Option<SocketAddr>,
     pub backends: Vec<Backend>,
 }
 
@@ -182,6 +184,11 @@ struct RawConfig {
     approval_webhook: Option<String>,
     #[serde(default)]
     archive_key_fingerprints: std::collections::BTreeMap<String, String>,
+    #[serde(default)]
+    metrics_listen: Option<String>,
+    /// Lets `metrics_listen` name a non-loopback address.
+    #[serde(default)]
+    metrics_allow_remote: bool,
     #[serde(default, rename = "backend")]
     backends: Vec<RawBackend>,
 }
@@ -487,6 +494,13 @@ impl Validator<'_> {
                 Some(uri)
             }
         };
+        let metrics_listen = match &raw.metrics_listen {
+            None => None,
+            Some(a) => Some(
+                crate::metrics::parse_listen(a, raw.metrics_allow_remote)
+                    .map_err(|e| self.err("metrics_listen", e))?,
+            ),
+        };
         for (host, fp) in &raw.archive_key_fingerprints {
             let ok = fp
                 .strip_prefix("sha256:")
@@ -687,6 +701,7 @@ impl Validator<'_> {
                 .into_iter()
                 .map(|(h, f)| (h, f.to_ascii_lowercase()))
                 .collect(),
+            metrics_listen,
             backends,
         })
     }
