@@ -8,5 +8,6 @@ mod failclosed;
 mod harness;
 mod lifecycle;
 mod mcp;
+mod metrics;
 mod redirect;
 mod redteam;
