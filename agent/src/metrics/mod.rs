@@ -19,7 +19,7 @@ mod tests;
 
 use std::{
     net::SocketAddr,
-    sync::{Arc, RwLock},
+    sync::{Arc, OnceLock, RwLock},
 };
 
 use prometheus_client::{
@@ -124,6 +124,10 @@ pub struct Metrics {
     backends: Arc<[&'static str]>,
     detectors: Arc<RwLock<Vec<&'static str>>>,
     messages: Family<MessageLabels, Counter>,
+    /// `messages` by (backend, direction, kind, decision) index.
+    message_slots: Arc<Slots<Counter>>,
+    /// `operations` by (backend, method) index.
+    operation_slots: Arc<Slots<Histogram>>,
     masked: Family<DetectorLabels, Counter>,
     blocked_calls: Family<BackendLabels, Counter>,
     held_calls: Family<HeldLabels, Counter>,
@@ -147,7 +151,14 @@ impl Metrics {
             .into_iter()
             .map(|b| &*Box::leak(b.to_owned().into_boxed_str()))
             .collect();
+        // Backends: those configured, then `other`, then `none`.
+        let b = backends.len() + 2;
+        let methods = crate::mcp::jsonrpc::REQUEST_METHODS.len() + 1;
         Metrics {
+            message_slots: Arc::new(Slots::new(
+                b * DIRECTIONS.len() * KINDS.len() * DECISIONS.len(),
+            )),
+            operation_slots: Arc::new(Slots::new(b * methods)),
             backends: backends.into(),
             detectors: Default::default(),
             messages: Family::default(),
@@ -206,16 +217,25 @@ impl Metrics {
         r
     }
 
-    fn backend(&self, name: Option<&str>) -> &'static str {
+    /// The backend's index: configured ones first, then `other`, then `none`.
+    fn backend_index(&self, name: Option<&str>) -> usize {
+        let n = self.backends.len();
         match name {
-            None => "none",
-            Some(n) => self
-                .backends
-                .iter()
-                .find(|b| **b == n)
-                .copied()
-                .unwrap_or("other"),
+            None => n + 1,
+            Some(name) => self.backends.iter().position(|b| *b == name).unwrap_or(n),
         }
+    }
+
+    fn backend_name(&self, i: usize) -> &'static str {
+        match self.backends.get(i) {
+            Some(b) => b,
+            None if i == self.backends.len() => "other",
+            None => "none",
+        }
+    }
+
+    fn backend(&self, name: Option<&str>) -> &'static str {
+        self.backend_name(self.backend_index(name))
     }
 
     /// The detector's name as a label value: one of at most [`MAX_DETECTORS`] names.
@@ -245,45 +265,49 @@ impl Metrics {
     }
 }
 
-fn direction(d: &str) -> &'static str {
-    match d {
-        "client_to_server" => "client_to_server",
-        "server_to_client" => "server_to_client",
-        _ => "other",
+const DIRECTIONS: [&str; 3] = ["client_to_server", "server_to_client", "other"];
+const KINDS: [&str; 4] = ["request", "response", "notification", "error"];
+const DECISIONS: [&str; 6] = ["allow", "mask", "block", "approved", "denied", "other"];
+
+/// Index of `value` in `table`, else of its last entry (`other`).
+fn index_or_other(table: &[&str], value: &str) -> usize {
+    table
+        .iter()
+        .position(|t| *t == value)
+        .unwrap_or(table.len() - 1)
+}
+
+/// A method named by the MCP specification (its index in `REQUEST_METHODS`), else `other`
+/// (the index past the end): methods are client-chosen.
+fn method_index(m: Option<&str>) -> usize {
+    let known = crate::mcp::jsonrpc::REQUEST_METHODS;
+    m.and_then(|m| known.iter().position(|k| *k == m))
+        .unwrap_or(known.len())
+}
+
+fn method_name(i: usize) -> &'static str {
+    crate::mcp::jsonrpc::REQUEST_METHODS
+        .get(i)
+        .copied()
+        .unwrap_or("other")
+}
+
+/// Metrics of a fixed label space, resolved from their family once (on first use, so that
+/// a label set never seen is not exported) and then reached by index: no hashing, no lock.
+struct Slots<M> {
+    slots: Box<[OnceLock<M>]>,
+}
+
+impl<M: Clone> Slots<M> {
+    fn new(len: usize) -> Slots<M> {
+        Slots {
+            slots: (0..len).map(|_| OnceLock::new()).collect(),
+        }
     }
-}
 
-/// The MCP message kinds; `None` for other rows (connection, http, approval).
-fn message_kind(k: &str) -> Option<&'static str> {
-    Some(match k {
-        "request" => "request",
-        "response" => "response",
-        "notification" => "notification",
-        "error" => "error",
-        _ => return None,
-    })
-}
-
-fn decision(d: &str) -> &'static str {
-    match d {
-        "allow" => "allow",
-        "mask" => "mask",
-        "block" => "block",
-        "approved" => "approved",
-        "denied" => "denied",
-        _ => "other",
+    fn get(&self, i: usize, create: impl FnOnce() -> M) -> Option<&M> {
+        Some(self.slots.get(i)?.get_or_init(create))
     }
-}
-
-/// A method named by the MCP specification, else `other` (methods are client-chosen).
-fn method(m: Option<&str>) -> &'static str {
-    m.and_then(|m| {
-        crate::mcp::jsonrpc::REQUEST_METHODS
-            .iter()
-            .find(|known| **known == m)
-            .copied()
-    })
-    .unwrap_or("other")
 }
 
 impl Observer for Metrics {
@@ -297,20 +321,26 @@ impl Observer for Metrics {
                 .inc();
             return;
         }
-        let Some(kind) = message_kind(&r.kind) else {
+        // MCP messages only: connection and http rows are counted elsewhere.
+        let Some(kind) = KINDS.iter().position(|k| *k == r.kind) else {
             return;
         };
-        let backend = self.backend(r.backend.as_deref());
-        let direction = direction(&r.direction);
-        let decision = decision(&r.decision);
-        self.messages
-            .get_or_create(&MessageLabels {
+        let b = self.backend_index(r.backend.as_deref());
+        let direction = index_or_other(&DIRECTIONS, &r.direction);
+        let decision = index_or_other(&DECISIONS, &r.decision);
+        let slot =
+            ((b * DIRECTIONS.len() + direction) * KINDS.len() + kind) * DECISIONS.len() + decision;
+        let backend = self.backend_name(b);
+        if let Some(c) = self.message_slots.get(slot, || {
+            self.messages.get_or_create_owned(&MessageLabels {
                 backend,
-                direction,
-                kind,
-                decision,
+                direction: DIRECTIONS[direction],
+                kind: KINDS[kind],
+                decision: DECISIONS[decision],
             })
-            .inc();
+        }) {
+            c.inc();
+        }
         // One entry per masked value, grouped by detector (the pipeline writes them in runs).
         let mut detectors = r.masked_detectors.iter().peekable();
         while let Some(d) = detectors.next() {
@@ -325,6 +355,7 @@ impl Observer for Metrics {
                 })
                 .inc_by(n);
         }
+        let (kind, direction, decision) = (KINDS[kind], DIRECTIONS[direction], DECISIONS[decision]);
         // A refused call has two rows (the request, and Airlock's error answer): the request
         // is the call.
         if decision == "block"
@@ -336,12 +367,16 @@ impl Observer for Metrics {
                 .inc();
         }
         if let (Some(us), "response" | "error") = (r.latency_us, kind) {
-            self.operations
-                .get_or_create(&OperationLabels {
+            let m = method_index(r.method.as_deref());
+            let methods = crate::mcp::jsonrpc::REQUEST_METHODS.len() + 1;
+            if let Some(h) = self.operation_slots.get(b * methods + m, || {
+                self.operations.get_or_create_owned(&OperationLabels {
                     backend,
-                    method: method(r.method.as_deref()),
+                    method: method_name(m),
                 })
-                .observe(us as f64 / 1e6);
+            }) {
+                h.observe(us as f64 / 1e6);
+            }
         }
     }
 
