@@ -275,9 +275,11 @@ fn only_get_metrics_is_served() {
     );
 }
 
+/// What the tap costs per record (run it in release: `cargo test --release -p airlock --lib
+/// metrics::tests::observer_cost -- --ignored --nocapture`); every record counted.
 #[test]
-#[ignore]
-fn observer_cost_adhoc() {
+#[ignore = "a measurement: run in release"]
+fn observer_cost() {
     let m = Metrics::new(["tools", "other-backend"]);
     let mut r = record("response", "server_to_client", "allow");
     r.method = Some("tools/call".into());
@@ -303,4 +305,20 @@ fn observer_cost_adhoc() {
     eprintln!(
         "on_record: {bare:.0} ns (request), {plain:.0} ns (response with latency), {masked:.0} ns (+2 masked)"
     );
+    let text = scrape(&m);
+    assert_eq!(
+        sample(
+            &text,
+            "airlock_mcp_messages_total{backend=\"tools\",direction=\"server_to_client\",kind=\"response\",decision=\"allow\"}"
+        ),
+        Some(2.0 * n as f64)
+    );
+    assert_eq!(
+        sample(
+            &text,
+            "airlock_mcp_masked_values_total{backend=\"tools\",detector=\"email\"}"
+        ),
+        Some(2.0 * n as f64)
+    );
+    assert!(plain < 2_000.0, "{plain} ns per record");
 }
