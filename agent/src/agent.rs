@@ -69,6 +69,8 @@ pub enum RunError {
     Tls(String),
     #[error("invalid policies (fix them, or check with `airlock policy check`):\n{0}")]
     Policy(#[from] crate::policy::PolicyErrors),
+    #[error(transparent)]
+    Metrics(#[from] crate::metrics::server::BindError),
 }
 
 pub async fn run(config: Config) -> Result<(), RunError> {
@@ -119,6 +121,17 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     let v6 = SocketAddr::from((Ipv6Addr::LOCALHOST, config.listen_port));
     let listening_since_ns = boottime_ns().map_err(RunError::Clock)?;
     let listeners = [bind(v4)?, bind(v6)?];
+    // Metrics: families fed from now on; the endpoint bound before the programs attach.
+    let metrics = match config.metrics_listen {
+        Some(addr) => {
+            let listener = crate::metrics::server::bind(addr).await?;
+            let m = crate::metrics::Metrics::new(config.backends.iter().map(|b| b.name.as_str()));
+            crate::observe::install(Arc::new(m.clone()));
+            info!(%addr, "metrics at http://{addr}/metrics");
+            Some((m, listener))
+        }
+        None => None,
+    };
 
     let (kernel, own) = Kernel::start(
         &KernelSetup {
@@ -224,6 +237,15 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         )),
     });
     let started_at = SystemTime::now();
+    let metrics_task = metrics.map(|(m, listener)| {
+        let registry = m.registry(Some(crate::metrics::collect::AgentCollector {
+            proxy: proxy.clone(),
+            ship: shipper
+                .as_ref()
+                .map(|s| s.stats.clone() as Arc<dyn crate::metrics::ShipStats>),
+        }));
+        tokio::spawn(crate::metrics::server::serve(listener, Arc::new(registry)))
+    });
 
     let (shutdown_tx, mut shutdown_rx) = mpsc::channel::<&'static str>(4);
     let admin_listener =
@@ -394,6 +416,9 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         );
     }
     admin_task.abort();
+    if let Some(t) = &metrics_task {
+        t.abort();
+    }
     let _ = std::fs::remove_file(config.admin_socket());
     // Tool pins changed since the last save go to disk before the agent exits.
     pins_task.abort();

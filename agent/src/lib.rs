@@ -28,6 +28,7 @@
 //! - [`ship`]: the archive shipped to an S3-compatible bucket (`[ship]`), and `airlock verify`
 //!   of a fleet copy.
 //! - [`observe`]: the tap metrics and audit events read: every record, every agent event.
+//! - [`metrics`]: Prometheus/OpenMetrics `GET /metrics` on `metrics_listen`.
 //! - [`fuzzing`]: the fuzz targets' bodies (`fuzz/`), replayed on their corpora by the tests.
 #![forbid(unsafe_op_in_unsafe_fn)]
 
@@ -46,6 +47,7 @@ pub mod keys;
 pub mod limits;
 pub mod logging;
 pub mod mcp;
+pub mod metrics;
 pub mod observe;
 pub mod pipeline;
 pub mod policy;

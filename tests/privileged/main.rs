@@ -9,6 +9,7 @@ mod harness;
 mod lifecycle;
 mod logs;
 mod mcp;
+mod metrics;
 mod redirect;
 mod redteam;
 mod ship;

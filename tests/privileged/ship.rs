@@ -142,12 +142,17 @@ fn refused_credentials_show_in_status_and_the_backlog_ships_once_fixed() {
     let dir = scratch("ship-nanio");
     let server = S3Server::nanio(&dir.join("s3"), free_port(), BUCKET, "airlock", "right");
     let cred = credentials(&dir, "wrong");
+    let metrics_port = free_port();
+    let config = format!(
+        "metrics_listen = \"127.0.0.1:{metrics_port}\"\n{}",
+        ship_toml("fleet-host-2", &server, &cred)
+    );
     let Some(Scenario {
         mut agent,
         backend,
         cg,
         ..
-    }) = Scenario::start("ship-auth", &ship_toml("fleet-host-2", &server, &cred))
+    }) = Scenario::start("ship-auth", &config)
     else {
         return;
     };
@@ -166,6 +171,20 @@ fn refused_credentials_show_in_status_and_the_backlog_ships_once_fixed() {
     let text = String::from_utf8_lossy(&text.stdout);
     assert!(text.contains("last error"), "{text}");
     assert!(files_under(&server.data.join(BUCKET)).is_empty());
+    // The same backlog and failures in the metrics.
+    let metrics = scrape(metrics_port);
+    let sample = |name: &str| {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .unwrap_or_else(|| panic!("no `{name}` sample: {metrics}"))
+    };
+    assert!(sample("airlock_ship_failures_total") >= 1.0, "{metrics}");
+    assert!(sample("airlock_ship_backlog_files") >= 1.0, "{metrics}");
+    assert!(sample("airlock_ship_backlog_lines") >= 1.0, "{metrics}");
+    assert!(sample("airlock_ship_backlog_bytes") > 0.0, "{metrics}");
+    assert_eq!(sample("airlock_ship_conflicts_total"), 0.0, "{metrics}");
 
     // Fixed credentials, agent restarted: nanio checks the signature and takes the backlog.
     assert!(agent.sigterm().success(), "{}", agent.log());
@@ -308,4 +327,18 @@ fn retention_keeps_what_is_not_shipped() {
         s["lines_pending"].as_u64() == Some(0) && s["lines_shipped"].as_u64() >= Some(2)
     });
     assert!(agent.sigterm().success(), "{}", agent.log());
+}
+
+/// `GET /metrics` from the agent's endpoint, the body.
+fn scrape(port: u16) -> String {
+    use std::io::{Read as _, Write as _};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let (head, body) = out.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    body.to_owned()
 }

@@ -279,6 +279,7 @@ fn setup() -> Result<()> {
     bpf_linker()?;
     test_venvs()?;
     test_node()?;
+    test_prometheus()?;
     eprintln!("xtask: setup complete");
     Ok(())
 }
@@ -351,6 +352,44 @@ fn test_node() -> Result<()> {
         .args(["install", "--no-audit", "--no-fund", "--loglevel=error"])
         .args(NODE_TEST_PACKAGES))?;
     std::fs::write(&stamp, wanted).context("writing the npm stamp")?;
+    Ok(())
+}
+
+/// Prometheus for the metrics test: Debian's package, downloaded and unpacked under
+/// `target/test-prometheus` (not installed: the test runs the binary as a plain process; it
+/// needs only libc, the package's other dependencies are the web UI's assets and the service
+/// user).
+fn test_prometheus() -> Result<()> {
+    let dir = workspace_root().join("target/test-prometheus");
+    let stamp = dir.join(".airlock-package");
+    if dir.join("usr/bin/prometheus").exists() && stamp.exists() {
+        return Ok(());
+    }
+    let download = dir.join("download");
+    let _ = std::fs::remove_dir_all(&download);
+    std::fs::create_dir_all(&download).context("creating target/test-prometheus/download")?;
+    let fetch = || {
+        run(Command::new("apt-get")
+            .current_dir(&download)
+            .args(["download", "-qq", "prometheus"]))
+    };
+    if fetch().is_err() {
+        // A machine whose package lists were never fetched.
+        run(Command::new("apt-get").args(["update", "-qq"]))?;
+        fetch()?;
+    }
+    let deb = std::fs::read_dir(&download)
+        .context("reading target/test-prometheus/download")?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.extension().is_some_and(|e| e == "deb"))
+        .context("apt-get download prometheus left no .deb")?;
+    run(Command::new("dpkg").arg("-x").arg(&deb).arg(&dir))?;
+    let name = deb
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    std::fs::write(&stamp, name).context("writing the prometheus stamp")?;
+    let _ = std::fs::remove_dir_all(&download);
     Ok(())
 }
 

@@ -79,6 +79,85 @@ pub struct ArchiveStats {
     /// Notified when a manifest line was appended (a file published, retention): wakes the
     /// shipper.
     pub published: Arc<tokio::sync::Notify>,
+    /// Bytes of the Parquet files published.
+    pub bytes: AtomicU64,
+    /// The `archive_seq` after the last durable record, and the first one not yet in a
+    /// published Parquet file: between them, the records waiting for their file.
+    pub durable_seq: AtomicU64,
+    pub published_seq: AtomicU64,
+    /// Unix time (µs) since which durable records have been waiting for a Parquet file
+    /// (to within one publish); 0 when none wait.
+    pub unpublished_since_us: AtomicU64,
+    /// How long each write-ahead commit (fsync) took.
+    pub commits: CommitTimes,
+}
+
+impl ArchiveStats {
+    /// Durable records not yet in a published Parquet file.
+    pub fn unpublished(&self) -> u64 {
+        self.durable_seq
+            .load(Ordering::Relaxed)
+            .saturating_sub(self.published_seq.load(Ordering::Relaxed))
+    }
+
+    /// Seconds the oldest unpublished record has waited (0 when none waits).
+    pub fn publish_lag_secs(&self, now_us: u64) -> f64 {
+        let since = self.unpublished_since_us.load(Ordering::Relaxed);
+        if since == 0 || self.unpublished() == 0 {
+            return 0.0;
+        }
+        now_us.saturating_sub(since) as f64 / 1e6
+    }
+}
+
+/// Upper bounds (seconds) of the commit-duration buckets.
+pub const COMMIT_BUCKETS: [f64; 12] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+];
+
+/// A histogram of commit durations, lock-free (the log thread writes, a scrape reads).
+#[derive(Default, Debug)]
+pub struct CommitTimes {
+    /// Commits at or below each bound of [`COMMIT_BUCKETS`] (not cumulative).
+    buckets: [AtomicU64; COMMIT_BUCKETS.len()],
+    count: AtomicU64,
+    sum_ns: AtomicU64,
+}
+
+impl CommitTimes {
+    pub fn observe(&self, took: Duration) {
+        let secs = took.as_secs_f64();
+        if let Some(i) = COMMIT_BUCKETS.iter().position(|b| secs <= *b) {
+            self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        }
+        self.sum_ns
+            .fetch_add(took.as_nanos() as u64, Ordering::Relaxed);
+        self.count.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// (sum in seconds, count, cumulative buckets with `+Inf` last).
+    pub fn snapshot(&self) -> (f64, u64, Vec<(f64, u64)>) {
+        let count = self.count.load(Ordering::Relaxed);
+        let mut acc = 0;
+        let mut out: Vec<(f64, u64)> = COMMIT_BUCKETS
+            .iter()
+            .zip(&self.buckets)
+            .map(|(b, n)| {
+                acc += n.load(Ordering::Relaxed);
+                (*b, acc)
+            })
+            .collect();
+        out.push((f64::INFINITY, count.max(acc)));
+        let sum = self.sum_ns.load(Ordering::Relaxed) as f64 / 1e9;
+        (sum, count.max(acc), out)
+    }
+}
+
+fn unix_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(1)
 }
 
 type Ack = oneshot::Sender<Result<u64, ArchiveError>>;
@@ -98,6 +177,12 @@ impl Archive {
         let failed = Arc::new(AtomicBool::new(false));
         let stats = Arc::new(ArchiveStats::default());
         let (log, publisher) = writer.into_parts();
+        stats
+            .durable_seq
+            .store(log.durable_next_seq(), Ordering::Relaxed);
+        stats
+            .published_seq
+            .store(publisher.next_archive_seq(), Ordering::Relaxed);
         let (publish_tx, publish_rx) = std::sync::mpsc::sync_channel(PUBLISH_QUEUE);
         let (f, s) = (failed.clone(), stats.clone());
         let publishing = thread::Builder::new()
@@ -233,11 +318,23 @@ impl State {
             return;
         }
         self.stats.fsyncs.fetch_add(1, Ordering::Relaxed);
+        let started = Instant::now();
         match self.w.sync() {
             Ok(()) => {
+                self.stats.commits.observe(started.elapsed());
                 self.stats
                     .records
                     .fetch_add(self.unsynced.len() as u64, Ordering::Relaxed);
+                self.stats
+                    .durable_seq
+                    .store(self.w.durable_next_seq(), Ordering::Relaxed);
+                // Records wait for a Parquet file from now, unless older ones already do.
+                let _ = self.stats.unpublished_since_us.compare_exchange(
+                    0,
+                    unix_us(),
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                );
                 for (ack, seq) in self.unsynced.drain(..) {
                     if let Some(ack) = ack {
                         let _ = ack.send(Ok(seq));
@@ -487,6 +584,17 @@ fn publish(
     stats.files.fetch_add(published, Ordering::Relaxed);
     if published > 0 {
         stats.published.notify_one();
+    }
+    stats.bytes.store(p.published_bytes(), Ordering::Relaxed);
+    stats
+        .published_seq
+        .store(p.next_archive_seq(), Ordering::Relaxed);
+    // What still waits arrived after the segment just published was sealed: about now.
+    let waiting = stats.unpublished() > 0;
+    if !waiting || queued > p.queued() {
+        stats
+            .unpublished_since_us
+            .store(if waiting { unix_us() } else { 0 }, Ordering::Relaxed);
     }
     if let Err(e) = &result {
         // The records stay in their segments: retried here, and recovered on the next start.

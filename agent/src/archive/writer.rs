@@ -116,6 +116,8 @@ pub struct Publisher {
     /// Manifest lines shipped off the host (`[ship]` with `keep_unshipped`): retention keeps
     /// the files of later lines.
     retention_hold: Option<std::sync::Arc<std::sync::atomic::AtomicU64>>,
+    /// Bytes of the Parquet files this publisher wrote (metrics).
+    published_bytes: u64,
 }
 
 impl ArchiveWriter {
@@ -147,6 +149,7 @@ impl ArchiveWriter {
             last_hash,
             next_archive_seq: tip + 1,
             retention_hold: None,
+            published_bytes: 0,
         };
         let (recovery, wal_no) = publisher.recover(wal_no)?;
         let log = SegmentLog {
@@ -309,6 +312,12 @@ impl SegmentLog {
         self.rows
     }
 
+    /// The `archive_seq` the next record takes once every appended one is durable: records
+    /// before it are in the write-ahead log (or published).
+    pub fn durable_next_seq(&self) -> u64 {
+        self.durable_tip.1
+    }
+
     pub fn wants_roll(&self) -> bool {
         self.rows >= self.max_rows || self.bytes >= self.max_bytes
     }
@@ -363,6 +372,16 @@ impl Publisher {
     /// Sealed segments waiting to be published.
     pub fn queued(&self) -> usize {
         self.queue.len()
+    }
+
+    /// The first `archive_seq` not yet in a published Parquet file.
+    pub fn next_archive_seq(&self) -> u64 {
+        self.next_archive_seq
+    }
+
+    /// Bytes of the Parquet files written since this publisher started.
+    pub fn published_bytes(&self) -> u64 {
+        self.published_bytes
     }
 
     /// Publish every queued segment, oldest first, then delete it. On failure it and the
@@ -498,7 +517,9 @@ impl Publisher {
         let final_path = dir.join(&name);
         fs::rename(&tmp, &final_path)?;
         File::open(&dir)?.sync_all()?;
-        let sha256 = hex(&sha2::Sha256::digest(fs::read(&final_path)?));
+        let written = fs::read(&final_path)?;
+        self.published_bytes += written.len() as u64;
+        let sha256 = hex(&sha2::Sha256::digest(written));
         self.manifest.append(
             EntryBody::File {
                 path: rel_dir.join(&name).to_string_lossy().into_owned(),

@@ -109,6 +109,8 @@ pub struct Config {
     pub archive_key_fingerprints: std::collections::BTreeMap<String, String>,
     /// `[ship]`: upload the archive to an S3-compatible bucket.
     pub ship: Option<ShipConfig>,
+    /// Where `GET /metrics` is served (Prometheus/OpenMetrics); `None`: no endpoint.
+    pub metrics_listen: Option<SocketAddr>,
     pub backends: Vec<Backend>,
 }
 
@@ -193,6 +195,10 @@ struct RawConfig {
     archive_key_fingerprints: std::collections::BTreeMap<String, String>,
     #[serde(default)]
     ship: Option<ship::RawShip>,
+    metrics_listen: Option<String>,
+    /// Lets `metrics_listen` name a non-loopback address.
+    #[serde(default)]
+    metrics_allow_remote: bool,
     #[serde(default, rename = "backend")]
     backends: Vec<RawBackend>,
 }
@@ -504,6 +510,13 @@ impl Validator<'_> {
                 Some(uri)
             }
         };
+        let metrics_listen = match &raw.metrics_listen {
+            None => None,
+            Some(a) => Some(
+                crate::metrics::parse_listen(a, raw.metrics_allow_remote)
+                    .map_err(|e| self.err("metrics_listen", e))?,
+            ),
+        };
         for (host, fp) in &raw.archive_key_fingerprints {
             let ok = fp
                 .strip_prefix("sha256:")
@@ -706,6 +719,7 @@ impl Validator<'_> {
                 .into_iter()
                 .map(|(h, f)| (h, f.to_ascii_lowercase()))
                 .collect(),
+            metrics_listen,
             backends,
         })
     }

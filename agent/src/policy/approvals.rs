@@ -136,6 +136,11 @@ impl Approvals {
         id
     }
 
+    /// How many calls wait for a decision (expired ones count until their holder wakes).
+    pub fn pending_count(&self) -> usize {
+        self.pending.len()
+    }
+
     /// Pending calls, oldest first, with their remaining time.
     pub fn list(&mut self, now: Instant) -> Vec<PendingApproval> {
         self.expire(now);

@@ -105,3 +105,32 @@ impl ShipStats {
         self.last_error_unix.store(now_unix(), Ordering::Relaxed);
     }
 }
+
+impl crate::metrics::ShipStats for ShipStats {
+    fn backlog_files(&self) -> u64 {
+        self.files_pending.load(Ordering::Relaxed)
+    }
+
+    fn backlog_bytes(&self) -> u64 {
+        self.bytes_pending.load(Ordering::Relaxed)
+    }
+
+    fn failures(&self) -> u64 {
+        self.uploads_failed.load(Ordering::Relaxed)
+    }
+
+    fn backlog_lines(&self) -> u64 {
+        self.lines_pending.load(Ordering::Relaxed)
+    }
+
+    fn oldest_pending_seconds(&self) -> u64 {
+        match self.oldest_pending_unix.load(Ordering::Relaxed) {
+            0 => 0,
+            oldest => now_unix().saturating_sub(oldest),
+        }
+    }
+
+    fn conflicts(&self) -> u64 {
+        self.conflicts.load(Ordering::Relaxed)
+    }
+}
