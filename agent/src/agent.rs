@@ -67,6 +67,8 @@ pub enum RunError {
     Tls(String),
     #[error("invalid policies (fix them, or check with `airlock policy check`):\n{0}")]
     Policy(#[from] crate::policy::PolicyErrors),
+    #[error("audit events (`[events]` in airlock.toml): {0}")]
+    Events(#[from] crate::events::EventsError),
 }
 
 pub async fn run(config: Config) -> Result<(), RunError> {
@@ -114,6 +116,22 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         &targets,
     )?;
     let own = Arc::new(own);
+    // Audit events observe every decision from here on (before any traffic is accepted).
+    let events = match &config.events {
+        Some(ec) => {
+            let gid = nix::unistd::Group::from_name(&config.archive_group)
+                .ok()
+                .flatten()
+                .map(|g| g.gid.as_raw());
+            Some(crate::events::Events::start_agent(
+                ec,
+                &config.host,
+                gid,
+                own.clone(),
+            )?)
+        }
+        None => None,
+    };
     info!(
         cgroup = %cgroup.display(),
         port = config.listen_port,
@@ -393,6 +411,15 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         Ok(()) => info!("archive flushed"),
         Err(e) => {
             warn!(error = %e, "archive flush failed; the write-ahead segments are recovered at the next start")
+        }
+    }
+    // Events queued so far reach their file, syslog receiver or spool before the exit.
+    if let Some(events) = events {
+        let flushed = tokio::task::spawn_blocking(move || events.flush(Duration::from_secs(3)))
+            .await
+            .unwrap_or(false);
+        if !flushed {
+            warn!("some audit events were not written before the exit (a sink is down)");
         }
     }
     if config.on_agent_down == OnAgentDown::Block && crate::kernel::is_pinned(&config.bpffs_dir) {
@@ -757,6 +784,7 @@ fn status(proxy: &Proxy, cgroup: &str, started_at: SystemTime) -> Status {
                 c.insert(k.to_owned(), v.load(std::sync::atomic::Ordering::Relaxed));
             }
             c.extend(proxy.resources.counters.snapshot());
+            c.extend(crate::events::counters());
             c.extend(proxy.resources.in_use());
             c
         },

@@ -25,6 +25,7 @@
 //! - [`config`]: `airlock.toml`; [`cgroup`]: finding the cgroup v2 mount; [`fsperm`]: owner
 //!   and mode checks of state, archive and keys.
 //! - [`observe`]: the tap metrics and audit events read: every record, every agent event.
+//! - [`events`]: audit events for SIEMs: OCSF mapping, file/syslog/webhook sinks, spool.
 //! - [`fuzzing`]: the fuzz targets' bodies (`fuzz/`), replayed on their corpora by the tests.
 #![forbid(unsafe_op_in_unsafe_fn)]
 
@@ -34,6 +35,7 @@ pub mod archive;
 pub mod attribution;
 pub mod cgroup;
 pub mod config;
+pub mod events;
 pub mod fsperm;
 pub mod fuzzing;
 pub mod http;

@@ -25,6 +25,8 @@ const APT_PACKAGES: &[&str] = &[
     "python3-venv",
     "util-linux",
     "iproute2",
+    // The syslog receiver the audit-events tests send to.
+    "rsyslog",
 ];
 /// The packages whose tests run here (agent-ebpf only builds for the BPF target).
 const TEST_PACKAGES: &[&str] = &["airlock", "airlock-common", "xtask"];
@@ -298,6 +300,8 @@ const PYTHON_TEST_VENVS: &[(&str, &[&str])] = &[
     ),
     ("test-venv-mcp1", &["mcp==1.30.0", "uvicorn==0.54.0"]),
     ("test-venv-fastmcp", &["fastmcp==4.2.3", "uvicorn==0.54.0"]),
+    // Validates audit events against the OCSF 1.7.0 schema it ships (offline).
+    ("test-venv-ocsf", &["pydantic-ocsf==3.0.0"]),
 ];
 
 /// npm packages of the end-to-end tests (`target/test-node`): the TypeScript SDK's client, the

@@ -106,6 +106,8 @@ pub struct Config {
     /// (the keys stored in an archive prove nothing on their own).
     pub archive_key_fingerprints: std::collections::BTreeMap<String, String>,
     pub backends: Vec<Backend>,
+    /// `[events]`: OCSF audit events to a file, syslog and/or a webhook (none when absent).
+    pub events: Option<crate::events::EventsConfig>,
 }
 
 /// What happens when a backend changes a tool's definition after it was first seen.
@@ -184,6 +186,8 @@ struct RawConfig {
     archive_key_fingerprints: std::collections::BTreeMap<String, String>,
     #[serde(default, rename = "backend")]
     backends: Vec<RawBackend>,
+    #[serde(default)]
+    events: Option<crate::events::config::RawEvents>,
 }
 
 #[derive(Deserialize)]
@@ -651,9 +655,17 @@ impl Validator<'_> {
             })
             .collect();
         check_shared_addresses(&backends, &static_targets).map_err(|(key, m)| self.err(key, m))?;
+        let state_dir = self.absolute(raw.state_dir);
+        let events = match raw.events {
+            None => None,
+            Some(e) => Some(
+                e.validate(|p| self.absolute(p), &state_dir)
+                    .map_err(|(key, m)| self.err(&key, m))?,
+            ),
+        };
         Ok(Config {
             path: self.absolute(self.path.to_owned()),
-            state_dir: self.absolute(raw.state_dir),
+            state_dir,
             archive_dir: self.absolute(raw.archive_dir),
             policies_dir: self.absolute(raw.policies_dir),
             cgroup,
@@ -688,6 +700,7 @@ impl Validator<'_> {
                 .map(|(h, f)| (h, f.to_ascii_lowercase()))
                 .collect(),
             backends,
+            events,
         })
     }
 }
