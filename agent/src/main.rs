@@ -507,6 +507,24 @@ fn verify(
         }
     };
     let report = airlock::archive::verify::verify(dir, &trust);
+    if !report.intact()
+        && let Some(c) = config
+        && let Some(events) = &c.events
+    {
+        // The SIEM hears of it too (file, syslog; the webhook's spool, which the agent sends).
+        match airlock::events::report_verification_failure(
+            events,
+            &c.host,
+            &report.hosts,
+            &report.problems,
+        ) {
+            Ok(true) => {}
+            Ok(false) => eprintln!(
+                "airlock: the verification-failed event did not reach every events sink within 5 s"
+            ),
+            Err(e) => eprintln!("airlock: cannot send the verification-failed event: {e}"),
+        }
+    }
     if json {
         println!(
             "{}",

@@ -296,6 +296,39 @@ impl Events {
     }
 }
 
+/// `airlock verify` found problems: one Detection Finding to the configured sinks (file and
+/// syslog directly; the webhook's spool, which the agent delivers). Returns whether every
+/// sink took it within 5 s.
+pub fn report_verification_failure(
+    config: &EventsConfig,
+    host: &str,
+    archive_hosts: &[String],
+    problems: &[String],
+) -> Result<bool, EventsError> {
+    let events = Events::start(config, host, None)?;
+    let mut problem = format!("{} problem(s): ", problems.len());
+    problem.push_str(
+        &problems
+            .iter()
+            .take(10)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join("; "),
+    );
+    let hosts = if archive_hosts.is_empty() {
+        "unknown".to_owned()
+    } else {
+        archive_hosts.join(",")
+    };
+    Ok(events.emit_event_now(
+        &AgentEvent::VerificationFailed {
+            host: hosts,
+            problem,
+        },
+        Duration::from_secs(5),
+    ))
+}
+
 impl Observer for Events {
     fn on_record(&self, record: &RecordInput) {
         if let Some(v) = ocsf::from_record(record, &self.version) {

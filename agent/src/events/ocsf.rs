@@ -85,6 +85,8 @@ pub fn record_decision(r: &RecordInput) -> Option<CallDecision> {
         // Airlock's own refusal of a call it already reported, and tool-pin alerts (their
         // own event); a connection refusal is reported by `ConnectionRejected`.
         ("error", "block" | "denied") | ("connection", _) => None,
+        // A listing with tools hidden by a block rule: no call was refused.
+        ("response", "block") if r.method.as_deref().is_some_and(|m| m.ends_with("/list")) => None,
         (_, "block") => Some(CallDecision::Blocked),
         (_, "denied") => None,
         _ if !r.masked_detectors.is_empty() => Some(CallDecision::Masked),

@@ -1,0 +1,569 @@
+//! Audit events for SIEMs, end to end: real MCP traffic through the agent is blocked and
+//! masked, and the OCSF events arrive at Debian's `rsyslog` (started here as a plain process)
+//! and in the JSON-lines file, with the caller's uid and executable and no secret; a sink
+//! that is down neither blocks nor slows the traffic, and what it missed is delivered when
+//! it is back (the webhook's spool survives an agent restart).
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+
+use crate::{
+    harness::*,
+    mcp::{HOST, finish, spawn_call, tls_setup_full, venv_python},
+};
+
+/// A GitHub token the default policy masks: planted in arguments, it must be in no event.
+const PLANTED: &str = "ghp_PLANTEDsecretTOKEN0123456789abcdefAB";
+
+const BLOCK_POLICY: &str = r#"
+[[rule]]
+id = "no-destructive-tools"
+action = "block"
+tools = ["delete_*"]
+"#;
+
+/// Debian's rsyslogd, receiving on TCP (octet-counted RFC 5424) and/or a Unix datagram
+/// socket, writing each message's MSG (the JSON event) a line. Killed on drop.
+struct Rsyslog {
+    child: Child,
+    out: PathBuf,
+    dir: PathBuf,
+}
+
+impl Rsyslog {
+    fn start(dir: &Path, tcp_port: Option<u16>, unix_socket: Option<&Path>) -> Rsyslog {
+        assert!(
+            Path::new("/usr/sbin/rsyslogd").exists(),
+            "/usr/sbin/rsyslogd is missing: `cargo xtask setup` installs Debian's rsyslog"
+        );
+        let dir = dir.join(format!("rsyslog-{}", tcp_port.unwrap_or(0)));
+        std::fs::create_dir_all(&dir).unwrap();
+        let out = dir.join("events.log");
+        let mut conf = format!(
+            "global(workDirectory=\"{d}\" maxMessageSize=\"64k\")\n\
+             template(name=\"airlock\" type=\"string\" string=\"%app-name% %syslogfacility-text% %syslogseverity-text% %msgid% %msg%\\n\")\n",
+            d = dir.display()
+        );
+        if let Some(p) = tcp_port {
+            conf.push_str(&format!(
+                "module(load=\"imtcp\")\ninput(type=\"imtcp\" port=\"{p}\" address=\"127.0.0.1\")\n"
+            ));
+        }
+        if let Some(s) = unix_socket {
+            conf.push_str(&format!(
+                "module(load=\"imuxsock\" SysSock.Use=\"off\")\n\
+                 input(type=\"imuxsock\" Socket=\"{}\" UseSpecialParser=\"off\" ParseHostname=\"on\")\n",
+                s.display()
+            ));
+        }
+        conf.push_str(&format!(
+            "action(type=\"omfile\" file=\"{}\" template=\"airlock\")\n",
+            out.display()
+        ));
+        let conf_path = dir.join("rsyslog.conf");
+        std::fs::write(&conf_path, conf).unwrap();
+        let log = std::fs::File::create(dir.join("rsyslogd.log")).unwrap();
+        let child = Command::new("/usr/sbin/rsyslogd")
+            .arg("-n")
+            .arg("-f")
+            .arg(&conf_path)
+            .arg("-i")
+            .arg(dir.join("rsyslogd.pid"))
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start rsyslogd");
+        let r = Rsyslog { child, out, dir };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let up = tcp_port
+                .is_none_or(|p| std::net::TcpStream::connect(("127.0.0.1", p)).is_ok())
+                && unix_socket.is_none_or(Path::exists);
+            if up {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "rsyslogd did not start: {}",
+                std::fs::read_to_string(r.dir.join("rsyslogd.log")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        r
+    }
+
+    /// Received lines: (app-name, facility, severity, msgid, the JSON event).
+    fn events(&self) -> Vec<(String, String, String, String, Value)> {
+        std::fs::read_to_string(&self.out)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| {
+                let mut parts = l.splitn(5, ' ');
+                let app = parts.next()?.to_owned();
+                let fac = parts.next()?.to_owned();
+                let sev = parts.next()?.to_owned();
+                let msgid = parts.next()?.to_owned();
+                let json = serde_json::from_str(parts.next()?.trim()).unwrap_or_else(|e| {
+                    panic!("rsyslog received a MSG that is not JSON ({e}): {l}")
+                });
+                Some((app, fac, sev, msgid, json))
+            })
+            .collect()
+    }
+
+    fn raw(&self) -> String {
+        std::fs::read_to_string(&self.out).unwrap_or_default()
+    }
+
+    /// Wait until `pred` holds for the received events.
+    fn wait_for(&self, what: &str, pred: impl Fn(&[Value]) -> bool) -> Vec<Value> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let evs: Vec<Value> = self.events().into_iter().map(|e| e.4).collect();
+            if pred(&evs) {
+                return evs;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "rsyslog did not receive {what}; it has:\n{}",
+                self.raw()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Rsyslog {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// JSON lines of a file (the file sink).
+fn json_lines(path: &Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect()
+}
+
+/// Validate events with pydantic-ocsf (OCSF 1.7.0), as the unit test does.
+fn validate_ocsf(events: &[Value]) {
+    let python = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/test-venv-ocsf/bin/python");
+    assert!(
+        python.exists(),
+        "{} is missing: `cargo xtask setup` creates it (pydantic-ocsf)",
+        python.display()
+    );
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/support/ocsf_validate.py");
+    let mut child = Command::new(python)
+        .arg(script)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write as _;
+        let mut stdin = child.stdin.take().unwrap();
+        for e in events {
+            writeln!(stdin, "{e}").unwrap();
+        }
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "events from a real run fail OCSF validation:\n{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+fn is_class(e: &Value, class: u64, activity: u64) -> bool {
+    e["class_uid"] == class && e["activity_id"] == activity
+}
+
+fn blocked_call(e: &Value, tool: &str) -> bool {
+    e["class_uid"] == 6003 && e["disposition_id"] == 2 && e["resources"][0]["name"] == tool
+}
+
+fn masked(e: &Value) -> bool {
+    e["class_uid"] == 6003 && e["action"] == "Modified"
+}
+
+fn counter(agent: &Agent, name: &str) -> u64 {
+    agent.status()["agent_counters"][name].as_u64().unwrap_or(0)
+}
+
+/// Blocked and masked MCP calls from a real SDK client reach rsyslog (TCP, RFC 5424 with
+/// octet counting) and the JSON-lines file as OCSF API Activity events: one event per
+/// blocked call, the caller's uid and executable, the rule, counts by detector and never
+/// the planted token. Start and stop are Application Lifecycle events. Every event from
+/// the run validates against the OCSF schema.
+#[test]
+fn blocked_and_masked_calls_reach_rsyslog_and_the_file() {
+    let syslog_port = free_port();
+    let top = format!(
+        "[events]\n[events.file]\npath = \"EVENTS_DIR/events.jsonl\"\n\
+         [events.syslog]\naddress = \"tcp://127.0.0.1:{syslog_port}\"\nfacility = \"local3\"\n"
+    );
+    let mut rsyslog = None;
+    let Some((cg, mut agent, _server, port, bundle)) = tls_setup_full(
+        "events",
+        "ca_file = \"BACKEND_CA\"",
+        &top,
+        ("json", 1),
+        |agent| {
+            let cfg = std::fs::read_to_string(&agent.config)
+                .unwrap()
+                .replace("EVENTS_DIR", agent.dir.to_str().unwrap());
+            std::fs::write(&agent.config, cfg).unwrap();
+            std::fs::write(agent.dir.join("policies/block.toml"), BLOCK_POLICY).unwrap();
+            rsyslog = Some(Rsyslog::start(&agent.dir, Some(syslog_port), None));
+        },
+    ) else {
+        return;
+    };
+    let rsyslog = rsyslog.unwrap();
+    let url = format!("https://{HOST}:{port}/mcp");
+    let res = finish(spawn_call(
+        &cg,
+        &agent.dir,
+        &bundle,
+        &url,
+        "delete_everything",
+        "{}",
+    ));
+    assert_eq!(res["error"]["code"], -32010, "{res}");
+    let res = finish(spawn_call(
+        &cg,
+        &agent.dir,
+        &bundle,
+        &url,
+        "echo",
+        &format!(r#"{{"text": "deploy with {PLANTED}"}}"#),
+    ));
+    assert!(res.to_string().contains("[MASKED:github_token]"), "{res}");
+
+    let evs = rsyslog.wait_for("the blocked call and the masked echo", |evs| {
+        evs.iter().any(|e| blocked_call(e, "delete_everything"))
+            && evs
+                .iter()
+                .any(|e| masked(e) && e["resources"][0]["name"] == "echo")
+    });
+    let blocked: Vec<_> = evs
+        .iter()
+        .filter(|e| blocked_call(e, "delete_everything"))
+        .collect();
+    assert_eq!(blocked.len(), 1, "one event per blocked call: {blocked:#?}");
+    let b = blocked[0];
+    assert_eq!(b["action_id"], 2);
+    assert_eq!(b["type_uid"], 600399);
+    assert_eq!(b["api"]["operation"], "tools/call");
+    assert_eq!(b["api"]["service"]["name"], "tools");
+    assert_eq!(b["policy"]["uid"], "no-destructive-tools");
+    // The caller: the SDK client, run as root by the test, and its real executable.
+    assert_eq!(b["actor"]["user"]["uid"], "0");
+    assert_eq!(b["actor"]["process"]["user"]["uid"], "0");
+    let exe = std::fs::canonicalize(venv_python()).unwrap();
+    assert_eq!(
+        b["actor"]["process"]["file"]["path"],
+        exe.to_str().unwrap(),
+        "{b:#}"
+    );
+    assert!(b["actor"]["process"]["pid"].as_u64().unwrap() > 1);
+    let m = evs
+        .iter()
+        .find(|e| masked(e) && e["resources"][0]["name"] == "echo")
+        .unwrap();
+    assert_eq!(m["disposition_id"], 1);
+    assert!(
+        m["unmapped"]["airlock"]["masked"]["github_token"]
+            .as_u64()
+            .unwrap()
+            >= 1,
+        "{m:#}"
+    );
+    assert!(
+        evs.iter().any(|e| is_class(e, 6002, 3)),
+        "the start event: {}",
+        rsyslog.raw()
+    );
+    // RFC 5424 header as rsyslog parsed it.
+    let (app, facility, _, msgid, _) = rsyslog
+        .events()
+        .into_iter()
+        .find(|e| blocked_call(&e.4, "delete_everything"))
+        .unwrap();
+    assert_eq!((app.as_str(), facility.as_str()), ("airlock", "local3"));
+    assert_eq!(msgid, "ocsf.6003");
+
+    let status = agent.status();
+    assert!(
+        status["agent_counters"]["events_syslog_sent"]
+            .as_u64()
+            .unwrap()
+            >= 3
+    );
+    assert_eq!(status["agent_counters"]["events_syslog_dropped"], 0);
+    let table = agent.airlock(&["status"]);
+    assert!(String::from_utf8_lossy(&table.stdout).contains("events_file_sent"));
+
+    assert!(agent.sigterm().success(), "{}", agent.log());
+    let file = json_lines(&agent.dir.join("events.jsonl"));
+    assert!(file.iter().any(|e| is_class(e, 6002, 4)), "the stop event");
+    assert!(file.iter().any(|e| blocked_call(e, "delete_everything")));
+    rsyslog.wait_for("the stop event", |evs| {
+        evs.iter().any(|e| is_class(e, 6002, 4))
+    });
+    for text in [
+        rsyslog.raw(),
+        std::fs::read_to_string(agent.dir.join("events.jsonl")).unwrap(),
+    ] {
+        assert!(
+            !text.contains(PLANTED),
+            "an event carries the planted token"
+        );
+        assert!(
+            !text.contains("\"arguments\""),
+            "an event carries arguments"
+        );
+    }
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = std::fs::metadata(agent.dir.join("events.jsonl"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o007, 0, "the events file is not world-readable");
+    validate_ocsf(&file);
+    drop(cg);
+}
+
+/// Syslog over a Unix datagram socket (`/dev/log` style, rsyslog's imuxsock): the agent's
+/// start and stop arrive with app-name `airlock` and the configured facility.
+#[test]
+fn lifecycle_events_reach_rsyslog_over_a_unix_socket() {
+    if !privileged() {
+        return;
+    }
+    let name = unique("events-unix");
+    let cg = TestCgroup::new(&name);
+    let dir = std::env::temp_dir().join(format!("{name}-rsyslog"));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let socket = dir.join("log.sock");
+    let rsyslog = Rsyslog::start(&dir, None, Some(&socket));
+    let backend = Backend::start("tools", "127.0.0.2:0");
+    let mut agent = Agent::start(
+        &cg,
+        &name,
+        &backend_toml("tools", backend.port(), &["127.0.0.2"]),
+        &format!(
+            "[events.syslog]\naddress = \"unix://{}\"\nfacility = \"authpriv\"\n",
+            socket.display()
+        ),
+    );
+    rsyslog.wait_for("the start event", |evs| {
+        evs.iter().any(|e| is_class(e, 6002, 3))
+    });
+    assert!(agent.sigterm().success(), "{}", agent.log());
+    rsyslog.wait_for("the stop event", |evs| {
+        evs.iter().any(|e| is_class(e, 6002, 4))
+    });
+    for (app, facility, _, _, _) in rsyslog.events() {
+        assert_eq!((app.as_str(), facility.as_str()), ("airlock", "authpriv"));
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The user's HTTPS receiver: Python's stdlib server with a certificate the test made;
+/// appends each POSTed body as a line to `out`. Killed on drop.
+struct HttpsReceiver(Child);
+
+const RECEIVER: &str = r#"
+import http.server, ssl, sys
+port, cert, key, out = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+class H(http.server.BaseHTTPRequestHandler):
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        with open(out, "ab") as f:
+            f.write(body.replace(b"\n", b" ") + b"\n")
+        self.send_response(200)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+    def log_message(self, *a):
+        pass
+srv = http.server.ThreadingHTTPServer(("127.0.0.1", port), H)
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+ctx.load_cert_chain(cert, key)
+srv.socket = ctx.wrap_socket(srv.socket, server_side=True)
+srv.serve_forever()
+"#;
+
+impl HttpsReceiver {
+    fn start(dir: &Path, port: u16, out: &Path) -> HttpsReceiver {
+        let child = Command::new(PYTHON)
+            .args(["-c", RECEIVER, &port.to_string()])
+            .arg(dir.join("hook.pem"))
+            .arg(dir.join("hook.key"))
+            .arg(out)
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "the HTTPS receiver did not start"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        HttpsReceiver(child)
+    }
+}
+
+impl Drop for HttpsReceiver {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A CA and a `localhost` certificate for the receiver; returns the CA's file.
+fn receiver_pki(dir: &Path) -> PathBuf {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(rcgen::DnType::CommonName, "SIEM receiver test CA");
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca, ca_key);
+    let key = KeyPair::generate().unwrap();
+    let leaf = CertificateParams::new(vec!["localhost".to_owned()])
+        .unwrap()
+        .signed_by(&key, &issuer)
+        .unwrap();
+    std::fs::write(dir.join("hook-ca.pem"), ca_cert.pem()).unwrap();
+    std::fs::write(dir.join("hook.pem"), leaf.pem()).unwrap();
+    std::fs::write(dir.join("hook.key"), key.serialize_pem()).unwrap();
+    dir.join("hook-ca.pem")
+}
+
+/// Blocked calls, each a new client process (an SDK client takes about a second).
+fn blocked_calls(cg: &TestCgroup, agent: &Agent, bundle: &Path, url: &str, n: usize) -> Duration {
+    let started = Instant::now();
+    let clients: Vec<_> = (0..n)
+        .map(|_| spawn_call(cg, &agent.dir, bundle, url, "delete_everything", "{}"))
+        .collect();
+    for c in clients {
+        let res = finish(c);
+        assert_eq!(res["error"]["code"], -32010, "{res}");
+    }
+    started.elapsed()
+}
+
+/// Sinks that are down (the syslog TCP port closed, the webhook receiver not listening):
+/// calls complete as promptly as with no events at all, the syslog queue's drops and the
+/// failures are counted, the webhook's events wait in the spool. When rsyslog comes up it
+/// receives what was queued; the spool survives an agent restart and is delivered to the
+/// HTTPS receiver once it listens.
+#[test]
+fn sinks_that_are_down_do_not_slow_traffic_and_catch_up() {
+    let syslog_port = free_port();
+    let hook_port = free_port();
+    let top = format!(
+        "[events]\nqueue_capacity = 4\n\
+         [events.syslog]\naddress = \"tcp://127.0.0.1:{syslog_port}\"\n\
+         [events.webhook]\nurl = \"https://localhost:{hook_port}/ingest\"\nca_file = \"EVENTS_DIR/hook-ca.pem\"\ntimeout_secs = 2\n"
+    );
+    let Some((cg, mut agent, _server, port, bundle)) = tls_setup_full(
+        "events-down",
+        "ca_file = \"BACKEND_CA\"",
+        &top,
+        ("json", 1),
+        |agent| {
+            receiver_pki(&agent.dir);
+            let cfg = std::fs::read_to_string(&agent.config)
+                .unwrap()
+                .replace("EVENTS_DIR", agent.dir.to_str().unwrap());
+            std::fs::write(&agent.config, cfg).unwrap();
+            std::fs::write(agent.dir.join("policies/block.toml"), BLOCK_POLICY).unwrap();
+        },
+    ) else {
+        return;
+    };
+    let url = format!("https://{HOST}:{port}/mcp");
+    // Baseline: the same calls' time is bounded by the clients, not by the sinks.
+    let elapsed = blocked_calls(&cg, &agent, &bundle, &url, 8);
+    assert!(
+        elapsed < Duration::from_secs(20),
+        "8 calls took {elapsed:?} with the sinks down"
+    );
+    // The syslog thread holds one event and retries; its queue of 4 is full: drops counted.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while counter(&agent, "events_syslog_dropped") == 0 {
+        assert!(Instant::now() < deadline, "{}", agent.status());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(counter(&agent, "events_syslog_failed") > 0);
+    assert_eq!(counter(&agent, "events_syslog_sent"), 0);
+    assert_eq!(counter(&agent, "events_webhook_sent"), 0);
+    assert!(counter(&agent, "events_webhook_failed") > 0);
+    let spooled = counter(&agent, "events_webhook_spooled");
+    assert!(
+        spooled >= 9,
+        "start + 8 blocked calls spooled: {}",
+        agent.status()
+    );
+    let queued = counter(&agent, "events_syslog_queued");
+    assert!(queued >= 1, "{}", agent.status());
+
+    // rsyslog comes up: what was queued (and the event in hand) is delivered.
+    let rsyslog = Rsyslog::start(&agent.dir, Some(syslog_port), None);
+    let evs = rsyslog.wait_for("the queued events", |evs| evs.len() as u64 > queued);
+    assert!(evs.iter().any(|e| blocked_call(e, "delete_everything")));
+
+    // The agent restarts with the webhook still down: the spool is kept.
+    assert!(agent.sigterm().success(), "{}", agent.log());
+    let spool = agent.dir.join("state/events-spool");
+    let files = std::fs::read_dir(&spool).unwrap().count() as u64;
+    assert!(
+        files >= spooled,
+        "{files} files in the spool, {spooled} before"
+    );
+    use std::os::unix::fs::PermissionsExt as _;
+    assert_eq!(
+        std::fs::metadata(&spool).unwrap().permissions().mode() & 0o777,
+        0o700
+    );
+    agent.spawn();
+    let received = agent.dir.join("received.jsonl");
+    let _receiver = HttpsReceiver::start(&agent.dir, hook_port, &received);
+    let deadline = Instant::now() + Duration::from_secs(40);
+    loop {
+        let got = json_lines(&received);
+        let blocked = got
+            .iter()
+            .filter(|e| blocked_call(e, "delete_everything"))
+            .count();
+        if blocked >= 8 && got.iter().filter(|e| is_class(e, 6002, 4)).count() >= 1 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the spool was not delivered: {} events received, status {}",
+            got.len(),
+            agent.status()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(counter(&agent, "events_webhook_sent") >= 8);
+    validate_ocsf(&json_lines(&received));
+    assert!(agent.sigterm().success(), "{}", agent.log());
+    drop(cg);
+}
