@@ -512,9 +512,15 @@ fn verify(
         && let Some(events) = &c.events
     {
         // The SIEM hears of it too (file, syslog; the webhook's spool, which the agent sends).
+        // The events file keeps the agent's group (a log shipper reads it through it).
+        let gid = nix::unistd::Group::from_name(&c.archive_group)
+            .ok()
+            .flatten()
+            .map(|g| g.gid.as_raw());
         match airlock::events::report_verification_failure(
             events,
             &c.host,
+            gid,
             &report.hosts,
             &report.problems,
         ) {

@@ -302,10 +302,11 @@ impl Events {
 pub fn report_verification_failure(
     config: &EventsConfig,
     host: &str,
+    file_gid: Option<u32>,
     archive_hosts: &[String],
     problems: &[String],
 ) -> Result<bool, EventsError> {
-    let events = Events::start(config, host, None)?;
+    let events = Events::start(config, host, file_gid)?;
     let mut problem = format!("{} problem(s): ", problems.len());
     problem.push_str(
         &problems
