@@ -651,3 +651,137 @@ fn sinks_that_are_down_do_not_slow_traffic_and_catch_up() {
     assert!(agent.sigterm().success(), "{}", agent.log());
     drop(cg);
 }
+
+const APPROVE_POLICY: &str = r#"
+[[rule]]
+id = "approve-add"
+action = "approve"
+tools = ["add"]
+timeout_secs = 60
+
+[[rule]]
+id = "approve-echo-quickly"
+action = "approve"
+tools = ["echo"]
+timeout_secs = 1
+"#;
+
+/// Events of the file sink once `pred` holds for them.
+fn wait_file(path: &Path, what: &str, pred: impl Fn(&[Value]) -> bool) -> Vec<Value> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let evs = json_lines(path);
+        if pred(&evs) {
+            return evs;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no {what} in {}: {evs:#?}",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn call_event(e: &Value, tool: &str, disposition: u64) -> bool {
+    e["class_uid"] == 6003
+        && e["disposition_id"] == disposition
+        && e["resources"][0]["name"] == tool
+}
+
+/// A real run of approvals: a policy reload (Entity Management), a held call (disposition
+/// Delayed, from the hook at the start of the hold), its approval (Approved) and a call
+/// nobody decides on (Rejected, timed out), each with the caller's attribution.
+#[test]
+fn approvals_and_policy_reloads_are_events() {
+    let Some((cg, agent, _server, port, bundle)) = tls_setup_full(
+        "events-approve",
+        "ca_file = \"BACKEND_CA\"",
+        "[events.file]\npath = \"EVENTS_DIR/events.jsonl\"\n",
+        ("json", 1),
+        |agent| {
+            let cfg = std::fs::read_to_string(&agent.config)
+                .unwrap()
+                .replace("EVENTS_DIR", agent.dir.to_str().unwrap());
+            std::fs::write(&agent.config, cfg).unwrap();
+        },
+    ) else {
+        return;
+    };
+    let events = agent.dir.join("events.jsonl");
+    std::fs::write(agent.dir.join("policies/approve.toml"), APPROVE_POLICY).unwrap();
+    wait_file(&events, "policy reload", |evs| {
+        evs.iter()
+            .any(|e| is_class(e, 3004, 3) && e["status_id"] == 1)
+    });
+    let url = format!("https://{HOST}:{port}/mcp");
+
+    let client = spawn_call(
+        &cg,
+        &agent.dir,
+        &bundle,
+        &url,
+        "add",
+        r#"{"a": 2, "b": 40}"#,
+    );
+    let evs = wait_file(&events, "held call", |evs| {
+        evs.iter().any(|e| call_event(e, "add", 14))
+    });
+    let held = evs.iter().find(|e| call_event(e, "add", 14)).unwrap();
+    assert_eq!(held["action_id"], 99);
+    assert_eq!(held["policy"]["uid"], "approve-add");
+    assert_eq!(held["actor"]["user"]["uid"], "0");
+    let pending = agent.airlock(&["approvals", "list", "--json"]);
+    let pending: Value = serde_json::from_slice(
+        String::from_utf8_lossy(&pending.stdout)
+            .lines()
+            .next()
+            .expect("a pending approval")
+            .as_bytes(),
+    )
+    .unwrap();
+    assert_eq!(
+        held["unmapped"]["airlock"]["approval_id"], pending["id"],
+        "{held:#}"
+    );
+    let out = agent.airlock(&[
+        "approvals",
+        "approve",
+        &pending["id"].as_u64().unwrap().to_string(),
+        "--digest",
+        pending["digest"].as_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(finish(client)["result"][0], "42");
+    wait_file(&events, "approved call", |evs| {
+        evs.iter()
+            .any(|e| call_event(e, "add", 8) && e["action_id"] == 1)
+    });
+
+    let res = finish(spawn_call(
+        &cg,
+        &agent.dir,
+        &bundle,
+        &url,
+        "echo",
+        &format!(r#"{{"text": "{PLANTED}"}}"#),
+    ));
+    assert_eq!(res["error"]["code"], -32013, "{res}");
+    let evs = wait_file(&events, "timed-out call", |evs| {
+        evs.iter().any(|e| {
+            call_event(e, "echo", 25)
+                && e["status_detail"]
+                    .as_str()
+                    .is_some_and(|s| s.contains("timed out"))
+        })
+    });
+    assert!(evs.iter().any(|e| call_event(e, "echo", 14)), "held first");
+    let text = std::fs::read_to_string(&events).unwrap();
+    assert!(
+        !text.contains(PLANTED),
+        "an event carries the planted token"
+    );
+    validate_ocsf(&evs);
+    drop(agent);
+    drop(cg);
+}
