@@ -423,10 +423,15 @@ struct HttpsReceiver(Child);
 
 const RECEIVER: &str = r#"
 import http.server, ssl, sys
-port, cert, key, out = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+port, cert, key, out, auth = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5]
 class H(http.server.BaseHTTPRequestHandler):
     def do_POST(self):
         body = self.rfile.read(int(self.headers["Content-Length"]))
+        if self.headers.get("Authorization") != auth:
+            self.send_response(401)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         with open(out, "ab") as f:
             f.write(body.replace(b"\n", b" ") + b"\n")
         self.send_response(200)
@@ -448,6 +453,7 @@ impl HttpsReceiver {
             .arg(dir.join("hook.pem"))
             .arg(dir.join("hook.key"))
             .arg(out)
+            .arg(HOOK_AUTH)
             .spawn()
             .unwrap();
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -468,6 +474,9 @@ impl Drop for HttpsReceiver {
         let _ = self.0.wait();
     }
 }
+
+/// What the receiver expects in `Authorization` (the agent reads it from a 0600 file).
+const HOOK_AUTH: &str = "Splunk 0b6a1f3e-hec-token-for-tests";
 
 /// A CA and a `localhost` certificate for the receiver; returns the CA's file.
 fn receiver_pki(dir: &Path) -> PathBuf {
@@ -556,7 +565,8 @@ fn sinks_that_are_down_do_not_slow_traffic_and_catch_up() {
     let top = format!(
         "[events]\nqueue_capacity = 4\n\
          [events.syslog]\naddress = \"tcp://127.0.0.1:{syslog_port}\"\n\
-         [events.webhook]\nurl = \"https://localhost:{hook_port}/ingest\"\nca_file = \"EVENTS_DIR/hook-ca.pem\"\ntimeout_secs = 2\n"
+         [events.webhook]\nurl = \"https://localhost:{hook_port}/ingest\"\nca_file = \"EVENTS_DIR/hook-ca.pem\"\n\
+         authorization_file = \"EVENTS_DIR/hook.auth\"\ntimeout_secs = 2\n"
     );
     let Some((cg, mut agent, _server, port, bundle)) = tls_setup_full(
         "events-down",
@@ -565,6 +575,10 @@ fn sinks_that_are_down_do_not_slow_traffic_and_catch_up() {
         ("json", 1),
         |agent| {
             receiver_pki(&agent.dir);
+            let auth = agent.dir.join("hook.auth");
+            std::fs::write(&auth, format!("{HOOK_AUTH}\n")).unwrap();
+            use std::os::unix::fs::PermissionsExt as _;
+            std::fs::set_permissions(&auth, std::fs::Permissions::from_mode(0o600)).unwrap();
             let cfg = std::fs::read_to_string(&agent.config)
                 .unwrap()
                 .replace("EVENTS_DIR", agent.dir.to_str().unwrap());
@@ -647,6 +661,10 @@ fn sinks_that_are_down_do_not_slow_traffic_and_catch_up() {
         std::thread::sleep(Duration::from_millis(200));
     }
     assert!(counter(&agent, "events_webhook_sent") >= 20);
+    assert!(
+        !agent.log().contains("hec-token"),
+        "the webhook's Authorization was logged"
+    );
     validate_ocsf(&json_lines(&received));
     assert!(agent.sigterm().success(), "{}", agent.log());
     drop(cg);

@@ -52,6 +52,9 @@ pub struct WebhookSink {
     pub url: http::Uri,
     /// Extra CA certificate(s) (PEM) trusted besides the system roots.
     pub ca_file: Option<PathBuf>,
+    /// A root-only (0600) file whose content is the `Authorization` header value (e.g.
+    /// `Splunk <HEC token>`); read at start, never logged.
+    pub authorization_file: Option<PathBuf>,
     pub timeout_secs: u64,
     /// The on-disk queue: `state_dir/events-spool` (0700).
     pub spool_dir: PathBuf,
@@ -98,6 +101,8 @@ struct RawWebhook {
     url: String,
     #[serde(default)]
     ca_file: Option<PathBuf>,
+    #[serde(default)]
+    authorization_file: Option<PathBuf>,
     #[serde(default = "defaults::timeout_secs")]
     timeout_secs: u64,
     #[serde(default = "defaults::spool_max_bytes")]
@@ -252,6 +257,7 @@ impl RawEvents {
                 Some(WebhookSink {
                     url,
                     ca_file: w.ca_file.map(&absolute),
+                    authorization_file: w.authorization_file.map(&absolute),
                     timeout_secs: w.timeout_secs,
                     spool_dir: state_dir.join("events-spool"),
                     spool_max_bytes: w.spool_max_bytes,

@@ -60,6 +60,13 @@ pub enum EventsError {
         path: std::path::PathBuf,
         message: String,
     },
+    #[error(
+        "events.webhook.authorization_file {path}: {message} (a root-only file, mode 0600, holding the Authorization header value)"
+    )]
+    Authorization {
+        path: std::path::PathBuf,
+        message: String,
+    },
     #[error("cannot start the {0} events thread: {1}")]
     Thread(&'static str, #[source] std::io::Error),
 }

@@ -360,3 +360,35 @@ fn file_sink_rotates_and_keeps_n() {
     assert!(lines < 60 && lines > 0, "older files were dropped: {lines}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn webhook_refuses_an_authorization_file_others_can_read() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = std::env::temp_dir().join(format!("airlock-events-auth-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let auth = dir.join("siem.auth");
+    std::fs::write(&auth, "Splunk token\n").unwrap();
+    std::fs::set_permissions(&auth, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let sink = super::config::WebhookSink {
+        url: "https://siem.example/in".parse().unwrap(),
+        ca_file: None,
+        authorization_file: Some(auth.clone()),
+        timeout_secs: 5,
+        spool_dir: dir.join("spool"),
+        spool_max_bytes: 1 << 20,
+        spool_max_files: 10,
+    };
+    let stats = std::sync::Arc::new(super::EventStats::default());
+    let err = super::webhook::Delivery::open(sink.clone(), stats.clone())
+        .err()
+        .expect("a world-readable secret is refused");
+    assert!(err.to_string().contains("0600"), "{err}");
+    assert!(
+        !err.to_string().contains("token"),
+        "the secret is not in the error"
+    );
+    std::fs::set_permissions(&auth, std::fs::Permissions::from_mode(0o600)).unwrap();
+    super::webhook::Delivery::open(sink, stats).unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+}

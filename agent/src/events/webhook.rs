@@ -24,6 +24,8 @@ pub struct Delivery {
     stats: Arc<EventStats>,
     wake: tokio::sync::Notify,
     tls: Arc<rustls::ClientConfig>,
+    /// The `Authorization` header value (a secret: never logged).
+    authorization: Option<http::HeaderValue>,
 }
 
 impl Delivery {
@@ -58,12 +60,28 @@ impl Delivery {
                 message,
             }
         })?;
+        let authorization = match &cfg.authorization_file {
+            None => None,
+            Some(path) => {
+                let auth_err = |message: String| EventsError::Authorization {
+                    path: path.clone(),
+                    message,
+                };
+                crate::fsperm::check_secret_file(path).map_err(|e| auth_err(e.to_string()))?;
+                let text = std::fs::read_to_string(path).map_err(|e| auth_err(e.to_string()))?;
+                let mut value = http::HeaderValue::from_str(text.trim())
+                    .map_err(|_| auth_err("not a valid header value".into()))?;
+                value.set_sensitive(true);
+                Some(value)
+            }
+        };
         Ok(Delivery {
             cfg,
             spool,
             stats,
             wake: tokio::sync::Notify::new(),
             tls,
+            authorization,
         })
     }
 
@@ -114,6 +132,7 @@ impl Delivery {
                 &own,
                 bytes::Bytes::from(body),
                 self.tls.clone(),
+                self.authorization.as_ref(),
                 timeout,
             )
             .await

@@ -165,6 +165,7 @@ async fn post_webhook(
         own,
         Bytes::from(body.to_string()),
         tls,
+        None,
         std::time::Duration::from_secs(5),
     )
     .await
@@ -189,13 +190,14 @@ pub(crate) fn client_tls(
     Ok(Arc::new(cfg))
 }
 
-/// POST `body` (JSON) to `uri` (http or https with `tls`), from a socket tagged as the agent's
-/// own, within `timeout`; `Ok` for a 2xx answer.
+/// POST `body` (JSON) to `uri` (http or https with `tls`, with `authorization` when given),
+/// from a socket tagged as the agent's own, within `timeout`; `Ok` for a 2xx answer.
 pub(crate) async fn post_json(
     uri: &http::Uri,
     own: &crate::kernel::OwnSockets,
     body: Bytes,
     tls_config: Arc<rustls::ClientConfig>,
+    authorization: Option<&http::HeaderValue>,
     timeout: std::time::Duration,
 ) -> Result<(), String> {
     use http_body_util::{BodyExt as _, Full};
@@ -225,11 +227,13 @@ pub(crate) async fn post_json(
             Some(p) => format!("{host}:{p}"),
             None => host.clone(),
         };
-        let req = http::Request::post(uri.path_and_query().map(|p| p.as_str()).unwrap_or("/"))
+        let mut req = http::Request::post(uri.path_and_query().map(|p| p.as_str()).unwrap_or("/"))
             .header(http::header::HOST, authority)
-            .header(http::header::CONTENT_TYPE, "application/json")
-            .body(Full::new(body))
-            .map_err(|e| e.to_string())?;
+            .header(http::header::CONTENT_TYPE, "application/json");
+        if let Some(a) = authorization {
+            req = req.header(http::header::AUTHORIZATION, a.clone());
+        }
+        let req = req.body(Full::new(body)).map_err(|e| e.to_string())?;
         let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
         let status = resp.status();
         // The answer is not needed: read a bounded amount and drop the rest.
