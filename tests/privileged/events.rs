@@ -381,7 +381,8 @@ fn find_parquet(dir: &Path) -> Option<PathBuf> {
 }
 
 /// Syslog over a Unix datagram socket (`/dev/log` style, rsyslog's imuxsock): the agent's
-/// start and stop arrive with app-name `airlock` and the configured facility.
+/// start, a refused connection and the stop arrive with app-name `airlock` and the
+/// configured facility.
 #[test]
 fn lifecycle_events_reach_rsyslog_over_a_unix_socket() {
     if !privileged() {
@@ -407,6 +408,15 @@ fn lifecycle_events_reach_rsyslog_over_a_unix_socket() {
     rsyslog.wait_for("the start event", |evs| {
         evs.iter().any(|e| is_class(e, 6002, 3))
     });
+    // A connection straight to the agent's port, which no redirect made: refused, and told.
+    let _ = raw_exchange(format!("127.0.0.1:{}", agent.port).parse().unwrap());
+    let evs = rsyslog.wait_for("the refused connection", |evs| {
+        evs.iter().any(|e| is_class(e, 4001, 5))
+    });
+    let refused = evs.iter().find(|e| is_class(e, 4001, 5)).unwrap();
+    assert_eq!(refused["disposition_id"], 2);
+    assert_eq!(refused["src_endpoint"]["ip"], "127.0.0.1");
+    validate_ocsf(&evs);
     assert!(agent.sigterm().success(), "{}", agent.log());
     rsyslog.wait_for("the stop event", |evs| {
         evs.iter().any(|e| is_class(e, 6002, 4))
@@ -798,6 +808,77 @@ fn approvals_and_policy_reloads_are_events() {
     assert!(
         !text.contains(PLANTED),
         "an event carries the planted token"
+    );
+    validate_ocsf(&evs);
+    drop(agent);
+    drop(cg);
+}
+
+/// A backend changes a pinned tool's definition: a Detection Finding (is_alert) naming the
+/// tool and backend, and the refused call as a blocked API Activity.
+#[test]
+fn a_changed_tool_definition_is_a_detection_finding() {
+    let Some((cg, agent, server, port, bundle)) = tls_setup_full(
+        "events-pins",
+        "ca_file = \"BACKEND_CA\"",
+        "tool_changes = \"block\"\n[events.file]\npath = \"EVENTS_DIR/events.jsonl\"\n",
+        ("json", 1),
+        |agent| {
+            let cfg = std::fs::read_to_string(&agent.config)
+                .unwrap()
+                .replace("EVENTS_DIR", agent.dir.to_str().unwrap());
+            std::fs::write(&agent.config, cfg).unwrap();
+        },
+    ) else {
+        return;
+    };
+    let dir = agent.dir.clone();
+    let url = format!("https://{HOST}:{port}/mcp");
+    let first = finish(spawn_call(
+        &cg,
+        &dir,
+        &bundle,
+        &url,
+        "echo",
+        r#"{"text": "hi"}"#,
+    ));
+    assert_eq!(first["result"][0], "hi", "{first}");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !std::fs::read_to_string(dir.join("state/tool-pins.json"))
+        .unwrap_or_default()
+        .contains("echo")
+    {
+        assert!(Instant::now() < deadline, "tool pins not saved");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    drop(server);
+    let _server = crate::mcp::PeerServer::start_variant(&dir, port, "json", true, 2);
+    let changed = finish(spawn_call(
+        &cg,
+        &dir,
+        &bundle,
+        &url,
+        "echo",
+        r#"{"text": "hi"}"#,
+    ));
+    assert_eq!(changed["error"]["code"], -32010, "{changed}");
+    let evs = wait_file(
+        &dir.join("events.jsonl"),
+        "the finding and the blocked call",
+        |evs| {
+            evs.iter().any(|e| is_class(e, 2004, 1)) && evs.iter().any(|e| blocked_call(e, "echo"))
+        },
+    );
+    let f = evs.iter().find(|e| is_class(e, 2004, 1)).unwrap();
+    assert_eq!(f["is_alert"], true);
+    assert_eq!(f["resources"][0]["name"], "echo");
+    assert_eq!(f["resources"][0]["group"]["name"], "tools");
+    assert_eq!(f["finding_info"]["types"][0], "MCP Tool Definition Change");
+    assert!(
+        f["message"]
+            .as_str()
+            .unwrap()
+            .contains("airlock tools accept tools echo")
     );
     validate_ocsf(&evs);
     drop(agent);
