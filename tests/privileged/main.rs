@@ -11,3 +11,4 @@ mod lifecycle;
 mod mcp;
 mod redirect;
 mod redteam;
+mod siem;
