@@ -612,3 +612,42 @@ fn a_changed_tool_definition_is_a_detection_finding() {
     drop(agent);
     drop(cg);
 }
+
+/// Syslog over UDP (rsyslog's imudp): one datagram per event.
+#[test]
+fn lifecycle_events_reach_rsyslog_over_udp() {
+    if !privileged() {
+        return;
+    }
+    let name = unique("events-udp");
+    let cg = TestCgroup::new(&name);
+    let dir = std::env::temp_dir().join(format!("{name}-rsyslog"));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let port = {
+        let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        s.local_addr().unwrap().port()
+    };
+    let rsyslog = Rsyslog::start_with(&dir, None, Some(port), None);
+    std::thread::sleep(Duration::from_millis(300));
+    let backend = Backend::start("tools", "127.0.0.2:0");
+    let mut agent = Agent::start(
+        &cg,
+        &name,
+        &backend_toml("tools", backend.port(), &["127.0.0.2"]),
+        &format!("[events.syslog]\naddress = \"udp://127.0.0.1:{port}\"\n"),
+    );
+    rsyslog.wait_for("the start event", |evs| {
+        evs.iter().any(|e| is_class(e, 6002, 3))
+    });
+    assert!(agent.sigterm().success(), "{}", agent.log());
+    let evs = rsyslog.wait_for("the stop event", |evs| {
+        evs.iter().any(|e| is_class(e, 6002, 4))
+    });
+    validate_ocsf(&evs);
+    for (app, facility, _, msgid, _) in rsyslog.events() {
+        assert_eq!((app.as_str(), facility.as_str()), ("airlock", "local0"));
+        assert!(msgid.starts_with("ocsf."), "{msgid}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

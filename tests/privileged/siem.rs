@@ -22,11 +22,25 @@ pub struct Rsyslog {
 
 impl Rsyslog {
     pub fn start(dir: &Path, tcp_port: Option<u16>, unix_socket: Option<&Path>) -> Rsyslog {
+        Self::start_with(dir, tcp_port, None, unix_socket)
+    }
+
+    /// Also (or only) on UDP, `udp_port`.
+    pub fn start_with(
+        dir: &Path,
+        tcp_port: Option<u16>,
+        udp_port: Option<u16>,
+        unix_socket: Option<&Path>,
+    ) -> Rsyslog {
         assert!(
             Path::new("/usr/sbin/rsyslogd").exists(),
             "/usr/sbin/rsyslogd is missing: `cargo xtask setup` installs Debian's rsyslog"
         );
-        let dir = dir.join(format!("rsyslog-{}", tcp_port.unwrap_or(0)));
+        let dir = dir.join(format!(
+            "rsyslog-{}-{}",
+            tcp_port.unwrap_or(0),
+            udp_port.unwrap_or(0)
+        ));
         std::fs::create_dir_all(&dir).unwrap();
         let out = dir.join("events.log");
         let mut conf = format!(
@@ -37,6 +51,11 @@ impl Rsyslog {
         if let Some(p) = tcp_port {
             conf.push_str(&format!(
                 "module(load=\"imtcp\")\ninput(type=\"imtcp\" port=\"{p}\" address=\"127.0.0.1\")\n"
+            ));
+        }
+        if let Some(p) = udp_port {
+            conf.push_str(&format!(
+                "module(load=\"imudp\")\ninput(type=\"imudp\" port=\"{p}\" address=\"127.0.0.1\")\n"
             ));
         }
         if let Some(s) = unix_socket {
@@ -68,7 +87,9 @@ impl Rsyslog {
         loop {
             let up = tcp_port
                 .is_none_or(|p| std::net::TcpStream::connect(("127.0.0.1", p)).is_ok())
-                && unix_socket.is_none_or(Path::exists);
+                && unix_socket.is_none_or(Path::exists)
+                // UDP cannot be probed: rsyslogd writes its pid file once its inputs run.
+                && (udp_port.is_none() || r.dir.join("rsyslogd.pid").exists());
             if up {
                 break;
             }
