@@ -12,6 +12,9 @@ use serde_json::{Value, json};
 
 use crate::{archive::RecordInput, attribution::Attribution, observe::AgentEvent};
 
+/// Longest string a client chose (method, tool, session id, principal) kept in an event.
+const FIELD_MAX: usize = 1024;
+
 /// OCSF schema version of every event.
 pub const OCSF_VERSION: &str = "1.7.0";
 
@@ -113,11 +116,13 @@ pub fn from_record(r: &RecordInput, version: &str) -> Option<Value> {
 pub fn api_activity(r: &RecordInput, decision: CallDecision, version: &str) -> Value {
     let (action_id, action, disposition_id, disposition, status_id, severity_id) =
         decision.profile();
-    let method = r.method.clone().unwrap_or_else(|| r.kind.clone());
+    // Strings a client chose are bounded: an event stays well under a syslog datagram.
+    let method = bounded(r.method.as_deref().unwrap_or(&r.kind), FIELD_MAX);
+    let tool = r.tool.as_deref().map(|t| bounded(t, FIELD_MAX));
     let (activity_id, activity_name) = api_activity_id(&method);
     let counts = detector_counts(&r.masked_detectors);
     let masked_total: usize = r.masked_detectors.len();
-    let what = describe(&method, r.tool.as_deref());
+    let what = describe(&method, tool.as_deref());
     let message = match decision {
         CallDecision::Masked => format!(
             "{what}: {masked_total} value(s) masked ({})",
@@ -143,8 +148,8 @@ pub fn api_activity(r: &RecordInput, decision: CallDecision, version: &str) -> V
     );
     ev["activity_name"] = activity_name.into();
     ev["metadata"]["uid"] = format!("{}:{}", r.session_id, r.seq).into();
-    ev["metadata"]["correlation_uid"] = r
-        .mcp_session_id
+    let mcp_session = r.mcp_session_id.as_deref().map(|m| bounded(m, FIELD_MAX));
+    ev["metadata"]["correlation_uid"] = mcp_session
         .clone()
         .unwrap_or_else(|| r.session_id.clone())
         .into();
@@ -167,7 +172,7 @@ pub fn api_activity(r: &RecordInput, decision: CallDecision, version: &str) -> V
         api["request"] = json!({ "uid": id });
     }
     ev["api"] = api;
-    if let Some(tool) = &r.tool {
+    if let Some(tool) = &tool {
         ev["resources"] = json!([{ "name": tool, "type": "tool" }]);
     }
     ev["src_endpoint"] = json!({ "hostname": r.host });
@@ -194,15 +199,15 @@ pub fn api_activity(r: &RecordInput, decision: CallDecision, version: &str) -> V
             "decision": decision.name(),
             "session_id": r.session_id,
             "seq": r.seq,
-            "mcp_session_id": r.mcp_session_id,
+            "mcp_session_id": mcp_session,
             "kind": r.kind,
             "direction": r.direction,
             "rules": r.rules,
             "masked": counts,
             "gid": r.gid,
             "cgroup": r.cgroup,
-            "principal_iss": r.principal_iss,
-            "principal_sub": r.principal_sub,
+            "principal_iss": r.principal_iss.as_deref().map(|p| bounded(p, FIELD_MAX)),
+            "principal_sub": r.principal_sub.as_deref().map(|p| bounded(p, FIELD_MAX)),
         }
     });
     strip_nulls(&mut ev);
@@ -241,6 +246,8 @@ pub fn from_event(e: &AgentEvent, host: &str, version: &str, now_ms: i64) -> Val
             pinned,
             seen,
         } => {
+            // The name is the server's choice: bounded.
+            let tool = &bounded(tool, FIELD_MAX);
             let mut ev = finding(
                 host,
                 version,

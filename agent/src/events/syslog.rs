@@ -162,6 +162,12 @@ pub fn spawn(
                             }
                             break;
                         }
+                        // Larger than a datagram may be: retrying cannot help.
+                        Err(err) if err.raw_os_error() == Some(libc::EMSGSIZE) => {
+                            s.failed.fetch_add(1, Ordering::Relaxed);
+                            tracing::warn!(bytes = line.len(), "an event is too large for a syslog datagram; dropped (use tcp://)");
+                            break;
+                        }
                         Err(err) => {
                             s.failed.fetch_add(1, Ordering::Relaxed);
                             conn = None;

@@ -392,3 +392,25 @@ fn webhook_refuses_an_authorization_file_others_can_read() {
     super::webhook::Delivery::open(sink, stats).unwrap();
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn names_a_peer_chose_are_bounded() {
+    let mut r = record("request", "block");
+    r.tool = Some("t".repeat(100_000));
+    r.method = Some("m".repeat(100_000));
+    r.mcp_session_id = Some("s".repeat(100_000));
+    let ev = ocsf::from_record(&r, "v").unwrap();
+    assert!(ev.to_string().len() < 16 * 1024, "{}", ev.to_string().len());
+    let ev = ocsf::from_event(
+        &AgentEvent::ToolDefinitionChanged {
+            backend: "files".into(),
+            tool: "t".repeat(100_000),
+            pinned: "sha256:1".into(),
+            seen: "sha256:2".into(),
+        },
+        "h",
+        "v",
+        0,
+    );
+    assert!(ev.to_string().len() < 16 * 1024);
+}

@@ -144,14 +144,14 @@ impl Delivery {
                         .store(self.spool.usage().0 as u64, Ordering::Relaxed);
                     backoff.reset();
                     if warned {
-                        tracing::info!(url = %self.cfg.url, "events webhook reachable again");
+                        tracing::info!(url = %loggable(&self.cfg.url), "events webhook reachable again");
                         warned = false;
                     }
                 }
                 Err(e) => {
                     s.failed.fetch_add(1, Ordering::Relaxed);
                     if !warned {
-                        tracing::warn!(url = %self.cfg.url, error = %e, "events webhook failed; events stay spooled and are retried");
+                        tracing::warn!(url = %loggable(&self.cfg.url), error = %e, "events webhook failed; events stay spooled and are retried");
                         warned = true;
                     }
                     tokio::time::sleep(backoff.step()).await;
@@ -159,6 +159,17 @@ impl Delivery {
             }
         }
     }
+}
+
+/// The URL without its query or user info (a token may ride in either): what logs show.
+fn loggable(url: &http::Uri) -> String {
+    let host = url.host().unwrap_or("");
+    let port = url.port_u16().map(|p| format!(":{p}")).unwrap_or_default();
+    format!(
+        "{}://{host}{port}{}",
+        url.scheme_str().unwrap_or("https"),
+        url.path()
+    )
 }
 
 /// Start the thread that moves events from the memory queue to the spool.
@@ -180,4 +191,13 @@ pub fn spawn_spooler(
             }
         })
         .map_err(|e| EventsError::Thread("webhook spool", e))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn logged_urls_carry_no_query_or_user_info() {
+        let u: http::Uri = "https://siem.example:8443/in?token=SECRET".parse().unwrap();
+        assert_eq!(super::loggable(&u), "https://siem.example:8443/in");
+    }
 }
