@@ -71,6 +71,8 @@ pub enum RunError {
     Policy(#[from] crate::policy::PolicyErrors),
     #[error(transparent)]
     Metrics(#[from] crate::metrics::server::BindError),
+    #[error("audit events (`[events]` in airlock.toml): {0}")]
+    Events(#[from] crate::events::EventsError),
 }
 
 pub async fn run(config: Config) -> Result<(), RunError> {
@@ -143,6 +145,22 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         &targets,
     )?;
     let own = Arc::new(own);
+    // Audit events observe every decision from here on (before any traffic is accepted).
+    let events = match &config.events {
+        Some(ec) => {
+            let gid = nix::unistd::Group::from_name(&config.archive_group)
+                .ok()
+                .flatten()
+                .map(|g| g.gid.as_raw());
+            Some(crate::events::Events::start_agent(
+                ec,
+                &config.host,
+                gid,
+                own.clone(),
+            )?)
+        }
+        None => None,
+    };
     info!(
         cgroup = %cgroup.display(),
         port = config.listen_port,
@@ -441,6 +459,15 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     // What the flush published goes to the bucket too, if it can in a few seconds.
     if let Some(s) = &shipper {
         s.finish(Duration::from_secs(10)).await;
+    }
+    // Events queued so far reach their file, syslog receiver or spool before the exit.
+    if let Some(events) = events {
+        let flushed = tokio::task::spawn_blocking(move || events.flush(Duration::from_secs(3)))
+            .await
+            .unwrap_or(false);
+        if !flushed {
+            warn!("some audit events were not written before the exit (a sink is down)");
+        }
     }
     if config.on_agent_down == OnAgentDown::Block && crate::kernel::is_pinned(&config.bpffs_dir) {
         info!(
@@ -810,6 +837,7 @@ fn status(proxy: &Proxy, cgroup: &str, started_at: SystemTime) -> Status {
                 c.insert(k.to_owned(), v.load(std::sync::atomic::Ordering::Relaxed));
             }
             c.extend(proxy.resources.counters.snapshot());
+            c.extend(crate::events::counters());
             c.extend(proxy.resources.in_use());
             c
         },

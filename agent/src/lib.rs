@@ -29,6 +29,7 @@
 //!   of a fleet copy.
 //! - [`observe`]: the tap metrics and audit events read: every record, every agent event.
 //! - [`metrics`]: Prometheus/OpenMetrics `GET /metrics` on `metrics_listen`.
+//! - [`events`]: audit events for SIEMs: OCSF mapping, file/syslog/webhook sinks, spool.
 //! - [`fuzzing`]: the fuzz targets' bodies (`fuzz/`), replayed on their corpora by the tests.
 #![forbid(unsafe_op_in_unsafe_fn)]
 
@@ -38,6 +39,7 @@ pub mod archive;
 pub mod attribution;
 pub mod cgroup;
 pub mod config;
+pub mod events;
 pub mod fsperm;
 pub mod fuzzing;
 pub mod http;

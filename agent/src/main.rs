@@ -485,6 +485,7 @@ fn verify(
         }
     };
     let report = airlock::archive::verify::verify(dir, &trust);
+    emit_verification_failure(&report, config);
     print_report(&dir.display().to_string(), &report, json)
 }
 
@@ -552,7 +553,10 @@ fn verify_fleet(
         Source::Directory(PathBuf::from(target))
     };
     match airlock::ship::fleet::verify(&source, &trust) {
-        Ok(report) => print_report(target, &report, json),
+        Ok(report) => {
+            emit_verification_failure(&report, config);
+            print_report(target, &report, json)
+        }
         Err(e) => fail(e),
     }
 }
@@ -955,5 +959,34 @@ fn report(answer: Result<Response, admin::ClientError>) -> ExitCode {
             ExitCode::from(3)
         }
         Err(e) => fail(e),
+    }
+}
+
+/// A failed verification is an audit event too (file, syslog; the webhook's spool, which the
+/// running agent sends), when the configuration has `[events]`.
+fn emit_verification_failure(report: &airlock::archive::verify::Report, config: Option<&Config>) {
+    if !report.intact()
+        && let Some(c) = config
+        && let Some(events) = &c.events
+    {
+        // The SIEM hears of it too (file, syslog; the webhook's spool, which the agent sends).
+        // The events file keeps the agent's group (a log shipper reads it through it).
+        let gid = nix::unistd::Group::from_name(&c.archive_group)
+            .ok()
+            .flatten()
+            .map(|g| g.gid.as_raw());
+        match airlock::events::report_verification_failure(
+            events,
+            &c.host,
+            gid,
+            &report.hosts,
+            &report.problems,
+        ) {
+            Ok(true) => {}
+            Ok(false) => eprintln!(
+                "airlock: the verification-failed event did not reach every events sink within 5 s"
+            ),
+            Err(e) => eprintln!("airlock: cannot send the verification-failed event: {e}"),
+        }
     }
 }

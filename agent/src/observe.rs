@@ -28,8 +28,26 @@ pub enum AgentEvent {
         pinned: String,
         seen: String,
     },
-    /// A connection was refused before any message was read.
-    ConnectionRejected { reason: String, client: String },
+    /// A connection was refused before any message was read. `actor` when the caller is
+    /// known (over capacity), `destination` the address the client meant to reach.
+    ConnectionRejected {
+        reason: String,
+        client: String,
+        actor: Option<Box<crate::attribution::Attribution>>,
+        destination: Option<String>,
+    },
+    /// A call is held for a human decision (`airlock approvals`); its outcome is the
+    /// `approval` record.
+    CallHeld {
+        approval_id: u64,
+        rule: String,
+        backend: String,
+        method: String,
+        tool: Option<String>,
+        session_id: String,
+        timeout_secs: u64,
+        actor: Box<crate::attribution::Attribution>,
+    },
     /// `airlock verify` (or a fleet check) found the archive not as signed.
     VerificationFailed { host: String, problem: String },
 }

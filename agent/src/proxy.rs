@@ -218,6 +218,8 @@ impl Proxy {
             crate::observe::event(crate::observe::AgentEvent::ConnectionRejected {
                 reason: reason.to_string(),
                 client: peer.to_string(),
+                destination: Some(attribution.original_dst.to_string()),
+                actor: Some(Box::new(attribution.clone())),
             });
             let mut record =
                 self.connection_record(guard.id(), 0, Some(&attribution), backend.as_deref());
@@ -408,6 +410,8 @@ impl Proxy {
         crate::observe::event(crate::observe::AgentEvent::ConnectionRejected {
             reason: reason.into(),
             client: peer.to_string(),
+            actor: None,
+            destination: None,
         });
         reset(client);
         let mut record = self.connection_record(guard.id(), 0, None, None);

@@ -4,6 +4,7 @@
 //! They need root. Without it they skip locally and fail in CI (`CI=true`).
 
 mod archive;
+mod events;
 mod failclosed;
 mod harness;
 mod lifecycle;
@@ -13,3 +14,4 @@ mod metrics;
 mod redirect;
 mod redteam;
 mod ship;
+mod siem;

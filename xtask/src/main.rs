@@ -25,6 +25,8 @@ const APT_PACKAGES: &[&str] = &[
     "python3-venv",
     "util-linux",
     "iproute2",
+    // The syslog receiver the audit-events tests send to.
+    "rsyslog",
 ];
 /// The packages whose tests run here (agent-ebpf only builds for the BPF target).
 const TEST_PACKAGES: &[&str] = &["airlock", "airlock-common", "xtask"];
@@ -311,6 +313,8 @@ const PYTHON_TEST_VENVS: &[(&str, &[&str])] = &[
             "nanio==0.1.7",
         ],
     ),
+    // Validates audit events against the OCSF 1.7.0 schema it ships (offline).
+    ("test-venv-ocsf", &["pydantic-ocsf==3.0.0"]),
 ];
 
 /// npm packages of the end-to-end tests (`target/test-node`): the TypeScript SDK's client, the

@@ -112,6 +112,8 @@ pub struct Config {
     /// Where `GET /metrics` is served (Prometheus/OpenMetrics); `None`: no endpoint.
     pub metrics_listen: Option<SocketAddr>,
     pub backends: Vec<Backend>,
+    /// `[events]`: OCSF audit events to a file, syslog and/or a webhook (none when absent).
+    pub events: Option<crate::events::EventsConfig>,
 }
 
 /// What happens when a backend changes a tool's definition after it was first seen.
@@ -201,6 +203,8 @@ struct RawConfig {
     metrics_allow_remote: bool,
     #[serde(default, rename = "backend")]
     backends: Vec<RawBackend>,
+    #[serde(default)]
+    events: Option<crate::events::config::RawEvents>,
 }
 
 #[derive(Deserialize)]
@@ -682,10 +686,18 @@ impl Validator<'_> {
             .collect();
         check_shared_addresses(&backends, &static_targets).map_err(|(key, m)| self.err(key, m))?;
         let ship = raw.ship.map(|s| self.ship(s)).transpose()?;
+        let state_dir = self.absolute(raw.state_dir);
+        let events = match raw.events {
+            None => None,
+            Some(e) => Some(
+                e.validate(|p| self.absolute(p), &state_dir)
+                    .map_err(|(key, m)| self.err(&key, m))?,
+            ),
+        };
         Ok(Config {
             ship,
             path: self.absolute(self.path.to_owned()),
-            state_dir: self.absolute(raw.state_dir),
+            state_dir,
             archive_dir: self.absolute(raw.archive_dir),
             policies_dir: self.absolute(raw.policies_dir),
             cgroup,
@@ -721,6 +733,7 @@ impl Validator<'_> {
                 .collect(),
             metrics_listen,
             backends,
+            events,
         })
     }
 }

@@ -18,7 +18,7 @@
 //! [`approval`] (held calls and the approval webhook), [`unaddressed`] (masking and records
 //! of what is not an MCP message).
 
-mod approval;
+pub(crate) mod approval;
 mod context;
 mod unaddressed;
 
