@@ -317,8 +317,9 @@ fn sinks_that_are_down_do_not_slow_traffic_and_catch_up() {
     // kernel and never answered, so every POST waits for its timeout.
     let blackhole = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let hook_port = blackhole.local_addr().unwrap().port();
+    let metrics_port = free_port();
     let top = format!(
-        "[events]\nqueue_capacity = 4\n\
+        "metrics_listen = \"127.0.0.1:{metrics_port}\"\n[events]\nqueue_capacity = 4\n\
          [events.syslog]\naddress = \"tcp://127.0.0.1:{syslog_port}\"\n\
          [events.webhook]\nurl = \"https://localhost:{hook_port}/ingest\"\nca_file = \"EVENTS_DIR/hook-ca.pem\"\n\
          authorization_file = \"EVENTS_DIR/hook.auth\"\ntimeout_secs = 2\n"
@@ -366,6 +367,20 @@ fn sinks_that_are_down_do_not_slow_traffic_and_catch_up() {
         assert!(Instant::now() < deadline, "{}", agent.status());
         std::thread::sleep(Duration::from_millis(100));
     }
+    // The same drops and failures in the metrics.
+    let metrics = crate::harness::scrape_metrics(metrics_port);
+    let sample = |series: &str| {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{series} ")))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .unwrap_or_else(|| panic!("no `{series}` sample: {metrics}"))
+    };
+    assert!(sample("airlock_events_dropped_total{sink=\"syslog\"}") >= 1.0);
+    assert!(sample("airlock_events_failed_total{sink=\"syslog\"}") >= 1.0);
+    assert!(sample("airlock_events_failed_total{sink=\"webhook\"}") >= 1.0);
+    assert_eq!(sample("airlock_events_sent_total{sink=\"webhook\"}"), 0.0);
+    assert!(sample("airlock_events_emitted_total") >= 20.0);
     let spooled = counter(&agent, "events_webhook_spooled");
     assert!(
         spooled >= 9,

@@ -172,7 +172,7 @@ fn refused_credentials_show_in_status_and_the_backlog_ships_once_fixed() {
     assert!(text.contains("last error"), "{text}");
     assert!(files_under(&server.data.join(BUCKET)).is_empty());
     // The same backlog and failures in the metrics.
-    let metrics = scrape(metrics_port);
+    let metrics = crate::harness::scrape_metrics(metrics_port);
     let sample = |name: &str| {
         metrics
             .lines()
@@ -327,18 +327,4 @@ fn retention_keeps_what_is_not_shipped() {
         s["lines_pending"].as_u64() == Some(0) && s["lines_shipped"].as_u64() >= Some(2)
     });
     assert!(agent.sigterm().success(), "{}", agent.log());
-}
-
-/// `GET /metrics` from the agent's endpoint, the body.
-fn scrape(port: u16) -> String {
-    use std::io::{Read as _, Write as _};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
-        .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    let (head, body) = out.split_once("\r\n\r\n").unwrap();
-    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-    body.to_owned()
 }

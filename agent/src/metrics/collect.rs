@@ -211,6 +211,58 @@ impl Collector for AgentCollector {
             pending as i64,
         )?;
 
+        // Audit events: per configured sink (absent without `[events]`).
+        let events = crate::events::counters();
+        if let Some(emitted) = events.get("events_emitted") {
+            counter(
+                &mut enc,
+                "airlock_events_emitted",
+                "OCSF audit events produced (before the sinks)",
+                None,
+                *emitted,
+            )?;
+            let per_sink = |what: &str| {
+                ["file", "syslog", "webhook"]
+                    .into_iter()
+                    .filter_map(|sink| {
+                        events
+                            .get(&format!("events_{sink}_{what}"))
+                            .map(|n| (sink, *n))
+                    })
+                    .collect::<Vec<_>>()
+            };
+            labelled_counters(
+                &mut enc,
+                "airlock_events_sent",
+                "Audit events written, sent, or acknowledged (webhook), by sink",
+                "sink",
+                per_sink("sent"),
+            )?;
+            labelled_counters(
+                &mut enc,
+                "airlock_events_dropped",
+                "Audit events dropped because the sink's queue was full, by sink (the webhook's spool: `spool_dropped`)",
+                "sink",
+                per_sink("dropped"),
+            )?;
+            labelled_counters(
+                &mut enc,
+                "airlock_events_failed",
+                "Failed writes, sends or POSTs of audit events (each retried), by sink",
+                "sink",
+                per_sink("failed"),
+            )?;
+            if let Some(n) = events.get("events_webhook_spool_dropped") {
+                counter(
+                    &mut enc,
+                    "airlock_events_spool_dropped",
+                    "Spooled webhook events dropped (oldest first) because the spool was full",
+                    None,
+                    *n,
+                )?;
+            }
+        }
+
         if let Some(s) = &self.ship {
             gauge(
                 &mut enc,
