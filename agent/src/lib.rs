@@ -25,6 +25,8 @@
 //! - [`config`]: `airlock.toml`; [`cgroup`]: finding the cgroup v2 mount; [`fsperm`]: owner
 //!   and mode checks of state, archive and keys.
 //! - [`observe`]: the tap metrics and audit events read: every record, every agent event.
+//! - [`notify`]: systemd's readiness protocol (`READY=1` once interception is live);
+//!   [`install`]: `airlock install|uninstall`, the package's files without the package.
 //! - [`fuzzing`]: the fuzz targets' bodies (`fuzz/`), replayed on their corpora by the tests.
 #![forbid(unsafe_op_in_unsafe_fn)]
 
@@ -37,11 +39,13 @@ pub mod config;
 pub mod fsperm;
 pub mod fuzzing;
 pub mod http;
+pub mod install;
 pub mod intercept;
 pub mod kernel;
 pub mod keys;
 pub mod limits;
 pub mod mcp;
+pub mod notify;
 pub mod observe;
 pub mod pipeline;
 pub mod policy;
