@@ -10,3 +10,4 @@ mod lifecycle;
 mod mcp;
 mod redirect;
 mod redteam;
+mod upgrade;
