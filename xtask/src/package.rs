@@ -104,11 +104,12 @@ pub fn package(root: &Path) -> Result<PathBuf> {
              Section: net\n\
              Priority: optional\n\
              Description: transparent interceptor for MCP traffic\n \
-             Airlock attaches eBPF programs to a cgroup so that connections to the MCP\n \
-             backends named in /etc/airlock/airlock.toml reach a local agent instead. The\n \
-             agent attributes each connection to a process and user, masks, blocks or holds\n \
-             messages by policy, and records them in a signed Parquet archive. While the agent\n \
-             is down, connections to the backends are refused.\n"
+             Airlock attaches eBPF programs to a cgroup so that connections to the\n \
+             MCP backends named in /etc/airlock/airlock.toml reach a local agent\n \
+             instead. The agent attributes each connection to a process and user,\n \
+             masks, blocks or holds messages by policy, and records them in a signed\n \
+             Parquet archive. While the agent is down, connections to the backends\n \
+             are refused.\n"
         ),
     )?;
     md5sums(&stage)?;
