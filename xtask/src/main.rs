@@ -27,10 +27,12 @@ const APT_PACKAGES: &[&str] = &[
     "python3-venv",
     "util-linux",
     "iproute2",
-    // `cargo xtask package`: dpkg-shlibdeps, strip, and lintian to check the package.
+    // `cargo xtask package`: dpkg-shlibdeps, strip, and lintian to check the package;
+    // systemd-analyze (tests/install.rs) checks the unit.
     "dpkg-dev",
     "binutils",
     "lintian",
+    "systemd",
 ];
 /// The packages whose tests run here (agent-ebpf only builds for the BPF target).
 const TEST_PACKAGES: &[&str] = &["airlock", "airlock-common", "xtask"];
