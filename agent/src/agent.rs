@@ -393,6 +393,10 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     crate::observe::event(crate::observe::AgentEvent::Started {
         version: env!("CARGO_PKG_VERSION").into(),
     });
+    // systemd (`Type=notify`): `systemctl start` returns only now.
+    if let Err(e) = crate::notify::notify("READY=1") {
+        warn!(error = %e, "cannot tell systemd the agent is ready");
+    }
 
     let mut term = tokio::signal::unix::signal(SignalKind::terminate()).map_err(|source| {
         RunError::StateDir {
@@ -416,6 +420,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         "shutting down: no new connections, draining live ones"
     );
     crate::observe::event(crate::observe::AgentEvent::Stopped { reason: why.into() });
+    let _ = crate::notify::notify("STOPPING=1");
     for t in &accept_tasks {
         t.abort();
     }

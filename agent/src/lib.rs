@@ -30,6 +30,8 @@
 //! - [`observe`]: the tap metrics and audit events read: every record, every agent event.
 //! - [`metrics`]: Prometheus/OpenMetrics `GET /metrics` on `metrics_listen`.
 //! - [`events`]: audit events for SIEMs: OCSF mapping, file/syslog/webhook sinks, spool.
+//! - [`notify`]: systemd's readiness protocol (`READY=1` once interception is live);
+//!   [`install`]: `airlock install|uninstall`, the package's files without the package.
 //! - [`fuzzing`]: the fuzz targets' bodies (`fuzz/`), replayed on their corpora by the tests.
 #![forbid(unsafe_op_in_unsafe_fn)]
 
@@ -43,6 +45,7 @@ pub mod events;
 pub mod fsperm;
 pub mod fuzzing;
 pub mod http;
+pub mod install;
 pub mod intercept;
 pub mod kernel;
 pub mod keys;
@@ -50,6 +53,7 @@ pub mod limits;
 pub mod logging;
 pub mod mcp;
 pub mod metrics;
+pub mod notify;
 pub mod observe;
 pub mod pipeline;
 pub mod policy;

@@ -134,6 +134,23 @@ enum Command {
         #[command(subcommand)]
         command: CaCommand,
     },
+    /// Install this binary, the systemd unit, the sysusers.d entry, and the default
+    /// configuration and policies (never over existing ones): the package's files, for hosts
+    /// without it.
+    Install {
+        /// Install into this tree instead of the host (no group, no systemd reload).
+        #[arg(long, value_name = "DIR", default_value = "/")]
+        root: PathBuf,
+    },
+    /// Stop the unit and detach the programs (on the host), remove the binary and the unit;
+    /// the configuration and the archive stay unless --purge.
+    Uninstall {
+        #[arg(long, value_name = "DIR", default_value = "/")]
+        root: PathBuf,
+        /// Also remove /etc/airlock and /var/lib/airlock (keys, CA, the default archive).
+        #[arg(long)]
+        purge: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -281,6 +298,11 @@ fn main() -> ExitCode {
         let config = Config::load(&cli.config).ok();
         return verify(dir, trust, config.as_ref(), *json);
     }
+    match &cli.command {
+        Command::Install { root } => return install(root),
+        Command::Uninstall { root, purge } => return uninstall(&cli.config, root, *purge),
+        _ => {}
+    }
     // Responder commands given `--archive` work without a configuration file.
     match &cli.command {
         Command::Sessions {
@@ -398,6 +420,7 @@ fn main() -> ExitCode {
                 &out,
             ),
             Command::Ca { command } => ca(&config, command),
+            Command::Install { .. } | Command::Uninstall { .. } => unreachable!("handled above"),
             Command::Approvals { command } => approvals(&config, command).await,
             Command::Tools {
                 command: ToolsCommand::Accept { backend, tool },
@@ -791,6 +814,56 @@ async fn detach(config: &Config) -> ExitCode {
     }
     println!("detached: connections to backends go direct");
     ExitCode::SUCCESS
+}
+
+fn install(root: &std::path::Path) -> ExitCode {
+    match airlock::install::install(root) {
+        Ok(report) => {
+            for line in &report.lines {
+                println!("{line}");
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(e),
+    }
+}
+
+/// On the host: stop the unit, detach the programs (as `airlock detach`), then remove files.
+fn uninstall(config_path: &std::path::Path, root: &std::path::Path, purge: bool) -> ExitCode {
+    if airlock::install::is_live(root) {
+        if let Some(line) = airlock::install::stop_unit() {
+            println!("{line}");
+        }
+        let detached = match Config::load(config_path) {
+            Ok(config) => match tokio::runtime::Runtime::new() {
+                Ok(rt) => rt.block_on(detach(&config)),
+                Err(e) => fail(format!("cannot start the async runtime: {e}")),
+            },
+            // No configuration to read `bpffs_dir` from: the default one.
+            Err(_) => {
+                match kernel::detach(std::path::Path::new(airlock::install::DEFAULT_BPFFS_DIR)) {
+                    Ok(lines) => {
+                        lines.iter().for_each(|l| println!("{l}"));
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => fail(e),
+                }
+            }
+        };
+        if detached != ExitCode::SUCCESS {
+            eprintln!("airlock: not uninstalled: the programs could not be detached");
+            return detached;
+        }
+    }
+    match airlock::install::uninstall(root, purge) {
+        Ok(report) => {
+            for line in &report.lines {
+                println!("{line}");
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(e),
+    }
 }
 
 fn ca(config: &Config, command: CaCommand) -> ExitCode {

@@ -396,6 +396,13 @@ impl Agent {
 
     /// Start the agent process and wait until its admin socket answers.
     pub fn spawn(&mut self) {
+        self.spawn_with(Path::new(AIRLOCK), &[], &[]);
+        self.wait_until_ready();
+    }
+
+    /// Start `program run --config ...` (behind `wrapper`, e.g. `setpriv ...`, with `envs`)
+    /// without waiting for it to be ready.
+    pub fn spawn_with(&mut self, program: &Path, wrapper: &[&str], envs: &[(&str, &str)]) {
         assert!(self.child.is_none(), "agent already running");
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -405,7 +412,14 @@ impl Agent {
         let procs = self.cgroup_procs.clone();
         let mut cmd = match &self.hosts_file {
             None => {
-                let mut c = Command::new(AIRLOCK);
+                let mut c = match wrapper.split_first() {
+                    Some((first, rest)) => {
+                        let mut c = Command::new(first);
+                        c.args(rest).arg(program);
+                        c
+                    }
+                    None => Command::new(program),
+                };
                 c.args(["run", "--config"]).arg(&self.config);
                 c
             }
@@ -416,7 +430,7 @@ impl Agent {
                     .arg(r#"mount --bind "$1" /etc/hosts && exec "$2" run --config "$3""#)
                     .arg("sh")
                     .arg(hosts)
-                    .arg(AIRLOCK)
+                    .arg(program)
                     .arg(&self.config);
                 c
             }
@@ -428,12 +442,18 @@ impl Agent {
         } else {
             cmd.env("RUST_LOG", "info,airlock=debug");
         }
+        cmd.envs(envs.iter().copied());
         cmd.stdout(log.try_clone().expect("log")).stderr(log);
         // SAFETY: only writes a file in the forked child.
         unsafe {
             cmd.pre_exec(move || std::fs::write(&procs, b"0"));
         }
-        let mut child = cmd.spawn().expect("spawn airlock run");
+        self.child = Some(cmd.spawn().expect("spawn airlock run"));
+    }
+
+    /// Wait until the admin socket of the started agent answers.
+    pub fn wait_until_ready(&mut self) {
+        let mut child = self.child.take().expect("agent started");
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if let Some(status) = child.try_wait().expect("try_wait") {

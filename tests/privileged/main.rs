@@ -15,3 +15,4 @@ mod redirect;
 mod redteam;
 mod ship;
 mod siem;
+mod upgrade;

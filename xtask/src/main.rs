@@ -1,4 +1,4 @@
-//! Project tasks: `cargo xtask setup | build | run | test | bench`.
+//! Project tasks: `cargo xtask setup | build | run | test | package | bench`.
 //!
 //! Every task starts with `setup`, which installs, idempotently, whatever a fresh machine of
 //! this kind lacks. Nothing here relies on something installed by hand.
@@ -11,6 +11,8 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand};
+
+mod package;
 
 /// bpf-linker built against Debian's LLVM 22 (plain `cargo install bpf-linker` wants LLVM 23).
 const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -27,6 +29,12 @@ const APT_PACKAGES: &[&str] = &[
     "iproute2",
     // The syslog receiver the audit-events tests send to.
     "rsyslog",
+    // `cargo xtask package`: dpkg-shlibdeps, strip, and lintian to check the package;
+    // systemd-analyze (tests/install.rs) checks the unit.
+    "dpkg-dev",
+    "binutils",
+    "lintian",
+    "systemd",
 ];
 /// The packages whose tests run here (agent-ebpf only builds for the BPF target).
 const TEST_PACKAGES: &[&str] = &["airlock", "airlock-common", "xtask"];
@@ -57,6 +65,8 @@ enum Task {
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
     },
+    /// setup + build + the Debian package and tarball in target/package/, checked by lintian.
+    Package,
     /// setup + benchmarks (needs root).
     Bench,
     /// Run one cargo-fuzz target (nightly, libFuzzer) for a while, growing its corpus in
@@ -101,8 +111,19 @@ fn main() -> Result<()> {
                 .exec();
             Err(err).context("exec target/release/airlock")
         }
+        Task::Package => {
+            setup()?;
+            build(&root)?;
+            package::package(&root).map(drop)
+        }
         Task::Test { args } => {
             setup()?;
+            if args.is_empty() {
+                // The full run checks the package too (release build, lintian); a filtered
+                // run (`cargo xtask test -- NAME`) does not.
+                build(&root)?;
+                package::package(&root)?;
+            }
             if !is_root() {
                 if std::env::var("CI").is_ok_and(|v| v == "true") {
                     bail!(
