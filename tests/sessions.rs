@@ -28,222 +28,45 @@ const S2C: &str = "server_to_client";
 /// A client that spread MCP session `S1` of backend `tools` over three connections (its
 /// `initialize` sent before the server named the session), a server of another backend that
 /// named its session `S1` too, an opaque connection and a refused one.
+#[rustfmt::skip]
 const ROWS: &[Row] = &[
-    (
-        "h-1",
-        "tools",
-        None,
-        C2S,
-        "connection",
-        None,
-        None,
-        "allow",
-        0,
-    ),
-    (
-        "h-1",
-        "tools",
-        None,
-        C2S,
-        "request",
-        Some("initialize"),
-        Some("0"),
-        "allow",
-        0,
-    ),
-    (
-        "h-1",
-        "tools",
-        Some("S1"),
-        S2C,
-        "response",
-        Some("initialize"),
-        Some("0"),
-        "allow",
-        0,
-    ),
-    (
-        "h-2",
-        "tools",
-        None,
-        C2S,
-        "connection",
-        None,
-        None,
-        "allow",
-        0,
-    ),
+    ("h-1", "tools", None, C2S, "connection", None, None, "allow", 0),
+    ("h-1", "tools", None, C2S, "request", Some("initialize"), Some("0"), "allow", 0),
+    ("h-1", "tools", Some("S1"), S2C, "response", Some("initialize"), Some("0"), "allow", 0),
+    ("h-2", "tools", None, C2S, "connection", None, None, "allow", 0),
     // A call masked both ways: one call.
-    (
-        "h-2",
-        "tools",
-        Some("S1"),
-        C2S,
-        "request",
-        Some("tools/call"),
-        Some("1"),
-        "mask",
-        2,
-    ),
-    (
-        "h-1",
-        "tools",
-        None,
-        C2S,
-        "connection",
-        None,
-        None,
-        "allow",
-        0,
-    ),
-    (
-        "h-2",
-        "tools",
-        Some("S1"),
-        S2C,
-        "response",
-        Some("tools/call"),
-        Some("1"),
-        "mask",
-        1,
-    ),
-    (
-        "h-3",
-        "tools",
-        None,
-        C2S,
-        "connection",
-        None,
-        None,
-        "allow",
-        0,
-    ),
+    ("h-2", "tools", Some("S1"), C2S, "request", Some("tools/call"), Some("1"), "mask", 2),
+    ("h-1", "tools", None, C2S, "connection", None, None, "allow", 0),
+    ("h-2", "tools", Some("S1"), S2C, "response", Some("tools/call"), Some("1"), "mask", 1),
+    ("h-3", "tools", None, C2S, "connection", None, None, "allow", 0),
     // A blocked call: its request and Airlock's error answer.
-    (
-        "h-3",
-        "tools",
-        Some("S1"),
-        C2S,
-        "request",
-        Some("tools/call"),
-        Some("2"),
-        "block",
-        0,
-    ),
-    (
-        "h-3",
-        "tools",
-        Some("S1"),
-        S2C,
-        "error",
-        Some("tools/call"),
-        Some("2"),
-        "block",
-        0,
-    ),
+    ("h-3", "tools", Some("S1"), C2S, "request", Some("tools/call"), Some("2"), "block", 0),
+    ("h-3", "tools", Some("S1"), S2C, "error", Some("tools/call"), Some("2"), "block", 0),
     // A held call denied: its approval record, the request, the error answer.
-    (
-        "h-3",
-        "tools",
-        Some("S1"),
-        C2S,
-        "approval",
-        Some("tools/call"),
-        Some("3"),
-        "denied",
-        0,
-    ),
-    (
-        "h-3",
-        "tools",
-        Some("S1"),
-        C2S,
-        "request",
-        Some("tools/call"),
-        Some("3"),
-        "denied",
-        0,
-    ),
-    (
-        "h-3",
-        "tools",
-        Some("S1"),
-        S2C,
-        "error",
-        Some("tools/call"),
-        Some("3"),
-        "denied",
-        0,
-    ),
+    ("h-3", "tools", Some("S1"), C2S, "approval", Some("tools/call"), Some("3"), "denied", 0),
+    ("h-3", "tools", Some("S1"), C2S, "request", Some("tools/call"), Some("3"), "denied", 0),
+    ("h-3", "tools", Some("S1"), S2C, "error", Some("tools/call"), Some("3"), "denied", 0),
     // A listing with a tool hidden by a block rule: no call was refused.
-    (
-        "h-3",
-        "tools",
-        Some("S1"),
-        S2C,
-        "response",
-        Some("tools/list"),
-        Some("4"),
-        "block",
-        0,
-    ),
+    ("h-3", "tools", Some("S1"), S2C, "response", Some("tools/list"), Some("4"), "block", 0),
     // A notification with a masked value (no id): counted on its own.
-    (
-        "h-2",
-        "tools",
-        Some("S1"),
-        S2C,
-        "notification",
-        Some("notifications/message"),
-        None,
-        "mask",
-        1,
-    ),
-    (
-        "h-4",
-        "other",
-        None,
-        C2S,
-        "connection",
-        None,
-        None,
-        "allow",
-        0,
-    ),
-    (
-        "h-4",
-        "other",
-        Some("S1"),
-        C2S,
-        "request",
-        Some("tools/list"),
-        Some("0"),
-        "allow",
-        0,
-    ),
-    (
-        "h-5",
-        "opaque",
-        None,
-        C2S,
-        "connection",
-        None,
-        None,
-        "allow",
-        0,
-    ),
-    (
-        "h-6",
-        "tools",
-        None,
-        C2S,
-        "connection",
-        None,
-        None,
-        "block",
-        0,
-    ),
+    ("h-2", "tools", Some("S1"), S2C, "notification", Some("notifications/message"), None, "mask", 1),
+    ("h-4", "other", None, C2S, "connection", None, None, "allow", 0),
+    ("h-4", "other", Some("S1"), C2S, "request", Some("tools/list"), Some("0"), "allow", 0),
+    ("h-5", "opaque", None, C2S, "connection", None, None, "allow", 0),
+    ("h-6", "tools", None, C2S, "connection", None, None, "block", 0),
+    // Another user whose server handed out the same session name: not the same session.
+    ("h-7", "tools", None, C2S, "connection", None, None, "allow", 0),
+    ("h-7", "tools", Some("S1"), C2S, "request", Some("tools/call"), Some("1"), "allow", 0),
 ];
+
+/// Who each connection's process was: (uid, user, comm). `h-7` named itself with a terminal
+/// escape sequence.
+fn who(conn: &str) -> (u32, &'static str, &'static str) {
+    match conn {
+        "h-7" => (1001, "bob", "\x1b]0;pwned\x07"),
+        _ => (1000, "alice", "python3"),
+    }
+}
 
 fn write(dir: &Path) {
     let (mut w, _) = ArchiveWriter::open(WriterConfig {
@@ -260,6 +83,7 @@ fn write(dir: &Path) {
         ROWS.iter().enumerate()
     {
         let seq = seqs.entry(*conn).or_insert(0u64);
+        let (uid, user, comm) = who(conn);
         w.append(RecordInput {
             ts_us: T0 + n as i64 * 1_000_000,
             host: "runner-7".into(),
@@ -273,9 +97,9 @@ fn write(dir: &Path) {
             decision: (*decision).into(),
             masked_detectors: vec!["email".into(); *masked],
             pid: Some(4000),
-            uid: Some(1000),
-            user: Some("alice".into()),
-            comm: Some("python3".into()),
+            uid: Some(uid),
+            user: Some(user.into()),
+            comm: Some(comm.into()),
             backend: Some((*backend).into()),
             ..Default::default()
         })
@@ -329,6 +153,7 @@ fn sessions_group_an_mcp_session_across_connections_and_count_calls() {
             ("S1", "mcp_session", "other"),
             ("h-5", "connection", "opaque"),
             ("h-6", "connection", "tools"),
+            ("S1", "mcp_session", "tools"),
         ],
         "{out}"
     );
@@ -344,6 +169,8 @@ fn sessions_group_an_mcp_session_across_connections_and_count_calls() {
     );
     assert_eq!(s1["masked_values"], 4, "{s1}");
     assert_eq!(list[3]["blocked"], 1, "a refused connection: {out}");
+    assert_eq!(list[4]["user"], "bob", "{out}");
+    assert_eq!(list[4]["connections"], serde_json::json!(["h-7"]));
 
     // The per-connection view: one session per connection, the counts split with them.
     let (code, out, err) = run(&["sessions", "--archive", a, "--json", "--by-connection"]);
@@ -353,27 +180,42 @@ fn sessions_group_an_mcp_session_across_connections_and_count_calls() {
         .iter()
         .map(|s| s["session_id"].as_str().unwrap())
         .collect();
-    assert_eq!(ids, ["h-1", "h-2", "h-3", "h-4", "h-5", "h-6"], "{out}");
+    assert_eq!(
+        ids,
+        ["h-1", "h-2", "h-3", "h-4", "h-5", "h-6", "h-7"],
+        "{out}"
+    );
     assert!(list.iter().all(|s| s["grouped_by"] == "connection"));
     assert_eq!(list[1]["masked"], 2);
     assert_eq!(list[2]["blocked"], 2);
 
-    // Two backends named a session `S1`: the responder chooses.
+    // Two backends and two users named a session `S1`: the responder chooses.
     let (code, _, err) = run(&["replay", "S1", "--archive", a]);
     assert_eq!(code, Some(1));
     assert!(
-        err.contains("names 2 sessions") && err.contains("--backend"),
+        err.contains("names 3 sessions") && err.contains("--backend"),
         "{err}"
     );
-    let (code, out, err) = run(&[
+    let (code, _, err) = run(&["replay", "S1", "--backend", "tools", "--archive", a]);
+    assert_eq!(code, Some(1));
+    assert!(
+        err.contains("names 2 sessions") && err.contains("uid 1001"),
+        "{err}"
+    );
+    let (code, out, _) = run(&["replay", "S1", "--uid", "1001", "--archive", a, "--json"]);
+    assert_eq!(code, Some(0));
+    assert_eq!(json_lines(&out).len(), 2, "bob's own: {out}");
+    let tools_alice = [
         "replay",
         "S1",
         "--backend",
         "tools",
+        "--uid",
+        "1000",
         "--archive",
         a,
-        "--json",
-    ]);
+    ];
+    let (code, out, err) = run(&[&tools_alice[..], &["--json"]].concat());
     assert_eq!(code, Some(0), "{err}");
     let rows = json_lines(&out);
     assert_eq!(rows.len(), 15, "{out}");
@@ -383,7 +225,7 @@ fn sessions_group_an_mcp_session_across_connections_and_count_calls() {
         .collect();
     assert!(ts.windows(2).all(|w| w[0] < w[1]), "in time order: {ts:?}");
     assert!(rows.iter().all(|r| r["input"]["backend"] == "tools"));
-    let (code, out, err) = run(&["replay", "S1", "--backend", "tools", "--archive", a]);
+    let (code, out, err) = run(&tools_alice);
     assert_eq!(code, Some(0), "{err}");
     assert!(out.contains("3 connections: c0=h-1 c1=h-2 c2=h-3"), "{out}");
     assert!(
@@ -406,5 +248,12 @@ fn sessions_group_an_mcp_session_across_connections_and_count_calls() {
     let (code, _, err) = run(&["replay", "h-2", "--archive", a]);
     assert_eq!(code, Some(1));
     assert!(err.contains("no session `h-2`"), "{err}");
+    // A name a process chose is printed, not obeyed by the terminal.
+    let (code, out, _) = run(&["sessions", "--archive", a, "--by-connection"]);
+    assert_eq!(code, Some(0));
+    assert!(!out.contains('\x1b') && !out.contains('\x07'), "{out:?}");
+    assert!(out.contains("\\u{1b}]0;pwned\\u{7}"), "{out}");
+    let (_, out, _) = run(&["replay", "h-7", "--connection", "--archive", a]);
+    assert!(!out.contains('\x1b') && !out.contains('\x07'), "{out:?}");
     let _ = std::fs::remove_dir_all(&dir);
 }

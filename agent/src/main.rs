@@ -97,6 +97,9 @@ enum Command {
         /// The backend of the MCP session, when several have one of that name.
         #[arg(long)]
         backend: Option<String>,
+        /// The uid of the MCP session's client, when several users' sessions have that name.
+        #[arg(long)]
+        uid: Option<u32>,
         #[arg(long, value_name = "DIR")]
         archive: Option<PathBuf>,
     },
@@ -328,7 +331,16 @@ fn main() -> ExitCode {
             json,
             connection,
             backend,
-        } => return responder_cli::replay(dir, session_id, *connection, backend.as_deref(), *json),
+            uid,
+        } => {
+            return responder_cli::replay(
+                dir,
+                session_id,
+                *connection,
+                (backend.as_deref(), *uid),
+                *json,
+            );
+        }
         Command::Evidence {
             archive: Some(dir),
             from,
@@ -398,12 +410,13 @@ fn main() -> ExitCode {
                 json,
                 connection,
                 backend,
+                uid,
                 ..
             } => responder_cli::replay(
                 &config.archive_dir,
                 &session_id,
                 connection,
-                backend.as_deref(),
+                (backend.as_deref(), uid),
                 json,
             ),
             Command::Evidence {

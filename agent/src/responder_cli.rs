@@ -2,7 +2,10 @@
 
 use std::{path::Path, process::ExitCode};
 
-use airlock::archive::{responder, sessions::View};
+use airlock::archive::{
+    responder::{self, printable},
+    sessions::View,
+};
 
 use crate::{fail, parse_time};
 
@@ -59,12 +62,12 @@ pub fn sessions(
     for s in &list {
         println!(
             "{:<36} {:>5} {:<10} {:>7} {:<12} {:<10} {:<28} {:>7}ms {:>6} {:>6} {:>7} {:>6}",
-            s.session_id,
+            printable(&s.session_id),
             s.connections.len(),
-            s.user.as_deref().unwrap_or("-"),
+            printable(s.user.as_deref().unwrap_or("-")),
             s.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
-            s.comm.as_deref().unwrap_or("-"),
-            s.backend.as_deref().unwrap_or("-"),
+            printable(s.comm.as_deref().unwrap_or("-")),
+            printable(s.backend.as_deref().unwrap_or("-")),
             s.started,
             s.duration_ms,
             s.messages,
@@ -80,10 +83,10 @@ pub fn replay(
     dir: &Path,
     session: &str,
     by_connection: bool,
-    backend: Option<&str>,
+    choose: (Option<&str>, Option<u32>),
     json: bool,
 ) -> ExitCode {
-    let records = match airlock::archive::sessions::load(dir, session, view(by_connection), backend)
+    let records = match airlock::archive::sessions::load(dir, session, view(by_connection), choose)
     {
         Ok(r) => r,
         Err(e) => return fail(e),

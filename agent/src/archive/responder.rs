@@ -107,15 +107,16 @@ pub fn transcript(rows: &[Record], session: &str, colour: bool) -> Option<String
         }
     };
     let mut out = format!(
-        "session {session}  user {}  pid {}  exe {}  backend {}\n",
-        first.input.user.as_deref().unwrap_or("?"),
+        "session {}  user {}  pid {}  exe {}  backend {}\n",
+        printable(session),
+        printable(first.input.user.as_deref().unwrap_or("?")),
         first
             .input
             .pid
             .map(|p| p.to_string())
             .unwrap_or_else(|| "?".into()),
-        first.input.exe.as_deref().unwrap_or("?"),
-        first.input.backend.as_deref().unwrap_or("?"),
+        printable(first.input.exe.as_deref().unwrap_or("?")),
+        printable(first.input.backend.as_deref().unwrap_or("?")),
     );
     if connections.len() > 1 {
         out.push_str(&format!(
@@ -154,6 +155,7 @@ pub fn transcript(rows: &[Record], session: &str, colour: bool) -> Option<String
         .copied()
         .collect::<Vec<_>>()
         .join(" ");
+        let what = printable(&what);
         let decision = match r.input.decision.as_str() {
             "block" | "denied" => paint("31;1", &r.input.decision),
             "mask" => paint("33", "mask"),
@@ -170,7 +172,7 @@ pub fn transcript(rows: &[Record], session: &str, colour: bool) -> Option<String
             r.input.seq
         ));
         if let Some(p) = &r.input.payload {
-            out.push_str(&format!("    {}\n", p.as_str()));
+            out.push_str(&format!("    {}\n", printable(p.as_str())));
         }
     }
     Some(out)
@@ -248,4 +250,23 @@ pub fn evidence(
     file.flush()?;
     file.sync_all()?;
     Ok(report)
+}
+
+/// `s` safe to print on a terminal: control characters (C0, DEL, C1: a process can name
+/// itself with escape sequences, a server can put them in a tool's name) as `\u{..}`.
+pub fn printable(s: &str) -> std::borrow::Cow<'_, str> {
+    if !s.chars().any(char::is_control) {
+        return std::borrow::Cow::Borrowed(s);
+    }
+    std::borrow::Cow::Owned(
+        s.chars()
+            .map(|c| {
+                if c.is_control() {
+                    format!("\\u{{{:x}}}", c as u32)
+                } else {
+                    c.to_string()
+                }
+            })
+            .collect(),
+    )
 }

@@ -2,8 +2,10 @@
 //! spread it over.
 //!
 //! A row belongs to the MCP session it names (`mcp_session_id`: the `Mcp-Session-Id` the
-//! server assigned, or the legacy HTTP+SSE transport's `session_id`), keyed by host and
-//! backend (two servers may hand out the same name). A row that names none (the connection's
+//! server assigned, or the legacy HTTP+SSE transport's `session_id`), keyed by host, backend
+//! (two servers may hand out the same name) and the uid of the connection's process: the name
+//! is chosen by the server (or claimed by the client), so a server that hands every client the
+//! same name cannot merge two users' calls into one session. A row that names none (the connection's
 //! `open`/`close`, an `initialize` sent before the server named the session, a refused request)
 //! belongs to the first MCP session its connection carried, and a connection that carried none
 //! is a session of its own. `View::Connection` keeps the per-connection view.
@@ -12,7 +14,7 @@
 //! blocked, not again at the error Airlock answered it with or at its approval record; a
 //! masked call once, however many of its messages (request, answer) had values masked.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::Path;
 
 use serde::Serialize;
@@ -83,14 +85,15 @@ const COLUMNS: [&str; 15] = [
 /// A group's key: (host, backend, MCP session) or the connection.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 enum Key {
-    Mcp(String, String, String),
+    /// (host, backend, uid, MCP session).
+    Mcp(String, String, Option<u32>, String),
     Conn(String),
 }
 
 impl Key {
     fn name(&self) -> &str {
         match self {
-            Key::Mcp(_, _, m) => m,
+            Key::Mcp(_, _, _, m) => m,
             Key::Conn(c) => c,
         }
     }
@@ -111,9 +114,9 @@ struct Tally {
     messages: u64,
     calls: u64,
     blocked: u64,
-    /// JSON-RPC ids of messages with masked values (a call counts once), and messages
+    /// Calls (see [`call_key`]) with masked values (a call counts once), and messages
     /// without an id that had some.
-    masked_ids: BTreeSet<String>,
+    masked_ids: HashSet<u64>,
     masked_unaddressed: u64,
     masked_values: u64,
 }
@@ -147,6 +150,8 @@ impl Tally {
 #[derive(Default)]
 struct Conn {
     host: String,
+    /// The uid of the process the connection was attributed to.
+    uid: Option<u32>,
     backend: Option<(Micros, String)>,
     first_mcp: Option<(Micros, String)>,
     first_seen: Micros,
@@ -157,6 +162,17 @@ struct Conn {
 struct Scan {
     pieces: HashMap<(String, Option<String>), Tally>,
     conns: HashMap<String, Conn>,
+}
+
+/// A call's key: who sent its request and its JSON-RPC id, hashed (8 bytes a masked call).
+fn call_key(client_called: bool, id: &str) -> u64 {
+    use std::hash::{BuildHasher as _, Hasher as _};
+    let mut h =
+        std::hash::BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default()
+            .build_hasher();
+    h.write_u8(u8::from(client_called));
+    h.write(id.as_bytes());
+    h.finish()
 }
 
 /// Whether a row is a blocked call (or a refusal that is no call: a connection, an exchange,
@@ -222,6 +238,9 @@ fn scan(archive_dir: &Path, since: Option<Micros>) -> Result<Scan, String> {
                     ..Conn::default()
                 });
                 conn.first_seen = conn.first_seen.min(at);
+                if conn.uid.is_none() {
+                    conn.uid = opt32(uids, i);
+                }
                 if !backends.is_null(i) && conn.backend.as_ref().is_none_or(|(b, _)| at < *b) {
                     conn.backend = Some((at, backends.value(i).to_owned()));
                 }
@@ -242,15 +261,18 @@ fn scan(archive_dir: &Path, since: Option<Micros>) -> Result<Scan, String> {
                 t.end = t.end.max(at);
                 t.messages += 1;
                 let (kind, id) = (kinds.value(i), opt(jsonrpc_ids, i));
-                t.calls +=
-                    u64::from(kind == "request" && directions.value(i) == "client_to_server");
+                let c2s = directions.value(i) == "client_to_server";
+                t.calls += u64::from(kind == "request" && c2s);
                 t.blocked += u64::from(is_blocked(kind, decisions.value(i), id.is_some()));
                 let n = masked.value(i);
                 if n > 0 {
                     t.masked_values += u64::from(n);
                     match id {
+                        // A call is named by its id and by who sent its request: a request
+                        // travels its own direction, its answer the other one.
                         Some(id) => {
-                            t.masked_ids.insert(id);
+                            let client_called = c2s == (kind == "request");
+                            t.masked_ids.insert(call_key(client_called, &id));
                         }
                         None => t.masked_unaddressed += 1,
                     }
@@ -284,6 +306,7 @@ fn key_of(scan: &Scan, conn_id: &str, mcp: Option<&str>, view: View) -> Key {
             conn.map(|c| c.host.clone()).unwrap_or_default(),
             conn.and_then(|c| c.backend.as_ref().map(|(_, b)| b.clone()))
                 .unwrap_or_default(),
+            conn.and_then(|c| c.uid),
             m.to_owned(),
         ),
         None => Key::Conn(conn_id.to_owned()),
@@ -318,7 +341,7 @@ pub fn sessions(
             conns.sort();
             let first_conn = conns.first().and_then(|(_, c)| scan.conns.get(c));
             let (host, backend) = match &key {
-                Key::Mcp(h, b, _) => (h.clone(), (!b.is_empty()).then(|| b.clone())),
+                Key::Mcp(h, b, _, _) => (h.clone(), (!b.is_empty()).then(|| b.clone())),
                 Key::Conn(_) => (
                     first_conn.map(|c| c.host.clone()).unwrap_or_default(),
                     first_conn.and_then(|c| c.backend.as_ref().map(|(_, b)| b.clone())),
@@ -358,12 +381,13 @@ pub fn sessions(
 
 /// One session's records, oldest first. `id` names an MCP
 /// session or (when no MCP session has that name, or `view` is `Connection`) a connection;
-/// `backend` chooses among MCP sessions of that name on several backends or hosts.
+/// `backend` and `uid` choose among MCP sessions of that name (on several backends or hosts,
+/// or of several users).
 pub fn load(
     archive_dir: &Path,
     id: &str,
     view: View,
-    backend: Option<&str>,
+    (backend, uid): (Option<&str>, Option<u32>),
 ) -> Result<Vec<Record>, String> {
     let scan = scan(archive_dir, None)?;
     let mut matches: BTreeMap<Key, BTreeSet<String>> = BTreeMap::new();
@@ -371,7 +395,9 @@ pub fn load(
         let key = key_of(&scan, conn_id, mcp.as_deref(), view);
         let wanted = key.name() == id
             && match &key {
-                Key::Mcp(_, b, _) => backend.is_none_or(|want| want == b),
+                Key::Mcp(_, b, u, _) => {
+                    backend.is_none_or(|want| want == b) && uid.is_none_or(|want| Some(want) == *u)
+                }
                 Key::Conn(_) => true,
             };
         if wanted {
@@ -382,12 +408,15 @@ pub fn load(
         let named: Vec<String> = matches
             .keys()
             .map(|k| match k {
-                Key::Mcp(h, b, _) => format!("MCP session on host {h}, backend {b}"),
+                Key::Mcp(h, b, u, _) => format!(
+                    "MCP session on host {h}, backend {b}, uid {}",
+                    u.map_or_else(|| "?".to_owned(), |u| u.to_string())
+                ),
                 Key::Conn(c) => format!("connection {c}"),
             })
             .collect();
         return Err(format!(
-            "`{id}` names {} sessions ({}); choose with `--backend` or `--connection`",
+            "`{id}` names {} sessions ({}); choose with `--backend`, `--uid` or `--connection`",
             named.len(),
             named.join("; ")
         ));
