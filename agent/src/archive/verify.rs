@@ -2,7 +2,8 @@
 //!
 //! Reports, each naming the file (and record where it applies): a modified, truncated,
 //! deleted, inserted or reordered file; a modified, removed, inserted or reordered record;
-//! an altered, removed or reordered manifest line. Files removed by retention are expected.
+//! an altered, removed or reordered manifest line. Files removed by retention may be gone; if
+//! present (a fleet's bucket keeps them, a backup restored them) they are checked like any other.
 //!
 //! Trust does not come from the archive: the public key stored next to a manifest proves
 //! nothing to someone who could rewrite both. Each host's key must come from the verifier
