@@ -381,3 +381,92 @@ impl Body for IdleTimeoutBody {
         self.inner.size_hint()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The stall timeout against a peer on loopback that reads slowly (a slow uplink) or not at
+    //! all (a stuck one): what the timer does is a property of the transport, not of a bucket.
+
+    use std::time::{Duration, Instant};
+
+    use object_store::client::HttpConnector as _;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    use super::Connector;
+
+    const BODY: usize = 12 << 20;
+
+    /// A listener that reads a request of `BODY` bytes, `chunk` bytes per `pause`, then answers
+    /// 200; with `chunk` 0 it never reads.
+    async fn peer(chunk: usize, pause: Duration) -> u16 {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(16 << 10).unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let listener = socket.listen(1).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            if chunk == 0 {
+                tokio::time::sleep(Duration::from_secs(60)).await;
+                return;
+            }
+            let mut buf = vec![0u8; chunk];
+            let mut total = 0;
+            while total < BODY {
+                let mut got = 0;
+                while got < chunk {
+                    match s.read(&mut buf[got..]).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => got += n,
+                    }
+                }
+                total += got;
+                tokio::time::sleep(pause).await;
+            }
+            let _ = s
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+                .await;
+        });
+        port
+    }
+
+    async fn upload(port: u16) -> Result<u16, String> {
+        let client = Connector {
+            allow_http: true,
+            timeout: Duration::from_secs(1),
+            own: Default::default(),
+        }
+        .connect(&Default::default())
+        .map_err(|e| e.to_string())?;
+        // The request head counts towards the body read above: a few hundred bytes more.
+        let req = http::Request::put(format!("http://127.0.0.1:{port}/b/k"))
+            .body(bytes::Bytes::from(vec![7u8; BODY]).into())
+            .unwrap();
+        client
+            .execute(req)
+            .await
+            .map(|r| r.status().as_u16())
+            .map_err(|e| e.to_string())
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_slow_upload_that_moves_is_not_cut_and_a_stuck_one_is() {
+        // 12 MiB at 1 MiB per 250 ms: about 3 s, three times the (1 s) timeout.
+        let port = peer(1 << 20, Duration::from_millis(250)).await;
+        let started = Instant::now();
+        let answer = upload(port).await;
+        assert!(
+            started.elapsed() > Duration::from_secs(2),
+            "{:?}",
+            started.elapsed()
+        );
+        assert_eq!(answer, Ok(200));
+
+        let port = peer(0, Duration::ZERO).await;
+        let started = Instant::now();
+        let answer = upload(port).await;
+        assert!(started.elapsed() < Duration::from_secs(5));
+        let error = answer.unwrap_err();
+        assert!(error.contains("no progress for 1 s"), "{error}");
+    }
+}
