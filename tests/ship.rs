@@ -4,6 +4,9 @@
 //! across two hosts with the real DuckDB (1.5.5 + the httpfs wheel), verified with
 //! `airlock verify --fleet`. The agent end to end is in `tests/privileged/ship.rs`.
 
+/// Retention against the bucket, hosts that vanish, stale shipping state.
+#[path = "ship/fleet_checks.rs"]
+mod fleet_checks;
 #[path = "support/s3.rs"]
 mod s3;
 
@@ -323,6 +326,12 @@ fn wrong_credentials_leave_a_visible_backlog_that_retention_keeps_then_ships() {
     assert!(
         !error.contains("wrong-secret"),
         "no secret in errors: {error}"
+    );
+    // The server's answer body is not passed on: its status and code, short (an AWS
+    // signature error's body echoes the signed request, security token included).
+    assert!(
+        error.len() <= 512 && error.contains("SignatureDoesNotMatch") && !error.contains('<'),
+        "the error is bounded and carries no answer body: {error}"
     );
     assert!(files_under(&server.data.join(BUCKET)).is_empty());
 

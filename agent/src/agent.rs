@@ -145,6 +145,10 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         &targets,
     )?;
     let own = Arc::new(own);
+    // The shipper dials the bucket as the agent's own from here on (never redirected to itself).
+    if let Some(s) = &shipper {
+        s.dial_as_own(own.clone());
+    }
     // Audit events observe every decision from here on (before any traffic is accepted).
     let events = match &config.events {
         Some(ec) => {

@@ -328,3 +328,44 @@ fn retention_keeps_what_is_not_shipped() {
     });
     assert!(agent.sigterm().success(), "{}", agent.log());
 }
+
+/// A bucket endpoint whose address is also an intercepted backend: the shipper dials it from
+/// a socket tagged as the agent's own (the agent runs inside the test cgroup, so an untagged
+/// socket would be redirected into the agent itself).
+#[test]
+fn the_shipper_dials_the_bucket_as_the_agents_own_socket() {
+    if !privileged() {
+        return;
+    }
+    let dir = scratch("ship-own");
+    let server = S3Server::localbucket(&dir.join("s3"), free_port(), BUCKET);
+    let cred = credentials(&dir, "anything");
+    let name = unique("ship-own");
+    let cg = TestCgroup::new(&name);
+    let backend = Backend::start("tools", "127.0.0.2:0");
+    let agent = Agent::start(
+        &cg,
+        &name,
+        &format!(
+            "{}\n{}",
+            backend_toml("tools", backend.port(), &["127.0.0.2"]),
+            backend_toml("bucket", server.port, &["127.0.0.1"])
+        ),
+        &ship_toml("fleet-host-4", &server, &cred),
+    );
+    // One call (one redirected connection), archived into a file the shipper then uploads
+    // while the redirect is in place.
+    let res = run_client(&cg, "127.0.0.2", backend.port(), &ClientOpts::default());
+    assert!(res.expect_response().starts_with("tools saw "));
+    wait_for_ship(&agent, "a file shipped", |s| {
+        s["files_shipped"].as_u64() >= Some(1) && s["lines_pending"].as_u64() == Some(0)
+    });
+    assert_eq!(
+        agent.kernel_counter("redirect_ipv4"),
+        1,
+        "only the client's connection is redirected, not the uploads\n{}",
+        agent.log()
+    );
+    // The agent's upstream connection and at least the file's and its line's uploads.
+    assert!(agent.kernel_counter("skip_own") >= 3, "{}", agent.log());
+}

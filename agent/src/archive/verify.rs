@@ -2,7 +2,8 @@
 //!
 //! Reports, each naming the file (and record where it applies): a modified, truncated,
 //! deleted, inserted or reordered file; a modified, removed, inserted or reordered record;
-//! an altered, removed or reordered manifest line. Files removed by retention are expected.
+//! an altered, removed or reordered manifest line. Files removed by retention may be gone; if
+//! present (a fleet's bucket keeps them, a backup restored them) they are checked like any other.
 //!
 //! Trust does not come from the archive: the public key stored next to a manifest proves
 //! nothing to someone who could rewrite both. Each host's key must come from the verifier
@@ -60,6 +61,10 @@ pub struct Trust {
     pub fingerprints: BTreeMap<String, (String, String)>,
     /// The least manifest line each host's chain must reach.
     pub expected_heads: BTreeMap<String, u64>,
+    /// A fleet copy (`verify --fleet`): every host the verifier pinned a fingerprint for is
+    /// expected in it too (a local archive holds one host; a fleet-wide configuration pins
+    /// them all).
+    pub fleet: bool,
 }
 
 impl Trust {
@@ -122,6 +127,34 @@ impl Trust {
         Ok(trust)
     }
 
+    /// Hosts the archive must hold, and why: named by `--expect-head` or `--pubkey HOST=KEY`,
+    /// and for a fleet copy pinned in `archive_key_fingerprints` too. A host that vanished
+    /// whole is missing, not merely unverified.
+    fn expected_hosts(&self) -> BTreeMap<String, String> {
+        let mut out = BTreeMap::new();
+        for host in self.expected_heads.keys() {
+            out.insert(
+                host.clone(),
+                "a head was expected (--expect-head)".to_owned(),
+            );
+        }
+        for (host, _, via) in &self.keys {
+            if let Some(host) = host
+                && via == "--pubkey"
+            {
+                out.entry(host.clone())
+                    .or_insert_with(|| "its key was given (--pubkey)".to_owned());
+            }
+        }
+        if self.fleet {
+            for (host, (_, pinned)) in &self.fingerprints {
+                out.entry(host.clone())
+                    .or_insert_with(|| format!("its key is pinned ({pinned})"));
+            }
+        }
+        out
+    }
+
     /// A key for `host` (hex) and where it came from.
     fn key_for(&self, host: &str) -> Option<(&str, &str)> {
         self.keys
@@ -164,10 +197,10 @@ pub fn verify(archive_dir: &Path, trust: &Trust) -> Report {
         verify_host(archive_dir, host, trust, &mut report, &mut listed);
     }
     // A host the verifier expects and the archive lacks: its files are gone whole.
-    for host in trust.expected_heads.keys() {
-        if !hosts.contains(host) {
+    for (host, why) in trust.expected_hosts() {
+        if !hosts.contains(&host) {
             report.problems.push(format!(
-                "host {host}: no manifest, a head was expected: the host's archive is missing"
+                "host {host}: no manifest, but {why}: the host's archive is missing"
             ));
         }
     }
@@ -314,12 +347,10 @@ fn verify_host(
         expected_prev = Some(last_hash.clone());
         expected_seq = Some(last_archive_seq + 1);
         let full = archive_dir.join(path);
-        if removed.contains(path) {
-            if full.exists() {
-                report.problems.push(format!(
-                    "{path}: recorded as deleted by retention, but present"
-                ));
-            }
+        // Deleted by retention here, it may still be elsewhere (the fleet's bucket keeps what
+        // hosts delete locally, or a backup brought it back): present, it is checked like any
+        // other file — being listed for removal is no licence to differ from its line.
+        if removed.contains(path) && fs::symlink_metadata(&full).is_err() {
             continue;
         }
         let bytes = match fs::read(&full) {

@@ -71,7 +71,11 @@ pub fn verify(source: &Source, trust: &Trust) -> Result<Report, ShipError> {
         }
     };
     let staged = stage(source, &rels, &work.0, &mut extra)?;
-    let mut report = crate::archive::verify::verify(&work.0, trust);
+    let trust = Trust {
+        fleet: true,
+        ..trust.clone()
+    };
+    let mut report = crate::archive::verify::verify(&work.0, &trust);
     // Name problems by the fleet's keys, not the temporary copy's paths.
     let prefix = source.name();
     let tmp = format!("{}/", work.0.display());
@@ -102,7 +106,7 @@ async fn download(
 ) -> Result<Vec<String>, ShipError> {
     let fail = |e: object_store::Error| ShipError::Bucket {
         url: url.to_owned(),
-        message: e.to_string(),
+        message: super::redact::error(&e),
     };
     let root = layout.root();
     let mut listing = store.list(root.as_ref());
@@ -147,6 +151,15 @@ fn local(path: &Path, e: std::io::Error) -> ShipError {
         path: path.to_owned(),
         message: e.to_string(),
     }
+}
+
+/// Whether `file` is named as the writer names `host`'s files: `{host}-<digits>.parquet`
+/// (a prefix test alone would let host `a` hold host `a-b`'s files).
+fn is_file_of(host: &str, file: &str) -> bool {
+    file.strip_prefix(host)
+        .and_then(|f| f.strip_prefix('-'))
+        .and_then(|f| f.strip_suffix(".parquet"))
+        .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
 }
 
 /// No `..`, no absolute path: a key may not leave the staging directory.
@@ -223,7 +236,7 @@ fn stage(
             }
         } else if rest.starts_with("date=") && rest.ends_with(".parquet") {
             let file = rest.rsplit('/').next().unwrap_or_default();
-            if !file.starts_with(&format!("{host}-")) {
+            if !is_file_of(host, file) {
                 extra.push(format!(
                     "{name}{rel}: a file of another host under host={host}: moved or inserted"
                 ));
@@ -302,5 +315,18 @@ impl TempDir {
 impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_file_belongs_to_the_host_it_is_named_for_exactly() {
+        assert!(super::is_file_of("a", "a-000000000001.parquet"));
+        assert!(super::is_file_of("a-b", "a-b-000000000001.parquet"));
+        assert!(!super::is_file_of("a", "a-b-000000000001.parquet"));
+        assert!(!super::is_file_of("a", "a-.parquet"));
+        assert!(!super::is_file_of("a", "ab-000000000001.parquet"));
+        assert!(!super::is_file_of("a", "a-000000000001.parquet.x"));
     }
 }

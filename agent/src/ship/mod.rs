@@ -19,6 +19,8 @@
 //! [`ShipStats::lines_shipped`].
 
 pub mod fleet;
+pub mod redact;
+mod state;
 pub mod stats;
 pub mod store;
 pub mod transport;
@@ -26,7 +28,7 @@ pub mod transport;
 use std::{
     fs,
     io::{self, Read as _, Seek as _},
-    path::{Path, PathBuf},
+    path::PathBuf,
     sync::{
         Arc, Mutex,
         atomic::{AtomicU64, Ordering},
@@ -46,6 +48,7 @@ use crate::{
     },
     config::{Config, ShipConfig},
 };
+use state::State;
 use stats::now_unix;
 pub use stats::{ShipStats, ShipStatus};
 pub use store::{Credentials, FleetLayout};
@@ -71,14 +74,6 @@ pub enum ShipError {
     },
 }
 
-/// The persisted cursor: how many of the host's manifest lines are in the bucket.
-#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
-struct State {
-    url: String,
-    host: String,
-    lines_shipped: u64,
-}
-
 /// Everything the shipper needs, checked before the agent starts (credentials, state).
 pub struct Prepared {
     cfg: ShipConfig,
@@ -86,6 +81,7 @@ pub struct Prepared {
     store: Arc<dyn object_store::ObjectStore>,
     archive_dir: PathBuf,
     state_path: PathBuf,
+    own: transport::OwnDial,
     pub stats: Arc<ShipStats>,
 }
 
@@ -93,17 +89,16 @@ impl Prepared {
     /// Load credentials (a root-only file, or the AWS variables) and the shipping state.
     pub fn new(config: &Config, cfg: &ShipConfig) -> Result<Prepared, ShipError> {
         let creds = Credentials::load(cfg)?;
-        let store = store::build(cfg, &creds)?;
+        let own = transport::OwnDial::default();
+        let store = store::build(cfg, &creds, own.clone())?;
         let state_path = config.state_dir.join("ship-state.json");
-        let state = load_state(&state_path)?;
         let stats = Arc::new(ShipStats::default());
-        // A state for another bucket or host says nothing about this one: start over (the
-        // create-only writes make that safe, only slower).
-        if state.url == cfg.url && state.host == config.host {
-            stats
-                .lines_shipped
-                .store(state.lines_shipped, Ordering::Relaxed);
-        }
+        // Checked against the local manifest before anything trusts it (retention's hold, the
+        // shipper's resume); anything doubtful starts over from line 0 (the create-only writes
+        // make that safe, only slower).
+        let manifest = manifest::manifest_path(&config.archive_dir, &config.host);
+        let shipped = state::resume(&state_path, &manifest, &cfg.url, &config.host);
+        stats.lines_shipped.store(shipped, Ordering::Relaxed);
         Ok(Prepared {
             cfg: cfg.clone(),
             layout: FleetLayout {
@@ -112,6 +107,7 @@ impl Prepared {
             store: Arc::new(store),
             archive_dir: config.archive_dir.clone(),
             state_path,
+            own,
             stats,
         })
     }
@@ -153,6 +149,7 @@ impl Prepared {
         Shipper {
             stats,
             url,
+            own: self.own,
             stop,
             done: Mutex::new(Some(done_rx)),
         }
@@ -163,11 +160,18 @@ impl Prepared {
 pub struct Shipper {
     pub stats: Arc<ShipStats>,
     pub url: String,
+    own: transport::OwnDial,
     stop: Arc<Notify>,
     done: Mutex<Option<tokio::sync::oneshot::Receiver<()>>>,
 }
 
 impl Shipper {
+    /// Dial the bucket from sockets tagged as the agent's own from now on (once the kernel
+    /// programs are up): an upload is never redirected into the agent itself.
+    pub fn dial_as_own(&self, own: Arc<crate::kernel::OwnSockets>) {
+        self.own.set(own);
+    }
+
     pub fn status(&self) -> ShipStatus {
         self.stats.snapshot(&self.url)
     }
@@ -248,12 +252,13 @@ impl Worker {
         for line in pending {
             self.ship_line(&line).await?;
             let shipped = self.stats.lines_shipped.load(Ordering::Relaxed) + 1;
-            save_state(
+            state::save(
                 &self.state_path,
                 &State {
                     url: self.cfg.url.clone(),
                     host: self.host.clone(),
                     lines_shipped: shipped,
+                    last_line_sha256: Some(hex(&sha2::Sha256::digest(&line.bytes))),
                 },
             )?;
             if let Some(o) = self.offset.as_mut() {
@@ -469,7 +474,7 @@ impl Worker {
     ) -> Result<(), ShipError> {
         let bucket = |e: object_store::Error| ShipError::Bucket {
             url: self.cfg.url.clone(),
-            message: e.to_string(),
+            message: redact::error(&e),
         };
         let payload = PutPayload::from(bytes::Bytes::from(bytes));
         let opts = PutOptions {
@@ -516,39 +521,4 @@ impl Worker {
         tracing::error!(error = %e, "shipping stopped");
         e
     }
-}
-
-fn load_state(path: &Path) -> Result<State, ShipError> {
-    match fs::read(path) {
-        Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| ShipError::State {
-            path: path.to_owned(),
-            source: io::Error::new(io::ErrorKind::InvalidData, e),
-        }),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(State::default()),
-        Err(source) => Err(ShipError::State {
-            path: path.to_owned(),
-            source,
-        }),
-    }
-}
-
-/// Write the state through a temporary file, fsync, rename.
-fn save_state(path: &Path, state: &State) -> Result<(), ShipError> {
-    use std::{io::Write as _, os::unix::fs::OpenOptionsExt as _};
-    let err = |source| ShipError::State {
-        path: path.to_owned(),
-        source,
-    };
-    let tmp = path.with_extension("json.tmp");
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(err)?;
-    f.write_all(&serde_json::to_vec(state).unwrap_or_default())
-        .map_err(err)?;
-    f.sync_all().map_err(err)?;
-    fs::rename(&tmp, path).map_err(err)
 }

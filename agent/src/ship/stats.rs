@@ -101,7 +101,7 @@ impl ShipStats {
     }
 
     pub(super) fn error(&self, e: &ShipError) {
-        *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
+        *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(super::redact::error(e));
         self.last_error_unix.store(now_unix(), Ordering::Relaxed);
     }
 }

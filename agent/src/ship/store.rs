@@ -124,7 +124,11 @@ impl Credentials {
 }
 
 /// The S3 client for `cfg`'s bucket.
-pub fn build(cfg: &ShipConfig, creds: &Credentials) -> Result<AmazonS3, ShipError> {
+pub fn build(
+    cfg: &ShipConfig,
+    creds: &Credentials,
+    own: super::transport::OwnDial,
+) -> Result<AmazonS3, ShipError> {
     let mut b = AmazonS3Builder::new()
         .with_bucket_name(&cfg.bucket)
         .with_region(&cfg.region)
@@ -142,6 +146,7 @@ pub fn build(cfg: &ShipConfig, creds: &Credentials) -> Result<AmazonS3, ShipErro
         .with_http_connector(Connector {
             allow_http: cfg.allow_http,
             timeout: cfg.timeout,
+            own,
         });
     if let Some(token) = &creds.session_token {
         b = b.with_token(token);
@@ -151,7 +156,7 @@ pub fn build(cfg: &ShipConfig, creds: &Credentials) -> Result<AmazonS3, ShipErro
     }
     b.build().map_err(|e| ShipError::Bucket {
         url: cfg.url.clone(),
-        message: e.to_string(),
+        message: super::redact::error(&e),
     })
 }
 
@@ -159,7 +164,8 @@ pub fn build(cfg: &ShipConfig, creds: &Credentials) -> Result<AmazonS3, ShipErro
 pub fn open(cfg: &ShipConfig) -> Result<(Arc<AmazonS3>, FleetLayout), ShipError> {
     let creds = Credentials::load(cfg)?;
     Ok((
-        Arc::new(build(cfg, &creds)?),
+        // The command line, without the agent: plain sockets.
+        Arc::new(build(cfg, &creds, Default::default())?),
         FleetLayout {
             prefix: cfg.prefix.clone(),
         },
