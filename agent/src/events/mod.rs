@@ -5,7 +5,7 @@
 //! - [`ocsf`]: sans-IO mapping of records and agent events to OCSF (EVENTS.md documents it).
 //! - [`config`]: the `[events]` section.
 //! - [`file`], [`syslog`], [`webhook`]: one sink each, a thread (the webhook: a thread that
-//!   spools and a task that delivers) draining its own bounded queue.
+//!   spools and a thread with its own runtime that delivers) draining its own bounded queue.
 //! - [`spool`]: the webhook's bounded on-disk queue (survives restarts).
 //!
 //! The observer ([`Events`]) runs on the traffic's path, so it never waits: it maps the
@@ -181,11 +181,21 @@ pub struct Events {
 }
 
 impl Events {
-    /// Start the sinks' threads (not the webhook's delivery: [`Events::deliver`]).
+    /// Start the sinks' threads for a CLI (`airlock verify`): the webhook's events go to its
+    /// spool only (the agent delivers them), and no temporary file of the spool is touched.
     pub fn start(
         config: &EventsConfig,
         host: &str,
         file_gid: Option<u32>,
+    ) -> Result<Arc<Events>, EventsError> {
+        Events::start_as(config, host, file_gid, spool::Role::Writer)
+    }
+
+    fn start_as(
+        config: &EventsConfig,
+        host: &str,
+        file_gid: Option<u32>,
+        role: spool::Role,
     ) -> Result<Arc<Events>, EventsError> {
         let stats = Arc::new(EventStats::default());
         let mut sinks = Vec::new();
@@ -203,7 +213,7 @@ impl Events {
         let mut spool = None;
         if let Some(w) = &config.webhook {
             let (tx, rx) = sync_channel(cap);
-            let delivery = Arc::new(webhook::Delivery::open(w.clone(), stats.clone())?);
+            let delivery = Arc::new(webhook::Delivery::open(w.clone(), stats.clone(), role)?);
             webhook::spawn_spooler(delivery.clone(), rx)?;
             sinks.push(("webhook", tx));
             spool = Some(delivery);
@@ -225,9 +235,9 @@ impl Events {
         file_gid: Option<u32>,
         own: Arc<crate::kernel::OwnSockets>,
     ) -> Result<Arc<Events>, EventsError> {
-        let events = Events::start(config, host, file_gid)?;
+        let events = Events::start_as(config, host, file_gid, spool::Role::Owner)?;
         if let Some(d) = &events.spool {
-            tokio::spawn(d.clone().run(own));
+            webhook::spawn_delivery(d.clone(), own)?;
         }
         let _ = RUNNING.set(events.clone());
         crate::observe::install(events.clone());
