@@ -248,10 +248,17 @@ impl Events {
         self.sinks.iter().map(|(n, _)| *n).collect()
     }
 
-    /// Queue one OCSF event to every sink; never waits.
+    /// Queue one OCSF event to every sink; never waits. An event larger than
+    /// [`ocsf::MAX_EVENT_BYTES`] (a syslog datagram) is cut to it, never dropped.
     pub fn emit(&self, value: &serde_json::Value) {
         self.stats.emitted.fetch_add(1, Ordering::Relaxed);
-        let event = Arc::new(Event::new(value));
+        let mut event = Event::new(value);
+        if event.json.len() > ocsf::MAX_EVENT_BYTES {
+            let mut v = value.clone();
+            ocsf::fit(&mut v, ocsf::MAX_EVENT_BYTES);
+            event = Event::new(&v);
+        }
+        let event = Arc::new(event);
         for (name, tx) in &self.sinks {
             let s = self.sink_stats(name);
             match tx.try_send(Msg::Event(event.clone())) {
@@ -414,3 +421,5 @@ impl Backoff {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_limits;

@@ -34,7 +34,7 @@ fn attribution() -> Attribution {
     }
 }
 
-fn record(kind: &str, decision: &str) -> RecordInput {
+pub(crate) fn record(kind: &str, decision: &str) -> RecordInput {
     let a = attribution();
     RecordInput {
         ts_us: 1_764_468_000_123_456,
