@@ -7,6 +7,8 @@
 //! - [`file`], [`syslog`], [`webhook`]: one sink each, a thread (the webhook: a thread that
 //!   spools and a thread with its own runtime that delivers) draining its own bounded queue.
 //! - [`spool`]: the webhook's bounded on-disk queue (survives restarts).
+//! - [`rejections`]: refused connections aggregated per reason, so a flood costs a bounded
+//!   number of events.
 //!
 //! The observer ([`Events`]) runs on the traffic's path, so it never waits: it maps the
 //! decision, serialises it once, and `try_send`s it to each sink's queue, counting a full
@@ -15,6 +17,7 @@
 pub mod config;
 pub mod file;
 pub mod ocsf;
+pub mod rejections;
 pub mod spool;
 pub mod syslog;
 pub mod webhook;
@@ -22,7 +25,7 @@ pub mod webhook;
 use std::{
     collections::BTreeMap,
     sync::{
-        Arc, OnceLock,
+        Arc, Mutex, OnceLock, Weak,
         atomic::{AtomicU64, Ordering},
         mpsc::{Receiver, SyncSender, TrySendError, sync_channel},
     },
@@ -178,6 +181,8 @@ pub struct Events {
     sinks: Vec<(&'static str, SyncSender<Msg>)>,
     /// Webhook: wakes the delivery task when something was spooled.
     spool: Option<Arc<webhook::Delivery>>,
+    /// Refused connections, aggregated per reason.
+    rejections: Mutex<rejections::Rejections>,
 }
 
 impl Events {
@@ -224,6 +229,7 @@ impl Events {
             version: env!("CARGO_PKG_VERSION").to_owned(),
             sinks,
             spool,
+            rejections: Mutex::new(rejections::Rejections::default()),
         }))
     }
 
@@ -239,6 +245,7 @@ impl Events {
         if let Some(d) = &events.spool {
             webhook::spawn_delivery(d.clone(), own)?;
         }
+        spawn_ticker(Arc::downgrade(&events))?;
         let _ = RUNNING.set(events.clone());
         crate::observe::install(events.clone());
         Ok(events)
@@ -280,9 +287,27 @@ impl Events {
         }
     }
 
+    /// Summaries of the rejection intervals that ended by `now` (all, with `all`).
+    fn emit_rejection_summaries(&self, now: Instant, all: bool) {
+        let due = {
+            let mut r = self.rejections.lock().unwrap_or_else(|p| p.into_inner());
+            if all { r.drain() } else { r.due(now) }
+        };
+        for sum in &due {
+            self.emit(&ocsf::rejections_summary(
+                sum,
+                &self.host,
+                &self.version,
+                now_ms(),
+            ));
+        }
+    }
+
     /// Wait (up to `within`) until every sink wrote, sent or spooled what was queued before
-    /// this call. Returns whether all did. Blocks the calling thread.
+    /// this call (the summaries of refused connections still open included). Returns
+    /// whether all did. Blocks the calling thread.
     pub fn flush(&self, within: Duration) -> bool {
+        self.emit_rejection_summaries(Instant::now(), true);
         let deadline = Instant::now() + within;
         let mut acks = Vec::new();
         for (_, tx) in &self.sinks {
@@ -362,6 +387,26 @@ impl Observer for Events {
     }
 
     fn on_event(&self, event: &AgentEvent) {
+        if let AgentEvent::ConnectionRejected { reason, .. } = event {
+            // A flood of refusals (anyone may connect to the port) costs a bounded number
+            // of events: the first per reason and interval, then a summary.
+            let (verdict, due) = self
+                .rejections
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .admit(reason, Instant::now(), now_ms());
+            for sum in &due {
+                self.emit(&ocsf::rejections_summary(
+                    sum,
+                    &self.host,
+                    &self.version,
+                    now_ms(),
+                ));
+            }
+            if verdict == rejections::Verdict::Counted {
+                return;
+            }
+        }
         self.emit(&ocsf::from_event(
             event,
             &self.host,
@@ -369,6 +414,24 @@ impl Observer for Events {
             now_ms(),
         ));
     }
+}
+
+/// The thread that sends the summaries of refused connections when their interval ends
+/// (also without a later refusal); it ends with the events pipeline.
+fn spawn_ticker(events: Weak<Events>) -> Result<(), EventsError> {
+    std::thread::Builder::new()
+        .name("airlock-events-tick".into())
+        .spawn(move || {
+            loop {
+                std::thread::sleep(Duration::from_secs(1));
+                match events.upgrade() {
+                    Some(e) => e.emit_rejection_summaries(Instant::now(), false),
+                    None => return,
+                }
+            }
+        })
+        .map(|_| ())
+        .map_err(|e| EventsError::Thread("events timer", e))
 }
 
 /// Receive the next message, counting it out of the memory queue.

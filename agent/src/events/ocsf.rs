@@ -417,6 +417,49 @@ pub fn from_event(e: &AgentEvent, host: &str, version: &str, now_ms: i64) -> Val
     ev
 }
 
+/// The summary of refused connections of one reason beyond the first of an interval
+/// (Network Activity 4001, Refuse, with `count`, `start_time` and `end_time`).
+pub fn rejections_summary(
+    sum: &super::rejections::Summary,
+    host: &str,
+    version: &str,
+    now_ms: i64,
+) -> Value {
+    let mut ev = base(
+        class::NETWORK_ACTIVITY,
+        5,
+        severity::MEDIUM,
+        now_ms,
+        host,
+        version,
+    );
+    let reason = bounded(&sum.reason, FIELD_MAX);
+    ev["activity_name"] = "Refuse".into();
+    ev["metadata"]["profiles"] = json!(["security_control", "host"]);
+    ev["message"] = format!(
+        "{} more connection(s) refused between {} and {} (one event each interval): {reason}",
+        sum.count, sum.start_ms, sum.end_ms
+    )
+    .into();
+    ev["count"] = sum.count.into();
+    ev["start_time"] = sum.start_ms.into();
+    ev["end_time"] = sum.end_ms.into();
+    ev["status_id"] = 2.into();
+    ev["status_detail"] = reason.into();
+    ev["action_id"] = 2.into();
+    ev["action"] = "Denied".into();
+    ev["disposition_id"] = 2.into();
+    ev["disposition"] = "Blocked".into();
+    ev["src_endpoint"] = json!({ "hostname": host });
+    ev["policy"] = json!({
+        "uid": format!("airlock:{}", sum.key.replace(' ', "_")),
+        "name": "Airlock connection admission",
+        "is_applied": true,
+    });
+    ev["unmapped"] = json!({ "airlock": { "summary": true } });
+    ev
+}
+
 /// The base event: class, activity, severity, time, metadata, device.
 fn base(
     class_uid: u32,

@@ -1,5 +1,6 @@
 //! Size limits: an event never exceeds what the sinks can carry (a UDP syslog datagram, the
-//! spool's per-event limit); fields are cut, events are never dropped for their size.
+//! spool's per-event limit); fields are cut, events are never dropped for their size. A
+//! flood of refused connections costs a bounded number of events.
 
 use std::{net::UdpSocket, time::Duration};
 
@@ -11,7 +12,7 @@ use super::{
     ocsf,
     tests::{record, validate_with_pydantic_ocsf},
 };
-use crate::observe::AgentEvent;
+use crate::observe::{AgentEvent, Observer as _};
 
 /// Largest UDP payload over IPv4.
 const UDP_MAX: usize = 65_507;
@@ -121,4 +122,66 @@ fn an_oversized_event_is_cut_to_fit_never_dropped() {
     assert!(ocsf::fit(&mut v, 4096));
     assert!(v.to_string().len() <= 4096, "{}", v.to_string().len());
     assert_eq!(v["class_uid"], 1);
+}
+
+/// 500 refused connections through the observer: one event, then (at the flush, as at the
+/// end of the interval) one summary counting the other 499; a refusal of another reason is
+/// its own event. Both kinds validate against the OCSF schema.
+#[test]
+fn a_rejection_flood_is_one_event_and_a_summary() {
+    let dir = std::env::temp_dir().join(format!("airlock-events-flood-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let path = dir.join("events.jsonl");
+    let cfg = EventsConfig {
+        queue_capacity: 64,
+        file: Some(super::config::FileSink {
+            path: path.clone(),
+            max_bytes: 1 << 20,
+            keep: 1,
+        }),
+        syslog: None,
+        webhook: None,
+    };
+    let events = super::Events::start(&cfg, "runner-7", None).unwrap();
+    let rejected = |reason: &str, port: u16| AgentEvent::ConnectionRejected {
+        reason: reason.into(),
+        client: format!("127.0.0.1:{port}"),
+        actor: None,
+        destination: None,
+    };
+    for i in 0..500 {
+        events.on_event(&rejected(
+            "no kernel record for this connection: x",
+            20_000 + i,
+        ));
+    }
+    events.on_event(&rejected("over capacity: too many", 1));
+    assert!(events.flush(Duration::from_secs(5)));
+    let text = std::fs::read_to_string(&path).unwrap();
+    let evs: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(evs.len(), 3, "{text}");
+    assert_eq!(
+        events
+            .stats
+            .file
+            .dropped
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0,
+        "the queue of 64 was never full"
+    );
+    assert_eq!(evs[0]["src_endpoint"]["port"], 20_000);
+    assert_eq!(evs[1]["policy"]["uid"], "airlock:over_capacity");
+    let sum = &evs[2];
+    assert_eq!(sum["class_uid"], 4001);
+    assert_eq!(sum["count"], 499);
+    assert_eq!(
+        sum["policy"]["uid"],
+        "airlock:no_kernel_record_for_this_connection"
+    );
+    assert!(sum["start_time"].as_i64() <= sum["end_time"].as_i64());
+    validate_with_pydantic_ocsf(&text);
+    std::fs::remove_dir_all(&dir).unwrap();
 }
