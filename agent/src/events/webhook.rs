@@ -244,6 +244,8 @@ mod tests {
             spool_max_bytes: 1 << 20,
             spool_max_files: 10,
         };
+        let shown = format!("{sink:?}");
+        assert!(!shown.contains("SECRET"), "{shown}");
         let d = super::Delivery::open(
             sink,
             Arc::new(super::EventStats::default()),
