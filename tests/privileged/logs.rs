@@ -11,6 +11,7 @@ const CLIENT_TOKEN: &str = "PlantedClientBearer9f8e7d6c5b4a";
 const ARGUMENT_TOKEN: &str = "ghp_PlantedArgumentTokenAbCdEf0123456789";
 const HEADER_TOKEN: &str = "PlantedHeaderValue1a2b3c4d5e";
 const WEBHOOK_TOKEN: &str = "PlantedWebhookPathXyZ123";
+const EVENTS_HOOK_TOKEN: &str = "PlantedEventsHookPathQwErTy789";
 
 const HOLD_ECHO: &str = r#"
 [[rule]]
@@ -22,10 +23,11 @@ timeout_secs = 1
 
 #[test]
 fn json_log_at_trace_level_holds_no_secret() {
-    // The approval webhook's URL carries a secret in its path, as chat webhooks do; nothing
-    // listens on port 9, so the agent logs the failure.
+    // The approval webhook's URL and the events webhook's carry a secret in their path, as
+    // chat webhooks do; nothing listens on port 9, so the agent logs both failures.
     let top = format!(
-        "log_level = \"trace\"\nlog_format = \"json\"\napproval_webhook = \"http://127.0.0.1:9/hooks/{WEBHOOK_TOKEN}?token={WEBHOOK_TOKEN}\"\n"
+        "log_level = \"trace\"\nlog_format = \"json\"\napproval_webhook = \"http://127.0.0.1:9/hooks/{WEBHOOK_TOKEN}?token={WEBHOOK_TOKEN}\"\n\
+         [events]\n[events.webhook]\nurl = \"http://127.0.0.1:9/services/{EVENTS_HOOK_TOKEN}?token={EVENTS_HOOK_TOKEN}\"\ntimeout_secs = 1\n"
     );
     let Some((cg, mut agent, _server, port, bundle)) =
         tls_setup_with("logs", "ca_file = \"BACKEND_CA\"", &top)
@@ -103,7 +105,19 @@ fn json_log_at_trace_level_holds_no_secret() {
         .find(|v| v["message"] == "approval webhook failed")
         .unwrap_or_else(|| panic!("the webhook failure is logged: {log}"));
     assert_eq!(webhook["webhook"], "http://127.0.0.1:9/…", "{webhook}");
+    // The events webhook's failure too: its URL without path or query.
+    let events_hook = lines
+        .iter()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .find(|v| {
+            v["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("events webhook failed"))
+        })
+        .unwrap_or_else(|| panic!("the events webhook failure is logged: {log}"));
+    assert_eq!(events_hook["url"], "http://127.0.0.1:9/…", "{events_hook}");
     for secret in [
+        EVENTS_HOOK_TOKEN,
         CLIENT_TOKEN,
         ARGUMENT_TOKEN,
         HEADER_TOKEN,

@@ -5,6 +5,7 @@
 
 mod archive;
 mod events;
+mod events_flood;
 mod failclosed;
 mod harness;
 mod lifecycle;

@@ -46,8 +46,9 @@ pub enum SyslogTransport {
     UnixStream(PathBuf),
 }
 
-/// An HTTPS (or http) endpoint that receives each event as a JSON POST.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// An HTTPS (or http) endpoint that receives each event as a JSON POST. Its `Debug` shows the
+/// URL as scheme, host and port only (a chat webhook's token is in the path).
+#[derive(Clone, PartialEq, Eq)]
 pub struct WebhookSink {
     pub url: http::Uri,
     /// Extra CA certificate(s) (PEM) trusted besides the system roots.
@@ -60,6 +61,20 @@ pub struct WebhookSink {
     pub spool_dir: PathBuf,
     pub spool_max_bytes: u64,
     pub spool_max_files: usize,
+}
+
+impl std::fmt::Debug for WebhookSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WebhookSink")
+            .field("url", &crate::logging::redacted_url(&self.url))
+            .field("ca_file", &self.ca_file)
+            .field("authorization_file", &self.authorization_file)
+            .field("timeout_secs", &self.timeout_secs)
+            .field("spool_dir", &self.spool_dir)
+            .field("spool_max_bytes", &self.spool_max_bytes)
+            .field("spool_max_files", &self.spool_max_files)
+            .finish()
+    }
 }
 
 #[derive(Deserialize)]

@@ -5,8 +5,10 @@
 //! - [`ocsf`]: sans-IO mapping of records and agent events to OCSF (EVENTS.md documents it).
 //! - [`config`]: the `[events]` section.
 //! - [`file`], [`syslog`], [`webhook`]: one sink each, a thread (the webhook: a thread that
-//!   spools and a task that delivers) draining its own bounded queue.
+//!   spools and a thread with its own runtime that delivers) draining its own bounded queue.
 //! - [`spool`]: the webhook's bounded on-disk queue (survives restarts).
+//! - [`rejections`]: refused connections aggregated per reason, so a flood costs a bounded
+//!   number of events.
 //!
 //! The observer ([`Events`]) runs on the traffic's path, so it never waits: it maps the
 //! decision, serialises it once, and `try_send`s it to each sink's queue, counting a full
@@ -15,6 +17,7 @@
 pub mod config;
 pub mod file;
 pub mod ocsf;
+pub mod rejections;
 pub mod spool;
 pub mod syslog;
 pub mod webhook;
@@ -22,7 +25,7 @@ pub mod webhook;
 use std::{
     collections::BTreeMap,
     sync::{
-        Arc, OnceLock,
+        Arc, Mutex, OnceLock, Weak,
         atomic::{AtomicU64, Ordering},
         mpsc::{Receiver, SyncSender, TrySendError, sync_channel},
     },
@@ -178,14 +181,26 @@ pub struct Events {
     sinks: Vec<(&'static str, SyncSender<Msg>)>,
     /// Webhook: wakes the delivery task when something was spooled.
     spool: Option<Arc<webhook::Delivery>>,
+    /// Refused connections, aggregated per reason.
+    rejections: Mutex<rejections::Rejections>,
 }
 
 impl Events {
-    /// Start the sinks' threads (not the webhook's delivery: [`Events::deliver`]).
+    /// Start the sinks' threads for a CLI (`airlock verify`): the webhook's events go to its
+    /// spool only (the agent delivers them), and no temporary file of the spool is touched.
     pub fn start(
         config: &EventsConfig,
         host: &str,
         file_gid: Option<u32>,
+    ) -> Result<Arc<Events>, EventsError> {
+        Events::start_as(config, host, file_gid, spool::Role::Writer)
+    }
+
+    fn start_as(
+        config: &EventsConfig,
+        host: &str,
+        file_gid: Option<u32>,
+        role: spool::Role,
     ) -> Result<Arc<Events>, EventsError> {
         let stats = Arc::new(EventStats::default());
         let mut sinks = Vec::new();
@@ -203,7 +218,7 @@ impl Events {
         let mut spool = None;
         if let Some(w) = &config.webhook {
             let (tx, rx) = sync_channel(cap);
-            let delivery = Arc::new(webhook::Delivery::open(w.clone(), stats.clone())?);
+            let delivery = Arc::new(webhook::Delivery::open(w.clone(), stats.clone(), role)?);
             webhook::spawn_spooler(delivery.clone(), rx)?;
             sinks.push(("webhook", tx));
             spool = Some(delivery);
@@ -214,6 +229,7 @@ impl Events {
             version: env!("CARGO_PKG_VERSION").to_owned(),
             sinks,
             spool,
+            rejections: Mutex::new(rejections::Rejections::default()),
         }))
     }
 
@@ -225,10 +241,11 @@ impl Events {
         file_gid: Option<u32>,
         own: Arc<crate::kernel::OwnSockets>,
     ) -> Result<Arc<Events>, EventsError> {
-        let events = Events::start(config, host, file_gid)?;
+        let events = Events::start_as(config, host, file_gid, spool::Role::Owner)?;
         if let Some(d) = &events.spool {
-            tokio::spawn(d.clone().run(own));
+            webhook::spawn_delivery(d.clone(), own)?;
         }
+        spawn_ticker(Arc::downgrade(&events))?;
         let _ = RUNNING.set(events.clone());
         crate::observe::install(events.clone());
         Ok(events)
@@ -238,10 +255,17 @@ impl Events {
         self.sinks.iter().map(|(n, _)| *n).collect()
     }
 
-    /// Queue one OCSF event to every sink; never waits.
+    /// Queue one OCSF event to every sink; never waits. An event larger than
+    /// [`ocsf::MAX_EVENT_BYTES`] (a syslog datagram) is cut to it, never dropped.
     pub fn emit(&self, value: &serde_json::Value) {
         self.stats.emitted.fetch_add(1, Ordering::Relaxed);
-        let event = Arc::new(Event::new(value));
+        let mut event = Event::new(value);
+        if event.json.len() > ocsf::MAX_EVENT_BYTES {
+            let mut v = value.clone();
+            ocsf::fit(&mut v, ocsf::MAX_EVENT_BYTES);
+            event = Event::new(&v);
+        }
+        let event = Arc::new(event);
         for (name, tx) in &self.sinks {
             let s = self.sink_stats(name);
             match tx.try_send(Msg::Event(event.clone())) {
@@ -263,9 +287,27 @@ impl Events {
         }
     }
 
+    /// Summaries of the rejection intervals that ended by `now` (all, with `all`).
+    fn emit_rejection_summaries(&self, now: Instant, all: bool) {
+        let due = {
+            let mut r = self.rejections.lock().unwrap_or_else(|p| p.into_inner());
+            if all { r.drain() } else { r.due(now) }
+        };
+        for sum in &due {
+            self.emit(&ocsf::rejections_summary(
+                sum,
+                &self.host,
+                &self.version,
+                now_ms(),
+            ));
+        }
+    }
+
     /// Wait (up to `within`) until every sink wrote, sent or spooled what was queued before
-    /// this call. Returns whether all did. Blocks the calling thread.
+    /// this call (the summaries of refused connections still open included). Returns
+    /// whether all did. Blocks the calling thread.
     pub fn flush(&self, within: Duration) -> bool {
+        self.emit_rejection_summaries(Instant::now(), true);
         let deadline = Instant::now() + within;
         let mut acks = Vec::new();
         for (_, tx) in &self.sinks {
@@ -345,6 +387,26 @@ impl Observer for Events {
     }
 
     fn on_event(&self, event: &AgentEvent) {
+        if let AgentEvent::ConnectionRejected { reason, .. } = event {
+            // A flood of refusals (anyone may connect to the port) costs a bounded number
+            // of events: the first per reason and interval, then a summary.
+            let (verdict, due) = self
+                .rejections
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .admit(reason, Instant::now(), now_ms());
+            for sum in &due {
+                self.emit(&ocsf::rejections_summary(
+                    sum,
+                    &self.host,
+                    &self.version,
+                    now_ms(),
+                ));
+            }
+            if verdict == rejections::Verdict::Counted {
+                return;
+            }
+        }
         self.emit(&ocsf::from_event(
             event,
             &self.host,
@@ -352,6 +414,24 @@ impl Observer for Events {
             now_ms(),
         ));
     }
+}
+
+/// The thread that sends the summaries of refused connections when their interval ends
+/// (also without a later refusal); it ends with the events pipeline.
+fn spawn_ticker(events: Weak<Events>) -> Result<(), EventsError> {
+    std::thread::Builder::new()
+        .name("airlock-events-tick".into())
+        .spawn(move || {
+            loop {
+                std::thread::sleep(Duration::from_secs(1));
+                match events.upgrade() {
+                    Some(e) => e.emit_rejection_summaries(Instant::now(), false),
+                    None => return,
+                }
+            }
+        })
+        .map(|_| ())
+        .map_err(|e| EventsError::Thread("events timer", e))
 }
 
 /// Receive the next message, counting it out of the memory queue.
@@ -404,3 +484,5 @@ impl Backoff {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_limits;

@@ -15,6 +15,14 @@ use crate::{archive::RecordInput, attribution::Attribution, observe::AgentEvent}
 /// Longest string a client chose (method, tool, session id, principal) kept in an event.
 const FIELD_MAX: usize = 1024;
 
+/// Host names a verification-failed finding names (the count says how many there were).
+const HOSTS_SHOWN: usize = 8;
+
+/// Largest serialised event: with the RFC 5424 header (at most ~400 bytes: PRI, timestamp,
+/// a 255-byte host, a 48-byte app name, PID, MSGID) it stays under a UDP datagram's 65,507
+/// bytes, and far under the webhook spool's 1 MiB per event. [`fit`] cuts any event to it.
+pub const MAX_EVENT_BYTES: usize = 64_000;
+
 /// OCSF schema version of every event.
 pub const OCSF_VERSION: &str = "1.7.0";
 
@@ -272,19 +280,54 @@ pub fn from_event(e: &AgentEvent, host: &str, version: &str, now_ms: i64) -> Val
             ev
         }
         AgentEvent::VerificationFailed { host: h, problem } => {
+            // `h` is the archive's hosts, comma-separated; in fleet mode they come from the
+            // bucket's keys (anyone who can write there chooses them): the count and the
+            // first few, each bounded.
+            let all: Vec<&str> = h.split(',').filter(|n| !n.is_empty()).collect();
+            let shown: Vec<String> = all
+                .iter()
+                .take(HOSTS_SHOWN)
+                .map(|n| bounded(n, FIELD_MAX))
+                .collect();
+            let first = shown.first().map_or("unknown", String::as_str);
+            let (uid, whose) = match all.len() {
+                0 | 1 => (
+                    format!("verify:{first}:{now_ms}"),
+                    format!("the archive of host `{first}` is"),
+                ),
+                n => {
+                    let mut list = shown
+                        .iter()
+                        .map(|n| format!("`{n}`"))
+                        .collect::<Vec<_>>()
+                        .join(", ");
+                    if n > shown.len() {
+                        list.push_str(&format!(" and {} more", n - shown.len()));
+                    }
+                    (
+                        format!("verify:{first}+{}:{now_ms}", n - 1),
+                        format!("the archives of {n} hosts ({list}) are"),
+                    )
+                }
+            };
             let mut ev = finding(
                 host,
                 version,
                 now_ms,
-                &format!("verify:{h}:{now_ms}"),
+                &uid,
                 "Airlock archive verification failed",
-                &format!(
-                    "the archive of host `{h}` is not as signed: {}",
-                    bounded(problem, 2000)
-                ),
+                &format!("{whose} not as signed: {}", bounded(problem, 2000)),
             );
             ev["finding_info"]["types"] = json!(["Audit Log Tampering"]);
-            ev["resources"] = json!([{ "name": h, "type": "archive" }]);
+            ev["resources"] = if shown.is_empty() {
+                json!([{ "name": "unknown", "type": "archive" }])
+            } else {
+                shown
+                    .iter()
+                    .map(|n| json!({ "name": n, "type": "archive" }))
+                    .collect()
+            };
+            ev["unmapped"] = json!({ "airlock": { "hosts": all.len() } });
             ev
         }
         AgentEvent::ConnectionRejected {
@@ -371,6 +414,49 @@ pub fn from_event(e: &AgentEvent, host: &str, version: &str, now_ms: i64) -> Val
         }
     };
     strip_nulls(&mut ev);
+    ev
+}
+
+/// The summary of refused connections of one reason beyond the first of an interval
+/// (Network Activity 4001, Refuse, with `count`, `start_time` and `end_time`).
+pub fn rejections_summary(
+    sum: &super::rejections::Summary,
+    host: &str,
+    version: &str,
+    now_ms: i64,
+) -> Value {
+    let mut ev = base(
+        class::NETWORK_ACTIVITY,
+        5,
+        severity::MEDIUM,
+        now_ms,
+        host,
+        version,
+    );
+    let reason = bounded(&sum.reason, FIELD_MAX);
+    ev["activity_name"] = "Refuse".into();
+    ev["metadata"]["profiles"] = json!(["security_control", "host"]);
+    ev["message"] = format!(
+        "{} more connection(s) refused between {} and {} (one event each interval): {reason}",
+        sum.count, sum.start_ms, sum.end_ms
+    )
+    .into();
+    ev["count"] = sum.count.into();
+    ev["start_time"] = sum.start_ms.into();
+    ev["end_time"] = sum.end_ms.into();
+    ev["status_id"] = 2.into();
+    ev["status_detail"] = reason.into();
+    ev["action_id"] = 2.into();
+    ev["action"] = "Denied".into();
+    ev["disposition_id"] = 2.into();
+    ev["disposition"] = "Blocked".into();
+    ev["src_endpoint"] = json!({ "hostname": host });
+    ev["policy"] = json!({
+        "uid": format!("airlock:{}", sum.key.replace(' ', "_")),
+        "name": "Airlock connection admission",
+        "is_applied": true,
+    });
+    ev["unmapped"] = json!({ "airlock": { "summary": true } });
     ev
 }
 
@@ -540,6 +626,93 @@ fn describe(method: &str, tool: Option<&str>) -> String {
     match tool {
         Some(t) => format!("{method} `{t}`"),
         None => method.to_owned(),
+    }
+}
+
+/// Cut `ev` until its JSON is at most `max` bytes: the longest string is shortened (ending
+/// in "…"), or when strings are short already, the longest array halved; an event is cut,
+/// never dropped. Returns whether anything was cut.
+pub fn fit(ev: &mut Value, max: usize) -> bool {
+    let mut cut = false;
+    for _ in 0..256 {
+        let len = ev.to_string().len();
+        if len <= max {
+            return cut;
+        }
+        cut = true;
+        let excess = len - max;
+        let mut found = Longest::default();
+        longest(ev, &mut String::new(), &mut found);
+        if found.string_len > 64
+            && let Some(Value::String(s)) = ev.pointer_mut(&found.string)
+        {
+            // Each byte costs at least one in JSON: this removes the excess (escaped text may
+            // take another round).
+            let keep = s.len().saturating_sub(excess + 8);
+            *s = bounded(s, keep.max(32));
+        } else if found.array_len > 1
+            && let Some(Value::Array(a)) = ev.pointer_mut(&found.array)
+        {
+            a.truncate(a.len() / 2);
+        } else {
+            break;
+        }
+    }
+    // Nothing left to cut (not so for Airlock's events): the class and a note.
+    if ev.to_string().len() > max
+        && let Value::Object(m) = ev
+    {
+        let keep = [
+            "class_uid",
+            "category_uid",
+            "activity_id",
+            "type_uid",
+            "severity_id",
+            "time",
+        ];
+        m.retain(|k, _| keep.contains(&k.as_str()));
+        m.insert("message".into(), "event too large; cut".into());
+    }
+    cut
+}
+
+/// JSON pointers to the longest string (bytes) and the longest array (elements).
+#[derive(Default)]
+struct Longest {
+    string: String,
+    string_len: usize,
+    array: String,
+    array_len: usize,
+}
+
+fn longest(v: &Value, at: &mut String, found: &mut Longest) {
+    match v {
+        Value::String(x) if x.len() > found.string_len => {
+            found.string_len = x.len();
+            found.string = at.clone();
+        }
+        Value::Array(x) => {
+            if x.len() > found.array_len {
+                found.array_len = x.len();
+                found.array = at.clone();
+            }
+            for (i, item) in x.iter().enumerate() {
+                let n = at.len();
+                at.push_str(&format!("/{i}"));
+                longest(item, at, found);
+                at.truncate(n);
+            }
+        }
+        Value::Object(m) => {
+            for (k, item) in m {
+                let n = at.len();
+                at.push('/');
+                at.push_str(&k.replace('~', "~0").replace('/', "~1"));
+                longest(item, at, found);
+                at.truncate(n);
+            }
+        }
+        _ => {}
     }
 }
 

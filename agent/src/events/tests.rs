@@ -34,7 +34,7 @@ fn attribution() -> Attribution {
     }
 }
 
-fn record(kind: &str, decision: &str) -> RecordInput {
+pub(crate) fn record(kind: &str, decision: &str) -> RecordInput {
     let a = attribution();
     RecordInput {
         ts_us: 1_764_468_000_123_456,
@@ -380,16 +380,17 @@ fn webhook_refuses_an_authorization_file_others_can_read() {
         spool_max_files: 10,
     };
     let stats = std::sync::Arc::new(super::EventStats::default());
-    let err = super::webhook::Delivery::open(sink.clone(), stats.clone())
-        .err()
-        .expect("a world-readable secret is refused");
+    let err =
+        super::webhook::Delivery::open(sink.clone(), stats.clone(), super::spool::Role::Writer)
+            .err()
+            .expect("a world-readable secret is refused");
     assert!(err.to_string().contains("0600"), "{err}");
     assert!(
         !err.to_string().contains("token"),
         "the secret is not in the error"
     );
     std::fs::set_permissions(&auth, std::fs::Permissions::from_mode(0o600)).unwrap();
-    super::webhook::Delivery::open(sink, stats).unwrap();
+    super::webhook::Delivery::open(sink, stats, super::spool::Role::Writer).unwrap();
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
