@@ -275,36 +275,25 @@ fn only_get_metrics_is_served() {
     );
 }
 
-/// What the tap costs per record (run it in release: `cargo test --release -p airlock --lib
-/// metrics::tests::observer_cost -- --ignored --nocapture`); every record counted.
+/// Counting by index after first use (the data path's fast path) loses nothing: every record
+/// of a long run is counted. (Its cost, ~35-130 ns a record in release, is a benchmark's
+/// business, not a test's.)
 #[test]
-#[ignore = "a measurement: run in release"]
-fn observer_cost() {
+fn many_records_all_counted() {
     let m = Metrics::new(["tools", "other-backend"]);
     let mut r = record("response", "server_to_client", "allow");
     r.method = Some("tools/call".into());
     r.latency_us = Some(1200);
-    let n = 2_000_000;
+    let n = 20_000;
     let request = record("request", "client_to_server", "allow");
-    let t = std::time::Instant::now();
     for _ in 0..n {
         m.on_record(&request);
-    }
-    let bare = t.elapsed().as_nanos() as f64 / n as f64;
-    let t = std::time::Instant::now();
-    for _ in 0..n {
         m.on_record(&r);
     }
-    let plain = t.elapsed().as_nanos() as f64 / n as f64;
     r.masked_detectors = vec!["email".into(), "email".into()];
-    let t = std::time::Instant::now();
     for _ in 0..n {
         m.on_record(&r);
     }
-    let masked = t.elapsed().as_nanos() as f64 / n as f64;
-    eprintln!(
-        "on_record: {bare:.0} ns (request), {plain:.0} ns (response with latency), {masked:.0} ns (+2 masked)"
-    );
     let text = scrape(&m);
     assert_eq!(
         sample(
@@ -320,5 +309,11 @@ fn observer_cost() {
         ),
         Some(2.0 * n as f64)
     );
-    assert!(plain < 2_000.0, "{plain} ns per record");
+    assert_eq!(
+        sample(
+            &text,
+            "airlock_mcp_messages_total{backend=\"tools\",direction=\"client_to_server\",kind=\"request\",decision=\"allow\"}"
+        ),
+        Some(n as f64)
+    );
 }

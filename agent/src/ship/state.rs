@@ -66,23 +66,11 @@ pub(super) fn resume(path: &Path, manifest: &Path, url: &str, host: &str) -> u64
     }
 }
 
-/// Write the state through a temporary file, fsync, rename.
+/// Write the state through a temporary file, fsync, rename (0600).
 pub(super) fn save(path: &Path, state: &State) -> Result<(), ShipError> {
-    use std::{io::Write as _, os::unix::fs::OpenOptionsExt as _};
-    let err = |source| ShipError::State {
-        path: path.to_owned(),
-        source,
-    };
-    let tmp = path.with_extension("json.tmp");
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(err)?;
-    f.write_all(&serde_json::to_vec(state).unwrap_or_default())
-        .map_err(err)?;
-    f.sync_all().map_err(err)?;
-    fs::rename(&tmp, path).map_err(err)
+    crate::policy::pins::write_atomically(path, &serde_json::to_vec(state).unwrap_or_default())
+        .map_err(|source| ShipError::State {
+            path: path.to_owned(),
+            source,
+        })
 }
