@@ -563,27 +563,35 @@ fn api_activity_id(method: &str) -> (u32, String) {
 
 fn actor_of_record(r: &RecordInput) -> Value {
     let user = user_of(r.uid, r.user.as_deref());
-    let mut process = json!({
-        "pid": r.tgid,
-        "tid": r.pid,
-        "name": r.comm,
-        "user": user,
-    });
-    if let Some(exe) = &r.exe {
-        process["file"] = file_of(exe);
-    }
-    json!({ "process": process, "user": user })
+    actor(
+        json!(r.tgid),
+        json!(r.pid),
+        json!(r.comm),
+        user,
+        r.exe.as_deref(),
+    )
 }
 
 fn actor_of_attribution(a: &Attribution) -> Value {
     let user = user_of(Some(a.uid), a.user.as_deref());
+    actor(
+        json!(a.tgid),
+        json!(a.pid),
+        json!(a.comm),
+        user,
+        a.exe.as_deref(),
+    )
+}
+
+/// `actor`: the process (thread group as `pid`, thread as `tid`) and its user.
+fn actor(pid: Value, tid: Value, name: Value, user: Value, exe: Option<&str>) -> Value {
     let mut process = json!({
-        "pid": a.tgid,
-        "tid": a.pid,
-        "name": a.comm,
+        "pid": pid,
+        "tid": tid,
+        "name": name,
         "user": user,
     });
-    if let Some(exe) = &a.exe {
+    if let Some(exe) = exe {
         process["file"] = file_of(exe);
     }
     json!({ "process": process, "user": user })
