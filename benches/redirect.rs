@@ -62,7 +62,7 @@ fn main() {
         &config,
         format!(
             "state_dir = \"{d}/state\"\narchive_dir = \"{d}/archive\"\nrecording = \"{recording}\"\ncgroup = \"{cg}\"\nbpffs_dir = \"/sys/fs/bpf/{name}\"\nlisten_port = {port}\n\
-             [[backend]]\nname = \"bench\"\nhost = \"bench.internal.test\"\nport = {bp}\ntls = false\naddresses = [\"127.0.0.2\"]\n",
+             [[backend]]\nname = \"bench\"\nhost = \"bench.internal.test\"\nport = {bp}\nmode = \"opaque\"\ntls = false\naddresses = [\"127.0.0.2\"]\n",
             d = dir.display(),
             recording = recording,
             cg = cgroup.display(),

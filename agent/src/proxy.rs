@@ -62,7 +62,7 @@ pub struct AgentCounters {
     pub accepted: AtomicU64,
     pub rejected_unattributed: AtomicU64,
     pub rejected_stale: AtomicU64,
-    /// Refused because the archive could not record the connection (strict recording).
+    /// Refused because the archive could not record the connection (group or strict recording).
     pub rejected_archive: AtomicU64,
     pub rejected_over_capacity: AtomicU64,
     pub upstream_failed: AtomicU64,
@@ -264,7 +264,7 @@ impl Proxy {
                 return;
             }
         };
-        // The opening record must be durable before a byte is relayed (strict recording).
+        // The opening record must be written (group) or durable (strict) before a byte is relayed.
         let mut open =
             self.connection_record(guard.id(), 0, Some(&attribution), backend.as_deref());
         // The command line may carry secrets: masked like a message.

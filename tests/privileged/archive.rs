@@ -139,6 +139,52 @@ async fn strict_recording_fails_closed_when_the_disk_is_full() {
     assert!(err.to_string().contains("refused"), "{err}");
 }
 
+/// Group recording (the default) on a full disk: each record that cannot be written is
+/// refused (its message is not forwarded) and nothing of it stays in the segment; once the
+/// disk has room, records are written again, and the chain verifies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn group_recording_refuses_what_it_cannot_write_and_keeps_the_chain() {
+    if !privileged() {
+        return;
+    }
+    let disk = SmallDisk::new("archive-group", "4m");
+    let keys = tempdir("keys");
+    let w = writer(&disk.0, &keys);
+    let archive = Archive::start(w, Recording::Group, Duration::from_secs(3600));
+    for seq in 0..5 {
+        archive.record(record(seq, 2000)).await.unwrap();
+    }
+    let filler = fill(&disk.0);
+    let mut refused = 0;
+    for seq in 5..40 {
+        if let Err(e) = archive.record(record(seq, 16 * 1024)).await {
+            assert!(e.to_string().contains("refused"), "{e}");
+            refused += 1;
+        }
+    }
+    assert!(refused > 0, "a full disk took every record");
+    let accepted_while_full = 35 - refused;
+    std::fs::remove_file(&filler).unwrap();
+    for seq in 100..110 {
+        archive
+            .record(record(seq, 2000))
+            .await
+            .expect("written once the disk has room again");
+    }
+    archive.close().await.unwrap();
+    let trust = Trust {
+        keys: vec![(
+            None,
+            public_key_of(&keys.join("signing.key")).unwrap(),
+            "test".into(),
+        )],
+        ..Default::default()
+    };
+    let report = verify(&disk.0.join("archive"), &trust);
+    assert!(report.intact(), "{:?}", report.problems);
+    assert_eq!(report.records_checked, 5 + accepted_while_full + 10);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn buffered_recording_keeps_records_until_the_disk_has_room() {
     if !privileged() {

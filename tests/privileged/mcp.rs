@@ -1148,7 +1148,7 @@ print(json.dumps(answered))
 /// Crash consistency under load: the agent is SIGKILLed at random moments while a client
 /// calls tools, and restarted. Afterwards every call the client saw answered has exactly one
 /// request record and one response record, `airlock verify` passes, and every Parquet file
-/// opens in DuckDB (strict recording: nothing is forwarded before its record is durable).
+/// opens in DuckDB (the default group recording: nothing is forwarded before its record is written, so a SIGKILL loses none).
 #[test]
 fn sigkill_loop_under_load_loses_no_answered_message() {
     let Some((cg, mut agent, _server, port, bundle)) = tls_setup_full(

@@ -170,6 +170,7 @@ fn main() -> Result<()> {
         Task::Bench => {
             setup()?;
             require_root("cargo xtask bench")?;
+            bench_nginx()?;
             for bench in ["redirect", "tls", "policy", "archive"] {
                 run(cargo(&root).args(["bench", "-p", "airlock", "--bench", bench]))?;
             }
@@ -385,18 +386,32 @@ fn test_node() -> Result<()> {
 /// needs only libc, the package's other dependencies are the web UI's assets and the service
 /// user).
 fn test_prometheus() -> Result<()> {
-    let dir = workspace_root().join("target/test-prometheus");
+    unpack_debian_package("prometheus", "target/test-prometheus", "usr/bin/prometheus")
+}
+
+/// nginx for `cargo xtask bench` (the reference proxy), unpacked the same way: the bench runs
+/// `usr/sbin/nginx` with its own prefix and configuration (its dependencies, OpenSSL and
+/// PCRE2, are already on the machine).
+fn bench_nginx() -> Result<()> {
+    unpack_debian_package("nginx", "target/bench-nginx", "usr/sbin/nginx")
+}
+
+/// `apt-get download` a Debian package and `dpkg -x` it under `dir` (relative to the
+/// workspace), unless `binary` is already there.
+fn unpack_debian_package(package: &str, dir: &str, binary: &str) -> Result<()> {
+    let dir = workspace_root().join(dir);
     let stamp = dir.join(".airlock-package");
-    if dir.join("usr/bin/prometheus").exists() && stamp.exists() {
+    if dir.join(binary).exists() && stamp.exists() {
         return Ok(());
     }
     let download = dir.join("download");
     let _ = std::fs::remove_dir_all(&download);
-    std::fs::create_dir_all(&download).context("creating target/test-prometheus/download")?;
+    std::fs::create_dir_all(&download)
+        .with_context(|| format!("creating {}", download.display()))?;
     let fetch = || {
         run(Command::new("apt-get")
             .current_dir(&download)
-            .args(["download", "-qq", "prometheus"]))
+            .args(["download", "-qq", package]))
     };
     if fetch().is_err() {
         // A machine whose package lists were never fetched.
@@ -404,16 +419,16 @@ fn test_prometheus() -> Result<()> {
         fetch()?;
     }
     let deb = std::fs::read_dir(&download)
-        .context("reading target/test-prometheus/download")?
+        .with_context(|| format!("reading {}", download.display()))?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .find(|p| p.extension().is_some_and(|e| e == "deb"))
-        .context("apt-get download prometheus left no .deb")?;
+        .with_context(|| format!("apt-get download {package} left no .deb"))?;
     run(Command::new("dpkg").arg("-x").arg(&deb).arg(&dir))?;
     let name = deb
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    std::fs::write(&stamp, name).context("writing the prometheus stamp")?;
+    std::fs::write(&stamp, name).with_context(|| format!("writing the {package} stamp"))?;
     let _ = std::fs::remove_dir_all(&download);
     Ok(())
 }

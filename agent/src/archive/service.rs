@@ -5,18 +5,26 @@
 //! [`Publisher`] and turns sealed segments into Parquet files and manifest lines. Encoding a
 //! file (hundreds of milliseconds for 100,000 rows) never delays an acknowledgement.
 //!
-//! Two modes (`recording` in airlock.toml):
-//! - `strict` (default): [`Archive::record`] resolves only once the record is durable; if the
-//!   writer fails, every later call fails too, so the caller refuses the message — fail closed;
+//! Three modes (`recording` in airlock.toml):
+//! - `group` (default): [`Archive::record`] chains the record and writes it through to the
+//!   open segment itself, on the caller's thread (one `write(2)`, no hand-off to another
+//!   thread), and resolves once it is in the kernel: killing the agent loses nothing it was
+//!   told. The log thread fsyncs what was written at most [`GROUP_COMMIT_EVERY`] later (one
+//!   fsync per window, taken without holding up writers), so a power loss can lose at most
+//!   the records of that window plus one fsync. A failed write refuses that message (the
+//!   segment is cut back); a failed fsync or publish refuses everything after it;
+//! - `strict`: [`Archive::record`] resolves only once the record is durable (fsynced); if the
+//!   writer fails, every later call fails too, so the caller refuses the message — fail
+//!   closed;
 //! - `buffered`: [`Archive::record`] resolves once the record is queued (waiting only when the
 //!   queue is full: back-pressure, never loss); write errors are logged and counted, and the
-//!   writer retries on the next batch.
+//!   writer retries on the next batch. Killing the agent loses what was queued.
 
 use std::{
     collections::VecDeque,
     io,
     sync::{
-        Arc,
+        Arc, Mutex, MutexGuard, PoisonError,
         atomic::{AtomicBool, AtomicU64, Ordering},
     },
     thread,
@@ -36,6 +44,9 @@ pub const GROUP_COMMIT: usize = 1024;
 /// Buffered mode: fsync once this many records are unsynced, or after `BUFFERED_SYNC_EVERY`.
 const BUFFERED_SYNC_RECORDS: usize = 1024;
 const BUFFERED_SYNC_EVERY: Duration = Duration::from_millis(50);
+/// Group mode: what was written is fsynced at most this long after it was written (plus the
+/// fsync itself): the window a power loss can cost.
+pub const GROUP_COMMIT_EVERY: Duration = Duration::from_millis(10);
 /// Records kept in memory for retry after a write failure (buffered mode); beyond this the
 /// oldest are dropped and counted in `ArchiveStats::dropped`.
 pub const RETRY_MAX: usize = 100_000;
@@ -48,13 +59,23 @@ const PUBLISH_RETRY: Duration = Duration::from_secs(1);
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Recording {
+    Group,
     Strict,
     Buffered,
 }
 
+impl Recording {
+    /// Whether a failed write, fsync or publish refuses the traffic after it.
+    pub fn fails_closed(self) -> bool {
+        matches!(self, Recording::Group | Recording::Strict)
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ArchiveError {
-    #[error("the archive writer has failed ({0}); recording is strict, so traffic is refused")]
+    #[error(
+        "the archive writer has failed ({0}); recording fails closed (group or strict), so traffic is refused"
+    )]
     Failed(String),
     #[error("the archive writer has stopped")]
     Stopped,
@@ -62,6 +83,8 @@ pub enum ArchiveError {
 
 enum Job {
     Record(Box<RecordInput>, Option<Ack>),
+    /// Group mode: records were written through since the last commit.
+    Commit,
     /// Apply retention: (days, today as days since the epoch).
     Retention(u32, i64, oneshot::Sender<io::Result<Vec<String>>>),
     Close(oneshot::Sender<io::Result<()>>),
@@ -169,6 +192,18 @@ pub struct Archive {
     mode: Recording,
     failed: Arc<AtomicBool>,
     pub stats: Arc<ArchiveStats>,
+    /// The write-ahead log, shared with the log thread (group mode writes through it from
+    /// the caller's thread; the other modes only from the log thread).
+    log: SharedLog,
+    /// Group mode: written since the log thread last took a commit point.
+    dirty: Arc<AtomicBool>,
+}
+
+type SharedLog = Arc<Mutex<SegmentLog>>;
+
+fn lock(log: &SharedLog) -> MutexGuard<'_, SegmentLog> {
+    // A panic while holding the lock leaves the log as consistent as any write failure.
+    log.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl Archive {
@@ -180,6 +215,8 @@ impl Archive {
         stats
             .durable_seq
             .store(log.durable_next_seq(), Ordering::Relaxed);
+        let log = Arc::new(Mutex::new(log));
+        let dirty = Arc::new(AtomicBool::new(false));
         stats
             .published_seq
             .store(publisher.next_archive_seq(), Ordering::Relaxed);
@@ -188,11 +225,23 @@ impl Archive {
         let publishing = thread::Builder::new()
             .name("airlock-publish".into())
             .spawn(move || publish_loop(publisher, publish_rx, mode, &f, &s));
-        let (f, s) = (failed.clone(), stats.clone());
+        let st = State {
+            w: log.clone(),
+            dirty: dirty.clone(),
+            publish: publish_tx,
+            mode,
+            failed: failed.clone(),
+            stats: stats.clone(),
+            unsynced: Vec::new(),
+            retry: VecDeque::new(),
+            last_sync: Instant::now(),
+            last_roll: Instant::now(),
+            flush_interval,
+        };
         match publishing {
             Ok(_) => thread::Builder::new()
                 .name("airlock-archive".into())
-                .spawn(move || run(log, rx, publish_tx, mode, flush_interval, f, s))
+                .spawn(move || run(st, rx))
                 .map(drop)
                 .unwrap_or_else(|e| error!(error = %e, "cannot start the archive log thread")),
             Err(e) => error!(error = %e, "cannot start the archive publish thread"),
@@ -202,16 +251,38 @@ impl Archive {
             mode,
             failed,
             stats,
+            log,
+            dirty,
         }
     }
 
-    /// Archive one record: in strict mode, returns once it is durable.
+    /// Archive one record: returns once it is written through (group mode), durable
+    /// (strict) or queued (buffered).
     pub async fn record(&self, input: RecordInput) -> Result<u64, ArchiveError> {
         crate::observe::record(&input);
-        if self.mode == Recording::Strict && self.failed.load(Ordering::Relaxed) {
+        if self.mode.fails_closed() && self.failed.load(Ordering::Relaxed) {
             return Err(ArchiveError::Failed("an earlier write failed".into()));
         }
         match self.mode {
+            Recording::Group => {
+                // A write to the page cache: microseconds, like a log line; no thread hop.
+                let written = lock(&self.log).append_written(&input);
+                match written {
+                    Ok(seq) => {
+                        if !self.dirty.swap(true, Ordering::AcqRel) {
+                            // The first record since the last commit point wakes the log
+                            // thread (a full queue means it is awake and will see `dirty`).
+                            let _ = self.tx.try_send(Job::Commit);
+                        }
+                        Ok(seq)
+                    }
+                    Err(e) => {
+                        self.stats.errors.fetch_add(1, Ordering::Relaxed);
+                        error!(error = %e, "archive write failed; the message is refused");
+                        Err(ArchiveError::Failed(e.to_string()))
+                    }
+                }
+            }
             Recording::Strict => {
                 let (ack, done) = oneshot::channel();
                 self.tx
@@ -253,15 +324,7 @@ impl Archive {
     }
 }
 
-fn run(
-    w: SegmentLog,
-    rx: mpsc::Receiver<Job>,
-    publish: std::sync::mpsc::SyncSender<PublishJob>,
-    mode: Recording,
-    flush_interval: Duration,
-    failed: Arc<AtomicBool>,
-    stats: Arc<ArchiveStats>,
-) {
+fn run(st: State, rx: mpsc::Receiver<Job>) {
     // A private single-threaded runtime: the receiver is async (callers get back-pressure
     // without blocking their runtime), the file I/O stays on this thread.
     let rt = match tokio::runtime::Builder::new_current_thread()
@@ -271,16 +334,17 @@ fn run(
         Ok(rt) => rt,
         Err(e) => {
             error!(error = %e, "cannot start the archive log thread's runtime");
-            failed.store(true, Ordering::Relaxed);
+            st.failed.store(true, Ordering::Relaxed);
             return;
         }
     };
-    rt.block_on(serve(w, rx, publish, mode, flush_interval, failed, stats));
+    rt.block_on(serve(st, rx));
 }
 
 /// The log thread's state: what is appended but not yet durable, what failed and waits.
 struct State {
-    w: SegmentLog,
+    w: SharedLog,
+    dirty: Arc<AtomicBool>,
     publish: std::sync::mpsc::SyncSender<PublishJob>,
     mode: Recording,
     failed: Arc<AtomicBool>,
@@ -296,14 +360,19 @@ struct State {
 }
 
 impl State {
+    fn w(&self) -> MutexGuard<'_, SegmentLog> {
+        lock(&self.w)
+    }
+
     fn append(&mut self, input: Box<RecordInput>, ack: Option<Ack>) {
-        if self.mode == Recording::Strict && self.failed.load(Ordering::Relaxed) {
+        if self.mode.fails_closed() && self.failed.load(Ordering::Relaxed) {
             if let Some(ack) = ack {
                 let _ = ack.send(Err(ArchiveError::Failed("an earlier write failed".into())));
             }
             return;
         }
-        match self.w.append(*input) {
+        let appended = self.w().append(*input);
+        match appended {
             Ok(seq) => self.unsynced.push((ack, seq)),
             Err(failure) => {
                 let (e, input) = *failure;
@@ -314,27 +383,19 @@ impl State {
 
     /// fsync; then the held acks go out.
     fn sync(&mut self) {
+        if self.mode == Recording::Group {
+            return self.commit_group();
+        }
         if self.unsynced.is_empty() {
             return;
         }
         self.stats.fsyncs.fetch_add(1, Ordering::Relaxed);
         let started = Instant::now();
-        match self.w.sync() {
+        let synced = self.w().sync();
+        match synced {
             Ok(()) => {
                 self.stats.commits.observe(started.elapsed());
-                self.stats
-                    .records
-                    .fetch_add(self.unsynced.len() as u64, Ordering::Relaxed);
-                self.stats
-                    .durable_seq
-                    .store(self.w.durable_next_seq(), Ordering::Relaxed);
-                // Records wait for a Parquet file from now, unless older ones already do.
-                let _ = self.stats.unpublished_since_us.compare_exchange(
-                    0,
-                    unix_us(),
-                    Ordering::Relaxed,
-                    Ordering::Relaxed,
-                );
+                self.note_durable();
                 for (ack, seq) in self.unsynced.drain(..) {
                     if let Some(ack) = ack {
                         let _ = ack.send(Ok(seq));
@@ -346,12 +407,65 @@ impl State {
         }
     }
 
+    /// Group mode: fsync what callers have written through, without holding the log (they
+    /// go on writing meanwhile).
+    fn commit_group(&mut self) {
+        // Cleared before the point is taken: a record written after it sets it again.
+        if !self.dirty.swap(false, Ordering::AcqRel) {
+            return;
+        }
+        let Some(point) = self.w().commit_point() else {
+            return;
+        };
+        self.stats.fsyncs.fetch_add(1, Ordering::Relaxed);
+        let started = Instant::now();
+        match point.file.sync_data() {
+            Ok(()) => {
+                self.stats.commits.observe(started.elapsed());
+                self.w().committed(point);
+                self.note_durable();
+                self.last_sync = Instant::now();
+            }
+            Err(e) => {
+                // What was written stays in the segment (its messages were forwarded), but
+                // may not be on the disk: refuse everything from now on.
+                self.stats.errors.fetch_add(1, Ordering::Relaxed);
+                self.failed.store(true, Ordering::Relaxed);
+                error!(error = %e, "archive commit (fsync) failed; traffic is refused from now on");
+            }
+        }
+    }
+
+    /// Count the records that became durable since the last call.
+    fn note_durable(&mut self) {
+        let now = self.w().durable_next_seq();
+        let before = self.stats.durable_seq.swap(now, Ordering::Relaxed);
+        self.stats
+            .records
+            .fetch_add(now.saturating_sub(before), Ordering::Relaxed);
+        if now > before {
+            // Records wait for a Parquet file from now, unless older ones already do.
+            let _ = self.stats.unpublished_since_us.compare_exchange(
+                0,
+                unix_us(),
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            );
+        }
+    }
+
     /// A write or fsync failed: drop what is not durable from the segment, then refuse
     /// (strict) or keep for retry (buffered) every record that was not durable, in order.
+    /// In group mode the segment keeps what was written (forwarded messages) and everything
+    /// after is refused.
     fn fail(&mut self, error: String, failing: Option<(RecordInput, Option<Ack>)>) {
         self.stats.errors.fetch_add(1, Ordering::Relaxed);
         error!(error = %error, "archive write failed");
-        let (mut inputs, sealed) = self.w.abandon_unsynced();
+        if self.mode == Recording::Group {
+            self.failed.store(true, Ordering::Relaxed);
+            return;
+        }
+        let (mut inputs, sealed) = self.w().abandon_unsynced();
         if let Some(sealed) = sealed {
             self.hand_over(PublishJob::Segment(sealed));
         }
@@ -361,7 +475,7 @@ impl State {
             acks.push(ack);
         }
         match self.mode {
-            Recording::Strict => {
+            Recording::Strict | Recording::Group => {
                 self.failed.store(true, Ordering::Relaxed);
                 for ack in acks.into_iter().flatten() {
                     let _ = ack.send(Err(ArchiveError::Failed(error.clone())));
@@ -382,7 +496,10 @@ impl State {
     /// Seal the open segment and hand it to the publish thread.
     fn roll(&mut self) {
         self.sync();
-        match self.w.seal() {
+        // Bound first: the log is not held while the publish thread is waited for.
+        let sealed = self.w().seal();
+        self.note_durable();
+        match sealed {
             Ok(Some(sealed)) => self.hand_over(PublishJob::Segment(sealed)),
             Ok(None) => {}
             Err(e) => self.fail(e.to_string(), None),
@@ -396,7 +513,7 @@ impl State {
             // Its segments stay on disk and are published on the next start.
             self.stats.errors.fetch_add(1, Ordering::Relaxed);
             error!("the archive publish thread has stopped");
-            if self.mode == Recording::Strict {
+            if self.mode.fails_closed() {
                 self.failed.store(true, Ordering::Relaxed);
             }
         }
@@ -417,7 +534,10 @@ impl State {
         if !self.unsynced.is_empty() {
             at(BUFFERED_SYNC_EVERY.saturating_sub(self.last_sync.elapsed()));
         }
-        if self.w.pending_rows() > 0 {
+        if self.dirty.load(Ordering::Acquire) {
+            at(GROUP_COMMIT_EVERY.saturating_sub(self.last_sync.elapsed()));
+        }
+        if self.w().pending_rows() > 0 {
             at(self.flush_due());
         }
         if !self.retry.is_empty() {
@@ -435,27 +555,7 @@ impl State {
 /// Pause between retries of records a failure left behind (buffered mode).
 const RETRY_EVERY: Duration = Duration::from_millis(100);
 
-async fn serve(
-    w: SegmentLog,
-    mut rx: mpsc::Receiver<Job>,
-    publish: std::sync::mpsc::SyncSender<PublishJob>,
-    mode: Recording,
-    flush_interval: Duration,
-    failed: Arc<AtomicBool>,
-    stats: Arc<ArchiveStats>,
-) {
-    let mut st = State {
-        w,
-        publish,
-        mode,
-        failed,
-        stats,
-        unsynced: Vec::new(),
-        retry: VecDeque::new(),
-        last_sync: Instant::now(),
-        last_roll: Instant::now(),
-        flush_interval,
-    };
+async fn serve(mut st: State, mut rx: mpsc::Receiver<Job>) {
     loop {
         let first = match st.next_deadline() {
             None => rx.recv().await,
@@ -485,6 +585,8 @@ async fn serve(
         while let Some(job) = next.take() {
             match job {
                 Job::Record(input, ack) => st.append(input, ack),
+                // `dirty` is set: the commit is timed below.
+                Job::Commit => {}
                 Job::Retention(days, today, ack) => {
                     st.hand_over(PublishJob::Retention(days, today, ack));
                 }
@@ -503,11 +605,14 @@ async fn serve(
                 st.unsynced.len() >= BUFFERED_SYNC_RECORDS
                     || st.last_sync.elapsed() >= BUFFERED_SYNC_EVERY
             }
+            // Group: one commit per window; the deadline wakes the loop for the next.
+            Recording::Group => st.last_sync.elapsed() >= GROUP_COMMIT_EVERY,
         };
         if sync_now {
             st.sync();
         }
-        if st.w.wants_roll() || st.flush_due().is_zero() {
+        let wants_roll = st.w().wants_roll();
+        if wants_roll || st.flush_due().is_zero() {
             st.roll();
         }
         if let Some(ack) = close {
@@ -600,7 +705,7 @@ fn publish(
         // The records stay in their segments: retried here, and recovered on the next start.
         stats.errors.fetch_add(1, Ordering::Relaxed);
         warn!(error = %e, "cannot publish an archive segment as Parquet");
-        if mode == Recording::Strict {
+        if mode.fails_closed() {
             failed.store(true, Ordering::Relaxed);
         }
     }

@@ -620,6 +620,67 @@ mod service {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn group_acknowledges_written_records_and_commits_them_within_the_window() {
+        use std::sync::atomic::Ordering::Relaxed;
+        let t = TempDir::new("groupmode");
+        let (w, _) = ArchiveWriter::open(config(&t.0)).unwrap();
+        let archive = Archive::start(w, Recording::Group, Duration::from_secs(3600));
+        // Acknowledged means written through to the kernel: another reader of the segment
+        // (what a restarted agent recovers after a SIGKILL) sees each record at once.
+        let seg_dir = t.0.join("archive/_wal");
+        for i in 0..30 {
+            let seq = archive.record(input("g", i)).await.unwrap();
+            assert_eq!(seq, i + 1);
+            let seg = fs::read_dir(&seg_dir)
+                .unwrap()
+                .next()
+                .unwrap()
+                .unwrap()
+                .path();
+            let on_disk = wal::read_segment(&seg).unwrap();
+            assert_eq!(on_disk.records.len() as u64, i + 1);
+            assert_eq!(on_disk.records[i as usize].input, input("g", i));
+            assert_eq!(on_disk.dropped_bytes, 0);
+        }
+        // The log thread commits them (fsync) on its own, without a roll or a close.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while archive.stats.records.load(Relaxed) < 30 {
+            assert!(std::time::Instant::now() < deadline, "never committed");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let fsyncs = archive.stats.fsyncs.load(Relaxed);
+        assert!((1..30).contains(&fsyncs), "{fsyncs} fsyncs for 30 records");
+        assert_eq!(archive.stats.durable_seq.load(Relaxed), 31);
+        archive.close().await.unwrap();
+        assert_eq!(rows_in_archive(&t.0), 30);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn group_records_from_many_tasks_keep_one_chain_across_rolls() {
+        let t = TempDir::new("groupmany");
+        let (w, _) = ArchiveWriter::open(WriterConfig {
+            max_rows: 100,
+            ..config(&t.0)
+        })
+        .unwrap();
+        let archive = Archive::start(w, Recording::Group, Duration::from_secs(3600));
+        let tasks: Vec<_> = (0..1000)
+            .map(|i| {
+                let a = archive.clone();
+                tokio::spawn(async move { a.record(input(&format!("s{}", i % 10), i)).await })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap().unwrap();
+        }
+        archive.close().await.unwrap();
+        let report = verify(&t.0.join("archive"));
+        assert!(report.intact(), "{:?}", report.problems);
+        assert_eq!(report.records_checked, 1000);
+        assert!(report.files_checked >= 2, "{} files", report.files_checked);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn concurrent_records_share_fsyncs() {
         let t = TempDir::new("group");
         let (w, _) = ArchiveWriter::open(WriterConfig {

@@ -23,6 +23,11 @@ pub const MAX_ENTRY: u32 = 64 * 1024 * 1024;
 pub struct SegmentWriter {
     path: PathBuf,
     out: BufWriter<File>,
+    /// The same file, for an fsync taken without the writer (group commit: the log thread
+    /// syncs while callers go on appending).
+    handle: std::sync::Arc<File>,
+    /// One entry (header and body) for [`SegmentWriter::write_through`].
+    entry: Vec<u8>,
     /// Bytes appended (magic included), and how many of them the last fsync covered.
     written: u64,
     synced: u64,
@@ -36,11 +41,14 @@ impl SegmentWriter {
             .create_new(true)
             .mode(mode)
             .open(path)?;
+        let handle = std::sync::Arc::new(file.try_clone()?);
         let mut out = BufWriter::with_capacity(256 * 1024, file);
         out.write_all(MAGIC)?;
         Ok(SegmentWriter {
             path: path.to_owned(),
             out,
+            handle,
+            entry: Vec::new(),
             written: MAGIC.len() as u64,
             synced: 0,
         })
@@ -59,20 +67,45 @@ impl SegmentWriter {
 
     /// Buffer one record already encoded (see `record::chain_into`).
     pub fn append_encoded(&mut self, body: &[u8]) -> io::Result<()> {
-        let len = u32::try_from(body.len())
-            .ok()
-            .filter(|l| *l <= MAX_ENTRY)
-            .ok_or_else(|| {
-                io::Error::new(
-                    io::ErrorKind::InvalidInput,
-                    "record larger than a WAL entry may be",
-                )
-            })?;
+        let len = entry_len(body)?;
         self.out.write_all(&len.to_le_bytes())?;
         self.out.write_all(&crc32fast::hash(body).to_le_bytes())?;
         self.out.write_all(body)?;
         self.written += 8 + u64::from(len);
         Ok(())
+    }
+
+    /// Write one record already encoded straight to the file (one `write(2)`): when this
+    /// returns, the entry is in the kernel and survives the process being killed. On failure
+    /// the file is cut back to where it was, so no partial entry stays behind.
+    pub fn write_through(&mut self, body: &[u8]) -> io::Result<()> {
+        self.out.flush()?;
+        let len = entry_len(body)?;
+        self.entry.clear();
+        self.entry.extend_from_slice(&len.to_le_bytes());
+        self.entry
+            .extend_from_slice(&crc32fast::hash(body).to_le_bytes());
+        self.entry.extend_from_slice(body);
+        if let Err(e) = self.out.get_mut().write_all(&self.entry) {
+            self.out.get_ref().set_len(self.written).map_err(|cut| {
+                io::Error::other(format!(
+                    "{e}; then cutting the partial entry off failed: {cut}"
+                ))
+            })?;
+            return Err(e);
+        }
+        self.written += 8 + u64::from(len);
+        Ok(())
+    }
+
+    /// Bytes written so far (magic included) and a handle to fsync them with.
+    pub fn commit_point(&self) -> (std::sync::Arc<File>, u64) {
+        (self.handle.clone(), self.written)
+    }
+
+    /// An fsync through [`SegmentWriter::commit_point`]'s handle covered `len` bytes.
+    pub fn synced_through(&mut self, len: u64) {
+        self.synced = self.synced.max(len);
     }
 
     /// Write out and fsync: everything appended so far is durable when this returns.
@@ -91,6 +124,18 @@ impl SegmentWriter {
         file.set_len(self.synced)?;
         file.sync_all()
     }
+}
+
+fn entry_len(body: &[u8]) -> io::Result<u32> {
+    u32::try_from(body.len())
+        .ok()
+        .filter(|l| *l <= MAX_ENTRY)
+        .ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "record larger than a WAL entry may be",
+            )
+        })
 }
 
 /// What a segment held.

@@ -95,6 +95,14 @@ pub struct SegmentLog {
     body: Vec<u8>,
 }
 
+/// See [`SegmentLog::commit_point`].
+pub struct CommitPoint {
+    segment: u64,
+    pub file: std::sync::Arc<File>,
+    len: u64,
+    tip: (String, u64),
+}
+
 /// A closed segment on its way into a Parquet file.
 pub struct Sealed {
     segment: u64,
@@ -227,20 +235,8 @@ impl SegmentLog {
     /// Chain and append one record to the open segment (opening one if needed). Not durable
     /// until [`SegmentLog::sync`]. On failure the input comes back with the error.
     pub fn append(&mut self, input: RecordInput) -> Result<u64, Box<(io::Error, RecordInput)>> {
-        if self.wal.is_none() {
-            let opened = (|| {
-                let path = self.wal_dir.join(format!("{:012}.wal", self.wal_no + 1));
-                let seg = SegmentWriter::create(&path, 0o600)?;
-                File::open(&self.wal_dir)?.sync_all()?;
-                Ok::<_, io::Error>(seg)
-            })();
-            match opened {
-                Ok(seg) => {
-                    self.wal_no += 1;
-                    self.wal = Some(seg);
-                }
-                Err(e) => return Err(Box::new((e, input))),
-            }
+        if let Err(e) = self.open_segment() {
+            return Err(Box::new((e, input)));
         }
         let archive_seq = self.next_archive_seq;
         let hash = record::chain_into(archive_seq, &input, &self.last_hash, &mut self.body);
@@ -249,15 +245,71 @@ impl SegmentLog {
         {
             return Err(Box::new((e, input)));
         }
+        self.appended(&hash);
+        self.unsynced.push(input);
+        Ok(archive_seq)
+    }
+
+    /// Group commit: chain one record and write it through to the open segment (one
+    /// `write(2)`), so it survives the agent being killed once this returns; durable at the
+    /// next [`SegmentLog::commit_point`] fsync. On failure nothing of it stays in the
+    /// segment and the chain is where it was.
+    pub fn append_written(&mut self, input: &RecordInput) -> io::Result<u64> {
+        self.open_segment()?;
+        let archive_seq = self.next_archive_seq;
+        let hash = record::chain_into(archive_seq, input, &self.last_hash, &mut self.body);
+        if let Some(wal) = self.wal.as_mut() {
+            wal.write_through(&self.body)?;
+        }
+        self.appended(&hash);
+        Ok(archive_seq)
+    }
+
+    /// What an fsync taken now (without this log) would make durable: the segment's file,
+    /// its length, and the chain tip after its last record. `None` when no segment is open.
+    pub fn commit_point(&self) -> Option<CommitPoint> {
+        let wal = self.wal.as_ref()?;
+        let (file, len) = wal.commit_point();
+        Some(CommitPoint {
+            segment: self.wal_no,
+            file,
+            len,
+            tip: (self.last_hash.clone(), self.next_archive_seq),
+        })
+    }
+
+    /// The fsync of `point` succeeded.
+    pub fn committed(&mut self, point: CommitPoint) {
+        if let Some(wal) = self.wal.as_mut()
+            && point.segment == self.wal_no
+            && point.tip.1 > self.durable_tip.1
+        {
+            wal.synced_through(point.len);
+            self.durable_tip = point.tip;
+        }
+    }
+
+    fn open_segment(&mut self) -> io::Result<()> {
+        if self.wal.is_some() {
+            return Ok(());
+        }
+        let path = self.wal_dir.join(format!("{:012}.wal", self.wal_no + 1));
+        let seg = SegmentWriter::create(&path, 0o600)?;
+        File::open(&self.wal_dir)?.sync_all()?;
+        self.wal_no += 1;
+        self.wal = Some(seg);
+        Ok(())
+    }
+
+    /// The chain moves on past a record just appended (encoded in `self.body`).
+    fn appended(&mut self, hash: &[u8]) {
         self.next_archive_seq += 1;
         self.last_hash.clear();
         // Hex digits are ASCII.
         self.last_hash
-            .push_str(std::str::from_utf8(&hash).unwrap_or_default());
+            .push_str(std::str::from_utf8(hash).unwrap_or_default());
         self.rows += 1;
         self.bytes += self.body.len() as u64 + 8;
-        self.unsynced.push(input);
-        Ok(archive_seq)
     }
 
     /// fsync the open segment: every appended record is durable when this returns.
@@ -265,10 +317,11 @@ impl SegmentLog {
         if let Some(w) = self.wal.as_mut() {
             w.sync()?;
         }
-        if !self.unsynced.is_empty() {
+        // Records written through (group commit) are not in `unsynced`: compare the tips.
+        if self.durable_tip.1 != self.next_archive_seq {
             self.durable_tip = (self.last_hash.clone(), self.next_archive_seq);
-            self.unsynced.clear();
         }
+        self.unsynced.clear();
         Ok(())
     }
 

@@ -272,7 +272,7 @@ mod defaults {
         1000
     }
     pub fn recording() -> crate::archive::service::Recording {
-        crate::archive::service::Recording::Strict
+        crate::archive::service::Recording::Group
     }
     pub fn flush_interval_secs() -> u64 {
         60
@@ -779,7 +779,7 @@ mod tests {
         );
         assert!(cfg.backends[0].tls);
         assert_eq!(cfg.recent_connections, 1000);
-        assert_eq!(cfg.recording, crate::archive::service::Recording::Strict);
+        assert_eq!(cfg.recording, crate::archive::service::Recording::Group);
         assert_eq!(cfg.flush_interval, Duration::from_secs(60));
         assert_eq!(cfg.archive_group, "airlock");
         assert!(!cfg.host.is_empty());

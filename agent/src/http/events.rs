@@ -15,6 +15,7 @@
 use std::sync::{Arc, atomic::Ordering};
 
 use bytes::Bytes;
+use futures_util::FutureExt as _;
 use http::{HeaderValue, Response, header};
 use http_body_util::BodyExt as _;
 use hyper::body::Incoming;
@@ -32,6 +33,9 @@ use crate::{
     pipeline::{ConnCtx, Pipeline},
     policy::Direction,
 };
+
+/// Bytes of a stream taken in one pass when the server has sent them already.
+const BATCH_BYTES: usize = 256 * 1024;
 
 impl Conn {
     pub(super) async fn stream(
@@ -146,6 +150,27 @@ impl Stream {
             if let Err(e) = parser.feed(&data, &mut events) {
                 break Err(e.to_string());
             }
+            // Whatever else the server has already sent is taken now, without waiting: one
+            // pass and one write to the client for all of it, not one per event (hyper yields
+            // a frame per chunk, and servers often send a chunk per event).
+            let mut ended = None;
+            let mut taken = data.len();
+            while taken < BATCH_BYTES && ended.is_none() {
+                match body.frame().now_or_never() {
+                    None => break,
+                    Some(None) => ended = Some(Ok(())),
+                    Some(Some(Err(e))) => ended = Some(Err(format!("the server's stream: {e}"))),
+                    Some(Some(Ok(f))) => {
+                        let Ok(data) = f.into_data() else {
+                            continue;
+                        };
+                        taken += data.len();
+                        if let Err(e) = parser.feed(&data, &mut events) {
+                            ended = Some(Err(e.to_string()));
+                        }
+                    }
+                }
+            }
             if let Err(e) = permit.set(parser.pending_bytes()) {
                 break Err(e.to_string());
             }
@@ -171,6 +196,9 @@ impl Stream {
             }
             if let Some(reason) = refused {
                 break Err(reason);
+            }
+            if let Some(end) = ended {
+                break end;
             }
         };
         if let Some(k) = self.registered.take() {
@@ -366,12 +394,15 @@ impl Stream {
 /// Whether `bytes` hold a character that `str.splitlines`-style SSE parsers take for a line
 /// end though the SSE standard does not: VT, FF, FS, GS, RS, NEL, LINE and PARAGRAPH
 /// SEPARATOR.
+///
+/// One pass over the bytes (it runs on every event's bytes and data).
 fn has_line_breaker(bytes: &[u8]) -> bool {
-    bytes.iter().any(|b| matches!(b, 0x0b | 0x0c | 0x1c..=0x1e))
-        || bytes.windows(2).any(|w| w == [0xC2, 0x85])
-        || bytes
-            .windows(3)
-            .any(|w| w == [0xE2, 0x80, 0xA8] || w == [0xE2, 0x80, 0xA9])
+    bytes.iter().enumerate().any(|(i, b)| match b {
+        0x0b | 0x0c | 0x1c..=0x1e => true,
+        0xC2 => bytes.get(i + 1) == Some(&0x85),
+        0xE2 => matches!(bytes.get(i + 1..i + 3), Some([0x80, 0xA8 | 0xA9])),
+        _ => false,
+    })
 }
 
 /// Compact JSON with NEL, LINE and PARAGRAPH SEPARATOR written as escapes (they can only be
@@ -392,6 +423,10 @@ mod tests {
         assert!(has_line_breaker(b"a\x0cb"));
         assert!(has_line_breaker("\u{85}".as_bytes()));
         assert!(!has_line_breaker("plain é text".as_bytes()));
+        assert!(has_line_breaker("\u{2029}".as_bytes()));
+        assert!(!has_line_breaker("\u{2027}\u{2030}".as_bytes()));
+        assert!(!has_line_breaker(&[0xE2, 0x80]));
+        assert!(!has_line_breaker(&[0xC2]));
         let v = serde_json::json!({"t": "a\u{2028}b\u{85}c\u{2029}\u{c}"});
         let escaped = escape_line_breakers(&v.to_string());
         assert!(!has_line_breaker(escaped.as_bytes()), "{escaped}");

@@ -389,7 +389,7 @@ impl Conn {
     }
 
     /// An HTTP-level record: method, path, status, content type (never headers: they carry
-    /// credentials). `Err` when it could not be written in strict recording: the caller must
+    /// credentials). `Err` when it could not be written in group or strict recording: the caller must
     /// not forward.
     async fn http_record(
         &self,

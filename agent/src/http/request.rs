@@ -236,7 +236,7 @@ impl Conn {
         drop(parse_permit);
         drop(permit);
         // A request without messages (allowed non-MCP traffic, a GET stream, a DELETE) is
-        // recorded at HTTP level before it goes on: in strict recording, nothing reaches the
+        // recorded at HTTP level before it goes on: in group or strict recording, nothing reaches the
         // server unrecorded.
         if !info.mcp
             && let Err(e) = self.request_record(&info).await

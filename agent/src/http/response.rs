@@ -321,7 +321,7 @@ impl Conn {
         .await
     }
 
-    /// An exchange whose record could not be written (strict recording): not passed on.
+    /// An exchange whose record could not be written (group or strict recording): not passed on.
     pub(super) async fn unrecorded(
         &self,
         info: &RequestInfo,

@@ -163,7 +163,7 @@ impl Collector for AgentCollector {
         counter(
             &mut enc,
             "airlock_archive_errors",
-            "Archive write, fsync or publish failures (strict recording refuses traffic after one)",
+            "Archive write, fsync or publish failures (group and strict recording refuse traffic after one)",
             None,
             load(&a.errors),
         )?;

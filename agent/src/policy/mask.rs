@@ -69,10 +69,13 @@ impl Masker {
 
     /// The masked text, or `None` when nothing was found.
     pub fn mask_str(&self, text: &str, counts: &mut MaskCounts) -> Option<String> {
-        let candidates = self.prefilter.matches(text);
-        if !candidates.matched_any() {
+        // Most strings hold nothing: `is_match` can stop early and use the set's literal
+        // prefilters, which the overlapping search of `matches` cannot (that search was ~6%
+        // of the agent's CPU when run on every string).
+        if !self.prefilter.is_match(text) {
             return None;
         }
+        let candidates = self.prefilter.matches(text);
         let mut current: Option<String> = None;
         for i in candidates.iter() {
             let detector = &self.detectors[i];
