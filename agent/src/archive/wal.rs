@@ -8,7 +8,7 @@
 
 use std::{
     fs::{File, OpenOptions},
-    io::{self, BufWriter, Read as _, Write},
+    io::{self, BufWriter, Read as _, Seek as _, Write},
     os::unix::fs::OpenOptionsExt as _,
     path::{Path, PathBuf},
 };
@@ -28,6 +28,8 @@ pub struct SegmentWriter {
     handle: std::sync::Arc<File>,
     /// One entry (header and body) for [`SegmentWriter::write_through`].
     entry: Vec<u8>,
+    /// A partial entry could not be cut off: nothing more may be written to this segment.
+    broken: bool,
     /// Bytes appended (magic included), and how many of them the last fsync covered.
     written: u64,
     synced: u64,
@@ -49,6 +51,7 @@ impl SegmentWriter {
             out,
             handle,
             entry: Vec::new(),
+            broken: false,
             written: MAGIC.len() as u64,
             synced: 0,
         })
@@ -79,6 +82,11 @@ impl SegmentWriter {
     /// returns, the entry is in the kernel and survives the process being killed. On failure
     /// the file is cut back to where it was, so no partial entry stays behind.
     pub fn write_through(&mut self, body: &[u8]) -> io::Result<()> {
+        if self.broken {
+            return Err(io::Error::other(
+                "an earlier partial write could not be cut off this segment",
+            ));
+        }
         self.out.flush()?;
         let len = entry_len(body)?;
         self.entry.clear();
@@ -87,11 +95,18 @@ impl SegmentWriter {
             .extend_from_slice(&crc32fast::hash(body).to_le_bytes());
         self.entry.extend_from_slice(body);
         if let Err(e) = self.out.get_mut().write_all(&self.entry) {
-            self.out.get_ref().set_len(self.written).map_err(|cut| {
-                io::Error::other(format!(
+            // Cut the partial entry off, and write the next one where it began (the file
+            // position moved past what was written: appending there would leave a hole).
+            let file = self.out.get_mut();
+            if let Err(cut) = file
+                .set_len(self.written)
+                .and_then(|()| file.seek(io::SeekFrom::Start(self.written)))
+            {
+                self.broken = true;
+                return Err(io::Error::other(format!(
                     "{e}; then cutting the partial entry off failed: {cut}"
-                ))
-            })?;
+                )));
+            }
             return Err(e);
         }
         self.written += 8 + u64::from(len);
