@@ -52,7 +52,8 @@ fn main() {
     let backend = serve("127.0.0.2:0");
     let direct = serve("127.0.0.2:0");
     let dir = std::env::temp_dir().join(&name);
-    std::fs::create_dir_all(&dir).unwrap();
+    // No policy: an opaque backend's bytes are never judged.
+    std::fs::create_dir_all(dir.join("policies")).unwrap();
     let config = dir.join("airlock.toml");
     let port = 990;
     // Buffered by default: this measures the redirect and the relay. With BENCH_RECORDING=strict
@@ -61,7 +62,7 @@ fn main() {
     std::fs::write(
         &config,
         format!(
-            "state_dir = \"{d}/state\"\narchive_dir = \"{d}/archive\"\nrecording = \"{recording}\"\ncgroup = \"{cg}\"\nbpffs_dir = \"/sys/fs/bpf/{name}\"\nlisten_port = {port}\n\
+            "state_dir = \"{d}/state\"\narchive_dir = \"{d}/archive\"\npolicies_dir = \"{d}/policies\"\nrecording = \"{recording}\"\ncgroup = \"{cg}\"\nbpffs_dir = \"/sys/fs/bpf/{name}\"\nlisten_port = {port}\n\
              [[backend]]\nname = \"bench\"\nhost = \"bench.internal.test\"\nport = {bp}\nmode = \"opaque\"\ntls = false\naddresses = [\"127.0.0.2\"]\n",
             d = dir.display(),
             recording = recording,
