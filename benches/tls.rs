@@ -263,9 +263,13 @@ fn main() {
             guard.restart_agent(&agent, Some(mode));
             rt.block_on(async {
                 let mut s = Session::open(&client, addrs[DIRECT]).await;
-                samples[m].0.extend(s.timed_calls("echo", KEEPALIVE_PER_ROUND / 2).await);
+                samples[m]
+                    .0
+                    .extend(s.timed_calls("echo", KEEPALIVE_PER_ROUND / 2).await);
                 let mut s = Session::open(&client, addrs[AIRLOCK_PATH]).await;
-                samples[m].1.extend(s.timed_calls("echo", KEEPALIVE_PER_ROUND / 2).await);
+                samples[m]
+                    .1
+                    .extend(s.timed_calls("echo", KEEPALIVE_PER_ROUND / 2).await);
             });
         }
     }
