@@ -426,13 +426,9 @@ impl State {
                 self.note_durable();
                 self.last_sync = Instant::now();
             }
-            Err(e) => {
-                // What was written stays in the segment (its messages were forwarded), but
-                // may not be on the disk: refuse everything from now on.
-                self.stats.errors.fetch_add(1, Ordering::Relaxed);
-                self.failed.store(true, Ordering::Relaxed);
-                error!(error = %e, "archive commit (fsync) failed; traffic is refused from now on");
-            }
+            // What was written stays in the segment (its messages were forwarded), but may
+            // not be on the disk: `fail` refuses everything from now on.
+            Err(e) => self.fail(format!("commit (fsync): {e}"), None),
         }
     }
 
