@@ -36,7 +36,7 @@ pub enum End {
 /// Dials the backend again when the server closed the connection between requests.
 struct BackendDialer {
     proxy: Arc<Proxy>,
-    addr: std::net::SocketAddr,
+    key: http::PoolKey,
     tls: Option<(Arc<rustls::ClientConfig>, ServerName<'static>)>,
 }
 
@@ -45,9 +45,17 @@ impl Dial for BackendDialer {
         &self,
     ) -> std::pin::Pin<Box<dyn Future<Output = Result<UpstreamSender, String>> + Send + '_>> {
         Box::pin(async move {
-            let tcp = self.proxy.dial(self.addr).await?;
+            let tcp = self.proxy.dial(self.key.1).await?;
             open_upstream(tcp, self.tls.clone()).await
         })
+    }
+
+    fn take_idle(&self) -> Option<UpstreamSender> {
+        self.proxy.upstream_pool.take(self.key)
+    }
+
+    fn keep_idle(&self, sender: UpstreamSender) {
+        self.proxy.upstream_pool.put(self.key, sender);
     }
 }
 
@@ -255,7 +263,7 @@ impl Proxy {
     {
         let dialer = BackendDialer {
             proxy: self.clone(),
-            addr: pool_key.1,
+            key: pool_key,
             tls,
         };
         let conn = Arc::new(Conn {

@@ -1,5 +1,5 @@
 //! The TLS bench's peers: the MCP server (this binary re-run with `--serve`), the reference
-//! proxy (Debian's nginx, unpacked by `cargo xtask setup` under `target/bench-nginx`), the
+//! proxy (Debian's nginx, unpacked by `cargo xtask bench` under `target/bench-nginx`), the
 //! backend PKI, and what /proc says about a process (CPU from `schedstat`, resident memory).
 
 use std::{
@@ -243,7 +243,7 @@ http {{
             .spawn()
             .unwrap_or_else(|e| {
                 panic!(
-                    "cannot start {} ({e}): run `cargo xtask setup`",
+                    "cannot start {} ({e}): run `cargo xtask bench` (it unpacks nginx)",
                     Nginx::binary().display()
                 )
             });

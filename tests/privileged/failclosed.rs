@@ -359,6 +359,52 @@ print(json.dumps({"third": outcome}))
     );
 }
 
+/// An idle client connection holds no server connection: once an answer was read whole, the
+/// server connection goes back to the pool and the next exchange, from any client connection,
+/// takes it. Two client connections held open after one call each cost the server one
+/// connection, not two (as a reverse proxy's keep-alive pool).
+#[test]
+fn idle_client_connections_hold_no_server_connection() {
+    let Some((cg, agent, _server, port)) = plain_setup("pooled", "") else {
+        return;
+    };
+    const TWO: &str = r#"
+import json, socket, subprocess, sys
+port, body = int(sys.argv[1]), sys.argv[2]
+head = ("POST /mcp HTTP/1.1\r\nHost: mcp.internal.test:%d\r\nContent-Type: application/json\r\n"
+        "Accept: application/json, text/event-stream\r\nContent-Length: %d\r\n\r\n") % (port, len(body))
+def call(s):
+    s.sendall((head + body).encode())
+    data = b""
+    while True:
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+        h, sep, b = data.partition(b"\r\n\r\n")
+        length = [l.split(b":", 1)[1] for l in h.lower().split(b"\r\n") if l.startswith(b"content-length:")]
+        if sep and length and len(b) >= int(length[0]):
+            break
+    return int(data.split(b" ")[1])
+a = socket.create_connection(("mcp.internal.test", port), timeout=10)
+first = call(a)
+b = socket.create_connection(("mcp.internal.test", port), timeout=10)
+second = call(b)
+# Both client connections are open and idle: count the server's connections.
+ss = subprocess.run(["ss", "-Htn", "state", "established", "( sport = :%d )" % port],
+                    capture_output=True, text=True).stdout
+again = call(a)
+print(json.dumps({"status": [first, second, again], "server_connections": len(ss.splitlines())}))
+"#;
+    let init = r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-11-25","capabilities":{},"clientInfo":{"name":"t","version":"1"}}}"#;
+    let out = python(&cg, &agent.dir, None, TWO, &[&port.to_string(), init]);
+    assert_eq!(out["status"], serde_json::json!([200, 200, 200]), "{out}");
+    assert_eq!(
+        out["server_connections"], 1,
+        "two idle client connections, one server connection: {out}"
+    );
+}
+
 /// One uid has at most `max_inflight_bytes_per_uid` bytes of request bodies in flight: a
 /// second slow body past that is refused with 429 at once.
 #[test]

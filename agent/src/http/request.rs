@@ -497,7 +497,12 @@ impl Conn {
         *up.headers_mut() = parts.headers;
         let response = self.upstream.lock().await.send(up).await;
         match response {
-            Ok(r) => self.response(info, r).await,
+            Ok(r) => {
+                let answer = self.response(info, r).await;
+                // Read whole (not a stream): the server connection waits in the pool.
+                self.upstream.lock().await.checkin();
+                answer
+            }
             Err(reason) => {
                 // The requests never reached the server: their ids are free.
                 for id in &info.owed {

@@ -12,15 +12,24 @@ use tracing::debug;
 
 pub type UpstreamSender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
 
-/// How to open (again) a connection to the server this client connection goes to.
+/// How to open (again) a connection to the server this client connection goes to, and where
+/// its idle connections wait between exchanges.
 pub trait Dial: Send + Sync + 'static {
     fn dial(
         &self,
     ) -> std::pin::Pin<Box<dyn Future<Output = Result<UpstreamSender, String>> + Send + '_>>;
+
+    /// An idle connection to the same server, if one waits.
+    fn take_idle(&self) -> Option<UpstreamSender>;
+
+    /// Keep an idle connection for the next exchange to the same server.
+    fn keep_idle(&self, sender: UpstreamSender);
 }
 
 /// The upstream side of one client connection: the connection dialled while the client's
-/// handshake ran, then new ones when the server closes it.
+/// handshake ran; after each exchange whose answer was read whole, it goes back to the pool,
+/// and the next exchange takes an idle one (or dials). An idle client connection so holds no
+/// server connection, as in a reverse proxy's keep-alive pool.
 pub struct UpstreamSlot {
     first: Option<tokio::task::JoinHandle<Result<UpstreamSender, String>>>,
     sender: Option<UpstreamSender>,
@@ -39,12 +48,17 @@ impl UpstreamSlot {
         }
     }
 
-    async fn ready(&mut self) -> Result<&mut UpstreamSender, String> {
+    /// A connection ready for a request: this client connection's own, an idle pooled one,
+    /// or (`fresh`, or none usable) a new one.
+    async fn ready(&mut self, fresh: bool) -> Result<&mut UpstreamSender, String> {
         if let Some(first) = self.first.take() {
             let s = first
                 .await
                 .map_err(|e| format!("upstream connection task failed: {e}"))??;
             self.sender = Some(s);
+        }
+        if self.sender.is_none() && !fresh {
+            self.sender = self.dialer.take_idle();
         }
         let usable = match self.sender.as_mut() {
             Some(s) => !s.is_closed() && s.ready().await.is_ok(),
@@ -66,7 +80,8 @@ impl UpstreamSlot {
     ) -> Result<http::Response<Incoming>, String> {
         let mut retried = false;
         loop {
-            let sender = self.ready().await?;
+            // A request handed back unsent goes out on a new connection, not another pooled one.
+            let sender = self.ready(retried).await?;
             match sender.try_send_request(req).await {
                 Ok(r) => return Ok(r),
                 Err(mut e) => match e.take_message() {
@@ -78,6 +93,20 @@ impl UpstreamSlot {
                     _ => return Err(format!("the server's response: {}", e.into_error())),
                 },
             }
+        }
+    }
+
+    /// The exchange is over: a connection whose answer was read whole (ready for another
+    /// request) waits in the pool; one still carrying a stream stays with this client
+    /// connection.
+    pub fn checkin(&mut self) {
+        if self
+            .sender
+            .as_ref()
+            .is_some_and(|s| !s.is_closed() && s.is_ready())
+            && let Some(sender) = self.sender.take()
+        {
+            self.dialer.keep_idle(sender);
         }
     }
 
@@ -106,11 +135,13 @@ where
     Ok(sender)
 }
 
-/// Idle upstream connections, by backend and address, for the next client connection to the
-/// same place: a new client connection then costs one TLS handshake, not two. Only a
-/// connection with no request in flight is kept, at most `MAX_IDLE` per place, for
-/// `IDLE_TTL`. HTTP/1.1 requests stand alone (MCP sessions ride in headers; brokered
-/// credentials are added per request), so reuse across callers leaks nothing.
+/// Idle upstream connections, by backend and address, shared by every client connection to
+/// the same place: an exchange takes one and gives it back once its answer was read whole, so
+/// a new client connection costs one TLS handshake, not two, and an idle client connection
+/// holds no server connection. Only a connection with no request in flight is kept, at most
+/// `MAX_IDLE` per place (nginx's `keepalive 128`), for `IDLE_TTL`. HTTP/1.1 requests stand
+/// alone (MCP sessions ride in headers; brokered credentials are added per request), so reuse
+/// across callers leaks nothing.
 #[derive(Default)]
 pub struct UpstreamPool {
     idle: std::sync::Mutex<std::collections::HashMap<PoolKey, Vec<(UpstreamSender, Instant)>>>,
@@ -119,7 +150,7 @@ pub struct UpstreamPool {
 /// Backend index and server address.
 pub type PoolKey = (usize, std::net::SocketAddr);
 
-const MAX_IDLE: usize = 16;
+const MAX_IDLE: usize = 128;
 const IDLE_TTL: Duration = Duration::from_secs(30);
 
 impl UpstreamPool {
