@@ -277,7 +277,8 @@ impl Proxy {
         guard.set_state(crate::registry::ConnState::Open);
         let served = http::serve(io, conn.clone()).await;
         conn.end_connection_session();
-        self.release_upstream(pool_key, &conn).await;
+        // Its server connection, if idle, goes to the pool (through the slot's dialer).
+        conn.upstream.lock().await.checkin();
         served
             .map(|_| End::Served)
             .map_err(|e| format!("HTTP with the client: {e}"))
@@ -304,13 +305,6 @@ impl Proxy {
             };
             open_upstream(tcp, tls).await
         })
-    }
-
-    /// Give the client connection's upstream connection to the pool, if it is idle.
-    async fn release_upstream(&self, key: http::PoolKey, conn: &Conn) {
-        if let Some(sender) = conn.upstream.lock().await.release() {
-            self.upstream_pool.put(key, sender);
-        }
     }
 
     /// The backend a TLS client asked for by name: the one the kernel matched, or another

@@ -109,11 +109,6 @@ impl UpstreamSlot {
             self.dialer.keep_idle(sender);
         }
     }
-
-    /// The connection, for the pool, once the client connection is done with it.
-    pub fn release(&mut self) -> Option<UpstreamSender> {
-        self.sender.take()
-    }
 }
 
 /// Open an HTTP/1.1 client connection over `io`. Its driver runs on a task of its own, so
