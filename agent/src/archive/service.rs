@@ -197,6 +197,8 @@ pub struct Archive {
     log: SharedLog,
     /// Group mode: written since the log thread last took a commit point.
     dirty: Arc<AtomicBool>,
+    /// Group mode: a caller found the open segment full and woke the log thread to roll it.
+    roll_asked: Arc<AtomicBool>,
 }
 
 type SharedLog = Arc<Mutex<SegmentLog>>;
@@ -217,6 +219,7 @@ impl Archive {
             .store(log.durable_next_seq(), Ordering::Relaxed);
         let log = Arc::new(Mutex::new(log));
         let dirty = Arc::new(AtomicBool::new(false));
+        let roll_asked = Arc::new(AtomicBool::new(false));
         stats
             .published_seq
             .store(publisher.next_archive_seq(), Ordering::Relaxed);
@@ -228,6 +231,7 @@ impl Archive {
         let st = State {
             w: log.clone(),
             dirty: dirty.clone(),
+            roll_asked: roll_asked.clone(),
             publish: publish_tx,
             mode,
             failed: failed.clone(),
@@ -253,6 +257,7 @@ impl Archive {
             stats,
             log,
             dirty,
+            roll_asked,
         }
     }
 
@@ -266,12 +271,20 @@ impl Archive {
         match self.mode {
             Recording::Group => {
                 // A write to the page cache: microseconds, like a log line; no thread hop.
-                let written = lock(&self.log).append_written(&input);
+                let (written, full) = {
+                    let mut log = lock(&self.log);
+                    let written = log.append_written(&input);
+                    (written, log.wants_roll())
+                };
                 match written {
                     Ok(seq) => {
-                        if !self.dirty.swap(true, Ordering::AcqRel) {
-                            // The first record since the last commit point wakes the log
-                            // thread (a full queue means it is awake and will see `dirty`).
+                        // The first record since the last commit point wakes the log thread,
+                        // and so does the one that fills the segment (`max_rows` or its byte
+                        // cap), once per segment: the log thread rolls it then, not at its
+                        // next commit deadline. A full queue means the log thread is awake
+                        // and will see both after its batch.
+                        let first = !self.dirty.swap(true, Ordering::AcqRel);
+                        if first || (full && !self.roll_asked.swap(true, Ordering::AcqRel)) {
                             let _ = self.tx.try_send(Job::Commit);
                         }
                         Ok(seq)
@@ -345,6 +358,7 @@ fn run(st: State, rx: mpsc::Receiver<Job>) {
 struct State {
     w: SharedLog,
     dirty: Arc<AtomicBool>,
+    roll_asked: Arc<AtomicBool>,
     publish: std::sync::mpsc::SyncSender<PublishJob>,
     mode: Recording,
     failed: Arc<AtomicBool>,
@@ -492,6 +506,8 @@ impl State {
     /// Seal the open segment and hand it to the publish thread.
     fn roll(&mut self) {
         self.sync();
+        // Cleared before the seal: a caller that fills the next segment asks again.
+        self.roll_asked.store(false, Ordering::Release);
         // Bound first: the log is not held while the publish thread is waited for.
         let sealed = self.w().seal();
         self.note_durable();
@@ -561,7 +577,9 @@ async fn serve(mut st: State, mut rx: mpsc::Receiver<Job>) {
                     // Woken by a deadline: retry, make buffered records durable, roll.
                     st.retry_all();
                     st.sync();
-                    if st.flush_due().is_zero() {
+                    // Group mode: callers may have filled the segment while the loop slept.
+                    let wants_roll = st.w().wants_roll();
+                    if wants_roll || st.flush_due().is_zero() {
                         st.roll();
                     }
                     continue;
