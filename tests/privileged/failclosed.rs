@@ -369,26 +369,21 @@ fn idle_client_connections_hold_no_server_connection() {
         return;
     };
     const TWO: &str = r#"
-import json, socket, subprocess, sys
+import http.client, json, subprocess, sys
 port, body = int(sys.argv[1]), sys.argv[2]
-head = ("POST /mcp HTTP/1.1\r\nHost: mcp.internal.test:%d\r\nContent-Type: application/json\r\n"
-        "Accept: application/json, text/event-stream\r\nContent-Length: %d\r\n\r\n") % (port, len(body))
-def call(s):
-    s.sendall((head + body).encode())
-    data = b""
-    while True:
-        chunk = s.recv(65536)
-        if not chunk:
-            break
-        data += chunk
-        h, sep, b = data.partition(b"\r\n\r\n")
-        length = [l.split(b":", 1)[1] for l in h.lower().split(b"\r\n") if l.startswith(b"content-length:")]
-        if sep and length and len(b) >= int(length[0]):
-            break
-    return int(data.split(b" ")[1])
-a = socket.create_connection(("mcp.internal.test", port), timeout=10)
+headers = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream"}
+def connect():
+    c = http.client.HTTPConnection("mcp.internal.test", port, timeout=10)
+    c.connect()
+    return c
+def call(c):
+    c.request("POST", "/mcp", body, headers)
+    r = c.getresponse()
+    r.read()
+    return r.status
+a = connect()
 first = call(a)
-b = socket.create_connection(("mcp.internal.test", port), timeout=10)
+b = connect()
 second = call(b)
 # Both client connections are open and idle: count the server's connections.
 ss = subprocess.run(["ss", "-Htn", "state", "established", "( sport = :%d )" % port],

@@ -484,22 +484,20 @@ impl State {
             inputs.push(input);
             acks.push(ack);
         }
-        match self.mode {
-            Recording::Strict | Recording::Group => {
-                self.failed.store(true, Ordering::Relaxed);
-                for ack in acks.into_iter().flatten() {
-                    let _ = ack.send(Err(ArchiveError::Failed(error.clone())));
-                }
+        if self.mode == Recording::Buffered {
+            for input in inputs.into_iter().rev() {
+                self.retry.push_front(Box::new(input));
             }
-            Recording::Buffered => {
-                for input in inputs.into_iter().rev() {
-                    self.retry.push_front(Box::new(input));
-                }
-                while self.retry.len() > RETRY_MAX {
-                    self.retry.pop_back();
-                    self.stats.dropped.fetch_add(1, Ordering::Relaxed);
-                }
+            while self.retry.len() > RETRY_MAX {
+                self.retry.pop_back();
+                self.stats.dropped.fetch_add(1, Ordering::Relaxed);
             }
+            return;
+        }
+        // Strict: every record that was not durable is refused, and everything after it.
+        self.failed.store(true, Ordering::Relaxed);
+        for ack in acks.into_iter().flatten() {
+            let _ = ack.send(Err(ArchiveError::Failed(error.clone())));
         }
     }
 
