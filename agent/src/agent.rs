@@ -73,6 +73,8 @@ pub enum RunError {
     Metrics(#[from] crate::metrics::server::BindError),
     #[error("audit events (`[events]` in airlock.toml): {0}")]
     Events(#[from] crate::events::EventsError),
+    #[error("cannot start the connection threads: {0}")]
+    Threads(#[source] std::io::Error),
 }
 
 pub async fn run(config: Config) -> Result<(), RunError> {
@@ -389,9 +391,14 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     let resolver_task = tokio::spawn(refresh_targets(proxy.clone(), policies.clone()));
     let retention_task = tokio::spawn(retention(archive.clone(), config.retention_days));
     let policy_task = tokio::spawn(watch_policies(policies.clone()));
+    // Connections run on threads of their own (see `workers`), one per CPU.
+    let threads = Arc::new(
+        crate::workers::ConnThreads::start(&proxy, crate::workers::count())
+            .map_err(RunError::Threads)?,
+    );
     let accept_tasks: Vec<_> = listeners
         .into_iter()
-        .map(|l| tokio::spawn(proxy.clone().accept_loop(l)))
+        .map(|l| tokio::spawn(proxy.clone().accept_loop(l, threads.clone())))
         .collect();
     // Programs attached, listeners accepting: interception is live.
     crate::observe::event(crate::observe::AgentEvent::Started {

@@ -8,6 +8,8 @@
 //! - [`proxy`]: per accepted connection: look up the kernel record (reject without one),
 //!   attribute, dial the original destination from a socket tagged as the agent's own, relay.
 //! - [`attribution`]: the kernel record enriched from `/proc` (user, exe, cmdline, cgroup).
+//! - [`workers`]: the connection threads; each accepted connection lives on one, from its
+//!   attribution to its close, on a single-threaded runtime.
 //! - [`relay`]: bounded bidirectional copy with idle timeout and byte counters (opaque backends).
 //! - [`intercept`]: TLS or plain HTTP on an attributed connection: ClientHello, SNI, leaves,
 //!   upstream TLS dialled concurrently; [`tls`]: the managed CA, leaf minting, rustls configs.
@@ -62,3 +64,4 @@ pub mod registry;
 pub mod relay;
 pub mod ship;
 pub mod tls;
+pub mod workers;

@@ -91,15 +91,19 @@ impl AgentCounters {
 }
 
 impl Proxy {
-    /// Accept until the task is dropped. Accept errors (e.g. out of fds) are logged and retried
-    /// after a pause rather than ending the agent.
-    pub async fn accept_loop(self: Arc<Self>, listener: TcpListener) {
+    /// Accept until the task is dropped, handing each connection to a connection thread.
+    /// Accept errors (e.g. out of fds) are logged and retried after a pause rather than ending
+    /// the agent.
+    pub async fn accept_loop(
+        self: Arc<Self>,
+        listener: TcpListener,
+        threads: Arc<crate::workers::ConnThreads>,
+    ) {
         loop {
             match listener.accept().await {
                 Ok((stream, peer)) => {
                     self.counters.accepted.fetch_add(1, Ordering::Relaxed);
-                    let proxy = self.clone();
-                    tokio::spawn(async move { proxy.handle(stream, peer).await });
+                    threads.hand_off(stream, peer).await;
                 }
                 Err(e) => {
                     warn!(error = %e, "accept failed");
@@ -109,7 +113,7 @@ impl Proxy {
         }
     }
 
-    async fn handle(self: Arc<Self>, client: TcpStream, peer: SocketAddr) {
+    pub(crate) async fn handle(self: Arc<Self>, client: TcpStream, peer: SocketAddr) {
         let accepted = std::time::Instant::now();
         let local = match client.local_addr() {
             Ok(l) => l,

@@ -360,17 +360,21 @@ print(json.dumps({"third": outcome}))
 }
 
 /// An idle client connection holds no server connection: once an answer was read whole, the
-/// server connection goes back to the pool and the next exchange, from any client connection,
-/// takes it. Two client connections held open after one call each cost the server one
-/// connection, not two (as a reverse proxy's keep-alive pool).
+/// server connection goes back to its connection thread's pool and the next exchange on that
+/// thread, from any client connection, takes it. Client connections held open after one call
+/// each cost the server at most one connection per connection thread, not one each (as a
+/// reverse proxy's keep-alive pool, which nginx keeps per worker too).
 #[test]
 fn idle_client_connections_hold_no_server_connection() {
     let Some((cg, agent, _server, port)) = plain_setup("pooled", "") else {
         return;
     };
-    const TWO: &str = r#"
+    // The agent runs one connection thread per CPU; more client connections than threads.
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let clients = 2 * threads + 2;
+    const HELD: &str = r#"
 import http.client, json, subprocess, sys
-port, body = int(sys.argv[1]), sys.argv[2]
+port, body, clients = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
 headers = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream"}
 def connect():
     c = http.client.HTTPConnection("mcp.internal.test", port, timeout=10)
@@ -381,22 +385,33 @@ def call(c):
     r = c.getresponse()
     r.read()
     return r.status
-a = connect()
-first = call(a)
-b = connect()
-second = call(b)
-# Both client connections are open and idle: count the server's connections.
+held, status = [], []
+for _ in range(clients):
+    held.append(connect())
+    status.append(call(held[-1]))
+# Every client connection is open and idle: count the server's connections.
 ss = subprocess.run(["ss", "-Htn", "state", "established", "( sport = :%d )" % port],
                     capture_output=True, text=True).stdout
-again = call(a)
-print(json.dumps({"status": [first, second, again], "server_connections": len(ss.splitlines())}))
+status.append(call(held[0]))
+print(json.dumps({"status": status, "server_connections": len(ss.splitlines())}))
 "#;
     let init = r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-11-25","capabilities":{},"clientInfo":{"name":"t","version":"1"}}}"#;
-    let out = python(&cg, &agent.dir, None, TWO, &[&port.to_string(), init]);
-    assert_eq!(out["status"], serde_json::json!([200, 200, 200]), "{out}");
+    let out = python(
+        &cg,
+        &agent.dir,
+        None,
+        HELD,
+        &[&port.to_string(), init, &clients.to_string()],
+    );
     assert_eq!(
-        out["server_connections"], 1,
-        "two idle client connections, one server connection: {out}"
+        out["status"],
+        serde_json::json!(vec![200; clients + 1]),
+        "{out}"
+    );
+    let server = out["server_connections"].as_u64().unwrap() as usize;
+    assert!(
+        (1..=threads).contains(&server),
+        "{clients} idle client connections, {threads} connection threads: {out}"
     );
 }
 

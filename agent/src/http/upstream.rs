@@ -10,7 +10,25 @@ use hyper::body::Incoming;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::debug;
 
-pub type UpstreamSender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
+/// A hyper client connection's request side, and the connection thread its driver task runs
+/// on.
+pub struct UpstreamSender {
+    send: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+    thread: Thread,
+}
+
+impl std::ops::Deref for UpstreamSender {
+    type Target = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
+    fn deref(&self) -> &Self::Target {
+        &self.send
+    }
+}
+
+impl std::ops::DerefMut for UpstreamSender {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.send
+    }
+}
 
 /// How to open (again) a connection to the server this client connection goes to, and where
 /// its idle connections wait between exchanges.
@@ -127,19 +145,41 @@ where
             debug!(error = %e, "upstream HTTP connection ended with an error");
         }
     });
-    Ok(sender)
+    Ok(UpstreamSender {
+        send: sender,
+        thread: crate::workers::current(),
+    })
 }
 
-/// Idle upstream connections, by backend and address, shared by every client connection to
-/// the same place: an exchange takes one and gives it back once its answer was read whole, so
-/// a new client connection costs one TLS handshake, not two, and an idle client connection
-/// holds no server connection. Only a connection with no request in flight is kept, at most
-/// `MAX_IDLE` per place (nginx's `keepalive 128`), for `IDLE_TTL`. HTTP/1.1 requests stand
-/// alone (MCP sessions ride in headers; brokered credentials are added per request), so reuse
-/// across callers leaks nothing.
+/// Idle upstream connections, by backend, address and connection thread, shared by every
+/// client connection on that thread to the same place: an exchange takes one and gives it back
+/// once its answer was read whole, so a new client connection costs one TLS handshake, not
+/// two, and an idle client connection holds no server connection. Only a connection with no
+/// request in flight is kept, at most `MAX_IDLE` per place and thread (nginx's `keepalive 128`,
+/// which is per worker too), for `IDLE_TTL`. HTTP/1.1 requests stand alone (MCP sessions ride
+/// in headers; brokered credentials are added per request), so reuse across callers leaks
+/// nothing.
+///
+/// A server connection's driver task runs on the connection thread that dialled it
+/// ([`crate::workers`]), and only exchanges of that thread take it: its wake-ups never cross
+/// to another thread (and CPU).
 #[derive(Default)]
 pub struct UpstreamPool {
-    idle: std::sync::Mutex<std::collections::HashMap<PoolKey, Vec<(UpstreamSender, Instant)>>>,
+    idle: std::sync::Mutex<std::collections::HashMap<(PoolKey, Thread), Vec<Idle>>>,
+}
+
+/// A connection thread's index (`None`: off the connection threads).
+type Thread = Option<usize>;
+
+struct Idle {
+    sender: UpstreamSender,
+    since: Instant,
+}
+
+impl Idle {
+    fn usable(&self) -> bool {
+        !self.sender.is_closed() && self.sender.is_ready() && self.since.elapsed() < IDLE_TTL
+    }
 }
 
 /// Backend index and server address.
@@ -149,36 +189,79 @@ const MAX_IDLE: usize = 128;
 const IDLE_TTL: Duration = Duration::from_secs(30);
 
 impl UpstreamPool {
-    /// An idle connection to `key`, if one is still open.
+    /// An idle connection to `key` of this thread, if one is still open (the most recently
+    /// used).
     pub fn take(&self, key: PoolKey) -> Option<UpstreamSender> {
         let mut idle = self.idle.lock().ok()?;
-        let list = idle.get_mut(&key)?;
-        while let Some((sender, since)) = list.pop() {
-            if !sender.is_closed() && sender.is_ready() && since.elapsed() < IDLE_TTL {
-                return Some(sender);
+        let list = idle.get_mut(&(key, crate::workers::current()))?;
+        while let Some(i) = list.pop() {
+            if i.usable() {
+                return Some(i.sender);
             }
         }
         None
     }
 
+    /// Whether this thread has an idle connection to `key`.
     pub fn has(&self, key: PoolKey) -> bool {
         self.idle
             .lock()
-            .map(|i| i.get(&key).is_some_and(|l| !l.is_empty()))
+            .map(|i| {
+                i.get(&(key, crate::workers::current()))
+                    .is_some_and(|l| !l.is_empty())
+            })
             .unwrap_or(false)
     }
 
-    /// Keep `sender` for reuse if it is idle and open.
+    /// Keep `sender` for reuse (by its own thread) if it is idle and open.
     pub fn put(&self, key: PoolKey, sender: UpstreamSender) {
         if sender.is_closed() || !sender.is_ready() {
             return;
         }
         if let Ok(mut idle) = self.idle.lock() {
-            let list = idle.entry(key).or_default();
-            list.retain(|(s, since)| !s.is_closed() && since.elapsed() < IDLE_TTL);
+            let list = idle.entry((key, sender.thread)).or_default();
+            list.retain(Idle::usable);
             if list.len() < MAX_IDLE {
-                list.push((sender, Instant::now()));
+                list.push(Idle {
+                    sender,
+                    since: Instant::now(),
+                });
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A client connection over an in-memory pipe (nothing is ever sent on it).
+    async fn sender() -> (UpstreamSender, tokio::io::DuplexStream) {
+        let (ours, theirs) = tokio::io::duplex(4096);
+        (client_handshake(ours).await.unwrap(), theirs)
+    }
+
+    #[tokio::test]
+    async fn a_pooled_connection_is_taken_only_on_the_thread_that_drives_it() {
+        let pool = UpstreamPool::default();
+        let key: PoolKey = (0, "127.0.0.1:1".parse().unwrap());
+        // This test's thread plays connection thread 0; its driver task runs here.
+        crate::workers::enter(0);
+        let (mut s, _peer) = sender().await;
+        assert_eq!(s.thread, Some(0));
+        // Ready once its driver task has run.
+        s.ready().await.unwrap();
+        pool.put(key, s);
+        assert!(pool.has(key));
+        // Another connection thread neither sees nor takes it.
+        let other = std::thread::spawn(move || {
+            crate::workers::enter(1);
+            (pool.has(key), pool.take(key).is_some(), pool)
+        });
+        let (seen, taken, pool) = other.join().unwrap();
+        assert!(!seen && !taken);
+        // Its own thread takes it, once.
+        assert!(pool.take(key).is_some());
+        assert!(pool.take(key).is_none());
     }
 }
