@@ -94,7 +94,8 @@ impl ConnThreads {
         };
         let i = self.next.fetch_add(1, Ordering::Relaxed) % self.threads.len();
         if self.threads[i].send((stream, peer)).await.is_err() {
-            // The socket closes with the message: the client sees a reset, never a relay.
+            // The socket closes with the message (a plain close, not a reset; no record: see
+            // issue 12's closing note): never a relay.
             warn!(%peer, thread = i, "a connection thread has stopped; connection closed");
         }
     }
