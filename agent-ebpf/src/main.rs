@@ -13,14 +13,26 @@
 //!   chosen) and moves the pending record into `AIRLOCK_FLOWS`, keyed by the 4-tuple the agent
 //!   will see from `accept()`.
 //!
-//! Every path bumps one named counter (`airlock_common::Counter`). Entry points are thin shims
-//! around `try_*` functions that return a verdict.
+//! - A destination is judged as the kernel will use it (`dest.rs`): an unspecified address
+//!   (`0.0.0.0`, `::`, `::ffff:0.0.0.0`) as the local address the kernel turns it into, and
+//!   another local address by the listening socket it reaches.
+//! - `guard.rs`: what does not go through `connect()` — a cgroup egress program drops TCP to
+//!   a backend from sockets that were never redirected (opened before the programs, a raw
+//!   socket, a destination rewritten by NAT after the hook), and LSM programs attached to the
+//!   cgroup refuse raw IP sockets other than ICMP, packet sockets and `IP_HDRINCL`.
+//!
+//! Every path bumps one named counter (`airlock_common::Counter`); refusals are also reported
+//! to the agent through a ring buffer (`AIRLOCK_REPORTS`). Entry points are thin shims around
+//! `try_*` functions that return a verdict.
 #![no_std]
 #![no_main]
 
+mod dest;
+mod guard;
+
 use airlock_common::{
     CONFIG_ENABLED, Config, ConnMeta, Counter, FlowKey, PORT_WORDS, TargetKey, capacity, family,
-    port_bit,
+    matched, port_bit,
 };
 use aya_ebpf::{
     EbpfContext as _,
@@ -42,6 +54,8 @@ const AF_INET: u32 = 2;
 const AF_INET6: u32 = 10;
 const SOCK_STREAM: u32 = 1;
 const IPPROTO_TCP: u32 = 6;
+/// Multipath TCP: a TCP conversation like any other (its subflows are TCP sockets).
+const IPPROTO_MPTCP: u32 = 262;
 
 /// `connect()` goes on (possibly to a rewritten address).
 const ALLOW: i32 = 1;
@@ -49,15 +63,16 @@ const ALLOW: i32 = 1;
 const REFUSE: i32 = 0;
 
 #[map(name = "AIRLOCK_CONFIG")]
-static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
+pub(crate) static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
 
 #[map(name = "AIRLOCK_TARGETS")]
-static TARGETS: HashMap<TargetKey, u32> = HashMap::with_max_entries(capacity::TARGETS, 0);
+pub(crate) static TARGETS: HashMap<TargetKey, u32> =
+    HashMap::with_max_entries(capacity::TARGETS, 0);
 
 /// One bit per TCP port that some backend uses: most connect() calls are decided by this
 /// inlined array read, without hashing the destination.
 #[map(name = "AIRLOCK_PORTS")]
-static PORTS: Array<u64> = Array::with_max_entries(PORT_WORDS, 0);
+pub(crate) static PORTS: Array<u64> = Array::with_max_entries(PORT_WORDS, 0);
 
 /// The caller's record, in the socket's own storage: sock_ops takes it out at the SYN, and a
 /// socket that never gets there frees it when it closes. A local user cannot fill it up.
@@ -67,7 +82,7 @@ static PENDING: SkStorage<ConnMeta> = SkStorage::new();
 /// Tags of the agent's own upstream sockets (written by the agent, from userspace, keyed by the
 /// socket's fd, before it connects).
 #[btf_map(name = "AIRLOCK_OWN")]
-static OWN: SkStorage<u32> = SkStorage::new();
+pub(crate) static OWN: SkStorage<u32> = SkStorage::new();
 
 #[map(name = "AIRLOCK_FLOWS")]
 static FLOWS: LruHashMap<FlowKey, ConnMeta> = LruHashMap::with_max_entries(capacity::FLOWS, 0);
@@ -94,7 +109,7 @@ pub fn airlock_sockops(ctx: SockOpsContext) -> u32 {
 }
 
 #[inline(always)]
-fn count(counter: Counter) {
+pub(crate) fn count(counter: Counter) {
     if let Some(slot) = COUNTERS.get_ptr_mut(counter as u32) {
         // SAFETY: per-CPU slot, no concurrent writer on this CPU while we run.
         unsafe { *slot += 1 };
@@ -128,12 +143,12 @@ fn port_in_use(ctx: &SockAddrContext) -> Option<u16> {
     }
 }
 
-/// Common checks of both hooks: a TCP socket (counted skip otherwise).
+/// Common checks of both hooks: a TCP (or MPTCP) socket (counted skip otherwise).
 #[inline(always)]
 fn is_tcp(ctx: &SockAddrContext) -> bool {
     // SAFETY: the kernel hands us a valid bpf_sock_addr for the duration of the program.
     let sa = unsafe { &*ctx.sock_addr };
-    if sa.type_ != SOCK_STREAM || sa.protocol != IPPROTO_TCP {
+    if sa.type_ != SOCK_STREAM || (sa.protocol != IPPROTO_TCP && sa.protocol != IPPROTO_MPTCP) {
         count(Counter::SkipNotTcp);
         return false;
     }
@@ -160,13 +175,20 @@ fn try_connect4(ctx: &SockAddrContext) -> i32 {
         return ALLOW;
     };
     // SAFETY: valid context pointer; plain field read.
-    let ip = unsafe { (*ctx.sock_addr).user_ip4 };
+    let dialed = unsafe { (*ctx.sock_addr).user_ip4 };
+    // The kernel sends a connection to 0.0.0.0 to the socket's bound source address, or to
+    // 127.0.0.1: judge that.
+    let ip = if dialed == 0 {
+        unspecified_v4(ctx)
+    } else {
+        dialed
+    };
     let key = TargetKey {
         addr: mapped(ip),
         port,
         _pad: 0,
     };
-    let verdict = redirect_verdict(ctx, &key, family::IPV4);
+    let verdict = redirect_verdict(ctx, &key, &mapped(dialed), family::IPV4);
     if verdict == Redirect::Go {
         // SAFETY: valid context pointer; the kernel allows writing user_ip4/user_port here.
         unsafe {
@@ -201,8 +223,18 @@ fn try_connect6(ctx: &SockAddrContext) -> i32 {
         )
     };
     let is_mapped = w0 == 0 && w1 == 0 && w2 == 0xffff_u32.to_be();
+    let dialed = [w0, w1, w2, w3];
+    // As the kernel resolves them: `::ffff:0.0.0.0` like 0.0.0.0 (it takes the IPv4 path);
+    // `::` becomes `::1`, or `::ffff:127.0.0.1` on a socket bound to an IPv4-mapped address.
+    let addr = if is_mapped && w3 == 0 {
+        mapped(unspecified_v4(ctx))
+    } else if w0 == 0 && w1 == 0 && w2 == 0 && w3 == 0 {
+        unspecified_v6(ctx)
+    } else {
+        dialed
+    };
     let key = TargetKey {
-        addr: [w0, w1, w2, w3],
+        addr,
         port,
         _pad: 0,
     };
@@ -211,11 +243,13 @@ fn try_connect6(ctx: &SockAddrContext) -> i32 {
     } else {
         family::IPV6
     };
-    let verdict = redirect_verdict(ctx, &key, fam);
+    let verdict = redirect_verdict(ctx, &key, &dialed, fam);
     if verdict == Redirect::Go {
         // An IPv4-mapped destination goes to the agent's IPv4 listener through the same
-        // mapped form; a native IPv6 one to the IPv6 listener.
-        let target = if is_mapped {
+        // mapped form; a native IPv6 one to the IPv6 listener (`::` that became an
+        // IPv4-mapped loopback address goes the IPv4 way too).
+        let to_v4 = key.addr[0] == 0 && key.addr[1] == 0 && key.addr[2] == 0xffff_u32.to_be();
+        let target = if to_v4 {
             [0, 0, 0xffff_u32.to_be(), cfg.agent_ip4]
         } else {
             cfg.agent_ip6
@@ -258,17 +292,58 @@ impl Redirect {
     }
 }
 
-/// Decide for one destination and, when it is a backend, record the caller in the socket's
-/// storage. Shared by both address families.
+/// The address a connection to `0.0.0.0` goes to: the socket's bound source address, or
+/// 127.0.0.1 (network order).
 #[inline(always)]
-fn redirect_verdict(ctx: &SockAddrContext, key: &TargetKey, fam: u16) -> Redirect {
-    // SAFETY: the map value is plain data; we copy it out immediately.
-    let backend_id = match unsafe { TARGETS.get(key) } {
-        Some(id) => *id,
-        None => {
-            count(Counter::MissNotBackend);
-            return Redirect::Pass;
-        }
+fn unspecified_v4(ctx: &SockAddrContext) -> u32 {
+    // SAFETY: `sk` of a sock_addr context is a valid socket; plain field read.
+    let bound = unsafe { (*(*ctx.sock_addr).__bindgen_anon_1.sk).src_ip4 };
+    if bound != 0 {
+        bound
+    } else {
+        u32::from_be_bytes([127, 0, 0, 1]).to_be()
+    }
+}
+
+/// The address a connection to `::` goes to: `::1`, or `::ffff:127.0.0.1` when the socket is
+/// bound to an IPv4-mapped address.
+#[inline(always)]
+fn unspecified_v6(ctx: &SockAddrContext) -> [u32; 4] {
+    // SAFETY: as above.
+    let (b0, b1, b2) = unsafe {
+        let sk = (*ctx.sock_addr).__bindgen_anon_1.sk;
+        ((*sk).src_ip6[0], (*sk).src_ip6[1], (*sk).src_ip6[2])
+    };
+    if b0 == 0 && b1 == 0 && b2 == 0xffff_u32.to_be() {
+        mapped(u32::from_be_bytes([127, 0, 0, 1]).to_be())
+    } else {
+        [0, 0, 0, 1_u32.to_be()]
+    }
+}
+
+/// Decide for one destination and, when it is a backend, record the caller in the socket's
+/// storage. Shared by both address families. `key` is the destination as the kernel will use
+/// it, `dialed` the address the caller gave.
+#[inline(always)]
+fn redirect_verdict(
+    ctx: &SockAddrContext,
+    key: &TargetKey,
+    dialed: &[u32; 4],
+    fam: u16,
+) -> Redirect {
+    let Some(found) = dest::backend_of(ctx.as_ptr(), key) else {
+        count(Counter::MissNotBackend);
+        return Redirect::Pass;
+    };
+    let backend_id = found.backend_id;
+    let unspecified = dialed[0] == 0
+        && dialed[1] == 0
+        && (dialed[2] == 0 || dialed[2] == 0xffff_u32.to_be())
+        && dialed[3] == 0;
+    let how = if unspecified {
+        matched::UNSPECIFIED
+    } else {
+        found.how
     };
     if is_own(ctx) {
         count(Counter::SkipOwn);
@@ -291,12 +366,13 @@ fn redirect_verdict(ctx: &SockAddrContext, key: &TargetKey, fam: u16) -> Redirec
         // Without a record the agent would reject the connection anyway; refuse it here,
         // loudly, rather than let it reach the backend unobserved.
         count(Counter::RefusedNoStorage);
+        guard::report_caller(airlock_common::report::NO_STORAGE, 0, 0, 0);
         return Redirect::Refuse;
     }
     // SAFETY: `p` points to this socket's record (map memory the verifier knows the size of);
     // every field is written.
     unsafe {
-        (*p).orig_addr = key.addr;
+        (*p).orig_addr = found.addr;
         (*p).orig_port = key.port;
         (*p).orig_family = fam;
         (*p).backend_id = backend_id;
@@ -314,6 +390,14 @@ fn redirect_verdict(ctx: &SockAddrContext, key: &TargetKey, fam: u16) -> Redirec
         (*p).cgroup_id = cgroup_id;
         (*p).cookie = cookie;
         (*p).connect_ns = connect_ns;
+        (*p).dialed_addr = *dialed;
+        (*p).matched = how;
+        (*p)._pad = 0;
+    }
+    match how {
+        matched::UNSPECIFIED => count(Counter::RedirectUnspecified),
+        matched::LISTENER => count(Counter::RedirectListener),
+        _ => {}
     }
     Redirect::Go
 }
@@ -418,7 +502,7 @@ fn flow_key(ctx: &SockOpsContext) -> Option<FlowKey> {
 
 /// An IPv4 address as stored by the kernel (network order in a u32) to `::ffff:a.b.c.d`.
 #[inline(always)]
-fn mapped(ip4: u32) -> [u32; 4] {
+pub(crate) fn mapped(ip4: u32) -> [u32; 4] {
     [0, 0, 0xffff_u32.to_be(), ip4]
 }
 

@@ -83,6 +83,9 @@ pub struct Status {
     /// Shipping to the bucket (`[ship]`): backlog, uploads, last error.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ship: Option<crate::ship::ShipStatus>,
+    /// Which of the mechanisms closing the ways around the redirect run.
+    #[serde(default)]
+    pub mechanisms: crate::kernel::Mechanisms,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -143,6 +143,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
             cgroup: &cgroup,
             listen_port: config.listen_port,
             pin_links: config.on_agent_down == OnAgentDown::Block,
+            require_socket_guard: config.socket_guard == crate::config::SocketGuard::Require,
         },
         &targets,
     )?;
@@ -260,6 +261,39 @@ pub async fn run(config: Config) -> Result<(), RunError> {
             config.max_parsed_bytes,
         )),
     });
+    // What the kernel refuses from now on is recorded; connections to backends that did not
+    // go through Airlock (opened before the programs were attached) are ended.
+    let guard_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let own_map = proxy
+        .own
+        .map_fd()
+        .try_clone_to_owned()
+        .map_err(|source| RunError::StateDir {
+            path: "AIRLOCK_OWN".into(),
+            source,
+        })?;
+    let ring = proxy.kernel.lock().ok().and_then(|mut k| k.take_reports());
+    let refusals_thread = match ring {
+        Some(ring) => Some(
+            crate::refusals::spawn(
+                proxy.clone(),
+                ring,
+                own_map.try_clone().map_err(|source| RunError::StateDir {
+                    path: "AIRLOCK_OWN".into(),
+                    source,
+                })?,
+                tokio::runtime::Handle::current(),
+                guard_stop.clone(),
+            )
+            .map_err(RunError::Threads)?,
+        ),
+        None => None,
+    };
+    crate::refusals::sweep(&proxy, &cgroup, &own_map);
+    let links_dir =
+        (config.on_agent_down == OnAgentDown::Block).then(|| config.bpffs_dir.join("links"));
+    let netwatch_thread = crate::netwatch::spawn(proxy.clone(), links_dir, guard_stop.clone())
+        .map_err(RunError::Threads)?;
     let started_at = SystemTime::now();
     let metrics_task = metrics.map(|(m, listener)| {
         let registry = m.registry(Some(crate::metrics::collect::AgentCollector {
@@ -454,6 +488,10 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         t.abort();
     }
     let _ = std::fs::remove_file(config.admin_socket());
+    guard_stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for t in refusals_thread.into_iter().chain([netwatch_thread]) {
+        let _ = tokio::task::spawn_blocking(move || t.join()).await;
+    }
     // Tool pins changed since the last save go to disk before the agent exits.
     pins_task.abort();
     let (path, snapshot) = {
@@ -860,5 +898,10 @@ fn status(proxy: &Proxy, cgroup: &str, started_at: SystemTime) -> Status {
         targets,
         connections: live.into_iter().chain(recent).collect(),
         ship: None,
+        mechanisms: proxy
+            .kernel
+            .lock()
+            .map(|k| k.mechanisms.clone())
+            .unwrap_or_default(),
     }
 }

@@ -445,7 +445,22 @@ fn main() -> ExitCode {
                         let name = &config.backends[t.backend_id as usize].name;
                         println!("  redirect {} -> agent (backend {name})", t.addr);
                     }
-                    ExitCode::SUCCESS
+                    // What this kernel accepts of the programs (loaded and verified, never
+                    // attached).
+                    let mechanisms = airlock::kernel::probe();
+                    print!("{}", mechanisms.describe());
+                    let guard_missing = !mechanisms.socket_guard || mechanisms.packet_guard.is_empty();
+                    if !mechanisms.redirect || !mechanisms.egress_guard {
+                        eprintln!("airlock: this kernel cannot run the redirect: `airlock run` would refuse to start");
+                        ExitCode::from(1)
+                    } else if guard_missing
+                        && config.socket_guard == airlock::config::SocketGuard::Require
+                    {
+                        eprintln!("airlock: the socket guard cannot run here: `airlock run` would refuse to start (socket_guard = \"require\")");
+                        ExitCode::from(1)
+                    } else {
+                        ExitCode::SUCCESS
+                    }
                 }
                 Err(e) => config_error(&e),
             },
@@ -713,6 +728,7 @@ fn print_table(s: &Status) {
         a.on_agent_down,
         a.listen.join(" ")
     );
+    print!("{}", s.mechanisms.describe());
     println!(
         "targets: {}",
         s.targets

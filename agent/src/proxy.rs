@@ -69,6 +69,13 @@ pub struct AgentCounters {
     pub relayed: AtomicU64,
     pub idle_timeouts: AtomicU64,
     pub relay_errors: AtomicU64,
+    /// Connections to backends that never went through Airlock (opened before the programs,
+    /// NAT, a raw socket), ended (`refusals.rs`).
+    pub ended_unredirected: AtomicU64,
+    /// Sockets and socket options the kernel refused, recorded.
+    pub refused_sockets: AtomicU64,
+    /// Refusals counted but not recorded on their own (coalesced per process and kind).
+    pub refusals_coalesced: AtomicU64,
 }
 
 impl AgentCounters {
@@ -83,6 +90,9 @@ impl AgentCounters {
             ("relayed", &self.relayed),
             ("idle_timeouts", &self.idle_timeouts),
             ("relay_errors", &self.relay_errors),
+            ("ended_unredirected", &self.ended_unredirected),
+            ("refused_sockets", &self.refused_sockets),
+            ("refusals_coalesced", &self.refusals_coalesced),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v.load(Ordering::Relaxed)))
@@ -494,7 +504,7 @@ pub(crate) fn own_socket(
     Ok(socket)
 }
 
-fn now_us() -> i64 {
+pub(crate) fn now_us() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_micros() as i64)

@@ -12,7 +12,7 @@
 #![no_std]
 
 /// Version of the map layouts below; part of the bpffs pin path of the maps.
-pub const ABI_VERSION: u32 = 2;
+pub const ABI_VERSION: u32 = 3;
 
 /// Names of the maps and programs in the eBPF object, shared so that neither side spells them.
 /// Kernel object names hold 15 characters: these fit, so bpftool and bpf_stats show them whole.
@@ -24,13 +24,33 @@ pub mod names {
     pub const FLOWS: &str = "AIRLOCK_FLOWS";
     pub const COUNTERS: &str = "AIRLOCK_COUNTER";
     pub const PORTS: &str = "AIRLOCK_PORTS";
+    pub const LOCAL: &str = "AIRLOCK_LOCAL";
+    pub const LOCAL_TARGETS: &str = "AIRLOCK_LTARGET";
+    pub const REPORTS: &str = "AIRLOCK_REPORTS";
+    pub const REPORTED: &str = "AIRLOCK_REPORTED";
 
     pub const PROG_CONNECT4: &str = "airlock_conn4";
     pub const PROG_CONNECT6: &str = "airlock_conn6";
     pub const PROG_SOCK_OPS: &str = "airlock_sockops";
+    pub const PROG_EGRESS: &str = "airlock_egress";
+    pub const PROG_SOCKET_CREATE: &str = "airlock_sock_new";
+    pub const PROG_SETSOCKOPT: &str = "airlock_sockopt";
+    pub const PROG_PACKET_OUT: &str = "airlock_pkt_out";
 
     /// Every map, for pinning and for `airlock detach`.
-    pub const MAPS: [&str; 7] = [CONFIG, TARGETS, PORTS, PENDING, OWN, FLOWS, COUNTERS];
+    pub const MAPS: [&str; 11] = [
+        CONFIG,
+        TARGETS,
+        PORTS,
+        PENDING,
+        OWN,
+        FLOWS,
+        COUNTERS,
+        LOCAL,
+        LOCAL_TARGETS,
+        REPORTS,
+        REPORTED,
+    ];
 }
 
 /// Capacity of the maps. LRU maps may evict before they are full, so they are sized well above
@@ -39,7 +59,16 @@ pub mod capacity {
     pub const TARGETS: u32 = 4096;
     /// Connections between the SYN and the agent's `accept()`.
     pub const FLOWS: u32 = 64 * 1024;
+    /// Prefixes of the host's local addresses (the `local` routing table).
+    pub const LOCAL: u32 = 1024;
+    /// Ports with a backend on a local address.
+    pub const LOCAL_TARGETS: u32 = 1024;
+    /// Bytes of the ring buffer carrying refusals to the agent (a power of two, page multiple).
+    pub const REPORTS_BYTES: u32 = 256 * 1024;
 }
+
+/// Backends on local addresses that share one port: at most this many per port.
+pub const LOCAL_TARGETS_PER_PORT: usize = 4;
 
 /// Words of the `AIRLOCK_PORTS` bitmap: one bit for each of the 65536 ports.
 pub const PORT_WORDS: u32 = 65536 / 64;
@@ -66,6 +95,11 @@ pub struct Config {
     pub _pad: u16,
     /// [`CONFIG_ENABLED`] once written; until then the programs let everything through.
     pub enabled: u32,
+    /// Depth of the attached cgroup below the cgroup2 root (the root is 0).
+    pub cgroup_level: u32,
+    /// Id of the attached cgroup (the inode of its directory): programs not attached to a
+    /// cgroup (tcx) recognise its sockets by it.
+    pub cgroup_id: u64,
 }
 
 /// Key of `AIRLOCK_TARGETS`: one backend address and port.
@@ -124,6 +158,114 @@ pub struct ConnMeta {
     pub cookie: u64,
     /// `bpf_ktime_get_boot_ns()` at `connect()` (CLOCK_BOOTTIME, comparable with process start times).
     pub connect_ns: u64,
+    /// The address exactly as the caller gave it to `connect()` (`orig_addr` is the backend
+    /// address it was judged to reach).
+    pub dialed_addr: [u32; 4],
+    /// How the destination was matched: one of [`matched`].
+    pub matched: u32,
+    pub _pad: u32,
+}
+
+/// How a destination was found to be a backend.
+pub mod matched {
+    /// The address and port are a configured backend's.
+    pub const EXACT: u32 = 0;
+    /// An unspecified address (`0.0.0.0`, `::`, `::ffff:0.0.0.0`) that the kernel turns into a
+    /// backend's address.
+    pub const UNSPECIFIED: u32 = 1;
+    /// Another local address whose listening socket is the one a local backend's address
+    /// reaches (a server bound to the wildcard address).
+    pub const LISTENER: u32 = 2;
+}
+
+/// Key of `AIRLOCK_LOCAL` (an LPM trie): a prefix of the host's local addresses, IPv4 as
+/// IPv4-mapped (so `127.0.0.0/8` is `::ffff:127.0.0.0/104`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct LocalKey {
+    /// Prefix length in bits, 0..=128.
+    pub prefix_len: u32,
+    pub addr: [u32; 4],
+}
+
+/// Value of `AIRLOCK_LTARGET`, keyed by port (`u32`): the backends of that port whose
+/// addresses are local to the host. A connection to another local address on the port is the
+/// backend's when it reaches the same listening socket.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct LocalTargets {
+    pub addrs: [[u32; 4]; LOCAL_TARGETS_PER_PORT],
+    pub backend_ids: [u32; LOCAL_TARGETS_PER_PORT],
+    pub count: u32,
+    pub _pad: u32,
+}
+
+/// What the kernel refused or ended, reported to the agent through `AIRLOCK_REPORTS`.
+pub mod report {
+    /// A raw `AF_INET`/`AF_INET6` socket of a protocol other than ICMP/ICMPv6.
+    pub const RAW_SOCKET: u32 = 1;
+    /// A packet socket sending TCP to a backend, or asking to send past traffic control
+    /// (`PACKET_QDISC_BYPASS`, `AF_XDP` options).
+    pub const PACKET_SOCKET: u32 = 2;
+    /// `IP_HDRINCL` / `IPV6_HDRINCL`: a raw socket writing its own IP headers.
+    pub const HDRINCL: u32 = 3;
+    /// TCP to a backend from a socket whose `connect()` was not redirected (opened before the
+    /// programs were attached, a raw socket, a destination rewritten by NAT after the hook).
+    pub const EGRESS_DROP: u32 = 4;
+    /// No socket storage for the caller's record: `connect()` refused.
+    pub const NO_STORAGE: u32 = 5;
+}
+
+/// One entry of the `AIRLOCK_REPORTS` ring buffer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Report {
+    /// One of [`report`].
+    pub kind: u32,
+    /// Socket family, type and protocol (socket refusals), or the IP version (egress).
+    pub family: u32,
+    pub sock_type: u32,
+    pub protocol: u32,
+    /// The caller (socket refusals, `connect()`); 0 for egress drops, which may run outside
+    /// the process (a retransmission).
+    pub pid: u32,
+    pub tgid: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub comm: [u8; 16],
+    pub cgroup_id: u64,
+    pub cookie: u64,
+    pub ts_ns: u64,
+    /// Egress drops: source and destination as the packet carried them (after NAT).
+    pub src_addr: [u32; 4],
+    pub dst_addr: [u32; 4],
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub backend_id: u32,
+}
+
+impl Report {
+    pub const fn zeroed() -> Self {
+        Self {
+            kind: 0,
+            family: 0,
+            sock_type: 0,
+            protocol: 0,
+            pid: 0,
+            tgid: 0,
+            uid: 0,
+            gid: 0,
+            comm: [0; 16],
+            cgroup_id: 0,
+            cookie: 0,
+            ts_ns: 0,
+            src_addr: [0; 4],
+            dst_addr: [0; 4],
+            src_port: 0,
+            dst_port: 0,
+            backend_id: 0,
+        }
+    }
 }
 
 impl ConnMeta {
@@ -141,6 +283,9 @@ impl ConnMeta {
             cgroup_id: 0,
             cookie: 0,
             connect_ns: 0,
+            dialed_addr: [0; 4],
+            matched: 0,
+            _pad: 0,
         }
     }
 }
@@ -175,10 +320,28 @@ pub enum Counter {
     /// A connection to the agent's port that was not redirected removed a stale flow record
     /// left under its 4-tuple.
     FlowStaleRemoved,
+    /// Redirected a connect() to an unspecified address (`0.0.0.0`, `::`) that the kernel
+    /// would have turned into a backend's address.
+    RedirectUnspecified,
+    /// Redirected a connect() to another local address that reaches a local backend's
+    /// listening socket.
+    RedirectListener,
+    /// A local address on a backend port that reaches another listening socket (or none).
+    MissOtherListener,
+    /// Refused a raw IP socket of a protocol other than ICMP/ICMPv6.
+    RefusedRawSocket,
+    /// Refused what a packet socket tried: TCP to a backend, `PACKET_QDISC_BYPASS`, `AF_XDP`.
+    RefusedPacketSocket,
+    /// Refused `IP_HDRINCL`/`IPV6_HDRINCL`.
+    RefusedHdrincl,
+    /// Dropped TCP to a backend from a socket whose `connect()` was never redirected.
+    EgressDropped,
+    /// A refusal the ring buffer had no room for (the counter still counts it).
+    ReportLost,
 }
 
 impl Counter {
-    pub const COUNT: u32 = 12;
+    pub const COUNT: u32 = 20;
     pub const ALL: [Counter; Self::COUNT as usize] = [
         Counter::SkipNotTcp,
         Counter::SkipUnconfigured,
@@ -192,6 +355,14 @@ impl Counter {
         Counter::FlowNotRedirected,
         Counter::FlowStoreFailed,
         Counter::FlowStaleRemoved,
+        Counter::RedirectUnspecified,
+        Counter::RedirectListener,
+        Counter::MissOtherListener,
+        Counter::RefusedRawSocket,
+        Counter::RefusedPacketSocket,
+        Counter::RefusedHdrincl,
+        Counter::EgressDropped,
+        Counter::ReportLost,
     ];
 
     /// The name `airlock status` shows.
@@ -209,6 +380,14 @@ impl Counter {
             Counter::FlowNotRedirected => "flow_not_redirected",
             Counter::FlowStoreFailed => "flow_store_failed",
             Counter::FlowStaleRemoved => "flow_stale_removed",
+            Counter::RedirectUnspecified => "redirect_unspecified",
+            Counter::RedirectListener => "redirect_listener",
+            Counter::MissOtherListener => "miss_other_listener",
+            Counter::RefusedRawSocket => "refused_raw_socket",
+            Counter::RefusedPacketSocket => "refused_packet_socket",
+            Counter::RefusedHdrincl => "refused_hdrincl",
+            Counter::EgressDropped => "egress_dropped",
+            Counter::ReportLost => "report_lost",
         }
     }
 }
@@ -221,6 +400,9 @@ mod user {
     unsafe impl aya::Pod for super::TargetKey {}
     unsafe impl aya::Pod for super::FlowKey {}
     unsafe impl aya::Pod for super::ConnMeta {}
+    unsafe impl aya::Pod for super::LocalKey {}
+    unsafe impl aya::Pod for super::LocalTargets {}
+    unsafe impl aya::Pod for super::Report {}
 }
 
 #[cfg(test)]
@@ -230,11 +412,13 @@ mod tests {
 
     #[test]
     fn config_layout() {
-        assert_eq!(size_of::<Config>(), 28);
+        assert_eq!(size_of::<Config>(), 40);
         assert_eq!(offset_of!(Config, agent_ip4), 0);
         assert_eq!(offset_of!(Config, agent_ip6), 4);
         assert_eq!(offset_of!(Config, agent_port), 20);
         assert_eq!(offset_of!(Config, enabled), 24);
+        assert_eq!(offset_of!(Config, cgroup_level), 28);
+        assert_eq!(offset_of!(Config, cgroup_id), 32);
     }
 
     #[test]
@@ -254,7 +438,7 @@ mod tests {
 
     #[test]
     fn conn_meta_layout() {
-        assert_eq!(size_of::<ConnMeta>(), 80);
+        assert_eq!(size_of::<ConnMeta>(), 104);
         assert_eq!(align_of::<ConnMeta>(), 8);
         assert_eq!(offset_of!(ConnMeta, orig_port), 16);
         assert_eq!(offset_of!(ConnMeta, orig_family), 18);
@@ -267,6 +451,27 @@ mod tests {
         assert_eq!(offset_of!(ConnMeta, cgroup_id), 56);
         assert_eq!(offset_of!(ConnMeta, cookie), 64);
         assert_eq!(offset_of!(ConnMeta, connect_ns), 72);
+        assert_eq!(offset_of!(ConnMeta, dialed_addr), 80);
+        assert_eq!(offset_of!(ConnMeta, matched), 96);
+    }
+
+    #[test]
+    fn local_map_layouts() {
+        assert_eq!(size_of::<LocalKey>(), 20);
+        assert_eq!(size_of::<LocalTargets>(), 88);
+        assert_eq!(offset_of!(LocalTargets, backend_ids), 64);
+        assert_eq!(offset_of!(LocalTargets, count), 80);
+    }
+
+    #[test]
+    fn report_layout() {
+        assert_eq!(size_of::<Report>(), 112);
+        assert_eq!(align_of::<Report>(), 8);
+        assert_eq!(offset_of!(Report, comm), 32);
+        assert_eq!(offset_of!(Report, cgroup_id), 48);
+        assert_eq!(offset_of!(Report, src_addr), 72);
+        assert_eq!(offset_of!(Report, src_port), 104);
+        assert_eq!(offset_of!(Report, backend_id), 108);
     }
 
     #[test]
@@ -275,6 +480,10 @@ mod tests {
             names::PROG_CONNECT4,
             names::PROG_CONNECT6,
             names::PROG_SOCK_OPS,
+            names::PROG_EGRESS,
+            names::PROG_SOCKET_CREATE,
+            names::PROG_SETSOCKOPT,
+            names::PROG_PACKET_OUT,
         ];
         for n in progs.iter().chain(names::MAPS.iter()) {
             assert!(n.len() <= 15, "{n} would be truncated by BPF_OBJ_NAME_LEN");

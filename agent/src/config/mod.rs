@@ -50,6 +50,18 @@ pub enum OnAgentDown {
     Bypass,
 }
 
+/// Whether the agent may run without the socket guard (BPF LSM programs refusing raw and
+/// packet sockets to governed processes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SocketGuard {
+    /// No start without it (the default): a `CAP_NET_RAW` holder could reach a backend with
+    /// a hand-made TCP handshake.
+    Require,
+    /// Start without it, with a warning at start and in `airlock status`.
+    Warn,
+}
+
 /// The validated configuration, paths made absolute.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -60,6 +72,7 @@ pub struct Config {
     /// The cgroup the programs attach to; `None` = the cgroup2 mount root.
     pub cgroup: Option<PathBuf>,
     pub on_agent_down: OnAgentDown,
+    pub socket_guard: SocketGuard,
     /// Port of the agent's loopback listeners (127.0.0.1 and ::1).
     pub listen_port: u16,
     /// bpffs directory for the pinned links and maps.
@@ -139,6 +152,8 @@ struct RawConfig {
     cgroup: Option<PathBuf>,
     #[serde(default = "defaults::on_agent_down")]
     on_agent_down: OnAgentDown,
+    #[serde(default = "defaults::socket_guard")]
+    socket_guard: SocketGuard,
     #[serde(default = "defaults::listen_port")]
     listen_port: u16,
     #[serde(default = "defaults::bpffs_dir")]
@@ -244,6 +259,10 @@ mod defaults {
     }
     pub fn on_agent_down() -> OnAgentDown {
         OnAgentDown::Block
+    }
+
+    pub fn socket_guard() -> super::SocketGuard {
+        super::SocketGuard::Require
     }
     /// Below 1024 so that, while the agent is down, no unprivileged process can bind the port
     /// that redirected connections are sent to.
@@ -702,6 +721,7 @@ impl Validator<'_> {
             policies_dir: self.absolute(raw.policies_dir),
             cgroup,
             on_agent_down: raw.on_agent_down,
+            socket_guard: raw.socket_guard,
             listen_port: raw.listen_port,
             bpffs_dir,
             deprecated,

@@ -2,9 +2,10 @@
 //! backend address map in sync, look up redirected flows, read the counters, detach.
 //!
 //! Pins under `bpffs_dir` (default `/sys/fs/bpf/airlock`):
-//! - `links/{connect4,connect6,sock_ops}`: the cgroup links. While they exist the programs stay
-//!   attached, agent or no agent: connections to backends are redirected to a port nobody
-//!   listens on and are refused (fail closed).
+//! - `links/{connect4,connect6,sock_ops,egress,socket_create,setsockopt}`: the cgroup links.
+//!   While they exist the programs stay attached, agent or no agent: connections to backends
+//!   are redirected to a port nobody listens on and are refused, and the guards keep refusing
+//!   raw and packet sockets and unredirected TCP to backends (fail closed).
 //! - `maps-v{ABI}/AIRLOCK_*`: the maps, so a restarted agent sees the same flows and targets.
 //!
 //! A restarting agent swaps its freshly loaded programs into the pinned links with
@@ -14,18 +15,20 @@ use std::{
     collections::HashSet,
     fs, io,
     net::{Ipv4Addr, Ipv6Addr},
-    os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd},
+    os::fd::{AsFd, OwnedFd},
     path::{Path, PathBuf},
 };
 
 use airlock_common::{
-    ABI_VERSION, CONFIG_ENABLED, ConnMeta, Counter, FlowKey, PORT_WORDS, TargetKey, names, port_bit,
+    ABI_VERSION, CONFIG_ENABLED, ConnMeta, Counter, FlowKey, LOCAL_TARGETS_PER_PORT, LocalTargets,
+    PORT_WORDS, TargetKey, names, port_bit,
 };
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray},
+    maps::{Array, HashMap as BpfHashMap, LpmTrie, MapData, PerCpuArray, RingBuf, lpm_trie::Key},
     programs::{
-        CgroupAttachMode, CgroupSockAddr, SockOps,
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr,
+        CgroupSockopt, SockOps,
         links::{FdLink, PinnedLink},
     },
 };
@@ -36,11 +39,130 @@ use crate::{config::ResolvedTarget, keys};
 /// The compiled kernel programs (built by `build.rs` from `agent-ebpf`).
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/airlock-ebpf"));
 
-const LINKS: [(&str, &str); 3] = [
+/// Pinned link name, program name: the cgroup links. The packet guard's tcx links, one per
+/// interface, are `links/tc-<ifindex>` (`packet_guard.rs`).
+const LINKS: [(&str, &str); 6] = [
     ("connect4", names::PROG_CONNECT4),
     ("connect6", names::PROG_CONNECT6),
     ("sock_ops", names::PROG_SOCK_OPS),
+    ("egress", names::PROG_EGRESS),
+    ("socket_create", names::PROG_SOCKET_CREATE),
+    ("setsockopt", names::PROG_SETSOCKOPT),
 ];
+
+impl Mechanisms {
+    /// Lines for `airlock status` and `airlock check-config`.
+    pub fn describe(&self) -> String {
+        let on = |b: bool| if b { "on" } else { "OFF" };
+        let mut out = format!(
+            "mechanisms: redirect {}  egress guard {}  socket guard {}  packet guard {}\n",
+            on(self.redirect),
+            on(self.egress_guard),
+            on(self.socket_guard),
+            if self.packet_guard.is_empty() {
+                "OFF".to_owned()
+            } else {
+                format!("on ({})", self.packet_guard.join(", "))
+            },
+        );
+        for note in &self.notes {
+            out.push_str(&format!("  note: {note}\n"));
+        }
+        out
+    }
+}
+
+/// Which mechanisms this kernel accepts: every program is loaded (verified) into maps of its
+/// own, none is attached. Needs root; without it, every mechanism reads as off with a note.
+pub fn probe() -> Mechanisms {
+    let mut m = Mechanisms {
+        redirect: true,
+        socket_guard: true,
+        ..Default::default()
+    };
+    let mut ebpf = match EbpfLoader::new().load(EBPF_OBJECT) {
+        Ok(e) => e,
+        Err(e) => {
+            m.notes
+                .push(format!("cannot load the programs: {e} (run as root)"));
+            return m;
+        }
+    };
+    for (_, prog_name) in LINKS.iter().chain([("", names::PROG_PACKET_OUT)].iter()) {
+        let Some(program) = ebpf.program_mut(prog_name) else {
+            m.notes
+                .push(format!("{prog_name}: missing from the object"));
+            continue;
+        };
+        let loaded = match program {
+            aya::programs::Program::CgroupSockAddr(p) => p.load(),
+            aya::programs::Program::SockOps(p) => p.load(),
+            aya::programs::Program::CgroupSkb(p) => p.load(),
+            aya::programs::Program::CgroupSock(p) => p.load(),
+            aya::programs::Program::CgroupSockopt(p) => p.load(),
+            aya::programs::Program::SchedClassifier(p) => p.load(),
+            _ => continue,
+        };
+        let ok = match loaded {
+            Ok(()) => true,
+            Err(e) => {
+                m.notes
+                    .push(format!("{prog_name}: rejected by this kernel: {e}"));
+                false
+            }
+        };
+        match *prog_name {
+            names::PROG_CONNECT4 | names::PROG_CONNECT6 | names::PROG_SOCK_OPS => {
+                m.redirect &= ok;
+            }
+            names::PROG_EGRESS => m.egress_guard = ok,
+            names::PROG_SOCKET_CREATE | names::PROG_SETSOCKOPT => m.socket_guard &= ok,
+            names::PROG_PACKET_OUT if ok => {
+                // tcx links (Linux 6.6) are what the guard attaches with.
+                if tcx_supported() {
+                    m.packet_guard = vec!["every interface".into()];
+                } else {
+                    m.notes
+                        .push("packet guard: tcx links need Linux 6.6 or later".into());
+                }
+            }
+            _ => {}
+        }
+    }
+    m
+}
+
+/// Whether the running kernel is 6.6 or later (tcx).
+fn tcx_supported() -> bool {
+    aya::util::KernelVersion::current().is_ok_and(|v| v >= aya::util::KernelVersion::new(6, 6, 0))
+}
+
+/// The socket guard's programs: without them the operator chose (`socket_guard`) between
+/// refusing to start and a warning.
+fn socket_guard_program(prog_name: &str) -> bool {
+    matches!(
+        prog_name,
+        names::PROG_SOCKET_CREATE | names::PROG_SETSOCKOPT
+    )
+}
+
+/// Which of the mechanisms that close the ways around the redirect run on this kernel
+/// (`airlock status`, `airlock check-config`).
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct Mechanisms {
+    /// connect4/connect6 + sock_ops: the redirect itself.
+    pub redirect: bool,
+    /// The egress guard: TCP to a backend from a socket never redirected is dropped.
+    pub egress_guard: bool,
+    /// The socket guard (cgroup `sock_create`/`setsockopt`): raw IP sockets (but ICMP),
+    /// `IP_HDRINCL`, `PACKET_QDISC_BYPASS` and `AF_XDP` refused.
+    pub socket_guard: bool,
+    /// The packet guard (tcx egress on every interface): TCP to a backend from a packet socket
+    /// of the cgroup dropped. The interfaces it is attached to.
+    pub packet_guard: Vec<String>,
+    /// Why a mechanism is missing, for the operator.
+    pub notes: Vec<String>,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum KernelError {
@@ -71,8 +193,18 @@ pub enum KernelError {
         #[source]
         source: aya::programs::ProgramError,
     },
+    #[error("cannot attach the packet guard (tcx egress) to interface {interface}: {source}")]
+    AttachInterface {
+        interface: String,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
     #[error("bpffs at {path}: {message}")]
     Bpffs { path: PathBuf, message: String },
+    #[error(
+        "the socket guard cannot run: {0}; a process with CAP_NET_RAW could reach a backend with raw or packet sockets. It needs cgroup sock_create/setsockopt programs and tcx (Linux 6.6); set `socket_guard = \"warn\"` in airlock.toml to run without it"
+    )]
+    SocketGuard(String),
     #[error("eBPF map {map}: {source}")]
     Map {
         map: &'static str,
@@ -87,6 +219,8 @@ pub struct Kernel {
     /// Links held by this process. In `block` mode they are also pinned and outlive us; in
     /// `bypass` mode they are not, so the programs detach when the agent exits.
     _links: Vec<FdLink>,
+    /// Unpinned links aya cannot wrap (bypass mode's sockopt link).
+    _raw_links: Vec<OwnedFd>,
     targets: BpfHashMap<MapData, TargetKey, u32>,
     ports: Array<MapData, u64>,
     /// What `ports` holds, so a change writes only the words that differ.
@@ -94,6 +228,16 @@ pub struct Kernel {
     /// An LRU hash in the kernel; aya reads it through its `HashMap`.
     flows: BpfHashMap<MapData, FlowKey, ConnMeta>,
     counters: PerCpuArray<MapData, u64>,
+    local: LpmTrie<MapData, [u32; 4], u32>,
+    local_targets: BpfHashMap<MapData, u32, LocalTargets>,
+    /// What `local` holds now, and the targets last set (to recompute the local ones).
+    local_addrs: LocalAddrs,
+    targets_now: Vec<ResolvedTarget>,
+    /// Refusals reported by the programs; taken once by the agent's reader.
+    reports: Option<RingBuf<MapData>>,
+    pub mechanisms: Mechanisms,
+    /// The packet guard's program (a duplicate fd) and the interfaces it is attached to.
+    packet_guard: Option<packet_guard::PacketGuard>,
 }
 
 /// Settings for [`Kernel::start`].
@@ -103,6 +247,8 @@ pub struct KernelSetup<'a> {
     pub listen_port: u16,
     /// Pin the links (fail closed when the agent is down) or not (bypass).
     pub pin_links: bool,
+    /// Refuse to start without the socket guard (BPF LSM), or warn and run without it.
+    pub require_socket_guard: bool,
 }
 
 impl Kernel {
@@ -134,12 +280,20 @@ impl Kernel {
         // `enabled` is set, and are attached only after both are written.
         let mut config: Array<MapData, airlock_common::Config> =
             take_map(&mut ebpf, names::CONFIG)?;
+        let mechanisms = Mechanisms::default();
+        let (cgroup_id, cgroup_level) =
+            crate::cgroup::id_and_level(setup.cgroup).map_err(|source| KernelError::Cgroup {
+                path: setup.cgroup.to_owned(),
+                source,
+            })?;
         let cfg = airlock_common::Config {
             agent_ip4: keys::kernel_ip4(Ipv4Addr::LOCALHOST),
             agent_ip6: keys::kernel_ip6(Ipv6Addr::LOCALHOST),
             agent_port: setup.listen_port,
             _pad: 0,
             enabled: CONFIG_ENABLED,
+            cgroup_level,
+            cgroup_id,
         };
         config.set(0, cfg, 0).map_err(|source| KernelError::Map {
             map: names::CONFIG,
@@ -167,40 +321,102 @@ impl Kernel {
             };
         let flows = take_map(&mut ebpf, names::FLOWS)?;
         let counters = take_map(&mut ebpf, names::COUNTERS)?;
+        let local = take_map(&mut ebpf, names::LOCAL)?;
+        let local_targets = take_map(&mut ebpf, names::LOCAL_TARGETS)?;
+        let reports = take_map(&mut ebpf, names::REPORTS)?;
+        let local_addrs = LocalAddrs::read().map_err(|e| KernelError::Bpffs {
+            path: PathBuf::from("netlink"),
+            message: format!("cannot read the local routing table: {e}"),
+        })?;
         let mut kernel = Kernel {
             _ebpf: ebpf,
             _links: Vec::new(),
+            _raw_links: Vec::new(),
             targets: targets_map,
             ports,
             ports_shadow,
             flows,
             counters,
+            local,
+            local_targets,
+            local_addrs: LocalAddrs::default(),
+            targets_now: Vec::new(),
+            reports: Some(reports),
+            mechanisms,
+            packet_guard: None,
         };
+        kernel.set_local(local_addrs)?;
         kernel.set_targets(targets)?;
 
         let cgroup = fs::File::open(setup.cgroup).map_err(|source| KernelError::Cgroup {
             path: setup.cgroup.to_owned(),
             source,
         })?;
-        // Load (verify) all three programs before touching any hook, so a rejected program
-        // never leaves a half-attached redirect behind.
+        // Load (verify) every program before touching any hook, so a rejected program never
+        // leaves a half-attached redirect behind.
         let mut prog_fds = Vec::with_capacity(LINKS.len());
-        for (_, prog_name) in LINKS {
-            prog_fds.push(kernel.load_program(prog_name)?);
+        let mut links = Vec::with_capacity(LINKS.len());
+        for (link_name, prog_name) in LINKS {
+            match kernel.load_program(prog_name) {
+                Ok(fd) => {
+                    prog_fds.push(fd);
+                    links.push((link_name, prog_name));
+                }
+                Err(e) if socket_guard_program(prog_name) => {
+                    let why = e.to_string();
+                    if setup.require_socket_guard {
+                        return Err(KernelError::SocketGuard(why));
+                    }
+                    warn!(program = prog_name, error = %why, "the socket guard is not running (socket_guard = \"warn\")");
+                    kernel
+                        .mechanisms
+                        .notes
+                        .push(format!("socket guard off: {why}"));
+                }
+                Err(e) => return Err(e),
+            }
         }
         let fresh = !is_pinned(setup.bpffs_dir);
-        for ((link_name, prog_name), prog_fd) in LINKS.into_iter().zip(&prog_fds) {
+        for ((link_name, prog_name), prog_fd) in links.into_iter().zip(&prog_fds) {
             match kernel.attach_one(link_name, prog_name, prog_fd, &links_dir, &cgroup, setup) {
-                Ok(link) => kernel._links.push(link),
+                Ok(link) => {
+                    kernel._links.extend(link);
+                    match prog_name {
+                        names::PROG_SOCK_OPS => kernel.mechanisms.redirect = true,
+                        names::PROG_EGRESS => kernel.mechanisms.egress_guard = true,
+                        names::PROG_SETSOCKOPT => kernel.mechanisms.socket_guard = true,
+                        _ => {}
+                    }
+                }
+                Err(e) if socket_guard_program(prog_name) && !setup.require_socket_guard => {
+                    warn!(program = prog_name, error = %e, "the socket guard is not running (socket_guard = \"warn\")");
+                    kernel
+                        .mechanisms
+                        .notes
+                        .push(format!("socket guard off: {e}"));
+                    kernel.mechanisms.socket_guard = false;
+                }
                 Err(e) => {
                     if fresh {
                         // Undo a partial first attach: no redirect without its hand-off.
                         kernel._links.clear();
+                        kernel._raw_links.clear();
                         remove_pins(setup.bpffs_dir);
                     }
                     return Err(e);
                 }
             }
+        }
+        let pin_dir = setup.pin_links.then_some(links_dir.as_path());
+        if let Err(e) = kernel.guard_interfaces(pin_dir) {
+            if setup.require_socket_guard {
+                return Err(KernelError::SocketGuard(e.to_string()));
+            }
+            warn!(error = %e, "the packet guard is not running (socket_guard = \"warn\")");
+            kernel
+                .mechanisms
+                .notes
+                .push(format!("packet guard off: {e}"));
         }
         if !setup.pin_links {
             // Bypass mode keeps nothing in bpffs: when the agent goes, everything goes.
@@ -233,6 +449,30 @@ impl Kernel {
                 .as_fd()
                 .try_clone_to_owned()
                 .map_err(dup_err)
+        } else if prog_name == names::PROG_EGRESS {
+            let p: &mut CgroupSkb = program.try_into().map_err(program_err)?;
+            p.load().map_err(program_err)?;
+            p.fd()
+                .map_err(program_err)?
+                .as_fd()
+                .try_clone_to_owned()
+                .map_err(dup_err)
+        } else if prog_name == names::PROG_SOCKET_CREATE {
+            let p: &mut CgroupSock = program.try_into().map_err(program_err)?;
+            p.load().map_err(program_err)?;
+            p.fd()
+                .map_err(program_err)?
+                .as_fd()
+                .try_clone_to_owned()
+                .map_err(dup_err)
+        } else if prog_name == names::PROG_SETSOCKOPT {
+            let p: &mut CgroupSockopt = program.try_into().map_err(program_err)?;
+            p.load().map_err(program_err)?;
+            p.fd()
+                .map_err(program_err)?
+                .as_fd()
+                .try_clone_to_owned()
+                .map_err(dup_err)
         } else {
             let p: &mut CgroupSockAddr = program.try_into().map_err(program_err)?;
             p.load().map_err(program_err)?;
@@ -252,7 +492,7 @@ impl Kernel {
         links_dir: &Path,
         cgroup: &fs::File,
         setup: &KernelSetup<'_>,
-    ) -> Result<FdLink, KernelError> {
+    ) -> Result<Option<FdLink>, KernelError> {
         let pin = links_dir.join(link_name);
         if pin.exists() {
             // A previous agent left the link pinned: swap our program in atomically.
@@ -266,9 +506,35 @@ impl Kernel {
                 path: pin.clone(),
                 message: e.to_string(),
             })?;
-            return Ok(pinned.into());
+            return Ok(Some(pinned.into()));
         }
 
+        if prog_name == names::PROG_SETSOCKOPT {
+            // aya 0.14 cannot hand over a sockopt link: created and pinned here.
+            let link = sys::cgroup_link_create(
+                prog_fd.as_fd(),
+                cgroup.as_fd(),
+                aya_obj::generated::bpf_attach_type::BPF_CGROUP_SETSOCKOPT,
+            )
+            .map_err(|e| KernelError::Bpffs {
+                path: setup.cgroup.to_owned(),
+                message: format!("cannot attach {prog_name}: {e}"),
+            })?;
+            info!(link = link_name, cgroup = %setup.cgroup.display(), "attached");
+            if setup.pin_links {
+                sys::obj_pin(link.as_fd(), &pin).map_err(|e| KernelError::Bpffs {
+                    path: pin.clone(),
+                    message: format!("cannot pin: {e}"),
+                })?;
+                let pinned = PinnedLink::from_pin(&pin).map_err(|e| KernelError::Bpffs {
+                    path: pin.clone(),
+                    message: e.to_string(),
+                })?;
+                return Ok(Some(pinned.into()));
+            }
+            self._raw_links.push(link);
+            return Ok(None);
+        }
         let program = self
             ._ebpf
             .program_mut(prog_name)
@@ -297,6 +563,28 @@ impl Kernel {
                 .map_err(attach_err)?
                 .try_into()
                 .map_err(not_a_link)?
+        } else if prog_name == names::PROG_EGRESS {
+            let p: &mut CgroupSkb = program.try_into().map_err(program_err)?;
+            let id = p
+                .attach(
+                    cgroup,
+                    CgroupSkbAttachType::Egress,
+                    CgroupAttachMode::Single,
+                )
+                .map_err(attach_err)?;
+            p.take_link(id)
+                .map_err(attach_err)?
+                .try_into()
+                .map_err(not_a_link)?
+        } else if prog_name == names::PROG_SOCKET_CREATE {
+            let p: &mut CgroupSock = program.try_into().map_err(program_err)?;
+            let id = p
+                .attach(cgroup, CgroupAttachMode::Single)
+                .map_err(attach_err)?;
+            p.take_link(id)
+                .map_err(attach_err)?
+                .try_into()
+                .map_err(not_a_link)?
         } else {
             let p: &mut CgroupSockAddr = program.try_into().map_err(program_err)?;
             let id = p
@@ -309,13 +597,13 @@ impl Kernel {
         };
         info!(link = link_name, cgroup = %setup.cgroup.display(), "attached");
         if !setup.pin_links {
-            return Ok(link);
+            return Ok(Some(link));
         }
         let pinned = link.pin(&pin).map_err(|e| KernelError::Bpffs {
             path: pin.clone(),
             message: format!("cannot pin: {e}"),
         })?;
-        Ok(pinned.into())
+        Ok(Some(pinned.into()))
     }
 
     /// Make `AIRLOCK_TARGETS` (and the port bitmap gating it) equal to `targets`. New entries
@@ -361,7 +649,90 @@ impl Kernel {
                 self.ports_shadow[i] = *new;
             }
         }
+        self.targets_now = targets.to_vec();
+        self.sync_local_targets()
+    }
+
+    /// Make `AIRLOCK_LOCAL` hold `addrs` (the local routing table), then recompute which
+    /// backends are local. New prefixes go in before stale ones come out.
+    pub fn set_local(&mut self, addrs: LocalAddrs) -> Result<(), KernelError> {
+        if addrs == self.local_addrs {
+            return Ok(());
+        }
+        let map_err = |source| KernelError::Map {
+            map: names::LOCAL,
+            source,
+        };
+        let wanted = addrs.trie_keys();
+        for (len, words) in &wanted {
+            self.local
+                .insert(&Key::new(*len, *words), 1, 0)
+                .map_err(map_err)?;
+        }
+        let stale: Vec<Key<[u32; 4]>> = self
+            .local
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| {
+                !wanted
+                    .iter()
+                    .any(|(l, w)| k.prefix_len() == *l && k.data() == *w)
+            })
+            .collect();
+        for key in stale {
+            let _ = self.local.remove(&key);
+        }
+        self.local_addrs = addrs;
+        self.sync_local_targets()
+    }
+
+    /// The local addresses the programs know now.
+    pub fn local_addrs(&self) -> &LocalAddrs {
+        &self.local_addrs
+    }
+
+    /// `AIRLOCK_LTARGET`: per port, the backend addresses that are local to the host.
+    fn sync_local_targets(&mut self) -> Result<(), KernelError> {
+        let mut by_port: std::collections::BTreeMap<u32, LocalTargets> = Default::default();
+        for t in &self.targets_now {
+            if !self.local_addrs.contains(t.addr.ip()) {
+                continue;
+            }
+            let entry = by_port.entry(u32::from(t.addr.port())).or_default();
+            let n = entry.count as usize;
+            if n >= LOCAL_TARGETS_PER_PORT {
+                warn!(
+                    port = t.addr.port(),
+                    "more than {LOCAL_TARGETS_PER_PORT} local backend addresses share a port; other local addresses are matched against the first {LOCAL_TARGETS_PER_PORT}"
+                );
+                continue;
+            }
+            entry.addrs[n] = keys::ip_words(t.addr.ip());
+            entry.backend_ids[n] = t.backend_id;
+            entry.count += 1;
+        }
+        let map_err = |source| KernelError::Map {
+            map: names::LOCAL_TARGETS,
+            source,
+        };
+        for (port, value) in &by_port {
+            self.local_targets.insert(port, value, 0).map_err(map_err)?;
+        }
+        let stale: Vec<u32> = self
+            .local_targets
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|p| !by_port.contains_key(p))
+            .collect();
+        for port in stale {
+            let _ = self.local_targets.remove(&port);
+        }
         Ok(())
+    }
+
+    /// The ring buffer of refusals, for the agent's reader (once).
+    pub fn take_reports(&mut self) -> Option<RingBuf<MapData>> {
+        self.reports.take()
     }
 
     /// Take the kernel's record of an accepted connection (it is removed: one accept, one use).
@@ -430,6 +801,11 @@ pub struct OwnSockets {
 }
 
 impl OwnSockets {
+    /// The map, to ask sock_diag which sockets carry the tag.
+    pub fn map_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.map.as_fd()
+    }
+
     /// Tag `socket` as the agent's own (before its `connect()`).
     pub fn tag(&self, socket: std::os::fd::BorrowedFd<'_>) -> io::Result<()> {
         sys::sk_storage_set(self.map.as_fd(), socket, 1)
@@ -448,7 +824,17 @@ pub fn is_pinned(bpffs_dir: &Path) -> bool {
 /// this works even while another process still holds a link.
 pub fn detach(bpffs_dir: &Path) -> io::Result<Vec<String>> {
     let mut done = Vec::new();
-    for (link, _) in LINKS {
+    let mut pins: Vec<String> = LINKS.iter().map(|(l, _)| (*l).to_owned()).collect();
+    if let Ok(entries) = fs::read_dir(bpffs_dir.join("links")) {
+        pins.extend(
+            entries
+                .flatten()
+                .filter_map(|e| e.file_name().into_string().ok())
+                .filter(|n| n.starts_with("tc-")),
+        );
+    }
+    for link in &pins {
+        let link = link.as_str();
         let pin = bpffs_dir.join("links").join(link);
         if !pin.exists() {
             continue;
@@ -516,77 +902,8 @@ fn ensure_bpffs(dir: &Path) -> Result<(), KernelError> {
     Ok(())
 }
 
-/// The `bpf()` commands aya 0.14 does not expose (cgroup links; a socket storage write that
-/// needs no lock on the map object).
-mod sys {
-    use super::*;
-    use aya_obj::generated::{bpf_attr, bpf_cmd};
-    use std::{ffi::CString, os::unix::ffi::OsStrExt as _};
+mod local;
+mod packet_guard;
+mod sys;
 
-    fn bpf(cmd: bpf_cmd, attr: &mut bpf_attr) -> io::Result<i64> {
-        // SAFETY: `attr` is a valid, zero-initialised bpf_attr of the size we pass; the
-        // kernel reads (and for some commands writes) only within it.
-        let ret = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                cmd as libc::c_long,
-                attr as *mut bpf_attr,
-                std::mem::size_of::<bpf_attr>(),
-            )
-        };
-        if ret < 0 {
-            Err(io::Error::last_os_error())
-        } else {
-            Ok(ret)
-        }
-    }
-
-    /// Open a pinned object (`BPF_OBJ_GET`).
-    pub fn obj_get(path: &Path) -> io::Result<OwnedFd> {
-        let c_path = CString::new(path.as_os_str().as_bytes())
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-        // SAFETY: bpf_attr is plain data; all-zero is its documented initial state.
-        let mut attr: bpf_attr = unsafe { std::mem::zeroed() };
-        attr.__bindgen_anon_4.pathname = c_path.as_ptr() as u64;
-        let fd = bpf(bpf_cmd::BPF_OBJ_GET, &mut attr)?;
-        // SAFETY: on success the kernel returned a new file descriptor that we now own.
-        Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
-    }
-
-    /// Atomically replace the program of a link (`BPF_LINK_UPDATE`).
-    pub fn link_update(
-        link: std::os::fd::BorrowedFd<'_>,
-        prog: std::os::fd::BorrowedFd<'_>,
-    ) -> io::Result<()> {
-        // SAFETY: as above.
-        let mut attr: bpf_attr = unsafe { std::mem::zeroed() };
-        attr.link_update.link_fd = link.as_raw_fd() as u32;
-        attr.link_update.__bindgen_anon_1.new_prog_fd = prog.as_raw_fd() as u32;
-        bpf(bpf_cmd::BPF_LINK_UPDATE, &mut attr).map(drop)
-    }
-
-    /// Set a socket storage value from userspace (`BPF_MAP_UPDATE_ELEM`, the socket's fd as
-    /// the key).
-    pub fn sk_storage_set(
-        map: std::os::fd::BorrowedFd<'_>,
-        socket: std::os::fd::BorrowedFd<'_>,
-        value: u32,
-    ) -> io::Result<()> {
-        let key: i32 = socket.as_raw_fd();
-        // SAFETY: as above; `key` and `value` outlive the call.
-        let mut attr: bpf_attr = unsafe { std::mem::zeroed() };
-        attr.__bindgen_anon_2.map_fd = map.as_raw_fd() as u32;
-        attr.__bindgen_anon_2.key = (&raw const key) as u64;
-        attr.__bindgen_anon_2.__bindgen_anon_1.value = (&raw const value) as u64;
-        attr.__bindgen_anon_2.flags = 0;
-        bpf(bpf_cmd::BPF_MAP_UPDATE_ELEM, &mut attr).map(drop)
-    }
-
-    /// Detach a link from its hook whoever else holds it (`BPF_LINK_DETACH`).
-    pub fn link_detach(link: std::os::fd::BorrowedFd<'_>) -> io::Result<()> {
-        // SAFETY: as above.
-        let mut attr: bpf_attr = unsafe { std::mem::zeroed() };
-        attr.link_detach.link_fd = link.as_raw_fd() as u32;
-        bpf(bpf_cmd::BPF_LINK_DETACH, &mut attr).map(drop)
-    }
-}
+pub use local::{LOCAL_CHANGE_GROUPS, LocalAddrs};

@@ -1,0 +1,555 @@
+//! What the kernel programs refused or dropped, and the connections that were alive when they
+//! were attached: each one attributed, counted, recorded in the archive and sent as an event.
+//!
+//! - The programs report through the `AIRLOCK_REPORTS` ring buffer (`agent-ebpf/src/guard.rs`):
+//!   a raw socket, `IP_HDRINCL`, a packet socket's TCP to a backend or its traffic-control
+//!   bypass, a `connect()` refused for want of socket storage, and the first segment of a
+//!   socket whose TCP to a backend was dropped at egress. That last socket is then ended
+//!   (`SOCK_DESTROY`), so its owner sees `ECONNABORTED` at once instead of retransmitting
+//!   into the void.
+//! - [`sweep`] runs once the programs are attached: every TCP connection of the attached
+//!   cgroup to a backend that is not the agent's own — opened before the programs, while the
+//!   agent was starting, or handed to another process since — is ended the same way, so the
+//!   client reconnects through Airlock.
+//!
+//! Records are coalesced per process and kind: the first refusal of a 10-second window is
+//! recorded at once, later ones of the window are counted and named in the next record.
+
+use std::{
+    collections::{HashMap, HashSet, VecDeque},
+    net::SocketAddr,
+    os::fd::{AsFd as _, AsRawFd as _, OwnedFd},
+    path::Path,
+    sync::{Arc, atomic::Ordering},
+    time::{Duration, Instant},
+};
+
+use airlock_common::{ConnMeta, Report, report};
+use aya::maps::{MapData, RingBuf};
+use tracing::{info, warn};
+
+use crate::{
+    archive::{MaskedPayload, RecordInput},
+    attribution::Attribution,
+    kernel::LocalAddrs,
+    proxy::Proxy,
+    registry::ConnState,
+    sockdiag::{self, TcpSocket},
+};
+
+/// Coalescing window of refusals of one kind by one process.
+const WINDOW: Duration = Duration::from_secs(10);
+/// Processes looked at when finding who holds a socket.
+const PROC_SCAN_LIMIT: usize = 1 << 16;
+
+/// Read the ring buffer until `stop` is set, on a thread of its own (`airlock-refusals`).
+pub fn spawn(
+    proxy: Arc<Proxy>,
+    ring: RingBuf<MapData>,
+    own_map: OwnedFd,
+    runtime: tokio::runtime::Handle,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name("airlock-refusals".into())
+        .spawn(move || {
+            let mut reader = Reader::new(proxy, own_map, runtime);
+            let mut ring = ring;
+            while !stop.load(Ordering::Relaxed) {
+                let mut pfd = libc::pollfd {
+                    fd: ring.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                };
+                // SAFETY: one valid pollfd, 250 ms timeout.
+                unsafe { libc::poll(&raw mut pfd, 1, 250) };
+                while let Some(item) = ring.next() {
+                    if item.len() < std::mem::size_of::<Report>() {
+                        continue;
+                    }
+                    // SAFETY: the kernel wrote a whole `Report` (checked size); read unaligned.
+                    let r: Report = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+                    drop(item);
+                    reader.handle(&r);
+                }
+            }
+        })
+}
+
+/// End every connection of the cgroup to a backend that did not go through Airlock. Returns
+/// how many were ended.
+pub fn sweep(proxy: &Arc<Proxy>, cgroup: &Path, own_map: &OwnedFd) -> usize {
+    let sockets = match sockdiag::tcp_sockets(Some(own_map.as_fd())) {
+        Ok(s) => s,
+        Err(e) => {
+            warn!(error = %e, "cannot list the host's TCP sockets: connections opened before the agent are not ended (the egress guard still drops their traffic to backends)");
+            return 0;
+        }
+    };
+    let governed = crate::cgroup::subtree_ids(cgroup, 1 << 16);
+    let local = proxy
+        .kernel
+        .lock()
+        .map(|k| k.local_addrs().clone())
+        .unwrap_or_default();
+    let targets: Vec<SocketAddr> = proxy
+        .targets
+        .read()
+        .map(|t| t.iter().map(|t| t.addr).collect())
+        .unwrap_or_default();
+    let listeners: Vec<&TcpSocket> = sockets.iter().filter(|s| s.is_listener()).collect();
+    let mut ended = 0;
+    for s in &sockets {
+        if s.own
+            || matches!(
+                s.state,
+                sockdiag::state::LISTEN | sockdiag::state::TIME_WAIT | sockdiag::state::CLOSE
+            )
+            || !s.cgroup_id.is_some_and(|c| governed.contains(&c))
+        {
+            continue;
+        }
+        let Some(target) = backend_reached(s.remote, &targets, &local, &listeners) else {
+            continue;
+        };
+        let reason = format!(
+            "a connection to backend address {target} that was open before Airlock attached its programs (or opened while it started): ended so the client reconnects through Airlock"
+        );
+        if end_socket(proxy, s, "airlock:opened_before_agent", &reason) {
+            ended += 1;
+        }
+    }
+    if ended > 0 {
+        info!(
+            ended,
+            "ended connections to backends that were opened before the programs were attached"
+        );
+    }
+    ended
+}
+
+/// The backend address `remote` reaches: a target, or a local address whose listening socket
+/// is a local target's (the rule `agent-ebpf/src/dest.rs` applies in the kernel).
+fn backend_reached(
+    remote: SocketAddr,
+    targets: &[SocketAddr],
+    local: &LocalAddrs,
+    listeners: &[&TcpSocket],
+) -> Option<SocketAddr> {
+    let canon = |a: SocketAddr| SocketAddr::new(crate::keys::canonical_ip(a.ip()), a.port());
+    let remote = canon(remote);
+    if let Some(t) = targets.iter().find(|t| canon(**t) == remote) {
+        return Some(*t);
+    }
+    if !local.contains(remote.ip()) {
+        return None;
+    }
+    let reached = listener_for(remote, listeners)?;
+    targets
+        .iter()
+        .filter(|t| t.port() == remote.port() && local.contains(t.ip()))
+        .find(|t| listener_for(canon(**t), listeners).is_some_and(|l| l.same_server(&reached)))
+        .copied()
+}
+
+/// A listening socket, by what the kernel matches on: its family and bound address.
+struct Bound {
+    v6: bool,
+    addr: std::net::IpAddr,
+}
+
+impl Bound {
+    fn wildcard(&self) -> bool {
+        self.addr.is_unspecified()
+    }
+    fn same_server(&self, other: &Bound) -> bool {
+        (self.wildcard() && other.wildcard()) || (self.v6 == other.v6 && self.addr == other.addr)
+    }
+}
+
+/// The listener a connection to `to` reaches: one bound to that address, else a wildcard
+/// one (IPv4 `0.0.0.0` for IPv4, `::` for both when it is not IPv6-only — approximated as
+/// both).
+fn listener_for(to: SocketAddr, listeners: &[&TcpSocket]) -> Option<Bound> {
+    let port_matches = listeners.iter().filter(|l| l.local.port() == to.port());
+    let mut wildcard = None;
+    for l in port_matches {
+        let bound = crate::keys::canonical_ip(l.local.ip());
+        if bound == to.ip() {
+            return Some(Bound {
+                v6: l.family == libc::AF_INET6 as u8,
+                addr: bound,
+            });
+        }
+        if bound.is_unspecified() {
+            wildcard = Some(Bound {
+                v6: l.family == libc::AF_INET6 as u8,
+                addr: bound,
+            });
+        }
+    }
+    wildcard
+}
+
+/// Attribute, record, event and destroy one socket. `false` when it was already ended.
+fn end_socket(proxy: &Arc<Proxy>, s: &TcpSocket, rule: &str, reason: &str) -> bool {
+    let first = ENDED.lock().map(|mut e| e.insert(s.cookie)).unwrap_or(true);
+    if !first {
+        return false;
+    }
+    let holders = sockdiag::holders(Path::new("/proc"), s.inode, PROC_SCAN_LIMIT);
+    let attribution = attribute(
+        proxy,
+        holders.first().copied(),
+        s.uid,
+        s.cgroup_id,
+        s.remote,
+    );
+    let destroyed = sockdiag::destroy(s);
+    let outcome = match &destroyed {
+        Ok(()) => "ended".to_owned(),
+        Err(e) => format!("could not be ended ({e}); its traffic to the backend is dropped"),
+    };
+    let guard = proxy
+        .registry
+        .open(s.local, Some(attribution.clone()), None);
+    guard.finish(ConnState::Rejected, format!("{reason} ({outcome})"));
+    proxy
+        .counters
+        .ended_unredirected
+        .fetch_add(1, Ordering::Relaxed);
+    warn!(
+        rule,
+        client = %s.local,
+        server = %s.remote,
+        pid = attribution.tgid,
+        uid = s.uid,
+        outcome,
+        "a connection to a backend that Airlock never judged"
+    );
+    crate::observe::event(crate::observe::AgentEvent::ConnectionRejected {
+        reason: reason.to_owned(),
+        client: s.local.to_string(),
+        actor: Some(Box::new(attribution.clone())),
+        destination: Some(s.remote.to_string()),
+    });
+    let payload = serde_json::json!({
+        "event": "ended",
+        "client": s.local.to_string(),
+        "server": s.remote.to_string(),
+        "holders": holders,
+        "reason": reason,
+        "outcome": outcome,
+    });
+    record(proxy, guard.id(), rule, Some(&attribution), payload);
+    true
+}
+
+/// Cookies of sockets already ended (by the sweep or a drop report), bounded.
+static ENDED: std::sync::LazyLock<std::sync::Mutex<BoundedSet>> =
+    std::sync::LazyLock::new(|| std::sync::Mutex::new(BoundedSet::new(4096)));
+
+struct BoundedSet {
+    set: HashSet<u64>,
+    order: VecDeque<u64>,
+    cap: usize,
+}
+
+impl BoundedSet {
+    fn new(cap: usize) -> Self {
+        Self {
+            set: HashSet::new(),
+            order: VecDeque::new(),
+            cap,
+        }
+    }
+    fn insert(&mut self, v: u64) -> bool {
+        if !self.set.insert(v) {
+            return false;
+        }
+        self.order.push_back(v);
+        if self.order.len() > self.cap
+            && let Some(old) = self.order.pop_front()
+        {
+            self.set.remove(&old);
+        }
+        true
+    }
+}
+
+/// Who a socket belongs to: the first process holding it (from `/proc`), else only its uid.
+fn attribute(
+    proxy: &Proxy,
+    tgid: Option<u32>,
+    uid: u32,
+    cgroup_id: Option<u64>,
+    dst: SocketAddr,
+) -> Attribution {
+    let mut meta = ConnMeta::zeroed();
+    meta.uid = uid;
+    meta.cgroup_id = cgroup_id.unwrap_or(0);
+    meta.orig_addr = crate::keys::ip_words(dst.ip());
+    meta.orig_port = dst.port();
+    meta.orig_family = if dst.is_ipv4() {
+        airlock_common::family::IPV4
+    } else {
+        airlock_common::family::IPV6
+    };
+    if let Some(tgid) = tgid {
+        meta.pid = tgid;
+        meta.tgid = tgid;
+        let dir = Path::new("/proc").join(tgid.to_string());
+        if let Ok(comm) = std::fs::read_to_string(dir.join("comm")) {
+            let bytes = comm.trim_end().as_bytes();
+            let n = bytes.len().min(15);
+            meta.comm[..n].copy_from_slice(&bytes[..n]);
+        }
+        if let Ok(status) = std::fs::read_to_string(dir.join("status"))
+            && let Some(gid) = status
+                .lines()
+                .find_map(|l| l.strip_prefix("Gid:"))
+                .and_then(|g| g.split_whitespace().next())
+                .and_then(|g| g.parse().ok())
+        {
+            meta.gid = gid;
+        }
+    }
+    Attribution::from_kernel(&meta, Path::new("/proc"), &proxy.names)
+}
+
+/// One archive row for a refusal (`kind = "connection"`, `decision = "block"`).
+fn record(
+    proxy: &Arc<Proxy>,
+    id: u64,
+    rule: &str,
+    a: Option<&Attribution>,
+    payload: serde_json::Value,
+) {
+    let input = RecordInput {
+        ts_us: crate::proxy::now_us(),
+        host: proxy.config.host.clone(),
+        session_id: format!("{}-{id}", proxy.session_prefix),
+        seq: 0,
+        direction: "client_to_server".into(),
+        kind: "connection".into(),
+        decision: "block".into(),
+        rules: vec![rule.to_owned()],
+        pid: a.map(|a| a.pid),
+        tgid: a.map(|a| a.tgid),
+        uid: a.map(|a| a.uid),
+        gid: a.map(|a| a.gid),
+        user: a.and_then(|a| a.user.clone()),
+        comm: a.map(|a| a.comm.clone()),
+        exe: a.and_then(|a| a.exe.clone()),
+        cgroup: a.and_then(|a| a.cgroup.clone()),
+        server_addr: a.map(|a| a.original_dst.to_string()),
+        payload: Some(MaskedPayload::agent_event(&payload)),
+        ..Default::default()
+    };
+    let archive = proxy.archive.clone();
+    let handle = RUNTIME.with(|r| r.borrow().clone());
+    let write = async move {
+        if let Err(e) = archive.record(input).await {
+            warn!(error = %e, "cannot archive a refusal");
+        }
+    };
+    match handle {
+        Some(h) => h.block_on(write),
+        None => match tokio::runtime::Handle::try_current() {
+            Ok(h) => {
+                h.spawn(write);
+            }
+            Err(_) => warn!("no runtime to archive a refusal on"),
+        },
+    }
+}
+
+thread_local! {
+    /// The runtime the refusals thread archives through.
+    static RUNTIME: std::cell::RefCell<Option<tokio::runtime::Handle>> = const { std::cell::RefCell::new(None) };
+}
+
+/// The ring buffer's consumer state.
+struct Reader {
+    proxy: Arc<Proxy>,
+    own_map: OwnedFd,
+    /// (kind, tgid or uid) → window start and refusals not recorded in it.
+    windows: HashMap<(u32, u32), (Instant, u64)>,
+}
+
+impl Reader {
+    fn new(proxy: Arc<Proxy>, own_map: OwnedFd, runtime: tokio::runtime::Handle) -> Reader {
+        RUNTIME.with(|r| *r.borrow_mut() = Some(runtime));
+        Reader {
+            proxy,
+            own_map,
+            windows: HashMap::new(),
+        }
+    }
+
+    fn handle(&mut self, r: &Report) {
+        if r.kind == report::EGRESS_DROP {
+            self.egress_drop(r);
+            return;
+        }
+        let who = if r.tgid != 0 { r.tgid } else { r.uid };
+        let now = Instant::now();
+        if self.windows.len() > 4096 {
+            self.windows
+                .retain(|_, (start, _)| now.duration_since(*start) < WINDOW);
+        }
+        let entry = self.windows.entry((r.kind, who)).or_insert((now, u64::MAX));
+        let suppressed = if entry.1 == u64::MAX || now.duration_since(entry.0) >= WINDOW {
+            let before = if entry.1 == u64::MAX { 0 } else { entry.1 };
+            *entry = (now, 0);
+            before
+        } else {
+            entry.1 += 1;
+            self.proxy
+                .counters
+                .refusals_coalesced
+                .fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        self.refused(r, suppressed);
+    }
+
+    /// A socket the kernel refused (raw, `IP_HDRINCL`, packet) or a `connect()` without
+    /// storage.
+    fn refused(&self, r: &Report, suppressed: u64) {
+        let (rule, what) = match r.kind {
+            report::RAW_SOCKET => (
+                "airlock:raw_socket",
+                format!(
+                    "a raw IP socket (family {}, protocol {}): it could send TCP to a backend without connect(); only ICMP raw sockets are allowed",
+                    r.family, r.protocol
+                ),
+            ),
+            report::HDRINCL => (
+                "airlock:hdrincl",
+                "IP_HDRINCL/IPV6_HDRINCL: a socket writing its own IP headers could write TCP to a backend".to_owned(),
+            ),
+            report::PACKET_SOCKET => (
+                "airlock:packet_socket",
+                "a packet socket sending TCP to a backend, or asking to send past traffic control (PACKET_QDISC_BYPASS, AF_XDP)".to_owned(),
+            ),
+            report::NO_STORAGE => (
+                "airlock:no_storage",
+                "connect() to a backend refused: no socket storage for the caller's record".to_owned(),
+            ),
+            other => ("airlock:unknown", format!("kernel report of kind {other}")),
+        };
+        let mut meta = ConnMeta::zeroed();
+        meta.pid = r.pid;
+        meta.tgid = r.tgid;
+        meta.uid = r.uid;
+        meta.gid = r.gid;
+        meta.comm = r.comm;
+        meta.cgroup_id = r.cgroup_id;
+        meta.connect_ns = r.ts_ns;
+        let attribution = if r.tgid != 0 {
+            Attribution::from_kernel(&meta, Path::new("/proc"), &self.proxy.names)
+        } else {
+            attribute(&self.proxy, None, r.uid, Some(r.cgroup_id), unspecified())
+        };
+        self.proxy
+            .counters
+            .refused_sockets
+            .fetch_add(1, Ordering::Relaxed);
+        warn!(rule, pid = r.tgid, uid = r.uid, comm = %attribution.comm, suppressed, "refused: {what}");
+        crate::observe::event(crate::observe::AgentEvent::ConnectionRejected {
+            reason: what.clone(),
+            client: format!("pid {}", r.tgid),
+            actor: Some(Box::new(attribution.clone())),
+            destination: None,
+        });
+        let payload = serde_json::json!({
+            "event": "refused",
+            "reason": what,
+            "family": r.family,
+            "type": r.sock_type,
+            "protocol": r.protocol,
+            "earlier_refusals_not_recorded": suppressed,
+        });
+        let guard = self
+            .proxy
+            .registry
+            .open(unspecified(), Some(attribution.clone()), None);
+        guard.finish(ConnState::Rejected, what);
+        record(&self.proxy, guard.id(), rule, Some(&attribution), payload);
+    }
+
+    /// The first dropped segment of a socket whose TCP to a backend was never redirected:
+    /// find it, end it, record it.
+    fn egress_drop(&self, r: &Report) {
+        let src = SocketAddr::new(crate::keys::ip_from_words(r.src_addr), r.src_port);
+        let dst = SocketAddr::new(crate::keys::ip_from_words(r.dst_addr), r.dst_port);
+        let found = sockdiag::tcp_sockets(Some(self.own_map.as_fd()))
+            .ok()
+            .and_then(|all| {
+                // The socket's own remote address may be the one before NAT: found by its
+                // cookie, or by its local address.
+                all.into_iter().find(|s| {
+                    !s.is_listener()
+                        && (s.cookie == r.cookie
+                            || (crate::keys::canonical_ip(s.local.ip()) == src.ip()
+                                && s.local.port() == src.port()))
+                })
+            });
+        let reason = format!(
+            "TCP to backend address {dst} from a socket whose connect() Airlock never redirected (opened before the agent, a destination rewritten by NAT, or a raw socket): dropped, and the connection ended"
+        );
+        match found {
+            Some(s) => {
+                end_socket(&self.proxy, &s, "airlock:unredirected_tcp", &reason);
+            }
+            None => {
+                // Gone already, or not a TCP socket (raw): record what the kernel saw.
+                let attribution = attribute(&self.proxy, None, r.uid, Some(r.cgroup_id), dst);
+                let guard = self
+                    .proxy
+                    .registry
+                    .open(src, Some(attribution.clone()), None);
+                guard.finish(ConnState::Rejected, reason.clone());
+                crate::observe::event(crate::observe::AgentEvent::ConnectionRejected {
+                    reason: reason.clone(),
+                    client: src.to_string(),
+                    actor: Some(Box::new(attribution.clone())),
+                    destination: Some(dst.to_string()),
+                });
+                let payload = serde_json::json!({
+                    "event": "dropped",
+                    "client": src.to_string(),
+                    "server": dst.to_string(),
+                    "reason": reason,
+                });
+                record(
+                    &self.proxy,
+                    guard.id(),
+                    "airlock:unredirected_tcp",
+                    Some(&attribution),
+                    payload,
+                );
+            }
+        }
+    }
+}
+
+fn unspecified() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bounded_set_forgets_the_oldest() {
+        let mut s = BoundedSet::new(2);
+        assert!(s.insert(1));
+        assert!(!s.insert(1));
+        assert!(s.insert(2));
+        assert!(s.insert(3));
+        assert!(s.insert(1), "1 was forgotten when 3 came");
+    }
+}
