@@ -4,6 +4,7 @@
 //! They need root. Without it they skip locally and fail in CI (`CI=true`).
 
 mod archive;
+mod census;
 mod events;
 mod events_flood;
 mod failclosed;

@@ -27,6 +27,10 @@ const APT_PACKAGES: &[&str] = &[
     "python3-venv",
     "util-linux",
     "iproute2",
+    // The census of paths around the redirect (tests/privileged/census.rs): a NAT rule set up
+    // before the agent, and `ping` (ICMP) that must keep working under the socket guard.
+    "iptables",
+    "iputils-ping",
     // The syslog receiver the audit-events tests send to.
     "rsyslog",
     // `cargo xtask package`: dpkg-shlibdeps, strip, and lintian to check the package;
@@ -363,9 +367,9 @@ fn test_node() -> Result<()> {
     };
     if !has_npm() {
         // NodeSource's `nodejs` ships npm; Debian's splits it out.
-        run(Command::new("apt-get").args(["install", "-y", "nodejs"]))?;
+        run(Command::new("apt-get").args(["-o", "DPkg::Lock::Timeout=600", "install", "-y", "nodejs"]))?;
         if !has_npm() {
-            run(Command::new("apt-get").args(["install", "-y", "npm"]))?;
+            run(Command::new("apt-get").args(["-o", "DPkg::Lock::Timeout=600", "install", "-y", "npm"]))?;
         }
     }
     std::fs::create_dir_all(&dir).context("creating target/test-node")?;
@@ -415,7 +419,7 @@ fn unpack_debian_package(package: &str, dir: &str, binary: &str) -> Result<()> {
     };
     if fetch().is_err() {
         // A machine whose package lists were never fetched.
-        run(Command::new("apt-get").args(["update", "-qq"]))?;
+        run(Command::new("apt-get").args(["-o", "DPkg::Lock::Timeout=600", "update", "-qq"]))?;
         fetch()?;
     }
     let deb = std::fs::read_dir(&download)
@@ -475,9 +479,10 @@ fn apt_packages() -> Result<()> {
         return Ok(());
     }
     require_root(&format!("installing {}", missing.join(" ")))?;
-    run(Command::new("apt-get").args(["update", "-qq"]))?;
+    // Another apt-get (an unattended upgrade, a parallel setup) holds the lock: wait for it.
+    run(Command::new("apt-get").args(["-o", "DPkg::Lock::Timeout=600", "update", "-qq"]))?;
     run(Command::new("apt-get")
-        .args(["install", "-y", "-qq", "--no-install-recommends"])
+        .args(["-o", "DPkg::Lock::Timeout=600", "install", "-y", "-qq", "--no-install-recommends"])
         .args(&missing)
         .env("DEBIAN_FRONTEND", "noninteractive"))
 }
