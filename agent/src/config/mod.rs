@@ -825,6 +825,7 @@ mod tests {
     fn bad_values_name_their_key() {
         let cases = [
             (minimal("on_agent_down = \"maybe\"", ""), "on_agent_down"),
+            (minimal("socket_guard = \"off\"", ""), "socket_guard"),
             (minimal("listen_port = 0", ""), "listen_port"),
             (minimal("listen_port = 70000", ""), "listen_port"),
             (minimal("body_read_timeout_secs = 0", ""), "body_read_timeout_secs"),
