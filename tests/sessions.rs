@@ -257,3 +257,119 @@ fn sessions_group_an_mcp_session_across_connections_and_count_calls() {
     assert!(!out.contains('\x1b') && !out.contains('\x07'), "{out:?}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The archive's Parquet files (not the manifest).
+fn parquet_files(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.extension().is_some_and(|x| x == "parquet") {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn a_damaged_file_is_named_and_skipped_and_the_exit_says_the_list_is_incomplete() {
+    let dir = std::env::temp_dir().join(format!("airlock-sessions-dmg-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    write(&dir);
+    let archive = dir.join("archive");
+    let good = parquet_files(&archive);
+    assert_eq!(good.len(), 1, "{good:?}");
+    // A second file in the same partition, cut short (as a crash or a tamperer leaves it).
+    let damaged = good[0].with_file_name("runner-7-damaged.parquet");
+    let bytes = std::fs::read(&good[0]).unwrap();
+    std::fs::write(&damaged, &bytes[..bytes.len() / 2]).unwrap();
+    let a = archive.to_str().unwrap();
+    let (code, out, err) = run(&["sessions", "--archive", a, "--json", "--by-connection"]);
+    assert_eq!(code, Some(1), "an incomplete list must not exit 0: {err}");
+    assert!(
+        err.contains("skipped") && err.contains("runner-7-damaged.parquet"),
+        "{err}"
+    );
+    assert!(err.contains("airlock verify"), "{err}");
+    assert_eq!(json_lines(&out).len(), 7, "the readable file's sessions: {out}");
+    // The table view says the same.
+    let (code, out, err) = run(&["sessions", "--archive", a]);
+    assert_eq!(code, Some(1));
+    assert!(out.lines().count() > 1, "{out}");
+    assert!(err.contains("runner-7-damaged.parquet"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn replay_summarises_many_connections_and_shows_their_rows_on_request() {
+    let dir = std::env::temp_dir().join(format!("airlock-sessions-many-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let (mut w, _) = ArchiveWriter::open(WriterConfig {
+        archive_dir: dir.join("archive"),
+        signing_key: dir.join("signing.key"),
+        host: "runner-7".into(),
+        group: None,
+        max_rows: 10_000,
+        max_segment_bytes: airlock::archive::writer::MAX_SEGMENT_BYTES,
+    })
+    .unwrap();
+    // One MCP session over 40 connections, each with its open row, one call, its close row.
+    let mut n = 0i64;
+    for c in 0..40 {
+        let conn = format!("h-{c}");
+        for (seq, (kind, mcp, method)) in [
+            ("connection", None, None),
+            ("request", Some("S9"), Some("tools/call")),
+            ("connection", None, None),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            w.append(RecordInput {
+                ts_us: T0 + n * 1000,
+                host: "runner-7".into(),
+                session_id: conn.clone(),
+                mcp_session_id: mcp.map(str::to_owned),
+                seq: seq as u64,
+                direction: C2S.into(),
+                kind: kind.into(),
+                method: method.map(str::to_owned),
+                jsonrpc_id: mcp.map(|_| c.to_string()),
+                decision: "allow".into(),
+                pid: Some(4000),
+                uid: Some(1000),
+                user: Some("alice".into()),
+                backend: Some("tools".into()),
+                ..Default::default()
+            })
+            .unwrap();
+            n += 1;
+        }
+    }
+    w.sync().unwrap();
+    w.roll().unwrap();
+    let a = dir.join("archive");
+    let a = a.to_str().unwrap();
+    let (code, out, err) = run(&["replay", "S9", "--archive", a]);
+    assert_eq!(code, Some(0), "{err}");
+    let header = out.lines().nth(1).unwrap();
+    assert!(
+        header.starts_with("40 connections: c0=h-0 c1=h-1 c2=h-2 … c39=h-39"),
+        "{out}"
+    );
+    assert!(
+        out.contains("40 messages") && out.contains("80 connection open/close rows not shown"),
+        "{out}"
+    );
+    let rows = out.lines().filter(|l| l.contains(" → ")).count();
+    assert_eq!(rows, 40, "the calls only: {out}");
+    let (code, out, _) = run(&["replay", "S9", "--archive", a, "--connections"]);
+    assert_eq!(code, Some(0));
+    assert!(out.contains("c39=h-39") && out.contains("c20=h-20"), "{out}");
+    assert_eq!(out.lines().filter(|l| l.contains(" → ")).count(), 120, "{out}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

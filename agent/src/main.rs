@@ -94,6 +94,10 @@ enum Command {
         /// SESSION_ID names a connection (`airlock sessions --by-connection`).
         #[arg(long)]
         connection: bool,
+        /// List every connection of the session and show their opening and closing rows
+        /// (by default: a summary, and refusals only).
+        #[arg(long)]
+        connections: bool,
         /// The backend of the MCP session, when several have one of that name.
         #[arg(long)]
         backend: Option<String>,
@@ -330,6 +334,7 @@ fn main() -> ExitCode {
             session_id,
             json,
             connection,
+            connections,
             backend,
             uid,
         } => {
@@ -338,7 +343,7 @@ fn main() -> ExitCode {
                 session_id,
                 *connection,
                 (backend.as_deref(), *uid),
-                *json,
+                (*json, *connections),
             );
         }
         Command::Evidence {
@@ -409,6 +414,7 @@ fn main() -> ExitCode {
                 session_id,
                 json,
                 connection,
+                connections,
                 backend,
                 uid,
                 ..
@@ -417,7 +423,7 @@ fn main() -> ExitCode {
                 &session_id,
                 connection,
                 (backend.as_deref(), uid),
-                json,
+                (json, connections),
             ),
             Command::Evidence {
                 from,

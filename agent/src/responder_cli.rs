@@ -35,14 +35,31 @@ pub fn sessions(
         backend,
         view(by_connection),
     ) {
-        Ok(list) => list,
+        Ok(found) => found,
         Err(e) => return fail(e),
     };
+    // A file that cannot be read is named and skipped (`airlock verify` is the integrity
+    // tool); the exit status says the list is incomplete.
+    let incomplete = |skipped: &[(std::path::PathBuf, String)]| {
+        for (file, why) in skipped {
+            eprintln!(
+                "airlock: skipped {}: {} (its sessions are missing from this list; `airlock verify` checks the archive)",
+                printable(&file.display().to_string()),
+                printable(why)
+            );
+        }
+        if skipped.is_empty() {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::from(1)
+        }
+    };
+    let (list, skipped) = (list.sessions, list.skipped);
     if json {
         for s in &list {
             println!("{}", serde_json::to_string(s).unwrap_or_default());
         }
-        return ExitCode::SUCCESS;
+        return incomplete(&skipped);
     }
     println!(
         "{:<36} {:>5} {:<10} {:>7} {:<12} {:<10} {:<28} {:>9} {:>6} {:>6} {:>7} {:>6}",
@@ -76,7 +93,7 @@ pub fn sessions(
             s.masked
         );
     }
-    ExitCode::SUCCESS
+    incomplete(&skipped)
 }
 
 pub fn replay(
@@ -84,7 +101,7 @@ pub fn replay(
     session: &str,
     by_connection: bool,
     choose: (Option<&str>, Option<u32>),
-    json: bool,
+    (json, connections_too): (bool, bool),
 ) -> ExitCode {
     let records = match airlock::archive::sessions::load(dir, session, view(by_connection), choose)
     {
@@ -98,7 +115,7 @@ pub fn replay(
         return ExitCode::SUCCESS;
     }
     let colour = std::io::IsTerminal::is_terminal(&std::io::stdout());
-    match responder::transcript(&records, session, colour) {
+    match responder::transcript(&records, session, colour, connections_too) {
         Some(t) => {
             print!("{t}");
             ExitCode::SUCCESS

@@ -1,7 +1,9 @@
 //! Project tasks: `cargo xtask setup | build | run | test | package | bench`.
 //!
-//! Every task starts with `setup`, which installs, idempotently, whatever a fresh machine of
-//! this kind lacks. Nothing here relies on something installed by hand.
+//! Every task starts by installing, idempotently, whatever a fresh machine of this kind lacks
+//! for it: `build`, `run` and `package` only what building and running the agent needs
+//! (`setup_build`); `test`, `bench` and `setup` the test world too (peers, venvs, Node,
+//! Prometheus). Nothing here relies on something installed by hand.
 
 use std::{
     os::unix::process::CommandExt as _,
@@ -17,12 +19,10 @@ mod package;
 /// bpf-linker built against Debian's LLVM 22 (plain `cargo install bpf-linker` wants LLVM 23).
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
-/// Debian packages: LLVM for bpf-linker; python3 (with venv), setpriv and iproute2 for the
-/// tests.
-const APT_PACKAGES: &[&str] = &[
-    "llvm-22-dev",
-    "libpolly-22-dev",
-    "libzstd-dev",
+/// Debian packages that building the agent needs: LLVM for bpf-linker.
+const BUILD_APT_PACKAGES: &[&str] = &["llvm-22-dev", "libpolly-22-dev", "libzstd-dev"];
+/// Debian packages of the tests: python3 (with venv), setpriv and iproute2.
+const TEST_APT_PACKAGES: &[&str] = &[
     "python3",
     "python3-venv",
     "util-linux",
@@ -54,9 +54,11 @@ struct Cli {
 enum Task {
     /// Install the toolchain pieces and test peers this machine lacks.
     Setup,
-    /// setup + release build of the agent (and, through its build script, the eBPF programs).
+    /// The build toolchain + release build of the agent (and, through its build script, the
+    /// eBPF programs).
     Build,
-    /// setup + build + run the agent with airlock.example.toml and policies/ (needs root).
+    /// The build toolchain + build + run the agent with airlock.example.toml and policies/
+    /// (needs root). Installs none of the test world.
     Run {
         /// Extra arguments for `airlock run`.
         #[arg(trailing_var_arg = true)]
@@ -100,13 +102,19 @@ fn main() -> Result<()> {
     match cli.task {
         Task::Setup => setup(),
         Task::Build => {
-            setup()?;
+            setup_build()?;
             build(&root)
         }
         Task::Run { args } => {
-            setup()?;
+            setup_build()?;
             build(&root)?;
             require_root("cargo xtask run")?;
+            eprintln!(
+                "xtask: the agent runs with airlock.example.toml; from another shell (as root):\n  \
+                 {bin} --config {cfg} status\n  {bin} --config {cfg} sessions",
+                bin = root.join("target/release/airlock").display(),
+                cfg = root.join("airlock.example.toml").display(),
+            );
             let err = Command::new(root.join("target/release/airlock"))
                 .arg("run")
                 .arg("--config")
@@ -116,7 +124,8 @@ fn main() -> Result<()> {
             Err(err).context("exec target/release/airlock")
         }
         Task::Package => {
-            setup()?;
+            setup_build()?;
+            apt_packages(&["dpkg-dev", "binutils", "lintian"])?;
             build(&root)?;
             package::package(&root).map(drop)
         }
@@ -301,10 +310,17 @@ fn cargo_fuzz() -> Result<()> {
         .env("PATH", path_with_cargo_bin()))
 }
 
-fn setup() -> Result<()> {
-    apt_packages()?;
+/// What building (and so running) the agent needs.
+fn setup_build() -> Result<()> {
+    apt_packages(BUILD_APT_PACKAGES)?;
     nightly_rust_src()?;
-    bpf_linker()?;
+    bpf_linker()
+}
+
+/// Everything: the build toolchain and the test world.
+fn setup() -> Result<()> {
+    setup_build()?;
+    apt_packages(TEST_APT_PACKAGES)?;
     test_venvs()?;
     test_node()?;
     test_prometheus()?;
@@ -464,8 +480,8 @@ fn test_venv(dir: &str, packages: &[&str]) -> Result<()> {
     Ok(())
 }
 
-fn apt_packages() -> Result<()> {
-    let missing: Vec<&str> = APT_PACKAGES
+fn apt_packages(packages: &[&str]) -> Result<()> {
+    let missing: Vec<&str> = packages
         .iter()
         .copied()
         .filter(|p| {

@@ -89,9 +89,19 @@ pub fn rfc3339_micros(ts: Micros) -> String {
     humantime::format_rfc3339_micros(t).to_string()
 }
 
+/// Connections named on the header line before it summarises.
+const HEADER_CONNECTIONS: usize = 8;
+
 /// A session's messages, in the order given, as a readable transcript (ANSI colours when
-/// `colour`). Rows of several connections are marked with their connection.
-pub fn transcript(rows: &[Record], session: &str, colour: bool) -> Option<String> {
+/// `colour`). Rows of several connections are marked with their connection. The connections'
+/// own opening and closing rows (and the full list of connections, when there are many) are
+/// shown with `connections`; refusals always are.
+pub fn transcript(
+    rows: &[Record],
+    session: &str,
+    colour: bool,
+    connections_too: bool,
+) -> Option<String> {
     let first = rows.first()?;
     let mut connections: Vec<&str> = Vec::new();
     for r in rows {
@@ -118,19 +128,49 @@ pub fn transcript(rows: &[Record], session: &str, colour: bool) -> Option<String
         printable(first.input.exe.as_deref().unwrap_or("?")),
         printable(first.input.backend.as_deref().unwrap_or("?")),
     );
+    let hidden = |r: &Record| {
+        !connections_too && r.input.kind == "connection" && r.input.decision == "allow"
+    };
+    let messages = rows.iter().filter(|r| r.input.kind != "connection").count();
     if connections.len() > 1 {
-        out.push_str(&format!(
-            "{} connections: {}\n",
-            connections.len(),
+        let named = |(i, c): (usize, &&str)| format!("c{i}={}", printable(c));
+        let list = if connections_too || connections.len() <= HEADER_CONNECTIONS {
             connections
                 .iter()
                 .enumerate()
-                .map(|(i, c)| format!("c{i}={c}"))
+                .map(named)
                 .collect::<Vec<_>>()
                 .join(" ")
-        ));
+        } else {
+            let last = connections.len() - 1;
+            format!(
+                "{} … {}",
+                connections
+                    .iter()
+                    .enumerate()
+                    .take(3)
+                    .map(named)
+                    .collect::<Vec<_>>()
+                    .join(" "),
+                named((last, &connections[last]))
+            )
+        };
+        out.push_str(&format!("{} connections: {list}\n", connections.len()));
     }
-    for r in rows {
+    let hidden_rows = rows.iter().filter(|r| hidden(r)).count();
+    out.push_str(&format!(
+        "{messages} messages, {} – {}{}\n",
+        rfc3339_micros(first.input.ts_us),
+        rfc3339_micros(rows.last().map_or(first.input.ts_us, |r| r.input.ts_us)),
+        if hidden_rows > 0 {
+            format!(
+                "; {hidden_rows} connection open/close rows not shown (`--connections` shows them)"
+            )
+        } else {
+            String::new()
+        }
+    ));
+    for r in rows.iter().filter(|r| !hidden(r)) {
         let conn = if connections.len() > 1 {
             let i = connections
                 .iter()

@@ -162,6 +162,8 @@ struct Conn {
 struct Scan {
     pieces: HashMap<(String, Option<String>), Tally>,
     conns: HashMap<String, Conn>,
+    /// Files that could not be read (damaged, truncated, not Parquet), with why.
+    skipped: Vec<(std::path::PathBuf, String)>,
 }
 
 /// A call's key: who sent its request and its JSON-RPC id, hashed (8 bytes a masked call).
@@ -188,24 +190,54 @@ fn is_blocked(kind: &str, decision: &str, has_id: bool) -> bool {
         }
 }
 
+/// The columns `scan` reads of one file, every batch checked to carry them: a file that cannot
+/// be read whole is skipped whole (named in `Scan::skipped`), never half counted.
+fn read_file(file: &Path) -> Result<Vec<arrow_array::RecordBatch>, String> {
+    let builder = columns::open_reader(file)?;
+    let mask =
+        parquet::arrow::ProjectionMask::columns(builder.parquet_schema(), COLUMNS.iter().copied());
+    let reader = builder
+        .with_projection(mask)
+        .build()
+        .map_err(|e| e.to_string())?;
+    let mut batches = Vec::new();
+    for batch in reader {
+        let batch = batch.map_err(|e| e.to_string())?;
+        merge_batch(&mut Scan::default(), &batch, Some(Micros::MAX))?;
+        batches.push(batch);
+    }
+    Ok(batches)
+}
+
 fn scan(archive_dir: &Path, since: Option<Micros>) -> Result<Scan, String> {
-    use arrow_array::{Array as _, StringArray, TimestampMicrosecondArray, UInt32Array};
     let mut out = Scan::default();
     for file in files_in_window(archive_dir, since, None) {
-        let named = |e: String| format!("{}: {e}", file.display());
-        let builder = columns::open_reader(&file).map_err(named)?;
-        let mask = parquet::arrow::ProjectionMask::columns(
-            builder.parquet_schema(),
-            COLUMNS.iter().copied(),
-        );
-        let reader = builder
-            .with_projection(mask)
-            .build()
-            .map_err(|e| named(e.to_string()))?;
-        for batch in reader {
-            let batch = batch.map_err(|e| named(e.to_string()))?;
-            let text = |name| columns::column::<StringArray>(&batch, name).map_err(named);
-            let ids = |name| columns::column::<UInt32Array>(&batch, name).map_err(named);
+        match read_file(&file) {
+            Ok(batches) => {
+                for batch in &batches {
+                    merge_batch(&mut out, batch, since)
+                        .map_err(|e| format!("{}: {e}", file.display()))?;
+                }
+            }
+            Err(e) => out.skipped.push((file, e)),
+        }
+    }
+    Ok(out)
+}
+
+/// Add one batch's rows (those at or after `since`) to `out`. Fails only when a column is
+/// missing or of another type.
+fn merge_batch(
+    out: &mut Scan,
+    batch: &arrow_array::RecordBatch,
+    since: Option<Micros>,
+) -> Result<(), String> {
+    use arrow_array::{Array as _, StringArray, TimestampMicrosecondArray, UInt32Array};
+    {
+        {
+            let named = |e: String| e;
+            let text = |name| columns::column::<StringArray>(batch, name).map_err(named);
+            let ids = |name| columns::column::<UInt32Array>(batch, name).map_err(named);
             let (session, mcp, host, users, comms, exes) = (
                 text("session_id")?,
                 text("mcp_session_id")?,
@@ -222,7 +254,7 @@ fn scan(archive_dir: &Path, since: Option<Micros>) -> Result<Scan, String> {
                 text("decision")?,
             );
             let (uids, pids, masked) = (ids("uid")?, ids("pid")?, ids("masked_count")?);
-            let ts = columns::column::<TimestampMicrosecondArray>(&batch, "ts").map_err(named)?;
+            let ts = columns::column::<TimestampMicrosecondArray>(batch, "ts").map_err(named)?;
             let opt = |a: &StringArray, i| (!a.is_null(i)).then(|| a.value(i).to_owned());
             let opt32 = |a: &UInt32Array, i| (!a.is_null(i)).then(|| a.value(i));
             for i in 0..batch.num_rows() {
@@ -291,7 +323,7 @@ fn scan(archive_dir: &Path, since: Option<Micros>) -> Result<Scan, String> {
             }
         }
     }
-    Ok(out)
+    Ok(())
 }
 
 /// The group a piece (connection, MCP session named by its rows) belongs to.
@@ -313,6 +345,13 @@ fn key_of(scan: &Scan, conn_id: &str, mcp: Option<&str>, view: View) -> Key {
     }
 }
 
+/// What `sessions` found: the sessions, and the files it could not read (damaged,
+/// truncated or tampered: `airlock verify` says which), skipped whole.
+pub struct Found {
+    pub sessions: Vec<SessionSummary>,
+    pub skipped: Vec<(std::path::PathBuf, String)>,
+}
+
 /// Sessions with records since `since` (all when `None`) that match the filters, oldest
 /// first. Reads only the columns it needs, file by file: memory grows with the number of
 /// connections and sessions, not of records.
@@ -322,8 +361,9 @@ pub fn sessions(
     user: Option<&str>,
     backend: Option<&str>,
     view: View,
-) -> Result<Vec<SessionSummary>, String> {
+) -> Result<Found, String> {
     let mut scan = scan(archive_dir, since)?;
+    let skipped = std::mem::take(&mut scan.skipped);
     let pieces = std::mem::take(&mut scan.pieces);
     let mut groups: BTreeMap<Key, (Tally, Vec<(Micros, String)>)> = BTreeMap::new();
     for ((conn_id, mcp), tally) in pieces {
@@ -376,7 +416,10 @@ pub fn sessions(
         })
         .collect();
     out.sort_by(|a, b| a.started.cmp(&b.started));
-    Ok(out)
+    Ok(Found {
+        sessions: out,
+        skipped,
+    })
 }
 
 /// One session's records, oldest first. `id` names an MCP
