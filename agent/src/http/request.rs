@@ -20,7 +20,7 @@ use crate::{
     mcp::{
         headers,
         jsonrpc::{self, Body, BodyError, Parsed, code},
-        strict,
+        media, strict,
     },
     pipeline::{Msg, Origin, Outcome},
     policy::Direction,
@@ -159,16 +159,17 @@ impl Conn {
                 )
                 .await;
         }
-        // A declared charset other than UTF-8 would make some servers decode bytes Airlock
-        // read as UTF-8 into other text.
+        // A declared charset other than UTF-8 (in any notation a server's header parser
+        // reads: `charset=`, `charset*=`, sections) would make some servers decode bytes Airlock
+        // read as UTF-8 into other text; so would a `Content-Type` Airlock cannot read.
         if !body.is_empty()
-            && let Err(reason) = utf8_declared(&parts.headers)
+            && let Err(e) = media::utf8_content_type(&parts.headers)
         {
             return self
                 .refuse_http(
                     &info,
                     StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                    format!("Airlock: {reason}"),
+                    format!("Airlock: the request has {e}"),
                 )
                 .await;
         }
@@ -601,32 +602,6 @@ fn split_authority(authority: &str) -> Option<(&str, Option<u16>)> {
     }
 }
 
-/// Every declared charset must be UTF-8 (a request Airlock parses as UTF-8 must not be read
-/// as another encoding by the server). A missing or odd `Content-Type` is fine: the bytes
-/// decide what a body is.
-fn utf8_declared(headers: &HeaderMap) -> Result<(), String> {
-    for v in headers.get_all(header::CONTENT_TYPE) {
-        let text = String::from_utf8_lossy(v.as_bytes()).to_ascii_lowercase();
-        for part in text.split([',', ';']) {
-            if let Some((name, value)) = part.split_once('=')
-                && name.trim() == "charset"
-            {
-                let value = value.trim().trim_matches('"');
-                if value != "utf-8" && value != "utf8" {
-                    return Err(format!(
-                        "the request declares charset `{value}`: only UTF-8 JSON is accepted"
-                    ));
-                }
-            }
-        }
-    }
-    // Parsed or not, a second Content-Type is a claim two servers could read differently.
-    if headers.get_all(header::CONTENT_TYPE).iter().count() > 1 {
-        return Err("more than one Content-Type header".into());
-    }
-    Ok(())
-}
-
 /// The 2026-07-28 mirrored headers (`Mcp-Method`, `Mcp-Name`) must say what the body says: a
 /// server routing on the header must not run what Airlock did not judge.
 fn mirrored_headers_agree(headers: &HeaderMap, parsed: &Body) -> Result<(), String> {
@@ -675,23 +650,27 @@ mod tests {
 
     #[test]
     fn declared_charsets() {
-        let mut h = HeaderMap::new();
-        h.insert(
-            header::CONTENT_TYPE,
-            "application/json; charset=UTF-8".parse().unwrap(),
-        );
-        assert!(utf8_declared(&h).is_ok());
-        h.insert(
-            header::CONTENT_TYPE,
-            "application/json, text/plain; charset=utf-16"
-                .parse()
-                .unwrap(),
-        );
-        assert!(utf8_declared(&h).is_err());
-        h.insert(header::CONTENT_TYPE, "text/plain".parse().unwrap());
-        assert!(utf8_declared(&h).is_ok());
-        h.append(header::CONTENT_TYPE, "application/json".parse().unwrap());
-        assert!(utf8_declared(&h).is_err());
+        let check = |values: &[&str]| {
+            let mut h = HeaderMap::new();
+            for v in values {
+                h.append(header::CONTENT_TYPE, v.parse().unwrap());
+            }
+            media::utf8_content_type(&h).map(|_| ())
+        };
+        assert!(check(&[]).is_ok());
+        assert!(check(&["application/json; charset=UTF-8"]).is_ok());
+        assert!(check(&["application/json; charset*=utf-8''utf-8"]).is_ok());
+        assert!(check(&["text/plain"]).is_ok());
+        for refused in [
+            "application/json, text/plain; charset=utf-16",
+            "application/json; charset=utf-16",
+            "application/json; charset*=utf-8''utf-16",
+            "application/json; charset*0=utf; charset*1=-16",
+            "application/json; charset=utf-8; charset*=utf-8''utf-16",
+        ] {
+            assert!(check(&[refused]).is_err(), "{refused}");
+        }
+        assert!(check(&["text/plain", "application/json"]).is_err());
     }
 
     #[test]
