@@ -112,6 +112,19 @@ impl Conn {
                 )
                 .await;
         }
+        // A protocol switch (WebSocket, h2c) would hand the connection to bytes Airlock does
+        // not read: refused here, not forwarded with the switch stripped.
+        if let Some(protocol) = upgrade_requested(&parts.headers) {
+            return self
+                .refuse_http(
+                    &info,
+                    StatusCode::NOT_IMPLEMENTED,
+                    format!(
+                        "Airlock: protocol upgrades are not passed on (this request asks for {protocol}); MCP goes through Airlock as plain HTTP/1.1 requests"
+                    ),
+                )
+                .await;
+        }
         // One connection, one backend: the request must name the backend its connection was
         // judged for; the server gets that name as Airlock read it (case and a trailing dot
         // normalised).
@@ -602,6 +615,30 @@ fn split_authority(authority: &str) -> Option<(&str, Option<u16>)> {
     }
 }
 
+/// The protocol a request asks to switch to (`Upgrade`, or `Connection: upgrade`, or an h2c
+/// `HTTP2-Settings`), quoted for a reason; `None` for an ordinary request.
+fn upgrade_requested(headers: &HeaderMap) -> Option<String> {
+    let upgrade: Vec<String> = headers
+        .get_all(header::UPGRADE)
+        .iter()
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).trim().to_owned())
+        .collect();
+    if !upgrade.is_empty() {
+        return Some(format!("`Upgrade: {}`", upgrade.join(", ")));
+    }
+    let connection_upgrade = headers.get_all(header::CONNECTION).iter().any(|v| {
+        v.as_bytes()
+            .split(|&b| b == b',')
+            .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"upgrade"))
+    });
+    if connection_upgrade {
+        return Some("`Connection: upgrade`".into());
+    }
+    headers
+        .contains_key("http2-settings")
+        .then(|| "h2c (`HTTP2-Settings`)".into())
+}
+
 /// The 2026-07-28 mirrored headers (`Mcp-Method`, `Mcp-Name`) must say what the body says: a
 /// server routing on the header must not run what Airlock did not judge.
 fn mirrored_headers_agree(headers: &HeaderMap, parsed: &Body) -> Result<(), String> {
@@ -671,6 +708,38 @@ mod tests {
             assert!(check(&[refused]).is_err(), "{refused}");
         }
         assert!(check(&["text/plain", "application/json"]).is_err());
+    }
+
+    #[test]
+    fn upgrades_are_recognised_in_every_spelling() {
+        let headers = |pairs: &[(&str, &str)]| {
+            let mut h = HeaderMap::new();
+            for (k, v) in pairs {
+                h.append(
+                    http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                    v.parse().unwrap(),
+                );
+            }
+            h
+        };
+        let ws = headers(&[("connection", "Upgrade"), ("upgrade", "websocket")]);
+        assert_eq!(
+            upgrade_requested(&ws).as_deref(),
+            Some("`Upgrade: websocket`")
+        );
+        let h2c = headers(&[
+            ("connection", "keep-alive, Upgrade, HTTP2-Settings"),
+            ("upgrade", "h2c"),
+            ("http2-settings", "AAMAAABkAARAAAAAAAIAAAAA"),
+        ]);
+        assert!(upgrade_requested(&h2c).unwrap().contains("h2c"));
+        assert!(upgrade_requested(&headers(&[("connection", "x, UPGRADE")])).is_some());
+        assert!(upgrade_requested(&headers(&[("http2-settings", "AAMA")])).is_some());
+        assert_eq!(
+            upgrade_requested(&headers(&[("connection", "keep-alive")])),
+            None
+        );
+        assert_eq!(upgrade_requested(&HeaderMap::new()), None);
     }
 
     #[test]
