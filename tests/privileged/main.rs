@@ -14,6 +14,7 @@ mod mcp;
 mod metrics;
 mod redirect;
 mod redteam;
+mod refusals;
 mod ship;
 mod siem;
 mod upgrade;
