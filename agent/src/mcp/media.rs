@@ -169,12 +169,13 @@ impl MediaType {
         Ok(Some(value.to_ascii_lowercase()))
     }
 
-    /// No charset, or one charset naming UTF-8 (`utf-8`, `utf8`, `utf_8` in any case, quoted
-    /// or in extended notation): the only text Airlock reads.
+    /// No charset, or one charset naming UTF-8 (`utf-8` or `utf8` in any case, quoted or in
+    /// extended notation: the spellings both Python's codecs and the WHATWG Encoding
+    /// standard know): the only text Airlock reads.
     pub fn require_utf8(&self) -> Result<(), MediaError> {
         match self.charset()? {
             None => Ok(()),
-            Some(c) if matches!(c.as_str(), "utf-8" | "utf8" | "utf_8") => Ok(()),
+            Some(c) if matches!(c.as_str(), "utf-8" | "utf8") => Ok(()),
             Some(c) => Err(MediaError::NotUtf8(c)),
         }
     }
@@ -229,14 +230,16 @@ fn decode_extended(value: &str) -> Result<String, MediaError> {
         return Err(malformed());
     };
     let charset = charset.to_ascii_lowercase();
-    if !matches!(
-        charset.as_str(),
-        "" | "utf-8" | "utf8" | "utf_8" | "us-ascii" | "ascii"
-    ) {
+    if !ascii_compatible(&charset) {
         return Err(MediaError::CharsetEncodedIn(charset));
     }
     let bytes = percent_decode(encoded).ok_or_else(malformed)?;
     String::from_utf8(bytes).map_err(|_| malformed())
+}
+
+/// The charsets of an extended value that every reader decodes alike (lowercase).
+fn ascii_compatible(charset: &str) -> bool {
+    matches!(charset, "" | "utf-8" | "utf8" | "us-ascii")
 }
 
 /// `%XX` escapes decoded; `None` for a `%` without two hex digits, or a character RFC 8187
@@ -285,10 +288,7 @@ fn join_sections(params: &[&Param]) -> Option<String> {
         } else if i == 0 {
             let (charset, rest) = value.split_once('\'')?;
             let (_language, encoded) = rest.split_once('\'')?;
-            first_charset_ok = matches!(
-                charset.to_ascii_lowercase().as_str(),
-                "" | "utf-8" | "utf8" | "utf_8" | "us-ascii" | "ascii"
-            );
+            first_charset_ok = ascii_compatible(&charset.to_ascii_lowercase());
             out.extend(percent_decode(encoded)?);
         } else {
             out.extend(percent_decode(value)?);
