@@ -1,10 +1,10 @@
-//! Clear refusals (issue 18, item 5), through the redirect: what Airlock cannot carry gets
-//! an answer the client can read, is counted in `http_refused` and recorded — a protocol
-//! upgrade, a malformed request head, an HTTP/2 connection preface — and a TLS client that
-//! connects to a backend by address (no SNI) verifies the leaf Airlock minted for it with
-//! OpenSSL (Python's `ssl`) and Node, not only with rustls.
+//! Clear refusals (issue 18, items 4 and 5), through the redirect: what Airlock cannot carry
+//! gets an answer the client can read, is counted and recorded — a protocol upgrade, a
+//! malformed request head, an HTTP/2 connection preface, an answer declaring another charset
+//! than UTF-8 — and a TLS client that connects to a backend by address (no SNI) verifies the
+//! leaf Airlock minted for it with OpenSSL (Python's `ssl`) and Node, not only with rustls.
 
-use std::path::Path;
+use std::{path::Path, process::Command, time::Duration};
 
 use base64::Engine as _;
 use serde_json::Value;
@@ -232,4 +232,87 @@ s.on("error", (e) => done({ ok: false, error: `${e.code}: ${e.message}` }));
     }
     // Both were intercepted (the leaf is Airlock's: the clients trust only its CA).
     assert!(agent.sigterm().success(), "{}", agent.log());
+}
+
+/// Answers declaring another charset than UTF-8 in RFC 2231 notation: a success answer is
+/// refused (502 naming the reason); an error answer keeps its status and headers (a 401 still
+/// starts OAuth) and gets Airlock's reason for a body. Both counted and recorded.
+#[test]
+fn answers_in_another_charset_are_refused_and_error_answers_keep_their_status() {
+    if !privileged() {
+        return;
+    }
+    const SERVER: &str = r#"
+import http.server, sys
+class H(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_POST(self):
+        self.rfile.read(int(self.headers["Content-Length"]))
+        if self.path == "/denied":
+            status, ct, body = 401, "text/html; charset*=utf-8''iso-8859-1", b"<b>d\xe9nied</b>"
+        else:
+            status, ct = 200, "application/json; charset*=utf-8''utf-16"
+            body = b'{"jsonrpc":"2.0","id":1,"result":{"content":[],"isError":false}}'
+        self.send_response(status)
+        self.send_header("Content-Type", ct)
+        if status == 401:
+            self.send_header("WWW-Authenticate", 'Bearer resource_metadata="/.well-known/oauth-protected-resource"')
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *a):
+        pass
+http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+"#;
+    let (cg, mut agent, port) = local_backend_agent("charset-answers", "tools", "tls = false", "");
+    let mut server = Command::new(PYTHON)
+        .args(["-c", SERVER, &port.to_string()])
+        .spawn()
+        .unwrap();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    agent.spawn();
+    let call =
+        r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"t","arguments":{}}}"#;
+    let post = |path: &str| {
+        format!(
+            "POST {path} HTTP/1.1\r\nHost: {HOST}:{port}\r\nContent-Type: application/json\r\nAccept: application/json, text/event-stream\r\nContent-Length: {}\r\n\r\n{call}",
+            call.len()
+        )
+    };
+    let ok = send(&cg, &agent.dir, port, post("/mcp").as_bytes());
+    let denied = send(&cg, &agent.dir, port, post("/denied").as_bytes());
+    let _ = server.kill();
+    let _ = server.wait();
+    assert_eq!(ok["status"], 502, "{ok}");
+    assert!(
+        ok["body"]
+            .as_str()
+            .unwrap()
+            .contains("declares charset `utf-16`"),
+        "{ok}"
+    );
+    assert_eq!(denied["status"], 401, "{denied}");
+    let head = denied["head"].as_str().unwrap().to_ascii_lowercase();
+    assert!(
+        head.contains("www-authenticate: bearer") && head.contains("content-type: text/plain"),
+        "{denied}"
+    );
+    let body = denied["body"].as_str().unwrap();
+    assert!(
+        body.starts_with("Airlock: withheld the body") && body.contains("iso-8859-1"),
+        "{denied}"
+    );
+    assert_eq!(agent.agent_counter("answers_refused"), 2);
+    assert!(agent.sigterm().success(), "{}", agent.log());
+    let refused = archived_records(&agent.archive)
+        .iter()
+        .filter(|r| {
+            r["decision"] == "block"
+                && r["direction"] == "server_to_client"
+                && r["payload"].as_str().unwrap_or("").contains("charset")
+        })
+        .count();
+    assert_eq!(refused, 2);
 }
