@@ -12,7 +12,9 @@
 //!    502 to the client, an SSE stream ended with an error), counted and recorded with the
 //!    reason.
 //!
-//! Jobs, one file each: [`request`] (Host, body, classification, the request's messages),
+//! Jobs, one file each: [`framing`] (where each request head begins and whether it parses,
+//! sans-IO) and `client_io` (the client stream as hyper reads it, heads judged first),
+//! [`request`] (upgrades, Host, body, charset, classification, the request's messages),
 //! [`response`] (what a server may answer an MCP exchange with), [`events`] (SSE streams,
 //! event by event), [`upstream`] (the server connection and the pool).
 //!
