@@ -12,10 +12,12 @@ use serde_json::Value;
 use crate::{harness::*, mcp::*};
 
 /// Send bytes (base64 in argv[3]) on a plain connection to argv[1]:argv[2], read the answer
-/// (to its Content-Length, or to the end of the connection), print it as JSON.
+/// (to its Content-Length, or with argv[4] = "eof" to the end of the connection), print it as
+/// JSON.
 const SEND: &str = r#"
 import base64, json, socket, sys
 host, port, data = sys.argv[1], int(sys.argv[2]), base64.b64decode(sys.argv[3])
+until_eof = len(sys.argv) > 4 and sys.argv[4] == "eof"
 s = socket.create_connection((host, port), timeout=10)
 s.sendall(data)
 buf = b""
@@ -26,7 +28,7 @@ try:
             break
         buf += chunk
         head, sep, body = buf.partition(b"\r\n\r\n")
-        if sep and head.startswith(b"HTTP/"):
+        if sep and head.startswith(b"HTTP/") and not until_eof:
             length = [l.split(b":", 1)[1] for l in head.lower().split(b"\r\n") if l.startswith(b"content-length:")]
             if length and len(body) >= int(length[0]):
                 break
@@ -38,9 +40,15 @@ print(json.dumps({"status": status, "head": head.decode("latin-1"), "body": body
 "#;
 
 fn send(cg: &TestCgroup, dir: &Path, port: u16, bytes: &[u8]) -> Value {
+    send_with(cg, dir, port, bytes, "one")
+}
+
+/// Like [`send`]; `read` is "one" (one answer) or "eof" (everything until the connection ends).
+fn send_with(cg: &TestCgroup, dir: &Path, port: u16, bytes: &[u8], read: &str) -> Value {
     let out = with_test_hosts(Some(cg), dir, Path::new(PYTHON))
         .args(["-c", SEND, HOST, &port.to_string()])
         .arg(base64::engine::general_purpose::STANDARD.encode(bytes))
+        .arg(read)
         .output()
         .unwrap();
     serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
@@ -131,9 +139,32 @@ fn malformed_requests_get_a_400_that_says_why() {
             .contains("content-type: text/plain"),
         "{res}"
     );
-    assert_eq!(agent.agent_counter("http_refused"), 1);
+
+    // Pipelined after a good request, in the same write: the good one is answered whole
+    // first, then the 400, then the connection closes.
+    let init = r#"{"jsonrpc":"2.0","id":0,"method":"initialize","params":{"protocolVersion":"2025-11-25","capabilities":{},"clientInfo":{"name":"t","version":"1"}}}"#;
+    let pipelined = format!(
+        "POST /mcp HTTP/1.1\r\nHost: {HOST}:{port}\r\nContent-Type: application/json\r\nAccept: application/json, text/event-stream\r\nContent-Length: {}\r\n\r\n{init}GET /mcp HTTP/1.1\r\nHost: {HOST}:{port}\r\nBad Header\r\n\r\n",
+        init.len()
+    );
+    let res = send_with(&cg, &agent.dir, port, pipelined.as_bytes(), "eof");
+    let raw = base64::engine::general_purpose::STANDARD
+        .decode(res["raw"].as_str().unwrap())
+        .unwrap();
+    let raw = String::from_utf8_lossy(&raw);
+    let second = raw.find("HTTP/1.1 400").unwrap_or_else(|| panic!("{raw}"));
+    assert!(
+        raw.starts_with("HTTP/1.1 200") && raw[..second].contains("\"serverInfo\""),
+        "{raw}"
+    );
+    assert!(
+        raw[second..].contains("Airlock: malformed HTTP request"),
+        "{raw}"
+    );
+
+    assert_eq!(agent.agent_counter("http_refused"), 2);
     assert!(agent.sigterm().success(), "{}", agent.log());
-    assert_eq!(refusals_containing(&agent, "is not `name: value`"), 1);
+    assert_eq!(refusals_containing(&agent, "is not `name: value`"), 2);
 }
 
 /// HTTP/2 with prior knowledge on a plain connection gets an HTTP/2 GOAWAY with

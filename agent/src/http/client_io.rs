@@ -190,3 +190,41 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for CheckedIo<S> {
         Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    use super::*;
+
+    /// The good request passes; the malformed head after it does not, and the stream ends
+    /// (for hyper) only once the exchange under way is done.
+    #[tokio::test]
+    async fn a_refused_head_waits_for_the_answers_under_way() {
+        let (mut client, server) = tokio::io::duplex(4096);
+        let exchanges = Arc::new(Exchanges::default());
+        let mut io = CheckedIo::new(server, exchanges.clone());
+        let good = b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n";
+        client
+            .write_all(&[&good[..], b"GET /b HTTP/1.1\r\nBad Header\r\n\r\n"].concat())
+            .await
+            .unwrap();
+        let mut buf = vec![0; 4096];
+        let n = io.read(&mut buf).await.unwrap();
+        assert_eq!(&buf[..n], good);
+        // hyper called the service for the good request: its answer is being written.
+        let guard = exchanges.begin();
+        let pending =
+            tokio::time::timeout(std::time::Duration::from_millis(50), io.read(&mut buf)).await;
+        assert!(pending.is_err(), "the stream ended under an open exchange");
+        let read = tokio::spawn(async move {
+            let n = io.read(&mut buf).await.unwrap();
+            (n, io)
+        });
+        drop(guard);
+        let (n, mut io) = read.await.unwrap();
+        assert_eq!(n, 0, "hyper sees the end of the stream");
+        let refused = io.take_refused().expect("refused");
+        assert!(refused.to_string().contains("Bad Header"), "{refused}");
+    }
+}
