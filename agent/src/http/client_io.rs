@@ -19,7 +19,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use super::framing::{Framer, Malformed, Step};
 
 /// Bytes asked of the socket in one read.
-const READ_CHUNK: usize = 16 * 1024;
+const READ_CHUNK: usize = 8 * 1024;
 
 /// The exchanges of a connection that have not finished writing their answer: a refused
 /// head waits for them (its answer must not cut into theirs).
@@ -103,6 +103,10 @@ impl<S: AsyncRead + Unpin> AsyncRead for CheckedIo<S> {
                 out.put_slice(&this.buf[..n]);
                 this.buf.advance(n);
                 this.passable -= n;
+                if this.buf.is_empty() {
+                    // An idle connection holds no buffer (hyper keeps its own).
+                    this.buf = BytesMut::new();
+                }
                 return Poll::Ready(Ok(()));
             }
             if this.refused.is_some() {
