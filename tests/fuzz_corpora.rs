@@ -48,3 +48,13 @@ fn masker() {
 fn policy_parser() {
     replay("policy_parser", airlock::fuzzing::policy_parser);
 }
+
+#[test]
+fn request_framing() {
+    replay("request_framing", airlock::fuzzing::request_framing);
+}
+
+#[test]
+fn media_type() {
+    replay("media_type", airlock::fuzzing::media_type);
+}

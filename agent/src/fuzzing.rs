@@ -8,9 +8,13 @@ use serde_json::Value;
 
 use crate::{
     config::{Backend, BackendMode, HttpAllow, UnknownSni},
-    http::{Class, classify},
+    http::{
+        Class, classify,
+        framing::{Framer, Step},
+    },
     mcp::{
         jsonrpc::{self, Body, Parsed},
+        media::MediaType,
         sse, strict,
     },
     policy::{Direction, HashKey, Message, PolicySet, Subject},
@@ -263,5 +267,58 @@ pub fn policy_parser(data: &[u8]) {
             let _ = set.tool_visible(&Subject::default(), "fuzz", "query");
         }
         Err(errors) => assert!(!errors.0.is_empty()),
+    }
+}
+
+/// Request framing: what passes to hyper, and whether the stream is refused, do not depend on
+/// how the stream is cut into reads; what passes is a prefix of the stream; a refusal's
+/// answer is an HTTP/1.1 4xx or an HTTP/2 GOAWAY.
+pub fn request_framing(data: &[u8]) {
+    let cut = data.first().map_or(1, |b| usize::from(*b % 64).max(1));
+    let whole = frame(&[data]);
+    let chunks: Vec<&[u8]> = data.chunks(cut).collect();
+    let pieces = frame(&chunks);
+    assert_eq!(whole.0, pieces.0, "chunking changed what passed");
+    assert_eq!(
+        whole.1.is_some(),
+        pieces.1.is_some(),
+        "chunking changed the verdict"
+    );
+    assert!(data.starts_with(&whole.0));
+    if let Some(m) = whole.1 {
+        let answer = m.answer();
+        assert!(answer.starts_with(b"HTTP/1.1 4") || answer.starts_with(&[0, 0, 0, 4]));
+    }
+}
+
+fn frame(chunks: &[&[u8]]) -> (Vec<u8>, Option<crate::http::framing::Malformed>) {
+    let mut framer = Framer::default();
+    let (mut buf, mut passed) = (Vec::new(), Vec::new());
+    for c in chunks {
+        buf.extend_from_slice(c);
+        while !buf.is_empty() {
+            match framer.step(&buf) {
+                Step::Pass(0) | Step::More => break,
+                Step::Pass(n) => passed.extend(buf.drain(..n.min(buf.len()))),
+                Step::Refuse(m) => return (passed, Some(m)),
+            }
+        }
+    }
+    (passed, None)
+}
+
+/// Media types: a `Content-Type` accepted as UTF-8 declares no charset or UTF-8, and reading
+/// its parameters never panics.
+pub fn media_type(data: &[u8]) {
+    let text = String::from_utf8_lossy(data);
+    let Ok(m) = MediaType::parse(&text) else {
+        return;
+    };
+    for name in ["charset", "boundary", "x"] {
+        let _ = m.param(name);
+    }
+    if m.require_utf8().is_ok() {
+        let charset = m.charset().expect("accepted");
+        assert!(matches!(charset.as_deref(), None | Some("utf-8" | "utf8")));
     }
 }

@@ -13,7 +13,8 @@
 //! - [`relay`]: bounded bidirectional copy with idle timeout and byte counters (opaque backends).
 //! - [`intercept`]: TLS or plain HTTP on an attributed connection: ClientHello, SNI, leaves,
 //!   upstream TLS dialled concurrently; [`tls`]: the managed CA, leaf minting, rustls configs.
-//! - [`http`]: hyper HTTP/1.1 both sides; what passes (MCP Airlock parsed, allowed non-MCP)
+//! - [`http`]: hyper HTTP/1.1 both sides (request heads read by Airlock first); what passes
+//!   (MCP Airlock parsed, allowed non-MCP)
 //!   and what is refused, requests, answers and event streams alike.
 //! - [`limits`]: per-uid connection and body-byte caps, the parsing budget.
 //! - [`pipeline`]: every MCP message: correlate, policy (mask, block), record.

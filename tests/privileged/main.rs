@@ -15,6 +15,7 @@ mod mcp;
 mod metrics;
 mod redirect;
 mod redteam;
+mod refusals;
 mod ship;
 mod siem;
 mod upgrade;

@@ -1,20 +1,21 @@
 //! The red team (issue 10): crafted requests against real MCP servers, hostile answers against
 //! real MCP clients, through Airlock's redirect and TLS interception.
 //!
-//! Requests: `tests/support/redteam/attack.py` sends 77 crafted requests (body encodings,
-//! media types, duplicate and case-folded keys, escapes, batches, notifications, odd ids,
-//! paths, chunking, the stateless 2026-07-28 route...) that each try to run the tool
-//! `dangerous`, which a policy blocks, on four real servers: the Python SDK 2.x and 1.x, FastMCP
-//! and the TypeScript SDK. The same cases sent directly show which of them each server really
-//! executes (so the suite proves something); through Airlock none may run, and each one's
-//! refusal is in the archive.
+//! Requests: `tests/support/redteam/attack.py` sends 81 crafted requests (body encodings,
+//! media types, charsets in every notation, duplicate and case-folded keys, escapes, batches,
+//! notifications, odd ids, paths, chunking, the stateless 2026-07-28 route...) that each try
+//! to run the tool `dangerous`, which a policy blocks, on four real servers: the Python SDK 2.x
+//! and 1.x, FastMCP and the TypeScript SDK. The same cases sent directly show which of them
+//! each server really executes (so the suite proves something); through Airlock none may run,
+//! and each one's refusal is in the archive.
 //!
 //! Answers: `hostile.py` answers a tool call with a planted secret (an email address and an
-//! AWS key id, both masked by the shipped policy) in 36 framings (content types, encodings,
-//! byte-order marks, batches, SSE event types and line ends (U+2028 too), ids, status codes,
-//! trailers, notifications, a backslashed redirect). Real clients (Python SDK 2.x and 1.x,
-//! TypeScript SDK) print everything they handed to the application; through Airlock the
-//! secret reaches none of them, while directly it reaches each of them in several framings.
+//! AWS key id, both masked by the shipped policy) in 44 framings (content types, charsets in
+//! RFC 2231/8187 notations, encodings, byte-order marks, batches, SSE event types and line
+//! ends (U+2028 too), ids, status codes, trailers, notifications, a backslashed redirect). Real
+//! clients (Python SDK 2.x and 1.x, TypeScript SDK) print everything they handed to the
+//! application; through Airlock the secret reaches none of them, while directly it reaches
+//! each of them in several framings.
 
 use std::{
     collections::BTreeSet,
@@ -29,6 +30,29 @@ use crate::{harness::*, mcp::*};
 
 const SUPPORT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/support/redteam");
 const SECRETS: [&str; 2] = ["planted.secret@example.com", "AKIAIOSFODNN7EXAMPLE"];
+
+/// Requests (`attack.py`) declaring a charset in RFC 2231 notation or in two notations.
+const CHARSET_NOTATION_CASES: [&str; 4] = [
+    "ct_charset_ext_utf16",
+    "ct_charset_sections_utf16",
+    "ct_charset_ext_plain",
+    "ct_charset_two_notations",
+];
+
+/// Answers (`hostile.py`) declaring a charset other than UTF-8 in some notation; the
+/// extended and continued ones are what Python clients (httpx, via `email.message`) read and
+/// decode an event stream with: the UTF-8 comment Airlock passed on becomes, in UTF-7, the
+/// planted answer.
+const CHARSET_FRAMINGS: [&str; 8] = [
+    "sse_charset_utf7",
+    "sse_charset_ext",
+    "sse_charset_ext_pct",
+    "sse_charset_ext_utf16_value",
+    "sse_charset_sections",
+    "sse_charset_sections_ext",
+    "sse_charset_two_notations",
+    "json_charset_ext",
+];
 
 const BLOCK_DANGEROUS: &str = r#"
 [[rule]]
@@ -210,6 +234,21 @@ fn crafted_requests_never_run_a_blocked_tool_on_real_servers() {
         let through = attack(Some(&cg), *port, &bundle);
         assert_eq!(through.len(), direct.len(), "{sdk}: {through:?}");
         request_stage += through.iter().filter(|c| c["stage"] == "request").count();
+        // A charset in a notation other than `charset=` (or in two) is refused for what it
+        // is, whatever the body: not merely blocked by the policy, or refused as not JSON.
+        for case in through.iter().filter(|c| {
+            c["case"]
+                .as_str()
+                .is_some_and(|n| CHARSET_NOTATION_CASES.contains(&n))
+        }) {
+            assert!(
+                case["status"] == 415
+                    && case["body_head"]
+                        .as_str()
+                        .is_some_and(|b| b.contains("charset")),
+                "{sdk}: not refused for its charset: {case}"
+            );
+        }
         let ran: Vec<Value> = marker_lines(&marker);
         assert!(
             ran.is_empty(),
@@ -324,6 +363,16 @@ fn hostile_answers_never_hand_a_planted_secret_to_real_clients() {
             leaked_directly.contains(&"json".to_owned()) && leaked_directly.len() >= 5,
             "{client}: the planted secret does not reach the client directly: {leaked_directly:?}"
         );
+        if client.starts_with("python") {
+            // The charset notations are real to Python clients: directly, they decode the
+            // stream as UTF-7 and get the planted answer.
+            for framing in &CHARSET_FRAMINGS[1..6] {
+                assert!(
+                    leaked_directly.iter().any(|l| l == framing),
+                    "{client}: {framing} does not reach the client directly: {leaked_directly:?}"
+                );
+            }
+        }
         // Through Airlock: never; the control framings still deliver a (masked) result.
         let through = run(Some(&cg), &bundle);
         assert_eq!(through.len(), direct.len(), "{client}: {through:?}");
@@ -336,6 +385,11 @@ fn hostile_answers_never_hand_a_planted_secret_to_real_clients() {
                 .filter(|l| leaked.contains(&l["framing"].as_str().unwrap_or("").to_owned()))
                 .collect::<Vec<_>>()
         );
+        // Every answer declaring another charset is refused, in whatever notation.
+        for framing in CHARSET_FRAMINGS {
+            let line = through.iter().find(|l| l["framing"] == framing).unwrap();
+            assert_eq!(line["ok"], false, "{client} {framing}: {line}");
+        }
         for control in ["json", "sse"] {
             let line = through.iter().find(|l| l["framing"] == control).unwrap();
             assert_eq!(line["ok"], true, "{client} {control}: {line}");

@@ -93,6 +93,8 @@ const FUZZ_TARGETS: &[&str] = &[
     "sse_parser",
     "masker",
     "policy_parser",
+    "request_framing",
+    "media_type",
 ];
 const CARGO_FUZZ_VERSION: &str = "0.13.2";
 

@@ -12,14 +12,18 @@
 //!    502 to the client, an SSE stream ended with an error), counted and recorded with the
 //!    reason.
 //!
-//! Jobs, one file each: [`request`] (Host, body, classification, the request's messages),
+//! Jobs, one file each: [`framing`] (where each request head begins and whether it parses,
+//! sans-IO) and `client_io` (the client stream as hyper reads it, heads judged first),
+//! [`request`] (upgrades, Host, body, charset, classification, the request's messages),
 //! [`response`] (what a server may answer an MCP exchange with), [`events`] (SSE streams,
 //! event by event), [`upstream`] (the server connection and the pool).
 //!
 //! Upstream requests never ask for compression (`Accept-Encoding: identity`), so what Airlock
 //! inspects is what the client gets. Hop-by-hop headers are dropped both ways.
 
+mod client_io;
 mod events;
+pub mod framing;
 mod request;
 mod response;
 mod upstream;
@@ -72,23 +76,86 @@ pub struct Conn {
     pub resources: Arc<crate::limits::Limits>,
 }
 
-/// Serve HTTP/1.1 on an intercepted (decrypted) client stream until it closes.
+/// Serve HTTP/1.1 on an intercepted (decrypted) client stream until it closes. Every request
+/// head is judged before hyper reads it ([`framing`]): a malformed one ends the connection
+/// with Airlock's answer saying why (counted in `http_refused`, recorded).
 pub async fn serve<S>(io: S, conn: Arc<Conn>) -> Result<(), hyper::Error>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    use tokio::io::AsyncWriteExt as _;
     let limits = conn.limits;
+    let exchanges = Arc::new(client_io::Exchanges::default());
+    let io = client_io::CheckedIo::new(io, exchanges.clone());
+    let served = conn.clone();
     let svc = hyper::service::service_fn(move |req| {
-        let conn = conn.clone();
-        async move { Ok::<_, Infallible>(conn.handle(req).await) }
+        let conn = served.clone();
+        // Open until the answer's body is done: a refused head's answer waits for it.
+        let guard = exchanges.begin();
+        async move {
+            let response = conn.handle(req).await;
+            Ok::<_, Infallible>(response.map(|body| {
+                ExchangeBody {
+                    body,
+                    _guard: guard,
+                }
+                .boxed_unsync()
+            }))
+        }
     });
-    hyper::server::conn::http1::Builder::new()
+    let parts = hyper::server::conn::http1::Builder::new()
         .timer(hyper_util::rt::TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout)
-        .max_buf_size(64 * 1024)
+        .max_buf_size(framing::MAX_HEAD)
         .keep_alive(true)
         .serve_connection(hyper_util::rt::TokioIo::new(io), svc)
-        .await
+        .without_shutdown()
+        .await?;
+    let mut io = parts.io.into_inner();
+    if let Some(refused) = io.take_refused() {
+        conn.refuse_head(&refused).await;
+        let answer = refused.answer();
+        let wrote = tokio::time::timeout(
+            limits.header_read_timeout,
+            io.inner_mut().write_all(&answer),
+        )
+        .await;
+        if !matches!(wrote, Ok(Ok(()))) {
+            tracing::debug!(
+                id = conn.ctx.conn_id,
+                "the client did not take Airlock's answer to its malformed request"
+            );
+        }
+    }
+    // The stream ends cleanly (a TLS close_notify), within the same bound.
+    let _ = tokio::time::timeout(limits.header_read_timeout, io.inner_mut().shutdown()).await;
+    Ok(())
+}
+
+/// An answer's body, keeping its exchange open until it is done or dropped.
+struct ExchangeBody {
+    body: ProxyBody,
+    _guard: client_io::ExchangeGuard,
+}
+
+impl hyper::body::Body for ExchangeBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, BoxError>>> {
+        std::pin::Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
+    }
 }
 
 const HOP_BY_HOP: &[&str] = &[
@@ -308,6 +375,34 @@ impl Conn {
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.record_refusal(info, status, &reason).await;
         text_response(status, reason)
+    }
+
+    /// A request head Airlock refused before hyper read it (malformed, or an HTTP/2
+    /// preface): counted with the refused requests, recorded.
+    async fn refuse_head(&self, refused: &framing::Malformed) {
+        self.pipeline
+            .counters
+            .refused_requests
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let detail = json!({
+            "status": refused.status().as_u16(),
+            "error": format!("malformed HTTP request: {refused}"),
+        });
+        if let Err(e) = self
+            .pipeline
+            .record_event(
+                &self.ctx,
+                Direction::ClientToServer,
+                "error",
+                "block",
+                detail,
+                None,
+                None,
+            )
+            .await
+        {
+            warn!(id = self.ctx.conn_id, error = %e, "cannot record a refusal");
+        }
     }
 
     /// The record of a refused request: its status and the reason.

@@ -20,7 +20,7 @@ use crate::{
     mcp::{
         headers,
         jsonrpc::{self, Body, BodyError, Parsed, code},
-        strict,
+        media, strict,
     },
     pipeline::{Msg, Origin, Outcome},
     policy::Direction,
@@ -112,6 +112,19 @@ impl Conn {
                 )
                 .await;
         }
+        // A protocol switch (WebSocket, h2c) would hand the connection to bytes Airlock does
+        // not read: refused here, not forwarded with the switch stripped.
+        if let Some(protocol) = upgrade_requested(&parts.headers) {
+            return self
+                .refuse_http(
+                    &info,
+                    StatusCode::NOT_IMPLEMENTED,
+                    format!(
+                        "Airlock: protocol upgrades are not passed on (this request asks for {protocol}); MCP goes through Airlock as plain HTTP/1.1 requests"
+                    ),
+                )
+                .await;
+        }
         // One connection, one backend: the request must name the backend its connection was
         // judged for; the server gets that name as Airlock read it (case and a trailing dot
         // normalised).
@@ -159,16 +172,17 @@ impl Conn {
                 )
                 .await;
         }
-        // A declared charset other than UTF-8 would make some servers decode bytes Airlock
-        // read as UTF-8 into other text.
+        // A declared charset other than UTF-8 (in any notation a server's header parser
+        // reads: `charset=`, `charset*=`, sections) would make some servers decode bytes Airlock
+        // read as UTF-8 into other text; so would a `Content-Type` Airlock cannot read.
         if !body.is_empty()
-            && let Err(reason) = utf8_declared(&parts.headers)
+            && let Err(e) = media::utf8_content_type(&parts.headers)
         {
             return self
                 .refuse_http(
                     &info,
                     StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                    format!("Airlock: {reason}"),
+                    format!("Airlock: the request has {e}"),
                 )
                 .await;
         }
@@ -601,30 +615,28 @@ fn split_authority(authority: &str) -> Option<(&str, Option<u16>)> {
     }
 }
 
-/// Every declared charset must be UTF-8 (a request Airlock parses as UTF-8 must not be read
-/// as another encoding by the server). A missing or odd `Content-Type` is fine: the bytes
-/// decide what a body is.
-fn utf8_declared(headers: &HeaderMap) -> Result<(), String> {
-    for v in headers.get_all(header::CONTENT_TYPE) {
-        let text = String::from_utf8_lossy(v.as_bytes()).to_ascii_lowercase();
-        for part in text.split([',', ';']) {
-            if let Some((name, value)) = part.split_once('=')
-                && name.trim() == "charset"
-            {
-                let value = value.trim().trim_matches('"');
-                if value != "utf-8" && value != "utf8" {
-                    return Err(format!(
-                        "the request declares charset `{value}`: only UTF-8 JSON is accepted"
-                    ));
-                }
-            }
-        }
+/// The protocol a request asks to switch to (`Upgrade`, or `Connection: upgrade`, or an h2c
+/// `HTTP2-Settings`), quoted for a reason; `None` for an ordinary request.
+fn upgrade_requested(headers: &HeaderMap) -> Option<String> {
+    let upgrade: Vec<String> = headers
+        .get_all(header::UPGRADE)
+        .iter()
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).trim().to_owned())
+        .collect();
+    if !upgrade.is_empty() {
+        return Some(format!("`Upgrade: {}`", upgrade.join(", ")));
     }
-    // Parsed or not, a second Content-Type is a claim two servers could read differently.
-    if headers.get_all(header::CONTENT_TYPE).iter().count() > 1 {
-        return Err("more than one Content-Type header".into());
+    let connection_upgrade = headers.get_all(header::CONNECTION).iter().any(|v| {
+        v.as_bytes()
+            .split(|&b| b == b',')
+            .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"upgrade"))
+    });
+    if connection_upgrade {
+        return Some("`Connection: upgrade`".into());
     }
-    Ok(())
+    headers
+        .contains_key("http2-settings")
+        .then(|| "h2c (`HTTP2-Settings`)".into())
 }
 
 /// The 2026-07-28 mirrored headers (`Mcp-Method`, `Mcp-Name`) must say what the body says: a
@@ -675,23 +687,59 @@ mod tests {
 
     #[test]
     fn declared_charsets() {
-        let mut h = HeaderMap::new();
-        h.insert(
-            header::CONTENT_TYPE,
-            "application/json; charset=UTF-8".parse().unwrap(),
+        let check = |values: &[&str]| {
+            let mut h = HeaderMap::new();
+            for v in values {
+                h.append(header::CONTENT_TYPE, v.parse().unwrap());
+            }
+            media::utf8_content_type(&h).map(|_| ())
+        };
+        assert!(check(&[]).is_ok());
+        assert!(check(&["application/json; charset=UTF-8"]).is_ok());
+        assert!(check(&["application/json; charset*=utf-8''utf-8"]).is_ok());
+        assert!(check(&["text/plain"]).is_ok());
+        for refused in [
+            "application/json, text/plain; charset=utf-16",
+            "application/json; charset=utf-16",
+            "application/json; charset*=utf-8''utf-16",
+            "application/json; charset*0=utf; charset*1=-16",
+            "application/json; charset=utf-8; charset*=utf-8''utf-16",
+        ] {
+            assert!(check(&[refused]).is_err(), "{refused}");
+        }
+        assert!(check(&["text/plain", "application/json"]).is_err());
+    }
+
+    #[test]
+    fn upgrades_are_recognised_in_every_spelling() {
+        let headers = |pairs: &[(&str, &str)]| {
+            let mut h = HeaderMap::new();
+            for (k, v) in pairs {
+                h.append(
+                    http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                    v.parse().unwrap(),
+                );
+            }
+            h
+        };
+        let ws = headers(&[("connection", "Upgrade"), ("upgrade", "websocket")]);
+        assert_eq!(
+            upgrade_requested(&ws).as_deref(),
+            Some("`Upgrade: websocket`")
         );
-        assert!(utf8_declared(&h).is_ok());
-        h.insert(
-            header::CONTENT_TYPE,
-            "application/json, text/plain; charset=utf-16"
-                .parse()
-                .unwrap(),
+        let h2c = headers(&[
+            ("connection", "keep-alive, Upgrade, HTTP2-Settings"),
+            ("upgrade", "h2c"),
+            ("http2-settings", "AAMAAABkAARAAAAAAAIAAAAA"),
+        ]);
+        assert!(upgrade_requested(&h2c).unwrap().contains("h2c"));
+        assert!(upgrade_requested(&headers(&[("connection", "x, UPGRADE")])).is_some());
+        assert!(upgrade_requested(&headers(&[("http2-settings", "AAMA")])).is_some());
+        assert_eq!(
+            upgrade_requested(&headers(&[("connection", "keep-alive")])),
+            None
         );
-        assert!(utf8_declared(&h).is_err());
-        h.insert(header::CONTENT_TYPE, "text/plain".parse().unwrap());
-        assert!(utf8_declared(&h).is_ok());
-        h.append(header::CONTENT_TYPE, "application/json".parse().unwrap());
-        assert!(utf8_declared(&h).is_err());
+        assert_eq!(upgrade_requested(&HeaderMap::new()), None);
     }
 
     #[test]

@@ -8,6 +8,11 @@
 //! - a 4xx/5xx with an error body: JSON-RPC through the pipeline, other JSON or text masked
 //!   with every mask rule, then passed on (OAuth's 401 and its `WWW-Authenticate` still work).
 //!
+//! Whatever the status, a body goes on only under a `Content-Type` Airlock parsed whose
+//! charset, in every notation clients read (`charset=`, `charset*=`, sections), is UTF-8 or
+//! absent ([`media`]): a success answer under any other is refused (502), an error answer
+//! keeps its status and headers and gets Airlock's reason as its body.
+//!
 //! Anything else — another content type, a compressed body, JSON that is not JSON-RPC, a body
 //! a lenient client would read as JSON that Airlock cannot parse — is not passed on: the
 //! client gets a 502 naming the reason, and the archive a record.
@@ -161,12 +166,27 @@ impl Conn {
                 )
                 .await;
         }
-        let ct = media::content_type(&parts.headers);
         // Below 400, clients parse the body as MCP; from 400 on, as an error to show.
         let success = parts.status.as_u16() < 400;
+        // What the client will decode the body as: one media type, no charset but UTF-8 in
+        // any notation its header parser reads (`charset*=utf-8''utf-7` is UTF-7 to httpx).
+        let ct = match media::utf8_content_type(&parts.headers) {
+            Ok(ct) => ct,
+            Err(e) if hyper::body::Body::size_hint(&body).exact() == Some(0) => {
+                // No byte to decode: the status and headers go on as they are.
+                tracing::debug!(id = self.ctx.conn_id, error = %e, "an empty answer's Content-Type");
+                None
+            }
+            Err(e) if success => {
+                return self
+                    .refuse_answer(info, format!("its answer has {e}"))
+                    .await;
+            }
+            Err(e) => return self.withhold_error_body(info, parts, e).await,
+        };
         let kind = match &ct {
-            Ok(Some(m)) if m.utf8() && m.essence == "text/event-stream" => Some(true),
-            Ok(Some(m)) if m.utf8() && m.essence == "application/json" => Some(false),
+            Some(m) if m.essence == "text/event-stream" => Some(true),
+            Some(m) if m.essence == "application/json" => Some(false),
             _ => None,
         };
         if success && kind == Some(true) {
@@ -249,7 +269,7 @@ impl Conn {
                 if !success
                     && !strict::looks_like_json(&bytes)
                     && kind.is_none()
-                    && !matches!(&ct, Ok(Some(m)) if m.essence.contains("json") || m.essence.contains("event-stream")) =>
+                    && !matches!(&ct, Some(m) if m.essence.contains("json") || m.essence.contains("event-stream")) =>
             {
                 // An error text ("Not Found"): masked, passed on.
                 let Ok(text) = std::str::from_utf8(&bytes) else {
@@ -300,6 +320,44 @@ impl Conn {
         } else {
             bytes.clone()
         })
+    }
+
+    /// An error answer (4xx/5xx) whose body the client would decode as something else than
+    /// UTF-8 (or that Airlock cannot read the media type of): its status and headers go on
+    /// (a 401 still starts OAuth), its body is replaced by Airlock's reason. Counted and
+    /// recorded like a refused answer.
+    async fn withhold_error_body(
+        &self,
+        info: &RequestInfo,
+        mut parts: http::response::Parts,
+        e: media::MediaError,
+    ) -> Response<ProxyBody> {
+        let reason = format!("its {} answer has {e}", parts.status.as_u16());
+        tracing::warn!(id = self.ctx.conn_id, backend = %self.ctx.backend, %reason, "withheld the body of an error answer");
+        self.pipeline
+            .counters
+            .refused_answers
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.record_request_error(
+            info,
+            Direction::ServerToClient,
+            "block",
+            json!({"status": parts.status.as_u16(), "error": reason}),
+            Some(info.started.elapsed().as_micros() as u64),
+        )
+        .await;
+        let text = format!(
+            "Airlock: withheld the body of backend `{}`'s answer: {reason}\n",
+            self.ctx.backend
+        );
+        parts.headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        parts
+            .headers
+            .insert(header::CONTENT_LENGTH, HeaderValue::from(text.len()));
+        Response::from_parts(parts, full(text))
     }
 
     /// The record of a non-MCP error answer: status, content type, how many values were

@@ -231,8 +231,14 @@ impl Minter {
     /// Mint a leaf now (no cache): public for the benchmark of a cache miss.
     pub fn mint(&self, name: &LeafName) -> Result<Arc<CertifiedKey>, rcgen::Error> {
         let mut params = CertificateParams::default();
+        // A leaf for an address has an empty subject (its SAN, then critical, names it):
+        // OpenSSL checks a common name that looks like a host name, `10.9.8.7` included,
+        // against the intermediate's DNS constraints when the leaf has no DNS SAN, and fails
+        // with "permitted subtree violation".
         let mut dn = DistinguishedName::new();
-        dn.push(DnType::CommonName, name.to_string());
+        if let LeafName::Dns(d) = name {
+            dn.push(DnType::CommonName, d.clone());
+        }
         params.distinguished_name = dn;
         params.subject_alt_names = vec![match name {
             LeafName::Dns(d) => SanType::DnsName(d.clone().try_into()?),

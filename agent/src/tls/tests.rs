@@ -153,6 +153,87 @@ async fn without_sni_the_leaf_is_for_the_original_address() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A certificate as PEM, for `openssl`.
+fn pem(der: &[u8]) -> String {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+    let lines: Vec<&str> = b64
+        .as_bytes()
+        .chunks(64)
+        .map(|c| std::str::from_utf8(c).unwrap())
+        .collect();
+    format!(
+        "-----BEGIN CERTIFICATE-----\n{}\n-----END CERTIFICATE-----\n",
+        lines.join("\n")
+    )
+}
+
+/// Leaves verify in OpenSSL (what Python's `ssl` and Node use) as well as in rustls, under
+/// an intermediate constrained to DNS names and addresses at once: an address leaf used to
+/// carry its address as a common name, which OpenSSL checks against the DNS constraints
+/// ("permitted subtree violation").
+#[tokio::test]
+async fn leaves_verify_in_openssl_too() {
+    let dir = ca_dir("openssl");
+    let ca = ca::Ca::load(&dir).unwrap();
+    let minter = Minter::new(
+        &ca,
+        &[backend("mcp.internal.test", &["10.9.8.7", "fd00::7"])],
+        "h",
+    )
+    .unwrap();
+    let roots: String = ca
+        .trusted_roots()
+        .unwrap()
+        .into_iter()
+        .map(|r| r.pem)
+        .collect();
+    std::fs::write(dir.join("roots.pem"), roots).unwrap();
+    for (name, check) in [
+        (LeafName::Ip("10.9.8.7".parse().unwrap()), "-verify_ip"),
+        (LeafName::Ip("fd00::7".parse().unwrap()), "-verify_ip"),
+        (
+            LeafName::Dns("mcp.internal.test".into()),
+            "-verify_hostname",
+        ),
+    ] {
+        let leaf = minter.leaf(&name).unwrap();
+        std::fs::write(dir.join("leaf.pem"), pem(&leaf.cert[0])).unwrap();
+        std::fs::write(dir.join("intermediate.pem"), pem(&leaf.cert[1])).unwrap();
+        let out = std::process::Command::new("openssl")
+            .arg("verify")
+            .arg("-CAfile")
+            .arg(dir.join("roots.pem"))
+            .arg("-untrusted")
+            .arg(dir.join("intermediate.pem"))
+            .args([check, &name.to_string()])
+            .arg(dir.join("leaf.pem"))
+            .output()
+            .expect("openssl (the test needs the openssl command)");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success() && text.contains(": OK"),
+            "{name}: {text}"
+        );
+        // And rustls (webpki) agrees.
+        let server_name = match &name {
+            LeafName::Ip(ip) => ServerName::IpAddress((*ip).into()),
+            LeafName::Dns(d) => ServerName::try_from(d.clone()).unwrap(),
+        };
+        let mut cfg = ServerConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_cert_resolver(Arc::new(Fixed(leaf)));
+        cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+        handshake(client_config(&dir), Arc::new(cfg), server_name)
+            .await
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn upstream_roots_never_include_airlocks_own() {
     let dir = ca_dir("upstream");

@@ -22,6 +22,7 @@ never let either reach the client.
 
 import argparse
 import asyncio
+import base64
 import gzip
 import json
 import ssl
@@ -131,6 +132,19 @@ def error_message(rid):
     return rpc_error(200, -32603, f"failed: {SECRET}", rid)
 
 
+def utf7_polyglot(rid):
+    """One SSE comment line in UTF-8, which a client decoding the stream as UTF-7 reads as the
+    leak in a data event (`+...-` is UTF-16 in base64 there): the bytes a proxy judges as UTF-8
+    are not the text a client told "utf-7" decodes."""
+    hidden = base64.b64encode(f"\ndata: {leak(rid)}\n\n".encode("utf-16-be")).decode().rstrip("=")
+    return f": +{hidden}-\n\n".encode()
+
+
+def charset_sse(ct):
+    """The UTF-7 polyglot stream under the Content-Type `ct` (a charset in some notation)."""
+    return lambda rid: Reply(200, ct, [utf7_polyglot(rid)], chunked=True)
+
+
 def duplicate_key(rid):
     masked = compact([{"type": "text", "text": "[MASKED]"}])
     real = compact([{"type": "text", "text": SECRET}])
@@ -174,6 +188,14 @@ FRAMINGS = [
     ("uncorrelated_id", "an answer with the secret to an id never sent, then the clean real one", uncorrelated),
     ("notification_before", "notifications/message with the secret before a clean answer", notification_before),
     ("sse_line_separator", "a comment ending in U+2028 with the answer after it on the same line (a line end to str.splitlines parsers)", sse_reply(lambda rid: f": x\u2028data: {leak(rid)}\n\n".encode())),
+    ("sse_charset_utf7", "text/event-stream; charset=utf-7, a UTF-8 comment that is the answer in UTF-7", charset_sse("text/event-stream; charset=utf-7")),
+    ("sse_charset_ext", "the UTF-7 stream under charset*=utf-8''utf-7 (RFC 2231/8187 extended notation)", charset_sse("text/event-stream; charset*=utf-8''utf-7")),
+    ("sse_charset_ext_pct", "the UTF-7 stream under CHARSET*=''utf%2D7 (upper-case name, percent-encoded value)", charset_sse("text/event-stream; CHARSET*=''utf%2D7")),
+    ("sse_charset_ext_utf16_value", "the UTF-7 stream under charset*=utf-16''... (the value itself written in UTF-16)", charset_sse("text/event-stream; charset*=utf-16''%FF%FEu%00t%00f%00-%007%00")),
+    ("sse_charset_sections", "the UTF-7 stream under charset*0=utf; charset*1=-7 (RFC 2231 continuations)", charset_sse("text/event-stream; charset*0=utf; charset*1=-7")),
+    ("sse_charset_sections_ext", "the UTF-7 stream under charset*0*=utf-8''utf; charset*1=-7", charset_sse("text/event-stream; charset*0*=utf-8''utf; charset*1=-7")),
+    ("sse_charset_two_notations", "the UTF-7 stream under charset=utf-8; charset*=utf-8''utf-7 (two notations: readers differ)", charset_sse("text/event-stream; charset=utf-8; charset*=utf-8''utf-7")),
+    ("json_charset_ext", "application/json; charset*=utf-8''utf-16 over a UTF-8 JSON answer", json_reply("application/json; charset*=utf-8''utf-16")),
     ("redirect_backslash", "307 to /\\evil.example/mcp (another host to WHATWG URL parsers)", lambda rid: Reply(307, "text/plain", [SECRET.encode()], headers=[("Location", "/\\evil.example/mcp")])),
 ]
 
