@@ -35,6 +35,19 @@ static LOCAL: LpmTrie<[u32; 4], u32> =
 static LOCAL_TARGETS: HashMap<u32, LocalTargets> =
     HashMap::with_max_entries(airlock_common::capacity::LOCAL_TARGETS, 0);
 
+/// What a destination is.
+#[derive(Clone, Copy)]
+pub enum Judged {
+    /// A backend's.
+    Backend(Match),
+    /// Not a backend's.
+    Other,
+    /// A local address on a backend port whose listening socket cannot be told apart from the
+    /// backend's (a wildcard listener of the other family, or a device-bound unspecified
+    /// address): refused rather than guessed.
+    Ambiguous,
+}
+
 /// A destination found to be a backend's.
 #[derive(Clone, Copy)]
 pub struct Match {
@@ -45,13 +58,13 @@ pub struct Match {
     pub how: u32,
 }
 
-/// The backend `key` reaches, if any. `ctx` is the program's context (socket lookups are made
-/// in its network namespace).
+/// What `key` is. `ctx` is the program's context (socket lookups are made in its network
+/// namespace).
 #[inline(always)]
-pub fn backend_of(ctx: *mut c_void, key: &TargetKey) -> Option<Match> {
+pub fn judge(ctx: *mut c_void, key: &TargetKey) -> Judged {
     // SAFETY: the map value is plain data; copied out at once.
     if let Some(id) = unsafe { TARGETS.get(key) } {
-        return Some(Match {
+        return Judged::Backend(Match {
             backend_id: *id,
             addr: key.addr,
             how: matched::EXACT,
@@ -62,36 +75,44 @@ pub fn backend_of(ctx: *mut c_void, key: &TargetKey) -> Option<Match> {
 
 /// Case 2 above: a local address on a port with local backends, reaching one's listener.
 #[inline(never)]
-fn same_listener(ctx: *mut c_void, key: &TargetKey) -> Option<Match> {
+fn same_listener(ctx: *mut c_void, key: &TargetKey) -> Judged {
     let port = u32::from(key.port);
     // SAFETY: as above.
-    let local = unsafe { LOCAL_TARGETS.get(&port) }?;
+    let Some(local) = (unsafe { LOCAL_TARGETS.get(&port) }) else {
+        return Judged::Other;
+    };
     if LOCAL.get(&Key::new(128, key.addr)).is_none() {
-        return None;
+        return Judged::Other;
     }
     let Some(reached) = listener(ctx, &key.addr, key.port) else {
         // Nothing listens there: the connection will be refused by the kernel itself.
         count(Counter::MissOtherListener);
-        return None;
+        return Judged::Other;
     };
     let n = local.count as usize;
+    let mut ambiguous = false;
     for i in 0..LOCAL_TARGETS_PER_PORT {
         if i >= n {
             break;
         }
         let target = local.addrs[i];
-        if let Some(theirs) = listener(ctx, &target, key.port)
-            && reached.same_server(&theirs)
-        {
-            return Some(Match {
+        let Some(theirs) = listener(ctx, &target, key.port) else {
+            continue;
+        };
+        if reached.same(&theirs) {
+            return Judged::Backend(Match {
                 backend_id: local.backend_ids[i],
                 addr: target,
                 how: matched::LISTENER,
             });
         }
+        ambiguous |= reached.wildcard() && theirs.wildcard();
+    }
+    if ambiguous {
+        return Judged::Ambiguous;
     }
     count(Counter::MissOtherListener);
-    None
+    Judged::Other
 }
 
 /// What identifies a listening socket: its family and the address it is bound to (port
@@ -109,13 +130,12 @@ impl Listener {
         self.addr[0] == 0 && self.addr[1] == 0 && self.addr[2] == 0 && self.addr[3] == 0
     }
 
-    /// The same listening socket (group), or both wildcard listeners: a server bound to the
-    /// wildcard address of one family usually binds the other one too.
+    /// The same listening socket (or `SO_REUSEPORT` group): same family, same bound address.
+    /// A dual-stack IPv6 listener is found by IPv4 lookups too, so a server on `[::]` is one
+    /// listener for both families; two wildcard listeners of different families may be two
+    /// services, and are not taken for one.
     #[inline(always)]
-    fn same_server(&self, other: &Listener) -> bool {
-        if self.wildcard() && other.wildcard() {
-            return true;
-        }
+    fn same(&self, other: &Listener) -> bool {
         self.family == other.family
             && self.addr[0] == other.addr[0]
             && self.addr[1] == other.addr[1]

@@ -28,6 +28,7 @@
 #![no_main]
 
 mod dest;
+mod egress;
 mod guard;
 
 use airlock_common::{
@@ -179,7 +180,10 @@ fn try_connect4(ctx: &SockAddrContext) -> i32 {
     // The kernel sends a connection to 0.0.0.0 to the socket's bound source address, or to
     // 127.0.0.1: judge that.
     let ip = if dialed == 0 {
-        unspecified_v4(ctx)
+        match unspecified_v4(ctx) {
+            Some(ip) => ip,
+            None => return refuse_ambiguous(),
+        }
     } else {
         dialed
     };
@@ -227,7 +231,10 @@ fn try_connect6(ctx: &SockAddrContext) -> i32 {
     // As the kernel resolves them: `::ffff:0.0.0.0` like 0.0.0.0 (it takes the IPv4 path);
     // `::` becomes `::1`, or `::ffff:127.0.0.1` on a socket bound to an IPv4-mapped address.
     let addr = if is_mapped && w3 == 0 {
-        mapped(unspecified_v4(ctx))
+        match unspecified_v4(ctx) {
+            Some(ip) => mapped(ip),
+            None => return refuse_ambiguous(),
+        }
     } else if w0 == 0 && w1 == 0 && w2 == 0 && w3 == 0 {
         unspecified_v6(ctx)
     } else {
@@ -293,16 +300,31 @@ impl Redirect {
 }
 
 /// The address a connection to `0.0.0.0` goes to: the socket's bound source address, or
-/// 127.0.0.1 (network order).
+/// 127.0.0.1 (network order). `None` on a socket bound to a device, where it is that device's
+/// address, which the programs do not know.
 #[inline(always)]
-fn unspecified_v4(ctx: &SockAddrContext) -> u32 {
-    // SAFETY: `sk` of a sock_addr context is a valid socket; plain field read.
-    let bound = unsafe { (*(*ctx.sock_addr).__bindgen_anon_1.sk).src_ip4 };
+fn unspecified_v4(ctx: &SockAddrContext) -> Option<u32> {
+    // SAFETY: `sk` of a sock_addr context is a valid socket; plain field reads.
+    let (bound, dev) = unsafe {
+        let sk = (*ctx.sock_addr).__bindgen_anon_1.sk;
+        ((*sk).src_ip4, (*sk).bound_dev_if)
+    };
     if bound != 0 {
-        bound
+        Some(bound)
+    } else if dev != 0 {
+        None
     } else {
-        u32::from_be_bytes([127, 0, 0, 1]).to_be()
+        Some(u32::from_be_bytes([127, 0, 0, 1]).to_be())
     }
+}
+
+/// A destination on a backend port that may be the backend's and cannot be told: refused,
+/// counted, reported.
+#[inline(never)]
+fn refuse_ambiguous() -> i32 {
+    count(Counter::RefusedAmbiguous);
+    guard::report_caller(airlock_common::report::AMBIGUOUS, 0, 0, 0);
+    REFUSE
 }
 
 /// The address a connection to `::` goes to: `::1`, or `::ffff:127.0.0.1` when the socket is
@@ -331,9 +353,17 @@ fn redirect_verdict(
     dialed: &[u32; 4],
     fam: u16,
 ) -> Redirect {
-    let Some(found) = dest::backend_of(ctx.as_ptr(), key) else {
-        count(Counter::MissNotBackend);
-        return Redirect::Pass;
+    let found = match dest::judge(ctx.as_ptr(), key) {
+        dest::Judged::Backend(m) => m,
+        dest::Judged::Other => {
+            count(Counter::MissNotBackend);
+            return Redirect::Pass;
+        }
+        dest::Judged::Ambiguous => {
+            count(Counter::RefusedAmbiguous);
+            guard::report_caller(airlock_common::report::AMBIGUOUS, u32::from(fam), 0, 0);
+            return Redirect::Refuse;
+        }
     };
     let backend_id = found.backend_id;
     let unspecified = dialed[0] == 0

@@ -272,12 +272,16 @@ pub async fn run(config: Config) -> Result<(), RunError> {
             path: "AIRLOCK_OWN".into(),
             source,
         })?;
-    let ring = proxy.kernel.lock().ok().and_then(|mut k| k.take_reports());
-    let refusals_thread = match ring {
-        Some(ring) => Some(
+    let rings = proxy
+        .kernel
+        .lock()
+        .map(|mut k| k.take_reports())
+        .unwrap_or_default();
+    let refusals_thread = match rings.is_empty() {
+        false => Some(
             crate::refusals::spawn(
                 proxy.clone(),
-                ring,
+                rings,
                 own_map.try_clone().map_err(|source| RunError::StateDir {
                     path: "AIRLOCK_OWN".into(),
                     source,
@@ -287,7 +291,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
             )
             .map_err(RunError::Threads)?,
         ),
-        None => None,
+        true => None,
     };
     crate::refusals::sweep(&proxy, &cgroup, &own_map);
     let links_dir =

@@ -54,23 +54,6 @@ pub fn resolve(configured: Option<&Path>) -> Result<PathBuf, CgroupError> {
     Ok(path)
 }
 
-/// The cgroup's id (the inode of its directory, what `bpf_get_current_cgroup_id` returns) and
-/// its depth below the cgroup2 root (the root is 0).
-pub fn id_and_level(path: &Path) -> std::io::Result<(u64, u32)> {
-    use std::os::unix::fs::MetadataExt as _;
-    let id = std::fs::metadata(path)?.ino();
-    let mut level = 0;
-    let mut dir = path.to_owned();
-    while let Some(parent) = dir.parent().map(Path::to_owned) {
-        if !is_cgroup2(&parent) {
-            break;
-        }
-        level += 1;
-        dir = parent;
-    }
-    Ok((id, level))
-}
-
 /// The ids of `root` and every cgroup below it (for telling which sockets belong to the
 /// attached subtree). Bounded: at most `limit` cgroups are listed.
 pub fn subtree_ids(root: &Path, limit: usize) -> std::collections::HashSet<u64> {

@@ -12,8 +12,11 @@
 //!   agent was starting, or handed to another process since — is ended the same way, so the
 //!   client reconnects through Airlock.
 //!
-//! Records are coalesced per process and kind: the first refusal of a 10-second window is
-//! recorded at once, later ones of the window are counted and named in the next record.
+//! Refusals are coalesced per user and kind: the first of a 10-second window is recorded at
+//! once, later ones of the window are counted and named in the next record. Refusals the
+//! kernel had no room to report are counted there (`report_lost`) and recorded as a number.
+//! A socket ended for its egress drop is found by its cookie only: nothing else names it
+//! exactly.
 
 use std::{
     collections::{HashMap, HashSet, VecDeque},
@@ -42,10 +45,10 @@ const WINDOW: Duration = Duration::from_secs(10);
 /// Processes looked at when finding who holds a socket.
 const PROC_SCAN_LIMIT: usize = 1 << 16;
 
-/// Read the ring buffer until `stop` is set, on a thread of its own (`airlock-refusals`).
+/// Read the ring buffers until `stop` is set, on a thread of its own (`airlock-refusals`).
 pub fn spawn(
     proxy: Arc<Proxy>,
-    ring: RingBuf<MapData>,
+    rings: Vec<RingBuf<MapData>>,
     own_map: OwnedFd,
     runtime: tokio::runtime::Handle,
     stop: Arc<std::sync::atomic::AtomicBool>,
@@ -54,24 +57,35 @@ pub fn spawn(
         .name("airlock-refusals".into())
         .spawn(move || {
             let mut reader = Reader::new(proxy, own_map, runtime);
-            let mut ring = ring;
+            let mut rings = rings;
             while !stop.load(Ordering::Relaxed) {
-                let mut pfd = libc::pollfd {
-                    fd: ring.as_raw_fd(),
-                    events: libc::POLLIN,
-                    revents: 0,
-                };
-                // SAFETY: one valid pollfd, 250 ms timeout.
-                unsafe { libc::poll(&raw mut pfd, 1, 250) };
-                while let Some(item) = ring.next() {
-                    if item.len() < std::mem::size_of::<Report>() {
-                        continue;
+                let mut pfds: Vec<libc::pollfd> = rings
+                    .iter()
+                    .map(|r| libc::pollfd {
+                        fd: r.as_raw_fd(),
+                        events: libc::POLLIN,
+                        revents: 0,
+                    })
+                    .collect();
+                // SAFETY: valid pollfds of the given count, 250 ms timeout.
+                unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, 250) };
+                let mut batch = Vec::new();
+                for ring in &mut rings {
+                    while let Some(item) = ring.next() {
+                        if item.len() >= std::mem::size_of::<Report>() {
+                            // SAFETY: the kernel wrote a whole `Report` (checked size); read
+                            // unaligned.
+                            batch.push(unsafe {
+                                std::ptr::read_unaligned(item.as_ptr().cast::<Report>())
+                            });
+                        }
+                        if batch.len() >= 4096 {
+                            break;
+                        }
                     }
-                    // SAFETY: the kernel wrote a whole `Report` (checked size); read unaligned.
-                    let r: Report = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
-                    drop(item);
-                    reader.handle(&r);
                 }
+                reader.handle_batch(&batch);
+                reader.check_lost();
             }
         })
 }
@@ -369,54 +383,106 @@ thread_local! {
     static RUNTIME: std::cell::RefCell<Option<tokio::runtime::Handle>> = const { std::cell::RefCell::new(None) };
 }
 
-/// The ring buffer's consumer state.
+/// The ring buffers' consumer state.
 struct Reader {
     proxy: Arc<Proxy>,
     own_map: OwnedFd,
-    /// (kind, tgid or uid) → window start and refusals not recorded in it.
+    /// (kind, uid) → window start and refusals not recorded in it.
     windows: HashMap<(u32, u32), (Instant, u64)>,
+    /// The kernel's `report_lost` counter when last looked at.
+    lost_seen: u64,
 }
 
 impl Reader {
     fn new(proxy: Arc<Proxy>, own_map: OwnedFd, runtime: tokio::runtime::Handle) -> Reader {
         RUNTIME.with(|r| *r.borrow_mut() = Some(runtime));
+        let lost_seen = lost(&proxy);
         Reader {
             proxy,
             own_map,
             windows: HashMap::new(),
+            lost_seen,
         }
     }
 
-    fn handle(&mut self, r: &Report) {
-        if r.kind == report::EGRESS_DROP {
-            self.egress_drop(r);
-            return;
+    fn handle_batch(&mut self, batch: &[Report]) {
+        let mut drops = Vec::new();
+        let mut packets = Vec::new();
+        for r in batch {
+            match r.kind {
+                report::EGRESS_DROP => drops.push(r),
+                report::PACKET_SOCKET if r.tgid == 0 => {
+                    if self.first_in_window(r) {
+                        packets.push(r);
+                    }
+                }
+                _ => {
+                    if self.first_in_window(r) {
+                        self.refused(r);
+                    }
+                }
+            }
         }
-        let who = if r.tgid != 0 { r.tgid } else { r.uid };
+        if !drops.is_empty() {
+            self.egress_drops(&drops);
+        }
+        if !packets.is_empty() {
+            self.packet_drops(&packets);
+        }
+    }
+
+    /// Whether `r` is the first of its kind by its user in the current window (then it is
+    /// recorded, naming how many were only counted before it); later ones are counted.
+    fn first_in_window(&mut self, r: &Report) -> bool {
         let now = Instant::now();
         if self.windows.len() > 4096 {
-            self.windows
-                .retain(|_, (start, _)| now.duration_since(*start) < WINDOW);
+            self.windows.retain(|_, (start, _)| now.duration_since(*start) < WINDOW);
         }
-        let entry = self.windows.entry((r.kind, who)).or_insert((now, u64::MAX));
-        let suppressed = if entry.1 == u64::MAX || now.duration_since(entry.0) >= WINDOW {
+        let entry = self.windows.entry((r.kind, r.uid)).or_insert((now, u64::MAX));
+        if entry.1 == u64::MAX || now.duration_since(entry.0) >= WINDOW {
             let before = if entry.1 == u64::MAX { 0 } else { entry.1 };
             *entry = (now, 0);
-            before
+            SUPPRESSED.with(|s| s.set(before));
+            true
         } else {
             entry.1 += 1;
             self.proxy
                 .counters
                 .refusals_coalesced
                 .fetch_add(1, Ordering::Relaxed);
-            return;
-        };
-        self.refused(r, suppressed);
+            false
+        }
     }
 
-    /// A socket the kernel refused (raw, `IP_HDRINCL`, packet) or a `connect()` without
-    /// storage.
-    fn refused(&self, r: &Report, suppressed: u64) {
+    /// Refusals the ring buffers had no room for are still refusals: one record and event
+    /// saying how many went unrecorded.
+    fn check_lost(&mut self) {
+        let now = lost(&self.proxy);
+        if now <= self.lost_seen {
+            return;
+        }
+        let missed = now - self.lost_seen;
+        self.lost_seen = now;
+        let reason = format!(
+            "{missed} refusals were refused and counted but not recorded one by one: the kernel's report buffer was full (a flood of refused sockets or dropped segments)"
+        );
+        warn!(missed, "{reason}");
+        crate::observe::event(crate::observe::AgentEvent::ConnectionRejected {
+            reason: reason.clone(),
+            client: "many".into(),
+            actor: None,
+            destination: None,
+        });
+        let guard = self.proxy.registry.open(unspecified(), None, None);
+        guard.finish(ConnState::Rejected, reason.clone());
+        let payload = serde_json::json!({"event": "refusals_not_recorded", "count": missed, "reason": reason});
+        record(&self.proxy, guard.id(), "airlock:reports_lost", None, payload);
+    }
+
+    /// A socket the kernel refused (raw, `IP_HDRINCL`, a traffic-control bypass), a
+    /// `connect()` without storage, or one to an ambiguous destination.
+    fn refused(&self, r: &Report) {
+        let suppressed = SUPPRESSED.with(std::cell::Cell::get);
         let (rule, what) = match r.kind {
             report::RAW_SOCKET => (
                 "airlock:raw_socket",
@@ -431,11 +497,15 @@ impl Reader {
             ),
             report::PACKET_SOCKET => (
                 "airlock:packet_socket",
-                "a packet socket sending TCP to a backend, or asking to send past traffic control (PACKET_QDISC_BYPASS, AF_XDP)".to_owned(),
+                "a packet socket asking to send past traffic control (PACKET_QDISC_BYPASS, AF_XDP)".to_owned(),
             ),
             report::NO_STORAGE => (
                 "airlock:no_storage",
                 "connect() to a backend refused: no socket storage for the caller's record".to_owned(),
+            ),
+            report::AMBIGUOUS => (
+                "airlock:ambiguous_destination",
+                "connect() refused: a local address on a backend's port whose listening socket cannot be told apart from the backend's (a wildcard listener of the other family, or 0.0.0.0 on a socket bound to a device)".to_owned(),
             ),
             other => ("airlock:unknown", format!("kernel report of kind {other}")),
         };
@@ -447,11 +517,7 @@ impl Reader {
         meta.comm = r.comm;
         meta.cgroup_id = r.cgroup_id;
         meta.connect_ns = r.ts_ns;
-        let attribution = if r.tgid != 0 {
-            Attribution::from_kernel(&meta, Path::new("/proc"), &self.proxy.names)
-        } else {
-            attribute(&self.proxy, None, r.uid, Some(r.cgroup_id), unspecified())
-        };
+        let attribution = Attribution::from_kernel(&meta, Path::new("/proc"), &self.proxy.names);
         self.proxy
             .counters
             .refused_sockets
@@ -479,60 +545,114 @@ impl Reader {
         record(&self.proxy, guard.id(), rule, Some(&attribution), payload);
     }
 
-    /// The first dropped segment of a socket whose TCP to a backend was never redirected:
-    /// find it, end it, record it.
-    fn egress_drop(&self, r: &Report) {
-        let src = SocketAddr::new(crate::keys::ip_from_words(r.src_addr), r.src_port);
-        let dst = SocketAddr::new(crate::keys::ip_from_words(r.dst_addr), r.dst_port);
-        let found = sockdiag::tcp_sockets(Some(self.own_map.as_fd()))
-            .ok()
-            .and_then(|all| {
-                // The socket's own remote address may be the one before NAT: found by its
-                // cookie, or by its local address.
-                all.into_iter().find(|s| {
-                    !s.is_listener()
-                        && (s.cookie == r.cookie
-                            || (crate::keys::canonical_ip(s.local.ip()) == src.ip()
-                                && s.local.port() == src.port()))
-                })
-            });
-        let reason = format!(
-            "TCP to backend address {dst} from a socket whose connect() Airlock never redirected (opened before the agent, a destination rewritten by NAT, or a raw socket): dropped, and the connection ended"
-        );
-        match found {
-            Some(s) => {
-                end_socket(&self.proxy, &s, "airlock:unredirected_tcp", &reason);
-            }
-            None => {
-                // Gone already, or not a TCP socket (raw): record what the kernel saw.
-                let attribution = attribute(&self.proxy, None, r.uid, Some(r.cgroup_id), dst);
-                let guard = self
-                    .proxy
-                    .registry
-                    .open(src, Some(attribution.clone()), None);
-                guard.finish(ConnState::Rejected, reason.clone());
-                crate::observe::event(crate::observe::AgentEvent::ConnectionRejected {
-                    reason: reason.clone(),
-                    client: src.to_string(),
-                    actor: Some(Box::new(attribution.clone())),
-                    destination: Some(dst.to_string()),
-                });
-                let payload = serde_json::json!({
-                    "event": "dropped",
-                    "client": src.to_string(),
-                    "server": dst.to_string(),
-                    "reason": reason,
-                });
-                record(
-                    &self.proxy,
-                    guard.id(),
-                    "airlock:unredirected_tcp",
-                    Some(&attribution),
-                    payload,
-                );
+    /// Sockets whose TCP to a backend was dropped at egress: each found by its cookie (one
+    /// listing for the batch), ended and recorded.
+    fn egress_drops(&self, drops: &[&Report]) {
+        let sockets = sockdiag::tcp_sockets(Some(self.own_map.as_fd())).unwrap_or_default();
+        for r in drops {
+            let src = SocketAddr::new(crate::keys::ip_from_words(r.src_addr), r.src_port);
+            let dst = SocketAddr::new(crate::keys::ip_from_words(r.dst_addr), r.dst_port);
+            let what = if r.dst_port == 0 {
+                "TCP it could not read whole (fragmented, truncated or too deep)".to_owned()
+            } else {
+                format!("TCP to backend address {dst}")
+            };
+            let reason = format!(
+                "{what} from a socket whose connect() Airlock never redirected (opened before the agent, a destination rewritten by NAT, or a raw socket): dropped, and the connection ended"
+            );
+            // The cookie names the socket exactly; its own remote address may be the one
+            // before NAT.
+            match sockets.iter().find(|s| s.cookie == r.cookie && !s.is_listener()) {
+                Some(s) => {
+                    end_socket(&self.proxy, s, "airlock:unredirected_tcp", &reason);
+                }
+                None => {
+                    // Gone already, or not a TCP socket (raw): record what the kernel saw,
+                    // end nothing.
+                    let attribution = attribute(&self.proxy, None, r.uid, Some(r.cgroup_id), dst);
+                    let guard = self.proxy.registry.open(src, Some(attribution.clone()), None);
+                    guard.finish(ConnState::Rejected, reason.clone());
+                    crate::observe::event(crate::observe::AgentEvent::ConnectionRejected {
+                        reason: reason.clone(),
+                        client: src.to_string(),
+                        actor: Some(Box::new(attribution.clone())),
+                        destination: Some(dst.to_string()),
+                    });
+                    let payload = serde_json::json!({
+                        "event": "dropped",
+                        "client": src.to_string(),
+                        "server": dst.to_string(),
+                        "socket_cookie": r.cookie,
+                        "reason": reason,
+                    });
+                    record(&self.proxy, guard.id(), "airlock:unredirected_tcp", Some(&attribution), payload);
+                }
             }
         }
     }
+
+    /// Frames of packet sockets holding TCP to a backend: the socket's holder found through
+    /// `packet_diag` and `/proc`, recorded.
+    fn packet_drops(&self, drops: &[&Report]) {
+        let sockets = sockdiag::packet_sockets().unwrap_or_default();
+        for r in drops {
+            let suppressed = SUPPRESSED.with(std::cell::Cell::get);
+            let dst = SocketAddr::new(crate::keys::ip_from_words(r.dst_addr), r.dst_port);
+            let holder = sockets
+                .iter()
+                .find(|s| s.cookie == r.cookie)
+                .and_then(|s| sockdiag::holders(Path::new("/proc"), s.inode, PROC_SCAN_LIMIT).first().copied());
+            let attribution = attribute(&self.proxy, holder, r.uid, Some(r.cgroup_id), dst);
+            let reason = if r.dst_port == 0 {
+                "a packet socket sending TCP it could not read whole (fragmented, truncated or too deep): dropped".to_owned()
+            } else {
+                format!("a packet socket sending TCP to backend address {dst}, bypassing connect(): dropped")
+            };
+            self.proxy
+                .counters
+                .refused_sockets
+                .fetch_add(1, Ordering::Relaxed);
+            warn!(pid = attribution.tgid, uid = r.uid, "refused: {reason}");
+            crate::observe::event(crate::observe::AgentEvent::ConnectionRejected {
+                reason: reason.clone(),
+                client: format!("pid {}", attribution.tgid),
+                actor: Some(Box::new(attribution.clone())),
+                destination: (r.dst_port != 0).then(|| dst.to_string()),
+            });
+            let guard = self
+                .proxy
+                .registry
+                .open(unspecified(), Some(attribution.clone()), None);
+            guard.finish(ConnState::Rejected, reason.clone());
+            let payload = serde_json::json!({
+                "event": "dropped",
+                "server": (r.dst_port != 0).then(|| dst.to_string()),
+                "socket_cookie": r.cookie,
+                "reason": reason,
+                "earlier_refusals_not_recorded": suppressed,
+            });
+            record(&self.proxy, guard.id(), "airlock:packet_socket", Some(&attribution), payload);
+        }
+    }
+}
+
+thread_local! {
+    /// How many refusals the window of the report being recorded counted without recording.
+    static SUPPRESSED: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+/// The kernel's `report_lost` counter.
+fn lost(proxy: &Proxy) -> u64 {
+    proxy
+        .kernel
+        .lock()
+        .map(|k| {
+            k.counters()
+                .into_iter()
+                .find(|(n, _)| *n == "report_lost")
+                .map_or(0, |(_, v)| v)
+        })
+        .unwrap_or(0)
 }
 
 fn unspecified() -> SocketAddr {

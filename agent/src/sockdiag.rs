@@ -234,3 +234,74 @@ mod tests {
         destroy(&mine).unwrap();
     }
 }
+
+/// A packet socket (`AF_PACKET`) as `packet_diag` reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PacketSocket {
+    pub inode: u32,
+    pub cookie: u64,
+    pub uid: Option<u32>,
+}
+
+/// Every packet socket of the agent's network namespace.
+pub fn packet_sockets() -> io::Result<Vec<PacketSocket>> {
+    const PACKET_SHOW_INFO: u32 = 0x1;
+    const PACKET_DIAG_UID: u16 = 5;
+    let mut socket = netlink::Socket::open(netlink::NETLINK_SOCK_DIAG, 0)?;
+    // struct packet_diag_req: family, protocol, pad, ino, show, cookie[2].
+    let mut req = Vec::with_capacity(20);
+    req.push(libc::AF_PACKET as u8);
+    req.push(0);
+    req.extend_from_slice(&0u16.to_ne_bytes());
+    req.extend_from_slice(&0u32.to_ne_bytes());
+    req.extend_from_slice(&PACKET_SHOW_INFO.to_ne_bytes());
+    req.extend_from_slice(&[0u8; 8]);
+    let seq = socket.send(SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP, &req)?;
+    let mut out = Vec::new();
+    for msg in socket.collect(seq)? {
+        let p = &msg.payload;
+        // struct packet_diag_msg: family, type, num (u16), ino (u32), cookie[2].
+        if msg.kind != SOCK_DIAG_BY_FAMILY || p.len() < 16 {
+            continue;
+        }
+        let inode = u32::from_ne_bytes([p[4], p[5], p[6], p[7]]);
+        let cookie = u64::from(u32::from_ne_bytes([p[8], p[9], p[10], p[11]]))
+            | (u64::from(u32::from_ne_bytes([p[12], p[13], p[14], p[15]])) << 32);
+        let uid = netlink::attributes(&p[16..])
+            .find(|(k, v)| *k == PACKET_DIAG_UID && v.len() == 4)
+            .map(|(_, v)| u32::from_ne_bytes([v[0], v[1], v[2], v[3]]));
+        out.push(PacketSocket { inode, cookie, uid });
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod packet_tests {
+    use super::*;
+
+    #[test]
+    fn lists_a_packet_socket_with_its_inode_and_owner() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipping: packet sockets need CAP_NET_RAW");
+            return;
+        }
+        // SAFETY: plain socket(2); the fd is closed below.
+        let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0) };
+        assert!(fd >= 0, "{}", io::Error::last_os_error());
+        let inode = {
+            let link = std::fs::read_link(format!("/proc/self/fd/{fd}")).unwrap();
+            let s = link.to_string_lossy().into_owned();
+            s.trim_start_matches("socket:[")
+                .trim_end_matches(']')
+                .parse::<u32>()
+                .unwrap()
+        };
+        let found = packet_sockets().unwrap();
+        let mine = found.iter().find(|p| p.inode == inode).expect("listed");
+        assert_eq!(mine.uid, Some(0));
+        assert_ne!(mine.cookie, 0);
+        // SAFETY: our own fd.
+        unsafe { libc::close(fd) };
+    }
+}

@@ -27,7 +27,10 @@ pub mod names {
     pub const LOCAL: &str = "AIRLOCK_LOCAL";
     pub const LOCAL_TARGETS: &str = "AIRLOCK_LTARGET";
     pub const REPORTS: &str = "AIRLOCK_REPORTS";
+    pub const DROPS: &str = "AIRLOCK_DROPS";
     pub const REPORTED: &str = "AIRLOCK_REPORTED";
+    pub const CGROUP: &str = "AIRLOCK_CGROUP";
+    pub const IFACES: &str = "AIRLOCK_IFACES";
 
     pub const PROG_CONNECT4: &str = "airlock_conn4";
     pub const PROG_CONNECT6: &str = "airlock_conn6";
@@ -38,7 +41,7 @@ pub mod names {
     pub const PROG_PACKET_OUT: &str = "airlock_pkt_out";
 
     /// Every map, for pinning and for `airlock detach`.
-    pub const MAPS: [&str; 11] = [
+    pub const MAPS: [&str; 14] = [
         CONFIG,
         TARGETS,
         PORTS,
@@ -49,7 +52,10 @@ pub mod names {
         LOCAL,
         LOCAL_TARGETS,
         REPORTS,
+        DROPS,
         REPORTED,
+        CGROUP,
+        IFACES,
     ];
 }
 
@@ -65,6 +71,10 @@ pub mod capacity {
     pub const LOCAL_TARGETS: u32 = 1024;
     /// Bytes of the ring buffer carrying refusals to the agent (a power of two, page multiple).
     pub const REPORTS_BYTES: u32 = 256 * 1024;
+    /// Bytes of the ring buffer carrying dropped traffic to the agent.
+    pub const DROPS_BYTES: u32 = 128 * 1024;
+    /// Interfaces without an Ethernet header the packet guard knows of.
+    pub const IFACES: u32 = 4096;
 }
 
 /// Backends on local addresses that share one port: at most this many per port.
@@ -95,11 +105,6 @@ pub struct Config {
     pub _pad: u16,
     /// [`CONFIG_ENABLED`] once written; until then the programs let everything through.
     pub enabled: u32,
-    /// Depth of the attached cgroup below the cgroup2 root (the root is 0).
-    pub cgroup_level: u32,
-    /// Id of the attached cgroup (the inode of its directory): programs not attached to a
-    /// cgroup (tcx) recognise its sockets by it.
-    pub cgroup_id: u64,
 }
 
 /// Key of `AIRLOCK_TARGETS`: one backend address and port.
@@ -214,6 +219,10 @@ pub mod report {
     pub const EGRESS_DROP: u32 = 4;
     /// No socket storage for the caller's record: `connect()` refused.
     pub const NO_STORAGE: u32 = 5;
+    /// A local address on a backend port whose listener cannot be told from the backend's (a
+    /// wildcard listener of the other family; `0.0.0.0` on a device-bound socket): `connect()`
+    /// refused.
+    pub const AMBIGUOUS: u32 = 6;
 }
 
 /// One entry of the `AIRLOCK_REPORTS` ring buffer.
@@ -338,10 +347,12 @@ pub enum Counter {
     EgressDropped,
     /// A refusal the ring buffer had no room for (the counter still counts it).
     ReportLost,
+    /// A destination that may or may not be a backend's, refused (see `report::AMBIGUOUS`).
+    RefusedAmbiguous,
 }
 
 impl Counter {
-    pub const COUNT: u32 = 20;
+    pub const COUNT: u32 = 21;
     pub const ALL: [Counter; Self::COUNT as usize] = [
         Counter::SkipNotTcp,
         Counter::SkipUnconfigured,
@@ -363,6 +374,7 @@ impl Counter {
         Counter::RefusedHdrincl,
         Counter::EgressDropped,
         Counter::ReportLost,
+        Counter::RefusedAmbiguous,
     ];
 
     /// The name `airlock status` shows.
@@ -388,6 +400,7 @@ impl Counter {
             Counter::RefusedHdrincl => "refused_hdrincl",
             Counter::EgressDropped => "egress_dropped",
             Counter::ReportLost => "report_lost",
+            Counter::RefusedAmbiguous => "refused_ambiguous",
         }
     }
 }
@@ -412,13 +425,11 @@ mod tests {
 
     #[test]
     fn config_layout() {
-        assert_eq!(size_of::<Config>(), 40);
+        assert_eq!(size_of::<Config>(), 28);
         assert_eq!(offset_of!(Config, agent_ip4), 0);
         assert_eq!(offset_of!(Config, agent_ip6), 4);
         assert_eq!(offset_of!(Config, agent_port), 20);
         assert_eq!(offset_of!(Config, enabled), 24);
-        assert_eq!(offset_of!(Config, cgroup_level), 28);
-        assert_eq!(offset_of!(Config, cgroup_id), 32);
     }
 
     #[test]

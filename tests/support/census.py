@@ -664,6 +664,43 @@ def tcp_bytes(family, src, dst, sport, dport, seq, ack, flags, data=b"", opts=b"
     return seg[:16] + struct.pack("!H", c) + seg[18:]
 
 
+# --disguise: how segments to the target port are wrapped, to test parsers that stop early
+# (crafted methods only): an atomic IPv6 fragment, five IPv6 destination-options headers, an IPv4
+# first fragment holding 8 bytes of TCP (and the rest in a second one), three 802.1Q tags of VID 0
+# (packet only; the receiving kernel strips them on lo).
+DISGUISES = ("none", "frag6", "dst5", "frag4", "vlan3")
+
+
+def disguised_packets(family, src, dst, seg, how):
+    """The IP packets carrying `seg`, wrapped as `how` says."""
+    if how == "frag6" and family == socket.AF_INET6:
+        frag = struct.pack("!BBHI", 6, 0, 0, random.randrange(1 << 32))
+        return [ipv6_with(src, dst, 44, frag + seg)]
+    if how == "dst5" and family == socket.AF_INET6:
+        ext = b""
+        for i in range(5):
+            nxt = 60 if i < 4 else 6
+            ext += struct.pack("!BB", nxt, 0) + b"\x01\x04\0\0\0\0"
+        return [ipv6_with(src, dst, 60, ext + seg)]
+    if how == "frag4" and family == socket.AF_INET:
+        ident = random.randrange(65536)
+        first, rest = seg[:8], seg[8:]
+        return [ipv4_fragment(src, dst, ident, 0, True, first), ipv4_fragment(src, dst, ident, 1, False, rest)]
+    return [ip_bytes(family, src, dst, seg)]
+
+
+def ipv6_with(src, dst, next_header, payload):
+    return (struct.pack("!IHBB", 6 << 28, len(payload), next_header, 64) + socket.inet_pton(socket.AF_INET6, src) +
+            socket.inet_pton(socket.AF_INET6, dst) + payload)
+
+
+def ipv4_fragment(src, dst, ident, offset8, more, payload):
+    flags = (0x2000 if more else 0) | offset8
+    hdr = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(payload), ident, flags, 64, 6, 0,
+                      socket.inet_aton(src), socket.inet_aton(dst))
+    return hdr[:10] + struct.pack("!H", csum(hdr)) + hdr[12:] + payload
+
+
 def ip_bytes(family, src, dst, payload):
     if family == socket.AF_INET:
         hdr = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(payload), random.randrange(65536), 0x4000, 64, 6, 0,
@@ -773,11 +810,14 @@ class Wire:
             self.tx.sendto(ip_bytes(self.family, src, dst, seg), (dst, 0))
         else:
             ethertype = 0x0800 if self.family == socket.AF_INET else 0x86DD
-            frame = struct.pack("!H", ethertype) + ip_bytes(self.family, src, dst, seg)
-            if dst in self.local or ipaddress.ip_address(dst).is_loopback:
-                self.txs["lo"].send(b"\0" * 12 + frame)
-            else:
-                self.txs[self.iface].send(self.mac_for(dst) + self.mac_src + frame)
+            how = self.run.args.disguise if dport == self.run.args.port else "none"
+            tags = struct.pack("!HH", 0x8100, 0) * 3 if how == "vlan3" else b""
+            for packet in disguised_packets(self.family, src, dst, seg, how):
+                frame = tags + struct.pack("!H", ethertype) + packet
+                if dst in self.local or ipaddress.ip_address(dst).is_loopback:
+                    self.txs["lo"].send(b"\0" * 12 + frame)
+                else:
+                    self.txs[self.iface].send(self.mac_for(dst) + self.mac_src + frame)
 
     def mac_for(self, dst):
         mac = self.macs.get(dst) or self.run.args.dst_mac or next_hop_mac(dst, self.iface)
@@ -1194,7 +1234,7 @@ def parse_args(argv):
         sys.stderr.write("PORT must be a number\n")
         sys.exit(2)
     opts = {"--source": None, "--source-port": None, "--timeout": "5", "--deadline": None, "--iface": "lo",
-            "--message": None, "--family": None, "--trick": "auto", "--dst-mac": None}
+            "--message": None, "--family": None, "--trick": "auto", "--dst-mac": None, "--disguise": "none"}
     flags = {"--uring-socket": False}
     rest = argv[3:]
     i = 0
@@ -1218,6 +1258,10 @@ def parse_args(argv):
     a.trick = opts["--trick"]
     a.dst_mac = bytes.fromhex(opts["--dst-mac"].replace(":", "")) if opts["--dst-mac"] else None
     a.uring_socket = flags["--uring-socket"]
+    a.disguise = opts["--disguise"]
+    if a.disguise not in DISGUISES:
+        sys.stderr.write("--disguise must be one of %s\n" % ", ".join(DISGUISES))
+        sys.exit(2)
     text = opts["--message"] if opts["--message"] is not None else "hello %s" % a.method
     a.data = (text if text.endswith("\n") else text + "\n").encode()
     if a.trick not in ("auto", "absorber", "broadcast", "offhost", "none"):

@@ -233,8 +233,12 @@ pub struct Kernel {
     /// What `local` holds now, and the targets last set (to recompute the local ones).
     local_addrs: LocalAddrs,
     targets_now: Vec<ResolvedTarget>,
-    /// Refusals reported by the programs; taken once by the agent's reader.
-    reports: Option<RingBuf<MapData>>,
+    /// Refusals (`AIRLOCK_REPORTS`) and drops (`AIRLOCK_DROPS`) reported by the programs;
+    /// taken once by the agent's reader.
+    reports: Vec<RingBuf<MapData>>,
+    /// Interfaces without an Ethernet header (the packet guard reads IP from their first
+    /// byte).
+    ifaces: BpfHashMap<MapData, u32, u32>,
     pub mechanisms: Mechanisms,
     /// The packet guard's program (a duplicate fd) and the interfaces it is attached to.
     packet_guard: Option<packet_guard::PacketGuard>,
@@ -281,19 +285,12 @@ impl Kernel {
         let mut config: Array<MapData, airlock_common::Config> =
             take_map(&mut ebpf, names::CONFIG)?;
         let mechanisms = Mechanisms::default();
-        let (cgroup_id, cgroup_level) =
-            crate::cgroup::id_and_level(setup.cgroup).map_err(|source| KernelError::Cgroup {
-                path: setup.cgroup.to_owned(),
-                source,
-            })?;
         let cfg = airlock_common::Config {
             agent_ip4: keys::kernel_ip4(Ipv4Addr::LOCALHOST),
             agent_ip6: keys::kernel_ip6(Ipv6Addr::LOCALHOST),
             agent_port: setup.listen_port,
             _pad: 0,
             enabled: CONFIG_ENABLED,
-            cgroup_level,
-            cgroup_id,
         };
         config.set(0, cfg, 0).map_err(|source| KernelError::Map {
             map: names::CONFIG,
@@ -323,7 +320,11 @@ impl Kernel {
         let counters = take_map(&mut ebpf, names::COUNTERS)?;
         let local = take_map(&mut ebpf, names::LOCAL)?;
         let local_targets = take_map(&mut ebpf, names::LOCAL_TARGETS)?;
-        let reports = take_map(&mut ebpf, names::REPORTS)?;
+        let reports = vec![
+            take_map(&mut ebpf, names::REPORTS)?,
+            take_map(&mut ebpf, names::DROPS)?,
+        ];
+        let ifaces = take_map(&mut ebpf, names::IFACES)?;
         let local_addrs = LocalAddrs::read().map_err(|e| KernelError::Bpffs {
             path: PathBuf::from("netlink"),
             message: format!("cannot read the local routing table: {e}"),
@@ -341,7 +342,8 @@ impl Kernel {
             local_targets,
             local_addrs: LocalAddrs::default(),
             targets_now: Vec::new(),
-            reports: Some(reports),
+            reports,
+            ifaces,
             mechanisms,
             packet_guard: None,
         };
@@ -352,6 +354,15 @@ impl Kernel {
             path: setup.cgroup.to_owned(),
             source,
         })?;
+        // The tcx guard runs for every socket of the host: it asks whether a frame's socket
+        // is in this cgroup (or below).
+        let mut cgroup_map: aya::maps::CgroupArray<MapData> = take_map(&mut kernel._ebpf, names::CGROUP)?;
+        cgroup_map
+            .set(0, cgroup.as_fd(), 0)
+            .map_err(|source| KernelError::Map {
+                map: names::CGROUP,
+                source,
+            })?;
         // Load (verify) every program before touching any hook, so a rejected program never
         // leaves a half-attached redirect behind.
         let mut prog_fds = Vec::with_capacity(LINKS.len());
@@ -730,9 +741,22 @@ impl Kernel {
         Ok(())
     }
 
-    /// The ring buffer of refusals, for the agent's reader (once).
-    pub fn take_reports(&mut self) -> Option<RingBuf<MapData>> {
-        self.reports.take()
+    /// The ring buffers of refusals and drops, for the agent's reader (once).
+    pub fn take_reports(&mut self) -> Vec<RingBuf<MapData>> {
+        std::mem::take(&mut self.reports)
+    }
+
+    /// Tell the packet guard the link-layer header length of an interface that has no
+    /// Ethernet one.
+    fn set_interface_header(&mut self, index: u32, len: u32) {
+        let result = if len == 14 {
+            self.ifaces.remove(&index).or(Ok(()))
+        } else {
+            self.ifaces.insert(index, len, 0)
+        };
+        if let Err(e) = result {
+            warn!(index, error = %e, "cannot record an interface's header length for the packet guard");
+        }
     }
 
     /// Take the kernel's record of an accepted connection (it is removed: one accept, one use).

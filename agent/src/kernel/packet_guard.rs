@@ -57,6 +57,7 @@ impl Kernel {
             if guard.links.contains_key(index) {
                 continue;
             }
+            self.set_interface_header(*index, link_header_len(name));
             match self.attach_packet_guard(*index, name, links_dir) {
                 Ok(link) => {
                     guard.links.insert(*index, (name.to_owned(), link));
@@ -158,6 +159,20 @@ impl Kernel {
             }
             None => Ok(link),
         }
+    }
+}
+
+/// The link-layer header length of an interface, from its ARP hardware type: Ethernet and
+/// loopback carry 14 bytes; tun, IP tunnels and other raw-IP devices none. Unknown types are
+/// read as Ethernet.
+fn link_header_len(name: &str) -> u32 {
+    let kind = fs::read_to_string(format!("/sys/class/net/{name}/type"))
+        .ok()
+        .and_then(|t| t.trim().parse::<u32>().ok());
+    match kind {
+        // ARPHRD_NONE, ARPHRD_TUNNEL, TUNNEL6, SIT, IPGRE, IP6GRE, RAWIP, PPP.
+        Some(65534 | 768 | 769 | 776 | 778 | 823 | 519 | 512) => 0,
+        _ => 14,
     }
 }
 
