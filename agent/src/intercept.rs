@@ -27,8 +27,9 @@ const MAX_CLIENT_HELLO: usize = 16 * 1024;
 
 /// How an intercepted connection ended.
 pub enum End {
-    /// HTTP served until one side closed.
-    Served,
+    /// HTTP served until one side closed, or the client went away (how, when it did not
+    /// close cleanly: a reset, a close mid-request, idle past the header timeout).
+    Served(Option<String>),
     /// Unknown SNI, passed through untouched.
     Spliced(Result<RelayEnd, relay::RelayError>),
 }
@@ -77,6 +78,33 @@ async fn open_upstream(
     }
 }
 
+/// A client going away is how connections end, not a refusal: a reset, a close before a
+/// request was complete, the header timeout between requests. `None` for real failures.
+fn ordinary_end(e: &hyper::Error) -> Option<&'static str> {
+    if e.is_timeout() {
+        return Some("idle past `header_read_timeout_secs`");
+    }
+    if e.is_incomplete_message() {
+        return Some("the client closed the connection before its request was complete");
+    }
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            use std::io::ErrorKind::*;
+            return match io.kind() {
+                ConnectionReset | ConnectionAborted => Some("the client reset the connection"),
+                BrokenPipe | NotConnected => Some("the client closed the connection"),
+                // TLS without close_notify: a truncation the client chose, not an attack
+                // on a request (an incomplete request is caught above).
+                UnexpectedEof => Some("the client closed the connection without a TLS close_notify"),
+                _ => None,
+            };
+        }
+        source = s.source();
+    }
+    None
+}
+
 fn server_name(host: &str) -> Result<ServerName<'static>, String> {
     ServerName::try_from(host.to_owned())
         .map_err(|e| format!("`{host}` is not a valid server name: {e}"))
@@ -108,7 +136,9 @@ impl Proxy {
             .map_err(|_| format!("the client sent nothing for {} s", timeout.as_secs()))?
             .map_err(|e| format!("reading from the client: {e}"))?;
         if n == 0 {
-            return Ok(End::Served);
+            return Ok(End::Served(Some(
+                "the client closed the connection without sending anything".into(),
+            )));
         }
         let backend = self
             .config
@@ -279,9 +309,13 @@ impl Proxy {
         conn.end_connection_session();
         // Its server connection, if idle, goes to the pool (through the slot's dialer).
         conn.upstream.lock().await.checkin();
-        served
-            .map(|_| End::Served)
-            .map_err(|e| format!("HTTP with the client: {e}"))
+        match served {
+            Ok(()) => Ok(End::Served(None)),
+            Err(e) => match ordinary_end(&e) {
+                Some(how) => Ok(End::Served(Some(how.into()))),
+                None => Err(format!("HTTP with the client: {e}")),
+            },
+        }
     }
 
     /// The upstream connection a new client connection starts with: an idle pooled one, or

@@ -305,6 +305,9 @@ impl Proxy {
         }
         let opened = std::time::Instant::now();
         let _ = client.set_nodelay(true);
+        // A second handle on the client socket: its byte counts are read from the kernel when
+        // the connection ends (TLS and HTTP are served on the first).
+        let counted = socket2::SockRef::from(&client).try_clone().ok();
         let mode = self
             .config
             .backends
@@ -348,7 +351,12 @@ impl Proxy {
                         )
                         .await
                     {
-                        Ok(crate::intercept::End::Served) => Ok(RelayEnd::Closed),
+                        Ok(crate::intercept::End::Served(how)) => {
+                            if let Some(how) = how {
+                                debug!(id = guard.id(), how, "the client went away");
+                            }
+                            Ok(RelayEnd::Closed)
+                        }
                         Ok(crate::intercept::End::Spliced(r)) => r.map_err(|e| e.to_string()),
                         Err(reason) => {
                             warn!(id = guard.id(), %reason, "intercepted connection refused");
@@ -363,9 +371,25 @@ impl Proxy {
             end = work => end,
             () = guard.killed() => Err("killed by an operator (airlock sessions kill)".to_owned()),
         };
+        // Bytes of an intercepted connection, as TCP counted them on the client's side (TLS
+        // included); the relay of an opaque one counted its own.
+        if let Some(sock) = counted {
+            if let Some((up, down)) = tcp_bytes(&sock)
+                && guard.bytes_up().load(Ordering::Relaxed) == 0
+                && guard.bytes_down().load(Ordering::Relaxed) == 0
+            {
+                guard.bytes_up().store(up, Ordering::Relaxed);
+                guard.bytes_down().store(down, Ordering::Relaxed);
+            }
+            drop(sock);
+        }
+        let idle = format!(
+            "idle for {} s (`idle_timeout_secs`)",
+            self.config.idle_timeout.as_secs()
+        );
         let (state, reason) = match &end {
             Ok(RelayEnd::Closed) => ("closed", "closed".to_owned()),
-            Ok(RelayEnd::IdleTimeout) => ("failed", "idle timeout".to_owned()),
+            Ok(RelayEnd::IdleTimeout) => ("closed", idle.clone()),
             Err(e) => ("failed", e.clone()),
         };
         let mut close = self.connection_record(
@@ -392,13 +416,7 @@ impl Proxy {
             }
             Ok(RelayEnd::IdleTimeout) => {
                 self.counters.idle_timeouts.fetch_add(1, Ordering::Relaxed);
-                guard.finish(
-                    ConnState::Failed,
-                    format!(
-                        "idle for {} s (`idle_timeout_secs`)",
-                        self.config.idle_timeout.as_secs()
-                    ),
-                );
+                guard.finish(ConnState::Closed, idle);
             }
             Err(e) => {
                 self.counters.relay_errors.fetch_add(1, Ordering::Relaxed);
@@ -509,6 +527,32 @@ pub(crate) fn now_us() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_micros() as i64)
         .unwrap_or(0)
+}
+
+/// Bytes received from and sent to (and acknowledged by) the peer of a TCP socket, from the
+/// kernel (`TCP_INFO`: `tcpi_bytes_received`, `tcpi_bytes_acked`).
+fn tcp_bytes(sock: &socket2::Socket) -> Option<(u64, u64)> {
+    use std::os::fd::AsRawFd as _;
+    // struct tcp_info up to tcpi_bytes_received (Linux 4.1+): bytes_acked at 120,
+    // bytes_received at 128.
+    let mut info = [0u8; 136];
+    let mut len = info.len() as libc::socklen_t;
+    // SAFETY: a buffer of `len` bytes for the kernel to fill; the fd is valid while `sock`.
+    let rc = unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            info.as_mut_ptr().cast(),
+            &raw mut len,
+        )
+    };
+    if rc != 0 || (len as usize) < info.len() {
+        return None;
+    }
+    let acked = u64::from_ne_bytes(info[120..128].try_into().ok()?);
+    let received = u64::from_ne_bytes(info[128..136].try_into().ok()?);
+    Some((received, acked))
 }
 
 /// Close with a RST so the client sees a failure at once rather than a clean empty response.

@@ -328,6 +328,22 @@ fn same_results_through_airlock_with(transport: &str, sdk: Sdk, extra: &[&str]) 
     assert!(agent.sigterm().success(), "{}", agent.log());
     drop(server);
     let records = archived_records(&agent.archive);
+    // A real client's connections end as connections end: closed, with their bytes, and no
+    // refusal in the log (issue 19: they were `failed`, 0 bytes, and WARNed as refused).
+    let closes: Vec<Value> = records
+        .iter()
+        .filter(|r| r["kind"] == "connection")
+        .filter_map(|r| serde_json::from_str::<Value>(r["payload"].as_str()?).ok())
+        .filter(|p| p["event"] == "close")
+        .collect();
+    assert!(!closes.is_empty(), "{records:#?}");
+    for c in &closes {
+        assert_eq!(c["state"], "closed", "{c}");
+        assert!(c["bytes_up"].as_u64().unwrap() > 0, "{c}");
+        assert!(c["bytes_down"].as_u64().unwrap() > 0, "{c}");
+    }
+    let log = agent.log();
+    assert!(!log.contains("intercepted connection refused"), "{log}");
     let find = |kind: &str, tool: &str| {
         records
             .iter()
