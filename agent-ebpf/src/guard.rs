@@ -102,6 +102,12 @@ fn try_setsockopt(ctx: &SockoptContext) -> i32 {
 /// Report a refusal made in the caller's context (pid, uid, comm, cgroup are its own).
 #[inline(never)]
 pub(crate) fn report_caller(kind: u32, family: u32, sock_type: u32, protocol: u32) {
+    report_caller_in(kind, family, sock_type, protocol, 0);
+}
+
+/// [`report_caller`] naming the network namespace it happened in.
+#[inline(never)]
+pub(crate) fn report_caller_in(kind: u32, family: u32, sock_type: u32, protocol: u32, netns: u64) {
     let Some(mut entry) = REPORTS.reserve::<Report>(0) else {
         count(Counter::ReportLost);
         return;
@@ -113,6 +119,7 @@ pub(crate) fn report_caller(kind: u32, family: u32, sock_type: u32, protocol: u3
     r.family = family;
     r.sock_type = sock_type;
     r.protocol = protocol;
+    r.netns = netns;
     r.pid = pid_tgid as u32;
     r.tgid = (pid_tgid >> 32) as u32;
     r.uid = uid_gid as u32;

@@ -42,8 +42,9 @@ use aya_ebpf::{
     helpers::{
         bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
         generated::{
-            bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_socket_cookie,
-            bpf_ktime_get_boot_ns, bpf_sk_storage_delete, bpf_sk_storage_get,
+            bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_netns_cookie,
+            bpf_get_socket_cookie, bpf_ktime_get_boot_ns, bpf_sk_storage_delete,
+            bpf_sk_storage_get,
         },
     },
     macros::{btf_map, cgroup_sock_addr, map, sock_ops},
@@ -88,6 +89,10 @@ pub(crate) static OWN: SkStorage<u32> = SkStorage::new();
 #[map(name = "AIRLOCK_FLOWS")]
 static FLOWS: LruHashMap<FlowKey, ConnMeta> = LruHashMap::with_max_entries(capacity::FLOWS, 0);
 
+/// Network namespaces (other than the agent's) the agent listens in, by cookie.
+#[map(name = "AIRLOCK_NETNS")]
+static NETNS: HashMap<u64, u32> = HashMap::with_max_entries(capacity::NETNS, 0);
+
 #[map(name = "AIRLOCK_COUNTER")]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT, 0);
 
@@ -99,6 +104,16 @@ pub fn airlock_conn4(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock_addr(connect6)]
 pub fn airlock_conn6(ctx: SockAddrContext) -> i32 {
     try_connect6(&ctx)
+}
+
+#[cgroup_sock_addr(bind4)]
+pub fn airlock_bind4(ctx: SockAddrContext) -> i32 {
+    try_bind(&ctx)
+}
+
+#[cgroup_sock_addr(bind6)]
+pub fn airlock_bind6(ctx: SockAddrContext) -> i32 {
+    try_bind(&ctx)
 }
 
 #[sock_ops]
@@ -156,6 +171,29 @@ fn is_tcp(ctx: &SockAddrContext) -> bool {
     true
 }
 
+/// A `bind()` to the agent's port in another network namespace by a socket that is not the
+/// agent's own: refused (a container's root could otherwise take the port the redirect sends
+/// that namespace's connections to). In the agent's own namespace the port is privileged.
+#[inline(never)]
+fn try_bind(ctx: &SockAddrContext) -> i32 {
+    // SAFETY: valid context pointer; plain field read.
+    let port = u16::from_be(unsafe { (*ctx.sock_addr).user_port } as u16);
+    let Some(cfg) = CONFIG.get(0) else {
+        return ALLOW;
+    };
+    if cfg.enabled != CONFIG_ENABLED || port != cfg.agent_port {
+        return ALLOW;
+    }
+    // SAFETY: the helper takes the program's context.
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    if netns == cfg.host_netns || is_own(ctx) {
+        return ALLOW;
+    }
+    count(Counter::RefusedAgentPortBind);
+    guard::report_caller_in(airlock_common::report::AGENT_PORT_BIND, 0, 0, u32::from(port), netns);
+    REFUSE
+}
+
 /// Whether the agent tagged this socket as one of its own upstream connections.
 #[inline(always)]
 fn is_own(ctx: &SockAddrContext) -> bool {
@@ -192,7 +230,7 @@ fn try_connect4(ctx: &SockAddrContext) -> i32 {
         port,
         _pad: 0,
     };
-    let verdict = redirect_verdict(ctx, &key, &mapped(dialed), family::IPV4);
+    let verdict = redirect_verdict(ctx, cfg, &key, &mapped(dialed), family::IPV4);
     if verdict == Redirect::Go {
         // SAFETY: valid context pointer; the kernel allows writing user_ip4/user_port here.
         unsafe {
@@ -250,7 +288,7 @@ fn try_connect6(ctx: &SockAddrContext) -> i32 {
     } else {
         family::IPV6
     };
-    let verdict = redirect_verdict(ctx, &key, &dialed, fam);
+    let verdict = redirect_verdict(ctx, cfg, &key, &dialed, fam);
     if verdict == Redirect::Go {
         // An IPv4-mapped destination goes to the agent's IPv4 listener through the same
         // mapped form; a native IPv6 one to the IPv6 listener (`::` that became an
@@ -349,6 +387,7 @@ fn unspecified_v6(ctx: &SockAddrContext) -> [u32; 4] {
 #[inline(always)]
 fn redirect_verdict(
     ctx: &SockAddrContext,
+    cfg: &Config,
     key: &TargetKey,
     dialed: &[u32; 4],
     fam: u16,
@@ -378,6 +417,24 @@ fn redirect_verdict(
     if is_own(ctx) {
         count(Counter::SkipOwn);
         return Redirect::Pass;
+    }
+    // Another network namespace (a container) reaches the agent only where it listens.
+    // SAFETY: the helper takes the program's context.
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    if netns != cfg.host_netns {
+        // SAFETY: the map value is plain data.
+        if unsafe { NETNS.get(&netns) }.is_none() {
+            count(Counter::RefusedNetnsNotEnrolled);
+            guard::report_caller_in(
+                airlock_common::report::NETNS_NOT_ENROLLED,
+                u32::from(fam),
+                0,
+                u32::from(key.port),
+                netns,
+            );
+            return Redirect::Refuse;
+        }
+        count(Counter::RedirectOtherNetns);
     }
     let pid_tgid = bpf_get_current_pid_tgid();
     let uid_gid = bpf_get_current_uid_gid();
@@ -423,6 +480,7 @@ fn redirect_verdict(
         (*p).dialed_addr = *dialed;
         (*p).matched = how;
         (*p)._pad = 0;
+        (*p).netns = netns;
     }
     match how {
         matched::UNSPECIFIED => count(Counter::RedirectUnspecified),
@@ -521,12 +579,16 @@ fn flow_key(ctx: &SockOpsContext) -> Option<FlowKey> {
     } else {
         return None;
     };
+    // SAFETY: the helper takes the program's context.
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     Some(FlowKey {
         src_addr,
         dst_addr,
         src_port: local_port as u16,
         // remote_port holds the network-order port in its upper half on little endian.
         dst_port: u32::from_be(remote_port) as u16,
+        _pad: 0,
+        netns,
     })
 }
 

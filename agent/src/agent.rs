@@ -125,6 +125,13 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     let v6 = SocketAddr::from((Ipv6Addr::LOCALHOST, config.listen_port));
     let listening_since_ns = boottime_ns().map_err(RunError::Clock)?;
     let listeners = [bind(v4)?, bind(v6)?];
+    let host_netns = {
+        use std::os::fd::AsFd as _;
+        crate::keys::netns_cookie(listeners[0].as_fd()).map_err(|source| RunError::Listen {
+            addr: v4,
+            source,
+        })?
+    };
     // Metrics: families fed from now on; the endpoint bound before the programs attach.
     let metrics = match config.metrics_listen {
         Some(addr) => {
@@ -144,6 +151,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
             listen_port: config.listen_port,
             pin_links: config.on_agent_down == OnAgentDown::Block,
             require_socket_guard: config.socket_guard == crate::config::SocketGuard::Require,
+            host_netns,
         },
         &targets,
     )?;
@@ -255,6 +263,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         upstream_pool: Default::default(),
         own,
         targets: std::sync::RwLock::new(targets),
+        host_netns,
         resources: Arc::new(crate::limits::Limits::new(
             config.max_connections_per_uid,
             config.max_inflight_bytes_per_uid,

@@ -47,14 +47,40 @@ pub fn target_key(addr: SocketAddr) -> TargetKey {
 }
 
 /// The key under which sock_ops recorded an accepted connection: `peer` is the client's socket
-/// as `accept()` reports it, `local` the agent's listening address it arrived on.
-pub fn flow_key(peer: SocketAddr, local: SocketAddr) -> FlowKey {
+/// as `accept()` reports it, `local` the agent's listening address it arrived on, `netns` the
+/// cookie of the namespace the listener is in.
+pub fn flow_key(peer: SocketAddr, local: SocketAddr, netns: u64) -> FlowKey {
     FlowKey {
         src_addr: ip_words(peer.ip()),
         dst_addr: ip_words(local.ip()),
         src_port: peer.port(),
         dst_port: local.port(),
+        _pad: 0,
+        netns,
     }
+}
+
+/// `SO_NETNS_COOKIE` (Linux 5.14): the cookie of the network namespace a socket lives in,
+/// the value `bpf_get_netns_cookie` gives the programs.
+pub fn netns_cookie(socket: std::os::fd::BorrowedFd<'_>) -> std::io::Result<u64> {
+    use std::os::fd::AsRawFd as _;
+    const SO_NETNS_COOKIE: libc::c_int = 71;
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: an 8-byte buffer for the kernel to fill; the fd is borrowed for the call.
+    let rc = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            (&raw mut cookie).cast(),
+            &raw mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(cookie)
 }
 
 /// The agent's listen addresses in the form `Config` stores them (network-order words).
@@ -99,9 +125,10 @@ mod tests {
         assert_eq!(
             flow_key(
                 sa("[::ffff:127.0.0.1]:40000"),
-                sa("[::ffff:127.0.0.1]:1010")
+                sa("[::ffff:127.0.0.1]:1010"),
+                7
             ),
-            flow_key(sa("127.0.0.1:40000"), sa("127.0.0.1:1010"))
+            flow_key(sa("127.0.0.1:40000"), sa("127.0.0.1:1010"), 7)
         );
     }
 
@@ -119,10 +146,12 @@ mod tests {
 
     #[test]
     fn ports_are_host_order_and_direction_matters() {
-        let key = flow_key(sa("127.0.0.1:40000"), sa("127.0.0.1:1010"));
+        let key = flow_key(sa("127.0.0.1:40000"), sa("127.0.0.1:1010"), 7);
         assert_eq!(key.src_port, 40000);
         assert_eq!(key.dst_port, 1010);
-        assert_ne!(key, flow_key(sa("127.0.0.1:1010"), sa("127.0.0.1:40000")));
+        assert_ne!(key, flow_key(sa("127.0.0.1:1010"), sa("127.0.0.1:40000"), 7));
+        // The same 4-tuple in another namespace is another connection.
+        assert_ne!(key, flow_key(sa("127.0.0.1:40000"), sa("127.0.0.1:1010"), 8));
     }
 
     #[test]

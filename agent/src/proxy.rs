@@ -54,6 +54,8 @@ pub struct Proxy {
     pub targets: std::sync::RwLock<Vec<crate::config::ResolvedTarget>>,
     /// Per-uid and parsing budgets.
     pub resources: Arc<crate::limits::Limits>,
+    /// The agent's own network namespace (`SO_NETNS_COOKIE`).
+    pub host_netns: u64,
 }
 
 /// The agent's own counters, shown next to the kernel's.
@@ -132,7 +134,7 @@ impl Proxy {
                 return;
             }
         };
-        let key = keys::flow_key(peer, local);
+        let key = keys::flow_key(peer, local, self.host_netns);
         let meta = match self.kernel.lock() {
             Ok(mut k) => k.take_flow(&key),
             Err(_) => None,

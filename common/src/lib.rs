@@ -31,6 +31,7 @@ pub mod names {
     pub const REPORTED: &str = "AIRLOCK_REPORTED";
     pub const CGROUP: &str = "AIRLOCK_CGROUP";
     pub const IFACES: &str = "AIRLOCK_IFACES";
+    pub const NETNS: &str = "AIRLOCK_NETNS";
 
     pub const PROG_CONNECT4: &str = "airlock_conn4";
     pub const PROG_CONNECT6: &str = "airlock_conn6";
@@ -39,9 +40,11 @@ pub mod names {
     pub const PROG_SOCKET_CREATE: &str = "airlock_sock_new";
     pub const PROG_SETSOCKOPT: &str = "airlock_sockopt";
     pub const PROG_PACKET_OUT: &str = "airlock_pkt_out";
+    pub const PROG_BIND4: &str = "airlock_bind4";
+    pub const PROG_BIND6: &str = "airlock_bind6";
 
     /// Every map, for pinning and for `airlock detach`.
-    pub const MAPS: [&str; 14] = [
+    pub const MAPS: [&str; 15] = [
         CONFIG,
         TARGETS,
         PORTS,
@@ -56,6 +59,7 @@ pub mod names {
         REPORTED,
         CGROUP,
         IFACES,
+        NETNS,
     ];
 }
 
@@ -75,6 +79,8 @@ pub mod capacity {
     pub const DROPS_BYTES: u32 = 128 * 1024;
     /// Interfaces without an Ethernet header the packet guard knows of.
     pub const IFACES: u32 = 4096;
+    /// Network namespaces the agent listens in (containers).
+    pub const NETNS: u32 = 16384;
 }
 
 /// Backends on local addresses that share one port: at most this many per port.
@@ -105,6 +111,10 @@ pub struct Config {
     pub _pad: u16,
     /// [`CONFIG_ENABLED`] once written; until then the programs let everything through.
     pub enabled: u32,
+    pub _pad2: u32,
+    /// The agent's own network namespace (`SO_NETNS_COOKIE`): a connection from another one
+    /// is redirected only when the agent listens there (`AIRLOCK_NETNS`).
+    pub host_netns: u64,
 }
 
 /// Key of `AIRLOCK_TARGETS`: one backend address and port.
@@ -125,6 +135,10 @@ pub struct FlowKey {
     pub dst_addr: [u32; 4],
     pub src_port: u16,
     pub dst_port: u16,
+    pub _pad: u32,
+    /// The network namespace of the connection (`bpf_get_netns_cookie`): loopback 4-tuples
+    /// repeat across namespaces.
+    pub netns: u64,
 }
 
 /// How the caller addressed the backend in `connect()`.
@@ -169,6 +183,8 @@ pub struct ConnMeta {
     /// How the destination was matched: one of [`matched`].
     pub matched: u32,
     pub _pad: u32,
+    /// The caller's network namespace (`bpf_get_netns_cookie`).
+    pub netns: u64,
 }
 
 /// How a destination was found to be a backend.
@@ -223,6 +239,12 @@ pub mod report {
     /// wildcard listener of the other family; `0.0.0.0` on a device-bound socket): `connect()`
     /// refused.
     pub const AMBIGUOUS: u32 = 6;
+    /// A `connect()` to a backend from a network namespace the agent does not listen in (not
+    /// enrolled yet): refused with `EPERM`, so the agent enrols it.
+    pub const NETNS_NOT_ENROLLED: u32 = 7;
+    /// A `bind()` to the agent's port by another socket (it would receive redirected
+    /// connections while the agent is away): refused.
+    pub const AGENT_PORT_BIND: u32 = 8;
 }
 
 /// One entry of the `AIRLOCK_REPORTS` ring buffer.
@@ -251,6 +273,8 @@ pub struct Report {
     pub src_port: u16,
     pub dst_port: u16,
     pub backend_id: u32,
+    /// The network namespace the refusal happened in (`bpf_get_netns_cookie`), when known.
+    pub netns: u64,
 }
 
 impl Report {
@@ -273,6 +297,7 @@ impl Report {
             src_port: 0,
             dst_port: 0,
             backend_id: 0,
+            netns: 0,
         }
     }
 }
@@ -295,6 +320,7 @@ impl ConnMeta {
             dialed_addr: [0; 4],
             matched: 0,
             _pad: 0,
+            netns: 0,
         }
     }
 }
@@ -349,10 +375,16 @@ pub enum Counter {
     ReportLost,
     /// A destination that may or may not be a backend's, refused (see `report::AMBIGUOUS`).
     RefusedAmbiguous,
+    /// Redirected a connect() from another network namespace to the agent's listener there.
+    RedirectOtherNetns,
+    /// Refused a connect() to a backend from a namespace the agent does not listen in.
+    RefusedNetnsNotEnrolled,
+    /// Refused a bind() to the agent's port.
+    RefusedAgentPortBind,
 }
 
 impl Counter {
-    pub const COUNT: u32 = 21;
+    pub const COUNT: u32 = 24;
     pub const ALL: [Counter; Self::COUNT as usize] = [
         Counter::SkipNotTcp,
         Counter::SkipUnconfigured,
@@ -375,6 +407,9 @@ impl Counter {
         Counter::EgressDropped,
         Counter::ReportLost,
         Counter::RefusedAmbiguous,
+        Counter::RedirectOtherNetns,
+        Counter::RefusedNetnsNotEnrolled,
+        Counter::RefusedAgentPortBind,
     ];
 
     /// The name `airlock status` shows.
@@ -401,6 +436,9 @@ impl Counter {
             Counter::EgressDropped => "egress_dropped",
             Counter::ReportLost => "report_lost",
             Counter::RefusedAmbiguous => "refused_ambiguous",
+            Counter::RedirectOtherNetns => "redirect_other_netns",
+            Counter::RefusedNetnsNotEnrolled => "refused_netns_not_enrolled",
+            Counter::RefusedAgentPortBind => "refused_agent_port_bind",
         }
     }
 }
@@ -425,11 +463,12 @@ mod tests {
 
     #[test]
     fn config_layout() {
-        assert_eq!(size_of::<Config>(), 28);
+        assert_eq!(size_of::<Config>(), 40);
         assert_eq!(offset_of!(Config, agent_ip4), 0);
         assert_eq!(offset_of!(Config, agent_ip6), 4);
         assert_eq!(offset_of!(Config, agent_port), 20);
         assert_eq!(offset_of!(Config, enabled), 24);
+        assert_eq!(offset_of!(Config, host_netns), 32);
     }
 
     #[test]
@@ -441,15 +480,16 @@ mod tests {
 
     #[test]
     fn flow_key_layout() {
-        assert_eq!(size_of::<FlowKey>(), 36);
+        assert_eq!(size_of::<FlowKey>(), 48);
         assert_eq!(offset_of!(FlowKey, dst_addr), 16);
         assert_eq!(offset_of!(FlowKey, src_port), 32);
         assert_eq!(offset_of!(FlowKey, dst_port), 34);
+        assert_eq!(offset_of!(FlowKey, netns), 40);
     }
 
     #[test]
     fn conn_meta_layout() {
-        assert_eq!(size_of::<ConnMeta>(), 104);
+        assert_eq!(size_of::<ConnMeta>(), 112);
         assert_eq!(align_of::<ConnMeta>(), 8);
         assert_eq!(offset_of!(ConnMeta, orig_port), 16);
         assert_eq!(offset_of!(ConnMeta, orig_family), 18);
@@ -464,6 +504,7 @@ mod tests {
         assert_eq!(offset_of!(ConnMeta, connect_ns), 72);
         assert_eq!(offset_of!(ConnMeta, dialed_addr), 80);
         assert_eq!(offset_of!(ConnMeta, matched), 96);
+        assert_eq!(offset_of!(ConnMeta, netns), 104);
     }
 
     #[test]
@@ -476,7 +517,8 @@ mod tests {
 
     #[test]
     fn report_layout() {
-        assert_eq!(size_of::<Report>(), 112);
+        assert_eq!(size_of::<Report>(), 120);
+        assert_eq!(offset_of!(Report, netns), 112);
         assert_eq!(align_of::<Report>(), 8);
         assert_eq!(offset_of!(Report, comm), 32);
         assert_eq!(offset_of!(Report, cgroup_id), 48);
@@ -495,6 +537,8 @@ mod tests {
             names::PROG_SOCKET_CREATE,
             names::PROG_SETSOCKOPT,
             names::PROG_PACKET_OUT,
+            names::PROG_BIND4,
+            names::PROG_BIND6,
         ];
         for n in progs.iter().chain(names::MAPS.iter()) {
             assert!(n.len() <= 15, "{n} would be truncated by BPF_OBJ_NAME_LEN");

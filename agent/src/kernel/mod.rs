@@ -41,9 +41,11 @@ static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"),
 
 /// Pinned link name, program name: the cgroup links. The packet guard's tcx links, one per
 /// interface, are `links/tc-<ifindex>` (`packet_guard.rs`).
-const LINKS: [(&str, &str); 6] = [
+const LINKS: [(&str, &str); 8] = [
     ("connect4", names::PROG_CONNECT4),
     ("connect6", names::PROG_CONNECT6),
+    ("bind4", names::PROG_BIND4),
+    ("bind6", names::PROG_BIND6),
     ("sock_ops", names::PROG_SOCK_OPS),
     ("egress", names::PROG_EGRESS),
     ("socket_create", names::PROG_SOCKET_CREATE),
@@ -239,6 +241,8 @@ pub struct Kernel {
     /// Interfaces without an Ethernet header (the packet guard reads IP from their first
     /// byte).
     ifaces: BpfHashMap<MapData, u32, u32>,
+    /// Network namespaces the agent listens in (by cookie).
+    netns: BpfHashMap<MapData, u64, u32>,
     pub mechanisms: Mechanisms,
     /// The packet guard's program (a duplicate fd) and the interfaces it is attached to.
     packet_guard: Option<packet_guard::PacketGuard>,
@@ -251,8 +255,10 @@ pub struct KernelSetup<'a> {
     pub listen_port: u16,
     /// Pin the links (fail closed when the agent is down) or not (bypass).
     pub pin_links: bool,
-    /// Refuse to start without the socket guard (BPF LSM), or warn and run without it.
+    /// Refuse to start without the socket guard, or warn and run without it.
     pub require_socket_guard: bool,
+    /// The agent's network namespace (`SO_NETNS_COOKIE`).
+    pub host_netns: u64,
 }
 
 impl Kernel {
@@ -291,6 +297,8 @@ impl Kernel {
             agent_port: setup.listen_port,
             _pad: 0,
             enabled: CONFIG_ENABLED,
+            _pad2: 0,
+            host_netns: setup.host_netns,
         };
         config.set(0, cfg, 0).map_err(|source| KernelError::Map {
             map: names::CONFIG,
@@ -325,6 +333,7 @@ impl Kernel {
             take_map(&mut ebpf, names::DROPS)?,
         ];
         let ifaces = take_map(&mut ebpf, names::IFACES)?;
+        let netns = take_map(&mut ebpf, names::NETNS)?;
         let local_addrs = LocalAddrs::read().map_err(|e| KernelError::Bpffs {
             path: PathBuf::from("netlink"),
             message: format!("cannot read the local routing table: {e}"),
@@ -344,6 +353,7 @@ impl Kernel {
             targets_now: Vec::new(),
             reports,
             ifaces,
+            netns,
             mechanisms,
             packet_guard: None,
         };
@@ -739,6 +749,20 @@ impl Kernel {
             let _ = self.local_targets.remove(&port);
         }
         Ok(())
+    }
+
+    /// Let connections to backends from network namespace `cookie` through to the agent's
+    /// listener there (or, `false`, refuse them again).
+    pub fn set_netns(&mut self, cookie: u64, served: bool) -> Result<(), KernelError> {
+        let result = if served {
+            self.netns.insert(cookie, 1, 0)
+        } else {
+            self.netns.remove(&cookie).or(Ok(()))
+        };
+        result.map_err(|source| KernelError::Map {
+            map: names::NETNS,
+            source,
+        })
     }
 
     /// The ring buffers of refusals and drops, for the agent's reader (once).
