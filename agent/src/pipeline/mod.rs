@@ -42,7 +42,7 @@ use crate::{
         jsonrpc::{self, Kind, code},
         session::{ExpectError, Pending, SessionKey, Sessions},
     },
-    policy::{self, Direction, MaskCounts, RecordLevel, Verdict, store::PolicyStore},
+    policy::{self, Direction, Masking, RecordLevel, Verdict, store::PolicyStore},
 };
 
 /// One MCP message on its way through.
@@ -216,9 +216,9 @@ impl Pipeline {
                         .protocol_refused
                         .fetch_add(1, Ordering::Relaxed);
                     let (code, rule) = match e {
-                        ExpectError::Duplicate => (code::INVALID_REQUEST, "airlock:duplicate_id"),
+                        ExpectError::Duplicate => (code::INVALID_REQUEST, rule::DUPLICATE_ID),
                         ExpectError::Full | ExpectError::UidFull | ExpectError::TableFull => {
-                            (code::UNAVAILABLE, "airlock:pending_full")
+                            (code::UNAVAILABLE, rule::PENDING_FULL)
                         }
                     };
                     protocol_refusal = Some((code, format!("Airlock: {e}"), rule));
@@ -260,16 +260,17 @@ impl Pipeline {
         } else {
             None
         };
-        let counts: MaskCounts = if decision.masks_anything() {
+        let masking = if decision.masks_anything() {
             set.mask(&decision, &mut value)
         } else {
-            MaskCounts::new()
+            Masking::default()
         };
-        let masked: u32 = counts.values().sum();
+        let masked = masking.total();
         // Consistent listing: a tool every call of which this caller would be refused is not
         // listed to it either. A listing is recognised by its shape, whatever request it
         // claims to answer.
-        let mut hidden = Vec::new();
+        // The tools taken out of a listing, and the rule that hid each one.
+        let mut hidden: Vec<(String, String)> = Vec::new();
         let mut pin_alerts: Vec<(String, String, String)> = Vec::new();
         let mut pins_touched = false;
         if kind == Kind::Response
@@ -291,12 +292,17 @@ impl Pipeline {
                     crate::policy::pins::PinCheck::New => pins_touched = true,
                     crate::policy::pins::PinCheck::Unchanged => {}
                 }
-                let visible = set.tool_visible(&ctx.subject, &ctx.backend, name)
-                    && !(block_changed && pins.is_changed(&ctx.backend, name));
-                if !visible {
-                    hidden.push(name.to_owned());
+                let hidden_by = match set.tool_hidden_by(&ctx.subject, &ctx.backend, name) {
+                    Some(rule) => Some(rule),
+                    None if block_changed && pins.is_changed(&ctx.backend, name) => {
+                        Some(rule::TOOL_CHANGED)
+                    }
+                    None => None,
+                };
+                if let Some(rule) = hidden_by {
+                    hidden.push((name.to_owned(), rule.to_owned()));
                 }
-                visible
+                hidden_by.is_none()
             });
         }
         if pins_touched {
@@ -357,10 +363,9 @@ impl Pipeline {
                     .unwrap_or_else(|p| p.into_inner())
                     .is_changed(&ctx.backend, t)
             });
-        let mut rules = decision.rules.clone();
+        // A refusal: its JSON-RPC error, the record's decision and the rule behind it.
         let refusal = if let Some((code, message, rule)) = protocol_refusal {
-            rules.push(rule.to_owned());
-            Some((code, message, "block"))
+            Some((code, message, "block", rule.to_owned()))
         } else if changed_tool {
             Some((
                 code::BLOCKED,
@@ -372,6 +377,7 @@ impl Pipeline {
                     tool.as_deref().unwrap_or("")
                 ),
                 "block",
+                rule::TOOL_CHANGED.to_owned(),
             ))
         } else {
             match &decision.verdict {
@@ -383,6 +389,7 @@ impl Pipeline {
                         describe(method.as_deref(), tool.as_deref())
                     ),
                     "block",
+                    rule.clone(),
                 )),
                 // A notification cannot wait for a decision (nothing answers it): refused.
                 Verdict::Approve { rule, .. } if kind != Kind::Request => Some((
@@ -392,6 +399,7 @@ impl Pipeline {
                         describe(method.as_deref(), tool.as_deref())
                     ),
                     "block",
+                    rule.clone(),
                 )),
                 Verdict::Approve { rule, timeout } => {
                     let args = value
@@ -431,6 +439,7 @@ impl Pipeline {
                                 describe(method.as_deref(), tool.as_deref())
                             ),
                             "denied",
+                            rule.clone(),
                         )),
                     }
                 }
@@ -442,6 +451,26 @@ impl Pipeline {
         {
             self.sessions.cancel(&session, c2s, id);
         }
+        let decision_name = match &refusal {
+            Some((_, _, d, _)) => *d,
+            None if approved => "approved",
+            None if masked > 0 => "mask",
+            // A listing with tools hidden by a block rule.
+            None if !hidden.is_empty() => "block",
+            None => "allow",
+        };
+        // The rule behind a refusal or an approval comes first.
+        let deciding = match &refusal {
+            Some((_, _, _, rule)) => Some(rule.as_str()),
+            None if approved => decision.verdict_rule.as_deref(),
+            None => None,
+        };
+        let rules = acting_rules(
+            deciding,
+            decision.verdict_rule.as_deref(),
+            &masking,
+            &hidden,
+        );
         let mut record = ctx.record(&self.host, direction, kind.as_str());
         record.mcp_session_id = mcp_session_id.clone();
         record.method = method.clone();
@@ -450,18 +479,8 @@ impl Pipeline {
         record.latency_us = latency_us;
         record.rules = rules.clone();
         record.policy_hash = Some(set.hash.clone());
-        record.masked_detectors = counts
-            .iter()
-            .flat_map(|(d, n)| std::iter::repeat_n(d.clone(), *n as usize))
-            .collect();
-        record.decision = match refusal {
-            Some((_, _, d)) => d.into(),
-            None if approved => "approved".into(),
-            None if masked > 0 => "mask".into(),
-            // A listing with tools hidden by a block rule.
-            None if !hidden.is_empty() => "block".into(),
-            None => "allow".into(),
-        };
+        record.masked_detectors = masking.detectors();
+        record.decision = decision_name.into();
         let level = decision.record;
         if level == RecordLevel::Full {
             let text = match raw.as_deref().map(std::str::from_utf8) {
@@ -478,7 +497,7 @@ impl Pipeline {
             }
             return Err(PipelineError::Archive(e.to_string()));
         }
-        if let Some((code, message, decision_name)) = refusal {
+        if let Some((code, message, decision_name, _)) = refusal {
             self.counters.blocked.fetch_add(1, Ordering::Relaxed);
             let answer = jsonrpc::error_response(jsonrpc::id(&value), code, &message, None);
             let mut rec = ctx.record(&self.host, direction.reverse(), "error");
@@ -574,6 +593,50 @@ impl Pipeline {
     }
 }
 
+/// Rule ids of Airlock's own refusals (not policy rules), as records and events name them.
+pub(crate) mod rule {
+    /// A tool whose definition changed since it was pinned (`tool_changes = "block"`).
+    pub const TOOL_CHANGED: &str = "airlock:tool_changed";
+    /// A request reusing the id of one still waiting in its session.
+    pub const DUPLICATE_ID: &str = "airlock:duplicate_id";
+    /// A request past the session's (or the caller's) bound of requests waiting.
+    pub const PENDING_FULL: &str = "airlock:pending_full";
+}
+
+/// The rules that acted on a message, for its record's `rules` and its audit event's
+/// `policy`: the rule behind the record's decision first, then the others that acted, each
+/// once. Behind the decision: `deciding`, the rule of a refusal (a block or approve rule, or
+/// one of Airlock's own, `airlock:…`) or of an approval; otherwise (an allowed message) the
+/// mask rules that masked a value, or the rules that hid tools from a listing, or the
+/// `allow` rule that allowed it. A mask rule that matched but masked nothing did not act, and
+/// neither did a verdict that one of Airlock's own refusals overrode.
+fn acting_rules(
+    deciding: Option<&str>,
+    verdict_rule: Option<&str>,
+    masking: &policy::Masking,
+    hidden: &[(String, String)],
+) -> Vec<String> {
+    let mut rules: Vec<String> = Vec::new();
+    let mut add = |r: &str| {
+        if !rules.iter().any(|x| x == r) {
+            rules.push(r.to_owned());
+        }
+    };
+    match deciding {
+        Some(r) => add(r),
+        None => {
+            masking.rules.iter().for_each(|r| add(r));
+            hidden.iter().for_each(|(_, r)| add(r));
+            if let Some(r) = verdict_rule {
+                add(r);
+            }
+        }
+    }
+    // A refused call whose arguments were masked: the mask rules acted too.
+    masking.rules.iter().for_each(|r| add(r));
+    rules
+}
+
 fn describe(method: Option<&str>, tool: Option<&str>) -> String {
     match (method, tool) {
         (_, Some(t)) => format!("tools/call `{t}`"),
@@ -581,3 +644,6 @@ fn describe(method: Option<&str>, tool: Option<&str>) -> String {
         (None, None) => "this message".into(),
     }
 }
+
+#[cfg(test)]
+mod tests;
