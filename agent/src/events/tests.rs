@@ -81,6 +81,8 @@ pub(crate) fn every_kind() -> Vec<(&'static str, Value)> {
     let mut masked = record("response", "mask");
     masked.direction = "server_to_client".into();
     masked.masked_detectors = vec!["github_token".into(), "github_token".into(), "jwt".into()];
+    // A record names the rules that masked something, in order: the first is the policy.
+    masked.rules = vec!["mask-tokens".into(), "mask-jwts".into()];
     out.push(("masked", ocsf::from_record(&masked, v).unwrap()));
     let mut approved = record("approval", "approved");
     approved.payload = Some(MaskedPayload::agent_event(
@@ -237,7 +239,7 @@ fn every_kind_has_the_class_and_disposition_of_its_decision() {
     // (kind, class_uid, activity_id, action_id, disposition_id)
     for (name, class, activity, action, disposition) in [
         ("blocked", 6003, 99, Some(2), Some(2)),
-        ("masked", 6003, 99, Some(99), Some(1)),
+        ("masked", 6003, 99, Some(4), Some(1)),
         ("approved", 6003, 99, Some(1), Some(8)),
         ("denied", 6003, 99, Some(2), Some(25)),
         ("timed_out", 6003, 99, Some(2), Some(25)),
@@ -274,6 +276,16 @@ fn every_kind_has_the_class_and_disposition_of_its_decision() {
     assert_eq!(
         m["unmapped"]["airlock"]["masked"],
         json!({"github_token": 2, "jwt": 1})
+    );
+    // The security-control profile's 4 Modified, not 99 Other (issue 19).
+    assert_eq!(
+        (&m["action_id"], &m["action"]),
+        (&json!(4), &json!("Modified"))
+    );
+    assert_eq!(m["policy"]["uid"], "mask-tokens");
+    assert_eq!(
+        m["unmapped"]["airlock"]["rules"],
+        json!(["mask-tokens", "mask-jwts"])
     );
     assert_eq!(by_name["policy_refused"]["status_id"], 2);
     assert_eq!(
