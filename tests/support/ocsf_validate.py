@@ -25,9 +25,12 @@ import importlib.resources
 import json
 import sys
 
-import jsonschema
-from ocsf_json_schema import OcsfJsonSchemaEmbedded
-from pydantic import BaseModel, ValidationError
+try:
+    import jsonschema
+    from ocsf_json_schema import OcsfJsonSchemaEmbedded
+    from pydantic import BaseModel, ValidationError
+except ImportError as e:
+    sys.exit(f"{e}: run `cargo xtask setup` (target/test-venv-ocsf needs pydantic-ocsf, ocsf-json-schema and jsonschema)")
 
 from ocsf._schema_loader import get_schema_loader  # noqa: F401 (the schema's presence)
 from ocsf.v1_7_0 import events, objects

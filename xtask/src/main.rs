@@ -397,7 +397,7 @@ fn test_node() -> Result<()> {
 /// Prometheus for the metrics test: Debian's package, downloaded and unpacked under
 /// `target/test-prometheus` (not installed: the test runs the binary as a plain process; it
 /// needs only libc, the package's other dependencies are the web UI's assets and the service
-/// user).
+/// user). The package also ships `usr/bin/promtool`, which lints the endpoint's answers.
 fn test_prometheus() -> Result<()> {
     unpack_debian_package("prometheus", "target/test-prometheus", "usr/bin/prometheus")
 }

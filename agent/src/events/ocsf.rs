@@ -3,8 +3,9 @@
 //! Which record or agent event becomes which OCSF class, field by field, is documented in
 //! EVENTS.md; every enum value used here is the OCSF 1.7.0 schema's, with its profiles (the
 //! `ocsf_schema_validates_every_kind` test validates one event of each kind against the
-//! official 1.7.0 export, as PyPI `ocsf-json-schema` ships it, and with PyPI `pydantic-ocsf`). Events never carry payloads or arguments: masked values are counted by
-//! detector, never copied, and command lines (which carry tokens) are left out.
+//! official 1.7.0 export, as PyPI `ocsf-json-schema` ships it, and with PyPI `pydantic-ocsf`).
+//! Events never carry payloads or arguments: masked values are counted by detector, never
+//! copied, and command lines (which carry tokens) are left out.
 
 use std::collections::BTreeMap;
 

@@ -1,5 +1,6 @@
-//! The mapper's events, one of each kind, validated against the OCSF 1.7.0 schema by
-//! pydantic-ocsf (`target/test-venv-ocsf`), and the sinks' local behaviour.
+//! The mapper's events, one of each kind, validated against the OCSF 1.7.0 schema (the
+//! official export with its profiles, and pydantic-ocsf's models: `target/test-venv-ocsf`,
+//! `tests/support/ocsf_validate.py`), and the sinks' local behaviour.
 
 use std::{io::Write as _, path::PathBuf, process::Stdio};
 
@@ -182,7 +183,7 @@ fn ocsf_python() -> Option<PathBuf> {
     }
     if std::env::var("CI").is_ok_and(|v| v == "true") {
         panic!(
-            "{} is missing: `cargo xtask setup` creates it (pydantic-ocsf)",
+            "{} is missing: `cargo xtask setup` creates it (pydantic-ocsf, ocsf-json-schema)",
             p.display()
         );
     }
@@ -194,7 +195,7 @@ fn ocsf_python() -> Option<PathBuf> {
 }
 
 /// Validate JSON lines with `tests/support/ocsf_validate.py`; panics naming every problem.
-pub fn validate_with_pydantic_ocsf(lines: &str) {
+pub fn validate_ocsf(lines: &str) {
     let Some(python) = ocsf_python() else { return };
     let script =
         PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/support/ocsf_validate.py");
@@ -229,7 +230,7 @@ fn ocsf_schema_validates_every_kind() {
     let all = every_kind();
     assert_eq!(all.len(), 14);
     let lines: String = all.iter().map(|(_, v)| format!("{v}\n")).collect();
-    validate_with_pydantic_ocsf(&lines);
+    validate_ocsf(&lines);
 }
 
 #[test]
