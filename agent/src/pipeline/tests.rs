@@ -1,6 +1,6 @@
 //! Which rules a record names, and in what order (its audit event's `policy` is the first).
 
-use super::{acting_rules, rule};
+use super::rules::{acting_rules, rule};
 use crate::policy::Masking;
 
 fn masking(rules: &[&str]) -> Masking {
