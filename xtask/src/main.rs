@@ -357,8 +357,17 @@ const PYTHON_TEST_VENVS: &[(&str, &[&str])] = &[
             "nanio==0.1.7",
         ],
     ),
-    // Validates audit events against the OCSF 1.7.0 schema it ships (offline).
-    ("test-venv-ocsf", &["pydantic-ocsf==3.0.0"]),
+    // Validates audit events against OCSF 1.7.0 offline: the official export with its
+    // profiles (ocsf-json-schema ships it, and makes JSON Schemas of its classes, which
+    // jsonschema checks), and pydantic-ocsf's models.
+    (
+        "test-venv-ocsf",
+        &[
+            "pydantic-ocsf==3.0.0",
+            "ocsf-json-schema==1.2.0",
+            "jsonschema==4.26.0",
+        ],
+    ),
 ];
 
 /// npm packages of the end-to-end tests (`target/test-node`): the TypeScript SDK's client, the
@@ -406,7 +415,7 @@ fn test_node() -> Result<()> {
 /// Prometheus for the metrics test: Debian's package, downloaded and unpacked under
 /// `target/test-prometheus` (not installed: the test runs the binary as a plain process; it
 /// needs only libc, the package's other dependencies are the web UI's assets and the service
-/// user).
+/// user). The package also ships `usr/bin/promtool`, which lints the endpoint's answers.
 fn test_prometheus() -> Result<()> {
     unpack_debian_package("prometheus", "target/test-prometheus", "usr/bin/prometheus")
 }
