@@ -394,9 +394,21 @@ fn test_node() -> Result<()> {
     };
     if !has_npm() {
         // NodeSource's `nodejs` ships npm; Debian's splits it out.
-        run(Command::new("apt-get").args(["-o", "DPkg::Lock::Timeout=600", "install", "-y", "nodejs"]))?;
+        run(Command::new("apt-get").args([
+            "-o",
+            "DPkg::Lock::Timeout=600",
+            "install",
+            "-y",
+            "nodejs",
+        ]))?;
         if !has_npm() {
-            run(Command::new("apt-get").args(["-o", "DPkg::Lock::Timeout=600", "install", "-y", "npm"]))?;
+            run(Command::new("apt-get").args([
+                "-o",
+                "DPkg::Lock::Timeout=600",
+                "install",
+                "-y",
+                "npm",
+            ]))?;
         }
     }
     std::fs::create_dir_all(&dir).context("creating target/test-node")?;
@@ -509,7 +521,14 @@ fn apt_packages(packages: &[&str]) -> Result<()> {
     // Another apt-get (an unattended upgrade, a parallel setup) holds the lock: wait for it.
     run(Command::new("apt-get").args(["-o", "DPkg::Lock::Timeout=600", "update", "-qq"]))?;
     run(Command::new("apt-get")
-        .args(["-o", "DPkg::Lock::Timeout=600", "install", "-y", "-qq", "--no-install-recommends"])
+        .args([
+            "-o",
+            "DPkg::Lock::Timeout=600",
+            "install",
+            "-y",
+            "-qq",
+            "--no-install-recommends",
+        ])
         .args(&missing)
         .env("DEBIAN_FRONTEND", "noninteractive"))
 }
