@@ -49,11 +49,7 @@ fn main() {
         while start.elapsed() < Duration::from_secs(2) {
             for v in &outputs {
                 let mut v = v.clone();
-                masked += set
-                    .mask(&decision, &mut v)
-                    .values()
-                    .map(|n| u64::from(*n))
-                    .sum::<u64>();
+                masked += u64::from(set.mask(&decision, &mut v).total());
             }
             rounds += 1;
         }

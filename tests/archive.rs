@@ -92,12 +92,13 @@ fn write_archive(dir: &Path) {
             };
             let decision = policies.decide(&subject, &msg);
             let body = json!({"content": [{"type": "text", "text": format!("reply to {user}@example.com #{i}")}]});
-            let (payload, counts) = policies.mask_payload(&decision, body);
-            // Synthetic: bob's mail was refused by a rule.
+            let (payload, masking) = policies.mask_payload(&decision, body);
+            let counts = &masking.counts;
+            // Synthetic: bob's mail was refused by a rule (named first: it decided).
             let blocked = *user == "bob" && tool == "send_mail";
-            let mut rules = decision.rules.clone();
+            let mut rules = masking.rules.clone();
             if blocked {
-                rules.push("no-mail".into());
+                rules.insert(0, "no-mail".into());
             }
             w.append(RecordInput {
                 ts_us: 1_795_000_000_000_000 + (n as i64 * 10 + i as i64) * 1_000_000,

@@ -295,7 +295,11 @@ fn a_damaged_file_is_named_and_skipped_and_the_exit_says_the_list_is_incomplete(
         "{err}"
     );
     assert!(err.contains("airlock verify"), "{err}");
-    assert_eq!(json_lines(&out).len(), 7, "the readable file's sessions: {out}");
+    assert_eq!(
+        json_lines(&out).len(),
+        7,
+        "the readable file's sessions: {out}"
+    );
     // The table view says the same.
     let (code, out, err) = run(&["sessions", "--archive", a]);
     assert_eq!(code, Some(1));
@@ -369,7 +373,14 @@ fn replay_summarises_many_connections_and_shows_their_rows_on_request() {
     assert_eq!(rows, 40, "the calls only: {out}");
     let (code, out, _) = run(&["replay", "S9", "--archive", a, "--connections"]);
     assert_eq!(code, Some(0));
-    assert!(out.contains("c39=h-39") && out.contains("c20=h-20"), "{out}");
-    assert_eq!(out.lines().filter(|l| l.contains(" → ")).count(), 120, "{out}");
+    assert!(
+        out.contains("c39=h-39") && out.contains("c20=h-20"),
+        "{out}"
+    );
+    assert_eq!(
+        out.lines().filter(|l| l.contains(" → ")).count(),
+        120,
+        "{out}"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -330,8 +330,7 @@ fn ipv6_tcp<P: Packet>(ctx: &P, off: usize) -> Parsed {
                 let Ok(ext) = ctx.load::<[u8; 1]>(at) else {
                     return Parsed::Unreadable;
                 };
-                return if matches!(ext[0], PROTO_TCP | 0 | 43 | 60 | 51 | 44 | 135 | 139 | 140)
-                {
+                return if matches!(ext[0], PROTO_TCP | 0 | 43 | 60 | 51 | 44 | 135 | 139 | 140) {
                     Parsed::Unreadable
                 } else {
                     Parsed::Other

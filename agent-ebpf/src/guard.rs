@@ -46,7 +46,6 @@ const SOL_PACKET: i32 = 263;
 const PACKET_QDISC_BYPASS: i32 = 20;
 const SOL_XDP: i32 = 283;
 
-
 #[cgroup_sock(sock_create)]
 pub fn airlock_sock_new(ctx: SockContext) -> i32 {
     try_socket_create(&ctx)
@@ -135,4 +134,3 @@ pub(crate) fn report_caller_in(kind: u32, family: u32, sock_type: u32, protocol:
     entry.write(r);
     entry.submit(0);
 }
-

@@ -96,7 +96,9 @@ fn ordinary_end(e: &hyper::Error) -> Option<&'static str> {
                 BrokenPipe | NotConnected => Some("the client closed the connection"),
                 // TLS without close_notify: a truncation the client chose, not an attack
                 // on a request (an incomplete request is caught above).
-                UnexpectedEof => Some("the client closed the connection without a TLS close_notify"),
+                UnexpectedEof => {
+                    Some("the client closed the connection without a TLS close_notify")
+                }
                 _ => None,
             };
         }

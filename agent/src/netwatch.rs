@@ -37,15 +37,16 @@ pub fn spawn(
                 if !changed && last.elapsed() < RESYNC {
                     continue;
                 }
-                // Let a burst (an interface with its addresses) arrive before reading.
+                // Let a burst (an interface with its addresses) arrive, then take what is
+                // queued: one sync covers it all.
                 if changed {
                     std::thread::sleep(Duration::from_millis(20));
-                    while socket.recv(&mut buf).is_ok_and(|n| n > 0) {
-                        if stop.load(Ordering::Relaxed) {
-                            return;
-                        }
-                        break;
+                    let _ = socket.set_timeout(Duration::from_millis(1));
+                    let mut drained = 0;
+                    while drained < 1024 && socket.recv(&mut buf).is_ok_and(|n| n > 0) {
+                        drained += 1;
                     }
+                    let _ = socket.set_timeout(Duration::from_millis(250));
                 }
                 last = Instant::now();
                 sync(&proxy, links_dir.as_deref());

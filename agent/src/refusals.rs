@@ -436,9 +436,13 @@ impl Reader {
     fn first_in_window(&mut self, r: &Report) -> bool {
         let now = Instant::now();
         if self.windows.len() > 4096 {
-            self.windows.retain(|_, (start, _)| now.duration_since(*start) < WINDOW);
+            self.windows
+                .retain(|_, (start, _)| now.duration_since(*start) < WINDOW);
         }
-        let entry = self.windows.entry((r.kind, r.uid)).or_insert((now, u64::MAX));
+        let entry = self
+            .windows
+            .entry((r.kind, r.uid))
+            .or_insert((now, u64::MAX));
         if entry.1 == u64::MAX || now.duration_since(entry.0) >= WINDOW {
             let before = if entry.1 == u64::MAX { 0 } else { entry.1 };
             *entry = (now, 0);
@@ -476,7 +480,13 @@ impl Reader {
         let guard = self.proxy.registry.open(unspecified(), None, None);
         guard.finish(ConnState::Rejected, reason.clone());
         let payload = serde_json::json!({"event": "refusals_not_recorded", "count": missed, "reason": reason});
-        record(&self.proxy, guard.id(), "airlock:reports_lost", None, payload);
+        record(
+            &self.proxy,
+            guard.id(),
+            "airlock:reports_lost",
+            None,
+            payload,
+        );
     }
 
     /// A socket the kernel refused (raw, `IP_HDRINCL`, a traffic-control bypass), a
@@ -562,7 +572,10 @@ impl Reader {
             );
             // The cookie names the socket exactly; its own remote address may be the one
             // before NAT.
-            match sockets.iter().find(|s| s.cookie == r.cookie && !s.is_listener()) {
+            match sockets
+                .iter()
+                .find(|s| s.cookie == r.cookie && !s.is_listener())
+            {
                 Some(s) => {
                     end_socket(&self.proxy, s, "airlock:unredirected_tcp", &reason);
                 }
@@ -570,7 +583,10 @@ impl Reader {
                     // Gone already, or not a TCP socket (raw): record what the kernel saw,
                     // end nothing.
                     let attribution = attribute(&self.proxy, None, r.uid, Some(r.cgroup_id), dst);
-                    let guard = self.proxy.registry.open(src, Some(attribution.clone()), None);
+                    let guard = self
+                        .proxy
+                        .registry
+                        .open(src, Some(attribution.clone()), None);
                     guard.finish(ConnState::Rejected, reason.clone());
                     crate::observe::event(crate::observe::AgentEvent::ConnectionRejected {
                         reason: reason.clone(),
@@ -585,7 +601,13 @@ impl Reader {
                         "socket_cookie": r.cookie,
                         "reason": reason,
                     });
-                    record(&self.proxy, guard.id(), "airlock:unredirected_tcp", Some(&attribution), payload);
+                    record(
+                        &self.proxy,
+                        guard.id(),
+                        "airlock:unredirected_tcp",
+                        Some(&attribution),
+                        payload,
+                    );
                 }
             }
         }
@@ -598,15 +620,18 @@ impl Reader {
         for r in drops {
             let suppressed = SUPPRESSED.with(std::cell::Cell::get);
             let dst = SocketAddr::new(crate::keys::ip_from_words(r.dst_addr), r.dst_port);
-            let holder = sockets
-                .iter()
-                .find(|s| s.cookie == r.cookie)
-                .and_then(|s| sockdiag::holders(Path::new("/proc"), s.inode, PROC_SCAN_LIMIT).first().copied());
+            let holder = sockets.iter().find(|s| s.cookie == r.cookie).and_then(|s| {
+                sockdiag::holders(Path::new("/proc"), s.inode, PROC_SCAN_LIMIT)
+                    .first()
+                    .copied()
+            });
             let attribution = attribute(&self.proxy, holder, r.uid, Some(r.cgroup_id), dst);
             let reason = if r.dst_port == 0 {
                 "a packet socket sending TCP it could not read whole (fragmented, truncated or too deep): dropped".to_owned()
             } else {
-                format!("a packet socket sending TCP to backend address {dst}, bypassing connect(): dropped")
+                format!(
+                    "a packet socket sending TCP to backend address {dst}, bypassing connect(): dropped"
+                )
             };
             self.proxy
                 .counters
@@ -631,7 +656,13 @@ impl Reader {
                 "reason": reason,
                 "earlier_refusals_not_recorded": suppressed,
             });
-            record(&self.proxy, guard.id(), "airlock:packet_socket", Some(&attribution), payload);
+            record(
+                &self.proxy,
+                guard.id(),
+                "airlock:packet_socket",
+                Some(&attribution),
+                payload,
+            );
         }
     }
 }

@@ -81,7 +81,10 @@ fn census(cg: &TestCgroup, who: As, method: &str, host: &str, port: u16, extra: 
 
 fn peer(v: &Value) -> Option<SocketAddr> {
     let ip: std::net::IpAddr = v.get(0)?.as_str()?.parse().ok()?;
-    Some(SocketAddr::new(ip, u16::try_from(v.get(1)?.as_u64()?).ok()?))
+    Some(SocketAddr::new(
+        ip,
+        u16::try_from(v.get(1)?.as_u64()?).ok()?,
+    ))
 }
 
 /// Judged: the client's peer is the agent, the backend answered the agent's upstream socket,
@@ -121,7 +124,10 @@ fn archived(agent: &Agent) -> Vec<airlock::archive::record::Record> {
 }
 
 /// The archived refusals with `rule`: their (tgid, uid) and payload.
-fn refusals(rows: &[airlock::archive::record::Record], rule: &str) -> Vec<(Option<u32>, Option<u32>, Value)> {
+fn refusals(
+    rows: &[airlock::archive::record::Record],
+    rule: &str,
+) -> Vec<(Option<u32>, Option<u32>, Value)> {
     rows.iter()
         .filter(|r| r.input.rules.iter().any(|x| x == rule))
         .map(|r| {
@@ -167,7 +173,9 @@ impl Veth {
 
 impl Drop for Veth {
     fn drop(&mut self) {
-        let _ = Command::new("ip").args(["link", "del", &self.name]).status();
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.name])
+            .status();
     }
 }
 
@@ -182,7 +190,11 @@ fn every_address_form_and_connect_path_is_judged() {
     // configured by 127.0.0.1 only.
     let backend = Backend::start("tools", "[::]:0");
     let port = backend.port();
-    let veth_addr = format!("198.18.{}.{}", 100 + std::process::id() % 100, 1 + std::process::id() % 250);
+    let veth_addr = format!(
+        "198.18.{}.{}",
+        100 + std::process::id() % 100,
+        1 + std::process::id() % 250
+    );
     let _veth = Veth::new(&format!("{veth_addr}/32"));
     let mut agent = Agent::start(&cg, &name, &backend_toml("tools", port, &["127.0.0.1"]), "");
 
@@ -204,9 +216,26 @@ fn every_address_form_and_connect_path_is_judged() {
             let r = census(&cg, who, "connect", host, port, &[]);
             assert_judged(&agent, &r, &format!("connect {host} as {who:?}"));
         }
-        let r = census(&cg, who, "bind-then-connect-unspecified", "127.0.0.4", port, &[]);
-        assert_judged(&agent, &r, "connect 0.0.0.0 from a socket bound to 127.0.0.4");
-        for method in ["tfo-sendto", "tfo-connect", "io_uring", "mptcp", "fd-passing"] {
+        let r = census(
+            &cg,
+            who,
+            "bind-then-connect-unspecified",
+            "127.0.0.4",
+            port,
+            &[],
+        );
+        assert_judged(
+            &agent,
+            &r,
+            "connect 0.0.0.0 from a socket bound to 127.0.0.4",
+        );
+        for method in [
+            "tfo-sendto",
+            "tfo-connect",
+            "io_uring",
+            "mptcp",
+            "fd-passing",
+        ] {
             for host in ["127.0.0.1", "::1"] {
                 let r = census(&cg, who, method, host, port, &[]);
                 assert_judged(&agent, &r, &format!("{method} {host} as {who:?}"));
@@ -252,8 +281,15 @@ fn another_service_on_another_local_address_of_the_port_is_not_the_backend() {
     );
     let r = census(&cg, As::Root, "connect", "127.0.0.5", backend.port(), &[]);
     assert_eq!(r["ok"], true, "{r}");
-    assert_eq!(peer(&r["peer"]), Some(other.addr), "went to the other service directly: {r}");
-    assert!(r["response"].as_str().unwrap().starts_with("other saw "), "{r}");
+    assert_eq!(
+        peer(&r["peer"]),
+        Some(other.addr),
+        "went to the other service directly: {r}"
+    );
+    assert!(
+        r["response"].as_str().unwrap().starts_with("other saw "),
+        "{r}"
+    );
     // And nothing listening on a third address is not the backend either.
     let r = census(&cg, As::Root, "connect", "127.0.0.6", backend.port(), &[]);
     assert_eq!(r["errno"], libc::ECONNREFUSED, "{r}");
@@ -270,7 +306,12 @@ fn raw_and_packet_sockets_cannot_reach_a_backend_and_are_recorded() {
     let cg = TestCgroup::new(&name);
     let backend = Backend::start("tools", "[::]:0");
     let port = backend.port();
-    let mut agent = Agent::start(&cg, &name, &backend_toml("tools", port, &["127.0.0.1", "::1"]), "");
+    let mut agent = Agent::start(
+        &cg,
+        &name,
+        &backend_toml("tools", port, &["127.0.0.1", "::1"]),
+        "",
+    );
     for who in [As::Root, As::NobodyNetRaw] {
         for (method, host) in [
             ("raw-tcp", "127.0.0.1"),
@@ -279,7 +320,10 @@ fn raw_and_packet_sockets_cannot_reach_a_backend_and_are_recorded() {
             ("raw6-hdrincl", "::1"),
         ] {
             let r = census(&cg, who, method, host, port, &[]);
-            assert_eq!(r["ok"], false, "{method} as {who:?} reached the backend: {r}");
+            assert_eq!(
+                r["ok"], false,
+                "{method} as {who:?} reached the backend: {r}"
+            );
             assert_eq!(r["errno"], libc::EPERM, "{method} as {who:?}: {r}");
             assert_eq!(r["stage"], "socket", "{method} as {who:?}: {r}");
         }
@@ -287,7 +331,10 @@ fn raw_and_packet_sockets_cannot_reach_a_backend_and_are_recorded() {
         // however it is wrapped (each of these works directly: the census script's header).
         for disguise in ["none", "frag6", "dst5", "vlan3"] {
             let r = census(&cg, who, "packet", "::1", port, &["--disguise", disguise]);
-            assert_eq!(r["ok"], false, "packet ({disguise}) as {who:?} reached the backend: {r}");
+            assert_eq!(
+                r["ok"], false,
+                "packet ({disguise}) as {who:?} reached the backend: {r}"
+            );
             assert_ne!(r["handshake"], "full", "{disguise}: {r}");
         }
     }
@@ -295,9 +342,23 @@ fn raw_and_packet_sockets_cannot_reach_a_backend_and_are_recorded() {
     assert_eq!(backend.requests(), 0, "{:?}", backend.seen());
     // ping (ICMP) still works from the cgroup, as nobody with ping's own capability.
     let mut ping = cg.command("setpriv");
-    ping.args(["--reuid=65534", "--regid=65534", "--clear-groups", "ping", "-c", "1", "-W", "2", "127.0.0.1"]);
+    ping.args([
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+        "ping",
+        "-c",
+        "1",
+        "-W",
+        "2",
+        "127.0.0.1",
+    ]);
     let out = ping.output().expect("ping");
-    assert!(out.status.success(), "ping: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "ping: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // Ordinary TCP to the backend still goes through the agent.
     let r = census(&cg, As::NobodyNetRaw, "connect", "127.0.0.1", port, &[]);
     assert_judged(&agent, &r, "connect after the refusals");
@@ -307,10 +368,19 @@ fn raw_and_packet_sockets_cannot_reach_a_backend_and_are_recorded() {
     for key in ["redirect", "egress_guard", "socket_guard"] {
         assert_eq!(m[key], true, "{key}: {m}");
     }
-    assert!(m["packet_guard"].as_array().is_some_and(|l| l.iter().any(|i| i == "lo")), "{m}");
+    assert!(
+        m["packet_guard"]
+            .as_array()
+            .is_some_and(|l| l.iter().any(|i| i == "lo")),
+        "{m}"
+    );
     let out = agent.airlock(&["check-config"]);
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(
         text.contains("redirect on  egress guard on  socket guard on  packet guard on"),
         "{text}"
@@ -321,12 +391,19 @@ fn raw_and_packet_sockets_cannot_reach_a_backend_and_are_recorded() {
     let raw = refusals(&rows, "airlock:raw_socket");
     assert!(!raw.is_empty(), "no raw-socket refusal recorded");
     assert!(raw.iter().any(|(_, uid, _)| *uid == Some(65534)), "{raw:?}");
-    assert!(raw.iter().all(|(tgid, _, _)| tgid.is_some_and(|t| t > 0)), "{raw:?}");
-    assert!(!refusals(&rows, "airlock:packet_socket").is_empty(), "no packet refusal recorded");
+    assert!(
+        raw.iter().all(|(tgid, _, _)| tgid.is_some_and(|t| t > 0)),
+        "{raw:?}"
+    );
+    assert!(
+        !refusals(&rows, "airlock:packet_socket").is_empty(),
+        "no packet refusal recorded"
+    );
 }
 
 #[test]
-fn a_connection_opened_before_the_agent_is_ended_recorded_and_the_client_reconnects_through_airlock() {
+fn a_connection_opened_before_the_agent_is_ended_recorded_and_the_client_reconnects_through_airlock()
+ {
     if !privileged() {
         return;
     }
@@ -362,18 +439,31 @@ fn a_connection_opened_before_the_agent_is_ended_recorded_and_the_client_reconne
     writeln!(stdin, "again").expect("write to the hold client");
     stdin.flush().expect("flush");
     let second = read_json_line(&mut lines);
-    assert_eq!(second["ok"], false, "the old connection still works: {second}");
+    assert_eq!(
+        second["ok"], false,
+        "the old connection still works: {second}"
+    );
     drop(hold.stdin.take());
     let _ = hold.wait();
-    let r = census(&cg, As::NobodyNetRaw, "connect", "127.0.0.1", server.port(), &[]);
+    let r = census(
+        &cg,
+        As::NobodyNetRaw,
+        "connect",
+        "127.0.0.1",
+        server.port(),
+        &[],
+    );
     assert_eq!(r["ok"], true, "{r}");
     assert_eq!(peer(&r["peer"]).map(|p| p.port()), Some(agent.port), "{r}");
     assert!(agent.agent_counter("ended_unredirected") >= 1);
-    drop(server);
     assert!(agent.sigterm().success(), "{}", agent.log());
     let ended = refusals(&archived(&agent), "airlock:opened_before_agent");
     assert_eq!(ended.len(), 1, "{ended:?}");
-    assert_eq!(ended[0].0, first["pid"].as_u64().map(|p| p as u32), "{ended:?}");
+    assert_eq!(
+        ended[0].0,
+        first["pid"].as_u64().map(|p| p as u32),
+        "{ended:?}"
+    );
     assert_eq!(ended[0].1, Some(65534));
     let _ = backend;
 }
@@ -388,25 +478,39 @@ fn a_nat_rule_leading_to_a_backend_is_judged_after_translation() {
     let backend = Backend::start("tools", "127.0.0.1:0");
     let port = backend.port();
     // A port mapping set up before the agent: 198.18.x.y:9 → the backend.
-    let front = format!("198.18.{}.{}", 150 + std::process::id() % 50, 1 + std::process::id() % 250);
+    let front = format!(
+        "198.18.{}.{}",
+        150 + std::process::id() % 50,
+        1 + std::process::id() % 250
+    );
     let _veth = Veth::new(&format!("{front}/32"));
     let _nat = Nat::new(&front, 9, &format!("127.0.0.1:{port}"));
     // Directly (no agent), the mapping reaches the backend.
     let r = census(&cg, As::Root, "connect", &front, 9, &[]);
-    assert_eq!(r["ok"], true, "the NAT rule does not work on this host: {r}");
+    assert_eq!(
+        r["ok"], true,
+        "the NAT rule does not work on this host: {r}"
+    );
     let before = backend.requests();
     let mut agent = Agent::start(&cg, &name, &backend_toml("tools", port, &["127.0.0.1"]), "");
     let started = Instant::now();
     let r = census(&cg, As::NobodyNetRaw, "connect", &front, 9, &[]);
     assert_eq!(r["ok"], false, "NAT led past the agent to the backend: {r}");
-    assert!(started.elapsed() < Duration::from_secs(5), "the refusal took {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "the refusal took {:?}",
+        started.elapsed()
+    );
     assert_eq!(backend.requests(), before);
     assert!(agent.kernel_counter("egress_dropped") >= 1);
     agent.wait_for_connection_text("never redirected");
     assert!(agent.sigterm().success(), "{}", agent.log());
     let dropped = refusals(&archived(&agent), "airlock:unredirected_tcp");
     assert!(!dropped.is_empty(), "no record of the NAT'd connection");
-    assert!(dropped.iter().any(|(_, uid, _)| *uid == Some(65534)), "{dropped:?}");
+    assert!(
+        dropped.iter().any(|(_, uid, _)| *uid == Some(65534)),
+        "{dropped:?}"
+    );
 }
 
 /// An iptables DNAT rule in `nat OUTPUT`, removed on drop.
@@ -417,8 +521,17 @@ struct Nat {
 impl Nat {
     fn new(dst: &str, port: u16, to: &str) -> Nat {
         let rule: Vec<String> = [
-            "OUTPUT", "-d", dst, "-p", "tcp", "--dport", &port.to_string(), "-j", "DNAT",
-            "--to-destination", to,
+            "OUTPUT",
+            "-d",
+            dst,
+            "-p",
+            "tcp",
+            "--dport",
+            &port.to_string(),
+            "-j",
+            "DNAT",
+            "--to-destination",
+            to,
         ]
         .iter()
         .map(|s| (*s).to_owned())
@@ -435,7 +548,10 @@ impl Nat {
 
 impl Drop for Nat {
     fn drop(&mut self) {
-        let _ = Command::new("iptables").args(["-t", "nat", "-D"]).args(&self.rule).status();
+        let _ = Command::new("iptables")
+            .args(["-t", "nat", "-D"])
+            .args(&self.rule)
+            .status();
     }
 }
 
@@ -512,7 +628,11 @@ fn an_egress_drop_ends_the_socket_that_sent_it_and_no_other() {
     let cg = TestCgroup::new(&name);
     let backend = Backend::start("tools", "127.0.0.1:0");
     let port = backend.port();
-    let front = format!("198.18.{}.{}", 200 + std::process::id() % 50, 1 + std::process::id() % 250);
+    let front = format!(
+        "198.18.{}.{}",
+        200 + std::process::id() % 50,
+        1 + std::process::id() % 250
+    );
     let _veth = Veth::new(&format!("{front}/32"));
     let _nat = Nat::new(&front, 9, &format!("127.0.0.1:{port}"));
     // Outside the cgroup, root holds a connection from 127.0.0.1:SHARED to an ordinary
@@ -523,7 +643,8 @@ fn an_egress_drop_ends_the_socket_that_sent_it_and_no_other() {
     let bystander = {
         let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
         s.set_reuse_address(true).unwrap();
-        s.bind(&SocketAddr::from(([127, 0, 0, 1], shared)).into()).unwrap();
+        s.bind(&SocketAddr::from(([127, 0, 0, 1], shared)).into())
+            .unwrap();
         s.connect(&service.addr.into()).unwrap();
         std::net::TcpStream::from(s)
     };
@@ -534,7 +655,12 @@ fn an_egress_drop_ends_the_socket_that_sent_it_and_no_other() {
         "connect",
         &front,
         9,
-        &["--source", "127.0.0.1", "--source-port", &shared.to_string()],
+        &[
+            "--source",
+            "127.0.0.1",
+            "--source-port",
+            &shared.to_string(),
+        ],
     );
     assert_eq!(r["ok"], false, "{r}");
     agent.wait_for_connection_text("never redirected");
@@ -543,8 +669,12 @@ fn an_egress_drop_ends_the_socket_that_sent_it_and_no_other() {
     let mut w = bystander.try_clone().unwrap();
     writeln!(w, "still here").unwrap();
     let mut line = String::new();
-    bystander.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    std::io::BufReader::new(&bystander).read_line(&mut line).unwrap();
+    bystander
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    std::io::BufReader::new(&bystander)
+        .read_line(&mut line)
+        .unwrap();
     assert_eq!(line, "tools saw still here\n");
     assert!(agent.sigterm().success(), "{}", agent.log());
     let dropped = refusals(&archived(&agent), "airlock:unredirected_tcp");

@@ -32,6 +32,11 @@ tools = ["delete_*"]
 /// blocked call, the caller's uid and executable, the rule, counts by detector and never
 /// the planted token. Start and stop are Application Lifecycle events. Every event from
 /// the run validates against the OCSF schema.
+///
+/// The block rule is in a file read after the shipped `default.toml` (whose mask rules match
+/// every message): each event names the rule that decided — the block rule, or the mask rule
+/// that masked a value, not the first rule that matched — as the client's error and the
+/// archived record do (issue 19).
 #[test]
 fn blocked_and_masked_calls_reach_rsyslog_and_the_file() {
     let syslog_port = free_port();
@@ -50,7 +55,8 @@ fn blocked_and_masked_calls_reach_rsyslog_and_the_file() {
                 .unwrap()
                 .replace("EVENTS_DIR", agent.dir.to_str().unwrap());
             std::fs::write(&agent.config, cfg).unwrap();
-            std::fs::write(agent.dir.join("policies/block.toml"), BLOCK_POLICY).unwrap();
+            // Read after default.toml: its mask rules come first in the set.
+            std::fs::write(agent.dir.join("policies/site.toml"), BLOCK_POLICY).unwrap();
             rsyslog = Some(Rsyslog::start(&agent.dir, Some(syslog_port), None));
         },
     ) else {
@@ -58,15 +64,26 @@ fn blocked_and_masked_calls_reach_rsyslog_and_the_file() {
     };
     let rsyslog = rsyslog.unwrap();
     let url = format!("https://{HOST}:{port}/mcp");
+    // Blocked, with a token in its arguments that `mask-secrets` masks: the block decided.
     let res = finish(spawn_call(
         &cg,
         &agent.dir,
         &bundle,
         &url,
         "delete_everything",
-        "{}",
+        &format!(r#"{{"reason": "{PLANTED}"}}"#),
     ));
     assert_eq!(res["error"]["code"], -32010, "{res}");
+    assert!(
+        res["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("rule `no-destructive-tools`")),
+        "the client's error names the rule: {res}"
+    );
+    // An answer with an email: `mask-secrets` matches it and masks nothing, then
+    // `mask-personal-data` masks the address.
+    let res = finish(spawn_call(&cg, &agent.dir, &bundle, &url, "contact", "{}"));
+    assert!(!res.to_string().contains("alice@example.com"), "{res}");
     let res = finish(spawn_call(
         &cg,
         &agent.dir,
@@ -82,6 +99,9 @@ fn blocked_and_masked_calls_reach_rsyslog_and_the_file() {
             && evs
                 .iter()
                 .any(|e| masked(e) && e["resources"][0]["name"] == "echo")
+            && evs
+                .iter()
+                .any(|e| masked(e) && e["resources"][0]["name"] == "contact")
     });
     let blocked: Vec<_> = evs
         .iter()
@@ -93,7 +113,13 @@ fn blocked_and_masked_calls_reach_rsyslog_and_the_file() {
     assert_eq!(b["type_uid"], 600399);
     assert_eq!(b["api"]["operation"], "tools/call");
     assert_eq!(b["api"]["service"]["name"], "tools");
-    assert_eq!(b["policy"]["uid"], "no-destructive-tools");
+    assert_eq!(b["policy"]["uid"], "no-destructive-tools", "{b:#}");
+    assert_eq!(b["policy"]["name"], "no-destructive-tools", "{b:#}");
+    assert_eq!(
+        b["unmapped"]["airlock"]["rules"],
+        serde_json::json!(["no-destructive-tools", "mask-secrets"]),
+        "the rules that acted, the deciding one first: {b:#}"
+    );
     // The caller: the SDK client, run as root by the test, and its real executable.
     assert_eq!(b["actor"]["user"]["uid"], "0");
     assert_eq!(b["actor"]["process"]["user"]["uid"], "0");
@@ -109,6 +135,24 @@ fn blocked_and_masked_calls_reach_rsyslog_and_the_file() {
         .find(|e| masked(e) && e["resources"][0]["name"] == "echo")
         .unwrap();
     assert_eq!(m["disposition_id"], 1);
+    // The security-control profile's 4 Modified (not 99 Other): a SIEM rule on
+    // `action_id = 4` sees every masked call.
+    assert_eq!(m["action_id"], 4, "{m:#}");
+    assert_eq!(m["policy"]["uid"], "mask-secrets", "{m:#}");
+    let c = evs
+        .iter()
+        .find(|e| masked(e) && e["resources"][0]["name"] == "contact")
+        .unwrap();
+    assert_eq!(c["action_id"], 4, "{c:#}");
+    assert_eq!(
+        c["policy"]["uid"], "mask-personal-data",
+        "the rule that masked: {c:#}"
+    );
+    assert_eq!(
+        c["unmapped"]["airlock"]["rules"],
+        serde_json::json!(["mask-personal-data"]),
+        "{c:#}"
+    );
     assert!(
         m["unmapped"]["airlock"]["masked"]["github_token"]
             .as_u64()
@@ -168,6 +212,24 @@ fn blocked_and_masked_calls_reach_rsyslog_and_the_file() {
         .mode();
     assert_eq!(mode & 0o007, 0, "the events file is not world-readable");
     validate_ocsf(&file);
+    // The archive names the same rules as the events and the client's error.
+    let records = crate::mcp::archived_records(&agent.archive);
+    let request = records
+        .iter()
+        .find(|r| r["kind"] == "request" && r["tool"] == "delete_everything")
+        .expect("the blocked request's record");
+    assert_eq!(request["decision"], "block");
+    assert_eq!(
+        request["rules"],
+        serde_json::json!(["no-destructive-tools", "mask-secrets"]),
+        "{request:#}"
+    );
+    let answer = records
+        .iter()
+        .find(|r| r["kind"] == "response" && r["tool"] == "contact")
+        .expect("the masked answer's record");
+    assert_eq!(answer["decision"], "mask");
+    assert_eq!(answer["rules"], serde_json::json!(["mask-personal-data"]));
 
     // `airlock verify` finds the archive tampered with (a sealed file deleted): the SIEM gets
     // a Detection Finding from the CLI, through the same sinks.
@@ -613,6 +675,12 @@ fn a_changed_tool_definition_is_a_detection_finding() {
         },
     );
     let f = evs.iter().find(|e| is_class(e, 2004, 1)).unwrap();
+    // The refusal is Airlock's own, not the shipped mask rules' (which match every call).
+    let refused = evs.iter().find(|e| blocked_call(e, "echo")).unwrap();
+    assert_eq!(
+        refused["policy"]["uid"], "airlock:tool_changed",
+        "{refused:#}"
+    );
     assert_eq!(f["is_alert"], true);
     assert_eq!(f["resources"][0]["name"], "echo");
     assert_eq!(f["resources"][0]["group"]["name"], "tools");

@@ -1,6 +1,7 @@
 //! `metrics_listen`, scraped by the real Prometheus server (Debian's package, unpacked by
 //! `cargo xtask setup`) while real MCP traffic is masked, blocked, allowed and held; the
-//! values are read back through Prometheus's HTTP API.
+//! values are read back through Prometheus's HTTP API. Both formats the endpoint speaks are
+//! linted by the same package's `promtool check metrics`.
 
 use std::{
     io::{Read as _, Write as _},
@@ -29,6 +30,41 @@ fn prometheus_binary() -> PathBuf {
         p.display()
     );
     p
+}
+
+/// `target/test-prometheus/usr/bin/promtool`, from the same Debian package.
+fn promtool_binary() -> PathBuf {
+    let p = prometheus_binary().with_file_name("promtool");
+    assert!(
+        p.exists(),
+        "{} is missing: Debian's prometheus package ships it; rerun `cargo xtask setup`",
+        p.display()
+    );
+    p
+}
+
+/// `promtool check metrics` on `text`: whether it passed, and what it said.
+fn promtool_check(text: &str) -> (bool, String) {
+    let mut child = Command::new(promtool_binary())
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), said)
 }
 
 /// A Prometheus server scraping `target` every second, killed on drop.
@@ -169,16 +205,28 @@ timeout_secs = 60
 
 /// The whole exchange: Prometheus scrapes the agent before and during traffic; the counters
 /// it stores moved as the traffic says, a blocked call counts once, a held call shows as
-/// pending and then as denied, and no series is labelled by user, pid or session.
+/// pending and then as denied, and no series is labelled by user, pid or session. The
+/// endpoint answers the Prometheus text format 0.0.4 unless OpenMetrics is asked for, and
+/// `promtool check metrics` finds nothing wrong with it (issue 19).
 #[test]
 fn prometheus_scrapes_what_the_traffic_did() {
     let metrics_port = free_port();
     let Some((cg, mut agent, server, port, bundle)) = tls_setup_full(
         "metrics",
         "ca_file = \"BACKEND_CA\"",
-        &format!("metrics_listen = \"127.0.0.1:{metrics_port}\"\nflush_interval_secs = 1"),
+        // An events sink too: its families are linted with the others.
+        &format!(
+            "metrics_listen = \"127.0.0.1:{metrics_port}\"\nflush_interval_secs = 1\n\
+             [events.file]\npath = \"EVENTS_DIR/events.jsonl\"\n"
+        ),
         ("json", 1),
-        |agent| std::fs::write(agent.dir.join("policies/block.toml"), BLOCK_POLICY).unwrap(),
+        |agent| {
+            let cfg = std::fs::read_to_string(&agent.config)
+                .unwrap()
+                .replace("EVENTS_DIR", agent.dir.to_str().unwrap());
+            std::fs::write(&agent.config, cfg).unwrap();
+            std::fs::write(agent.dir.join("policies/block.toml"), BLOCK_POLICY).unwrap()
+        },
     ) else {
         return;
     };
@@ -339,8 +387,45 @@ fn prometheus_scrapes_what_the_traffic_did() {
         }
     }
 
-    // The endpoint itself: OpenMetrics text, only `GET /metrics`.
-    let (head, text) = raw_http(metrics_port, "GET /metrics");
+    // The endpoint itself: the Prometheus text format 0.0.4 without a preference or when it
+    // is asked for, every family with its HELP and TYPE: promtool finds nothing to say.
+    for accept in [None, Some("text/plain;version=0.0.4")] {
+        let (head, text) = raw_http_accept(metrics_port, "GET /metrics", accept);
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        let head = head.to_ascii_lowercase();
+        assert!(
+            head.contains("content-type: text/plain; version=0.0.4; charset=utf-8"),
+            "{accept:?}: {head}"
+        );
+        assert!(head.contains("vary: accept"), "{head}");
+        assert!(
+            !text.contains("# EOF") && !text.contains("# UNIT"),
+            "{text}"
+        );
+        for family in [
+            "airlock_mcp_blocked_calls_total",
+            "airlock_connections_rejected_total",
+            "airlock_kernel_events_total",
+            "airlock_events_emitted_total",
+            "airlock_archive_commit_duration_seconds",
+        ] {
+            assert!(
+                text.contains(&format!("# HELP {family} ")),
+                "{family}: {text}"
+            );
+        }
+        let (ok, said) = promtool_check(&text);
+        assert!(
+            ok && said.trim().is_empty(),
+            "promtool check metrics ({accept:?}):\n{said}\n{text}"
+        );
+    }
+    // OpenMetrics when asked for (Prometheus itself asks for it, and has scraped it above).
+    let (head, text) = raw_http_accept(
+        metrics_port,
+        "GET /metrics",
+        Some("application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5"),
+    );
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     assert!(
         head.to_ascii_lowercase()
@@ -348,6 +433,22 @@ fn prometheus_scrapes_what_the_traffic_did() {
         "{head}"
     );
     assert!(text.ends_with("# EOF\n"), "{text}");
+    // promtool 2.42 reads whatever it is given as the 0.0.4 text format, where a counter's
+    // HELP would name its `_total` sample; in OpenMetrics it names the family, without the
+    // suffix. That is its only complaint allowed here, and only for a family declared as a
+    // counter with its HELP: anything else (a name, a unit, a missing HELP) fails.
+    let (_, said) = promtool_check(&text);
+    for complaint in said.lines().filter(|l| !l.trim().is_empty()) {
+        let family = complaint
+            .strip_suffix(" no help text")
+            .and_then(|s| s.strip_suffix("_total"))
+            .unwrap_or_else(|| panic!("promtool on OpenMetrics: {complaint}\n{said}\n{text}"));
+        assert!(
+            text.contains(&format!("# HELP {family} "))
+                && text.contains(&format!("# TYPE {family} counter\n")),
+            "promtool on OpenMetrics: {complaint}\n{text}"
+        );
+    }
     assert!(
         raw_http(metrics_port, "POST /metrics")
             .0
@@ -365,11 +466,19 @@ fn prometheus_scrapes_what_the_traffic_did() {
 
 /// One request to the agent's metrics endpoint: the head and the body.
 fn raw_http(port: u16, request_line: &str) -> (String, String) {
+    raw_http_accept(port, request_line, None)
+}
+
+/// One request with an `Accept` header (when given).
+fn raw_http_accept(port: u16, request_line: &str, accept: Option<&str>) -> (String, String) {
     let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let accept = accept
+        .map(|a| format!("Accept: {a}\r\n"))
+        .unwrap_or_default();
     write!(
         s,
-        "{request_line} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        "{request_line} HTTP/1.1\r\nHost: 127.0.0.1\r\n{accept}Content-Length: 0\r\nConnection: close\r\n\r\n"
     )
     .unwrap();
     let mut raw = Vec::new();

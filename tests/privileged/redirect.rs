@@ -401,7 +401,10 @@ fn a_client_setting_the_old_bypass_mark_is_still_redirected() {
     else {
         return;
     };
-    for mark in [0x4152_4c4b_u32, 1, 0xffff_ffff] {
+    // (Not a mark with bit 0x2000: once Podman has run on a host, netavark masquerades such
+    // marked packets, and a connection whose source address NAT rewrote has no kernel record
+    // the agent can find: refused, which is not what this test is about.)
+    for mark in [0x4152_4c4b_u32, 1, 0xffff_dfff] {
         let opts = ClientOpts {
             as_user: Some((65534, 65534)),
             mark: Some(mark),

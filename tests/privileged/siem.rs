@@ -160,12 +160,13 @@ pub fn json_lines(path: &Path) -> Vec<Value> {
         .collect()
 }
 
-/// Validate events with pydantic-ocsf (OCSF 1.7.0), as the unit test does.
+/// Validate events against OCSF 1.7.0 (the official export with its profiles, and
+/// pydantic-ocsf's models), as the unit test does.
 pub fn validate_ocsf(events: &[Value]) {
     let python = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/test-venv-ocsf/bin/python");
     assert!(
         python.exists(),
-        "{} is missing: `cargo xtask setup` creates it (pydantic-ocsf)",
+        "{} is missing: `cargo xtask setup` creates it (pydantic-ocsf, ocsf-json-schema)",
         python.display()
     );
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/support/ocsf_validate.py");

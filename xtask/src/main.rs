@@ -357,8 +357,17 @@ const PYTHON_TEST_VENVS: &[(&str, &[&str])] = &[
             "nanio==0.1.7",
         ],
     ),
-    // Validates audit events against the OCSF 1.7.0 schema it ships (offline).
-    ("test-venv-ocsf", &["pydantic-ocsf==3.0.0"]),
+    // Validates audit events against OCSF 1.7.0 offline: the official export with its
+    // profiles (ocsf-json-schema ships it, and makes JSON Schemas of its classes, which
+    // jsonschema checks), and pydantic-ocsf's models.
+    (
+        "test-venv-ocsf",
+        &[
+            "pydantic-ocsf==3.0.0",
+            "ocsf-json-schema==1.2.0",
+            "jsonschema==4.26.0",
+        ],
+    ),
 ];
 
 /// npm packages of the end-to-end tests (`target/test-node`): the TypeScript SDK's client, the
@@ -385,9 +394,21 @@ fn test_node() -> Result<()> {
     };
     if !has_npm() {
         // NodeSource's `nodejs` ships npm; Debian's splits it out.
-        run(Command::new("apt-get").args(["-o", "DPkg::Lock::Timeout=600", "install", "-y", "nodejs"]))?;
+        run(Command::new("apt-get").args([
+            "-o",
+            "DPkg::Lock::Timeout=600",
+            "install",
+            "-y",
+            "nodejs",
+        ]))?;
         if !has_npm() {
-            run(Command::new("apt-get").args(["-o", "DPkg::Lock::Timeout=600", "install", "-y", "npm"]))?;
+            run(Command::new("apt-get").args([
+                "-o",
+                "DPkg::Lock::Timeout=600",
+                "install",
+                "-y",
+                "npm",
+            ]))?;
         }
     }
     std::fs::create_dir_all(&dir).context("creating target/test-node")?;
@@ -406,7 +427,7 @@ fn test_node() -> Result<()> {
 /// Prometheus for the metrics test: Debian's package, downloaded and unpacked under
 /// `target/test-prometheus` (not installed: the test runs the binary as a plain process; it
 /// needs only libc, the package's other dependencies are the web UI's assets and the service
-/// user).
+/// user). The package also ships `usr/bin/promtool`, which lints the endpoint's answers.
 fn test_prometheus() -> Result<()> {
     unpack_debian_package("prometheus", "target/test-prometheus", "usr/bin/prometheus")
 }
@@ -500,7 +521,14 @@ fn apt_packages(packages: &[&str]) -> Result<()> {
     // Another apt-get (an unattended upgrade, a parallel setup) holds the lock: wait for it.
     run(Command::new("apt-get").args(["-o", "DPkg::Lock::Timeout=600", "update", "-qq"]))?;
     run(Command::new("apt-get")
-        .args(["-o", "DPkg::Lock::Timeout=600", "install", "-y", "-qq", "--no-install-recommends"])
+        .args([
+            "-o",
+            "DPkg::Lock::Timeout=600",
+            "install",
+            "-y",
+            "-qq",
+            "--no-install-recommends",
+        ])
         .args(&missing)
         .env("DEBIAN_FRONTEND", "noninteractive"))
 }

@@ -1,10 +1,11 @@
 //! Sans-IO mapping of Airlock's decisions to OCSF 1.7.0 events (JSON values).
 //!
 //! Which record or agent event becomes which OCSF class, field by field, is documented in
-//! EVENTS.md; every enum value used here was checked against the OCSF 1.7.0 schema shipped in
-//! PyPI `pydantic-ocsf` (the `ocsf_schema_validates_every_kind` test validates one event of
-//! each kind with it). Events never carry payloads or arguments: masked values are counted by
-//! detector, never copied, and command lines (which carry tokens) are left out.
+//! EVENTS.md; every enum value used here is the OCSF 1.7.0 schema's, with its profiles (the
+//! `ocsf_schema_validates_every_kind` test validates one event of each kind against the
+//! official 1.7.0 export, as PyPI `ocsf-json-schema` ships it, and with PyPI `pydantic-ocsf`).
+//! Events never carry payloads or arguments: masked values are counted by detector, never
+//! copied, and command lines (which carry tokens) are left out.
 
 use std::collections::BTreeMap;
 
@@ -56,8 +57,9 @@ pub enum CallDecision {
 
 impl CallDecision {
     /// (`action_id`, `action`, `disposition_id`, `disposition`, `status_id`, `severity_id`).
-    /// The schema's `action_id` enum has 0 Unknown, 1 Allowed, 2 Denied and 99 Other only,
-    /// so a masked (modified) call and a held one are 99 with the caption in `action`.
+    /// `action_id` is the security-control profile's enum (0 Unknown, 1 Allowed, 2 Denied,
+    /// 3 Observed, 4 Modified, 99 Other): a masked call went on modified (4); a held one is
+    /// neither allowed nor denied yet, nor modified: 99 with "Held" in `action`.
     fn profile(self) -> (u8, &'static str, u8, &'static str, u8, u8) {
         match self {
             CallDecision::Blocked => (2, "Denied", 2, "Blocked", 2, severity::MEDIUM),
@@ -65,7 +67,7 @@ impl CallDecision {
             CallDecision::Approved => (1, "Allowed", 8, "Approved", 1, severity::INFORMATIONAL),
             CallDecision::Denied => (2, "Denied", 25, "Rejected", 2, severity::LOW),
             CallDecision::TimedOut => (2, "Denied", 25, "Rejected", 2, severity::LOW),
-            CallDecision::Masked => (99, "Modified", 1, "Allowed", 1, severity::MEDIUM),
+            CallDecision::Masked => (4, "Modified", 1, "Allowed", 1, severity::MEDIUM),
         }
     }
 
@@ -189,6 +191,8 @@ pub fn api_activity(r: &RecordInput, decision: CallDecision, version: &str) -> V
         r.backend.as_deref(),
         r.sni.as_deref(),
     );
+    // The rule that decided: records name it first (the block or approve rule of a refusal,
+    // a hold or an approval; the first mask rule that masked a value of a masked message).
     if let Some(rule) = r.rules.first() {
         let mut policy = json!({ "uid": rule, "name": rule, "is_applied": true });
         if let Some(h) = &r.policy_hash {

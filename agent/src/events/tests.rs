@@ -1,5 +1,6 @@
-//! The mapper's events, one of each kind, validated against the OCSF 1.7.0 schema by
-//! pydantic-ocsf (`target/test-venv-ocsf`), and the sinks' local behaviour.
+//! The mapper's events, one of each kind, validated against the OCSF 1.7.0 schema (the
+//! official export with its profiles, and pydantic-ocsf's models: `target/test-venv-ocsf`,
+//! `tests/support/ocsf_validate.py`), and the sinks' local behaviour.
 
 use std::{io::Write as _, path::PathBuf, process::Stdio};
 
@@ -81,6 +82,8 @@ pub(crate) fn every_kind() -> Vec<(&'static str, Value)> {
     let mut masked = record("response", "mask");
     masked.direction = "server_to_client".into();
     masked.masked_detectors = vec!["github_token".into(), "github_token".into(), "jwt".into()];
+    // A record names the rules that masked something, in order: the first is the policy.
+    masked.rules = vec!["mask-tokens".into(), "mask-jwts".into()];
     out.push(("masked", ocsf::from_record(&masked, v).unwrap()));
     let mut approved = record("approval", "approved");
     approved.payload = Some(MaskedPayload::agent_event(
@@ -180,7 +183,7 @@ fn ocsf_python() -> Option<PathBuf> {
     }
     if std::env::var("CI").is_ok_and(|v| v == "true") {
         panic!(
-            "{} is missing: `cargo xtask setup` creates it (pydantic-ocsf)",
+            "{} is missing: `cargo xtask setup` creates it (pydantic-ocsf, ocsf-json-schema)",
             p.display()
         );
     }
@@ -192,7 +195,7 @@ fn ocsf_python() -> Option<PathBuf> {
 }
 
 /// Validate JSON lines with `tests/support/ocsf_validate.py`; panics naming every problem.
-pub fn validate_with_pydantic_ocsf(lines: &str) {
+pub fn validate_ocsf(lines: &str) {
     let Some(python) = ocsf_python() else { return };
     let script =
         PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/support/ocsf_validate.py");
@@ -227,7 +230,7 @@ fn ocsf_schema_validates_every_kind() {
     let all = every_kind();
     assert_eq!(all.len(), 14);
     let lines: String = all.iter().map(|(_, v)| format!("{v}\n")).collect();
-    validate_with_pydantic_ocsf(&lines);
+    validate_ocsf(&lines);
 }
 
 #[test]
@@ -237,7 +240,7 @@ fn every_kind_has_the_class_and_disposition_of_its_decision() {
     // (kind, class_uid, activity_id, action_id, disposition_id)
     for (name, class, activity, action, disposition) in [
         ("blocked", 6003, 99, Some(2), Some(2)),
-        ("masked", 6003, 99, Some(99), Some(1)),
+        ("masked", 6003, 99, Some(4), Some(1)),
         ("approved", 6003, 99, Some(1), Some(8)),
         ("denied", 6003, 99, Some(2), Some(25)),
         ("timed_out", 6003, 99, Some(2), Some(25)),
@@ -274,6 +277,16 @@ fn every_kind_has_the_class_and_disposition_of_its_decision() {
     assert_eq!(
         m["unmapped"]["airlock"]["masked"],
         json!({"github_token": 2, "jwt": 1})
+    );
+    // The security-control profile's 4 Modified, not 99 Other (issue 19).
+    assert_eq!(
+        (&m["action_id"], &m["action"]),
+        (&json!(4), &json!("Modified"))
+    );
+    assert_eq!(m["policy"]["uid"], "mask-tokens");
+    assert_eq!(
+        m["unmapped"]["airlock"]["rules"],
+        json!(["mask-tokens", "mask-jwts"])
     );
     assert_eq!(by_name["policy_refused"]["status_id"], 2);
     assert_eq!(

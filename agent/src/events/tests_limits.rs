@@ -10,7 +10,7 @@ use super::{
     EventsConfig,
     config::{SyslogSink, SyslogTransport},
     ocsf,
-    tests::{record, validate_with_pydantic_ocsf},
+    tests::{record, validate_ocsf},
 };
 use crate::observe::{AgentEvent, Observer as _};
 
@@ -80,7 +80,7 @@ fn a_verification_failure_of_many_junk_hosts_fits_a_udp_datagram() {
     let (one, _) = receive(&rx);
     let name = one["resources"][0]["name"].as_str().unwrap();
     assert!(name.len() <= 1024 + "…".len(), "{}", name.len());
-    validate_with_pydantic_ocsf(&format!("{ev}\n{one}\n"));
+    validate_ocsf(&format!("{ev}\n{one}\n"));
 }
 
 /// Any event past the limit (here a record with hundreds of long rule ids and a huge tool
@@ -114,7 +114,7 @@ fn an_oversized_event_is_cut_to_fit_never_dropped() {
             .load(std::sync::atomic::Ordering::Relaxed),
         0
     );
-    validate_with_pydantic_ocsf(&format!("{ev}\n"));
+    validate_ocsf(&format!("{ev}\n"));
 
     // Escaped text (6 bytes a character in JSON) converges too.
     let mut v =
@@ -182,6 +182,6 @@ fn a_rejection_flood_is_one_event_and_a_summary() {
         "airlock:no_kernel_record_for_this_connection"
     );
     assert!(sum["start_time"].as_i64() <= sum["end_time"].as_i64());
-    validate_with_pydantic_ocsf(&text);
+    validate_ocsf(&text);
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -366,7 +366,8 @@ impl Kernel {
         })?;
         // The tcx guard runs for every socket of the host: it asks whether a frame's socket
         // is in this cgroup (or below).
-        let mut cgroup_map: aya::maps::CgroupArray<MapData> = take_map(&mut kernel._ebpf, names::CGROUP)?;
+        let mut cgroup_map: aya::maps::CgroupArray<MapData> =
+            take_map(&mut kernel._ebpf, names::CGROUP)?;
         cgroup_map
             .set(0, cgroup.as_fd(), 0)
             .map_err(|source| KernelError::Map {

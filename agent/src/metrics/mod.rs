@@ -1,4 +1,5 @@
-//! Prometheus/OpenMetrics metrics: `GET /metrics` on `metrics_listen`.
+//! Prometheus/OpenMetrics metrics: `GET /metrics` on `metrics_listen`, in the Prometheus text
+//! format 0.0.4, or OpenMetrics 1.0.0 when the scraper's `Accept` asks for it ([`Format`]).
 //!
 //! - this file: the families the data path feeds, through the [`crate::observe`] tap
 //!   ([`Metrics`] is an observer: per record, an index into counters resolved on first use
@@ -34,8 +35,61 @@ use crate::{
     observe::{AgentEvent, Observer},
 };
 
-/// The content type of `GET /metrics`.
-pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+/// The exposition formats `GET /metrics` answers in, chosen by the scraper's `Accept`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// OpenMetrics 1.0.0 text (`# UNIT`, `# EOF`; a counter's family has no `_total`).
+    OpenMetrics,
+    /// The Prometheus text format 0.0.4 (what `promtool check metrics` and most tools read;
+    /// HELP and TYPE name a counter with its `_total`).
+    Prometheus,
+}
+
+impl Format {
+    pub fn content_type(self) -> &'static str {
+        match self {
+            Format::OpenMetrics => "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            Format::Prometheus => prometheus_client::encoding::prometheus_text::CONTENT_TYPE,
+        }
+    }
+
+    /// The format an `Accept` header asks for (sans-IO; the header is the scraper's, read
+    /// leniently): OpenMetrics only when it names `application/openmetrics-text` with a
+    /// quality above 0 and not below the best of `text/plain`, `text/*` and `*/*`;
+    /// otherwise, and without a header, the Prometheus text format 0.0.4.
+    pub fn negotiate<'a>(accept: impl IntoIterator<Item = &'a str>) -> Format {
+        let mut openmetrics = 0.0f32;
+        let mut text = 0.0f32;
+        for range in accept.into_iter().flat_map(|h| h.split(',')) {
+            let mut parts = range.split(';');
+            let media = parts.next().unwrap_or("").trim().to_ascii_lowercase();
+            let mut q = 1.0f32;
+            for param in parts {
+                if let Some((k, v)) = param.split_once('=')
+                    && k.trim().eq_ignore_ascii_case("q")
+                {
+                    // An unreadable quality counts as "not acceptable".
+                    q = v
+                        .trim()
+                        .parse()
+                        .ok()
+                        .filter(|q: &f32| q.is_finite())
+                        .unwrap_or(0.0);
+                }
+            }
+            match media.as_str() {
+                "application/openmetrics-text" => openmetrics = openmetrics.max(q),
+                "text/plain" | "text/*" | "*/*" => text = text.max(q),
+                _ => {}
+            }
+        }
+        if openmetrics > 0.0 && openmetrics >= text {
+            Format::OpenMetrics
+        } else {
+            Format::Prometheus
+        }
+    }
+}
 
 /// The `metrics_listen` address: `IP:port`, loopback unless `metrics_allow_remote = true`
 /// (the endpoint has no authentication; it shows backend names and traffic volumes).
@@ -424,9 +478,14 @@ fn approval_outcome(r: &RecordInput) -> &'static str {
     }
 }
 
-/// The registry's OpenMetrics text.
-pub fn encode(registry: &Registry) -> Result<String, std::fmt::Error> {
+/// The registry's text in `format`; every family has its HELP and TYPE in both.
+pub fn encode(registry: &Registry, format: Format) -> Result<String, std::fmt::Error> {
     let mut out = String::with_capacity(16 * 1024);
-    prometheus_client::encoding::text::encode(&mut out, registry)?;
+    match format {
+        Format::OpenMetrics => prometheus_client::encoding::text::encode(&mut out, registry)?,
+        Format::Prometheus => {
+            prometheus_client::encoding::prometheus_text::encode(&mut out, registry)?
+        }
+    }
     Ok(out)
 }

@@ -1,6 +1,7 @@
 //! `GET /metrics` over HTTP/1.1 (hyper). Bounded: at most [`MAX_CONNECTIONS`] scrapers at
 //! once, request headers within [`HEADER_READ_TIMEOUT`] and 8 KiB, every connection closed
-//! after [`CONNECTION_LIFETIME`]. Anything but `GET /metrics` gets 404 or 405.
+//! after [`CONNECTION_LIFETIME`]. Anything but `GET /metrics` gets 404 or 405. The format
+//! follows the request's `Accept` ([`super::Format::negotiate`]).
 
 use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
 
@@ -96,13 +97,23 @@ pub fn answer<B>(req: &Request<B>, registry: &Registry) -> Response<Full<Bytes>>
             .insert(header::ALLOW, header::HeaderValue::from_static("GET"));
         return r;
     }
-    match super::encode(registry) {
+    // A header value that is not text is no preference.
+    let accept = req
+        .headers()
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok());
+    let format = super::Format::negotiate(accept);
+    match super::encode(registry, format) {
         Ok(text) => {
             let mut r = Response::new(Full::new(Bytes::from(text)));
             r.headers_mut().insert(
                 header::CONTENT_TYPE,
-                header::HeaderValue::from_static(super::CONTENT_TYPE),
+                header::HeaderValue::from_static(format.content_type()),
             );
+            // The answer depends on `Accept`: a cache in between must not mix them up.
+            r.headers_mut()
+                .insert(header::VARY, header::HeaderValue::from_static("accept"));
             r
         }
         Err(_) => reply(

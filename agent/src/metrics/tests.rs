@@ -1,4 +1,5 @@
-//! Names, suffixes and labels as OpenMetrics 1.0 and Prometheus's naming rules want them.
+//! Names, suffixes and labels as OpenMetrics 1.0, the Prometheus text format 0.0.4 and
+//! Prometheus's naming rules want them; which format a scraper's `Accept` gets.
 
 use super::*;
 use crate::archive::MaskedPayload;
@@ -19,7 +20,161 @@ fn record(kind: &str, direction: &str, decision: &str) -> RecordInput {
 }
 
 fn scrape(m: &Metrics) -> String {
-    encode(&m.registry(None)).unwrap()
+    encode(&m.registry(None), Format::OpenMetrics).unwrap()
+}
+
+/// A registry with a sample in every family the data path feeds.
+fn busy() -> Metrics {
+    let m = Metrics::new(["tools"]);
+    let mut answer = record("response", "server_to_client", "mask");
+    answer.method = Some("tools/call".into());
+    answer.latency_us = Some(1500);
+    answer.masked_detectors = vec!["email".into()];
+    m.on_record(&answer);
+    m.on_record(&record("request", "client_to_server", "block"));
+    let mut approval = record("approval", "client_to_server", "approved");
+    approval.payload = Some(MaskedPayload::agent_event(
+        &serde_json::json!({"approval_id": 1, "by_uid": 0}),
+    ));
+    m.on_record(&approval);
+    m.on_event(&AgentEvent::PolicyReloaded {
+        hash: "sha256:1".into(),
+        reason: "SIGHUP".into(),
+    });
+    m.on_event(&AgentEvent::ToolDefinitionChanged {
+        backend: "tools".into(),
+        tool: "add".into(),
+        pinned: "a".into(),
+        seen: "b".into(),
+    });
+    m
+}
+
+/// Every sample's family is declared by a HELP and a TYPE line before it, as `format` names
+/// families (OpenMetrics: a counter's family without `_total`; Prometheus 0.0.4: the sample's
+/// own name, `_total` included). Returns the families with samples.
+fn declared_families(text: &str, format: Format) -> Vec<String> {
+    let mut help = std::collections::HashSet::new();
+    let mut types = std::collections::HashMap::new();
+    let mut seen = Vec::new();
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            let name = rest.split(' ').next().unwrap();
+            assert!(help.insert(name.to_owned()), "HELP twice for {name}");
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, ty) = rest.split_once(' ').unwrap();
+            assert!(help.contains(name), "TYPE before HELP for {name}");
+            types.insert(name.to_owned(), ty.to_owned());
+            continue;
+        }
+        if line.starts_with('#') {
+            continue;
+        }
+        let name = line.split(['{', ' ']).next().unwrap();
+        let family = [
+            (name, ""),
+            (name.strip_suffix("_bucket").unwrap_or(""), "histogram"),
+            (name.strip_suffix("_sum").unwrap_or(""), "histogram"),
+            (name.strip_suffix("_count").unwrap_or(""), "histogram"),
+            (name.strip_suffix("_total").unwrap_or(""), "counter"),
+        ]
+        .into_iter()
+        .find(|(f, ty)| {
+            !f.is_empty()
+                && types.get(*f).is_some_and(|t| ty.is_empty() || t == ty)
+                && (format == Format::OpenMetrics || *ty != "counter")
+        })
+        .unwrap_or_else(|| panic!("{format:?}: no HELP and TYPE for the sample `{line}`:\n{text}"))
+        .0;
+        if !seen.iter().any(|s| s == family) {
+            seen.push(family.to_owned());
+        }
+    }
+    seen
+}
+
+#[test]
+fn both_formats_declare_help_and_type_for_every_family() {
+    let registry = busy().registry(None);
+    let om = encode(&registry, Format::OpenMetrics).unwrap();
+    let prom = encode(&registry, Format::Prometheus).unwrap();
+    let om_families = declared_families(&om, Format::OpenMetrics);
+    let prom_families = declared_families(&prom, Format::Prometheus);
+    assert!(om_families.len() >= 8, "{om}");
+    assert_eq!(om_families.len(), prom_families.len(), "{om}\n{prom}");
+    // Prometheus 0.0.4: a counter is declared under its sample's name, `_total` included;
+    // no OpenMetrics-only lines.
+    assert!(
+        prom.contains("# HELP airlock_mcp_blocked_calls_total Calls"),
+        "{prom}"
+    );
+    assert!(prom.contains("# TYPE airlock_mcp_blocked_calls_total counter\n"));
+    assert!(prom.contains("# TYPE airlock_mcp_operation_duration_seconds histogram\n"));
+    assert!(prom.contains("# TYPE airlock_build_info gauge\n"));
+    assert!(
+        !prom.contains("# EOF") && !prom.contains("# UNIT"),
+        "{prom}"
+    );
+    // The same series in both (label order and number spelling may differ: `le="1.0"` and
+    // `le="1"` are the same bucket to a parser).
+    let samples = |t: &str| {
+        let mut v: Vec<String> = t
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| l.split(['{', ' ']).next())
+            .map(str::to_owned)
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(samples(&om), samples(&prom));
+}
+
+#[test]
+fn the_format_follows_accept() {
+    use Format::*;
+    let cases: &[(&[&str], Format)] = &[
+        // No preference, or the classic format asked for: Prometheus 0.0.4.
+        (&[], Prometheus),
+        (&["text/plain;version=0.0.4"], Prometheus),
+        (&["text/plain; version=0.0.4; charset=utf-8"], Prometheus),
+        (&["*/*"], Prometheus),
+        (&["application/json"], Prometheus),
+        (
+            &["text/plain;q=0.9, application/openmetrics-text;q=0.5"],
+            Prometheus,
+        ),
+        (&["application/openmetrics-text;q=0"], Prometheus),
+        (&["application/openmetrics-text;q=nonsense"], Prometheus),
+        (&[";;;,,,=q"], Prometheus),
+        // OpenMetrics asked for: Prometheus 2.42 (Debian's) and 3.x scrapers.
+        (
+            &[
+                "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1",
+            ],
+            OpenMetrics,
+        ),
+        (
+            &[
+                "application/openmetrics-text;version=1.0.0;escaping=allow-utf-8;q=0.5,application/openmetrics-text;version=0.0.1;q=0.4,text/plain;version=1.0.0;escaping=allow-utf-8;q=0.3,text/plain;version=0.0.4;q=0.2,*/*;q=0.1",
+            ],
+            OpenMetrics,
+        ),
+        (
+            &["Application/OpenMetrics-Text; Version=1.0.0"],
+            OpenMetrics,
+        ),
+        (&["text/html", "application/openmetrics-text"], OpenMetrics),
+    ];
+    for (accept, want) in cases {
+        assert_eq!(
+            Format::negotiate(accept.iter().copied()),
+            *want,
+            "{accept:?}"
+        );
+    }
 }
 
 /// The value of the sample line starting with `series` (name and labels, exactly).
@@ -263,7 +418,23 @@ fn only_get_metrics_is_served() {
     };
     let ok = server::answer(&req("GET", "/metrics"), &registry);
     assert_eq!(ok.status(), 200);
-    assert_eq!(ok.headers()[http::header::CONTENT_TYPE], CONTENT_TYPE);
+    assert_eq!(
+        ok.headers()[http::header::CONTENT_TYPE],
+        "text/plain; version=0.0.4; charset=utf-8"
+    );
+    assert_eq!(ok.headers()[http::header::VARY], "accept");
+    let openmetrics = http::Request::builder()
+        .uri("/metrics")
+        .header(
+            http::header::ACCEPT,
+            "application/openmetrics-text; version=1.0.0",
+        )
+        .body(())
+        .unwrap();
+    assert_eq!(
+        server::answer(&openmetrics, &registry).headers()[http::header::CONTENT_TYPE],
+        "application/openmetrics-text; version=1.0.0; charset=utf-8"
+    );
     assert_eq!(
         server::answer(&req("POST", "/metrics"), &registry).status(),
         405

@@ -15,11 +15,12 @@
 //! refuses the message rather than forwarding it unrecorded.
 //!
 //! Files: this one (the stages), [`context`] (what a connection's messages share),
-//! [`approval`] (held calls and the approval webhook), [`unaddressed`] (masking and records
-//! of what is not an MCP message).
+//! [`approval`] (held calls and the approval webhook), [`rules`] (which rules a record
+//! names), [`unaddressed`] (masking and records of what is not an MCP message).
 
 pub(crate) mod approval;
 mod context;
+mod rules;
 mod unaddressed;
 
 use std::{
@@ -35,6 +36,7 @@ use serde_json::Value;
 
 pub(crate) use context::subject_of;
 pub use context::{ConnCtx, direction_str, now_us};
+use rules::{acting_rules, rule};
 
 use crate::{
     archive::{MaskedPayload, service::Archive},
@@ -42,7 +44,7 @@ use crate::{
         jsonrpc::{self, Kind, code},
         session::{ExpectError, Pending, SessionKey, Sessions},
     },
-    policy::{self, Direction, MaskCounts, RecordLevel, Verdict, store::PolicyStore},
+    policy::{self, Direction, Masking, RecordLevel, Verdict, store::PolicyStore},
 };
 
 /// One MCP message on its way through.
@@ -216,9 +218,9 @@ impl Pipeline {
                         .protocol_refused
                         .fetch_add(1, Ordering::Relaxed);
                     let (code, rule) = match e {
-                        ExpectError::Duplicate => (code::INVALID_REQUEST, "airlock:duplicate_id"),
+                        ExpectError::Duplicate => (code::INVALID_REQUEST, rule::DUPLICATE_ID),
                         ExpectError::Full | ExpectError::UidFull | ExpectError::TableFull => {
-                            (code::UNAVAILABLE, "airlock:pending_full")
+                            (code::UNAVAILABLE, rule::PENDING_FULL)
                         }
                     };
                     protocol_refusal = Some((code, format!("Airlock: {e}"), rule));
@@ -260,16 +262,17 @@ impl Pipeline {
         } else {
             None
         };
-        let counts: MaskCounts = if decision.masks_anything() {
+        let masking = if decision.masks_anything() {
             set.mask(&decision, &mut value)
         } else {
-            MaskCounts::new()
+            Masking::default()
         };
-        let masked: u32 = counts.values().sum();
+        let masked = masking.total();
         // Consistent listing: a tool every call of which this caller would be refused is not
         // listed to it either. A listing is recognised by its shape, whatever request it
         // claims to answer.
-        let mut hidden = Vec::new();
+        // The tools taken out of a listing, and the rule that hid each one.
+        let mut hidden: Vec<(String, String)> = Vec::new();
         let mut pin_alerts: Vec<(String, String, String)> = Vec::new();
         let mut pins_touched = false;
         if kind == Kind::Response
@@ -291,12 +294,17 @@ impl Pipeline {
                     crate::policy::pins::PinCheck::New => pins_touched = true,
                     crate::policy::pins::PinCheck::Unchanged => {}
                 }
-                let visible = set.tool_visible(&ctx.subject, &ctx.backend, name)
-                    && !(block_changed && pins.is_changed(&ctx.backend, name));
-                if !visible {
-                    hidden.push(name.to_owned());
+                let hidden_by = match set.tool_hidden_by(&ctx.subject, &ctx.backend, name) {
+                    Some(rule) => Some(rule),
+                    None if block_changed && pins.is_changed(&ctx.backend, name) => {
+                        Some(rule::TOOL_CHANGED)
+                    }
+                    None => None,
+                };
+                if let Some(rule) = hidden_by {
+                    hidden.push((name.to_owned(), rule.to_owned()));
                 }
-                visible
+                hidden_by.is_none()
             });
         }
         if pins_touched {
@@ -357,10 +365,9 @@ impl Pipeline {
                     .unwrap_or_else(|p| p.into_inner())
                     .is_changed(&ctx.backend, t)
             });
-        let mut rules = decision.rules.clone();
+        // A refusal: its JSON-RPC error, the record's decision and the rule behind it.
         let refusal = if let Some((code, message, rule)) = protocol_refusal {
-            rules.push(rule.to_owned());
-            Some((code, message, "block"))
+            Some((code, message, "block", rule.to_owned()))
         } else if changed_tool {
             Some((
                 code::BLOCKED,
@@ -372,6 +379,7 @@ impl Pipeline {
                     tool.as_deref().unwrap_or("")
                 ),
                 "block",
+                rule::TOOL_CHANGED.to_owned(),
             ))
         } else {
             match &decision.verdict {
@@ -383,6 +391,7 @@ impl Pipeline {
                         describe(method.as_deref(), tool.as_deref())
                     ),
                     "block",
+                    rule.clone(),
                 )),
                 // A notification cannot wait for a decision (nothing answers it): refused.
                 Verdict::Approve { rule, .. } if kind != Kind::Request => Some((
@@ -392,6 +401,7 @@ impl Pipeline {
                         describe(method.as_deref(), tool.as_deref())
                     ),
                     "block",
+                    rule.clone(),
                 )),
                 Verdict::Approve { rule, timeout } => {
                     let args = value
@@ -431,6 +441,7 @@ impl Pipeline {
                                 describe(method.as_deref(), tool.as_deref())
                             ),
                             "denied",
+                            rule.clone(),
                         )),
                     }
                 }
@@ -442,6 +453,26 @@ impl Pipeline {
         {
             self.sessions.cancel(&session, c2s, id);
         }
+        let decision_name = match &refusal {
+            Some((_, _, d, _)) => *d,
+            None if approved => "approved",
+            None if masked > 0 => "mask",
+            // A listing with tools hidden by a block rule.
+            None if !hidden.is_empty() => "block",
+            None => "allow",
+        };
+        // The rule behind a refusal or an approval comes first.
+        let deciding = match &refusal {
+            Some((_, _, _, rule)) => Some(rule.as_str()),
+            None if approved => decision.verdict_rule.as_deref(),
+            None => None,
+        };
+        let rules = acting_rules(
+            deciding,
+            decision.verdict_rule.as_deref(),
+            &masking,
+            &hidden,
+        );
         let mut record = ctx.record(&self.host, direction, kind.as_str());
         record.mcp_session_id = mcp_session_id.clone();
         record.method = method.clone();
@@ -450,18 +481,8 @@ impl Pipeline {
         record.latency_us = latency_us;
         record.rules = rules.clone();
         record.policy_hash = Some(set.hash.clone());
-        record.masked_detectors = counts
-            .iter()
-            .flat_map(|(d, n)| std::iter::repeat_n(d.clone(), *n as usize))
-            .collect();
-        record.decision = match refusal {
-            Some((_, _, d)) => d.into(),
-            None if approved => "approved".into(),
-            None if masked > 0 => "mask".into(),
-            // A listing with tools hidden by a block rule.
-            None if !hidden.is_empty() => "block".into(),
-            None => "allow".into(),
-        };
+        record.masked_detectors = masking.detectors();
+        record.decision = decision_name.into();
         let level = decision.record;
         if level == RecordLevel::Full {
             let text = match raw.as_deref().map(std::str::from_utf8) {
@@ -478,7 +499,7 @@ impl Pipeline {
             }
             return Err(PipelineError::Archive(e.to_string()));
         }
-        if let Some((code, message, decision_name)) = refusal {
+        if let Some((code, message, decision_name, _)) = refusal {
             self.counters.blocked.fetch_add(1, Ordering::Relaxed);
             let answer = jsonrpc::error_response(jsonrpc::id(&value), code, &message, None);
             let mut rec = ctx.record(&self.host, direction.reverse(), "error");
@@ -581,3 +602,6 @@ fn describe(method: Option<&str>, tool: Option<&str>) -> String {
         (None, None) => "this message".into(),
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -48,7 +48,7 @@ impl Pipeline {
     /// that applies to this caller and backend; how many values were masked.
     pub fn mask_value(&self, ctx: &ConnCtx, direction: Direction, value: &mut Value) -> u32 {
         let (set, decision) = self.unaddressed(&ctx.subject, &ctx.backend, direction);
-        let n: u32 = set.mask(&decision, value).values().sum();
+        let n = set.mask(&decision, value).total();
         if n > 0 {
             self.counters
                 .masked_values
@@ -79,16 +79,15 @@ impl Pipeline {
         mcp_session_id: Option<String>,
     ) -> Result<(), PipelineError> {
         let (set, d) = self.unaddressed(&ctx.subject, &ctx.backend, direction);
-        let counts = set.mask(&d, &mut details);
+        let masking = set.mask(&d, &mut details);
         let mut rec = ctx.record(&self.host, direction, kind);
         rec.decision = decision.into();
         rec.latency_us = latency_us;
         rec.mcp_session_id = mcp_session_id;
         rec.policy_hash = Some(set.hash.clone());
-        rec.masked_detectors = counts
-            .iter()
-            .flat_map(|(d, n)| std::iter::repeat_n(d.clone(), *n as usize))
-            .collect();
+        // The rules that masked something: an event about this record names them.
+        rec.rules = masking.rules.clone();
+        rec.masked_detectors = masking.detectors();
         rec.payload = Some(MaskedPayload::from_masked(details.to_string()));
         self.archive
             .record(rec)

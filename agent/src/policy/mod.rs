@@ -4,7 +4,8 @@
 //! questions about one MCP message seen for one caller:
 //! - [`PolicySet::decide`]: the verdict (allow, block, approve), the mask rules that apply and
 //!   the recording level;
-//! - [`PolicySet::mask`]: the message with every detected value masked.
+//! - [`PolicySet::mask`]: the message with every detected value masked, and the mask rules
+//!   that masked something ([`Masking`]).
 //!
 //! # Evaluation order (the contract documented in README.md)
 //! 1. Rules are read in file-name order, then in order within a file.
@@ -15,6 +16,9 @@
 //! 4. The recording level comes from the first matching rule that sets `record`
 //!    (default `full`). A blocked or held message is always recorded: `record = "off"` is
 //!    rejected on `block` and `approve` rules.
+//! 5. A record (and its audit event) names the rules that acted, not every rule that matched:
+//!    the verdict's rule ([`Decision::verdict_rule`]) and the mask rules that masked a value
+//!    ([`Masking::rules`]); the pipeline puts the one behind the record's decision first.
 //!
 //! Beside the rules: [`approvals`] (held calls bound to a digest of the exact call),
 //! [`pins`] (first-seen tool definitions), [`credentials`] (brokered upstream credentials).
@@ -139,13 +143,39 @@ pub struct Decision {
     /// Indexes of the matching mask rules, in order.
     mask_rules: Vec<usize>,
     pub record: RecordLevel,
-    /// Ids of every rule that matched, in order (for the record's `rules` column).
-    pub rules: Vec<String>,
+    /// The rule that gave the verdict: the first matching `allow`, `block` or `approve` rule
+    /// (none when no such rule matched and the message is allowed by default). A mask rule
+    /// that matched is not named here: it acts only if it masks something ([`Masking`]).
+    pub verdict_rule: Option<String>,
 }
 
 impl Decision {
     pub fn masks_anything(&self) -> bool {
         !self.mask_rules.is_empty()
+    }
+}
+
+/// What masking did to a message: the values masked, by detector, and the mask rules that
+/// masked at least one of them, in order. A mask rule that matched but found nothing is not
+/// among `rules`: records and events name the rules that acted.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Masking {
+    pub counts: MaskCounts,
+    pub rules: Vec<String>,
+}
+
+impl Masking {
+    /// How many values were masked.
+    pub fn total(&self) -> u32 {
+        self.counts.values().sum()
+    }
+
+    /// One entry per masked value, its detector's name (the record's `masked_detectors`).
+    pub fn detectors(&self) -> Vec<String> {
+        self.counts
+            .iter()
+            .flat_map(|(d, n)| std::iter::repeat_n(d.clone(), *n as usize))
+            .collect()
     }
 }
 
@@ -391,31 +421,32 @@ impl PolicySet {
         let mut verdict = None;
         let mut record = None;
         let mut mask_rules = Vec::new();
-        let mut matched = Vec::new();
+        let mut verdict_rule = None;
         for (i, rule) in self.rules.iter().enumerate() {
             if !rule.matches(subject, msg) {
                 continue;
             }
-            matched.push(rule.id.clone());
             if record.is_none() {
                 record = rule.record;
             }
-            match rule.action {
-                Action::Mask => mask_rules.push(i),
-                Action::Allow if verdict.is_none() => verdict = Some(Verdict::Allow),
-                Action::Block if verdict.is_none() => {
-                    verdict = Some(Verdict::Block {
-                        rule: rule.id.clone(),
-                    })
-                }
-                Action::Approve if verdict.is_none() => {
-                    verdict = Some(Verdict::Approve {
-                        rule: rule.id.clone(),
-                        timeout: rule.timeout,
-                    })
-                }
-                _ => {}
+            if rule.action == Action::Mask {
+                mask_rules.push(i);
+                continue;
             }
+            if verdict.is_some() {
+                continue;
+            }
+            verdict_rule = Some(rule.id.clone());
+            verdict = Some(match rule.action {
+                Action::Block => Verdict::Block {
+                    rule: rule.id.clone(),
+                },
+                Action::Approve => Verdict::Approve {
+                    rule: rule.id.clone(),
+                    timeout: rule.timeout,
+                },
+                Action::Allow | Action::Mask => Verdict::Allow,
+            });
         }
         let verdict = verdict.unwrap_or(Verdict::Allow);
         let mut record = record.unwrap_or(RecordLevel::Full);
@@ -426,19 +457,23 @@ impl PolicySet {
             verdict,
             mask_rules,
             record,
-            rules: matched,
+            verdict_rule,
         }
     }
 
-    /// Mask `value` with every mask rule of `decision`; returns the counts by detector.
-    pub fn mask(&self, decision: &Decision, value: &mut Value) -> MaskCounts {
-        let mut counts = MaskCounts::new();
+    /// Mask `value` with every mask rule of `decision`: the counts by detector, and the rules
+    /// that masked something.
+    pub fn mask(&self, decision: &Decision, value: &mut Value) -> Masking {
+        let mut masking = Masking::default();
         for &i in &decision.mask_rules {
-            if let Some(m) = &self.rules[i].masker {
-                m.mask_json(value, &mut counts);
+            let rule = &self.rules[i];
+            if let Some(m) = &rule.masker
+                && m.mask_json(value, &mut masking.counts) > 0
+            {
+                masking.rules.push(rule.id.clone());
             }
         }
-        counts
+        masking
     }
 
     /// Mask a message body and hand it over in the only form the archive accepts.
@@ -446,11 +481,11 @@ impl PolicySet {
         &self,
         decision: &Decision,
         mut value: Value,
-    ) -> (crate::archive::MaskedPayload, MaskCounts) {
-        let counts = self.mask(decision, &mut value);
+    ) -> (crate::archive::MaskedPayload, Masking) {
+        let masking = self.mask(decision, &mut value);
         (
             crate::archive::MaskedPayload::from_masked(value.to_string()),
-            counts,
+            masking,
         )
     }
 
@@ -475,6 +510,11 @@ impl PolicySet {
     /// Whether `tools/list` should show `tool` to `subject`: hidden when a call to it, with no
     /// regard to arguments, would be blocked. Listing and calling then agree.
     pub fn tool_visible(&self, subject: &Subject, backend: &str, tool: &str) -> bool {
+        self.tool_hidden_by(subject, backend, tool).is_none()
+    }
+
+    /// The block rule that hides `tool` from `subject`'s listings (see [`Self::tool_visible`]).
+    pub fn tool_hidden_by(&self, subject: &Subject, backend: &str, tool: &str) -> Option<&str> {
         let probe = Message {
             backend,
             direction: Direction::ClientToServer,
@@ -489,15 +529,15 @@ impl PolicySet {
                 continue;
             }
             match rule.action {
-                Action::Allow | Action::Approve => return true,
+                Action::Allow | Action::Approve => return None,
                 // A block that depends on the arguments decides only some calls: the others
                 // fall through to the later rules, which decide whether any call can pass.
                 Action::Block if !rule.matchers.args.is_empty() => {}
-                Action::Block => return false,
+                Action::Block => return Some(&rule.id),
                 Action::Mask => {}
             }
         }
-        true
+        None
     }
 }
 

@@ -78,10 +78,8 @@ fn first_block_or_approve_decides_and_all_masks_apply() {
             rule: "no-destructive-tools".into()
         }
     );
-    assert_eq!(
-        d.rules,
-        vec!["mask-secrets-and-pii", "no-destructive-tools"]
-    );
+    // The rule that decided, not the first that matched (a mask rule, before it).
+    assert_eq!(d.verdict_rule.as_deref(), Some("no-destructive-tools"));
     assert!(d.masks_anything());
     let d = s.decide(&who, &call("deploy_prod", &none));
     assert_eq!(
@@ -93,7 +91,49 @@ fn first_block_or_approve_decides_and_all_masks_apply() {
     );
     let d = s.decide(&who, &call("search", &none));
     assert_eq!(d.verdict, Verdict::Allow);
+    assert_eq!(d.verdict_rule, None, "allowed by default: no rule decided");
     assert_eq!(d.record, RecordLevel::Full);
+}
+
+/// Masking tells which mask rules masked something: a rule that matched and found nothing
+/// did not act, and is not named (issue 19: events named a mask rule that masked nothing).
+#[test]
+fn masking_names_the_rules_that_masked_something() {
+    let s = set(&[
+        ("default.toml", EXAMPLE),
+        (
+            "site.toml",
+            r#"
+[[rule]]
+id = "mask-tokens"
+action = "mask"
+detectors = ["github_token"]
+
+[[rule]]
+id = "allow-search"
+action = "allow"
+tools = ["search"]
+"#,
+        ),
+    ])
+    .unwrap();
+    let who = subject("alice", 1000);
+    let args = json!({"q": "mail a@b.io"});
+    let d = s.decide(&who, &call("search", &args));
+    assert_eq!(d.verdict, Verdict::Allow);
+    assert_eq!(d.verdict_rule.as_deref(), Some("allow-search"));
+    let mut v = args.clone();
+    let m = s.mask(&d, &mut v);
+    assert_eq!(m.rules, vec!["mask-secrets-and-pii"]);
+    assert_eq!(m.total(), 1);
+    assert_eq!(m.detectors(), vec!["email"]);
+    let args = json!({"q": "ghp_PLANTEDsecretTOKEN0123456789abcdefAB"});
+    let mut v = args.clone();
+    let m = s.mask(&s.decide(&who, &call("search", &args)), &mut v);
+    assert_eq!(m.rules, vec!["mask-tokens"], "the later file's rule masked");
+    let mut v = json!({"q": "nothing to mask"});
+    let m = s.mask(&s.decide(&who, &call("search", &v.clone())), &mut v);
+    assert_eq!(m, Masking::default());
 }
 
 #[test]
@@ -278,12 +318,12 @@ style = "redact"
     resp.is_call = false;
     let d = s.decide(&who, &resp);
     let mut v = json!({"content": [{"type": "text", "text": "EMP-123456 is a@b.io"}]});
-    let counts = s.mask(&d, &mut v);
+    let masking = s.mask(&d, &mut v);
     assert_eq!(
         v["content"][0]["text"],
         "[MASKED:employee_id] is [MASKED:email]"
     );
-    assert_eq!(counts.get("employee_id"), Some(&1));
+    assert_eq!(masking.counts.get("employee_id"), Some(&1));
     // Requests are left alone by a responses-only rule.
     let args = json!({"q": "EMP-123456"});
     let d = s.decide(&who, &call("lookup", &args));
@@ -295,6 +335,11 @@ fn listing_agrees_with_calling() {
     let s = set(&[("a.toml", EXAMPLE)]).unwrap();
     let who = subject("alice", 1000);
     assert!(!s.tool_visible(&who, "tools", "delete_repo"));
+    assert_eq!(
+        s.tool_hidden_by(&who, "tools", "delete_repo"),
+        Some("no-destructive-tools")
+    );
+    assert_eq!(s.tool_hidden_by(&who, "tools", "search"), None);
     assert!(!s.tool_visible(&who, "tools", "drop_table"));
     assert!(
         s.tool_visible(&who, "tools", "query"),
