@@ -7,6 +7,9 @@
 /// Retention against the bucket, hosts that vanish, stale shipping state.
 #[path = "ship/fleet_checks.rs"]
 mod fleet_checks;
+/// `verify --fleet` on modified, missing and malformed manifest line objects.
+#[path = "ship/line_objects.rs"]
+mod line_objects;
 #[path = "support/s3.rs"]
 mod s3;
 
@@ -617,7 +620,9 @@ fn two_hosts_in_one_bucket_one_duckdb_glob_and_verify_names_what_is_missing() {
     let (code, text) = synced_args(&[]);
     assert_eq!(code, 1, "{text}");
     assert!(
-        text.contains("host=runner-b/_manifest/000000000001.json: manifest line 1 is missing"),
+        text.contains(
+            "host=runner-b/_manifest/000000000001.json: manifest line 1 of host runner-b: missing, though later lines exist: removed"
+        ),
         "{text}"
     );
 }
