@@ -626,3 +626,39 @@ fn two_hosts_in_one_bucket_one_duckdb_glob_and_verify_names_what_is_missing() {
         "{text}"
     );
 }
+
+/// The command line logs warnings, errors and its own messages: not `object_store`'s INFO
+/// lines (it retries a refused connection at INFO) — unless AIRLOCK_LOG asks for them.
+#[test]
+fn the_command_line_shows_no_library_info_lines() {
+    let port = free_port();
+    let endpoint = format!("http://127.0.0.1:{port}");
+    let run = |log: Option<&str>| {
+        let mut cmd = Command::new(AIRLOCK);
+        cmd.args(["--config", "/nonexistent/airlock.toml", "verify", "--fleet"])
+            .args(["s3://fleet", "--endpoint", &endpoint, "--allow-http"])
+            .env("AWS_ACCESS_KEY_ID", "k")
+            .env("AWS_SECRET_ACCESS_KEY", "s")
+            .env_remove("AIRLOCK_LOG")
+            .env_remove("RUST_LOG");
+        if let Some(log) = log {
+            cmd.env("AIRLOCK_LOG", log);
+        }
+        let out = cmd.output().unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, stderr) = run(None);
+    assert_eq!(code, Some(1), "nothing listens there: {stderr}");
+    assert!(stderr.contains(&format!("127.0.0.1:{port}")), "{stderr}");
+    assert!(
+        !stderr.contains(" INFO ") && !stderr.contains("Encountered"),
+        "a library's INFO lines: {stderr}"
+    );
+    // Asked for, they are there (the retries happen; only the level hid them).
+    let (code, stderr) = run(Some("info"));
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("Encountered transport error"), "{stderr}");
+}

@@ -273,6 +273,10 @@ fn main() -> ExitCode {
     airlock::logging::init(
         &airlock::logging::LogSettings::read(&cli.config),
         cli.log_format,
+        match cli.command {
+            Command::Run => airlock::logging::Role::Agent,
+            _ => airlock::logging::Role::Cli,
+        },
     );
     if let Command::Policy {
         command: PolicyCommand::Check { dir: Some(dir) },
