@@ -164,6 +164,42 @@ fn record(host: &str, seq: u64) -> RecordInput {
     }
 }
 
+/// Everything the library logs in this test binary (every level), as text lines.
+static LOG: std::sync::Mutex<Vec<u8>> = std::sync::Mutex::new(Vec::new());
+
+struct LogSink;
+
+impl std::io::Write for LogSink {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        LOG.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Capture the library's log from now on (once per test binary).
+fn capture_log() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let _ = tracing_subscriber::fmt()
+            .with_writer(|| LogSink)
+            .with_ansi(false)
+            .with_max_level(tracing::Level::TRACE)
+            .try_init();
+    });
+}
+
+/// Captured log lines containing `needle`.
+fn log_lines(needle: &str) -> Vec<String> {
+    String::from_utf8_lossy(&LOG.lock().unwrap())
+        .lines()
+        .filter(|l| l.contains(needle))
+        .map(str::to_owned)
+        .collect()
+}
+
 fn wait_until(what: &str, stats: &ShipStats, cond: impl Fn(&ShipStats) -> bool) {
     let deadline = Instant::now() + Duration::from_secs(30);
     while !cond(stats) {
@@ -235,6 +271,7 @@ fn assert_identical(host: &Host, server: &S3Server) {
 
 #[test]
 fn files_and_manifest_lines_ship_byte_identical_and_are_never_overwritten() {
+    capture_log();
     let dir = tempdir("localbucket");
     let server = S3Server::localbucket(&dir.join("s3"), free_port(), BUCKET);
     let mut host = Host::new(&dir.join("runner-1"), "runner-1");
@@ -294,6 +331,15 @@ fn files_and_manifest_lines_ship_byte_identical_and_are_never_overwritten() {
     );
     assert_eq!(std::fs::read(server.object(BUCKET, &key)).unwrap(), planted);
     finish(&third);
+    // Possible tampering is an alarm: logged at ERROR, every time, never as a passing WARN.
+    let alarms = log_lines(&format!("s3://{BUCKET}/{key}"));
+    assert!(!alarms.is_empty(), "the alarm is logged");
+    for line in &alarms {
+        assert!(
+            line.contains(" ERROR ") && line.contains("ALARM"),
+            "an alarm logged below ERROR: {line}"
+        );
+    }
 }
 
 #[test]
@@ -661,4 +707,53 @@ fn the_command_line_shows_no_library_info_lines() {
     let (code, stderr) = run(Some("info"));
     assert_eq!(code, Some(1), "{stderr}");
     assert!(stderr.contains("Encountered transport error"), "{stderr}");
+}
+
+/// A local file that no longer matches its manifest line is not shipped, and that is an alarm
+/// (possible tampering), logged at ERROR like a conflicting object in the bucket.
+#[test]
+fn a_local_file_modified_before_shipping_is_an_alarm_and_stays_local() {
+    capture_log();
+    let dir = tempdir("modified-local");
+    let server = S3Server::localbucket(&dir.join("s3"), free_port(), BUCKET);
+    let mut host = Host::new(&dir.join("runner-t"), "runner-t");
+    host.add_file(3);
+    let file = host.archive().join(&host.local_parquet()[0]);
+    let mut bytes = std::fs::read(&file).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x20;
+    std::fs::write(&file, &bytes).unwrap();
+    let config = host.config(&server.endpoint(), "k", "s");
+    let (shipper, _) = host.ship(&config);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let error = loop {
+        let error = shipper.status().last_error.unwrap_or_default();
+        if error.contains("ALARM") {
+            break error;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no alarm: {:?}",
+            shipper.status()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(
+        error.contains(&file.display().to_string())
+            && error.contains("differs from its manifest line"),
+        "{error}"
+    );
+    assert_eq!(shipper.status().lines_shipped, 0);
+    finish(&shipper);
+    let lines = log_lines(&file.display().to_string());
+    assert!(!lines.is_empty(), "the alarm is logged");
+    for line in &lines {
+        assert!(line.contains(" ERROR ") && line.contains("ALARM"), "{line}");
+    }
+    assert!(
+        files_under(&server.data.join(BUCKET))
+            .iter()
+            .all(|k| !k.ends_with(".parquet")),
+        "the modified file reached the bucket"
+    );
 }
