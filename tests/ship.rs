@@ -10,6 +10,9 @@ mod fleet_checks;
 /// `verify --fleet` on modified, missing and malformed manifest line objects.
 #[path = "ship/line_objects.rs"]
 mod line_objects;
+/// A bucket behind a private CA: `[ship] ca_file`, `verify --fleet --ca-file`.
+#[path = "ship/private_ca.rs"]
+mod private_ca;
 #[path = "support/s3.rs"]
 mod s3;
 
@@ -94,6 +97,11 @@ impl Host {
 
     /// A configuration shipping to `endpoint` with these credentials (written 0600).
     fn config(&self, endpoint: &str, access_key: &str, secret: &str) -> Config {
+        self.config_with(endpoint, access_key, secret, "")
+    }
+
+    /// The same, with more `[ship]` keys.
+    fn config_with(&self, endpoint: &str, access_key: &str, secret: &str, more: &str) -> Config {
         let cred = self.dir.join("ship.cred");
         std::fs::write(
             &cred,
@@ -105,7 +113,7 @@ impl Host {
             "state_dir = \"{d}/state\"\narchive_dir = \"{d}/archive\"\nhost = \"{h}\"\n\
              [[backend]]\nname = \"tools\"\nhost = \"127.0.0.2\"\nport = 8443\n\
              [ship]\nurl = \"s3://{BUCKET}\"\nendpoint = \"{endpoint}\"\nallow_http = true\n\
-             credentials_file = \"{cred}\"\nretry_secs = 2\ntimeout_secs = 5\n",
+             credentials_file = \"{cred}\"\nretry_secs = 2\ntimeout_secs = 5\n{more}\n",
             d = self.dir.display(),
             h = self.name,
             cred = cred.display(),

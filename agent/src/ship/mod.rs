@@ -58,6 +58,8 @@ pub use store::{Credentials, FleetLayout};
 pub enum ShipError {
     #[error("[ship] credentials: {0}")]
     Credentials(String),
+    #[error("[ship] ca_file: {0}")]
+    CaFile(String),
     #[error("bucket {url}: {message}")]
     Bucket { url: String, message: String },
     #[error(
