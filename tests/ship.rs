@@ -7,6 +7,15 @@
 /// Retention against the bucket, hosts that vanish, stale shipping state.
 #[path = "ship/fleet_checks.rs"]
 mod fleet_checks;
+/// `verify --fleet` on modified, missing and malformed manifest line objects.
+#[path = "ship/line_objects.rs"]
+mod line_objects;
+/// What the shipper and the command line log: alarms at ERROR, no library INFO lines.
+#[path = "ship/logs.rs"]
+mod logs;
+/// A bucket behind a private CA: `[ship] ca_file`, `verify --fleet --ca-file`.
+#[path = "ship/private_ca.rs"]
+mod private_ca;
 #[path = "support/s3.rs"]
 mod s3;
 
@@ -24,6 +33,7 @@ use airlock::{
     policy::{Direction, HashKey, Message, PolicySet, Subject},
     ship::{Prepared, ShipStats, Shipper},
 };
+use logs::{capture_log, log_lines};
 use s3::{S3Server, files_under, free_port};
 use serde_json::json;
 
@@ -91,6 +101,11 @@ impl Host {
 
     /// A configuration shipping to `endpoint` with these credentials (written 0600).
     fn config(&self, endpoint: &str, access_key: &str, secret: &str) -> Config {
+        self.config_with(endpoint, access_key, secret, "")
+    }
+
+    /// The same, with more `[ship]` keys.
+    fn config_with(&self, endpoint: &str, access_key: &str, secret: &str, more: &str) -> Config {
         let cred = self.dir.join("ship.cred");
         std::fs::write(
             &cred,
@@ -102,7 +117,7 @@ impl Host {
             "state_dir = \"{d}/state\"\narchive_dir = \"{d}/archive\"\nhost = \"{h}\"\n\
              [[backend]]\nname = \"tools\"\nhost = \"127.0.0.2\"\nport = 8443\n\
              [ship]\nurl = \"s3://{BUCKET}\"\nendpoint = \"{endpoint}\"\nallow_http = true\n\
-             credentials_file = \"{cred}\"\nretry_secs = 2\ntimeout_secs = 5\n",
+             credentials_file = \"{cred}\"\nretry_secs = 2\ntimeout_secs = 5\n{more}\n",
             d = self.dir.display(),
             h = self.name,
             cred = cred.display(),
@@ -232,6 +247,7 @@ fn assert_identical(host: &Host, server: &S3Server) {
 
 #[test]
 fn files_and_manifest_lines_ship_byte_identical_and_are_never_overwritten() {
+    capture_log();
     let dir = tempdir("localbucket");
     let server = S3Server::localbucket(&dir.join("s3"), free_port(), BUCKET);
     let mut host = Host::new(&dir.join("runner-1"), "runner-1");
@@ -291,6 +307,15 @@ fn files_and_manifest_lines_ship_byte_identical_and_are_never_overwritten() {
     );
     assert_eq!(std::fs::read(server.object(BUCKET, &key)).unwrap(), planted);
     finish(&third);
+    // Possible tampering is an alarm: logged at ERROR, every time, never as a passing WARN.
+    let alarms = log_lines(&format!("s3://{BUCKET}/{key}"));
+    assert!(!alarms.is_empty(), "the alarm is logged");
+    for line in &alarms {
+        assert!(
+            line.contains(" ERROR ") && line.contains("ALARM"),
+            "an alarm logged below ERROR: {line}"
+        );
+    }
 }
 
 #[test]
@@ -617,7 +642,9 @@ fn two_hosts_in_one_bucket_one_duckdb_glob_and_verify_names_what_is_missing() {
     let (code, text) = synced_args(&[]);
     assert_eq!(code, 1, "{text}");
     assert!(
-        text.contains("host=runner-b/_manifest/000000000001.json: manifest line 1 is missing"),
+        text.contains(
+            "host=runner-b/_manifest/000000000001.json: manifest line 1 of host runner-b: missing, though later lines exist: removed"
+        ),
         "{text}"
     );
 }

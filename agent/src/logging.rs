@@ -2,6 +2,11 @@
 //! the level from `AIRLOCK_LOG`, else `RUST_LOG`, else `log_level` in airlock.toml, else
 //! `info`.
 //!
+//! The other commands (`verify`, `status`, …) log to stderr too, but only warnings and errors,
+//! and their own messages ([`CLI_LEVEL`]): a library's chatter (`object_store` retrying at
+//! INFO) is no business of someone reading a verification. `log_level` in airlock.toml is the
+//! agent's and does not apply to them; `AIRLOCK_LOG` (then `RUST_LOG`) does.
+//!
 //! What is never logged: message payloads, header values, tokens, keys, credentials, webhook
 //! paths and queries (they carry secrets: chat webhooks embed theirs in the path). Log lines
 //! name things by id, backend, uid, method and tool, and URLs by scheme, host and port only
@@ -49,19 +54,37 @@ pub fn valid_filter(directives: &str) -> Result<(), String> {
         .map_err(|e| e.to_string())
 }
 
+/// Who logs: the agent (`airlock run`), or a command of the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Agent,
+    Cli,
+}
+
+/// The level of the command line's log unless `AIRLOCK_LOG`/`RUST_LOG` says otherwise: every
+/// warning and error, and Airlock's own messages; no library's INFO lines.
+pub const CLI_LEVEL: &str = "warn,airlock=info";
+
 /// Install the global subscriber (stderr).
-pub fn init(settings: &LogSettings, format: Option<LogFormat>) {
+pub fn init(settings: &LogSettings, format: Option<LogFormat>, role: Role) {
     let from_env = ["AIRLOCK_LOG", "RUST_LOG"]
         .iter()
         .find_map(|v| std::env::var(v).ok().filter(|s| !s.is_empty()));
-    let directives = from_env
-        .or_else(|| settings.log_level.clone())
-        .unwrap_or_else(|| "info".into());
+    let directives = match role {
+        Role::Agent => from_env
+            .or_else(|| settings.log_level.clone())
+            .unwrap_or_else(|| "info".into()),
+        Role::Cli => from_env.unwrap_or_else(|| CLI_LEVEL.into()),
+    };
     let filter = tracing_subscriber::EnvFilter::builder()
         .parse(&directives)
         .unwrap_or_else(|e| {
-            eprintln!("airlock: log level `{directives}` is invalid ({e}); using `info`");
-            tracing_subscriber::EnvFilter::new("info")
+            let fallback = match role {
+                Role::Agent => "info",
+                Role::Cli => CLI_LEVEL,
+            };
+            eprintln!("airlock: log level `{directives}` is invalid ({e}); using `{fallback}`");
+            tracing_subscriber::EnvFilter::new(fallback)
         });
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)

@@ -249,6 +249,9 @@ struct FleetArgs {
     /// Root-only file with `access_key_id` and `secret_access_key` (else `AWS_*` variables).
     #[arg(long, value_name = "FILE", requires = "fleet")]
     credentials_file: Option<PathBuf>,
+    /// PEM certificates trusted as roots for the bucket, besides the system's (a private CA).
+    #[arg(long, value_name = "PEM", requires = "fleet")]
+    ca_file: Option<PathBuf>,
 }
 
 /// What the verifier trusts (never the key stored in the archive).
@@ -277,6 +280,10 @@ fn main() -> ExitCode {
     airlock::logging::init(
         &airlock::logging::LogSettings::read(&cli.config),
         cli.log_format,
+        match cli.command {
+            Command::Run => airlock::logging::Role::Agent,
+            _ => airlock::logging::Role::Cli,
+        },
     );
     if let Command::Policy {
         command: PolicyCommand::Check { dir: Some(dir) },
@@ -592,6 +599,16 @@ fn verify_fleet(
                 .credentials_file
                 .clone()
                 .or_else(|| base.as_ref().and_then(|b| b.credentials_file.clone())),
+            ca_file: match &args.ca_file {
+                Some(path) => {
+                    if let Err(e) = airlock::tls::extra_roots(path) {
+                        eprintln!("airlock: --ca-file: {e}");
+                        return ExitCode::from(2);
+                    }
+                    Some(path.clone())
+                }
+                None => base.as_ref().and_then(|b| b.ca_file.clone()),
+            },
             retry: std::time::Duration::from_secs(60),
             timeout: base
                 .as_ref()

@@ -369,3 +369,50 @@ fn the_shipper_dials_the_bucket_as_the_agents_own_socket() {
     // The agent's upstream connection and at least the file's and its line's uploads.
     assert!(agent.kernel_counter("skip_own") >= 3, "{}", agent.log());
 }
+
+/// A bucket behind a private CA (nanio behind nginx terminating TLS): the agent ships to it
+/// once `[ship] ca_file` names the CA, dialling from its own sockets.
+#[test]
+fn the_agent_ships_to_a_bucket_behind_a_private_ca() {
+    if !privileged() {
+        return;
+    }
+    let dir = scratch("ship-private-ca");
+    let server = S3Server::nanio(&dir.join("s3"), free_port(), BUCKET, "airlock", "right");
+    let front = s3::TlsFront::start(&dir.join("nginx"), server.port);
+    let cred = credentials(&dir, "right");
+    let config = format!(
+        "flush_interval_secs = 1\nhost = \"fleet-host-5\"\n\n[ship]\nurl = \"s3://{BUCKET}\"\nendpoint = \"{}\"\ncredentials_file = \"{}\"\nca_file = \"{}\"\nretry_secs = 1\ntimeout_secs = 3\n",
+        front.endpoint(),
+        cred.display(),
+        front.ca.display()
+    );
+    let Some(Scenario {
+        mut agent,
+        backend,
+        cg,
+        ..
+    }) = Scenario::start("ship-ca", &config)
+    else {
+        return;
+    };
+    let res = run_client(&cg, "127.0.0.2", backend.port(), &ClientOpts::default());
+    assert!(res.expect_response().starts_with("tools saw "));
+    let ship = wait_for_ship(&agent, "a file shipped over TLS", |s| {
+        s["files_shipped"].as_u64() >= Some(1) && s["lines_pending"].as_u64() == Some(0)
+    });
+    assert_eq!(ship["uploads_failed"], 0, "{ship}\n{}", agent.log());
+    assert!(agent.sigterm().success(), "{}", agent.log());
+    let local: Vec<String> = files_under(&agent.archive)
+        .into_iter()
+        .filter(|f| f.ends_with(".parquet"))
+        .collect();
+    assert!(!local.is_empty());
+    for rel in &local {
+        assert_eq!(
+            std::fs::read(agent.archive.join(rel)).unwrap(),
+            std::fs::read(server.data.join(BUCKET).join("host=fleet-host-5").join(rel))
+                .unwrap_or_else(|e| panic!("{rel} not in the bucket: {e}\n{}", agent.log())),
+        );
+    }
+}

@@ -185,7 +185,6 @@ fn main() -> Result<()> {
         Task::Bench => {
             setup()?;
             require_root("cargo xtask bench")?;
-            bench_nginx()?;
             for bench in ["redirect", "tls", "policy", "archive"] {
                 run(cargo(&root).args(["bench", "-p", "airlock", "--bench", bench]))?;
             }
@@ -326,6 +325,7 @@ fn setup() -> Result<()> {
     test_venvs()?;
     test_node()?;
     test_prometheus()?;
+    nginx()?;
     eprintln!("xtask: setup complete");
     Ok(())
 }
@@ -432,10 +432,11 @@ fn test_prometheus() -> Result<()> {
     unpack_debian_package("prometheus", "target/test-prometheus", "usr/bin/prometheus")
 }
 
-/// nginx for `cargo xtask bench` (the reference proxy), unpacked the same way: the bench runs
-/// `usr/sbin/nginx` with its own prefix and configuration (its dependencies, OpenSSL and
+/// nginx, unpacked the same way, for `cargo xtask bench` (the reference proxy) and the
+/// shipping tests (TLS in front of the S3 servers, with a private CA): both run
+/// `usr/sbin/nginx` with their own prefix and configuration (its dependencies, OpenSSL and
 /// PCRE2, are already on the machine).
-fn bench_nginx() -> Result<()> {
+fn nginx() -> Result<()> {
     unpack_debian_package("nginx", "target/bench-nginx", "usr/sbin/nginx")
 }
 

@@ -247,64 +247,189 @@ fn read_lines(reader: impl BufRead) -> io::Result<(Vec<Entry>, String)> {
     Ok((entries, last))
 }
 
-/// Check signatures and the line chain. Returns the lines it could parse and one message per
-/// problem, each naming the line.
-pub fn verify(path: &Path, public_key_hex: &str) -> (Vec<Entry>, Vec<String>) {
-    let mut problems = Vec::new();
+/// One stored manifest line, as a verifier finds it.
+#[derive(Debug, Clone)]
+pub struct StoredLine {
+    /// What a report's problem with it starts with: `host runner-7: manifest line 12` (a line
+    /// of a local file), or a bucket object's key with the host and line as context.
+    pub name: String,
+    /// How other problems refer to it: `manifest line 12 of host runner-7`, or the key.
+    pub mention: String,
+    /// The line without its newline; `None`: missing (a bucket's line object between others).
+    pub bytes: Option<Vec<u8>>,
+    /// How its storage differs from what the writer stored, whatever its content (a bucket
+    /// object that is not exactly one line ending in a newline).
+    pub defect: Option<String>,
+}
+
+/// The lines of a local manifest file, each named `host {host}: manifest line {n}` (its line
+/// number in the file). A last line without its newline (a write cut by a crash) is a line.
+pub fn stored_lines(path: &Path, host: &str) -> io::Result<Vec<StoredLine>> {
+    let bytes = std::fs::read(path)?;
+    let mut lines: Vec<&[u8]> = bytes.split(|b| *b == b'\n').collect();
+    if lines.last().is_some_and(|l| l.is_empty()) {
+        lines.pop();
+    }
+    Ok(lines
+        .into_iter()
+        .enumerate()
+        .map(|(i, l)| StoredLine {
+            name: format!("host {host}: manifest line {}", i + 1),
+            mention: format!("manifest line {} of host {host}", i + 1),
+            bytes: Some(l.to_vec()),
+            defect: None,
+        })
+        .collect())
+}
+
+/// A stored line as verified: its entry, and whether it is the host's (its signature
+/// verifies). Only valid lines vouch for anything; the others are reported.
+#[derive(Debug, Clone)]
+pub struct CheckedLine {
+    /// [`StoredLine::mention`].
+    pub mention: String,
+    pub entry: Entry,
+    pub valid: bool,
+}
+
+/// Check signatures and the line chain. Returns the lines it could parse, in order, and one
+/// message per problem, each naming the stored line.
+///
+/// What the chain lets a verifier conclude, and no more: a line whose signature verifies is
+/// the host's, and names its sequence number and the SHA-256 of the line written before it.
+/// Between two valid lines with sequence numbers `a < b`, the signer wrote `b - a - 1` lines.
+/// Lines that are not valid (modified, forged, unreadable, missing) are reported one by one;
+/// when they are exactly as many as the lines written between their valid neighbours (less
+/// those found elsewhere), they stand in those lines' places, and the valid line after them
+/// is not accused of anything: it cannot name the hash of a line that was rewritten, and that
+/// is no fault of its own. Only a count that differs (lines removed or inserted), a sequence
+/// out of order, or a valid line that does not name the valid line right before it is a
+/// further problem.
+pub fn verify_lines(lines: &[StoredLine], public_key_hex: &str) -> (Vec<CheckedLine>, Vec<String>) {
     let key = match decode_key(public_key_hex) {
         Ok(k) => k,
         Err(e) => return (Vec::new(), vec![format!("manifest public key: {e}")]),
     };
-    let text = match std::fs::read_to_string(path) {
-        Ok(t) => t,
-        Err(e) => {
-            return (
-                Vec::new(),
-                vec![format!("manifest {}: {e}", path.display())],
-            );
-        }
-    };
-    let mut entries = Vec::new();
-    let mut prev = GENESIS.to_owned();
-    let mut expected_seq = 1;
-    for (i, line) in text
-        .lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-    {
-        let n = i + 1;
-        let entry: Entry = match serde_json::from_str(line) {
+    let mut problems = Vec::new();
+    let mut checked = Vec::new();
+    // Each line: its entry if it parses, and its SHA-256 as the next line names it (the
+    // signed line's own bytes, for a valid line stored in another form).
+    let mut parsed: Vec<Option<(Entry, bool, String)>> = Vec::with_capacity(lines.len());
+    for line in lines {
+        let Some(bytes) = &line.bytes else {
+            parsed.push(None);
+            continue;
+        };
+        let also = line
+            .defect
+            .as_deref()
+            .map(|d| format!(" ({d})"))
+            .unwrap_or_default();
+        let entry = match serde_json::from_slice::<Entry>(bytes) {
             Ok(e) => e,
             Err(e) => {
+                let why = if bytes.iter().all(u8::is_ascii_whitespace) {
+                    "empty".to_owned()
+                } else {
+                    e.to_string()
+                };
                 problems.push(format!(
-                    "manifest line {n}: unreadable ({e}): modified or truncated"
+                    "{}: unreadable ({why}): modified or truncated{also}",
+                    line.name
                 ));
-                prev = hex(&sha2::Sha256::digest(line.as_bytes()));
+                parsed.push(None);
                 continue;
             }
         };
         // Strict verification: no malleable signatures, no small-order keys.
-        let sig_ok = decode_sig(&entry.sig)
+        let valid = decode_sig(&entry.sig)
             .is_ok_and(|s| key.verify_strict(&entry.signed_bytes(), &s).is_ok());
-        if !sig_ok {
+        let written = serde_json::to_vec(&entry).unwrap_or_default();
+        if !valid {
             problems.push(format!(
-                "manifest line {n}: bad signature: the line was modified"
+                "{}: bad signature: the line was modified{also}",
+                line.name
+            ));
+        } else if written != *bytes || line.defect.is_some() {
+            problems.push(format!(
+                "{}: not stored as written ({}): modified, though its signed content is intact",
+                line.name,
+                line.defect
+                    .as_deref()
+                    .unwrap_or("its bytes differ from the signed line's")
             ));
         }
-        if entry.prev != prev {
-            problems.push(format!("manifest line {n}: does not follow the line before it: lines were removed, inserted or reordered"));
-        }
-        if entry.seq != expected_seq {
-            problems.push(format!(
-                "manifest line {n}: sequence {} where {expected_seq} was expected",
-                entry.seq
-            ));
-        }
-        expected_seq = entry.seq + 1;
-        prev = hex(&sha2::Sha256::digest(line.as_bytes()));
-        entries.push(entry);
+        let hash = hex(&sha2::Sha256::digest(&written));
+        checked.push(CheckedLine {
+            mention: line.mention.clone(),
+            entry: entry.clone(),
+            valid,
+        });
+        parsed.push(Some((entry, valid, hash)));
     }
-    (entries, problems)
+    // Sequence numbers of the valid lines, wherever they stand.
+    let present: std::collections::BTreeSet<u64> = parsed
+        .iter()
+        .flatten()
+        .filter(|(_, valid, _)| *valid)
+        .map(|(e, _, _)| e.seq)
+        .collect();
+    // The last valid line in order (sequence 0 and the genesis hash before the first), and
+    // the lines since that are not valid.
+    let (mut at_seq, mut at_hash) = (0u64, GENESIS.to_owned());
+    let mut between: Vec<usize> = Vec::new();
+    for (i, p) in parsed.iter().enumerate() {
+        let Some((entry, true, hash)) = p else {
+            between.push(i);
+            continue;
+        };
+        let name = &lines[i].name;
+        let s = entry.seq;
+        if s <= at_seq {
+            problems.push(format!(
+                "{name}: holds line {s}, after line {at_seq}: lines were reordered or repeated"
+            ));
+            continue;
+        }
+        let written = s - at_seq - 1;
+        let elsewhere = present.range(at_seq + 1..s).count() as u64;
+        let missing = written - elsewhere;
+        let k = between.len() as u64;
+        if elsewhere > 0 {
+            problems.push(format!(
+                "{name}: holds line {s}, after line {at_seq}: {elsewhere} line(s) written between them stand elsewhere: lines were reordered"
+            ));
+        }
+        if missing > k {
+            problems.push(format!(
+                "{name}: holds line {s}, after line {at_seq}: {} line(s) before it are missing: removed",
+                missing - k
+            ));
+        } else if missing < k {
+            problems.push(format!(
+                "{name}: holds line {s}, after line {at_seq}: {} line(s) before it were never written: inserted",
+                k - missing
+            ));
+        } else if written == 0 && entry.prev != at_hash {
+            problems.push(format!(
+                "{name}: does not follow the line before it: lines were removed, inserted or reordered"
+            ));
+        }
+        // A line object missing between others is provably gone once a valid line after it
+        // shows the chain went on.
+        for &j in &between {
+            if lines[j].bytes.is_none() {
+                problems.push(format!(
+                    "{}: missing, though later lines exist: removed",
+                    lines[j].name
+                ));
+            }
+        }
+        between.clear();
+        at_seq = s;
+        at_hash.clone_from(hash);
+    }
+    (checked, problems)
 }
 
 fn decode_key(hex_key: &str) -> Result<VerifyingKey, String> {

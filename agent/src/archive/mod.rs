@@ -8,7 +8,9 @@
 //! - [`writer`]: the [`writer::SegmentLog`] (chain, segments) and the [`writer::Publisher`]
 //!   (segment on disk → Parquet → manifest), with crash recovery;
 //! - [`service`]: the two on their own threads: group commit, strict or buffered recording;
-//! - [`verify`]: what `airlock verify` checks;
+//! - [`verify`]: what `airlock verify` checks (keys, heads; the manifest lines in
+//!   [`manifest::verify_lines`]), and [`files`]: each host's files and record chain against
+//!   its lines;
 //! - [`responder`]: `airlock replay` transcripts and `evidence` bundles;
 //! - [`sessions`]: sessions as responders mean them (by MCP session across connections).
 //!
@@ -16,6 +18,7 @@
 //! `archive_dir/_manifest/<host>.{jsonl,pub}`, `archive_dir/_wal/<segment>.wal`.
 
 pub mod columns;
+pub(crate) mod files;
 pub mod manifest;
 pub mod record;
 pub mod responder;

@@ -469,35 +469,186 @@ fn verify_names_a_record_rewritten_with_a_valid_file() {
     );
 }
 
+/// Rewrite runner-1's manifest lines (text, without newlines) with `edit`.
+fn edit_manifest(archive: &Path, edit: impl FnOnce(&mut Vec<String>)) {
+    let m = manifest::manifest_path(archive, "runner-1");
+    let mut lines: Vec<String> = fs::read_to_string(&m)
+        .unwrap()
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    edit(&mut lines);
+    fs::write(&m, lines.join("\n") + "\n").unwrap();
+}
+
+/// A line with one field changed (its signature no longer verifies).
+fn altered(line: &str, from: &str, to: &str) -> String {
+    assert!(line.contains(from), "{line} lacks {from}");
+    line.replacen(from, to, 1)
+}
+
+/// Every problem, exactly: what the chain proves, and nothing an untouched line or file did
+/// not do. Three files of six records, three manifest lines.
 #[test]
-fn verify_names_manifest_tampering() {
+fn verify_names_manifest_tampering_exactly() {
+    let bad_sig = |n: usize| {
+        format!("host runner-1: manifest line {n}: bad signature: the line was modified")
+    };
+    // A line modified in place: that line, not the untouched one after it (its `prev` names
+    // the original line, which is gone), nor the untouched files.
     let p = problems_after("manifest-edit", |archive, _| {
-        let m = manifest::manifest_path(archive, "runner-1");
-        let text = fs::read_to_string(&m).unwrap();
-        fs::write(&m, text.replacen("\"rows\":6", "\"rows\":5", 1)).unwrap();
+        edit_manifest(archive, |l| {
+            l[1] = altered(&l[1], "\"rows\":6", "\"rows\":5")
+        });
     });
+    assert_eq!(p, vec![bad_sig(2)]);
+    let p = problems_after("manifest-edit-first", |archive, _| {
+        edit_manifest(archive, |l| {
+            l[0] = altered(&l[0], "\"ts\":\"20", "\"ts\":\"19")
+        });
+    });
+    assert_eq!(p, vec![bad_sig(1)]);
+    // Its path changed, to nothing: the file it listed still fills the chain's gap.
+    let p = problems_after("manifest-path", |archive, _| {
+        edit_manifest(archive, |l| {
+            l[1] = altered(&l[1], "runner-1-0000000000", "runner-1-0000000009")
+        });
+    });
+    assert_eq!(p, vec![bad_sig(2)]);
+    // Made unreadable: the same.
+    let p = problems_after("manifest-cut", |archive, _| {
+        edit_manifest(archive, |l| l[1].truncate(40));
+    });
+    assert_eq!(p.len(), 1, "{p:?}");
     assert!(
-        p.iter().any(|m| m.contains("line 1: bad signature")),
+        p[0].starts_with("host runner-1: manifest line 2: unreadable"),
         "{p:?}"
     );
+    // The last line modified: nothing after it vouches for its file.
+    let mut last = String::new();
+    let p = problems_after("manifest-last", |archive, files| {
+        last = rel(&files[2]);
+        edit_manifest(archive, |l| {
+            l[2] = altered(&l[2], "\"rows\":6", "\"rows\":7")
+        });
+    });
+    assert_eq!(
+        p,
+        vec![
+            bad_sig(3),
+            format!(
+                "{last}: listed only by manifest line 3 of host runner-1, which is not valid, and no valid line after it vouches for its records: cannot be verified"
+            )
+        ]
+    );
+    // A line removed: named once, and its file (untouched, chaining into its place) is not
+    // called inserted.
     let p = problems_after("manifest-drop", |archive, _| {
-        let m = manifest::manifest_path(archive, "runner-1");
-        let lines: Vec<String> = fs::read_to_string(&m)
-            .unwrap()
-            .lines()
-            .map(str::to_owned)
-            .collect();
-        fs::write(&m, format!("{}\n{}\n", lines[0], lines[2])).unwrap();
+        edit_manifest(archive, |l| {
+            l.remove(1);
+        });
     });
+    assert_eq!(
+        p,
+        vec![
+            "host runner-1: manifest line 2: holds line 3, after line 1: 1 line(s) before it are missing: removed"
+        ]
+    );
+    // A forged line inserted: it, and the count after it.
+    let p = problems_after("manifest-insert", |archive, _| {
+        edit_manifest(archive, |l| {
+            let forged = altered(&l[1], "\"ts\":\"20", "\"ts\":\"19");
+            l.insert(2, forged);
+        });
+    });
+    assert_eq!(
+        p,
+        vec![
+            bad_sig(3),
+            "host runner-1: manifest line 4: holds line 3, after line 2: 1 line(s) before it were never written: inserted".to_owned()
+        ]
+    );
+    // Two lines swapped: the order, not the files (they chain in the signed order).
+    let p = problems_after("manifest-swap", |archive, _| {
+        edit_manifest(archive, |l| l.swap(1, 2));
+    });
+    assert_eq!(
+        p,
+        vec![
+            "host runner-1: manifest line 2: holds line 3, after line 1: 1 line(s) written between them stand elsewhere: lines were reordered",
+            "host runner-1: manifest line 3: holds line 2, after line 3: lines were reordered or repeated"
+        ]
+    );
+    // Stored in another form (a carriage return), its signed content intact.
+    let p = problems_after("manifest-cr", |archive, _| {
+        edit_manifest(archive, |l| l[0].push('\r'));
+    });
+    assert_eq!(
+        p,
+        vec![
+            "host runner-1: manifest line 1: not stored as written (its bytes differ from the signed line's): modified, though its signed content is intact"
+        ]
+    );
+}
+
+/// A line and its file both rewritten: the file's own records, or the chain into the next
+/// valid line's file, still show it.
+#[test]
+fn verify_sees_a_file_rewritten_with_its_line() {
+    use sha2::Digest as _;
+    let rewrite = |file: &Path, rechain: bool| -> String {
+        let mut rows = columns::read(file).unwrap();
+        rows.sort_by_key(|r| r.archive_seq);
+        rows[2].input.tool = Some("exfiltrate".into());
+        if rechain {
+            let mut prev = rows[0].prev_hash.clone();
+            for r in &mut rows {
+                *r = record::Record::chain(r.archive_seq, r.input.clone(), &prev);
+                prev = r.hash.clone();
+            }
+        }
+        columns::write(fs::File::create(file).unwrap(), &rows).unwrap();
+        record::hex(&sha2::Sha256::digest(fs::read(file).unwrap()))
+    };
+    let sha_of = |line: &str| {
+        let at = line.find("\"sha256\":\"").unwrap() + 10;
+        line[at..at + 64].to_owned()
+    };
+    // A record changed, its hash left: that record.
+    let mut second = String::new();
+    let p = problems_after("file-and-line", |archive, files| {
+        second = rel(&files[1]);
+        let digest = rewrite(&files[1], false);
+        edit_manifest(archive, |l| {
+            let old = sha_of(&l[1]);
+            l[1] = altered(&l[1], &old, &digest);
+        });
+    });
+    assert_eq!(p.len(), 2, "{p:?}");
+    assert!(p[0].contains("manifest line 2: bad signature"), "{p:?}");
     assert!(
-        p.iter()
-            .any(|m| m.contains("does not follow the line before it")),
+        p[1].starts_with(&second) && p[1].contains("content does not match its hash: modified"),
         "{p:?}"
     );
-    assert!(
-        p.iter()
-            .any(|m| m.contains("inserted: not in any manifest")),
-        "{p:?}"
+    // The chain recomputed after it: the next valid line's file no longer continues it.
+    let mut third = String::new();
+    let p = problems_after("file-and-line-rechained", |archive, files| {
+        second = rel(&files[1]);
+        third = rel(&files[2]);
+        let digest = rewrite(&files[1], true);
+        edit_manifest(archive, |l| {
+            let old = sha_of(&l[1]);
+            l[1] = altered(&l[1], &old, &digest);
+        });
+    });
+    assert_eq!(
+        p,
+        vec![
+            "host runner-1: manifest line 2: bad signature: the line was modified".to_owned(),
+            format!(
+                "{third}: does not continue the records of {second}, which only manifest line 2 of host runner-1 lists (not valid): {second} was modified, or files between them were removed"
+            )
+        ]
     );
 }
 

@@ -13,18 +13,11 @@
 //! chain head of each host (last manifest line, its time, last record) is reported, so a cut
 //! tail shows against the head a verifier kept elsewhere (`--expect-head`).
 
-use std::{
-    collections::{BTreeMap, BTreeSet},
-    fs,
-    path::{Path, PathBuf},
-};
-
-use sha2::Digest as _;
+use std::{collections::BTreeMap, fs, path::Path};
 
 use super::{
-    columns,
+    files,
     manifest::{self, EntryBody},
-    record::hex,
 };
 
 #[derive(Debug, Default)]
@@ -171,8 +164,8 @@ impl Report {
     }
 }
 
+/// Verify a local archive directory: each host's manifest in `_manifest/<host>.jsonl`.
 pub fn verify(archive_dir: &Path, trust: &Trust) -> Report {
-    let mut report = Report::default();
     let manifest_dir = archive_dir.join("_manifest");
     let mut hosts: Vec<String> = fs::read_dir(&manifest_dir)
         .map(|rd| {
@@ -186,16 +179,43 @@ pub fn verify(archive_dir: &Path, trust: &Trust) -> Report {
         })
         .unwrap_or_default();
     hosts.sort();
-    if hosts.is_empty() {
+    let manifests = hosts
+        .into_iter()
+        .map(|host| {
+            let path = manifest::manifest_path(archive_dir, &host);
+            let lines = manifest::stored_lines(&path, &host)
+                .map_err(|e| format!("host {host}: manifest {}: {e}", path.display()));
+            (host, lines)
+        })
+        .collect();
+    verify_manifests(archive_dir, trust, manifests)
+}
+
+/// Verify an archive directory whose manifests are given line by line (a fleet copy: one
+/// bucket object per line, named by its key). Public keys and files are in `archive_dir`.
+pub fn verify_manifests(
+    archive_dir: &Path,
+    trust: &Trust,
+    manifests: BTreeMap<String, Result<Vec<manifest::StoredLine>, String>>,
+) -> Report {
+    let mut report = Report::default();
+    if manifests.is_empty() {
         report.problems.push(format!(
             "{}: no manifest: nothing can be verified",
-            manifest_dir.display()
+            archive_dir.join("_manifest").display()
         ));
     }
-    let mut listed: BTreeSet<PathBuf> = BTreeSet::new();
-    for host in &hosts {
-        verify_host(archive_dir, host, trust, &mut report, &mut listed);
+    let mut listed = files::Listed {
+        on_disk: files::parquet_files(archive_dir),
+        ..Default::default()
+    };
+    for (host, lines) in &manifests {
+        match lines {
+            Ok(lines) => verify_host(archive_dir, host, lines, trust, &mut report, &mut listed),
+            Err(e) => report.problems.push(e.clone()),
+        }
     }
+    let hosts: Vec<String> = manifests.into_keys().collect();
     // A host the verifier expects and the archive lacks: its files are gone whole.
     for (host, why) in trust.expected_hosts() {
         if !hosts.contains(&host) {
@@ -204,13 +224,12 @@ pub fn verify(archive_dir: &Path, trust: &Trust) -> Report {
             ));
         }
     }
-    // Files on disk that no manifest lists were put there by someone else.
-    for path in parquet_files(archive_dir) {
-        let rel = path.strip_prefix(archive_dir).unwrap_or(&path).to_owned();
-        if !listed.contains(&rel) {
-            report
-                .problems
-                .push(format!("{}: inserted: not in any manifest", rel.display()));
+    // Files on disk that no manifest lists were put there by someone else — or, when some
+    // lines are not valid, may be what such a line listed.
+    for path in &listed.on_disk {
+        let rel = path.strip_prefix(archive_dir).unwrap_or(path).to_owned();
+        if !listed.paths.contains(&rel) {
+            report.problems.push(listed.unlisted(&rel));
         }
     }
     report.hosts = hosts;
@@ -220,9 +239,10 @@ pub fn verify(archive_dir: &Path, trust: &Trust) -> Report {
 fn verify_host(
     archive_dir: &Path,
     host: &str,
+    lines: &[manifest::StoredLine],
     trust: &Trust,
     report: &mut Report,
-    listed: &mut BTreeSet<PathBuf>,
+    listed: &mut files::Listed,
 ) {
     let stored = fs::read_to_string(manifest::public_key_path(archive_dir, host))
         .map(|k| k.trim().to_owned());
@@ -280,138 +300,55 @@ fn verify_host(
             }
         },
     };
-    let (entries, problems) =
-        manifest::verify(&manifest::manifest_path(archive_dir, host), &public);
-    report
-        .problems
-        .extend(problems.into_iter().map(|p| format!("host {host}: {p}")));
+    let (checked, problems) = manifest::verify_lines(lines, &public);
+    report.problems.extend(problems);
+    // The head is the furthest valid line: a forged line proves nothing, not even a length.
+    let valid: Vec<&manifest::Entry> = checked
+        .iter()
+        .filter(|l| l.valid)
+        .map(|l| &l.entry)
+        .collect();
+    listed
+        .not_valid
+        .insert(host.to_owned(), lines.len() - valid.len());
+    let last = valid.iter().max_by_key(|e| e.seq);
     let head = Head {
         host: host.to_owned(),
-        manifest_seq: entries.last().map_or(0, |e| e.seq),
-        manifest_ts: entries.last().map(|e| e.ts.clone()).unwrap_or_default(),
-        last_record_seq: entries.iter().rev().find_map(|e| match &e.body {
-            EntryBody::File {
-                last_archive_seq, ..
-            } => Some(*last_archive_seq),
-            EntryBody::Retention { .. } => None,
-        }),
+        manifest_seq: last.map_or(0, |e| e.seq),
+        manifest_ts: last.map(|e| e.ts.clone()).unwrap_or_default(),
+        last_record_seq: valid
+            .iter()
+            .filter_map(|e| match &e.body {
+                EntryBody::File {
+                    last_archive_seq, ..
+                } => Some(*last_archive_seq),
+                EntryBody::Retention { .. } => None,
+            })
+            .max(),
         key_fingerprint: manifest::fingerprint(&public).unwrap_or_else(|e| format!("invalid: {e}")),
         trusted_by,
     };
     if let Some(expected) = trust.expected_heads.get(host)
         && head.manifest_seq < *expected
     {
-        report.problems.push(format!(
-            "host {host}: the manifest ends at line {}, line {expected} was expected: its tail was cut",
-            head.manifest_seq
-        ));
+        report.problems.push(if valid.len() < lines.len() {
+            format!(
+                "host {host}: the valid lines end at line {}, line {expected} was expected: its tail was cut, or is among the lines that are not valid",
+                head.manifest_seq
+            )
+        } else {
+            format!(
+                "host {host}: the manifest ends at line {}, line {expected} was expected: its tail was cut",
+                head.manifest_seq
+            )
+        });
     }
     report.heads.push(head);
-    let removed = manifest::retention_removals(&entries);
-    report.retained_deletions += removed.len();
-    // The record chain runs across this host's files in manifest order.
-    let mut expected_prev: Option<String> = None;
-    let mut expected_seq: Option<u64> = None;
-    let mut seen_paths: BTreeMap<String, u64> = BTreeMap::new();
-    for entry in &entries {
-        let EntryBody::File {
-            path,
-            sha256,
-            rows,
-            first_archive_seq,
-            last_archive_seq,
-            first_prev_hash,
-            last_hash,
-            ..
-        } = &entry.body
-        else {
-            continue;
-        };
-        listed.insert(PathBuf::from(path));
-        if let Some(first_line) = seen_paths.insert(path.clone(), entry.seq) {
-            report.problems.push(format!(
-                "{path}: listed twice in the manifest (lines {first_line} and {})",
-                entry.seq
-            ));
-        }
-        if let Some(exp) = &expected_prev
-            && first_prev_hash != exp
-        {
-            report.problems.push(format!("{path}: does not continue the previous file's hash chain: files were removed or reordered"));
-        }
-        if let Some(exp) = expected_seq
-            && *first_archive_seq != exp
-        {
-            report.problems.push(format!("{path}: starts at record {first_archive_seq}, {exp} expected: records are missing between files"));
-        }
-        expected_prev = Some(last_hash.clone());
-        expected_seq = Some(last_archive_seq + 1);
-        let full = archive_dir.join(path);
-        // Deleted by retention here, it may still be elsewhere (the fleet's bucket keeps what
-        // hosts delete locally, or a backup brought it back): present, it is checked like any
-        // other file — being listed for removal is no licence to differ from its line.
-        if removed.contains(path) && fs::symlink_metadata(&full).is_err() {
-            continue;
-        }
-        let bytes = match fs::read(&full) {
-            Ok(b) => b,
-            Err(_) => {
-                report
-                    .problems
-                    .push(format!("{path}: deleted (no retention line covers it)"));
-                continue;
-            }
-        };
-        report.files_checked += 1;
-        if hex(&sha2::Sha256::digest(&bytes)) != *sha256 {
-            report.problems.push(format!(
-                "{path}: modified or truncated: its SHA-256 differs from the manifest"
-            ));
-        }
-        // Rows are stored by session: keep each one's place in the chain (not its content),
-        // then walk the chain in order.
-        let mut links: Vec<(u64, String, String, bool)> = Vec::new();
-        let read = columns::for_each_row(&full, |r| {
-            let valid = r.hash_is_valid();
-            links.push((r.archive_seq, r.prev_hash, r.hash, valid));
-        });
-        if let Err(e) = read {
-            report.problems.push(format!("{path}: unreadable: {e}"));
-            continue;
-        }
-        links.sort_by_key(|l| l.0);
-        report.records_checked += links.len() as u64;
-        if links.len() as u64 != *rows {
-            report.problems.push(format!(
-                "{path}: {} records where the manifest says {rows}: records removed or inserted",
-                links.len()
-            ));
-        }
-        let mut prev = first_prev_hash.clone();
-        let mut seq = *first_archive_seq;
-        for (archive_seq, prev_hash, hash, valid) in &links {
-            if *archive_seq != seq {
-                report.problems.push(format!(
-                    "{path}: record {archive_seq}: {seq} expected: records removed, inserted or reordered"
-                ));
-            }
-            if !valid {
-                report.problems.push(format!(
-                    "{path}: record {archive_seq}: content does not match its hash: modified"
-                ));
-            }
-            if *prev_hash != prev {
-                report.problems.push(format!("{path}: record {archive_seq}: does not follow the record before it: removed, inserted or reordered"));
-            }
-            prev.clone_from(hash);
-            seq = archive_seq + 1;
-        }
-        if links.last().is_some_and(|l| l.2 != *last_hash) {
-            report.problems.push(format!(
-                "{path}: last record is not the one the manifest names: truncated"
-            ));
-        }
-    }
+    // Files chain in the order their lines were signed in; lines stored out of that order are
+    // a problem of the manifest, reported above, not of the files.
+    let mut ordered = checked;
+    ordered.sort_by_key(|l| l.entry.seq);
+    files::check(archive_dir, host, &ordered, report, listed);
 }
 
 /// One line on a host's head: what a verifier keeps off-host to detect a cut tail later.
@@ -429,25 +366,4 @@ pub fn head_line(h: &Head) -> String {
         h.key_fingerprint,
         h.trusted_by.as_deref().unwrap_or("NO (untrusted)"),
     )
-}
-
-/// Every `*.parquet` under the archive (not the manifest or WAL directories).
-fn parquet_files(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    let Ok(rd) = fs::read_dir(dir) else {
-        return out;
-    };
-    for e in rd.filter_map(Result::ok) {
-        let p = e.path();
-        let name = e.file_name().to_string_lossy().into_owned();
-        if p.is_dir() {
-            if !name.starts_with('_') {
-                out.extend(parquet_files(&p));
-            }
-        } else if p.extension().is_some_and(|x| x == "parquet") {
-            out.push(p);
-        }
-    }
-    out.sort();
-    out
 }

@@ -6,6 +6,7 @@
 //! endpoint = "https://s3.eu-west-1.amazonaws.com"   # optional (AWS by region otherwise)
 //! region = "eu-west-1"                    # default us-east-1
 //! credentials_file = "/etc/airlock/ship-credentials"   # root-only; else AWS_* variables
+//! ca_file = "/etc/airlock/bucket-ca.pem"  # optional: roots of a private CA, besides the system's
 //! ```
 
 use std::{path::PathBuf, time::Duration};
@@ -32,6 +33,9 @@ pub struct ShipConfig {
     /// Root-only file with `access_key_id`, `secret_access_key` (and `session_token`); `None`:
     /// the `AWS_ACCESS_KEY_ID` / `AWS_SECRET_ACCESS_KEY` / `AWS_SESSION_TOKEN` variables.
     pub credentials_file: Option<PathBuf>,
+    /// PEM certificates trusted as roots for the bucket's TLS certificate, in addition to the
+    /// system's (an object store behind a private CA). Checked when the configuration is read.
+    pub ca_file: Option<PathBuf>,
     /// The longest pause between attempts after a failure, and between periodic passes.
     pub retry: Duration,
     /// Timeout of one request (connect, send, answer) to the bucket.
@@ -54,6 +58,8 @@ pub(super) struct RawShip {
     virtual_hosted_style: bool,
     #[serde(default)]
     credentials_file: Option<PathBuf>,
+    #[serde(default)]
+    ca_file: Option<PathBuf>,
     #[serde(default = "default_retry_secs")]
     retry_secs: u64,
     #[serde(default = "default_timeout_secs")]
@@ -141,6 +147,16 @@ impl Validator<'_> {
         if raw.region.trim().is_empty() {
             return Err(self.err("ship.region", "must not be empty"));
         }
+        // Read and parsed now, so a bad file stops `check-config` and the agent's start (exit
+        // 2) rather than every upload later.
+        let ca_file = match raw.ca_file {
+            None => None,
+            Some(p) => {
+                let p = self.absolute(p);
+                crate::tls::extra_roots(&p).map_err(|m| self.err("ship.ca_file", m))?;
+                Some(p)
+            }
+        };
         if !(1..=86_400).contains(&raw.retry_secs) {
             return Err(self.err("ship.retry_secs", "must be between 1 and 86400"));
         }
@@ -159,6 +175,7 @@ impl Validator<'_> {
             allow_http: raw.allow_http,
             virtual_hosted_style: raw.virtual_hosted_style,
             credentials_file: raw.credentials_file.map(|p| self.absolute(p)),
+            ca_file,
             retry: Duration::from_secs(raw.retry_secs),
             timeout: Duration::from_secs(raw.timeout_secs),
             keep_unshipped: raw.keep_unshipped,
@@ -255,5 +272,67 @@ mod tests {
                 .ship
                 .unwrap();
         assert_eq!(ok.endpoint.as_deref(), Some("http://127.0.0.1:9000"));
+    }
+
+    #[test]
+    fn ca_file_is_read_when_the_configuration_is() {
+        let dir = std::env::temp_dir().join(format!("airlock-ship-ca-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca = params.self_signed(&key).unwrap();
+        let good = dir.join("ca.pem");
+        std::fs::write(&good, ca.pem()).unwrap();
+        let s = parse(&format!(
+            "url = \"s3://b-1\"\nca_file = \"{}\"",
+            good.display()
+        ))
+        .unwrap()
+        .ship
+        .unwrap();
+        assert_eq!(s.ca_file.as_deref(), Some(good.as_path()));
+        assert_eq!(
+            parse("url = \"s3://b-1\"").unwrap().ship.unwrap().ca_file,
+            None
+        );
+        // A key, text, or nothing at all where the certificates should be: the key is named.
+        let only_key = dir.join("key.pem");
+        std::fs::write(&only_key, key.serialize_pem()).unwrap();
+        let text = dir.join("text.pem");
+        std::fs::write(&text, "not a certificate\n").unwrap();
+        let broken = dir.join("broken.pem");
+        std::fs::write(
+            &broken,
+            "-----BEGIN CERTIFICATE-----\nnot base64 at all!\n-----END CERTIFICATE-----\n",
+        )
+        .unwrap();
+        let not_der = dir.join("not-der.pem");
+        std::fs::write(
+            &not_der,
+            "-----BEGIN CERTIFICATE-----\nAAAAAAAA\n-----END CERTIFICATE-----\n",
+        )
+        .unwrap();
+        for (file, words) in [
+            (only_key, "no PEM certificate"),
+            (text, "no PEM certificate"),
+            (broken, "not a PEM file"),
+            (not_der, "certificate 1 cannot be a trusted root"),
+            (dir.join("missing.pem"), "cannot read"),
+            (dir.clone(), "cannot read"),
+        ] {
+            let e = parse(&format!(
+                "url = \"s3://b-1\"\nca_file = \"{}\"",
+                file.display()
+            ))
+            .expect_err(&file.display().to_string())
+            .to_string();
+            assert!(
+                e.contains("ship.ca_file") && e.contains(words),
+                "{}: {e}",
+                file.display()
+            );
+        }
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -2,10 +2,12 @@
 //! it — with the same checks as a local archive ([`crate::archive::verify`]).
 //!
 //! The fleet layout (see [`super::store`]) is laid out again as a local archive in a private
-//! temporary directory — each host's Parquet files under `date=…/hour=…/`, its manifest line
-//! objects concatenated into `_manifest/<host>.jsonl`, its public key beside it — and verified
-//! there; problems are reported with the fleet's keys. On top of the local checks: a manifest
-//! line object missing between two others, and objects outside the layout.
+//! temporary directory — each host's Parquet files under `date=…/hour=…/`, its public key in
+//! `_manifest/` — and verified there, with each host's manifest given line object by line
+//! object ([`crate::archive::verify::verify_manifests`]), so that every problem with a line
+//! names that object's key (with the host and line as context). On top of the local checks:
+//! a line object missing between others, one that is not exactly one line ending in a
+//! newline, and objects outside the layout.
 
 use std::{
     collections::BTreeMap,
@@ -21,7 +23,8 @@ use object_store::{ObjectStore, ObjectStoreExt as _};
 
 use super::{ShipError, store::FleetLayout};
 use crate::archive::{
-    manifest::{Entry, EntryBody},
+    files::is_file_of,
+    manifest::{Entry, EntryBody, StoredLine},
     verify::{Report, Trust},
 };
 
@@ -70,12 +73,12 @@ pub fn verify(source: &Source, trust: &Trust) -> Result<Report, ShipError> {
             keys
         }
     };
-    let staged = stage(source, &rels, &work.0, &mut extra)?;
+    let (staged, manifests) = stage(source, &rels, &work.0, &mut extra)?;
     let trust = Trust {
         fleet: true,
         ..trust.clone()
     };
-    let mut report = crate::archive::verify::verify(&work.0, &trust);
+    let mut report = crate::archive::verify::verify_manifests(&work.0, &trust, manifests);
     // Name problems by the fleet's keys, not the temporary copy's paths.
     let prefix = source.name();
     let tmp = format!("{}/", work.0.display());
@@ -153,15 +156,6 @@ fn local(path: &Path, e: std::io::Error) -> ShipError {
     }
 }
 
-/// Whether `file` is named as the writer names `host`'s files: `{host}-<digits>.parquet`
-/// (a prefix test alone would let host `a` hold host `a-b`'s files).
-fn is_file_of(host: &str, file: &str) -> bool {
-    file.strip_prefix(host)
-        .and_then(|f| f.strip_prefix('-'))
-        .and_then(|f| f.strip_suffix(".parquet"))
-        .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
-}
-
 /// No `..`, no absolute path: a key may not leave the staging directory.
 fn safe_rel(rel: &str) -> bool {
     !rel.is_empty()
@@ -188,14 +182,18 @@ fn walk(root: &Path, dir: &Path, out: &mut Vec<String>) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Lay the fleet copy out as a local archive under `work/archive`; returns which host each
-/// staged file path belongs to. Problems only the fleet layout can have go to `extra`.
+/// Each host's manifest, line object by line object.
+type Manifests = BTreeMap<String, Result<Vec<StoredLine>, String>>;
+
+/// Lay the fleet copy out as a local archive under `work`; returns which host each staged file
+/// path belongs to, and each host's manifest lines (named by their keys). Problems only the
+/// fleet layout can have go to `extra`.
 fn stage(
     source: &Source,
     rels: &[String],
     work: &Path,
     extra: &mut Vec<String>,
-) -> Result<BTreeMap<String, String>, ShipError> {
+) -> Result<(BTreeMap<String, String>, Manifests), ShipError> {
     let name = source.name();
     let from = |rel: &str| match source {
         Source::Bucket { .. } => work.join("_objects").join(rel),
@@ -256,38 +254,60 @@ fn stage(
             extra.push(format!("{name}{rel}: not in the fleet layout"));
         }
     }
+    let mut manifests = Manifests::new();
     for (host, (lines, key)) in &hosts {
         if let Some(key) = key {
             fs::copy(from(key), manifest_dir.join(format!("{host}.pub")))
                 .map_err(|e| local(&from(key), e))?;
         }
-        let mut jsonl = Vec::new();
+        if lines.is_empty() {
+            continue;
+        }
+        // Every line up to the last object: a missing one is a line too (the verifier says
+        // whether a valid line after it proves it was removed).
         let last = lines.keys().next_back().copied().unwrap_or(0);
+        let mut stored = Vec::new();
         for seq in 1..=last {
-            match lines.get(&seq) {
-                Some(rel) => {
-                    let bytes = fs::read(from(rel)).map_err(|e| local(&from(rel), e))?;
-                    // The host's files, by the lines that list them (for missing ones too).
-                    if let Ok(Entry {
-                        body: EntryBody::File { path, .. },
-                        ..
-                    }) = serde_json::from_slice::<Entry>(&bytes)
-                    {
-                        staged.entry(path).or_insert_with(|| host.clone());
-                    }
-                    jsonl.extend_from_slice(&bytes);
-                }
-                None => extra.push(format!(
-                    "{name}host={host}/_manifest/{seq:012}.json: manifest line {seq} is missing (lines after it exist): removed"
-                )),
+            let key = format!("{name}host={host}/_manifest/{seq:012}.json");
+            let line_name = format!("{key}: manifest line {seq} of host {host}");
+            let Some(rel) = lines.get(&seq) else {
+                stored.push(StoredLine {
+                    name: line_name,
+                    mention: key,
+                    bytes: None,
+                    defect: None,
+                });
+                continue;
+            };
+            let mut bytes = fs::read(from(rel)).map_err(|e| local(&from(rel), e))?;
+            // The host's files, by the lines that list them (for missing ones too).
+            if let Ok(Entry {
+                body: EntryBody::File { path, .. },
+                ..
+            }) = serde_json::from_slice::<Entry>(&bytes)
+            {
+                staged.entry(path).or_insert_with(|| host.clone());
             }
+            // The shipper wrote the line with its newline, and nothing else.
+            let mut defect = None;
+            if bytes.last() == Some(&b'\n') {
+                bytes.pop();
+            } else {
+                defect = Some("the object does not end with a newline".to_owned());
+            }
+            if bytes.contains(&b'\n') {
+                defect = Some("the object holds more than one line".to_owned());
+            }
+            stored.push(StoredLine {
+                name: line_name,
+                mention: key,
+                bytes: Some(bytes),
+                defect,
+            });
         }
-        if !lines.is_empty() {
-            let path = manifest_dir.join(format!("{host}.jsonl"));
-            fs::write(&path, &jsonl).map_err(|e| local(&path, e))?;
-        }
+        manifests.insert(host.clone(), Ok(stored));
     }
-    Ok(staged)
+    Ok((staged, manifests))
 }
 
 /// A private temporary directory, removed when dropped.
@@ -315,18 +335,5 @@ impl TempDir {
 impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = fs::remove_dir_all(&self.0);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn a_file_belongs_to_the_host_it_is_named_for_exactly() {
-        assert!(super::is_file_of("a", "a-000000000001.parquet"));
-        assert!(super::is_file_of("a-b", "a-b-000000000001.parquet"));
-        assert!(!super::is_file_of("a", "a-b-000000000001.parquet"));
-        assert!(!super::is_file_of("a", "a-.parquet"));
-        assert!(!super::is_file_of("a", "ab-000000000001.parquet"));
-        assert!(!super::is_file_of("a", "a-000000000001.parquet.x"));
     }
 }

@@ -58,6 +58,8 @@ pub use store::{Credentials, FleetLayout};
 pub enum ShipError {
     #[error("[ship] credentials: {0}")]
     Credentials(String),
+    #[error("[ship] ca_file: {0}")]
+    CaFile(String),
     #[error("bucket {url}: {message}")]
     Bucket { url: String, message: String },
     #[error(
@@ -66,12 +68,37 @@ pub enum ShipError {
     Conflict { key: String },
     #[error("local archive {path}: {message}")]
     Local { path: PathBuf, message: String },
+    /// The local archive is not what its manifest says (a file or the manifest itself was
+    /// modified, cut or replaced): nothing past it is shipped.
+    #[error("ALARM: local archive {path}: {message}")]
+    Tampered { path: PathBuf, message: String },
     #[error("shipping state {path}: {source}")]
     State {
         path: PathBuf,
         #[source]
         source: io::Error,
     },
+}
+
+impl ShipError {
+    /// Possible tampering (a conflicting object in the bucket, a local archive that differs
+    /// from its manifest): logged at ERROR, not as a passing failure.
+    pub fn is_alarm(&self) -> bool {
+        matches!(
+            self,
+            ShipError::Conflict { .. } | ShipError::Tampered { .. }
+        )
+    }
+}
+
+/// Log a failed pass: an alarm at ERROR, anything else (a bucket down, refused credentials)
+/// at WARN.
+fn log_failure(e: &ShipError, then: &str, retry_in_secs: Option<u64>) {
+    if e.is_alarm() {
+        tracing::error!(error = %e, retry_in_secs, "shipping stopped: {then}");
+    } else {
+        warn!(error = %e, retry_in_secs, "shipping failed: {then}");
+    }
 }
 
 /// Everything the shipper needs, checked before the agent starts (credentials, state).
@@ -221,7 +248,11 @@ impl Worker {
                     self.cfg.retry
                 }
                 Err(e) => {
-                    warn!(error = %e, retry_in_secs = backoff.as_secs(), "shipping failed; the files stay local and are retried");
+                    log_failure(
+                        &e,
+                        "the files stay local and are retried",
+                        Some(backoff.as_secs()),
+                    );
                     self.stats.error(&e);
                     let wait = backoff;
                     backoff = (backoff * 2).min(self.cfg.retry);
@@ -233,7 +264,7 @@ impl Worker {
                 _ = tokio::time::sleep(wait) => {}
                 _ = stop.notified() => {
                     if let Err(e) = self.pass().await {
-                        warn!(error = %e, "shipping at shutdown failed; the rest is shipped after the next start");
+                        log_failure(&e, "the rest is shipped after the next start", None);
                         self.stats.error(&e);
                     }
                     return;
@@ -284,6 +315,10 @@ impl Worker {
             path: self.manifest.clone(),
             message,
         };
+        let tampered = |message: String| ShipError::Tampered {
+            path: self.manifest.clone(),
+            message,
+        };
         let mut file = match fs::File::open(&self.manifest) {
             Ok(f) => f,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
@@ -306,7 +341,7 @@ impl Worker {
                     match all[offset..].iter().position(|b| *b == b'\n') {
                         Some(n) => offset += n + 1,
                         None => {
-                            return Err(local(format!(
+                            return Err(tampered(format!(
                                 "has fewer lines than the {shipped} already shipped: the local manifest was cut or replaced; run `airlock verify`"
                             )));
                         }
@@ -328,12 +363,12 @@ impl Worker {
             let (line, tail) = rest.split_at(n + 1);
             rest = tail;
             let entry: Entry = serde_json::from_slice(&line[..n]).map_err(|e| {
-                local(format!(
+                tampered(format!(
                     "line {expected} is not a manifest line ({e}); run `airlock verify`"
                 ))
             })?;
             if entry.seq != expected {
-                return Err(local(format!(
+                return Err(tampered(format!(
                     "line {expected} carries sequence {}; run `airlock verify`",
                     entry.seq
                 )));
@@ -430,7 +465,7 @@ impl Worker {
             match fs::read(&full) {
                 Ok(bytes) => {
                     if hex(&sha2::Sha256::digest(&bytes)) != sha256 {
-                        return Err(ShipError::Local {
+                        return Err(ShipError::Tampered {
                             path: full,
                             message: "differs from its manifest line (modified or truncated): not shipped; run `airlock verify`".into(),
                         });
@@ -513,12 +548,11 @@ impl Worker {
         }
     }
 
+    /// Counted here; logged (at ERROR, as an alarm) with the pass that stops on it.
     fn conflict(&self, key: &object_store::path::Path) -> ShipError {
         self.stats.conflicts.fetch_add(1, Ordering::Relaxed);
-        let e = ShipError::Conflict {
+        ShipError::Conflict {
             key: format!("s3://{}/{key}", self.cfg.bucket),
-        };
-        tracing::error!(error = %e, "shipping stopped");
-        e
+        }
     }
 }

@@ -129,6 +129,10 @@ pub fn build(
     creds: &Credentials,
     own: super::transport::OwnDial,
 ) -> Result<AmazonS3, ShipError> {
+    let extra_roots = match &cfg.ca_file {
+        Some(path) => crate::tls::extra_roots(path).map_err(ShipError::CaFile)?,
+        None => Vec::new(),
+    };
     let mut b = AmazonS3Builder::new()
         .with_bucket_name(&cfg.bucket)
         .with_region(&cfg.region)
@@ -147,6 +151,7 @@ pub fn build(
             allow_http: cfg.allow_http,
             timeout: cfg.timeout,
             own,
+            extra_roots: Arc::new(extra_roots),
         });
     if let Some(token) = &creds.session_token {
         b = b.with_token(token);

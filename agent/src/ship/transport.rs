@@ -1,6 +1,7 @@
 //! The HTTP transport `object_store` uses to reach the bucket: hyper's HTTP/1.1 client over
-//! tokio, rustls with ring (the system's roots), one connection per request. Keeps the agent
-//! free of a second HTTP and TLS stack (reqwest, aws-lc).
+//! tokio, rustls with ring (the system's roots, plus `[ship] ca_file` or `--ca-file` for a
+//! bucket behind a private CA), one connection per request. Keeps the agent free of a second
+//! HTTP and TLS stack (reqwest, aws-lc).
 //!
 //! Every step has a timer, `timeout_secs`, as a stall timeout: connecting, the TLS handshake,
 //! sending the request (its body included) and the answer's headers fail when no byte goes
@@ -34,6 +35,8 @@ pub struct Connector {
     pub allow_http: bool,
     pub timeout: Duration,
     pub own: OwnDial,
+    /// Roots trusted besides the system's (`ca_file`).
+    pub extra_roots: Arc<Vec<rustls_pki_types::CertificateDer<'static>>>,
 }
 
 /// The agent's socket tag, once the kernel programs are up ([`OwnDial::set`]); unset (the
@@ -60,6 +63,14 @@ impl HttpConnector for Connector {
     fn connect(&self, _options: &object_store::ClientOptions) -> object_store::Result<HttpClient> {
         let mut roots = rustls::RootCertStore::empty();
         roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
+        for c in self.extra_roots.iter() {
+            roots
+                .add(c.clone())
+                .map_err(|e| object_store::Error::Generic {
+                    store: "S3",
+                    source: Box::new(e),
+                })?;
+        }
         let tls = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
             .with_safe_default_protocol_versions()
             .map_err(|e| object_store::Error::Generic {
@@ -92,6 +103,26 @@ impl std::fmt::Debug for Transport {
             .field("timeout", &self.timeout)
             .finish()
     }
+}
+
+/// A failed TLS handshake, with what to do when the bucket's certificate is signed by a CA
+/// nobody told us about (an object store behind a private CA).
+fn tls_error(host: &str, e: std::io::Error) -> std::io::Error {
+    let unknown_issuer = e
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        .is_some_and(|r| {
+            matches!(
+                r,
+                rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer)
+            )
+        });
+    let hint = if unknown_issuer {
+        " (no trusted root signed the bucket's certificate: for a private CA, set `ca_file` in [ship], or `--ca-file` for verify --fleet)"
+    } else {
+        ""
+    };
+    std::io::Error::new(e.kind(), format!("TLS with {host}: {e}{hint}"))
 }
 
 fn err(kind: HttpErrorKind, message: impl Into<String>) -> HttpError {
@@ -184,7 +215,7 @@ impl Transport {
                 .tls
                 .connect(name, tcp)
                 .await
-                .map_err(|e| HttpError::new(HttpErrorKind::Connect, e))?;
+                .map_err(|e| HttpError::new(HttpErrorKind::Connect, tls_error(&host, e)))?;
             send(stream, request).await?
         } else {
             send(tcp, request).await?
@@ -435,6 +466,7 @@ mod tests {
             allow_http: true,
             timeout: Duration::from_secs(1),
             own: Default::default(),
+            extra_roots: Default::default(),
         }
         .connect(&Default::default())
         .map_err(|e| e.to_string())?;
