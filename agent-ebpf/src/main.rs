@@ -190,7 +190,13 @@ fn try_bind(ctx: &SockAddrContext) -> i32 {
         return ALLOW;
     }
     count(Counter::RefusedAgentPortBind);
-    guard::report_caller_in(airlock_common::report::AGENT_PORT_BIND, 0, 0, u32::from(port), netns);
+    guard::report_caller_in(
+        airlock_common::report::AGENT_PORT_BIND,
+        0,
+        0,
+        u32::from(port),
+        netns,
+    );
     REFUSE
 }
 

@@ -53,6 +53,13 @@ pub enum Request {
     Deny {
         id: u64,
     },
+    /// Serve the network namespace of process `pid` (a container runtime's hook, before the
+    /// container's process runs). `name`: the container's name, when the runtime gave it.
+    Enroll {
+        pid: u32,
+        #[serde(default)]
+        name: Option<String>,
+    },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -86,6 +93,20 @@ pub struct Status {
     /// Which of the mechanisms closing the ways around the redirect run.
     #[serde(default)]
     pub mechanisms: crate::kernel::Mechanisms,
+    /// The other network namespaces the agent serves (containers).
+    #[serde(default)]
+    pub namespaces: Vec<NamespaceInfo>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NamespaceInfo {
+    pub cookie: u64,
+    pub inode: u64,
+    /// `scan` | `hook` | `refused connect`.
+    pub source: String,
+    pub enrolled_at: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container: Option<crate::attribution::Container>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

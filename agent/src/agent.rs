@@ -127,10 +127,8 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     let listeners = [bind(v4)?, bind(v6)?];
     let host_netns = {
         use std::os::fd::AsFd as _;
-        crate::keys::netns_cookie(listeners[0].as_fd()).map_err(|source| RunError::Listen {
-            addr: v4,
-            source,
-        })?
+        crate::keys::netns_cookie(listeners[0].as_fd())
+            .map_err(|source| RunError::Listen { addr: v4, source })?
     };
     // Metrics: families fed from now on; the endpoint bound before the programs attach.
     let metrics = match config.metrics_listen {
@@ -264,6 +262,11 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         own,
         targets: std::sync::RwLock::new(targets),
         host_netns,
+        namespaces: Mutex::new(crate::netns::Registry::default()),
+        threads: std::sync::OnceLock::new(),
+        enrolling: Mutex::new(()),
+        cgroup: cgroup.clone(),
+        cgroup_mount: cgroup::resolve(None).unwrap_or_else(|_| cgroup.clone()),
         resources: Arc::new(crate::limits::Limits::new(
             config.max_connections_per_uid,
             config.max_inflight_bytes_per_uid,
@@ -427,6 +430,20 @@ pub async fn run(config: Config) -> Result<(), RunError> {
                 s.ship = shipper.as_ref().map(|s| s.status());
                 Response::Status(Box::new(s))
             }
+            Request::Enroll { pid, name } => {
+                match tokio::task::block_in_place(|| proxy.enroll(pid, "hook", name)) {
+                    Ok(Some(ns)) => Response::Ok {
+                        message: format!(
+                            "serving the network namespace of pid {pid} (cookie {})",
+                            ns.cookie
+                        ),
+                    },
+                    Ok(None) => Response::Ok {
+                        message: format!("pid {pid} is in the agent's own network namespace"),
+                    },
+                    Err(message) => Response::Error { message },
+                }
+            }
             Request::Shutdown => {
                 let _ = shutdown_tx.try_send("admin request");
                 Response::Ok {
@@ -443,10 +460,17 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         crate::workers::ConnThreads::start(&proxy, crate::workers::count())
             .map_err(RunError::Threads)?,
     );
+    let _ = proxy.threads.set(threads.clone());
     let accept_tasks: Vec<_> = listeners
         .into_iter()
-        .map(|l| tokio::spawn(proxy.clone().accept_loop(l, threads.clone())))
+        .map(|l| tokio::spawn(proxy.clone().accept_loop(l, threads.clone(), host_netns)))
         .collect();
+    // Containers: every namespace of the cgroup's processes is served from now on.
+    let enrolled = tokio::task::block_in_place(|| proxy.enroll_all());
+    if enrolled > 0 {
+        info!(enrolled, "serving the network namespaces found at start");
+    }
+    let sweep_task = tokio::spawn(proxy.clone().sweep_namespaces());
     // Programs attached, listeners accepting: interception is live.
     crate::observe::event(crate::observe::AgentEvent::Started {
         version: env!("CARGO_PKG_VERSION").into(),
@@ -483,6 +507,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         t.abort();
     }
     resolver_task.abort();
+    sweep_task.abort();
     retention_task.abort();
     policy_task.abort();
     let deadline = Instant::now() + config.drain_timeout;
@@ -915,6 +940,22 @@ fn status(proxy: &Proxy, cgroup: &str, started_at: SystemTime) -> Status {
             .kernel
             .lock()
             .map(|k| k.mechanisms.clone())
+            .unwrap_or_default(),
+        namespaces: proxy
+            .namespaces
+            .lock()
+            .map(|r| {
+                r.list()
+                    .iter()
+                    .map(|ns| crate::admin::NamespaceInfo {
+                        cookie: ns.cookie,
+                        inode: ns.inode,
+                        source: ns.source.to_owned(),
+                        enrolled_at: rfc3339(ns.enrolled_at),
+                        container: ns.container.clone(),
+                    })
+                    .collect()
+            })
             .unwrap_or_default(),
     }
 }

@@ -42,6 +42,80 @@ pub struct Attribution {
     pub family: &'static str,
     /// Whether `/proc` still had the process when we looked.
     pub process_seen: bool,
+    /// The caller's network namespace (its cookie; the agent's own for host processes).
+    pub netns: u64,
+    /// The container the process runs in, read from its cgroup path.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub container: Option<Container>,
+}
+
+/// A container, as its cgroup path names it (Podman, Docker, containerd, CRI-O; Kubernetes
+/// pods from the kubelet's path), with the name where the runtime gave it (its OCI hook).
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct Container {
+    /// `podman` | `docker` | `containerd` | `cri-o`.
+    pub runtime: String,
+    /// The full container id (64 hex digits).
+    pub id: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Kubernetes: the pod's uid (from `kubepods…pod<uid>.slice`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pod_uid: Option<String>,
+}
+
+impl Container {
+    /// The container a cgroup path names, if any. Recognised: `libpod-<id>` (Podman, also
+    /// `libpod-<id>.scope`), `docker-<id>.scope` and `/docker/<id>` (Docker),
+    /// `cri-containerd-<id>.scope` and `/kubepods/…/<id>` (containerd), `crio-<id>.scope`
+    /// (CRI-O); the pod uid from a `pod<uid>` component.
+    pub fn from_cgroup(path: &str) -> Option<Container> {
+        let is_id = |s: &str| s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit());
+        let pod_uid = path.split('/').find_map(|c| {
+            let c = c.strip_suffix(".slice").unwrap_or(c);
+            let uid = c
+                .rsplit_once("-pod")
+                .map(|(_, u)| u)
+                .or_else(|| c.strip_prefix("pod"))?;
+            let uid = uid.replace('_', "-");
+            (uid.len() == 36).then_some(uid)
+        });
+        let components: Vec<&str> = path.split('/').filter(|c| !c.is_empty()).collect();
+        for (i, c) in components.iter().enumerate().rev() {
+            let bare = c.strip_suffix(".scope").unwrap_or(c);
+            for (prefix, runtime) in [
+                ("libpod-", "podman"),
+                ("docker-", "docker"),
+                ("cri-containerd-", "containerd"),
+                ("crio-", "cri-o"),
+            ] {
+                if let Some(id) = bare.strip_prefix(prefix)
+                    && is_id(id)
+                {
+                    return Some(Container {
+                        runtime: runtime.into(),
+                        id: id.into(),
+                        name: None,
+                        pod_uid,
+                    });
+                }
+            }
+            if is_id(bare) && i > 0 {
+                let runtime = match components[i - 1] {
+                    "docker" => "docker",
+                    p if p.starts_with("pod") || p.starts_with("kubepods") => "containerd",
+                    _ => continue,
+                };
+                return Some(Container {
+                    runtime: runtime.into(),
+                    id: bare.into(),
+                    name: None,
+                    pod_uid,
+                });
+            }
+        }
+        None
+    }
 }
 
 impl Attribution {
@@ -70,7 +144,16 @@ impl Attribution {
             cgroup: proc.and_then(|p| p.cgroup),
             original_dst,
             family,
+            netns: meta.netns,
+            container: None,
         }
+        .with_container()
+    }
+
+    /// The container, from the cgroup path `/proc` gave.
+    fn with_container(mut self) -> Attribution {
+        self.container = self.cgroup.as_deref().and_then(Container::from_cgroup);
+        self
     }
 }
 
@@ -208,6 +291,36 @@ impl NameCache {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn containers_are_named_by_their_cgroup_path() {
+        let id = "b34d36fde44895840b76e35bcc2e08ed16f2bffba367a5ba47b261d8282575e4";
+        let c = Container::from_cgroup(&format!("/libpod_parent/libpod-{id}")).unwrap();
+        assert_eq!((c.runtime.as_str(), c.id.as_str()), ("podman", id));
+        let c = Container::from_cgroup(&format!("/system.slice/docker-{id}.scope")).unwrap();
+        assert_eq!(c.runtime, "docker");
+        let c = Container::from_cgroup(&format!("/docker/{id}")).unwrap();
+        assert_eq!(c.runtime, "docker");
+        let c = Container::from_cgroup(&format!(
+            "/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod0d1e2f3a_aaaa_bbbb_cccc_0123456789ab.slice/cri-containerd-{id}.scope"
+        ))
+        .unwrap();
+        assert_eq!(c.runtime, "containerd");
+        assert_eq!(
+            c.pod_uid.as_deref(),
+            Some("0d1e2f3a-aaaa-bbbb-cccc-0123456789ab")
+        );
+        let c = Container::from_cgroup(&format!("/kubepods.slice/crio-{id}.scope")).unwrap();
+        assert_eq!(c.runtime, "cri-o");
+        for none in [
+            "/",
+            "/user.slice/user-1000.slice/session-3.scope",
+            "/libpod_parent/libpod-xyz",
+            "/airlock-test-1-2-x",
+        ] {
+            assert_eq!(Container::from_cgroup(none), None, "{none}");
+        }
+    }
 
     #[test]
     fn cmdline_splits_on_nul() {

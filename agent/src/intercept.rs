@@ -46,7 +46,7 @@ impl Dial for BackendDialer {
         &self,
     ) -> std::pin::Pin<Box<dyn Future<Output = Result<UpstreamSender, String>> + Send + '_>> {
         Box::pin(async move {
-            let tcp = self.proxy.dial(self.key.1).await?;
+            let tcp = self.proxy.dial(self.key.1, self.key.2).await?;
             open_upstream(tcp, self.tls.clone()).await
         })
     }
@@ -165,7 +165,7 @@ impl Proxy {
             if !first[0].is_ascii_uppercase() {
                 return Err("the client sent neither TLS nor an HTTP request".into());
             }
-            let pool_key = (backend_id, original);
+            let pool_key = (backend_id, original, attribution.netns);
             let first_upstream = self.first_upstream(pool_key, upstream, None);
             let ctx = ConnCtx::new(
                 conn_id,
@@ -195,7 +195,7 @@ impl Proxy {
                         UnknownSni::Splice => {
                             let mut upstream = match upstream {
                                 Some(u) => u,
-                                None => self.dial(original).await?,
+                                None => self.dial(original, attribution.netns).await?,
                             };
                             upstream
                                 .write_all(&hello.bytes)
@@ -236,7 +236,7 @@ impl Proxy {
         };
         let tls_pair = Some((upstream_tls, name));
         // The server's handshake runs while the client's does.
-        let pool_key = (backend_id, original);
+        let pool_key = (backend_id, original, attribution.netns);
         let first_upstream = self.first_upstream(pool_key, upstream, tls_pair.clone());
         let accept = tokio_rustls::StartHandshake::from_parts(hello.accepted, client)
             .into_stream(server_config);
@@ -337,7 +337,7 @@ impl Proxy {
         tokio::spawn(async move {
             let tcp = match dialled {
                 Some(tcp) => tcp,
-                None => proxy.dial(key.1).await?,
+                None => proxy.dial(key.1, key.2).await?,
             };
             open_upstream(tcp, tls).await
         })

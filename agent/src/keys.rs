@@ -149,9 +149,15 @@ mod tests {
         let key = flow_key(sa("127.0.0.1:40000"), sa("127.0.0.1:1010"), 7);
         assert_eq!(key.src_port, 40000);
         assert_eq!(key.dst_port, 1010);
-        assert_ne!(key, flow_key(sa("127.0.0.1:1010"), sa("127.0.0.1:40000"), 7));
+        assert_ne!(
+            key,
+            flow_key(sa("127.0.0.1:1010"), sa("127.0.0.1:40000"), 7)
+        );
         // The same 4-tuple in another namespace is another connection.
-        assert_ne!(key, flow_key(sa("127.0.0.1:40000"), sa("127.0.0.1:1010"), 8));
+        assert_ne!(
+            key,
+            flow_key(sa("127.0.0.1:40000"), sa("127.0.0.1:1010"), 8)
+        );
     }
 
     #[test]

@@ -131,6 +131,10 @@ enum Command {
         #[command(subcommand)]
         command: ApprovalsCommand,
     },
+    /// OCI runtime hook (`createRuntime`): reads the container's state on stdin and has the
+    /// agent serve the container's network namespace before its process runs. Never fails the
+    /// container: without an agent, its connections to backends are refused until one runs.
+    Hook,
     /// Tool definitions pinned when first seen.
     Tools {
         #[command(subcommand)]
@@ -447,6 +451,7 @@ fn main() -> ExitCode {
             ),
             Command::Ca { command } => ca(&config, command),
             Command::Install { .. } | Command::Uninstall { .. } => unreachable!("handled above"),
+            Command::Hook => hook(&config).await,
             Command::Approvals { command } => approvals(&config, command).await,
             Command::Tools {
                 command: ToolsCommand::Accept { backend, tool },
@@ -1066,6 +1071,52 @@ async fn approvals(config: &Config, command: ApprovalsCommand) -> ExitCode {
 }
 
 /// Send a request whose answer is a one-line message (`kill`, `accept_tool`).
+/// `airlock hook`: the OCI state (`pid`, `annotations`) from stdin to an `enroll` request.
+async fn hook(config: &Config) -> ExitCode {
+    use std::io::Read as _;
+    let mut state = String::new();
+    if let Err(e) = std::io::stdin().take(1 << 20).read_to_string(&mut state) {
+        eprintln!("airlock hook: cannot read the container state: {e}");
+        return ExitCode::SUCCESS;
+    }
+    let Ok(v) = serde_json::from_str::<serde_json::Value>(&state) else {
+        eprintln!("airlock hook: the container state on stdin is not JSON");
+        return ExitCode::SUCCESS;
+    };
+    let Some(pid) = v["pid"].as_u64().and_then(|p| u32::try_from(p).ok()) else {
+        eprintln!(
+            "airlock hook: the container state names no pid (run me as a createRuntime hook)"
+        );
+        return ExitCode::SUCCESS;
+    };
+    let a = &v["annotations"];
+    let name = [
+        "io.kubernetes.cri.container-name",
+        "io.kubernetes.container.name",
+        "nerdctl/name",
+        "com.docker.compose.container-name",
+    ]
+    .iter()
+    .find_map(|k| a[*k].as_str())
+    .map(str::to_owned);
+    let req = Request::Enroll { pid, name };
+    match tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        admin::request(&config.admin_socket(), &req),
+    )
+    .await
+    {
+        Ok(Ok(Response::Ok { .. })) => {}
+        Ok(Ok(Response::Error { message })) => eprintln!("airlock hook: {message}"),
+        Ok(Ok(_)) => eprintln!("airlock hook: unexpected answer from the agent"),
+        Ok(Err(e)) => eprintln!(
+            "airlock hook: {e} (the container's connections to backends are refused until an agent serves it)"
+        ),
+        Err(_) => eprintln!("airlock hook: the agent did not answer within 10 s"),
+    }
+    ExitCode::SUCCESS
+}
+
 async fn admin_command(config: &Config, req: Request) -> ExitCode {
     report(admin::request(&config.admin_socket(), &req).await)
 }

@@ -56,6 +56,16 @@ pub struct Proxy {
     pub resources: Arc<crate::limits::Limits>,
     /// The agent's own network namespace (`SO_NETNS_COOKIE`).
     pub host_netns: u64,
+    /// The other network namespaces the agent listens in (containers).
+    pub namespaces: Mutex<crate::netns::Registry>,
+    /// The connection threads (set once they run), for the listeners of namespaces enrolled
+    /// later.
+    pub threads: std::sync::OnceLock<Arc<crate::workers::ConnThreads>>,
+    /// One enrolment at a time.
+    pub enrolling: Mutex<()>,
+    /// The attached cgroup and the cgroup2 mount it is in (which processes are governed).
+    pub cgroup: std::path::PathBuf,
+    pub cgroup_mount: std::path::PathBuf,
 }
 
 /// The agent's own counters, shown next to the kernel's.
@@ -110,12 +120,13 @@ impl Proxy {
         self: Arc<Self>,
         listener: TcpListener,
         threads: Arc<crate::workers::ConnThreads>,
+        netns: u64,
     ) {
         loop {
             match listener.accept().await {
                 Ok((stream, peer)) => {
                     self.counters.accepted.fetch_add(1, Ordering::Relaxed);
-                    threads.hand_off(stream, peer).await;
+                    threads.hand_off(stream, peer, netns).await;
                 }
                 Err(e) => {
                     warn!(error = %e, "accept failed");
@@ -125,7 +136,8 @@ impl Proxy {
         }
     }
 
-    pub(crate) async fn handle(self: Arc<Self>, client: TcpStream, peer: SocketAddr) {
+    /// One accepted connection; `netns` is the cookie of the namespace whose listener took it.
+    pub(crate) async fn handle(self: Arc<Self>, client: TcpStream, peer: SocketAddr, netns: u64) {
         let accepted = std::time::Instant::now();
         let local = match client.local_addr() {
             Ok(l) => l,
@@ -134,7 +146,7 @@ impl Proxy {
                 return;
             }
         };
-        let key = keys::flow_key(peer, local, self.host_netns);
+        let key = keys::flow_key(peer, local, netns);
         let meta = match self.kernel.lock() {
             Ok(mut k) => k.take_flow(&key),
             Err(_) => None,
@@ -185,14 +197,16 @@ impl Proxy {
             .backends
             .get(meta_backend)
             .is_some_and(|b| b.mode == crate::config::BackendMode::Mcp)
-            && self.upstream_pool.has((meta_backend, original_dst));
+            && self
+                .upstream_pool
+                .has((meta_backend, original_dst, meta.netns));
         let dial = async {
             if over_capacity.is_some() {
                 None
             } else if pooled {
                 Some(Ok(None))
             } else {
-                Some(self.dial(original_dst).await.map(Some))
+                Some(self.dial(original_dst, meta.netns).await.map(Some))
             }
         };
         // procfs reads do not wait on I/O: done inline. A user or group name not yet cached
@@ -493,9 +507,31 @@ impl Proxy {
     }
 
     /// Connect to the original destination from a socket tagged as the agent's own, so our
-    /// programs let it through.
-    pub(crate) async fn dial(&self, addr: SocketAddr) -> Result<TcpStream, String> {
-        let socket = own_socket(&self.own, addr)?;
+    /// programs let it through — in the caller's network namespace (`netns`, a cookie): a
+    /// container's call leaves from the container, with its routes and source address.
+    pub(crate) async fn dial(&self, addr: SocketAddr, netns: u64) -> Result<TcpStream, String> {
+        let socket = if netns == self.host_netns || netns == 0 {
+            own_socket(&self.own, addr)?
+        } else {
+            let ns = self
+                .namespaces
+                .lock()
+                .ok()
+                .and_then(|r| r.get(netns))
+                .ok_or_else(|| {
+                    format!("the caller's network namespace ({netns}) is no longer served")
+                })?;
+            let fd = ns.socket(addr).map_err(|e| {
+                format!("cannot create a socket in the caller's network namespace: {e}")
+            })?;
+            {
+                use std::os::fd::AsFd as _;
+                self.own
+                    .tag(fd.as_fd())
+                    .map_err(|e| format!("cannot tag the agent's socket (AIRLOCK_OWN): {e}"))?;
+            }
+            TcpSocket::from_std_stream(std::net::TcpStream::from(fd))
+        };
         let _ = socket.set_nodelay(true);
         match tokio::time::timeout(self.config.connect_timeout, socket.connect(addr)).await {
             Ok(Ok(stream)) => Ok(stream),

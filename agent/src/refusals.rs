@@ -411,6 +411,14 @@ impl Reader {
         for r in batch {
             match r.kind {
                 report::EGRESS_DROP => drops.push(r),
+                report::NETNS_NOT_ENROLLED => {
+                    // A container the agent does not serve yet: serve it (the caller's next
+                    // connect() is redirected), and record the refused one.
+                    self.enroll_later(r.tgid);
+                    if self.first_in_window(r) {
+                        self.refused(r);
+                    }
+                }
                 report::PACKET_SOCKET if r.tgid == 0 => {
                     if self.first_in_window(r) {
                         packets.push(r);
@@ -456,6 +464,22 @@ impl Reader {
                 .fetch_add(1, Ordering::Relaxed);
             false
         }
+    }
+
+    /// Serve the namespace of `pid` (on the runtime's blocking pool: enrolment waits for the
+    /// namespace's thread).
+    fn enroll_later(&self, pid: u32) {
+        let Some(handle) = RUNTIME.with(|r| r.borrow().clone()) else {
+            return;
+        };
+        let proxy = self.proxy.clone();
+        let h = handle.clone();
+        handle.spawn_blocking(move || {
+            let _in_runtime = h.enter();
+            if let Err(e) = proxy.enroll(pid, "refused connect", None) {
+                warn!(pid, error = %e, "cannot serve the namespace of a refused connect()");
+            }
+        });
     }
 
     /// Refusals the ring buffers had no room for are still refusals: one record and event
@@ -512,6 +536,20 @@ impl Reader {
             report::NO_STORAGE => (
                 "airlock:no_storage",
                 "connect() to a backend refused: no socket storage for the caller's record".to_owned(),
+            ),
+            report::NETNS_NOT_ENROLLED => (
+                "airlock:netns_not_served",
+                format!(
+                    "connect() to a backend refused: the caller's network namespace (cookie {}) was not served by the agent yet; it is being enrolled, and the next connection is served",
+                    r.netns
+                ),
+            ),
+            report::AGENT_PORT_BIND => (
+                "airlock:agent_port_bind",
+                format!(
+                    "bind() to the agent's port {} in another network namespace refused: it would take the connections redirected there",
+                    r.protocol
+                ),
             ),
             report::AMBIGUOUS => (
                 "airlock:ambiguous_destination",

@@ -51,7 +51,8 @@ pub fn count() -> usize {
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
 }
 
-type Accepted = (std::net::TcpStream, SocketAddr);
+/// An accepted socket, its peer, and the cookie of the network namespace it was accepted in.
+type Accepted = (std::net::TcpStream, SocketAddr, u64);
 
 /// The hand-off to the connection threads.
 pub struct ConnThreads {
@@ -84,7 +85,7 @@ impl ConnThreads {
     }
 
     /// Give an accepted connection to the next thread (waiting while its hand-off is full).
-    pub async fn hand_off(&self, stream: tokio::net::TcpStream, peer: SocketAddr) {
+    pub async fn hand_off(&self, stream: tokio::net::TcpStream, peer: SocketAddr, netns: u64) {
         let stream = match stream.into_std() {
             Ok(s) => s,
             Err(e) => {
@@ -93,7 +94,7 @@ impl ConnThreads {
             }
         };
         let i = self.next.fetch_add(1, Ordering::Relaxed) % self.threads.len();
-        if self.threads[i].send((stream, peer)).await.is_err() {
+        if self.threads[i].send((stream, peer, netns)).await.is_err() {
             // The socket closes with the message (a plain close, not a reset; no record: see
             // issue 12's closing note): never a relay.
             warn!(%peer, thread = i, "a connection thread has stopped; connection closed");
@@ -102,12 +103,12 @@ impl ConnThreads {
 }
 
 async fn serve(proxy: Arc<Proxy>, mut rx: mpsc::Receiver<Accepted>) {
-    while let Some((stream, peer)) = rx.recv().await {
+    while let Some((stream, peer, netns)) = rx.recv().await {
         // Registered with this thread's reactor; it stays non-blocking (`into_std` keeps it).
         match tokio::net::TcpStream::from_std(stream) {
             Ok(stream) => {
                 let proxy = proxy.clone();
-                tokio::spawn(async move { proxy.handle(stream, peer).await });
+                tokio::spawn(async move { proxy.handle(stream, peer, netns).await });
             }
             Err(e) => warn!(%peer, error = %e, "cannot register an accepted connection"),
         }

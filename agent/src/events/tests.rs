@@ -32,6 +32,8 @@ fn attribution() -> Attribution {
         original_dst: "10.1.2.3:443".parse().unwrap(),
         family: "ipv4",
         process_seen: true,
+        netns: 0,
+        container: None,
     }
 }
 

@@ -183,7 +183,9 @@ impl Idle {
 }
 
 /// Backend index and server address.
-pub type PoolKey = (usize, std::net::SocketAddr);
+/// Backend, address, network namespace (its cookie: the same address may be another server
+/// in a container's namespace).
+pub type PoolKey = (usize, std::net::SocketAddr, u64);
 
 const MAX_IDLE: usize = 128;
 const IDLE_TTL: Duration = Duration::from_secs(30);
@@ -244,7 +246,7 @@ mod tests {
     #[tokio::test]
     async fn a_pooled_connection_is_taken_only_on_the_thread_that_drives_it() {
         let pool = UpstreamPool::default();
-        let key: PoolKey = (0, "127.0.0.1:1".parse().unwrap());
+        let key: PoolKey = (0, "127.0.0.1:1".parse().unwrap(), 1);
         // This test's thread plays connection thread 0; its driver task runs here.
         crate::workers::enter(0);
         let (mut s, _peer) = sender().await;
