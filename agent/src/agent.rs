@@ -810,12 +810,7 @@ fn session_prefix() -> String {
 /// so does a change that would make backends share an address in a way the configuration or
 /// the policies do not allow.
 async fn refresh_targets(proxy: Arc<Proxy>, policies: Arc<crate::policy::store::PolicyStore>) {
-    if proxy
-        .config
-        .backends
-        .iter()
-        .all(|b| !b.addresses.is_empty())
-    {
+    if !proxy.config.resolves_names() {
         return; // all static
     }
     let mut tick = tokio::time::interval(proxy.config.resolve_interval);
@@ -877,12 +872,7 @@ fn status(proxy: &Proxy, cgroup: &str, started_at: SystemTime) -> Status {
         .map(|ts| {
             ts.iter()
                 .map(|t| TargetInfo {
-                    backend: proxy
-                        .config
-                        .backends
-                        .get(t.backend_id as usize)
-                        .map(|b| b.name.clone())
-                        .unwrap_or_default(),
+                    backend: proxy.config.target_name(t.backend_id),
                     address: t.addr.to_string(),
                 })
                 .collect()

@@ -7,7 +7,10 @@
 //!    client's handshake runs.
 //! 3. HTTP/1.1 on both sides (`http::serve`), every MCP message through the pipeline.
 
-use std::{net::IpAddr, sync::Arc};
+use std::{
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+};
 
 use rustls_pki_types::ServerName;
 use tokio::{io::AsyncWriteExt as _, net::TcpStream};
@@ -25,6 +28,35 @@ use crate::{
 /// Largest ClientHello accepted (post-quantum key shares make them ~1.8 KB today).
 const MAX_CLIENT_HELLO: usize = 16 * 1024;
 
+/// What identifies a connection to the message pipeline: its id, session id, attribution,
+/// policy subject, and the sequence of its records.
+pub(crate) type ConnParts = (
+    u64,
+    String,
+    crate::attribution::Attribution,
+    crate::policy::Subject,
+    Arc<std::sync::atomic::AtomicU64>,
+);
+
+/// How the backend is reached.
+pub(crate) enum Route {
+    /// At the original destination (the socket dialled during attribution, if any).
+    Direct(Option<TcpStream>),
+    /// Through an egress proxy's tunnel, opened by the agent for this client connection.
+    Tunnel(crate::egress::TunnelRoute),
+}
+
+impl Route {
+    /// The backend's address as the client named it: the original destination, or a tunnel
+    /// target given as an address (`None`: by name only).
+    fn address(&self, original: SocketAddr) -> Option<SocketAddr> {
+        match self {
+            Route::Direct(_) => Some(original),
+            Route::Tunnel(t) => t.address,
+        }
+    }
+}
+
 /// How an intercepted connection ended.
 pub enum End {
     /// HTTP served until one side closed, or the client went away (how, when it did not
@@ -33,6 +65,12 @@ pub enum End {
     /// Unknown SNI, passed through untouched.
     Spliced(Result<RelayEnd, relay::RelayError>),
 }
+
+/// The first upstream connection (its handshakes under way) and the dialer of the next.
+type Upstreams = (
+    tokio::task::JoinHandle<Result<UpstreamSender, String>>,
+    Box<dyn Dial>,
+);
 
 /// Dials the backend again when the server closed the connection between requests.
 struct BackendDialer {
@@ -60,8 +98,8 @@ impl Dial for BackendDialer {
     }
 }
 
-/// TLS (when configured) and the HTTP handshake on a dialled socket.
-async fn open_upstream(
+/// TLS (when configured) and the HTTP handshake on a dialled socket (or a proxy's tunnel).
+pub(crate) async fn open_upstream(
     tcp: TcpStream,
     tls: Option<(Arc<rustls::ClientConfig>, ServerName<'static>)>,
 ) -> Result<UpstreamSender, String> {
@@ -113,20 +151,14 @@ fn server_name(host: &str) -> Result<ServerName<'static>, String> {
 }
 
 impl Proxy {
-    /// Serve one attributed connection to an MCP backend. `Err` carries the reason the
-    /// connection was refused (recorded by the caller).
+    /// Serve one attributed connection to an MCP backend, reached by `route`. `Err` carries
+    /// the reason the connection was refused (recorded by the caller).
     pub(crate) async fn intercept(
         self: &Arc<Self>,
         mut client: TcpStream,
-        upstream: Option<TcpStream>,
+        route: Route,
         backend_id: usize,
-        ctx_parts: (
-            u64,
-            String,
-            crate::attribution::Attribution,
-            crate::policy::Subject,
-            Arc<std::sync::atomic::AtomicU64>,
-        ),
+        ctx_parts: ConnParts,
         guard: &ConnGuard,
     ) -> Result<End, String> {
         let (conn_id, session_id, attribution, subject, seq) = ctx_parts;
@@ -161,12 +193,12 @@ impl Proxy {
                 )
             });
         }
+        let pool_key = (backend_id, original, attribution.netns);
         if !is_tls {
             if !first[0].is_ascii_uppercase() {
                 return Err("the client sent neither TLS nor an HTTP request".into());
             }
-            let pool_key = (backend_id, original, attribution.netns);
-            let first_upstream = self.first_upstream(pool_key, upstream, None);
+            let upstream = self.upstreams(route, pool_key, None);
             let ctx = ConnCtx::new(
                 conn_id,
                 session_id,
@@ -176,9 +208,7 @@ impl Proxy {
                 None,
                 seq,
             );
-            return self
-                .serve_http(client, ctx, backend, pool_key, first_upstream, None, guard)
-                .await;
+            return self.serve_http(client, ctx, backend, upstream, guard).await;
         }
 
         let tls_rt = self
@@ -186,46 +216,40 @@ impl Proxy {
             .as_ref()
             .ok_or("TLS interception is not available (no CA loaded)")?;
         let hello = tls::read_client_hello(&mut client, MAX_CLIENT_HELLO, timeout).await?;
+        let address = route.address(original);
         let (backend_id, backend): (usize, &Backend) = match hello.sni.as_deref() {
             None => (backend_id, backend),
-            Some(sni) => match self.backend_for_sni(sni, backend_id, original) {
+            Some(sni) => match self.backend_for_sni(sni, backend_id, address) {
                 Some(found) => found,
                 None => {
-                    return match backend.unknown_sni {
-                        UnknownSni::Splice => {
-                            let mut upstream = match upstream {
-                                Some(u) => u,
-                                None => self.dial(original, attribution.netns).await?,
-                            };
-                            upstream
-                                .write_all(&hello.bytes)
-                                .await
-                                .map_err(|e| format!("splicing to the server: {e}"))?;
-                            guard.set_state(crate::registry::ConnState::Open);
-                            Ok(End::Spliced(
-                                relay::relay(
-                                    client,
-                                    upstream,
-                                    self.config.idle_timeout,
-                                    guard.bytes_up(),
-                                    guard.bytes_down(),
-                                )
-                                .await,
-                            ))
-                        }
-                        UnknownSni::Reject => Err(format!(
-                            "SNI `{sni}` names no backend at {original}, the address the client connected to (`unknown_sni = \"reject\"`)"
-                        )),
-                    };
+                    return self
+                        .unknown_sni(
+                            client,
+                            route,
+                            &hello,
+                            backend,
+                            sni,
+                            (original, attribution.netns),
+                            guard,
+                        )
+                        .await;
                 }
             },
         };
-        let server_config = tls_rt
-            .acceptors
-            .config_for(hello.sni.as_deref(), original.ip())
-            .map_err(|e| {
-                format!("no certificate for this connection: {e} (the client sent no SNI)")
-            })?;
+        let server_config = match (hello.sni.as_deref(), address) {
+            (None, None) => {
+                return Err(format!(
+                    "the client sent no SNI through the tunnel to `{}`: no certificate to present",
+                    backend.host
+                ));
+            }
+            (sni, address) => tls_rt
+                .acceptors
+                .config_for(sni, address.map_or(original.ip(), |a| a.ip()))
+                .map_err(|e| {
+                    format!("no certificate for this connection: {e} (the client sent no SNI)")
+                })?,
+        };
         let upstream_tls = tls_rt
             .upstream
             .config(backend_id)
@@ -234,22 +258,21 @@ impl Proxy {
             Ok(ip) => ServerName::IpAddress(ip.into()),
             Err(_) => server_name(&backend.host)?,
         };
-        let tls_pair = Some((upstream_tls, name));
         // The server's handshake runs while the client's does.
         let pool_key = (backend_id, original, attribution.netns);
-        let first_upstream = self.first_upstream(pool_key, upstream, tls_pair.clone());
+        let upstream = self.upstreams(route, pool_key, Some((upstream_tls, name)));
         let accept = tokio_rustls::StartHandshake::from_parts(hello.accepted, client)
             .into_stream(server_config);
         let stream = match tokio::time::timeout(timeout, accept).await {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
-                first_upstream.abort();
+                upstream.0.abort();
                 return Err(format!(
                     "TLS handshake with the client failed: {e} (does the client trust Airlock's CA? `airlock ca show --pem`)"
                 ));
             }
             Err(_) => {
-                first_upstream.abort();
+                upstream.0.abort();
                 return Err(format!(
                     "TLS handshake with the client took over {} s",
                     timeout.as_secs()
@@ -265,44 +288,75 @@ impl Proxy {
             hello.sni.clone(),
             seq,
         );
-        self.serve_http(
-            stream,
-            ctx,
-            backend,
-            pool_key,
-            first_upstream,
-            tls_pair,
-            guard,
-        )
-        .await
+        self.serve_http(stream, ctx, backend, upstream, guard).await
+    }
+
+    /// A ClientHello whose SNI names no backend at the address the client reached: spliced
+    /// to the server (through the tunnel, when there is one) or refused, per `unknown_sni`.
+    #[allow(clippy::too_many_arguments)]
+    async fn unknown_sni(
+        self: &Arc<Self>,
+        client: TcpStream,
+        route: Route,
+        hello: &tls::Hello,
+        backend: &Backend,
+        sni: &str,
+        (original, netns): (SocketAddr, u64),
+        guard: &ConnGuard,
+    ) -> Result<End, String> {
+        match backend.unknown_sni {
+            UnknownSni::Splice => {
+                let mut upstream = match route {
+                    Route::Direct(Some(u)) => u,
+                    Route::Direct(None) => self.dial(original, netns).await?,
+                    Route::Tunnel(t) => t.stream,
+                };
+                upstream
+                    .write_all(&hello.bytes)
+                    .await
+                    .map_err(|e| format!("splicing to the server: {e}"))?;
+                guard.set_state(crate::registry::ConnState::Open);
+                Ok(End::Spliced(
+                    relay::relay(
+                        client,
+                        upstream,
+                        self.config.idle_timeout,
+                        guard.bytes_up(),
+                        guard.bytes_down(),
+                    )
+                    .await,
+                ))
+            }
+            UnknownSni::Reject => Err(match route {
+                Route::Direct(_) => format!(
+                    "SNI `{sni}` names no backend at {original}, the address the client connected to (`unknown_sni = \"reject\"`)"
+                ),
+                Route::Tunnel(t) => format!(
+                    "SNI `{sni}` is not the tunnel's target `{}` (`unknown_sni = \"reject\"`)",
+                    t.spec.authority
+                ),
+            }),
+        }
     }
 
     /// HTTP on the (decrypted) client stream until it closes; then the connection's session
-    /// ends and its idle upstream connection goes to the pool.
-    #[allow(clippy::too_many_arguments)]
+    /// ends and its idle upstream connection goes to the pool (a tunnel's is closed).
     async fn serve_http<S>(
         self: &Arc<Self>,
         io: S,
         ctx: ConnCtx,
         backend: &Backend,
-        pool_key: http::PoolKey,
-        first_upstream: tokio::task::JoinHandle<Result<UpstreamSender, String>>,
-        tls: Option<(Arc<rustls::ClientConfig>, ServerName<'static>)>,
+        (first_upstream, dialer): Upstreams,
         guard: &ConnGuard,
     ) -> Result<End, String>
     where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
-        let dialer = BackendDialer {
-            proxy: self.clone(),
-            key: pool_key,
-            tls,
-        };
         let conn = Arc::new(Conn {
             ctx: Arc::new(ctx),
             pipeline: self.pipeline.clone(),
             limits: self.limits(),
-            upstream: tokio::sync::Mutex::new(UpstreamSlot::new(first_upstream, Box::new(dialer))),
+            upstream: tokio::sync::Mutex::new(UpstreamSlot::new(first_upstream, dialer)),
             backend: Arc::new(backend.clone()),
             resources: self.resources.clone(),
         });
@@ -317,6 +371,36 @@ impl Proxy {
                 Some(how) => Ok(End::Served(Some(how.into()))),
                 None => Err(format!("HTTP with the client: {e}")),
             },
+        }
+    }
+
+    /// The first upstream connection of a client connection (handshakes under way on their
+    /// own task) and how to dial the next: the pool and the original destination, or the
+    /// proxy's tunnel and a new tunnel.
+    fn upstreams(
+        self: &Arc<Self>,
+        route: Route,
+        key: http::PoolKey,
+        tls: Option<(Arc<rustls::ClientConfig>, ServerName<'static>)>,
+    ) -> Upstreams {
+        match route {
+            Route::Direct(dialled) => (
+                self.first_upstream(key, dialled, tls.clone()),
+                Box::new(BackendDialer {
+                    proxy: self.clone(),
+                    key,
+                    tls,
+                }),
+            ),
+            Route::Tunnel(t) => {
+                let first = tokio::spawn(open_upstream(t.stream, tls.clone()));
+                let dialer = crate::egress::TunnelDialer {
+                    proxy: self.clone(),
+                    spec: t.spec,
+                    tls,
+                };
+                (first, Box::new(dialer))
+            }
         }
     }
 
@@ -353,7 +437,7 @@ impl Proxy {
         &self,
         sni: &str,
         kernel_choice: usize,
-        original: std::net::SocketAddr,
+        address: Option<SocketAddr>,
     ) -> Option<(usize, &Backend)> {
         let backends = &self.config.backends;
         let wanted = sni.trim_end_matches('.');
@@ -365,7 +449,7 @@ impl Proxy {
             return Some((kernel_choice, b));
         }
         let targets = self.targets.read().ok()?;
-        crate::config::Config::owners(&targets, original)
+        crate::config::Config::owners(&targets, address?)
             .filter_map(|id| Some((id, backends.get(id)?)))
             .find(|(_, b)| matches(b))
     }

@@ -11,6 +11,9 @@
 //! - [`workers`]: the connection threads; each accepted connection lives on one, from its
 //!   attribution to its close, on a single-threaded runtime.
 //! - [`relay`]: bounded bidirectional copy with idle timeout and byte counters (opaque backends).
+//! - [`egress`]: a client's connection to its HTTP proxy (`[[egress_proxy]]`): each proxy
+//!   request read and judged; a tunnel to an MCP backend intercepted inside, anything else
+//!   passed to the real proxy byte for byte.
 //! - [`intercept`]: TLS or plain HTTP on an attributed connection: ClientHello, SNI, leaves,
 //!   upstream TLS dialled concurrently; [`tls`]: the managed CA, leaf minting, rustls configs.
 //! - [`http`]: hyper HTTP/1.1 both sides (request heads read by Airlock first); what passes
@@ -44,6 +47,7 @@ pub mod archive;
 pub mod attribution;
 pub mod cgroup;
 pub mod config;
+pub mod egress;
 pub mod enroll;
 pub mod events;
 pub mod fsperm;

@@ -460,8 +460,13 @@ fn main() -> ExitCode {
                 Ok(targets) => {
                     println!("{}: ok", config.path.display());
                     for t in targets {
-                        let name = &config.backends[t.backend_id as usize].name;
-                        println!("  redirect {} -> agent (backend {name})", t.addr);
+                        let name = match config.target(t.backend_id) {
+                            Some(airlock::config::TargetRef::Proxy(_, p)) => {
+                                format!("egress proxy {}", p.name)
+                            }
+                            _ => format!("backend {}", config.target_name(t.backend_id)),
+                        };
+                        println!("  redirect {} -> agent ({name})", t.addr);
                     }
                     // What this kernel accepts of the programs (loaded and verified, never
                     // attached).

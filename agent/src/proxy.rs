@@ -18,7 +18,7 @@ use tracing::{debug, info, warn};
 use crate::{
     archive::{MaskedPayload, RecordInput, service::Archive},
     attribution::{Attribution, NameCache},
-    config::Config,
+    config::{BackendMode, Config, TargetRef},
     kernel::Kernel,
     keys,
     registry::{ConnState, Registry},
@@ -68,6 +68,17 @@ pub struct Proxy {
     pub cgroup_mount: std::path::PathBuf,
 }
 
+/// What a redirected connection is served as.
+#[derive(Clone, Copy)]
+enum Serve {
+    /// Bytes relayed (`mode = "opaque"`).
+    Opaque,
+    /// Intercepted (`mode = "mcp"`).
+    Mcp,
+    /// The connection of a client to egress proxy `i`.
+    Egress(usize),
+}
+
 /// The agent's own counters, shown next to the kernel's.
 #[derive(Default)]
 pub struct AgentCounters {
@@ -81,6 +92,12 @@ pub struct AgentCounters {
     pub relayed: AtomicU64,
     pub idle_timeouts: AtomicU64,
     pub relay_errors: AtomicU64,
+    /// Proxy requests to egress proxies passed on to the real proxy byte for byte.
+    pub egress_passed: AtomicU64,
+    /// Tunnels to MCP backends through egress proxies, intercepted.
+    pub egress_intercepted: AtomicU64,
+    /// Proxy requests refused by Airlock (or, for a tunnel to a backend, by the proxy).
+    pub egress_refused: AtomicU64,
     /// Connections to backends that never went through Airlock (opened before the programs,
     /// NAT, a raw socket), ended (`refusals.rs`).
     pub ended_unredirected: AtomicU64,
@@ -102,6 +119,9 @@ impl AgentCounters {
             ("relayed", &self.relayed),
             ("idle_timeouts", &self.idle_timeouts),
             ("relay_errors", &self.relay_errors),
+            ("egress_passed", &self.egress_passed),
+            ("egress_intercepted", &self.egress_intercepted),
+            ("egress_refused", &self.egress_refused),
             ("ended_unredirected", &self.ended_unredirected),
             ("refused_sockets", &self.refused_sockets),
             ("refusals_coalesced", &self.refusals_coalesced),
@@ -169,11 +189,11 @@ impl Proxy {
             );
         }
         let meta_backend = meta.backend_id as usize;
+        // A backend's name, or `proxy NAME` for an egress proxy.
         let backend = self
             .config
-            .backends
-            .get(meta_backend)
-            .map(|b| b.name.clone());
+            .target(meta.backend_id)
+            .map(|_| self.config.target_name(meta.backend_id));
         let original_dst =
             std::net::SocketAddr::new(keys::ip_from_words(meta.orig_addr), meta.orig_port);
         // Dial the backend while /proc is read: the two waits overlap.
@@ -324,22 +344,28 @@ impl Proxy {
         // A second handle on the client socket: its byte counts are read from the kernel when
         // the connection ends (TLS and HTTP are served on the first).
         let counted = socket2::SockRef::from(&client).try_clone().ok();
-        let mode = self
-            .config
-            .backends
-            .get(meta_backend)
-            .map(|b| b.mode)
-            .unwrap_or(crate::config::BackendMode::Mcp);
+        let serve = match self.config.target(meta.backend_id) {
+            Some(TargetRef::Proxy(i, _)) => Serve::Egress(i),
+            Some(TargetRef::Backend(_, b)) if b.mode == BackendMode::Opaque => Serve::Opaque,
+            _ => Serve::Mcp,
+        };
         // Message records take 1, 2, …; the closing record the next one after them.
         let msg_seq = Arc::new(AtomicU64::new(1));
+        let parts = (
+            guard.id(),
+            format!("{}-{}", self.session_prefix, guard.id()),
+            attribution.clone(),
+            subject,
+            msg_seq.clone(),
+        );
         let work = async {
-            match mode {
-                crate::config::BackendMode::Opaque => {
+            let served = match serve {
+                Serve::Opaque => {
                     guard.set_state(ConnState::Open);
                     let Some(upstream) = upstream else {
                         return Err("no upstream connection".to_owned());
                     };
-                    relay::relay(
+                    return relay::relay(
                         client,
                         upstream,
                         self.config.idle_timeout,
@@ -347,38 +373,26 @@ impl Proxy {
                         guard.bytes_down(),
                     )
                     .await
-                    .map_err(|e| e.to_string())
+                    .map_err(|e| e.to_string());
                 }
-                crate::config::BackendMode::Mcp => {
-                    let session_id = format!("{}-{}", self.session_prefix, guard.id());
-                    match self
-                        .intercept(
-                            client,
-                            upstream,
-                            meta_backend,
-                            (
-                                guard.id(),
-                                session_id,
-                                attribution.clone(),
-                                subject,
-                                msg_seq.clone(),
-                            ),
-                            &guard,
-                        )
+                Serve::Mcp => {
+                    let route = crate::intercept::Route::Direct(upstream);
+                    self.intercept(client, route, meta_backend, parts, &guard)
                         .await
-                    {
-                        Ok(crate::intercept::End::Served(how)) => {
-                            if let Some(how) = how {
-                                debug!(id = guard.id(), how, "the client went away");
-                            }
-                            Ok(RelayEnd::Closed)
-                        }
-                        Ok(crate::intercept::End::Spliced(r)) => r.map_err(|e| e.to_string()),
-                        Err(reason) => {
-                            warn!(id = guard.id(), %reason, "intercepted connection refused");
-                            Err(reason)
-                        }
+                }
+                Serve::Egress(i) => self.egress(client, upstream, i, parts, &guard).await,
+            };
+            match served {
+                Ok(crate::intercept::End::Served(how)) => {
+                    if let Some(how) = how {
+                        debug!(id = guard.id(), how, "the client went away");
                     }
+                    Ok(RelayEnd::Closed)
+                }
+                Ok(crate::intercept::End::Spliced(r)) => r.map_err(|e| e.to_string()),
+                Err(reason) => {
+                    warn!(id = guard.id(), %reason, "intercepted connection refused");
+                    Err(reason)
                 }
             }
         };
@@ -477,7 +491,7 @@ impl Proxy {
     }
 
     /// The archive row of a connection event (`kind = "connection"`).
-    fn connection_record(
+    pub(crate) fn connection_record(
         &self,
         id: u64,
         seq: u64,

@@ -126,7 +126,11 @@ pub(super) fn check_shared_addresses(
     targets: &[ResolvedTarget],
 ) -> Result<(), (String, String)> {
     let mut by_addr: std::collections::BTreeMap<SocketAddr, Vec<usize>> = Default::default();
-    for t in targets {
+    // Egress proxies (ids past the backends) are checked on their own.
+    for t in targets
+        .iter()
+        .filter(|t| (t.backend_id as usize) < backends.len())
+    {
         by_addr
             .entry(t.addr)
             .or_default()
@@ -172,8 +176,9 @@ pub(super) fn check_shared_addresses(
 /// Pairs of backends (by name) that share an address: a policy set must not tell them apart.
 pub fn shared_backends(backends: &[Backend], targets: &[ResolvedTarget]) -> Vec<(String, String)> {
     let mut pairs = std::collections::BTreeSet::new();
-    for t in targets {
-        for u in targets {
+    let is_backend = |t: &&ResolvedTarget| (t.backend_id as usize) < backends.len();
+    for t in targets.iter().filter(is_backend) {
+        for u in targets.iter().filter(is_backend) {
             if t.addr == u.addr && t.backend_id < u.backend_id {
                 pairs.insert((
                     backends[t.backend_id as usize].name.clone(),

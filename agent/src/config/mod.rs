@@ -14,10 +14,12 @@ use std::{
 use serde::Deserialize;
 
 mod backend;
+mod egress;
 mod ship;
 
 use backend::check_shared_addresses;
 pub use backend::{Backend, BackendMode, HttpAllow, UnknownSni, shared_backends};
+pub use egress::{EgressProxy, PROXY_ID_BASE, TargetRef, proxy_id};
 pub use ship::{ShipConfig, parse_url as parse_ship_url};
 
 /// Where `airlock` looks when `--config` is not given.
@@ -125,6 +127,8 @@ pub struct Config {
     /// Where `GET /metrics` is served (Prometheus/OpenMetrics); `None`: no endpoint.
     pub metrics_listen: Option<SocketAddr>,
     pub backends: Vec<Backend>,
+    /// `[[egress_proxy]]`: the HTTP proxies clients use, redirected like backends.
+    pub egress_proxies: Vec<EgressProxy>,
     /// `[events]`: OCSF audit events to a file, syslog and/or a webhook (none when absent).
     pub events: Option<crate::events::EventsConfig>,
 }
@@ -218,6 +222,8 @@ struct RawConfig {
     metrics_allow_remote: bool,
     #[serde(default, rename = "backend")]
     backends: Vec<RawBackend>,
+    #[serde(default, rename = "egress_proxy")]
+    egress_proxies: Vec<egress::RawEgressProxy>,
     #[serde(default)]
     events: Option<crate::events::config::RawEvents>,
 }
@@ -376,36 +382,83 @@ impl Config {
         Validator { path }.validate(raw)
     }
 
-    /// Addresses of every backend: static ones as given, host names resolved (A and AAAA).
-    /// An unresolvable host is an error naming `backend[i].host`.
+    /// Addresses of every backend and egress proxy (the kernel's targets): static ones as
+    /// given, host names resolved (A and AAAA). An unresolvable host is an error naming
+    /// `backend[i].host` (`egress_proxy[i].host`).
     pub async fn resolve(&self) -> Result<Vec<ResolvedTarget>, ConfigError> {
         let mut targets = BTreeSet::new();
-        for (id, backend) in self.backends.iter().enumerate() {
-            let addrs = if backend.addresses.is_empty() {
-                resolve_host(&backend.host, backend.port)
+        let hosts = self
+            .backends
+            .iter()
+            .enumerate()
+            .map(|(i, b)| (i as u32, &b.host, b.port, &b.addresses, "backend", i))
+            .chain(self.egress_proxies.iter().enumerate().map(|(i, p)| {
+                (
+                    proxy_id(i),
+                    &p.host,
+                    p.port,
+                    &p.addresses,
+                    "egress_proxy",
+                    i,
+                )
+            }));
+        for (id, host, port, addresses, table, i) in hosts {
+            let addrs = if addresses.is_empty() {
+                resolve_host(host, port)
                     .await
                     .map_err(|message| ConfigError {
                         path: self.path.clone(),
-                        key: Some(format!("backend[{id}].host")),
+                        key: Some(format!("{table}[{i}].host")),
                         message,
                     })?
             } else {
-                backend.addresses.clone()
+                addresses.clone()
             };
             for ip in addrs {
                 targets.insert(ResolvedTarget {
-                    backend_id: id as u32,
-                    addr: SocketAddr::new(crate::keys::canonical_ip(ip), backend.port),
+                    backend_id: id,
+                    addr: SocketAddr::new(crate::keys::canonical_ip(ip), port),
                 });
             }
         }
         let targets: Vec<ResolvedTarget> = targets.into_iter().collect();
-        check_shared_addresses(&self.backends, &targets).map_err(|(key, message)| ConfigError {
-            path: self.path.clone(),
-            key: Some(key),
-            message,
-        })?;
+        check_shared_addresses(&self.backends, &targets)
+            .and_then(|()| egress::check_proxy_addresses(&self.backends, &targets))
+            .map_err(|(key, message)| ConfigError {
+                path: self.path.clone(),
+                key: Some(key),
+                message,
+            })?;
         Ok(targets)
+    }
+
+    /// What a kernel target id names: a backend or an egress proxy.
+    pub fn target(&self, id: u32) -> Option<TargetRef<'_>> {
+        match id.checked_sub(PROXY_ID_BASE) {
+            None => self
+                .backends
+                .get(id as usize)
+                .map(|b| TargetRef::Backend(id as usize, b)),
+            Some(i) => self
+                .egress_proxies
+                .get(i as usize)
+                .map(|p| TargetRef::Proxy(i as usize, p)),
+        }
+    }
+
+    /// The name shown for a kernel target id: the backend's, or `proxy <name>`.
+    pub fn target_name(&self, id: u32) -> String {
+        match self.target(id) {
+            Some(TargetRef::Backend(_, b)) => b.name.clone(),
+            Some(TargetRef::Proxy(_, p)) => format!("proxy {}", p.name),
+            None => String::new(),
+        }
+    }
+
+    /// Whether any backend or proxy is named by host (its addresses are refreshed).
+    pub fn resolves_names(&self) -> bool {
+        self.backends.iter().any(|b| b.addresses.is_empty())
+            || self.egress_proxies.iter().any(|p| p.addresses.is_empty())
     }
 
     /// The backends a connection to `addr` may be for: every backend that has `addr` among its
@@ -704,6 +757,7 @@ impl Validator<'_> {
             })
             .collect();
         check_shared_addresses(&backends, &static_targets).map_err(|(key, m)| self.err(key, m))?;
+        let egress_proxies = self.egress_proxies(raw.egress_proxies, raw.listen_port, &backends)?;
         let ship = raw.ship.map(|s| self.ship(s)).transpose()?;
         let state_dir = self.absolute(raw.state_dir);
         let events = match raw.events {
@@ -753,6 +807,7 @@ impl Validator<'_> {
                 .collect(),
             metrics_listen,
             backends,
+            egress_proxies,
             events,
         })
     }
