@@ -58,3 +58,8 @@ fn request_framing() {
 fn media_type() {
     replay("media_type", airlock::fuzzing::media_type);
 }
+
+#[test]
+fn proxy_request() {
+    replay("proxy_request", airlock::fuzzing::proxy_request);
+}

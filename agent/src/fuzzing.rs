@@ -322,3 +322,55 @@ pub fn media_type(data: &[u8]) {
         assert!(matches!(charset.as_deref(), None | Some("utf-8" | "utf8")));
     }
 }
+
+/// Proxy requests (`egress::wire`): a head is found at the same place whatever pieces its bytes
+/// arrive in, lies within them, and names its target without panicking; the body after it ends
+/// at the same byte in any split; a response head likewise lies within its bytes.
+pub fn proxy_request(data: &[u8]) {
+    use crate::egress::wire::{self, BodyFollower};
+    let cut = data.first().map_or(1, |b| usize::from(*b % 64).max(1));
+    let whole = wire::parse_request(data);
+    let mut pieces = Ok(None);
+    for end in (cut..data.len()).step_by(cut).chain([data.len()]) {
+        pieces = wire::parse_request(&data[..end]);
+        if !matches!(pieces, Ok(None)) {
+            break;
+        }
+    }
+    match (&whole, &pieces) {
+        (Ok(a), Ok(b)) => assert_eq!(a, b, "pieces found another head"),
+        (Err(_), Err(_)) => {}
+        _ => panic!("pieces changed the verdict: {whole:?} / {pieces:?}"),
+    }
+    if let Ok(Some(head)) = whole {
+        assert!(head.len <= data.len() && head.len <= wire::MAX_HEAD);
+        let _ = head.authority();
+        let rest = &data[head.len..];
+        // Where the body ends (`None`: not within these bytes).
+        let follow = |chunks: &mut dyn Iterator<Item = &[u8]>| {
+            let mut f = BodyFollower::new(head.body);
+            let mut used = 0;
+            for c in chunks {
+                let p = f.feed(c)?;
+                if p.done {
+                    return Ok(Some(used + p.used));
+                }
+                used += p.used;
+            }
+            Ok::<_, wire::Malformed>(None)
+        };
+        let once = follow(&mut std::iter::once(rest));
+        let split = follow(&mut rest.chunks(cut));
+        assert_eq!(
+            once.is_err(),
+            split.is_err(),
+            "chunking changed the body's verdict"
+        );
+        if let (Ok(a), Ok(b)) = (once, split) {
+            assert_eq!(a, b, "chunking moved the body's end");
+        }
+    }
+    if let Ok(Some(r)) = wire::parse_response(data, cut % 2 == 0, cut % 3 == 0) {
+        assert!(r.len <= data.len());
+    }
+}

@@ -315,20 +315,34 @@ impl Proxy {
             }
         };
         // The opening record must be written (group) or durable (strict) before a byte is relayed.
-        let mut open =
-            self.connection_record(guard.id(), 0, Some(&attribution), backend.as_deref());
+        let serve = match self.config.target(meta.backend_id) {
+            Some(TargetRef::Proxy(i, _)) => Serve::Egress(i),
+            Some(TargetRef::Backend(_, b)) if b.mode == BackendMode::Opaque => Serve::Opaque,
+            _ => Serve::Mcp,
+        };
+        // A proxy connection's records name the backend its requests turn out to be for
+        // (`egress.rs`), so `airlock sessions --backend` finds MCP calls made through a proxy.
+        let (record_backend, via_proxy) = match serve {
+            Serve::Egress(i) => (None, self.config.egress_proxies.get(i).map(|p| &p.name)),
+            _ => (backend.as_deref(), None),
+        };
+        let mut open = self.connection_record(guard.id(), 0, Some(&attribution), record_backend);
         // The command line may carry secrets: masked like a message.
         let subject = crate::pipeline::subject_of(&attribution, &self.names);
+        let mut event = serde_json::json!({
+            "event": "open",
+            "client": peer.to_string(),
+            "family": attribution.family,
+            "cmdline": attribution.cmdline,
+            "cgroup_id": attribution.cgroup_id,
+        });
+        if let Some(name) = via_proxy {
+            event["egress_proxy"] = name.as_str().into();
+        }
         open.payload = Some(self.pipeline.mask_event(
             &subject,
             backend.as_deref().unwrap_or(""),
-            serde_json::json!({
-                "event": "open",
-                "client": peer.to_string(),
-                "family": attribution.family,
-                "cmdline": attribution.cmdline,
-                "cgroup_id": attribution.cgroup_id,
-            }),
+            event,
         ));
         if let Err(e) = self.archive.record(open).await {
             self.counters
@@ -344,11 +358,6 @@ impl Proxy {
         // A second handle on the client socket: its byte counts are read from the kernel when
         // the connection ends (TLS and HTTP are served on the first).
         let counted = socket2::SockRef::from(&client).try_clone().ok();
-        let serve = match self.config.target(meta.backend_id) {
-            Some(TargetRef::Proxy(i, _)) => Serve::Egress(i),
-            Some(TargetRef::Backend(_, b)) if b.mode == BackendMode::Opaque => Serve::Opaque,
-            _ => Serve::Mcp,
-        };
         // Message records take 1, 2, …; the closing record the next one after them.
         let msg_seq = Arc::new(AtomicU64::new(1));
         let parts = (
@@ -426,7 +435,7 @@ impl Proxy {
             guard.id(),
             msg_seq.fetch_add(1, Ordering::Relaxed),
             Some(&attribution),
-            backend.as_deref(),
+            record_backend,
         );
         close.latency_us = Some(opened.elapsed().as_micros() as u64);
         close.payload = Some(MaskedPayload::agent_event(&serde_json::json!({

@@ -13,6 +13,7 @@ mod lifecycle;
 mod logs;
 mod mcp;
 mod metrics;
+mod proxies;
 mod redirect;
 mod redteam;
 mod refusals;

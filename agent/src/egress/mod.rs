@@ -374,7 +374,11 @@ impl Proxy {
         x: Exchange<'_>,
     ) -> Result<(), String> {
         let proxy = self.config.egress_proxies.get(proxy_i);
-        let label = self.config.target_name(crate::config::proxy_id(proxy_i));
+        // The MCP backend a tunnel is for, else the proxy (`proxy NAME`).
+        let label = match x.backend {
+            Some(b) => b.to_owned(),
+            None => self.config.target_name(crate::config::proxy_id(proxy_i)),
+        };
         let seq = parts.4.fetch_add(1, Ordering::Relaxed);
         let mut record = self.connection_record(parts.0, seq, Some(&parts.2), Some(&label));
         if x.decision == "block" {

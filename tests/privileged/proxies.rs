@@ -1,0 +1,780 @@
+//! Egress proxies end to end: Debian's squid and tinyproxy run as plain processes with the
+//! test's own configurations (loopback ports, log and pid files in the test directory) and
+//! outside the attached cgroup, as a proxy on another host is: its own connections to the
+//! backend are not redirected. The clients run in the cgroup and honour `HTTPS_PROXY` (upper
+//! and lower case, `NO_PROXY` empty): the Python SDK client (httpx), the TypeScript SDK client
+//! (undici's `EnvHttpProxyAgent`), curl with NTLM, and raw sockets.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+
+use crate::{harness::*, mcp::*};
+
+const SQUID: &str = "/usr/sbin/squid";
+const TINYPROXY: &str = "/usr/bin/tinyproxy";
+/// A non-MCP HTTPS server behind the same proxy.
+const OTHER: &str = "other.internal.test";
+/// A name that resolves (for the agent and the proxy) to the backend's address.
+const ALIAS: &str = "alias.internal.test";
+/// The Basic proxy credentials of the tinyproxy test: never in the archive or the log.
+const PROXY_PASSWORD: &str = "pr0xy-s3cret-9f2c";
+
+/// A TLS server answering every GET with `hello from other` (system Python, stdlib).
+const OTHER_SERVER: &str = r#"
+import http.server, ssl, sys
+class H(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_GET(self):
+        b = b"hello from other\n"
+        self.send_response(200); self.send_header("Content-Length", str(len(b))); self.end_headers()
+        self.wfile.write(b)
+    def log_message(self, *a): pass
+s = http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H)
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER); ctx.load_cert_chain(sys.argv[2], sys.argv[3])
+s.socket = ctx.wrap_socket(s.socket, server_side=True)
+s.serve_forever()
+"#;
+
+/// httpx (as the MCP SDK uses it) GET through the proxy of the environment.
+const HTTPX_GET: &str = r#"
+import httpx2, json, os, ssl, sys
+r = httpx2.get(sys.argv[1], verify=ssl.create_default_context(cafile=sys.argv[2]))
+print(json.dumps({"pid": os.getpid(), "status": r.status_code, "body": r.text}))
+"#;
+
+/// Raw proxy requests, one connection each; everything each connection answered.
+const PROBES: &str = r#"
+import json, os, socket, sys
+out = {"pid": os.getpid(), "answers": []}
+for data in json.loads(sys.argv[2]):
+    s = socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=10)
+    s.sendall(data.encode("latin-1"))
+    got = b""
+    try:
+        while chunk := s.recv(65536):
+            got += chunk
+    except OSError as e:
+        got += f"<{type(e).__name__}>".encode()
+    out["answers"].append(got.decode("latin-1"))
+print(json.dumps(out))
+"#;
+
+/// NTLM with squid's fake helper, by hand: the first CONNECT (type 1, for a non-MCP host) is
+/// answered 407 with a challenge on the same connection; the second (type 3) names the MCP
+/// backend. Then TLS, trusting only `argv[4]`.
+const NTLM_SWITCH: &str = r#"
+import json, os, socket, ssl, sys
+T1 = "TlRMTVNTUAABAAAABoIIAAAAAAAAAAAAAAAAAAAAAAA="
+T3 = ("TlRMTVNTUAADAAAAGAAYAEAAAAAwADAAWAAAAAAAAACIAAAABQAFAIgAAAALAAsAjQAAAAAAAAAAAAAABoIIAJO9jm8E"
+      "oAOnWfvD/MUptBP2QcivtaQs/k83shg3cWbKqbshRnzq0zQBAQAAAAAAAAC6WbNfht0B9kHIr7WkLP4AAAAAAAAAAGFs"
+      "aWNlV09SS1NUQVRJT04=")
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=10)
+f = s.makefile("rb")
+def answer():
+    status = int(f.readline().split()[1]); length = 0
+    while (line := f.readline()) not in (b"\r\n", b""):
+        k, _, v = line.decode().partition(":")
+        if k.strip().lower() == "content-length": length = int(v)
+    f.read(length)
+    return status
+def connect(target, token):
+    s.sendall(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\nProxy-Authorization: NTLM {token}\r\n\r\n".encode())
+    return answer()
+out = {"pid": os.getpid(), "first": connect(sys.argv[3], T1), "second": connect(sys.argv[2], T3)}
+try:
+    t = ssl.create_default_context(cafile=sys.argv[4]).wrap_socket(s, server_hostname=sys.argv[2].split(":")[0])
+    out["issuer"] = dict(x[0] for x in t.getpeercert()["issuer"])
+except (ssl.SSLError, OSError) as e:
+    out["error"] = str(e)
+print(json.dumps(out))
+"#;
+
+/// A real proxy, a plain process of this test; stopped on drop.
+struct RealProxy {
+    child: Child,
+    port: u16,
+    log: PathBuf,
+}
+
+/// `/etc/hosts` for the proxies (and the agent): every test name on loopback.
+fn hosts(dir: &Path) -> PathBuf {
+    let path = dir.join("proxy-hosts");
+    std::fs::write(
+        &path,
+        format!("127.0.0.1 localhost {HOST} {OTHER} {ALIAS}\n::1 localhost\n"),
+    )
+    .unwrap();
+    path
+}
+
+impl RealProxy {
+    /// squid on a free loopback port; `access` is its `http_access` (and auth) configuration.
+    fn squid(dir: &Path, access: &str) -> RealProxy {
+        use std::os::unix::fs::PermissionsExt as _;
+        let pdir = dir.join("squid");
+        std::fs::create_dir_all(&pdir).unwrap();
+        // squid drops to its own user: its logs are written there.
+        std::fs::set_permissions(&pdir, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let port = free_port();
+        let conf = pdir.join("squid.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "http_port 127.0.0.1:{port}\npid_filename {d}/squid.pid\naccess_log stdio:{d}/access.log\n\
+                 cache_log {d}/cache.log\ncache_store_log none\ncache deny all\ncoredump_dir {d}\n\
+                 hosts_file {hosts}\npinger_enable off\nvisible_hostname airlock-test\n\
+                 shutdown_lifetime 0 seconds\n{access}\n",
+                d = pdir.display(),
+                hosts = hosts(dir).display(),
+            ),
+        )
+        .unwrap();
+        let out = std::fs::File::create(pdir.join("squid.out")).unwrap();
+        let child = Command::new(SQUID)
+            .args(["-N", "-f"])
+            .arg(&conf)
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .expect("squid: `cargo xtask setup` installs it");
+        Self::ready(child, port, pdir.join("access.log"))
+    }
+
+    /// tinyproxy on a free loopback port, resolving names through the test's hosts file (its
+    /// own mount namespace), with Basic authentication.
+    fn tinyproxy(dir: &Path, ports: &[u16], user: &str, password: &str) -> RealProxy {
+        let port = free_port();
+        let log = dir.join("tinyproxy.log");
+        let conf = dir.join("tinyproxy.conf");
+        let connect: String = ports.iter().map(|p| format!("ConnectPort {p}\n")).collect();
+        std::fs::write(
+            &conf,
+            format!(
+                "Port {port}\nListen 127.0.0.1\nTimeout 60\nLogFile \"{log}\"\nLogLevel Connect\n\
+                 PidFile \"{pid}\"\nMaxClients 64\nAllow 127.0.0.1\n{connect}BasicAuth {user} {password}\n",
+                log = log.display(),
+                pid = dir.join("tinyproxy.pid").display(),
+            ),
+        )
+        .unwrap();
+        let child = Command::new("unshare")
+            .args(["--mount", "--propagation", "private", "sh", "-c"])
+            .arg(r#"mount --bind "$1" /etc/hosts && shift && exec "$@""#)
+            .arg("sh")
+            .arg(hosts(dir))
+            .args([TINYPROXY, "-d", "-c"])
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("tinyproxy: `cargo xtask setup` installs it");
+        Self::ready(child, port, log)
+    }
+
+    fn ready(mut child: Child, port: u16, log: PathBuf) -> RealProxy {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if let Some(status) = child.try_wait().unwrap() {
+                panic!("the proxy exited with {status} before it listened");
+            }
+            assert!(Instant::now() < deadline, "the proxy did not listen");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        RealProxy { child, port, log }
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Wait until the proxy's log has `text` (squid writes its access log a moment later).
+    fn wait_for_log(&self, text: &str) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !self.log().contains(text) {
+            assert!(
+                Instant::now() < deadline,
+                "no `{text}` in the proxy's log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for RealProxy {
+    fn drop(&mut self) {
+        // SAFETY: plain kill(2) on our child; SIGTERM lets squid stop its helpers.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while self.child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The variables a client behind a proxy reads (httpx prefers the lower-case ones).
+fn proxy_env(cmd: &mut Command, url: &str) {
+    for key in ["HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy"] {
+        cmd.env(key, url);
+    }
+    for key in ["NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy"] {
+        cmd.env(key, "");
+    }
+}
+
+/// Run `cmd`; its pid and output.
+fn run(mut cmd: Command) -> (u32, Output) {
+    let child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    (pid, child.wait_with_output().unwrap())
+}
+
+fn json_of(out: &Output) -> Value {
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "{e}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+/// A cgroup, the Python SDK server for `HOST`, a real proxy (`start`: from the test directory
+/// and the backend's port), and an agent redirecting both the backend and the proxy.
+struct Proxied {
+    agent: Agent,
+    proxy: RealProxy,
+    _server: PeerServer,
+    port: u16,
+    bundle: PathBuf,
+    cg: TestCgroup,
+}
+
+fn proxied(name: &str, start: impl FnOnce(&Path, u16) -> RealProxy) -> Option<Proxied> {
+    if !privileged() {
+        return None;
+    }
+    let (cg, mut agent, port) = local_backend_agent(name, "tools", "ca_file = \"BACKEND_CA\"", "");
+    let dir = agent.dir.clone();
+    let server = PeerServer::start(&dir, port, "json");
+    let proxy = start(&dir, port);
+    let config = std::fs::read_to_string(&agent.config)
+        .unwrap()
+        .replace("BACKEND_CA", dir.join("backend-ca.pem").to_str().unwrap());
+    std::fs::write(
+        &agent.config,
+        format!(
+            "{config}\n[[egress_proxy]]\nname = \"corp\"\nhost = \"127.0.0.1\"\nport = {}\n",
+            proxy.port
+        ),
+    )
+    .unwrap();
+    std::fs::write(dir.join("policies/block.toml"), BLOCK_POLICY).unwrap();
+    // The agent resolves names as the proxy does (the alias test).
+    agent.hosts_file = Some(hosts(&dir));
+    agent.spawn();
+    let bundle = airlock_ca_bundle(&agent);
+    Some(Proxied {
+        agent,
+        proxy,
+        _server: server,
+        port,
+        bundle,
+        cg,
+    })
+}
+
+impl Proxied {
+    /// An SDK client in the cgroup behind `proxy_url`: its pid and what it printed.
+    fn sdk(&self, sdk: Sdk, proxy_url: &str) -> (u32, Result<Value, String>) {
+        let url = format!("https://{HOST}:{}/mcp", self.port);
+        let mut cmd = sdk_client_command(
+            sdk,
+            Some(&self.cg),
+            &self.agent.dir,
+            &self.bundle,
+            &url,
+            "streamable",
+            &[],
+        );
+        proxy_env(&mut cmd, proxy_url);
+        let (pid, out) = run(cmd);
+        (pid, sdk_client_output(&out))
+    }
+
+    /// Stop the agent; every archived record.
+    fn records(&mut self) -> Vec<Value> {
+        assert!(self.agent.sigterm().success(), "{}", self.agent.log());
+        archived_records(&self.agent.archive)
+    }
+}
+
+/// What a client saw is what it sees directly, masked and blocked by the policies.
+fn assert_intercepted(through: &Value) {
+    assert_eq!(through["calls"]["add"][0], "42", "{through}");
+    let contact = through["calls"]["contact"][0].as_str().unwrap();
+    assert!(
+        !contact.contains("alice@example.com"),
+        "not masked: {contact}"
+    );
+    assert!(contact.starts_with("write to "), "{contact}");
+    assert_eq!(
+        through["errors"]["delete_everything"]["code"], -32010,
+        "{through}"
+    );
+    assert!(
+        !through["tools"].to_string().contains("delete_everything"),
+        "{through}"
+    );
+}
+
+/// The payload of a connection record, parsed.
+fn payload(r: &Value) -> Value {
+    serde_json::from_str(r["payload"].as_str().unwrap_or("null")).unwrap_or(Value::Null)
+}
+
+/// The `proxy_request` records of process `pid`.
+fn proxy_requests(records: &[Value], pid: u32) -> Vec<Value> {
+    records
+        .iter()
+        .filter(|r| r["kind"] == "connection" && r["tgid"] == pid)
+        .map(payload)
+        .filter(|p| p["event"] == "proxy_request")
+        .collect()
+}
+
+/// Calls of both SDKs through squid: intercepted as if direct (leaf for the backend's name,
+/// masking, blocking, the archive), attributed to the client process — not to squid — and
+/// dialled upstream through squid's tunnel.
+#[test]
+fn sdk_calls_through_squid_are_intercepted_and_attributed_to_the_client() {
+    let Some(mut p) = proxied("proxy-squid-sdk", |dir, _| {
+        RealProxy::squid(dir, "http_access allow all")
+    }) else {
+        return;
+    };
+    let mut pids = Vec::new();
+    for sdk in [Sdk::Python, Sdk::Node] {
+        let (pid, through) = p.sdk(sdk, &p.proxy.url());
+        let through =
+            through.unwrap_or_else(|e| panic!("{sdk:?} through squid: {e}\n{}", p.agent.log()));
+        assert_intercepted(&through);
+        pids.push(pid);
+    }
+    // Upstream went through the proxy: squid tunnelled to the backend for the agent.
+    p.proxy.wait_for_log(&format!("CONNECT {HOST}:{} ", p.port));
+    assert!(
+        p.proxy.log().contains("TCP_TUNNEL/200"),
+        "{}",
+        p.proxy.log()
+    );
+    let records = p.records();
+    for pid in &pids {
+        let calls: Vec<&Value> = records
+            .iter()
+            .filter(|r| r["kind"] == "request" && r["tool"] == "add" && r["tgid"] == *pid)
+            .collect();
+        assert!(!calls.is_empty(), "no call of pid {pid}: {records:#?}");
+        assert!(calls.iter().all(|r| r["backend"] == "tools"));
+        let tunnels = proxy_requests(&records, *pid);
+        assert!(
+            tunnels.iter().any(|t| t["decision"] == "intercept"
+                && t["target"] == format!("{HOST}:{}", p.port)
+                && t["mcp_backend"] == "tools"
+                && t["status"] == 200),
+            "{tunnels:#?}"
+        );
+    }
+    // Listed under the backend they reached, not the proxy.
+    let listed = airlock_out(&[
+        "sessions",
+        "--archive",
+        p.agent.archive.to_str().unwrap(),
+        "--backend",
+        "tools",
+        "--json",
+    ]);
+    for pid in &pids {
+        assert!(listed.contains(&format!("\"pid\":{pid}")), "{listed}");
+    }
+    // Every message is the clients'; none is attributed to anyone else (squid included).
+    for r in records.iter().filter(|r| r["kind"] == "request") {
+        assert!(pids.iter().any(|pid| r["tgid"] == *pid), "{r}");
+    }
+    let blocked: Vec<_> = records
+        .iter()
+        .filter(|r| {
+            r["kind"] == "request" && r["tool"] == "delete_everything" && r["decision"] == "block"
+        })
+        .collect();
+    assert_eq!(blocked.len(), 2, "one blocked call per client");
+    assert!(
+        records
+            .iter()
+            .all(|r| !r.to_string().contains("alice@example.com")),
+        "an unmasked value reached the archive"
+    );
+}
+
+/// A non-MCP HTTPS server behind the same proxy: reached untouched (the client trusts only
+/// that server's own CA), by Python (httpx) and Node (undici), recorded by target.
+#[test]
+fn non_mcp_https_through_the_proxy_passes_untouched() {
+    let Some(mut p) = proxied("proxy-squid-other", |dir, _| {
+        RealProxy::squid(dir, "http_access allow all")
+    }) else {
+        return;
+    };
+    let dir = p.agent.dir.clone();
+    let (ca, cert, key) = other_pki(&dir);
+    let other_port = free_port();
+    let _server = KillOnDrop(
+        Command::new(PYTHON)
+            .args(["-c", OTHER_SERVER, &other_port.to_string()])
+            .arg(&cert)
+            .arg(&key)
+            .spawn()
+            .unwrap(),
+    );
+    wait_listening(other_port);
+    let url = format!("https://{OTHER}:{other_port}/");
+    let mut python = p.cg.command(venv_python().to_str().unwrap());
+    python.args(["-c", HTTPX_GET, &url]).arg(&ca);
+    proxy_env(&mut python, &p.proxy.url());
+    let node_script = dir.join("get.mjs");
+    std::fs::write(&node_script, NODE_GET).unwrap();
+    let mut node_cmd = p.cg.command(node().to_str().unwrap());
+    node_cmd
+        .arg(&node_script)
+        .arg(&url)
+        .env("NODE_PATH", node_modules())
+        .env("NODE_EXTRA_CA_CERTS", &ca);
+    proxy_env(&mut node_cmd, &p.proxy.url());
+    let mut pids = Vec::new();
+    for cmd in [python, node_cmd] {
+        let (pid, out) = run(cmd);
+        let got = json_of(&out);
+        assert_eq!(got["status"], 200, "{got}\n{}", p.agent.log());
+        assert_eq!(got["body"], "hello from other\n");
+        pids.push(pid);
+    }
+    let records = p.records();
+    for pid in pids {
+        let passed = proxy_requests(&records, pid);
+        assert!(
+            passed.iter().any(|x| x["decision"] == "pass"
+                && x["method"] == "CONNECT"
+                && x["target"] == format!("{OTHER}:{other_port}")),
+            "{passed:#?}"
+        );
+    }
+}
+
+/// NTLM (squid's fake helper) authenticates the connection: curl's three-step handshake works
+/// through Airlock for a non-MCP host and for the MCP backend (blocked by policy, attributed to
+/// curl), and a client that authenticates for one host and then asks, on the same connection,
+/// for the backend is intercepted all the same. No NTLM token reaches the archive or the log.
+#[test]
+fn ntlm_proxy_authentication_works_and_every_request_on_a_connection_is_judged() {
+    let Some(mut p) = proxied("proxy-squid-ntlm", |dir, _| {
+        RealProxy::squid(
+            dir,
+            "auth_param ntlm program /usr/lib/squid/ntlm_fake_auth\nauth_param ntlm children 2\n\
+             acl authed proxy_auth REQUIRED\nhttp_access allow authed\nhttp_access deny all",
+        )
+    }) else {
+        return;
+    };
+    let dir = p.agent.dir.clone();
+    let (ca, cert, key) = other_pki(&dir);
+    let other_port = free_port();
+    let _server = KillOnDrop(
+        Command::new(PYTHON)
+            .args(["-c", OTHER_SERVER, &other_port.to_string()])
+            .arg(&cert)
+            .arg(&key)
+            .spawn()
+            .unwrap(),
+    );
+    wait_listening(other_port);
+    let curl = |url: &str, ca: &Path, extra: &[&str]| {
+        let mut cmd = p.cg.command("curl");
+        cmd.args(["-sS", "--max-time", "20", "--proxy", &p.proxy.url()])
+            .args(["--proxy-ntlm", "--proxy-user", "alice:ntlm-pw"])
+            .arg("--cacert")
+            .arg(ca)
+            .args(extra)
+            .arg(url);
+        run(cmd)
+    };
+    let (_, out) = curl(&format!("https://{OTHER}:{other_port}/"), &ca, &[]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "hello from other\n",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let call = r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"delete_everything","arguments":{}}}"#;
+    let (curl_pid, out) = curl(
+        &format!("https://{HOST}:{}/mcp", p.port),
+        &p.bundle,
+        &[
+            "-H",
+            "Content-Type: application/json",
+            "-H",
+            "Accept: application/json, text/event-stream",
+            "--data",
+            call,
+        ],
+    );
+    let answer = String::from_utf8_lossy(&out.stdout);
+    assert!(answer.contains("-32010"), "{answer}\n{}", p.agent.log());
+
+    // From a file: a command line is recorded, and this script holds NTLM tokens.
+    let script = dir.join("ntlm_switch.py");
+    std::fs::write(&script, NTLM_SWITCH).unwrap();
+    let mut switch = p.cg.command(PYTHON);
+    switch
+        .arg(&script)
+        .arg(p.proxy.port.to_string())
+        .arg(format!("{HOST}:{}", p.port))
+        .arg(format!("{OTHER}:{other_port}"))
+        .arg(&p.bundle);
+    let (switch_pid, out) = run(switch);
+    let got = json_of(&out);
+    assert_eq!(
+        (got["first"].as_u64(), got["second"].as_u64()),
+        (Some(407), Some(200)),
+        "{got}"
+    );
+    // The second CONNECT was judged: the TLS inside it is Airlock's.
+    assert!(
+        got["issuer"].to_string().contains("Airlock"),
+        "{got}\n{}",
+        p.agent.log()
+    );
+    let log = p.agent.log();
+    let records = p.records();
+    let switched = proxy_requests(&records, switch_pid);
+    assert_eq!(switched.len(), 2, "{switched:#?}");
+    assert_eq!(switched[0]["decision"], "pass");
+    assert_eq!(switched[1]["decision"], "intercept");
+    assert!(
+        records.iter().any(|r| r["tgid"] == curl_pid
+            && r["tool"] == "delete_everything"
+            && r["decision"] == "block"),
+        "{records:#?}"
+    );
+    for text in [records.iter().map(Value::to_string).collect(), log] {
+        assert!(
+            !text.contains("TlRMTVNT"),
+            "an NTLM token was recorded or logged"
+        );
+        assert!(!text.to_lowercase().contains("proxy-authorization: "));
+    }
+}
+
+/// Basic proxy credentials (tinyproxy) reach the proxy with the agent's tunnel, and nothing of
+/// them reaches the archive or the log; wrong ones get the proxy's own refusal, recorded.
+#[test]
+fn proxy_credentials_pass_through_and_are_never_recorded() {
+    let Some(mut p) = proxied("proxy-tiny-basic", |dir, port| {
+        RealProxy::tinyproxy(dir, &[port], "agent", PROXY_PASSWORD)
+    }) else {
+        return;
+    };
+    let good = format!("http://agent:{PROXY_PASSWORD}@127.0.0.1:{}", p.proxy.port);
+    for sdk in [Sdk::Python, Sdk::Node] {
+        let (_, through) = p.sdk(sdk, &good);
+        assert_intercepted(&through.unwrap_or_else(|e| panic!("{sdk:?}: {e}\n{}", p.agent.log())));
+    }
+    p.proxy
+        .wait_for_log(&format!("CONNECT {HOST}:{} HTTP/1.1", p.port));
+    let bad = format!("http://agent:wrong@127.0.0.1:{}", p.proxy.port);
+    let (bad_pid, refused) = p.sdk(Sdk::Python, &bad);
+    assert!(refused.is_err(), "{refused:?}");
+    let log = p.agent.log();
+    let records = p.records();
+    let denied = proxy_requests(&records, bad_pid);
+    assert!(
+        denied
+            .iter()
+            .any(|x| x["decision"] == "refused_by_proxy" && x["status"] == 401),
+        "{denied:#?}"
+    );
+    use base64::Engine as _;
+    let encoded =
+        base64::engine::general_purpose::STANDARD.encode(format!("agent:{PROXY_PASSWORD}"));
+    for text in [
+        records.iter().map(Value::to_string).collect::<String>(),
+        log,
+    ] {
+        assert!(
+            !text.contains(PROXY_PASSWORD),
+            "the proxy password was recorded or logged"
+        );
+        assert!(
+            !text.contains(&encoded),
+            "the proxy credentials were recorded or logged"
+        );
+    }
+}
+
+/// What is not a proxy request Airlock can stand behind is refused with a reason, recorded,
+/// and never reaches the proxy: garbage, plain HTTP to the MCP backend, a numeric host a
+/// resolver reads as an address, another name for the backend's address, a `Host` header
+/// naming the backend, TLS to the proxy.
+#[test]
+fn unparseable_and_unsafe_proxy_requests_are_refused_with_a_reason() {
+    let Some(mut p) = proxied("proxy-squid-refuse", |dir, _| {
+        RealProxy::squid(dir, "http_access allow all")
+    }) else {
+        return;
+    };
+    let port = p.port;
+    let cases = [
+        ("hello\r\n\r\n".to_owned(), "400", "malformed proxy request"),
+        (
+            format!("GET http://{HOST}:{port}/mcp HTTP/1.1\r\nHost: {HOST}:{port}\r\n\r\n"),
+            "403",
+            "plain HTTP to MCP backend `tools`",
+        ),
+        (
+            format!("CONNECT 127.1:{port} HTTP/1.1\r\n\r\n"),
+            "400",
+            "not a host and port",
+        ),
+        (
+            format!("CONNECT {ALIAS}:{port} HTTP/1.1\r\nHost: {ALIAS}:{port}\r\n\r\n"),
+            "403",
+            "under another name",
+        ),
+        (
+            format!("CONNECT {OTHER}:443 HTTP/1.1\r\nHost: {HOST}:{port}\r\n\r\n"),
+            "403",
+            "Host header names MCP backend",
+        ),
+        ("\u{16}\u{3}\u{1}\u{0}\u{5}hello".to_owned(), "", ""),
+    ];
+    let requests: Vec<&str> = cases.iter().map(|c| c.0.as_str()).collect();
+    let mut cmd = p.cg.command(PYTHON);
+    cmd.args(["-c", PROBES, &p.proxy.port.to_string()])
+        .arg(serde_json::to_string(&requests).unwrap());
+    let (pid, out) = run(cmd);
+    let got = json_of(&out);
+    for ((_, status, reason), answer) in cases.iter().zip(got["answers"].as_array().unwrap()) {
+        let answer = answer.as_str().unwrap();
+        if status.is_empty() {
+            assert_eq!(answer, "", "no HTTP answer to TLS");
+        } else {
+            assert!(
+                answer.starts_with(&format!("HTTP/1.1 {status} ")),
+                "{answer}"
+            );
+            assert!(answer.contains(reason), "{answer}");
+        }
+    }
+    let records = p.records();
+    let refused: Vec<Value> = proxy_requests(&records, pid)
+        .into_iter()
+        .filter(|x| x["decision"] == "block")
+        .collect();
+    assert_eq!(refused.len(), cases.len(), "{refused:#?}");
+    assert!(
+        refused
+            .iter()
+            .any(|x| x["reason"].as_str().unwrap().contains("TLS to the proxy")),
+        "{refused:#?}"
+    );
+    // None of them reached squid as a request.
+    assert!(!p.proxy.log().contains("CONNECT"), "{}", p.proxy.log());
+}
+
+/// With the agent down, a governed process's connection to the proxy is refused by the kernel
+/// (the programs stay pinned) — never a way around interception; a process outside the
+/// attached cgroup still reaches the proxy.
+#[test]
+fn connections_to_the_proxy_fail_closed_while_the_agent_is_down() {
+    let Some(mut p) = proxied("proxy-squid-down", |dir, _| {
+        RealProxy::squid(dir, "http_access allow all")
+    }) else {
+        return;
+    };
+    p.agent.sigkill();
+    let res = run_client(&p.cg, "127.0.0.1", p.proxy.port, &ClientOpts::default());
+    assert_eq!(res.errno, Some(i64::from(libc::ECONNREFUSED)), "{res:?}");
+    let outside = raw_exchange(([127, 0, 0, 1], p.proxy.port).into()).unwrap();
+    assert!(
+        String::from_utf8_lossy(&outside).starts_with("HTTP/1.1 400"),
+        "squid answers whoever is not governed"
+    );
+}
+
+/// A test CA and a certificate for `OTHER` (the non-MCP server's own).
+fn other_pki(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(rcgen::DnType::CommonName, "other test CA");
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca, ca_key);
+    let key = KeyPair::generate().unwrap();
+    let leaf = CertificateParams::new(vec![OTHER.to_owned()])
+        .unwrap()
+        .signed_by(&key, &issuer)
+        .unwrap();
+    let paths = (
+        dir.join("other-ca.pem"),
+        dir.join("other.pem"),
+        dir.join("other.key"),
+    );
+    std::fs::write(&paths.0, ca_cert.pem()).unwrap();
+    std::fs::write(&paths.1, leaf.pem()).unwrap();
+    std::fs::write(&paths.2, key.serialize_pem()).unwrap();
+    paths
+}
+
+/// undici's fetch through `EnvHttpProxyAgent`, as the TypeScript SDK client does it.
+const NODE_GET: &str = r#"
+import { createRequire } from "node:module";
+import path from "node:path";
+const require = createRequire(path.join(process.env.NODE_PATH, "x.js"));
+const { EnvHttpProxyAgent, setGlobalDispatcher } = require("undici");
+setGlobalDispatcher(new EnvHttpProxyAgent());
+const r = await fetch(process.argv[2]);
+console.log(JSON.stringify({ status: r.status, body: await r.text() }));
+"#;
+
+fn wait_listening(port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "nothing listens on {port}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
