@@ -398,6 +398,7 @@ impl Proxy {
                     proxy: self.clone(),
                     spec: t.spec,
                     tls,
+                    idle: Default::default(),
                 };
                 (first, Box::new(dialer))
             }

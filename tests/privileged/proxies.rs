@@ -94,6 +94,29 @@ except (ssl.SSLError, OSError) as e:
 print(json.dumps(out))
 "#;
 
+/// Through the proxy with Basic credentials (`http.client`'s tunnel): two calls on one
+/// connection, then, once `argv[5]` exists, a third on the same connection.
+const REDIAL: &str = r#"
+import base64, http.client, json, os, ssl, sys, time
+c = http.client.HTTPSConnection("127.0.0.1", int(sys.argv[1]), timeout=20,
+                                context=ssl.create_default_context(cafile=sys.argv[4]))
+c.set_tunnel(sys.argv[2], int(sys.argv[3]),
+             headers={"Proxy-Authorization": "Basic " + base64.b64encode(b"bob:redial").decode()})
+body = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+    "protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "redial", "version": "1"}}})
+def call():
+    c.request("POST", "/mcp", body, {"Content-Type": "application/json",
+                                     "Accept": "application/json, text/event-stream"})
+    r = c.getresponse(); r.read()
+    return r.status
+statuses = [call(), call()]
+print("two calls", flush=True)
+while not os.path.exists(sys.argv[5]):
+    time.sleep(0.02)
+statuses.append(call())
+print(json.dumps({"pid": os.getpid(), "statuses": statuses}), flush=True)
+"#;
+
 /// A real proxy, a plain process of this test; stopped on drop.
 struct RealProxy {
     child: Child,
@@ -703,6 +726,67 @@ fn unparseable_and_unsafe_proxy_requests_are_refused_with_a_reason() {
     );
     // None of them reached squid as a request.
     assert!(!p.proxy.log().contains("CONNECT"), "{}", p.proxy.log());
+}
+
+/// A client connection's exchanges share one tunnel; when the server closes it (uvicorn after
+/// 5 s idle), the next exchange gets a new tunnel through the proxy, asked for with the
+/// client's credentials (squid requires them).
+#[test]
+fn a_tunnel_the_server_closed_is_opened_again_with_the_clients_credentials() {
+    let Some(p) = proxied("proxy-squid-redial", |dir, _| {
+        RealProxy::squid(
+            dir,
+            "auth_param basic program /usr/lib/squid/basic_fake_auth\n\
+             acl authed proxy_auth REQUIRED\nhttp_access allow authed\nhttp_access deny all",
+        )
+    }) else {
+        return;
+    };
+    let dir = p.agent.dir.clone();
+    let script = dir.join("redial.py");
+    std::fs::write(&script, REDIAL).unwrap();
+    let go = dir.join("go");
+    let mut cmd = p.cg.command(PYTHON);
+    cmd.arg(&script)
+        .arg(p.proxy.port.to_string())
+        .arg(HOST)
+        .arg(p.port.to_string())
+        .arg(&p.bundle)
+        .arg(&go)
+        .stdout(Stdio::piped());
+    let mut child = KillOnDrop(cmd.spawn().unwrap());
+    let mut lines =
+        std::io::BufRead::lines(std::io::BufReader::new(child.0.stdout.take().unwrap()));
+    assert_eq!(lines.next().unwrap().unwrap(), "two calls");
+    // squid logs a tunnel when it ends: once the server closed the idle one.
+    let tunnel = format!("CONNECT {HOST}:{} ", p.port);
+    p.proxy.wait_for_log(&tunnel);
+    assert_eq!(
+        p.proxy.log().matches(&tunnel).count(),
+        1,
+        "two exchanges, one tunnel: {}",
+        p.proxy.log()
+    );
+    std::fs::write(&go, "").unwrap();
+    let done: Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+    assert_eq!(
+        done["statuses"],
+        serde_json::json!([200, 200, 200]),
+        "{}",
+        p.agent.log()
+    );
+    drop(lines);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while p.proxy.log().matches(&tunnel).count() < 2 {
+        assert!(Instant::now() < deadline, "{}", p.proxy.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let log = p.proxy.log();
+    let last = log.lines().filter(|l| l.contains(&tunnel)).nth(1).unwrap();
+    assert!(
+        last.contains(" bob "),
+        "the new tunnel carried the client's credentials: {last}"
+    );
 }
 
 /// With the agent down, a governed process's connection to the proxy is refused by the kernel

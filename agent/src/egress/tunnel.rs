@@ -2,8 +2,8 @@
 //! on a connection from a socket tagged as the agent's own, carrying the client's header lines
 //! (its `Proxy-Authorization` among them: passed on, never recorded, logged or shown), and the
 //! upstream HTTP connection the interception then runs over. A server that closes an idle
-//! connection gets a new tunnel the same way (`TunnelDialer`): nothing is pooled, a tunnel is
-//! one client's, under its credentials.
+//! connection gets a new tunnel the same way (`TunnelDialer`). A tunnel is one client
+//! connection's, under its credentials: kept between its exchanges, never pooled for others.
 
 use std::{fmt, net::SocketAddr, sync::Arc, time::Duration};
 
@@ -125,11 +125,12 @@ pub fn opened(head: &ResponseHead, buf: &BytesMut, spec: &TunnelSpec) -> Result<
 }
 
 /// Opens a new tunnel (and the HTTP connection over it) when the server closed the last one;
-/// keeps nothing idle.
+/// keeps this client connection's tunnel between its exchanges (for nobody else).
 pub struct TunnelDialer {
     pub proxy: Arc<Proxy>,
     pub spec: TunnelSpec,
     pub tls: Option<(Arc<rustls::ClientConfig>, ServerName<'static>)>,
+    pub idle: std::sync::Mutex<Option<UpstreamSender>>,
 }
 
 impl Dial for TunnelDialer {
@@ -151,11 +152,17 @@ impl Dial for TunnelDialer {
     }
 
     fn take_idle(&self) -> Option<UpstreamSender> {
-        None
+        self.idle
+            .lock()
+            .ok()?
+            .take()
+            .filter(|s| !s.is_closed() && s.is_ready())
     }
 
     fn keep_idle(&self, sender: UpstreamSender) {
-        // One client's tunnel, under its credentials: closed, never shared.
-        drop(sender);
+        // One client connection's tunnel, under its credentials: never in the shared pool.
+        if let Ok(mut idle) = self.idle.lock() {
+            *idle = Some(sender);
+        }
     }
 }

@@ -335,11 +335,9 @@ fn content_length(value: &str) -> Option<u64> {
 
 /// `scheme://authority[/path][?query]` with a known default port, or an explicit one.
 fn absolute_form(target: &str) -> Result<Target, Malformed> {
+    // Not echoed: a target may carry a token in its query.
     let (scheme, rest) = target.split_once("://").ok_or_else(|| {
-        bad(format!(
-            "the request target `{}` is not a URL",
-            clip(target)
-        ))
+        bad("the request target is neither a URL, a path, nor (for CONNECT) host:port")
     })?;
     let valid_scheme = scheme
         .bytes()
@@ -349,7 +347,7 @@ fn absolute_form(target: &str) -> Result<Target, Malformed> {
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"+-.".contains(&b));
     if !valid_scheme {
-        return Err(bad(format!("`{}` is not a URL scheme", clip(scheme))));
+        return Err(bad("the request target's URL scheme is not valid"));
     }
     let scheme = scheme.to_ascii_lowercase();
     let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
@@ -369,6 +367,10 @@ fn absolute_form(target: &str) -> Result<Target, Malformed> {
 /// address without a zone. A name whose last label is numeric is refused: resolvers read
 /// `127.1` or `2130706433` as addresses.
 pub fn parse_authority(s: &str) -> Result<(Host, Option<u16>), Malformed> {
+    if s.contains('@') {
+        // Not echoed: user information is a credential.
+        return Err(bad("user information in a host (`user@host`)"));
+    }
     let invalid = || bad(format!("`{}` is not a host and port", clip(s)));
     let (host, port) = if let Some(rest) = s.strip_prefix('[') {
         let (v6, after) = rest.split_once(']').ok_or_else(invalid)?;

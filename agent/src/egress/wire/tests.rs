@@ -60,6 +60,10 @@ fn targets_in_every_form() {
     );
     assert_eq!(fwd("/index.html"), Ok(Target::Proxy));
     assert!(fwd("gopher://x.test/").is_err(), "no default port");
+    let secret = fwd("http://user:hunter2@x.test/").unwrap_err().to_string();
+    assert!(!secret.contains("hunter2"), "{secret}");
+    let token = fwd("x.test/?token=hunter2").unwrap_err().to_string();
+    assert!(!token.contains("hunter2"), "{token}");
     assert!(fwd("x.test/").is_err(), "not a URL");
     let opts = req("OPTIONS * HTTP/1.1\r\nHost: proxy.test:3128\r\n\r\n")
         .unwrap()
