@@ -367,7 +367,7 @@ mod tests {
     #[tokio::test]
     async fn a_malformed_body_ends_the_connection() {
         let (mut client, agent_side) = pair().await;
-        let (agent_proxy, _proxy) = pair().await;
+        let (agent_proxy, proxy) = pair().await;
         let mut sides = Sides {
             client: agent_side,
             proxy: agent_proxy,
@@ -388,7 +388,7 @@ mod tests {
         .await
         .unwrap()
         .unwrap();
-        drop(_proxy);
+        drop(proxy);
         assert!(pass(&mut sides, &req, idle).await.is_err());
     }
 }

@@ -124,8 +124,11 @@ pub fn decide(req: &RequestHead, target: Found, host: Found, backends: &[Backend
     }
 }
 
+/// A host and port a request names.
+pub type Named<'a> = Option<(&'a Host, u16)>;
+
 /// The names a request reaches the network by: its target's, then its `Host` header's.
-pub fn names(req: &RequestHead) -> (Option<(&Host, u16)>, Option<(&Host, u16)>) {
+pub fn names(req: &RequestHead) -> (Named<'_>, Named<'_>) {
     let target = match &req.target {
         Target::Tunnel { host, port } | Target::Forward { host, port, .. } => Some((host, *port)),
         Target::Proxy => None,
@@ -168,7 +171,7 @@ mod tests {
     fn verdict(head: &str, dns: &[(&str, &str)]) -> Verdict {
         let req = parse_request(head.as_bytes()).unwrap().unwrap();
         let (b, t) = (backends(), targets());
-        let find = |n: Option<(&Host, u16)>| match n {
+        let find = |n: Named<'_>| match n {
             None => Found::Nothing,
             Some((host, port)) => {
                 if let Some(i) = by_name(&b, &t, host, port) {
