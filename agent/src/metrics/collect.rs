@@ -119,6 +119,17 @@ impl Collector for AgentCollector {
             None,
             load(&c.upstream_failed),
         )?;
+        labelled_counters(
+            &mut enc,
+            "airlock_egress_proxy_requests",
+            "Requests on connections to egress proxies, by outcome: passed to the proxy, tunnels to MCP backends intercepted, refused",
+            "outcome",
+            [
+                ("passed", load(&c.egress_passed)),
+                ("intercepted", load(&c.egress_intercepted)),
+                ("refused", load(&c.egress_refused)),
+            ],
+        )?;
         gauge(
             &mut enc,
             "airlock_connections_live",
