@@ -262,3 +262,66 @@ fn lengths_and_close_delimited_bodies() {
     assert_eq!(follow(Body::None, b"abc", 2), Ok((0, true)));
     assert!(BodyFollower::new(Body::UntilClose).until_close());
 }
+
+mod generated {
+    use proptest::prelude::*;
+
+    /// Request-like bytes: a method, a target, header lines and a body from pieces that meet
+    /// every branch of the parser, stitched with CRLF or, sometimes, something else.
+    fn request_like() -> impl Strategy<Value = Vec<u8>> {
+        let method = prop::sample::select(vec!["CONNECT", "GET", "POST", "HEAD", "OPTIONS", "get"]);
+        let target = prop::sample::select(vec![
+            "mcp.internal.test:8443",
+            "[::1]:443",
+            "127.1:443",
+            "http://a.test/x",
+            "https://u@a.test/",
+            "/",
+            "*",
+            "a.test",
+        ]);
+        let header = prop::sample::select(vec![
+            "Host: a.test",
+            "Host: b.test:8080",
+            "Content-Length: 3",
+            "Content-Length: 3, 4",
+            "Transfer-Encoding: chunked",
+            "Transfer-Encoding: gzip",
+            "Connection: close",
+            "Proxy-Connection: keep-alive",
+            "Proxy-Authorization: Basic YTpi",
+            "X: \u{7f}",
+        ]);
+        let eol = prop::sample::select(vec!["\r\n", "\r\n", "\r\n", "\n", "\r"]);
+        (
+            method,
+            target,
+            prop::sample::select(vec!["HTTP/1.1", "HTTP/1.0", "HTTP/2"]),
+            prop::collection::vec((header, eol.clone()), 0..5),
+            eol,
+            prop::collection::vec(any::<u8>(), 0..64),
+        )
+            .prop_map(|(m, t, v, headers, end, body)| {
+                let mut out = format!("{m} {t} {v}\r\n").into_bytes();
+                for (h, e) in headers {
+                    out.extend_from_slice(format!("{h}{e}").as_bytes());
+                }
+                out.extend_from_slice(end.as_bytes());
+                out.extend_from_slice(b"3\r\nabc\r\n0\r\n\r\n");
+                out.extend_from_slice(&body);
+                out
+            })
+    }
+
+    proptest! {
+        #[test]
+        fn any_bytes_keep_the_parser_invariants(data in prop::collection::vec(any::<u8>(), 0..300)) {
+            crate::fuzzing::proxy_request(&data);
+        }
+
+        #[test]
+        fn request_like_bytes_keep_the_parser_invariants(data in request_like()) {
+            crate::fuzzing::proxy_request(&data);
+        }
+    }
+}
