@@ -303,10 +303,10 @@ pub(super) fn other_pki(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
 pub(super) const NODE_GET: &str = r#"
 import { createRequire } from "node:module";
 import path from "node:path";
-pub(super) const require = createRequire(path.join(process.env.NODE_PATH, "x.js"));
-pub(super) const { EnvHttpProxyAgent, setGlobalDispatcher } = require("undici");
+const require = createRequire(path.join(process.env.NODE_PATH, "x.js"));
+const { EnvHttpProxyAgent, setGlobalDispatcher } = require("undici");
 setGlobalDispatcher(new EnvHttpProxyAgent());
-pub(super) const r = await fetch(process.argv[2]);
+const r = await fetch(process.argv[2]);
 console.log(JSON.stringify({ status: r.status, body: await r.text() }));
 "#;
 
