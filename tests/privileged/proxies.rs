@@ -33,7 +33,10 @@ fn proxied(name: &str, start: impl FnOnce(&Path, u16) -> RealProxy) -> Option<Pr
     if !privileged() {
         return None;
     }
-    let (cg, mut agent, port) = local_backend_agent(name, "tools", "ca_file = \"BACKEND_CA\"", "");
+    // Audit events in the test directory (relative paths are the configuration file's).
+    let events = "[events.file]\npath = \"events.jsonl\"\n";
+    let (cg, mut agent, port) =
+        local_backend_agent(name, "tools", "ca_file = \"BACKEND_CA\"", events);
     let dir = agent.dir.clone();
     let server = PeerServer::start(&dir, port, "json");
     let proxy = start(&dir, port);
@@ -467,6 +470,18 @@ fn unparseable_and_unsafe_proxy_requests_are_refused_with_a_reason() {
     );
     // None of them reached squid as a request.
     assert!(!p.proxy.log().contains("CONNECT"), "{}", p.proxy.log());
+    // The SIEM hears of them as refused connections, attributed: the first one of the 10 s
+    // interval, then a summary counting the others (a flood costs two events).
+    let events: Vec<Value> = std::fs::read_to_string(p.agent.dir.join("events.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .filter(|e: &Value| e["policy"]["uid"] == "airlock:proxy_request_refused")
+        .collect();
+    assert_eq!(events.len(), 2, "{events:#?}");
+    assert_eq!(events[0]["class_uid"], 4001);
+    assert_eq!(events[0]["actor"]["process"]["pid"], pid);
+    assert_eq!(events[1]["count"], cases.len() - 1);
 }
 
 /// A client connection's exchanges share one tunnel; when the server closes it (uvicorn after

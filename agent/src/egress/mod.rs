@@ -359,6 +359,24 @@ impl Proxy {
         if let Err(e) = self.record_exchange(parts, proxy_i, exchange).await {
             warn!(id = parts.0, error = %e, "cannot archive a refused proxy request");
         }
+        // For the SIEM, as a refused connection is: one reason prefix (events are aggregated
+        // by it), the target in the text, the proxy as the destination.
+        crate::observe::event(crate::observe::AgentEvent::ConnectionRejected {
+            reason: match req {
+                Some(r) => format!(
+                    "proxy request refused: {} {}: {reason}",
+                    r.method,
+                    r.authority()
+                ),
+                None => format!("proxy request refused: {reason}"),
+            },
+            client: client
+                .peer_addr()
+                .map(|a| a.to_string())
+                .unwrap_or_default(),
+            actor: Some(Box::new(parts.2.clone())),
+            destination: Some(parts.2.original_dst.to_string()),
+        });
         if status > 0 {
             io::answer(client, status, &reason).await;
         }
