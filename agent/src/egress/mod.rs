@@ -154,8 +154,8 @@ impl Proxy {
         }
     }
 
-    /// The next request head: `None` when the client closed (or idled past
-    /// `header_read_timeout_secs`) between requests.
+    /// The next request head: `None` when the client closed, went away or idled past
+    /// `header_read_timeout_secs` between requests (how connections end, not refusals).
     async fn next_request(
         &self,
         sides: &mut Sides,
@@ -171,26 +171,25 @@ impl Proxy {
             wire::parse_request,
         )
         .await;
-        match read {
-            Ok(head) => Ok(head),
-            Err(HeadError::Timeout) if !first && sides.from_client.is_empty() => Ok(None),
-            Err(e) => {
-                let (status, reason) = match (io::not_http(&sides.from_client), &e) {
-                    (Some(what), _) => (0, what.to_owned()),
-                    (None, HeadError::Malformed(m)) => {
-                        (m.status(), format!("malformed proxy request: {m}"))
-                    }
-                    (None, HeadError::Timeout) => (
-                        408,
-                        format!("no complete proxy request within {} s", timeout.as_secs()),
-                    ),
-                    (None, e) => (0, format!("reading the proxy request: {e}")),
-                };
-                Err(self
-                    .refuse(&mut sides.client, parts, proxy_i, None, status, reason)
-                    .await)
+        let (status, reason) = match (read, io::not_http(&sides.from_client)) {
+            (Ok(head), _) => return Ok(head),
+            (Err(_), Some(what)) => (0, what.to_owned()),
+            (Err(HeadError::Malformed(m)), None) => {
+                (m.status(), format!("malformed proxy request: {m}"))
             }
-        }
+            (Err(HeadError::Timeout), None) if !sides.from_client.is_empty() => (
+                408,
+                format!("no complete proxy request within {} s", timeout.as_secs()),
+            ),
+            (Err(e), None) => {
+                let first = if first { "first " } else { "" };
+                debug!(id = parts.0, error = %e, "no {first}proxy request: the connection ends");
+                return Ok(None);
+            }
+        };
+        Err(self
+            .refuse(&mut sides.client, parts, proxy_i, None, status, reason)
+            .await)
     }
 
     /// What a request is for, resolving names where a backend could hide behind one.
@@ -291,23 +290,26 @@ impl Proxy {
             timeout: self.config.connect_timeout,
         };
         sides.from_client.clear();
-        let asked = tunnel::ask(&mut sides.proxy, &spec, &mut sides.from_proxy).await;
-        let answer =
-            match asked.and_then(|a| Ok((tunnel::opened(&a, &sides.from_proxy, &spec)?, a))) {
-                Ok(a) => a,
-                Err(reason) => {
-                    self.counters
-                        .upstream_failed
-                        .fetch_add(1, Ordering::Relaxed);
-                    return Err(self
-                        .refuse(&mut sides.client, parts, proxy_i, Some(req), 502, reason)
-                        .await);
-                }
-            };
+        let asked = async {
+            let head = tunnel::ask(&mut sides.proxy, &spec, &mut sides.from_proxy).await?;
+            let open = tunnel::opened(&head, &sides.from_proxy, &spec)?;
+            Ok::<_, String>((open, head))
+        };
+        let (open, head) = match asked.await {
+            Ok(answer) => answer,
+            Err(reason) => {
+                self.counters
+                    .upstream_failed
+                    .fetch_add(1, Ordering::Relaxed);
+                return Err(self
+                    .refuse(&mut sides.client, parts, proxy_i, Some(req), 502, reason)
+                    .await);
+            }
+        };
         let mut exchange = Exchange::new(Some(req), "intercept");
         exchange.backend = Some(&backend.name);
-        exchange.status = Some(answer.1.status);
-        if answer.0 {
+        exchange.status = Some(head.status);
+        if open {
             sides.from_proxy.clear();
             self.record_exchange(parts, proxy_i, exchange).await?;
             sides
@@ -318,7 +320,6 @@ impl Proxy {
             return Ok(Asked::Opened(spec, address));
         }
         // Refused by the proxy: its answer goes to the client as it came (bounded).
-        let head = answer.1;
         exchange.decision = "refused_by_proxy";
         self.counters.egress_refused.fetch_add(1, Ordering::Relaxed);
         self.record_exchange(parts, proxy_i, exchange).await?;
