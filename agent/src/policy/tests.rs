@@ -18,6 +18,7 @@ fn subject(user: &str, uid: u32) -> Subject {
         exe: Some("/usr/bin/python3.11".into()),
         comm: "python3".into(),
         cgroup: Some("/ci/job-42".into()),
+        container: Vec::new(),
     }
 }
 
