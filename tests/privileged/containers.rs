@@ -181,7 +181,38 @@ fn namespaces_are_served_from_start_on_a_refused_connect_and_released_when_empty
     );
     assert!(agent.kernel_counter("refused_agent_port_bind") >= 1);
 
-    // ns2's processes are gone: released.
+    // The OCI hook: the runtime hands the container's state (its pid) on stdin.
+    let ns3 = Netns::new("c", octet + 30);
+    let mut third = ns3.command(&cg, "sleep").arg("600").spawn().expect("sleep");
+    let mut hook = Command::new(AIRLOCK)
+        .args(["--config", agent.config.to_str().unwrap(), "hook"])
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write as _;
+        let state = serde_json::json!({"ociVersion": "1.0.2", "id": "x", "status": "creating", "pid": third.id(), "annotations": {"io.kubernetes.cri.container-name": "job-7"}});
+        hook.stdin
+            .take()
+            .unwrap()
+            .write_all(state.to_string().as_bytes())
+            .unwrap();
+    }
+    let out = hook.wait_with_output().unwrap();
+    assert!(
+        out.status.success() && out.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_namespaces(&agent, "ns3 served by the hook", |n| {
+        n.iter().any(|x| x["source"] == "hook")
+    });
+    let _ = third.kill();
+    let _ = third.wait();
+    drop(ns3);
+
+    // ns2's (and ns3's) processes are gone: released.
     wait_namespaces(&agent, "ns2 released", |n| {
         n.len() == 1 && n[0]["source"] == "scan"
     });
@@ -226,9 +257,12 @@ fn a_podman_container_is_served_before_its_first_call_and_attributed() {
             "{sdk:?}: no connection of container {cid}: {status:#}"
         );
         assert!(conns.iter().all(|c| c["container"]["runtime"] == "podman"));
-        // Served through the hook, before the first call (no connect was refused).
+        // Served before the first call (no connect was refused): by the hook, or by the
+        // cgroup watcher when it was quicker (the hook then finds it served).
         assert!(
-            namespaces(&agent).iter().any(|n| n["source"] == "hook"),
+            namespaces(&agent)
+                .iter()
+                .any(|n| n["source"] == "hook" || n["source"] == "cgroup watcher"),
             "{:#?}",
             namespaces(&agent)
         );
@@ -248,6 +282,39 @@ fn a_podman_container_is_served_before_its_first_call_and_attributed() {
     drop((net, dir));
 }
 
+/// Without a hook (as Docker and containerd run containers), the cgroup watcher serves the
+/// container's namespace as its runtime puts the container's first process in its cgroup,
+/// before that process runs the container's command.
+#[test]
+fn a_container_without_a_hook_is_served_by_the_cgroup_watcher() {
+    let Some((cg, mut agent, _server, port, bundle, net)) = container_setup("nohook") else {
+        return;
+    };
+    let url = format!("https://{HOST}:{port}/mcp");
+    let (out, cid) = run_in_container_with(&cg, &agent, &net, &bundle, Sdk::Python, &url, false);
+    let through: Value = serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{e}: {out}"));
+    assert_eq!(
+        through["errors"]["delete_everything"]["code"], -32010,
+        "{through}"
+    );
+    let status = agent.status();
+    assert!(
+        status["connections"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["container"]["id"] == cid.as_str()),
+        "{status:#}"
+    );
+    assert!(
+        agent.log().contains("source=\"cgroup watcher\""),
+        "{}",
+        agent.log()
+    );
+    assert_eq!(agent.kernel_counter("refused_netns_not_enrolled"), 0);
+    assert!(agent.sigterm().success(), "{}", agent.log());
+}
+
 /// A Podman network on 198.18.0.0/15, removed on drop.
 pub(crate) struct PodmanNet {
     pub name: String,
@@ -256,8 +323,10 @@ pub(crate) struct PodmanNet {
 
 impl PodmanNet {
     fn new() -> PodmanNet {
-        let octet = 200 + (std::process::id() % 40) as u8;
-        let name = format!("alk{}", std::process::id());
+        static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let octet = 220 + (std::process::id() % 15) * 2 + seq % 2;
+        let name = format!("alk{}n{seq}", std::process::id());
         let _ = podman().args(["network", "rm", "-f", &name]).output();
         let out = podman()
             .args([
@@ -286,6 +355,10 @@ impl Drop for PodmanNet {
         let _ = podman().args(["network", "rm", "-f", &self.name]).output();
     }
 }
+
+/// Podman and netavark keep host-wide state (bridges, firewall chains): one test container at
+/// a time.
+static PODMAN: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 pub(crate) fn podman() -> Command {
     let mut c = Command::new("podman");
@@ -335,20 +408,34 @@ fn run_in_container(
     sdk: Sdk,
     url: &str,
 ) -> (String, String) {
+    run_in_container_with(cg, agent, net, bundle, sdk, url, true)
+}
+
+fn run_in_container_with(
+    cg: &TestCgroup,
+    agent: &Agent,
+    net: &PodmanNet,
+    bundle: &Path,
+    sdk: Sdk,
+    url: &str,
+    hook: bool,
+) -> (String, String) {
     let dir = &agent.dir;
-    let hooks = dir.join("hooks.d");
+    let hooks = dir.join(if hook { "hooks.d" } else { "no-hooks.d" });
     std::fs::create_dir_all(&hooks).unwrap();
-    std::fs::write(
-        hooks.join("airlock.json"),
-        serde_json::json!({
-            "version": "1.0.0",
-            "hook": {"path": AIRLOCK, "args": ["airlock", "--config", agent.config, "hook"]},
-            "when": {"always": true},
-            "stages": ["createRuntime"],
-        })
-        .to_string(),
-    )
-    .unwrap();
+    if hook {
+        std::fs::write(
+            hooks.join("airlock.json"),
+            serde_json::json!({
+                "version": "1.0.0",
+                "hook": {"path": AIRLOCK, "args": ["airlock", "--config", agent.config, "hook"]},
+                "when": {"always": true},
+                "stages": ["createRuntime"],
+            })
+            .to_string(),
+        )
+        .unwrap();
+    }
     let rootfs = dir.join("rootfs");
     for d in ["usr", "etc", "proc", "sys", "dev", "tmp", "run"] {
         std::fs::create_dir_all(rootfs.join(d)).unwrap();
@@ -406,7 +493,10 @@ fn run_in_container(
                 .args([url, "streamable"]);
         }
     }
-    let out = cmd.output().expect("podman run");
+    let out = {
+        let _one_at_a_time = PODMAN.lock().unwrap_or_else(|p| p.into_inner());
+        cmd.output().expect("podman run")
+    };
     let cid = std::fs::read_to_string(&cidfile)
         .unwrap_or_default()
         .trim()

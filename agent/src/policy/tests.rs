@@ -257,7 +257,12 @@ containers = ["ci-job-*", "4f2a*"]
     by_id.container = vec![format!("4f2a{}", "0".repeat(60))];
     let mut other = subject("root", 0);
     other.container = vec!["7777".repeat(16), "web".into()];
-    for (s_, blocked) in [(&by_name, true), (&by_id, true), (&other, false), (&subject("root", 0), false)] {
+    for (s_, blocked) in [
+        (&by_name, true),
+        (&by_id, true),
+        (&other, false),
+        (&subject("root", 0), false),
+    ] {
         let v = s.decide(s_, &call("shell", &none)).verdict;
         assert_eq!(v != Verdict::Allow, blocked, "{:?}: {v:?}", s_.container);
     }
