@@ -319,6 +319,8 @@ impl Proxy {
                 "family": attribution.family,
                 "cmdline": attribution.cmdline,
                 "cgroup_id": attribution.cgroup_id,
+                "container": attribution.container,
+                "netns": attribution.netns,
             }),
         ));
         if let Err(e) = self.archive.record(open).await {

@@ -279,6 +279,17 @@ fn a_podman_container_is_served_before_its_first_call_and_attributed() {
         !opens.is_empty(),
         "container connections in the archive: {records:#?}"
     );
+    // `airlock sessions` names the container.
+    let sessions = airlock_out(&[
+        "sessions",
+        "--archive",
+        agent.archive.to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(
+        sessions.lines().any(|l| l.contains("\"container\":\"podman:")),
+        "{sessions}"
+    );
     drop((net, dir));
 }
 
