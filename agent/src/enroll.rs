@@ -102,6 +102,11 @@ impl Proxy {
             r.insert(ns.clone(), tasks);
         }
         netns::announce(&ns, started.elapsed());
+        // Connections to backends opened in it before it was served (before the agent ran,
+        // or before the programs were attached) are ended, as the host's are at start.
+        if let Ok(map) = self.own.map_fd().try_clone_to_owned() {
+            crate::refusals::sweep_in(self, &self.cgroup, &map, Some(&ns));
+        }
         Ok(Some(ns))
     }
 

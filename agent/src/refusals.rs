@@ -93,10 +93,30 @@ pub fn spawn(
 /// End every connection of the cgroup to a backend that did not go through Airlock. Returns
 /// how many were ended.
 pub fn sweep(proxy: &Arc<Proxy>, cgroup: &Path, own_map: &OwnedFd) -> usize {
-    let sockets = match sockdiag::tcp_sockets(Some(own_map.as_fd())) {
+    sweep_in(proxy, cgroup, own_map, None)
+}
+
+/// [`sweep`] in one network namespace (`None`: the agent's own); a served namespace is swept
+/// from its own thread, where its sockets are.
+pub fn sweep_in(
+    proxy: &Arc<Proxy>,
+    cgroup: &Path,
+    own_map: &OwnedFd,
+    ns: Option<&Arc<crate::netns::Netns>>,
+) -> usize {
+    let listed = match ns {
+        None => sockdiag::tcp_sockets(Some(own_map.as_fd())),
+        Some(ns) => match own_map.try_clone() {
+            Ok(map) => ns
+                .run(move || sockdiag::tcp_sockets(Some(map.as_fd())))
+                .and_then(|r| r),
+            Err(e) => Err(e),
+        },
+    };
+    let sockets = match listed {
         Ok(s) => s,
         Err(e) => {
-            warn!(error = %e, "cannot list the host's TCP sockets: connections opened before the agent are not ended (the egress guard still drops their traffic to backends)");
+            warn!(error = %e, "cannot list a namespace's TCP sockets: connections opened before the agent are not ended (the egress guard still drops their traffic to backends)");
             return 0;
         }
     };
@@ -129,7 +149,7 @@ pub fn sweep(proxy: &Arc<Proxy>, cgroup: &Path, own_map: &OwnedFd) -> usize {
         let reason = format!(
             "a connection to backend address {target} that was open before Airlock attached its programs (or opened while it started): ended so the client reconnects through Airlock"
         );
-        if end_socket(proxy, s, "airlock:opened_before_agent", &reason) {
+        if end_socket(proxy, s, "airlock:opened_before_agent", &reason, ns) {
             ended += 1;
         }
     }
@@ -205,8 +225,15 @@ fn listener_for(to: SocketAddr, listeners: &[&TcpSocket]) -> Option<Bound> {
     wildcard
 }
 
-/// Attribute, record, event and destroy one socket. `false` when it was already ended.
-fn end_socket(proxy: &Arc<Proxy>, s: &TcpSocket, rule: &str, reason: &str) -> bool {
+/// Attribute, record, event and destroy one socket (in namespace `ns`, `None`: the agent's).
+/// `false` when it was already ended.
+fn end_socket(
+    proxy: &Arc<Proxy>,
+    s: &TcpSocket,
+    rule: &str,
+    reason: &str,
+    ns: Option<&Arc<crate::netns::Netns>>,
+) -> bool {
     let first = ENDED.lock().map(|mut e| e.insert(s.cookie)).unwrap_or(true);
     if !first {
         return false;
@@ -219,7 +246,13 @@ fn end_socket(proxy: &Arc<Proxy>, s: &TcpSocket, rule: &str, reason: &str) -> bo
         s.cgroup_id,
         s.remote,
     );
-    let destroyed = sockdiag::destroy(s);
+    let destroyed = match ns {
+        None => sockdiag::destroy(s),
+        Some(ns) => {
+            let target = s.clone();
+            ns.run(move || sockdiag::destroy(&target)).and_then(|r| r)
+        }
+    };
     let outcome = match &destroyed {
         Ok(()) => "ended".to_owned(),
         Err(e) => format!("could not be ended ({e}); its traffic to the backend is dropped"),
@@ -610,12 +643,20 @@ impl Reader {
             );
             // The cookie names the socket exactly; its own remote address may be the one
             // before NAT.
-            match sockets
+            let in_host = sockets
                 .iter()
                 .find(|s| s.cookie == r.cookie && !s.is_listener())
-            {
-                Some(s) => {
-                    end_socket(&self.proxy, s, "airlock:unredirected_tcp", &reason);
+                .map(|s| (s.clone(), None));
+            let found = in_host.or_else(|| self.find_in_namespaces(r.cookie));
+            match found {
+                Some((s, ns)) => {
+                    end_socket(
+                        &self.proxy,
+                        &s,
+                        "airlock:unredirected_tcp",
+                        &reason,
+                        ns.as_ref(),
+                    );
                 }
                 None => {
                     // Gone already, or not a TCP socket (raw): record what the kernel saw,
@@ -649,6 +690,29 @@ impl Reader {
                 }
             }
         }
+    }
+
+    /// A socket of a served namespace, by cookie (the egress guard runs for the cgroup's
+    /// sockets in every namespace).
+    fn find_in_namespaces(
+        &self,
+        cookie: u64,
+    ) -> Option<(TcpSocket, Option<Arc<crate::netns::Netns>>)> {
+        let namespaces = self.proxy.namespaces.lock().ok()?.list();
+        for ns in namespaces {
+            let Ok(map) = self.own_map.try_clone() else {
+                continue;
+            };
+            let listed = ns.run(move || sockdiag::tcp_sockets(Some(map.as_fd())));
+            if let Ok(Ok(sockets)) = listed
+                && let Some(s) = sockets
+                    .into_iter()
+                    .find(|s| s.cookie == cookie && !s.is_listener())
+            {
+                return Some((s, Some(ns)));
+            }
+        }
+        None
     }
 
     /// Frames of packet sockets holding TCP to a backend: the socket's holder found through

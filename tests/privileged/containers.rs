@@ -287,7 +287,9 @@ fn a_podman_container_is_served_before_its_first_call_and_attributed() {
         "--json",
     ]);
     assert!(
-        sessions.lines().any(|l| l.contains("\"container\":\"podman:")),
+        sessions
+            .lines()
+            .any(|l| l.contains("\"container\":\"podman:")),
         "{sessions}"
     );
     drop((net, dir));
@@ -520,4 +522,70 @@ fn run_in_container_with(
         agent.log()
     );
     (String::from_utf8_lossy(&out.stdout).into_owned(), cid)
+}
+
+/// A connection to a backend that a namespace opened before the agent served it is ended
+/// when it is, and recorded, as the host's are at start.
+#[test]
+fn a_connection_opened_in_a_namespace_before_the_agent_is_ended() {
+    if !privileged() {
+        return;
+    }
+    use std::io::{BufRead as _, Write as _};
+    let name = unique("netns-before");
+    let cg = TestCgroup::new(&name);
+    let ns = Netns::new("h", 215 - (std::process::id() % 5) as u8);
+    // A server that answers every line on a connection it keeps.
+    let listener = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for s in listener.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut w = s.try_clone().unwrap();
+                for line in std::io::BufReader::new(s).lines() {
+                    let Ok(line) = line else { break };
+                    if writeln!(w, "tools saw {line}").is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    let census = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/support/census.py");
+    let mut hold = ns
+        .command(&cg, PYTHON)
+        .args([
+            census,
+            "hold",
+            &ns.host,
+            &port.to_string(),
+            "--timeout",
+            "3",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(hold.stdout.take().unwrap());
+    let mut first = String::new();
+    lines.read_line(&mut first).unwrap();
+    assert!(
+        first.contains("\"ok\": true"),
+        "direct, before the agent: {first}"
+    );
+    let mut agent = Agent::start(&cg, &name, &backend_toml("tools", port, &[&ns.host]), "");
+    agent.wait_for_connection_text("open before Airlock");
+    let stdin = hold.stdin.as_mut().unwrap();
+    writeln!(stdin, "again").unwrap();
+    stdin.flush().unwrap();
+    let mut second = String::new();
+    lines.read_line(&mut second).unwrap();
+    assert!(
+        second.contains("\"ok\": false"),
+        "the old connection still works: {second}"
+    );
+    drop(hold.stdin.take());
+    let _ = hold.wait();
+    assert!(agent.agent_counter("ended_unredirected") >= 1);
+    assert!(agent.sigterm().success(), "{}", agent.log());
 }
