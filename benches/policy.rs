@@ -26,6 +26,7 @@ fn main() {
         exe: Some("/usr/bin/node".into()),
         comm: "node".into(),
         cgroup: Some("/ci/job".into()),
+        container: Vec::new(),
     };
     let response = Message {
         backend: "tools",

@@ -62,6 +62,12 @@ fn install_puts_the_package_files_in_place_and_never_overwrites_a_config() {
         read(root.join("usr/lib/sysusers.d/airlock.conf")),
         read(repo("packaging/airlock.sysusers"))
     );
+    // The OCI hook where Podman and CRI-O look, running the installed binary.
+    let hook = read(root.join("usr/share/containers/oci/hooks.d/airlock.json"));
+    assert_eq!(hook, read(repo("packaging/oci-hook.json")));
+    let hook: serde_json::Value = serde_json::from_str(&hook).unwrap();
+    assert_eq!(hook["hook"]["path"], "/usr/bin/airlock");
+    assert_eq!(hook["stages"], serde_json::json!(["createRuntime"]));
     assert_eq!(
         read(root.join("etc/airlock/airlock.toml")),
         read(repo("airlock.example.toml"))
@@ -109,6 +115,7 @@ fn uninstall_removes_the_program_and_keeps_config_and_archive_unless_purged() {
         "usr/bin/airlock",
         "usr/lib/systemd/system/airlock.service",
         "usr/lib/sysusers.d/airlock.conf",
+        "usr/share/containers/oci/hooks.d/airlock.json",
     ] {
         assert!(!root.join(gone).exists(), "{gone} still there");
     }

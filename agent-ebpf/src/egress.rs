@@ -43,7 +43,7 @@ static DROPS: RingBuf = RingBuf::with_byte_size(airlock_common::capacity::DROPS_
 
 /// Sockets whose egress drop was already reported (one report a socket, however many
 /// retransmissions).
-#[btf_map(name = "AIRLOCK_REPORTED")]
+#[btf_map(name = "AIRLOCK_DROPREP")]
 static REPORTED: SkStorage<u32> = SkStorage::new();
 
 /// Index 0: the attached cgroup (the tcx guard runs for every socket of the host).

@@ -2,7 +2,7 @@
 //! attached cgroup (what they might still send is `egress.rs`'s), and the reports of every
 //! refusal.
 //!
-//! - `airlock_sock_new` (cgroup `sock_create`): refuses raw `AF_INET`/`AF_INET6` sockets of
+//! - `airlock_socknew` (cgroup `sock_create`): refuses raw `AF_INET`/`AF_INET6` sockets of
 //!   any protocol but ICMP/ICMPv6 (`ping` keeps working; ICMP datagram sockets are not raw).
 //! - `airlock_sockopt` (cgroup `setsockopt`): refuses `IP_HDRINCL`/`IPV6_HDRINCL` (a raw ICMP
 //!   socket writing its own IP header could write a TCP one), `PACKET_QDISC_BYPASS` (a packet
@@ -47,7 +47,7 @@ const PACKET_QDISC_BYPASS: i32 = 20;
 const SOL_XDP: i32 = 283;
 
 #[cgroup_sock(sock_create)]
-pub fn airlock_sock_new(ctx: SockContext) -> i32 {
+pub fn airlock_socknew(ctx: SockContext) -> i32 {
     try_socket_create(&ctx)
 }
 

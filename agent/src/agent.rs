@@ -471,6 +471,12 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         info!(enrolled, "serving the network namespaces found at start");
     }
     let sweep_task = tokio::spawn(proxy.clone().sweep_namespaces());
+    let cgwatch_thread = crate::enroll::watch_cgroups(
+        proxy.clone(),
+        tokio::runtime::Handle::current(),
+        guard_stop.clone(),
+    )
+    .map_err(RunError::Threads)?;
     // Programs attached, listeners accepting: interception is live.
     crate::observe::event(crate::observe::AgentEvent::Started {
         version: env!("CARGO_PKG_VERSION").into(),
@@ -527,7 +533,10 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     }
     let _ = std::fs::remove_file(config.admin_socket());
     guard_stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    for t in refusals_thread.into_iter().chain([netwatch_thread]) {
+    for t in refusals_thread
+        .into_iter()
+        .chain([netwatch_thread, cgwatch_thread])
+    {
         let _ = tokio::task::spawn_blocking(move || t.join()).await;
     }
     // Tool pins changed since the last save go to disk before the agent exits.

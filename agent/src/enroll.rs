@@ -102,6 +102,11 @@ impl Proxy {
             r.insert(ns.clone(), tasks);
         }
         netns::announce(&ns, started.elapsed());
+        // Connections to backends opened in it before it was served (before the agent ran,
+        // or before the programs were attached) are ended, as the host's are at start.
+        if let Ok(map) = self.own.map_fd().try_clone_to_owned() {
+            crate::refusals::sweep_in(self, &self.cgroup, &map, Some(&ns));
+        }
         Ok(Some(ns))
     }
 
@@ -171,3 +176,85 @@ pub fn is_host_namespace(path: &Path) -> bool {
         _ => false,
     }
 }
+
+/// The watcher for runtimes that run no hook (Docker, containerd): a new cgroup under the
+/// attached one is watched (inotify) until a process appears in it, whose namespace is then
+/// served. A runtime creates the container's cgroup and puts its init process there before
+/// it execs the container's command, so this usually wins the race to the first call; when
+/// it does not, that call is refused and recorded, and the next is served.
+pub fn watch_cgroups(
+    proxy: Arc<Proxy>,
+    runtime: tokio::runtime::Handle,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
+    let inotify = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC)
+        .map_err(std::io::Error::from)?;
+    let flags = AddWatchFlags::IN_CREATE | AddWatchFlags::IN_ONLYDIR;
+    std::thread::Builder::new()
+        .name("airlock-cgwatch".into())
+        .spawn(move || {
+            let _in_runtime = runtime.enter();
+            let mut dirs: std::collections::HashMap<nix::sys::inotify::WatchDescriptor, std::path::PathBuf> =
+                Default::default();
+            let add = |dirs: &mut std::collections::HashMap<_, _>, dir: &Path| {
+                if dirs.len() >= WATCH_LIMIT {
+                    return;
+                }
+                if let Ok(wd) = inotify.add_watch(dir, flags) {
+                    dirs.insert(wd, dir.to_owned());
+                }
+            };
+            // The attached cgroup and everything below it now.
+            let mut stack = vec![proxy.cgroup.clone()];
+            while let Some(d) = stack.pop() {
+                add(&mut dirs, &d);
+                for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+                    if e.file_type().is_ok_and(|t| t.is_dir()) {
+                        stack.push(e.path());
+                    }
+                }
+            }
+            // New cgroups waiting for their first process.
+            let mut pending: Vec<(std::path::PathBuf, Instant)> = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let mut fds = [nix::poll::PollFd::new(
+                    std::os::fd::AsFd::as_fd(&inotify),
+                    nix::poll::PollFlags::POLLIN,
+                )];
+                let wait = if pending.is_empty() { 250u16 } else { 2 };
+                let _ = nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(wait));
+                if let Ok(events) = inotify.read_events() {
+                    for ev in events {
+                        let (Some(parent), Some(name)) = (dirs.get(&ev.wd).cloned(), ev.name) else {
+                            continue;
+                        };
+                        let dir = parent.join(name);
+                        add(&mut dirs, &dir);
+                        pending.push((dir, Instant::now()));
+                    }
+                }
+                // A runtime puts its own helper in the cgroup before the container's
+                // namespaces exist: a cgroup stays watched until one of its processes is in
+                // a namespace other than the host's (served then), or for `WATCH_PENDING`.
+                pending.retain(|(dir, since)| {
+                    let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
+                    for pid in procs.lines().filter_map(|l| l.trim().parse::<u32>().ok()) {
+                        match proxy.enroll(pid, "cgroup watcher", None) {
+                            Ok(Some(_)) => return false,
+                            Ok(None) => {}
+                            Err(e) => {
+                                tracing::debug!(pid, error = %e, "a new cgroup's process could not be served");
+                            }
+                        }
+                    }
+                    since.elapsed() < WATCH_PENDING
+                });
+            }
+        })
+}
+
+/// Cgroups watched at most (inotify watches are a per-user kernel resource).
+const WATCH_LIMIT: usize = 8192;
+/// How long a new cgroup is watched for its first process.
+const WATCH_PENDING: Duration = Duration::from_secs(5);

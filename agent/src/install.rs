@@ -19,6 +19,9 @@ use std::{
 pub const BINARY: &str = "usr/bin/airlock";
 pub const UNIT: &str = "usr/lib/systemd/system/airlock.service";
 pub const SYSUSERS: &str = "usr/lib/sysusers.d/airlock.conf";
+/// The OCI runtime hook Podman and CRI-O read from their default hooks folder: it has the
+/// agent serve a container's network namespace before the container's process runs.
+pub const OCI_HOOK: &str = "usr/share/containers/oci/hooks.d/airlock.json";
 pub const CONFIG_DIR: &str = "etc/airlock";
 pub const STATE_DIR: &str = "var/lib/airlock";
 pub const UNIT_NAME: &str = "airlock.service";
@@ -27,6 +30,7 @@ pub const DEFAULT_BPFFS_DIR: &str = "/sys/fs/bpf/airlock";
 
 pub const UNIT_TEXT: &str = include_str!("../../packaging/airlock.service");
 pub const SYSUSERS_TEXT: &str = include_str!("../../packaging/airlock.sysusers");
+pub const OCI_HOOK_TEXT: &str = include_str!("../../packaging/oci-hook.json");
 
 /// The configuration files (conffiles in the package), relative to the root.
 pub const CONFFILES: &[(&str, &str)] = &[
@@ -99,7 +103,11 @@ pub fn install(root: &Path) -> Result<Report, InstallError> {
     let binary = root.join(BINARY);
     install_binary(&exe, &binary)?;
     report.note(format!("installed {}", binary.display()));
-    for (rel, text) in [(UNIT, UNIT_TEXT), (SYSUSERS, SYSUSERS_TEXT)] {
+    for (rel, text) in [
+        (UNIT, UNIT_TEXT),
+        (SYSUSERS, SYSUSERS_TEXT),
+        (OCI_HOOK, OCI_HOOK_TEXT),
+    ] {
         let path = root.join(rel);
         write_atomically(&path, text.as_bytes(), 0o644)?;
         report.note(format!("installed {}", path.display()));
@@ -140,7 +148,7 @@ pub fn uninstall(root: &Path, purge: bool) -> Result<Report, InstallError> {
         return Err(InstallError::NotRoot("uninstall"));
     }
     let mut report = Report::default();
-    for rel in [UNIT, SYSUSERS, BINARY] {
+    for rel in [UNIT, SYSUSERS, OCI_HOOK, BINARY] {
         let path = root.join(rel);
         match fs::remove_file(&path) {
             Ok(()) => report.note(format!("removed {}", path.display())),

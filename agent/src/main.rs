@@ -762,6 +762,27 @@ fn print_table(s: &Status) {
         a.listen.join(" ")
     );
     print!("{}", s.mechanisms.describe());
+    for ns in &s.namespaces {
+        println!(
+            "namespace {} (netns cookie {}, {} since {}){}",
+            ns.inode,
+            ns.cookie,
+            ns.source,
+            ns.enrolled_at,
+            ns.container
+                .as_ref()
+                .map(|c| format!(
+                    "  container {} {}{}",
+                    c.runtime,
+                    &c.id[..c.id.len().min(12)],
+                    c.name
+                        .as_ref()
+                        .map(|n| format!(" ({n})"))
+                        .unwrap_or_default()
+                ))
+                .unwrap_or_default()
+        );
+    }
     println!(
         "targets: {}",
         s.targets

@@ -52,6 +52,8 @@ pub struct Netns {
 enum Request {
     /// A TCP socket of this family (`AF_INET`/`AF_INET6`), created in the namespace.
     Socket(libc::c_int, mpsc::Sender<io::Result<OwnedFd>>),
+    /// Work that must happen inside the namespace (sock_diag: its sockets are its own).
+    Run(Box<dyn FnOnce() + Send>),
 }
 
 /// The listeners made for a namespace (IPv6 may be off there).
@@ -76,6 +78,25 @@ impl Netns {
             .map_err(|_| io::Error::other("the namespace's thread is gone (namespace released)"))?;
         rx.recv_timeout(Duration::from_secs(5))
             .map_err(|_| io::Error::other("the namespace's thread did not answer"))?
+    }
+}
+
+impl Netns {
+    /// Run `work` on the namespace's thread (inside the namespace) and return its result.
+    pub fn run<T: Send + 'static>(
+        &self,
+        work: impl FnOnce() -> T + Send + 'static,
+    ) -> io::Result<T> {
+        let (tx, rx) = mpsc::channel();
+        self.maker
+            .lock()
+            .map_err(|_| io::Error::other("namespace thread poisoned"))?
+            .send(Request::Run(Box::new(move || {
+                let _ = tx.send(work());
+            })))
+            .map_err(|_| io::Error::other("the namespace's thread is gone (namespace released)"))?;
+        rx.recv_timeout(Duration::from_secs(10))
+            .map_err(|_| io::Error::other("the namespace's thread did not answer"))
     }
 }
 
@@ -121,8 +142,13 @@ pub fn enter(
             if !ok {
                 return;
             }
-            while let Ok(Request::Socket(family, reply)) = rx.recv() {
-                let _ = reply.send(tcp_socket(family));
+            while let Ok(req) = rx.recv() {
+                match req {
+                    Request::Socket(family, reply) => {
+                        let _ = reply.send(tcp_socket(family));
+                    }
+                    Request::Run(work) => work(),
+                }
             }
         })?;
     let (listeners, cookie) = ready_rx

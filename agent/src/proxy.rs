@@ -256,6 +256,17 @@ impl Proxy {
                 return;
             }
         };
+        // A container's name, when its runtime's hook gave one, is the namespace's.
+        let mut attribution = attribution;
+        if netns != self.host_netns
+            && let Some(c) = attribution.container.as_mut()
+            && c.name.is_none()
+            && let Some(ns) = self.namespaces.lock().ok().and_then(|r| r.get(netns))
+            && let Some(known) = &ns.container
+            && known.id == c.id
+        {
+            c.name = known.name.clone();
+        }
         let ready_us = accepted.elapsed().as_micros() as u64;
         let guard = self
             .registry
@@ -335,6 +346,8 @@ impl Proxy {
             "family": attribution.family,
             "cmdline": attribution.cmdline,
             "cgroup_id": attribution.cgroup_id,
+            "container": attribution.container,
+            "netns": attribution.netns,
         });
         if let Some(name) = via_proxy {
             event["egress_proxy"] = name.as_str().into();

@@ -59,6 +59,9 @@ pub struct ConnSnapshot {
     pub cmdline: Option<Vec<String>>,
     pub cgroup: Option<String>,
     pub cgroup_id: Option<u64>,
+    /// The caller's container (runtime, id, name), when its cgroup names one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container: Option<crate::attribution::Container>,
     pub backend: Option<String>,
     pub original_dst: Option<String>,
     pub family: Option<String>,
@@ -102,6 +105,7 @@ impl Entry {
             cmdline: a.and_then(|a| a.cmdline.clone()),
             cgroup: a.and_then(|a| a.cgroup.clone()),
             cgroup_id: a.map(|a| a.cgroup_id),
+            container: a.and_then(|a| a.container.clone()),
             backend: self.backend.clone(),
             original_dst: a.map(|a| a.original_dst.to_string()),
             family: a.map(|a| a.family.to_string()),

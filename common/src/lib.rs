@@ -28,7 +28,7 @@ pub mod names {
     pub const LOCAL_TARGETS: &str = "AIRLOCK_LTARGET";
     pub const REPORTS: &str = "AIRLOCK_REPORTS";
     pub const DROPS: &str = "AIRLOCK_DROPS";
-    pub const REPORTED: &str = "AIRLOCK_REPORTED";
+    pub const REPORTED: &str = "AIRLOCK_DROPREP";
     pub const CGROUP: &str = "AIRLOCK_CGROUP";
     pub const IFACES: &str = "AIRLOCK_IFACES";
     pub const NETNS: &str = "AIRLOCK_NETNS";
@@ -37,7 +37,7 @@ pub mod names {
     pub const PROG_CONNECT6: &str = "airlock_conn6";
     pub const PROG_SOCK_OPS: &str = "airlock_sockops";
     pub const PROG_EGRESS: &str = "airlock_egress";
-    pub const PROG_SOCKET_CREATE: &str = "airlock_sock_new";
+    pub const PROG_SOCKET_CREATE: &str = "airlock_socknew";
     pub const PROG_SETSOCKOPT: &str = "airlock_sockopt";
     pub const PROG_PACKET_OUT: &str = "airlock_pkt_out";
     pub const PROG_BIND4: &str = "airlock_bind4";

@@ -142,6 +142,7 @@ fn refusals(
         .collect()
 }
 
+/// (The census keeps to 198.18.0.0–198.18.99.255; the container tests use the range above.)
 /// A veth pair with a 198.18.0.0/15 address on one end (an "interface address" of the
 /// host; this kernel has no dummy interfaces), removed on drop.
 struct Veth {
@@ -192,7 +193,7 @@ fn every_address_form_and_connect_path_is_judged() {
     let port = backend.port();
     let veth_addr = format!(
         "198.18.{}.{}",
-        100 + std::process::id() % 100,
+        std::process::id() % 50,
         1 + std::process::id() % 250
     );
     let _veth = Veth::new(&format!("{veth_addr}/32"));
@@ -480,7 +481,7 @@ fn a_nat_rule_leading_to_a_backend_is_judged_after_translation() {
     // A port mapping set up before the agent: 198.18.x.y:9 → the backend.
     let front = format!(
         "198.18.{}.{}",
-        150 + std::process::id() % 50,
+        50 + std::process::id() % 25,
         1 + std::process::id() % 250
     );
     let _veth = Veth::new(&format!("{front}/32"));
@@ -630,7 +631,7 @@ fn an_egress_drop_ends_the_socket_that_sent_it_and_no_other() {
     let port = backend.port();
     let front = format!(
         "198.18.{}.{}",
-        200 + std::process::id() % 50,
+        75 + std::process::id() % 25,
         1 + std::process::id() % 250
     );
     let _veth = Veth::new(&format!("{front}/32"));

@@ -5,6 +5,7 @@
 
 mod archive;
 mod census;
+mod containers;
 mod events;
 mod events_flood;
 mod failclosed;

@@ -81,6 +81,19 @@ impl PeerServer {
         tls: bool,
         variant: u32,
     ) -> PeerServer {
+        Self::start_bound(dir, port, transport, tls, variant, "127.0.0.1")
+    }
+
+    /// Like [`PeerServer::start_variant`], listening on `bind` (e.g. `0.0.0.0` for clients in
+    /// containers).
+    pub fn start_bound(
+        dir: &Path,
+        port: u16,
+        transport: &str,
+        tls: bool,
+        variant: u32,
+        bind: &str,
+    ) -> PeerServer {
         // A restarted server keeps its certificate (the agent trusts its CA already).
         let (cert, key) = (dir.join("server.pem"), dir.join("server.key"));
         if !cert.exists() {
@@ -98,7 +111,7 @@ impl PeerServer {
         if tls {
             cmd.arg("--cert").arg(&cert).arg("--key").arg(&key);
         }
-        cmd.args(["--variant", &variant.to_string()]);
+        cmd.args(["--variant", &variant.to_string(), "--bind", bind]);
         if variant == STATELESS {
             cmd.args(["--stateless", "--variant", "1"]);
         }

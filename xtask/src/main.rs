@@ -31,6 +31,12 @@ const TEST_APT_PACKAGES: &[&str] = &[
     // before the agent, and `ping` (ICMP) that must keep working under the socket guard.
     "iptables",
     "iputils-ping",
+    // Containers (tests/privileged/containers.rs): Podman with runc and netavark.
+    "podman",
+    "runc",
+    "netavark",
+    "aardvark-dns",
+    "containernetworking-plugins",
     // The syslog receiver the audit-events tests send to.
     "rsyslog",
     // `cargo xtask package`: dpkg-shlibdeps, strip, and lintian to check the package;

@@ -49,6 +49,9 @@ pub struct SessionSummary {
     pub pid: Option<u32>,
     pub comm: Option<String>,
     pub exe: Option<String>,
+    /// The caller's container (`runtime:id`), from its cgroup path.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub container: Option<String>,
     pub backend: Option<String>,
     pub started: String,
     pub duration_ms: u64,
@@ -64,7 +67,7 @@ pub struct SessionSummary {
 }
 
 /// The columns a session listing reads: payloads and hashes stay on disk.
-const COLUMNS: [&str; 15] = [
+const COLUMNS: [&str; 16] = [
     "session_id",
     "mcp_session_id",
     "host",
@@ -74,6 +77,7 @@ const COLUMNS: [&str; 15] = [
     "pid",
     "comm",
     "exe",
+    "cgroup",
     "backend",
     "direction",
     "kind",
@@ -111,6 +115,7 @@ struct Tally {
     pid: Option<u32>,
     comm: Option<String>,
     exe: Option<String>,
+    cgroup: Option<String>,
     messages: u64,
     calls: u64,
     blocked: u64,
@@ -135,7 +140,7 @@ impl Tally {
         {
             self.who = Some(w);
             (self.user, self.uid, self.pid) = (o.user, o.uid, o.pid);
-            (self.comm, self.exe) = (o.comm, o.exe);
+            (self.comm, self.exe, self.cgroup) = (o.comm, o.exe, o.cgroup);
         }
         self.messages += o.messages;
         self.calls += o.calls;
@@ -246,6 +251,7 @@ fn merge_batch(
                 text("comm")?,
                 text("exe")?,
             );
+            let cgroups = text("cgroup")?;
             let (backends, directions, kinds, jsonrpc_ids, decisions) = (
                 text("backend")?,
                 text("direction")?,
@@ -319,6 +325,7 @@ fn merge_batch(
                     t.pid = opt32(pids, i);
                     t.comm = opt(comms, i);
                     t.exe = opt(exes, i);
+                    t.cgroup = opt(cgroups, i);
                 }
             }
         }
@@ -400,6 +407,11 @@ pub fn sessions(
                 pid: t.pid,
                 comm: t.comm,
                 exe: t.exe,
+                container: t
+                    .cgroup
+                    .as_deref()
+                    .and_then(crate::attribution::Container::from_cgroup)
+                    .map(|c| format!("{}:{}", c.runtime, c.id)),
                 backend,
                 started: rfc3339_micros(t.start),
                 duration_ms: u64::try_from((t.end - t.start) / 1000).unwrap_or(0),

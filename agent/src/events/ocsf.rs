@@ -119,7 +119,9 @@ fn approval_timed_out(r: &RecordInput) -> bool {
 /// The OCSF event for a record, when it reports a decision.
 pub fn from_record(r: &RecordInput, version: &str) -> Option<Value> {
     let decision = record_decision(r)?;
-    Some(api_activity(r, decision, version))
+    let mut ev = api_activity(r, decision, version);
+    declare_container_profile(&mut ev);
+    Some(ev)
 }
 
 /// One API Activity (6003) event for an MCP call decision.
@@ -418,6 +420,7 @@ pub fn from_event(e: &AgentEvent, host: &str, version: &str, now_ms: i64) -> Val
         }
     };
     strip_nulls(&mut ev);
+    declare_container_profile(&mut ev);
     ev
 }
 
@@ -567,24 +570,61 @@ fn api_activity_id(method: &str) -> (u32, String) {
 
 fn actor_of_record(r: &RecordInput) -> Value {
     let user = user_of(r.uid, r.user.as_deref());
-    actor(
-        json!(r.tgid),
-        json!(r.pid),
-        json!(r.comm),
-        user,
-        r.exe.as_deref(),
+    let container = r
+        .cgroup
+        .as_deref()
+        .and_then(crate::attribution::Container::from_cgroup);
+    with_container(
+        actor(
+            json!(r.tgid),
+            json!(r.pid),
+            json!(r.comm),
+            user,
+            r.exe.as_deref(),
+        ),
+        container.as_ref(),
     )
 }
 
 fn actor_of_attribution(a: &Attribution) -> Value {
     let user = user_of(Some(a.uid), a.user.as_deref());
-    actor(
-        json!(a.tgid),
-        json!(a.pid),
-        json!(a.comm),
-        user,
-        a.exe.as_deref(),
+    with_container(
+        actor(
+            json!(a.tgid),
+            json!(a.pid),
+            json!(a.comm),
+            user,
+            a.exe.as_deref(),
+        ),
+        a.container.as_ref(),
     )
+}
+
+/// `actor.process.container` (OCSF's container profile): the runtime's id, its name, the
+/// runtime, and the Kubernetes pod.
+fn with_container(mut actor: Value, c: Option<&crate::attribution::Container>) -> Value {
+    if let Some(c) = c {
+        let mut container = json!({ "uid": c.id, "runtime": c.runtime });
+        if let Some(name) = &c.name {
+            container["name"] = name.clone().into();
+        }
+        if let Some(pod) = &c.pod_uid {
+            container["pod_uuid"] = pod.clone().into();
+            container["orchestrator"] = "kubernetes".into();
+        }
+        actor["process"]["container"] = container;
+    }
+    actor
+}
+
+/// Declare the container profile on an event whose actor runs in a container.
+pub(crate) fn declare_container_profile(ev: &mut Value) {
+    if ev["actor"]["process"]["container"].is_object()
+        && let Some(p) = ev["metadata"]["profiles"].as_array_mut()
+        && !p.iter().any(|x| x == "container")
+    {
+        p.push("container".into());
+    }
 }
 
 /// `actor`: the process (thread group as `pid`, thread as `tid`) and its user.

@@ -26,11 +26,7 @@ use airlock_common::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap as BpfHashMap, LpmTrie, MapData, PerCpuArray, RingBuf, lpm_trie::Key},
-    programs::{
-        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr,
-        CgroupSockopt, SockOps,
-        links::{FdLink, PinnedLink},
-    },
+    programs::links::FdLink,
 };
 use tracing::{info, warn};
 
@@ -52,93 +48,6 @@ const LINKS: [(&str, &str); 8] = [
     ("setsockopt", names::PROG_SETSOCKOPT),
 ];
 
-impl Mechanisms {
-    /// Lines for `airlock status` and `airlock check-config`.
-    pub fn describe(&self) -> String {
-        let on = |b: bool| if b { "on" } else { "OFF" };
-        let mut out = format!(
-            "mechanisms: redirect {}  egress guard {}  socket guard {}  packet guard {}\n",
-            on(self.redirect),
-            on(self.egress_guard),
-            on(self.socket_guard),
-            if self.packet_guard.is_empty() {
-                "OFF".to_owned()
-            } else {
-                format!("on ({})", self.packet_guard.join(", "))
-            },
-        );
-        for note in &self.notes {
-            out.push_str(&format!("  note: {note}\n"));
-        }
-        out
-    }
-}
-
-/// Which mechanisms this kernel accepts: every program is loaded (verified) into maps of its
-/// own, none is attached. Needs root; without it, every mechanism reads as off with a note.
-pub fn probe() -> Mechanisms {
-    let mut m = Mechanisms {
-        redirect: true,
-        socket_guard: true,
-        ..Default::default()
-    };
-    let mut ebpf = match EbpfLoader::new().load(EBPF_OBJECT) {
-        Ok(e) => e,
-        Err(e) => {
-            m.notes
-                .push(format!("cannot load the programs: {e} (run as root)"));
-            return m;
-        }
-    };
-    for (_, prog_name) in LINKS.iter().chain([("", names::PROG_PACKET_OUT)].iter()) {
-        let Some(program) = ebpf.program_mut(prog_name) else {
-            m.notes
-                .push(format!("{prog_name}: missing from the object"));
-            continue;
-        };
-        let loaded = match program {
-            aya::programs::Program::CgroupSockAddr(p) => p.load(),
-            aya::programs::Program::SockOps(p) => p.load(),
-            aya::programs::Program::CgroupSkb(p) => p.load(),
-            aya::programs::Program::CgroupSock(p) => p.load(),
-            aya::programs::Program::CgroupSockopt(p) => p.load(),
-            aya::programs::Program::SchedClassifier(p) => p.load(),
-            _ => continue,
-        };
-        let ok = match loaded {
-            Ok(()) => true,
-            Err(e) => {
-                m.notes
-                    .push(format!("{prog_name}: rejected by this kernel: {e}"));
-                false
-            }
-        };
-        match *prog_name {
-            names::PROG_CONNECT4 | names::PROG_CONNECT6 | names::PROG_SOCK_OPS => {
-                m.redirect &= ok;
-            }
-            names::PROG_EGRESS => m.egress_guard = ok,
-            names::PROG_SOCKET_CREATE | names::PROG_SETSOCKOPT => m.socket_guard &= ok,
-            names::PROG_PACKET_OUT if ok => {
-                // tcx links (Linux 6.6) are what the guard attaches with.
-                if tcx_supported() {
-                    m.packet_guard = vec!["every interface".into()];
-                } else {
-                    m.notes
-                        .push("packet guard: tcx links need Linux 6.6 or later".into());
-                }
-            }
-            _ => {}
-        }
-    }
-    m
-}
-
-/// Whether the running kernel is 6.6 or later (tcx).
-fn tcx_supported() -> bool {
-    aya::util::KernelVersion::current().is_ok_and(|v| v >= aya::util::KernelVersion::new(6, 6, 0))
-}
-
 /// The socket guard's programs: without them the operator chose (`socket_guard`) between
 /// refusing to start and a warning.
 fn socket_guard_program(prog_name: &str) -> bool {
@@ -146,24 +55,6 @@ fn socket_guard_program(prog_name: &str) -> bool {
         prog_name,
         names::PROG_SOCKET_CREATE | names::PROG_SETSOCKOPT
     )
-}
-
-/// Which of the mechanisms that close the ways around the redirect run on this kernel
-/// (`airlock status`, `airlock check-config`).
-#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
-pub struct Mechanisms {
-    /// connect4/connect6 + sock_ops: the redirect itself.
-    pub redirect: bool,
-    /// The egress guard: TCP to a backend from a socket never redirected is dropped.
-    pub egress_guard: bool,
-    /// The socket guard (cgroup `sock_create`/`setsockopt`): raw IP sockets (but ICMP),
-    /// `IP_HDRINCL`, `PACKET_QDISC_BYPASS` and `AF_XDP` refused.
-    pub socket_guard: bool,
-    /// The packet guard (tcx egress on every interface): TCP to a backend from a packet socket
-    /// of the cgroup dropped. The interfaces it is attached to.
-    pub packet_guard: Vec<String>,
-    /// Why a mechanism is missing, for the operator.
-    pub notes: Vec<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -446,186 +337,6 @@ impl Kernel {
         }
         remove_old_maps(setup.bpffs_dir);
         Ok((kernel, own))
-    }
-
-    /// Load one program into the kernel (the verifier runs here) and return a duplicate of its
-    /// fd, for a possible `BPF_LINK_UPDATE`.
-    fn load_program(&mut self, prog_name: &'static str) -> Result<OwnedFd, KernelError> {
-        let program = self
-            ._ebpf
-            .program_mut(prog_name)
-            .ok_or(KernelError::Missing(prog_name))?;
-        let program_err = |source| KernelError::Program {
-            name: prog_name,
-            source,
-        };
-        let dup_err = |e: io::Error| KernelError::Bpffs {
-            path: PathBuf::from(prog_name),
-            message: format!("cannot duplicate the program fd: {e}"),
-        };
-        if prog_name == names::PROG_SOCK_OPS {
-            let p: &mut SockOps = program.try_into().map_err(program_err)?;
-            p.load().map_err(program_err)?;
-            p.fd()
-                .map_err(program_err)?
-                .as_fd()
-                .try_clone_to_owned()
-                .map_err(dup_err)
-        } else if prog_name == names::PROG_EGRESS {
-            let p: &mut CgroupSkb = program.try_into().map_err(program_err)?;
-            p.load().map_err(program_err)?;
-            p.fd()
-                .map_err(program_err)?
-                .as_fd()
-                .try_clone_to_owned()
-                .map_err(dup_err)
-        } else if prog_name == names::PROG_SOCKET_CREATE {
-            let p: &mut CgroupSock = program.try_into().map_err(program_err)?;
-            p.load().map_err(program_err)?;
-            p.fd()
-                .map_err(program_err)?
-                .as_fd()
-                .try_clone_to_owned()
-                .map_err(dup_err)
-        } else if prog_name == names::PROG_SETSOCKOPT {
-            let p: &mut CgroupSockopt = program.try_into().map_err(program_err)?;
-            p.load().map_err(program_err)?;
-            p.fd()
-                .map_err(program_err)?
-                .as_fd()
-                .try_clone_to_owned()
-                .map_err(dup_err)
-        } else {
-            let p: &mut CgroupSockAddr = program.try_into().map_err(program_err)?;
-            p.load().map_err(program_err)?;
-            p.fd()
-                .map_err(program_err)?
-                .as_fd()
-                .try_clone_to_owned()
-                .map_err(dup_err)
-        }
-    }
-
-    fn attach_one(
-        &mut self,
-        link_name: &'static str,
-        prog_name: &'static str,
-        prog_fd: &OwnedFd,
-        links_dir: &Path,
-        cgroup: &fs::File,
-        setup: &KernelSetup<'_>,
-    ) -> Result<Option<FdLink>, KernelError> {
-        let pin = links_dir.join(link_name);
-        if pin.exists() {
-            // A previous agent left the link pinned: swap our program in atomically.
-            let link_fd = sys::obj_get(&pin).map_err(bpffs_io(&pin))?;
-            sys::link_update(link_fd.as_fd(), prog_fd.as_fd()).map_err(|e| KernelError::Bpffs {
-                path: pin.clone(),
-                message: format!("cannot replace the program of the pinned link: {e}; run `airlock detach` and start again"),
-            })?;
-            info!(link = link_name, "took over pinned link");
-            let pinned = PinnedLink::from_pin(&pin).map_err(|e| KernelError::Bpffs {
-                path: pin.clone(),
-                message: e.to_string(),
-            })?;
-            return Ok(Some(pinned.into()));
-        }
-
-        if prog_name == names::PROG_SETSOCKOPT {
-            // aya 0.14 cannot hand over a sockopt link: created and pinned here.
-            let link = sys::cgroup_link_create(
-                prog_fd.as_fd(),
-                cgroup.as_fd(),
-                aya_obj::generated::bpf_attach_type::BPF_CGROUP_SETSOCKOPT,
-            )
-            .map_err(|e| KernelError::Bpffs {
-                path: setup.cgroup.to_owned(),
-                message: format!("cannot attach {prog_name}: {e}"),
-            })?;
-            info!(link = link_name, cgroup = %setup.cgroup.display(), "attached");
-            if setup.pin_links {
-                sys::obj_pin(link.as_fd(), &pin).map_err(|e| KernelError::Bpffs {
-                    path: pin.clone(),
-                    message: format!("cannot pin: {e}"),
-                })?;
-                let pinned = PinnedLink::from_pin(&pin).map_err(|e| KernelError::Bpffs {
-                    path: pin.clone(),
-                    message: e.to_string(),
-                })?;
-                return Ok(Some(pinned.into()));
-            }
-            self._raw_links.push(link);
-            return Ok(None);
-        }
-        let program = self
-            ._ebpf
-            .program_mut(prog_name)
-            .ok_or(KernelError::Missing(prog_name))?;
-        let program_err = |source| KernelError::Program {
-            name: prog_name,
-            source,
-        };
-        let attach_err = |source| KernelError::Attach {
-            name: prog_name,
-            cgroup: setup.cgroup.to_owned(),
-            source,
-        };
-        // On kernels >= 5.7 aya attaches cgroup programs with bpf_link (implicitly
-        // multi-attach, so other tools' programs on the same cgroup keep working).
-        let not_a_link = |e: aya::programs::links::LinkError| KernelError::Bpffs {
-            path: pin.clone(),
-            message: format!("{prog_name} was not attached with a bpf_link: {e}"),
-        };
-        let link: FdLink = if prog_name == names::PROG_SOCK_OPS {
-            let p: &mut SockOps = program.try_into().map_err(program_err)?;
-            let id = p
-                .attach(cgroup, CgroupAttachMode::Single)
-                .map_err(attach_err)?;
-            p.take_link(id)
-                .map_err(attach_err)?
-                .try_into()
-                .map_err(not_a_link)?
-        } else if prog_name == names::PROG_EGRESS {
-            let p: &mut CgroupSkb = program.try_into().map_err(program_err)?;
-            let id = p
-                .attach(
-                    cgroup,
-                    CgroupSkbAttachType::Egress,
-                    CgroupAttachMode::Single,
-                )
-                .map_err(attach_err)?;
-            p.take_link(id)
-                .map_err(attach_err)?
-                .try_into()
-                .map_err(not_a_link)?
-        } else if prog_name == names::PROG_SOCKET_CREATE {
-            let p: &mut CgroupSock = program.try_into().map_err(program_err)?;
-            let id = p
-                .attach(cgroup, CgroupAttachMode::Single)
-                .map_err(attach_err)?;
-            p.take_link(id)
-                .map_err(attach_err)?
-                .try_into()
-                .map_err(not_a_link)?
-        } else {
-            let p: &mut CgroupSockAddr = program.try_into().map_err(program_err)?;
-            let id = p
-                .attach(cgroup, CgroupAttachMode::Single)
-                .map_err(attach_err)?;
-            p.take_link(id)
-                .map_err(attach_err)?
-                .try_into()
-                .map_err(not_a_link)?
-        };
-        info!(link = link_name, cgroup = %setup.cgroup.display(), "attached");
-        if !setup.pin_links {
-            return Ok(Some(link));
-        }
-        let pinned = link.pin(&pin).map_err(|e| KernelError::Bpffs {
-            path: pin.clone(),
-            message: format!("cannot pin: {e}"),
-        })?;
-        Ok(Some(pinned.into()))
     }
 
     /// Make `AIRLOCK_TARGETS` (and the port bitmap gating it) equal to `targets`. New entries
@@ -951,8 +662,12 @@ fn ensure_bpffs(dir: &Path) -> Result<(), KernelError> {
     Ok(())
 }
 
+mod attach;
 mod local;
+mod mechanisms;
 mod packet_guard;
 mod sys;
+
+pub use mechanisms::{Mechanisms, probe};
 
 pub use local::{LOCAL_CHANGE_GROUPS, LocalAddrs};

@@ -118,6 +118,11 @@ pub(crate) fn subject_of(a: &Attribution, names: &NameCache) -> Subject {
         exe: a.exe.clone(),
         comm: a.comm.clone(),
         cgroup: a.cgroup.clone(),
+        container: a
+            .container
+            .iter()
+            .flat_map(|c| std::iter::once(c.id.clone()).chain(c.name.clone()))
+            .collect(),
     }
 }
 

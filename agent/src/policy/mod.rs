@@ -72,6 +72,9 @@ pub struct Subject {
     pub exe: Option<String>,
     pub comm: String,
     pub cgroup: Option<String>,
+    /// The caller's container: its id and, where the runtime gave it, its name (a `containers`
+    /// glob matches either).
+    pub container: Vec<String>,
 }
 
 /// The parts of an MCP message that rules look at.
@@ -209,6 +212,7 @@ struct Matchers {
     exe: Option<GlobSet>,
     comm: Option<GlobSet>,
     cgroup: Option<GlobSet>,
+    containers: Option<GlobSet>,
     uids: Option<Vec<u32>>,
     args: Vec<(String, Regex)>,
 }
@@ -575,6 +579,9 @@ impl Rule {
             && glob(&m.exe, subject.exe.as_deref())
             && glob(&m.comm, Some(&subject.comm))
             && glob(&m.cgroup, subject.cgroup.as_deref())
+            && m.containers
+                .as_ref()
+                .is_none_or(|set| subject.container.iter().any(|c| set.is_match(c)))
             && m.uids
                 .as_ref()
                 .is_none_or(|uids| uids.contains(&subject.uid))
@@ -680,6 +687,7 @@ struct RawRule {
     exe: Option<Vec<String>>,
     comm: Option<Vec<String>>,
     cgroup: Option<Vec<String>>,
+    containers: Option<Vec<String>>,
     #[serde(default)]
     args: BTreeMap<String, String>,
 }
@@ -788,6 +796,7 @@ fn build_rule(
         exe: globs("exe", raw.exe)?,
         comm: globs("comm", raw.comm)?,
         cgroup: globs("cgroup", raw.cgroup)?,
+        containers: globs("containers", raw.containers)?,
         uids: raw.uids,
         args,
     };

@@ -18,6 +18,7 @@ fn subject(user: &str, uid: u32) -> Subject {
         exe: Some("/usr/bin/python3.11".into()),
         comm: "python3".into(),
         cgroup: Some("/ci/job-42".into()),
+        container: Vec::new(),
     }
 }
 
@@ -234,6 +235,37 @@ uids = [1000]
             .verdict,
         Verdict::Allow
     );
+}
+
+#[test]
+fn container_matchers_match_the_id_or_the_name() {
+    let s = set(&[(
+        "c.toml",
+        r#"
+[[rule]]
+id = "no-shell-in-ci-jobs"
+action = "block"
+tools = ["shell"]
+containers = ["ci-job-*", "4f2a*"]
+"#,
+    )])
+    .unwrap();
+    let none = json!({});
+    let mut by_name = subject("root", 0);
+    by_name.container = vec!["9b9b".repeat(16), "ci-job-17".into()];
+    let mut by_id = subject("root", 0);
+    by_id.container = vec![format!("4f2a{}", "0".repeat(60))];
+    let mut other = subject("root", 0);
+    other.container = vec!["7777".repeat(16), "web".into()];
+    for (s_, blocked) in [
+        (&by_name, true),
+        (&by_id, true),
+        (&other, false),
+        (&subject("root", 0), false),
+    ] {
+        let v = s.decide(s_, &call("shell", &none)).verdict;
+        assert_eq!(v != Verdict::Allow, blocked, "{:?}: {v:?}", s_.container);
+    }
 }
 
 #[test]

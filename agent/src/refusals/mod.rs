@@ -19,7 +19,7 @@
 //! exactly.
 
 use std::{
-    collections::{HashMap, HashSet, VecDeque},
+    collections::HashMap,
     net::SocketAddr,
     os::fd::{AsFd as _, AsRawFd as _, OwnedFd},
     path::Path,
@@ -29,12 +29,16 @@ use std::{
 
 use airlock_common::{ConnMeta, Report, report};
 use aya::maps::{MapData, RingBuf};
-use tracing::{info, warn};
+use tracing::warn;
+
+mod sweep;
+
+use sweep::end_socket;
+pub use sweep::{sweep, sweep_in};
 
 use crate::{
     archive::{MaskedPayload, RecordInput},
     attribution::Attribution,
-    kernel::LocalAddrs,
     proxy::Proxy,
     registry::ConnState,
     sockdiag::{self, TcpSocket},
@@ -88,207 +92,6 @@ pub fn spawn(
                 reader.check_lost();
             }
         })
-}
-
-/// End every connection of the cgroup to a backend that did not go through Airlock. Returns
-/// how many were ended.
-pub fn sweep(proxy: &Arc<Proxy>, cgroup: &Path, own_map: &OwnedFd) -> usize {
-    let sockets = match sockdiag::tcp_sockets(Some(own_map.as_fd())) {
-        Ok(s) => s,
-        Err(e) => {
-            warn!(error = %e, "cannot list the host's TCP sockets: connections opened before the agent are not ended (the egress guard still drops their traffic to backends)");
-            return 0;
-        }
-    };
-    let governed = crate::cgroup::subtree_ids(cgroup, 1 << 16);
-    let local = proxy
-        .kernel
-        .lock()
-        .map(|k| k.local_addrs().clone())
-        .unwrap_or_default();
-    let targets: Vec<SocketAddr> = proxy
-        .targets
-        .read()
-        .map(|t| t.iter().map(|t| t.addr).collect())
-        .unwrap_or_default();
-    let listeners: Vec<&TcpSocket> = sockets.iter().filter(|s| s.is_listener()).collect();
-    let mut ended = 0;
-    for s in &sockets {
-        if s.own
-            || matches!(
-                s.state,
-                sockdiag::state::LISTEN | sockdiag::state::TIME_WAIT | sockdiag::state::CLOSE
-            )
-            || !s.cgroup_id.is_some_and(|c| governed.contains(&c))
-        {
-            continue;
-        }
-        let Some(target) = backend_reached(s.remote, &targets, &local, &listeners) else {
-            continue;
-        };
-        let reason = format!(
-            "a connection to backend address {target} that was open before Airlock attached its programs (or opened while it started): ended so the client reconnects through Airlock"
-        );
-        if end_socket(proxy, s, "airlock:opened_before_agent", &reason) {
-            ended += 1;
-        }
-    }
-    if ended > 0 {
-        info!(
-            ended,
-            "ended connections to backends that were opened before the programs were attached"
-        );
-    }
-    ended
-}
-
-/// The backend address `remote` reaches: a target, or a local address whose listening socket
-/// is a local target's (the rule `agent-ebpf/src/dest.rs` applies in the kernel).
-fn backend_reached(
-    remote: SocketAddr,
-    targets: &[SocketAddr],
-    local: &LocalAddrs,
-    listeners: &[&TcpSocket],
-) -> Option<SocketAddr> {
-    let canon = |a: SocketAddr| SocketAddr::new(crate::keys::canonical_ip(a.ip()), a.port());
-    let remote = canon(remote);
-    if let Some(t) = targets.iter().find(|t| canon(**t) == remote) {
-        return Some(*t);
-    }
-    if !local.contains(remote.ip()) {
-        return None;
-    }
-    let reached = listener_for(remote, listeners)?;
-    targets
-        .iter()
-        .filter(|t| t.port() == remote.port() && local.contains(t.ip()))
-        .find(|t| listener_for(canon(**t), listeners).is_some_and(|l| l.same_server(&reached)))
-        .copied()
-}
-
-/// A listening socket, by what the kernel matches on: its family and bound address.
-struct Bound {
-    v6: bool,
-    addr: std::net::IpAddr,
-}
-
-impl Bound {
-    fn wildcard(&self) -> bool {
-        self.addr.is_unspecified()
-    }
-    fn same_server(&self, other: &Bound) -> bool {
-        (self.wildcard() && other.wildcard()) || (self.v6 == other.v6 && self.addr == other.addr)
-    }
-}
-
-/// The listener a connection to `to` reaches: one bound to that address, else a wildcard
-/// one (IPv4 `0.0.0.0` for IPv4, `::` for both when it is not IPv6-only — approximated as
-/// both).
-fn listener_for(to: SocketAddr, listeners: &[&TcpSocket]) -> Option<Bound> {
-    let port_matches = listeners.iter().filter(|l| l.local.port() == to.port());
-    let mut wildcard = None;
-    for l in port_matches {
-        let bound = crate::keys::canonical_ip(l.local.ip());
-        if bound == to.ip() {
-            return Some(Bound {
-                v6: l.family == libc::AF_INET6 as u8,
-                addr: bound,
-            });
-        }
-        if bound.is_unspecified() {
-            wildcard = Some(Bound {
-                v6: l.family == libc::AF_INET6 as u8,
-                addr: bound,
-            });
-        }
-    }
-    wildcard
-}
-
-/// Attribute, record, event and destroy one socket. `false` when it was already ended.
-fn end_socket(proxy: &Arc<Proxy>, s: &TcpSocket, rule: &str, reason: &str) -> bool {
-    let first = ENDED.lock().map(|mut e| e.insert(s.cookie)).unwrap_or(true);
-    if !first {
-        return false;
-    }
-    let holders = sockdiag::holders(Path::new("/proc"), s.inode, PROC_SCAN_LIMIT);
-    let attribution = attribute(
-        proxy,
-        holders.first().copied(),
-        s.uid,
-        s.cgroup_id,
-        s.remote,
-    );
-    let destroyed = sockdiag::destroy(s);
-    let outcome = match &destroyed {
-        Ok(()) => "ended".to_owned(),
-        Err(e) => format!("could not be ended ({e}); its traffic to the backend is dropped"),
-    };
-    let guard = proxy
-        .registry
-        .open(s.local, Some(attribution.clone()), None);
-    guard.finish(ConnState::Rejected, format!("{reason} ({outcome})"));
-    proxy
-        .counters
-        .ended_unredirected
-        .fetch_add(1, Ordering::Relaxed);
-    warn!(
-        rule,
-        client = %s.local,
-        server = %s.remote,
-        pid = attribution.tgid,
-        uid = s.uid,
-        outcome,
-        "a connection to a backend that Airlock never judged"
-    );
-    crate::observe::event(crate::observe::AgentEvent::ConnectionRejected {
-        reason: reason.to_owned(),
-        client: s.local.to_string(),
-        actor: Some(Box::new(attribution.clone())),
-        destination: Some(s.remote.to_string()),
-    });
-    let payload = serde_json::json!({
-        "event": "ended",
-        "client": s.local.to_string(),
-        "server": s.remote.to_string(),
-        "holders": holders,
-        "reason": reason,
-        "outcome": outcome,
-    });
-    record(proxy, guard.id(), rule, Some(&attribution), payload);
-    true
-}
-
-/// Cookies of sockets already ended (by the sweep or a drop report), bounded.
-static ENDED: std::sync::LazyLock<std::sync::Mutex<BoundedSet>> =
-    std::sync::LazyLock::new(|| std::sync::Mutex::new(BoundedSet::new(4096)));
-
-struct BoundedSet {
-    set: HashSet<u64>,
-    order: VecDeque<u64>,
-    cap: usize,
-}
-
-impl BoundedSet {
-    fn new(cap: usize) -> Self {
-        Self {
-            set: HashSet::new(),
-            order: VecDeque::new(),
-            cap,
-        }
-    }
-    fn insert(&mut self, v: u64) -> bool {
-        if !self.set.insert(v) {
-            return false;
-        }
-        self.order.push_back(v);
-        if self.order.len() > self.cap
-            && let Some(old) = self.order.pop_front()
-        {
-            self.set.remove(&old);
-        }
-        true
-    }
 }
 
 /// Who a socket belongs to: the first process holding it (from `/proc`), else only its uid.
@@ -610,12 +413,20 @@ impl Reader {
             );
             // The cookie names the socket exactly; its own remote address may be the one
             // before NAT.
-            match sockets
+            let in_host = sockets
                 .iter()
                 .find(|s| s.cookie == r.cookie && !s.is_listener())
-            {
-                Some(s) => {
-                    end_socket(&self.proxy, s, "airlock:unredirected_tcp", &reason);
+                .map(|s| (s.clone(), None));
+            let found = in_host.or_else(|| self.find_in_namespaces(r.cookie));
+            match found {
+                Some((s, ns)) => {
+                    end_socket(
+                        &self.proxy,
+                        &s,
+                        "airlock:unredirected_tcp",
+                        &reason,
+                        ns.as_ref(),
+                    );
                 }
                 None => {
                     // Gone already, or not a TCP socket (raw): record what the kernel saw,
@@ -649,6 +460,29 @@ impl Reader {
                 }
             }
         }
+    }
+
+    /// A socket of a served namespace, by cookie (the egress guard runs for the cgroup's
+    /// sockets in every namespace).
+    fn find_in_namespaces(
+        &self,
+        cookie: u64,
+    ) -> Option<(TcpSocket, Option<Arc<crate::netns::Netns>>)> {
+        let namespaces = self.proxy.namespaces.lock().ok()?.list();
+        for ns in namespaces {
+            let Ok(map) = self.own_map.try_clone() else {
+                continue;
+            };
+            let listed = ns.run(move || sockdiag::tcp_sockets(Some(map.as_fd())));
+            if let Ok(Ok(sockets)) = listed
+                && let Some(s) = sockets
+                    .into_iter()
+                    .find(|s| s.cookie == cookie && !s.is_listener())
+            {
+                return Some((s, Some(ns)));
+            }
+        }
+        None
     }
 
     /// Frames of packet sockets holding TCP to a backend: the socket's holder found through
@@ -726,19 +560,4 @@ fn lost(proxy: &Proxy) -> u64 {
 
 fn unspecified() -> SocketAddr {
     SocketAddr::from(([0, 0, 0, 0], 0))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn bounded_set_forgets_the_oldest() {
-        let mut s = BoundedSet::new(2);
-        assert!(s.insert(1));
-        assert!(!s.insert(1));
-        assert!(s.insert(2));
-        assert!(s.insert(3));
-        assert!(s.insert(1), "1 was forgotten when 3 came");
-    }
 }
