@@ -14,7 +14,10 @@
 
 use core::ffi::c_void;
 
-use airlock_common::{Counter, LOCAL_TARGETS_PER_PORT, LocalKey, LocalTargets, TargetKey, matched};
+use airlock_common::{
+    Counter, LOCAL_TARGETS_PER_PORT, LocalKey, LocalTargets, SCOPE_CGROUPS, Scope, TargetKey,
+    matched,
+};
 use aya_ebpf::{
     bindings::{BPF_F_CURRENT_NETNS, bpf_sock, bpf_sock_tuple},
     helpers::generated::{bpf_sk_lookup_tcp, bpf_sk_release},
@@ -34,6 +37,30 @@ static LOCAL: LpmTrie<[u32; 4], u32> =
 #[map(name = "AIRLOCK_LTARGET")]
 static LOCAL_TARGETS: HashMap<u32, LocalTargets> =
     HashMap::with_max_entries(airlock_common::capacity::LOCAL_TARGETS, 0);
+
+/// Targets redirected only for some cgroups (egress proxies with `cgroups`), by target id.
+#[map(name = "AIRLOCK_SCOPES")]
+static SCOPES: HashMap<u32, Scope> = HashMap::with_max_entries(airlock_common::capacity::SCOPES, 0);
+
+/// Whether target `id` is governed for the socket whose cgroup ancestor at a level is
+/// `ancestor(level)`: always, unless the target has a scope and no scope cgroup is an ancestor.
+#[inline(always)]
+pub fn in_scope(id: u32, ancestor: impl Fn(u32) -> u64) -> bool {
+    // SAFETY: the map value is plain data.
+    let Some(scope) = (unsafe { SCOPES.get(&id) }) else {
+        return true;
+    };
+    let n = scope.count as usize;
+    for i in 0..SCOPE_CGROUPS {
+        if i >= n {
+            break;
+        }
+        if ancestor(scope.levels[i]) == scope.ids[i] {
+            return true;
+        }
+    }
+    false
+}
 
 /// What a destination is.
 #[derive(Clone, Copy)]

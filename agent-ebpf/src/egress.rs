@@ -24,7 +24,7 @@ use aya_ebpf::{
     btf_maps::SkStorage,
     helpers::generated::{
         bpf_get_socket_cookie, bpf_get_socket_uid, bpf_ktime_get_boot_ns, bpf_sk_fullsock,
-        bpf_sk_storage_get, bpf_skb_cgroup_id, bpf_skb_under_cgroup,
+        bpf_sk_storage_get, bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id, bpf_skb_under_cgroup,
     },
     macros::{btf_map, cgroup_skb, classifier, map},
     maps::{CgroupArray, HashMap, RingBuf},
@@ -141,6 +141,15 @@ fn try_egress(ctx: &SkBuffContext) -> i32 {
             };
             match dest::judge(ctx.as_ptr(), &key) {
                 Judged::Other => return ALLOW,
+                // A scoped target (an egress proxy) of another cgroup is not governed here.
+                // SAFETY: the program's context; any level is valid.
+                Judged::Backend(m)
+                    if !dest::in_scope(m.backend_id, |level| unsafe {
+                        bpf_skb_ancestor_cgroup_id(skb, level as i32)
+                    }) =>
+                {
+                    return ALLOW;
+                }
                 Judged::Backend(m) => m.backend_id,
                 Judged::Ambiguous => u32::MAX,
             }

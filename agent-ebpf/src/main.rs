@@ -42,9 +42,9 @@ use aya_ebpf::{
     helpers::{
         bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
         generated::{
-            bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_netns_cookie,
-            bpf_get_socket_cookie, bpf_ktime_get_boot_ns, bpf_sk_storage_delete,
-            bpf_sk_storage_get,
+            bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_current_comm,
+            bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_boot_ns,
+            bpf_sk_storage_delete, bpf_sk_storage_get,
         },
     },
     macros::{btf_map, cgroup_sock_addr, map, sock_ops},
@@ -411,6 +411,13 @@ fn redirect_verdict(
         }
     };
     let backend_id = found.backend_id;
+    // SAFETY: a helper of cgroup programs; any level is valid (0 past the leaf).
+    if !dest::in_scope(backend_id, |level| unsafe {
+        bpf_get_current_ancestor_cgroup_id(level as i32)
+    }) {
+        count(Counter::MissOutOfScope);
+        return Redirect::Pass;
+    }
     let unspecified = dialed[0] == 0
         && dialed[1] == 0
         && (dialed[2] == 0 || dialed[2] == 0xffff_u32.to_be())

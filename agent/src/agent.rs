@@ -27,6 +27,8 @@ use crate::{
 pub enum RunError {
     #[error(transparent)]
     Config(#[from] ConfigError),
+    #[error("{0}")]
+    Scope(String),
     #[error("airlock run needs root (it loads eBPF programs and marks sockets); you are uid {0}")]
     NotRoot(u32),
     #[error(
@@ -120,6 +122,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     }
     info!(policy = %policies.current().hash, rules = policies.current().rule_count(), "policies loaded");
     let cgroup = cgroup::resolve(config.cgroup.as_deref())?;
+    let scopes = proxy_scopes(&config, &cgroup)?;
 
     let v4 = SocketAddr::from((Ipv4Addr::LOCALHOST, config.listen_port));
     let v6 = SocketAddr::from((Ipv6Addr::LOCALHOST, config.listen_port));
@@ -150,6 +153,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
             pin_links: config.on_agent_down == OnAgentDown::Block,
             require_socket_guard: config.socket_guard == crate::config::SocketGuard::Require,
             host_netns,
+            scopes: &scopes,
         },
         &targets,
     )?;
@@ -957,4 +961,19 @@ fn status(proxy: &Proxy, cgroup: &str, started_at: SystemTime) -> Status {
             })
             .unwrap_or_default(),
     }
+}
+
+/// The kernel scopes of the egress proxies that name `cgroups`, by target id.
+fn proxy_scopes(
+    config: &Config,
+    attached: &std::path::Path,
+) -> Result<Vec<(u32, airlock_common::Scope)>, RunError> {
+    let mount = cgroup::resolve(None)?;
+    let mut scopes = Vec::new();
+    for (i, p) in config.egress_proxies.iter().enumerate() {
+        if let Some(scope) = p.scope(&mount, attached).map_err(RunError::Scope)? {
+            scopes.push((crate::config::proxy_id(i), scope));
+        }
+    }
+    Ok(scopes)
 }

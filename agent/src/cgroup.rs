@@ -79,6 +79,42 @@ pub fn subtree_ids(root: &Path, limit: usize) -> std::collections::HashSet<u64> 
     ids
 }
 
+/// A cgroup named by its path below the cgroup2 mount (`/system.slice/runner.service`), as the
+/// kernel programs match it: its id and its depth (the root is 0).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Named {
+    pub dir: PathBuf,
+    pub id: u64,
+    pub level: u32,
+}
+
+/// Find `rel` below `mount`; it must exist, be a cgroup2 directory and lie within `attached`
+/// (elsewhere nothing is redirected). The error says which of these failed.
+pub fn named(mount: &Path, attached: &Path, rel: &str) -> Result<Named, String> {
+    use std::os::unix::fs::MetadataExt as _;
+    let parts: Vec<&str> = rel.split('/').filter(|p| !p.is_empty()).collect();
+    let dir = parts.iter().fold(mount.to_owned(), |d, p| d.join(p));
+    let meta =
+        std::fs::metadata(&dir).map_err(|e| format!("cgroup `{rel}` ({}): {e}", dir.display()))?;
+    if !meta.is_dir() || !is_cgroup2(&dir) {
+        return Err(format!(
+            "cgroup `{rel}` ({}) is not a cgroup v2 directory",
+            dir.display()
+        ));
+    }
+    if !dir.starts_with(attached) {
+        return Err(format!(
+            "cgroup `{rel}` is outside the attached cgroup {}: nothing there is redirected",
+            attached.display()
+        ));
+    }
+    Ok(Named {
+        id: meta.ino(),
+        level: parts.len() as u32,
+        dir,
+    })
+}
+
 /// Whether `path` is a directory on a cgroup2 filesystem.
 pub fn is_cgroup2(path: &Path) -> bool {
     nix::sys::statfs::statfs(path)
@@ -134,5 +170,30 @@ mod tests {
             resolve(Some(Path::new("/tmp"))),
             Err(CgroupError::NotCgroup2(_))
         ));
+    }
+
+    #[test]
+    fn named_cgroups_are_checked_and_measured() {
+        let tmp = std::env::temp_dir();
+        let err = named(&tmp, &tmp, "/").unwrap_err();
+        assert!(err.contains("not a cgroup v2 directory"), "{err}");
+        let err = named(&tmp, &tmp, "/no/such/airlock-cgroup").unwrap_err();
+        assert!(err.contains("/no/such/airlock-cgroup"), "{err}");
+        // The machines this runs on have a cgroup2 mount (the privileged tests need one).
+        let mount = resolve(None).expect("a cgroup2 mount");
+        let root = named(&mount, &mount, "/").unwrap();
+        assert_eq!(root.level, 0);
+        let child = std::fs::read_dir(&mount)
+            .unwrap()
+            .flatten()
+            .find(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+            .map(|e| e.file_name().to_string_lossy().into_owned());
+        if let Some(child) = child {
+            let below = named(&mount, &mount, &format!("/{child}")).unwrap();
+            assert_eq!(below.level, 1);
+            assert_ne!(below.id, root.id);
+            let err = named(&mount, &mount.join("elsewhere"), &format!("/{child}")).unwrap_err();
+            assert!(err.contains("outside the attached cgroup"), "{err}");
+        }
     }
 }

@@ -461,12 +461,19 @@ fn main() -> ExitCode {
                     println!("{}: ok", config.path.display());
                     for t in targets {
                         let name = match config.target(t.backend_id) {
-                            Some(airlock::config::TargetRef::Proxy(_, p)) => {
+                            Some(airlock::config::TargetRef::Proxy(_, p)) if p.cgroups.is_empty() => {
                                 format!("egress proxy {}", p.name)
+                            }
+                            Some(airlock::config::TargetRef::Proxy(_, p)) => {
+                                format!("egress proxy {}, for cgroups {}", p.name, p.cgroups.join(" "))
                             }
                             _ => format!("backend {}", config.target_name(t.backend_id)),
                         };
                         println!("  redirect {} -> agent ({name})", t.addr);
+                    }
+                    if let Err(e) = check_scopes(&config) {
+                        eprintln!("airlock: {e}: `airlock run` would refuse to start");
+                        return ExitCode::from(1);
                     }
                     // What this kernel accepts of the programs (loaded and verified, never
                     // attached).
@@ -489,6 +496,19 @@ fn main() -> ExitCode {
             },
         }
     })
+}
+
+/// Whether every egress proxy's `cgroups` exist within the attached cgroup.
+fn check_scopes(config: &Config) -> Result<(), String> {
+    if config.egress_proxies.iter().all(|p| p.cgroups.is_empty()) {
+        return Ok(());
+    }
+    let mount = airlock::cgroup::resolve(None).map_err(|e| e.to_string())?;
+    let attached = airlock::cgroup::resolve(config.cgroup.as_deref()).map_err(|e| e.to_string())?;
+    for p in &config.egress_proxies {
+        p.scope(&mount, &attached)?;
+    }
+    Ok(())
 }
 
 /// An RFC 3339 time as microseconds since the epoch, or a usage error.

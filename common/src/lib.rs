@@ -32,6 +32,7 @@ pub mod names {
     pub const CGROUP: &str = "AIRLOCK_CGROUP";
     pub const IFACES: &str = "AIRLOCK_IFACES";
     pub const NETNS: &str = "AIRLOCK_NETNS";
+    pub const SCOPES: &str = "AIRLOCK_SCOPES";
 
     pub const PROG_CONNECT4: &str = "airlock_conn4";
     pub const PROG_CONNECT6: &str = "airlock_conn6";
@@ -44,7 +45,7 @@ pub mod names {
     pub const PROG_BIND6: &str = "airlock_bind6";
 
     /// Every map, for pinning and for `airlock detach`.
-    pub const MAPS: [&str; 15] = [
+    pub const MAPS: [&str; 16] = [
         CONFIG,
         TARGETS,
         PORTS,
@@ -60,6 +61,7 @@ pub mod names {
         CGROUP,
         IFACES,
         NETNS,
+        SCOPES,
     ];
 }
 
@@ -81,6 +83,8 @@ pub mod capacity {
     pub const IFACES: u32 = 4096;
     /// Network namespaces the agent listens in (containers).
     pub const NETNS: u32 = 16384;
+    /// Targets (egress proxies) with a cgroup scope.
+    pub const SCOPES: u32 = 64;
 }
 
 /// Backends on local addresses that share one port: at most this many per port.
@@ -217,6 +221,22 @@ pub struct LocalKey {
 pub struct LocalTargets {
     pub addrs: [[u32; 4]; LOCAL_TARGETS_PER_PORT],
     pub backend_ids: [u32; LOCAL_TARGETS_PER_PORT],
+    pub count: u32,
+    pub _pad: u32,
+}
+
+/// Cgroups one scoped target (an egress proxy) is redirected for: at most this many.
+pub const SCOPE_CGROUPS: usize = 8;
+
+/// Value of `AIRLOCK_SCOPES`, keyed by target id (`u32`): a target in this map is redirected
+/// (and guarded) only for sockets whose cgroup is one of `ids` or below it. `levels[i]` is the
+/// depth of `ids[i]` in the cgroup v2 hierarchy (the root is 0), the argument of the ancestor
+/// helpers. A target absent from the map is redirected for the whole attached cgroup.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Scope {
+    pub ids: [u64; SCOPE_CGROUPS],
+    pub levels: [u32; SCOPE_CGROUPS],
     pub count: u32,
     pub _pad: u32,
 }
@@ -381,10 +401,12 @@ pub enum Counter {
     RefusedNetnsNotEnrolled,
     /// Refused a bind() to the agent's port.
     RefusedAgentPortBind,
+    /// A connect() to a scoped target (an egress proxy) from outside its cgroups: passed on.
+    MissOutOfScope,
 }
 
 impl Counter {
-    pub const COUNT: u32 = 24;
+    pub const COUNT: u32 = 25;
     pub const ALL: [Counter; Self::COUNT as usize] = [
         Counter::SkipNotTcp,
         Counter::SkipUnconfigured,
@@ -410,6 +432,7 @@ impl Counter {
         Counter::RedirectOtherNetns,
         Counter::RefusedNetnsNotEnrolled,
         Counter::RefusedAgentPortBind,
+        Counter::MissOutOfScope,
     ];
 
     /// The name `airlock status` shows.
@@ -439,6 +462,7 @@ impl Counter {
             Counter::RedirectOtherNetns => "redirect_other_netns",
             Counter::RefusedNetnsNotEnrolled => "refused_netns_not_enrolled",
             Counter::RefusedAgentPortBind => "refused_agent_port_bind",
+            Counter::MissOutOfScope => "miss_out_of_scope",
         }
     }
 }
@@ -454,6 +478,7 @@ mod user {
     unsafe impl aya::Pod for super::LocalKey {}
     unsafe impl aya::Pod for super::LocalTargets {}
     unsafe impl aya::Pod for super::Report {}
+    unsafe impl aya::Pod for super::Scope {}
 }
 
 #[cfg(test)]

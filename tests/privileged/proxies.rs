@@ -30,6 +30,15 @@ struct Proxied {
 }
 
 fn proxied(name: &str, start: impl FnOnce(&Path, u16) -> RealProxy) -> Option<Proxied> {
+    proxied_with(name, |_| String::new(), start)
+}
+
+/// [`proxied`] with more keys in the `[[egress_proxy]]` table (`extra`, given the cgroup).
+fn proxied_with(
+    name: &str,
+    extra: impl FnOnce(&TestCgroup) -> String,
+    start: impl FnOnce(&Path, u16) -> RealProxy,
+) -> Option<Proxied> {
     if !privileged() {
         return None;
     }
@@ -46,8 +55,9 @@ fn proxied(name: &str, start: impl FnOnce(&Path, u16) -> RealProxy) -> Option<Pr
     std::fs::write(
         &agent.config,
         format!(
-            "{config}\n[[egress_proxy]]\nname = \"corp\"\nhost = \"127.0.0.1\"\nport = {}\n",
-            proxy.port
+            "{config}\n[[egress_proxy]]\nname = \"corp\"\nhost = \"127.0.0.1\"\nport = {}\n{}\n",
+            proxy.port,
+            extra(&cg)
         ),
     )
     .unwrap();
@@ -563,4 +573,55 @@ fn connections_to_the_proxy_fail_closed_while_the_agent_is_down() {
         String::from_utf8_lossy(&outside).starts_with("HTTP/1.1 400"),
         "squid answers whoever is not governed"
     );
+}
+
+/// A proxy with `cgroups` is intercepted for processes in those cgroups only: a process of the
+/// attached cgroup outside them reaches the real proxy directly (neither redirected nor
+/// dropped by the egress guard), and its requests are not Airlock's to judge or record.
+#[test]
+fn a_proxy_scoped_to_cgroups_is_intercepted_for_them_only() {
+    let Some(mut p) = proxied_with(
+        "proxy-squid-scope",
+        |cg| {
+            // Children of the attached cgroup, made before the agent checks they exist.
+            for child in ["in", "out"] {
+                std::fs::create_dir_all(cg.path.join(child)).unwrap();
+            }
+            let name = cg.path.file_name().unwrap().to_str().unwrap();
+            format!("cgroups = [\"/{name}/in\"]")
+        },
+        |dir, _| RealProxy::squid(dir, "http_access allow all"),
+    ) else {
+        return;
+    };
+    let sub = |child: &str| TestCgroup {
+        path: p.cg.path.join(child),
+    };
+    let (inside, outside) = (sub("in"), sub("out"));
+    let probe = |cg: &TestCgroup| {
+        let mut cmd = cg.command(PYTHON);
+        cmd.args(["-c", PROBES, &p.proxy.port.to_string()])
+            .arg(serde_json::to_string(&["hello\r\n\r\n"]).unwrap());
+        let (pid, out) = run(cmd);
+        let got = json_of(&out);
+        (pid, got["answers"][0].as_str().unwrap().to_owned())
+    };
+    let (in_pid, in_answer) = probe(&inside);
+    assert!(
+        in_answer.starts_with("HTTP/1.1 400 ") && in_answer.contains("malformed proxy request"),
+        "Airlock answers the scoped cgroup: {in_answer}"
+    );
+    let (out_pid, out_answer) = probe(&outside);
+    assert!(
+        out_answer.starts_with("HTTP/1.1 400 ") && !out_answer.contains("malformed proxy request"),
+        "squid answers the rest: {out_answer}"
+    );
+    assert!(p.agent.kernel_counter("miss_out_of_scope") >= 1);
+    let records = p.records();
+    assert_eq!(proxy_requests(&records, in_pid).len(), 1, "{records:#?}");
+    assert!(
+        records.iter().all(|r| r["tgid"] != out_pid),
+        "nothing recorded for the process outside the scope"
+    );
+    drop((inside, outside));
 }

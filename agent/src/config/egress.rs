@@ -26,6 +26,9 @@ pub struct EgressProxy {
     pub port: u16,
     /// Static addresses; when empty, `host` is resolved (A and AAAA) and refreshed.
     pub addresses: Vec<IpAddr>,
+    /// The cgroups (as `/proc/PID/cgroup` names them, below the cgroup2 mount) whose
+    /// processes' connections to this proxy are redirected; empty: the whole attached cgroup.
+    pub cgroups: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -36,6 +39,35 @@ pub(super) struct RawEgressProxy {
     port: u16,
     #[serde(default)]
     addresses: Vec<String>,
+    #[serde(default)]
+    cgroups: Vec<String>,
+}
+
+impl EgressProxy {
+    /// The kernel scope of this proxy: `None` when it has no `cgroups` (the whole attached
+    /// cgroup). Each cgroup must exist below `mount` and within `attached`.
+    pub fn scope(
+        &self,
+        mount: &std::path::Path,
+        attached: &std::path::Path,
+    ) -> Result<Option<airlock_common::Scope>, String> {
+        if self.cgroups.is_empty() {
+            return Ok(None);
+        }
+        let mut scope = airlock_common::Scope::default();
+        for (i, rel) in self.cgroups.iter().enumerate() {
+            let named = crate::cgroup::named(mount, attached, rel)
+                .map_err(|e| format!("egress proxy `{}`: {e}", self.name))?;
+            // The validator bounds the list to the array's length.
+            let (Some(id), Some(level)) = (scope.ids.get_mut(i), scope.levels.get_mut(i)) else {
+                return Err(format!("egress proxy `{}`: too many cgroups", self.name));
+            };
+            *id = named.id;
+            *level = named.level;
+            scope.count += 1;
+        }
+        Ok(Some(scope))
+    }
 }
 
 /// What a kernel target id (`ConnMeta::backend_id`) names.
@@ -118,14 +150,50 @@ impl Validator<'_> {
                     return Err(self.err(format!("egress_proxy[{i}].addresses"), why));
                 }
             }
+            let cgroups = self.scope_cgroups(i, p.cgroups)?;
             out.push(EgressProxy {
                 name: p.name,
                 host: p.host,
                 port: p.port,
                 addresses,
+                cgroups,
             });
         }
         Ok(out)
+    }
+}
+
+impl Validator<'_> {
+    /// `egress_proxy[i].cgroups`: absolute cgroup paths, each once, at most
+    /// [`airlock_common::SCOPE_CGROUPS`]. Whether they exist is checked when the agent starts.
+    fn scope_cgroups(&self, i: usize, raw: Vec<String>) -> Result<Vec<String>, ConfigError> {
+        let key = format!("egress_proxy[{i}].cgroups");
+        if raw.len() > airlock_common::SCOPE_CGROUPS {
+            return Err(self.err(
+                &key,
+                format!("at most {} cgroups", airlock_common::SCOPE_CGROUPS),
+            ));
+        }
+        let mut seen = BTreeSet::new();
+        for c in &raw {
+            let bad = !c.starts_with('/')
+                || c.len() < 2
+                || c.split('/')
+                    .skip(1)
+                    .any(|part| part.is_empty() || part == "." || part == "..");
+            if bad {
+                return Err(self.err(
+                    &key,
+                    format!(
+                        "`{c}` is not a cgroup path as /proc/PID/cgroup shows it (`/system.slice/runner.service`): absolute, no empty, `.` or `..` parts, not the root"
+                    ),
+                ));
+            }
+            if !seen.insert(c.as_str()) {
+                return Err(self.err(&key, format!("`{c}` is listed twice")));
+            }
+        }
+        Ok(raw)
     }
 }
 
@@ -230,6 +298,31 @@ mod tests {
                 "[[egress_proxy]]\nname = \"p\"\nhost = \"127.0.0.1\"\nport = 3128\n[[egress_proxy]]\nname = \"q\"\nhost = \"127.0.0.1\"\nport = 3128\n",
                 "egress_proxy[1].addresses",
                 "twice",
+            ),
+            (
+                "[[egress_proxy]]\nname = \"p\"\nhost = \"x\"\nport = 3128\ncgroups = [\"runner\"]\n",
+                "egress_proxy[0].cgroups",
+                "not a cgroup path",
+            ),
+            (
+                "[[egress_proxy]]\nname = \"p\"\nhost = \"x\"\nport = 3128\ncgroups = [\"/a/../b\"]\n",
+                "egress_proxy[0].cgroups",
+                "not a cgroup path",
+            ),
+            (
+                "[[egress_proxy]]\nname = \"p\"\nhost = \"x\"\nport = 3128\ncgroups = [\"/\"]\n",
+                "egress_proxy[0].cgroups",
+                "not the root",
+            ),
+            (
+                "[[egress_proxy]]\nname = \"p\"\nhost = \"x\"\nport = 3128\ncgroups = [\"/a\", \"/a\"]\n",
+                "egress_proxy[0].cgroups",
+                "twice",
+            ),
+            (
+                "[[egress_proxy]]\nname = \"p\"\nhost = \"x\"\nport = 3128\ncgroups = [\"/1\", \"/2\", \"/3\", \"/4\", \"/5\", \"/6\", \"/7\", \"/8\", \"/9\"]\n",
+                "egress_proxy[0].cgroups",
+                "at most 8",
             ),
             (
                 "[[egress_proxy]]\nname = \"p\"\nhost = \"x\"\nport = 3128\nsecret = 1\n",

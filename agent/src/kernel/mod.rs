@@ -150,6 +150,34 @@ pub struct KernelSetup<'a> {
     pub require_socket_guard: bool,
     /// The agent's network namespace (`SO_NETNS_COOKIE`).
     pub host_netns: u64,
+    /// Targets redirected only for some cgroups (egress proxies' `cgroups`), by target id.
+    pub scopes: &'a [(u32, airlock_common::Scope)],
+}
+
+/// Make `AIRLOCK_SCOPES` equal to `scopes` (it may be a pinned map a previous agent filled),
+/// before any target is written.
+fn set_scopes(
+    mut map: aya::maps::HashMap<MapData, u32, airlock_common::Scope>,
+    scopes: &[(u32, airlock_common::Scope)],
+) -> Result<(), KernelError> {
+    let wanted: HashSet<u32> = scopes.iter().map(|(id, _)| *id).collect();
+    let stale: Vec<u32> = map
+        .keys()
+        .filter_map(Result::ok)
+        .filter(|k| !wanted.contains(k))
+        .collect();
+    for id in stale {
+        // Gone already is fine: the goal is absence.
+        let _ = map.remove(&id);
+    }
+    for (id, scope) in scopes {
+        map.insert(id, scope, 0)
+            .map_err(|source| KernelError::Map {
+                map: names::SCOPES,
+                source,
+            })?;
+    }
+    Ok(())
 }
 
 impl Kernel {
@@ -225,6 +253,7 @@ impl Kernel {
         ];
         let ifaces = take_map(&mut ebpf, names::IFACES)?;
         let netns = take_map(&mut ebpf, names::NETNS)?;
+        set_scopes(take_map(&mut ebpf, names::SCOPES)?, setup.scopes)?;
         let local_addrs = LocalAddrs::read().map_err(|e| KernelError::Bpffs {
             path: PathBuf::from("netlink"),
             message: format!("cannot read the local routing table: {e}"),

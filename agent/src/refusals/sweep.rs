@@ -2,7 +2,7 @@
 //! agent's namespace), when a namespace is first served, and for each egress drop.
 
 use std::{
-    collections::{HashSet, VecDeque},
+    collections::{HashMap, HashSet, VecDeque},
     net::SocketAddr,
     os::fd::{AsFd as _, OwnedFd},
     path::Path,
@@ -55,23 +55,32 @@ pub fn sweep_in(
         .lock()
         .map(|k| k.local_addrs().clone())
         .unwrap_or_default();
-    let targets: Vec<SocketAddr> = proxy
+    let all: Vec<(SocketAddr, u32)> = proxy
         .targets
         .read()
-        .map(|t| t.iter().map(|t| t.addr).collect())
+        .map(|t| t.iter().map(|t| (t.addr, t.backend_id)).collect())
         .unwrap_or_default();
+    let scopes = scoped_cgroups(&proxy.config);
     let listeners: Vec<&TcpSocket> = sockets.iter().filter(|s| s.is_listener()).collect();
     let mut ended = 0;
     for s in &sockets {
+        let Some(cgroup_id) = s.cgroup_id.filter(|c| governed.contains(c)) else {
+            continue;
+        };
         if s.own
             || matches!(
                 s.state,
                 sockdiag::state::LISTEN | sockdiag::state::TIME_WAIT | sockdiag::state::CLOSE
             )
-            || !s.cgroup_id.is_some_and(|c| governed.contains(&c))
         {
             continue;
         }
+        // A scoped target (an egress proxy with `cgroups`) counts only for its cgroups.
+        let targets: Vec<SocketAddr> = all
+            .iter()
+            .filter(|(_, id)| scopes.get(id).is_none_or(|ids| ids.contains(&cgroup_id)))
+            .map(|(addr, _)| *addr)
+            .collect();
         let Some(target) = backend_reached(s.remote, &targets, &local, &listeners) else {
             continue;
         };
@@ -89,6 +98,28 @@ pub fn sweep_in(
         );
     }
     ended
+}
+
+/// For each egress proxy with `cgroups`: the ids of those cgroups and every cgroup below them.
+fn scoped_cgroups(config: &crate::config::Config) -> HashMap<u32, HashSet<u64>> {
+    let Ok(mount) = crate::cgroup::resolve(None) else {
+        return HashMap::new();
+    };
+    config
+        .egress_proxies
+        .iter()
+        .enumerate()
+        .filter(|(_, p)| !p.cgroups.is_empty())
+        .map(|(i, p)| {
+            let ids = p
+                .cgroups
+                .iter()
+                .filter_map(|rel| crate::cgroup::named(&mount, &mount, rel).ok())
+                .flat_map(|n| crate::cgroup::subtree_ids(&n.dir, 1 << 16))
+                .collect();
+            (crate::config::proxy_id(i), ids)
+        })
+        .collect()
 }
 
 /// The backend address `remote` reaches: a target, or a local address whose listening socket
