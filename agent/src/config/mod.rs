@@ -769,7 +769,7 @@ impl Validator<'_> {
         };
         Ok(Config {
             ship,
-            path: self.absolute(self.path.to_owned()),
+            path: std::path::absolute(self.path).unwrap_or_else(|_| self.path.to_owned()),
             state_dir,
             archive_dir: self.absolute(raw.archive_dir),
             policies_dir: self.absolute(raw.policies_dir),
@@ -837,6 +837,15 @@ mod tests {
         assert_eq!(cfg.on_agent_down, OnAgentDown::Block);
         // Relative paths are anchored at the file's directory.
         assert_eq!(cfg.policies_dir, PathBuf::from("/repo/policies"));
+    }
+
+    #[test]
+    fn a_relative_configuration_path_is_made_absolute_once() {
+        let text = minimal("policies_dir = \"policies\"", "");
+        let cfg = Config::parse(Path::new("conf/airlock.toml"), &text).unwrap();
+        let cwd = std::env::current_dir().unwrap();
+        assert_eq!(cfg.path, cwd.join("conf/airlock.toml"));
+        assert_eq!(cfg.policies_dir, cwd.join("conf/policies"));
     }
 
     #[test]
