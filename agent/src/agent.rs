@@ -816,7 +816,7 @@ fn session_prefix() -> String {
             .unwrap_or(0);
         bytes.copy_from_slice(&now.to_le_bytes()[..6]);
     }
-    format!("c{}", crate::archive::record::hex(&bytes))
+    format!("c{}", hex::encode(&bytes))
 }
 
 /// Re-resolve backend names periodically; a failed lookup keeps the previous addresses, and

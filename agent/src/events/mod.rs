@@ -14,7 +14,6 @@
 //! decision, serialises it once, and `try_send`s it to each sink's queue, counting a full
 //! queue as a drop. Sinks retry and reconnect on their own time.
 
-pub mod config;
 pub mod file;
 pub mod ocsf;
 pub mod rejections;
@@ -32,7 +31,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-pub use config::EventsConfig;
+pub use crate::config::EventsConfig;
 
 use crate::{
     archive::RecordInput,

@@ -14,8 +14,8 @@ use std::{
 
 use super::{
     Backoff, Event, EventStats, EventsError, Msg,
-    config::{SyslogSink, SyslogTransport},
 };
+use crate::config::events::{SyslogSink, SyslogTransport};
 
 /// Connect and write deadlines: a receiver that stops reading costs the sink this long at
 /// most, never the traffic.

@@ -333,7 +333,7 @@ fn file_sink_rotates_and_keeps_n() {
     let path = dir.join("events.jsonl");
     let cfg = super::EventsConfig {
         queue_capacity: 10_000,
-        file: Some(super::config::FileSink {
+        file: Some(crate::config::events::FileSink {
             path: path.clone(),
             max_bytes: 8192,
             keep: 2,
@@ -385,7 +385,7 @@ fn webhook_refuses_an_authorization_file_others_can_read() {
     let auth = dir.join("siem.auth");
     std::fs::write(&auth, "Splunk token\n").unwrap();
     std::fs::set_permissions(&auth, std::fs::Permissions::from_mode(0o644)).unwrap();
-    let sink = super::config::WebhookSink {
+    let sink = crate::config::events::WebhookSink {
         url: "https://siem.example/in".parse().unwrap(),
         ca_file: None,
         authorization_file: Some(auth.clone()),

@@ -8,10 +8,10 @@ use serde_json::Value;
 
 use super::{
     EventsConfig,
-    config::{SyslogSink, SyslogTransport},
     ocsf,
     tests::{record, validate_ocsf},
 };
+use crate::config::events::{SyslogSink, SyslogTransport};
 use crate::observe::{AgentEvent, Observer as _};
 
 /// Largest UDP payload over IPv4.
@@ -134,7 +134,7 @@ fn a_rejection_flood_is_one_event_and_a_summary() {
     let path = dir.join("events.jsonl");
     let cfg = EventsConfig {
         queue_capacity: 64,
-        file: Some(super::config::FileSink {
+        file: Some(crate::config::events::FileSink {
             path: path.clone(),
             max_bytes: 1 << 20,
             keep: 1,

@@ -15,9 +15,9 @@ use std::{
 
 use super::{
     Backoff, EventStats, EventsError, Msg,
-    config::WebhookSink,
     spool::{Role, Spool},
 };
+use crate::config::events::WebhookSink;
 
 /// Longest wait between two attempts at a receiver that is down.
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
@@ -120,7 +120,7 @@ impl Delivery {
 
     /// The receiver as logs and errors show it: scheme, host and port only.
     pub fn url_for_logs(&self) -> String {
-        crate::logging::redacted_url(&self.cfg.url)
+        crate::config::redacted_url(&self.cfg.url)
     }
 
     /// Deliver the spool, oldest first, forever, on the delivery thread's runtime.

@@ -58,7 +58,7 @@ impl Pipeline {
             .into();
             tokio::spawn(async move {
                 if let Err(e) = post_webhook(&uri, &own, &body).await {
-                    tracing::warn!(error = %e, webhook = %crate::logging::redacted_url(&uri), "approval webhook failed");
+                    tracing::warn!(error = %e, webhook = %crate::config::redacted_url(&uri), "approval webhook failed");
                 }
             });
         }

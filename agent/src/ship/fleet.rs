@@ -322,7 +322,7 @@ impl TempDir {
         })?;
         let path = std::env::temp_dir().join(format!(
             "airlock-fleet-{}",
-            crate::archive::record::hex(&bytes)
+            hex::encode(&bytes)
         ));
         fs::DirBuilder::new()
             .mode(0o700)

@@ -439,33 +439,6 @@ pub async fn read_client_hello(
         .map_err(|_| format!("no complete ClientHello within {} ms", timeout.as_millis()))?
 }
 
-/// The certificates of a PEM file of extra trusted roots (`[ship] ca_file`, `airlock verify
-/// --fleet --ca-file`): every `CERTIFICATE` block, each one usable as a trust anchor. `Err`
-/// says what is wrong with the file, naming it.
-pub fn extra_roots(path: &std::path::Path) -> Result<Vec<CertificateDer<'static>>, String> {
-    let pem = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    let certs = CertificateDer::pem_slice_iter(&pem)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| format!("{}: not a PEM file of certificates ({e})", path.display()))?;
-    if certs.is_empty() {
-        return Err(format!(
-            "{}: holds no PEM certificate (-----BEGIN CERTIFICATE-----)",
-            path.display()
-        ));
-    }
-    let mut scratch = RootCertStore::empty();
-    for (i, c) in certs.iter().enumerate() {
-        scratch.add(c.clone()).map_err(|e| {
-            format!(
-                "{}: certificate {} cannot be a trusted root ({e})",
-                path.display(),
-                i + 1
-            )
-        })?;
-    }
-    Ok(certs)
-}
-
 /// Client configurations for the upstream side, one per backend.
 #[derive(Debug, Clone)]
 pub struct Upstream {
