@@ -51,4 +51,3 @@ pub fn redacted_url(uri: &http::Uri) -> String {
         None => format!("{scheme}://{host}/…"),
     }
 }
-

@@ -427,7 +427,7 @@ impl Config {
         }
         let targets: Vec<ResolvedTarget> = targets.into_iter().collect();
         check_shared_addresses(&self.backends, &targets)
-            .and_then(|()| egress::check_proxy_addresses(&self.backends, &targets))
+            .and_then(|()| egress_proxy::check_proxy_addresses(&self.backends, &targets))
             .map_err(|(key, message)| ConfigError {
                 path: self.path.clone(),
                 key: Some(key),

@@ -187,7 +187,9 @@ impl Validator<'_> {
 /// The certificates of a PEM file of extra trusted roots (`[ship] ca_file`, `airlock verify
 /// --fleet --ca-file`): every `CERTIFICATE` block, each one usable as a trust anchor. `Err`
 /// says what is wrong with the file, naming it.
-pub fn extra_roots(path: &std::path::Path) -> Result<Vec<rustls_pki_types::CertificateDer<'static>>, String> {
+pub fn extra_roots(
+    path: &std::path::Path,
+) -> Result<Vec<rustls_pki_types::CertificateDer<'static>>, String> {
     let pem = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     let certs = rustls_pki_types::CertificateDer::pem_slice_iter(&pem)
         .collect::<Result<Vec<_>, _>>()

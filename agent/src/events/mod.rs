@@ -386,14 +386,14 @@ impl Observer for Events {
     }
 
     fn on_event(&self, event: &AgentEvent) {
-        if let AgentEvent::ConnectionRejected { reason, .. } = event {
+        if let AgentEvent::ConnectionRejected { rule, reason, .. } = event {
             // A flood of refusals (anyone may connect to the port) costs a bounded number
             // of events: the first per reason and interval, then a summary.
             let (verdict, due) = self
                 .rejections
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .admit(reason, Instant::now(), now_ms());
+                .admit(rule, reason, Instant::now(), now_ms());
             for sum in &due {
                 self.emit(&ocsf::rejections_summary(
                     sum,

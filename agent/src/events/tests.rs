@@ -156,6 +156,7 @@ pub(crate) fn every_kind() -> Vec<(&'static str, Value)> {
         (
             "connection_rejected",
             AgentEvent::ConnectionRejected {
+                rule: "airlock:over_capacity".into(),
                 reason: "over capacity: uid 1000 has 64 connections".into(),
                 client: "127.0.0.1:51234".into(),
                 actor: Some(Box::new(attribution())),
@@ -165,6 +166,7 @@ pub(crate) fn every_kind() -> Vec<(&'static str, Value)> {
         (
             "connection_rejected_unattributed",
             AgentEvent::ConnectionRejected {
+                rule: "airlock:unattributed".into(),
                 reason: "no kernel record".into(),
                 client: "[::1]:40000".into(),
                 actor: None,

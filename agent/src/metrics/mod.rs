@@ -19,10 +19,7 @@ pub mod server;
 #[cfg(test)]
 mod tests;
 
-use std::{
-    net::SocketAddr,
-    sync::{Arc, OnceLock, RwLock},
-};
+use std::sync::{Arc, OnceLock, RwLock};
 
 use prometheus_client::{
     encoding::EncodeLabelSet,
