@@ -12,7 +12,7 @@
 #![no_std]
 
 /// Version of the map layouts below; part of the bpffs pin path of the maps.
-pub const ABI_VERSION: u32 = 3;
+pub const ABI_VERSION: u32 = 4;
 
 /// Names of the maps and programs in the eBPF object, shared so that neither side spells them.
 /// Kernel object names hold 15 characters: these fit, so bpftool and bpf_stats show them whole.

@@ -83,15 +83,32 @@ impl TestCgroup {
 
 impl Drop for TestCgroup {
     fn drop(&mut self) {
-        if let Ok(procs) = std::fs::read_to_string(self.path.join("cgroup.procs")) {
-            for pid in procs.lines().filter_map(|p| p.parse::<i32>().ok()) {
-                // SAFETY: plain kill(2).
-                unsafe { libc::kill(pid, libc::SIGKILL) };
+        // Children a test made (and left behind when it failed) first, deepest first: a cgroup
+        // with children cannot be removed.
+        let mut dirs = vec![self.path.clone()];
+        let mut i = 0;
+        while i < dirs.len() {
+            if let Ok(entries) = std::fs::read_dir(&dirs[i]) {
+                dirs.extend(
+                    entries
+                        .flatten()
+                        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                        .map(|e| e.path()),
+                );
             }
+            i += 1;
         }
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while std::fs::remove_dir(&self.path).is_err() && Instant::now() < deadline {
-            thread::sleep(Duration::from_millis(20));
+        for dir in dirs.iter().rev() {
+            if let Ok(procs) = std::fs::read_to_string(dir.join("cgroup.procs")) {
+                for pid in procs.lines().filter_map(|p| p.parse::<i32>().ok()) {
+                    // SAFETY: plain kill(2).
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                }
+            }
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while std::fs::remove_dir(dir).is_err() && dir.exists() && Instant::now() < deadline {
+                thread::sleep(Duration::from_millis(20));
+            }
         }
     }
 }

@@ -157,7 +157,7 @@ pub struct KernelSetup<'a> {
 /// Make `AIRLOCK_SCOPES` equal to `scopes` (it may be a pinned map a previous agent filled),
 /// before any target is written.
 fn set_scopes(
-    mut map: aya::maps::HashMap<MapData, u32, airlock_common::Scope>,
+    mut map: aya::maps::HashMap<&mut MapData, u32, airlock_common::Scope>,
     scopes: &[(u32, airlock_common::Scope)],
 ) -> Result<(), KernelError> {
     let wanted: HashSet<u32> = scopes.iter().map(|(id, _)| *id).collect();
@@ -253,7 +253,17 @@ impl Kernel {
         ];
         let ifaces = take_map(&mut ebpf, names::IFACES)?;
         let netns = take_map(&mut ebpf, names::NETNS)?;
-        set_scopes(take_map(&mut ebpf, names::SCOPES)?, setup.scopes)?;
+        // Borrowed, not taken: the map must outlive the programs' loading (a taken map would
+        // be dropped here, its fd closed, and every program using it refused by the kernel).
+        let scopes_map = ebpf
+            .map_mut(names::SCOPES)
+            .ok_or(KernelError::Missing(names::SCOPES))?;
+        let scopes_map =
+            aya::maps::HashMap::try_from(scopes_map).map_err(|source| KernelError::Map {
+                map: names::SCOPES,
+                source,
+            })?;
+        set_scopes(scopes_map, setup.scopes)?;
         let local_addrs = LocalAddrs::read().map_err(|e| KernelError::Bpffs {
             path: PathBuf::from("netlink"),
             message: format!("cannot read the local routing table: {e}"),
