@@ -252,6 +252,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         approval_decided: tokio::sync::Notify::new(),
     });
     let proxy = Arc::new(Proxy {
+        backends: config.backends.iter().cloned().map(Arc::new).collect(),
         config: config.clone(),
         kernel: Mutex::new(kernel),
         registry: Arc::new(Registry::new(config.recent_connections)),

@@ -44,13 +44,17 @@ use crate::{
 /// Serve one accepted connection; `netns` is the cookie of the namespace whose listener took
 /// it.
 pub(crate) async fn serve(proxy: Arc<Proxy>, client: TcpStream, peer: SocketAddr, netns: u64) {
+    use tracing::Instrument as _;
     let conn = Connection {
         proxy,
         peer,
         netns,
         accepted: Instant::now(),
     };
-    conn.run(client).await;
+    // One span per connection: every line logged on its behalf names the client, and its id
+    // once the registry gave it one.
+    let span = tracing::info_span!("conn", client = %peer, id = tracing::field::Empty);
+    conn.run(client).instrument(span).await;
 }
 
 /// A connection between `accept()` and its end.
@@ -230,6 +234,7 @@ impl Connection {
         let guard = proxy
             .registry
             .open(self.peer, Some(attribution.clone()), target.clone());
+        tracing::Span::current().record("id", guard.id());
         info!(
             id = guard.id(),
             pid = attribution.pid,

@@ -196,7 +196,7 @@ impl Interception<'_> {
                 None,
                 self.who.seq.clone(),
             );
-            return self.serve_http(client, ctx, backend, upstream).await;
+            return self.serve_http(client, ctx, backend_id, upstream).await;
         }
 
         let tls_rt = self
@@ -276,7 +276,7 @@ impl Interception<'_> {
             hello.sni.clone(),
             self.who.seq.clone(),
         );
-        self.serve_http(stream, ctx, backend, upstream).await
+        self.serve_http(stream, ctx, backend_id, upstream).await
     }
 
     /// A ClientHello whose SNI names no backend at the address the client reached: spliced
@@ -336,18 +336,24 @@ impl Interception<'_> {
         &self,
         io: S,
         ctx: ConnCtx,
-        backend: &Backend,
+        backend_id: usize,
         (first_upstream, dialer): Upstreams,
     ) -> Result<End, String>
     where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
+        let backend = self
+            .proxy
+            .backends
+            .get(backend_id)
+            .cloned()
+            .ok_or("the kernel named an unknown backend")?;
         let conn = Arc::new(Conn {
             ctx: Arc::new(ctx),
             pipeline: self.proxy.pipeline.clone(),
             limits: limits(&self.proxy.config),
             upstream: tokio::sync::Mutex::new(UpstreamSlot::new(first_upstream, dialer)),
-            backend: Arc::new(backend.clone()),
+            backend,
             resources: self.proxy.resources.clone(),
         });
         self.guard.set_state(crate::registry::ConnState::Open);

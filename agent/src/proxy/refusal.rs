@@ -100,6 +100,7 @@ impl Proxy {
                 who.backend.map(str::to_owned),
             )
         });
+        tracing::Span::current().record("id", guard.id());
         warn!(id = guard.id(), client = %who.peer, uid = who.attribution.map(|a| a.uid), rule, %reason, "refused a connection");
         crate::observe::event(crate::observe::AgentEvent::ConnectionRejected {
             rule: rule.to_owned(),

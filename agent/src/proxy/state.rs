@@ -26,6 +26,8 @@ use crate::{
 /// What the accept loops share.
 pub struct Proxy {
     pub config: Config,
+    /// `config.backends`, each shared by every connection to it (never cloned per connection).
+    pub backends: Vec<Arc<crate::config::Backend>>,
     pub kernel: Mutex<Kernel>,
     pub registry: Arc<Registry>,
     pub counters: AgentCounters,
