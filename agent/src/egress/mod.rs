@@ -87,8 +87,9 @@ pub async fn connect(
     }
 }
 
-/// Resolve `host` and connect to its first address, from a socket tagged with `own` (a plain
-/// socket when there is none: the command line, tests without the kernel programs).
+/// Resolve `host` and connect to its addresses in turn (the first that answers), each from a
+/// socket tagged with `own` (a plain socket when there is none: the command line, tests
+/// without the kernel programs). The error is the last address's.
 pub async fn dial(
     own: Option<&OwnSockets>,
     host: &str,
@@ -96,23 +97,28 @@ pub async fn dial(
     timeout: Duration,
     what: &'static str,
 ) -> Result<TcpStream, EgressError> {
-    let addr = tokio::net::lookup_host((host, port))
+    let addrs = tokio::net::lookup_host((host, port))
         .await
         .map_err(|source| EgressError::Resolve {
             host: host.to_owned(),
             source,
-        })?
-        .next()
-        .ok_or_else(|| EgressError::NoAddress {
-            host: host.to_owned(),
         })?;
-    let socket = match own {
-        Some(own) => own_socket(own, addr)?,
-        None => match addr {
-            SocketAddr::V4(_) => TcpSocket::new_v4(),
-            SocketAddr::V6(_) => TcpSocket::new_v6(),
-        }
-        .map_err(EgressError::Socket)?,
+    let mut last = EgressError::NoAddress {
+        host: host.to_owned(),
     };
-    connect(socket, addr, timeout, what).await
+    for addr in addrs {
+        let socket = match own {
+            Some(own) => own_socket(own, addr)?,
+            None => match addr {
+                SocketAddr::V4(_) => TcpSocket::new_v4(),
+                SocketAddr::V6(_) => TcpSocket::new_v6(),
+            }
+            .map_err(EgressError::Socket)?,
+        };
+        match connect(socket, addr, timeout, what).await {
+            Ok(stream) => return Ok(stream),
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
 }

@@ -118,6 +118,8 @@ where
         source,
     };
     let (mut sender, connection) = hyper::client::conn::http1::Builder::new()
+        // The answer's head is bounded as an upstream's is.
+        .max_buf_size(64 * 1024)
         .handshake(hyper_util::rt::TokioIo::new(io))
         .await
         .map_err(http)?;

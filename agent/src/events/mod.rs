@@ -7,7 +7,7 @@
 //! - [`file`], [`syslog`], [`webhook`]: one sink each, a thread (the webhook: a thread that
 //!   spools and a thread with its own runtime that delivers) draining its own bounded queue.
 //! - [`spool`]: the webhook's bounded on-disk queue (survives restarts).
-//! - [`rejections`]: refused connections aggregated per reason, so a flood costs a bounded
+//! - [`rejections`]: refused connections aggregated per rule, so a flood costs a bounded
 //!   number of events.
 //!
 //! The observer ([`Events`]) runs on the traffic's path, so it never waits: it maps the
@@ -180,7 +180,7 @@ pub struct Events {
     sinks: Vec<(&'static str, SyncSender<Msg>)>,
     /// Webhook: wakes the delivery task when something was spooled.
     spool: Option<Arc<webhook::Delivery>>,
-    /// Refused connections, aggregated per reason.
+    /// Refused connections, aggregated per rule.
     rejections: Mutex<rejections::Rejections>,
 }
 
@@ -388,7 +388,7 @@ impl Observer for Events {
     fn on_event(&self, event: &AgentEvent) {
         if let AgentEvent::ConnectionRejected { rule, reason, .. } = event {
             // A flood of refusals (anyone may connect to the port) costs a bounded number
-            // of events: the first per reason and interval, then a summary.
+            // of events: the first per rule and interval, then a summary.
             let (verdict, due) = self
                 .rejections
                 .lock()

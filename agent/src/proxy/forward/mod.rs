@@ -376,8 +376,8 @@ impl Forwarding<'_> {
         if let Err(e) = self.record_exchange(exchange).await {
             warn!(id = self.who.id, error = %e, "cannot archive a refused proxy request");
         }
-        // For the SIEM, as a refused connection is: one reason prefix (events are aggregated
-        // by it), the target in the text, the proxy as the destination.
+        // For the SIEM, as a refused connection is: one rule (events are aggregated by it),
+        // the target in the text, the proxy as the destination.
         crate::observe::event(crate::observe::AgentEvent::ConnectionRejected {
             rule: "airlock:proxy_request_refused".into(),
             reason: match req {
