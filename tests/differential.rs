@@ -22,7 +22,7 @@ use std::{
     process::{Command, Stdio},
 };
 
-use airlock::http::{Class, classify};
+use airlock::proxy::http::{Class, classify};
 use base64::Engine as _;
 use proptest::{
     prelude::*,

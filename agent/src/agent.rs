@@ -202,7 +202,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         .iter()
         .any(|b| b.tls && b.mode == crate::config::BackendMode::Mcp)
     {
-        let rt = crate::intercept::TlsRuntime::start(&config).map_err(RunError::Tls)?;
+        let rt = crate::proxy::intercept::TlsRuntime::start(&config).map_err(RunError::Tls)?;
         info!(
             ca = %crate::tls::ca::Ca::dir_of(&config.state_dir).display(),
             "TLS interception ready (clients must trust `airlock ca show --pem`)"
@@ -252,6 +252,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         approval_decided: tokio::sync::Notify::new(),
     });
     let proxy = Arc::new(Proxy {
+        backends: config.backends.iter().cloned().map(Arc::new).collect(),
         config: config.clone(),
         kernel: Mutex::new(kernel),
         registry: Arc::new(Registry::new(config.recent_connections)),
@@ -459,9 +460,9 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     let resolver_task = tokio::spawn(refresh_targets(proxy.clone(), policies.clone()));
     let retention_task = tokio::spawn(retention(archive.clone(), config.retention_days));
     let policy_task = tokio::spawn(watch_policies(policies.clone()));
-    // Connections run on threads of their own (see `workers`), one per CPU.
+    // Connections run on threads of their own (see `proxy::workers`), one per CPU.
     let threads = Arc::new(
-        crate::workers::ConnThreads::start(&proxy, crate::workers::count())
+        crate::proxy::start_threads(&proxy, crate::proxy::workers::count())
             .map_err(RunError::Threads)?,
     );
     let _ = proxy.threads.set(threads.clone());
@@ -816,7 +817,7 @@ fn session_prefix() -> String {
             .unwrap_or(0);
         bytes.copy_from_slice(&now.to_le_bytes()[..6]);
     }
-    format!("c{}", crate::archive::record::hex(&bytes))
+    format!("c{}", hex::encode(bytes))
 }
 
 /// Re-resolve backend names periodically; a failed lookup keeps the previous addresses, and

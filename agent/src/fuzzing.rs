@@ -8,16 +8,16 @@ use serde_json::Value;
 
 use crate::{
     config::{Backend, BackendMode, HttpAllow, UnknownSni},
-    http::{
-        Class, classify,
-        framing::{Framer, Step},
-    },
     mcp::{
         jsonrpc::{self, Body, Parsed},
         media::MediaType,
         sse, strict,
     },
     policy::{Direction, HashKey, Message, PolicySet, Subject},
+    proxy::http::{
+        Class, classify,
+        framing::{Framer, Step},
+    },
 };
 
 /// Secrets the masker must never let through (shipped default policy detectors).
@@ -291,7 +291,7 @@ pub fn request_framing(data: &[u8]) {
     }
 }
 
-fn frame(chunks: &[&[u8]]) -> (Vec<u8>, Option<crate::http::framing::Malformed>) {
+fn frame(chunks: &[&[u8]]) -> (Vec<u8>, Option<crate::proxy::http::framing::Malformed>) {
     let mut framer = Framer::default();
     let (mut buf, mut passed) = (Vec::new(), Vec::new());
     for c in chunks {
@@ -327,7 +327,7 @@ pub fn media_type(data: &[u8]) {
 /// arrive in, lies within them, and names its target without panicking; the body after it ends
 /// at the same byte in any split; a response head likewise lies within its bytes.
 pub fn proxy_request(data: &[u8]) {
-    use crate::egress::wire::{self, BodyFollower};
+    use crate::proxy::forward::wire::{self, BodyFollower};
     let cut = data.first().map_or(1, |b| usize::from(*b % 64).max(1));
     let whole = wire::parse_request(data);
     let mut pieces = Ok(None);

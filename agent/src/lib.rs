@@ -5,20 +5,18 @@
 //! - [`kernel`]: loads and pins the programs of `agent-ebpf` (cgroup `connect4`/`connect6`
 //!   redirect, `sock_ops` hand-off), keeps the backend address map in sync, takes flow records.
 //! - [`keys`]: normalises socket addresses (IPv4, IPv6, IPv4-mapped) into the maps' key form.
-//! - [`proxy`]: per accepted connection: look up the kernel record (reject without one),
-//!   attribute, dial the original destination from a socket tagged as the agent's own, relay.
+//! - [`proxy`]: the wing — everything a redirected connection meets, one task per connection
+//!   from accept to its closing record: `accept` (the loops), `connection` (steps 8–14, one
+//!   method each), `refusal` (the one exit of a refused connection, with its rule), `route`
+//!   (who and how to reach the backend: direct, or a tunnel through an egress proxy),
+//!   `workers` (the connection threads), `relay` (opaque backends), `intercept` (TLS or
+//!   plain HTTP: ClientHello, SNI, leaves, upstream TLS dialled concurrently), `http`
+//!   (hyper HTTP/1.1 both sides, request heads read by Airlock first), `forward` (a
+//!   client's connection to its HTTP proxy, `[[egress_proxy]]`: each proxy request judged).
 //! - [`attribution`]: the kernel record enriched from `/proc` (user, exe, cmdline, cgroup).
-//! - [`workers`]: the connection threads; each accepted connection lives on one, from its
-//!   attribution to its close, on a single-threaded runtime.
-//! - [`relay`]: bounded bidirectional copy with idle timeout and byte counters (opaque backends).
-//! - [`egress`]: a client's connection to its HTTP proxy (`[[egress_proxy]]`): each proxy
-//!   request read and judged; a tunnel to an MCP backend intercepted inside, anything else
-//!   passed to the real proxy byte for byte.
-//! - [`intercept`]: TLS or plain HTTP on an attributed connection: ClientHello, SNI, leaves,
-//!   upstream TLS dialled concurrently; [`tls`]: the managed CA, leaf minting, rustls configs.
-//! - [`http`]: hyper HTTP/1.1 both sides (request heads read by Airlock first); what passes
-//!   (MCP Airlock parsed, allowed non-MCP)
-//!   and what is refused, requests, answers and event streams alike.
+//! - [`egress`]: every connection the agent opens itself (upstreams, webhooks, the bucket):
+//!   from a socket tagged as its own, under a deadline; TLS client configurations.
+//! - [`tls`]: the managed CA, leaf minting, rustls server configs.
 //! - [`limits`]: per-uid connection and body-byte caps, the parsing budget.
 //! - [`pipeline`]: every MCP message: correlate, policy (mask, block), record.
 //! - [`mcp`]: sans-IO strict JSON, JSON-RPC validation, media types, SSE parser, 2026-07-28
@@ -52,9 +50,7 @@ pub mod enroll;
 pub mod events;
 pub mod fsperm;
 pub mod fuzzing;
-pub mod http;
 pub mod install;
-pub mod intercept;
 pub mod kernel;
 pub mod keys;
 pub mod limits;
@@ -71,8 +67,6 @@ pub mod policy;
 pub mod proxy;
 pub mod refusals;
 pub mod registry;
-pub mod relay;
 pub mod ship;
 pub mod sockdiag;
 pub mod tls;
-pub mod workers;

@@ -631,7 +631,7 @@ fn verify_fleet(
                 .or_else(|| base.as_ref().and_then(|b| b.credentials_file.clone())),
             ca_file: match &args.ca_file {
                 Some(path) => {
-                    if let Err(e) = airlock::tls::extra_roots(path) {
+                    if let Err(e) = airlock::config::extra_roots(path) {
                         eprintln!("airlock: --ca-file: {e}");
                         return ExitCode::from(2);
                     }

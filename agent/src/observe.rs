@@ -31,6 +31,9 @@ pub enum AgentEvent {
     /// A connection was refused before any message was read. `actor` when the caller is
     /// known (over capacity), `destination` the address the client meant to reach.
     ConnectionRejected {
+        /// The rule that refused it (`airlock:unattributed`, `airlock:raw_socket`, ...): the
+        /// archive record's and the event's `policy.uid`.
+        rule: String,
         reason: String,
         client: String,
         actor: Option<Box<crate::attribution::Attribution>>,

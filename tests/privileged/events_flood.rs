@@ -129,10 +129,7 @@ fn a_flood_of_refused_connections_costs_a_bounded_number_of_events() {
         .iter()
         .find(|e| e["count"].as_u64().is_some())
         .expect("a summary event");
-    assert_eq!(
-        summary["policy"]["uid"],
-        "airlock:no_kernel_record_for_this_connection"
-    );
+    assert_eq!(summary["policy"]["uid"], "airlock:unattributed");
     validate_ocsf(&evs);
     drop(cg);
 }

@@ -56,20 +56,7 @@ const PUBLISH_QUEUE: usize = 2;
 /// Pause between attempts to publish a segment after a failure.
 const PUBLISH_RETRY: Duration = Duration::from_secs(1);
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Recording {
-    Group,
-    Strict,
-    Buffered,
-}
-
-impl Recording {
-    /// Whether a failed write, fsync or publish refuses the traffic after it.
-    pub fn fails_closed(self) -> bool {
-        matches!(self, Recording::Group | Recording::Strict)
-    }
-}
+pub use crate::config::Recording;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ArchiveError {

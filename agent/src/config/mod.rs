@@ -14,13 +14,17 @@ use std::{
 use serde::Deserialize;
 
 mod backend;
-mod egress;
+mod egress_proxy;
+pub mod events;
+mod log;
 mod ship;
 
 use backend::check_shared_addresses;
 pub use backend::{Backend, BackendMode, HttpAllow, UnknownSni, shared_backends};
-pub use egress::{EgressProxy, PROXY_ID_BASE, TargetRef, proxy_id};
-pub use ship::{ShipConfig, parse_url as parse_ship_url};
+pub use egress_proxy::{EgressProxy, PROXY_ID_BASE, TargetRef, proxy_id};
+pub use events::EventsConfig;
+pub use log::{LogFormat, LogSettings, redacted_url, valid_filter};
+pub use ship::{ShipConfig, extra_roots, parse_url as parse_ship_url};
 
 /// Where `airlock` looks when `--config` is not given.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/airlock/airlock.toml";
@@ -89,7 +93,7 @@ pub struct Config {
     pub recent_connections: usize,
     /// `strict`: nothing is forwarded until its record is durable; `buffered`: records are
     /// written behind the traffic.
-    pub recording: crate::archive::service::Recording,
+    pub recording: Recording,
     /// Roll write-ahead segments into Parquet at least this often.
     pub flush_interval: Duration,
     /// Delete archive partitions older than this many days (0: keep forever).
@@ -130,7 +134,7 @@ pub struct Config {
     /// `[[egress_proxy]]`: the HTTP proxies clients use, redirected like backends.
     pub egress_proxies: Vec<EgressProxy>,
     /// `[events]`: OCSF audit events to a file, syslog and/or a webhook (none when absent).
-    pub events: Option<crate::events::EventsConfig>,
+    pub events: Option<EventsConfig>,
 }
 
 /// What happens when a backend changes a tool's definition after it was first seen.
@@ -178,7 +182,7 @@ struct RawConfig {
     #[serde(default = "defaults::recent_connections")]
     recent_connections: usize,
     #[serde(default = "defaults::recording")]
-    recording: crate::archive::service::Recording,
+    recording: Recording,
     #[serde(default = "defaults::flush_interval_secs")]
     flush_interval_secs: u64,
     #[serde(default = "defaults::retention_days")]
@@ -211,7 +215,7 @@ struct RawConfig {
     #[serde(default)]
     log_level: Option<String>,
     #[serde(default)]
-    log_format: Option<crate::logging::LogFormat>,
+    log_format: Option<LogFormat>,
     #[serde(default)]
     archive_key_fingerprints: std::collections::BTreeMap<String, String>,
     #[serde(default)]
@@ -223,9 +227,9 @@ struct RawConfig {
     #[serde(default, rename = "backend")]
     backends: Vec<RawBackend>,
     #[serde(default, rename = "egress_proxy")]
-    egress_proxies: Vec<egress::RawEgressProxy>,
+    egress_proxies: Vec<egress_proxy::RawEgressProxy>,
     #[serde(default)]
-    events: Option<crate::events::config::RawEvents>,
+    events: Option<events::RawEvents>,
 }
 
 #[derive(Deserialize)]
@@ -296,8 +300,8 @@ mod defaults {
     pub fn recent_connections() -> usize {
         1000
     }
-    pub fn recording() -> crate::archive::service::Recording {
-        crate::archive::service::Recording::Group
+    pub fn recording() -> super::Recording {
+        super::Recording::Group
     }
     pub fn flush_interval_secs() -> u64 {
         60
@@ -423,7 +427,7 @@ impl Config {
         }
         let targets: Vec<ResolvedTarget> = targets.into_iter().collect();
         check_shared_addresses(&self.backends, &targets)
-            .and_then(|()| egress::check_proxy_addresses(&self.backends, &targets))
+            .and_then(|()| egress_proxy::check_proxy_addresses(&self.backends, &targets))
             .map_err(|(key, message)| ConfigError {
                 path: self.path.clone(),
                 key: Some(key),
@@ -566,7 +570,7 @@ impl Validator<'_> {
             }
         }
         if let Some(level) = &raw.log_level
-            && let Err(e) = crate::logging::valid_filter(level)
+            && let Err(e) = valid_filter(level)
         {
             return Err(self.err("log_level", format!("`{level}` is not a log filter: {e}")));
         }
@@ -589,7 +593,7 @@ impl Validator<'_> {
         let metrics_listen = match &raw.metrics_listen {
             None => None,
             Some(a) => Some(
-                crate::metrics::parse_listen(a, raw.metrics_allow_remote)
+                parse_listen(a, raw.metrics_allow_remote)
                     .map_err(|e| self.err("metrics_listen", e))?,
             ),
         };
@@ -813,6 +817,41 @@ impl Validator<'_> {
     }
 }
 
+/// `metrics_listen`: an address and port, loopback unless `allow_remote`.
+pub fn parse_listen(text: &str, allow_remote: bool) -> Result<SocketAddr, String> {
+    let addr: SocketAddr = text
+        .parse()
+        .map_err(|_| format!("`{text}` is not an IP address and port (e.g. \"127.0.0.1:9464\")"))?;
+    if !addr.ip().is_loopback() && !allow_remote {
+        return Err(format!(
+            "`{text}` is not a loopback address: the metrics endpoint has no authentication; \
+             scrape it through a local agent, or set `metrics_allow_remote = true` to serve it \
+             on {} anyway",
+            addr.ip()
+        ));
+    }
+    Ok(addr)
+}
+
+/// `recording`: when a record is durable relative to the message it records (ARCHIVE.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Recording {
+    /// Written through to the segment before the message is forwarded; fsynced within 10 ms.
+    Group,
+    /// Fsynced before the message is forwarded.
+    Strict,
+    /// Queued to the log thread; a crash may lose what is queued.
+    Buffered,
+}
+
+impl Recording {
+    /// Whether a failed write, fsync or publish refuses the traffic after it.
+    pub fn fails_closed(self) -> bool {
+        matches!(self, Recording::Group | Recording::Strict)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -863,7 +902,7 @@ mod tests {
         );
         assert!(cfg.backends[0].tls);
         assert_eq!(cfg.recent_connections, 1000);
-        assert_eq!(cfg.recording, crate::archive::service::Recording::Group);
+        assert_eq!(cfg.recording, Recording::Group);
         assert_eq!(cfg.flush_interval, Duration::from_secs(60));
         assert_eq!(cfg.archive_group, "airlock");
         assert!(!cfg.host.is_empty());

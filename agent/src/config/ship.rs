@@ -11,6 +11,7 @@
 
 use std::{path::PathBuf, time::Duration};
 
+use rustls_pki_types::pem::PemObject as _;
 use serde::Deserialize;
 
 use super::{ConfigError, Validator};
@@ -153,7 +154,7 @@ impl Validator<'_> {
             None => None,
             Some(p) => {
                 let p = self.absolute(p);
-                crate::tls::extra_roots(&p).map_err(|m| self.err("ship.ca_file", m))?;
+                extra_roots(&p).map_err(|m| self.err("ship.ca_file", m))?;
                 Some(p)
             }
         };
@@ -181,6 +182,35 @@ impl Validator<'_> {
             keep_unshipped: raw.keep_unshipped,
         })
     }
+}
+
+/// The certificates of a PEM file of extra trusted roots (`[ship] ca_file`, `airlock verify
+/// --fleet --ca-file`): every `CERTIFICATE` block, each one usable as a trust anchor. `Err`
+/// says what is wrong with the file, naming it.
+pub fn extra_roots(
+    path: &std::path::Path,
+) -> Result<Vec<rustls_pki_types::CertificateDer<'static>>, String> {
+    let pem = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let certs = rustls_pki_types::CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("{}: not a PEM file of certificates ({e})", path.display()))?;
+    if certs.is_empty() {
+        return Err(format!(
+            "{}: holds no PEM certificate (-----BEGIN CERTIFICATE-----)",
+            path.display()
+        ));
+    }
+    let mut scratch = rustls::RootCertStore::empty();
+    for (i, c) in certs.iter().enumerate() {
+        scratch.add(c.clone()).map_err(|e| {
+            format!(
+                "{}: certificate {} cannot be a trusted root ({e})",
+                path.display(),
+                i + 1
+            )
+        })?;
+    }
+    Ok(certs)
 }
 
 #[cfg(test)]

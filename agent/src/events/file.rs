@@ -16,7 +16,8 @@ use std::{
     sync::{Arc, atomic::Ordering},
 };
 
-use super::{EventStats, EventsError, Msg, config::FileSink};
+use super::{EventStats, EventsError, Msg};
+use crate::config::events::FileSink;
 
 /// Start the file sink's thread; the file is opened (created) before this returns.
 pub fn spawn(

@@ -7,14 +7,13 @@
 //! - [`file`], [`syslog`], [`webhook`]: one sink each, a thread (the webhook: a thread that
 //!   spools and a thread with its own runtime that delivers) draining its own bounded queue.
 //! - [`spool`]: the webhook's bounded on-disk queue (survives restarts).
-//! - [`rejections`]: refused connections aggregated per reason, so a flood costs a bounded
+//! - [`rejections`]: refused connections aggregated per rule, so a flood costs a bounded
 //!   number of events.
 //!
 //! The observer ([`Events`]) runs on the traffic's path, so it never waits: it maps the
 //! decision, serialises it once, and `try_send`s it to each sink's queue, counting a full
 //! queue as a drop. Sinks retry and reconnect on their own time.
 
-pub mod config;
 pub mod file;
 pub mod ocsf;
 pub mod rejections;
@@ -32,7 +31,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-pub use config::EventsConfig;
+pub use crate::config::EventsConfig;
 
 use crate::{
     archive::RecordInput,
@@ -181,7 +180,7 @@ pub struct Events {
     sinks: Vec<(&'static str, SyncSender<Msg>)>,
     /// Webhook: wakes the delivery task when something was spooled.
     spool: Option<Arc<webhook::Delivery>>,
-    /// Refused connections, aggregated per reason.
+    /// Refused connections, aggregated per rule.
     rejections: Mutex<rejections::Rejections>,
 }
 
@@ -387,14 +386,14 @@ impl Observer for Events {
     }
 
     fn on_event(&self, event: &AgentEvent) {
-        if let AgentEvent::ConnectionRejected { reason, .. } = event {
+        if let AgentEvent::ConnectionRejected { rule, reason, .. } = event {
             // A flood of refusals (anyone may connect to the port) costs a bounded number
-            // of events: the first per reason and interval, then a summary.
+            // of events: the first per rule and interval, then a summary.
             let (verdict, due) = self
                 .rejections
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .admit(reason, Instant::now(), now_ms());
+                .admit(rule, reason, Instant::now(), now_ms());
             for sum in &due {
                 self.emit(&ocsf::rejections_summary(
                     sum,

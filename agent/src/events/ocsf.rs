@@ -337,6 +337,7 @@ pub fn from_event(e: &AgentEvent, host: &str, version: &str, now_ms: i64) -> Val
             ev
         }
         AgentEvent::ConnectionRejected {
+            rule,
             reason,
             client,
             actor,
@@ -369,7 +370,7 @@ pub fn from_event(e: &AgentEvent, host: &str, version: &str, now_ms: i64) -> Val
                 ev["src_endpoint"]["owner"] = user_of(Some(a.uid), a.user.as_deref());
             }
             ev["policy"] = json!({
-                "uid": format!("airlock:{}", reason.split(':').next().unwrap_or(reason).replace(' ', "_")),
+                "uid": rule,
                 "name": "Airlock connection admission",
                 "is_applied": true,
             });
@@ -459,7 +460,7 @@ pub fn rejections_summary(
     ev["disposition"] = "Blocked".into();
     ev["src_endpoint"] = json!({ "hostname": host });
     ev["policy"] = json!({
-        "uid": format!("airlock:{}", sum.key.replace(' ', "_")),
+        "uid": sum.key,
         "name": "Airlock connection admission",
         "is_applied": true,
     });

@@ -2,10 +2,11 @@
 //! port in a loop (each attempt refused: "no kernel record") costs a bounded number of
 //! events, and the queues and the webhook's spool keep room for real findings.
 //!
-//! Per reason (the text before its first `:`, e.g. `over capacity`), the first refusal of
-//! an interval (10 s) is an event as before; the others in that interval are counted, and
-//! when it ends one summary event reports how many (OCSF `count`, `start_time`,
-//! `end_time`). At most 2 events per reason per interval, at most [`MAX_REASONS`] reasons.
+//! Per rule (`airlock:over_capacity`, `airlock:unattributed`, ...: the rule that refused),
+//! the first refusal of an interval (10 s) is an event as before; the others in that
+//! interval are counted, and when it ends one summary event reports how many (OCSF `count`,
+//! `start_time`, `end_time`). At most 2 events per rule per interval, at most
+//! [`MAX_REASONS`] rules.
 
 use std::{
     collections::BTreeMap,
@@ -30,7 +31,7 @@ pub enum Verdict {
 /// The refusals of one reason in one interval beyond its first.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Summary {
-    /// The reason's key (`over capacity`), as in the policy uid `airlock:over_capacity`.
+    /// The rule (`airlock:over_capacity`): the events' policy uid.
     pub key: String,
     /// The first refusal's full reason.
     pub reason: String,
@@ -59,12 +60,6 @@ impl Default for Rejections {
     }
 }
 
-/// The key of a reason: its text before the first `:`, bounded.
-pub fn key(reason: &str) -> String {
-    let k = reason.split(':').next().unwrap_or(reason).trim();
-    k.chars().take(64).collect()
-}
-
 impl Rejections {
     pub fn new(interval: Duration) -> Rejections {
         Rejections {
@@ -75,11 +70,17 @@ impl Rejections {
 
     /// One refusal at `now`: whether it is an event of its own, and the summaries of the
     /// intervals that ended (of any reason).
-    pub fn admit(&mut self, reason: &str, now: Instant, now_ms: i64) -> (Verdict, Vec<Summary>) {
+    pub fn admit(
+        &mut self,
+        rule: &str,
+        reason: &str,
+        now: Instant,
+        now_ms: i64,
+    ) -> (Verdict, Vec<Summary>) {
         let summaries = self.due(now);
-        let mut k = key(reason);
+        let mut k: String = rule.chars().take(64).collect();
         if !self.windows.contains_key(&k) && self.windows.len() >= MAX_REASONS {
-            k = "other".into();
+            k = "airlock:other".into();
         }
         if let Some(w) = self.windows.get_mut(&k) {
             w.count += 1;
@@ -142,6 +143,7 @@ mod tests {
 
     const NO_RECORD: &str =
         "no kernel record for this connection: only connections redirected by Airlock are served";
+    const UNATTRIBUTED: &str = "airlock:unattributed";
 
     /// A flood of 10,000 refusals over 60 s costs at most 2 events per interval; a refusal
     /// of another reason amid it is an event of its own; every refusal is accounted for.
@@ -153,11 +155,16 @@ mod tests {
         let mut capacity_events = 0;
         for i in 0..10_000u64 {
             let at = Duration::from_millis(i * 6); // 60 s
-            let (v, s) = r.admit(NO_RECORD, t0 + at, at.as_millis() as i64);
+            let (v, s) = r.admit(UNATTRIBUTED, NO_RECORD, t0 + at, at.as_millis() as i64);
             emitted += u64::from(v == Verdict::Emit);
             summaries.extend(s);
             if i == 5_000 {
-                let (v, s) = r.admit("over capacity: uid 1000 has 64", t0 + at, 0);
+                let (v, s) = r.admit(
+                    "airlock:over_capacity",
+                    "over capacity: uid 1000 has 64",
+                    t0 + at,
+                    0,
+                );
                 capacity_events += u64::from(v == Verdict::Emit);
                 summaries.extend(s);
             }
@@ -169,7 +176,7 @@ mod tests {
         let counted: u64 = summaries.iter().map(|s| s.count).sum();
         assert_eq!(emitted + counted, 10_000, "every refusal is counted");
         let s = &summaries[0];
-        assert_eq!(s.key, "no kernel record for this connection");
+        assert_eq!(s.key, UNATTRIBUTED);
         assert_eq!(s.reason, NO_RECORD);
         assert_eq!((s.start_ms, s.count), (0, 1666));
         assert!(s.end_ms > s.start_ms && s.end_ms < 10_000);
@@ -182,13 +189,14 @@ mod tests {
     fn single_refusals_are_events_without_summaries() {
         let mut r = Rejections::default();
         let t0 = Instant::now();
-        assert_eq!(r.admit(NO_RECORD, t0, 0).0, Verdict::Emit);
+        assert_eq!(r.admit(UNATTRIBUTED, NO_RECORD, t0, 0).0, Verdict::Emit);
         assert!(r.due(t0 + INTERVAL).is_empty());
-        let (v, s) = r.admit(NO_RECORD, t0 + INTERVAL * 2, 20_000);
+        let (v, s) = r.admit(UNATTRIBUTED, NO_RECORD, t0 + INTERVAL * 2, 20_000);
         assert_eq!((v, s.len()), (Verdict::Emit, 0));
         // At shutdown, an open interval's count is told.
         assert_eq!(
-            r.admit(NO_RECORD, t0 + INTERVAL * 2, 20_001).0,
+            r.admit(UNATTRIBUTED, NO_RECORD, t0 + INTERVAL * 2, 20_001)
+                .0,
             Verdict::Counted
         );
         let d = r.drain();
@@ -203,7 +211,8 @@ mod tests {
         let t0 = Instant::now();
         let mut emitted = 0;
         for i in 0..1000 {
-            emitted += u32::from(r.admit(&format!("reason {i}: x"), t0, 0).0 == Verdict::Emit);
+            emitted +=
+                u32::from(r.admit(&format!("airlock:rule_{i}"), "x", t0, 0).0 == Verdict::Emit);
         }
         assert_eq!(emitted as usize, MAX_REASONS + 1);
         assert!(r.windows.len() <= MAX_REASONS + 1);

@@ -12,10 +12,8 @@ use std::{
     time::Duration,
 };
 
-use super::{
-    Backoff, Event, EventStats, EventsError, Msg,
-    config::{SyslogSink, SyslogTransport},
-};
+use super::{Backoff, Event, EventStats, EventsError, Msg};
+use crate::config::events::{SyslogSink, SyslogTransport};
 
 /// Connect and write deadlines: a receiver that stops reading costs the sink this long at
 /// most, never the traffic.

@@ -156,6 +156,7 @@ pub(crate) fn every_kind() -> Vec<(&'static str, Value)> {
         (
             "connection_rejected",
             AgentEvent::ConnectionRejected {
+                rule: "airlock:over_capacity".into(),
                 reason: "over capacity: uid 1000 has 64 connections".into(),
                 client: "127.0.0.1:51234".into(),
                 actor: Some(Box::new(attribution())),
@@ -165,6 +166,7 @@ pub(crate) fn every_kind() -> Vec<(&'static str, Value)> {
         (
             "connection_rejected_unattributed",
             AgentEvent::ConnectionRejected {
+                rule: "airlock:unattributed".into(),
                 reason: "no kernel record".into(),
                 client: "[::1]:40000".into(),
                 actor: None,
@@ -333,7 +335,7 @@ fn file_sink_rotates_and_keeps_n() {
     let path = dir.join("events.jsonl");
     let cfg = super::EventsConfig {
         queue_capacity: 10_000,
-        file: Some(super::config::FileSink {
+        file: Some(crate::config::events::FileSink {
             path: path.clone(),
             max_bytes: 8192,
             keep: 2,
@@ -385,7 +387,7 @@ fn webhook_refuses_an_authorization_file_others_can_read() {
     let auth = dir.join("siem.auth");
     std::fs::write(&auth, "Splunk token\n").unwrap();
     std::fs::set_permissions(&auth, std::fs::Permissions::from_mode(0o644)).unwrap();
-    let sink = super::config::WebhookSink {
+    let sink = crate::config::events::WebhookSink {
         url: "https://siem.example/in".parse().unwrap(),
         ca_file: None,
         authorization_file: Some(auth.clone()),

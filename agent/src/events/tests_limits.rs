@@ -7,11 +7,10 @@ use std::{net::UdpSocket, time::Duration};
 use serde_json::Value;
 
 use super::{
-    EventsConfig,
-    config::{SyslogSink, SyslogTransport},
-    ocsf,
+    EventsConfig, ocsf,
     tests::{record, validate_ocsf},
 };
+use crate::config::events::{SyslogSink, SyslogTransport};
 use crate::observe::{AgentEvent, Observer as _};
 
 /// Largest UDP payload over IPv4.
@@ -134,7 +133,7 @@ fn a_rejection_flood_is_one_event_and_a_summary() {
     let path = dir.join("events.jsonl");
     let cfg = EventsConfig {
         queue_capacity: 64,
-        file: Some(super::config::FileSink {
+        file: Some(crate::config::events::FileSink {
             path: path.clone(),
             max_bytes: 1 << 20,
             keep: 1,
@@ -143,7 +142,8 @@ fn a_rejection_flood_is_one_event_and_a_summary() {
         webhook: None,
     };
     let events = super::Events::start(&cfg, "runner-7", None).unwrap();
-    let rejected = |reason: &str, port: u16| AgentEvent::ConnectionRejected {
+    let rejected = |rule: &str, reason: &str, port: u16| AgentEvent::ConnectionRejected {
+        rule: rule.into(),
         reason: reason.into(),
         client: format!("127.0.0.1:{port}"),
         actor: None,
@@ -151,11 +151,16 @@ fn a_rejection_flood_is_one_event_and_a_summary() {
     };
     for i in 0..500 {
         events.on_event(&rejected(
+            "airlock:unattributed",
             "no kernel record for this connection: x",
             20_000 + i,
         ));
     }
-    events.on_event(&rejected("over capacity: too many", 1));
+    events.on_event(&rejected(
+        "airlock:over_capacity",
+        "over capacity: too many",
+        1,
+    ));
     assert!(events.flush(Duration::from_secs(5)));
     let text = std::fs::read_to_string(&path).unwrap();
     let evs: Vec<Value> = text
@@ -177,10 +182,7 @@ fn a_rejection_flood_is_one_event_and_a_summary() {
     let sum = &evs[2];
     assert_eq!(sum["class_uid"], 4001);
     assert_eq!(sum["count"], 499);
-    assert_eq!(
-        sum["policy"]["uid"],
-        "airlock:no_kernel_record_for_this_connection"
-    );
+    assert_eq!(sum["policy"]["uid"], "airlock:unattributed");
     assert!(sum["start_time"].as_i64() <= sum["end_time"].as_i64());
     validate_ocsf(&text);
     std::fs::remove_dir_all(&dir).unwrap();

@@ -15,9 +15,9 @@ use std::{
 
 use super::{
     Backoff, EventStats, EventsError, Msg,
-    config::WebhookSink,
     spool::{Role, Spool},
 };
+use crate::config::events::WebhookSink;
 
 /// Longest wait between two attempts at a receiver that is down.
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
@@ -57,25 +57,18 @@ impl Delivery {
             .webhook
             .spooled
             .store(spool.usage().0 as u64, Ordering::Relaxed);
-        let mut extra = Vec::new();
-        if let Some(path) = &cfg.ca_file {
-            let ca_err = |message: String| EventsError::CaFile {
-                path: path.clone(),
-                message,
-            };
-            let pem = std::fs::read(path).map_err(|e| ca_err(e.to_string()))?;
-            for c in rustls_pki_types::pem::PemObject::pem_slice_iter(&pem) {
-                extra.push(c.map_err(|e| ca_err(format!("not a PEM certificate: {e}")))?);
+        let extra = match &cfg.ca_file {
+            Some(path) => {
+                crate::config::extra_roots(path).map_err(|message| EventsError::CaFile {
+                    path: path.clone(),
+                    message,
+                })?
             }
-            if extra.is_empty() {
-                return Err(ca_err("holds no certificate".into()));
-            }
-        }
-        let tls = crate::pipeline::approval::client_tls(&extra).map_err(|message| {
-            EventsError::CaFile {
-                path: cfg.ca_file.clone().unwrap_or_default(),
-                message,
-            }
+            None => Vec::new(),
+        };
+        let tls = crate::egress::tls::system_client(&extra).map_err(|e| EventsError::CaFile {
+            path: cfg.ca_file.clone().unwrap_or_default(),
+            message: e.to_string(),
         })?;
         let authorization = match &cfg.authorization_file {
             None => None,
@@ -120,7 +113,7 @@ impl Delivery {
 
     /// The receiver as logs and errors show it: scheme, host and port only.
     pub fn url_for_logs(&self) -> String {
-        crate::logging::redacted_url(&self.cfg.url)
+        crate::config::redacted_url(&self.cfg.url)
     }
 
     /// Deliver the spool, oldest first, forever, on the delivery thread's runtime.
@@ -152,7 +145,7 @@ impl Delivery {
                     continue;
                 }
             };
-            match crate::pipeline::approval::post_json(
+            match crate::egress::post_json(
                 &self.cfg.url,
                 &own,
                 bytes::Bytes::from(body),

@@ -107,6 +107,7 @@ impl Collector for AgentCollector {
             "reason",
             [
                 ("unattributed", load(&c.rejected_unattributed)),
+                ("attribution_failed", load(&c.rejected_attribution)),
                 ("stale", load(&c.rejected_stale)),
                 ("archive", load(&c.rejected_archive)),
                 ("over_capacity", load(&c.rejected_over_capacity)),

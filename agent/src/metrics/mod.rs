@@ -19,10 +19,7 @@ pub mod server;
 #[cfg(test)]
 mod tests;
 
-use std::{
-    net::SocketAddr,
-    sync::{Arc, OnceLock, RwLock},
-};
+use std::sync::{Arc, OnceLock, RwLock};
 
 use prometheus_client::{
     encoding::EncodeLabelSet,
@@ -91,22 +88,7 @@ impl Format {
     }
 }
 
-/// The `metrics_listen` address: `IP:port`, loopback unless `metrics_allow_remote = true`
-/// (the endpoint has no authentication; it shows backend names and traffic volumes).
-pub fn parse_listen(text: &str, allow_remote: bool) -> Result<SocketAddr, String> {
-    let addr: SocketAddr = text
-        .parse()
-        .map_err(|_| format!("`{text}` is not an IP address and port (e.g. \"127.0.0.1:9464\")"))?;
-    if !addr.ip().is_loopback() && !allow_remote {
-        return Err(format!(
-            "`{text}` is not a loopback address: the metrics endpoint has no authentication; \
-             scrape it through a local agent, or set `metrics_allow_remote = true` to serve it \
-             on {} anyway",
-            addr.ip()
-        ));
-    }
-    Ok(addr)
-}
+pub use crate::config::parse_listen;
 
 /// Shipping's view for the metrics (the `[ship]` uploader implements it); when shipping is
 /// off there is none and its gauges are absent.

@@ -1,7 +1,7 @@
 //! Calls held for a human decision (`airlock approvals`), their record, and the webhook that
 //! announces them.
 
-use std::{sync::Arc, time::Instant};
+use std::time::Instant;
 
 use bytes::Bytes;
 use serde_json::Value;
@@ -58,7 +58,7 @@ impl Pipeline {
             .into();
             tokio::spawn(async move {
                 if let Err(e) = post_webhook(&uri, &own, &body).await {
-                    tracing::warn!(error = %e, webhook = %crate::logging::redacted_url(&uri), "approval webhook failed");
+                    tracing::warn!(error = %e, webhook = %crate::config::redacted_url(&uri), "approval webhook failed");
                 }
             });
         }
@@ -159,8 +159,8 @@ async fn post_webhook(
     own: &crate::kernel::OwnSockets,
     body: &Value,
 ) -> Result<(), String> {
-    let tls = client_tls(&[])?;
-    post_json(
+    let tls = crate::egress::tls::system_client(&[]).map_err(|e| e.to_string())?;
+    crate::egress::post_json(
         uri,
         own,
         Bytes::from(body.to_string()),
@@ -169,84 +169,5 @@ async fn post_webhook(
         std::time::Duration::from_secs(5),
     )
     .await
-}
-
-/// A TLS client configuration trusting the system roots and `extra_roots`.
-pub(crate) fn client_tls(
-    extra_roots: &[rustls_pki_types::CertificateDer<'static>],
-) -> Result<Arc<rustls::ClientConfig>, String> {
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
-    for c in extra_roots {
-        roots
-            .add(c.clone())
-            .map_err(|e| format!("cannot trust the CA certificate: {e}"))?;
-    }
-    let cfg = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    Ok(Arc::new(cfg))
-}
-
-/// POST `body` (JSON) to `uri` (http or https with `tls`, with `authorization` when given),
-/// from a socket tagged as the agent's own, within `timeout`; `Ok` for a 2xx answer.
-pub(crate) async fn post_json(
-    uri: &http::Uri,
-    own: &crate::kernel::OwnSockets,
-    body: Bytes,
-    tls_config: Arc<rustls::ClientConfig>,
-    authorization: Option<&http::HeaderValue>,
-    timeout: std::time::Duration,
-) -> Result<(), String> {
-    use http_body_util::{BodyExt as _, Full};
-    let host = uri.host().ok_or("no host")?.to_owned();
-    let tls = uri.scheme_str() == Some("https");
-    let port = uri.port_u16().unwrap_or(if tls { 443 } else { 80 });
-    let work = async {
-        let addr = tokio::net::lookup_host((host.as_str(), port))
-            .await
-            .map_err(|e| format!("resolving {host}: {e}"))?
-            .next()
-            .ok_or_else(|| format!("{host} has no address"))?;
-        let socket = crate::proxy::own_socket(own, addr)?;
-        let tcp = socket.connect(addr).await.map_err(|e| e.to_string())?;
-        let mut sender = if tls {
-            let name =
-                rustls_pki_types::ServerName::try_from(host.clone()).map_err(|e| e.to_string())?;
-            let stream = tokio_rustls::TlsConnector::from(tls_config)
-                .connect(name, tcp)
-                .await
-                .map_err(|e| e.to_string())?;
-            crate::http::client_handshake(stream).await?
-        } else {
-            crate::http::client_handshake(tcp).await?
-        };
-        let authority = match uri.port_u16() {
-            Some(p) => format!("{host}:{p}"),
-            None => host.clone(),
-        };
-        let mut req = http::Request::post(uri.path_and_query().map(|p| p.as_str()).unwrap_or("/"))
-            .header(http::header::HOST, authority)
-            .header(http::header::CONTENT_TYPE, "application/json");
-        if let Some(a) = authorization {
-            req = req.header(http::header::AUTHORIZATION, a.clone());
-        }
-        let req = req.body(Full::new(body)).map_err(|e| e.to_string())?;
-        let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
-        let status = resp.status();
-        // The answer is not needed: read a bounded amount and drop the rest.
-        let _ = http_body_util::Limited::new(resp.into_body(), 64 * 1024)
-            .collect()
-            .await;
-        if status.is_success() {
-            Ok(())
-        } else {
-            Err(format!("answered {status}"))
-        }
-    };
-    tokio::time::timeout(timeout, work)
-        .await
-        .map_err(|_| format!("no answer within {} s", timeout.as_secs()))?
+    .map_err(|e| e.to_string())
 }

@@ -25,7 +25,7 @@ pub fn call_digest(method: &str, tool: Option<&str>, arguments: Option<&Value>) 
         ]),
         &mut text,
     );
-    crate::archive::record::hex(&sha2::Sha256::digest(text.as_bytes()))
+    hex::encode(sha2::Sha256::digest(text.as_bytes()))
 }
 
 /// JSON with object keys in sorted order, whatever the map type keeps.

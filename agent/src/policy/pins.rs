@@ -30,7 +30,7 @@ pub const MAX_PINS_PER_BACKEND: usize = 4096;
 pub fn definition_hash(tool: &Value) -> String {
     let mut text = String::new();
     canonical(tool, &mut text);
-    crate::archive::record::hex(&sha2::Sha256::digest(text.as_bytes()))
+    hex::encode(sha2::Sha256::digest(text.as_bytes()))
 }
 
 /// The hash of pins written before version 2 (name, description and schemas only): an old
@@ -44,7 +44,7 @@ fn definition_hash_v1(tool: &Value) -> String {
     ]);
     let mut text = String::new();
     canonical(&parts, &mut text);
-    crate::archive::record::hex(&sha2::Sha256::digest(text.as_bytes()))
+    hex::encode(sha2::Sha256::digest(text.as_bytes()))
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

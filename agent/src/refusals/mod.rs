@@ -143,7 +143,7 @@ fn record(
     payload: serde_json::Value,
 ) {
     let input = RecordInput {
-        ts_us: crate::proxy::now_us(),
+        ts_us: crate::pipeline::now_us(),
         host: proxy.config.host.clone(),
         session_id: format!("{}-{id}", proxy.session_prefix),
         seq: 0,
@@ -299,6 +299,7 @@ impl Reader {
         );
         warn!(missed, "{reason}");
         crate::observe::event(crate::observe::AgentEvent::ConnectionRejected {
+            rule: "airlock:reports_lost".into(),
             reason: reason.clone(),
             client: "many".into(),
             actor: None,
@@ -375,6 +376,7 @@ impl Reader {
             .fetch_add(1, Ordering::Relaxed);
         warn!(rule, pid = r.tgid, uid = r.uid, comm = %attribution.comm, suppressed, "refused: {what}");
         crate::observe::event(crate::observe::AgentEvent::ConnectionRejected {
+            rule: rule.into(),
             reason: what.clone(),
             client: format!("pid {}", r.tgid),
             actor: Some(Box::new(attribution.clone())),
@@ -438,6 +440,7 @@ impl Reader {
                         .open(src, Some(attribution.clone()), None);
                     guard.finish(ConnState::Rejected, reason.clone());
                     crate::observe::event(crate::observe::AgentEvent::ConnectionRejected {
+                        rule: "airlock:unredirected_tcp".into(),
                         reason: reason.clone(),
                         client: src.to_string(),
                         actor: Some(Box::new(attribution.clone())),
@@ -511,6 +514,7 @@ impl Reader {
                 .fetch_add(1, Ordering::Relaxed);
             warn!(pid = attribution.tgid, uid = r.uid, "refused: {reason}");
             crate::observe::event(crate::observe::AgentEvent::ConnectionRejected {
+                rule: "airlock:packet_socket".into(),
                 reason: reason.clone(),
                 client: format!("pid {}", attribution.tgid),
                 actor: Some(Box::new(attribution.clone())),

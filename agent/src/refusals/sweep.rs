@@ -235,6 +235,7 @@ pub(super) fn end_socket(
         "a connection to a backend that Airlock never judged"
     );
     crate::observe::event(crate::observe::AgentEvent::ConnectionRejected {
+        rule: rule.to_owned(),
         reason: reason.to_owned(),
         client: s.local.to_string(),
         actor: Some(Box::new(attribution.clone())),

@@ -320,10 +320,7 @@ impl TempDir {
             path: std::env::temp_dir(),
             message: e.to_string(),
         })?;
-        let path = std::env::temp_dir().join(format!(
-            "airlock-fleet-{}",
-            crate::archive::record::hex(&bytes)
-        ));
+        let path = std::env::temp_dir().join(format!("airlock-fleet-{}", hex::encode(bytes)));
         fs::DirBuilder::new()
             .mode(0o700)
             .create(&path)

@@ -42,10 +42,7 @@ use tokio::sync::Notify;
 use tracing::{info, warn};
 
 use crate::{
-    archive::{
-        manifest::{self, Entry, EntryBody},
-        record::hex,
-    },
+    archive::manifest::{self, Entry, EntryBody},
     config::{Config, ShipConfig},
 };
 use state::State;
@@ -289,7 +286,7 @@ impl Worker {
                     url: self.cfg.url.clone(),
                     host: self.host.clone(),
                     lines_shipped: shipped,
-                    last_line_sha256: Some(hex(&sha2::Sha256::digest(&line.bytes))),
+                    last_line_sha256: Some(hex::encode(sha2::Sha256::digest(&line.bytes))),
                 },
             )?;
             if let Some(o) = self.offset.as_mut() {
@@ -464,7 +461,7 @@ impl Worker {
         if let Some((rel, full, sha256)) = self.file_of(line) {
             match fs::read(&full) {
                 Ok(bytes) => {
-                    if hex(&sha2::Sha256::digest(&bytes)) != sha256 {
+                    if hex::encode(sha2::Sha256::digest(&bytes)) != sha256 {
                         return Err(ShipError::Tampered {
                             path: full,
                             message: "differs from its manifest line (modified or truncated): not shipped; run `airlock verify`".into(),

@@ -14,7 +14,6 @@ use sha2::Digest as _;
 use tracing::warn;
 
 use super::ShipError;
-use crate::archive::record::hex;
 
 #[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
 pub(super) struct State {
@@ -50,7 +49,7 @@ pub(super) fn resume(path: &Path, manifest: &Path, url: &str, host: &str) -> u64
         m.split_inclusive(|b| *b == b'\n')
             .nth(usize::try_from(state.lines_shipped - 1).ok()?)
             .filter(|l| l.ends_with(b"\n"))
-            .map(|l| hex(&sha2::Sha256::digest(l)))
+            .map(|l| hex::encode(sha2::Sha256::digest(l)))
     });
     match (&local, &state.last_line_sha256) {
         (Some(l), Some(s)) if l == s => state.lines_shipped,

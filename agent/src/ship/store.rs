@@ -130,7 +130,7 @@ pub fn build(
     own: super::transport::OwnDial,
 ) -> Result<AmazonS3, ShipError> {
     let extra_roots = match &cfg.ca_file {
-        Some(path) => crate::tls::extra_roots(path).map_err(ShipError::CaFile)?,
+        Some(path) => crate::config::extra_roots(path).map_err(ShipError::CaFile)?,
         None => Vec::new(),
     };
     let mut b = AmazonS3Builder::new()

@@ -61,26 +61,14 @@ impl std::fmt::Debug for OwnDial {
 
 impl HttpConnector for Connector {
     fn connect(&self, _options: &object_store::ClientOptions) -> object_store::Result<HttpClient> {
-        let mut roots = rustls::RootCertStore::empty();
-        roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
-        for c in self.extra_roots.iter() {
-            roots
-                .add(c.clone())
-                .map_err(|e| object_store::Error::Generic {
-                    store: "S3",
-                    source: Box::new(e),
-                })?;
-        }
-        let tls = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
-            .with_safe_default_protocol_versions()
-            .map_err(|e| object_store::Error::Generic {
+        let tls = crate::egress::tls::system_client(&self.extra_roots).map_err(|e| {
+            object_store::Error::Generic {
                 store: "S3",
                 source: Box::new(e),
-            })?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+            }
+        })?;
         Ok(HttpClient::new(Transport {
-            tls: tokio_rustls::TlsConnector::from(Arc::new(tls)),
+            tls: tokio_rustls::TlsConnector::from(tls),
             allow_http: self.allow_http,
             timeout: self.timeout,
             own: self.own.clone(),
@@ -235,20 +223,10 @@ impl Transport {
 
 impl Transport {
     async fn dial(&self, host: &str, port: u16) -> Result<tokio::net::TcpStream, HttpError> {
-        let connect = |e| HttpError::new(HttpErrorKind::Connect, e);
-        let Some(own) = self.own.0.get() else {
-            return tokio::net::TcpStream::connect((host, port))
-                .await
-                .map_err(connect);
-        };
-        let addr = tokio::net::lookup_host((host, port))
+        let own = self.own.0.get().map(|o| &**o);
+        crate::egress::dial(own, host, port, self.timeout, "`timeout_secs` in [ship]")
             .await
-            .map_err(connect)?
-            .next()
-            .ok_or_else(|| err(HttpErrorKind::Connect, format!("{host} has no address")))?;
-        let socket =
-            crate::proxy::own_socket(own, addr).map_err(|e| err(HttpErrorKind::Connect, e))?;
-        socket.connect(addr).await.map_err(connect)
+            .map_err(|e| HttpError::new(HttpErrorKind::Connect, e))
     }
 }
 

@@ -90,7 +90,7 @@ pub struct Root {
 
 impl Root {
     pub fn fingerprint(&self) -> String {
-        crate::archive::record::hex(&sha2::Sha256::digest(&self.der))
+        hex::encode(sha2::Sha256::digest(&self.der))
     }
 }
 

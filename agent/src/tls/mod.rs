@@ -27,12 +27,12 @@ use rcgen::{
     NameConstraints, SanType,
 };
 use rustls::{
-    RootCertStore, ServerConfig,
+    ServerConfig,
     crypto::CryptoProvider,
     server::{Acceptor, ClientHello, ResolvesServerCert},
     sign::CertifiedKey,
 };
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, pem::PemObject as _};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use tokio::io::AsyncReadExt as _;
 
 use crate::config::Backend;
@@ -437,109 +437,6 @@ pub async fn read_client_hello(
     tokio::time::timeout(timeout, read)
         .await
         .map_err(|_| format!("no complete ClientHello within {} ms", timeout.as_millis()))?
-}
-
-/// The certificates of a PEM file of extra trusted roots (`[ship] ca_file`, `airlock verify
-/// --fleet --ca-file`): every `CERTIFICATE` block, each one usable as a trust anchor. `Err`
-/// says what is wrong with the file, naming it.
-pub fn extra_roots(path: &std::path::Path) -> Result<Vec<CertificateDer<'static>>, String> {
-    let pem = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    let certs = CertificateDer::pem_slice_iter(&pem)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| format!("{}: not a PEM file of certificates ({e})", path.display()))?;
-    if certs.is_empty() {
-        return Err(format!(
-            "{}: holds no PEM certificate (-----BEGIN CERTIFICATE-----)",
-            path.display()
-        ));
-    }
-    let mut scratch = RootCertStore::empty();
-    for (i, c) in certs.iter().enumerate() {
-        scratch.add(c.clone()).map_err(|e| {
-            format!(
-                "{}: certificate {} cannot be a trusted root ({e})",
-                path.display(),
-                i + 1
-            )
-        })?;
-    }
-    Ok(certs)
-}
-
-/// Client configurations for the upstream side, one per backend.
-#[derive(Debug, Clone)]
-pub struct Upstream {
-    configs: Vec<Option<Arc<rustls::ClientConfig>>>,
-}
-
-impl Upstream {
-    /// System roots plus each backend's `ca_file`, minus every root of Airlock's own CA.
-    pub fn new(backends: &[Backend], own_roots: &[Vec<u8>]) -> Result<Upstream, String> {
-        let native = rustls_native_certs::load_native_certs();
-        for e in &native.errors {
-            tracing::warn!(error = %e, "a system trust store entry could not be read");
-        }
-        let system: Vec<CertificateDer<'static>> = native
-            .certs
-            .into_iter()
-            .filter(|c| !own_roots.iter().any(|o| o.as_slice() == c.as_ref()))
-            .collect();
-        let provider = provider();
-        let mut configs = Vec::with_capacity(backends.len());
-        for b in backends {
-            if !b.tls {
-                configs.push(None);
-                continue;
-            }
-            let mut roots = RootCertStore::empty();
-            roots.add_parsable_certificates(system.iter().cloned());
-            if let Some(path) = &b.ca_file {
-                let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
-                    .map_err(|e| format!("backend `{}`: ca_file {}: {e}", b.name, path.display()))?
-                    .collect::<Result<_, _>>()
-                    .map_err(|e| {
-                        format!("backend `{}`: ca_file {}: {e}", b.name, path.display())
-                    })?;
-                let certs: Vec<_> = certs
-                    .into_iter()
-                    .filter(|c| !own_roots.iter().any(|o| o.as_slice() == c.as_ref()))
-                    .collect();
-                if certs.is_empty() {
-                    return Err(format!(
-                        "backend `{}`: ca_file {} holds no certificate (Airlock's own roots are never trusted upstream)",
-                        b.name,
-                        path.display()
-                    ));
-                }
-                let (added, _) = roots.add_parsable_certificates(certs);
-                if added == 0 {
-                    return Err(format!(
-                        "backend `{}`: ca_file {}: no usable certificate",
-                        b.name,
-                        path.display()
-                    ));
-                }
-            }
-            if roots.is_empty() {
-                return Err(format!(
-                    "backend `{}`: no trusted roots (the system store is empty and no `ca_file` is set)",
-                    b.name
-                ));
-            }
-            let mut cfg = rustls::ClientConfig::builder_with_provider(provider.clone())
-                .with_safe_default_protocol_versions()
-                .map_err(|e| e.to_string())?
-                .with_root_certificates(roots)
-                .with_no_client_auth();
-            cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
-            configs.push(Some(Arc::new(cfg)));
-        }
-        Ok(Upstream { configs })
-    }
-
-    pub fn config(&self, backend_id: usize) -> Option<Arc<rustls::ClientConfig>> {
-        self.configs.get(backend_id).cloned().flatten()
-    }
 }
 
 #[cfg(test)]

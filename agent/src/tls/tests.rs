@@ -1,5 +1,6 @@
 use std::{net::IpAddr, path::PathBuf, sync::Arc};
 
+use rustls::RootCertStore;
 use rustls_pki_types::{CertificateDer, ServerName};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
@@ -247,7 +248,9 @@ fn upstream_roots_never_include_airlocks_own() {
     // A backend whose ca_file is Airlock's own root is refused, not trusted.
     let mut b = backend("mcp.internal.test", &[]);
     b.ca_file = Some(dir.join("root-1.pem"));
-    let err = Upstream::new(&[b], &own).unwrap_err();
+    let err = crate::egress::tls::Upstream::new(&[b], &own)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("never trusted upstream"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }

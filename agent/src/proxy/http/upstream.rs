@@ -129,6 +129,12 @@ impl UpstreamSlot {
     }
 }
 
+/// The upstream TLS of a backend: its client configuration and the name to verify.
+pub type UpstreamTls = (
+    std::sync::Arc<rustls::ClientConfig>,
+    rustls_pki_types::ServerName<'static>,
+);
+
 /// Open an HTTP/1.1 client connection over `io`. Its driver runs on a task of its own, so
 /// the connection can outlive the client connection that opened it (the upstream pool).
 pub async fn client_handshake<S>(io: S) -> Result<UpstreamSender, String>
@@ -147,7 +153,7 @@ where
     });
     Ok(UpstreamSender {
         send: sender,
-        thread: crate::workers::current(),
+        thread: crate::proxy::workers::current(),
     })
 }
 
@@ -161,7 +167,7 @@ where
 /// nothing.
 ///
 /// A server connection's driver task runs on the connection thread that dialled it
-/// ([`crate::workers`]), and only exchanges of that thread take it: its wake-ups never cross
+/// ([`crate::proxy::workers`]), and only exchanges of that thread take it: its wake-ups never cross
 /// to another thread (and CPU).
 #[derive(Default)]
 pub struct UpstreamPool {
@@ -195,7 +201,7 @@ impl UpstreamPool {
     /// used).
     pub fn take(&self, key: PoolKey) -> Option<UpstreamSender> {
         let mut idle = self.idle.lock().ok()?;
-        let list = idle.get_mut(&(key, crate::workers::current()))?;
+        let list = idle.get_mut(&(key, crate::proxy::workers::current()))?;
         while let Some(i) = list.pop() {
             if i.usable() {
                 return Some(i.sender);
@@ -209,7 +215,7 @@ impl UpstreamPool {
         self.idle
             .lock()
             .map(|i| {
-                i.get(&(key, crate::workers::current()))
+                i.get(&(key, crate::proxy::workers::current()))
                     .is_some_and(|l| !l.is_empty())
             })
             .unwrap_or(false)
@@ -248,7 +254,7 @@ mod tests {
         let pool = UpstreamPool::default();
         let key: PoolKey = (0, "127.0.0.1:1".parse().unwrap(), 1);
         // This test's thread plays connection thread 0; its driver task runs here.
-        crate::workers::enter(0);
+        crate::proxy::workers::enter(0);
         let (mut s, _peer) = sender().await;
         assert_eq!(s.thread, Some(0));
         // Ready once its driver task has run.
@@ -257,7 +263,7 @@ mod tests {
         assert!(pool.has(key));
         // Another connection thread neither sees nor takes it.
         let other = std::thread::spawn(move || {
-            crate::workers::enter(1);
+            crate::proxy::workers::enter(1);
             (pool.has(key), pool.take(key).is_some(), pool)
         });
         let (seen, taken, pool) = other.join().unwrap();

@@ -11,7 +11,7 @@ use tokio::{
 };
 
 use super::wire::{self, Body, BodyFollower, Malformed, RequestHead, ResponseHead};
-use crate::relay::{self, RelayEnd, RelayError};
+use crate::proxy::relay::{self, RelayEnd, RelayError};
 
 /// Bytes asked of a socket in one read.
 const READ_CHUNK: usize = 16 * 1024;

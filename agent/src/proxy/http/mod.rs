@@ -42,7 +42,9 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::warn;
 
 pub use request::{Class, classify};
-pub use upstream::{Dial, PoolKey, UpstreamPool, UpstreamSender, UpstreamSlot, client_handshake};
+pub use upstream::{
+    Dial, PoolKey, UpstreamPool, UpstreamSender, UpstreamSlot, UpstreamTls, client_handshake,
+};
 
 use crate::{
     mcp::session::SessionKey,

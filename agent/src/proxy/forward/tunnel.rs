@@ -8,16 +8,16 @@
 use std::{fmt, net::SocketAddr, sync::Arc, time::Duration};
 
 use bytes::BytesMut;
-use rustls_pki_types::ServerName;
 use tokio::{io::AsyncWriteExt as _, net::TcpStream};
 
 use super::{
     io::{HeadError, read_head},
     wire::{self, ResponseHead},
 };
-use crate::{
-    http::{Dial, UpstreamSender},
-    proxy::Proxy,
+use crate::proxy::{
+    http::{Dial, UpstreamSender, UpstreamTls},
+    route::Redial,
+    state::Proxy,
 };
 
 /// Header fields a client sent with its proxy request, but `Host` and the framing ones: what
@@ -129,7 +129,7 @@ pub fn opened(head: &ResponseHead, buf: &BytesMut, spec: &TunnelSpec) -> Result<
 pub struct TunnelDialer {
     pub proxy: Arc<Proxy>,
     pub spec: TunnelSpec,
-    pub tls: Option<(Arc<rustls::ClientConfig>, ServerName<'static>)>,
+    pub tls: Option<UpstreamTls>,
     pub idle: std::sync::Mutex<Option<UpstreamSender>>,
 }
 
@@ -138,7 +138,11 @@ impl Dial for TunnelDialer {
         &self,
     ) -> std::pin::Pin<Box<dyn Future<Output = Result<UpstreamSender, String>> + Send + '_>> {
         Box::pin(async move {
-            let mut tcp = self.proxy.dial(self.spec.proxy, self.spec.netns).await?;
+            let mut tcp = self
+                .proxy
+                .dial(self.spec.proxy, self.spec.netns)
+                .await
+                .map_err(|e| e.to_string())?;
             let mut buf = BytesMut::new();
             let head = ask(&mut tcp, &self.spec, &mut buf).await?;
             if !opened(&head, &buf, &self.spec)? {
@@ -147,7 +151,7 @@ impl Dial for TunnelDialer {
                     self.spec.proxy, self.spec.authority, head.status
                 ));
             }
-            crate::intercept::open_upstream(tcp, self.tls.clone()).await
+            crate::proxy::intercept::open_upstream(tcp, self.tls.clone()).await
         })
     }
 
@@ -164,5 +168,22 @@ impl Dial for TunnelDialer {
         if let Ok(mut idle) = self.idle.lock() {
             *idle = Some(sender);
         }
+    }
+}
+
+/// A tunnel's spec, waiting for the upstream TLS the interception chooses.
+pub struct TunnelRedial {
+    pub proxy: Arc<Proxy>,
+    pub spec: TunnelSpec,
+}
+
+impl Redial for TunnelRedial {
+    fn with_tls(self: Box<Self>, tls: Option<UpstreamTls>) -> Box<dyn Dial> {
+        Box::new(TunnelDialer {
+            proxy: self.proxy,
+            spec: self.spec,
+            tls,
+            idle: Default::default(),
+        })
     }
 }

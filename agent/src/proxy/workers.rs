@@ -22,7 +22,17 @@ use std::{
 use tokio::sync::mpsc;
 use tracing::warn;
 
-use crate::proxy::Proxy;
+/// What a connection thread does with an accepted connection (its peer, and the cookie of
+/// the namespace it was accepted in): the future runs as a task of that thread.
+pub type Serve = Arc<
+    dyn Fn(
+            tokio::net::TcpStream,
+            SocketAddr,
+            u64,
+        ) -> std::pin::Pin<Box<dyn Future<Output = ()> + Send + 'static>>
+        + Send
+        + Sync,
+>;
 
 /// Accepted sockets waiting for each connection thread.
 const HAND_OFF: usize = 256;
@@ -61,20 +71,20 @@ pub struct ConnThreads {
 }
 
 impl ConnThreads {
-    /// Start `n` connection threads serving `proxy`'s connections.
-    pub fn start(proxy: &Arc<Proxy>, n: usize) -> io::Result<ConnThreads> {
+    /// Start `n` connection threads, each running `serve` for the connections it is given.
+    pub fn start(serve_one: Serve, n: usize) -> io::Result<ConnThreads> {
         let mut threads = Vec::with_capacity(n);
         for index in 0..n.max(1) {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
             let (tx, rx) = mpsc::channel(HAND_OFF);
-            let proxy = proxy.clone();
+            let serve_one = serve_one.clone();
             std::thread::Builder::new()
                 .name(format!("airlock-conn-{index}"))
                 .spawn(move || {
                     enter(index);
-                    runtime.block_on(serve(proxy, rx));
+                    runtime.block_on(serve(serve_one, rx));
                 })?;
             threads.push(tx);
         }
@@ -102,13 +112,12 @@ impl ConnThreads {
     }
 }
 
-async fn serve(proxy: Arc<Proxy>, mut rx: mpsc::Receiver<Accepted>) {
+async fn serve(serve_one: Serve, mut rx: mpsc::Receiver<Accepted>) {
     while let Some((stream, peer, netns)) = rx.recv().await {
         // Registered with this thread's reactor; it stays non-blocking (`into_std` keeps it).
         match tokio::net::TcpStream::from_std(stream) {
             Ok(stream) => {
-                let proxy = proxy.clone();
-                tokio::spawn(async move { proxy.handle(stream, peer, netns).await });
+                tokio::spawn(serve_one(stream, peer, netns));
             }
             Err(e) => warn!(%peer, error = %e, "cannot register an accepted connection"),
         }

@@ -66,7 +66,7 @@ pub struct WebhookSink {
 impl std::fmt::Debug for WebhookSink {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("WebhookSink")
-            .field("url", &crate::logging::redacted_url(&self.url))
+            .field("url", &crate::config::redacted_url(&self.url))
             .field("ca_file", &self.ca_file)
             .field("authorization_file", &self.authorization_file)
             .field("timeout_secs", &self.timeout_secs)

@@ -2,7 +2,7 @@
 //! Their addresses go into the kernel's target map beside the backends' (a target of a kind of
 //! its own: ids from [`PROXY_ID_BASE`]), so a governed process's connection to a proxy is
 //! redirected to the agent and attributed to that process; the agent then reads its proxy
-//! requests (`crate::egress`).
+//! requests (`crate::proxy::forward`).
 
 use std::{
     collections::BTreeSet,

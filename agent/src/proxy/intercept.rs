@@ -15,56 +15,21 @@ use std::{
 use rustls_pki_types::ServerName;
 use tokio::{io::AsyncWriteExt as _, net::TcpStream};
 
+use super::{
+    http::{self, Conn, Dial, UpstreamSender, UpstreamSlot, UpstreamTls},
+    relay,
+    route::{End, Identity, Route},
+    state::Proxy,
+};
 use crate::{
     config::{Backend, UnknownSni},
-    http::{self, Conn, Dial, UpstreamSender, UpstreamSlot},
     pipeline::ConnCtx,
-    proxy::Proxy,
     registry::ConnGuard,
-    relay::{self, RelayEnd},
     tls,
 };
 
 /// Largest ClientHello accepted (post-quantum key shares make them ~1.8 KB today).
 const MAX_CLIENT_HELLO: usize = 16 * 1024;
-
-/// What identifies a connection to the message pipeline: its id, session id, attribution,
-/// policy subject, and the sequence of its records.
-pub(crate) type ConnParts = (
-    u64,
-    String,
-    crate::attribution::Attribution,
-    crate::policy::Subject,
-    Arc<std::sync::atomic::AtomicU64>,
-);
-
-/// How the backend is reached.
-pub(crate) enum Route {
-    /// At the original destination (the socket dialled during attribution, if any).
-    Direct(Option<TcpStream>),
-    /// Through an egress proxy's tunnel, opened by the agent for this client connection.
-    Tunnel(crate::egress::TunnelRoute),
-}
-
-impl Route {
-    /// The backend's address as the client named it: the original destination, or a tunnel
-    /// target given as an address (`None`: by name only).
-    fn address(&self, original: SocketAddr) -> Option<SocketAddr> {
-        match self {
-            Route::Direct(_) => Some(original),
-            Route::Tunnel(t) => t.address,
-        }
-    }
-}
-
-/// How an intercepted connection ended.
-pub enum End {
-    /// HTTP served until one side closed, or the client went away (how, when it did not
-    /// close cleanly: a reset, a close mid-request, idle past the header timeout).
-    Served(Option<String>),
-    /// Unknown SNI, passed through untouched.
-    Spliced(Result<RelayEnd, relay::RelayError>),
-}
 
 /// The first upstream connection (its handshakes under way) and the dialer of the next.
 type Upstreams = (
@@ -76,7 +41,7 @@ type Upstreams = (
 struct BackendDialer {
     proxy: Arc<Proxy>,
     key: http::PoolKey,
-    tls: Option<(Arc<rustls::ClientConfig>, ServerName<'static>)>,
+    tls: Option<UpstreamTls>,
 }
 
 impl Dial for BackendDialer {
@@ -84,7 +49,11 @@ impl Dial for BackendDialer {
         &self,
     ) -> std::pin::Pin<Box<dyn Future<Output = Result<UpstreamSender, String>> + Send + '_>> {
         Box::pin(async move {
-            let tcp = self.proxy.dial(self.key.1, self.key.2).await?;
+            let tcp = self
+                .proxy
+                .dial(self.key.1, self.key.2)
+                .await
+                .map_err(|e| e.to_string())?;
             open_upstream(tcp, self.tls.clone()).await
         })
     }
@@ -101,7 +70,7 @@ impl Dial for BackendDialer {
 /// TLS (when configured) and the HTTP handshake on a dialled socket (or a proxy's tunnel).
 pub(crate) async fn open_upstream(
     tcp: TcpStream,
-    tls: Option<(Arc<rustls::ClientConfig>, ServerName<'static>)>,
+    tls: Option<UpstreamTls>,
 ) -> Result<UpstreamSender, String> {
     match tls {
         Some((config, name)) => {
@@ -150,20 +119,38 @@ fn server_name(host: &str) -> Result<ServerName<'static>, String> {
         .map_err(|e| format!("`{host}` is not a valid server name: {e}"))
 }
 
-impl Proxy {
-    /// Serve one attributed connection to an MCP backend, reached by `route`. `Err` carries
-    /// the reason the connection was refused (recorded by the caller).
-    pub(crate) async fn intercept(
-        self: &Arc<Self>,
+/// Serve one attributed connection to an MCP backend, reached by `route`. `Err` carries the
+/// reason the connection was refused (recorded by the caller).
+pub(crate) async fn intercept(
+    proxy: &Arc<Proxy>,
+    client: TcpStream,
+    route: Route,
+    backend_id: usize,
+    who: &Identity,
+    guard: &ConnGuard,
+) -> Result<End, String> {
+    Interception { proxy, who, guard }
+        .run(client, route, backend_id)
+        .await
+}
+
+/// One connection's interception: what its steps share.
+struct Interception<'a> {
+    proxy: &'a Arc<Proxy>,
+    who: &'a Identity,
+    guard: &'a ConnGuard,
+}
+
+impl Interception<'_> {
+    async fn run(
+        &self,
         mut client: TcpStream,
         route: Route,
         backend_id: usize,
-        ctx_parts: ConnParts,
-        guard: &ConnGuard,
     ) -> Result<End, String> {
-        let (conn_id, session_id, attribution, subject, seq) = ctx_parts;
+        let attribution = &self.who.attribution;
         let original = attribution.original_dst;
-        let timeout = self.config.header_read_timeout;
+        let timeout = self.proxy.config.header_read_timeout;
         let mut first = [0u8; 1];
         let n = tokio::time::timeout(timeout, client.peek(&mut first))
             .await
@@ -175,6 +162,7 @@ impl Proxy {
             )));
         }
         let backend = self
+            .proxy
             .config
             .backends
             .get(backend_id)
@@ -200,18 +188,19 @@ impl Proxy {
             }
             let upstream = self.upstreams(route, pool_key, None);
             let ctx = ConnCtx::new(
-                conn_id,
-                session_id,
-                attribution,
-                subject,
+                self.who.id,
+                self.who.session_id.clone(),
+                attribution.clone(),
+                self.who.subject.clone(),
                 backend.name.clone(),
                 None,
-                seq,
+                self.who.seq.clone(),
             );
-            return self.serve_http(client, ctx, backend, upstream, guard).await;
+            return self.serve_http(client, ctx, backend_id, upstream).await;
         }
 
         let tls_rt = self
+            .proxy
             .tls
             .as_ref()
             .ok_or("TLS interception is not available (no CA loaded)")?;
@@ -230,7 +219,6 @@ impl Proxy {
                             backend,
                             sni,
                             (original, attribution.netns),
-                            guard,
                         )
                         .await;
                 }
@@ -280,49 +268,52 @@ impl Proxy {
             }
         };
         let ctx = ConnCtx::new(
-            conn_id,
-            session_id,
-            attribution,
-            subject,
+            self.who.id,
+            self.who.session_id.clone(),
+            attribution.clone(),
+            self.who.subject.clone(),
             backend.name.clone(),
             hello.sni.clone(),
-            seq,
+            self.who.seq.clone(),
         );
-        self.serve_http(stream, ctx, backend, upstream, guard).await
+        self.serve_http(stream, ctx, backend_id, upstream).await
     }
 
     /// A ClientHello whose SNI names no backend at the address the client reached: spliced
     /// to the server (through the tunnel, when there is one) or refused, per `unknown_sni`.
     #[allow(clippy::too_many_arguments)]
     async fn unknown_sni(
-        self: &Arc<Self>,
+        &self,
         client: TcpStream,
         route: Route,
         hello: &tls::Hello,
         backend: &Backend,
         sni: &str,
         (original, netns): (SocketAddr, u64),
-        guard: &ConnGuard,
     ) -> Result<End, String> {
         match backend.unknown_sni {
             UnknownSni::Splice => {
                 let mut upstream = match route {
                     Route::Direct(Some(u)) => u,
-                    Route::Direct(None) => self.dial(original, netns).await?,
+                    Route::Direct(None) => self
+                        .proxy
+                        .dial(original, netns)
+                        .await
+                        .map_err(|e| e.to_string())?,
                     Route::Tunnel(t) => t.stream,
                 };
                 upstream
                     .write_all(&hello.bytes)
                     .await
                     .map_err(|e| format!("splicing to the server: {e}"))?;
-                guard.set_state(crate::registry::ConnState::Open);
-                Ok(End::Spliced(
+                self.guard.set_state(crate::registry::ConnState::Open);
+                Ok(End::Relayed(
                     relay::relay(
                         client,
                         upstream,
-                        self.config.idle_timeout,
-                        guard.bytes_up(),
-                        guard.bytes_down(),
+                        self.proxy.config.idle_timeout,
+                        self.guard.bytes_up(),
+                        self.guard.bytes_down(),
                     )
                     .await,
                 ))
@@ -333,7 +324,7 @@ impl Proxy {
                 ),
                 Route::Tunnel(t) => format!(
                     "SNI `{sni}` is not the tunnel's target `{}` (`unknown_sni = \"reject\"`)",
-                    t.spec.authority
+                    t.authority
                 ),
             }),
         }
@@ -342,25 +333,30 @@ impl Proxy {
     /// HTTP on the (decrypted) client stream until it closes; then the connection's session
     /// ends and its idle upstream connection goes to the pool (a tunnel's is closed).
     async fn serve_http<S>(
-        self: &Arc<Self>,
+        &self,
         io: S,
         ctx: ConnCtx,
-        backend: &Backend,
+        backend_id: usize,
         (first_upstream, dialer): Upstreams,
-        guard: &ConnGuard,
     ) -> Result<End, String>
     where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
+        let backend = self
+            .proxy
+            .backends
+            .get(backend_id)
+            .cloned()
+            .ok_or("the kernel named an unknown backend")?;
         let conn = Arc::new(Conn {
             ctx: Arc::new(ctx),
-            pipeline: self.pipeline.clone(),
-            limits: self.limits(),
+            pipeline: self.proxy.pipeline.clone(),
+            limits: limits(&self.proxy.config),
             upstream: tokio::sync::Mutex::new(UpstreamSlot::new(first_upstream, dialer)),
-            backend: Arc::new(backend.clone()),
-            resources: self.resources.clone(),
+            backend,
+            resources: self.proxy.resources.clone(),
         });
-        guard.set_state(crate::registry::ConnState::Open);
+        self.guard.set_state(crate::registry::ConnState::Open);
         let served = http::serve(io, conn.clone()).await;
         conn.end_connection_session();
         // Its server connection, if idle, goes to the pool (through the slot's dialer).
@@ -377,30 +373,19 @@ impl Proxy {
     /// The first upstream connection of a client connection (handshakes under way on their
     /// own task) and how to dial the next: the pool and the original destination, or the
     /// proxy's tunnel and a new tunnel.
-    fn upstreams(
-        self: &Arc<Self>,
-        route: Route,
-        key: http::PoolKey,
-        tls: Option<(Arc<rustls::ClientConfig>, ServerName<'static>)>,
-    ) -> Upstreams {
+    fn upstreams(&self, route: Route, key: http::PoolKey, tls: Option<UpstreamTls>) -> Upstreams {
         match route {
             Route::Direct(dialled) => (
                 self.first_upstream(key, dialled, tls.clone()),
                 Box::new(BackendDialer {
-                    proxy: self.clone(),
+                    proxy: self.proxy.clone(),
                     key,
                     tls,
                 }),
             ),
             Route::Tunnel(t) => {
                 let first = tokio::spawn(open_upstream(t.stream, tls.clone()));
-                let dialer = crate::egress::TunnelDialer {
-                    proxy: self.clone(),
-                    spec: t.spec,
-                    tls,
-                    idle: Default::default(),
-                };
-                (first, Box::new(dialer))
+                (first, t.redial.with_tls(tls))
             }
         }
     }
@@ -409,20 +394,20 @@ impl Proxy {
     /// the socket dialled during attribution (TLS and HTTP handshakes run on their own task,
     /// alongside the client's handshake), or a fresh dial.
     fn first_upstream(
-        self: &Arc<Self>,
+        &self,
         key: http::PoolKey,
         dialled: Option<TcpStream>,
-        tls: Option<(Arc<rustls::ClientConfig>, ServerName<'static>)>,
+        tls: Option<UpstreamTls>,
     ) -> tokio::task::JoinHandle<Result<UpstreamSender, String>> {
-        if let Some(pooled) = self.upstream_pool.take(key) {
+        if let Some(pooled) = self.proxy.upstream_pool.take(key) {
             // The dialled socket (if any) closes unused.
             return tokio::spawn(async move { Ok(pooled) });
         }
-        let proxy = self.clone();
+        let proxy = self.proxy.clone();
         tokio::spawn(async move {
             let tcp = match dialled {
                 Some(tcp) => tcp,
-                None => proxy.dial(key.1, key.2).await?,
+                None => proxy.dial(key.1, key.2).await.map_err(|e| e.to_string())?,
             };
             open_upstream(tcp, tls).await
         })
@@ -440,7 +425,7 @@ impl Proxy {
         kernel_choice: usize,
         address: Option<SocketAddr>,
     ) -> Option<(usize, &Backend)> {
-        let backends = &self.config.backends;
+        let backends = &self.proxy.config.backends;
         let wanted = sni.trim_end_matches('.');
         let matches =
             |b: &Backend| b.tls && b.host.trim_end_matches('.').eq_ignore_ascii_case(wanted);
@@ -449,27 +434,28 @@ impl Proxy {
         {
             return Some((kernel_choice, b));
         }
-        let targets = self.targets.read().ok()?;
+        let targets = self.proxy.targets.read().ok()?;
         crate::config::Config::owners(&targets, address?)
             .filter_map(|id| Some((id, backends.get(id)?)))
             .find(|(_, b)| matches(b))
     }
+}
 
-    pub fn limits(&self) -> http::Limits {
-        http::Limits {
-            max_body: self.config.max_body_bytes,
-            max_sse_event: self.config.max_sse_event_bytes,
-            header_read_timeout: self.config.header_read_timeout,
-            stream_idle_timeout: self.config.stream_idle_timeout,
-            body_read_timeout: self.config.body_read_timeout,
-        }
+/// The HTTP layer's limits and timeouts, from `airlock.toml`.
+pub fn limits(config: &crate::config::Config) -> http::Limits {
+    http::Limits {
+        max_body: config.max_body_bytes,
+        max_sse_event: config.max_sse_event_bytes,
+        header_read_timeout: config.header_read_timeout,
+        stream_idle_timeout: config.stream_idle_timeout,
+        body_read_timeout: config.body_read_timeout,
     }
 }
 
 /// The TLS state of a running agent.
 pub struct TlsRuntime {
     pub acceptors: tls::Acceptors,
-    pub upstream: tls::Upstream,
+    pub upstream: crate::egress::tls::Upstream,
 }
 
 impl TlsRuntime {
@@ -487,7 +473,8 @@ impl TlsRuntime {
         let minter = Arc::new(
             tls::Minter::new(&ca, &config.backends, &config.host).map_err(|e| e.to_string())?,
         );
-        let upstream = tls::Upstream::new(&config.backends, &own)?;
+        let upstream =
+            crate::egress::tls::Upstream::new(&config.backends, &own).map_err(|e| e.to_string())?;
         Ok(TlsRuntime {
             acceptors: tls::Acceptors::with_refresh(
                 minter,

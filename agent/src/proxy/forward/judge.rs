@@ -140,7 +140,7 @@ pub fn names(req: &RequestHead) -> (Named<'_>, Named<'_>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::egress::wire::parse_request;
+    use crate::proxy::forward::wire::parse_request;
 
     fn backends() -> Vec<Backend> {
         let text = "[[backend]]\nname = \"tools\"\nhost = \"MCP.internal.test\"\nport = 8443\naddresses = [\"127.0.0.2\"]\n\
