@@ -23,7 +23,8 @@
 //!   headers, session correlation.
 //! - [`registry`]: live and recently closed connections, for `airlock status`.
 //! - [`admin`]: the root-only Unix socket `airlock status` and `airlock detach` talk to.
-//! - [`agent`]: `airlock run`: start-up order, refresh of backend addresses, shutdown.
+//! - [`agent`]: `airlock run`: its phases in order (`start`, `stop`), the admin socket's
+//!   requests (`control`), background tasks (policy reloads, retention, DNS refresh).
 //! - [`policy`]: sans-IO rules and detectors: verdicts (allow, block, approve), masking of
 //!   JSON string leaves, recording levels; loaded from `policies_dir`.
 //! - [`config`]: `airlock.toml`; [`cgroup`]: finding the cgroup v2 mount; [`fsperm`]: owner

@@ -1,6 +1,6 @@
 //! Where metrics and audit events see what the agent decided.
 //!
-//! Every archived record passes [`record`] (the archive calls it, and the pipeline calls it for
+//! Every archived record passes [`record`] (the archive's tap, and the pipeline calls it for
 //! the messages a policy keeps out of the archive), and every decision that has no record of
 //! its own (start, stop, a policy reload, a rejected connection, ...) passes [`event`].
 //! Observers are installed once at start-up; with none installed both are a read of an empty

@@ -14,6 +14,8 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand};
 
+#[cfg(test)]
+mod layers;
 mod package;
 
 /// bpf-linker built against Debian's LLVM 22 (plain `cargo install bpf-linker` wants LLVM 23).

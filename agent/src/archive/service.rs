@@ -186,6 +186,9 @@ pub struct Archive {
     dirty: Arc<AtomicBool>,
     /// Group mode: a caller found the open segment full and woke the log thread to roll it.
     roll_asked: Arc<AtomicBool>,
+    /// Shown every record before it is written (metrics and audit events watch through it);
+    /// set by whoever sits above the archive, so the archive calls nothing above itself.
+    tap: fn(&RecordInput),
 }
 
 type SharedLog = Arc<Mutex<SegmentLog>>;
@@ -245,13 +248,21 @@ impl Archive {
             log,
             dirty,
             roll_asked,
+            tap: |_| {},
         }
+    }
+
+    /// Show every record to `tap` before it is written (the agent passes
+    /// `observe::record`: metrics and audit events).
+    pub fn with_tap(mut self, tap: fn(&RecordInput)) -> Archive {
+        self.tap = tap;
+        self
     }
 
     /// Archive one record: returns once it is written through (group mode), durable
     /// (strict) or queued (buffered).
     pub async fn record(&self, input: RecordInput) -> Result<u64, ArchiveError> {
-        crate::observe::record(&input);
+        (self.tap)(&input);
         if self.mode.fails_closed() && self.failed.load(Ordering::Relaxed) {
             return Err(ArchiveError::Failed("an earlier write failed".into()));
         }

@@ -605,3 +605,5 @@ fn describe(method: Option<&str>, tool: Option<&str>) -> String {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_process;
