@@ -150,6 +150,46 @@ impl Attribution {
         .with_container()
     }
 
+    /// A process that made no connection (the client of a stdio server): who it is, from
+    /// `/proc`; `None` when it is gone. `original_dst` is unspecified and `family` `stdio`.
+    pub fn of_process(tgid: u32, proc_root: &Path, names: &NameCache) -> Option<Attribution> {
+        let status = fs::read_to_string(proc_root.join(tgid.to_string()).join("status")).ok()?;
+        let ids = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.split_whitespace().next()?.parse::<u32>().ok())
+        };
+        let (uid, gid) = (ids("Uid:")?, ids("Gid:")?);
+        let comm = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Name:"))
+            .map(|c| c.trim().to_owned())
+            .unwrap_or_default();
+        let proc = ProcInfo::read(proc_root, tgid, 0)?;
+        Some(
+            Attribution {
+                pid: tgid,
+                tgid,
+                uid,
+                gid,
+                user: names.user(uid),
+                group: names.group(gid),
+                comm,
+                exe: proc.exe,
+                cmdline: proc.cmdline,
+                cgroup_id: 0,
+                cgroup: proc.cgroup,
+                original_dst: SocketAddr::from(([0, 0, 0, 0], 0)),
+                family: "stdio",
+                process_seen: true,
+                netns: 0,
+                container: None,
+            }
+            .with_container(),
+        )
+    }
+
     /// The container, from the cgroup path `/proc` gave.
     fn with_container(mut self) -> Attribution {
         self.container = self.cgroup.as_deref().and_then(Container::from_cgroup);

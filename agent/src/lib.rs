@@ -70,4 +70,5 @@ pub mod refusals;
 pub mod registry;
 pub mod ship;
 pub mod sockdiag;
+pub mod stdio;
 pub mod tls;

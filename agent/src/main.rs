@@ -38,6 +38,15 @@ struct Cli {
 enum Command {
     /// Attach the redirect programs and serve redirected connections until SIGTERM.
     Run,
+    /// Run COMMAND as a governed job: its stdio MCP servers (`[[stdio_server]]`) are relayed
+    /// through the agent. Needs a running agent; execs fail while it is down.
+    Govern {
+        /// A label for the job in logs and records.
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(trailing_var_arg = true, required = true, value_name = "COMMAND")]
+        command: Vec<std::ffi::OsString>,
+    },
     /// Live and recently closed connections and the kernel counters.
     Status {
         /// Machine-readable output.
@@ -279,6 +288,25 @@ enum PolicyCommand {
     Check { dir: Option<PathBuf> },
 }
 
+/// `airlock govern`: returns only when the job could not be started.
+fn govern(
+    config: &std::path::Path,
+    name: Option<&str>,
+    command: &[std::ffi::OsString],
+) -> ExitCode {
+    let config = match Config::load(config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("airlock govern: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let socket = airlock::stdio::socket_path(&config.state_dir);
+    let e = airlock::stdio::govern::run(&socket, name, command);
+    eprintln!("airlock govern: {e}");
+    ExitCode::from(1)
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     airlock::logging::init(
@@ -315,6 +343,9 @@ fn main() -> ExitCode {
         // A configuration, when there is one, adds pinned fingerprints and this host's key.
         let config = Config::load(&cli.config).ok();
         return verify(dir, trust, config.as_ref(), *json);
+    }
+    if let Command::Govern { name, command } = &cli.command {
+        return govern(&cli.config, name.as_deref(), command);
     }
     match &cli.command {
         Command::Install { root } => return install(root),
@@ -450,7 +481,7 @@ fn main() -> ExitCode {
                 &out,
             ),
             Command::Ca { command } => ca(&config, command),
-            Command::Install { .. } | Command::Uninstall { .. } => unreachable!("handled above"),
+            Command::Install { .. } | Command::Uninstall { .. } | Command::Govern { .. } => unreachable!("handled above"),
             Command::Hook => hook(&config).await,
             Command::Approvals { command } => approvals(&config, command).await,
             Command::Tools {

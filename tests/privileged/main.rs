@@ -20,4 +20,5 @@ mod redteam;
 mod refusals;
 mod ship;
 mod siem;
+mod stdio;
 mod upgrade;

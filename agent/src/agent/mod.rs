@@ -192,6 +192,20 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     let admin_task = tokio::spawn(admin::serve(admin_listener, move |req, peer_uid| {
         control.handle(req, peer_uid)
     }));
+    // Governed jobs hand their exec filters over from here on (`airlock govern`).
+    let govern_socket = crate::stdio::socket_path(&config.state_dir);
+    Arc::new(crate::stdio::Stdio::new(
+        proxy.pipeline.clone(),
+        proxy.names.clone(),
+        config.stdio_servers.clone(),
+        config.max_body_bytes,
+        proxy.session_prefix.clone(),
+    ))
+    .serve(&govern_socket)
+    .map_err(|source| RunError::StateDir {
+        path: govern_socket,
+        source,
+    })?;
     let resolver_task = tokio::spawn(refresh_targets(proxy.clone(), policies.clone()));
     let retention_task = tokio::spawn(retention(archive.clone(), config.retention_days));
     let policy_task = tokio::spawn(watch_policies(policies.clone()));

@@ -18,6 +18,7 @@ mod egress_proxy;
 pub mod events;
 mod log;
 mod ship;
+mod stdio;
 
 use backend::check_shared_addresses;
 pub use backend::{Backend, BackendMode, HttpAllow, UnknownSni, shared_backends};
@@ -25,6 +26,7 @@ pub use egress_proxy::{EgressProxy, PROXY_ID_BASE, TargetRef, proxy_id};
 pub use events::EventsConfig;
 pub use log::{LogFormat, LogSettings, redacted_url, valid_filter};
 pub use ship::{ShipConfig, extra_roots, parse_url as parse_ship_url};
+pub use stdio::{DEFAULTS as STDIO_DEFAULTS, StdioServer};
 
 /// Where `airlock` looks when `--config` is not given.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/airlock/airlock.toml";
@@ -135,6 +137,9 @@ pub struct Config {
     pub egress_proxies: Vec<EgressProxy>,
     /// `[events]`: OCSF audit events to a file, syslog and/or a webhook (none when absent).
     pub events: Option<EventsConfig>,
+    /// `[[stdio_server]]` (and the shipped defaults): the programs of governed jobs whose
+    /// stdin/stdout are relayed through the pipeline.
+    pub stdio_servers: Vec<StdioServer>,
 }
 
 /// What happens when a backend changes a tool's definition after it was first seen.
@@ -230,6 +235,11 @@ struct RawConfig {
     egress_proxies: Vec<egress_proxy::RawEgressProxy>,
     #[serde(default)]
     events: Option<events::RawEvents>,
+    #[serde(default, rename = "stdio_server")]
+    stdio_servers: Vec<stdio::RawStdioServer>,
+    /// The shipped launcher patterns (`stdio::DEFAULTS`) besides `[[stdio_server]]`.
+    #[serde(default = "defaults::tls")]
+    stdio_defaults: bool,
 }
 
 #[derive(Deserialize)]
@@ -764,6 +774,8 @@ impl Validator<'_> {
         let egress_proxies = self.egress_proxies(raw.egress_proxies, raw.listen_port, &backends)?;
         let ship = raw.ship.map(|s| self.ship(s)).transpose()?;
         let state_dir = self.absolute(raw.state_dir);
+        let stdio_servers = stdio::validate(raw.stdio_servers, raw.stdio_defaults)
+            .map_err(|m| self.err("stdio_server", m))?;
         let events = match raw.events {
             None => None,
             Some(e) => Some(
@@ -813,6 +825,7 @@ impl Validator<'_> {
             backends,
             egress_proxies,
             events,
+            stdio_servers,
         })
     }
 }

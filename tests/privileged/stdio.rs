@@ -1,0 +1,241 @@
+//! stdio MCP servers of a governed job (`airlock govern`): a real client (the Python SDK's
+//! stdio transport) spawning a real server through `sh -c`, relayed through the pipeline with
+//! no change to either; and the job failing closed when the agent is down or dies.
+
+use std::{
+    io::Write as _,
+    path::{Path, PathBuf},
+    process::{Command, Output, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+
+use crate::{
+    harness::{AIRLOCK, Agent, TestCgroup, backend_toml, free_port, privileged, unique},
+    mcp::venv_python,
+};
+
+const PEER: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../tests/support/stdio_peer.py"
+);
+
+const BLOCK: &str = r#"
+[[rule]]
+id = "no-table-drops"
+action = "block"
+tools = ["drop_*"]
+"#;
+
+/// An agent whose `[[stdio_server]]` names the test server's script, with a block rule.
+fn agent(cg: &TestCgroup, name: &str) -> Agent {
+    let backend = backend_toml("unused", free_port(), &["127.0.0.1"]);
+    let extra = "stdio_defaults = true\n\n[[stdio_server]]\nname = \"notes\"\nargs = [\"*/notes_server.py\"]\n";
+    let mut agent = Agent::prepare(cg, name, &backend, extra, None);
+    std::fs::write(agent.dir.join("policies/20-block.toml"), BLOCK).unwrap();
+    agent.spawn();
+    agent
+}
+
+fn govern(cg: &TestCgroup, agent: &Agent, job: &[&str]) -> Command {
+    let mut cmd = cg.command(AIRLOCK);
+    cmd.arg("--config")
+        .arg(&agent.config)
+        .args(["govern", "--name", "ci-job", "--"])
+        .args(job);
+    cmd
+}
+
+/// DuckDB over the archive's Parquet files (after the agent stopped): rows as JSON arrays.
+fn query(archive: &Path, sql: &str) -> Vec<Value> {
+    let glob = format!("{}/**/*.parquet", archive.display());
+    let sql = sql.replace(
+        "ARCHIVE",
+        &format!("read_parquet('{glob}', hive_partitioning=true)"),
+    );
+    let script = format!(
+        "import duckdb, json\nrows = duckdb.sql({sql:?}).fetchall()\nprint(json.dumps([[c if isinstance(c, (int, float, str, type(None))) else str(c) for c in r] for r in rows]))"
+    );
+    let out = Command::new(venv_python())
+        .args(["-c", &script])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "status {}\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+#[test]
+fn a_governed_jobs_stdio_server_is_masked_blocked_and_recorded_without_changing_the_client() {
+    if !privileged() {
+        return;
+    }
+    let name = unique("stdio");
+    let cg = TestCgroup::new(&name);
+    let mut agent = agent(&cg, &name);
+    let script: PathBuf = agent.dir.join("notes_server.py");
+    std::fs::copy(PEER, &script).unwrap();
+    let marker = agent.dir.join("reached");
+    let (m, s) = (marker.display().to_string(), script.display().to_string());
+    let py = venv_python().display().to_string();
+    let out = govern(
+        &cg,
+        &agent,
+        &[&py, PEER, "client", "--marker", &m, "--server-script", &s],
+    )
+    .stdin(Stdio::null())
+    .output()
+    .unwrap();
+    assert!(out.status.success(), "{}\n{}", text(&out), agent.log());
+    let seen: Value = serde_json::from_slice(&out.stdout).unwrap();
+    // The blocked tool is hidden from the listing, as for an HTTP backend.
+    assert_eq!(seen["tools"], serde_json::json!(["big", "echo"]), "{seen}");
+    // Masked before the server saw it, and on the way back.
+    let echoed = seen["calls"]["echo"][0].as_str().unwrap();
+    assert!(
+        !echoed.contains("bob@example.com") && echoed.starts_with("write to "),
+        "{seen}"
+    );
+    let reached = std::fs::read_to_string(&marker).unwrap();
+    assert!(
+        reached.contains("echo write to ") && !reached.contains("bob@example.com"),
+        "{reached}"
+    );
+    // 1 MiB through the relay.
+    assert_eq!(seen["calls"]["big"], 1024 * 1024, "{seen}");
+    // Blocked: the client got the JSON-RPC error naming the rule; the server never saw it.
+    assert_eq!(seen["errors"]["drop_table"]["code"], -32010, "{seen}");
+    let why = seen["errors"]["drop_table"]["message"].as_str().unwrap();
+    assert!(why.contains("no-table-drops"), "{why}");
+    assert!(!reached.contains("DROP REACHED"), "{reached}");
+    assert_eq!(seen["calls"]["echo_after"][0], "still here", "{seen}");
+
+    agent.sigterm();
+    let rows = query(
+        &agent.archive,
+        "select kind, decision, tool, uid, json_extract_string(payload, '$.event') \
+         from ARCHIVE where backend = 'notes' order by session_id, seq",
+    );
+    let has = |kind: &str, decision: &str, tool: Option<&str>| {
+        rows.iter()
+            .any(|r| r[0] == kind && r[1] == decision && tool.is_none_or(|t| r[2] == t))
+    };
+    assert!(has("connection", "allow", None), "{rows:?}");
+    assert!(has("request", "block", Some("drop_table")), "{rows:?}");
+    assert!(has("request", "mask", Some("echo")), "{rows:?}");
+    assert!(has("response", "allow", Some("big")), "{rows:?}");
+    assert!(
+        rows.iter().any(|r| r[4] == "open") && rows.iter().any(|r| r[4] == "close"),
+        "{rows:?}"
+    );
+    assert!(
+        rows.iter().all(|r| r[3] == 0),
+        "attributed to the client (root): {rows:?}"
+    );
+    // The open record names the server as started, with its executable's digest.
+    let open = query(
+        &agent.archive,
+        "select payload from ARCHIVE where backend = 'notes' \
+         and json_extract_string(payload, '$.event') = 'open'",
+    );
+    let open: Value = serde_json::from_str(open[0][0].as_str().unwrap()).unwrap();
+    assert_eq!(open["transport"], "stdio", "{open}");
+    assert_eq!(open["job"], "ci-job", "{open}");
+    assert_eq!(
+        open["server"]["sha256"].as_str().map(str::len),
+        Some(64),
+        "{open}"
+    );
+    assert!(
+        open["server"]["argv"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|a| a.as_str().unwrap().ends_with("notes_server.py")),
+        "{open}"
+    );
+}
+
+#[test]
+fn a_governed_job_does_not_start_without_the_agent_and_cannot_exec_once_it_died() {
+    if !privileged() {
+        return;
+    }
+    let name = unique("stdio-down");
+    let cg = TestCgroup::new(&name);
+    let mut agent = agent(&cg, &name);
+    // The job waits on a FIFO, execs, waits again, execs again.
+    let fifo = agent.dir.join("go");
+    assert!(
+        Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap()
+            .success()
+    );
+    let log = agent.dir.join("job.out");
+    let f = fifo.display();
+    let script = format!(
+        "read a < {f}; /bin/true; echo \"first=$?\"; read b < {f}; /bin/true; echo \"second=$?\""
+    );
+    let mut job = govern(&cg, &agent, &["/bin/sh", "-c", &script])
+        .stdout(std::fs::File::create(&log).unwrap())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let go = || {
+        let mut w = std::fs::OpenOptions::new().write(true).open(&fifo).unwrap();
+        w.write_all(b"go\n").unwrap();
+    };
+    let wait_for = |what: &str| {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains(what)
+        {
+            assert!(Instant::now() < deadline, "no {what:?} from the job");
+            thread::sleep(Duration::from_millis(20));
+        }
+    };
+    go();
+    wait_for("first=0");
+    agent.sigkill();
+    go();
+    let status = job.wait().unwrap();
+    let out = std::fs::read_to_string(&log).unwrap();
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut job.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(out.contains("second="), "{out}\n{err}");
+    assert!(
+        !out.contains("second=0"),
+        "an exec ran with the agent dead: {out}\n{err}"
+    );
+    assert!(
+        err.contains("Function not implemented") || err.contains("not implemented"),
+        "{err}"
+    );
+    let _ = status;
+
+    // With no agent at all, the job does not start.
+    let out = govern(&cg, &agent, &["/bin/true"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("does not answer") && err.contains("does not start without it"),
+        "{err}"
+    );
+}
