@@ -30,11 +30,15 @@ tools = ["drop_*"]
 "#;
 
 /// An agent whose `[[stdio_server]]` names the test server's script, with a block rule.
-fn agent(cg: &TestCgroup, name: &str) -> Agent {
+fn agent(cg: &TestCgroup, name: &str, more_policy: &str) -> Agent {
     let backend = backend_toml("unused", free_port(), &["127.0.0.1"]);
     let extra = "stdio_defaults = true\n\n[[stdio_server]]\nname = \"notes\"\nargs = [\"*/notes_server.py\"]\n";
     let mut agent = Agent::prepare(cg, name, &backend, extra, None);
-    std::fs::write(agent.dir.join("policies/20-block.toml"), BLOCK).unwrap();
+    std::fs::write(
+        agent.dir.join("policies/20-block.toml"),
+        format!("{BLOCK}\n{more_policy}"),
+    )
+    .unwrap();
     agent.spawn();
     agent
 }
@@ -86,7 +90,7 @@ fn a_governed_jobs_stdio_server_is_masked_blocked_and_recorded_without_changing_
     }
     let name = unique("stdio");
     let cg = TestCgroup::new(&name);
-    let mut agent = agent(&cg, &name);
+    let mut agent = agent(&cg, &name, "");
     let script: PathBuf = agent.dir.join("notes_server.py");
     std::fs::copy(PEER, &script).unwrap();
     let marker = agent.dir.join("reached");
@@ -171,13 +175,60 @@ fn a_governed_jobs_stdio_server_is_masked_blocked_and_recorded_without_changing_
 }
 
 #[test]
+fn the_typescript_sdks_stdio_client_spawning_server_everything_through_npx_is_relayed() {
+    if !privileged() {
+        return;
+    }
+    let name = unique("stdio-node");
+    let cg = TestCgroup::new(&name);
+    let more = "[[rule]]\nid = \"no-env-dumps\"\naction = \"block\"\ntools = [\"get-env\"]\n";
+    let mut agent = agent(&cg, &name, more);
+    let modules = crate::mcp::node_modules();
+    let parent = modules.parent().unwrap().display().to_string();
+    let node = crate::mcp::node().display().to_string();
+    let client = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../tests/support/stdio_client.mjs"
+    );
+    let out = govern(&cg, &agent, &[&node, client, &parent, "get-env"])
+        .env("NODE_PATH", &modules)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}\n{}", text(&out), agent.log());
+    let seen: Value = serde_json::from_slice(&out.stdout).unwrap();
+    // Matched by the shipped launcher patterns (no `[[stdio_server]]` names it).
+    assert_eq!(seen["errors"]["get-env"]["code"], -32010, "{seen}");
+    assert!(
+        !seen["tools"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|t| t == "get-env"),
+        "{seen}"
+    );
+    let echo = seen["calls"]["echo"][0].as_str().unwrap();
+    assert!(
+        echo.starts_with("Echo: mail ") && !echo.contains("alice@example.com"),
+        "{seen}"
+    );
+    assert_eq!(seen["calls"]["echo_after"][0], "Echo: still here", "{seen}");
+    agent.sigterm();
+    let rows = query(
+        &agent.archive,
+        "select distinct backend from ARCHIVE where tool = 'get-env' and decision = 'block'",
+    );
+    assert_eq!(rows, vec![serde_json::json!(["stdio-mcp"])]);
+}
+
+#[test]
 fn a_governed_job_does_not_start_without_the_agent_and_cannot_exec_once_it_died() {
     if !privileged() {
         return;
     }
     let name = unique("stdio-down");
     let cg = TestCgroup::new(&name);
-    let mut agent = agent(&cg, &name);
+    let mut agent = agent(&cg, &name, "");
     // The job waits on a FIFO, execs, waits again, execs again.
     let fifo = agent.dir.join("go");
     assert!(

