@@ -13,6 +13,8 @@
 //!   plain HTTP: ClientHello, SNI, leaves, upstream TLS dialled concurrently), `http`
 //!   (hyper HTTP/1.1 both sides, request heads read by Airlock first), `forward` (a
 //!   client's connection to its HTTP proxy, `[[egress_proxy]]`: each proxy request judged).
+//! - [`stdio`]: stdio MCP servers of jobs run under `airlock govern`: the exec filter
+//!   (seccomp user notification), what an exec asks for, the line relay into the pipeline.
 //! - [`attribution`]: the kernel record enriched from `/proc` (user, exe, cmdline, cgroup).
 //! - [`egress`]: every connection the agent opens itself (upstreams, webhooks, the bucket):
 //!   from a socket tagged as its own, under a deadline; TLS client configurations.
