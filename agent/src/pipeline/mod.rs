@@ -606,4 +606,4 @@ fn describe(method: Option<&str>, tool: Option<&str>) -> String {
 #[cfg(test)]
 mod tests;
 #[cfg(test)]
-mod tests_process;
+pub(crate) mod tests_process;

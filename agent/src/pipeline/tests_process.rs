@@ -20,10 +20,10 @@ use crate::{
     policy::{Direction, Subject, mask::HashKey, pins::ToolPins, store::PolicyStore},
 };
 
-struct TempDir(PathBuf);
+pub(crate) struct TempDir(pub(crate) PathBuf);
 
 impl TempDir {
-    fn new(name: &str) -> TempDir {
+    pub(crate) fn new(name: &str) -> TempDir {
         static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = N.fetch_add(1, Relaxed);
         let p = std::env::temp_dir().join(format!(
@@ -57,7 +57,7 @@ detectors = ["email"]
 "#;
 
 /// A pipeline over a real archive and `POLICY`.
-fn pipeline(dir: &TempDir) -> Pipeline {
+pub(crate) fn pipeline(dir: &TempDir) -> Pipeline {
     let policies = dir.0.join("policies");
     fs::create_dir_all(&policies).unwrap();
     fs::write(policies.join("10-test.toml"), POLICY).unwrap();
@@ -88,7 +88,7 @@ fn pipeline(dir: &TempDir) -> Pipeline {
     }
 }
 
-fn ctx() -> ConnCtx {
+pub(crate) fn ctx() -> ConnCtx {
     let attribution = Attribution {
         pid: 4242,
         tgid: 4240,

@@ -21,6 +21,8 @@ pub mod exec;
 pub mod govern;
 mod relay;
 pub mod seccomp;
+#[cfg(test)]
+mod tests_relay;
 
 use std::{
     collections::HashMap,
