@@ -127,6 +127,21 @@ fn a_governed_jobs_stdio_server_is_masked_blocked_and_recorded_without_changing_
     assert!(why.contains("no-table-drops"), "{why}");
     assert!(!reached.contains("DROP REACHED"), "{reached}");
     assert_eq!(seen["calls"]["echo_after"][0], "still here", "{seen}");
+    // Counted; the relay ends once both sides are done.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let c = agent.status()["agent_counters"].clone();
+        assert_eq!(c["stdio_relays"], 1, "{c}");
+        assert!(
+            c["stdio_jobs"] == 1 && c["stdio_execs"].as_u64() >= Some(3),
+            "{c}"
+        );
+        if c["stdio_relays_live"] == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the relay never ended: {c}");
+        thread::sleep(Duration::from_millis(20));
+    }
 
     agent.sigterm();
     let rows = query(
@@ -219,6 +234,142 @@ fn the_typescript_sdks_stdio_client_spawning_server_everything_through_npx_is_re
         "select distinct backend from ARCHIVE where tool = 'get-env' and decision = 'block'",
     );
     assert_eq!(rows, vec![serde_json::json!(["stdio-mcp"])]);
+}
+
+/// A call held for approval over stdio (the legacy `initialize` handshake this time): the
+/// client waits until `airlock approvals approve`, then gets the server's answer.
+#[test]
+fn a_stdio_call_held_for_approval_goes_through_once_approved_legacy_handshake() {
+    if !privileged() {
+        return;
+    }
+    let name = unique("stdio-approve");
+    let cg = TestCgroup::new(&name);
+    let approve = "[[rule]]\nid = \"approve-big\"\naction = \"approve\"\ntools = [\"big\"]\ntimeout_secs = 60\n";
+    let agent = agent(&cg, &name, approve);
+    let script: PathBuf = agent.dir.join("notes_server.py");
+    std::fs::copy(PEER, &script).unwrap();
+    let marker = agent.dir.join("reached");
+    let (m, s) = (marker.display().to_string(), script.display().to_string());
+    let py = venv_python().display().to_string();
+    let client = govern(
+        &cg,
+        &agent,
+        &[
+            &py,
+            PEER,
+            "client",
+            "--marker",
+            &m,
+            "--server-script",
+            &s,
+            "--mode",
+            "legacy",
+        ],
+    )
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let pending: Value = loop {
+        let out = agent.airlock(&["approvals", "list", "--json"]);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        if let Some(line) = text.lines().next() {
+            break serde_json::from_str(line).unwrap();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no call was held:\n{}",
+            agent.log()
+        );
+        thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(pending["tool"], "big", "{pending}");
+    // Held: the server has not seen it.
+    assert!(
+        !std::fs::read_to_string(&marker)
+            .unwrap_or_default()
+            .contains("big")
+    );
+    let id = pending["id"].as_u64().unwrap().to_string();
+    let out = agent.airlock(&["approvals", "approve", &id]);
+    assert!(out.status.success(), "{}", text(&out));
+    let out = client.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}\n{}", text(&out), agent.log());
+    let seen: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(seen["calls"]["big"], 1024 * 1024, "{seen}");
+    assert_eq!(seen["errors"]["drop_table"]["code"], -32010, "{seen}");
+}
+
+/// The agent restarts while a client talks to its stdio server: the relay ends with the
+/// agent (the client sees the server gone, it does not hang), and the restarted agent governs
+/// new jobs again.
+#[test]
+fn a_relay_ends_visibly_when_the_agent_dies_and_new_jobs_are_governed_after_a_restart() {
+    if !privileged() {
+        return;
+    }
+    let name = unique("stdio-restart");
+    let cg = TestCgroup::new(&name);
+    let mut agent = agent(&cg, &name, "");
+    let script: PathBuf = agent.dir.join("notes_server.py");
+    std::fs::copy(PEER, &script).unwrap();
+    let marker = agent.dir.join("reached");
+    let (m, s) = (marker.display().to_string(), script.display().to_string());
+    let py = venv_python().display().to_string();
+    let job = |agent: &Agent, extra: &[&str]| {
+        let mut args = vec![
+            py.as_str(),
+            PEER,
+            "client",
+            "--marker",
+            &m,
+            "--server-script",
+            &s,
+        ];
+        args.extend_from_slice(extra);
+        govern(&cg, agent, &args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    // A client that pauses (waiting for a file) after its first call.
+    let gate = agent.dir.join("gate");
+    let g = gate.display().to_string();
+    let client = job(&agent, &["--pause-until", &g]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !std::fs::read_to_string(&marker)
+        .unwrap_or_default()
+        .contains("echo")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the first call never reached the server"
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+    agent.sigkill();
+    std::fs::write(&gate, "go").unwrap();
+    let out = client.wait_with_output().unwrap();
+    assert!(
+        !out.status.success(),
+        "the client went on without its server: {}",
+        text(&out)
+    );
+    assert_eq!(
+        std::fs::read_to_string(&marker)
+            .unwrap()
+            .matches("big")
+            .count(),
+        0
+    );
+    agent.spawn();
+    let out = job(&agent, &[]).wait_with_output().unwrap();
+    assert!(out.status.success(), "{}\n{}", text(&out), agent.log());
 }
 
 #[test]

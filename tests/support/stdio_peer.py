@@ -58,6 +58,9 @@ async def run_client(args):
         seen["tools"] = sorted(t.name for t in (await client.list_tools()).tools)
         r = await client.call_tool("echo", {"text": "write to bob@example.com please"})
         seen["calls"]["echo"] = [c.text for c in r.content if hasattr(c, "text")]
+        if args.pause_until:
+            while not os.path.exists(args.pause_until):
+                await asyncio.sleep(0.02)
         r = await client.call_tool("big", {"n": 1024 * 1024})
         seen["calls"]["big"] = sum(len(c.text) for c in r.content if hasattr(c, "text"))
         try:
@@ -81,6 +84,7 @@ def main():
     c.add_argument("--marker", required=True)
     c.add_argument("--mode", default="auto")
     c.add_argument("--server-script", help="a copy of this file to start as the server")
+    c.add_argument("--pause-until", help="after the first call, wait until this file exists")
     args = p.parse_args()
     if args.role == "server":
         serve(args)

@@ -251,6 +251,7 @@ fn status(proxy: &Proxy, cgroup: &str, started_at: SystemTime) -> Status {
             }
             c.extend(proxy.resources.counters.snapshot());
             c.extend(crate::events::counters());
+            c.extend(crate::stdio::counters());
             c.extend(proxy.resources.in_use());
             c
         },

@@ -223,6 +223,45 @@ impl Collector for AgentCollector {
             pending as i64,
         )?;
 
+        // stdio servers of governed jobs (`airlock govern`).
+        let stdio = crate::stdio::counters();
+        let get = |k: &str| stdio.get(k).copied().unwrap_or(0);
+        counter(
+            &mut enc,
+            "airlock_stdio_jobs",
+            "Jobs started under `airlock govern` whose exec filter the agent took",
+            None,
+            get("stdio_jobs"),
+        )?;
+        counter(
+            &mut enc,
+            "airlock_stdio_execs",
+            "Execs of governed jobs the agent answered",
+            None,
+            get("stdio_execs"),
+        )?;
+        counter(
+            &mut enc,
+            "airlock_stdio_execs_refused",
+            "Execs of governed jobs refused (a matching server that could not be relayed, or an exec that could not be read)",
+            None,
+            get("stdio_execs_refused"),
+        )?;
+        counter(
+            &mut enc,
+            "airlock_stdio_relays",
+            "stdio MCP servers relayed through the pipeline",
+            None,
+            get("stdio_relays"),
+        )?;
+        gauge(
+            &mut enc,
+            "airlock_stdio_relays_live",
+            "stdio MCP servers being relayed now",
+            None,
+            get("stdio_relays_live") as i64,
+        )?;
+
         // Audit events: per configured sink (absent without `[events]`).
         let events = crate::events::counters();
         if let Some(emitted) = events.get("events_emitted") {

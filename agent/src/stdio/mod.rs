@@ -66,14 +66,40 @@ pub fn socket_path(state_dir: &Path) -> PathBuf {
     state_dir.join("govern.sock")
 }
 
-/// The agent's counters of governed jobs.
-#[derive(Debug, Default)]
-pub struct StdioCounters {
-    pub jobs: AtomicU64,
-    pub execs: AtomicU64,
-    pub relayed: AtomicU64,
-    /// Execs refused because a relay could not be set up for a matching server.
-    pub refused: AtomicU64,
+/// The agent's counters of governed jobs (one agent per process: a static, read by `airlock
+/// status` and the metrics endpoint through [`counters`]).
+#[derive(Debug)]
+struct StdioCounters {
+    jobs: AtomicU64,
+    execs: AtomicU64,
+    relayed: AtomicU64,
+    live: AtomicU64,
+    /// Execs refused because a relay could not be set up for a matching server (or the exec
+    /// could not be read).
+    refused: AtomicU64,
+}
+
+static COUNTERS: StdioCounters = StdioCounters {
+    jobs: AtomicU64::new(0),
+    execs: AtomicU64::new(0),
+    relayed: AtomicU64::new(0),
+    live: AtomicU64::new(0),
+    refused: AtomicU64::new(0),
+};
+
+/// `stdio_jobs`, `stdio_execs`, `stdio_relays`, `stdio_relays_live`, `stdio_execs_refused`.
+pub fn counters() -> std::collections::BTreeMap<String, u64> {
+    let c = &COUNTERS;
+    [
+        ("stdio_jobs", &c.jobs),
+        ("stdio_execs", &c.execs),
+        ("stdio_relays", &c.relayed),
+        ("stdio_relays_live", &c.live),
+        ("stdio_execs_refused", &c.refused),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v.load(Ordering::Relaxed)))
+    .collect()
 }
 
 /// Governed jobs and their stdio relays.
@@ -84,7 +110,6 @@ pub struct Stdio {
     pub max_line: usize,
     pub session_prefix: String,
     pub runtime: tokio::runtime::Handle,
-    pub counters: StdioCounters,
     next: AtomicU64,
     /// Live relays by the inode of the server's stdin pipe (what a relayed process's fd 0 is).
     relays: Arc<Mutex<HashMap<u64, Arc<Relay>>>>,
@@ -105,7 +130,6 @@ impl Stdio {
             max_line,
             session_prefix,
             runtime: tokio::runtime::Handle::current(),
-            counters: StdioCounters::default(),
             next: AtomicU64::new(1),
             relays: Default::default(),
         }
@@ -177,7 +201,7 @@ impl Stdio {
             return Err("a request without a seccomp listener".into());
         };
         let listener = Listener::new(fd).map_err(|e| e.to_string())?;
-        let job = self.counters.jobs.fetch_add(1, Ordering::Relaxed) + 1;
+        let job = COUNTERS.jobs.fetch_add(1, Ordering::Relaxed) + 1;
         let this = self.clone();
         let label = name.clone();
         std::thread::Builder::new()
@@ -204,7 +228,7 @@ impl Stdio {
     }
 
     fn on_exec(&self, listener: &Listener, n: Notification, job: Option<&str>) {
-        self.counters.execs.fetch_add(1, Ordering::Relaxed);
+        COUNTERS.execs.fetch_add(1, Ordering::Relaxed);
         let respond = |errno| {
             if let Err(e) = listener.respond(n.id, errno) {
                 warn!(pid = n.pid, error = %e, "cannot answer an exec");
@@ -216,7 +240,7 @@ impl Stdio {
                 if listener.still_waiting(n.id) {
                     // It waits, yet cannot be read: refuse rather than guess.
                     warn!(pid = n.pid, error = %e, "cannot read an exec of a governed job: refused");
-                    self.counters.refused.fetch_add(1, Ordering::Relaxed);
+                    COUNTERS.refused.fetch_add(1, Ordering::Relaxed);
                     respond(Some(libc::EPERM));
                 }
                 return;
@@ -249,7 +273,7 @@ impl Stdio {
             Err(e) => {
                 warn!(pid = exec.tgid, server = %server.name, error = %e,
                       "cannot relay a stdio server: its exec is refused");
-                self.counters.refused.fetch_add(1, Ordering::Relaxed);
+                COUNTERS.refused.fetch_add(1, Ordering::Relaxed);
                 respond(Some(libc::EPERM));
             }
         }
@@ -289,7 +313,8 @@ impl Stdio {
         if let Ok(mut r) = self.relays.lock() {
             r.insert(inode, relay.clone());
         }
-        self.counters.relayed.fetch_add(1, Ordering::Relaxed);
+        COUNTERS.relayed.fetch_add(1, Ordering::Relaxed);
+        COUNTERS.live.fetch_add(1, Ordering::Relaxed);
         info!(session = %relay.ctx.session_id, server = %server.name, pid = exec.tgid,
               path = %exec.path, "relaying a stdio MCP server");
 
@@ -448,6 +473,7 @@ fn finish_one(
         if let Ok(mut r) = table.lock() {
             r.remove(&inode);
         }
+        COUNTERS.live.fetch_sub(1, Ordering::Relaxed);
         relay.finish();
     }
 }
