@@ -60,6 +60,8 @@ pub enum Request {
         #[serde(default)]
         name: Option<String>,
     },
+    /// stdio MCP server processes on the host, relayed or not (`airlock discover`).
+    Discover,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -71,6 +73,9 @@ pub enum Response {
     },
     Ok {
         message: String,
+    },
+    Discovered {
+        found: Vec<crate::stdio::discover::Found>,
     },
     Error {
         message: String,

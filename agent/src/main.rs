@@ -47,6 +47,12 @@ enum Command {
         #[arg(trailing_var_arg = true, required = true, value_name = "COMMAND")]
         command: Vec<std::ffi::OsString>,
     },
+    /// stdio MCP server processes on this host: relayed (governed jobs) or not (shadow MCP).
+    Discover {
+        /// Machine-readable output (one JSON object per process).
+        #[arg(long)]
+        json: bool,
+    },
     /// Live and recently closed connections and the kernel counters.
     Status {
         /// Machine-readable output.
@@ -427,6 +433,7 @@ fn main() -> ExitCode {
                 Err(e) => fail(e),
             },
             Command::Status { json } => status(&config, json).await,
+            Command::Discover { json } => discover(&config, json).await,
             Command::Detach => detach(&config).await,
             Command::Policy {
                 command: PolicyCommand::Check { .. },
@@ -764,6 +771,40 @@ fn config_error(e: &ConfigError) -> ExitCode {
 pub(crate) fn fail(e: impl std::fmt::Display) -> ExitCode {
     eprintln!("airlock: {e}");
     ExitCode::FAILURE
+}
+
+/// `airlock discover`: the agent's scan, one line (or JSON object) per process.
+async fn discover(config: &Config, json: bool) -> ExitCode {
+    let found = match admin::request(&config.admin_socket(), &Request::Discover).await {
+        Ok(Response::Discovered { found }) => found,
+        Ok(Response::Error { message }) => return fail(message),
+        Ok(other) => return fail(format!("unexpected answer {other:?}")),
+        Err(e) => return fail(e),
+    };
+    for f in &found {
+        if json {
+            match serde_json::to_string(f) {
+                Ok(s) => println!("{s}"),
+                Err(e) => return fail(e),
+            }
+        } else {
+            println!(
+                "{pid:>7} {user:<12} {server:<16} {state:<9} {exe} {argv}  (parent {ppid} {pexe})",
+                pid = f.pid,
+                user = f.user.clone().unwrap_or_else(|| f.uid.to_string()),
+                server = f.server,
+                state = if f.relayed { "relayed" } else { "UNMANAGED" },
+                exe = f.exe.as_deref().unwrap_or("?"),
+                argv = f.argv.join(" "),
+                ppid = f.parent_pid,
+                pexe = f.parent_exe.as_deref().unwrap_or("?"),
+            );
+        }
+    }
+    if !json && found.is_empty() {
+        println!("no stdio MCP server processes found");
+    }
+    ExitCode::SUCCESS
 }
 
 async fn status(config: &Config, json: bool) -> ExitCode {

@@ -51,6 +51,15 @@ pub enum AgentEvent {
         timeout_secs: u64,
         actor: Box<crate::attribution::Attribution>,
     },
+    /// A stdio MCP server runs outside any governed job (found by the agent's scan of
+    /// `/proc`; `actor` is the server process, `start` its start time in clock ticks).
+    UnmanagedStdioServer {
+        server: String,
+        argv: Vec<String>,
+        start: u64,
+        parent_exe: Option<String>,
+        actor: Box<crate::attribution::Attribution>,
+    },
     /// `airlock verify` (or a fleet check) found the archive not as signed.
     VerificationFailed { host: String, problem: String },
 }

@@ -31,9 +31,16 @@ tools = ["drop_*"]
 
 /// An agent whose `[[stdio_server]]` names the test server's script, with a block rule.
 fn agent(cg: &TestCgroup, name: &str, more_policy: &str) -> Agent {
+    agent_with(cg, name, more_policy, "")
+}
+
+/// Like [`agent`], with more tables after the `[[stdio_server]]` (e.g. `[events.file]`).
+fn agent_with(cg: &TestCgroup, name: &str, more_policy: &str, tables: &str) -> Agent {
     let backend = backend_toml("unused", free_port(), &["127.0.0.1"]);
-    let extra = "stdio_defaults = true\n\n[[stdio_server]]\nname = \"notes\"\nargs = [\"*/notes_server.py\"]\n";
-    let mut agent = Agent::prepare(cg, name, &backend, extra, None);
+    let extra = format!(
+        "stdio_defaults = true\n\n[[stdio_server]]\nname = \"notes\"\nargs = [\"*/notes_server.py\"]\n{tables}\n"
+    );
+    let mut agent = Agent::prepare(cg, name, &backend, &extra, None);
     std::fs::write(
         agent.dir.join("policies/20-block.toml"),
         format!("{BLOCK}\n{more_policy}"),
@@ -370,6 +377,115 @@ fn a_relay_ends_visibly_when_the_agent_dies_and_new_jobs_are_governed_after_a_re
     agent.spawn();
     let out = job(&agent, &[]).wait_with_output().unwrap();
     assert!(out.status.success(), "{}\n{}", text(&out), agent.log());
+}
+
+/// `airlock discover` lists a stdio server running outside any governed job as unmanaged and
+/// a relayed one as relayed; the agent's scan sends one finding for the unmanaged one.
+#[test]
+fn discover_finds_an_unmanaged_stdio_server_and_tells_a_relayed_one_apart() {
+    use std::os::unix::process::CommandExt as _;
+    if !privileged() {
+        return;
+    }
+    let name = unique("stdio-discover");
+    let cg = TestCgroup::new(&name);
+    // A shadow server (named like a launcher, stdio piped), started before the agent.
+    let mut shadow = std::process::Command::new("sleep")
+        .arg0("mcp-server-shadow")
+        .arg("120")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let events = std::env::temp_dir().join(format!("{name}-events.jsonl"));
+    let tables = format!("[events.file]\npath = \"{}\"\n", events.display());
+    let agent = agent_with(&cg, &name, "", &tables);
+    let script: PathBuf = agent.dir.join("notes_server.py");
+    std::fs::copy(PEER, &script).unwrap();
+    let marker = agent.dir.join("reached");
+    let gate = agent.dir.join("gate");
+    let (m, s, g) = (
+        marker.display().to_string(),
+        script.display().to_string(),
+        gate.display().to_string(),
+    );
+    let py = venv_python().display().to_string();
+    let client = govern(
+        &cg,
+        &agent,
+        &[
+            &py,
+            PEER,
+            "client",
+            "--marker",
+            &m,
+            "--server-script",
+            &s,
+            "--pause-until",
+            &g,
+        ],
+    )
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let found: Vec<Value> = loop {
+        let out = agent.airlock(&["discover", "--json"]);
+        assert!(out.status.success(), "{}", text(&out));
+        let found: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let relayed = found
+            .iter()
+            .any(|f| f["relayed"] == true && f["server"] == "notes");
+        if relayed && found.iter().any(|f| f["pid"] == shadow.id()) {
+            break found;
+        }
+        assert!(Instant::now() < deadline, "not both found: {found:?}");
+        thread::sleep(Duration::from_millis(50));
+    };
+    let shadowed = found.iter().find(|f| f["pid"] == shadow.id()).unwrap();
+    assert_eq!(shadowed["relayed"], false, "{shadowed}");
+    assert_eq!(shadowed["server"], "stdio-mcp", "{shadowed}");
+    assert_eq!(shadowed["parent_pid"], std::process::id(), "{shadowed}");
+    // One finding for the shadow server (servers of other tests running now may have theirs).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let lines = std::fs::read_to_string(&events).unwrap_or_default();
+        let findings: Vec<Value> = lines
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|e| e["finding_info"]["types"][0] == "Unmanaged MCP Server")
+            .collect();
+        let ours = findings
+            .iter()
+            .filter(|e| e["actor"]["process"]["pid"] == shadow.id())
+            .count();
+        let relayed_reported = findings.iter().any(|e| {
+            e["evidences"][0]["process"]["cmd_line"]
+                .as_str()
+                .is_some_and(|c| c.contains(&s))
+        });
+        assert!(
+            !relayed_reported,
+            "the relayed server was reported: {findings:?}"
+        );
+        if ours > 0 {
+            assert_eq!(ours, 1, "{findings:?}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "no finding in {lines}");
+        thread::sleep(Duration::from_millis(50));
+    }
+    std::fs::write(&gate, "go").unwrap();
+    let out = client.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}\n{}", text(&out), agent.log());
+    let _ = shadow.kill();
+    let _ = shadow.wait();
+    let _ = std::fs::remove_file(&events);
 }
 
 #[test]

@@ -24,6 +24,8 @@ pub(super) struct Control {
     pub shutdown_tx: mpsc::Sender<&'static str>,
     pub shipper: Option<Arc<crate::ship::Shipper>>,
     pub started_at: SystemTime,
+    /// Governed jobs and their stdio relays.
+    pub stdio: Arc<crate::stdio::Stdio>,
 }
 
 impl Control {
@@ -121,6 +123,9 @@ impl Control {
             Request::Deny { id } => decide(&self.proxy, id, "denied", |a| {
                 a.deny(id, peer_uid, Instant::now())
             }),
+            Request::Discover => Response::Discovered {
+                found: tokio::task::block_in_place(|| self.stdio.discover()),
+            },
             Request::Status => {
                 let mut s = status(&self.proxy, &self.cgroup, self.started_at);
                 s.agent.policy_hash = Some(self.policies.current().hash.clone());

@@ -181,7 +181,23 @@ pub async fn run(config: Config) -> Result<(), RunError> {
             path: config.admin_socket(),
             source,
         })?;
+    // Governed jobs hand their exec filters over from here on (`airlock govern`).
+    let govern_socket = crate::stdio::socket_path(&config.state_dir);
+    let stdio = Arc::new(crate::stdio::Stdio::new(
+        proxy.pipeline.clone(),
+        proxy.names.clone(),
+        config.stdio_servers.clone(),
+        config.max_body_bytes,
+        proxy.session_prefix.clone(),
+    ));
+    stdio
+        .serve(&govern_socket)
+        .map_err(|source| RunError::StateDir {
+            path: govern_socket,
+            source,
+        })?;
     let control = Arc::new(control::Control {
+        stdio: stdio.clone(),
         proxy: proxy.clone(),
         policies: policies.clone(),
         cgroup: cgroup.display().to_string(),
@@ -192,20 +208,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     let admin_task = tokio::spawn(admin::serve(admin_listener, move |req, peer_uid| {
         control.handle(req, peer_uid)
     }));
-    // Governed jobs hand their exec filters over from here on (`airlock govern`).
-    let govern_socket = crate::stdio::socket_path(&config.state_dir);
-    Arc::new(crate::stdio::Stdio::new(
-        proxy.pipeline.clone(),
-        proxy.names.clone(),
-        config.stdio_servers.clone(),
-        config.max_body_bytes,
-        proxy.session_prefix.clone(),
-    ))
-    .serve(&govern_socket)
-    .map_err(|source| RunError::StateDir {
-        path: govern_socket,
-        source,
-    })?;
+    let unmanaged_task = tokio::spawn(crate::stdio::report_unmanaged(stdio.clone()));
     let resolver_task = tokio::spawn(refresh_targets(proxy.clone(), policies.clone()));
     let retention_task = tokio::spawn(retention(archive.clone(), config.retention_days));
     let policy_task = tokio::spawn(watch_policies(policies.clone()));
@@ -219,8 +222,14 @@ pub async fn run(config: Config) -> Result<(), RunError> {
             .iter()
             .map(tokio::task::JoinHandle::abort_handle)
             .chain(
-                [&resolver_task, &sweep_task, &retention_task, &policy_task]
-                    .map(|t| t.abort_handle()),
+                [
+                    &resolver_task,
+                    &sweep_task,
+                    &retention_task,
+                    &policy_task,
+                    &unmanaged_task,
+                ]
+                .map(|t| t.abort_handle()),
             )
             .collect(),
         admin: admin_task.abort_handle(),

@@ -26,7 +26,7 @@ pub use egress_proxy::{EgressProxy, PROXY_ID_BASE, TargetRef, proxy_id};
 pub use events::EventsConfig;
 pub use log::{LogFormat, LogSettings, redacted_url, valid_filter};
 pub use ship::{ShipConfig, extra_roots, parse_url as parse_ship_url};
-pub use stdio::{DEFAULTS as STDIO_DEFAULTS, StdioServer};
+pub use stdio::{DEFAULTS as STDIO_DEFAULTS, StdioServer, default_stdio_servers};
 
 /// Where `airlock` looks when `--config` is not given.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/airlock/airlock.toml";

@@ -82,6 +82,11 @@ impl StdioServer {
     }
 }
 
+/// The shipped launcher patterns alone.
+pub fn default_stdio_servers() -> Vec<StdioServer> {
+    validate(Vec::new(), true).unwrap_or_default()
+}
+
 /// The configured entries, then the defaults unless turned off.
 pub(super) fn validate(
     raw: Vec<RawStdioServer>,

@@ -285,6 +285,48 @@ pub fn from_event(e: &AgentEvent, host: &str, version: &str, now_ms: i64) -> Val
             }]);
             ev
         }
+        AgentEvent::UnmanagedStdioServer {
+            server,
+            argv,
+            start,
+            parent_exe,
+            actor,
+        } => {
+            let exe = actor.exe.as_deref().unwrap_or(&actor.comm);
+            let desc = format!(
+                "stdio MCP server `{}` (pid {}, uid {}) runs outside a governed job: its messages are not inspected",
+                bounded(exe, FIELD_MAX),
+                actor.tgid,
+                actor.uid
+            );
+            let mut ev = finding(
+                host,
+                version,
+                now_ms,
+                &format!("stdio-unmanaged:{}:{start}", actor.tgid),
+                "Unmanaged stdio MCP server",
+                &desc,
+            );
+            ev["severity_id"] = severity::MEDIUM.into();
+            ev["finding_info"]["types"] = json!(["Unmanaged MCP Server"]);
+            ev["actor"] = actor_of_attribution(actor);
+            let argv: Vec<String> = argv
+                .iter()
+                .take(32)
+                .map(|a| bounded(a, FIELD_MAX))
+                .collect();
+            ev["resources"] =
+                json!([{ "name": bounded(server, FIELD_MAX), "type": "stdio MCP server" }]);
+            ev["evidences"] = json!([{
+                "process": {
+                    "pid": actor.tgid,
+                    "name": bounded(&actor.comm, FIELD_MAX),
+                    "cmd_line": bounded(&argv.join(" "), 2000),
+                },
+            }]);
+            ev["unmapped"] = json!({ "airlock": { "parent_exe": parent_exe } });
+            ev
+        }
         AgentEvent::VerificationFailed { host: h, problem } => {
             // `h` is the archive's hosts, comma-separated; in fleet mode they come from the
             // bucket's keys (anyone who can write there chooses them): the count and the

@@ -147,6 +147,20 @@ pub(crate) fn every_kind() -> Vec<(&'static str, Value)> {
             },
         ),
         (
+            "stdio_unmanaged",
+            AgentEvent::UnmanagedStdioServer {
+                server: "stdio-mcp".into(),
+                argv: vec![
+                    "npx".into(),
+                    "-y".into(),
+                    "@modelcontextprotocol/server-filesystem".into(),
+                ],
+                start: 123456,
+                parent_exe: Some("/usr/bin/python3.11".into()),
+                actor: Box::new(attribution()),
+            },
+        ),
+        (
             "verification_failed",
             AgentEvent::VerificationFailed {
                 host: "runner-7".into(),
@@ -232,7 +246,7 @@ pub fn validate_ocsf(lines: &str) {
 #[test]
 fn ocsf_schema_validates_every_kind() {
     let all = every_kind();
-    assert_eq!(all.len(), 14);
+    assert_eq!(all.len(), 15);
     let lines: String = all.iter().map(|(_, v)| format!("{v}\n")).collect();
     validate_ocsf(&lines);
 }

@@ -254,6 +254,13 @@ impl Collector for AgentCollector {
             None,
             get("stdio_relays"),
         )?;
+        counter(
+            &mut enc,
+            "airlock_stdio_unmanaged",
+            "stdio MCP server processes found running outside governed jobs (each reported once)",
+            None,
+            get("stdio_unmanaged"),
+        )?;
         gauge(
             &mut enc,
             "airlock_stdio_relays_live",

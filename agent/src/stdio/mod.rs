@@ -17,6 +17,7 @@
 //! Files: [`seccomp`] (the filter and listener), [`exec`] (what an exec asks for), [`relay`]
 //! (the message relay), [`govern`] (the command's side).
 
+pub mod discover;
 pub mod exec;
 pub mod govern;
 mod relay;
@@ -77,6 +78,8 @@ struct StdioCounters {
     /// Execs refused because a relay could not be set up for a matching server (or the exec
     /// could not be read).
     refused: AtomicU64,
+    /// stdio MCP server processes found running outside governed jobs.
+    unmanaged: AtomicU64,
 }
 
 static COUNTERS: StdioCounters = StdioCounters {
@@ -85,9 +88,11 @@ static COUNTERS: StdioCounters = StdioCounters {
     relayed: AtomicU64::new(0),
     live: AtomicU64::new(0),
     refused: AtomicU64::new(0),
+    unmanaged: AtomicU64::new(0),
 };
 
-/// `stdio_jobs`, `stdio_execs`, `stdio_relays`, `stdio_relays_live`, `stdio_execs_refused`.
+/// `stdio_jobs`, `stdio_execs`, `stdio_relays`, `stdio_relays_live`, `stdio_execs_refused`,
+/// `stdio_unmanaged`.
 pub fn counters() -> std::collections::BTreeMap<String, u64> {
     let c = &COUNTERS;
     [
@@ -96,6 +101,7 @@ pub fn counters() -> std::collections::BTreeMap<String, u64> {
         ("stdio_relays", &c.relayed),
         ("stdio_relays_live", &c.live),
         ("stdio_execs_refused", &c.refused),
+        ("stdio_unmanaged", &c.unmanaged),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_owned(), v.load(Ordering::Relaxed)))
@@ -133,6 +139,22 @@ impl Stdio {
             next: AtomicU64::new(1),
             relays: Default::default(),
         }
+    }
+
+    /// stdio MCP server processes on the host now, relayed or not (`airlock discover`).
+    pub fn discover(&self) -> Vec<discover::Found> {
+        let relays: std::collections::HashSet<u64> = self
+            .relays
+            .lock()
+            .map(|r| r.keys().copied().collect())
+            .unwrap_or_default();
+        discover::scan(
+            Path::new("/proc"),
+            &self.servers,
+            &relays,
+            &self.names,
+            std::process::id(),
+        )
     }
 
     /// Bind `path` (root only, like the admin socket) and take jobs' listeners on a thread.
@@ -412,6 +434,44 @@ impl Stdio {
         if let Err(e) = relay.record_connection(event) {
             warn!(session = %relay.ctx.session_id, error = %e, "cannot record an exec");
         }
+    }
+}
+
+/// How often the host is scanned for unmanaged stdio MCP servers.
+const UNMANAGED_SCAN: Duration = Duration::from_secs(10);
+
+/// Every [`UNMANAGED_SCAN`], an event for each stdio MCP server process not seen before that
+/// is not relayed (`UnmanagedStdioServer`), and the count `stdio_unmanaged`.
+pub async fn report_unmanaged(stdio: Arc<Stdio>) {
+    let mut seen: std::collections::HashSet<(u32, u64)> = Default::default();
+    loop {
+        let s = stdio.clone();
+        let found = tokio::task::spawn_blocking(move || s.discover())
+            .await
+            .unwrap_or_default();
+        let now: std::collections::HashSet<(u32, u64)> =
+            found.iter().map(|f| (f.pid, f.start)).collect();
+        for f in found.into_iter().filter(|f| !f.relayed) {
+            if seen.contains(&(f.pid, f.start)) {
+                continue;
+            }
+            COUNTERS.unmanaged.fetch_add(1, Ordering::Relaxed);
+            let Some(actor) = Attribution::of_process(f.pid, Path::new("/proc"), &stdio.names)
+            else {
+                continue;
+            };
+            warn!(pid = f.pid, server = %f.server, exe = ?f.exe, uid = f.uid,
+                  "a stdio MCP server runs outside any governed job");
+            crate::observe::event(crate::observe::AgentEvent::UnmanagedStdioServer {
+                server: f.server,
+                argv: f.argv,
+                start: f.start,
+                parent_exe: f.parent_exe,
+                actor: Box::new(actor),
+            });
+        }
+        seen = now;
+        tokio::time::sleep(UNMANAGED_SCAN).await;
     }
 }
 
