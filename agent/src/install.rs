@@ -64,7 +64,12 @@ pub enum InstallError {
     Group(String),
     #[error("`airlock {0}` on this host needs root (or pass --root DIR to prepare a tree)")]
     NotRoot(&'static str),
+    #[error("cannot govern unit `{unit}`: {message}")]
+    Unit { unit: String, message: String },
 }
+
+mod govern_unit;
+pub use govern_unit::govern_unit;
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> InstallError + '_ {
     move |source| InstallError::Io {

@@ -44,6 +44,12 @@ enum Command {
         /// A label for the job in logs and records.
         #[arg(long)]
         name: Option<String>,
+        /// Run the job as this user (with its groups) once the filter is handed over.
+        #[arg(long)]
+        user: Option<String>,
+        /// ... and this group instead of the user's own.
+        #[arg(long, requires = "user")]
+        group: Option<String>,
         #[arg(trailing_var_arg = true, required = true, value_name = "COMMAND")]
         command: Vec<std::ffi::OsString>,
     },
@@ -167,6 +173,10 @@ enum Command {
         /// Install into this tree instead of the host (no group, no systemd reload).
         #[arg(long, value_name = "DIR", default_value = "/")]
         root: PathBuf,
+        /// Only write a drop-in that runs this systemd service's job under `airlock govern`
+        /// (its stdio MCP servers relayed), as its `User=` (repeatable).
+        #[arg(long, value_name = "UNIT")]
+        govern_unit: Vec<String>,
     },
     /// Stop the unit and detach the programs (on the host), remove the binary and the unit;
     /// the configuration and the archive stay unless --purge.
@@ -298,6 +308,7 @@ enum PolicyCommand {
 fn govern(
     config: &std::path::Path,
     name: Option<&str>,
+    run_as: airlock::stdio::govern::RunAs<'_>,
     command: &[std::ffi::OsString],
 ) -> ExitCode {
     let config = match Config::load(config) {
@@ -308,7 +319,7 @@ fn govern(
         }
     };
     let socket = airlock::stdio::socket_path(&config.state_dir);
-    let e = airlock::stdio::govern::run(&socket, name, command);
+    let e = airlock::stdio::govern::run(&socket, name, run_as, command);
     eprintln!("airlock govern: {e}");
     ExitCode::from(1)
 }
@@ -350,11 +361,30 @@ fn main() -> ExitCode {
         let config = Config::load(&cli.config).ok();
         return verify(dir, trust, config.as_ref(), *json);
     }
-    if let Command::Govern { name, command } = &cli.command {
-        return govern(&cli.config, name.as_deref(), command);
+    if let Command::Govern {
+        name,
+        user,
+        group,
+        command,
+    } = &cli.command
+    {
+        let run_as = airlock::stdio::govern::RunAs {
+            user: user.as_deref(),
+            group: group.as_deref(),
+        };
+        return govern(&cli.config, name.as_deref(), run_as, command);
     }
     match &cli.command {
-        Command::Install { root } => return install(root),
+        Command::Install { root, govern_unit } if !govern_unit.is_empty() => {
+            for unit in govern_unit {
+                match airlock::install::govern_unit(root, unit) {
+                    Ok(report) => report.lines.iter().for_each(|l| println!("{l}")),
+                    Err(e) => return fail(e),
+                }
+            }
+            return ExitCode::SUCCESS;
+        }
+        Command::Install { root, .. } => return install(root),
         Command::Uninstall { root, purge } => return uninstall(&cli.config, root, *purge),
         _ => {}
     }

@@ -59,6 +59,15 @@ fn govern(cg: &TestCgroup, agent: &Agent, job: &[&str]) -> Command {
     cmd
 }
 
+fn govern_as(cg: &TestCgroup, agent: &Agent, user: &str, job: &[&str]) -> Command {
+    let mut cmd = cg.command(AIRLOCK);
+    cmd.arg("--config")
+        .arg(&agent.config)
+        .args(["govern", "--name", "ci-job", "--user", user, "--"])
+        .args(job);
+    cmd
+}
+
 /// DuckDB over the archive's Parquet files (after the agent stopped): rows as JSON arrays.
 fn query(archive: &Path, sql: &str) -> Vec<Value> {
     let glob = format!("{}/**/*.parquet", archive.display());
@@ -489,7 +498,7 @@ fn discover_finds_an_unmanaged_stdio_server_and_tells_a_relayed_one_apart() {
 }
 
 #[test]
-fn a_governed_job_does_not_start_without_the_agent_and_cannot_exec_once_it_died() {
+fn a_governed_job_runs_as_its_user_does_not_start_without_the_agent_and_cannot_exec_once_it_died() {
     if !privileged() {
         return;
     }
@@ -508,9 +517,10 @@ fn a_governed_job_does_not_start_without_the_agent_and_cannot_exec_once_it_died(
     let log = agent.dir.join("job.out");
     let f = fifo.display();
     let script = format!(
-        "read a < {f}; /bin/true; echo \"first=$?\"; read b < {f}; /bin/true; echo \"second=$?\""
+        "echo \"uid=$(id -u)\"; read a < {f}; /bin/true; echo \"first=$?\"; read b < {f}; /bin/true; echo \"second=$?\""
     );
-    let mut job = govern(&cg, &agent, &["/bin/sh", "-c", &script])
+    // Dropped to another user after the hand-over (`--user`): the filter stays.
+    let mut job = govern_as(&cg, &agent, "nobody", &["/bin/sh", "-c", &script])
         .stdout(std::fs::File::create(&log).unwrap())
         .stderr(Stdio::piped())
         .spawn()
@@ -531,6 +541,7 @@ fn a_governed_job_does_not_start_without_the_agent_and_cannot_exec_once_it_died(
     };
     go();
     wait_for("first=0");
+    assert!(std::fs::read_to_string(&log).unwrap().contains("uid=65534"));
     agent.sigkill();
     go();
     let status = job.wait().unwrap();

@@ -199,7 +199,7 @@ fn main() -> Result<()> {
         Task::Bench => {
             setup()?;
             require_root("cargo xtask bench")?;
-            for bench in ["redirect", "tls", "policy", "archive"] {
+            for bench in ["redirect", "tls", "stdio", "policy", "archive"] {
                 run(cargo(&root).args(["bench", "-p", "airlock", "--bench", bench]))?;
             }
             Ok(())

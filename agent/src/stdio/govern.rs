@@ -33,6 +33,8 @@ pub enum GovernError {
     },
     #[error("the agent refused the job: {0}")]
     Refused(String),
+    #[error("cannot run the job as {who}: {why}")]
+    User { who: String, why: String },
     #[error("cannot start {program}: {source}")]
     Exec {
         program: String,
@@ -40,11 +42,29 @@ pub enum GovernError {
     },
 }
 
+/// Who the job runs as (`--user`, `--group`): set after the listener is handed over, before
+/// the command runs; the filter stays.
+#[derive(Debug, Default)]
+pub struct RunAs<'a> {
+    pub user: Option<&'a str>,
+    pub group: Option<&'a str>,
+}
+
 /// Install the filter, hand its listener to the agent at `socket`, then exec `command` (does
 /// not return on success).
-pub fn run(socket: &Path, name: Option<&str>, command: &[OsString]) -> GovernError {
+pub fn run(
+    socket: &Path,
+    name: Option<&str>,
+    run_as: RunAs<'_>,
+    command: &[OsString],
+) -> GovernError {
     let Some((program, args)) = command.split_first() else {
         return GovernError::NoCommand;
+    };
+    // Resolved before anything else: a wrong name stops here.
+    let identity = match identity(&run_as) {
+        Ok(i) => i,
+        Err(e) => return e,
     };
     let listener = match seccomp::install_exec_filter() {
         Ok(l) => l,
@@ -53,10 +73,78 @@ pub fn run(socket: &Path, name: Option<&str>, command: &[OsString]) -> GovernErr
     if let Err(e) = hand_over(socket, name, listener) {
         return e;
     }
-    let source = std::process::Command::new(program).args(args).exec();
+    let mut cmd = std::process::Command::new(program);
+    cmd.args(args);
+    if let Some(id) = identity {
+        if let Err(e) = id.assume() {
+            return e;
+        }
+        cmd.env("HOME", &id.home)
+            .env("USER", &id.name)
+            .env("LOGNAME", &id.name);
+    }
+    let source = cmd.exec();
     GovernError::Exec {
         program: program.to_string_lossy().into_owned(),
         source,
+    }
+}
+
+/// The user (and group) a job drops to.
+struct Identity {
+    name: String,
+    uid: nix::unistd::Uid,
+    gid: nix::unistd::Gid,
+    home: std::path::PathBuf,
+}
+
+fn identity(run_as: &RunAs<'_>) -> Result<Option<Identity>, GovernError> {
+    use nix::unistd::{Group, User};
+    let Some(user) = run_as.user else {
+        if let Some(g) = run_as.group {
+            return Err(GovernError::User {
+                who: format!("group {g}"),
+                why: "`--group` needs `--user`".into(),
+            });
+        }
+        return Ok(None);
+    };
+    let err = |why: String| GovernError::User {
+        who: user.to_owned(),
+        why,
+    };
+    let u = User::from_name(user)
+        .map_err(|e| err(e.to_string()))?
+        .ok_or_else(|| err("no such user".into()))?;
+    let gid = match run_as.group {
+        None => u.gid,
+        Some(g) => {
+            Group::from_name(g)
+                .map_err(|e| err(e.to_string()))?
+                .ok_or_else(|| err(format!("no such group {g}")))?
+                .gid
+        }
+    };
+    Ok(Some(Identity {
+        name: u.name,
+        uid: u.uid,
+        gid,
+        home: u.dir,
+    }))
+}
+
+impl Identity {
+    /// Supplementary groups, group, then user (the order that keeps the right to change).
+    fn assume(&self) -> Result<(), GovernError> {
+        let err = |why: String| GovernError::User {
+            who: self.name.clone(),
+            why,
+        };
+        let name = std::ffi::CString::new(self.name.as_str()).map_err(|e| err(e.to_string()))?;
+        nix::unistd::initgroups(&name, self.gid).map_err(|e| err(format!("initgroups: {e}")))?;
+        nix::unistd::setgid(self.gid).map_err(|e| err(format!("setgid: {e}")))?;
+        nix::unistd::setuid(self.uid).map_err(|e| err(format!("setuid: {e}")))?;
+        Ok(())
     }
 }
 
