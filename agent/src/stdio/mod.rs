@@ -59,6 +59,9 @@ use seccomp::{Listener, Notification};
 
 /// Largest executable hashed for the `open` record (larger ones are named, not hashed).
 const MAX_HASHED_EXE: u64 = 256 * 1024 * 1024;
+/// Most relays at once (each holds two threads and four pipe ends); a matching server past it
+/// is refused (`EPERM`, counted), never run unrelayed.
+pub const MAX_RELAYS: u64 = 512;
 /// Conn ids of stdio relays start here (the network connections' count from 1).
 const CONN_ID_BASE: u64 = 1 << 48;
 
@@ -311,6 +314,9 @@ impl Stdio {
         server: &StdioServer,
         job: Option<&str>,
     ) -> Result<(), String> {
+        if COUNTERS.live.load(Ordering::Relaxed) >= MAX_RELAYS {
+            return Err(format!("{MAX_RELAYS} stdio servers are relayed already"));
+        }
         let pidfd = seccomp::pidfd_open(exec.tgid).map_err(|e| format!("pidfd_open: {e}"))?;
         let client_in = seccomp::pidfd_getfd(&pidfd, 0).map_err(|e| format!("take fd 0: {e}"))?;
         let client_out = seccomp::pidfd_getfd(&pidfd, 1).map_err(|e| format!("take fd 1: {e}"))?;
