@@ -102,6 +102,12 @@ impl Exec {
     }
 }
 
+/// Whether descriptor 0 of thread `tid` is a pipe or a socket (one `readlink`).
+pub fn stdin_piped(tid: u32) -> bool {
+    link(&format!("/proc/{tid}/fd/0"))
+        .is_some_and(|d| d.starts_with("pipe:[") || d.starts_with("socket:["))
+}
+
 /// `pipe:[123]` → 123.
 pub fn pipe_inode(link: &str) -> Option<u64> {
     link.strip_prefix("pipe:[")?.strip_suffix(']')?.parse().ok()

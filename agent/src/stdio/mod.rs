@@ -259,6 +259,11 @@ impl Stdio {
                 warn!(pid = n.pid, error = %e, "cannot answer an exec");
             }
         };
+        // Fast path (most execs of a job): stdin is not a pipe or socket, so this is neither a
+        // stdio server nor a relayed one's descendant; its memory is not read.
+        if !exec::stdin_piped(n.pid) && listener.still_waiting(n.id) {
+            return respond(None);
+        }
         let exec = match Exec::read(&n) {
             Ok(e) => e,
             Err(e) => {
