@@ -42,7 +42,7 @@ use crate::{
     archive::{MaskedPayload, service::Archive},
     mcp::{
         jsonrpc::{self, Kind, code},
-        session::{ExpectError, Pending, SessionKey, Sessions},
+        session::{ExpectError, Pending, Reservation, SessionKey, Sessions},
     },
     policy::{self, Direction, Masking, RecordLevel, Verdict, store::PolicyStore},
 };
@@ -199,9 +199,10 @@ impl Pipeline {
             });
         }
         // A request's id must be free in its session: it is taken now, before anything can
-        // wait (an approval), and given back if the request is not forwarded.
+        // wait (an approval), and given back if the request is not forwarded (the guard is
+        // kept only when it is).
         let mut protocol_refusal: Option<(i64, String, &'static str)> = None;
-        let mut reserved: Option<String> = None;
+        let mut reserved: Option<Reservation<'_>> = None;
         if kind == Kind::Request
             && let (Some(id), Some(m)) = (&id_text, &method)
         {
@@ -211,8 +212,8 @@ impl Pipeline {
                 started: Instant::now(),
                 uid: ctx.attribution.uid,
             };
-            match self.sessions.expect(&session, c2s, id.clone(), pending) {
-                Ok(()) => reserved = Some(id.clone()),
+            match self.sessions.reserve(&session, c2s, id.clone(), pending) {
+                Ok(r) => reserved = Some(r),
                 Err(e) if c2s => {
                     self.counters
                         .protocol_refused
@@ -447,11 +448,10 @@ impl Pipeline {
                 }
             }
         };
-        // Refused: the id it took is free again (unless it was a duplicate of a waiting one).
-        if refusal.is_some()
-            && let Some(id) = &reserved
-        {
-            self.sessions.cancel(&session, c2s, id);
+        // Refused: the id it took is free again now, before the records are written (a
+        // duplicate of a waiting one took none).
+        if refusal.is_some() {
+            drop(reserved.take());
         }
         let decision_name = match &refusal {
             Some((_, _, d, _)) => *d,
@@ -494,9 +494,7 @@ impl Pipeline {
         if level == RecordLevel::Off {
             crate::observe::record(&record);
         } else if let Err(e) = self.archive.record(record).await {
-            if let Some(id) = &reserved {
-                self.sessions.cancel(&session, c2s, id);
-            }
+            // Not forwarded: `reserved` gives the id back.
             return Err(PipelineError::Archive(e.to_string()));
         }
         if let Some((code, message, decision_name, _)) = refusal {
@@ -516,6 +514,10 @@ impl Pipeline {
                 .await
                 .map_err(|e| PipelineError::Archive(e.to_string()))?;
             return Ok(Outcome::Answer(answer));
+        }
+        // Forwarded: the id stays taken until the answer comes.
+        if let Some(r) = reserved {
+            r.keep();
         }
         Ok(Outcome::Forward {
             value,
