@@ -16,7 +16,7 @@ use rustls_pki_types::ServerName;
 use tokio::{io::AsyncWriteExt as _, net::TcpStream};
 
 use super::{
-    http::{self, Conn, Dial, UpstreamSender, UpstreamSlot, UpstreamTls},
+    http::{self, Conn, Dial, UpstreamError, UpstreamSender, UpstreamSlot, UpstreamTls},
     relay,
     route::{End, Identity, Route},
     state::Proxy,
@@ -33,7 +33,7 @@ const MAX_CLIENT_HELLO: usize = 16 * 1024;
 
 /// The first upstream connection (its handshakes under way) and the dialer of the next.
 type Upstreams = (
-    tokio::task::JoinHandle<Result<UpstreamSender, String>>,
+    tokio::task::JoinHandle<Result<UpstreamSender, UpstreamError>>,
     Box<dyn Dial>,
 );
 
@@ -47,13 +47,10 @@ struct BackendDialer {
 impl Dial for BackendDialer {
     fn dial(
         &self,
-    ) -> std::pin::Pin<Box<dyn Future<Output = Result<UpstreamSender, String>> + Send + '_>> {
+    ) -> std::pin::Pin<Box<dyn Future<Output = Result<UpstreamSender, UpstreamError>> + Send + '_>>
+    {
         Box::pin(async move {
-            let tcp = self
-                .proxy
-                .dial(self.key.1, self.key.2)
-                .await
-                .map_err(|e| e.to_string())?;
+            let tcp = self.proxy.dial(self.key.1, self.key.2).await?;
             open_upstream(tcp, self.tls.clone()).await
         })
     }
@@ -71,14 +68,17 @@ impl Dial for BackendDialer {
 pub(crate) async fn open_upstream(
     tcp: TcpStream,
     tls: Option<UpstreamTls>,
-) -> Result<UpstreamSender, String> {
+) -> Result<UpstreamSender, UpstreamError> {
     match tls {
         Some((config, name)) => {
             let shown = format!("{name:?}");
             let stream = tokio_rustls::TlsConnector::from(config)
                 .connect(name, tcp)
                 .await
-                .map_err(|e| format!("TLS with the server ({shown}): {e}"))?;
+                .map_err(|source| UpstreamError::Tls {
+                    name: shown,
+                    source,
+                })?;
             http::client_handshake(stream).await
         }
         None => http::client_handshake(tcp).await,
@@ -398,7 +398,7 @@ impl Interception<'_> {
         key: http::PoolKey,
         dialled: Option<TcpStream>,
         tls: Option<UpstreamTls>,
-    ) -> tokio::task::JoinHandle<Result<UpstreamSender, String>> {
+    ) -> tokio::task::JoinHandle<Result<UpstreamSender, UpstreamError>> {
         if let Some(pooled) = self.proxy.upstream_pool.take(key) {
             // The dialled socket (if any) closes unused.
             return tokio::spawn(async move { Ok(pooled) });
@@ -407,7 +407,7 @@ impl Interception<'_> {
         tokio::spawn(async move {
             let tcp = match dialled {
                 Some(tcp) => tcp,
-                None => proxy.dial(key.1, key.2).await.map_err(|e| e.to_string())?,
+                None => proxy.dial(key.1, key.2).await?,
             };
             open_upstream(tcp, tls).await
         })

@@ -45,7 +45,7 @@ use crate::{
 };
 use io::{HeadError, Next, Sides};
 use judge::{Found, Verdict};
-pub(crate) use tunnel::{TunnelRedial, TunnelSpec};
+pub(crate) use tunnel::{TunnelError, TunnelRedial, TunnelSpec};
 use wire::{Host, RequestHead, Target};
 
 /// The largest body of a proxy's refusal passed on for a tunnel to an MCP backend.
@@ -306,7 +306,7 @@ impl Forwarding<'_> {
         let asked = async {
             let head = tunnel::ask(&mut sides.proxy, &spec, &mut sides.from_proxy).await?;
             let open = tunnel::opened(&head, &sides.from_proxy, &spec)?;
-            Ok::<_, String>((open, head))
+            Ok::<_, tunnel::TunnelError>((open, head))
         };
         let (open, head) = match asked.await {
             Ok(answer) => answer,
@@ -315,7 +315,9 @@ impl Forwarding<'_> {
                     .counters
                     .upstream_failed
                     .fetch_add(1, Ordering::Relaxed);
-                return Err(self.refuse(&mut sides.client, Some(req), 502, reason).await);
+                return Err(self
+                    .refuse(&mut sides.client, Some(req), 502, reason.to_string())
+                    .await);
             }
         };
         let mut exchange = Exchange::new(Some(req), "intercept");

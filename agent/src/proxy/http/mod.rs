@@ -43,7 +43,8 @@ use tracing::warn;
 
 pub use request::{Class, classify};
 pub use upstream::{
-    Dial, PoolKey, UpstreamPool, UpstreamSender, UpstreamSlot, UpstreamTls, client_handshake,
+    Dial, PoolKey, UpstreamError, UpstreamPool, UpstreamSender, UpstreamSlot, UpstreamTls,
+    client_handshake,
 };
 
 use crate::{
@@ -421,13 +422,18 @@ impl Conn {
 
     /// The server could not be reached (connect, TLS, HTTP): the client gets a 502 naming the
     /// reason, and the archive a record.
-    async fn upstream_failed(&self, info: &RequestInfo, reason: String) -> Response<ProxyBody> {
+    async fn upstream_failed(
+        &self,
+        info: &RequestInfo,
+        reason: UpstreamError,
+    ) -> Response<ProxyBody> {
         warn!(id = self.ctx.conn_id, backend = %self.ctx.backend, %reason, "upstream failed");
         let text = format!(
             "Airlock: cannot reach backend `{}`: {reason}",
             self.ctx.backend
         );
-        self.bad_gateway(info, "allow", reason, text).await
+        self.bad_gateway(info, "allow", reason.to_string(), text)
+            .await
     }
 
     /// What the server answered cannot be passed on: the client gets a 502 naming the reason,
