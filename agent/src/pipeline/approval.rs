@@ -158,8 +158,8 @@ async fn post_webhook(
     uri: &http::Uri,
     own: &crate::kernel::OwnSockets,
     body: &Value,
-) -> Result<(), String> {
-    let tls = crate::egress::tls::system_client(&[]).map_err(|e| e.to_string())?;
+) -> Result<(), WebhookError> {
+    let tls = crate::egress::tls::system_client(&[])?;
     crate::egress::post_json(
         uri,
         own,
@@ -168,6 +168,15 @@ async fn post_webhook(
         None,
         std::time::Duration::from_secs(5),
     )
-    .await
-    .map_err(|e| e.to_string())
+    .await?;
+    Ok(())
+}
+
+/// Why the approval webhook could not be told of a held call.
+#[derive(Debug, thiserror::Error)]
+enum WebhookError {
+    #[error(transparent)]
+    Tls(#[from] crate::egress::tls::TlsClientError),
+    #[error(transparent)]
+    Post(#[from] crate::egress::PostError),
 }

@@ -14,7 +14,8 @@
 //!
 //! Jobs, one file each: [`framing`] (where each request head begins and whether it parses,
 //! sans-IO) and `client_io` (the client stream as hyper reads it, heads judged first),
-//! [`request`] (upgrades, Host, body, charset, classification, the request's messages),
+//! [`request`] (upgrades, Host, body, charset, classification, the request's messages), [`head`]
+//! (why a head is refused: its authority, its mirrored headers),
 //! [`response`] (what a server may answer an MCP exchange with), [`events`] (SSE streams,
 //! event by event), [`upstream`] (the server connection and the pool).
 //!
@@ -24,6 +25,7 @@
 mod client_io;
 mod events;
 pub mod framing;
+mod head;
 mod request;
 mod response;
 mod upstream;
