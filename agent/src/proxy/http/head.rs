@@ -1,6 +1,7 @@
 //! Why a request's head is refused before its body is judged: an authority that does not
-//! name the connection's backend, mirrored headers that do not say what the body says. The
-//! texts reach the client (and the record) as they are shown here.
+//! name the connection's backend, mirrored headers that do not say what the body says, a
+//! legacy session named twice. The texts reach the client (and the record) as they are shown
+//! here.
 
 /// The request's authority (`Host`, or an absolute-form target) does not name the backend
 /// its connection was judged for (answered 421).
@@ -37,4 +38,12 @@ pub enum MirrorError {
     Method { claimed: String, body: String },
     #[error("Airlock: the Mcp-Name header says `{claimed}`, the body `{body}`")]
     Name { claimed: String, body: String },
+}
+
+/// The legacy transport's session is named more than once in a query (servers differ on
+/// which one counts).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LegacySessionError {
+    #[error("the request names its legacy session more than once")]
+    Repeated,
 }

@@ -233,7 +233,7 @@ fn is_identity_encoding(h: &HeaderMap) -> bool {
 /// too), and a UUID in any spelling Python's `UUID(hex=…)` takes (case, hyphens, braces,
 /// `urn:uuid:`) as its 32 lowercase hex digits. Named more than once: `Err` (servers differ on
 /// which one counts).
-fn legacy_session(query: Option<&str>) -> Result<Option<String>, String> {
+fn legacy_session(query: Option<&str>) -> Result<Option<String>, head::LegacySessionError> {
     let Some(query) = query else {
         return Ok(None);
     };
@@ -245,7 +245,7 @@ fn legacy_session(query: Option<&str>) -> Result<Option<String>, String> {
             continue;
         }
         if found.is_some() {
-            return Err("the request names its legacy session more than once".into());
+            return Err(head::LegacySessionError::Repeated);
         }
         found = Some(canonical_session(&form_decode(v)));
     }
