@@ -371,6 +371,7 @@ impl Connection {
             Serve::Mcp(backend) => {
                 intercept::intercept(proxy, client, Route::Direct(upstream), backend, who, guard)
                     .await
+                    .map_err(|e| e.to_string())
             }
             Serve::Egress(i) => forward::forward(proxy, client, upstream, i, who, guard).await,
         };

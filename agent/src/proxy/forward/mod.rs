@@ -156,7 +156,8 @@ impl Forwarding<'_> {
                                 self.who,
                                 guard,
                             )
-                            .await;
+                            .await
+                            .map_err(|e| e.to_string());
                         }
                         Asked::Refused { close: true } => return Ok(End::Served(None)),
                         Asked::Refused { close: false } => continue,
