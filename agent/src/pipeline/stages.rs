@@ -15,12 +15,14 @@ use bytes::Bytes;
 use serde_json::Value;
 
 use super::{
-    ConnCtx, Outcome, Pipeline, PipelineError, Scope, describe,
+    ConnCtx, Outcome, Pipeline, PipelineError, Scope,
+    context::message_kind,
+    describe,
     rules::{acting_rules, rule},
     started_task,
 };
 use crate::{
-    archive::MaskedPayload,
+    archive::{MaskedPayload, RecordDecision, RecordKind},
     mcp::{
         jsonrpc::{self, Kind, code},
         session::{ExpectError, Pending, Reservation, SessionKey},
@@ -68,7 +70,7 @@ pub(super) struct Judged {
 pub(super) struct Refusal {
     code: i64,
     message: String,
-    decision: &'static str,
+    decision: RecordDecision,
     rule: String,
 }
 
@@ -131,7 +133,7 @@ impl Pipeline {
                 let refusal = Refusal {
                     code,
                     message: format!("Airlock: {e}"),
-                    decision: "block",
+                    decision: RecordDecision::Block,
                     rule: rule.to_owned(),
                 };
                 (None, Some(refusal))
@@ -262,13 +264,13 @@ impl Pipeline {
             pinned: pinned.clone(),
             seen: seen_now.clone(),
         });
-        let mut rec = ctx.record(&self.host, seen.direction, "error");
+        let mut rec = ctx.record(&self.host, seen.direction, RecordKind::Error);
         rec.mcp_session_id = seen.mcp_session_id.clone();
         rec.method = Some("tools/list".into());
         rec.tool = Some(name.clone());
         rec.decision = match self.tool_changes {
-            crate::config::ToolChanges::Block => "block".into(),
-            crate::config::ToolChanges::Alert => "allow".into(),
+            crate::config::ToolChanges::Block => RecordDecision::Block.into(),
+            crate::config::ToolChanges::Alert => RecordDecision::Allow.into(),
         };
         rec.policy_hash = Some(set.hash.clone());
         rec.payload = Some(MaskedPayload::agent_event(&serde_json::json!({
@@ -321,7 +323,7 @@ impl Pipeline {
         let refused = |code, message, rule: &str| Refusal {
             code,
             message,
-            decision: "block",
+            decision: RecordDecision::Block,
             rule: rule.to_owned(),
         };
         let refusal = if changed_tool {
@@ -407,7 +409,7 @@ impl Pipeline {
                         "{} was not approved (Airlock policy rule `{rule}`): {reason}",
                         describe(seen.method(), seen.tool())
                     ),
-                    decision: "denied",
+                    decision: RecordDecision::Denied,
                     rule: rule.to_owned(),
                 };
                 (Some(refusal), false)
@@ -424,10 +426,10 @@ impl Pipeline {
         ctx: &ConnCtx,
         seen: &Seen,
         judged: &Judged,
-        (decision, rules): (&'static str, Vec<String>),
+        (decision, rules): (RecordDecision, Vec<String>),
         (value, raw, changed): (&Value, Option<Bytes>, bool),
     ) -> Result<(), PipelineError> {
-        let mut record = ctx.record(&self.host, seen.direction, seen.kind.as_str());
+        let mut record = ctx.record(&self.host, seen.direction, message_kind(seen.kind));
         record.mcp_session_id = seen.mcp_session_id.clone();
         record.method = seen.scope.method.clone();
         record.tool = seen.scope.tool.clone();
@@ -466,7 +468,7 @@ impl Pipeline {
         self.counters.blocked.fetch_add(1, Ordering::Relaxed);
         let answer =
             jsonrpc::error_response(jsonrpc::id(value), refusal.code, &refusal.message, None);
-        let mut rec = ctx.record(&self.host, seen.direction.reverse(), "error");
+        let mut rec = ctx.record(&self.host, seen.direction.reverse(), RecordKind::Error);
         rec.mcp_session_id = seen.mcp_session_id;
         rec.method = seen.scope.method;
         rec.tool = seen.scope.tool;
@@ -490,14 +492,14 @@ pub(super) fn decision_and_rules(
     refusal: Option<&Refusal>,
     approved: bool,
     hidden: &[(String, String)],
-) -> (&'static str, Vec<String>) {
+) -> (RecordDecision, Vec<String>) {
     let decision = match refusal {
         Some(r) => r.decision,
-        None if approved => "approved",
-        None if judged.masking.total() > 0 => "mask",
+        None if approved => RecordDecision::Approved,
+        None if judged.masking.total() > 0 => RecordDecision::Mask,
         // A listing with tools hidden by a block rule.
-        None if !hidden.is_empty() => "block",
-        None => "allow",
+        None if !hidden.is_empty() => RecordDecision::Block,
+        None => RecordDecision::Allow,
     };
     let verdict_rule = judged.decision.verdict_rule.as_deref();
     let deciding = match refusal {

@@ -40,7 +40,7 @@ use super::{
     state::Proxy,
 };
 use crate::{
-    archive::MaskedPayload,
+    archive::{MaskedPayload, RecordDecision},
     registry::{ConnGuard, ConnState},
 };
 use io::{HeadError, Next, Sides};
@@ -442,7 +442,7 @@ impl Forwarding<'_> {
             Some(&label),
         );
         if x.decision == "block" {
-            record.decision = "block".into();
+            record.decision = RecordDecision::Block.into();
             record.rules = vec!["airlock:proxy_request".into()];
         }
         record.payload = Some(MaskedPayload::agent_event(&serde_json::json!({

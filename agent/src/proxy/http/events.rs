@@ -24,6 +24,7 @@ use tracing::debug;
 
 use super::{BoxError, Conn, Limits, ProxyBody, RequestInfo};
 use crate::{
+    archive::{RecordDecision, RecordKind},
     mcp::{
         jsonrpc::{self, Body, Parsed, code},
         session::SessionKey,
@@ -242,8 +243,8 @@ impl Stream {
                 .record_event(
                     &self.ctx,
                     Direction::ServerToClient,
-                    "error",
-                    "block",
+                    RecordKind::Error,
+                    RecordDecision::Block,
                     json!({"http_method": self.info.method.as_str(), "path": self.info.path, "error": format!("event stream ended: {reason}")}),
                     Some(self.info.started.elapsed().as_micros() as u64),
                     self.info.mcp_session_id.clone(),

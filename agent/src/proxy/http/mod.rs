@@ -50,6 +50,7 @@ pub use upstream::{
 };
 
 use crate::{
+    archive::{RecordDecision, RecordKind},
     mcp::session::SessionKey,
     pipeline::{ConnCtx, Origin, Pipeline},
     policy::Direction,
@@ -330,7 +331,7 @@ impl Conn {
     async fn exchange_record(
         &self,
         info: &RequestInfo,
-        (direction, kind, decision): (Direction, &str, &str),
+        (direction, kind, decision): (Direction, RecordKind, RecordDecision),
         detail: Value,
         latency_us: Option<u64>,
     ) -> Result<(), crate::pipeline::PipelineError> {
@@ -357,11 +358,11 @@ impl Conn {
         &self,
         info: &RequestInfo,
         direction: Direction,
-        decision: &str,
+        decision: RecordDecision,
         detail: Value,
         latency_us: Option<u64>,
     ) {
-        let kind = (direction, "error", decision);
+        let kind = (direction, RecordKind::Error, decision);
         if let Err(e) = self.exchange_record(info, kind, detail, latency_us).await {
             warn!(id = self.ctx.conn_id, error = %e, "cannot record a refusal");
         }
@@ -398,8 +399,8 @@ impl Conn {
             .record_event(
                 &self.ctx,
                 Direction::ClientToServer,
-                "error",
-                "block",
+                RecordKind::Error,
+                RecordDecision::Block,
                 detail,
                 None,
                 None,
@@ -415,7 +416,7 @@ impl Conn {
         self.record_request_error(
             info,
             Direction::ClientToServer,
-            "block",
+            RecordDecision::Block,
             json!({"status": status.as_u16(), "error": reason}),
             None,
         )
@@ -434,7 +435,7 @@ impl Conn {
             "Airlock: cannot reach backend `{}`: {reason}",
             self.ctx.backend
         );
-        self.bad_gateway(info, "allow", reason.to_string(), text)
+        self.bad_gateway(info, RecordDecision::Allow, reason.to_string(), text)
             .await
     }
 
@@ -450,13 +451,14 @@ impl Conn {
             "Airlock: refused the answer of backend `{}`: {reason}",
             self.ctx.backend
         );
-        self.bad_gateway(info, "block", reason, text).await
+        self.bad_gateway(info, RecordDecision::Block, reason, text)
+            .await
     }
 
     async fn bad_gateway(
         &self,
         info: &RequestInfo,
-        decision: &str,
+        decision: RecordDecision,
         reason: String,
         text: String,
     ) -> Response<ProxyBody> {
@@ -504,7 +506,11 @@ impl Conn {
     ) -> Result<(), crate::pipeline::PipelineError> {
         self.exchange_record(
             info,
-            (Direction::ServerToClient, "http", "allow"),
+            (
+                Direction::ServerToClient,
+                RecordKind::Http,
+                RecordDecision::Allow,
+            ),
             json!({"status": status, "content_type": ct}),
             Some(info.started.elapsed().as_micros() as u64),
         )

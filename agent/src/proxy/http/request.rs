@@ -17,6 +17,7 @@ use super::{
     is_identity_encoding, json_response, legacy_session, read_capped, strip_hop_by_hop,
 };
 use crate::{
+    archive::{RecordDecision, RecordKind},
     config::Backend,
     mcp::{
         headers,
@@ -266,7 +267,11 @@ impl Conn {
         &self,
         info: &RequestInfo,
     ) -> Result<(), crate::pipeline::PipelineError> {
-        let kind = (Direction::ClientToServer, "http", "allow");
+        let kind = (
+            Direction::ClientToServer,
+            RecordKind::Http,
+            RecordDecision::Allow,
+        );
         self.exchange_record(info, kind, json!({}), None).await
     }
 
@@ -443,7 +448,7 @@ impl Conn {
             self.record_request_error(
                 info,
                 Direction::ServerToClient,
-                "block",
+                RecordDecision::Block,
                 json!({"rules": ["airlock:batch_refused"], "answer": answer}),
                 None,
             )
