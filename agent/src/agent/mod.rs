@@ -86,7 +86,7 @@ pub enum RunError {
     #[error("brokered credentials: {0}")]
     Credentials(String),
     #[error("TLS interception cannot start: {0}")]
-    Tls(String),
+    Tls(#[source] crate::proxy::intercept::TlsStartError),
     #[error("invalid policies (fix them, or check with `airlock policy check`):\n{0}")]
     Policy(#[from] crate::policy::PolicyErrors),
     #[error(transparent)]

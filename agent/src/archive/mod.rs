@@ -19,6 +19,7 @@
 
 pub mod columns;
 pub(crate) mod files;
+pub mod labels;
 pub mod manifest;
 pub mod record;
 pub mod responder;
@@ -28,6 +29,7 @@ pub mod verify;
 pub mod wal;
 pub mod writer;
 
+pub use labels::{RecordDecision, RecordKind};
 pub use record::{MaskedPayload, Record, RecordInput};
 pub use writer::{ArchiveWriter, WriterConfig};
 

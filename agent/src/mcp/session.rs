@@ -85,6 +85,36 @@ pub struct Pending {
     pub uid: u32,
 }
 
+/// A request's id taken in its session (see [`Sessions::reserve`]): given back when the
+/// guard is dropped (the request was refused, could not be recorded, or its handling was
+/// abandoned), unless [`keep`](Reservation::keep) says that the request goes on and its answer
+/// is awaited (the answer, a cancellation by the transport, or the session's end frees it
+/// then).
+#[must_use = "a dropped reservation gives its id back at once"]
+#[derive(Debug)]
+pub struct Reservation<'a> {
+    sessions: &'a Sessions,
+    key: &'a SessionKey,
+    client_to_server: bool,
+    /// `None` once kept.
+    id: Option<String>,
+}
+
+impl Reservation<'_> {
+    /// The request goes on: its id stays taken until its answer comes.
+    pub fn keep(mut self) {
+        self.id = None;
+    }
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        if let Some(id) = self.id.take() {
+            self.sessions.cancel(self.key, self.client_to_server, &id);
+        }
+    }
+}
+
 #[derive(Debug, Default, Clone)]
 pub struct SessionInfo {
     pub protocol_version: Option<String>,
@@ -189,9 +219,29 @@ impl Sessions {
         f(&mut inner, key)
     }
 
-    /// Remember a request (`client_to_server` says which way it went). Refused when its id
-    /// is already waiting in this session, or a bound is reached.
-    pub fn expect(
+    /// Take a request's id in its session (`client_to_server` says which way the request
+    /// went) until it is answered. Refused when the id is already waiting in this session, or
+    /// a bound is reached. The id is given back when the [`Reservation`] is dropped, unless
+    /// it is [kept](Reservation::keep).
+    pub fn reserve<'a>(
+        &'a self,
+        key: &'a SessionKey,
+        client_to_server: bool,
+        id: String,
+        pending: Pending,
+    ) -> Result<Reservation<'a>, ExpectError> {
+        self.expect(key, client_to_server, id.clone(), pending)?;
+        Ok(Reservation {
+            sessions: self,
+            key,
+            client_to_server,
+            id: Some(id),
+        })
+    }
+
+    /// Remember a request. Refused when its id is already waiting in this session, or a bound
+    /// is reached.
+    fn expect(
         &self,
         key: &SessionKey,
         client_to_server: bool,
@@ -345,7 +395,7 @@ mod tests {
     #[test]
     fn responses_find_their_request_once() {
         let s = Sessions::new();
-        s.expect(
+        s.reserve(
             &key("s1"),
             true,
             "1".into(),
@@ -356,10 +406,12 @@ mod tests {
                 uid: 0,
             },
         )
+        .map(Reservation::keep)
         .unwrap();
         // The same id again while it waits: refused.
         assert_eq!(
-            s.expect(&key("s1"), true, "1".into(), pending("ping")),
+            s.reserve(&key("s1"), true, "1".into(), pending("ping"))
+                .map(Reservation::keep),
             Err(ExpectError::Duplicate)
         );
         // A server→client request with the same id is another entry.
@@ -383,11 +435,13 @@ mod tests {
     fn pending_requests_are_bounded_and_refused_past_the_bound() {
         let s = Sessions::new();
         for i in 0..MAX_PENDING {
-            s.expect(&key("s"), true, i.to_string(), pending("ping"))
+            s.reserve(&key("s"), true, i.to_string(), pending("ping"))
+                .map(Reservation::keep)
                 .unwrap();
         }
         assert_eq!(
-            s.expect(&key("s"), true, "one more".into(), pending("ping")),
+            s.reserve(&key("s"), true, "one more".into(), pending("ping"))
+                .map(Reservation::keep),
             Err(ExpectError::Full)
         );
         // Nothing was forgotten to make room.
@@ -396,8 +450,27 @@ mod tests {
             s.answer(&key("s"), true, &(MAX_PENDING - 1).to_string())
                 .is_some()
         );
-        s.expect(&key("s"), true, "one more".into(), pending("ping"))
+        s.reserve(&key("s"), true, "one more".into(), pending("ping"))
+            .map(Reservation::keep)
             .unwrap();
+    }
+
+    #[test]
+    fn a_dropped_reservation_gives_its_id_back_a_kept_one_holds_it() {
+        let s = Sessions::new();
+        let k = key("s");
+        drop(s.reserve(&k, true, "1".into(), pending("ping")).unwrap());
+        assert_eq!(s.pending_total(), 0);
+        s.reserve(&k, true, "1".into(), pending("ping"))
+            .unwrap()
+            .keep();
+        assert_eq!(
+            s.reserve(&k, true, "1".into(), pending("ping"))
+                .map(Reservation::keep),
+            Err(ExpectError::Duplicate)
+        );
+        assert!(s.answer(&k, true, "1").is_some());
+        assert_eq!(s.pending_total(), 0);
     }
 
     #[test]
@@ -422,22 +495,28 @@ mod tests {
             ..pending("ping")
         };
         for i in 0..MAX_PENDING_PER_UID {
-            s.expect(&key(&format!("s{}", i % 7)), true, i.to_string(), by(7))
+            s.reserve(&key(&format!("s{}", i % 7)), true, i.to_string(), by(7))
+                .map(Reservation::keep)
                 .unwrap();
         }
         assert_eq!(
-            s.expect(&key("fresh"), true, "x".into(), by(7)),
+            s.reserve(&key("fresh"), true, "x".into(), by(7))
+                .map(Reservation::keep),
             Err(ExpectError::UidFull)
         );
         // Another user is not affected.
-        s.expect(&key("fresh"), true, "x".into(), by(8)).unwrap();
+        s.reserve(&key("fresh"), true, "x".into(), by(8))
+            .map(Reservation::keep)
+            .unwrap();
         assert_eq!(s.pending_total(), MAX_PENDING_PER_UID + 1);
         // Ended sessions and answers give their counts back.
         for i in 0..7 {
             s.end(&key(&format!("s{i}")));
         }
         assert_eq!(s.pending_total(), 1);
-        s.expect(&key("again"), true, "y".into(), by(7)).unwrap();
+        s.reserve(&key("again"), true, "y".into(), by(7))
+            .map(Reservation::keep)
+            .unwrap();
         assert!(s.answer(&key("fresh"), true, "x").is_some());
         assert_eq!(s.pending_total(), 1);
     }
@@ -445,13 +524,16 @@ mod tests {
     #[test]
     fn ids_echoed_as_strings_or_numbers_find_their_request() {
         let s = Sessions::new();
-        s.expect(&key("s"), true, "1".into(), pending("tools/call"))
+        s.reserve(&key("s"), true, "1".into(), pending("tools/call"))
+            .map(Reservation::keep)
             .unwrap();
         assert!(s.answer(&key("s"), true, "\"1\"").is_some());
-        s.expect(&key("s"), true, "\"7\"".into(), pending("ping"))
+        s.reserve(&key("s"), true, "\"7\"".into(), pending("ping"))
+            .map(Reservation::keep)
             .unwrap();
         assert!(s.answer(&key("s"), true, "7").is_some());
-        s.expect(&key("s"), true, "\"a\"".into(), pending("ping"))
+        s.reserve(&key("s"), true, "\"a\"".into(), pending("ping"))
+            .map(Reservation::keep)
             .unwrap();
         assert!(s.answer(&key("s"), true, "a").is_none());
     }

@@ -7,7 +7,10 @@ use bytes::Bytes;
 use serde_json::Value;
 
 use super::{ConnCtx, Pipeline, PipelineError};
-use crate::{archive::MaskedPayload, policy::Direction};
+use crate::{
+    archive::{MaskedPayload, RecordDecision, RecordKind},
+    policy::Direction,
+};
 
 impl Pipeline {
     /// Hold a call until an approver decides (or its time runs out). If the client goes away
@@ -121,14 +124,21 @@ impl Pipeline {
     ) -> Result<(), PipelineError> {
         use crate::policy::approvals::Outcome;
         let (decision, by_uid, waited, reason) = match outcome {
-            Outcome::Approved { by_uid, waited } => ("approved", Some(*by_uid), *waited, None),
+            Outcome::Approved { by_uid, waited } => {
+                (RecordDecision::Approved, Some(*by_uid), *waited, None)
+            }
             Outcome::Denied {
                 by_uid,
                 waited,
                 reason,
-            } => ("denied", *by_uid, *waited, Some(reason.clone())),
+            } => (
+                RecordDecision::Denied,
+                *by_uid,
+                *waited,
+                Some(reason.clone()),
+            ),
         };
-        let mut rec = ctx.record(&self.host, Direction::ClientToServer, "approval");
+        let mut rec = ctx.record(&self.host, Direction::ClientToServer, RecordKind::Approval);
         rec.mcp_session_id = mcp_session_id;
         rec.method = call.0.map(str::to_owned);
         rec.tool = call.1.map(str::to_owned);
@@ -139,7 +149,7 @@ impl Pipeline {
         rec.payload = Some(MaskedPayload::agent_event(&serde_json::json!({
             "approval_id": id,
             "digest": digest,
-            "decision": decision,
+            "decision": decision.as_str(),
             "by_uid": by_uid,
             "waited_ms": waited.as_millis() as u64,
             "reason": reason,
@@ -158,8 +168,8 @@ async fn post_webhook(
     uri: &http::Uri,
     own: &crate::kernel::OwnSockets,
     body: &Value,
-) -> Result<(), String> {
-    let tls = crate::egress::tls::system_client(&[]).map_err(|e| e.to_string())?;
+) -> Result<(), WebhookError> {
+    let tls = crate::egress::tls::system_client(&[])?;
     crate::egress::post_json(
         uri,
         own,
@@ -168,6 +178,15 @@ async fn post_webhook(
         None,
         std::time::Duration::from_secs(5),
     )
-    .await
-    .map_err(|e| e.to_string())
+    .await?;
+    Ok(())
+}
+
+/// Why the approval webhook could not be told of a held call.
+#[derive(Debug, thiserror::Error)]
+enum WebhookError {
+    #[error(transparent)]
+    Tls(#[from] crate::egress::tls::TlsClientError),
+    #[error(transparent)]
+    Post(#[from] crate::egress::PostError),
 }

@@ -6,7 +6,7 @@ use std::sync::{
 };
 
 use crate::{
-    archive::RecordInput,
+    archive::{RecordDecision, RecordInput, RecordKind},
     attribution::{Attribution, NameCache},
     policy::{Direction, Subject},
 };
@@ -59,7 +59,7 @@ impl ConnCtx {
     }
 
     /// A record with this connection's who/where filled in.
-    pub fn record(&self, host: &str, direction: Direction, kind: &str) -> RecordInput {
+    pub fn record(&self, host: &str, direction: Direction, kind: RecordKind) -> RecordInput {
         let a = &self.attribution;
         let mut r = RecordInput {
             ts_us: now_us(),
@@ -68,7 +68,7 @@ impl ConnCtx {
             seq: self.next_seq(),
             direction: direction_str(direction).into(),
             kind: kind.into(),
-            decision: "allow".into(),
+            decision: RecordDecision::Allow.into(),
             pid: Some(a.pid),
             tgid: Some(a.tgid),
             uid: Some(a.uid),
@@ -123,6 +123,17 @@ pub(crate) fn subject_of(a: &Attribution, names: &NameCache) -> Subject {
             .iter()
             .flat_map(|c| std::iter::once(c.id.clone()).chain(c.name.clone()))
             .collect(),
+    }
+}
+
+/// The record kind of a JSON-RPC message.
+pub(crate) fn message_kind(kind: crate::mcp::jsonrpc::Kind) -> RecordKind {
+    use crate::mcp::jsonrpc::Kind;
+    match kind {
+        Kind::Request => RecordKind::Request,
+        Kind::Notification => RecordKind::Notification,
+        Kind::Response => RecordKind::Response,
+        Kind::Error => RecordKind::Error,
     }
 }
 

@@ -6,29 +6,31 @@
 //!   http/ (POST body, JSON answer, SSE event)
 //!       └─▶ Pipeline::process(ctx, msg)
 //!             1. correlate   responses get their request's method, tool and latency
-//!             2. policy      PolicySet::decide + mask (inline, both directions)
-//!             3. record      archive row (strict: durable before we return)
+//!             2. reserve     a request's id taken in its session (given back unless forwarded)
+//!             3. policy      PolicySet::decide + mask (inline, both directions), listings
+//!             4. refuse      Airlock's own refusals, the verdict (approvals wait here)
+//!             5. record      archive row (strict: durable before we return)
+//!             6. answer      a refused message's JSON-RPC error, recorded
 //!       ◀── Outcome::Forward(value) | Outcome::Answer(error)
 //! ```
 //!
 //! Fail closed: when the record cannot be written in strict mode the caller gets an error and
 //! refuses the message rather than forwarding it unrecorded.
 //!
-//! Files: this one (the stages), [`context`] (what a connection's messages share),
+//! Files: this one (the message, its outcome, correlation), [`stages`] (the stages after
+//! correlation), [`context`] (what a connection's messages share),
 //! [`approval`] (held calls and the approval webhook), [`rules`] (which rules a record
 //! names), [`unaddressed`] (masking and records of what is not an MCP message).
 
 pub(crate) mod approval;
 mod context;
 mod rules;
+mod stages;
 mod unaddressed;
 
-use std::{
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicU64, Ordering},
-    },
-    time::Instant,
+use std::sync::{
+    Arc, Mutex,
+    atomic::{AtomicU64, Ordering},
 };
 
 use bytes::Bytes;
@@ -36,15 +38,15 @@ use serde_json::Value;
 
 pub(crate) use context::subject_of;
 pub use context::{ConnCtx, direction_str, now_us};
-use rules::{acting_rules, rule};
+use stages::{Seen, decision_and_rules};
 
 use crate::{
-    archive::{MaskedPayload, service::Archive},
+    archive::service::Archive,
     mcp::{
-        jsonrpc::{self, Kind, code},
-        session::{ExpectError, Pending, SessionKey, Sessions},
+        jsonrpc::{self, Kind},
+        session::{SessionKey, Sessions},
     },
-    policy::{self, Direction, Masking, RecordLevel, Verdict, store::PolicyStore},
+    policy::{Direction, store::PolicyStore},
 };
 
 /// One MCP message on its way through.
@@ -157,7 +159,10 @@ pub struct PipelineCounters {
 }
 
 impl Pipeline {
-    /// Run one message through policy and record.
+    /// Run one message through the stages: correlate (responses get their request's method,
+    /// tool and latency), take a request's id, policy and masking, a listing's hidden tools,
+    /// the refusal (an approval waits there), the record, and Airlock's own answer when the
+    /// message is refused. See [`stages`].
     pub async fn process(&self, ctx: &ConnCtx, msg: Msg) -> Result<Outcome, PipelineError> {
         self.counters.messages.fetch_add(1, Ordering::Relaxed);
         let Msg {
@@ -171,7 +176,6 @@ impl Pipeline {
         // Callers hand over validated messages only; a message that is not is refused here too.
         let kind = jsonrpc::validate(&value).map_err(|e| PipelineError::Invalid(e.0))?;
         let id_text = jsonrpc::id_text(&value);
-        let c2s = direction == Direction::ClientToServer;
         let scope = self.correlate(
             kind,
             direction,
@@ -180,347 +184,63 @@ impl Pipeline {
             id_text.as_deref(),
             origin,
         );
-        let Scope {
-            method,
-            tool,
-            latency_us,
-            known,
-        } = scope;
-        if method.as_deref() == Some("initialize") && kind == Kind::Request {
-            let params = value.get("params");
-            let version = params
-                .and_then(|p| p.get("protocolVersion"))
-                .and_then(Value::as_str)
-                .map(str::to_owned);
-            let client_info = params.and_then(|p| p.get("clientInfo")).cloned();
-            self.sessions.set_info(&session, |i| {
-                i.protocol_version = version;
-                i.client_info = client_info;
-            });
-        }
-        // A request's id must be free in its session: it is taken now, before anything can
-        // wait (an approval), and given back if the request is not forwarded.
-        let mut protocol_refusal: Option<(i64, String, &'static str)> = None;
-        let mut reserved: Option<String> = None;
-        if kind == Kind::Request
-            && let (Some(id), Some(m)) = (&id_text, &method)
-        {
-            let pending = Pending {
-                method: m.clone(),
-                tool: tool.clone(),
-                started: Instant::now(),
-                uid: ctx.attribution.uid,
-            };
-            match self.sessions.expect(&session, c2s, id.clone(), pending) {
-                Ok(()) => reserved = Some(id.clone()),
-                Err(e) if c2s => {
-                    self.counters
-                        .protocol_refused
-                        .fetch_add(1, Ordering::Relaxed);
-                    let (code, rule) = match e {
-                        ExpectError::Duplicate => (code::INVALID_REQUEST, rule::DUPLICATE_ID),
-                        ExpectError::Full | ExpectError::UidFull | ExpectError::TableFull => {
-                            (code::UNAVAILABLE, rule::PENDING_FULL)
-                        }
-                    };
-                    protocol_refusal = Some((code, format!("Airlock: {e}"), rule));
-                }
-                // A server reusing an id: the request that had it keeps its entry.
-                Err(_) => {}
-            }
-        }
-        // A cancellation does not free its request's id: the server may read the id otherwise
-        // (1.0 for 1) and go on with the request; the id stays taken until its answer comes or
-        // the session ends.
-        let set = self.policies.current();
-        let arguments = value
-            .get("params")
-            .and_then(|p| p.get("arguments"))
-            .filter(|_| kind == Kind::Request || kind == Kind::Notification);
-        let decision = set.decide(
-            &ctx.subject,
-            &policy::Message {
-                backend: &ctx.backend,
-                direction,
-                method: method.as_deref(),
-                tool: tool.as_deref(),
-                arguments,
-                is_call: c2s && matches!(kind, Kind::Request | Kind::Notification),
-                scope_unknown: !known,
-            },
-        );
-        // An approval is bound to the exact call, as the client sent it.
-        let approval_digest = matches!(decision.verdict, Verdict::Approve { .. }).then(|| {
-            crate::policy::approvals::call_digest(
-                method.as_deref().unwrap_or(""),
-                tool.as_deref(),
-                arguments,
-            )
-        });
-        let original_args = if decision.masks_anything() {
-            arguments.cloned()
-        } else {
-            None
+        let seen = Seen {
+            kind,
+            direction,
+            id_text,
+            scope,
+            mcp_session_id,
         };
-        let masking = if decision.masks_anything() {
-            set.mask(&decision, &mut value)
-        } else {
-            Masking::default()
-        };
-        let masked = masking.total();
-        // Consistent listing: a tool every call of which this caller would be refused is not
-        // listed to it either. A listing is recognised by its shape, whatever request it
-        // claims to answer.
-        // The tools taken out of a listing, and the rule that hid each one.
-        let mut hidden: Vec<(String, String)> = Vec::new();
-        let mut pin_alerts: Vec<(String, String, String)> = Vec::new();
-        let mut pins_touched = false;
-        if kind == Kind::Response
-            && direction == Direction::ServerToClient
-            && let Some(tools) = value
-                .get_mut("result")
-                .and_then(|r| r.get_mut("tools"))
-                .and_then(Value::as_array_mut)
-        {
-            let mut pins = self.pins.lock().unwrap_or_else(|p| p.into_inner());
-            let block_changed = self.tool_changes == crate::config::ToolChanges::Block;
-            tools.retain(|t| {
-                let name = t.get("name").and_then(Value::as_str).unwrap_or("");
-                match pins.check(&ctx.backend, t) {
-                    crate::policy::pins::PinCheck::Changed { pinned, seen } => {
-                        pin_alerts.push((name.to_owned(), pinned, seen));
-                        pins_touched = true;
-                    }
-                    crate::policy::pins::PinCheck::New => pins_touched = true,
-                    crate::policy::pins::PinCheck::Unchanged => {}
-                }
-                let hidden_by = match set.tool_hidden_by(&ctx.subject, &ctx.backend, name) {
-                    Some(rule) => Some(rule),
-                    None if block_changed && pins.is_changed(&ctx.backend, name) => {
-                        Some(rule::TOOL_CHANGED)
-                    }
-                    None => None,
-                };
-                if let Some(rule) = hidden_by {
-                    hidden.push((name.to_owned(), rule.to_owned()));
-                }
-                hidden_by.is_none()
-            });
-        }
-        if pins_touched {
-            self.pins_dirty.notify_one();
-        }
-        for (name, pinned, seen) in pin_alerts {
-            tracing::warn!(backend = %ctx.backend, tool = %name, "a tool's definition changed since it was pinned");
-            crate::observe::event(crate::observe::AgentEvent::ToolDefinitionChanged {
-                backend: ctx.backend.clone(),
-                tool: name.clone(),
-                pinned: pinned.clone(),
-                seen: seen.clone(),
-            });
-            let mut rec = ctx.record(&self.host, direction, "error");
-            rec.mcp_session_id = mcp_session_id.clone();
-            rec.method = Some("tools/list".into());
-            rec.tool = Some(name.clone());
-            rec.decision = match self.tool_changes {
-                crate::config::ToolChanges::Block => "block".into(),
-                crate::config::ToolChanges::Alert => "allow".into(),
-            };
-            rec.policy_hash = Some(set.hash.clone());
-            rec.payload = Some(MaskedPayload::agent_event(&serde_json::json!({
-                "alert": "tool_definition_changed",
-                "backend": ctx.backend,
-                "tool": name,
-                "pinned": pinned,
-                "seen": seen,
-                "accept_with": format!("airlock tools accept {} {}", ctx.backend, name),
-            })));
-            self.archive
-                .record(rec)
-                .await
-                .map_err(|e| PipelineError::Archive(e.to_string()))?;
-        }
-        // A `tools/call` answered with a task: its later results keep the call's tool.
-        if kind == Kind::Response
-            && direction == Direction::ServerToClient
-            && method.as_deref() == Some("tools/call")
-            && let Some(task_id) = started_task(&value)
-        {
-            self.sessions
-                .task_started(&ctx.backend, task_id, tool.clone());
-        }
+        self.remember_initialize(&session, &seen, &value);
+        // The id is given back if the request is not forwarded (the guard is kept only when
+        // it is). A cancellation does not free its request's id: the server may read the id
+        // otherwise (1.0 for 1) and go on with the request; the id stays taken until its
+        // answer comes or the session ends.
+        let (mut reserved, protocol_refusal) = self.reserve_id(ctx, &session, &seen);
+        let judged = self.judge(ctx, &seen, &mut value);
+        let hidden = self
+            .filter_listing(ctx, &seen, &mut value, &judged.set)
+            .await?;
+        self.note_task(ctx, &seen, &value);
+        let masked = judged.masking.total();
         if masked > 0 {
             self.counters
                 .masked_values
                 .fetch_add(masked as u64, Ordering::Relaxed);
         }
-        let mut approved = false;
-        // A tool whose definition changed since it was pinned is refused until accepted.
-        let changed_tool = kind == Kind::Request
-            && c2s
-            && self.tool_changes == crate::config::ToolChanges::Block
-            && tool.as_deref().is_some_and(|t| {
-                self.pins
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .is_changed(&ctx.backend, t)
-            });
-        // A refusal: its JSON-RPC error, the record's decision and the rule behind it.
-        let refusal = if let Some((code, message, rule)) = protocol_refusal {
-            Some((code, message, "block", rule.to_owned()))
-        } else if changed_tool {
-            Some((
-                code::BLOCKED,
-                format!(
-                    "tool `{}` of backend `{}` changed its definition since it was first seen; an operator must accept it (airlock tools accept {} {})",
-                    tool.as_deref().unwrap_or(""),
-                    ctx.backend,
-                    ctx.backend,
-                    tool.as_deref().unwrap_or("")
-                ),
-                "block",
-                rule::TOOL_CHANGED.to_owned(),
-            ))
-        } else {
-            match &decision.verdict {
-                Verdict::Allow => None,
-                Verdict::Block { rule } => Some((
-                    code::BLOCKED,
-                    format!(
-                        "{} blocked by Airlock policy rule `{rule}`",
-                        describe(method.as_deref(), tool.as_deref())
-                    ),
-                    "block",
-                    rule.clone(),
-                )),
-                // A notification cannot wait for a decision (nothing answers it): refused.
-                Verdict::Approve { rule, .. } if kind != Kind::Request => Some((
-                    code::BLOCKED,
-                    format!(
-                        "{} needs approval (Airlock policy rule `{rule}`) and was sent as a notification",
-                        describe(method.as_deref(), tool.as_deref())
-                    ),
-                    "block",
-                    rule.clone(),
-                )),
-                Verdict::Approve { rule, timeout } => {
-                    let args = value
-                        .get("params")
-                        .and_then(|p| p.get("arguments"))
-                        .cloned();
-                    let (id, outcome) = self
-                        .hold(
-                            ctx,
-                            rule,
-                            *timeout,
-                            approval_digest.clone().unwrap_or_default(),
-                            method.clone().unwrap_or_default(),
-                            tool.clone(),
-                            args,
-                        )
-                        .await;
-                    self.record_approval(
-                        ctx,
-                        id,
-                        rule,
-                        approval_digest.as_deref().unwrap_or(""),
-                        &outcome,
-                        (method.as_deref(), tool.as_deref(), id_text.as_deref()),
-                        mcp_session_id.clone(),
-                    )
-                    .await?;
-                    match outcome {
-                        crate::policy::approvals::Outcome::Approved { .. } => {
-                            approved = true;
-                            None
-                        }
-                        crate::policy::approvals::Outcome::Denied { reason, .. } => Some((
-                            code::DENIED,
-                            format!(
-                                "{} was not approved (Airlock policy rule `{rule}`): {reason}",
-                                describe(method.as_deref(), tool.as_deref())
-                            ),
-                            "denied",
-                            rule.clone(),
-                        )),
-                    }
-                }
-            }
+        let (refusal, approved) = match protocol_refusal {
+            Some(r) => (Some(r), false),
+            None => self.refusal(ctx, &seen, &value, &judged).await?,
         };
-        // Refused: the id it took is free again (unless it was a duplicate of a waiting one).
-        if refusal.is_some()
-            && let Some(id) = &reserved
-        {
-            self.sessions.cancel(&session, c2s, id);
+        // Refused: the id it took is free again now, before the records are written (a
+        // duplicate of a waiting one took none).
+        if refusal.is_some() {
+            drop(reserved.take());
         }
-        let decision_name = match &refusal {
-            Some((_, _, d, _)) => *d,
-            None if approved => "approved",
-            None if masked > 0 => "mask",
-            // A listing with tools hidden by a block rule.
-            None if !hidden.is_empty() => "block",
-            None => "allow",
-        };
-        // The rule behind a refusal or an approval comes first.
-        let deciding = match &refusal {
-            Some((_, _, _, rule)) => Some(rule.as_str()),
-            None if approved => decision.verdict_rule.as_deref(),
-            None => None,
-        };
-        let rules = acting_rules(
-            deciding,
-            decision.verdict_rule.as_deref(),
-            &masking,
-            &hidden,
-        );
-        let mut record = ctx.record(&self.host, direction, kind.as_str());
-        record.mcp_session_id = mcp_session_id.clone();
-        record.method = method.clone();
-        record.tool = tool.clone();
-        record.jsonrpc_id = id_text.clone();
-        record.latency_us = latency_us;
-        record.rules = rules.clone();
-        record.policy_hash = Some(set.hash.clone());
-        record.masked_detectors = masking.detectors();
-        record.decision = decision_name.into();
-        let level = decision.record;
-        if level == RecordLevel::Full {
-            let text = match raw.as_deref().map(std::str::from_utf8) {
-                Some(Ok(t)) if masked == 0 && hidden.is_empty() => t.trim().to_owned(),
-                _ => value.to_string(),
-            };
-            record.payload = Some(MaskedPayload::from_masked(text));
+        let (decision, rules) = decision_and_rules(&judged, refusal.as_ref(), approved, &hidden);
+        let changed = masked > 0 || !hidden.is_empty();
+        // Not recorded: not forwarded either, and `reserved` gives the id back.
+        self.record_message(
+            ctx,
+            &seen,
+            &judged,
+            (decision, rules.clone()),
+            (&value, raw, changed),
+        )
+        .await?;
+        if let Some(refusal) = refusal {
+            return self
+                .answer(ctx, seen, refusal, rules, (&judged.set, &value))
+                .await;
         }
-        if level == RecordLevel::Off {
-            crate::observe::record(&record);
-        } else if let Err(e) = self.archive.record(record).await {
-            if let Some(id) = &reserved {
-                self.sessions.cancel(&session, c2s, id);
-            }
-            return Err(PipelineError::Archive(e.to_string()));
-        }
-        if let Some((code, message, decision_name, _)) = refusal {
-            self.counters.blocked.fetch_add(1, Ordering::Relaxed);
-            let answer = jsonrpc::error_response(jsonrpc::id(&value), code, &message, None);
-            let mut rec = ctx.record(&self.host, direction.reverse(), "error");
-            rec.mcp_session_id = mcp_session_id;
-            rec.method = method;
-            rec.tool = tool;
-            rec.jsonrpc_id = id_text;
-            rec.decision = decision_name.into();
-            rec.rules = rules;
-            rec.policy_hash = Some(set.hash.clone());
-            rec.payload = Some(MaskedPayload::agent_event(&answer));
-            self.archive
-                .record(rec)
-                .await
-                .map_err(|e| PipelineError::Archive(e.to_string()))?;
-            return Ok(Outcome::Answer(answer));
+        // Forwarded: the id stays taken until the answer comes.
+        if let Some(r) = reserved {
+            r.keep();
         }
         Ok(Outcome::Forward {
             value,
-            changed: masked > 0 || !hidden.is_empty(),
-            original_args,
+            changed,
+            original_args: judged.original_args,
             kind,
         })
     }

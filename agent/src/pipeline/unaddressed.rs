@@ -8,7 +8,7 @@ use serde_json::Value;
 
 use super::{ConnCtx, Pipeline, PipelineError};
 use crate::{
-    archive::MaskedPayload,
+    archive::{MaskedPayload, RecordDecision, RecordKind},
     policy::{self, Direction, MaskCounts, Subject},
 };
 
@@ -72,8 +72,8 @@ impl Pipeline {
         &self,
         ctx: &ConnCtx,
         direction: Direction,
-        kind: &str,
-        decision: &str,
+        kind: RecordKind,
+        decision: RecordDecision,
         mut details: Value,
         latency_us: Option<u64>,
         mcp_session_id: Option<String>,

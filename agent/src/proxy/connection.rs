@@ -66,6 +66,21 @@ struct Connection {
     accepted: Instant,
 }
 
+/// Why a connection ended in failure: the text of its close record and registry entry.
+#[derive(Debug, thiserror::Error)]
+enum ServeError {
+    #[error("killed by an operator (airlock sessions kill)")]
+    Killed,
+    #[error("no upstream connection")]
+    NoUpstream,
+    #[error(transparent)]
+    Relay(#[from] relay::RelayError),
+    #[error(transparent)]
+    Intercept(#[from] intercept::InterceptError),
+    #[error(transparent)]
+    Forward(#[from] forward::ForwardError),
+}
+
 /// What a connection is served as.
 #[derive(Clone, Copy)]
 enum Serve {
@@ -150,7 +165,7 @@ impl Connection {
         // Containment (`airlock sessions kill`): dropping the work closes both sockets.
         let end = tokio::select! {
             end = self.serve(client, upstream, serve, &who, &guard) => end,
-            () = guard.killed() => Err("killed by an operator (airlock sessions kill)".to_owned()),
+            () = guard.killed() => Err(ServeError::Killed),
         };
         if let Some(sock) = counted {
             count_bytes(&sock, &guard);
@@ -350,13 +365,13 @@ impl Connection {
         serve: Serve,
         who: &Identity,
         guard: &ConnGuard,
-    ) -> Result<RelayEnd, String> {
+    ) -> Result<RelayEnd, ServeError> {
         let proxy = &self.proxy;
         let served = match serve {
             Serve::Opaque => {
                 guard.set_state(ConnState::Open);
                 let Some(upstream) = upstream else {
-                    return Err("no upstream connection".to_owned());
+                    return Err(ServeError::NoUpstream);
                 };
                 return relay::relay(
                     client,
@@ -366,13 +381,16 @@ impl Connection {
                     guard.bytes_down(),
                 )
                 .await
-                .map_err(|e| e.to_string());
+                .map_err(ServeError::from);
             }
             Serve::Mcp(backend) => {
                 intercept::intercept(proxy, client, Route::Direct(upstream), backend, who, guard)
                     .await
+                    .map_err(ServeError::from)
             }
-            Serve::Egress(i) => forward::forward(proxy, client, upstream, i, who, guard).await,
+            Serve::Egress(i) => forward::forward(proxy, client, upstream, i, who, guard)
+                .await
+                .map_err(ServeError::from),
         };
         match served {
             Ok(End::Served(how)) => {
@@ -381,7 +399,7 @@ impl Connection {
                 }
                 Ok(RelayEnd::Closed)
             }
-            Ok(End::Relayed(r)) => r.map_err(|e| e.to_string()),
+            Ok(End::Relayed(r)) => r.map_err(ServeError::from),
             Err(reason) => {
                 warn!(id = guard.id(), %reason, "intercepted connection refused");
                 Err(reason)
@@ -392,7 +410,7 @@ impl Connection {
     /// Step 14: the `close` record, the counters and the registry.
     async fn close(
         &self,
-        end: Result<RelayEnd, String>,
+        end: Result<RelayEnd, ServeError>,
         guard: &ConnGuard,
         who: &Identity,
         attribution: &Attribution,
@@ -407,7 +425,7 @@ impl Connection {
         let (state, reason) = match &end {
             Ok(RelayEnd::Closed) => ("closed", "closed".to_owned()),
             Ok(RelayEnd::IdleTimeout) => ("closed", idle.clone()),
-            Err(e) => ("failed", e.clone()),
+            Err(e) => ("failed", e.to_string()),
         };
         let mut close = proxy.connection_record(
             guard.id(),
@@ -439,7 +457,7 @@ impl Connection {
             Err(e) => {
                 counters.relay_errors.fetch_add(1, Ordering::Relaxed);
                 debug!(id = guard.id(), error = %e, "relay ended with an error");
-                guard.finish(ConnState::Failed, e);
+                guard.finish(ConnState::Failed, e.to_string());
             }
         }
     }

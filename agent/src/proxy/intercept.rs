@@ -16,7 +16,7 @@ use rustls_pki_types::ServerName;
 use tokio::{io::AsyncWriteExt as _, net::TcpStream};
 
 use super::{
-    http::{self, Conn, Dial, UpstreamSender, UpstreamSlot, UpstreamTls},
+    http::{self, Conn, Dial, UpstreamError, UpstreamSender, UpstreamSlot, UpstreamTls},
     relay,
     route::{End, Identity, Route},
     state::Proxy,
@@ -28,12 +28,72 @@ use crate::{
     tls,
 };
 
+/// Why an intercepted connection is refused (recorded by the caller as the reason).
+#[derive(Debug, thiserror::Error)]
+pub enum InterceptError {
+    #[error("the client sent nothing for {0} s")]
+    Silent(u64),
+    #[error("reading from the client: {0}")]
+    Read(#[source] std::io::Error),
+    #[error("the kernel named an unknown backend")]
+    UnknownBackend,
+    #[error("the client started TLS but backend `{0}` is `tls = false`")]
+    UnexpectedTls(String),
+    #[error("the client sent plaintext but backend `{0}` is `tls = true`")]
+    UnexpectedPlaintext(String),
+    #[error("the client sent neither TLS nor an HTTP request")]
+    NotHttp,
+    #[error("TLS interception is not available (no CA loaded)")]
+    NoCa,
+    /// The ClientHello could not be read (the reason is `tls::read_client_hello`'s).
+    #[error("{0}")]
+    ClientHello(String),
+    #[error("the client sent no SNI through the tunnel to `{0}`: no certificate to present")]
+    NoSniInTunnel(String),
+    #[error("no certificate for this connection: {0} (the client sent no SNI)")]
+    NoCertificate(String),
+    #[error("backend `{0}` has no TLS client configuration")]
+    NoUpstreamTls(String),
+    #[error("`{host}` is not a valid server name: {source}")]
+    ServerName {
+        host: String,
+        source: rustls_pki_types::InvalidDnsNameError,
+    },
+    #[error(
+        "TLS handshake with the client failed: {0} (does the client trust Airlock's CA? `airlock ca show --pem`)"
+    )]
+    Handshake(#[source] std::io::Error),
+    #[error("TLS handshake with the client took over {0} s")]
+    HandshakeTimeout(u64),
+    #[error(transparent)]
+    Dial(#[from] super::state::DialError),
+    #[error("splicing to the server: {0}")]
+    Splice(#[source] std::io::Error),
+    #[error(
+        "SNI `{sni}` names no backend at {original}, the address the client connected to (`unknown_sni = \"reject\"`)"
+    )]
+    SniElsewhere { sni: String, original: SocketAddr },
+    #[error("SNI `{sni}` is not the tunnel's target `{authority}` (`unknown_sni = \"reject\"`)")]
+    SniNotTunnelTarget { sni: String, authority: String },
+    #[error("HTTP with the client: {0}")]
+    Http(#[source] hyper::Error),
+}
+
+/// Why the TLS state of the agent could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsStartError {
+    #[error(transparent)]
+    Ca(#[from] tls::ca::CaError),
+    #[error(transparent)]
+    Upstream(#[from] crate::egress::tls::TlsClientError),
+}
+
 /// Largest ClientHello accepted (post-quantum key shares make them ~1.8 KB today).
 const MAX_CLIENT_HELLO: usize = 16 * 1024;
 
 /// The first upstream connection (its handshakes under way) and the dialer of the next.
 type Upstreams = (
-    tokio::task::JoinHandle<Result<UpstreamSender, String>>,
+    tokio::task::JoinHandle<Result<UpstreamSender, UpstreamError>>,
     Box<dyn Dial>,
 );
 
@@ -47,13 +107,10 @@ struct BackendDialer {
 impl Dial for BackendDialer {
     fn dial(
         &self,
-    ) -> std::pin::Pin<Box<dyn Future<Output = Result<UpstreamSender, String>> + Send + '_>> {
+    ) -> std::pin::Pin<Box<dyn Future<Output = Result<UpstreamSender, UpstreamError>> + Send + '_>>
+    {
         Box::pin(async move {
-            let tcp = self
-                .proxy
-                .dial(self.key.1, self.key.2)
-                .await
-                .map_err(|e| e.to_string())?;
+            let tcp = self.proxy.dial(self.key.1, self.key.2).await?;
             open_upstream(tcp, self.tls.clone()).await
         })
     }
@@ -71,14 +128,17 @@ impl Dial for BackendDialer {
 pub(crate) async fn open_upstream(
     tcp: TcpStream,
     tls: Option<UpstreamTls>,
-) -> Result<UpstreamSender, String> {
+) -> Result<UpstreamSender, UpstreamError> {
     match tls {
         Some((config, name)) => {
             let shown = format!("{name:?}");
             let stream = tokio_rustls::TlsConnector::from(config)
                 .connect(name, tcp)
                 .await
-                .map_err(|e| format!("TLS with the server ({shown}): {e}"))?;
+                .map_err(|source| UpstreamError::Tls {
+                    name: shown,
+                    source,
+                })?;
             http::client_handshake(stream).await
         }
         None => http::client_handshake(tcp).await,
@@ -114,9 +174,11 @@ fn ordinary_end(e: &hyper::Error) -> Option<&'static str> {
     None
 }
 
-fn server_name(host: &str) -> Result<ServerName<'static>, String> {
-    ServerName::try_from(host.to_owned())
-        .map_err(|e| format!("`{host}` is not a valid server name: {e}"))
+fn server_name(host: &str) -> Result<ServerName<'static>, InterceptError> {
+    ServerName::try_from(host.to_owned()).map_err(|source| InterceptError::ServerName {
+        host: host.to_owned(),
+        source,
+    })
 }
 
 /// Serve one attributed connection to an MCP backend, reached by `route`. `Err` carries the
@@ -128,7 +190,7 @@ pub(crate) async fn intercept(
     backend_id: usize,
     who: &Identity,
     guard: &ConnGuard,
-) -> Result<End, String> {
+) -> Result<End, InterceptError> {
     Interception { proxy, who, guard }
         .run(client, route, backend_id)
         .await
@@ -147,15 +209,15 @@ impl Interception<'_> {
         mut client: TcpStream,
         route: Route,
         backend_id: usize,
-    ) -> Result<End, String> {
+    ) -> Result<End, InterceptError> {
         let attribution = &self.who.attribution;
         let original = attribution.original_dst;
         let timeout = self.proxy.config.header_read_timeout;
         let mut first = [0u8; 1];
         let n = tokio::time::timeout(timeout, client.peek(&mut first))
             .await
-            .map_err(|_| format!("the client sent nothing for {} s", timeout.as_secs()))?
-            .map_err(|e| format!("reading from the client: {e}"))?;
+            .map_err(|_| InterceptError::Silent(timeout.as_secs()))?
+            .map_err(InterceptError::Read)?;
         if n == 0 {
             return Ok(End::Served(Some(
                 "the client closed the connection without sending anything".into(),
@@ -166,25 +228,19 @@ impl Interception<'_> {
             .config
             .backends
             .get(backend_id)
-            .ok_or("the kernel named an unknown backend")?;
+            .ok_or(InterceptError::UnknownBackend)?;
         let is_tls = first[0] == 0x16;
         if is_tls != backend.tls {
             return Err(if is_tls {
-                format!(
-                    "the client started TLS but backend `{}` is `tls = false`",
-                    backend.name
-                )
+                InterceptError::UnexpectedTls(backend.name.clone())
             } else {
-                format!(
-                    "the client sent plaintext but backend `{}` is `tls = true`",
-                    backend.name
-                )
+                InterceptError::UnexpectedPlaintext(backend.name.clone())
             });
         }
         let pool_key = (backend_id, original, attribution.netns);
         if !is_tls {
             if !first[0].is_ascii_uppercase() {
-                return Err("the client sent neither TLS nor an HTTP request".into());
+                return Err(InterceptError::NotHttp);
             }
             let upstream = self.upstreams(route, pool_key, None);
             let ctx = ConnCtx::new(
@@ -199,12 +255,10 @@ impl Interception<'_> {
             return self.serve_http(client, ctx, backend_id, upstream).await;
         }
 
-        let tls_rt = self
-            .proxy
-            .tls
-            .as_ref()
-            .ok_or("TLS interception is not available (no CA loaded)")?;
-        let hello = tls::read_client_hello(&mut client, MAX_CLIENT_HELLO, timeout).await?;
+        let tls_rt = self.proxy.tls.as_ref().ok_or(InterceptError::NoCa)?;
+        let hello = tls::read_client_hello(&mut client, MAX_CLIENT_HELLO, timeout)
+            .await
+            .map_err(InterceptError::ClientHello)?;
         let address = route.address(original);
         let (backend_id, backend): (usize, &Backend) = match hello.sni.as_deref() {
             None => (backend_id, backend),
@@ -226,22 +280,17 @@ impl Interception<'_> {
         };
         let server_config = match (hello.sni.as_deref(), address) {
             (None, None) => {
-                return Err(format!(
-                    "the client sent no SNI through the tunnel to `{}`: no certificate to present",
-                    backend.host
-                ));
+                return Err(InterceptError::NoSniInTunnel(backend.host.clone()));
             }
             (sni, address) => tls_rt
                 .acceptors
                 .config_for(sni, address.map_or(original.ip(), |a| a.ip()))
-                .map_err(|e| {
-                    format!("no certificate for this connection: {e} (the client sent no SNI)")
-                })?,
+                .map_err(InterceptError::NoCertificate)?,
         };
         let upstream_tls = tls_rt
             .upstream
             .config(backend_id)
-            .ok_or_else(|| format!("backend `{}` has no TLS client configuration", backend.name))?;
+            .ok_or_else(|| InterceptError::NoUpstreamTls(backend.name.clone()))?;
         let name = match backend.host.parse::<IpAddr>() {
             Ok(ip) => ServerName::IpAddress(ip.into()),
             Err(_) => server_name(&backend.host)?,
@@ -255,16 +304,11 @@ impl Interception<'_> {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
                 upstream.0.abort();
-                return Err(format!(
-                    "TLS handshake with the client failed: {e} (does the client trust Airlock's CA? `airlock ca show --pem`)"
-                ));
+                return Err(InterceptError::Handshake(e));
             }
             Err(_) => {
                 upstream.0.abort();
-                return Err(format!(
-                    "TLS handshake with the client took over {} s",
-                    timeout.as_secs()
-                ));
+                return Err(InterceptError::HandshakeTimeout(timeout.as_secs()));
             }
         };
         let ctx = ConnCtx::new(
@@ -290,22 +334,18 @@ impl Interception<'_> {
         backend: &Backend,
         sni: &str,
         (original, netns): (SocketAddr, u64),
-    ) -> Result<End, String> {
+    ) -> Result<End, InterceptError> {
         match backend.unknown_sni {
             UnknownSni::Splice => {
                 let mut upstream = match route {
                     Route::Direct(Some(u)) => u,
-                    Route::Direct(None) => self
-                        .proxy
-                        .dial(original, netns)
-                        .await
-                        .map_err(|e| e.to_string())?,
+                    Route::Direct(None) => self.proxy.dial(original, netns).await?,
                     Route::Tunnel(t) => t.stream,
                 };
                 upstream
                     .write_all(&hello.bytes)
                     .await
-                    .map_err(|e| format!("splicing to the server: {e}"))?;
+                    .map_err(InterceptError::Splice)?;
                 self.guard.set_state(crate::registry::ConnState::Open);
                 Ok(End::Relayed(
                     relay::relay(
@@ -319,13 +359,14 @@ impl Interception<'_> {
                 ))
             }
             UnknownSni::Reject => Err(match route {
-                Route::Direct(_) => format!(
-                    "SNI `{sni}` names no backend at {original}, the address the client connected to (`unknown_sni = \"reject\"`)"
-                ),
-                Route::Tunnel(t) => format!(
-                    "SNI `{sni}` is not the tunnel's target `{}` (`unknown_sni = \"reject\"`)",
-                    t.authority
-                ),
+                Route::Direct(_) => InterceptError::SniElsewhere {
+                    sni: sni.to_owned(),
+                    original,
+                },
+                Route::Tunnel(t) => InterceptError::SniNotTunnelTarget {
+                    sni: sni.to_owned(),
+                    authority: t.authority,
+                },
             }),
         }
     }
@@ -338,7 +379,7 @@ impl Interception<'_> {
         ctx: ConnCtx,
         backend_id: usize,
         (first_upstream, dialer): Upstreams,
-    ) -> Result<End, String>
+    ) -> Result<End, InterceptError>
     where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
@@ -347,7 +388,7 @@ impl Interception<'_> {
             .backends
             .get(backend_id)
             .cloned()
-            .ok_or("the kernel named an unknown backend")?;
+            .ok_or(InterceptError::UnknownBackend)?;
         let conn = Arc::new(Conn {
             ctx: Arc::new(ctx),
             pipeline: self.proxy.pipeline.clone(),
@@ -365,7 +406,7 @@ impl Interception<'_> {
             Ok(()) => Ok(End::Served(None)),
             Err(e) => match ordinary_end(&e) {
                 Some(how) => Ok(End::Served(Some(how.into()))),
-                None => Err(format!("HTTP with the client: {e}")),
+                None => Err(InterceptError::Http(e)),
             },
         }
     }
@@ -398,7 +439,7 @@ impl Interception<'_> {
         key: http::PoolKey,
         dialled: Option<TcpStream>,
         tls: Option<UpstreamTls>,
-    ) -> tokio::task::JoinHandle<Result<UpstreamSender, String>> {
+    ) -> tokio::task::JoinHandle<Result<UpstreamSender, UpstreamError>> {
         if let Some(pooled) = self.proxy.upstream_pool.take(key) {
             // The dialled socket (if any) closes unused.
             return tokio::spawn(async move { Ok(pooled) });
@@ -407,7 +448,7 @@ impl Interception<'_> {
         tokio::spawn(async move {
             let tcp = match dialled {
                 Some(tcp) => tcp,
-                None => proxy.dial(key.1, key.2).await.map_err(|e| e.to_string())?,
+                None => proxy.dial(key.1, key.2).await?,
             };
             open_upstream(tcp, tls).await
         })
@@ -460,21 +501,13 @@ pub struct TlsRuntime {
 
 impl TlsRuntime {
     /// Load (or create) the CA, make the intermediate, build the upstream configurations.
-    pub fn start(config: &crate::config::Config) -> Result<TlsRuntime, String> {
+    pub fn start(config: &crate::config::Config) -> Result<TlsRuntime, TlsStartError> {
         let dir = tls::ca::Ca::dir_of(&config.state_dir);
-        tls::ca::Ca::init(&dir, &config.host).map_err(|e| e.to_string())?;
-        let ca = tls::ca::Ca::load(&dir).map_err(|e| e.to_string())?;
-        let own: Vec<Vec<u8>> = ca
-            .trusted_roots()
-            .map_err(|e| e.to_string())?
-            .into_iter()
-            .map(|r| r.der)
-            .collect();
-        let minter = Arc::new(
-            tls::Minter::new(&ca, &config.backends, &config.host).map_err(|e| e.to_string())?,
-        );
-        let upstream =
-            crate::egress::tls::Upstream::new(&config.backends, &own).map_err(|e| e.to_string())?;
+        tls::ca::Ca::init(&dir, &config.host)?;
+        let ca = tls::ca::Ca::load(&dir)?;
+        let own: Vec<Vec<u8>> = ca.trusted_roots()?.into_iter().map(|r| r.der).collect();
+        let minter = Arc::new(tls::Minter::new(&ca, &config.backends, &config.host)?);
+        let upstream = crate::egress::tls::Upstream::new(&config.backends, &own)?;
         Ok(TlsRuntime {
             acceptors: tls::Acceptors::with_refresh(
                 minter,

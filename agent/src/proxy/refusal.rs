@@ -110,7 +110,7 @@ impl Proxy {
             actor: who.attribution.map(|a| Box::new(a.clone())),
         });
         let mut record = self.connection_record(guard.id(), 0, who.attribution, who.backend);
-        record.decision = "block".into();
+        record.decision = crate::archive::RecordDecision::Block.into();
         record.rules = vec![rule.to_owned()];
         record.payload = Some(MaskedPayload::agent_event(&serde_json::json!({
             "event": "rejected",

@@ -15,7 +15,7 @@ use std::{
 use tokio::net::{TcpSocket, TcpStream};
 
 use crate::{
-    archive::{RecordInput, service::Archive},
+    archive::{RecordDecision, RecordInput, RecordKind, service::Archive},
     attribution::{Attribution, NameCache},
     config::Config,
     egress,
@@ -149,9 +149,10 @@ impl Proxy {
             host: self.config.host.clone(),
             session_id: format!("{}-{id}", self.session_prefix),
             seq,
-            direction: "client_to_server".into(),
-            kind: "connection".into(),
-            decision: "allow".into(),
+            direction: crate::pipeline::direction_str(crate::policy::Direction::ClientToServer)
+                .into(),
+            kind: RecordKind::Connection.into(),
+            decision: RecordDecision::Allow.into(),
             pid: a.map(|a| a.pid),
             tgid: a.map(|a| a.tgid),
             uid: a.map(|a| a.uid),

@@ -37,7 +37,7 @@ use sweep::end_socket;
 pub use sweep::{sweep, sweep_in};
 
 use crate::{
-    archive::{MaskedPayload, RecordInput},
+    archive::{MaskedPayload, RecordDecision, RecordInput, RecordKind},
     attribution::Attribution,
     proxy::Proxy,
     registry::ConnState,
@@ -147,9 +147,9 @@ fn record(
         host: proxy.config.host.clone(),
         session_id: format!("{}-{id}", proxy.session_prefix),
         seq: 0,
-        direction: "client_to_server".into(),
-        kind: "connection".into(),
-        decision: "block".into(),
+        direction: crate::pipeline::direction_str(crate::policy::Direction::ClientToServer).into(),
+        kind: RecordKind::Connection.into(),
+        decision: RecordDecision::Block.into(),
         rules: vec![rule.to_owned()],
         pid: a.map(|a| a.pid),
         tgid: a.map(|a| a.tgid),

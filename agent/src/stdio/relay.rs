@@ -29,6 +29,7 @@ use serde_json::{Value, json};
 use tracing::{debug, warn};
 
 use crate::{
+    archive::{RecordDecision, RecordKind},
     mcp::{
         jsonrpc::{self, Body, Parsed, code},
         session::SessionKey,
@@ -129,7 +130,7 @@ impl Relay {
         let p = &self.pipeline;
         let mut rec = self
             .ctx
-            .record(&p.host, Direction::ClientToServer, "connection");
+            .record(&p.host, Direction::ClientToServer, RecordKind::Connection);
         rec.payload = Some(p.mask_event(&self.ctx.subject, &self.ctx.backend, event));
         self.runtime
             .block_on(p.archive.record(rec))
@@ -328,10 +329,15 @@ impl Relay {
             let shown = &raw[..raw.len().min(4096)];
             detail["line"] = String::from_utf8_lossy(shown).into_owned().into();
         }
-        let recorded = self.runtime.block_on(
-            self.pipeline
-                .record_event(&self.ctx, direction, "error", "block", detail, None, None),
-        );
+        let recorded = self.runtime.block_on(self.pipeline.record_event(
+            &self.ctx,
+            direction,
+            RecordKind::Error,
+            RecordDecision::Block,
+            detail,
+            None,
+            None,
+        ));
         if let Err(e) = recorded {
             return Err(io::Error::other(format!(
                 "cannot record a refused line: {e}"

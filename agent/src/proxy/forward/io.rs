@@ -61,6 +61,38 @@ where
     }
 }
 
+/// Why a body could not be passed on.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    #[error("{0}")]
+    Malformed(#[from] Malformed),
+    #[error("a body past {0} bytes")]
+    TooLong(u64),
+    #[error("passing a body on: {0}")]
+    Write(#[source] std::io::Error),
+    #[error("no byte of a body for {0} s")]
+    Idle(u64),
+    #[error("reading a body: {0}")]
+    Read(#[source] std::io::Error),
+    #[error("the sender closed in the middle of a body")]
+    Truncated,
+}
+
+/// Why an exchange passed to the real proxy ended before its answer was passed on whole.
+#[derive(Debug, thiserror::Error)]
+pub enum PassError {
+    #[error("writing to the egress proxy: {0}")]
+    WriteProxy(#[source] std::io::Error),
+    #[error("the egress proxy's answer: {0}")]
+    Answer(#[source] HeadError),
+    #[error("the egress proxy closed without answering")]
+    Unanswered,
+    #[error("writing to the client: {0}")]
+    WriteClient(#[source] std::io::Error),
+    #[error(transparent)]
+    Body(#[from] BodyError),
+}
+
 /// Pass a body from `rd` to `wr` as `body` delimits it, starting with what `buf` holds; at
 /// most `limit` bytes. `Ok(true)` when it ended with its sender's close.
 pub async fn forward_body<R, W>(
@@ -70,7 +102,7 @@ pub async fn forward_body<R, W>(
     body: Body,
     idle: Duration,
     limit: Option<u64>,
-) -> Result<bool, String>
+) -> Result<bool, BodyError>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -79,14 +111,14 @@ where
     let mut passed = 0u64;
     loop {
         if !buf.is_empty() {
-            let p = follower.feed(buf).map_err(|e| e.to_string())?;
+            let p = follower.feed(buf)?;
             passed += p.used as u64;
             if limit.is_some_and(|l| passed > l) {
-                return Err(format!("a body past {} bytes", limit.unwrap_or(0)));
+                return Err(BodyError::TooLong(limit.unwrap_or(0)));
             }
             wr.write_all(&buf[..p.used])
                 .await
-                .map_err(|e| format!("passing a body on: {e}"))?;
+                .map_err(BodyError::Write)?;
             buf.advance(p.used);
             if p.done {
                 return Ok(false);
@@ -97,14 +129,14 @@ where
         buf.reserve(READ_CHUNK);
         let n = tokio::time::timeout(idle, rd.read_buf(buf))
             .await
-            .map_err(|_| format!("no byte of a body for {} s", idle.as_secs()))?
-            .map_err(|e| format!("reading a body: {e}"))?;
+            .map_err(|_| BodyError::Idle(idle.as_secs()))?
+            .map_err(BodyError::Read)?;
         if n == 0 {
             return if follower.until_close() {
                 let _ = wr.shutdown().await;
                 Ok(true)
             } else {
-                Err("the sender closed in the middle of a body".to_owned())
+                Err(BodyError::Truncated)
             };
         }
     }
@@ -138,7 +170,7 @@ pub async fn pass(
     sides: &mut Sides,
     req: &RequestHead,
     idle: Duration,
-) -> Result<(u16, Next), String> {
+) -> Result<(u16, Next), PassError> {
     let Sides {
         client,
         proxy,
@@ -150,7 +182,7 @@ pub async fn pass(
     proxy_wr
         .write_all(&from_client[..req.len])
         .await
-        .map_err(|e| format!("writing to the egress proxy: {e}"))?;
+        .map_err(PassError::WriteProxy)?;
     from_client.advance(req.len);
     let up = forward_body(
         &mut client_rd,
@@ -168,15 +200,15 @@ pub async fn pass(
                 wire::parse_response(b, head_req, connect)
             })
             .await
-            .map_err(|e| format!("the egress proxy's answer: {e}"))?
-            .ok_or("the egress proxy closed without answering")?;
+            .map_err(PassError::Answer)?
+            .ok_or(PassError::Unanswered)?;
             client_wr
                 .write_all(&from_proxy[..head.len])
                 .await
-                .map_err(|e| format!("writing to the client: {e}"))?;
+                .map_err(PassError::WriteClient)?;
             from_proxy.advance(head.len);
             if !(100..200).contains(&head.status) || head.status == 101 {
-                return Ok::<ResponseHead, String>(head);
+                return Ok::<ResponseHead, PassError>(head);
             }
         }
     };

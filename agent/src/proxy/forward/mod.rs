@@ -40,12 +40,12 @@ use super::{
     state::Proxy,
 };
 use crate::{
-    archive::MaskedPayload,
+    archive::{MaskedPayload, RecordDecision},
     registry::{ConnGuard, ConnState},
 };
 use io::{HeadError, Next, Sides};
 use judge::{Found, Verdict};
-pub(crate) use tunnel::{TunnelRedial, TunnelSpec};
+pub(crate) use tunnel::{TunnelError, TunnelRedial, TunnelSpec};
 use wire::{Host, RequestHead, Target};
 
 /// The largest body of a proxy's refusal passed on for a tunnel to an MCP backend.
@@ -57,6 +57,35 @@ enum Asked {
     Opened(TunnelSpec, Option<SocketAddr>),
     /// The proxy refused; its answer was passed on. `close`: the connection ends.
     Refused { close: bool },
+}
+
+/// Why a client connection to an egress proxy ends in failure (recorded as the reason).
+#[derive(Debug, thiserror::Error)]
+pub enum ForwardError {
+    #[error("no connection to the egress proxy")]
+    NoUpstream,
+    #[error("no such backend")]
+    UnknownBackend,
+    /// A proxy request refused, answered and recorded (see `Forwarding::refuse`).
+    #[error("{0}")]
+    Refused(String),
+    #[error("writing to the client: {0}")]
+    WriteClient(#[source] std::io::Error),
+    #[error("archive unavailable: {0}")]
+    Archive(#[source] crate::archive::service::ArchiveError),
+    #[error(transparent)]
+    Pass(#[from] io::PassError),
+    #[error(transparent)]
+    Intercept(#[from] intercept::InterceptError),
+}
+
+/// Why it cannot be told what a proxy request's target reaches (refused with 504).
+#[derive(Debug, thiserror::Error)]
+enum FindError {
+    #[error("targets lock poisoned")]
+    Poisoned,
+    #[error("cannot tell whether `{name}` is an MCP backend: resolving it took over {secs} s")]
+    LookupTimeout { name: String, secs: u64 },
 }
 
 /// One proxy request, as recorded.
@@ -77,7 +106,7 @@ pub(crate) async fn forward(
     proxy_i: usize,
     who: &Identity,
     guard: &ConnGuard,
-) -> Result<End, String> {
+) -> Result<End, ForwardError> {
     Forwarding {
         proxy,
         who,
@@ -100,8 +129,8 @@ impl Forwarding<'_> {
         client: TcpStream,
         upstream: Option<TcpStream>,
         guard: &ConnGuard,
-    ) -> Result<End, String> {
-        let proxy = upstream.ok_or("no connection to the egress proxy")?;
+    ) -> Result<End, ForwardError> {
+        let proxy = upstream.ok_or(ForwardError::NoUpstream)?;
         let mut sides = Sides {
             client,
             proxy,
@@ -156,7 +185,8 @@ impl Forwarding<'_> {
                                 self.who,
                                 guard,
                             )
-                            .await;
+                            .await
+                            .map_err(ForwardError::from);
                         }
                         Asked::Refused { close: true } => return Ok(End::Served(None)),
                         Asked::Refused { close: false } => continue,
@@ -177,7 +207,7 @@ impl Forwarding<'_> {
         &self,
         sides: &mut Sides,
         first: bool,
-    ) -> Result<Option<RequestHead>, String> {
+    ) -> Result<Option<RequestHead>, ForwardError> {
         let timeout = self.proxy.config.header_read_timeout;
         let read = io::read_head(
             &mut sides.client,
@@ -218,7 +248,7 @@ impl Forwarding<'_> {
         };
         match (target, host) {
             (Ok(t), Ok(h)) => judge::decide(req, t, h, &self.proxy.config.backends),
-            (Err(e), _) | (_, Err(e)) => Verdict::Refuse(504, e),
+            (Err(e), _) | (_, Err(e)) => Verdict::Refuse(504, e.to_string()),
         }
     }
 
@@ -226,14 +256,10 @@ impl Forwarding<'_> {
     /// another name (resolved here, as the proxy would), or nothing. A lookup that does not
     /// finish within `connect_timeout_secs` is an error (fail closed); one that fails is
     /// nothing (the proxy cannot connect either, unless it resolves names differently).
-    async fn find(&self, host: &Host, port: u16) -> Result<Found, String> {
+    async fn find(&self, host: &Host, port: u16) -> Result<Found, FindError> {
         let backends = &self.proxy.config.backends;
         {
-            let targets = self
-                .proxy
-                .targets
-                .read()
-                .map_err(|_| "targets lock poisoned")?;
+            let targets = self.proxy.targets.read().map_err(|_| FindError::Poisoned)?;
             if let Some(i) = judge::by_name(backends, &targets, host, port) {
                 return Ok(Found::Backend(i));
             }
@@ -246,25 +272,18 @@ impl Forwarding<'_> {
         }
         let secs = self.proxy.config.connect_timeout.as_secs();
         let lookup = tokio::net::lookup_host((name.as_str(), port));
-        let addrs: Vec<std::net::IpAddr> = match tokio::time::timeout(
-            self.proxy.config.connect_timeout,
-            lookup,
-        )
-        .await
-        {
-            Err(_) => {
-                return Err(format!(
-                    "cannot tell whether `{name}` is an MCP backend: resolving it took over {secs} s"
-                ));
-            }
-            Ok(Err(_)) => return Ok(Found::Nothing),
-            Ok(Ok(addrs)) => addrs.map(|a| a.ip()).collect(),
-        };
-        let targets = self
-            .proxy
-            .targets
-            .read()
-            .map_err(|_| "targets lock poisoned")?;
+        let addrs: Vec<std::net::IpAddr> =
+            match tokio::time::timeout(self.proxy.config.connect_timeout, lookup).await {
+                Err(_) => {
+                    return Err(FindError::LookupTimeout {
+                        name: name.clone(),
+                        secs,
+                    });
+                }
+                Ok(Err(_)) => return Ok(Found::Nothing),
+                Ok(Ok(addrs)) => addrs.map(|a| a.ip()).collect(),
+            };
+        let targets = self.proxy.targets.read().map_err(|_| FindError::Poisoned)?;
         Ok(judge::by_addresses(backends, &targets, &addrs, port)
             .map_or(Found::Nothing, Found::Alias))
     }
@@ -275,13 +294,13 @@ impl Forwarding<'_> {
         sides: &mut Sides,
         req: &RequestHead,
         backend_id: usize,
-    ) -> Result<Asked, String> {
+    ) -> Result<Asked, ForwardError> {
         let backend = self
             .proxy
             .config
             .backends
             .get(backend_id)
-            .ok_or("no such backend")?;
+            .ok_or(ForwardError::UnknownBackend)?;
         if sides.from_client.len() > req.len {
             let reason = "the client sent data after CONNECT before the tunnel was established";
             return Err(self
@@ -306,7 +325,7 @@ impl Forwarding<'_> {
         let asked = async {
             let head = tunnel::ask(&mut sides.proxy, &spec, &mut sides.from_proxy).await?;
             let open = tunnel::opened(&head, &sides.from_proxy, &spec)?;
-            Ok::<_, String>((open, head))
+            Ok::<_, tunnel::TunnelError>((open, head))
         };
         let (open, head) = match asked.await {
             Ok(answer) => answer,
@@ -315,7 +334,9 @@ impl Forwarding<'_> {
                     .counters
                     .upstream_failed
                     .fetch_add(1, Ordering::Relaxed);
-                return Err(self.refuse(&mut sides.client, Some(req), 502, reason).await);
+                return Err(self
+                    .refuse(&mut sides.client, Some(req), 502, reason.to_string())
+                    .await);
             }
         };
         let mut exchange = Exchange::new(Some(req), "intercept");
@@ -328,7 +349,7 @@ impl Forwarding<'_> {
                 .client
                 .write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
                 .await
-                .map_err(|e| format!("writing to the client: {e}"))?;
+                .map_err(ForwardError::WriteClient)?;
             return Ok(Asked::Opened(spec, address));
         }
         // Refused by the proxy: its answer goes to the client as it came (bounded).
@@ -342,7 +363,7 @@ impl Forwarding<'_> {
             .client
             .write_all(&sides.from_proxy.split_to(head.len))
             .await
-            .map_err(|e| format!("writing to the client: {e}"))?;
+            .map_err(ForwardError::WriteClient)?;
         let body = io::forward_body(
             &mut sides.proxy,
             &mut sides.from_proxy,
@@ -353,19 +374,19 @@ impl Forwarding<'_> {
         )
         .await;
         Ok(Asked::Refused {
-            close: head.close || req.close || body != Ok(false),
+            close: head.close || req.close || !matches!(body, Ok(false)),
         })
     }
 
     /// Refuse a proxy request: counted, recorded, answered with `status` and the reason (no
-    /// answer when `status` is 0: not HTTP). Returns the reason.
+    /// answer when `status` is 0: not HTTP). Returns the reason, as the connection's error.
     async fn refuse(
         &self,
         client: &mut TcpStream,
         req: Option<&RequestHead>,
         status: u16,
         reason: String,
-    ) -> String {
+    ) -> ForwardError {
         self.proxy
             .counters
             .egress_refused
@@ -398,12 +419,12 @@ impl Forwarding<'_> {
         if status > 0 {
             io::answer(client, status, &reason).await;
         }
-        reason
+        ForwardError::Refused(reason)
     }
 
     /// The archive row of one proxy request (`kind = "connection"`, `event = "proxy_request"`):
     /// method, `host:port`, outcome. Written before anything of the request is passed on.
-    async fn record_exchange(&self, x: Exchange<'_>) -> Result<(), String> {
+    async fn record_exchange(&self, x: Exchange<'_>) -> Result<(), ForwardError> {
         let proxy = self.proxy.config.egress_proxies.get(self.proxy_i);
         // The MCP backend a tunnel is for, else the proxy (`proxy NAME`).
         let label = match x.backend {
@@ -421,7 +442,7 @@ impl Forwarding<'_> {
             Some(&label),
         );
         if x.decision == "block" {
-            record.decision = "block".into();
+            record.decision = RecordDecision::Block.into();
             record.rules = vec!["airlock:proxy_request".into()];
         }
         record.payload = Some(MaskedPayload::agent_event(&serde_json::json!({
@@ -439,7 +460,7 @@ impl Forwarding<'_> {
             .record(record)
             .await
             .map(|_| ())
-            .map_err(|e| format!("archive unavailable: {e}"))
+            .map_err(ForwardError::Archive)
     }
 }
 

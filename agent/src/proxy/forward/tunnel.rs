@@ -15,7 +15,7 @@ use super::{
     wire::{self, ResponseHead},
 };
 use crate::proxy::{
-    http::{Dial, UpstreamSender, UpstreamTls},
+    http::{Dial, UpstreamError, UpstreamSender, UpstreamTls},
     route::Redial,
     state::Proxy,
 };
@@ -79,47 +79,87 @@ impl TunnelSpec {
     }
 }
 
+/// Why the agent's own tunnel through the real proxy could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum TunnelError {
+    #[error("writing to the egress proxy {proxy}: {source}")]
+    Write {
+        proxy: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("the egress proxy {proxy} closed the connection without answering CONNECT {authority}")]
+    Unanswered {
+        proxy: SocketAddr,
+        authority: String,
+    },
+    #[error(
+        "the egress proxy {proxy} did not answer CONNECT {authority} within {secs} s (`connect_timeout_secs`)"
+    )]
+    Timeout {
+        proxy: SocketAddr,
+        authority: String,
+        secs: u64,
+    },
+    #[error("the egress proxy's answer to CONNECT: {0}")]
+    Answer(#[source] HeadError),
+    #[error("the egress proxy {proxy} sent data before the tunnel to {authority} was used")]
+    EarlyData {
+        proxy: SocketAddr,
+        authority: String,
+    },
+    #[error(
+        "the egress proxy {proxy} refused a new tunnel to {authority}: status {status} (proxy authentication tied to the first connection, NTLM or Negotiate, does not carry over)"
+    )]
+    Refused {
+        proxy: SocketAddr,
+        authority: String,
+        status: u16,
+    },
+}
+
 /// Ask for the tunnel on `stream`; the proxy's answer head (any status). What followed the
 /// head stays in `buf` (a refusal's body).
 pub async fn ask(
     stream: &mut TcpStream,
     spec: &TunnelSpec,
     buf: &mut BytesMut,
-) -> Result<ResponseHead, String> {
+) -> Result<ResponseHead, TunnelError> {
     stream
         .write_all(&spec.request())
         .await
-        .map_err(|e| format!("writing to the egress proxy {}: {e}", spec.proxy))?;
+        .map_err(|source| TunnelError::Write {
+            proxy: spec.proxy,
+            source,
+        })?;
     match read_head(stream, buf, spec.timeout, |b| {
         wire::parse_response(b, false, true)
     })
     .await
     {
         Ok(Some(head)) => Ok(head),
-        Ok(None) => Err(format!(
-            "the egress proxy {} closed the connection without answering CONNECT {}",
-            spec.proxy, spec.authority
-        )),
-        Err(HeadError::Timeout) => Err(format!(
-            "the egress proxy {} did not answer CONNECT {} within {} s (`connect_timeout_secs`)",
-            spec.proxy,
-            spec.authority,
-            spec.timeout.as_secs()
-        )),
-        Err(e) => Err(format!("the egress proxy's answer to CONNECT: {e}")),
+        Ok(None) => Err(TunnelError::Unanswered {
+            proxy: spec.proxy,
+            authority: spec.authority.clone(),
+        }),
+        Err(HeadError::Timeout) => Err(TunnelError::Timeout {
+            proxy: spec.proxy,
+            authority: spec.authority.clone(),
+            secs: spec.timeout.as_secs(),
+        }),
+        Err(e) => Err(TunnelError::Answer(e)),
     }
 }
 
 /// A 2xx that nothing followed: the tunnel is open (the server speaks only after the client).
-pub fn opened(head: &ResponseHead, buf: &BytesMut, spec: &TunnelSpec) -> Result<bool, String> {
+pub fn opened(head: &ResponseHead, buf: &BytesMut, spec: &TunnelSpec) -> Result<bool, TunnelError> {
     if !(200..300).contains(&head.status) {
         return Ok(false);
     }
     if buf.len() > head.len {
-        return Err(format!(
-            "the egress proxy {} sent data before the tunnel to {} was used",
-            spec.proxy, spec.authority
-        ));
+        return Err(TunnelError::EarlyData {
+            proxy: spec.proxy,
+            authority: spec.authority.clone(),
+        });
     }
     Ok(true)
 }
@@ -136,20 +176,19 @@ pub struct TunnelDialer {
 impl Dial for TunnelDialer {
     fn dial(
         &self,
-    ) -> std::pin::Pin<Box<dyn Future<Output = Result<UpstreamSender, String>> + Send + '_>> {
+    ) -> std::pin::Pin<Box<dyn Future<Output = Result<UpstreamSender, UpstreamError>> + Send + '_>>
+    {
         Box::pin(async move {
-            let mut tcp = self
-                .proxy
-                .dial(self.spec.proxy, self.spec.netns)
-                .await
-                .map_err(|e| e.to_string())?;
+            let mut tcp = self.proxy.dial(self.spec.proxy, self.spec.netns).await?;
             let mut buf = BytesMut::new();
             let head = ask(&mut tcp, &self.spec, &mut buf).await?;
             if !opened(&head, &buf, &self.spec)? {
-                return Err(format!(
-                    "the egress proxy {} refused a new tunnel to {}: status {} (proxy authentication tied to the first connection, NTLM or Negotiate, does not carry over)",
-                    self.spec.proxy, self.spec.authority, head.status
-                ));
+                return Err(TunnelError::Refused {
+                    proxy: self.spec.proxy,
+                    authority: self.spec.authority.clone(),
+                    status: head.status,
+                }
+                .into());
             }
             crate::proxy::intercept::open_upstream(tcp, self.tls.clone()).await
         })

@@ -24,6 +24,7 @@ use tracing::debug;
 
 use super::{BoxError, Conn, Limits, ProxyBody, RequestInfo};
 use crate::{
+    archive::{RecordDecision, RecordKind},
     mcp::{
         jsonrpc::{self, Body, Parsed, code},
         session::SessionKey,
@@ -99,7 +100,7 @@ impl Stream {
         let mut permit = self.resources.body(self.ctx.attribution.uid);
         // Set while the parser holds part of an event: it must be complete by then.
         let mut event_deadline: Option<tokio::time::Instant> = None;
-        let end: Result<(), String> = loop {
+        let end: Result<(), StreamError> = loop {
             let idle_until = tokio::time::Instant::now() + self.limits.stream_idle_timeout;
             let until = event_deadline.map_or(idle_until, |d| d.min(idle_until));
             let next = async {
@@ -126,21 +127,17 @@ impl Stream {
                         .counters
                         .sse_event_timeouts
                         .fetch_add(1, Ordering::Relaxed);
-                    break Err(format!(
-                        "an event took longer than {} s to arrive (`body_read_timeout_secs`)",
-                        self.limits.body_read_timeout.as_secs()
+                    break Err(StreamError::EventTimeout(
+                        self.limits.body_read_timeout.as_secs(),
                     ));
                 }
                 Err(_) => {
-                    break Err(format!(
-                        "no event for {} s (`stream_idle_timeout_secs`)",
-                        self.limits.stream_idle_timeout.as_secs()
-                    ));
+                    break Err(StreamError::Idle(self.limits.stream_idle_timeout.as_secs()));
                 }
             };
             let frame = match frame {
                 None => break Ok(()),
-                Some(Err(e)) => break Err(format!("the server's stream: {e}")),
+                Some(Err(e)) => break Err(StreamError::Server(e)),
                 Some(Ok(f)) => f,
             };
             // Trailers are dropped: nothing uninspected reaches the client.
@@ -148,7 +145,7 @@ impl Stream {
                 continue;
             };
             if let Err(e) = parser.feed(&data, &mut events) {
-                break Err(e.to_string());
+                break Err(e.into());
             }
             // Whatever else the server has already sent is taken now, without waiting: one
             // pass and one write to the client for all of it, not one per event (hyper yields
@@ -159,20 +156,20 @@ impl Stream {
                 match body.frame().now_or_never() {
                     None => break,
                     Some(None) => ended = Some(Ok(())),
-                    Some(Some(Err(e))) => ended = Some(Err(format!("the server's stream: {e}"))),
+                    Some(Some(Err(e))) => ended = Some(Err(StreamError::Server(e))),
                     Some(Some(Ok(f))) => {
                         let Ok(data) = f.into_data() else {
                             continue;
                         };
                         taken += data.len();
                         if let Err(e) = parser.feed(&data, &mut events) {
-                            ended = Some(Err(e.to_string()));
+                            ended = Some(Err(e.into()));
                         }
                     }
                 }
             }
             if let Err(e) = permit.set(parser.pending_bytes()) {
-                break Err(e.to_string());
+                break Err(e.into());
             }
             event_deadline = match (parser.pending_bytes(), event_deadline) {
                 (0, _) => None,
@@ -227,7 +224,7 @@ impl Stream {
             }
             if errors.is_empty() {
                 // Nothing owed: the client learns of the refusal from a cut stream.
-                tx.abort(reason.clone().into());
+                tx.abort(reason.to_string().into());
             } else {
                 // The owed answers are the stream's last events; it then ends.
                 let _ = tx.send_data(Bytes::from(errors)).await;
@@ -246,8 +243,8 @@ impl Stream {
                 .record_event(
                     &self.ctx,
                     Direction::ServerToClient,
-                    "error",
-                    "block",
+                    RecordKind::Error,
+                    RecordDecision::Block,
                     json!({"http_method": self.info.method.as_str(), "path": self.info.path, "error": format!("event stream ended: {reason}")}),
                     Some(self.info.started.elapsed().as_micros() as u64),
                     self.info.mcp_session_id.clone(),
@@ -257,7 +254,7 @@ impl Stream {
     }
 
     /// Judge one event: the bytes to send on, or why the stream must end.
-    async fn event(&mut self, event: Event) -> Result<Vec<u8>, String> {
+    async fn event(&mut self, event: Event) -> Result<Vec<u8>, StreamError> {
         let mut lines = Vec::with_capacity(event.lines.len());
         // Characters some SSE parsers take for line ends (httpx-sse 0.4.0 splits like
         // `str.splitlines`): an event holding one is re-encoded without them.
@@ -296,9 +293,7 @@ impl Stream {
                 None
             }
             Some(_) => {
-                return Err(format!(
-                    "an event of type `{kind}` carries data: only JSON-RPC `message` events are passed on"
-                ));
+                return Err(StreamError::DataInEvent(kind.to_owned()));
             }
         };
         if as_received && new_data.is_none() {
@@ -320,20 +315,15 @@ impl Stream {
 
     /// The data of a `message` event: JSON-RPC, every message through the pipeline. The new
     /// data when a message changed.
-    async fn messages(&mut self, data: &str) -> Result<Option<String>, String> {
-        let _permit = self
-            .resources
-            .parse(
-                self.ctx.attribution.uid,
-                strict::parsed_size_estimate(data.as_bytes()),
-            )
-            .map_err(|e| e.to_string())?;
+    async fn messages(&mut self, data: &str) -> Result<Option<String>, StreamError> {
+        let _permit = self.resources.parse(
+            self.ctx.attribution.uid,
+            strict::parsed_size_estimate(data.as_bytes()),
+        )?;
         let mut parsed = match Body::parse(data.as_bytes()) {
             Ok(Parsed::Messages(b)) => b,
-            Ok(Parsed::Other(_)) => {
-                return Err("an event's data is JSON but not a JSON-RPC message".into());
-            }
-            Err(e) => return Err(format!("an event's data is {e}")),
+            Ok(Parsed::Other(_)) => return Err(StreamError::NotJsonRpc),
+            Err(e) => return Err(StreamError::BadData(e)),
         };
         let single = matches!(parsed, Body::Single(_));
         let raw = single.then(|| Bytes::copy_from_slice(data.as_bytes()));
@@ -345,8 +335,7 @@ impl Stream {
             &mut parsed,
             raw,
         )
-        .await
-        .map_err(|e| e.to_string())?;
+        .await?;
         // Data holding characters some parsers split lines at is always re-encoded.
         let changed_any = judged || has_line_breaker(data.as_bytes());
         Ok(changed_any.then(|| escape_line_breakers(&String::from_utf8_lossy(&parsed.to_bytes()))))
@@ -355,11 +344,9 @@ impl Stream {
     /// The legacy transport's `endpoint` event: where the client is to POST. It must name a
     /// path on this server (the clients' POSTs would otherwise go where Airlock does not look),
     /// and it names the session.
-    fn endpoint(&mut self, data: &str) -> Result<(), String> {
+    fn endpoint(&mut self, data: &str) -> Result<(), StreamError> {
         if !super::response::same_server(data, &self.backend) {
-            return Err(format!(
-                "the `endpoint` event sends the client to {data:?}, not to this server"
-            ));
+            return Err(StreamError::ForeignEndpoint(data.to_owned()));
         }
         let path = match data.parse::<http::Uri>() {
             Ok(uri) if uri.host().is_some() => uri
@@ -389,6 +376,34 @@ impl Stream {
         }
         Ok(())
     }
+}
+
+/// Why a server's event stream is cut (the requests it owes are answered with the reason).
+#[derive(Debug, thiserror::Error)]
+enum StreamError {
+    #[error("an event took longer than {0} s to arrive (`body_read_timeout_secs`)")]
+    EventTimeout(u64),
+    #[error("no event for {0} s (`stream_idle_timeout_secs`)")]
+    Idle(u64),
+    #[error("the server's stream: {0}")]
+    Server(#[source] hyper::Error),
+    #[error(transparent)]
+    Sse(#[from] sse::SseError),
+    /// The caller's in-flight bytes or parsing budget.
+    #[error(transparent)]
+    Limit(#[from] crate::limits::LimitError),
+    #[error("an event of type `{0}` carries data: only JSON-RPC `message` events are passed on")]
+    DataInEvent(String),
+    #[error("an event's data is JSON but not a JSON-RPC message")]
+    NotJsonRpc,
+    #[error("an event's data is {0}")]
+    BadData(jsonrpc::BodyError),
+    #[error(transparent)]
+    Pipeline(#[from] crate::pipeline::PipelineError),
+    #[error("the `endpoint` event sends the client to {0:?}, not to this server")]
+    ForeignEndpoint(String),
+    #[error(transparent)]
+    LegacySession(#[from] super::head::LegacySessionError),
 }
 
 /// Whether `bytes` hold a character that `str.splitlines`-style SSE parsers take for a line

@@ -14,7 +14,8 @@
 //!
 //! Jobs, one file each: [`framing`] (where each request head begins and whether it parses,
 //! sans-IO) and `client_io` (the client stream as hyper reads it, heads judged first),
-//! [`request`] (upgrades, Host, body, charset, classification, the request's messages),
+//! [`request`] (upgrades, Host, body, charset, classification, the request's messages), [`head`]
+//! (why a head is refused: its authority, its mirrored headers),
 //! [`response`] (what a server may answer an MCP exchange with), [`events`] (SSE streams,
 //! event by event), [`upstream`] (the server connection and the pool).
 //!
@@ -24,6 +25,7 @@
 mod client_io;
 mod events;
 pub mod framing;
+mod head;
 mod request;
 mod response;
 mod upstream;
@@ -43,10 +45,12 @@ use tracing::warn;
 
 pub use request::{Class, classify};
 pub use upstream::{
-    Dial, PoolKey, UpstreamPool, UpstreamSender, UpstreamSlot, UpstreamTls, client_handshake,
+    Dial, PoolKey, UpstreamError, UpstreamPool, UpstreamSender, UpstreamSlot, UpstreamTls,
+    client_handshake,
 };
 
 use crate::{
+    archive::{RecordDecision, RecordKind},
     mcp::session::SessionKey,
     pipeline::{ConnCtx, Origin, Pipeline},
     policy::Direction,
@@ -230,7 +234,7 @@ fn is_identity_encoding(h: &HeaderMap) -> bool {
 /// too), and a UUID in any spelling Python's `UUID(hex=…)` takes (case, hyphens, braces,
 /// `urn:uuid:`) as its 32 lowercase hex digits. Named more than once: `Err` (servers differ on
 /// which one counts).
-fn legacy_session(query: Option<&str>) -> Result<Option<String>, String> {
+fn legacy_session(query: Option<&str>) -> Result<Option<String>, head::LegacySessionError> {
     let Some(query) = query else {
         return Ok(None);
     };
@@ -242,7 +246,7 @@ fn legacy_session(query: Option<&str>) -> Result<Option<String>, String> {
             continue;
         }
         if found.is_some() {
-            return Err("the request names its legacy session more than once".into());
+            return Err(head::LegacySessionError::Repeated);
         }
         found = Some(canonical_session(&form_decode(v)));
     }
@@ -327,7 +331,7 @@ impl Conn {
     async fn exchange_record(
         &self,
         info: &RequestInfo,
-        (direction, kind, decision): (Direction, &str, &str),
+        (direction, kind, decision): (Direction, RecordKind, RecordDecision),
         detail: Value,
         latency_us: Option<u64>,
     ) -> Result<(), crate::pipeline::PipelineError> {
@@ -354,11 +358,11 @@ impl Conn {
         &self,
         info: &RequestInfo,
         direction: Direction,
-        decision: &str,
+        decision: RecordDecision,
         detail: Value,
         latency_us: Option<u64>,
     ) {
-        let kind = (direction, "error", decision);
+        let kind = (direction, RecordKind::Error, decision);
         if let Err(e) = self.exchange_record(info, kind, detail, latency_us).await {
             warn!(id = self.ctx.conn_id, error = %e, "cannot record a refusal");
         }
@@ -395,8 +399,8 @@ impl Conn {
             .record_event(
                 &self.ctx,
                 Direction::ClientToServer,
-                "error",
-                "block",
+                RecordKind::Error,
+                RecordDecision::Block,
                 detail,
                 None,
                 None,
@@ -412,7 +416,7 @@ impl Conn {
         self.record_request_error(
             info,
             Direction::ClientToServer,
-            "block",
+            RecordDecision::Block,
             json!({"status": status.as_u16(), "error": reason}),
             None,
         )
@@ -421,13 +425,18 @@ impl Conn {
 
     /// The server could not be reached (connect, TLS, HTTP): the client gets a 502 naming the
     /// reason, and the archive a record.
-    async fn upstream_failed(&self, info: &RequestInfo, reason: String) -> Response<ProxyBody> {
+    async fn upstream_failed(
+        &self,
+        info: &RequestInfo,
+        reason: UpstreamError,
+    ) -> Response<ProxyBody> {
         warn!(id = self.ctx.conn_id, backend = %self.ctx.backend, %reason, "upstream failed");
         let text = format!(
             "Airlock: cannot reach backend `{}`: {reason}",
             self.ctx.backend
         );
-        self.bad_gateway(info, "allow", reason, text).await
+        self.bad_gateway(info, RecordDecision::Allow, reason.to_string(), text)
+            .await
     }
 
     /// What the server answered cannot be passed on: the client gets a 502 naming the reason,
@@ -442,13 +451,14 @@ impl Conn {
             "Airlock: refused the answer of backend `{}`: {reason}",
             self.ctx.backend
         );
-        self.bad_gateway(info, "block", reason, text).await
+        self.bad_gateway(info, RecordDecision::Block, reason, text)
+            .await
     }
 
     async fn bad_gateway(
         &self,
         info: &RequestInfo,
-        decision: &str,
+        decision: RecordDecision,
         reason: String,
         text: String,
     ) -> Response<ProxyBody> {
@@ -496,7 +506,11 @@ impl Conn {
     ) -> Result<(), crate::pipeline::PipelineError> {
         self.exchange_record(
             info,
-            (Direction::ServerToClient, "http", "allow"),
+            (
+                Direction::ServerToClient,
+                RecordKind::Http,
+                RecordDecision::Allow,
+            ),
             json!({"status": status, "content_type": ct}),
             Some(info.started.elapsed().as_micros() as u64),
         )

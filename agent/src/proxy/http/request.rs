@@ -12,10 +12,12 @@ use serde_json::{Value, json};
 use tracing::warn;
 
 use super::{
-    Conn, ProxyBody, ReadError, RequestInfo, full, is_identity_encoding, json_response,
-    legacy_session, read_capped, strip_hop_by_hop,
+    Conn, ProxyBody, ReadError, RequestInfo, full,
+    head::{AuthorityError, MirrorError},
+    is_identity_encoding, json_response, legacy_session, read_capped, strip_hop_by_hop,
 };
 use crate::{
+    archive::{RecordDecision, RecordKind},
     config::Backend,
     mcp::{
         headers,
@@ -231,7 +233,7 @@ impl Conn {
                             StatusCode::BAD_REQUEST,
                             code::INVALID_REQUEST,
                             None,
-                            &reason,
+                            &reason.to_string(),
                         )
                         .await;
                 }
@@ -265,36 +267,38 @@ impl Conn {
         &self,
         info: &RequestInfo,
     ) -> Result<(), crate::pipeline::PipelineError> {
-        let kind = (Direction::ClientToServer, "http", "allow");
+        let kind = (
+            Direction::ClientToServer,
+            RecordKind::Http,
+            RecordDecision::Allow,
+        );
         self.exchange_record(info, kind, json!({}), None).await
     }
 
     /// The request's authority (`Host`, or an absolute-form target) must name the backend
     /// this connection was judged for: its host name, or the address the client connected to;
     /// and its port. Trailing dots and case do not count. Returns the authority normalised.
-    fn check_authority(&self, parts: &http::request::Parts) -> Result<String, String> {
+    fn check_authority(&self, parts: &http::request::Parts) -> Result<String, AuthorityError> {
         let mut hosts = parts.headers.get_all(header::HOST).iter();
         let host_header = match (hosts.next(), hosts.next()) {
-            (Some(h), None) => Some(
-                h.to_str()
-                    .map_err(|_| "the Host header is not visible ASCII".to_owned())?,
-            ),
+            (Some(h), None) => Some(h.to_str().map_err(|_| AuthorityError::HostNotAscii)?),
             (None, _) => None,
-            (Some(_), Some(_)) => return Err("more than one Host header".into()),
+            (Some(_), Some(_)) => return Err(AuthorityError::ManyHosts),
         };
         let from_uri = parts.uri.authority().map(|a| a.as_str());
         let authority = match (from_uri, host_header) {
             (Some(u), Some(h)) if !u.eq_ignore_ascii_case(h) => {
-                return Err(format!(
-                    "the request target names `{u}` and the Host header `{h}`"
-                ));
+                return Err(AuthorityError::Disagree {
+                    target: u.to_owned(),
+                    host: h.to_owned(),
+                });
             }
             (Some(a), _) | (None, Some(a)) => a,
-            (None, None) => return Err("the request names no host (no Host header)".into()),
+            (None, None) => return Err(AuthorityError::NoHost),
         };
         let b = &self.backend;
         let (host, port) = split_authority(authority)
-            .ok_or_else(|| format!("`{authority}` is not a host and port"))?;
+            .ok_or_else(|| AuthorityError::NotHostAndPort(authority.to_owned()))?;
         let wanted_port = port.unwrap_or(if b.tls { 443 } else { 80 });
         let host = host.trim_end_matches('.').to_ascii_lowercase();
         let original = self.ctx.attribution.original_dst;
@@ -303,10 +307,12 @@ impl Conn {
                 crate::keys::canonical_ip(ip) == crate::keys::canonical_ip(original.ip())
             });
         if !names_backend || wanted_port != b.port {
-            return Err(format!(
-                "this connection is for backend `{}` ({}:{}); the request names `{authority}`",
-                b.name, b.host, b.port
-            ));
+            return Err(AuthorityError::OtherBackend {
+                backend: b.name.clone(),
+                host: b.host.clone(),
+                port: b.port,
+                authority: authority.to_owned(),
+            });
         }
         let host = if host.contains(':') {
             format!("[{host}]")
@@ -442,7 +448,7 @@ impl Conn {
             self.record_request_error(
                 info,
                 Direction::ServerToClient,
-                "block",
+                RecordDecision::Block,
                 json!({"rules": ["airlock:batch_refused"], "answer": answer}),
                 None,
             )
@@ -641,10 +647,10 @@ fn upgrade_requested(headers: &HeaderMap) -> Option<String> {
 
 /// The 2026-07-28 mirrored headers (`Mcp-Method`, `Mcp-Name`) must say what the body says: a
 /// server routing on the header must not run what Airlock did not judge.
-fn mirrored_headers_agree(headers: &HeaderMap, parsed: &Body) -> Result<(), String> {
+fn mirrored_headers_agree(headers: &HeaderMap, parsed: &Body) -> Result<(), MirrorError> {
     for name in [headers::MCP_METHOD, headers::MCP_NAME] {
         if headers.get_all(name).iter().count() > 1 {
-            return Err(format!("Airlock: more than one {name} header"));
+            return Err(MirrorError::Repeated(name));
         }
     }
     let Body::Single(m) = parsed else {
@@ -653,19 +659,19 @@ fn mirrored_headers_agree(headers: &HeaderMap, parsed: &Body) -> Result<(), Stri
     if let Some(h) = headers.get(headers::MCP_METHOD) {
         let claimed = headers::decode_value(h).unwrap_or_default();
         if Some(claimed.as_str()) != jsonrpc::method(m) {
-            return Err(format!(
-                "Airlock: the Mcp-Method header says `{claimed}`, the body `{}`",
-                jsonrpc::method(m).unwrap_or("(no method)")
-            ));
+            return Err(MirrorError::Method {
+                claimed,
+                body: jsonrpc::method(m).unwrap_or("(no method)").to_owned(),
+            });
         }
     }
     if let Some(h) = headers.get(headers::MCP_NAME) {
         let claimed = headers::decode_value(h).unwrap_or_default();
         if Some(claimed.as_str()) != jsonrpc::target_name(m) {
-            return Err(format!(
-                "Airlock: the Mcp-Name header says `{claimed}`, the body `{}`",
-                jsonrpc::target_name(m).unwrap_or("(no name)")
-            ));
+            return Err(MirrorError::Name {
+                claimed,
+                body: jsonrpc::target_name(m).unwrap_or("(no name)").to_owned(),
+            });
         }
     }
     Ok(())

@@ -27,6 +27,7 @@ use super::{
     read_capped, strip_hop_by_hop, text_response,
 };
 use crate::{
+    archive::{RecordDecision, RecordKind},
     mcp::{
         jsonrpc::{Body, BodyError, Parsed},
         media, strict,
@@ -341,7 +342,7 @@ impl Conn {
         self.record_request_error(
             info,
             Direction::ServerToClient,
-            "block",
+            RecordDecision::Block,
             json!({"status": parts.status.as_u16(), "error": reason}),
             Some(info.started.elapsed().as_micros() as u64),
         )
@@ -369,10 +370,14 @@ impl Conn {
         ct: &str,
         masked: u32,
     ) -> Result<(), PipelineError> {
-        let decision = if masked > 0 { "mask" } else { "allow" };
+        let decision = if masked > 0 {
+            RecordDecision::Mask
+        } else {
+            RecordDecision::Allow
+        };
         self.exchange_record(
             info,
-            (Direction::ServerToClient, "http", decision),
+            (Direction::ServerToClient, RecordKind::Http, decision),
             json!({"status": status, "content_type": ct, "masked_values": masked}),
             Some(info.started.elapsed().as_micros() as u64),
         )

@@ -30,12 +30,35 @@ impl std::ops::DerefMut for UpstreamSender {
     }
 }
 
+/// Why no connection to the server could be used, or no answer came on it.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error(transparent)]
+    Dial(#[from] crate::proxy::state::DialError),
+    #[error(transparent)]
+    Tunnel(#[from] crate::proxy::forward::TunnelError),
+    #[error("TLS with the server ({name}): {source}")]
+    Tls {
+        /// The server name verified, as `Debug` shows it.
+        name: String,
+        source: std::io::Error,
+    },
+    #[error("HTTP handshake with the server: {0}")]
+    Handshake(#[source] hyper::Error),
+    #[error("upstream connection task failed: {0}")]
+    Task(#[source] tokio::task::JoinError),
+    #[error("no upstream connection")]
+    Missing,
+    #[error("the server's response: {0}")]
+    Response(#[source] hyper::Error),
+}
+
 /// How to open (again) a connection to the server this client connection goes to, and where
 /// its idle connections wait between exchanges.
 pub trait Dial: Send + Sync + 'static {
     fn dial(
         &self,
-    ) -> std::pin::Pin<Box<dyn Future<Output = Result<UpstreamSender, String>> + Send + '_>>;
+    ) -> std::pin::Pin<Box<dyn Future<Output = Result<UpstreamSender, UpstreamError>> + Send + '_>>;
 
     /// An idle connection to the same server, if one waits.
     fn take_idle(&self) -> Option<UpstreamSender>;
@@ -49,14 +72,14 @@ pub trait Dial: Send + Sync + 'static {
 /// and the next exchange takes an idle one (or dials). An idle client connection so holds no
 /// server connection, as in a reverse proxy's keep-alive pool.
 pub struct UpstreamSlot {
-    first: Option<tokio::task::JoinHandle<Result<UpstreamSender, String>>>,
+    first: Option<tokio::task::JoinHandle<Result<UpstreamSender, UpstreamError>>>,
     sender: Option<UpstreamSender>,
     dialer: Box<dyn Dial>,
 }
 
 impl UpstreamSlot {
     pub fn new(
-        first: tokio::task::JoinHandle<Result<UpstreamSender, String>>,
+        first: tokio::task::JoinHandle<Result<UpstreamSender, UpstreamError>>,
         dialer: Box<dyn Dial>,
     ) -> UpstreamSlot {
         UpstreamSlot {
@@ -68,11 +91,9 @@ impl UpstreamSlot {
 
     /// A connection ready for a request: this client connection's own, an idle pooled one,
     /// or (`fresh`, or none usable) a new one.
-    async fn ready(&mut self, fresh: bool) -> Result<&mut UpstreamSender, String> {
+    async fn ready(&mut self, fresh: bool) -> Result<&mut UpstreamSender, UpstreamError> {
         if let Some(first) = self.first.take() {
-            let s = first
-                .await
-                .map_err(|e| format!("upstream connection task failed: {e}"))??;
+            let s = first.await.map_err(UpstreamError::Task)??;
             self.sender = Some(s);
         }
         if self.sender.is_none() && !fresh {
@@ -85,9 +106,7 @@ impl UpstreamSlot {
         if !usable {
             self.sender = Some(self.dialer.dial().await?);
         }
-        self.sender
-            .as_mut()
-            .ok_or_else(|| "no upstream connection".to_owned())
+        self.sender.as_mut().ok_or(UpstreamError::Missing)
     }
 
     /// Send `req`; a request that a closing connection never wrote goes out once more on a
@@ -95,7 +114,7 @@ impl UpstreamSlot {
     pub async fn send(
         &mut self,
         mut req: http::Request<Full<Bytes>>,
-    ) -> Result<http::Response<Incoming>, String> {
+    ) -> Result<http::Response<Incoming>, UpstreamError> {
         let mut retried = false;
         loop {
             // A request handed back unsent goes out on a new connection, not another pooled one.
@@ -108,7 +127,7 @@ impl UpstreamSlot {
                         self.sender = None;
                         req = unsent;
                     }
-                    _ => return Err(format!("the server's response: {}", e.into_error())),
+                    _ => return Err(UpstreamError::Response(e.into_error())),
                 },
             }
         }
@@ -137,7 +156,7 @@ pub type UpstreamTls = (
 
 /// Open an HTTP/1.1 client connection over `io`. Its driver runs on a task of its own, so
 /// the connection can outlive the client connection that opened it (the upstream pool).
-pub async fn client_handshake<S>(io: S) -> Result<UpstreamSender, String>
+pub async fn client_handshake<S>(io: S) -> Result<UpstreamSender, UpstreamError>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -145,7 +164,7 @@ where
         .max_buf_size(64 * 1024)
         .handshake(hyper_util::rt::TokioIo::new(io))
         .await
-        .map_err(|e| format!("HTTP handshake with the server: {e}"))?;
+        .map_err(UpstreamError::Handshake)?;
     tokio::spawn(async move {
         if let Err(e) = connection.await {
             debug!(error = %e, "upstream HTTP connection ended with an error");
