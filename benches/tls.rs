@@ -158,6 +158,9 @@ fn main() {
     };
 
     let mut report = Report::default();
+    // `BENCH_ONLY_IDLE=1`: stop after the idle-connection memory (to profile just that, e.g.
+    // with the agent under heaptrack).
+    let only_idle = std::env::var_os("BENCH_ONLY_IDLE").is_some();
     rt.block_on(async {
         for addr in addrs {
             let mut s = Session::open(&client, addr).await;
@@ -181,6 +184,9 @@ fn main() {
                 rss_kib(&who).saturating_sub(before) as f64 / IDLE_CONNECTIONS as f64;
             drop(held);
             tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        if only_idle {
+            return;
         }
         // Latency, one keep-alive connection; new connection + first call. Interleaved.
         for _ in 0..ROUNDS {
@@ -224,6 +230,14 @@ fn main() {
             report.sse_events_per_sec[path] = rates[rates.len() / 2];
         }
     });
+    if only_idle {
+        println!(
+            "resident KiB per idle connection (direct, nginx, airlock): {:?}",
+            report.idle_kib
+        );
+        drop(guard);
+        return;
+    }
 
     // Throughput, closed loop, then CPU per request at a fixed offered load, each with a
     // freshly started agent (its archive published: no Parquet file is made in the window).

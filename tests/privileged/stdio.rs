@@ -252,6 +252,62 @@ fn the_typescript_sdks_stdio_client_spawning_server_everything_through_npx_is_re
     assert_eq!(rows, vec![serde_json::json!(["stdio-mcp"])]);
 }
 
+/// The standalone `fastmcp` package's server (PyPI `fastmcp`), spawned through `sh -c` by the
+/// Python SDK's stdio client: relayed, masked and blocked the same way.
+#[test]
+fn a_fastmcp_package_server_is_relayed_the_same_way() {
+    if !privileged() {
+        return;
+    }
+    let fastmcp =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/test-venv-fastmcp/bin/python");
+    assert!(
+        fastmcp.exists(),
+        "{} is missing: `cargo xtask setup`",
+        fastmcp.display()
+    );
+    let name = unique("stdio-fastmcp");
+    let cg = TestCgroup::new(&name);
+    let agent = agent(&cg, &name, "");
+    let script: PathBuf = agent.dir.join("notes_server.py");
+    std::fs::copy(PEER, &script).unwrap();
+    let marker = agent.dir.join("reached");
+    let (m, s) = (marker.display().to_string(), script.display().to_string());
+    let (py, fp) = (
+        venv_python().display().to_string(),
+        fastmcp.display().to_string(),
+    );
+    let out = govern(
+        &cg,
+        &agent,
+        &[
+            &py,
+            PEER,
+            "client",
+            "--marker",
+            &m,
+            "--server-script",
+            &s,
+            "--server-python",
+            &fp,
+        ],
+    )
+    .stdin(Stdio::null())
+    .output()
+    .unwrap();
+    assert!(out.status.success(), "{}\n{}", text(&out), agent.log());
+    let seen: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(seen["tools"], serde_json::json!(["big", "echo"]), "{seen}");
+    assert_eq!(seen["errors"]["drop_table"]["code"], -32010, "{seen}");
+    assert_eq!(seen["calls"]["big"], 1024 * 1024, "{seen}");
+    let reached = std::fs::read_to_string(&marker).unwrap();
+    assert!(
+        reached.contains("echo write to ") && !reached.contains("bob@example.com"),
+        "{reached}"
+    );
+    assert!(!reached.contains("DROP REACHED"), "{reached}");
+}
+
 /// A call held for approval over stdio (the legacy `initialize` handshake this time): the
 /// client waits until `airlock approvals approve`, then gets the server's answer.
 #[test]

@@ -16,9 +16,14 @@ import sys
 
 
 def serve(args):
-    from mcp.server.mcpserver import MCPServer
+    if args.fastmcp:
+        from fastmcp import FastMCP  # the standalone `fastmcp` package
 
-    mcp = MCPServer("airlock-stdio-test-server")
+        mcp = FastMCP("airlock-stdio-test-server")
+    else:
+        from mcp.server.mcpserver import MCPServer  # the SDK's own (FastMCP's successor)
+
+        mcp = MCPServer("airlock-stdio-test-server")
 
     def mark(line):
         with open(args.marker, "a") as f:
@@ -42,16 +47,21 @@ def serve(args):
         mark("DROP REACHED " + name)
         return "dropped"
 
-    mcp.run("stdio")
+    if args.fastmcp:
+        mcp.run(show_banner=False)
+    else:
+        mcp.run("stdio")
 
 
 async def run_client(args):
     from mcp import Client, StdioServerParameters
 
     script = args.server_script or os.path.abspath(__file__)
+    python = args.server_python or sys.executable
+    flag = " --fastmcp" if args.server_python else ""
     server = StdioServerParameters(
         command="/bin/sh",
-        args=["-c", f'"{sys.executable}" "{script}" server --marker "{args.marker}"'],
+        args=["-c", f'"{python}" "{script}" server --marker "{args.marker}"{flag}'],
     )
     seen = {"calls": {}, "errors": {}}
     async with Client(server, mode=args.mode) as client:
@@ -80,11 +90,13 @@ def main():
     sub = p.add_subparsers(dest="role", required=True)
     s = sub.add_parser("server")
     s.add_argument("--marker", required=True)
+    s.add_argument("--fastmcp", action="store_true", help="serve with the `fastmcp` package")
     c = sub.add_parser("client")
     c.add_argument("--marker", required=True)
     c.add_argument("--mode", default="auto")
     c.add_argument("--server-script", help="a copy of this file to start as the server")
     c.add_argument("--pause-until", help="after the first call, wait until this file exists")
+    c.add_argument("--server-python", help="run the server with this Python and `fastmcp`")
     args = p.parse_args()
     if args.role == "server":
         serve(args)
