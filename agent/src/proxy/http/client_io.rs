@@ -148,7 +148,13 @@ impl<S: AsyncRead + Unpin> AsyncRead for CheckedIo<S> {
             let limit = spare.len().min(READ_CHUNK);
             let mut read = ReadBuf::uninit(&mut spare[..limit]);
             match Pin::new(&mut this.inner).poll_read(cx, &mut read) {
-                Poll::Pending => return Poll::Pending,
+                Poll::Pending => {
+                    if this.buf.is_empty() {
+                        // Idle between requests: hold no buffer while waiting.
+                        this.buf = BytesMut::new();
+                    }
+                    return Poll::Pending;
+                }
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                 Poll::Ready(Ok(())) => {
                     let n = read.filled().len();
