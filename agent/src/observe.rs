@@ -55,7 +55,6 @@ pub enum AgentEvent {
     /// `/proc`; `actor` is the server process, `start` its start time in clock ticks).
     UnmanagedStdioServer {
         server: String,
-        argv: Vec<String>,
         start: u64,
         parent_exe: Option<String>,
         actor: Box<crate::attribution::Attribution>,

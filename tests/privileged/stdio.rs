@@ -308,6 +308,48 @@ fn a_fastmcp_package_server_is_relayed_the_same_way() {
     assert!(!reached.contains("DROP REACHED"), "{reached}");
 }
 
+/// A server whose stdin and stdout are named FIFOs (not the pipes a client's spawn makes) is
+/// relayed too: the hostile client's blocked call is answered by Airlock and never reaches it.
+#[test]
+fn a_server_on_named_fifos_is_relayed_like_one_on_pipes() {
+    if !privileged() {
+        return;
+    }
+    let name = unique("stdio-fifo");
+    let cg = TestCgroup::new(&name);
+    let agent = agent(&cg, &name, "");
+    let script: PathBuf = agent.dir.join("notes_server.py");
+    std::fs::copy(PEER, &script).unwrap();
+    let marker = agent.dir.join("reached");
+    let client = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../tests/support/stdio_fifo_client.py"
+    );
+    let py = venv_python().display().to_string();
+    let (d, s, m) = (
+        agent.dir.display().to_string(),
+        script.display().to_string(),
+        marker.display().to_string(),
+    );
+    let out = govern(&cg, &agent, &[&py, client, &d, &py, &s, &m])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}\n{}", text(&out), agent.log());
+    let lines: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines[0]["id"], 1, "{lines:?}");
+    assert_eq!(lines[1]["error"]["code"], -32010, "{lines:?}");
+    assert!(
+        !std::fs::read_to_string(&marker)
+            .unwrap_or_default()
+            .contains("DROP")
+    );
+    assert_eq!(agent.status()["agent_counters"]["stdio_relays"], 1);
+}
+
 /// A call held for approval over stdio (the legacy `initialize` handshake this time): the
 /// client waits until `airlock approvals approve`, then gets the server's answer.
 #[test]
@@ -529,14 +571,22 @@ fn discover_finds_an_unmanaged_stdio_server_and_tells_a_relayed_one_apart() {
             .iter()
             .filter(|e| e["actor"]["process"]["pid"] == shadow.id())
             .count();
-        let relayed_reported = findings.iter().any(|e| {
-            e["evidences"][0]["process"]["cmd_line"]
-                .as_str()
-                .is_some_and(|c| c.contains(&s))
-        });
+        // The relayed server's process is not reported; no event carries arguments.
+        let relayed_pids: Vec<Value> = found
+            .iter()
+            .filter(|f| f["relayed"] == true)
+            .map(|f| f["pid"].clone())
+            .collect();
+        let relayed_reported = findings
+            .iter()
+            .any(|e| relayed_pids.contains(&e["actor"]["process"]["pid"]));
         assert!(
             !relayed_reported,
             "the relayed server was reported: {findings:?}"
+        );
+        assert!(
+            !lines.contains("notes_server.py"),
+            "arguments in an event: {lines}"
         );
         if ours > 0 {
             assert_eq!(ours, 1, "{findings:?}");

@@ -287,7 +287,6 @@ pub fn from_event(e: &AgentEvent, host: &str, version: &str, now_ms: i64) -> Val
         }
         AgentEvent::UnmanagedStdioServer {
             server,
-            argv,
             start,
             parent_exe,
             actor,
@@ -310,18 +309,12 @@ pub fn from_event(e: &AgentEvent, host: &str, version: &str, now_ms: i64) -> Val
             ev["severity_id"] = severity::MEDIUM.into();
             ev["finding_info"]["types"] = json!(["Unmanaged MCP Server"]);
             ev["actor"] = actor_of_attribution(actor);
-            let argv: Vec<String> = argv
-                .iter()
-                .take(32)
-                .map(|a| bounded(a, FIELD_MAX))
-                .collect();
             ev["resources"] =
                 json!([{ "name": bounded(server, FIELD_MAX), "type": "stdio MCP server" }]);
             ev["evidences"] = json!([{
                 "process": {
                     "pid": actor.tgid,
                     "name": bounded(&actor.comm, FIELD_MAX),
-                    "cmd_line": bounded(&argv.join(" "), 2000),
                 },
             }]);
             ev["unmapped"] = json!({ "airlock": { "parent_exe": parent_exe } });

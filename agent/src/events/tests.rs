@@ -150,11 +150,6 @@ pub(crate) fn every_kind() -> Vec<(&'static str, Value)> {
             "stdio_unmanaged",
             AgentEvent::UnmanagedStdioServer {
                 server: "stdio-mcp".into(),
-                argv: vec![
-                    "npx".into(),
-                    "-y".into(),
-                    "@modelcontextprotocol/server-filesystem".into(),
-                ],
                 start: 123456,
                 parent_exe: Some("/usr/bin/python3.11".into()),
                 actor: Box::new(attribution()),

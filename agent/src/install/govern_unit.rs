@@ -53,21 +53,25 @@ pub fn govern_unit(root: &Path, unit: &str) -> Result<Report, InstallError> {
         .ok_or_else(|| bad(format!("no unit file in {}", UNIT_DIRS.join(", "))))?;
     let mut parsed = parse(&text).map_err(|m| bad(format!("{}: {m}", path.display())))?;
     let dir = root.join("etc/systemd/system").join(format!("{unit}.d"));
-    // Other drop-ins may change what we read: take their `ExecStart`/`User`/`Group` too.
-    if let Ok(entries) = fs::read_dir(&dir) {
-        let mut confs: Vec<_> = entries
-            .flatten()
-            .map(|e| e.path())
-            .filter(|p| {
-                p.extension().is_some_and(|e| e == "conf")
-                    && p.file_name().is_some_and(|n| n != DROP_IN)
-            })
-            .collect();
-        confs.sort();
-        for conf in confs {
-            let text = fs::read_to_string(&conf).map_err(io_err(&conf))?;
-            overlay(&mut parsed, &text).map_err(|m| bad(format!("{}: {m}", conf.display())))?;
+    // Other drop-ins may change what we read: take their `ExecStart`/`User`/`Group` too, in
+    // systemd's order (by file name; a name in a more specific directory hides the others).
+    let mut confs = std::collections::BTreeMap::new();
+    for d in UNIT_DIRS.iter().rev() {
+        let Ok(entries) = fs::read_dir(root.join(d).join(format!("{unit}.d"))) else {
+            continue;
+        };
+        for p in entries.flatten().map(|e| e.path()) {
+            if let Some(name) = p.file_name().map(|n| n.to_owned())
+                && p.extension().is_some_and(|e| e == "conf")
+                && name != DROP_IN
+            {
+                confs.insert(name, p);
+            }
         }
+    }
+    for conf in confs.values() {
+        let text = fs::read_to_string(conf).map_err(io_err(conf))?;
+        overlay(&mut parsed, &text).map_err(|m| bad(format!("{}: {m}", conf.display())))?;
     }
     let mut govern = format!(
         "{} govern --name {unit}",
@@ -149,9 +153,9 @@ fn overlay(unit: &mut Unit, text: &str) -> Result<(), String> {
                 );
             }
             "ExecStart" => {
-                if value.starts_with(['-', '@', '+', '!', ':']) {
+                if value.starts_with(['-', '@', '+', '!', ':', '|']) {
                     return Err(format!(
-                        "`ExecStart={value}` has a prefix (`-@+!:`) that a wrapped command \
+                        "`ExecStart={value}` has a prefix (`-@+!:|`) that a wrapped command \
                          cannot keep: remove it or write the drop-in yourself"
                     ));
                 }

@@ -10,7 +10,6 @@ use std::{collections::HashSet, fs, path::Path};
 
 use serde::{Deserialize, Serialize};
 
-use super::exec::pipe_inode;
 use crate::{
     attribution::{Container, NameCache},
     config::StdioServer,
@@ -86,14 +85,15 @@ fn examine(
             .ok()
             .map(|l| l.to_string_lossy().into_owned())
     };
-    let piped = |l: &Option<String>| {
-        l.as_deref()
-            .is_some_and(|l| l.starts_with("pipe:[") || l.starts_with("socket:["))
-    };
-    let (stdin, stdout) = (link("fd/0"), link("fd/1"));
-    if !piped(&stdin) || !piped(&stdout) {
+    // By the file's type: a named FIFO's link reads as its path.
+    let piped = |fd: &str| super::exec::is_pipe_or_socket(&dir.join(fd));
+    if !piped("fd/0") || !piped("fd/1") {
         return None;
     }
+    let stdin_inode = {
+        use std::os::unix::fs::MetadataExt as _;
+        fs::metadata(dir.join("fd/0")).ok().map(|m| m.ino())
+    };
     let argv: Vec<String> = fs::read(dir.join("cmdline"))
         .ok()?
         .split(|&b| b == 0)
@@ -138,10 +138,7 @@ fn examine(
         parent_exe,
         container: cgroup.as_deref().and_then(Container::from_cgroup),
         cgroup,
-        relayed: stdin
-            .as_deref()
-            .and_then(pipe_inode)
-            .is_some_and(|i| relays.contains(&i)),
+        relayed: stdin_inode.is_some_and(|i| relays.contains(&i)),
     })
 }
 

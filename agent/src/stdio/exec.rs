@@ -12,10 +12,11 @@ use super::seccomp::Notification;
 
 /// Longest path read (PATH_MAX).
 const MAX_PATH: usize = 4096;
-/// Most arguments and bytes of arguments read (the rest is counted, not read).
-const MAX_ARGS: usize = 256;
-const MAX_ARG: usize = 4096;
-const MAX_ARGV_BYTES: usize = 64 * 1024;
+/// Most arguments and bytes of arguments read: the kernel's own limits (32 pages per
+/// argument, a quarter of an 8 MiB stack in all). An exec past them is refused, not guessed.
+const MAX_ARGS: usize = 65_536;
+const MAX_ARG: usize = 128 * 1024;
+const MAX_ARGV_BYTES: usize = 2 * 1024 * 1024;
 const AT_FDCWD: i64 = -100;
 const AT_EMPTY_PATH: u64 = 0x1000;
 
@@ -36,6 +37,12 @@ pub struct Exec {
     /// What descriptors 0 and 1 are (`pipe:[INODE]`, `socket:[INODE]`, a path).
     pub stdin: Option<String>,
     pub stdout: Option<String>,
+    /// Their inodes (a relay's pipes are recognised by them).
+    pub stdin_inode: Option<u64>,
+    pub stdout_inode: Option<u64>,
+    /// Threads of the process: another one could change descriptors 0 and 1 while this one
+    /// waits in the exec.
+    pub threads: u32,
 }
 
 impl Exec {
@@ -51,6 +58,7 @@ impl Exec {
         };
         let tgid = field("Tgid:").unwrap_or(tid);
         let ppid = field("PPid:").unwrap_or(0);
+        let threads = field("Threads:").unwrap_or(1);
         let mem = File::open(format!("/proc/{tid}/mem"))?;
         let ptr = n.pointer_size();
         let (path_ptr, argv_ptr) = if n.is_execveat() {
@@ -83,29 +91,36 @@ impl Exec {
             cwd,
             stdin: link(&format!("/proc/{tid}/fd/0")),
             stdout: link(&format!("/proc/{tid}/fd/1")),
+            stdin_inode: inode(tid, 0),
+            stdout_inode: inode(tid, 1),
+            threads,
         })
-    }
-
-    /// Whether descriptors 0 and 1 are both pipes or sockets: how a client talks to a stdio
-    /// server it spawned.
-    pub fn stdio_is_piped(&self) -> bool {
-        let piped = |d: &Option<String>| {
-            d.as_deref()
-                .is_some_and(|d| d.starts_with("pipe:[") || d.starts_with("socket:["))
-        };
-        piped(&self.stdin) && piped(&self.stdout)
-    }
-
-    /// The inode of descriptor 0 when it is a pipe (a relay's pipe, if the agent made it).
-    pub fn stdin_pipe_inode(&self) -> Option<u64> {
-        pipe_inode(self.stdin.as_deref()?)
     }
 }
 
-/// Whether descriptor 0 of thread `tid` is a pipe or a socket (one `readlink`).
-pub fn stdin_piped(tid: u32) -> bool {
-    link(&format!("/proc/{tid}/fd/0"))
-        .is_some_and(|d| d.starts_with("pipe:[") || d.starts_with("socket:["))
+fn inode(tid: u32, fd: u32) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt as _;
+    std::fs::metadata(format!("/proc/{tid}/fd/{fd}"))
+        .ok()
+        .map(|m| m.ino())
+}
+
+/// Whether descriptor 0 of thread `tid` is `/dev/null` (what it is, by `stat`, not by name):
+/// then nothing can reach a server it starts, and the exec is answered without reading it.
+pub fn stdin_is_null(tid: u32) -> bool {
+    use std::os::unix::fs::{FileTypeExt as _, MetadataExt as _};
+    std::fs::metadata(format!("/proc/{tid}/fd/0"))
+        .is_ok_and(|m| m.file_type().is_char_device() && m.rdev() == libc::makedev(1, 3))
+}
+
+/// Whether a descriptor (`/proc/PID/fd/N`) is a pipe, named or not, or a socket: how a
+/// client talks to a server it spawned (by the file's type, not the link's text).
+pub fn is_pipe_or_socket(fd_path: &std::path::Path) -> bool {
+    use std::os::unix::fs::FileTypeExt as _;
+    std::fs::metadata(fd_path).is_ok_and(|m| {
+        let t = m.file_type();
+        t.is_fifo() || t.is_socket()
+    })
 }
 
 /// `pipe:[123]` → 123.

@@ -113,16 +113,23 @@ fn identity(run_as: &RunAs<'_>) -> Result<Option<Identity>, GovernError> {
         who: user.to_owned(),
         why,
     };
-    let u = User::from_name(user)
-        .map_err(|e| err(e.to_string()))?
-        .ok_or_else(|| err("no such user".into()))?;
+    // A name, or a number (systemd's `User=` takes both).
+    let u = match user.parse::<u32>() {
+        Ok(uid) => User::from_uid(nix::unistd::Uid::from_raw(uid)),
+        Err(_) => User::from_name(user),
+    }
+    .map_err(|e| err(e.to_string()))?
+    .ok_or_else(|| err("no such user".into()))?;
     let gid = match run_as.group {
         None => u.gid,
         Some(g) => {
-            Group::from_name(g)
-                .map_err(|e| err(e.to_string()))?
-                .ok_or_else(|| err(format!("no such group {g}")))?
-                .gid
+            match g.parse::<u32>() {
+                Ok(gid) => Group::from_gid(nix::unistd::Gid::from_raw(gid)),
+                Err(_) => Group::from_name(g),
+            }
+            .map_err(|e| err(e.to_string()))?
+            .ok_or_else(|| err(format!("no such group {g}")))?
+            .gid
         }
     };
     Ok(Some(Identity {

@@ -62,6 +62,18 @@ const MAX_HASHED_EXE: u64 = 256 * 1024 * 1024;
 /// Most relays at once (each holds two threads and four pipe ends); a matching server past it
 /// is refused (`EPERM`, counted), never run unrelayed.
 pub const MAX_RELAYS: u64 = 512;
+/// Live relays by the inode of the server's stdin pipe, with the inode of its stdout pipe.
+type Relays = Arc<Mutex<HashMap<u64, (Arc<Relay>, u64)>>>;
+
+/// Most relays one governed job may have at once (so one job cannot take them all).
+pub const MAX_RELAYS_PER_JOB: u64 = 64;
+
+/// One governed job, as its supervising thread knows it.
+struct Job {
+    name: Option<String>,
+    /// Its relays now.
+    relays: Arc<AtomicU64>,
+}
 /// Conn ids of stdio relays start here (the network connections' count from 1).
 const CONN_ID_BASE: u64 = 1 << 48;
 
@@ -121,7 +133,7 @@ pub struct Stdio {
     pub runtime: tokio::runtime::Handle,
     next: AtomicU64,
     /// Live relays by the inode of the server's stdin pipe (what a relayed process's fd 0 is).
-    relays: Arc<Mutex<HashMap<u64, Arc<Relay>>>>,
+    relays: Relays,
 }
 
 impl Stdio {
@@ -239,29 +251,33 @@ impl Stdio {
     }
 
     /// Answer the job's execs until no process of it is left.
-    fn supervise(&self, listener: &Listener, job: Option<String>) {
+    fn supervise(&self, listener: &Listener, name: Option<String>) {
+        let job = Job {
+            name,
+            relays: Default::default(),
+        };
         loop {
             match listener.recv(1000) {
-                Ok(Some(n)) => self.on_exec(listener, n, job.as_deref()),
+                Ok(Some(n)) => self.on_exec(listener, n, &job),
                 Ok(None) => {}
                 Err(e) => {
-                    info!(job = ?job, reason = %e, "governed job over");
+                    info!(job = ?job.name, reason = %e, "governed job over");
                     return;
                 }
             }
         }
     }
 
-    fn on_exec(&self, listener: &Listener, n: Notification, job: Option<&str>) {
+    fn on_exec(&self, listener: &Listener, n: Notification, job: &Job) {
         COUNTERS.execs.fetch_add(1, Ordering::Relaxed);
         let respond = |errno| {
             if let Err(e) = listener.respond(n.id, errno) {
                 warn!(pid = n.pid, error = %e, "cannot answer an exec");
             }
         };
-        // Fast path (most execs of a job): stdin is not a pipe or socket, so this is neither a
-        // stdio server nor a relayed one's descendant; its memory is not read.
-        if !exec::stdin_piped(n.pid) && listener.still_waiting(n.id) {
+        // Fast path (most execs of a job): stdin is /dev/null, so nothing can reach a server
+        // this starts; its memory is not read.
+        if exec::stdin_is_null(n.pid) && listener.still_waiting(n.id) {
             return respond(None);
         }
         let exec = match Exec::read(&n) {
@@ -279,23 +295,34 @@ impl Stdio {
         if !listener.still_waiting(n.id) {
             return;
         }
-        let relayed = exec
-            .stdin_pipe_inode()
-            .and_then(|i| self.relays.lock().ok().and_then(|r| r.get(&i).cloned()));
+        // Both ends a relay's: a relayed server (or what it starts) execs again, part of its
+        // session's record. Only one of them: judged as a new exec (a server whose output
+        // would bypass its relay is relayed on its own, or refused).
+        let relayed = match (exec.stdin_inode, exec.stdout_inode) {
+            (Some(i), Some(o)) => self.relays.lock().ok().and_then(|r| {
+                r.get(&i)
+                    .filter(|(_, out)| *out == o)
+                    .map(|(r, _)| r.clone())
+            }),
+            _ => None,
+        };
         if let Some(relay) = relayed {
-            // A relayed server (or what it starts) execs again: part of its session's record.
             self.record_exec(&relay, &exec);
             return respond(None);
         }
-        let server = exec
-            .stdio_is_piped()
-            .then(|| {
-                self.servers
-                    .iter()
-                    .find(|s| s.matches(&exec.path, &exec.argv))
-            })
-            .flatten();
-        let Some(server) = server else {
+        if exec.argv_truncated {
+            warn!(
+                pid = exec.tgid,
+                "an exec with more arguments than the kernel allows read: refused"
+            );
+            COUNTERS.refused.fetch_add(1, Ordering::Relaxed);
+            return respond(Some(libc::E2BIG));
+        }
+        let Some(server) = self
+            .servers
+            .iter()
+            .find(|s| s.matches(&exec.path, &exec.argv))
+        else {
             return respond(None);
         };
         match self.start_relay(listener, &n, &exec, server, job) {
@@ -310,17 +337,32 @@ impl Stdio {
     }
 
     /// Take the process's fds 0 and 1, put the relay's pipes in their place, record `open`,
-    /// and start the relay's threads.
+    /// and start the relay's threads. Whatever fds 0 and 1 are (pipes, a FIFO, a terminal, a
+    /// file): a matching server talks only to its relay.
     fn start_relay(
         &self,
         listener: &Listener,
         n: &Notification,
         exec: &Exec,
         server: &StdioServer,
-        job: Option<&str>,
+        job: &Job,
     ) -> Result<(), String> {
         if COUNTERS.live.load(Ordering::Relaxed) >= MAX_RELAYS {
             return Err(format!("{MAX_RELAYS} stdio servers are relayed already"));
+        }
+        if job.relays.load(Ordering::Relaxed) >= MAX_RELAYS_PER_JOB {
+            return Err(format!(
+                "this job has {MAX_RELAYS_PER_JOB} stdio servers relayed already"
+            ));
+        }
+        if exec.threads > 1 {
+            // Another thread shares the descriptor table until the exec replaces the process:
+            // it could put its own descriptors back after ours.
+            return Err(format!(
+                "the process has {} threads; a stdio server is relayed only from a \
+                 single-threaded exec (fork, then exec)",
+                exec.threads
+            ));
         }
         let pidfd = seccomp::pidfd_open(exec.tgid).map_err(|e| format!("pidfd_open: {e}"))?;
         let client_in = seccomp::pidfd_getfd(&pidfd, 0).map_err(|e| format!("take fd 0: {e}"))?;
@@ -328,48 +370,79 @@ impl Stdio {
         let flags = nix::fcntl::OFlag::O_CLOEXEC;
         let (srv_in_r, srv_in_w) = nix::unistd::pipe2(flags).map_err(|e| e.to_string())?;
         let (srv_out_r, srv_out_w) = nix::unistd::pipe2(flags).map_err(|e| e.to_string())?;
-        let inode = File::from(srv_in_r.try_clone().map_err(|e| e.to_string())?)
-            .metadata()
-            .map_err(|e| e.to_string())?
-            .ino();
+        let ino = |fd: &OwnedFd| -> Result<u64, String> {
+            Ok(File::from(fd.try_clone().map_err(|e| e.to_string())?)
+                .metadata()
+                .map_err(|e| e.to_string())?
+                .ino())
+        };
+        let (inode, out_inode) = (ino(&srv_in_r)?, ino(&srv_out_w)?);
 
         let relay = Arc::new(self.relay_for(exec, server, client_out)?);
-        self.record_open(&relay, exec, job)?;
-        if !listener.still_waiting(n.id) {
-            return Err("the process went away".into());
+        self.record_open(&relay, exec, job.name.as_deref())?;
+        // From here on a failure ends the session it opened (a `close` naming why).
+        let installed = if listener.still_waiting(n.id) {
+            listener
+                .set_fd(n.id, &srv_in_r, 0)
+                .and_then(|()| listener.set_fd(n.id, &srv_out_w, 1))
+                .map_err(|e| format!("install the relay's pipes: {e}"))
+        } else {
+            Err("the process went away".into())
+        };
+        if let Err(e) = installed {
+            relay.note_error(e.clone());
+            relay.finish();
+            return Err(e);
         }
-        listener
-            .set_fd(n.id, &srv_in_r, 0)
-            .and_then(|()| listener.set_fd(n.id, &srv_out_w, 1))
-            .map_err(|e| format!("install the relay's pipes: {e}"))?;
         drop((srv_in_r, srv_out_w));
         if let Ok(mut r) = self.relays.lock() {
-            r.insert(inode, relay.clone());
+            r.insert(inode, (relay.clone(), out_inode));
         }
         COUNTERS.relayed.fetch_add(1, Ordering::Relaxed);
         COUNTERS.live.fetch_add(1, Ordering::Relaxed);
+        job.relays.fetch_add(1, Ordering::Relaxed);
         info!(session = %relay.ctx.session_id, server = %server.name, pid = exec.tgid,
               path = %exec.path, "relaying a stdio MCP server");
 
-        let remaining = Arc::new(AtomicU8::new(2));
-        let (r1, left1, table1) = (relay.clone(), remaining.clone(), self.relays.clone());
-        std::thread::Builder::new()
+        let ends = Ends {
+            table: self.relays.clone(),
+            inode,
+            job: job.relays.clone(),
+            left: Arc::new(AtomicU8::new(2)),
+        };
+        let (r1, e1) = (relay.clone(), ends.clone());
+        let c2s = std::thread::Builder::new()
             .name("airlock-stdio-c2s".into())
             .spawn(move || {
                 let end = r1.client_to_server(File::from(client_in), File::from(srv_in_w));
-                finish_one(&table1, inode, &r1, &left1, end);
-            })
-            .map_err(|e| e.to_string())?;
-        let (r2, left2, table2) = (relay, remaining, self.relays.clone());
-        std::thread::Builder::new()
-            .name("airlock-stdio-s2c".into())
-            .spawn(move || {
-                let end = r2.server_to_client(File::from(srv_out_r));
-                // The server is done: the client sees the end of its output.
-                r2.close_client();
-                finish_one(&table2, inode, &r2, &left2, end);
-            })
-            .map_err(|e| e.to_string())?;
+                e1.finish_one(&r1, end);
+            });
+        let (r2, e2) = (relay.clone(), ends.clone());
+        let c2s_started = c2s.is_ok();
+        let s2c = c2s.and_then(|_| {
+            std::thread::Builder::new()
+                .name("airlock-stdio-s2c".into())
+                .spawn(move || {
+                    let end = r2.server_to_client(File::from(srv_out_r));
+                    // The server is done: the client sees the end of its output, and the
+                    // other direction stops waiting for the client.
+                    r2.close_client();
+                    e2.finish_one(&r2, end);
+                })
+        });
+        if let Err(e) = s2c {
+            // The process holds pipes nobody serves: its exec is refused, the session ends.
+            relay.close_client();
+            relay.note_error(format!("cannot start the relay: {e}"));
+            if c2s_started {
+                // The running direction stops waiting for the client and ends itself.
+                relay.stop();
+            } else {
+                ends.finish_one(&relay, Ok(()));
+            }
+            ends.finish_one(&relay, Ok(()));
+            return Err(e.to_string());
+        }
         Ok(())
     }
 
@@ -381,10 +454,16 @@ impl Stdio {
         server: &StdioServer,
         client_out: OwnedFd,
     ) -> Result<Relay, String> {
+        // The process itself, before its exec, is a fork of the client: its user, groups and
+        // cgroup are the client's and cannot be changed by re-parenting. The parent names the
+        // client better (its program, not `sh`) and is taken when it is the same user in the
+        // same cgroup; a double fork that hands the server to init or a subreaper is not.
         let proc = Path::new("/proc");
+        let own =
+            Attribution::of_process(exec.tgid, proc, &self.names).ok_or("the process went away")?;
         let attribution = Attribution::of_process(exec.ppid, proc, &self.names)
-            .or_else(|| Attribution::of_process(exec.tgid, proc, &self.names))
-            .ok_or("the process and its parent are gone")?;
+            .filter(|p| p.uid == own.uid && p.gid == own.gid && p.cgroup == own.cgroup)
+            .unwrap_or(own);
         let subject = subject_of(&attribution, &self.names);
         let n = self.next.fetch_add(1, Ordering::Relaxed);
         let session_id = format!("{}-stdio-{n}", self.session_prefix);
@@ -397,7 +476,7 @@ impl Stdio {
             None,
             Arc::new(AtomicU64::new(0)),
         );
-        Ok(Relay::new(
+        Relay::new(
             self.pipeline.clone(),
             ctx,
             SessionKey {
@@ -407,7 +486,8 @@ impl Stdio {
             self.max_line,
             self.runtime.clone(),
             File::from(client_out),
-        ))
+        )
+        .map_err(|e| format!("cannot make the relay's stop signal: {e}"))
     }
 
     /// The `open` record: the server as started (path, SHA-256, arguments, cwd, descriptors)
@@ -473,9 +553,10 @@ pub async fn report_unmanaged(stdio: Arc<Stdio>) {
             };
             warn!(pid = f.pid, server = %f.server, exe = ?f.exe, uid = f.uid,
                   "a stdio MCP server runs outside any governed job");
+            // No arguments in the event: they can carry secrets no detector knows
+            // (`postgresql://u:PASSWORD@db`); `airlock discover` (root) shows them.
             crate::observe::event(crate::observe::AgentEvent::UnmanagedStdioServer {
                 server: f.server,
-                argv: f.argv,
                 start: f.start,
                 parent_exe: f.parent_exe,
                 actor: Box::new(actor),
@@ -486,20 +567,48 @@ pub async fn report_unmanaged(stdio: Arc<Stdio>) {
     }
 }
 
-/// SHA-256 of the file the exec names, read in the process's own root; `None` when it cannot
-/// be read or is larger than [`MAX_HASHED_EXE`].
+/// SHA-256 of the file the exec names, opened in the process's own root (`openat2` with
+/// `RESOLVE_IN_ROOT`: its symlinks resolve there, never in the agent's), without blocking
+/// (`O_NONBLOCK`: a FIFO does not hang the job's thread), only when it is a regular file, and
+/// at most [`MAX_HASHED_EXE`] bytes read. `None` otherwise.
 fn sha256_of(exec: &Exec) -> Option<String> {
-    let path = format!("/proc/{}/root{}", exec.tid, exec.path);
-    let mut f = File::open(path).ok()?;
-    if f.metadata().ok()?.len() > MAX_HASHED_EXE {
+    use std::os::fd::{AsRawFd as _, FromRawFd as _};
+    let root = File::open(format!("/proc/{}/root", exec.tid)).ok()?;
+    let path = std::ffi::CString::new(exec.path.trim_start_matches('/')).ok()?;
+    // SAFETY: open_how is plain data; zeroed, then the fields we use are set.
+    let mut how: libc::open_how = unsafe { std::mem::zeroed() };
+    how.flags = (libc::O_RDONLY | libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC) as u64;
+    how.resolve = libc::RESOLVE_IN_ROOT | libc::RESOLVE_NO_MAGICLINKS;
+    // SAFETY: valid pointers for the call; the result is checked.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_openat2,
+            root.as_raw_fd(),
+            path.as_ptr(),
+            &how as *const libc::open_how,
+            std::mem::size_of::<libc::open_how>(),
+        )
+    };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: a new descriptor we own.
+    let mut f = unsafe { File::from_raw_fd(fd as i32) };
+    let meta = f.metadata().ok()?;
+    if !meta.is_file() || meta.len() > MAX_HASHED_EXE {
         return None;
     }
     let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
     let mut buf = vec![0u8; 256 * 1024];
+    let mut total = 0u64;
     loop {
         let n = f.read(&mut buf).ok()?;
         if n == 0 {
             break;
+        }
+        total += n as u64;
+        if total > MAX_HASHED_EXE {
+            return None;
         }
         ctx.update(&buf[..n]);
     }
@@ -528,23 +637,28 @@ fn parents(mut pid: u32) -> Vec<Value> {
     out
 }
 
-/// What each of a relay's two threads runs when it ends: the last one forgets the relay and
-/// writes its `close` record.
-fn finish_one(
-    table: &Mutex<HashMap<u64, Arc<Relay>>>,
+/// What each of a relay's two threads runs when it ends: the last one forgets the relay,
+/// gives back its place in the job's and the host's counts, and writes its `close` record.
+#[derive(Clone)]
+struct Ends {
+    table: Relays,
     inode: u64,
-    relay: &Arc<Relay>,
-    left: &AtomicU8,
-    end: io::Result<()>,
-) {
-    if let Err(e) = end {
-        relay.note_error(e.to_string());
-    }
-    if left.fetch_sub(1, Ordering::AcqRel) == 1 {
-        if let Ok(mut r) = table.lock() {
-            r.remove(&inode);
+    job: Arc<AtomicU64>,
+    left: Arc<AtomicU8>,
+}
+
+impl Ends {
+    fn finish_one(&self, relay: &Arc<Relay>, end: io::Result<()>) {
+        if let Err(e) = end {
+            relay.note_error(e.to_string());
         }
-        COUNTERS.live.fetch_sub(1, Ordering::Relaxed);
-        relay.finish();
+        if self.left.fetch_sub(1, Ordering::AcqRel) == 1 {
+            if let Ok(mut r) = self.table.lock() {
+                r.remove(&self.inode);
+            }
+            COUNTERS.live.fetch_sub(1, Ordering::Relaxed);
+            self.job.fetch_sub(1, Ordering::Relaxed);
+            relay.finish();
+        }
     }
 }

@@ -17,6 +17,7 @@
 use std::{
     fs::File,
     io::{self, BufRead, BufReader, Write},
+    os::fd::{AsRawFd as _, OwnedFd, RawFd},
     sync::{
         Arc, Mutex,
         atomic::{AtomicU64, Ordering},
@@ -99,6 +100,8 @@ pub struct Relay {
     bytes_down: AtomicU64,
     /// The first error that ended a direction.
     error: Mutex<Option<String>>,
+    /// Written when the server side ended: the client side stops waiting for the client.
+    stop: OwnedFd,
 }
 
 impl Relay {
@@ -109,8 +112,8 @@ impl Relay {
         max_line: usize,
         runtime: tokio::runtime::Handle,
         to_client: File,
-    ) -> Relay {
-        Relay {
+    ) -> io::Result<Relay> {
+        Ok(Relay {
             pipeline,
             ctx,
             key,
@@ -121,7 +124,16 @@ impl Relay {
             bytes_up: AtomicU64::new(0),
             bytes_down: AtomicU64::new(0),
             error: Mutex::new(None),
-        }
+            stop: eventfd()?,
+        })
+    }
+
+    /// Make the client→server direction end (the server is gone, or the relay could not
+    /// start): its read returns as at the end of the client's stream.
+    pub fn stop(&self) {
+        let one = 1u64.to_ne_bytes();
+        // SAFETY: an 8-byte write to our own eventfd.
+        unsafe { libc::write(self.stop.as_raw_fd(), one.as_ptr().cast(), 8) };
     }
 
     /// A `connection` record of this relay (`open`, `exec`, `close`), its event masked like a
@@ -138,11 +150,13 @@ impl Relay {
             .map_err(|e| format!("the archive cannot record it: {e}"))
     }
 
-    /// The server is done: close the agent's copy of the client's output.
+    /// The server is done: close the agent's copy of the client's output, and stop waiting
+    /// for the client's input (a client that never closes cannot hold the relay).
     pub fn close_client(&self) {
         if let Ok(mut c) = self.to_client.lock() {
             c.take();
         }
+        self.stop();
     }
 
     pub fn note_error(&self, e: String) {
@@ -175,6 +189,10 @@ impl Relay {
 
     /// Client → server until the client closes its end (then the server's stdin is closed).
     pub fn client_to_server(&self, from_client: File, mut to_server: File) -> io::Result<()> {
+        let from_client = StopRead {
+            file: from_client,
+            stop: self.stop.as_raw_fd(),
+        };
         let mut r = BufReader::with_capacity(64 * 1024, from_client);
         loop {
             let text = match read_line(&mut r, self.max_line)? {
@@ -349,6 +367,59 @@ impl Relay {
         let a = jsonrpc::error_response(None, code, &format!("Airlock refused {why}"), None);
         Ok(Some(Out::Answer(to_vec(&a))))
     }
+}
+
+/// The client's input, read only when there is something to read or until the relay is
+/// stopped (then it reads as ended). Blocking: the descriptor is the client's too, and its
+/// flags are not ours to change.
+struct StopRead {
+    file: File,
+    stop: RawFd,
+}
+
+impl std::io::Read for StopRead {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        loop {
+            let mut fds = [
+                libc::pollfd {
+                    fd: self.file.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+                libc::pollfd {
+                    fd: self.stop,
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+            ];
+            // SAFETY: two pollfds, alive for the call.
+            let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            if fds[1].revents != 0 {
+                return Ok(0);
+            }
+            if fds[0].revents != 0 {
+                return std::io::Read::read(&mut self.file, buf);
+            }
+        }
+    }
+}
+
+/// A new eventfd (close-on-exec).
+fn eventfd() -> io::Result<OwnedFd> {
+    // SAFETY: plain syscall; the result is checked.
+    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a new descriptor we own.
+    Ok(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) })
 }
 
 enum Out {

@@ -89,15 +89,26 @@ pub fn install_exec_filter() -> io::Result<OwnedFd> {
         len: filter.len() as u16,
         filter: filter.as_mut_ptr(),
     };
-    // SAFETY: `prog` points at `filter`, alive for the call.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_seccomp,
-            libc::SECCOMP_SET_MODE_FILTER,
-            libc::SECCOMP_FILTER_FLAG_NEW_LISTENER,
-            &prog as *const libc::sock_fprog,
-        )
+    // Once the agent has received an exec, only a fatal signal ends the wait (5.19+): a
+    // process cannot leave the exec, keeping the relay's descriptors, with a signal of its own.
+    // Older kernels: without it.
+    let install = |flags: libc::c_ulong| {
+        // SAFETY: `prog` points at `filter`, alive for the call.
+        unsafe {
+            libc::syscall(
+                libc::SYS_seccomp,
+                libc::SECCOMP_SET_MODE_FILTER,
+                flags,
+                &prog as *const libc::sock_fprog,
+            )
+        }
     };
+    let mut fd = install(
+        libc::SECCOMP_FILTER_FLAG_NEW_LISTENER | libc::SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV,
+    );
+    if fd < 0 && io::Error::last_os_error().raw_os_error() == Some(libc::EINVAL) {
+        fd = install(libc::SECCOMP_FILTER_FLAG_NEW_LISTENER);
+    }
     if fd < 0 {
         return Err(io::Error::last_os_error());
     }

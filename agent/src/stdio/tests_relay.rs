@@ -46,14 +46,17 @@ fn blocked_calls_stay_with_airlock_masked_values_cross_neither_way_and_junk_is_n
         backend: "tools".into(),
         id: "stdio-1".into(),
     };
-    let relay = Arc::new(Relay::new(
-        p.clone(),
-        ctx(),
-        key,
-        4096,
-        rt.handle().clone(),
-        client_out_w,
-    ));
+    let relay = Arc::new(
+        Relay::new(
+            p.clone(),
+            ctx(),
+            key,
+            4096,
+            rt.handle().clone(),
+            client_out_w,
+        )
+        .unwrap(),
+    );
     let r1 = relay.clone();
     let c2s = std::thread::spawn(move || r1.client_to_server(client_in_r, server_in_w));
     let r2 = relay.clone();
