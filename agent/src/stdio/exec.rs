@@ -123,11 +123,6 @@ pub fn is_pipe_or_socket(fd_path: &std::path::Path) -> bool {
     })
 }
 
-/// `pipe:[123]` → 123.
-pub fn pipe_inode(link: &str) -> Option<u64> {
-    link.strip_prefix("pipe:[")?.strip_suffix(']')?.parse().ok()
-}
-
 fn link(path: &str) -> Option<String> {
     std::fs::read_link(path)
         .ok()
@@ -202,7 +197,5 @@ mod tests {
         let (argv, cut) = read_argv(&mem, ptrs.as_ptr() as u64, 8).unwrap();
         assert_eq!(argv, ["/usr/bin/npx", "-y"]);
         assert!(!cut);
-        assert_eq!(pipe_inode("pipe:[4242]"), Some(4242));
-        assert_eq!(pipe_inode("socket:[4242]"), None);
     }
 }

@@ -194,16 +194,49 @@ impl Relay {
             stop: self.stop.as_raw_fd(),
         };
         let mut r = BufReader::with_capacity(64 * 1024, from_client);
+        while let Some(text) = self.next_line(&mut r, Direction::ClientToServer)? {
+            for out in self.judge(Direction::ClientToServer, text)? {
+                match out {
+                    Out::Forward(bytes) => write_line(&mut to_server, &bytes)?,
+                    Out::Answer(bytes) => self.write_client(&bytes)?,
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Server → client until the server closes its stdout (it exited).
+    pub fn server_to_client(&self, from_server: File) -> io::Result<()> {
+        let mut r = BufReader::with_capacity(64 * 1024, from_server);
+        while let Some(text) = self.next_line(&mut r, Direction::ServerToClient)? {
+            for out in self.judge(Direction::ServerToClient, text)? {
+                match out {
+                    Out::Forward(bytes) | Out::Answer(bytes) => self.write_client(&bytes)?,
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The next non-blank line from `direction`'s sender, counted; `None` at its end. A line
+    /// past `max_body_bytes` is recorded and skipped (the client gets Airlock's error for its
+    /// own).
+    fn next_line(&self, r: &mut impl BufRead, direction: Direction) -> io::Result<Option<Vec<u8>>> {
+        let c2s = direction == Direction::ClientToServer;
         loop {
-            let text = match read_line(&mut r, self.max_line)? {
-                Line::Eof => return Ok(()),
+            let text = match read_line(r, self.max_line)? {
+                Line::Eof => return Ok(None),
                 Line::TooLong(n) => {
-                    let why = format!(
-                        "a line of {n} bytes is longer than `max_body_bytes` ({})",
-                        self.max_line
-                    );
+                    let max = self.max_line;
+                    let why = if c2s {
+                        format!("a line of {n} bytes is longer than `max_body_bytes` ({max})")
+                    } else {
+                        format!(
+                            "the server wrote a line of {n} bytes, longer than `max_body_bytes` ({max})"
+                        )
+                    };
                     if let Some(Out::Answer(a)) =
-                        self.refuse(Direction::ClientToServer, &why, None, code::INVALID_REQUEST)?
+                        self.refuse(direction, &why, None, code::INVALID_REQUEST)?
                     {
                         self.write_client(&a)?;
                     }
@@ -212,41 +245,13 @@ impl Relay {
                 Line::Text(t) if t.iter().all(u8::is_ascii_whitespace) => continue,
                 Line::Text(t) => t,
             };
-            self.bytes_up
-                .fetch_add(text.len() as u64 + 1, Ordering::Relaxed);
-            for out in self.judge(Direction::ClientToServer, text)? {
-                match out {
-                    Out::Forward(bytes) => write_line(&mut to_server, &bytes)?,
-                    Out::Answer(bytes) => self.write_client(&bytes)?,
-                }
-            }
-        }
-    }
-
-    /// Server → client until the server closes its stdout (it exited).
-    pub fn server_to_client(&self, from_server: File) -> io::Result<()> {
-        let mut r = BufReader::with_capacity(64 * 1024, from_server);
-        loop {
-            let text = match read_line(&mut r, self.max_line)? {
-                Line::Eof => return Ok(()),
-                Line::TooLong(n) => {
-                    let why = format!(
-                        "the server wrote a line of {n} bytes, longer than `max_body_bytes` ({})",
-                        self.max_line
-                    );
-                    self.refuse(Direction::ServerToClient, &why, None, 0)?;
-                    continue;
-                }
-                Line::Text(t) if t.iter().all(u8::is_ascii_whitespace) => continue,
-                Line::Text(t) => t,
+            let counter = if c2s {
+                &self.bytes_up
+            } else {
+                &self.bytes_down
             };
-            self.bytes_down
-                .fetch_add(text.len() as u64 + 1, Ordering::Relaxed);
-            for out in self.judge(Direction::ServerToClient, text)? {
-                match out {
-                    Out::Forward(bytes) | Out::Answer(bytes) => self.write_client(&bytes)?,
-                }
-            }
+            counter.fetch_add(text.len() as u64 + 1, Ordering::Relaxed);
+            return Ok(Some(text));
         }
     }
 
