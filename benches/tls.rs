@@ -248,6 +248,21 @@ fn main() {
             for (path, addr) in addrs.into_iter().enumerate() {
                 let who = pids(path, agent_pid);
                 let (cpu0, server0) = (cpu_ns(&who), cpu_ns(&[server_pid]));
+                // `BENCH_PERF=FILE`: a `perf record -g` of the agent over the throughput
+                // phase (the profiles BENCHMARKS.md quotes).
+                let perf = match std::env::var_os("BENCH_PERF") {
+                    Some(out) if phase == 0 && path == AIRLOCK_PATH => Command::new("perf")
+                        .args(["record", "-q", "-F", "2999", "-g", "-p"])
+                        .arg(agent_pid.to_string())
+                        .arg("-o")
+                        .arg(out)
+                        .args(["--", "sleep", "2.5"])
+                        .stdout(std::process::Stdio::null())
+                        .stderr(std::process::Stdio::null())
+                        .spawn()
+                        .ok(),
+                    _ => None,
+                };
                 let t = Instant::now();
                 let n = if phase == 0 {
                     saturate(&client, addr).await
@@ -257,6 +272,9 @@ fn main() {
                 let secs = t.elapsed().as_secs_f64();
                 let cpu = (cpu_ns(&who) - cpu0) as f64 / n as f64;
                 let server_cpu = (cpu_ns(&[server_pid]) - server0) as f64 / n as f64;
+                if let Some(mut p) = perf {
+                    let _ = p.wait();
+                }
                 if phase == 0 {
                     report.rps[path] = n as f64 / secs;
                 } else {

@@ -274,25 +274,7 @@ impl Archive {
                     let written = log.append_written(&input);
                     (written, log.wants_roll())
                 };
-                match written {
-                    Ok(seq) => {
-                        // The first record since the last commit point wakes the log thread,
-                        // and so does the one that fills the segment (`max_rows` or its byte
-                        // cap), once per segment: the log thread rolls it then, not at its
-                        // next commit deadline. A full queue means the log thread is awake
-                        // and will see both after its batch.
-                        let first = !self.dirty.swap(true, Ordering::AcqRel);
-                        if first || (full && !self.roll_asked.swap(true, Ordering::AcqRel)) {
-                            let _ = self.tx.try_send(Job::Commit);
-                        }
-                        Ok(seq)
-                    }
-                    Err(e) => {
-                        self.stats.errors.fetch_add(1, Ordering::Relaxed);
-                        error!(error = %e, "archive write failed; the message is refused");
-                        Err(ArchiveError::Failed(e.to_string()))
-                    }
-                }
+                self.written_through(written, full)
             }
             Recording::Strict => {
                 let (ack, done) = oneshot::channel();
@@ -308,6 +290,79 @@ impl Archive {
                     .await
                     .map_err(|_| ArchiveError::Stopped)?;
                 Ok(0)
+            }
+        }
+    }
+
+    /// Archive several records in order, as [`Archive::record`] does one; in group mode with
+    /// one `write(2)` for all of them (a batch of a stream's events). On failure none of them
+    /// is written (group) or some may be (the other modes): the caller refuses them all.
+    pub async fn record_all(&self, inputs: Vec<RecordInput>) -> Result<(), ArchiveError> {
+        match self.mode {
+            Recording::Group => {
+                for input in &inputs {
+                    (self.tap)(input);
+                }
+                if self.failed.load(Ordering::Relaxed) {
+                    return Err(ArchiveError::Failed("an earlier write failed".into()));
+                }
+                if inputs.is_empty() {
+                    return Ok(());
+                }
+                let (written, full) = {
+                    let mut log = lock(&self.log);
+                    let written = log.append_written_all(&inputs);
+                    (written, log.wants_roll())
+                };
+                self.written_through(written, full).map(drop)
+            }
+            Recording::Strict => {
+                // Queued together, so one fsync (group commit) covers them all.
+                let mut acks = Vec::with_capacity(inputs.len());
+                for input in inputs {
+                    (self.tap)(&input);
+                    if self.failed.load(Ordering::Relaxed) {
+                        return Err(ArchiveError::Failed("an earlier write failed".into()));
+                    }
+                    let (ack, done) = oneshot::channel();
+                    self.tx
+                        .send(Job::Record(Box::new(input), Some(ack)))
+                        .await
+                        .map_err(|_| ArchiveError::Stopped)?;
+                    acks.push(done);
+                }
+                for done in acks {
+                    done.await.map_err(|_| ArchiveError::Stopped)??;
+                }
+                Ok(())
+            }
+            Recording::Buffered => {
+                for input in inputs {
+                    self.record(input).await?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Group mode: after records were written through from the caller's thread.
+    fn written_through(&self, written: io::Result<u64>, full: bool) -> Result<u64, ArchiveError> {
+        match written {
+            Ok(seq) => {
+                // The first record since the last commit point wakes the log thread, and so
+                // does the one that fills the segment (`max_rows` or its byte cap), once per
+                // segment: the log thread rolls it then, not at its next commit deadline. A
+                // full queue means the log thread is awake and will see both after its batch.
+                let first = !self.dirty.swap(true, Ordering::AcqRel);
+                if first || (full && !self.roll_asked.swap(true, Ordering::AcqRel)) {
+                    let _ = self.tx.try_send(Job::Commit);
+                }
+                Ok(seq)
+            }
+            Err(e) => {
+                self.stats.errors.fetch_add(1, Ordering::Relaxed);
+                error!(error = %e, "archive write failed; the message is refused");
+                Err(ArchiveError::Failed(e.to_string()))
             }
         }
     }

@@ -82,18 +82,26 @@ impl SegmentWriter {
     /// returns, the entry is in the kernel and survives the process being killed. On failure
     /// the file is cut back to where it was, so no partial entry stays behind.
     pub fn write_through(&mut self, body: &[u8]) -> io::Result<()> {
+        self.write_through_all(std::slice::from_ref(&body))
+    }
+
+    /// [`SegmentWriter::write_through`] for several records at once: one `write(2)` for all
+    /// of them; on failure none of them stays in the file.
+    pub fn write_through_all(&mut self, bodies: &[&[u8]]) -> io::Result<()> {
         if self.broken {
             return Err(io::Error::other(
                 "an earlier partial write could not be cut off this segment",
             ));
         }
         self.out.flush()?;
-        let len = entry_len(body)?;
         self.entry.clear();
-        self.entry.extend_from_slice(&len.to_le_bytes());
-        self.entry
-            .extend_from_slice(&crc32fast::hash(body).to_le_bytes());
-        self.entry.extend_from_slice(body);
+        for body in bodies {
+            let len = entry_len(body)?;
+            self.entry.extend_from_slice(&len.to_le_bytes());
+            self.entry
+                .extend_from_slice(&crc32fast::hash(body).to_le_bytes());
+            self.entry.extend_from_slice(body);
+        }
         if let Err(e) = self.out.get_mut().write_all(&self.entry) {
             // Cut the partial entry off, and write the next one where it began (the file
             // position moved past what was written: appending there would leave a hole).
@@ -109,7 +117,11 @@ impl SegmentWriter {
             }
             return Err(e);
         }
-        self.written += 8 + u64::from(len);
+        self.written += self.entry.len() as u64;
+        if self.entry.capacity() > ENTRY_KEEP {
+            // A large batch's buffer is not kept for the small writes that follow.
+            self.entry = Vec::new();
+        }
         Ok(())
     }
 
@@ -140,6 +152,9 @@ impl SegmentWriter {
         file.sync_all()
     }
 }
+
+/// The write-through buffer kept between writes (a larger one is freed after its write).
+const ENTRY_KEEP: usize = 256 * 1024;
 
 fn entry_len(body: &[u8]) -> io::Result<u32> {
     u32::try_from(body.len())

@@ -164,6 +164,19 @@ impl Pipeline {
     /// the refusal (an approval waits there), the record, and Airlock's own answer when the
     /// message is refused. See [`stages`].
     pub async fn process(&self, ctx: &ConnCtx, msg: Msg) -> Result<Outcome, PipelineError> {
+        self.process_into(ctx, msg, None).await
+    }
+
+    /// [`Pipeline::process`], but a forwarded message's record is added to `batch` instead of
+    /// being written: the caller writes the batch ([`Pipeline::record_batch`]) before it
+    /// forwards any of its messages (a stream's events judged together: one write, not one
+    /// per event). A refused message's records are written at once, after what `batch` holds.
+    pub async fn process_into(
+        &self,
+        ctx: &ConnCtx,
+        msg: Msg,
+        mut batch: Option<&mut Vec<crate::archive::RecordInput>>,
+    ) -> Result<Outcome, PipelineError> {
         self.counters.messages.fetch_add(1, Ordering::Relaxed);
         let Msg {
             direction,
@@ -216,6 +229,10 @@ impl Pipeline {
         // duplicate of a waiting one took none).
         if refusal.is_some() {
             drop(reserved.take());
+            // Its records follow those of the messages before it.
+            if let Some(b) = batch.take() {
+                self.record_batch(b).await?;
+            }
         }
         let (decision, rules) = decision_and_rules(&judged, refusal.as_ref(), approved, &hidden);
         let changed = masked > 0 || !hidden.is_empty();
@@ -226,6 +243,7 @@ impl Pipeline {
             &judged,
             (decision, rules.clone()),
             (&value, raw, changed),
+            batch,
         )
         .await?;
         if let Some(refusal) = refusal {
@@ -243,6 +261,21 @@ impl Pipeline {
             original_args: judged.original_args,
             kind,
         })
+    }
+
+    /// Write the records [`Pipeline::process_into`] left in `batch`, in order, with one write
+    /// (group recording). `Err`: none of them may be forwarded.
+    pub async fn record_batch(
+        &self,
+        batch: &mut Vec<crate::archive::RecordInput>,
+    ) -> Result<(), PipelineError> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        self.archive
+            .record_all(std::mem::take(batch))
+            .await
+            .map_err(|e| PipelineError::Archive(e.to_string()))
     }
 
     /// What a message belongs to: its own method and tool (a request or notification; a

@@ -418,7 +418,8 @@ impl Pipeline {
     }
 
     /// The message's record, written before anything is forwarded (fail closed: `Err` when
-    /// the archive cannot take it). Its payload, at the `full` level: the text as received
+    /// the archive cannot take it), or added to the caller's `batch`, which it writes before
+    /// forwarding. Its payload, at the `full` level: the text as received
     /// when nothing changed, else the message as forwarded. At the `off` level, the observers
     /// alone see it.
     pub(super) async fn record_message(
@@ -428,6 +429,7 @@ impl Pipeline {
         judged: &Judged,
         (decision, rules): (RecordDecision, Vec<String>),
         (value, raw, changed): (&Value, Option<Bytes>, bool),
+        batch: Option<&mut Vec<crate::archive::RecordInput>>,
     ) -> Result<(), PipelineError> {
         let mut record = ctx.record(&self.host, seen.direction, message_kind(seen.kind));
         record.mcp_session_id = seen.mcp_session_id.clone();
@@ -449,6 +451,8 @@ impl Pipeline {
         }
         if level == RecordLevel::Off {
             crate::observe::record(&record);
+        } else if let Some(batch) = batch {
+            batch.push(record);
         } else if let Err(e) = self.archive.record(record).await {
             return Err(PipelineError::Archive(e.to_string()));
         }

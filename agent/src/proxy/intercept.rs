@@ -401,7 +401,7 @@ impl Interception<'_> {
         let served = http::serve(io, conn.clone()).await;
         conn.end_connection_session();
         // Its server connection, if idle, goes to the pool (through the slot's dialer).
-        conn.upstream.lock().await.checkin();
+        conn.upstream.lock().await.checkin().await;
         match served {
             Ok(()) => Ok(End::Served(None)),
             Err(e) => match ordinary_end(&e) {

@@ -1,5 +1,7 @@
 //! A server's event stream (a POST's answer, a GET stream, the legacy `/sse` stream), event by
-//! event: each event is parsed, judged and re-emitted as soon as it is through the pipeline.
+//! event: what the server has sent so far is parsed and judged event by event, its records
+//! written together (one write), and re-emitted in one write to the client. The judging runs
+//! as the client reads the answer, on its connection's task ([`Driven`]).
 //!
 //! What passes: events without data (priming, keep-alive), `message` events (or events
 //! without a type) whose data Airlock parsed as JSON-RPC — one message or a batch — and the
@@ -18,11 +20,10 @@ use bytes::Bytes;
 use futures_util::FutureExt as _;
 use http::{HeaderValue, Response, header};
 use http_body_util::BodyExt as _;
-use hyper::body::Incoming;
 use serde_json::{Value, json};
 use tracing::debug;
 
-use super::{BoxError, Conn, Limits, ProxyBody, RequestInfo};
+use super::{BoxError, Conn, Limits, ProxyBody, RequestInfo, UpstreamBody};
 use crate::{
     archive::{RecordDecision, RecordKind},
     mcp::{
@@ -43,7 +44,7 @@ impl Conn {
         &self,
         info: RequestInfo,
         mut parts: http::response::Parts,
-        body: Incoming,
+        body: UpstreamBody,
     ) -> Response<ProxyBody> {
         let ct = parts
             .headers
@@ -66,11 +67,40 @@ impl Conn {
             injected: None,
             registered: None,
         };
-        tokio::spawn(job.run(body, tx));
-        let mut r = Response::from_parts(parts, rx.boxed_unsync());
+        let body = Driven {
+            job: Some(Box::pin(job.run(body, tx))),
+            out: rx,
+        };
+        let mut r = Response::from_parts(parts, body.boxed_unsync());
         r.headers_mut()
             .insert("x-accel-buffering", HeaderValue::from_static("no"));
         r
+    }
+}
+
+/// The client's side of a judged stream: the judging runs as this body is read, on the client
+/// connection's task (no task of its own), and its output comes through a small channel. The
+/// client going away drops the body, and the judging with it.
+struct Driven {
+    job: Option<std::pin::Pin<Box<dyn Future<Output = ()> + Send>>>,
+    out: http_body_util::channel::Channel<Bytes, BoxError>,
+}
+
+impl hyper::body::Body for Driven {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, BoxError>>> {
+        if let Some(job) = self.job.as_mut()
+            && job.as_mut().poll(cx).is_ready()
+        {
+            // Its sender is gone with it: the channel ends once drained.
+            self.job = None;
+        }
+        std::pin::Pin::new(&mut self.out).poll_frame(cx)
     }
 }
 
@@ -91,7 +121,7 @@ struct Stream {
 impl Stream {
     async fn run(
         mut self,
-        mut body: Incoming,
+        mut body: UpstreamBody,
         mut tx: http_body_util::channel::Sender<Bytes, BoxError>,
     ) {
         let mut parser = sse::Parser::new(self.limits.max_sse_event);
@@ -176,16 +206,22 @@ impl Stream {
                 (_, Some(d)) if events.is_empty() => Some(d),
                 _ => Some(tokio::time::Instant::now() + self.limits.body_read_timeout),
             };
+            // Judged together, recorded together (one write), then sent together.
             let mut out = Vec::new();
             let mut refused = None;
+            let mut records = Vec::new();
             for event in events.drain(..) {
-                match self.event(event).await {
+                match self.event(event, &mut records).await {
                     Ok(bytes) => out.extend_from_slice(&bytes),
                     Err(reason) => {
                         refused = Some(reason);
                         break;
                     }
                 }
+            }
+            if let Err(e) = self.pipeline.record_batch(&mut records).await {
+                // Unrecorded: none of it is sent.
+                break Err(e.into());
             }
             if !out.is_empty() && tx.send_data(Bytes::from(out)).await.is_err() {
                 // The client went away: dropping the upstream body closes the server's stream.
@@ -198,13 +234,7 @@ impl Stream {
                 break end;
             }
         };
-        if let Some(k) = self.registered.take() {
-            // The legacy session lives as long as its `/sse` stream.
-            if let Ok(mut m) = self.pipeline.legacy_streams.lock() {
-                m.remove(&k);
-            }
-            self.pipeline.sessions.end(&k);
-        }
+        self.unregister();
         if let Err(reason) = &end {
             // The requests this stream still owes get an error the client can read, then the
             // stream is cut.
@@ -253,8 +283,22 @@ impl Stream {
         }
     }
 
+    /// The legacy session lives as long as its `/sse` stream.
+    fn unregister(&mut self) {
+        if let Some(k) = self.registered.take() {
+            if let Ok(mut m) = self.pipeline.legacy_streams.lock() {
+                m.remove(&k);
+            }
+            self.pipeline.sessions.end(&k);
+        }
+    }
+
     /// Judge one event: the bytes to send on, or why the stream must end.
-    async fn event(&mut self, event: Event) -> Result<Vec<u8>, StreamError> {
+    async fn event(
+        &mut self,
+        event: Event,
+        records: &mut Vec<crate::archive::RecordInput>,
+    ) -> Result<Vec<u8>, StreamError> {
         let mut lines = Vec::with_capacity(event.lines.len());
         // Characters some SSE parsers take for line ends (httpx-sse 0.4.0 splits like
         // `str.splitlines`): an event holding one is re-encoded without them.
@@ -287,7 +331,7 @@ impl Stream {
         let kind = event.event_type().unwrap_or("message");
         let new_data = match data.as_deref() {
             None | Some("") => None,
-            Some(d) if kind == "message" => self.messages(d).await?,
+            Some(d) if kind == "message" => self.messages(d, records).await?,
             Some(d) if kind == "endpoint" && !has_line_breaker(d.as_bytes()) => {
                 self.endpoint(d)?;
                 None
@@ -315,7 +359,11 @@ impl Stream {
 
     /// The data of a `message` event: JSON-RPC, every message through the pipeline. The new
     /// data when a message changed.
-    async fn messages(&mut self, data: &str) -> Result<Option<String>, StreamError> {
+    async fn messages(
+        &mut self,
+        data: &str,
+        records: &mut Vec<crate::archive::RecordInput>,
+    ) -> Result<Option<String>, StreamError> {
         let _permit = self.resources.parse(
             self.ctx.attribution.uid,
             strict::parsed_size_estimate(data.as_bytes()),
@@ -334,6 +382,7 @@ impl Stream {
             &mut self.info,
             &mut parsed,
             raw,
+            Some(records),
         )
         .await?;
         // Data holding characters some parsers split lines at is always re-encoded.
@@ -375,6 +424,13 @@ impl Stream {
             self.info.mcp_session_id = Some(sid);
         }
         Ok(())
+    }
+}
+
+impl Drop for Stream {
+    /// A stream dropped unfinished (its client went away) still ends its legacy session.
+    fn drop(&mut self) {
+        self.unregister();
     }
 }
 

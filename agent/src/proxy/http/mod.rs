@@ -45,8 +45,8 @@ use tracing::warn;
 
 pub use request::{Class, classify};
 pub use upstream::{
-    Dial, PoolKey, UpstreamError, UpstreamPool, UpstreamSender, UpstreamSlot, UpstreamTls,
-    client_handshake,
+    Dial, PoolKey, UpstreamBody, UpstreamError, UpstreamPool, UpstreamSender, UpstreamSlot,
+    UpstreamTls, client_handshake,
 };
 
 use crate::{
@@ -519,7 +519,8 @@ impl Conn {
 }
 
 /// Each message a server sent (a JSON answer, one event's data) through the pipeline, in
-/// `session`; the requests it answers leave `info.owed`. Whether any message changed.
+/// `session`; the requests it answers leave `info.owed`. Whether any message changed. With a
+/// `batch`, the records of forwarded messages are left there for the caller to write.
 async fn judge_server_messages(
     pipeline: &Pipeline,
     ctx: &ConnCtx,
@@ -527,6 +528,7 @@ async fn judge_server_messages(
     info: &mut RequestInfo,
     parsed: &mut crate::mcp::jsonrpc::Body,
     raw: Option<Bytes>,
+    mut batch: Option<&mut Vec<crate::archive::RecordInput>>,
 ) -> Result<bool, crate::pipeline::PipelineError> {
     use crate::{mcp::jsonrpc, pipeline::Outcome};
     let mut changed_any = false;
@@ -534,7 +536,7 @@ async fn judge_server_messages(
         let value = std::mem::take(m);
         let id = jsonrpc::id_text(&value);
         let outcome = pipeline
-            .process(
+            .process_into(
                 ctx,
                 crate::pipeline::Msg {
                     direction: Direction::ServerToClient,
@@ -544,6 +546,7 @@ async fn judge_server_messages(
                     raw: raw.clone(),
                     origin: info.origin.clone(),
                 },
+                batch.as_deref_mut(),
             )
             .await?;
         match outcome {
@@ -572,13 +575,13 @@ async fn judge_server_messages(
 
 /// A pass-through body that ends with an error when no frame arrives for `idle`.
 struct IdleBody {
-    inner: hyper::body::Incoming,
+    inner: UpstreamBody,
     idle: Duration,
     sleep: std::pin::Pin<Box<tokio::time::Sleep>>,
 }
 
 impl IdleBody {
-    fn new(inner: hyper::body::Incoming, idle: Duration) -> IdleBody {
+    fn new(inner: UpstreamBody, idle: Duration) -> IdleBody {
         IdleBody {
             inner,
             idle,
@@ -623,12 +626,16 @@ impl hyper::body::Body for IdleBody {
 
 /// Read a whole body, at most `max` bytes, within `deadline`; every frame is charged to
 /// `permit` first when one is given (a client's in-flight bytes).
-async fn read_capped(
-    mut body: hyper::body::Incoming,
+async fn read_capped<B>(
+    mut body: B,
     max: usize,
     deadline: tokio::time::Instant,
     mut permit: Option<&mut crate::limits::BodyPermit>,
-) -> Result<Bytes, ReadError> {
+) -> Result<Bytes, ReadError>
+where
+    B: hyper::body::Body<Data = Bytes> + Unpin,
+    B::Error: std::fmt::Display,
+{
     if hyper::body::Body::size_hint(&body).lower() > max as u64 {
         return Err(ReadError::TooLarge);
     }

@@ -520,7 +520,7 @@ impl Conn {
             Ok(r) => {
                 let answer = self.response(info, r).await;
                 // Read whole (not a stream): the server connection waits in the pool.
-                self.upstream.lock().await.checkin();
+                self.upstream.lock().await.checkin().await;
                 answer
             }
             Err(reason) => {

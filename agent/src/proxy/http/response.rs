@@ -19,12 +19,11 @@
 
 use bytes::Bytes;
 use http::{HeaderValue, Method, Response, StatusCode, header};
-use hyper::body::Incoming;
 use serde_json::json;
 
 use super::{
-    Conn, IdleBody, ProxyBody, RequestInfo, full, is_identity_encoding, judge_server_messages,
-    read_capped, strip_hop_by_hop, text_response,
+    Conn, IdleBody, ProxyBody, RequestInfo, UpstreamBody, full, is_identity_encoding,
+    judge_server_messages, read_capped, strip_hop_by_hop, text_response,
 };
 use crate::{
     archive::{RecordDecision, RecordKind},
@@ -44,7 +43,7 @@ impl Conn {
     pub(super) async fn response(
         &self,
         mut info: RequestInfo,
-        response: Response<Incoming>,
+        response: Response<UpstreamBody>,
     ) -> Response<ProxyBody> {
         let answer = self.answer(&mut info, response).await;
         for id in &info.owed {
@@ -58,7 +57,7 @@ impl Conn {
     async fn answer(
         &self,
         info: &mut RequestInfo,
-        response: Response<Incoming>,
+        response: Response<UpstreamBody>,
     ) -> Response<ProxyBody> {
         let (mut parts, body) = response.into_parts();
         strip_hop_by_hop(&mut parts.headers);
@@ -314,8 +313,16 @@ impl Conn {
     ) -> Result<Bytes, PipelineError> {
         let raw = matches!(parsed, Body::Single(_)).then(|| bytes.clone());
         let key = info.key.clone();
-        let changed =
-            judge_server_messages(&self.pipeline, &self.ctx, &key, info, &mut parsed, raw).await?;
+        let changed = judge_server_messages(
+            &self.pipeline,
+            &self.ctx,
+            &key,
+            info,
+            &mut parsed,
+            raw,
+            None,
+        )
+        .await?;
         Ok(if changed {
             Bytes::from(parsed.to_bytes())
         } else {

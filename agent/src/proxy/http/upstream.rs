@@ -1,32 +1,133 @@
 //! The upstream side of an intercepted connection: the hyper client connection to the server,
 //! re-dialled when the server closes it, and the pool of idle ones a new client connection
 //! starts from.
+//!
+//! A server connection has no task of its own. Its driver (hyper's connection future, which
+//! writes requests and reads answers) is polled by whoever waits on it: the exchange while it
+//! sends a request and waits for the answer's head, then the answer's body
+//! ([`UpstreamBody`]) as the client connection's task reads it. An exchange so stays on one
+//! task from the client's request to the server's last byte, with no wake-up crossing
+//! between tasks; an idle pooled connection is polled by nobody until an exchange takes it.
 
-use std::time::{Duration, Instant};
+use std::{
+    pin::Pin,
+    sync::{Arc, Mutex, PoisonError},
+    task::{Context, Poll},
+    time::{Duration, Instant},
+};
 
 use bytes::Bytes;
 use http_body_util::Full;
-use hyper::body::Incoming;
+use hyper::body::{Body, Frame, Incoming, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::debug;
 
-/// A hyper client connection's request side, and the connection thread its driver task runs
-/// on.
-pub struct UpstreamSender {
-    send: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
-    thread: Thread,
-}
+/// A hyper client connection's driver, shared by its sender and the body it is reading; `None`
+/// once the connection ended.
+type Driver = Arc<Mutex<Option<Pin<Box<dyn Future<Output = Result<(), hyper::Error>> + Send>>>>>;
 
-impl std::ops::Deref for UpstreamSender {
-    type Target = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
-    fn deref(&self) -> &Self::Target {
-        &self.send
+/// Poll the connection's driver once in `cx` (it registers `cx`'s waker for the connection's
+/// socket); a driver that finished is dropped, which ends whatever waits on the connection.
+fn drive(driver: &Driver, cx: &mut Context<'_>) {
+    let mut slot = driver.lock().unwrap_or_else(PoisonError::into_inner);
+    if let Some(conn) = slot.as_mut()
+        && let Poll::Ready(end) = conn.as_mut().poll(cx)
+    {
+        if let Err(e) = end {
+            debug!(error = %e, "upstream HTTP connection ended with an error");
+        }
+        *slot = None;
     }
 }
 
-impl std::ops::DerefMut for UpstreamSender {
-    fn deref_mut(&mut self) -> &mut Self::Target {
-        &mut self.send
+/// A hyper client connection's request side, its driver, and the connection thread that
+/// opened it.
+pub struct UpstreamSender {
+    send: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+    driver: Driver,
+    thread: Thread,
+}
+
+impl UpstreamSender {
+    /// Whether the connection is gone (its driver ended, or hyper closed it).
+    pub fn is_closed(&self) -> bool {
+        self.send.is_closed()
+            || self
+                .driver
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .is_none()
+    }
+
+    /// Whether a request could be sent now (the driver has asked for one).
+    pub fn is_ready(&self) -> bool {
+        self.send.is_ready()
+    }
+
+    /// Wait until the connection takes a request, driving it meanwhile.
+    async fn ready(&mut self) -> Result<(), hyper::Error> {
+        std::future::poll_fn(|cx| {
+            drive(&self.driver, cx);
+            self.send.poll_ready(cx)
+        })
+        .await
+    }
+
+    /// Poll the driver once from the current task: an answer read whole leaves the connection
+    /// ready for the next request only once its driver has seen the end.
+    async fn settle(&self) {
+        std::future::poll_fn(|cx| {
+            drive(&self.driver, cx);
+            Poll::Ready(())
+        })
+        .await
+    }
+
+    /// Send `req`, driving the connection until the answer's head is in; the answer's body
+    /// drives it from then on.
+    async fn send(
+        &mut self,
+        req: http::Request<Full<Bytes>>,
+    ) -> Result<
+        http::Response<UpstreamBody>,
+        hyper::client::conn::TrySendError<http::Request<Full<Bytes>>>,
+    > {
+        let mut answer = std::pin::pin!(self.send.try_send_request(req));
+        let driver = self.driver.clone();
+        let head = std::future::poll_fn(|cx| {
+            drive(&driver, cx);
+            answer.as_mut().poll(cx)
+        })
+        .await?;
+        Ok(head.map(|inner| UpstreamBody { inner, driver }))
+    }
+}
+
+/// A server's answer body, which drives its connection as it is read (see the module
+/// documentation).
+pub struct UpstreamBody {
+    inner: Incoming,
+    driver: Driver,
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        drive(&self.driver, cx);
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }
 
@@ -114,12 +215,12 @@ impl UpstreamSlot {
     pub async fn send(
         &mut self,
         mut req: http::Request<Full<Bytes>>,
-    ) -> Result<http::Response<Incoming>, UpstreamError> {
+    ) -> Result<http::Response<UpstreamBody>, UpstreamError> {
         let mut retried = false;
         loop {
             // A request handed back unsent goes out on a new connection, not another pooled one.
             let sender = self.ready(retried).await?;
-            match sender.try_send_request(req).await {
+            match sender.send(req).await {
                 Ok(r) => return Ok(r),
                 Err(mut e) => match e.take_message() {
                     Some(unsent) if !retried => {
@@ -136,7 +237,10 @@ impl UpstreamSlot {
     /// The exchange is over: a connection whose answer was read whole (ready for another
     /// request) waits in the pool; one still carrying a stream stays with this client
     /// connection.
-    pub fn checkin(&mut self) {
+    pub async fn checkin(&mut self) {
+        if let Some(s) = self.sender.as_ref() {
+            s.settle().await;
+        }
         if self
             .sender
             .as_ref()
@@ -154,8 +258,9 @@ pub type UpstreamTls = (
     rustls_pki_types::ServerName<'static>,
 );
 
-/// Open an HTTP/1.1 client connection over `io`. Its driver runs on a task of its own, so
-/// the connection can outlive the client connection that opened it (the upstream pool).
+/// Open an HTTP/1.1 client connection over `io`. Its driver runs where it is waited on (see
+/// the module documentation), so the connection can outlive the client connection that opened
+/// it (the upstream pool).
 pub async fn client_handshake<S>(io: S) -> Result<UpstreamSender, UpstreamError>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -165,13 +270,9 @@ where
         .handshake(hyper_util::rt::TokioIo::new(io))
         .await
         .map_err(UpstreamError::Handshake)?;
-    tokio::spawn(async move {
-        if let Err(e) = connection.await {
-            debug!(error = %e, "upstream HTTP connection ended with an error");
-        }
-    });
     Ok(UpstreamSender {
         send: sender,
+        driver: Arc::new(Mutex::new(Some(Box::pin(connection)))),
         thread: crate::proxy::workers::current(),
     })
 }
