@@ -235,31 +235,6 @@ impl Stream {
             }
         };
         self.unregister();
-        if let Err(reason) = &end {
-            // The requests this stream still owes get an error the client can read, then the
-            // stream is cut.
-            let mut errors = Vec::new();
-            for id in self.info.owed.drain(..) {
-                // Airlock answers it: its id is free.
-                self.pipeline
-                    .sessions
-                    .cancel(&self.key, true, &jsonrpc::canonical_id(&id));
-                let answer = jsonrpc::error_response(
-                    Some(&id),
-                    code::UNAVAILABLE,
-                    &format!("Airlock: the server's event stream was refused: {reason}"),
-                    None,
-                );
-                errors.extend_from_slice(&sse::encode_event(Some("message"), &answer.to_string()));
-            }
-            if errors.is_empty() {
-                // Nothing owed: the client learns of the refusal from a cut stream.
-                tx.abort(reason.to_string().into());
-            } else {
-                // The owed answers are the stream's last events; it then ends.
-                let _ = tx.send_data(Bytes::from(errors)).await;
-            }
-        }
         if parser.pending_bytes() > 0 {
             debug!(
                 id = self.ctx.conn_id,
@@ -268,18 +243,47 @@ impl Stream {
             );
         }
         if let Err(reason) = end {
-            let _ = self
-                .pipeline
-                .record_event(
-                    &self.ctx,
-                    Direction::ServerToClient,
-                    RecordKind::Error,
-                    RecordDecision::Block,
-                    json!({"http_method": self.info.method.as_str(), "path": self.info.path, "error": format!("event stream ended: {reason}")}),
-                    Some(self.info.started.elapsed().as_micros() as u64),
-                    self.info.mcp_session_id.clone(),
-                )
-                .await;
+            self.refused(reason, tx).await;
+        }
+    }
+
+    /// The stream was refused: the record of why, then the requests it still owes get an
+    /// error the client can read, and the stream is cut. The record comes first: once the
+    /// client's side is cut, nothing reads this body (and so runs this job) any more.
+    async fn refused(
+        &mut self,
+        reason: StreamError,
+        mut tx: http_body_util::channel::Sender<Bytes, BoxError>,
+    ) {
+        let _ = self
+            .pipeline
+            .record_event(
+                &self.ctx,
+                Direction::ServerToClient,
+                RecordKind::Error,
+                RecordDecision::Block,
+                json!({"http_method": self.info.method.as_str(), "path": self.info.path, "error": format!("event stream ended: {reason}")}),
+                Some(self.info.started.elapsed().as_micros() as u64),
+                self.info.mcp_session_id.clone(),
+            )
+            .await;
+        let mut errors = Vec::new();
+        // Airlock answers them: their ids are free.
+        for id in self.info.release_owed() {
+            let answer = jsonrpc::error_response(
+                Some(&id),
+                code::UNAVAILABLE,
+                &format!("Airlock: the server's event stream was refused: {reason}"),
+                None,
+            );
+            errors.extend_from_slice(&sse::encode_event(Some("message"), &answer.to_string()));
+        }
+        if errors.is_empty() {
+            // Nothing owed: the client learns of the refusal from a cut stream.
+            tx.abort(reason.to_string().into());
+        } else {
+            // The owed answers are the stream's last events; it then ends.
+            let _ = tx.send_data(Bytes::from(errors)).await;
         }
     }
 

@@ -291,7 +291,6 @@ fn canonical_session(id: &str) -> String {
 }
 
 /// What a request was, for its response and its records.
-#[derive(Clone)]
 struct RequestInfo {
     method: Method,
     path: String,
@@ -304,8 +303,48 @@ struct RequestInfo {
     passthrough: bool,
     /// The one request of the body, for what its response stream carries.
     origin: Option<Origin>,
-    /// Ids of the forwarded requests: answered with an error if their stream is refused.
+    /// Ids of the forwarded requests whose answers are still to come: answered with an
+    /// error if their stream is refused. Those still here when the request's handling ends
+    /// will not be answered: dropping the info gives their ids back to the session, so they
+    /// hold neither their id nor their place in its bounds. (A 202 clears them: the legacy
+    /// transport answers on its `/sse` stream.)
     owed: Vec<Value>,
+    sessions: Arc<crate::mcp::session::Sessions>,
+}
+
+impl RequestInfo {
+    /// Give back the ids of every request still owed (Airlock answers them, or nobody will);
+    /// the ids.
+    fn release_owed(&mut self) -> Vec<Value> {
+        let owed = std::mem::take(&mut self.owed);
+        for id in &owed {
+            self.sessions
+                .cancel(&self.key, true, &crate::mcp::jsonrpc::canonical_id(id));
+        }
+        owed
+    }
+
+    /// The info for a stream that now owes the answers (this one owes none).
+    fn hand_over(&mut self) -> RequestInfo {
+        RequestInfo {
+            method: self.method.clone(),
+            path: self.path.clone(),
+            key: self.key.clone(),
+            mcp_session_id: self.mcp_session_id.clone(),
+            started: self.started,
+            mcp: self.mcp,
+            passthrough: self.passthrough,
+            origin: self.origin.clone(),
+            owed: std::mem::take(&mut self.owed),
+            sessions: self.sessions.clone(),
+        }
+    }
+}
+
+impl Drop for RequestInfo {
+    fn drop(&mut self) {
+        self.release_owed();
+    }
 }
 
 impl Conn {
@@ -664,6 +703,60 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::mcp::session::{Pending, Reservation, Sessions};
+
+    fn info(sessions: &Arc<Sessions>, key: &SessionKey, owed: &[Value]) -> RequestInfo {
+        RequestInfo {
+            method: Method::POST,
+            path: "/mcp".into(),
+            key: key.clone(),
+            mcp_session_id: None,
+            started: Instant::now(),
+            mcp: true,
+            passthrough: false,
+            origin: None,
+            owed: owed.to_vec(),
+            sessions: sessions.clone(),
+        }
+    }
+
+    fn take(sessions: &Sessions, key: &SessionKey, id: &str) -> bool {
+        let pending = Pending {
+            method: "tools/call".into(),
+            tool: None,
+            started: Instant::now(),
+            uid: 0,
+        };
+        sessions
+            .reserve(key, true, id.into(), pending)
+            .map(Reservation::keep)
+            .is_ok()
+    }
+
+    #[test]
+    fn ids_still_owed_are_given_back_when_the_request_is_done_and_handed_over_ones_are_not() {
+        let sessions = Arc::new(Sessions::new());
+        let key = SessionKey {
+            backend: "b".into(),
+            id: "mcp:s".into(),
+        };
+        for id in ["1", "2", "\"s\""] {
+            assert!(take(&sessions, &key, id));
+        }
+        // Answered requests left `owed`; the rest are freed with the info.
+        drop(info(&sessions, &key, &[json!(1), json!("s")]));
+        assert!(take(&sessions, &key, "1"), "a freed id is free to take again");
+        assert!(take(&sessions, &key, "\"s\""));
+        // "2" was not owed by that info: still taken.
+        assert!(!take(&sessions, &key, "2"));
+        // Handed over to a stream: the stream owes them now, not the request.
+        let mut request = info(&sessions, &key, &[json!(2)]);
+        let stream = request.hand_over();
+        drop(request);
+        assert!(!take(&sessions, &key, "2"), "handed over, still owed");
+        drop(stream);
+        assert!(take(&sessions, &key, "2"));
+    }
 
     #[test]
     fn legacy_sessions_are_read_as_servers_read_them() {

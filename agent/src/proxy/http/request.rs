@@ -87,6 +87,7 @@ impl Conn {
             passthrough: false,
             origin: None,
             owed: Vec::new(),
+            sessions: self.pipeline.sessions.clone(),
         };
 
         // Two session names: the server goes by one, correlation would go by the other.
@@ -479,7 +480,7 @@ impl Conn {
     /// Send the request on (brokered credentials, no compression) and handle the answer.
     async fn forward(
         &self,
-        info: RequestInfo,
+        mut info: RequestInfo,
         mut parts: http::request::Parts,
         forward_body: Bytes,
     ) -> Response<ProxyBody> {
@@ -525,11 +526,7 @@ impl Conn {
             }
             Err(reason) => {
                 // The requests never reached the server: their ids are free.
-                for id in &info.owed {
-                    self.pipeline
-                        .sessions
-                        .cancel(&info.key, true, &jsonrpc::canonical_id(id));
-                }
+                info.release_owed();
                 self.upstream_failed(&info, reason).await
             }
         }

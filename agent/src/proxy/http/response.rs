@@ -45,13 +45,8 @@ impl Conn {
         mut info: RequestInfo,
         response: Response<UpstreamBody>,
     ) -> Response<ProxyBody> {
-        let answer = self.answer(&mut info, response).await;
-        for id in &info.owed {
-            self.pipeline
-                .sessions
-                .cancel(&info.key, true, &crate::mcp::jsonrpc::canonical_id(id));
-        }
-        answer
+        // `info` still owes: dropped here, it gives their ids back.
+        self.answer(&mut info, response).await
     }
 
     async fn answer(
@@ -190,9 +185,7 @@ impl Conn {
             _ => None,
         };
         if success && kind == Some(true) {
-            let streamed = self.stream(info.clone(), parts, body).await;
-            info.owed.clear();
-            return streamed;
+            return self.stream(info.hand_over(), parts, body).await;
         }
         let deadline = tokio::time::Instant::now() + self.limits.body_read_timeout;
         // The answer's bytes count against the caller's in-flight bytes while they are read.
