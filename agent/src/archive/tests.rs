@@ -807,6 +807,39 @@ mod service {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_batch_is_written_through_at_once_and_chained_like_single_records() {
+        for mode in [Recording::Group, Recording::Strict, Recording::Buffered] {
+            let t = TempDir::new("batch");
+            let (w, _) = ArchiveWriter::open(config(&t.0)).unwrap();
+            let archive = Archive::start(w, mode, Duration::from_secs(3600));
+            archive.record(input("b", 0)).await.unwrap();
+            archive
+                .record_all((1..6).map(|i| input("b", i)).collect())
+                .await
+                .unwrap();
+            archive.record_all(Vec::new()).await.unwrap();
+            archive.record(input("b", 6)).await.unwrap();
+            if mode != Recording::Buffered {
+                // Acknowledged: every record of the batch is in the segment, in order.
+                let seg = fs::read_dir(t.0.join("archive/_wal"))
+                    .unwrap()
+                    .next()
+                    .unwrap()
+                    .unwrap()
+                    .path();
+                let on_disk = wal::read_segment(&seg).unwrap();
+                let got: Vec<_> = on_disk.records.iter().map(|r| r.input.clone()).collect();
+                let want: Vec<_> = (0..7).map(|i| input("b", i)).collect();
+                assert_eq!(got, want, "{mode:?}");
+                assert_eq!(on_disk.dropped_bytes, 0);
+            }
+            archive.close().await.unwrap();
+            // One chain through single records and the batch: verify checks every link.
+            assert_eq!(rows_in_archive(&t.0), 7, "{mode:?}");
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn group_records_from_many_tasks_keep_one_chain_across_rolls() {
         let t = TempDir::new("groupmany");
         let (w, _) = ArchiveWriter::open(WriterConfig {
