@@ -12,9 +12,9 @@ use std::{
 
 use serde_json::Value;
 
-use crate::{
-    harness::{AIRLOCK, Agent, TestCgroup, backend_toml, free_port, privileged, unique},
-    mcp::venv_python,
+use crate::harness::{
+    AIRLOCK, Agent, TestCgroup, backend_toml, free_port, node, node_modules, privileged, unique,
+    venv_python,
 };
 
 const PEER: &str = concat!(
@@ -214,9 +214,9 @@ fn the_typescript_sdks_stdio_client_spawning_server_everything_through_npx_is_re
     let cg = TestCgroup::new(&name);
     let more = "[[rule]]\nid = \"no-env-dumps\"\naction = \"block\"\ntools = [\"get-env\"]\n";
     let mut agent = agent(&cg, &name, more);
-    let modules = crate::mcp::node_modules();
+    let modules = node_modules();
     let parent = modules.parent().unwrap().display().to_string();
-    let node = crate::mcp::node().display().to_string();
+    let node = node().display().to_string();
     let client = concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/../tests/support/stdio_client.mjs"
