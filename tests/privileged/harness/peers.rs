@@ -12,11 +12,15 @@ use serde_json::Value;
 
 use super::{PYTHON, TestCgroup, wait_until};
 
+/// The Python SDK's server and client, one script (`server ...`, `client ...`).
 pub const PEER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/support/mcp_peer.py");
+/// The TypeScript SDK's client.
 pub const NODE_CLIENT: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
     "/../tests/support/mcp_client.mjs"
 );
+/// The backend's name: the server's certificate names it, clients resolve it to 127.0.0.1
+/// through [`with_test_hosts`].
 pub const HOST: &str = "mcp.internal.test";
 
 /// `PeerServer::start_variant` with this variant: a stateless server (any POST stands alone).
