@@ -483,7 +483,6 @@ fn strict_recording_refuses_http_exchanges_it_cannot_record() {
     if !privileged() {
         return;
     }
-    use crate::mcp::{HOST, PeerServer, with_test_hosts};
     let disk = SmallDisk::new("http-strict", "3m");
     let name = unique("http-strict");
     let cg = TestCgroup::new(&name);

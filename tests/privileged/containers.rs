@@ -11,7 +11,7 @@ use std::{
 
 use serde_json::Value;
 
-use crate::{harness::*, mcp::*};
+use crate::harness::*;
 
 /// A network namespace with a veth to the host: the host end `198.18.<octet>.1/24`, the
 /// namespace end `.2`. Removed on drop.

@@ -11,11 +11,7 @@ use std::{
 
 use serde_json::Value;
 
-use crate::{
-    harness::*,
-    mcp::{HOST, finish, spawn_call, tls_setup_full, venv_python},
-    siem::*,
-};
+use crate::{harness::*, siem::*};
 
 /// A GitHub token the default policy masks: planted in arguments, it must be in no event.
 const PLANTED: &str = "ghp_PLANTEDsecretTOKEN0123456789abcdefAB";
@@ -213,7 +209,7 @@ fn blocked_and_masked_calls_reach_rsyslog_and_the_file() {
     assert_eq!(mode & 0o007, 0, "the events file is not world-readable");
     validate_ocsf(&file);
     // The archive names the same rules as the events and the client's error.
-    let records = crate::mcp::archived_records(&agent.archive);
+    let records = archived_records(&agent.archive);
     let request = records
         .iter()
         .find(|r| r["kind"] == "request" && r["tool"] == "delete_everything")
@@ -353,7 +349,7 @@ fn timed_blocked_calls(
     url: &str,
     n: usize,
 ) -> Vec<f64> {
-    let out = crate::mcp::with_test_hosts(Some(cg), dir, Path::new(PYTHON))
+    let out = with_test_hosts(Some(cg), dir, Path::new(PYTHON))
         .args(["-c", TIMED_CALLS, url])
         .arg(bundle)
         .arg(n.to_string())
@@ -657,7 +653,7 @@ fn a_changed_tool_definition_is_a_detection_finding() {
         std::thread::sleep(Duration::from_millis(50));
     }
     drop(server);
-    let _server = crate::mcp::PeerServer::start_variant(&dir, port, "json", true, 2);
+    let _server = PeerServer::start_variant(&dir, port, "json", true, 2);
     let changed = finish(spawn_call(
         &cg,
         &dir,

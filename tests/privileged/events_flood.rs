@@ -12,7 +12,7 @@ use std::{
 use serde_json::Value;
 
 use crate::{
-    mcp::{HOST, finish, spawn_call, tls_setup_full},
+    harness::{HOST, finish, spawn_call, tls_setup_full},
     siem::*,
 };
 

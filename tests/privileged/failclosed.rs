@@ -5,7 +5,7 @@ use std::{path::Path, process::Command, time::Duration};
 
 use serde_json::Value;
 
-use crate::{harness::*, mcp::*};
+use crate::harness::*;
 
 /// A python snippet run inside the test cgroup (so its connections are redirected) with the
 /// test's `/etc/hosts`; prints what it saw as JSON.

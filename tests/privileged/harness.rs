@@ -2,6 +2,11 @@
 //! servers on loopback, and a real socket client (Python, stdlib) started inside the cgroup.
 //!
 //! Nothing here talks to anything but loopback addresses.
+//!
+//! The tests' prelude (`use crate::harness::*`): this file's helpers and those of
+//! - [`peers`]: the MCP SDK server and clients, and stdlib HTTPS probes;
+//! - [`mcp_backend`]: an agent in front of one MCP backend (TLS set-up, policies, approvals);
+//! - [`records`]: reading an archive back (`airlock replay`, DuckDB).
 
 use std::{
     io::{BufRead, BufReader, Read, Write},
@@ -18,6 +23,14 @@ use std::{
 };
 
 use serde_json::Value;
+
+pub mod mcp_backend;
+pub mod peers;
+pub mod records;
+
+pub use mcp_backend::*;
+pub use peers::*;
+pub use records::*;
 
 pub const AIRLOCK: &str = env!("CARGO_BIN_EXE_airlock");
 pub const PYTHON: &str = "/usr/bin/python3";
@@ -675,6 +688,36 @@ pub fn flow_records_from_port(agent: &Agent, port: u16) -> usize {
         .filter_map(Result::ok)
         .filter(|k| k.src_port == port)
         .count()
+}
+
+/// Run `airlock ARGS`, asserting success; what it printed.
+pub fn airlock_out(args: &[&str]) -> String {
+    let out = Command::new(AIRLOCK).args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "airlock {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Poll `ready` every 50 ms until it gives a value; past `timeout`, panic with what `failure`
+/// says then (it may read a log or the last state).
+pub fn wait_until<T>(
+    timeout: Duration,
+    failure: impl FnOnce() -> String,
+    mut ready: impl FnMut() -> Option<T>,
+) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = ready() {
+            return v;
+        }
+        if Instant::now() >= deadline {
+            panic!("{}", failure());
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// A free TCP port on 127.0.0.1 (bound and released).

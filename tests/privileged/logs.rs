@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::mcp::{HOST, finish, requests, spawn_call_with, tls_setup_with};
+use crate::harness::{HOST, finish, requests, spawn_call_with, tls_setup_with};
 
 const CLIENT_TOKEN: &str = "PlantedClientBearer9f8e7d6c5b4a";
 const ARGUMENT_TOKEN: &str = "ghp_PlantedArgumentTokenAbCdEf0123456789";

@@ -13,12 +13,7 @@ use std::{
 
 use serde_json::Value;
 
-use crate::{
-    harness::*,
-    mcp::{
-        BLOCK_POLICY, HOST, Sdk, airlock_out, finish, run_sdk_client, spawn_call, tls_setup_full,
-    },
-};
+use crate::harness::*;
 
 /// `target/test-prometheus/usr/bin/prometheus`; `cargo xtask setup` unpacks it.
 fn prometheus_binary() -> PathBuf {

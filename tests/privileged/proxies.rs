@@ -13,7 +13,7 @@ use std::{
 
 use serde_json::Value;
 
-use crate::{harness::*, mcp::*};
+use crate::harness::*;
 
 mod parts;
 use parts::*;

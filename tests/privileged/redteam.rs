@@ -26,7 +26,7 @@ use std::{
 
 use serde_json::Value;
 
-use crate::{harness::*, mcp::*};
+use crate::harness::*;
 
 const SUPPORT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/support/redteam");
 const SECRETS: [&str; 2] = ["planted.secret@example.com", "AKIAIOSFODNN7EXAMPLE"];

@@ -9,7 +9,7 @@ use std::{path::Path, process::Command, time::Duration};
 use base64::Engine as _;
 use serde_json::Value;
 
-use crate::{harness::*, mcp::*};
+use crate::harness::*;
 
 /// Send bytes (base64 in argv[3]) on a plain connection to argv[1]:argv[2], read the answer
 /// (to its Content-Length, or with argv[4] = "eof" to the end of the connection), print it as

@@ -12,9 +12,9 @@ use std::{
 
 use serde_json::Value;
 
-use crate::{
-    harness::{AIRLOCK, Agent, TestCgroup, backend_toml, free_port, privileged, unique},
-    mcp::venv_python,
+use crate::harness::{
+    AIRLOCK, Agent, TestCgroup, backend_toml, free_port, node, node_modules, privileged,
+    query_archive, unique, venv_python, wait_pending,
 };
 
 const PEER: &str = concat!(
@@ -29,12 +29,9 @@ action = "block"
 tools = ["drop_*"]
 "#;
 
-/// An agent whose `[[stdio_server]]` names the test server's script, with a block rule.
-fn agent(cg: &TestCgroup, name: &str, more_policy: &str) -> Agent {
-    agent_with(cg, name, more_policy, "")
-}
-
-/// Like [`agent`], with more tables after the `[[stdio_server]]` (e.g. `[events.file]`).
+/// An agent whose `[[stdio_server]]` names the test server's script, with a block rule
+/// (`more_policy` beside it) and more tables after the `[[stdio_server]]` (e.g.
+/// `[events.file]`).
 fn agent_with(cg: &TestCgroup, name: &str, more_policy: &str, tables: &str) -> Agent {
     let backend = backend_toml("unused", free_port(), &["127.0.0.1"]);
     let extra = format!(
@@ -48,6 +45,61 @@ fn agent_with(cg: &TestCgroup, name: &str, more_policy: &str, tables: &str) -> A
     .unwrap();
     agent.spawn();
     agent
+}
+
+/// What the stdio tests start from: a cgroup, an agent (see [`agent_with`]), the test server's
+/// script copied into the agent's directory under the name its `[[stdio_server]]` matches,
+/// and the file the server writes what reached it to.
+struct Governed {
+    // Dropped before the cgroup, as a test's own locals were.
+    agent: Agent,
+    cg: TestCgroup,
+    script: PathBuf,
+    marker: PathBuf,
+}
+
+impl Governed {
+    /// `name` is made unique; `more_policy` goes beside the block rule.
+    fn start(name: &str, more_policy: &str) -> Governed {
+        Self::start_with(name, more_policy, "")
+    }
+
+    /// Like [`Governed::start`], with more tables in the configuration (see [`agent_with`]).
+    fn start_with(name: &str, more_policy: &str, tables: &str) -> Governed {
+        let name = unique(name);
+        let cg = TestCgroup::new(&name);
+        let agent = agent_with(&cg, &name, more_policy, tables);
+        let script = agent.dir.join("notes_server.py");
+        std::fs::copy(PEER, &script).unwrap();
+        let marker = agent.dir.join("reached");
+        Governed {
+            agent,
+            cg,
+            script,
+            marker,
+        }
+    }
+
+    /// `airlock govern` of the Python SDK's stdio client spawning the copied server script;
+    /// `extra` are more client arguments.
+    fn python_client(&self, extra: &[&str]) -> Command {
+        let py = venv_python().display().to_string();
+        let (m, s) = (
+            self.marker.display().to_string(),
+            self.script.display().to_string(),
+        );
+        let mut args = vec![
+            py.as_str(),
+            PEER,
+            "client",
+            "--marker",
+            &m,
+            "--server-script",
+            &s,
+        ];
+        args.extend_from_slice(extra);
+        govern(&self.cg, &self.agent, &args)
+    }
 }
 
 fn govern(cg: &TestCgroup, agent: &Agent, job: &[&str]) -> Command {
@@ -68,28 +120,6 @@ fn govern_as(cg: &TestCgroup, agent: &Agent, user: &str, job: &[&str]) -> Comman
     cmd
 }
 
-/// DuckDB over the archive's Parquet files (after the agent stopped): rows as JSON arrays.
-fn query(archive: &Path, sql: &str) -> Vec<Value> {
-    let glob = format!("{}/**/*.parquet", archive.display());
-    let sql = sql.replace(
-        "ARCHIVE",
-        &format!("read_parquet('{glob}', hive_partitioning=true)"),
-    );
-    let script = format!(
-        "import duckdb, json\nrows = duckdb.sql({sql:?}).fetchall()\nprint(json.dumps([[c if isinstance(c, (int, float, str, type(None))) else str(c) for c in r] for r in rows]))"
-    );
-    let out = Command::new(venv_python())
-        .args(["-c", &script])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
-}
-
 fn text(out: &Output) -> String {
     format!(
         "status {}\nstdout: {}\nstderr: {}",
@@ -104,23 +134,9 @@ fn a_governed_jobs_stdio_server_is_masked_blocked_and_recorded_without_changing_
     if !privileged() {
         return;
     }
-    let name = unique("stdio");
-    let cg = TestCgroup::new(&name);
-    let mut agent = agent(&cg, &name, "");
-    let script: PathBuf = agent.dir.join("notes_server.py");
-    std::fs::copy(PEER, &script).unwrap();
-    let marker = agent.dir.join("reached");
-    let (m, s) = (marker.display().to_string(), script.display().to_string());
-    let py = venv_python().display().to_string();
-    let out = govern(
-        &cg,
-        &agent,
-        &[&py, PEER, "client", "--marker", &m, "--server-script", &s],
-    )
-    .stdin(Stdio::null())
-    .output()
-    .unwrap();
-    assert!(out.status.success(), "{}\n{}", text(&out), agent.log());
+    let mut g = Governed::start("stdio", "");
+    let out = g.python_client(&[]).stdin(Stdio::null()).output().unwrap();
+    assert!(out.status.success(), "{}\n{}", text(&out), g.agent.log());
     let seen: Value = serde_json::from_slice(&out.stdout).unwrap();
     // The blocked tool is hidden from the listing, as for an HTTP backend.
     assert_eq!(seen["tools"], serde_json::json!(["big", "echo"]), "{seen}");
@@ -130,7 +146,7 @@ fn a_governed_jobs_stdio_server_is_masked_blocked_and_recorded_without_changing_
         !echoed.contains("bob@example.com") && echoed.starts_with("write to "),
         "{seen}"
     );
-    let reached = std::fs::read_to_string(&marker).unwrap();
+    let reached = std::fs::read_to_string(&g.marker).unwrap();
     assert!(
         reached.contains("echo write to ") && !reached.contains("bob@example.com"),
         "{reached}"
@@ -146,7 +162,7 @@ fn a_governed_jobs_stdio_server_is_masked_blocked_and_recorded_without_changing_
     // Counted; the relay ends once both sides are done.
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let c = agent.status()["agent_counters"].clone();
+        let c = g.agent.status()["agent_counters"].clone();
         assert_eq!(c["stdio_relays"], 1, "{c}");
         assert!(
             c["stdio_jobs"] == 1 && c["stdio_execs"].as_u64() >= Some(3),
@@ -159,9 +175,9 @@ fn a_governed_jobs_stdio_server_is_masked_blocked_and_recorded_without_changing_
         thread::sleep(Duration::from_millis(20));
     }
 
-    agent.sigterm();
-    let rows = query(
-        &agent.archive,
+    g.agent.sigterm();
+    let rows = query_archive(
+        &g.agent.archive,
         "select kind, decision, tool, uid, json_extract_string(payload, '$.event') \
          from ARCHIVE where backend = 'notes' order by session_id, seq",
     );
@@ -182,8 +198,8 @@ fn a_governed_jobs_stdio_server_is_masked_blocked_and_recorded_without_changing_
         "attributed to the client (root): {rows:?}"
     );
     // The open record names the server as started, with its executable's digest.
-    let open = query(
-        &agent.archive,
+    let open = query_archive(
+        &g.agent.archive,
         "select payload from ARCHIVE where backend = 'notes' \
          and json_extract_string(payload, '$.event') = 'open'",
     );
@@ -210,23 +226,21 @@ fn the_typescript_sdks_stdio_client_spawning_server_everything_through_npx_is_re
     if !privileged() {
         return;
     }
-    let name = unique("stdio-node");
-    let cg = TestCgroup::new(&name);
     let more = "[[rule]]\nid = \"no-env-dumps\"\naction = \"block\"\ntools = [\"get-env\"]\n";
-    let mut agent = agent(&cg, &name, more);
-    let modules = crate::mcp::node_modules();
+    let mut g = Governed::start("stdio-node", more);
+    let modules = node_modules();
     let parent = modules.parent().unwrap().display().to_string();
-    let node = crate::mcp::node().display().to_string();
+    let node = node().display().to_string();
     let client = concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/../tests/support/stdio_client.mjs"
     );
-    let out = govern(&cg, &agent, &[&node, client, &parent, "get-env"])
+    let out = govern(&g.cg, &g.agent, &[&node, client, &parent, "get-env"])
         .env("NODE_PATH", &modules)
         .stdin(Stdio::null())
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}\n{}", text(&out), agent.log());
+    assert!(out.status.success(), "{}\n{}", text(&out), g.agent.log());
     let seen: Value = serde_json::from_slice(&out.stdout).unwrap();
     // Matched by the shipped launcher patterns (no `[[stdio_server]]` names it).
     assert_eq!(seen["errors"]["get-env"]["code"], -32010, "{seen}");
@@ -244,9 +258,9 @@ fn the_typescript_sdks_stdio_client_spawning_server_everything_through_npx_is_re
         "{seen}"
     );
     assert_eq!(seen["calls"]["echo_after"][0], "Echo: still here", "{seen}");
-    agent.sigterm();
-    let rows = query(
-        &agent.archive,
+    g.agent.sigterm();
+    let rows = query_archive(
+        &g.agent.archive,
         "select distinct backend from ARCHIVE where tool = 'get-env' and decision = 'block'",
     );
     assert_eq!(rows, vec![serde_json::json!(["stdio-mcp"])]);
@@ -266,41 +280,19 @@ fn a_fastmcp_package_server_is_relayed_the_same_way() {
         "{} is missing: `cargo xtask setup`",
         fastmcp.display()
     );
-    let name = unique("stdio-fastmcp");
-    let cg = TestCgroup::new(&name);
-    let agent = agent(&cg, &name, "");
-    let script: PathBuf = agent.dir.join("notes_server.py");
-    std::fs::copy(PEER, &script).unwrap();
-    let marker = agent.dir.join("reached");
-    let (m, s) = (marker.display().to_string(), script.display().to_string());
-    let (py, fp) = (
-        venv_python().display().to_string(),
-        fastmcp.display().to_string(),
-    );
-    let out = govern(
-        &cg,
-        &agent,
-        &[
-            &py,
-            PEER,
-            "client",
-            "--marker",
-            &m,
-            "--server-script",
-            &s,
-            "--server-python",
-            &fp,
-        ],
-    )
-    .stdin(Stdio::null())
-    .output()
-    .unwrap();
-    assert!(out.status.success(), "{}\n{}", text(&out), agent.log());
+    let g = Governed::start("stdio-fastmcp", "");
+    let fp = fastmcp.display().to_string();
+    let out = g
+        .python_client(&["--server-python", &fp])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}\n{}", text(&out), g.agent.log());
     let seen: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(seen["tools"], serde_json::json!(["big", "echo"]), "{seen}");
     assert_eq!(seen["errors"]["drop_table"]["code"], -32010, "{seen}");
     assert_eq!(seen["calls"]["big"], 1024 * 1024, "{seen}");
-    let reached = std::fs::read_to_string(&marker).unwrap();
+    let reached = std::fs::read_to_string(&g.marker).unwrap();
     assert!(
         reached.contains("echo write to ") && !reached.contains("bob@example.com"),
         "{reached}"
@@ -315,27 +307,22 @@ fn a_server_on_named_fifos_is_relayed_like_one_on_pipes() {
     if !privileged() {
         return;
     }
-    let name = unique("stdio-fifo");
-    let cg = TestCgroup::new(&name);
-    let agent = agent(&cg, &name, "");
-    let script: PathBuf = agent.dir.join("notes_server.py");
-    std::fs::copy(PEER, &script).unwrap();
-    let marker = agent.dir.join("reached");
+    let g = Governed::start("stdio-fifo", "");
     let client = concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/../tests/support/stdio_fifo_client.py"
     );
     let py = venv_python().display().to_string();
     let (d, s, m) = (
-        agent.dir.display().to_string(),
-        script.display().to_string(),
-        marker.display().to_string(),
+        g.agent.dir.display().to_string(),
+        g.script.display().to_string(),
+        g.marker.display().to_string(),
     );
-    let out = govern(&cg, &agent, &[&py, client, &d, &py, &s, &m])
+    let out = govern(&g.cg, &g.agent, &[&py, client, &d, &py, &s, &m])
         .stdin(Stdio::null())
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}\n{}", text(&out), agent.log());
+    assert!(out.status.success(), "{}\n{}", text(&out), g.agent.log());
     let lines: Vec<Value> = String::from_utf8_lossy(&out.stdout)
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
@@ -343,11 +330,11 @@ fn a_server_on_named_fifos_is_relayed_like_one_on_pipes() {
     assert_eq!(lines[0]["id"], 1, "{lines:?}");
     assert_eq!(lines[1]["error"]["code"], -32010, "{lines:?}");
     assert!(
-        !std::fs::read_to_string(&marker)
+        !std::fs::read_to_string(&g.marker)
             .unwrap_or_default()
             .contains("DROP")
     );
-    assert_eq!(agent.status()["agent_counters"]["stdio_relays"], 1);
+    assert_eq!(g.agent.status()["agent_counters"]["stdio_relays"], 1);
 }
 
 /// A call held for approval over stdio (the legacy `initialize` handshake this time): the
@@ -357,61 +344,28 @@ fn a_stdio_call_held_for_approval_goes_through_once_approved_legacy_handshake() 
     if !privileged() {
         return;
     }
-    let name = unique("stdio-approve");
-    let cg = TestCgroup::new(&name);
     let approve = "[[rule]]\nid = \"approve-big\"\naction = \"approve\"\ntools = [\"big\"]\ntimeout_secs = 60\n";
-    let agent = agent(&cg, &name, approve);
-    let script: PathBuf = agent.dir.join("notes_server.py");
-    std::fs::copy(PEER, &script).unwrap();
-    let marker = agent.dir.join("reached");
-    let (m, s) = (marker.display().to_string(), script.display().to_string());
-    let py = venv_python().display().to_string();
-    let client = govern(
-        &cg,
-        &agent,
-        &[
-            &py,
-            PEER,
-            "client",
-            "--marker",
-            &m,
-            "--server-script",
-            &s,
-            "--mode",
-            "legacy",
-        ],
-    )
-    .stdin(Stdio::null())
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped())
-    .spawn()
-    .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let pending: Value = loop {
-        let out = agent.airlock(&["approvals", "list", "--json"]);
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        if let Some(line) = text.lines().next() {
-            break serde_json::from_str(line).unwrap();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no call was held:\n{}",
-            agent.log()
-        );
-        thread::sleep(Duration::from_millis(50));
-    };
+    let g = Governed::start("stdio-approve", approve);
+    let client = g
+        .python_client(&["--mode", "legacy"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pending = wait_pending(&g.agent);
     assert_eq!(pending["tool"], "big", "{pending}");
     // Held: the server has not seen it.
     assert!(
-        !std::fs::read_to_string(&marker)
+        !std::fs::read_to_string(&g.marker)
             .unwrap_or_default()
             .contains("big")
     );
     let id = pending["id"].as_u64().unwrap().to_string();
-    let out = agent.airlock(&["approvals", "approve", &id]);
+    let out = g.agent.airlock(&["approvals", "approve", &id]);
     assert!(out.status.success(), "{}", text(&out));
     let out = client.wait_with_output().unwrap();
-    assert!(out.status.success(), "{}\n{}", text(&out), agent.log());
+    assert!(out.status.success(), "{}\n{}", text(&out), g.agent.log());
     let seen: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(seen["calls"]["big"], 1024 * 1024, "{seen}");
     assert_eq!(seen["errors"]["drop_table"]["code"], -32010, "{seen}");
@@ -425,26 +379,9 @@ fn a_relay_ends_visibly_when_the_agent_dies_and_new_jobs_are_governed_after_a_re
     if !privileged() {
         return;
     }
-    let name = unique("stdio-restart");
-    let cg = TestCgroup::new(&name);
-    let mut agent = agent(&cg, &name, "");
-    let script: PathBuf = agent.dir.join("notes_server.py");
-    std::fs::copy(PEER, &script).unwrap();
-    let marker = agent.dir.join("reached");
-    let (m, s) = (marker.display().to_string(), script.display().to_string());
-    let py = venv_python().display().to_string();
-    let job = |agent: &Agent, extra: &[&str]| {
-        let mut args = vec![
-            py.as_str(),
-            PEER,
-            "client",
-            "--marker",
-            &m,
-            "--server-script",
-            &s,
-        ];
-        args.extend_from_slice(extra);
-        govern(&cg, agent, &args)
+    let mut g = Governed::start("stdio-restart", "");
+    let job = |g: &Governed, extra: &[&str]| {
+        g.python_client(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -452,11 +389,11 @@ fn a_relay_ends_visibly_when_the_agent_dies_and_new_jobs_are_governed_after_a_re
             .unwrap()
     };
     // A client that pauses (waiting for a file) after its first call.
-    let gate = agent.dir.join("gate");
-    let g = gate.display().to_string();
-    let client = job(&agent, &["--pause-until", &g]);
+    let gate = g.agent.dir.join("gate");
+    let gate_arg = gate.display().to_string();
+    let client = job(&g, &["--pause-until", &gate_arg]);
     let deadline = Instant::now() + Duration::from_secs(30);
-    while !std::fs::read_to_string(&marker)
+    while !std::fs::read_to_string(&g.marker)
         .unwrap_or_default()
         .contains("echo")
     {
@@ -466,7 +403,7 @@ fn a_relay_ends_visibly_when_the_agent_dies_and_new_jobs_are_governed_after_a_re
         );
         thread::sleep(Duration::from_millis(20));
     }
-    agent.sigkill();
+    g.agent.sigkill();
     std::fs::write(&gate, "go").unwrap();
     let out = client.wait_with_output().unwrap();
     assert!(
@@ -475,15 +412,15 @@ fn a_relay_ends_visibly_when_the_agent_dies_and_new_jobs_are_governed_after_a_re
         text(&out)
     );
     assert_eq!(
-        std::fs::read_to_string(&marker)
+        std::fs::read_to_string(&g.marker)
             .unwrap()
             .matches("big")
             .count(),
         0
     );
-    agent.spawn();
-    let out = job(&agent, &[]).wait_with_output().unwrap();
-    assert!(out.status.success(), "{}\n{}", text(&out), agent.log());
+    g.agent.spawn();
+    let out = job(&g, &[]).wait_with_output().unwrap();
+    assert!(out.status.success(), "{}\n{}", text(&out), g.agent.log());
 }
 
 /// `airlock discover` lists a stdio server running outside any governed job as unmanaged and
@@ -494,8 +431,6 @@ fn discover_finds_an_unmanaged_stdio_server_and_tells_a_relayed_one_apart() {
     if !privileged() {
         return;
     }
-    let name = unique("stdio-discover");
-    let cg = TestCgroup::new(&name);
     // A shadow server (named like a launcher, stdio piped), started before the agent.
     let mut shadow = std::process::Command::new("sleep")
         .arg0("mcp-server-shadow")
@@ -504,42 +439,21 @@ fn discover_finds_an_unmanaged_stdio_server_and_tells_a_relayed_one_apart() {
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
-    let events = std::env::temp_dir().join(format!("{name}-events.jsonl"));
+    let events = std::env::temp_dir().join(format!("{}-events.jsonl", unique("stdio-discover")));
     let tables = format!("[events.file]\npath = \"{}\"\n", events.display());
-    let agent = agent_with(&cg, &name, "", &tables);
-    let script: PathBuf = agent.dir.join("notes_server.py");
-    std::fs::copy(PEER, &script).unwrap();
-    let marker = agent.dir.join("reached");
-    let gate = agent.dir.join("gate");
-    let (m, s, g) = (
-        marker.display().to_string(),
-        script.display().to_string(),
-        gate.display().to_string(),
-    );
-    let py = venv_python().display().to_string();
-    let client = govern(
-        &cg,
-        &agent,
-        &[
-            &py,
-            PEER,
-            "client",
-            "--marker",
-            &m,
-            "--server-script",
-            &s,
-            "--pause-until",
-            &g,
-        ],
-    )
-    .stdin(Stdio::null())
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped())
-    .spawn()
-    .unwrap();
+    let g = Governed::start_with("stdio-discover", "", &tables);
+    let gate = g.agent.dir.join("gate");
+    let gate_arg = gate.display().to_string();
+    let client = g
+        .python_client(&["--pause-until", &gate_arg])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
     let found: Vec<Value> = loop {
-        let out = agent.airlock(&["discover", "--json"]);
+        let out = g.agent.airlock(&["discover", "--json"]);
         assert!(out.status.success(), "{}", text(&out));
         let found: Vec<Value> = String::from_utf8_lossy(&out.stdout)
             .lines()
@@ -597,7 +511,7 @@ fn discover_finds_an_unmanaged_stdio_server_and_tells_a_relayed_one_apart() {
     }
     std::fs::write(&gate, "go").unwrap();
     let out = client.wait_with_output().unwrap();
-    assert!(out.status.success(), "{}\n{}", text(&out), agent.log());
+    assert!(out.status.success(), "{}\n{}", text(&out), g.agent.log());
     let _ = shadow.kill();
     let _ = shadow.wait();
     let _ = std::fs::remove_file(&events);
@@ -608,11 +522,9 @@ fn a_governed_job_runs_as_its_user_does_not_start_without_the_agent_and_cannot_e
     if !privileged() {
         return;
     }
-    let name = unique("stdio-down");
-    let cg = TestCgroup::new(&name);
-    let mut agent = agent(&cg, &name, "");
+    let mut g = Governed::start("stdio-down", "");
     // The job waits on a FIFO, execs, waits again, execs again.
-    let fifo = agent.dir.join("go");
+    let fifo = g.agent.dir.join("go");
     assert!(
         Command::new("mkfifo")
             .arg(&fifo)
@@ -620,13 +532,13 @@ fn a_governed_job_runs_as_its_user_does_not_start_without_the_agent_and_cannot_e
             .unwrap()
             .success()
     );
-    let log = agent.dir.join("job.out");
+    let log = g.agent.dir.join("job.out");
     let f = fifo.display();
     let script = format!(
         "echo \"uid=$(id -u)\"; read a < {f}; /bin/true; echo \"first=$?\"; read b < {f}; /bin/true; echo \"second=$?\""
     );
     // Dropped to another user after the hand-over (`--user`): the filter stays.
-    let mut job = govern_as(&cg, &agent, "nobody", &["/bin/sh", "-c", &script])
+    let mut job = govern_as(&g.cg, &g.agent, "nobody", &["/bin/sh", "-c", &script])
         .stdout(std::fs::File::create(&log).unwrap())
         .stderr(Stdio::piped())
         .spawn()
@@ -648,7 +560,7 @@ fn a_governed_job_runs_as_its_user_does_not_start_without_the_agent_and_cannot_e
     go();
     wait_for("first=0");
     assert!(std::fs::read_to_string(&log).unwrap().contains("uid=65534"));
-    agent.sigkill();
+    g.agent.sigkill();
     go();
     let status = job.wait().unwrap();
     let out = std::fs::read_to_string(&log).unwrap();
@@ -666,7 +578,7 @@ fn a_governed_job_runs_as_its_user_does_not_start_without_the_agent_and_cannot_e
     let _ = status;
 
     // With no agent at all, the job does not start.
-    let out = govern(&cg, &agent, &["/bin/true"]).output().unwrap();
+    let out = govern(&g.cg, &g.agent, &["/bin/true"]).output().unwrap();
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(

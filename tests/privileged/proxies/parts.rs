@@ -9,7 +9,7 @@ use std::{
 
 use serde_json::Value;
 
-use crate::{harness::*, mcp::HOST};
+use crate::harness::*;
 
 pub(super) const SQUID: &str = "/usr/sbin/squid";
 pub(super) const TINYPROXY: &str = "/usr/bin/tinyproxy";
