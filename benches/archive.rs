@@ -71,10 +71,13 @@ mod heap {
             unsafe { mimalloc::MiMalloc.dealloc(p, l) };
             add(-(l.size() as isize));
         }
+        /// Counted as a new block then the old one freed: a growing buffer is copied, and
+        /// both are live meanwhile.
         unsafe fn realloc(&self, p: *mut u8, l: Layout, new: usize) -> *mut u8 {
             let q = unsafe { mimalloc::MiMalloc.realloc(p, l, new) };
             if !q.is_null() {
-                add(new as isize - l.size() as isize);
+                add(new as isize);
+                add(-(l.size() as isize));
             }
             q
         }
