@@ -11,6 +11,7 @@ use arrow_array::{
     Array, ArrayRef, ListArray, RecordBatch, StringArray, TimestampMicrosecondArray, UInt32Array,
     UInt64Array,
     builder::{
+        ArrayBuilder as _,
         ListBuilder, StringBuilder, TimestampMicrosecondBuilder, UInt32Builder, UInt64Builder,
     },
 };
@@ -166,6 +167,9 @@ pub struct Rows {
     uint32: Vec<UInt32Builder>,
     uint64: Vec<UInt64Builder>,
     lists: Vec<ListBuilder<StringBuilder>>,
+    /// Bytes a row of each Utf8 column took in the last row group: the next one's capacity
+    /// (growing a column by doubling holds the old and the new buffer at once).
+    text_row_bytes: Vec<usize>,
 }
 
 impl Default for Rows {
@@ -179,6 +183,7 @@ impl Default for Rows {
                 .iter()
                 .map(|_| ListBuilder::new(StringBuilder::new()))
                 .collect(),
+            text_row_bytes: vec![0; TEXT.len()],
         }
     }
 }
@@ -204,10 +209,26 @@ impl Rows {
         }
     }
 
+    /// Make room for `rows` rows in the empty Utf8 columns, as many bytes a row as the last
+    /// row group took (and a sixteenth more).
+    fn reserve(&mut self, rows: usize) {
+        for (b, per_row) in self.text.iter_mut().zip(&self.text_row_bytes) {
+            if b.is_empty() && *per_row > 0 {
+                let bytes = per_row.saturating_mul(rows);
+                *b = StringBuilder::with_capacity(rows, bytes.saturating_add(bytes / 16));
+            }
+        }
+    }
+
     /// Finish the columns as a batch and start over.
     fn finish(&mut self) -> Result<RecordBatch, parquet::errors::ParquetError> {
         let mut named: Vec<(&str, ArrayRef)> = vec![("ts", Arc::new(self.ts.finish()))];
-        for ((name, _), b) in TEXT.iter().zip(&mut self.text) {
+        for (((name, _), b), per_row) in TEXT
+            .iter()
+            .zip(&mut self.text)
+            .zip(&mut self.text_row_bytes)
+        {
+            *per_row = b.values_slice().len().div_ceil(b.len().max(1));
             named.push((name, Arc::new(b.finish())));
         }
         for ((name, _), b) in UINT32.iter().zip(&mut self.uint32) {
@@ -233,18 +254,29 @@ impl Rows {
     }
 }
 
-/// One row of a [`Plan`]: its sort key and where to read it again.
+/// One row of a [`Plan`]: its sort key and where to read it again (32 bytes).
 #[derive(Debug, Clone, Copy)]
 struct Planned {
     /// Index of its `session_id` in [`Plan::sessions`]' order of arrival.
     session: u32,
     seq: u64,
     archive_seq: u64,
-    at: EntryAt,
+    /// Its [`EntryAt`], flat.
+    offset: u64,
+    len: u32,
+}
+
+impl Planned {
+    fn at(&self) -> EntryAt {
+        EntryAt {
+            offset: self.offset,
+            len: self.len,
+        }
+    }
 }
 
 /// The rows of one file before they are gathered into columns: each row's sort key and where
-/// its record is (about 40 bytes a row), the distinct session ids, and the run's [`Span`].
+/// its record is (32 bytes a row), the distinct session ids, and the run's [`Span`].
 /// [`Plan::write`] reads the records again one row group at a time, so memory holds one row
 /// group, never the whole file.
 #[derive(Default)]
@@ -266,7 +298,8 @@ impl Plan {
             session,
             seq: r.seq,
             archive_seq: r.archive_seq,
-            at,
+            offset: at.offset,
+            len: at.len,
         });
         match &mut self.span {
             None => {
@@ -315,8 +348,9 @@ impl Plan {
                 .map_err(io_error)?;
         let mut columns = Rows::default();
         for group in row_groups(&self.rows) {
+            columns.reserve(group.len());
             for row in group {
-                read(row.at, &mut columns)?;
+                read(row.at(), &mut columns)?;
             }
             writer
                 .write(&columns.finish().map_err(io_error)?)
@@ -354,7 +388,7 @@ fn row_groups(rows: &[Planned]) -> impl Iterator<Item = &[Planned]> {
         let mut bytes = 0u64;
         let mut n = 0;
         while let Some(row) = rest.get(n).filter(|_| n < ROW_GROUP) {
-            bytes += u64::from(row.at.len);
+            bytes += u64::from(row.len);
             if n > 0 && bytes > ROW_GROUP_BYTES {
                 break;
             }
@@ -693,7 +727,8 @@ mod tests {
                     session: 0,
                     seq: i,
                     archive_seq: i,
-                    at: EntryAt { offset: i, len: *len },
+                    offset: i,
+                    len: *len,
                 })
                 .collect()
         };

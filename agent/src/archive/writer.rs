@@ -47,7 +47,7 @@ pub struct WriterConfig {
     /// Roll the current segment into Parquet once it holds this many records...
     pub max_rows: usize,
     /// ...or this many bytes. Publishing reads a segment twice: once for the sort keys and
-    /// positions of its rows (about 40 bytes a row), then one row group at a time (see
+    /// positions of its rows (32 bytes a row), then one row group at a time (see
     /// [`columns::ROW_GROUP`]), so memory does not grow with this.
     pub max_segment_bytes: u64,
 }
