@@ -488,10 +488,14 @@ fn make_input(policies: &PolicySet, i: usize) -> RecordInput {
     ];
     let session = session_in_time(i as u64);
     let tool = tools[i % tools.len()];
-    let request = i % 2 == 0;
+    let request = i.is_multiple_of(2);
     let msg = Message {
         backend: "tools",
-        direction: if request { Direction::ClientToServer } else { Direction::ServerToClient },
+        direction: if request {
+            Direction::ClientToServer
+        } else {
+            Direction::ServerToClient
+        },
         method: Some("tools/call"),
         tool: Some(tool),
         arguments: None,
@@ -520,7 +524,12 @@ fn make_input(policies: &PolicySet, i: usize) -> RecordInput {
         session_id: format!("session-{session:04}"),
         mcp_session_id: Some(format!("mcp-{session:08x}")),
         seq: i as u64,
-        direction: if request { "client_to_server" } else { "server_to_client" }.into(),
+        direction: if request {
+            "client_to_server"
+        } else {
+            "server_to_client"
+        }
+        .into(),
         kind: if request { "request" } else { "response" }.into(),
         method: Some("tools/call".into()),
         tool: Some(tool.into()),

@@ -11,8 +11,8 @@ use arrow_array::{
     Array, ArrayRef, ListArray, RecordBatch, StringArray, TimestampMicrosecondArray, UInt32Array,
     UInt64Array,
     builder::{
-        ArrayBuilder as _,
-        ListBuilder, StringBuilder, TimestampMicrosecondBuilder, UInt32Builder, UInt64Builder,
+        ArrayBuilder as _, ListBuilder, StringBuilder, TimestampMicrosecondBuilder, UInt32Builder,
+        UInt64Builder,
     },
 };
 use arrow_schema::{DataType, Field, Schema, SchemaRef, TimeUnit};
@@ -343,9 +343,8 @@ impl Plan {
         mut read: impl FnMut(EntryAt, &mut Rows) -> io::Result<()>,
     ) -> io::Result<W> {
         self.sort();
-        let mut writer =
-            ArrowWriter::try_new(out, schema(), Some(properties().map_err(io_error)?))
-                .map_err(io_error)?;
+        let mut writer = ArrowWriter::try_new(out, schema(), Some(properties().map_err(io_error)?))
+            .map_err(io_error)?;
         let mut columns = Rows::default();
         for group in row_groups(&self.rows) {
             columns.reserve(group.len());
@@ -363,7 +362,11 @@ impl Plan {
     /// Sort the rows by session id, `seq`, `archive_seq`: session ids are few against rows,
     /// so they are ranked once and rows sorted on integers.
     fn sort(&mut self) {
-        let mut ids: Vec<(&str, u32)> = self.sessions.iter().map(|(s, i)| (s.as_str(), *i)).collect();
+        let mut ids: Vec<(&str, u32)> = self
+            .sessions
+            .iter()
+            .map(|(s, i)| (s.as_str(), *i))
+            .collect();
         ids.sort_unstable();
         let mut rank = vec![u32::MAX; ids.len()];
         for ((_, i), r) in ids.iter().zip(0u32..) {
@@ -411,7 +414,13 @@ pub fn write<W: io::Write + Send>(out: W, rows: &[Record]) -> io::Result<W> {
         body.clear();
         r.encode(&mut body);
         let len = u32::try_from(body.len()).unwrap_or(u32::MAX);
-        plan.push(&r.as_ref(), EntryAt { offset: i as u64, len });
+        plan.push(
+            &r.as_ref(),
+            EntryAt {
+                offset: i as u64,
+                len,
+            },
+        );
     }
     plan.write(out, |at, columns| {
         if let Some(r) = usize::try_from(at.offset).ok().and_then(|i| rows.get(i)) {
@@ -681,7 +690,13 @@ mod tests {
         let records = chain(2 * ROW_GROUP as u64 + 100);
         let mut plan = Plan::default();
         for (i, r) in records.iter().enumerate() {
-            plan.push(&r.as_ref(), EntryAt { offset: i as u64, len: 200 });
+            plan.push(
+                &r.as_ref(),
+                EntryAt {
+                    offset: i as u64,
+                    len: 200,
+                },
+            );
         }
         assert_eq!(plan.span().map(|s| s.rows), Some(records.len() as u64));
         let written = Arc::new(AtomicU64::new(0));
@@ -702,7 +717,10 @@ mod tests {
                 Ok(())
             })
             .unwrap();
-        assert_eq!(longest, ROW_GROUP, "records read with nothing written in between");
+        assert_eq!(
+            longest, ROW_GROUP,
+            "records read with nothing written in between"
+        );
 
         let file = parquet::file::reader::SerializedFileReader::new(bytes::Bytes::from(out.bytes))
             .unwrap();
@@ -733,10 +751,13 @@ mod tests {
                 .collect()
         };
         let sizes = |rows: &[Planned]| -> Vec<usize> { row_groups(rows).map(<[_]>::len).collect() };
-        assert_eq!(sizes(&rows(&vec![100; 2 * ROW_GROUP + 1])), [ROW_GROUP, ROW_GROUP, 1]);
+        assert_eq!(
+            sizes(&rows(&vec![100; 2 * ROW_GROUP + 1])),
+            [ROW_GROUP, ROW_GROUP, 1]
+        );
         let mib = 1 << 20;
         // 32 MiB of 1 MiB records, then the rest.
-        assert_eq!(sizes(&rows(&vec![mib; 40])), [32, 8]);
+        assert_eq!(sizes(&rows(&[mib; 40])), [32, 8]);
         // Larger than the cap: alone.
         assert_eq!(sizes(&rows(&[10, 40 * mib, 10])), [1, 1, 1]);
         assert_eq!(sizes(&rows(&[])), Vec::<usize>::new());
