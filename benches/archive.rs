@@ -3,8 +3,9 @@
 //! million archived messages: one session's transcript against a full scan.
 //!
 //! `cargo bench --bench archive` (DuckDB from `cargo xtask setup`'s venv; skipped if absent).
-//! `AIRLOCK_BENCH_ONLY=throughput` or `=duckdb` runs one half; `AIRLOCK_BENCH_KEEP=1` keeps
-//! the archives made.
+//! `AIRLOCK_BENCH_ONLY=throughput` or `=duckdb` runs one half, `=publish` only the publish
+//! peak (heap and RSS high-water of turning one full segment into its Parquet file);
+//! `AIRLOCK_BENCH_KEEP=1` keeps the archives made.
 
 use std::{
     path::{Path, PathBuf},
@@ -26,9 +27,75 @@ const SESSIONS: u64 = 2000;
 /// The agent's `max_rows` (agent.rs).
 const ROWS_PER_FILE: usize = 100_000;
 
-/// The agent's allocator (see agent/src/main.rs), so the bench measures what the agent runs.
+/// The agent's allocator (see agent/src/main.rs), so the bench measures what the agent runs,
+/// counting the bytes live while [`heap::COUNTING`] is set (for the publish peak).
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: heap::Counting = heap::Counting;
+
+/// A counting wrapper around mimalloc: bytes allocated minus bytes freed since
+/// [`heap::start`], and their high-water mark. Off (one relaxed load) outside a measurement.
+mod heap {
+    use std::{
+        alloc::{GlobalAlloc, Layout},
+        sync::atomic::{AtomicBool, AtomicIsize, Ordering::Relaxed},
+    };
+
+    pub struct Counting;
+    pub static COUNTING: AtomicBool = AtomicBool::new(false);
+    static LIVE: AtomicIsize = AtomicIsize::new(0);
+    static PEAK: AtomicIsize = AtomicIsize::new(0);
+
+    fn add(n: isize) {
+        if COUNTING.load(Relaxed) {
+            let now = LIVE.fetch_add(n, Relaxed) + n;
+            PEAK.fetch_max(now, Relaxed);
+        }
+    }
+
+    unsafe impl GlobalAlloc for Counting {
+        unsafe fn alloc(&self, l: Layout) -> *mut u8 {
+            let p = unsafe { mimalloc::MiMalloc.alloc(l) };
+            if !p.is_null() {
+                add(l.size() as isize);
+            }
+            p
+        }
+        unsafe fn alloc_zeroed(&self, l: Layout) -> *mut u8 {
+            let p = unsafe { mimalloc::MiMalloc.alloc_zeroed(l) };
+            if !p.is_null() {
+                add(l.size() as isize);
+            }
+            p
+        }
+        unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
+            unsafe { mimalloc::MiMalloc.dealloc(p, l) };
+            add(-(l.size() as isize));
+        }
+        /// Counted as a new block then the old one freed: a growing buffer is copied, and
+        /// both are live meanwhile.
+        unsafe fn realloc(&self, p: *mut u8, l: Layout, new: usize) -> *mut u8 {
+            let q = unsafe { mimalloc::MiMalloc.realloc(p, l, new) };
+            if !q.is_null() {
+                add(new as isize);
+                add(-(l.size() as isize));
+            }
+            q
+        }
+    }
+
+    /// Start counting from zero.
+    pub fn start() {
+        LIVE.store(0, Relaxed);
+        PEAK.store(0, Relaxed);
+        COUNTING.store(true, Relaxed);
+    }
+
+    /// Stop counting: the high-water mark of live bytes since [`start`].
+    pub fn stop() -> usize {
+        COUNTING.store(false, Relaxed);
+        PEAK.load(Relaxed).max(0) as usize
+    }
+}
 
 fn main() {
     if std::env::args().any(|a| a == "--list") {
@@ -41,14 +108,26 @@ fn main() {
         .unwrap();
     let base = std::env::temp_dir().join(format!("airlock-bench-archive-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&base);
+    // AIRLOCK_BENCH_ONLY=throughput or =duckdb runs one half, =publish the publish peak alone.
+    let only = std::env::var("AIRLOCK_BENCH_ONLY").unwrap_or_default();
+    // First, while the process is small: its RSS high-water is then the publish's.
+    if only.is_empty() || only == "publish" {
+        publish_peak(&base.join("publish-peak"), ROWS_PER_FILE);
+        if only == "publish" {
+            if std::env::var_os("AIRLOCK_BENCH_KEEP").is_some() {
+                println!("kept {}", base.display());
+            } else {
+                let _ = std::fs::remove_dir_all(&base);
+            }
+            return;
+        }
+    }
     let inputs = Arc::new(make_inputs(200_000));
     let json_bytes: usize = inputs
         .iter()
         .map(|r| serde_json::to_vec(r).unwrap().len())
         .sum();
 
-    // AIRLOCK_BENCH_ONLY=throughput or =duckdb runs one half.
-    let only = std::env::var("AIRLOCK_BENCH_ONLY").unwrap_or_default();
     // Buffered: one producer, as fast as the writer takes them.
     if only != "duckdb" {
         let dir = base.join("buffered");
@@ -322,14 +401,77 @@ fn dir_size(dir: &Path) -> u64 {
         .unwrap_or(0)
 }
 
-/// Realistic messages: tools/call requests (~300 B) and responses (~1 KB), the reference
-/// call of PERFORMANCE-FLOORS.md, over sessions that come and go, masked.
-fn make_inputs(n: usize) -> Vec<RecordInput> {
-    let policies = PolicySet::load_dir(
+/// The publish thread's peak: one segment of `rows` records (made one at a time, so the
+/// process is small before), then its Parquet file written by `publish_queued` on this thread.
+/// Heap: the high-water of bytes live during the publish over those live before it (every
+/// thread, but only this one works). RSS: `VmHWM` (reset through `clear_refs`) over `VmRSS`
+/// before; mimalloc keeps freed pages, so this is a lower bound of what a fresh process faults.
+fn publish_peak(dir: &Path, rows: usize) {
+    let policies = policies();
+    let (mut log, mut publisher) = writer(dir, usize::MAX).into_parts();
+    for i in 0..rows {
+        log.append(make_input(&policies, i)).unwrap();
+        if i % 1024 == 1023 {
+            log.sync().unwrap();
+        }
+    }
+    let sealed = log.seal().unwrap().expect("a segment");
+    drop(policies);
+    let wal: u64 = std::fs::read_dir(dir.join("archive/_wal"))
+        .unwrap()
+        .map(|e| e.unwrap().metadata().unwrap().len())
+        .sum();
+    let rss = proc_status_kib("VmRSS");
+    let reset = std::fs::write("/proc/self/clear_refs", "5").is_ok();
+    heap::start();
+    let start = Instant::now();
+    publisher.submit(sealed);
+    publisher.publish_queued().unwrap();
+    let elapsed = start.elapsed();
+    let heap_peak = heap::stop();
+    let hwm = proc_status_kib("VmHWM");
+    let mib = |b: f64| b / (1024.0 * 1024.0);
+    println!(
+        "publish peak, one segment of {rows} records ({:.1} MiB of WAL): heap +{:.1} MiB, RSS \
+         high-water +{} ({:.2} s)",
+        mib(wal as f64),
+        mib(heap_peak as f64),
+        if reset {
+            format!("{:.1} MiB", mib(hwm.saturating_sub(rss) as f64 * 1024.0))
+        } else {
+            "? (clear_refs not writable)".into()
+        },
+        elapsed.as_secs_f64()
+    );
+}
+
+/// A `/proc/self/status` field in KiB.
+fn proc_status_kib(field: &str) -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+fn policies() -> PolicySet {
+    PolicySet::load_dir(
         &PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../policies"),
         HashKey([5; 32]),
     )
-    .unwrap();
+    .unwrap()
+}
+
+/// Realistic messages: tools/call requests (~300 B) and responses (~1 KB), the reference
+/// call of PERFORMANCE-FLOORS.md, over sessions that come and go, masked.
+fn make_inputs(n: usize) -> Vec<RecordInput> {
+    let policies = policies();
+    (0..n).map(|i| make_input(&policies, i)).collect()
+}
+
+/// Message `i` of [`make_inputs`].
+fn make_input(policies: &PolicySet, i: usize) -> RecordInput {
     let subject = Subject {
         uid: 1000,
         gid: 1000,
@@ -344,67 +486,72 @@ fn make_inputs(n: usize) -> Vec<RecordInput> {
         "get_weather",
         "query_db",
     ];
-    (0..n)
-        .map(|i| {
-            let session = session_in_time(i as u64);
-            let tool = tools[i % tools.len()];
-            let request = i % 2 == 0;
-            let msg = Message {
-                backend: "tools",
-                direction: if request { Direction::ClientToServer } else { Direction::ServerToClient },
-                method: Some("tools/call"),
-                tool: Some(tool),
-                arguments: None,
-                is_call: request,
-                scope_unknown: false,
-            };
-            let decision = policies.decide(&subject, &msg);
-            let body = if request {
-                json!({"jsonrpc": "2.0", "id": i, "method": "tools/call", "params": {"name": tool, "arguments": {"query": format!("status of build {i} on branch main, failed jobs first"), "repository": "platform/runner-images", "since": "2026-11-01T00:00:00Z", "limit": 20}, "_meta": {"progressToken": i}}})
-            } else {
-                json!({"jsonrpc": "2.0", "id": i - 1, "result": {"content": [{"type": "text", "text": format!(
-                    "Build {i} passed: 1284 tests in 312 s; coverage 81.4%; artifacts at /builds/{i}/out.tar.gz; reviewer bob@example.com approved.\n\
-                     jobs: lint ok ({a} s), unit ok ({b} s), integration ok ({c} s), e2e ok ({d} s), package ok ({e} s)\n\
-                     slowest tests: tests/privileged/mcp.rs::conformance ({b}.{c} s), tests/archive.rs::crash_loop ({c}.{d} s), \
-                     benches/tls.rs::keep_alive ({d}.{e} s)\n\
-                     warnings: 3 deprecated APIs in agent/src/http.rs lines {a}, {b}, {c}; flaky: none in the last {e} runs\n\
-                     cache: restored 1.{a} GiB in {b} s, saved in {c} s; runner ci-{d}.internal, image 2026.11.{e}",
-                    a = i % 97, b = i % 89, c = i % 83, d = i % 79, e = i % 73
-                )}], "isError": false}})
-            };
-            let (payload, masking) = policies.mask_payload(&decision, body);
-            let counts = &masking.counts;
-            RecordInput {
-                ts_us: 1_795_000_000_000_000 + i as i64 * 1000,
-                host: "bench".into(),
-                session_id: format!("session-{session:04}"),
-                mcp_session_id: Some(format!("mcp-{session:08x}")),
-                seq: i as u64,
-                direction: if request { "client_to_server" } else { "server_to_client" }.into(),
-                kind: if request { "request" } else { "response" }.into(),
-                method: Some("tools/call".into()),
-                tool: Some(tool.into()),
-                jsonrpc_id: Some(i.to_string()),
-                payload: Some(payload),
-                decision: if counts.is_empty() { "allow" } else { "mask" }.into(),
-                rules: masking.rules.clone(),
-                masked_detectors: counts.keys().cloned().collect(),
-                latency_us: (!request).then_some(800 + (i as u64 % 500)),
-                pid: Some(4000 + session as u32),
-                tgid: Some(4000 + session as u32),
-                uid: Some(1000),
-                gid: Some(1000),
-                user: Some("ci".into()),
-                comm: Some("node".into()),
-                exe: Some("/usr/bin/node".into()),
-                cgroup: Some("/ci/job".into()),
-                backend: Some("tools".into()),
-                server_addr: Some("127.0.0.2:8443".into()),
-                sni: Some("mcp.internal.test".into()),
-                principal_iss: None,
-                principal_sub: None,
-                policy_hash: Some(policies.hash.clone()),
-            }
-        })
-        .collect()
+    let session = session_in_time(i as u64);
+    let tool = tools[i % tools.len()];
+    let request = i.is_multiple_of(2);
+    let msg = Message {
+        backend: "tools",
+        direction: if request {
+            Direction::ClientToServer
+        } else {
+            Direction::ServerToClient
+        },
+        method: Some("tools/call"),
+        tool: Some(tool),
+        arguments: None,
+        is_call: request,
+        scope_unknown: false,
+    };
+    let decision = policies.decide(&subject, &msg);
+    let body = if request {
+        json!({"jsonrpc": "2.0", "id": i, "method": "tools/call", "params": {"name": tool, "arguments": {"query": format!("status of build {i} on branch main, failed jobs first"), "repository": "platform/runner-images", "since": "2026-11-01T00:00:00Z", "limit": 20}, "_meta": {"progressToken": i}}})
+    } else {
+        json!({"jsonrpc": "2.0", "id": i - 1, "result": {"content": [{"type": "text", "text": format!(
+            "Build {i} passed: 1284 tests in 312 s; coverage 81.4%; artifacts at /builds/{i}/out.tar.gz; reviewer bob@example.com approved.\n\
+             jobs: lint ok ({a} s), unit ok ({b} s), integration ok ({c} s), e2e ok ({d} s), package ok ({e} s)\n\
+             slowest tests: tests/privileged/mcp.rs::conformance ({b}.{c} s), tests/archive.rs::crash_loop ({c}.{d} s), \
+             benches/tls.rs::keep_alive ({d}.{e} s)\n\
+             warnings: 3 deprecated APIs in agent/src/http.rs lines {a}, {b}, {c}; flaky: none in the last {e} runs\n\
+             cache: restored 1.{a} GiB in {b} s, saved in {c} s; runner ci-{d}.internal, image 2026.11.{e}",
+            a = i % 97, b = i % 89, c = i % 83, d = i % 79, e = i % 73
+        )}], "isError": false}})
+    };
+    let (payload, masking) = policies.mask_payload(&decision, body);
+    let counts = &masking.counts;
+    RecordInput {
+        ts_us: 1_795_000_000_000_000 + i as i64 * 1000,
+        host: "bench".into(),
+        session_id: format!("session-{session:04}"),
+        mcp_session_id: Some(format!("mcp-{session:08x}")),
+        seq: i as u64,
+        direction: if request {
+            "client_to_server"
+        } else {
+            "server_to_client"
+        }
+        .into(),
+        kind: if request { "request" } else { "response" }.into(),
+        method: Some("tools/call".into()),
+        tool: Some(tool.into()),
+        jsonrpc_id: Some(i.to_string()),
+        payload: Some(payload),
+        decision: if counts.is_empty() { "allow" } else { "mask" }.into(),
+        rules: masking.rules.clone(),
+        masked_detectors: counts.keys().cloned().collect(),
+        latency_us: (!request).then_some(800 + (i as u64 % 500)),
+        pid: Some(4000 + session as u32),
+        tgid: Some(4000 + session as u32),
+        uid: Some(1000),
+        gid: Some(1000),
+        user: Some("ci".into()),
+        comm: Some("node".into()),
+        exe: Some("/usr/bin/node".into()),
+        cgroup: Some("/ci/job".into()),
+        backend: Some("tools".into()),
+        server_addr: Some("127.0.0.2:8443".into()),
+        sni: Some("mcp.internal.test".into()),
+        principal_iss: None,
+        principal_sub: None,
+        policy_hash: Some(policies.hash.clone()),
+    }
 }

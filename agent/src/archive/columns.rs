@@ -1,17 +1,18 @@
-//! The Parquet side: the Arrow schema (documented column by column in ARCHIVE.md), rows
-//! gathered column by column ([`Rows`]), one RecordBatch per file, zstd Parquet, and reading
-//! rows back for `airlock verify`.
+//! The Parquet side: the Arrow schema (documented column by column in ARCHIVE.md), a file's
+//! rows sorted by their keys ([`Plan`]) and gathered column by column one row group at a time
+//! ([`Rows`]), zstd Parquet, and reading rows back for `airlock verify`.
 //!
 //! Types are chosen for DuckDB: `ts` is a UTC timestamp in microseconds, `rules` and
 //! `masked_detectors` are lists of strings, ids are unsigned integers.
 
-use std::{fs::File, io, path::Path, sync::Arc};
+use std::{collections::HashMap, fs::File, io, path::Path, sync::Arc};
 
 use arrow_array::{
     Array, ArrayRef, ListArray, RecordBatch, StringArray, TimestampMicrosecondArray, UInt32Array,
     UInt64Array,
     builder::{
-        ListBuilder, StringBuilder, TimestampMicrosecondBuilder, UInt32Builder, UInt64Builder,
+        ArrayBuilder as _, ListBuilder, StringBuilder, TimestampMicrosecondBuilder, UInt32Builder,
+        UInt64Builder,
     },
 };
 use arrow_schema::{DataType, Field, Schema, SchemaRef, TimeUnit};
@@ -22,11 +23,20 @@ use parquet::{
     schema::types::ColumnPath,
 };
 
-use super::record::{MaskedPayload, Record, RecordInput, RecordRef};
+use super::{
+    record::{MaskedPayload, Record, RecordInput, RecordRef},
+    wal::EntryAt,
+};
 
 /// Rows per Parquet row group: small enough that DuckDB's statistics can skip most of a file
-/// when one session is asked for (rows are sorted by session).
-const ROW_GROUP: usize = 8192;
+/// when one session is asked for (rows are sorted by session). Also what bounds the memory of
+/// writing a file: only one row group is gathered into columns and encoded at a time.
+pub const ROW_GROUP: usize = 8192;
+
+/// A row group also ends before its records (their write-ahead entries) pass this many bytes,
+/// unless it holds one record only: with large payloads, [`ROW_GROUP`] rows could take
+/// gigabytes. Rows of ordinary traffic (about 1 KiB) fill [`ROW_GROUP`] rows well under it.
+pub const ROW_GROUP_BYTES: u64 = 32 << 20;
 
 fn utf8(name: &str, nullable: bool) -> Field {
     Field::new(name, DataType::Utf8, nullable)
@@ -148,7 +158,7 @@ pub struct Span {
     pub first_ts_us: i64,
 }
 
-/// Rows gathered column by column as they arrive, for one Parquet file: appending copies a
+/// Rows gathered column by column as they arrive, for one row group: appending copies a
 /// record's values into the column buffers while it is still in cache, and the record itself
 /// can be dropped.
 pub struct Rows {
@@ -157,7 +167,9 @@ pub struct Rows {
     uint32: Vec<UInt32Builder>,
     uint64: Vec<UInt64Builder>,
     lists: Vec<ListBuilder<StringBuilder>>,
-    span: Option<Span>,
+    /// Bytes a row of each Utf8 column took in the last row group: the next one's capacity
+    /// (growing a column by doubling holds the old and the new buffer at once).
+    text_row_bytes: Vec<usize>,
 }
 
 impl Default for Rows {
@@ -171,19 +183,13 @@ impl Default for Rows {
                 .iter()
                 .map(|_| ListBuilder::new(StringBuilder::new()))
                 .collect(),
-            span: None,
+            text_row_bytes: vec![0; TEXT.len()],
         }
     }
 }
 
-/// Finished columns of a run of rows, in chain order, with their span.
-pub struct Batch {
-    columns: Vec<ArrayRef>,
-    pub span: Span,
-}
-
 impl Rows {
-    /// Append one record (records come in chain order).
+    /// Append one record.
     pub fn push(&mut self, r: &RecordRef<'_>) {
         self.ts.append_value(r.ts_us);
         for ((_, get), b) in TEXT.iter().zip(&mut self.text) {
@@ -201,44 +207,28 @@ impl Rows {
             }
             b.append(true);
         }
-        match &mut self.span {
-            None => {
-                self.span = Some(Span {
-                    rows: 1,
-                    first_archive_seq: r.archive_seq,
-                    last_archive_seq: r.archive_seq,
-                    first_prev_hash: r.prev_hash.to_owned(),
-                    last_hash: r.hash.to_owned(),
-                    first_ts_us: r.ts_us,
-                })
-            }
-            Some(span) => {
-                span.rows += 1;
-                span.last_archive_seq = r.archive_seq;
-                span.last_hash.clear();
-                span.last_hash.push_str(r.hash);
+    }
+
+    /// Make room for `rows` rows in the empty Utf8 columns, as many bytes a row as the last
+    /// row group took (and a sixteenth more).
+    fn reserve(&mut self, rows: usize) {
+        for (b, per_row) in self.text.iter_mut().zip(&self.text_row_bytes) {
+            if b.is_empty() && *per_row > 0 {
+                let bytes = per_row.saturating_mul(rows);
+                *b = StringBuilder::with_capacity(rows, bytes.saturating_add(bytes / 16));
             }
         }
     }
 
-    pub fn len(&self) -> usize {
-        self.span.as_ref().map_or(0, |s| s.rows as usize)
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.span.is_none()
-    }
-
-    /// The last row's hash, if any.
-    pub fn last_hash(&self) -> Option<&str> {
-        self.span.as_ref().map(|s| s.last_hash.as_str())
-    }
-
-    /// Finish the columns (in schema order) and start over; `None` when there are no rows.
-    pub fn finish(&mut self) -> Option<Batch> {
-        let span = self.span.take()?;
+    /// Finish the columns as a batch and start over.
+    fn finish(&mut self) -> Result<RecordBatch, parquet::errors::ParquetError> {
         let mut named: Vec<(&str, ArrayRef)> = vec![("ts", Arc::new(self.ts.finish()))];
-        for ((name, _), b) in TEXT.iter().zip(&mut self.text) {
+        for (((name, _), b), per_row) in TEXT
+            .iter()
+            .zip(&mut self.text)
+            .zip(&mut self.text_row_bytes)
+        {
+            *per_row = b.values_slice().len().div_ceil(b.len().max(1));
             named.push((name, Arc::new(b.finish())));
         }
         for ((name, _), b) in UINT32.iter().zip(&mut self.uint32) {
@@ -260,25 +250,184 @@ impl Rows {
                     .map(|(_, a)| a.clone())
             })
             .collect();
-        Some(Batch { columns, span })
+        Ok(RecordBatch::try_new(schema(), columns)?)
     }
 }
 
-/// Write rows (in any order) as one Parquet file; see [`write_batch`].
-pub fn write(file: File, rows: &[Record]) -> Result<File, parquet::errors::ParquetError> {
-    let mut sorted: Vec<&Record> = rows.iter().collect();
-    sorted.sort_by_key(|r| r.archive_seq);
-    let mut b = Rows::default();
-    for r in sorted {
-        b.push(&r.as_ref());
-    }
-    match b.finish() {
-        Some(batch) => write_batch(file, &batch),
-        None => {
-            let writer = ArrowWriter::try_new(file, schema(), Some(properties()?))?;
-            writer.into_inner()
+/// One row of a [`Plan`]: its sort key and where to read it again (32 bytes).
+#[derive(Debug, Clone, Copy)]
+struct Planned {
+    /// Index of its `session_id` in [`Plan::sessions`]' order of arrival.
+    session: u32,
+    seq: u64,
+    archive_seq: u64,
+    /// Its [`EntryAt`], flat.
+    offset: u64,
+    len: u32,
+}
+
+impl Planned {
+    fn at(&self) -> EntryAt {
+        EntryAt {
+            offset: self.offset,
+            len: self.len,
         }
     }
+}
+
+/// The rows of one file before they are gathered into columns: each row's sort key and where
+/// its record is (32 bytes a row), the distinct session ids, and the run's [`Span`].
+/// [`Plan::write`] reads the records again one row group at a time, so memory holds one row
+/// group, never the whole file.
+#[derive(Default)]
+pub struct Plan {
+    sessions: HashMap<String, u32>,
+    rows: Vec<Planned>,
+    span: Option<Span>,
+}
+
+impl Plan {
+    /// Add one record, found at `at` (records come in chain order).
+    pub fn push(&mut self, r: &RecordRef<'_>, at: EntryAt) {
+        let next = u32::try_from(self.sessions.len()).unwrap_or(u32::MAX);
+        let session = match self.sessions.get(r.session_id) {
+            Some(i) => *i,
+            None => *self.sessions.entry(r.session_id.to_owned()).or_insert(next),
+        };
+        self.rows.push(Planned {
+            session,
+            seq: r.seq,
+            archive_seq: r.archive_seq,
+            offset: at.offset,
+            len: at.len,
+        });
+        match &mut self.span {
+            None => {
+                self.span = Some(Span {
+                    rows: 1,
+                    first_archive_seq: r.archive_seq,
+                    last_archive_seq: r.archive_seq,
+                    first_prev_hash: r.prev_hash.to_owned(),
+                    last_hash: r.hash.to_owned(),
+                    first_ts_us: r.ts_us,
+                })
+            }
+            Some(span) => {
+                span.rows += 1;
+                span.last_archive_seq = r.archive_seq;
+                span.last_hash.clear();
+                span.last_hash.push_str(r.hash);
+            }
+        }
+    }
+
+    /// Where the rows sit in the chain; `None` when there are none.
+    pub fn span(&self) -> Option<&Span> {
+        self.span.as_ref()
+    }
+
+    /// The last row's hash, if any.
+    pub fn last_hash(&self) -> Option<&str> {
+        self.span.as_ref().map(|s| s.last_hash.as_str())
+    }
+
+    /// Write the rows as zstd Parquet to `out`, sorted by session, then sequence (then chain
+    /// order), so that row-group statistics let a reader skip what one session does not
+    /// touch. `read` pushes the record at a position onto the columns; it is called one row
+    /// group at a time (see [`row_groups`]), each row group written and flushed before the
+    /// next is read. Returns `out` once the file is complete (footer included), for the
+    /// fsync; an error is a failed file, never silently a short one.
+    pub fn write<W: io::Write + Send>(
+        mut self,
+        out: W,
+        mut read: impl FnMut(EntryAt, &mut Rows) -> io::Result<()>,
+    ) -> io::Result<W> {
+        self.sort();
+        let mut writer = ArrowWriter::try_new(out, schema(), Some(properties().map_err(io_error)?))
+            .map_err(io_error)?;
+        let mut columns = Rows::default();
+        for group in row_groups(&self.rows) {
+            columns.reserve(group.len());
+            for row in group {
+                read(row.at(), &mut columns)?;
+            }
+            writer
+                .write(&columns.finish().map_err(io_error)?)
+                .map_err(io_error)?;
+            writer.flush().map_err(io_error)?;
+        }
+        writer.into_inner().map_err(io_error)
+    }
+
+    /// Sort the rows by session id, `seq`, `archive_seq`: session ids are few against rows,
+    /// so they are ranked once and rows sorted on integers.
+    fn sort(&mut self) {
+        let mut ids: Vec<(&str, u32)> = self
+            .sessions
+            .iter()
+            .map(|(s, i)| (s.as_str(), *i))
+            .collect();
+        ids.sort_unstable();
+        let mut rank = vec![u32::MAX; ids.len()];
+        for ((_, i), r) in ids.iter().zip(0u32..) {
+            if let Some(slot) = rank.get_mut(*i as usize) {
+                *slot = r;
+            }
+        }
+        let rank_of = |row: &Planned| rank.get(row.session as usize).copied().unwrap_or(u32::MAX);
+        self.rows
+            .sort_unstable_by_key(|row| (rank_of(row), row.seq, row.archive_seq));
+    }
+}
+
+/// Consecutive rows into row groups of at most [`ROW_GROUP`] rows and [`ROW_GROUP_BYTES`]
+/// bytes of records (or a single row, however large).
+fn row_groups(rows: &[Planned]) -> impl Iterator<Item = &[Planned]> {
+    let mut rest = rows;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let mut bytes = 0u64;
+        let mut n = 0;
+        while let Some(row) = rest.get(n).filter(|_| n < ROW_GROUP) {
+            bytes += u64::from(row.len);
+            if n > 0 && bytes > ROW_GROUP_BYTES {
+                break;
+            }
+            n += 1;
+        }
+        let (group, tail) = rest.split_at(n);
+        rest = tail;
+        Some(group)
+    })
+}
+
+/// Write rows (in any order) as one Parquet file, as [`Plan::write`] does (tests and tools
+/// that rewrite a file).
+pub fn write<W: io::Write + Send>(out: W, rows: &[Record]) -> io::Result<W> {
+    let mut order: Vec<usize> = (0..rows.len()).collect();
+    order.sort_by_key(|i| rows.get(*i).map(|r| r.archive_seq));
+    let mut plan = Plan::default();
+    let mut body = Vec::new();
+    for (i, r) in order.iter().filter_map(|i| Some((*i, rows.get(*i)?))) {
+        body.clear();
+        r.encode(&mut body);
+        let len = u32::try_from(body.len()).unwrap_or(u32::MAX);
+        plan.push(
+            &r.as_ref(),
+            EntryAt {
+                offset: i as u64,
+                len,
+            },
+        );
+    }
+    plan.write(out, |at, columns| {
+        if let Some(r) = usize::try_from(at.offset).ok().and_then(|i| rows.get(i)) {
+            columns.push(&r.as_ref());
+        }
+        Ok(())
+    })
 }
 
 /// The writer settings: zstd, row groups small enough to prune, no dictionary or statistics
@@ -307,51 +456,6 @@ fn properties() -> Result<WriterProperties, parquet::errors::ParquetError> {
     // One session's transcript: a bloom filter lets readers skip row groups without it.
     props = props.set_column_bloom_filter_enabled(ColumnPath::from("session_id"), true);
     Ok(props.build())
-}
-
-/// Write a batch as zstd Parquet to `file`, rows sorted by session, then sequence (then chain
-/// order), so that row-group statistics let a reader skip what one session does not touch.
-pub fn write_batch(file: File, batch: &Batch) -> Result<File, parquet::errors::ParquetError> {
-    let batch = RecordBatch::try_new(schema(), batch.columns.clone())?;
-    let session = column::<StringArray>(&batch, "session_id");
-    let seq = column::<UInt64Array>(&batch, "seq");
-    let archive_seq = column::<UInt64Array>(&batch, "archive_seq");
-    let (Ok(session), Ok(seq), Ok(archive_seq)) = (session, seq, archive_seq) else {
-        return Err(parquet::errors::ParquetError::General(
-            "archive batch without its sort columns".into(),
-        ));
-    };
-    // Sessions are few against rows: rank their ids once, then sort rows on integers.
-    let mut ids: Vec<&str> = session
-        .iter()
-        .flatten()
-        .collect::<std::collections::HashSet<_>>()
-        .into_iter()
-        .collect();
-    ids.sort_unstable();
-    let rank: std::collections::HashMap<&str, u32> =
-        ids.iter().zip(0u32..).map(|(id, r)| (*id, r)).collect();
-    let mut keys: Vec<(u32, u64, u64, u32)> = (0..batch.num_rows())
-        .map(|i| {
-            (
-                rank.get(session.value(i)).copied().unwrap_or(u32::MAX),
-                seq.value(i),
-                archive_seq.value(i),
-                u32::try_from(i).unwrap_or(u32::MAX),
-            )
-        })
-        .collect();
-    keys.sort_unstable();
-    let order: Vec<u32> = keys.into_iter().map(|k| k.3).collect();
-    // One row group at a time: the sorted copy never holds more than a row group.
-    let mut writer = ArrowWriter::try_new(file, schema(), Some(properties()?))?;
-    for chunk in order.chunks(ROW_GROUP) {
-        let indices = UInt32Array::from(chunk.to_vec());
-        writer.write(&arrow_select::take::take_record_batch(&batch, &indices)?)?;
-    }
-    // `into_inner` finishes the file (footer included) and returns it for the fsync; an error
-    // here is a failed archive file, never silently a short one.
-    writer.into_inner()
 }
 
 /// Read every row of an archive file back, in archive (chain) order.
@@ -531,4 +635,131 @@ fn from_batch(batch: &RecordBatch) -> Result<Vec<Record>, String> {
 /// An I/O error from a Parquet error.
 pub fn io_error(e: parquet::errors::ParquetError) -> io::Error {
     io::Error::other(e)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    use super::*;
+    use crate::archive::record::GENESIS;
+
+    /// Counts the bytes that reach it: what the Parquet writer has put out so far.
+    struct Counted {
+        bytes: Vec<u8>,
+        written: Arc<AtomicU64>,
+    }
+
+    impl io::Write for Counted {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.bytes.extend_from_slice(buf);
+            self.written.fetch_add(buf.len() as u64, Ordering::Relaxed);
+            Ok(buf.len())
+        }
+
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn chain(n: u64) -> Vec<Record> {
+        let mut prev = GENESIS.to_owned();
+        (1..=n)
+            .map(|i| {
+                let r = Record::chain(
+                    i,
+                    RecordInput {
+                        ts_us: 1_795_000_000_000_000 + i as i64,
+                        seq: i,
+                        session_id: format!("s{}", i % 7),
+                        payload: Some(MaskedPayload::from_masked(format!("payload {i}"))),
+                        ..Default::default()
+                    },
+                    &prev,
+                );
+                prev = r.hash.clone();
+                r
+            })
+            .collect()
+    }
+
+    /// The file is written one row group at a time: no more than a row group's records are
+    /// read before the output grows, so a segment is never gathered whole into columns.
+    #[test]
+    fn writes_one_row_group_at_a_time() {
+        let records = chain(2 * ROW_GROUP as u64 + 100);
+        let mut plan = Plan::default();
+        for (i, r) in records.iter().enumerate() {
+            plan.push(
+                &r.as_ref(),
+                EntryAt {
+                    offset: i as u64,
+                    len: 200,
+                },
+            );
+        }
+        assert_eq!(plan.span().map(|s| s.rows), Some(records.len() as u64));
+        let written = Arc::new(AtomicU64::new(0));
+        let out = Counted {
+            bytes: Vec::new(),
+            written: written.clone(),
+        };
+        let (mut seen, mut run, mut longest) = (0, 0, 0);
+        let out = plan
+            .write(out, |at, columns| {
+                let now = written.load(Ordering::Relaxed);
+                if now != seen {
+                    (seen, run) = (now, 0);
+                }
+                run += 1;
+                longest = longest.max(run);
+                columns.push(&records[at.offset as usize].as_ref());
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!(
+            longest, ROW_GROUP,
+            "records read with nothing written in between"
+        );
+
+        let file = parquet::file::reader::SerializedFileReader::new(bytes::Bytes::from(out.bytes))
+            .unwrap();
+        use parquet::file::reader::FileReader as _;
+        let groups: Vec<i64> = file
+            .metadata()
+            .row_groups()
+            .iter()
+            .map(|g| g.num_rows())
+            .collect();
+        assert_eq!(groups, [ROW_GROUP as i64, ROW_GROUP as i64, 100]);
+    }
+
+    /// Row groups end at `ROW_GROUP` rows or `ROW_GROUP_BYTES` of records, whichever comes
+    /// first; a record larger than that alone is a row group of its own.
+    #[test]
+    fn row_groups_are_bounded_in_rows_and_bytes() {
+        let rows = |lens: &[u32]| -> Vec<Planned> {
+            lens.iter()
+                .zip(0u64..)
+                .map(|(len, i)| Planned {
+                    session: 0,
+                    seq: i,
+                    archive_seq: i,
+                    offset: i,
+                    len: *len,
+                })
+                .collect()
+        };
+        let sizes = |rows: &[Planned]| -> Vec<usize> { row_groups(rows).map(<[_]>::len).collect() };
+        assert_eq!(
+            sizes(&rows(&vec![100; 2 * ROW_GROUP + 1])),
+            [ROW_GROUP, ROW_GROUP, 1]
+        );
+        let mib = 1 << 20;
+        // 32 MiB of 1 MiB records, then the rest.
+        assert_eq!(sizes(&rows(&[mib; 40])), [32, 8]);
+        // Larger than the cap: alone.
+        assert_eq!(sizes(&rows(&[10, 40 * mib, 10])), [1, 1, 1]);
+        assert_eq!(sizes(&rows(&[])), Vec::<usize>::new());
+    }
 }

@@ -190,6 +190,20 @@ pub fn read_segment(path: &Path) -> io::Result<SegmentContents> {
 /// after the last good entry (a torn write), 0 when the segment ended cleanly. Reads through
 /// a 1 MiB buffer: memory does not grow with the segment.
 pub fn scan_segment(path: &Path, mut each: impl FnMut(RecordRef<'_>)) -> io::Result<u64> {
+    scan_entries(path, |_, r| each(r))
+}
+
+/// Where an entry sits in its segment, for [`EntryReader::read`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EntryAt {
+    /// Offset of its header.
+    pub offset: u64,
+    /// Length of its body.
+    pub len: u32,
+}
+
+/// [`scan_segment`], with where each entry sits.
+pub fn scan_entries(path: &Path, mut each: impl FnMut(EntryAt, RecordRef<'_>)) -> io::Result<u64> {
     let file = File::open(path)?;
     let size = file.metadata()?.len();
     let mut input = io::BufReader::with_capacity(1 << 20, file);
@@ -234,12 +248,51 @@ pub fn scan_segment(path: &Path, mut each: impl FnMut(RecordRef<'_>)) -> io::Res
             break;
         }
         match RecordRef::decode(&body) {
-            Some(r) => each(r),
+            Some(r) => each(EntryAt { offset: pos, len }, r),
             None => break,
         }
         pos += 8 + u64::from(len);
     }
     Ok(size - pos)
+}
+
+/// Reads entries of a segment again, one at a time by position (from [`scan_entries`]), each
+/// checked against its header and checksum; one entry in memory.
+pub struct EntryReader {
+    file: File,
+    entry: Vec<u8>,
+}
+
+impl EntryReader {
+    pub fn open(path: &Path) -> io::Result<EntryReader> {
+        Ok(EntryReader {
+            file: File::open(path)?,
+            entry: Vec::new(),
+        })
+    }
+
+    /// The entry at `at` (one `pread`).
+    pub fn read(&mut self, at: EntryAt) -> io::Result<RecordRef<'_>> {
+        use std::os::unix::fs::FileExt as _;
+        let invalid = |what: &str| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("write-ahead entry at {}: {what}", at.offset),
+            )
+        };
+        if at.len > MAX_ENTRY {
+            return Err(invalid("too long"));
+        }
+        self.entry.resize(8 + at.len as usize, 0);
+        self.file.read_exact_at(&mut self.entry, at.offset)?;
+        let (header, body) = self.entry.split_at(8);
+        let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
+        let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
+        if len != at.len || crc32fast::hash(body) != crc {
+            return Err(invalid("changed since it was read"));
+        }
+        RecordRef::decode(body).ok_or_else(|| invalid("undecodable"))
+    }
 }
 
 #[cfg(test)]

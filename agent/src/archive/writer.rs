@@ -46,8 +46,9 @@ pub struct WriterConfig {
     pub group: Option<u32>,
     /// Roll the current segment into Parquet once it holds this many records...
     pub max_rows: usize,
-    /// ...or this many bytes. Publishing a segment holds its rows in memory as columns, so
-    /// this bounds the archive's memory (about once this, while a file is written).
+    /// ...or this many bytes. Publishing reads a segment twice: once for the sort keys and
+    /// positions of its rows (32 bytes a row), then one row group at a time (see
+    /// [`columns::ROW_GROUP`]), so memory does not grow with this.
     pub max_segment_bytes: u64,
 }
 
@@ -490,17 +491,17 @@ impl Publisher {
         wal_path: &Path,
         last_archive_seq: u64,
     ) -> io::Result<Option<PathBuf>> {
-        let mut rows = columns::Rows::default();
+        let mut plan = columns::Plan::default();
         let mut broken = false;
         let mut expected = self.next_archive_seq;
-        wal::scan_segment(wal_path, |r| {
+        wal::scan_entries(wal_path, |at, r| {
             if !(self.next_archive_seq..=last_archive_seq).contains(&r.archive_seq) {
                 return;
             }
-            let prev = rows.last_hash().unwrap_or(self.last_hash.as_str());
+            let prev = plan.last_hash().unwrap_or(self.last_hash.as_str());
             broken |= r.archive_seq != expected || r.prev_hash != prev;
             expected = r.archive_seq + 1;
-            rows.push(&r);
+            plan.push(&r, at);
         })?;
         if broken {
             return Err(io::Error::new(
@@ -512,10 +513,16 @@ impl Publisher {
             ));
         }
         let mut file = None;
-        if let Some(batch) = rows.finish() {
-            file = Some(self.publish(segment, &batch)?);
-            self.last_hash.clone_from(&batch.span.last_hash);
-            self.next_archive_seq = batch.span.last_archive_seq + 1;
+        if let Some(span) = plan.span().cloned() {
+            let mut entries = wal::EntryReader::open(wal_path)?;
+            file = Some(self.publish(segment, &span, |out| {
+                plan.write(out, |at, columns| {
+                    columns.push(&entries.read(at)?);
+                    Ok(())
+                })
+            })?);
+            self.last_hash = span.last_hash;
+            self.next_archive_seq = span.last_archive_seq + 1;
         }
         remove_if_present(wal_path)?;
         Ok(file)
@@ -567,9 +574,14 @@ impl Publisher {
         Ok(expired)
     }
 
-    /// Write a batch as the Parquet file of segment `n`, then its manifest line.
-    fn publish(&mut self, n: u64, batch: &columns::Batch) -> io::Result<PathBuf> {
-        let span = &batch.span;
+    /// Write the Parquet file of segment `n` (its rows, `span`, written by `write`), then its
+    /// manifest line.
+    fn publish(
+        &mut self,
+        n: u64,
+        span: &columns::Span,
+        write: impl FnOnce(Hashed) -> io::Result<Hashed>,
+    ) -> io::Result<PathBuf> {
         let when = humantime::format_rfc3339_seconds(
             std::time::UNIX_EPOCH
                 + std::time::Duration::from_micros(u64::try_from(span.first_ts_us).unwrap_or(0)),
@@ -593,15 +605,18 @@ impl Publisher {
             .mode(FILE_MODE)
             .open(&tmp)?;
         set_owner(&tmp, self.cfg.group)?;
-        let file = columns::write_batch(file, batch).map_err(columns::io_error)?;
-        file.sync_all()?;
-        drop(file);
+        let written = write(Hashed {
+            file,
+            sha256: sha2::Sha256::new(),
+            len: 0,
+        })?;
+        written.file.sync_all()?;
+        drop(written.file);
         let final_path = dir.join(&name);
         fs::rename(&tmp, &final_path)?;
         File::open(&dir)?.sync_all()?;
-        let written = fs::read(&final_path)?;
-        self.published_bytes += written.len() as u64;
-        let sha256 = hex(&sha2::Sha256::digest(written));
+        self.published_bytes += written.len;
+        let sha256 = hex(&written.sha256.finalize());
         self.manifest.append(
             EntryBody::File {
                 path: rel_dir.join(&name).to_string_lossy().into_owned(),
@@ -621,6 +636,28 @@ impl Publisher {
             self.cfg.group,
         )?;
         Ok(final_path)
+    }
+}
+
+/// A Parquet file being written, hashed on the way (its manifest line's `sha256`: the bytes
+/// written, without reading the file back).
+struct Hashed {
+    file: File,
+    sha256: sha2::Sha256,
+    len: u64,
+}
+
+impl io::Write for Hashed {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.file.write(buf)?;
+        let done = buf.get(..n).unwrap_or(buf);
+        self.sha256.update(done);
+        self.len += done.len() as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.file.flush()
     }
 }
 
