@@ -502,7 +502,7 @@ fn from_batch(batch: &RecordBatch) -> Result<Vec<Record>, String> {
                 method: opt(method, i),
                 tool: opt(tool, i),
                 jsonrpc_id: opt(jsonrpc_id, i),
-                payload: opt(payload, i).map(MaskedPayload::from_masked),
+                payload: opt(payload, i).map(MaskedPayload::read_back),
                 decision: decision.value(i).to_owned(),
                 rules: list(rules, i),
                 masked_detectors: list(masked, i),
