@@ -517,7 +517,7 @@ fn make_input(policies: &PolicySet, i: usize) -> RecordInput {
         )}], "isError": false}})
     };
     let (payload, masking) = policies.mask_payload(&decision, body);
-    let counts = &masking.counts;
+    let counts = masking.counts();
     RecordInput {
         ts_us: 1_795_000_000_000_000 + i as i64 * 1000,
         host: "bench".into(),
@@ -536,7 +536,7 @@ fn make_input(policies: &PolicySet, i: usize) -> RecordInput {
         jsonrpc_id: Some(i.to_string()),
         payload: Some(payload),
         decision: if counts.is_empty() { "allow" } else { "mask" }.into(),
-        rules: masking.rules.clone(),
+        rules: masking.rules().to_vec(),
         masked_detectors: counts.keys().cloned().collect(),
         latency_us: (!request).then_some(800 + (i as u64 % 500)),
         pid: Some(4000 + session as u32),

@@ -93,10 +93,10 @@ fn write_archive(dir: &Path) {
             let decision = policies.decide(&subject, &msg);
             let body = json!({"content": [{"type": "text", "text": format!("reply to {user}@example.com #{i}")}]});
             let (payload, masking) = policies.mask_payload(&decision, body);
-            let counts = &masking.counts;
+            let counts = masking.counts();
             // Synthetic: bob's mail was refused by a rule (named first: it decided).
             let blocked = *user == "bob" && tool == "send_mail";
-            let mut rules = masking.rules.clone();
+            let mut rules = masking.rules().to_vec();
             if blocked {
                 rules.insert(0, "no-mail".into());
             }

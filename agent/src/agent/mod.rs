@@ -138,7 +138,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     let proxy = Arc::new(Proxy {
         backends: config.backends.iter().cloned().map(Arc::new).collect(),
         config: config.clone(),
-        kernel: Mutex::new(kernel),
+        kernel: crate::proxy::state::KernelCell::new(kernel),
         registry: Arc::new(Registry::new(config.recent_connections)),
         counters: AgentCounters::default(),
         names: Arc::new(NameCache::new(Duration::from_secs(60))),

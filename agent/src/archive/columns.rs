@@ -606,7 +606,7 @@ fn from_batch(batch: &RecordBatch) -> Result<Vec<Record>, String> {
                 method: opt(method, i),
                 tool: opt(tool, i),
                 jsonrpc_id: opt(jsonrpc_id, i),
-                payload: opt(payload, i).map(MaskedPayload::from_masked),
+                payload: opt(payload, i).map(MaskedPayload::read_back),
                 decision: decision.value(i).to_owned(),
                 rules: list(rules, i),
                 masked_detectors: list(masked, i),
@@ -672,7 +672,7 @@ mod tests {
                         ts_us: 1_795_000_000_000_000 + i as i64,
                         seq: i,
                         session_id: format!("s{}", i % 7),
-                        payload: Some(MaskedPayload::from_masked(format!("payload {i}"))),
+                        payload: Some(MaskedPayload::for_tests(format!("payload {i}"))),
                         ..Default::default()
                     },
                     &prev,

@@ -1,34 +1,13 @@
-//! One archived row, the hash chain that links rows, and the type that keeps unmasked payloads
-//! out of the archive.
+//! One archived row and the hash chain that links rows. A row's payload is a
+//! [`MaskedPayload`], which the policy module alone makes from a message (see
+//! `policy::masked`): an unmasked payload cannot reach the archive.
 
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
-/// A payload that went through the policy engine's masking. The archive accepts payloads only
-/// in this type, and only the policy module can make one: an unmasked payload cannot reach
-/// the archive by mistake.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(transparent)]
-pub struct MaskedPayload(String);
-
-impl MaskedPayload {
-    /// For the policy module, after masking. (Also used when reading archived rows back.)
-    pub(crate) fn from_masked(text: String) -> MaskedPayload {
-        MaskedPayload(text)
-    }
-
-    /// A payload the agent writes itself (connection events: addresses, byte counts,
-    /// reasons), which carries no message content to mask.
-    pub(crate) fn agent_event(event: &serde_json::Value) -> MaskedPayload {
-        MaskedPayload(event.to_string())
-    }
-
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
+pub use crate::policy::MaskedPayload;
 
 /// What the caller hands to the archive; the archive adds `archive_seq`, `prev_hash`, `hash`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Default)]
 pub struct RecordInput {
     /// Microseconds since the Unix epoch, UTC.
     pub ts_us: i64,
@@ -73,7 +52,7 @@ pub struct RecordInput {
 }
 
 /// A row as stored: the input plus its place in the host's hash chain.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Record {
     /// Global append order on this host (the chain's order; files are sorted differently).
     pub archive_seq: u64,
@@ -259,7 +238,7 @@ impl<'a> RecordRef<'a> {
                 method: o(self.method),
                 tool: o(self.tool),
                 jsonrpc_id: o(self.jsonrpc_id),
-                payload: o(self.payload).map(MaskedPayload),
+                payload: o(self.payload).map(MaskedPayload::read_back),
                 decision: s(self.decision),
                 rules: l(&self.rules),
                 masked_detectors: l(&self.masked_detectors),
@@ -495,7 +474,7 @@ mod tests {
             direction: "client_to_server".into(),
             kind: "request".into(),
             method: Some("tools/call".into()),
-            payload: Some(MaskedPayload::from_masked("{\"a\":1}".into())),
+            payload: Some(MaskedPayload::for_tests("{\"a\":1}")),
             decision: "allow".into(),
             ..Default::default()
         }

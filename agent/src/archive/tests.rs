@@ -68,7 +68,7 @@ fn input(session: &str, seq: u64) -> RecordInput {
         method: Some("tools/call".into()),
         tool: Some("search".into()),
         jsonrpc_id: Some(seq.to_string()),
-        payload: Some(MaskedPayload::from_masked(format!(
+        payload: Some(MaskedPayload::for_tests(format!(
             "{{\"q\":\"item {seq}\",\"mail\":\"[MASKED:email]\"}}"
         ))),
         decision: "mask".into(),
@@ -214,7 +214,7 @@ fn records_written_but_never_synced_never_reach_a_file() {
     w.sync().unwrap();
     // Big enough to leave the write buffer for the file; then the fsync "fails".
     let big = |seq| RecordInput {
-        payload: Some(MaskedPayload::from_masked(format!(
+        payload: Some(MaskedPayload::for_tests(format!(
             "\"{}\"",
             "x".repeat(300_000)
         ))),
@@ -944,7 +944,7 @@ mod service {
         .unwrap();
         let archive = Archive::start(w, Recording::Strict, Duration::from_secs(3600));
         let big = |seq| RecordInput {
-            payload: Some(MaskedPayload::from_masked(format!(
+            payload: Some(MaskedPayload::for_tests(format!(
                 "\"{}\"",
                 "y".repeat(3000)
             ))),

@@ -50,7 +50,7 @@ pub(crate) fn record(kind: &str, decision: &str) -> RecordInput {
         method: Some("tools/call".into()),
         tool: Some("read_file".into()),
         jsonrpc_id: Some("7".into()),
-        payload: Some(MaskedPayload::from_masked(format!(
+        payload: Some(MaskedPayload::for_tests(format!(
             r#"{{"params":{{"arguments":{{"token":"{PLANTED}"}}}}}}"#
         ))),
         decision: decision.into(),

@@ -609,6 +609,15 @@ impl OwnSockets {
     pub fn tag(&self, socket: std::os::fd::BorrowedFd<'_>) -> io::Result<()> {
         sys::sk_storage_set(self.map.as_fd(), socket, 1)
     }
+
+    /// No map (`/dev/null` in its place): for tests that build a proxy without root. Tagging
+    /// fails, so nothing is dialled through it.
+    #[cfg(test)]
+    pub(crate) fn detached() -> io::Result<OwnSockets> {
+        Ok(OwnSockets {
+            map: std::fs::File::open("/dev/null")?.into(),
+        })
+    }
 }
 
 /// Whether pinned links exist, i.e. the programs are attached and fail closed.

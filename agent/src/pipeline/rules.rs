@@ -35,7 +35,7 @@ pub(super) fn acting_rules(
     match deciding {
         Some(r) => add(r),
         None => {
-            masking.rules.iter().for_each(|r| add(r));
+            masking.rules().iter().for_each(|r| add(r));
             hidden.iter().for_each(|(_, r)| add(r));
             if let Some(r) = verdict_rule {
                 add(r);
@@ -43,6 +43,6 @@ pub(super) fn acting_rules(
         }
     }
     // A refused call whose arguments were masked: the mask rules acted too.
-    masking.rules.iter().for_each(|r| add(r));
+    masking.rules().iter().for_each(|r| add(r));
     rules
 }

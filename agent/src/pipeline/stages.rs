@@ -175,11 +175,9 @@ impl Pipeline {
         } else {
             None
         };
-        let masking = if decision.masks_anything() {
-            set.mask(&decision, value)
-        } else {
-            Masking::default()
-        };
+        // With no mask rule this masks nothing, at no cost; the `Masking` it gives is what
+        // lets the message's text be archived ([`Masking::payload`]).
+        let masking = set.mask(&decision, value);
         Judged {
             set,
             decision,
@@ -443,11 +441,11 @@ impl Pipeline {
         record.decision = decision.into();
         let level = judged.decision.record;
         if level == RecordLevel::Full {
-            let text = match raw.as_deref().map(std::str::from_utf8) {
-                Some(Ok(t)) if !changed => t.trim().to_owned(),
-                _ => value.to_string(),
-            };
-            record.payload = Some(MaskedPayload::from_masked(text));
+            let received = raw
+                .as_deref()
+                .filter(|_| !changed)
+                .and_then(|r| std::str::from_utf8(r).ok());
+            record.payload = Some(judged.masking.payload(value, received));
         }
         if level == RecordLevel::Off {
             crate::observe::record(&record);

@@ -3,13 +3,6 @@
 use super::rules::{acting_rules, rule};
 use crate::policy::Masking;
 
-fn masking(rules: &[&str]) -> Masking {
-    Masking {
-        counts: [("email".to_owned(), 1)].into(),
-        rules: rules.iter().map(|r| r.to_string()).collect(),
-    }
-}
-
 fn hidden(rules: &[&str]) -> Vec<(String, String)> {
     rules
         .iter()
@@ -74,11 +67,7 @@ fn the_rule_behind_the_decision_comes_first() {
         (None, None, &[], &[], &[]),
     ];
     for (deciding, verdict, masked, hid, want) in cases {
-        let m = if masked.is_empty() {
-            Masking::default()
-        } else {
-            masking(masked)
-        };
+        let m = Masking::for_tests(masked);
         assert_eq!(
             acting_rules(*deciding, *verdict, &m, &hidden(hid)),
             want.to_vec(),

@@ -59,10 +59,9 @@ impl Pipeline {
 
     /// Mask an event the agent writes about a connection (its command line can hold secrets:
     /// `--token=…`), with the mask rules that apply to this caller and backend.
-    pub fn mask_event(&self, subject: &Subject, backend: &str, mut event: Value) -> MaskedPayload {
+    pub fn mask_event(&self, subject: &Subject, backend: &str, event: Value) -> MaskedPayload {
         let (set, d) = self.unaddressed(subject, backend, Direction::ClientToServer);
-        set.mask(&d, &mut event);
-        MaskedPayload::from_masked(event.to_string())
+        set.mask_payload(&d, event).0
     }
 
     /// Record something that is not an MCP message (an HTTP exchange, a malformed body, an
@@ -74,21 +73,21 @@ impl Pipeline {
         direction: Direction,
         kind: RecordKind,
         decision: RecordDecision,
-        mut details: Value,
+        details: Value,
         latency_us: Option<u64>,
         mcp_session_id: Option<String>,
     ) -> Result<(), PipelineError> {
         let (set, d) = self.unaddressed(&ctx.subject, &ctx.backend, direction);
-        let masking = set.mask(&d, &mut details);
+        let (payload, masking) = set.mask_payload(&d, details);
         let mut rec = ctx.record(&self.host, direction, kind);
         rec.decision = decision.into();
         rec.latency_us = latency_us;
         rec.mcp_session_id = mcp_session_id;
         rec.policy_hash = Some(set.hash.clone());
         // The rules that masked something: an event about this record names them.
-        rec.rules = masking.rules.clone();
+        rec.rules = masking.rules().to_vec();
         rec.masked_detectors = masking.detectors();
-        rec.payload = Some(MaskedPayload::from_masked(details.to_string()));
+        rec.payload = Some(payload);
         self.archive
             .record(rec)
             .await

@@ -27,6 +27,7 @@ pub mod approvals;
 pub mod credentials;
 pub mod detectors;
 pub mod mask;
+mod masked;
 pub mod pins;
 pub mod store;
 
@@ -38,6 +39,8 @@ use std::{
 };
 
 use globset::{Glob, GlobSet, GlobSetBuilder};
+
+pub use masked::MaskedPayload;
 use regex::Regex;
 use serde::Deserialize;
 use serde_json::Value;
@@ -161,13 +164,57 @@ impl Decision {
 /// What masking did to a message: the values masked, by detector, and the mask rules that
 /// masked at least one of them, in order. A mask rule that matched but found nothing is not
 /// among `rules`: records and events name the rules that acted.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+///
+/// Only [`PolicySet::mask`] makes one (its fields are private, and it has no public
+/// `Default`): holding a `Masking` shows that a message went through the policy's masking,
+/// which is what lets [`Masking::payload`] hand over its text for the archive.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Masking {
-    pub counts: MaskCounts,
-    pub rules: Vec<String>,
+    counts: MaskCounts,
+    rules: Vec<String>,
 }
 
 impl Masking {
+    /// Nothing masked: the start of [`PolicySet::mask`].
+    fn none() -> Masking {
+        Masking {
+            counts: MaskCounts::new(),
+            rules: Vec::new(),
+        }
+    }
+
+    /// A masking as if rules `rules` had masked one email each, for tests outside this module.
+    #[cfg(test)]
+    pub(crate) fn for_tests(rules: &[&str]) -> Masking {
+        Masking {
+            counts: [("email".to_owned(), rules.len() as u32)].into(),
+            rules: rules.iter().map(|r| (*r).to_owned()).collect(),
+        }
+    }
+
+    /// The values masked, by detector.
+    pub fn counts(&self) -> &MaskCounts {
+        &self.counts
+    }
+
+    /// The mask rules that masked something, in order.
+    pub fn rules(&self) -> &[String] {
+        &self.rules
+    }
+
+    /// The archive's text of the message this masking was applied to. `masked` is the
+    /// message as it is after masking (and after anything else taken out of it, such as a
+    /// listing's hidden tools); `received` is the text as it came, which is kept, saving a
+    /// serialisation, only when nothing was masked: text a detector matched is never
+    /// recorded.
+    pub fn payload(&self, masked: &Value, received: Option<&str>) -> MaskedPayload {
+        let text = match received {
+            Some(t) if self.total() == 0 => t.trim().to_owned(),
+            _ => masked.to_string(),
+        };
+        MaskedPayload::from_masked(text)
+    }
+
     /// How many values were masked.
     pub fn total(&self) -> u32 {
         self.counts.values().sum()
@@ -468,7 +515,7 @@ impl PolicySet {
     /// Mask `value` with every mask rule of `decision`: the counts by detector, and the rules
     /// that masked something.
     pub fn mask(&self, decision: &Decision, value: &mut Value) -> Masking {
-        let mut masking = Masking::default();
+        let mut masking = Masking::none();
         for &i in &decision.mask_rules {
             let rule = &self.rules[i];
             if let Some(m) = &rule.masker
@@ -481,16 +528,9 @@ impl PolicySet {
     }
 
     /// Mask a message body and hand it over in the only form the archive accepts.
-    pub fn mask_payload(
-        &self,
-        decision: &Decision,
-        mut value: Value,
-    ) -> (crate::archive::MaskedPayload, Masking) {
+    pub fn mask_payload(&self, decision: &Decision, mut value: Value) -> (MaskedPayload, Masking) {
         let masking = self.mask(decision, &mut value);
-        (
-            crate::archive::MaskedPayload::from_masked(value.to_string()),
-            masking,
-        )
+        (MaskedPayload::from_masked(value.to_string()), masking)
     }
 
     /// Mask one string (e.g. an `Mcp-Param-*` header value) the same way.

@@ -96,6 +96,40 @@ fn first_block_or_approve_decides_and_all_masks_apply() {
     assert_eq!(d.record, RecordLevel::Full);
 }
 
+/// A payload for the archive is made only through masking: the detector's masking is in
+/// it, and the text as received is used only when nothing was masked.
+#[test]
+fn a_masked_payload_carries_the_detectors_masking() {
+    let s = set(&[("default.toml", EXAMPLE)]).unwrap();
+    let who = subject("alice", 1000);
+    let args = json!({"q": "mail alice@example.com"});
+    let d = s.decide(&who, &call("search", &args));
+    let (payload, masking) = s.mask_payload(&d, json!({"params": {"arguments": args}}));
+    assert_eq!(masking.detectors(), vec!["email"]);
+    assert!(
+        !payload.as_str().contains("alice@example.com"),
+        "{}",
+        payload.as_str()
+    );
+    assert!(payload.as_str().contains("mail "), "{}", payload.as_str());
+
+    // The text as received is not recorded when something in it was masked...
+    let received = r#"{"q":"mail alice@example.com"}"#;
+    let mut value: Value = serde_json::from_str(received).unwrap();
+    let m = s.mask(&d, &mut value);
+    let payload = m.payload(&value, Some(received));
+    assert!(
+        !payload.as_str().contains("alice@example.com"),
+        "{}",
+        payload.as_str()
+    );
+    // ... and is, as it came (no serialisation), when nothing was.
+    let received = " {\"q\" : \"nothing to mask\"} ";
+    let mut value: Value = serde_json::from_str(received).unwrap();
+    let m = s.mask(&d, &mut value);
+    assert_eq!(m.payload(&value, Some(received)).as_str(), received.trim());
+}
+
 /// Masking tells which mask rules masked something: a rule that matched and found nothing
 /// did not act, and is not named (issue 19: events named a mask rule that masked nothing).
 #[test]
@@ -134,7 +168,7 @@ tools = ["search"]
     assert_eq!(m.rules, vec!["mask-tokens"], "the later file's rule masked");
     let mut v = json!({"q": "nothing to mask"});
     let m = s.mask(&s.decide(&who, &call("search", &v.clone())), &mut v);
-    assert_eq!(m, Masking::default());
+    assert_eq!(m, Masking::none());
 }
 
 #[test]

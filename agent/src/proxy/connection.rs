@@ -11,8 +11,13 @@
 //! - 14\. [`Connection::close`]: the `close` record, the counters, the registry.
 //!
 //! Every refusal leaves through one exit, [`Proxy::refuse`], with a [`Refusal`].
+//!
+//! What a connection learns from the kernel (its flow record, the caller's process, the
+//! upstream socket dialled as the agent's own) comes through [`Lookups`], so that a unit test
+//! can run the steps without root (`tests_connection.rs`).
 
 use std::{
+    future::Future,
     net::SocketAddr,
     path::Path,
     sync::{
@@ -30,7 +35,7 @@ use super::{
     refusal::{Refusal, Refused},
     relay::{self, RelayEnd},
     route::{End, Identity, Route},
-    state::Proxy,
+    state::{DialError, Proxy},
 };
 use crate::{
     archive::MaskedPayload,
@@ -45,25 +50,88 @@ use crate::{
 /// it.
 pub(crate) async fn serve(proxy: Arc<Proxy>, client: TcpStream, peer: SocketAddr, netns: u64) {
     use tracing::Instrument as _;
-    let conn = Connection {
-        proxy,
-        peer,
-        netns,
-        accepted: Instant::now(),
-    };
+    let conn = Connection::new(proxy, peer, netns, KernelLookups);
     // One span per connection: every line logged on its behalf names the client, and its id
     // once the registry gave it one.
     let span = tracing::info_span!("conn", client = %peer, id = tracing::field::Empty);
     conn.run(client).instrument(span).await;
 }
 
+/// What a connection asks of the kernel and of `/proc`, apart from the rest of its steps.
+pub(crate) trait Lookups: Send + Sync {
+    /// Step 8: the kernel's record of the connection with flow key `key`, taken out of the
+    /// flow table.
+    fn take_flow(
+        &self,
+        proxy: &Proxy,
+        key: &airlock_common::FlowKey,
+    ) -> Option<airlock_common::ConnMeta>;
+
+    /// Step 10: the calling process, from the kernel's record.
+    fn attribute(
+        &self,
+        proxy: &Proxy,
+        meta: airlock_common::ConnMeta,
+    ) -> impl Future<Output = Result<Attribution, Refusal>> + Send;
+
+    /// Step 9: the upstream socket, from the caller's network namespace (`netns`).
+    fn dial(
+        &self,
+        proxy: &Proxy,
+        addr: SocketAddr,
+        netns: u64,
+    ) -> impl Future<Output = Result<TcpStream, DialError>> + Send;
+}
+
+/// The agent's lookups: the programs' flow table, `/proc`, a socket tagged as the agent's own.
+pub(crate) struct KernelLookups;
+
+impl Lookups for KernelLookups {
+    fn take_flow(
+        &self,
+        proxy: &Proxy,
+        key: &airlock_common::FlowKey,
+    ) -> Option<airlock_common::ConnMeta> {
+        proxy.kernel.lock().ok().and_then(|mut k| k.take_flow(key))
+    }
+
+    /// procfs reads do not wait on I/O: done inline; a user or group name not yet cached
+    /// needs NSS, which can (LDAP, files on slow disks): that goes to the blocking pool.
+    async fn attribute(
+        &self,
+        proxy: &Proxy,
+        meta: airlock_common::ConnMeta,
+    ) -> Result<Attribution, Refusal> {
+        let names = &proxy.names;
+        if names.has(meta.uid, meta.gid) {
+            return Ok(Attribution::from_kernel(&meta, Path::new("/proc"), names));
+        }
+        let names = names.clone();
+        tokio::task::spawn_blocking(move || {
+            Attribution::from_kernel(&meta, Path::new("/proc"), &names)
+        })
+        .await
+        .map_err(|e| Refusal::Attribution(e.to_string()))
+    }
+
+    async fn dial(
+        &self,
+        proxy: &Proxy,
+        addr: SocketAddr,
+        netns: u64,
+    ) -> Result<TcpStream, DialError> {
+        proxy.dial(addr, netns).await
+    }
+}
+
 /// A connection between `accept()` and its end.
-struct Connection {
+pub(crate) struct Connection<L> {
     proxy: Arc<Proxy>,
     peer: SocketAddr,
     /// The namespace whose listener accepted it.
     netns: u64,
     accepted: Instant,
+    lookups: L,
 }
 
 /// Why a connection ended in failure: the text of its close record and registry entry.
@@ -109,8 +177,19 @@ struct Admitted {
     _uid_permit: ConnectionPermit,
 }
 
-impl Connection {
-    async fn run(self, client: TcpStream) {
+impl<L: Lookups> Connection<L> {
+    pub(crate) fn new(proxy: Arc<Proxy>, peer: SocketAddr, netns: u64, lookups: L) -> Self {
+        Connection {
+            proxy,
+            peer,
+            netns,
+            accepted: Instant::now(),
+            lookups,
+        }
+    }
+
+    /// Steps 8 to 14, every refusal through [`Proxy::refuse`].
+    pub(crate) async fn run(self, client: TcpStream) {
         let peer = self.peer;
         let refused = |client, attribution, guard, backend| Refused {
             client,
@@ -188,11 +267,8 @@ impl Connection {
         })?;
         let key = keys::flow_key(self.peer, local, self.netns);
         let meta = self
-            .proxy
-            .kernel
-            .lock()
-            .ok()
-            .and_then(|mut k| k.take_flow(&key))
+            .lookups
+            .take_flow(&self.proxy, &key)
             .ok_or(Refusal::Unattributed)?;
         if meta.connect_ns < self.proxy.listening_since_ns {
             return Err(Refusal::Stale);
@@ -234,7 +310,10 @@ impl Connection {
             if over_capacity.is_some() || pooled {
                 Ok(None)
             } else {
-                proxy.dial(original_dst, meta.netns).await.map(Some)
+                self.lookups
+                    .dial(proxy, original_dst, meta.netns)
+                    .await
+                    .map(Some)
             }
         };
         // `biased`: the dial is polled first, so its connect() is under way while /proc is read.
@@ -278,21 +357,9 @@ impl Connection {
         })
     }
 
-    /// Step 10: who called, from the kernel's record and `/proc`. procfs reads do not wait on
-    /// I/O: done inline; a user or group name not yet cached needs NSS, which can (LDAP,
-    /// files on slow disks): that goes to the blocking pool.
+    /// Step 10: who called, from the kernel's record and `/proc` ([`Lookups::attribute`]).
     async fn attribute(&self, meta: airlock_common::ConnMeta) -> Result<Attribution, Refusal> {
-        let names = &self.proxy.names;
-        let mut attribution = if names.has(meta.uid, meta.gid) {
-            Attribution::from_kernel(&meta, Path::new("/proc"), names)
-        } else {
-            let names = names.clone();
-            tokio::task::spawn_blocking(move || {
-                Attribution::from_kernel(&meta, Path::new("/proc"), &names)
-            })
-            .await
-            .map_err(|e| Refusal::Attribution(e.to_string()))?
-        };
+        let mut attribution = self.lookups.attribute(&self.proxy, meta).await?;
         // A container's name, when its runtime's hook gave one, is the namespace's.
         if self.netns != self.proxy.host_netns
             && let Some(c) = attribution.container.as_mut()

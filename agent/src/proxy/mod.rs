@@ -44,3 +44,6 @@ pub fn start_threads(proxy: &Arc<Proxy>, n: usize) -> std::io::Result<workers::C
         n,
     )
 }
+
+#[cfg(test)]
+mod tests_connection;

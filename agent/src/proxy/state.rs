@@ -28,7 +28,7 @@ pub struct Proxy {
     pub config: Config,
     /// `config.backends`, each shared by every connection to it (never cloned per connection).
     pub backends: Vec<Arc<crate::config::Backend>>,
-    pub kernel: Mutex<Kernel>,
+    pub kernel: KernelCell,
     pub registry: Arc<Registry>,
     pub counters: AgentCounters,
     /// uid/gid → name lookups, cached: NSS is slow and names rarely change.
@@ -66,6 +66,53 @@ pub struct Proxy {
     /// The attached cgroup and the cgroup2 mount it is in (which processes are governed).
     pub cgroup: std::path::PathBuf,
     pub cgroup_mount: std::path::PathBuf,
+}
+
+/// The loaded programs and their maps, behind a lock. Always there in the agent; a unit test
+/// that runs connections without root has none, and every use of it then finds it unavailable,
+/// as if its lock were poisoned (the callers already live with that).
+pub struct KernelCell(Mutex<Option<Kernel>>);
+
+/// The kernel, locked ([`KernelCell::lock`]).
+pub struct KernelGuard<'a>(std::sync::MutexGuard<'a, Option<Kernel>>);
+
+/// The kernel cannot be used: its lock is poisoned, or (in tests) there is none.
+#[derive(Debug)]
+pub struct KernelUnavailable;
+
+impl KernelCell {
+    pub fn new(kernel: Kernel) -> KernelCell {
+        KernelCell(Mutex::new(Some(kernel)))
+    }
+
+    /// No kernel: for tests that run connections without root.
+    #[cfg(test)]
+    pub(crate) fn none() -> KernelCell {
+        KernelCell(Mutex::new(None))
+    }
+
+    pub fn lock(&self) -> Result<KernelGuard<'_>, KernelUnavailable> {
+        let guard = self.0.lock().map_err(|_| KernelUnavailable)?;
+        match *guard {
+            Some(_) => Ok(KernelGuard(guard)),
+            None => Err(KernelUnavailable),
+        }
+    }
+}
+
+impl std::ops::Deref for KernelGuard<'_> {
+    type Target = Kernel;
+
+    fn deref(&self) -> &Kernel {
+        // `KernelCell::lock` hands out a guard only over `Some`, and nothing takes it out.
+        self.0.as_ref().expect("a locked kernel is there")
+    }
+}
+
+impl std::ops::DerefMut for KernelGuard<'_> {
+    fn deref_mut(&mut self) -> &mut Kernel {
+        self.0.as_mut().expect("a locked kernel is there")
+    }
 }
 
 /// Why an upstream connection could not be made.

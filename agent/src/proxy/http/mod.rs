@@ -745,7 +745,10 @@ mod tests {
         }
         // Answered requests left `owed`; the rest are freed with the info.
         drop(info(&sessions, &key, &[json!(1), json!("s")]));
-        assert!(take(&sessions, &key, "1"), "a freed id is free to take again");
+        assert!(
+            take(&sessions, &key, "1"),
+            "a freed id is free to take again"
+        );
         assert!(take(&sessions, &key, "\"s\""));
         // "2" was not owed by that info: still taken.
         assert!(!take(&sessions, &key, "2"));

@@ -16,6 +16,9 @@
 //! Anything else — another content type, a compressed body, JSON that is not JSON-RPC, a body
 //! a lenient client would read as JSON that Airlock cannot parse — is not passed on: the
 //! client gets a 502 naming the reason, and the archive a record.
+//!
+//! The class of an answer is decided from its head alone, sans-IO ([`classify`]: status,
+//! headers, the kind of request); [`Conn::response`] does the reading and writing it calls for.
 
 use bytes::Bytes;
 use http::{HeaderValue, Method, Response, StatusCode, header};
@@ -77,116 +80,65 @@ impl Conn {
             .get(header::CONTENT_TYPE)
             .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
             .unwrap_or_default();
-        if info.passthrough {
-            // Allowed non-MCP traffic: passed on as it streams, recorded at HTTP level.
-            if let Err(e) = self
-                .http_record(info, parts.status.as_u16(), &ct_text)
-                .await
-            {
-                return self.unrecorded(info, e).await;
-            }
-            let body = IdleBody::new(body, self.limits.stream_idle_timeout);
-            return Response::from_parts(parts, http_body_util::BodyExt::boxed_unsync(body));
-        }
-        let no_body = matches!(
-            parts.status,
-            StatusCode::NO_CONTENT | StatusCode::NOT_MODIFIED
-        ) || info.method == Method::HEAD;
-        if parts.status == StatusCode::ACCEPTED {
+        let asked = Asked {
+            passthrough: info.passthrough,
+            head: info.method == Method::HEAD,
+        };
+        let empty = hyper::body::Body::size_hint(&body).exact() == Some(0);
+        let class = classify(parts.status, &parts.headers, asked, &self.backend, empty);
+        if parts.status == StatusCode::ACCEPTED && class != AnswerClass::Passthrough {
             // Accepted: the answers come later, on another stream (the legacy transport).
             info.owed.clear();
         }
-        if parts.status == StatusCode::ACCEPTED && !no_body {
-            // No client reads the body of a 202 ("Accepted"): it is read (bounded) and dropped,
-            // never passed on uninspected.
-            let deadline = tokio::time::Instant::now() + self.limits.body_read_timeout;
-            if let Err(e) = read_capped(body, self.limits.max_body, deadline, None).await {
-                tracing::debug!(id = self.ctx.conn_id, error = ?e, "the body of a 202 was not read whole");
+        let kind = match class {
+            AnswerClass::Passthrough => {
+                // Allowed non-MCP traffic: passed on as it streams, recorded at HTTP level.
+                if let Err(e) = self
+                    .http_record(info, parts.status.as_u16(), &ct_text)
+                    .await
+                {
+                    return self.unrecorded(info, e).await;
+                }
+                let body = IdleBody::new(body, self.limits.stream_idle_timeout);
+                return Response::from_parts(parts, http_body_util::BodyExt::boxed_unsync(body));
             }
-            if let Err(e) = self
-                .http_record(info, parts.status.as_u16(), &ct_text)
-                .await
-            {
-                return self.unrecorded(info, e).await;
+            AnswerClass::NoBody => {
+                if let Err(e) = self
+                    .http_record(info, parts.status.as_u16(), &ct_text)
+                    .await
+                {
+                    return self.unrecorded(info, e).await;
+                }
+                return Response::from_parts(parts, full(Bytes::new()));
             }
-            parts.headers.remove(header::CONTENT_TYPE);
-            parts
-                .headers
-                .insert(header::CONTENT_LENGTH, HeaderValue::from(0));
-            return Response::from_parts(parts, full(Bytes::new()));
-        }
-        if no_body {
-            if let Err(e) = self
-                .http_record(info, parts.status.as_u16(), &ct_text)
-                .await
-            {
-                return self.unrecorded(info, e).await;
+            AnswerClass::AcceptedDrained => {
+                // No client reads the body of a 202 ("Accepted"): it is read (bounded) and
+                // dropped, never passed on uninspected.
+                let deadline = tokio::time::Instant::now() + self.limits.body_read_timeout;
+                if let Err(e) = read_capped(body, self.limits.max_body, deadline, None).await {
+                    tracing::debug!(id = self.ctx.conn_id, error = ?e, "the body of a 202 was not read whole");
+                }
+                if let Err(e) = self
+                    .http_record(info, parts.status.as_u16(), &ct_text)
+                    .await
+                {
+                    return self.unrecorded(info, e).await;
+                }
+                parts.headers.remove(header::CONTENT_TYPE);
+                parts
+                    .headers
+                    .insert(header::CONTENT_LENGTH, HeaderValue::from(0));
+                return Response::from_parts(parts, full(Bytes::new()));
             }
-            return Response::from_parts(parts, full(Bytes::new()));
-        }
-        if !is_identity_encoding(&parts.headers) {
-            return self
-                .refuse_answer(
-                    info,
-                    "the server compressed its answer although Airlock asked for none".into(),
-                )
-                .await;
-        }
-        if parts.status.is_informational() {
-            // An unasked-for protocol switch (101) would hand the connection to bytes Airlock
-            // does not read.
-            return self
-                .refuse_answer(
-                    info,
-                    format!(
-                        "it answered {} (a protocol switch nobody asked for)",
-                        parts.status
-                    ),
-                )
-                .await;
-        }
-        if parts.status.is_redirection()
-            && let Some(location) = parts.headers.get(header::LOCATION)
-            && !location
-                .to_str()
-                .is_ok_and(|l| same_server(l, &self.backend))
-        {
-            return self
-                .refuse_answer(
-                    info,
-                    format!(
-                        "it redirects the client to {:?}, another server (the request would leave uninspected)",
-                        String::from_utf8_lossy(location.as_bytes())
-                    ),
-                )
-                .await;
-        }
+            AnswerClass::Refused(reason) => return self.refuse_answer(info, reason).await,
+            AnswerClass::WithholdErrorBody(e) => {
+                return self.withhold_error_body(info, parts, e).await;
+            }
+            AnswerClass::Stream => return self.stream(info.hand_over(), parts, body).await,
+            AnswerClass::Read(kind) => kind,
+        };
         // Below 400, clients parse the body as MCP; from 400 on, as an error to show.
         let success = parts.status.as_u16() < 400;
-        // What the client will decode the body as: one media type, no charset but UTF-8 in
-        // any notation its header parser reads (`charset*=utf-8''utf-7` is UTF-7 to httpx).
-        let ct = match media::utf8_content_type(&parts.headers) {
-            Ok(ct) => ct,
-            Err(e) if hyper::body::Body::size_hint(&body).exact() == Some(0) => {
-                // No byte to decode: the status and headers go on as they are.
-                tracing::debug!(id = self.ctx.conn_id, error = %e, "an empty answer's Content-Type");
-                None
-            }
-            Err(e) if success => {
-                return self
-                    .refuse_answer(info, format!("its answer has {e}"))
-                    .await;
-            }
-            Err(e) => return self.withhold_error_body(info, parts, e).await,
-        };
-        let kind = match &ct {
-            Some(m) if m.essence == "text/event-stream" => Some(true),
-            Some(m) if m.essence == "application/json" => Some(false),
-            _ => None,
-        };
-        if success && kind == Some(true) {
-            return self.stream(info.hand_over(), parts, body).await;
-        }
         let deadline = tokio::time::Instant::now() + self.limits.body_read_timeout;
         // The answer's bytes count against the caller's in-flight bytes while they are read.
         let mut permit = self.resources.body(self.ctx.attribution.uid);
@@ -210,7 +162,7 @@ impl Conn {
                 .insert(header::CONTENT_LENGTH, HeaderValue::from(0));
             return Response::from_parts(parts, full(bytes));
         }
-        if success && kind != Some(false) {
+        if success && kind != BodyKind::Json {
             return self
                 .refuse_answer(
                     info,
@@ -259,10 +211,7 @@ impl Conn {
                     .await;
             }
             Err(BodyError::Json(_))
-                if !success
-                    && !strict::looks_like_json(&bytes)
-                    && kind.is_none()
-                    && !matches!(&ct, Some(m) if m.essence.contains("json") || m.essence.contains("event-stream")) =>
+                if !success && !strict::looks_like_json(&bytes) && kind == BodyKind::Other =>
             {
                 // An error text ("Not Found"): masked, passed on.
                 let Ok(text) = std::str::from_utf8(&bytes) else {
@@ -422,9 +371,262 @@ pub(super) fn same_server(url: &str, backend: &crate::config::Backend) -> bool {
         })
 }
 
+/// The request an answer is for, as far as the answer's class goes.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Asked {
+    /// Allowed non-MCP traffic (passed on as it streams).
+    pub passthrough: bool,
+    /// A `HEAD` request: its answer has no body whatever its headers say.
+    pub head: bool,
+}
+
+/// What Airlock does with a server's answer, decided from its head alone ([`classify`]).
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum AnswerClass {
+    /// Allowed non-MCP traffic: passed on as it streams, recorded at HTTP level.
+    Passthrough,
+    /// No body (204, 304, an answer to `HEAD`): the status and headers go on.
+    NoBody,
+    /// A 202 with a body no client reads: read (bounded) and dropped.
+    AcceptedDrained,
+    /// Not passed on: the client gets a 502 with this reason.
+    Refused(String),
+    /// An error answer whose body the client would not decode as UTF-8 (or whose media type
+    /// Airlock cannot read): its status and headers go on, its body is Airlock's reason.
+    WithholdErrorBody(media::MediaError),
+    /// A success answer as an event stream: judged event by event.
+    Stream,
+    /// A body to read whole, then judge as its media type says.
+    Read(BodyKind),
+}
+
+/// The media type of a body read whole.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum BodyKind {
+    /// `application/json`: JSON-RPC through the pipeline (an error answer's other JSON,
+    /// masked whole).
+    Json,
+    /// `text/event-stream` of an error answer, read whole like JSON.
+    EventStream,
+    /// Another type that names JSON or an event stream (`application/problem+json`): never
+    /// taken for plain error text.
+    JsonLike,
+    /// Anything else, or none: a success answer's body is refused, an error answer's text is
+    /// masked and passed on.
+    Other,
+}
+
+/// The class of an answer with `status` and `headers` to a request `asked`, from `backend`;
+/// `empty` when the body is known to be empty. Sans-IO: what the answer's I/O then does
+/// follows from it.
+pub(super) fn classify(
+    status: StatusCode,
+    headers: &http::HeaderMap,
+    asked: Asked,
+    backend: &crate::config::Backend,
+    empty: bool,
+) -> AnswerClass {
+    if asked.passthrough {
+        return AnswerClass::Passthrough;
+    }
+    let no_body = matches!(status, StatusCode::NO_CONTENT | StatusCode::NOT_MODIFIED) || asked.head;
+    if no_body {
+        return AnswerClass::NoBody;
+    }
+    if status == StatusCode::ACCEPTED {
+        return AnswerClass::AcceptedDrained;
+    }
+    if !is_identity_encoding(headers) {
+        return AnswerClass::Refused(
+            "the server compressed its answer although Airlock asked for none".into(),
+        );
+    }
+    if status.is_informational() {
+        // An unasked-for protocol switch (101) would hand the connection to bytes Airlock
+        // does not read.
+        return AnswerClass::Refused(format!(
+            "it answered {status} (a protocol switch nobody asked for)"
+        ));
+    }
+    if status.is_redirection()
+        && let Some(location) = headers.get(header::LOCATION)
+        && !location.to_str().is_ok_and(|l| same_server(l, backend))
+    {
+        return AnswerClass::Refused(format!(
+            "it redirects the client to {:?}, another server (the request would leave uninspected)",
+            String::from_utf8_lossy(location.as_bytes())
+        ));
+    }
+    // Below 400, clients parse the body as MCP; from 400 on, as an error to show.
+    let success = status.as_u16() < 400;
+    // What the client will decode the body as: one media type, no charset but UTF-8 in any
+    // notation its header parser reads (`charset*=utf-8''utf-7` is UTF-7 to httpx).
+    let ct = match media::utf8_content_type(headers) {
+        Ok(ct) => ct,
+        Err(e) if empty => {
+            // No byte to decode: the status and headers go on as they are.
+            tracing::debug!(error = %e, "an empty answer's Content-Type");
+            None
+        }
+        Err(e) if success => return AnswerClass::Refused(format!("its answer has {e}")),
+        Err(e) => return AnswerClass::WithholdErrorBody(e),
+    };
+    let kind = match ct.as_ref().map(|m| m.essence.as_str()) {
+        Some("application/json") => BodyKind::Json,
+        Some("text/event-stream") => BodyKind::EventStream,
+        Some(e) if e.contains("json") || e.contains("event-stream") => BodyKind::JsonLike,
+        _ => BodyKind::Other,
+    };
+    if success && kind == BodyKind::EventStream {
+        return AnswerClass::Stream;
+    }
+    AnswerClass::Read(kind)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The class of an answer with `status` and `headers` to an MCP POST.
+    fn class_of(status: u16, headers: &[(&str, &str)], empty: bool) -> AnswerClass {
+        let mut b = crate::fuzzing::mcp_backend(&[]);
+        b.host = "mcp.test".into();
+        b.port = 8443;
+        let mut map = http::HeaderMap::new();
+        for (k, v) in headers {
+            map.append(
+                http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        let asked = Asked {
+            passthrough: false,
+            head: false,
+        };
+        classify(
+            StatusCode::from_u16(status).unwrap(),
+            &map,
+            asked,
+            &b,
+            empty,
+        )
+    }
+
+    const JSON: (&str, &str) = ("content-type", "application/json");
+    const SSE: (&str, &str) = ("content-type", "text/event-stream; charset=utf-8");
+
+    #[test]
+    fn success_answers_are_json_read_whole_or_streams() {
+        assert_eq!(
+            class_of(200, &[JSON], false),
+            AnswerClass::Read(BodyKind::Json)
+        );
+        assert_eq!(
+            class_of(201, &[JSON], false),
+            AnswerClass::Read(BodyKind::Json)
+        );
+        assert_eq!(class_of(200, &[SSE], false), AnswerClass::Stream);
+        // Another type: read, then refused unless empty (the caller decides on the bytes).
+        assert_eq!(
+            class_of(200, &[("content-type", "text/html")], false),
+            AnswerClass::Read(BodyKind::Other)
+        );
+        assert_eq!(
+            class_of(200, &[], false),
+            AnswerClass::Read(BodyKind::Other)
+        );
+    }
+
+    #[test]
+    fn bodiless_and_accepted_answers() {
+        assert_eq!(class_of(204, &[JSON], false), AnswerClass::NoBody);
+        assert_eq!(class_of(304, &[], false), AnswerClass::NoBody);
+        assert_eq!(class_of(202, &[JSON], false), AnswerClass::AcceptedDrained);
+        let mut b = crate::fuzzing::mcp_backend(&[]);
+        b.host = "mcp.test".into();
+        let head = Asked {
+            passthrough: false,
+            head: true,
+        };
+        let json = http::HeaderMap::from_iter([(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )]);
+        assert_eq!(
+            classify(StatusCode::OK, &json, head, &b, false),
+            AnswerClass::NoBody
+        );
+        let through = Asked {
+            passthrough: true,
+            head: false,
+        };
+        assert_eq!(
+            classify(StatusCode::OK, &json, through, &b, false),
+            AnswerClass::Passthrough
+        );
+    }
+
+    #[test]
+    fn compressed_switching_and_redirected_elsewhere_answers_are_refused() {
+        let refused = |c: AnswerClass| matches!(c, AnswerClass::Refused(_));
+        assert!(refused(class_of(
+            200,
+            &[JSON, ("content-encoding", "gzip")],
+            false
+        )));
+        assert_eq!(
+            class_of(200, &[JSON, ("content-encoding", "identity")], false),
+            AnswerClass::Read(BodyKind::Json)
+        );
+        assert!(refused(class_of(101, &[("upgrade", "websocket")], false)));
+        assert!(refused(class_of(
+            307,
+            &[("location", "https://evil.example:8443/mcp")],
+            false
+        )));
+        assert_eq!(
+            class_of(307, &[("location", "/mcp/")], false),
+            AnswerClass::Read(BodyKind::Other)
+        );
+    }
+
+    #[test]
+    fn a_charset_other_than_utf8_refuses_a_success_and_withholds_an_error_body() {
+        let latin1 = ("content-type", "application/json; charset=latin1");
+        assert!(matches!(
+            class_of(200, &[latin1], false),
+            AnswerClass::Refused(r) if r.contains("charset") || r.contains("UTF-8")
+        ));
+        assert!(matches!(
+            class_of(401, &[latin1], false),
+            AnswerClass::WithholdErrorBody(_)
+        ));
+        // No byte to decode: its type does not matter.
+        assert_eq!(
+            class_of(200, &[latin1], true),
+            AnswerClass::Read(BodyKind::Other)
+        );
+    }
+
+    #[test]
+    fn error_answers_are_read_by_kind() {
+        assert_eq!(
+            class_of(401, &[JSON], false),
+            AnswerClass::Read(BodyKind::Json)
+        );
+        assert_eq!(
+            class_of(500, &[SSE], false),
+            AnswerClass::Read(BodyKind::EventStream)
+        );
+        assert_eq!(
+            class_of(400, &[("content-type", "application/problem+json")], false),
+            AnswerClass::Read(BodyKind::JsonLike)
+        );
+        assert_eq!(
+            class_of(404, &[("content-type", "text/plain")], false),
+            AnswerClass::Read(BodyKind::Other)
+        );
+    }
 
     #[test]
     fn urls_stay_on_the_same_server_only_when_every_parser_agrees() {
