@@ -220,11 +220,32 @@ fn main() {
                 .ok()
                 .and_then(|n| n.parse().ok())
                 .unwrap_or(SSE_STREAMS);
+            // `BENCH_PERF_SSE=FILE`: a `perf record -g` of the agent over its SSE streams
+            // (with `BENCH_SSE_STREAMS` raised, long enough to sample).
+            let perf = match std::env::var_os("BENCH_PERF_SSE") {
+                Some(out) if path == AIRLOCK_PATH => Command::new("perf")
+                    .args(["record", "-q", "-F", "2999", "-g", "-p"])
+                    .arg(agent_pid.to_string())
+                    .arg("-o")
+                    .arg(out)
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .ok(),
+                _ => None,
+            };
             for _ in 0..streams {
                 let t = Instant::now();
                 let events = s.stream().await;
                 assert_eq!(events, peers::SSE_EVENTS + 1, "{}", PATHS[path]);
                 rates.push(events as f64 / t.elapsed().as_secs_f64());
+            }
+            if let Some(mut p) = perf {
+                // perf writes its file when interrupted.
+                let _ = Command::new("kill")
+                    .args(["-INT", &p.id().to_string()])
+                    .status();
+                let _ = p.wait();
             }
             rates.sort_by(f64::total_cmp);
             report.sse_events_per_sec[path] = rates[rates.len() / 2];
@@ -257,8 +278,8 @@ fn main() {
                         .arg("-o")
                         .arg(out)
                         .args(["--", "sleep", "2.5"])
-                        .stdout(std::process::Stdio::null())
-                        .stderr(std::process::Stdio::null())
+                        .stdout(Stdio::null())
+                        .stderr(Stdio::null())
                         .spawn()
                         .ok(),
                     _ => None,

@@ -534,7 +534,14 @@ fn a_tunnel_the_server_closed_is_opened_again_with_the_clients_credentials() {
         p.proxy.log()
     );
     std::fs::write(&go, "").unwrap();
-    let done: Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+    let done = lines.next().and_then(Result::ok).unwrap_or_default();
+    let done: Value = serde_json::from_str(&done).unwrap_or_else(|e| {
+        panic!(
+            "the third call: {e} ({done:?})\nagent: {}\nproxy: {}",
+            p.agent.log(),
+            p.proxy.log()
+        )
+    });
     assert_eq!(
         done["statuses"],
         serde_json::json!([200, 200, 200]),

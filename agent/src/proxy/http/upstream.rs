@@ -2,16 +2,21 @@
 //! re-dialled when the server closes it, and the pool of idle ones a new client connection
 //! starts from.
 //!
-//! A server connection has no task of its own. Its driver (hyper's connection future, which
-//! writes requests and reads answers) is polled by whoever waits on it: the exchange while it
-//! sends a request and waits for the answer's head, then the answer's body
+//! A server connection in use has no task of its own. Its driver (hyper's connection future,
+//! which writes requests and reads answers) is polled by whoever waits on it: the exchange
+//! while it sends a request and waits for the answer's head, then the answer's body
 //! ([`UpstreamBody`]) as the client connection's task reads it. An exchange so stays on one
-//! task from the client's request to the server's last byte, with no wake-up crossing
-//! between tasks; an idle pooled connection is polled by nobody until an exchange takes it.
+//! task from the client's request to the server's last byte, with no wake-up crossing between
+//! tasks. Between exchanges (in the pool, or kept by its client connection) a small watcher
+//! task polls it instead, so a server closing an idle connection is seen at once: the close
+//! is answered (TLS `close_notify`, FIN) and the connection leaves the pool.
 
 use std::{
     pin::Pin,
-    sync::{Arc, Mutex, PoisonError},
+    sync::{
+        Arc, Mutex, PoisonError, Weak,
+        atomic::{AtomicU8, Ordering},
+    },
     task::{Context, Poll},
     time::{Duration, Instant},
 };
@@ -24,7 +29,9 @@ use tracing::debug;
 
 /// A hyper client connection's driver, shared by its sender and the body it is reading; `None`
 /// once the connection ended.
-type Driver = Arc<Mutex<Option<Pin<Box<dyn Future<Output = Result<(), hyper::Error>> + Send>>>>>;
+type Driver = Arc<Mutex<Option<DriverFuture>>>;
+
+type DriverFuture = Pin<Box<dyn Future<Output = Result<(), hyper::Error>> + Send>>;
 
 /// Poll the connection's driver once in `cx` (it registers `cx`'s waker for the connection's
 /// socket); a driver that finished is dropped, which ends whatever waits on the connection.
@@ -40,15 +47,80 @@ fn drive(driver: &Driver, cx: &mut Context<'_>) {
     }
 }
 
+/// Who polls a connection's driver: an exchange (`IN_USE`), its watcher (`IDLE`), or nobody
+/// any more (`GONE`: its sender was dropped; the watcher ends).
+struct Watch {
+    state: AtomicU8,
+    waker: futures_util::task::AtomicWaker,
+}
+
+const IN_USE: u8 = 0;
+const IDLE: u8 = 1;
+const GONE: u8 = 2;
+
+impl Watch {
+    fn set(&self, state: u8) {
+        self.state.store(state, Ordering::Release);
+        if state != IN_USE {
+            self.waker.wake();
+        }
+    }
+}
+
+/// The watcher of an idle connection: polls its driver while no exchange does; ends when the
+/// connection ended or its sender is gone. (Its waker replaces the exchange's on the socket
+/// only when it polls, and it polls only while the connection is idle.)
+async fn watch_idle(driver: Weak<Mutex<Option<DriverFuture>>>, watch: Arc<Watch>) {
+    std::future::poll_fn(|cx| {
+        watch.waker.register(cx.waker());
+        match watch.state.load(Ordering::Acquire) {
+            GONE => return Poll::Ready(()),
+            IN_USE => return Poll::Pending,
+            _ => {}
+        }
+        let Some(driver) = driver.upgrade() else {
+            return Poll::Ready(());
+        };
+        drive(&driver, cx);
+        let ended = driver
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_none();
+        if ended {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    })
+    .await
+}
+
 /// A hyper client connection's request side, its driver, and the connection thread that
 /// opened it.
 pub struct UpstreamSender {
     send: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
     driver: Driver,
+    watch: Arc<Watch>,
     thread: Thread,
 }
 
+impl Drop for UpstreamSender {
+    fn drop(&mut self) {
+        self.watch.set(GONE);
+    }
+}
+
 impl UpstreamSender {
+    /// An exchange drives the connection from now on (its watcher stands aside).
+    fn take_up(&self) {
+        self.watch.set(IN_USE);
+    }
+
+    /// Between exchanges: the watcher drives it.
+    fn put_down(&self) {
+        self.watch.set(IDLE);
+    }
+
     /// Whether the connection is gone (its driver ended, or hyper closed it).
     pub fn is_closed(&self) -> bool {
         self.send.is_closed()
@@ -99,7 +171,12 @@ impl UpstreamSender {
             answer.as_mut().poll(cx)
         })
         .await?;
-        Ok(head.map(|inner| UpstreamBody { inner, driver }))
+        let watch = self.watch.clone();
+        Ok(head.map(|inner| UpstreamBody {
+            inner,
+            driver,
+            watch,
+        }))
     }
 }
 
@@ -108,6 +185,18 @@ impl UpstreamSender {
 pub struct UpstreamBody {
     inner: Incoming,
     driver: Driver,
+    watch: Arc<Watch>,
+}
+
+impl Drop for UpstreamBody {
+    /// Read whole or abandoned, the answer no longer drives its connection: the watcher does
+    /// until the next exchange takes it (a connection kept by its client connection after a
+    /// stream is watched too).
+    fn drop(&mut self) {
+        if self.watch.state.load(Ordering::Acquire) == IN_USE {
+            self.watch.set(IDLE);
+        }
+    }
 }
 
 impl Body for UpstreamBody {
@@ -200,12 +289,17 @@ impl UpstreamSlot {
         if self.sender.is_none() && !fresh {
             self.sender = self.dialer.take_idle();
         }
+        if let Some(s) = self.sender.as_ref() {
+            s.take_up();
+        }
         let usable = match self.sender.as_mut() {
             Some(s) => !s.is_closed() && s.ready().await.is_ok(),
             None => false,
         };
         if !usable {
-            self.sender = Some(self.dialer.dial().await?);
+            let fresh = self.dialer.dial().await?;
+            fresh.take_up();
+            self.sender = Some(fresh);
         }
         self.sender.as_mut().ok_or(UpstreamError::Missing)
     }
@@ -240,6 +334,9 @@ impl UpstreamSlot {
     pub async fn checkin(&mut self) {
         if let Some(s) = self.sender.as_ref() {
             s.settle().await;
+            if s.is_ready() {
+                s.put_down();
+            }
         }
         if self
             .sender
@@ -270,9 +367,16 @@ where
         .handshake(hyper_util::rt::TokioIo::new(io))
         .await
         .map_err(UpstreamError::Handshake)?;
+    let driver: Driver = Arc::new(Mutex::new(Some(Box::pin(connection))));
+    let watch = Arc::new(Watch {
+        state: AtomicU8::new(IDLE),
+        waker: Default::default(),
+    });
+    tokio::spawn(watch_idle(Arc::downgrade(&driver), watch.clone()));
     Ok(UpstreamSender {
         send: sender,
-        driver: Arc::new(Mutex::new(Some(Box::pin(connection)))),
+        driver,
+        watch,
         thread: crate::proxy::workers::current(),
     })
 }
@@ -367,6 +471,32 @@ mod tests {
     async fn sender() -> (UpstreamSender, tokio::io::DuplexStream) {
         let (ours, theirs) = tokio::io::duplex(4096);
         (client_handshake(ours).await.unwrap(), theirs)
+    }
+
+    #[tokio::test]
+    async fn a_server_closing_an_idle_connection_is_seen_without_an_exchange() {
+        let (mut s, peer) = sender().await;
+        s.take_up();
+        s.ready().await.unwrap();
+        // Idle (as in the pool): its watcher drives it.
+        s.put_down();
+        drop(peer);
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while !s.is_closed() {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("the close was never seen");
+        // In use, the watcher stands aside: a connection whose exchange has it is driven by
+        // that exchange alone (here: nobody, so a close goes unseen until it polls).
+        let (s, peer) = sender().await;
+        s.take_up();
+        drop(peer);
+        for _ in 0..100 {
+            tokio::task::yield_now().await;
+        }
+        assert!(!s.is_closed());
     }
 
     #[tokio::test]
