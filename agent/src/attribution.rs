@@ -153,19 +153,9 @@ impl Attribution {
     /// A process that made no connection (the client of a stdio server): who it is, from
     /// `/proc`; `None` when it is gone. `original_dst` is unspecified and `family` `stdio`.
     pub fn of_process(tgid: u32, proc_root: &Path, names: &NameCache) -> Option<Attribution> {
-        let status = fs::read_to_string(proc_root.join(tgid.to_string()).join("status")).ok()?;
-        let ids = |name: &str| {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix(name))
-                .and_then(|v| v.split_whitespace().next()?.parse::<u32>().ok())
-        };
-        let (uid, gid) = (ids("Uid:")?, ids("Gid:")?);
-        let comm = status
-            .lines()
-            .find_map(|l| l.strip_prefix("Name:"))
-            .map(|c| c.trim().to_owned())
-            .unwrap_or_default();
+        let status = ProcStatus::read(&proc_root.join(tgid.to_string()).join("status")).ok()?;
+        let (uid, gid) = (status.number("Uid")?, status.number("Gid")?);
+        let comm = status.text("Name").unwrap_or_default().to_owned();
         let proc = ProcInfo::read(proc_root, tgid, 0)?;
         Some(
             Attribution {
@@ -328,8 +318,46 @@ impl NameCache {
     }
 }
 
+/// A process's `/proc/PID/status`, read once, and its fields by name.
+pub struct ProcStatus(String);
+
+impl ProcStatus {
+    pub fn read(path: &Path) -> std::io::Result<ProcStatus> {
+        fs::read_to_string(path).map(ProcStatus)
+    }
+
+    /// A field's value, trimmed (`text("Name")`: the command name).
+    pub fn text(&self, name: &str) -> Option<&str> {
+        self.0.lines().find_map(|l| {
+            l.strip_prefix(name)
+                .and_then(|rest| rest.strip_prefix(':'))
+                .map(str::trim)
+        })
+    }
+
+    /// A field's first number (`number("Uid")`: the real uid).
+    pub fn number(&self, name: &str) -> Option<u32> {
+        self.text(name)?.split_whitespace().next()?.parse().ok()
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn proc_status_fields_are_read_by_name() {
+        let me = ProcStatus::read(Path::new("/proc/self/status")).unwrap();
+        assert_eq!(me.number("Uid"), Some(nix::unistd::getuid().as_raw()));
+        assert_eq!(me.number("Tgid"), Some(std::process::id()));
+        // `PPid` is not taken for `Pid`, nor `Pid` for `PPid`.
+        assert_eq!(me.number("Pid"), Some(std::process::id()));
+        assert_eq!(
+            me.number("PPid"),
+            Some(nix::unistd::getppid().as_raw() as u32)
+        );
+        assert!(!me.text("Name").unwrap_or_default().is_empty());
+        assert_eq!(me.text("NoSuchField"), None);
+    }
+
     use super::*;
 
     #[test]

@@ -1,11 +1,9 @@
 //! The agent's own log: JSON lines with structured fields when asked, the level from the
 //! configuration, and no secret in it even at `trace`.
 
-use std::time::Duration;
-
 use serde_json::Value;
 
-use crate::harness::{HOST, finish, requests, spawn_call_with, tls_setup_with};
+use crate::harness::{HOST, add_policy, finish, requests, spawn_call_with, tls_setup_with};
 
 const CLIENT_TOKEN: &str = "PlantedClientBearer9f8e7d6c5b4a";
 const ARGUMENT_TOKEN: &str = "ghp_PlantedArgumentTokenAbCdEf0123456789";
@@ -34,8 +32,8 @@ fn json_log_at_trace_level_holds_no_secret() {
     else {
         return;
     };
-    std::fs::write(agent.dir.join("policies/hold.toml"), HOLD_ECHO).unwrap();
-    std::thread::sleep(Duration::from_secs(3)); // the policy watcher reloads within 2 s
+    // Taken once the agent's policy hash says so (the watcher reloads it live).
+    add_policy(&agent, "hold.toml", HOLD_ECHO);
     let url = format!("https://{HOST}:{port}/mcp");
     // A real SDK client with its own bearer token, a call masked on the way back (`contact`
     // answers an e-mail address) and a held call whose argument is a token.

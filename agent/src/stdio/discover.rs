@@ -104,15 +104,9 @@ fn examine(
     let server = servers
         .iter()
         .find(|s| s.matches(exe.as_deref().unwrap_or(""), &argv))?;
-    let status = fs::read_to_string(dir.join("status")).ok()?;
-    let field = |name: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|v| v.split_whitespace().next()?.parse::<u32>().ok())
-    };
-    let uid = field("Uid:")?;
-    let parent_pid = field("PPid:").unwrap_or(0);
+    let status = crate::attribution::ProcStatus::read(&dir.join("status")).ok()?;
+    let uid = status.number("Uid")?;
+    let parent_pid = status.number("PPid").unwrap_or(0);
     let stat = fs::read_to_string(dir.join("stat")).ok()?;
     let start = stat
         .rfind(')')

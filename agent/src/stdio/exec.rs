@@ -49,16 +49,12 @@ impl Exec {
     /// Read the exec `n` is waiting in.
     pub fn read(n: &Notification) -> io::Result<Exec> {
         let tid = n.pid;
-        let status = std::fs::read_to_string(format!("/proc/{tid}/status"))?;
-        let field = |name: &str| {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix(name))
-                .and_then(|v| v.trim().parse::<u32>().ok())
-        };
-        let tgid = field("Tgid:").unwrap_or(tid);
-        let ppid = field("PPid:").unwrap_or(0);
-        let threads = field("Threads:").unwrap_or(1);
+        let status = crate::attribution::ProcStatus::read(std::path::Path::new(&format!(
+            "/proc/{tid}/status"
+        )))?;
+        let tgid = status.number("Tgid").unwrap_or(tid);
+        let ppid = status.number("PPid").unwrap_or(0);
+        let threads = status.number("Threads").unwrap_or(1);
         let mem = File::open(format!("/proc/{tid}/mem"))?;
         let ptr = n.pointer_size();
         let (path_ptr, argv_ptr) = if n.is_execveat() {

@@ -619,20 +619,15 @@ fn sha256_of(exec: &Exec) -> Option<String> {
 fn parents(mut pid: u32) -> Vec<Value> {
     let mut out = Vec::new();
     while pid > 1 && out.len() < 8 {
-        let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+        let path = format!("/proc/{pid}/status");
+        let Ok(status) = crate::attribution::ProcStatus::read(std::path::Path::new(&path)) else {
             break;
-        };
-        let field = |name: &str| {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix(name))
-                .map(str::trim)
         };
         let exe = std::fs::read_link(format!("/proc/{pid}/exe"))
             .ok()
             .map(|p| p.to_string_lossy().into_owned());
-        out.push(json!({"pid": pid, "name": field("Name:"), "exe": exe}));
-        pid = field("PPid:").and_then(|p| p.parse().ok()).unwrap_or(0);
+        out.push(json!({"pid": pid, "name": status.text("Name"), "exe": exe}));
+        pid = status.number("PPid").unwrap_or(0);
     }
     out
 }
