@@ -151,12 +151,34 @@ fn namespaces_are_served_from_start_on_a_refused_connect_and_released_when_empty
     let conn = agent.connection_of(r["pid"].as_u64().unwrap() as u32);
     assert_eq!(conn["backend"], "tools", "{conn:#}");
 
-    // ns2 has no process until now: its first connect() is refused, and serves it.
-    let first = client_in(&ns2, &cg, &ns2.host, port);
+    // ns2 has no process until now: its first connect() is refused, and serves it. The
+    // refused process stays alive until then (the agent finds the namespace through it; a
+    // process gone before its report is read leaves nothing to serve).
+    let mut lingering = ns2
+        .command(&cg, PYTHON)
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../tests/support/client.py"
+        ))
+        .args([ns2.host.as_str(), &port.to_string(), "--linger"])
+        .current_dir("/")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("client");
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(lingering.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    let first: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
     assert_eq!(first["errno"], libc::EPERM, "{first}");
     wait_namespaces(&agent, "ns2 served after a refused connect", |n| {
         n.iter().any(|x| x["source"] == "refused connect")
     });
+    drop(lingering.stdin.take());
+    let _ = lingering.wait();
     let second = client_in(&ns2, &cg, &ns2.host, port);
     assert_eq!(second["peer"][1], agent.port, "{second}");
     assert!(second["response"].as_str().is_some(), "{second}");

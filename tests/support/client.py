@@ -1,7 +1,7 @@
 """A plain socket client for Airlock's privileged tests (stdlib only, run with /usr/bin/python3).
 
 usage: client.py HOST PORT [--udp | --fastopen] [--pause SECONDS] [--message TEXT] [--source-port N]
-                 [--mark N]
+                 [--mark N] [--linger]
 
 --fastopen sends the first bytes with the SYN (sendto with MSG_FASTOPEN, no connect()).
 --mark sets SO_MARK on the socket before connecting (needs CAP_NET_RAW or CAP_NET_ADMIN); the
@@ -9,6 +9,7 @@ mark read back is printed as "mark".
 
 Connects, sends one line, half-closes, reads to EOF and prints one JSON object:
 {"pid", "local", "peer", "response"} or {"pid", "error", "errno"}.
+--linger: then stays alive until its stdin ends (the test decides when the process is gone).
 """
 import json
 import os
@@ -65,6 +66,8 @@ def main():
         out["error"] = type(e).__name__
         out["errno"] = e.errno
     print(json.dumps(out), flush=True)
+    if "--linger" in args:
+        sys.stdin.read()
 
 
 if __name__ == "__main__":
