@@ -223,15 +223,7 @@ fn main() {
             // `BENCH_PERF_SSE=FILE`: a `perf record -g` of the agent over its SSE streams
             // (with `BENCH_SSE_STREAMS` raised, long enough to sample).
             let perf = match std::env::var_os("BENCH_PERF_SSE") {
-                Some(out) if path == AIRLOCK_PATH => Command::new("perf")
-                    .args(["record", "-q", "-F", "2999", "-g", "-p"])
-                    .arg(agent_pid.to_string())
-                    .arg("-o")
-                    .arg(out)
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null())
-                    .spawn()
-                    .ok(),
+                Some(out) if path == AIRLOCK_PATH => perf_record(agent_pid, &out, None),
                 _ => None,
             };
             for _ in 0..streams {
@@ -272,16 +264,9 @@ fn main() {
                 // `BENCH_PERF=FILE`: a `perf record -g` of the agent over the throughput
                 // phase (the profiles BENCHMARKS.md quotes).
                 let perf = match std::env::var_os("BENCH_PERF") {
-                    Some(out) if phase == 0 && path == AIRLOCK_PATH => Command::new("perf")
-                        .args(["record", "-q", "-F", "2999", "-g", "-p"])
-                        .arg(agent_pid.to_string())
-                        .arg("-o")
-                        .arg(out)
-                        .args(["--", "sleep", "2.5"])
-                        .stdout(Stdio::null())
-                        .stderr(Stdio::null())
-                        .spawn()
-                        .ok(),
+                    Some(out) if phase == 0 && path == AIRLOCK_PATH => {
+                        perf_record(agent_pid, &out, Some("2.5"))
+                    }
                     _ => None,
                 };
                 let t = Instant::now();
@@ -348,6 +333,21 @@ fn main() {
         agent_threads,
     );
     drop(guard);
+}
+
+/// `perf record -g` of `pid` into `out`: for `secs`, or (`None`) until it is sent SIGINT.
+fn perf_record(pid: u32, out: &std::ffi::OsStr, secs: Option<&str>) -> Option<Child> {
+    let mut perf = Command::new("perf");
+    perf.args(["record", "-q", "-F", "2999", "-g", "-p"])
+        .arg(pid.to_string())
+        .arg("-o")
+        .arg(out)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    if let Some(secs) = secs {
+        perf.args(["--", "sleep", secs]);
+    }
+    perf.spawn().ok()
 }
 
 fn pct(v: &[Duration], q: f64) -> f64 {

@@ -498,20 +498,6 @@ fn sinks_that_are_down_do_not_slow_traffic_and_catch_up() {
     drop(cg);
 }
 
-const APPROVE_POLICY: &str = r#"
-[[rule]]
-id = "approve-add"
-action = "approve"
-tools = ["add"]
-timeout_secs = 60
-
-[[rule]]
-id = "approve-echo-quickly"
-action = "approve"
-tools = ["echo"]
-timeout_secs = 1
-"#;
-
 fn call_event(e: &Value, tool: &str, disposition: u64) -> bool {
     e["class_uid"] == 6003
         && e["disposition_id"] == disposition

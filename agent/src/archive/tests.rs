@@ -36,6 +36,16 @@ impl Drop for TempDir {
     }
 }
 
+/// The first write-ahead segment of the archive under `dir` (these tests write one at a time).
+fn first_segment(dir: &Path) -> PathBuf {
+    fs::read_dir(dir.join("archive/_wal"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path()
+}
+
 fn config(dir: &Path) -> WriterConfig {
     WriterConfig {
         archive_dir: dir.join("archive"),
@@ -282,12 +292,7 @@ fn a_torn_tail_is_dropped_and_the_rest_recovered() {
             w.append(input("s", i)).unwrap();
         }
         w.sync().unwrap();
-        seg = fs::read_dir(t.0.join("archive/_wal"))
-            .unwrap()
-            .next()
-            .unwrap()
-            .unwrap()
-            .path();
+        seg = first_segment(&t.0);
     }
     let len = fs::metadata(&seg).unwrap().len();
     fs::OpenOptions::new()
@@ -312,12 +317,7 @@ fn a_crash_after_the_manifest_line_does_not_duplicate() {
             w.append(input("s", i)).unwrap();
         }
         w.sync().unwrap();
-        let seg = fs::read_dir(t.0.join("archive/_wal"))
-            .unwrap()
-            .next()
-            .unwrap()
-            .unwrap()
-            .path();
+        let seg = first_segment(&t.0);
         fs::copy(&seg, &seg_copy).unwrap();
         w.roll().unwrap();
         // Put the segment back, as if the process died before deleting it.
@@ -757,12 +757,7 @@ mod service {
         let seq = archive.record(input("s", 1)).await.unwrap();
         assert_eq!(seq, 1);
         // Acknowledged means on disk: the segment holds it before any roll.
-        let seg = fs::read_dir(t.0.join("archive/_wal"))
-            .unwrap()
-            .next()
-            .unwrap()
-            .unwrap()
-            .path();
+        let seg = first_segment(&t.0);
         let on_disk = wal::read_segment(&seg).unwrap();
         assert_eq!(on_disk.records.len(), 1);
         assert_eq!(on_disk.records[0].input, input("s", 1));
@@ -778,16 +773,10 @@ mod service {
         let archive = Archive::start(w, Recording::Group, Duration::from_secs(3600));
         // Acknowledged means written through to the kernel: another reader of the segment
         // (what a restarted agent recovers after a SIGKILL) sees each record at once.
-        let seg_dir = t.0.join("archive/_wal");
         for i in 0..30 {
             let seq = archive.record(input("g", i)).await.unwrap();
             assert_eq!(seq, i + 1);
-            let seg = fs::read_dir(&seg_dir)
-                .unwrap()
-                .next()
-                .unwrap()
-                .unwrap()
-                .path();
+            let seg = first_segment(&t.0);
             let on_disk = wal::read_segment(&seg).unwrap();
             assert_eq!(on_disk.records.len() as u64, i + 1);
             assert_eq!(on_disk.records[i as usize].input, input("g", i));
@@ -821,12 +810,7 @@ mod service {
             archive.record(input("b", 6)).await.unwrap();
             if mode != Recording::Buffered {
                 // Acknowledged: every record of the batch is in the segment, in order.
-                let seg = fs::read_dir(t.0.join("archive/_wal"))
-                    .unwrap()
-                    .next()
-                    .unwrap()
-                    .unwrap()
-                    .path();
+                let seg = first_segment(&t.0);
                 let on_disk = wal::read_segment(&seg).unwrap();
                 let got: Vec<_> = on_disk.records.iter().map(|r| r.input.clone()).collect();
                 let want: Vec<_> = (0..7).map(|i| input("b", i)).collect();

@@ -139,3 +139,18 @@ pub fn wait_pending(agent: &Agent) -> Value {
         },
     )
 }
+
+/// Calls of `add` held for a human (60 s), of `echo` for 1 s (then denied).
+pub const APPROVE_POLICY: &str = r#"
+[[rule]]
+id = "approve-add"
+action = "approve"
+tools = ["add"]
+timeout_secs = 60
+
+[[rule]]
+id = "approve-echo-quickly"
+action = "approve"
+tools = ["echo"]
+timeout_secs = 1
+"#;

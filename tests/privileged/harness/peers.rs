@@ -295,7 +295,11 @@ pub fn spawn_call_with(
 
 /// What a client started by [`spawn_call`] printed (JSON), once it ended.
 pub fn finish(child: Child) -> Value {
-    let out = child.wait_with_output().unwrap();
+    stdout_json(&child.wait_with_output().unwrap())
+}
+
+/// The JSON a finished client printed; what it printed and logged if it is not JSON.
+fn stdout_json(out: &std::process::Output) -> Value {
     serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
         panic!(
             "{e}: {}{}",
@@ -342,13 +346,7 @@ pub fn probe(cg: &TestCgroup, dir: &Path, ca: &Path, url: &str, sni: &str) -> Va
         .arg(sni)
         .output()
         .unwrap();
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "{e}: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        )
-    })
+    stdout_json(&out)
 }
 
 /// Sends the requests of a JSON list (`method`, `path`, `headers`, `body`) over HTTPS and

@@ -11,20 +11,6 @@ use serde_json::Value;
 
 use crate::harness::*;
 
-const APPROVE_POLICY: &str = r#"
-[[rule]]
-id = "approve-add"
-action = "approve"
-tools = ["add"]
-timeout_secs = 60
-
-[[rule]]
-id = "approve-echo-quickly"
-action = "approve"
-tools = ["echo"]
-timeout_secs = 1
-"#;
-
 /// `action = "approve"`: the call waits; `airlock approvals approve` lets it through (the
 /// client gets the server's answer), `deny` refuses it (-32013), silence past `timeout_secs`
 /// refuses it too; an approval naming another call's digest is refused. Each decision is in
